@@ -1,0 +1,1 @@
+"""Training: the deep-supervision loss (and, later, the training loop)."""

@@ -1,0 +1,132 @@
+"""The paper's network: parameter counts, shapes, deploy/fold equivalence, gradients."""
+
+import pytest
+import torch
+
+from flareseg.errors import FlareSegError
+from flareseg.network import (
+    DeployUNet,
+    NetworkConfig,
+    build_deploy_network,
+    build_training_network,
+    count_parameters,
+    fold_input_channels,
+)
+from flareseg.train.loss import LossWeights, deep_supervision_loss
+
+SMALL = NetworkConfig(base_width=4, ds_channels=4)
+
+
+def _randomise_bn(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give BatchNorm non-trivial statistics so that eval-mode equivalence tests mean something."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+
+
+def test_parameter_counts_match_the_paper_network():
+    net = build_training_network()
+    assert count_parameters(net) == 20_735_897
+    assert count_parameters(build_deploy_network(net)) == 20_732_997
+    # The paper's 30,146,777 counts the VGG-13-BN encoder twice.
+    encoder = sum(p.numel() for p in net.encoder.parameters())
+    assert encoder == 9_410_880
+    assert count_parameters(net) + encoder == 30_146_777
+
+
+def test_training_mode_returns_final_and_four_aux_at_input_resolution():
+    net = build_training_network(SMALL).train()
+    logits, aux = net(torch.randn(2, 3, 48, 32))
+    assert logits.shape == (2, 5, 48, 32)
+    assert [tuple(a.shape) for a in aux] == [(2, 5, 48, 32)] * 4
+
+
+def test_eval_and_deploy_return_logits_only():
+    net = build_training_network(SMALL).eval()
+    out = net(torch.randn(1, 3, 32, 32))
+    assert isinstance(out, torch.Tensor) and out.shape == (1, 5, 32, 32)
+    deploy = build_deploy_network(net).train()  # even in train mode: no heads to return
+    assert not any(k.startswith("aux.") for k in deploy.state_dict())
+    assert isinstance(deploy(torch.randn(1, 3, 32, 32)), torch.Tensor)
+
+
+@pytest.mark.parametrize("config", [SMALL, NetworkConfig()], ids=["small", "full-width"])
+def test_deploy_logits_equal_training_final_logits(config):
+    torch.manual_seed(0)
+    net = build_training_network(config)
+    _randomise_bn(net)
+    net.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = net(x)
+        got = build_deploy_network(net)(x)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config", [SMALL, NetworkConfig()], ids=["small", "full-width"])
+def test_folded_one_channel_network_matches_replicated_input(config):
+    torch.manual_seed(1)
+    net = build_training_network(config)
+    _randomise_bn(net)
+    net.eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        ref = net(x.expand(-1, 3, -1, -1))
+        folded = fold_input_channels(net)
+        got = folded(x)
+    assert folded.config.in_channels == 1
+    assert folded.encoder[0][0].weight.shape[1] == 1
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert (got.argmax(1) == ref.argmax(1)).float().mean() > 0.999
+    assert isinstance(build_deploy_network(net, fold_input=True), DeployUNet)
+
+
+def test_folding_twice_is_refused():
+    folded = fold_input_channels(build_training_network(SMALL))
+    with pytest.raises(FlareSegError, match="already takes one input channel"):
+        fold_input_channels(folded)
+
+
+def test_every_parameter_gets_a_gradient_from_the_deep_supervised_loss():
+    torch.manual_seed(2)
+    net = build_training_network(SMALL).train()
+    x = torch.randn(2, 3, 32, 32)
+    target = torch.randint(0, 5, (2, 32, 32))
+    logits, aux = net(x)
+    deep_supervision_loss(logits, aux, target).backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+    assert missing == []
+
+
+def test_loss_weights_are_applied():
+    torch.manual_seed(3)
+    logits = torch.randn(1, 5, 8, 8)
+    aux = [torch.randn(1, 5, 8, 8) for _ in range(4)]
+    target = torch.randint(0, 5, (1, 8, 8))
+    ce = torch.nn.functional.cross_entropy
+    expected = ce(logits, target) + sum(w * ce(a, target) for w, a in zip((0.8, 0.7, 0.6, 0.5), aux))
+    torch.testing.assert_close(deep_supervision_loss(logits, aux, target), expected)
+    only_level2 = LossWeights(final=0.0, aux=(0.0, 1.0, 0.0, 0.0))
+    torch.testing.assert_close(deep_supervision_loss(logits, aux, target, only_level2), ce(aux[1], target))
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 40, 32), (1, 3, 32, 24)])
+def test_sizes_not_divisible_by_16_are_refused(shape):
+    with pytest.raises(FlareSegError, match="not a multiple of 16"):
+        build_training_network(SMALL)(torch.randn(*shape))
+
+
+def test_wrong_channel_count_is_refused():
+    with pytest.raises(FlareSegError, match=r"\(N, 3, H, W\)"):
+        build_training_network(SMALL)(torch.randn(1, 1, 32, 32))
+
+
+def test_config_round_trips_and_rejects_bad_values():
+    cfg = NetworkConfig(base_width=8, in_channels=1)
+    assert NetworkConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(FlareSegError, match="base_width"):
+        NetworkConfig(base_width=0)
+    with pytest.raises(FlareSegError, match="unknown network config keys"):
+        NetworkConfig.from_dict({"width": 3})
