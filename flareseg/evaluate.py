@@ -1,0 +1,198 @@
+"""FLARE21 evaluation of a folder of predictions against a folder of ground truth: ``flare-eval``.
+
+Cases are matched by FLARE21 case name (``train_000_0000.nii.gz`` and ``train_000.nii.gz``
+are the same case). A missing prediction is reported and scored 0 for every organ, as the
+challenge did; an extra prediction (no ground truth) is reported and not scored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import os
+import statistics
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from flareseg.cli import add_common_arguments, run_command
+from flareseg.errors import FlareSegError
+from flareseg.labels import LABELS, ORGANS
+from flareseg.metrics import organ_scores
+from flareseg.volume import case_id, is_nifti, read_labels
+
+log = logging.getLogger(__name__)
+
+#: Affines of a prediction and its ground truth may differ by this much (mm) from rounding.
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    case: str
+    #: organ label -> (DSC, NSD)
+    scores: dict[int, tuple[float, float]]
+    status: str = "ok"  # "ok" or "missing"
+
+
+@dataclass
+class Evaluation:
+    results: list[CaseResult] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    tolerance_mm: float = 1.0
+
+    def organ_values(self, organ: int, metric: int) -> list[float]:
+        return [r.scores[organ][metric] for r in self.results]
+
+
+def find_cases(folder: str | os.PathLike[str]) -> dict[str, Path]:
+    """Case name -> NIfTI file in ``folder`` (not recursive)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FlareSegError(f"{folder}: not a directory")
+    cases: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file() or not is_nifti(path):
+            continue
+        name = case_id(path)
+        if name in cases:
+            raise FlareSegError(f"{folder}: case {name} appears twice ({cases[name].name}, {path.name})")
+        cases[name] = path
+    return cases
+
+
+def evaluate_case(gt_path: Path, pred_path: Path, tolerance_mm: float = 1.0) -> CaseResult:
+    """Score one prediction; spacing comes from the ground truth header."""
+    name = case_id(gt_path)
+    gt, gt_geom = read_labels(gt_path)
+    pred, pred_geom = read_labels(pred_path)
+    if gt.shape != pred.shape:
+        raise FlareSegError(f"case {name}: prediction shape {pred.shape} differs from ground truth {gt.shape}")
+    if not np.allclose(gt_geom.affine, pred_geom.affine, atol=AFFINE_TOLERANCE_MM, rtol=0):
+        raise FlareSegError(f"case {name}: prediction affine differs from the ground truth affine ({pred_path})")
+    return CaseResult(name, organ_scores(gt, pred, gt_geom.spacing, tolerance_mm=tolerance_mm))
+
+
+def _evaluate_pair(args: tuple[Path, Path, float]) -> CaseResult:
+    return evaluate_case(*args)
+
+
+def evaluate_folders(
+    pred_dir: str | os.PathLike[str],
+    gt_dir: str | os.PathLike[str],
+    *,
+    tolerance_mm: float = 1.0,
+    workers: int = 1,
+    progress: bool = True,
+) -> Evaluation:
+    preds, gts = find_cases(pred_dir), find_cases(gt_dir)
+    if not gts:
+        raise FlareSegError(f"{gt_dir}: no NIfTI ground truth files")
+    ev = Evaluation(tolerance_mm=tolerance_mm)
+    ev.missing = sorted(set(gts) - set(preds))
+    ev.extra = sorted(set(preds) - set(gts))
+    jobs = [(gts[c], preds[c], tolerance_mm) for c in sorted(set(gts) & set(preds))]
+    bar = tqdm(total=len(jobs), desc="evaluating", unit="case", disable=not progress)
+    results: dict[str, CaseResult] = {}
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for res in pool.map(_evaluate_pair, jobs):
+                results[res.case] = res
+                bar.update()
+    else:
+        for job in jobs:
+            res = _evaluate_pair(job)
+            results[res.case] = res
+            bar.update()
+    bar.close()
+    for c in ev.missing:
+        results[c] = CaseResult(c, {o: (0.0, 0.0) for o in ORGANS}, status="missing")
+    ev.results = [results[c] for c in sorted(results)]
+    return ev
+
+
+def csv_text(ev: Evaluation) -> str:
+    """One row per case: status, then DSC and NSD for each organ."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["case", "status", *[f"{LABELS[o]}_{m}" for o in ORGANS for m in ("dsc", "nsd")]])
+    for r in ev.results:
+        writer.writerow([r.case, r.status, *[f"{r.scores[o][i]:.6f}" for o in ORGANS for i in (0, 1)]])
+    return buf.getvalue()
+
+
+def write_text_atomic(text: str, path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def summary_table(ev: Evaluation) -> str:
+    """Mean ± std per organ in percent, like the paper's Table 4."""
+
+    def cell(values: list[float]) -> str:
+        if not values:
+            return "n/a"
+        sd = statistics.pstdev(values) if len(values) > 1 else 0.0
+        return f"{100 * statistics.fmean(values):6.2f} ± {100 * sd:5.2f}"
+
+    lines = [
+        f"| organ    | DSC (%)         | NSD (%) @ {ev.tolerance_mm:g} mm |",
+        "|----------|-----------------|-----------------|",
+    ]
+    for organ in ORGANS:
+        lines.append(f"| {LABELS[organ]:8s} | {cell(ev.organ_values(organ, 0))} | {cell(ev.organ_values(organ, 1))} |")
+    n_ok = sum(r.status == "ok" for r in ev.results)
+    lines.append(f"\n{n_ok} cases scored, {len(ev.missing)} missing (scored 0), {len(ev.extra)} extra (not scored)")
+    if ev.missing:
+        lines.append("missing predictions: " + ", ".join(ev.missing))
+    if ev.extra:
+        lines.append("extra predictions without ground truth: " + ", ".join(ev.extra))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flare-eval", description="Score predictions against ground truth with FLARE21's DSC and NSD."
+    )
+    parser.add_argument("--pred", required=True, type=Path, help="folder of predicted label maps")
+    parser.add_argument("--gt", required=True, type=Path, help="folder of ground truth label maps")
+    parser.add_argument("-o", "--output", type=Path, help="per-case CSV to write")
+    parser.add_argument("--tolerance", type=float, default=1.0, help="NSD tolerance in mm (default 1)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel processes")
+    add_common_arguments(parser)
+    return parser
+
+
+def _main(args: argparse.Namespace) -> int:
+    ev = evaluate_folders(
+        args.pred, args.gt, tolerance_mm=args.tolerance, workers=args.workers, progress=not args.quiet
+    )
+    if args.output:
+        write_text_atomic(csv_text(ev), args.output)
+        log.info("wrote %s", args.output)
+    print(summary_table(ev))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser(), _main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The paper's pre-processing (section 2.1): per-volume percentile clipping, dataset z-score, resizing.
+
+All functions are pure. :class:`NormalizationStats` is computed once from the training
+cases and travels with the model (checkpoint, ONNX metadata, engine sidecar), so that
+inference reproduces training's normalisation exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from flareseg.errors import FlareSegError
+
+DEFAULT_PERCENTILES = (1.0, 99.0)
+
+
+@dataclass(frozen=True)
+class NormalizationStats:
+    """Dataset intensity statistics, measured after per-volume percentile clipping."""
+
+    mean: float
+    std: float
+    percentiles: tuple[float, float] = DEFAULT_PERCENTILES
+    #: How many voxels the statistics were computed over (provenance).
+    num_voxels: int = 0
+    num_cases: int = 0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.mean) and math.isfinite(self.std)) or self.std <= 0:
+            raise FlareSegError(f"normalisation needs a finite mean and a positive std, got {self.mean}, {self.std}")
+        lo, hi = self.percentiles
+        if not 0 <= lo < hi <= 100:
+            raise FlareSegError(f"clipping percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["percentiles"] = list(self.percentiles)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NormalizationStats:
+        try:
+            return cls(
+                mean=float(data["mean"]),
+                std=float(data["std"]),
+                percentiles=(float(data["percentiles"][0]), float(data["percentiles"][1])),
+                num_voxels=int(data.get("num_voxels", 0)),
+                num_cases=int(data.get("num_cases", 0)),
+            )
+        except (KeyError, TypeError, IndexError, ValueError) as exc:
+            raise FlareSegError(f"invalid normalisation statistics {data!r}: {exc}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> NormalizationStats:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise FlareSegError(f"invalid normalisation statistics JSON: {exc}") from None
+
+
+def clip_bounds(volume: np.ndarray, percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> tuple[float, float]:
+    """The volume's own intensity percentiles (linear interpolation, as numpy's default)."""
+    lo, hi = np.percentile(volume, percentiles)
+    return float(lo), float(hi)
+
+
+def clip_volume(volume: np.ndarray, percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> np.ndarray:
+    """A float32 copy of ``volume`` clipped to its own percentiles."""
+    lo, hi = clip_bounds(volume, percentiles)
+    return np.clip(volume, lo, hi, dtype=np.float32)
+
+
+def compute_stats(
+    volumes: Iterable[np.ndarray], percentiles: tuple[float, float] = DEFAULT_PERCENTILES
+) -> NormalizationStats:
+    """Mean and std over all voxels of all (clipped) volumes, streaming: one volume in memory at a time.
+
+    Sums are accumulated per volume around that volume's mean (Chan et al.'s parallel
+    update), which stays accurate in float64 for billions of voxels.
+    """
+    n_total, mean_total, m2_total, cases = 0, 0.0, 0.0, 0
+    for volume in volumes:
+        clipped = clip_volume(volume, percentiles).astype(np.float64, copy=False)
+        n = clipped.size
+        mean = float(clipped.mean())
+        m2 = float(np.square(clipped - mean).sum())
+        delta = mean - mean_total
+        n_new = n_total + n
+        mean_total += delta * n / n_new
+        m2_total += m2 + delta * delta * n_total * n / n_new
+        n_total, cases = n_new, cases + 1
+    if n_total == 0:
+        raise FlareSegError("cannot compute normalisation statistics from zero volumes")
+    return NormalizationStats(
+        mean=mean_total, std=math.sqrt(m2_total / n_total), percentiles=percentiles, num_voxels=n_total, num_cases=cases
+    )
+
+
+def normalize_volume(volume: np.ndarray, stats: NormalizationStats) -> np.ndarray:
+    """Clip to the volume's own percentiles, then z-score with the dataset statistics; float32."""
+    out = clip_volume(volume, stats.percentiles)
+    out -= np.float32(stats.mean)
+    out /= np.float32(stats.std)
+    return out
+
+
+def resize_slices(slices: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize a (N, C, H, W) float batch bilinearly (never nearest: this is image data)."""
+    if tuple(slices.shape[-2:]) == tuple(size):
+        return slices
+    return F.interpolate(slices, size=size, mode="bilinear", align_corners=False, antialias=False)
+
+
+def resize_scores_to_labels(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Class scores (N, C, h, w) -> labels (N, H, W) uint8: resize the scores first, then argmax."""
+    return resize_slices(scores, size).argmax(dim=1).to(torch.uint8)

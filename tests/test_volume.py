@@ -1,0 +1,141 @@
+"""NIfTI I/O: orientation round-trips, scaling, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import oblique, reorient, save
+
+from flareseg.errors import FlareSegError
+from flareseg.phantom import make_phantom
+from flareseg.volume import case_id, read_ct, read_labels, write_labels
+
+ORIENTATIONS = [("R", "A", "S"), ("L", "P", "S"), ("L", "A", "S"), ("A", "S", "R"), ("P", "I", "L"), ("S", "R", "A")]
+
+
+@pytest.mark.parametrize("axcodes", ORIENTATIONS, ids=lambda c: "".join(c))
+def test_real_sample_round_trips_in_every_orientation(tmp_path, sample_ct, sample_mask, axcodes):
+    ct, mask = nib.load(sample_ct), nib.load(sample_mask)
+    ref = read_ct(sample_ct).array
+    ct_r = save(reorient(ct, axcodes), tmp_path / "ct.nii.gz")
+    mask_r = reorient(mask, axcodes)
+    vol = read_ct(ct_r)
+    # Every orientation gives the network the same canonical slices.
+    assert vol.array.shape == (112, 101, 122)
+    np.testing.assert_array_equal(vol.array, ref)
+    assert vol.geometry.axcodes == axcodes
+    # Labels of the canonical layout go back voxel-exactly onto the file's own grid.
+    canonical_labels = read_ct(save(mask_r, tmp_path / "m.nii.gz")).array.astype(np.uint8)
+    out = write_labels(canonical_labels, vol.geometry, tmp_path / "pred.nii.gz")
+    written = nib.load(out)
+    np.testing.assert_array_equal(np.asanyarray(written.dataobj), np.asanyarray(mask_r.dataobj))
+    np.testing.assert_allclose(written.affine, ct_r_affine := nib.load(ct_r).affine)
+    assert nib.aff2axcodes(written.affine) == axcodes
+    assert written.get_data_dtype() == np.uint8
+    assert written.header.get_slope_inter() == (None, None)  # no scaling stored
+    assert np.allclose(written.get_sform(), ct_r_affine)
+
+
+def test_oblique_volume_uses_closest_canonical_and_round_trips(tmp_path, sample_ct):
+    img = oblique(nib.load(sample_ct))
+    path = save(img, tmp_path / "oblique.nii.gz")
+    vol = read_ct(path)
+    np.testing.assert_array_equal(vol.array, read_ct(sample_ct).array)
+    labels = (vol.array > 100).astype(np.uint8)
+    written = nib.load(write_labels(labels, vol.geometry, tmp_path / "out.nii"))
+    np.testing.assert_allclose(written.affine, img.affine, atol=1e-6)
+    np.testing.assert_array_equal(np.asanyarray(written.dataobj), (np.asanyarray(img.dataobj) > 100).astype(np.uint8))
+
+
+def test_phantom_in_lps_matches_ras_after_reading(tmp_path):
+    ras, lps = make_phantom((40, 36, 20), axcodes="RAS"), make_phantom((40, 36, 20), axcodes="LPS")
+    a = read_ct(save(ras.to_nifti()[0], tmp_path / "ras.nii.gz"))
+    b = read_ct(save(lps.to_nifti()[0], tmp_path / "lps.nii.gz"))
+    np.testing.assert_array_equal(a.array, b.array)
+    assert a.geometry.canonical_spacing == b.geometry.canonical_spacing == (4.0, 3.0, 3.0)
+
+
+def test_scl_slope_and_intercept_are_honoured(tmp_path):
+    raw = np.arange(24, dtype=np.uint16).reshape(2, 3, 4)
+    img = nib.Nifti1Image(raw, np.eye(4))
+    img.header.set_slope_inter(2.0, -1024.0)
+    img.set_data_dtype(np.uint16)
+    path = save(img, tmp_path / "scaled.nii.gz")
+    vol = read_ct(path)
+    expected = raw.astype(np.float32) * 2 - 1024
+    np.testing.assert_array_equal(vol.array, expected.transpose(2, 1, 0))
+
+
+def test_trailing_singleton_fourth_axis_is_a_3d_volume(tmp_path):
+    data = np.random.default_rng(0).integers(-1000, 1000, (5, 6, 7, 1)).astype(np.int16)
+    vol = read_ct(save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "t.nii.gz"))
+    np.testing.assert_array_equal(vol.array, data[..., 0].transpose(2, 1, 0))
+    out = nib.load(write_labels(np.zeros(vol.array.shape, np.uint8), vol.geometry, tmp_path / "o.nii.gz"))
+    assert out.shape == (5, 6, 7)
+
+
+def test_case_id_follows_flare21_names():
+    assert case_id("x/test_001_0000.nii.gz") == "test_001"
+    assert case_id("train_000.nii.gz") == "train_000"
+    assert case_id("validation_001_0000.nii") == "validation_001"
+
+
+# --- bad input: a one-line error naming the file and the problem ---------------------
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    good = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.eye(4))
+    save(good, tmp_path / "good.nii.gz")
+    blob = (tmp_path / "good.nii.gz").read_bytes()
+    (tmp_path / "truncated.nii.gz").write_bytes(blob[: len(blob) // 2])
+    (tmp_path / "text.nii.gz").write_bytes(gzip.compress(b"not an image at all" * 50))
+    (tmp_path / "plain.nii").write_text("hello")
+    save(nib.Nifti1Image(np.zeros((4, 5), np.int16), np.eye(4)), tmp_path / "flat.nii.gz")
+    save(nib.Nifti1Image(np.zeros((4, 5, 6, 2), np.int16), np.eye(4)), tmp_path / "series.nii.gz")
+    nan = np.zeros((4, 5, 6), np.float32)
+    nan[1, 2, 3] = np.nan
+    nan[0, 0, 0] = np.inf
+    save(nib.Nifti1Image(nan, np.eye(4)), tmp_path / "nan.nii.gz")
+    return {
+        "missing": (tmp_path / "absent.nii.gz", "file not found"),
+        "truncated": (tmp_path / "truncated.nii.gz", "truncated"),
+        "not-nifti-gz": (tmp_path / "text.nii.gz", "not a NIfTI"),
+        "not-nifti": (tmp_path / "plain.nii", "not a NIfTI"),
+        "2d": (tmp_path / "flat.nii.gz", "expected a 3D volume, got shape (4, 5)"),
+        "4d": (tmp_path / "series.nii.gz", "expected a 3D volume, got shape (4, 5, 6, 2)"),
+        "non-finite": (tmp_path / "nan.nii.gz", "2 voxels are not finite"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["missing", "truncated", "not-nifti-gz", "not-nifti", "2d", "4d", "non-finite"])
+def test_bad_input_gives_one_line_error_naming_the_file(tmp_path, kind):
+    path, problem = _bad_inputs(tmp_path)[kind]
+    with pytest.raises(FlareSegError) as info:
+        read_ct(path)
+    message = str(info.value)
+    assert str(path) in message and problem in message
+    assert "\n" not in message
+
+
+def test_label_values_outside_range_are_refused(tmp_path):
+    data = np.zeros((4, 5, 6), np.uint8)
+    data[0, 0, 0] = 7
+    path = save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "bad_labels.nii.gz")
+    with pytest.raises(FlareSegError, match=r"bad_labels.nii.gz: labels \[7\] outside 0..4"):
+        read_labels(path)
+
+
+def test_writer_refuses_to_overwrite_the_input_and_leaves_no_partial_file(tmp_path):
+    path = save(nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.eye(4)), tmp_path / "ct.nii.gz")
+    before = path.read_bytes()
+    vol = read_ct(path)
+    with pytest.raises(FlareSegError, match="refusing to overwrite the input"):
+        write_labels(np.zeros(vol.array.shape, np.uint8), vol.geometry, path)
+    assert path.read_bytes() == before
+    with pytest.raises(FlareSegError, match="does not fit"):
+        write_labels(np.zeros((1, 2, 3), np.uint8), vol.geometry, tmp_path / "out.nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]
