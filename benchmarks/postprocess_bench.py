@@ -33,8 +33,13 @@ def _label_map(shape=(400, 512, 512), seed=0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
     labels = np.zeros(shape, dtype=np.uint8)
-    organs = [(1, (200, 250, 180), (90, 110, 100)), (3, (210, 300, 360), (50, 50, 40)),
-              (2, (180, 330, 170), (40, 30, 25)), (2, (180, 330, 340), (40, 30, 25)), (4, (170, 260, 260), (20, 20, 70))]
+    organs = [
+        (1, (200, 250, 180), (90, 110, 100)),
+        (3, (210, 300, 360), (50, 50, 40)),
+        (2, (180, 330, 170), (40, 30, 25)),
+        (2, (180, 330, 340), (40, 30, 25)),
+        (4, (170, 260, 260), (20, 20, 70)),
+    ]
     for label, (cz, cy, cx), (rz, ry, rx) in organs:
         labels[((z - cz) / rz) ** 2 + ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1] = label
     # false-positive specks, as an undertrained network leaves them

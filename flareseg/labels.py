@@ -1,7 +1,8 @@
 """The FLARE21 label map."""
 
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Final, Mapping
+from typing import Final
 
 #: Label value -> organ name (FLARE21 convention; both kidneys share label 2).
 LABELS: Final[Mapping[int, str]] = MappingProxyType(

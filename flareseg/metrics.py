@@ -100,7 +100,7 @@ def surface_distances(
         empty = np.zeros(0)
         return empty, empty, empty, empty
     box = tuple(slice(int(idx.min()), int(idx.max()) + 1) for idx in np.nonzero(union))
-    areas_table = surface_area_table(tuple(float(s) for s in spacing))  # type: ignore[arg-type]
+    areas_table = surface_area_table((float(spacing[0]), float(spacing[1]), float(spacing[2])))
     out = []
     borders = []
     for mask in (gt[box], pred[box]):

@@ -102,9 +102,7 @@ class _FlareUNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, list[Tensor]]:
         if x.dim() != 4 or x.shape[1] != self.config.in_channels:
-            raise FlareSegError(
-                f"network input must be (N, {self.config.in_channels}, H, W), got {tuple(x.shape)}"
-            )
+            raise FlareSegError(f"network input must be (N, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
         size = (int(x.shape[2]), int(x.shape[3]))
         if size[0] % SIZE_MULTIPLE or size[1] % SIZE_MULTIPLE:
             raise FlareSegError(f"slice size {size[0]}x{size[1]} is not a multiple of {SIZE_MULTIPLE}")
@@ -114,7 +112,7 @@ class _FlareUNet(nn.Module):
             skips.append(x)
         skips.pop()  # the centre block's output is not a skip
         maps = []
-        for up, block, ds in zip(self.up, self.decoder, self.ds):
+        for up, block, ds in zip(self.up, self.decoder, self.ds, strict=True):
             x = block(torch.cat([up(x), skips.pop()], dim=1))
             m = ds(x)
             if m.shape[-2:] != size:
@@ -124,7 +122,7 @@ class _FlareUNet(nn.Module):
         if self.aux is None or not self.training:
             return logits
         # maps run deepest (level 4) to full resolution (level 1); aux is returned level 1 first.
-        aux = [head(m) for head, m in zip(self.aux, maps)]
+        aux = [head(m) for head, m in zip(self.aux, maps, strict=True)]
         return logits, aux[::-1]
 
 

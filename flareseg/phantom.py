@@ -29,6 +29,9 @@ from flareseg.errors import FlareSegError
 log = logging.getLogger(__name__)
 
 
+_AXIS_OF = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
+
+
 @dataclass(frozen=True)
 class Phantom:
     """Voxels in the orientation given by ``axcodes``; ``affine`` maps them to RAS+ mm."""
@@ -75,6 +78,10 @@ def make_phantom(
         raise FlareSegError(f"phantom shape must be three sizes >= 2, got {tuple(shape)}")
     if len(spacing) != 3 or min(spacing) <= 0:
         raise FlareSegError(f"phantom spacing must be three positive values, got {tuple(spacing)}")
+    codes = tuple(str(c).upper() for c in axcodes)
+    if len(codes) != 3 or sorted(_AXIS_OF[c] for c in codes if c in _AXIS_OF) != [0, 1, 2]:
+        raise FlareSegError(f"invalid orientation {''.join(codes)}: need one of R/L, A/P and S/I each")
+    target = axcodes2ornt(codes)
     rng = np.random.default_rng(seed)
     nx, ny, nz = (int(s) for s in shape)
     sx, sy, sz = (float(s) for s in spacing)
@@ -121,13 +128,15 @@ def make_phantom(
     spleen = _ellipsoid(x, y, z, (-100, -30, 55 + zs), (28 + 3 * j[4], 50, 48))
     kidney_r = _ellipsoid(x, y, z, (68, -52, -25 + zs), (26, 30, 55))
     kidney_l = _ellipsoid(x, y, z, (-68, -50, -10 + zs), (26, 30, 55))
-    sinus = _ellipsoid(x, y, z, (58, -45, -25 + zs), (9, 12, 25)) | _ellipsoid(x, y, z, (-58, -43, -10 + zs), (9, 12, 25))
+    sinus = _ellipsoid(x, y, z, (58, -45, -25 + zs), (9, 12, 25)) | _ellipsoid(
+        x, y, z, (-58, -43, -10 + zs), (9, 12, 25)
+    )
     # Pancreas: a tube from the head (right, near the duodenum) to the tail (at the spleen).
     t = np.linspace(0.0, 1.0, 40)
     path = np.stack([45 - 135 * t, 5 - 10 * t + 12 * np.sin(np.pi * t), 5 + 20 * t + zs], axis=1)
     radius = 15 - 7 * t
     pancreas = np.zeros(full, dtype=bool)
-    for (px, py, pz), r in zip(path, radius):
+    for (px, py, pz), r in zip(path, radius, strict=True):
         pancreas |= _ellipsoid(x, y, z, (px, py, pz), (r, r * 0.8, r))
     pancreas &= ~_ellipse(xb, yb, (-18, -32), (14, 14))
     organs = (
@@ -149,10 +158,6 @@ def make_phantom(
     # Store in the requested orientation, with the affine that keeps the world position.
     ras_affine = np.diag([sx, sy, sz, 1.0])
     ras_affine[:3, 3] = -np.array([(nx - 1) / 2 * sx, (ny - 1) / 2 * sy, (nz - 1) / 2 * sz])
-    try:
-        target = axcodes2ornt(tuple(axcodes))
-    except Exception as exc:  # nibabel raises ValueError with varied messages
-        raise FlareSegError(f"invalid orientation {tuple(axcodes)}: {exc}") from None
     transform = ornt_transform(axcodes2ornt(("R", "A", "S")), target)
     image = np.ascontiguousarray(nib.orientations.apply_orientation(image, transform))
     labels = np.ascontiguousarray(nib.orientations.apply_orientation(labels, transform))

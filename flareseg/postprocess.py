@@ -10,6 +10,7 @@ together), computed by ``connected-components-3d`` in one pass over all labels: 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 
 import cc3d
 import numpy as np
@@ -17,11 +18,12 @@ import numpy as np
 from flareseg.errors import FlareSegError
 from flareseg.labels import COMPONENTS_KEPT
 
-CONNECTIVITY = 26
+Connectivity = Literal[6, 18, 26]
+CONNECTIVITY: Connectivity = 26
 
 
 def keep_largest_components(
-    labels: np.ndarray, kept: Mapping[int, int] = COMPONENTS_KEPT, connectivity: int = CONNECTIVITY
+    labels: np.ndarray, kept: Mapping[int, int] = COMPONENTS_KEPT, connectivity: Connectivity = CONNECTIVITY
 ) -> np.ndarray:
     """A copy of a 3D uint8 label map where label ``l`` keeps only its ``kept[l]`` largest components.
 

@@ -106,7 +106,7 @@ def test_loss_weights_are_applied():
     aux = [torch.randn(1, 5, 8, 8) for _ in range(4)]
     target = torch.randint(0, 5, (1, 8, 8))
     ce = torch.nn.functional.cross_entropy
-    expected = ce(logits, target) + sum(w * ce(a, target) for w, a in zip((0.8, 0.7, 0.6, 0.5), aux))
+    expected = ce(logits, target) + sum(w * ce(a, target) for w, a in zip((0.8, 0.7, 0.6, 0.5), aux, strict=True))
     torch.testing.assert_close(deep_supervision_loss(logits, aux, target), expected)
     only_level2 = LossWeights(final=0.0, aux=(0.0, 1.0, 0.0, 0.0))
     torch.testing.assert_close(deep_supervision_loss(logits, aux, target, only_level2), ce(aux[1], target))

@@ -35,6 +35,6 @@ def deep_supervision_loss(
     if len(aux) != len(weights.aux):
         raise FlareSegError(f"expected {len(weights.aux)} auxiliary outputs, got {len(aux)}")
     loss = weights.final * F.cross_entropy(logits, target)
-    for w, a in zip(weights.aux, aux):
+    for w, a in zip(weights.aux, aux, strict=True):
         loss = loss + w * F.cross_entropy(a, target)
     return loss

@@ -1,0 +1,132 @@
+"""flare-eval: matching, scoring, CSV, summary, and errors at the command line."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import save
+from scipy import ndimage
+
+from flareseg.evaluate import evaluate_folders, main
+from flareseg.metrics import dice
+from flareseg.phantom import make_phantom
+
+
+def _read_csv(path: Path) -> dict[str, dict[str, str]]:
+    with open(path) as f:
+        return {row["case"]: row for row in csv.DictReader(f)}
+
+
+def _perturb(mask_path: Path, out: Path) -> np.ndarray:
+    img = nib.load(mask_path)
+    lab = np.asarray(img.dataobj).copy()
+    liver = lab == 1
+    lab[liver & ~ndimage.binary_erosion(liver)] = 0  # peel the liver's outer layer
+    lab[lab == 4] = 0  # miss the pancreas entirely
+    save(nib.Nifti1Image(lab, img.affine, img.header), out)
+    return lab
+
+
+def test_real_sample_against_itself_scores_one_and_perturbed_scores_less(tmp_path, sample_mask, capsys):
+    gt_dir = sample_mask.parent
+    same = tmp_path / "same"
+    same.mkdir()
+    shutil.copy(sample_mask, same / sample_mask.name)
+    assert main(["--pred", str(same), "--gt", str(gt_dir), "-o", str(tmp_path / "a.csv"), "-q"]) == 0
+    row = _read_csv(tmp_path / "a.csv")["train_000"]
+    assert row["status"] == "ok"
+    assert all(
+        float(row[f"{o}_{m}"]) == 1.0 for o in ("liver", "kidneys", "spleen", "pancreas") for m in ("dsc", "nsd")
+    )
+    assert "100.00 ±  0.00" in capsys.readouterr().out
+
+    worse = tmp_path / "worse"
+    worse.mkdir()
+    perturbed = _perturb(sample_mask, worse / "train_000.nii.gz")
+    assert main(["--pred", str(worse), "--gt", str(gt_dir), "-o", str(tmp_path / "b.csv"), "-q"]) == 0
+    row = _read_csv(tmp_path / "b.csv")["train_000"]
+    gt = np.asarray(nib.load(sample_mask).dataobj)
+    assert float(row["liver_dsc"]) == pytest.approx(dice(gt == 1, perturbed == 1), abs=1e-6)
+    assert 0.5 < float(row["liver_dsc"]) < 1.0
+    # a 3 mm layer removed is beyond the 1 mm tolerance: the liver's surface is mostly missed
+    assert float(row["liver_nsd"]) < 0.5
+    assert float(row["pancreas_dsc"]) == float(row["pancreas_nsd"]) == 0.0
+    assert float(row["kidneys_dsc"]) == float(row["spleen_nsd"]) == 1.0
+
+
+@pytest.fixture
+def phantom_dirs(tmp_path):
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir(), pred_dir.mkdir()
+    for i in range(3):
+        _, lab = make_phantom((48, 40, 24), seed=i).to_nifti()
+        save(lab, gt_dir / f"case_{i:03d}.nii.gz")
+    return gt_dir, pred_dir
+
+
+def test_missing_and_extra_predictions_are_reported(phantom_dirs, tmp_path, capsys):
+    gt_dir, pred_dir = phantom_dirs
+    shutil.copy(gt_dir / "case_000.nii.gz", pred_dir / "case_000.nii.gz")
+    shutil.copy(gt_dir / "case_001.nii.gz", pred_dir / "case_001_0000.nii.gz")  # channel tag tolerated
+    shutil.copy(gt_dir / "case_001.nii.gz", pred_dir / "stray_009.nii.gz")
+    assert (
+        main(["--pred", str(pred_dir), "--gt", str(gt_dir), "-o", str(tmp_path / "r.csv"), "-q", "--workers", "2"]) == 0
+    )
+    rows = _read_csv(tmp_path / "r.csv")
+    assert sorted(rows) == ["case_000", "case_001", "case_002"]
+    assert rows["case_002"]["status"] == "missing" and float(rows["case_002"]["liver_dsc"]) == 0.0
+    assert float(rows["case_001"]["liver_nsd"]) == 1.0
+    out = capsys.readouterr().out
+    assert "2 cases scored, 1 missing (scored 0), 1 extra (not scored)" in out
+    assert "missing predictions: case_002" in out and "extra predictions without ground truth: stray_009" in out
+    ev = evaluate_folders(pred_dir, gt_dir, progress=False)
+    assert ev.organ_values(1, 0) == [1.0, 1.0, 0.0]
+
+
+def _expect_cli_error(argv, capsys, *needles):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("flare-eval: error:")
+    for needle in needles:
+        assert needle in err[0]
+
+
+def test_shape_mismatch_names_the_case_and_writes_nothing(phantom_dirs, tmp_path, capsys):
+    gt_dir, pred_dir = phantom_dirs
+    _, small = make_phantom((40, 40, 24), seed=0).to_nifti()
+    save(small, pred_dir / "case_000.nii.gz")
+    out = tmp_path / "r.csv"
+    _expect_cli_error(
+        ["--pred", str(pred_dir), "--gt", str(gt_dir), "-o", str(out), "-q"], capsys, "case case_000", "shape"
+    )
+    assert not out.exists()
+
+
+def test_affine_mismatch_names_the_case(phantom_dirs, capsys):
+    gt_dir, pred_dir = phantom_dirs
+    gt = nib.load(gt_dir / "case_001.nii.gz")
+    shifted = gt.affine.copy()
+    shifted[0, 3] += 5.0
+    save(nib.Nifti1Image(np.asarray(gt.dataobj), shifted), pred_dir / "case_001.nii.gz")
+    _expect_cli_error(["--pred", str(pred_dir), "--gt", str(gt_dir), "-q"], capsys, "case case_001", "affine")
+
+
+def test_ground_truth_labels_outside_range_name_the_file(phantom_dirs, capsys):
+    gt_dir, pred_dir = phantom_dirs
+    gt = nib.load(gt_dir / "case_002.nii.gz")
+    lab = np.asarray(gt.dataobj).copy()
+    lab[0, 0, 0] = 9
+    save(nib.Nifti1Image(lab, gt.affine), gt_dir / "case_002.nii.gz")
+    shutil.copy(gt_dir / "case_000.nii.gz", pred_dir / "case_002.nii.gz")
+    _expect_cli_error(
+        ["--pred", str(pred_dir), "--gt", str(gt_dir), "-q"], capsys, "case_002.nii.gz", "labels [9] outside 0..4"
+    )
+
+
+def test_missing_folder_is_an_error(tmp_path, capsys):
+    _expect_cli_error(["--pred", str(tmp_path / "nope"), "--gt", str(tmp_path)], capsys, "nope", "not a directory")

@@ -1,0 +1,61 @@
+"""The synthetic phantom: labels, Hounsfield values, orientation, FLARE21 layout."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from flareseg.errors import FlareSegError
+from flareseg.phantom import main, make_phantom
+
+
+def test_phantom_has_all_organs_with_plausible_hounsfield_values():
+    ph = make_phantom((96, 96, 48), spacing=(4.0, 4.0, 6.0), seed=3)
+    assert ph.image.dtype == np.int16 and ph.labels.dtype == np.uint8
+    assert set(np.unique(ph.labels)) == {0, 1, 2, 3, 4}
+    counts = np.bincount(ph.labels.ravel(), minlength=5)
+    assert counts[1] > counts[3] > counts[4] > 0  # liver > spleen > pancreas
+    medians = {k: float(np.median(ph.image[ph.labels == k])) for k in (1, 2, 3, 4)}
+    assert 40 < medians[1] < 80 and 30 < medians[3] < 70 and 20 < medians[4] < 60 and medians[2] > 100
+    assert np.median(ph.image[0]) < -950  # air at the edge of the field of view
+    assert ph.image.max() > 400  # bone
+
+
+def test_liver_is_on_the_patients_right_and_spleen_on_the_left():
+    ph = make_phantom((64, 64, 32), spacing=(6.0, 6.0, 8.0))
+    ijk = {k: np.argwhere(ph.labels == k).mean(0) for k in (1, 3)}
+    world = {k: ph.affine[:3, :3] @ v + ph.affine[:3, 3] for k, v in ijk.items()}
+    assert world[1][0] > 0 > world[3][0]  # RAS+: +x points to the patient's right
+
+
+@pytest.mark.parametrize("axcodes", ["LPS", "ASR"])
+def test_orientation_changes_storage_not_anatomy(axcodes):
+    ras = make_phantom((40, 36, 20), seed=1)
+    other = make_phantom((40, 36, 20), seed=1, axcodes=axcodes)
+    assert nib.aff2axcodes(other.affine) == tuple(axcodes)
+    # The same world point holds the same label.
+    for ijk in ([5, 7, 3], [20, 18, 10], [33, 30, 15]):
+        world = ras.affine @ np.array([*ijk, 1.0])
+        other_ijk = np.round(np.linalg.inv(other.affine) @ world)[:3].astype(int)
+        assert ras.labels[tuple(ijk)] == other.labels[tuple(other_ijk)]
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(FlareSegError, match="shape"):
+        make_phantom((10, 10))
+    with pytest.raises(FlareSegError, match="spacing"):
+        make_phantom(spacing=(1.0, 0.0, 1.0))
+    with pytest.raises(FlareSegError, match="orientation"):
+        make_phantom((8, 8, 8), axcodes="RRS")
+
+
+def test_command_writes_flare21_layout(tmp_path):
+    assert main([str(tmp_path), "--cases", "2", "--shape", "32,32,16"]) == 0
+    assert sorted(p.name for p in (tmp_path / "TrainingImg").iterdir()) == [
+        "train_000_0000.nii.gz",
+        "train_001_0000.nii.gz",
+    ]
+    assert sorted(p.name for p in (tmp_path / "TrainingMask").iterdir()) == ["train_000.nii.gz", "train_001.nii.gz"]
+    img = nib.load(tmp_path / "TrainingImg" / "train_001_0000.nii.gz")
+    assert img.shape == (32, 32, 16) and img.get_data_dtype() == np.int16
