@@ -151,12 +151,11 @@ def summary_table(ev: Evaluation) -> str:
         sd = statistics.pstdev(values) if len(values) > 1 else 0.0
         return f"{100 * statistics.fmean(values):6.2f} ± {100 * sd:5.2f}"
 
-    lines = [
-        f"| organ    | DSC (%)         | NSD (%) @ {ev.tolerance_mm:g} mm |",
-        "|----------|-----------------|-----------------|",
-    ]
+    nsd_head = f"NSD (%) @ {ev.tolerance_mm:g} mm"
+    lines = [f"| organ    | {'DSC (%)':15s} | {nsd_head:15s} |", f"|----------|{'-' * 17}|{'-' * 17}|"]
     for organ in ORGANS:
-        lines.append(f"| {LABELS[organ]:8s} | {cell(ev.organ_values(organ, 0))} | {cell(ev.organ_values(organ, 1))} |")
+        dsc, nsd = cell(ev.organ_values(organ, 0)), cell(ev.organ_values(organ, 1))
+        lines.append(f"| {LABELS[organ]:8s} | {dsc:15s} | {nsd:15s} |")
     n_ok = sum(r.status == "ok" for r in ev.results)
     lines.append(f"\n{n_ok} cases scored, {len(ev.missing)} missing (scored 0), {len(ev.extra)} extra (not scored)")
     if ev.missing:

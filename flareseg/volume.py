@@ -8,6 +8,7 @@ orientation, so that label maps are written back voxel-exactly on the input's gr
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import tempfile
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _CANONICAL = axcodes2ornt(("R", "A", "S"))
+_NIFTI1_HEADER_BYTES = 348
 
 
 @dataclass(frozen=True)
@@ -94,8 +96,8 @@ def _load(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
         raise FlareSegError(f"{path}: not a file")
     try:
         img = nib.load(path)
-    except nib.filebasedimages.ImageFileError as exc:
-        raise FlareSegError(f"{path}: not a NIfTI image ({exc})") from None
+    except nib.filebasedimages.ImageFileError:
+        raise FlareSegError(f"{path}: {_why_not_nifti(path)}") from None
     except (EOFError, zlib.error, OSError, ValueError) as exc:
         raise FlareSegError(f"{path}: unreadable or truncated file ({exc})") from None
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
@@ -114,6 +116,21 @@ def _load(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     if data.ndim == 4:
         data = data[..., 0]
     return img, data
+
+
+def _why_not_nifti(path: Path) -> str:
+    """Tell a cut-off gzip stream or a too-short file from a file of another kind."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(_NIFTI1_HEADER_BYTES)
+    except EOFError:
+        return "truncated gzip stream (the file was cut off inside its header)"
+    except (OSError, zlib.error) as exc:
+        return f"not a NIfTI image (unreadable: {exc})"
+    if len(head) < _NIFTI1_HEADER_BYTES:
+        return f"truncated: {len(head)} bytes, shorter than a NIfTI header"
+    return "not a NIfTI image (no NIfTI header found)"
 
 
 def _geometry(path: Path, img: nib.Nifti1Image) -> VolumeGeometry:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import nibabel as nib
@@ -50,3 +51,43 @@ def oblique(img: nib.Nifti1Image, degrees: float = 12.0) -> nib.Nifti1Image:
     out = nib.Nifti1Image(np.asanyarray(img.dataobj), rot @ img.affine, img.header.copy())
     out.set_sform(rot @ img.affine, code=1)
     return out
+
+
+BAD_INPUT_KINDS = [
+    "missing",
+    "truncated-header",
+    "truncated-data",
+    "not-nifti-gz",
+    "not-nifti",
+    "2d",
+    "4d",
+    "non-finite",
+]
+
+
+def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """Each kind of bad input file (neutral names), with the words its error message must contain."""
+    rng = np.random.default_rng(0)
+    good = nib.Nifti1Image(rng.integers(-1000, 1000, (40, 40, 30)).astype(np.int16), np.eye(4))
+    save(good, tmp_path / "good.nii.gz")
+    blob = (tmp_path / "good.nii.gz").read_bytes()
+    (tmp_path / "in1.nii.gz").write_bytes(blob[:100])  # cut inside the header
+    (tmp_path / "in2.nii.gz").write_bytes(blob[: len(blob) // 2])  # cut inside the voxels
+    (tmp_path / "in3.nii.gz").write_bytes(gzip.compress(b"not an image at all" * 50))
+    (tmp_path / "in4.nii").write_text("hello")
+    save(nib.Nifti1Image(np.zeros((4, 5), np.int16), np.eye(4)), tmp_path / "in5.nii.gz")
+    save(nib.Nifti1Image(np.zeros((4, 5, 6, 2), np.int16), np.eye(4)), tmp_path / "in6.nii.gz")
+    nan = np.zeros((4, 5, 6), np.float32)
+    nan[1, 2, 3] = np.nan
+    nan[0, 0, 0] = np.inf
+    save(nib.Nifti1Image(nan, np.eye(4)), tmp_path / "in7.nii.gz")
+    return {
+        "missing": (tmp_path / "absent.nii.gz", "file not found"),
+        "truncated-header": (tmp_path / "in1.nii.gz", "truncated gzip stream"),
+        "truncated-data": (tmp_path / "in2.nii.gz", "truncated or corrupt voxel data"),
+        "not-nifti-gz": (tmp_path / "in3.nii.gz", "not a NIfTI image"),
+        "not-nifti": (tmp_path / "in4.nii", "shorter than a NIfTI header"),
+        "2d": (tmp_path / "in5.nii.gz", "expected a 3D volume, got shape (4, 5)"),
+        "4d": (tmp_path / "in6.nii.gz", "expected a 3D volume, got shape (4, 5, 6, 2)"),
+        "non-finite": (tmp_path / "in7.nii.gz", "2 voxels are not finite"),
+    }

@@ -9,7 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import save
+from conftest import BAD_INPUT_KINDS, bad_inputs, save
 from scipy import ndimage
 
 from flareseg.evaluate import evaluate_folders, main
@@ -130,3 +130,18 @@ def test_ground_truth_labels_outside_range_name_the_file(phantom_dirs, capsys):
 
 def test_missing_folder_is_an_error(tmp_path, capsys):
     _expect_cli_error(["--pred", str(tmp_path / "nope"), "--gt", str(tmp_path)], capsys, "nope", "not a directory")
+
+
+@pytest.mark.parametrize("kind", [k for k in BAD_INPUT_KINDS if k != "missing"])
+def test_bad_prediction_file_fails_the_command_with_one_line(phantom_dirs, tmp_path, capsys, kind):
+    gt_dir, pred_dir = phantom_dirs
+    bad, problem = bad_inputs(tmp_path)[kind]
+    target = pred_dir / ("case_000" + (".nii" if bad.name.endswith(".nii") else ".nii.gz"))
+    shutil.copy(bad, target)
+    out = tmp_path / "r.csv"
+    if kind == "non-finite":
+        problem = "non-integer values"  # a label map's own wording
+    _expect_cli_error(
+        ["--pred", str(pred_dir), "--gt", str(gt_dir), "-o", str(out), "-q"], capsys, str(target), problem
+    )
+    assert not out.exists()

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import gzip
-from pathlib import Path
-
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import oblique, reorient, save
+from conftest import BAD_INPUT_KINDS, bad_inputs, oblique, reorient, save
 
 from flareseg.errors import FlareSegError
 from flareseg.phantom import make_phantom
@@ -87,33 +84,9 @@ def test_case_id_follows_flare21_names():
 # --- bad input: a one-line error naming the file and the problem ---------------------
 
 
-def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
-    good = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.eye(4))
-    save(good, tmp_path / "good.nii.gz")
-    blob = (tmp_path / "good.nii.gz").read_bytes()
-    (tmp_path / "truncated.nii.gz").write_bytes(blob[: len(blob) // 2])
-    (tmp_path / "text.nii.gz").write_bytes(gzip.compress(b"not an image at all" * 50))
-    (tmp_path / "plain.nii").write_text("hello")
-    save(nib.Nifti1Image(np.zeros((4, 5), np.int16), np.eye(4)), tmp_path / "flat.nii.gz")
-    save(nib.Nifti1Image(np.zeros((4, 5, 6, 2), np.int16), np.eye(4)), tmp_path / "series.nii.gz")
-    nan = np.zeros((4, 5, 6), np.float32)
-    nan[1, 2, 3] = np.nan
-    nan[0, 0, 0] = np.inf
-    save(nib.Nifti1Image(nan, np.eye(4)), tmp_path / "nan.nii.gz")
-    return {
-        "missing": (tmp_path / "absent.nii.gz", "file not found"),
-        "truncated": (tmp_path / "truncated.nii.gz", "truncated"),
-        "not-nifti-gz": (tmp_path / "text.nii.gz", "not a NIfTI"),
-        "not-nifti": (tmp_path / "plain.nii", "not a NIfTI"),
-        "2d": (tmp_path / "flat.nii.gz", "expected a 3D volume, got shape (4, 5)"),
-        "4d": (tmp_path / "series.nii.gz", "expected a 3D volume, got shape (4, 5, 6, 2)"),
-        "non-finite": (tmp_path / "nan.nii.gz", "2 voxels are not finite"),
-    }
-
-
-@pytest.mark.parametrize("kind", ["missing", "truncated", "not-nifti-gz", "not-nifti", "2d", "4d", "non-finite"])
+@pytest.mark.parametrize("kind", BAD_INPUT_KINDS)
 def test_bad_input_gives_one_line_error_naming_the_file(tmp_path, kind):
-    path, problem = _bad_inputs(tmp_path)[kind]
+    path, problem = bad_inputs(tmp_path)[kind]
     with pytest.raises(FlareSegError) as info:
         read_ct(path)
     message = str(info.value)
