@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from flareseg.atomic import write_text_atomic
 from flareseg.cli import add_common_arguments, run_command
 from flareseg.errors import FlareSegError
 from flareseg.labels import LABELS, ORGANS
@@ -127,19 +128,6 @@ def csv_text(ev: Evaluation) -> str:
     for r in ev.results:
         writer.writerow([r.case, r.status, *[f"{r.scores[o][i]:.6f}" for o in ORGANS for i in (0, 1)]])
     return buf.getvalue()
-
-
-def write_text_atomic(text: str, path: str | os.PathLike[str]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def summary_table(ev: Evaluation) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import logging
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
+from flareseg.atomic import atomic_output
 from flareseg.errors import FlareSegError
 from flareseg.labels import NUM_CLASSES
 
@@ -189,14 +189,6 @@ def read_labels(path: str | os.PathLike[str], *, num_classes: int = NUM_CLASSES)
     return np.asarray(data, dtype=np.uint8), geometry
 
 
-def atomic_path(path: Path) -> Path:
-    """A temporary sibling of ``path`` with the same NIfTI suffix (nibabel chooses gzip by suffix)."""
-    suffix = next((s for s in NIFTI_SUFFIXES if path.name.endswith(s)), path.suffix)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
 def write_labels(labels: np.ndarray, geometry: VolumeGeometry, path: str | os.PathLike[str]) -> Path:
     """Write a canonical (Z, Y, X) label map as uint8 NIfTI on ``geometry``'s grid, atomically.
 
@@ -218,13 +210,8 @@ def write_labels(labels: np.ndarray, geometry: VolumeGeometry, path: str | os.Pa
     img.header.set_slope_inter(1.0, 0.0)
     img.header["cal_min"], img.header["cal_max"] = 0, 0
     img.header["descrip"] = b"flareseg label map"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(path)
-    try:
+    suffix = next(sfx for sfx in NIFTI_SUFFIXES if path.name.endswith(sfx))
+    with atomic_output(path, keep_suffix=suffix) as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     log.debug("wrote %s", path)
     return path

@@ -1,0 +1,173 @@
+"""Checkpoints: weights plus everything inference needs to reproduce training exactly.
+
+A checkpoint is a ``torch.save`` dictionary of plain types and tensors, loadable with
+``weights_only=True`` (no pickled code runs on load). It holds the training network's
+weights, its :class:`NetworkConfig`, the dataset :class:`NormalizationStats`, the label
+map, the slice size and the software versions; training adds its own resumable state.
+Saving is atomic: a crash during a save never corrupts the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flareseg.atomic import atomic_output
+from flareseg.errors import FlareSegError
+from flareseg.labels import LABELS
+from flareseg.network import SIZE_MULTIPLE, FlareUNet, NetworkConfig, build_training_network
+from flareseg.preprocess import NormalizationStats
+
+FORMAT = "flareseg-checkpoint"
+FORMAT_VERSION = 1
+DEFAULT_SLICE_SIZE = (512, 512)
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of what produced an artifact, recorded beside it."""
+    from importlib import metadata
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for dist in ("flareseg", "numpy", "onnx", "onnxruntime", "tensorrt"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def check_slice_size(size: tuple[int, int]) -> tuple[int, int]:
+    h, w = (int(size[0]), int(size[1]))
+    if h < SIZE_MULTIPLE or w < SIZE_MULTIPLE or h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
+        raise FlareSegError(f"slice size {h}x{w} must be positive multiples of {SIZE_MULTIPLE}")
+    return h, w
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What travels with a model to every artifact made from it."""
+
+    network: NetworkConfig
+    normalization: NormalizationStats
+    slice_size: tuple[int, int] = DEFAULT_SLICE_SIZE
+    labels: Mapping[int, str] = field(default_factory=lambda: dict(LABELS))
+
+    def __post_init__(self) -> None:
+        check_slice_size(self.slice_size)
+        if sorted(self.labels) != list(range(self.network.num_classes)):
+            raise FlareSegError(
+                f"label map {dict(self.labels)} does not name classes 0..{self.network.num_classes - 1}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "network": self.network.to_dict(),
+            "normalization": self.normalization.to_dict(),
+            "slice_size": list(self.slice_size),
+            "labels": {str(k): v for k, v in sorted(self.labels.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "model") -> ModelInfo:
+        missing = [k for k in ("network", "normalization", "slice_size", "labels") if k not in data]
+        if missing:
+            raise FlareSegError(f"{source}: missing {', '.join(missing)}")
+        try:
+            return cls(
+                network=NetworkConfig.from_dict(dict(data["network"])),
+                normalization=NormalizationStats.from_dict(dict(data["normalization"])),
+                slice_size=(int(data["slice_size"][0]), int(data["slice_size"][1])),
+                labels={int(k): str(v) for k, v in dict(data["labels"]).items()},
+            )
+        except FlareSegError as exc:
+            raise FlareSegError(f"{source}: {exc}") from None
+        except (TypeError, ValueError, IndexError) as exc:
+            raise FlareSegError(f"{source}: malformed model information ({exc})") from None
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: torch.nn.Module,
+    info: ModelInfo,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint atomically (temporary file in the same folder, fsync, rename)."""
+    path = Path(path)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **info.to_dict(),
+        "state_dict": state,
+        "versions": software_versions(),
+    }
+    if extra:
+        clash = set(extra) & set(payload)
+        if clash:
+            raise FlareSegError(f"checkpoint extra keys {sorted(clash)} clash with the format's own keys")
+        payload.update(extra)
+    with atomic_output(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load and validate a checkpoint's dictionary (weights on the CPU)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FlareSegError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise FlareSegError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise FlareSegError(f"{path}: not a flareseg checkpoint")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise FlareSegError(
+            f"{path}: checkpoint format version {payload.get('format_version')}, this flareseg reads {FORMAT_VERSION}"
+        )
+    if "state_dict" not in payload:
+        raise FlareSegError(f"{path}: checkpoint has no weights")
+    return payload
+
+
+def load_model(
+    path: str | os.PathLike[str], *, expect: NetworkConfig | None = None
+) -> tuple[FlareUNet, ModelInfo, dict[str, Any]]:
+    """The training network with the checkpoint's weights (eval mode), its info, and the raw payload.
+
+    ``expect`` refuses a checkpoint whose network differs (classes, width, channels).
+    """
+    payload = read_checkpoint(path)
+    info = ModelInfo.from_dict(payload, source=str(path))
+    if expect is not None and expect != info.network:
+        diffs = [
+            f"{k}: checkpoint {v}, expected {getattr(expect, k)}"
+            for k, v in info.network.to_dict().items()
+            if getattr(expect, k) != v
+        ]
+        raise FlareSegError(f"{path}: network does not match ({'; '.join(diffs)})")
+    model = build_training_network(info.network)
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise FlareSegError(f"{path}: weights do not fit the recorded network ({first})") from None
+    return model.eval(), info, payload
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

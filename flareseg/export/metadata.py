@@ -1,0 +1,146 @@
+"""What an exported model carries: embedded in the ONNX (metadata_props) and in a JSON sidecar.
+
+Inference reads the dataset statistics, slice size, input channels and output kind from
+here, never from the input volume, so deployment reproduces training's pre-processing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from flareseg.atomic import write_text_atomic
+from flareseg.checkpoint import ModelInfo
+from flareseg.errors import FlareSegError
+
+OutputKind = Literal["logits", "labels"]
+Precision = Literal["fp32", "fp16"]
+METADATA_KEY = "flareseg"
+SIDECAR_SUFFIX = ".json"
+
+
+@dataclass(frozen=True)
+class ExportMetadata:
+    model: ModelInfo
+    input_channels: int
+    output_kind: OutputKind
+    #: dtype of the labels output when ``output_kind == "labels"``.
+    label_dtype: str | None
+    precision: Precision
+    batch_profile: tuple[int, int, int]
+    source_checkpoint_sha256: str
+    versions: Mapping[str, str] = field(default_factory=dict)
+    #: Verification figures measured at export (max logit difference, argmax agreement...).
+    verification: Mapping[str, Any] = field(default_factory=dict)
+    input_name: str = "image"
+
+    @property
+    def output_name(self) -> str:
+        return self.output_kind
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": "flareseg-export",
+            "model": self.model.to_dict(),
+            "input_name": self.input_name,
+            "input_channels": self.input_channels,
+            "output_kind": self.output_kind,
+            "label_dtype": self.label_dtype,
+            "precision": self.precision,
+            "batch_profile": list(self.batch_profile),
+            "source_checkpoint_sha256": self.source_checkpoint_sha256,
+            "versions": dict(self.versions),
+            "verification": dict(self.verification),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "model") -> ExportMetadata:
+        if data.get("format") != "flareseg-export":
+            raise FlareSegError(f"{source}: no flareseg export metadata")
+        try:
+            lo, opt, hi = (int(v) for v in data["batch_profile"])
+            return cls(
+                model=ModelInfo.from_dict(data["model"], source=source),
+                input_name=str(data.get("input_name", "image")),
+                input_channels=int(data["input_channels"]),
+                output_kind=_choice(data["output_kind"], ("logits", "labels"), "output_kind"),
+                label_dtype=data.get("label_dtype"),
+                precision=_choice(data["precision"], ("fp32", "fp16"), "precision"),
+                batch_profile=(lo, opt, hi),
+                source_checkpoint_sha256=str(data["source_checkpoint_sha256"]),
+                versions=dict(data.get("versions", {})),
+                verification=dict(data.get("verification", {})),
+            )
+        except KeyError as exc:
+            raise FlareSegError(f"{source}: export metadata lacks {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise FlareSegError(f"{source}: malformed export metadata ({exc})") from None
+
+    def with_verification(self, figures: Mapping[str, Any]) -> ExportMetadata:
+        return dataclasses.replace(self, verification=dict(figures))
+
+
+def _choice(value: Any, allowed: tuple[str, ...], name: str) -> Any:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+def sidecar_path(artifact: str | os.PathLike[str]) -> Path:
+    """``model.onnx`` -> ``model.onnx.json`` (never overwrites the artifact)."""
+    p = Path(artifact)
+    return p.with_name(p.name + SIDECAR_SUFFIX)
+
+
+def embed_in_onnx(model: Any, meta: ExportMetadata) -> None:
+    """Put the metadata in the ONNX model's metadata_props (replacing an earlier copy)."""
+    props = [p for p in model.metadata_props if p.key != METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(props)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(meta.to_dict(), sort_keys=True)
+
+
+def read_onnx_metadata(path: str | os.PathLike[str]) -> ExportMetadata:
+    """The metadata embedded in an ONNX file (reads the graph structure, not the weights)."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise FlareSegError(f"{path}: model not found")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and others
+        raise FlareSegError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            try:
+                return ExportMetadata.from_dict(json.loads(prop.value), source=str(path))
+            except json.JSONDecodeError as exc:
+                raise FlareSegError(f"{path}: corrupt flareseg metadata ({exc})") from None
+    raise FlareSegError(f"{path}: no flareseg metadata in this ONNX model (export it with flare-export)")
+
+
+def write_sidecar(artifact: str | os.PathLike[str], data: Mapping[str, Any]) -> Path:
+    return write_text_atomic(json.dumps(dict(data), indent=2, sort_keys=True) + "\n", sidecar_path(artifact))
+
+
+def read_sidecar(artifact: str | os.PathLike[str]) -> dict[str, Any]:
+    path = sidecar_path(artifact)
+    if not path.is_file():
+        raise FlareSegError(f"{artifact}: its sidecar {path.name} is missing (it must sit beside the model)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FlareSegError(f"{path}: unreadable sidecar ({exc})") from None
+    if not isinstance(data, dict):
+        raise FlareSegError(f"{path}: sidecar is not a JSON object")
+    return data
