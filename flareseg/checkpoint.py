@@ -34,7 +34,7 @@ def software_versions() -> dict[str, str]:
     """Versions of what produced an artifact, recorded beside it."""
     from importlib import metadata
 
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    versions = {"python": platform.python_version(), "torch": str(torch.__version__)}
     for dist in ("flareseg", "numpy", "onnx", "onnxruntime", "tensorrt"):
         try:
             versions[dist] = metadata.version(dist)
@@ -128,7 +128,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
-        raise FlareSegError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise FlareSegError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {first})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise FlareSegError(f"{path}: not a flareseg checkpoint")
     if payload.get("format_version") != FORMAT_VERSION:

@@ -25,7 +25,9 @@ def run_command(
     """Parse ``argv``, configure logging, run ``body`` and map errors to exit codes."""
     args = parser.parse_args(argv)
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    # Our own messages at the chosen level; third-party libraries (onnxscript, torch) only warnings.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("flareseg").setLevel(level)
     try:
         return body(args)
     except FlareSegError as exc:
@@ -34,3 +36,30 @@ def run_command(
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """argparse type: '1,8,32' -> (1, 8, 32), positive integers."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def batch_profile(text: str) -> tuple[int, int, int]:
+    """argparse type: 'MIN,OPT,MAX' batch sizes."""
+    values = int_list(text)
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected MIN,OPT,MAX, got {text!r}")
+    return (values[0], values[1], values[2])
+
+
+def slice_size(text: str) -> tuple[int, int]:
+    """argparse type: 'H' or 'H,W'."""
+    values = int_list(text)
+    if len(values) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected H or H,W, got {text!r}")
+    return (values[0], values[-1])

@@ -126,3 +126,16 @@ def resize_slices(slices: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def resize_scores_to_labels(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Class scores (N, C, h, w) -> labels (N, H, W) uint8: resize the scores first, then argmax."""
     return resize_slices(scores, size).argmax(dim=1).to(torch.uint8)
+
+
+def network_batch(slices: np.ndarray | torch.Tensor, size: tuple[int, int], channels: int) -> torch.Tensor:
+    """Normalised (B, H, W) slices -> contiguous (B, channels, h, w) float32 network input.
+
+    The slice is resized once and replicated across ``channels`` (VGG's 3-channel input);
+    a folded 1-channel model takes it as it is.
+    """
+    t = torch.as_tensor(slices, dtype=torch.float32)
+    if t.dim() != 3:
+        raise FlareSegError(f"expected (B, H, W) slices, got shape {tuple(t.shape)}")
+    t = resize_slices(t[:, None], size)
+    return t.expand(-1, channels, -1, -1).contiguous() if channels > 1 else t.contiguous()

@@ -91,3 +91,44 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "4d": (tmp_path / "in6.nii.gz", "expected a 3D volume, got shape (4, 5, 6, 2)"),
         "non-finite": (tmp_path / "in7.nii.gz", "2 voxels are not finite"),
     }
+
+
+TRAINED_SIZE = (64, 64)
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory) -> Path:
+    """A small network (width 8, 64x64 slices) trained for a few seconds on phantom slices.
+
+    Trained rather than random so that its predictions contain organs: comparisons of
+    labels between backends and precisions are then meaningful.
+    """
+    import torch
+
+    from flareseg.checkpoint import ModelInfo, save_checkpoint
+    from flareseg.network import NetworkConfig, build_training_network
+    from flareseg.phantom import make_phantom
+    from flareseg.preprocess import compute_stats, network_batch, normalize_volume
+    from flareseg.train.loss import deep_supervision_loss
+
+    torch.manual_seed(0)
+    phantoms = [make_phantom((64, 64, 32), (6.0, 6.0, 8.0), seed=s) for s in range(3)]
+    images = [p.image.transpose(2, 1, 0).astype(np.float32) for p in phantoms]
+    stats = compute_stats(images)
+    x = torch.cat([network_batch(normalize_volume(im, stats), TRAINED_SIZE, 3) for im in images])
+    y = torch.cat([torch.from_numpy(p.labels.transpose(2, 1, 0).astype(np.int64)) for p in phantoms])
+    keep = (y > 0).flatten(1).any(1)  # slices with organs
+    x, y = x[keep], y[keep]
+    net = build_training_network(NetworkConfig(base_width=8)).train()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        idx = torch.randint(0, len(x), (8,), generator=g)
+        logits, aux = net(x[idx])
+        loss = deep_supervision_loss(logits, aux, y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    path = tmp_path_factory.mktemp("trained") / "small.pt"
+    save_checkpoint(path, net.eval(), ModelInfo(network=net.config, normalization=stats, slice_size=TRAINED_SIZE))
+    return path

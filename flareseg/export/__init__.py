@@ -1,0 +1,14 @@
+"""Export: the deploy graph to verified ONNX (fp32/fp16) and TensorRT engines."""
+
+from flareseg.export.metadata import ExportMetadata, read_onnx_metadata, read_sidecar, sidecar_path
+from flareseg.export.onnx_export import ExportedModel, ExportOptions, export_onnx
+
+__all__ = [
+    "ExportMetadata",
+    "ExportOptions",
+    "ExportedModel",
+    "export_onnx",
+    "read_onnx_metadata",
+    "read_sidecar",
+    "sidecar_path",
+]

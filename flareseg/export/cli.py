@@ -1,0 +1,78 @@
+"""``flare-export``: a checkpoint to verified ONNX (fp32, optionally fp16) and TensorRT engines."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from flareseg.cli import add_common_arguments, batch_profile, run_command, slice_size
+from flareseg.export.onnx_export import ExportOptions, export_onnx, verification_report
+from flareseg.export.tensorrt import DEFAULT_WORKSPACE_MIB
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flare-export",
+        description="Export a flareseg checkpoint to ONNX (verified in ONNX Runtime against PyTorch) "
+        "and optionally a TensorRT engine.",
+    )
+    p.add_argument("checkpoint", type=Path, help="a flare-train checkpoint (.pt)")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
+    p.add_argument("--fp16", action="store_true", help="also write an fp16 ONNX (float32 inputs/outputs kept)")
+    p.add_argument("--engine", action="store_true", help="build a TensorRT engine from the (fp16 if --fp16) ONNX")
+    p.add_argument("--batch", type=batch_profile, default=(1, 8, 32), help="MIN,OPT,MAX batch sizes (default 1,8,32)")
+    p.add_argument("--size", type=slice_size, help="slice size H[,W] (default: the checkpoint's)")
+    p.add_argument("--three-channel", action="store_true", help="keep the 3-channel input (default: folded to 1)")
+    p.add_argument(
+        "--argmax",
+        choices=("uint8", "int32"),
+        help="put the argmax in the graph and output labels of this type instead of logits",
+    )
+    p.add_argument("--verify-volume", type=Path, help="CT volume whose slices verify the export (default: a phantom)")
+    p.add_argument("--verify-slices", type=int, default=8, help="real slices used for verification (default 8)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17, default 18)")
+    p.add_argument("--name", default="flareseg", help="file name stem (default flareseg)")
+    p.add_argument("--workspace-mib", type=int, default=DEFAULT_WORKSPACE_MIB, help="TensorRT workspace limit")
+    p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache (default: beside the output)")
+    add_common_arguments(p)
+    return p
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.engine:
+        # Fail at once, before minutes of export, when TensorRT or a GPU is missing.
+        from flareseg.export.tensorrt import DeviceIdentity, import_tensorrt
+
+        import_tensorrt()
+        DeviceIdentity.current()
+    options = ExportOptions(
+        fp16=args.fp16,
+        fold_input=not args.three_channel,
+        output_kind="labels" if args.argmax else "logits",
+        label_dtype=args.argmax or "uint8",
+        batch_profile=args.batch,
+        slice_size=args.size,
+        opset=args.opset,
+        verify_slices=args.verify_slices,
+        name=args.name,
+    )
+    exported = export_onnx(args.checkpoint, args.out, options, verify_volume=args.verify_volume)
+    print(verification_report(exported))
+    for item in exported:
+        print(f"wrote {item.path} (+ {item.path.name}.json)")
+    if args.engine:
+        from flareseg.export.tensorrt import build_engine
+
+        engine = build_engine(exported[-1].path, workspace_mib=args.workspace_mib, timing_cache=args.timing_cache)
+        print(f"wrote {engine} (+ {engine.name}.json)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser(), _main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

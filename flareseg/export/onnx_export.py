@@ -1,0 +1,291 @@
+"""Export a checkpoint to a verified ONNX deploy graph (fp32, and optionally fp16).
+
+The export verifies itself before anything is written: the ONNX model runs in ONNX
+Runtime on random slices and on real CT slices, and its outputs are compared with the
+PyTorch training network (3-channel replicated input, eval mode) on the same slices. A
+model that fails its tolerance is not written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from flareseg.atomic import atomic_output
+from flareseg.checkpoint import ModelInfo, check_slice_size, file_sha256, load_model, software_versions
+from flareseg.errors import FlareSegError
+from flareseg.export.metadata import ExportMetadata, OutputKind, Precision, embed_in_onnx, write_sidecar
+from flareseg.network import FlareUNet, build_deploy_network
+from flareseg.preprocess import network_batch, normalize_volume
+
+log = logging.getLogger(__name__)
+
+#: fp32 ONNX against PyTorch: max |difference| over max |reference logit|.
+FP32_RELATIVE_TOLERANCE = 1e-4
+#: fp32 label outputs against PyTorch's argmax (ties may flip at float rounding).
+FP32_MIN_AGREEMENT = 0.999
+#: fp16 against fp32: fraction of voxels of real CT slices with the same label.
+FP16_MIN_AGREEMENT = 0.995
+DEFAULT_OPSET = 18
+LabelDType = Literal["uint8", "int32"]
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    fp16: bool = False
+    fold_input: bool = True
+    output_kind: OutputKind = "logits"
+    label_dtype: LabelDType = "uint8"
+    batch_profile: tuple[int, int, int] = (1, 8, 32)
+    slice_size: tuple[int, int] | None = None  # None: the checkpoint's
+    opset: int = DEFAULT_OPSET
+    verify_slices: int = 8
+    name: str = "flareseg"
+
+    def __post_init__(self) -> None:
+        lo, opt, hi = self.batch_profile
+        if not 1 <= lo <= opt <= hi:
+            raise FlareSegError(f"batch profile must satisfy 1 <= min <= opt <= max, got {lo},{opt},{hi}")
+        if self.opset < 17:
+            raise FlareSegError(f"opset must be >= 17, got {self.opset}")
+        if self.output_kind not in ("logits", "labels"):
+            raise FlareSegError(f"output kind must be 'logits' or 'labels', got {self.output_kind!r}")
+        if self.label_dtype not in ("uint8", "int32"):
+            raise FlareSegError(f"label dtype must be 'uint8' or 'int32', got {self.label_dtype!r}")
+        if self.verify_slices < 1:
+            raise FlareSegError("at least one real slice is needed to verify an export")
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    path: Path
+    metadata: ExportMetadata
+
+
+class _ExportGraph(nn.Module):
+    """The deploy network, optionally with the argmax inside the graph (labels out, not logits)."""
+
+    def __init__(self, net: nn.Module, output_kind: OutputKind, label_dtype: LabelDType) -> None:
+        super().__init__()
+        self.net = net
+        self.labels = output_kind == "labels"
+        self.label_dtype = torch.uint8 if label_dtype == "uint8" else torch.int32
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        logits = self.net(image)
+        return logits.argmax(dim=1).to(self.label_dtype) if self.labels else logits
+
+
+def _to_onnx(module: nn.Module, channels: int, size: tuple[int, int], max_batch: int, opset: int) -> Any:
+    """Trace ``module`` with torch.export into an ONNX ModelProto with a dynamic batch axis."""
+    import onnx
+
+    example = torch.randn(2, channels, *size)
+    batch = torch.export.Dim("batch", min=1, max=max(2, max_batch))
+    with warnings.catch_warnings(), _quiet_logger("torch.onnx"):
+        warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not actionable here
+        program = torch.onnx.export(
+            module,
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            input_names=["image"],
+            output_names=["labels" if getattr(module, "labels", False) else "logits"],
+            dynamic_shapes={"image": {0: batch}},
+            optimize=True,
+            verbose=False,
+        )
+    if program is None:
+        raise FlareSegError("torch.onnx.export returned no program")
+    model = program.model_proto
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Raise a library logger's level for a block, then restore it (it reports optional torchvision ops)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _ort_session(model: Any) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def verification_slices(
+    info: ModelInfo, volume_path: str | os.PathLike[str] | None, count: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """(random slices, real normalised CT slices, description of the real source); both (N, H, W)."""
+    from flareseg.volume import read_ct
+
+    if volume_path is not None:
+        volume = read_ct(volume_path).array
+        source = str(volume_path)
+    else:
+        from flareseg.phantom import make_phantom
+
+        volume = np.transpose(make_phantom((192, 192, 48), (2.0, 2.0, 5.0), seed=seed).image, (2, 1, 0))
+        volume = volume.astype(np.float32)
+        source = "synthetic phantom (192x192x48 at 2x2x5 mm)"
+    idx = np.unique(np.linspace(0, volume.shape[0] - 1, min(count, volume.shape[0])).round().astype(int))
+    real = normalize_volume(volume, info.normalization)[idx]
+    rng = np.random.default_rng(seed)
+    random = rng.standard_normal((min(count, 4), *real.shape[1:])).astype(np.float32)
+    return random, real, source
+
+
+def _compare(ref_logits: np.ndarray, got: np.ndarray, output_kind: OutputKind) -> dict[str, float]:
+    ref_labels = ref_logits.argmax(axis=1)
+    if output_kind == "labels":
+        return {"argmax_agreement": float(np.mean(got.astype(np.int64) == ref_labels))}
+    diff = float(np.max(np.abs(got - ref_logits)))
+    scale = float(np.max(np.abs(ref_logits))) or 1.0
+    return {
+        "max_abs_logit_diff": diff,
+        "max_rel_logit_diff": diff / scale,
+        "argmax_agreement": float(np.mean(got.argmax(axis=1) == ref_labels)),
+    }
+
+
+def _verify(
+    model: Any,
+    reference: FlareUNet,
+    info: ModelInfo,
+    channels: int,
+    output_kind: OutputKind,
+    slices: dict[str, np.ndarray],
+    batch: int,
+) -> dict[str, dict[str, float]]:
+    """Run the ONNX model and the PyTorch reference on the same slices; figures per slice set."""
+    session = _ort_session(model)
+    figures: dict[str, dict[str, float]] = {}
+    for name, data in slices.items():
+        refs, gots = [], []
+        for start in range(0, len(data), batch):
+            chunk = data[start : start + batch]
+            with torch.inference_mode():
+                refs.append(reference(network_batch(chunk, info.slice_size, info.network.in_channels)).numpy())
+            x = network_batch(chunk, info.slice_size, channels).numpy()
+            gots.append(session.run(None, {"image": x})[0])
+        figures[name] = _compare(np.concatenate(refs), np.concatenate(gots), output_kind)
+        figures[name]["slices"] = float(len(data))
+    return figures
+
+
+def _check(figures: dict[str, dict[str, float]], precision: Precision, output_kind: OutputKind) -> None:
+    for name, f in figures.items():
+        if precision == "fp32" and output_kind == "logits" and f["max_rel_logit_diff"] > FP32_RELATIVE_TOLERANCE:
+            raise FlareSegError(
+                f"fp32 ONNX differs from PyTorch on {name} slices: relative logit difference "
+                f"{f['max_rel_logit_diff']:.2e} > {FP32_RELATIVE_TOLERANCE:.0e}"
+            )
+        if precision == "fp32" and output_kind == "labels" and f["argmax_agreement"] < FP32_MIN_AGREEMENT:
+            raise FlareSegError(
+                f"fp32 ONNX labels agree with PyTorch on {100 * f['argmax_agreement']:.3f}% of {name} voxels, "
+                f"expected >= {100 * FP32_MIN_AGREEMENT:.1f}%"
+            )
+    real = figures["real"]
+    if precision == "fp16" and real["argmax_agreement"] < FP16_MIN_AGREEMENT:
+        raise FlareSegError(
+            f"fp16 ONNX agrees with fp32 PyTorch on {100 * real['argmax_agreement']:.3f}% of real-slice voxels, "
+            f"expected >= {100 * FP16_MIN_AGREEMENT:.1f}%"
+        )
+
+
+def export_onnx(
+    checkpoint: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    options: ExportOptions = ExportOptions(),
+    *,
+    verify_volume: str | os.PathLike[str] | None = None,
+) -> list[ExportedModel]:
+    """Export, verify and write ``{name}_fp32.onnx`` (and ``{name}_fp16.onnx`` with ``options.fp16``).
+
+    Each model gets its metadata embedded and a ``.json`` sidecar beside it. Returns what
+    was written, fp32 first.
+    """
+    import onnx
+
+    from flareseg.export.fp16 import convert_to_fp16
+
+    out = Path(out_dir)
+    net, info, _ = load_model(checkpoint)
+    if options.slice_size is not None:
+        info = dataclasses.replace(info, slice_size=check_slice_size(options.slice_size))
+    deploy = build_deploy_network(net, fold_input=options.fold_input and info.network.in_channels > 1)
+    channels = deploy.config.in_channels
+    graph = _ExportGraph(deploy, options.output_kind, options.label_dtype).eval()
+    log.info("exporting %s (%s input channel(s), %s out)", checkpoint, channels, options.output_kind)
+    fp32 = _to_onnx(graph, channels, info.slice_size, options.batch_profile[2], options.opset)
+
+    random, real, source = verification_slices(info, verify_volume, options.verify_slices)
+    slices = {"random": random, "real": real}
+    base = ExportMetadata(
+        model=info,
+        input_channels=channels,
+        output_kind=options.output_kind,
+        label_dtype=options.label_dtype if options.output_kind == "labels" else None,
+        precision="fp32",
+        batch_profile=options.batch_profile,
+        source_checkpoint_sha256=file_sha256(checkpoint),
+        versions={**software_versions(), "onnx_opset": str(options.opset)},
+    )
+    batch = max(1, min(options.batch_profile[1], 4))
+    variants: list[tuple[Precision, Any]] = [("fp32", fp32)]
+    if options.fp16:
+        variants.append(("fp16", convert_to_fp16(fp32)))
+    written = []
+    for precision, model in variants:
+        figures = _verify(model, net, info, channels, options.output_kind, slices, batch)
+        _check(figures, precision, options.output_kind)
+        meta = dataclasses.replace(base, precision=precision).with_verification(
+            {"reference": "PyTorch fp32 training network (eval mode)", "real_source": source, **figures}
+        )
+        embed_in_onnx(model, meta)
+        path = out / f"{options.name}_{precision}.onnx"
+        with atomic_output(path) as tmp:
+            onnx.save(model, str(tmp))
+        write_sidecar(path, meta.to_dict())
+        log.info("wrote %s: %s", path, _summary(figures))
+        written.append(ExportedModel(path, meta))
+    return written
+
+
+def _summary(figures: dict[str, dict[str, float]]) -> str:
+    parts = []
+    for name, f in figures.items():
+        text = f"{name} slices: argmax agreement {100 * f['argmax_agreement']:.3f}%"
+        if "max_abs_logit_diff" in f:
+            text += f", max logit diff {f['max_abs_logit_diff']:.2e} ({f['max_rel_logit_diff']:.2e} relative)"
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def verification_report(exported: list[ExportedModel]) -> str:
+    """Human-readable verification lines, one per exported model."""
+    lines = []
+    for item in exported:
+        v = {k: val for k, val in item.metadata.verification.items() if isinstance(val, dict)}
+        lines.append(f"{item.path.name} ({item.metadata.precision}): {_summary(v)}")
+    return "\n".join(lines)

@@ -1,0 +1,207 @@
+"""flare-export: ONNX against PyTorch, graph structure, metadata, fp16, TensorRT logic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import TRAINED_SIZE
+
+from flareseg.checkpoint import ModelInfo, load_model, save_checkpoint
+from flareseg.errors import FlareSegError
+from flareseg.export import ExportOptions, export_onnx, onnx_export, read_onnx_metadata, read_sidecar
+from flareseg.export.cli import main as export_main
+from flareseg.export.tensorrt import (
+    DeviceIdentity,
+    check_engine_compatibility,
+    check_tensorrt_version,
+    engine_sidecar,
+    profile_shapes,
+)
+from flareseg.network import NetworkConfig, build_training_network
+from flareseg.preprocess import NormalizationStats, network_batch
+
+STATS = NormalizationStats(mean=-350.0, std=480.0, num_voxels=1, num_cases=1)
+
+
+def _run(path: Path, slices: np.ndarray, channels: int, size) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"image": network_batch(slices, size, channels).numpy()})[0]
+
+
+def _reference(checkpoint: Path, slices: np.ndarray, size) -> np.ndarray:
+    net, info, _ = load_model(checkpoint)
+    with torch.inference_mode():
+        return net(network_batch(slices, size, info.network.in_channels)).numpy()
+
+
+def _slices(n=3, size=TRAINED_SIZE, seed=1):
+    return np.random.default_rng(seed).standard_normal((n, *size)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def exported(trained_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    return export_onnx(trained_checkpoint, out, ExportOptions(fp16=True, batch_profile=(1, 2, 8)))
+
+
+def test_fp32_onnx_matches_pytorch_and_records_its_verification(exported, trained_checkpoint):
+    fp32 = exported[0]
+    assert fp32.path.name == "flareseg_fp32.onnx" and fp32.metadata.precision == "fp32"
+    x = _slices(5)  # a batch size not used at export: the batch axis is dynamic
+    ref = _reference(trained_checkpoint, x, TRAINED_SIZE)
+    got = _run(fp32.path, x, 1, TRAINED_SIZE)
+    assert got.shape == ref.shape == (5, 5, *TRAINED_SIZE)
+    assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) <= 1e-4
+    real = fp32.metadata.verification["real"]
+    assert real["max_rel_logit_diff"] <= 1e-4 and real["argmax_agreement"] >= 0.999
+    assert "phantom" in fp32.metadata.verification["real_source"]
+
+
+def test_fp16_onnx_keeps_float32_io_and_agrees_on_labels(exported, trained_checkpoint, sample_ct):
+    fp16 = exported[1]
+    model = onnx.load(str(fp16.path))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    halves = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+    assert len(halves) >= 28  # every convolution's weights are fp16
+    # Agreement on real CT slices, measured here independently of the export's own check.
+    _, real, _ = onnx_export.verification_slices(load_model(trained_checkpoint)[1], sample_ct, 16)
+    ref = _reference(trained_checkpoint, real, TRAINED_SIZE).argmax(1)
+    got = _run(fp16.path, real, 1, TRAINED_SIZE).argmax(1)
+    assert len(np.unique(ref)) >= 3  # the model predicts organs, so agreement means something
+    assert np.mean(ref == got) >= 0.995
+    assert fp16.metadata.verification["real"]["argmax_agreement"] >= 0.995
+
+
+def test_graph_has_one_input_one_output_and_no_auxiliary_heads(exported):
+    model = onnx.load(str(exported[0].path))
+    assert [i.name for i in model.graph.input] == ["image"]
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, *TRAINED_SIZE]
+    assert [o.name for o in model.graph.output] == ["logits"]
+    ops = [n.op_type for n in model.graph.node]
+    # encoder 10 + decoder 8 + supervision maps 4 + final 2: the 4 training-only heads are gone
+    assert ops.count("Conv") == 24 and ops.count("ConvTranspose") == 4
+    assert "BatchNormalization" not in ops  # folded into the convolutions
+
+
+def test_metadata_round_trips_between_onnx_sidecar_and_export(exported, trained_checkpoint):
+    for item in exported:
+        embedded = read_onnx_metadata(item.path)
+        assert embedded == item.metadata
+        assert read_sidecar(item.path) == json.loads(json.dumps(item.metadata.to_dict()))
+        assert embedded.model.normalization == load_model(trained_checkpoint)[1].normalization
+        assert embedded.model.slice_size == TRAINED_SIZE and embedded.input_channels == 1
+        assert dict(embedded.model.labels) == {0: "background", 1: "liver", 2: "kidneys", 3: "spleen", 4: "pancreas"}
+        assert embedded.versions["torch"] == str(torch.__version__) and "onnx" in embedded.versions
+        assert len(embedded.source_checkpoint_sha256) == 64
+
+
+def test_three_channel_export_and_in_graph_argmax(trained_checkpoint, tmp_path):
+    three = export_onnx(trained_checkpoint, tmp_path / "a", ExportOptions(fold_input=False))[0]
+    labels = export_onnx(trained_checkpoint, tmp_path / "b", ExportOptions(output_kind="labels", label_dtype="int32"))
+    x = _slices(4)
+    ref = _reference(trained_checkpoint, x, TRAINED_SIZE)
+    got3 = _run(three.path, x, 3, TRAINED_SIZE)
+    assert three.metadata.input_channels == 3
+    assert np.max(np.abs(got3 - ref)) / np.max(np.abs(ref)) <= 1e-4
+    lab = _run(labels[0].path, x, 1, TRAINED_SIZE)
+    assert lab.dtype == np.int32 and lab.shape == (4, *TRAINED_SIZE)
+    assert np.mean(lab == ref.argmax(1)) >= 0.999
+    assert labels[0].metadata.output_kind == "labels" and labels[0].metadata.label_dtype == "int32"
+
+
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+def test_full_width_network_exports_and_verifies(tmp_path, fp16):
+    torch.manual_seed(0)
+    net = build_training_network(NetworkConfig())
+    ckpt = save_checkpoint(tmp_path / "full.pt", net.eval(), ModelInfo(net.config, STATS, slice_size=(32, 32)))
+    out = export_onnx(ckpt, tmp_path / "out", ExportOptions(fp16=fp16, verify_slices=2, batch_profile=(1, 1, 2)))
+    x = _slices(2, (32, 32))
+    ref = _reference(ckpt, x, (32, 32))
+    got = _run(out[-1].path, x, 1, (32, 32))
+    if fp16:
+        assert np.mean(ref.argmax(1) == got.argmax(1)) >= 0.995
+        assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) < 1e-2
+    else:
+        assert np.max(np.abs(got - ref)) / np.max(np.abs(ref)) <= 1e-4
+
+
+def test_failed_verification_writes_nothing(trained_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_export, "FP16_MIN_AGREEMENT", 1.01)  # unreachable: verification must fail
+    with pytest.raises(FlareSegError, match="fp16 ONNX agrees with fp32 PyTorch on"):
+        export_onnx(trained_checkpoint, tmp_path / "out", ExportOptions(fp16=True))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["flareseg_fp32.onnx", "flareseg_fp32.onnx.json"]
+
+
+def test_cli_exports_and_engine_without_tensorrt_fails_at_once(trained_checkpoint, tmp_path, capsys):
+    assert export_main([str(trained_checkpoint), "-o", str(tmp_path / "ok"), "--batch", "1,2,4", "-q"]) == 0
+    assert "flareseg_fp32.onnx (fp32): random slices: argmax agreement" in capsys.readouterr().out
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("TensorRT is installed here: the refusal path cannot be exercised")
+    assert export_main([str(trained_checkpoint), "-o", str(tmp_path / "engine"), "--engine"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "TensorRT is not installed" in err[0] and "flareseg[gpu]" in err[0]
+    assert not (tmp_path / "engine").exists()
+
+
+def test_cli_rejects_bad_arguments(trained_checkpoint, tmp_path, capsys):
+    assert export_main([str(tmp_path / "missing.pt"), "-o", str(tmp_path)]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert export_main([str(trained_checkpoint), "-o", str(tmp_path), "--size", "100"]) == 2
+    assert "multiples of 16" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        export_main([str(trained_checkpoint), "-o", str(tmp_path), "--batch", "4,2"])
+
+
+# --- TensorRT logic that does not need TensorRT ----------------------------------------
+
+
+def test_profile_shapes():
+    assert profile_shapes((1, 8, 32), 1, (512, 512)) == {
+        "min": (1, 1, 512, 512),
+        "opt": (8, 1, 512, 512),
+        "max": (32, 1, 512, 512),
+    }
+    with pytest.raises(FlareSegError, match="1 <= min <= opt <= max"):
+        profile_shapes((4, 2, 8), 1, (512, 512))
+
+
+def test_engine_sidecar_and_compatibility_checks(exported, tmp_path):
+    h100 = DeviceIdentity("NVIDIA H100 80GB HBM3", "9.0")
+    sidecar = engine_sidecar(
+        exported[1].metadata, tensorrt_version="10.13.0.35", device=h100, workspace_mib=2048, source_onnx_sha256="ab"
+    )
+    engine = sidecar["engine"]
+    assert engine["profile"]["max"] == [8, 1, *TRAINED_SIZE] and engine["compute_capability"] == "9.0"
+    assert (
+        sidecar["precision"] == "fp16"
+        and sidecar["model"]["normalization"]["mean"] == exported[1].metadata.model.normalization.mean
+    )
+    path = tmp_path / "m.engine"
+    check_engine_compatibility(sidecar, path, tensorrt_version="10.13.0.35", device=h100)  # same: accepted
+    with pytest.raises(FlareSegError, match=r"built with TensorRT 10.13.0.35, this machine has TensorRT 11.0.0"):
+        check_engine_compatibility(sidecar, path, tensorrt_version="11.0.0", device=h100)
+    with pytest.raises(FlareSegError, match=r"built for NVIDIA H100 80GB HBM3 \(compute capability 9.0\), this GPU is"):
+        check_engine_compatibility(
+            sidecar, path, tensorrt_version="10.13.0.35", device=DeviceIdentity("NVIDIA L4", "8.9")
+        )
+    with pytest.raises(FlareSegError, match="does not describe a TensorRT engine"):
+        check_engine_compatibility(exported[1].metadata.to_dict(), path, tensorrt_version="10.13.0.35", device=h100)
+
+
+def test_tensorrt_version_support():
+    check_tensorrt_version("10.3.0")
+    check_tensorrt_version("11.1.0")
+    with pytest.raises(FlareSegError, match=r"TensorRT 8\.6\.1 is not supported"):
+        check_tensorrt_version("8.6.1")
