@@ -108,12 +108,51 @@ def compute_stats(
     )
 
 
+@dataclass(frozen=True)
+class SliceNormalizer:
+    """One volume's intensity transform: stored values -> clipped, z-scored float32.
+
+    ``lo`` and ``hi`` are the volume's own percentile bounds in Hounsfield units; stored
+    values become HU through ``slope`` and ``inter`` (the file's scl_slope/scl_inter).
+    It is applied a batch of slices at a time, so no float copy of the volume is needed.
+    """
+
+    lo: float
+    hi: float
+    stats: NormalizationStats
+    slope: float = 1.0
+    inter: float = 0.0
+
+    def __call__(self, stored: np.ndarray) -> np.ndarray:
+        out = np.array(stored, dtype=np.float32)  # always a new array: inputs are never modified
+        if self.slope != 1.0 or self.inter != 0.0:
+            out *= np.float32(self.slope)
+            out += np.float32(self.inter)
+        np.clip(out, np.float32(self.lo), np.float32(self.hi), out=out)
+        out -= np.float32(self.stats.mean)
+        out /= np.float32(self.stats.std)
+        return out
+
+
+def volume_normalizer(
+    stored: np.ndarray, stats: NormalizationStats, slope: float = 1.0, inter: float = 0.0
+) -> SliceNormalizer:
+    """The normaliser of a whole volume given its stored values (percentiles need all of them).
+
+    Percentiles are taken on the stored values (an int16 volume costs a 2-byte copy, not
+    a 4-byte float one) and mapped to HU: linear interpolation commutes with the
+    increasing affine scaling, so the bounds equal the percentiles of the HU volume.
+    """
+    lo, hi = clip_bounds(stored, stats.percentiles)
+    lo, hi = lo * slope + inter, hi * slope + inter
+    if slope < 0:
+        lo, hi = hi, lo
+    return SliceNormalizer(lo=lo, hi=hi, stats=stats, slope=slope, inter=inter)
+
+
 def normalize_volume(volume: np.ndarray, stats: NormalizationStats) -> np.ndarray:
-    """Clip to the volume's own percentiles, then z-score with the dataset statistics; float32."""
-    out = clip_volume(volume, stats.percentiles)
-    out -= np.float32(stats.mean)
-    out /= np.float32(stats.std)
-    return out
+    """Clip a HU volume to its own percentiles, then z-score with the dataset statistics; float32."""
+    return volume_normalizer(volume, stats)(volume)
 
 
 def resize_slices(slices: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -64,14 +64,40 @@ class VolumeGeometry:
 
 @dataclass(frozen=True)
 class Volume:
-    """A volume in the canonical slice layout: ``array[k]`` is axial slice ``k`` (Y, X)."""
+    """A CT volume in the canonical slice layout: ``array[k]`` is axial slice ``k`` (Y, X).
+
+    ``array`` holds the file's stored values in their own dtype (usually int16, 2 bytes a
+    voxel); Hounsfield units are ``array * slope + inter``, applied per slice batch by
+    :meth:`hu_slices` so that no float copy of the whole volume is needed.
+    """
 
     array: np.ndarray
     geometry: VolumeGeometry
+    slope: float = 1.0
+    inter: float = 0.0
 
     @property
     def num_slices(self) -> int:
         return int(self.array.shape[0])
+
+    @property
+    def slice_shape(self) -> tuple[int, int]:
+        return (int(self.array.shape[1]), int(self.array.shape[2]))
+
+    def to_hu(self, values: np.ndarray) -> np.ndarray:
+        """Stored values -> float32 Hounsfield units."""
+        out = np.asarray(values, dtype=np.float32)
+        if self.slope != 1.0 or self.inter != 0.0:
+            out = out * np.float32(self.slope) + np.float32(self.inter)
+        return out
+
+    def hu_slices(self, start: int, stop: int) -> np.ndarray:
+        """Slices ``start:stop`` in Hounsfield units, float32 (B, Y, X)."""
+        return self.to_hu(self.array[start:stop])
+
+    def hu(self) -> np.ndarray:
+        """The whole volume in Hounsfield units, float32 (Z, Y, X)."""
+        return self.to_hu(self.array)
 
 
 def case_id(path: str | os.PathLike[str]) -> str:
@@ -88,8 +114,8 @@ def is_nifti(path: str | os.PathLike[str]) -> bool:
     return Path(path).name.endswith(NIFTI_SUFFIXES)
 
 
-def _load(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
-    """Load a file and its voxels (scaled by scl_slope/scl_inter when set), with one-line errors."""
+def _load(path: Path) -> tuple[nib.Nifti1Image, np.ndarray, float, float]:
+    """Load a file: image, raw stored voxels, scl_slope and scl_inter; one-line errors."""
     if not path.exists():
         raise FlareSegError(f"{path}: file not found")
     if not path.is_file():
@@ -109,13 +135,19 @@ def _load(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
         raise FlareSegError(f"{path}: expected a 3D volume, got shape {tuple(shape)}")
     if min(shape[:3]) < 1:
         raise FlareSegError(f"{path}: empty volume of shape {tuple(shape)}")
+    proxy = img.dataobj
     try:
-        data = np.asanyarray(img.dataobj)
+        # Raw stored values: scaling is applied later, per slice batch, to keep memory low.
+        data = proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else np.asarray(proxy)
     except (EOFError, zlib.error, OSError, ValueError) as exc:
         raise FlareSegError(f"{path}: truncated or corrupt voxel data ({exc})") from None
     if data.ndim == 4:
         data = data[..., 0]
-    return img, data
+    slope = float(getattr(proxy, "slope", 1.0))
+    inter = float(getattr(proxy, "inter", 0.0))
+    if not (np.isfinite(slope) and np.isfinite(inter)) or slope == 0:
+        raise FlareSegError(f"{path}: invalid intensity scaling scl_slope={slope}, scl_inter={inter}")
+    return img, data, slope, inter
 
 
 def _why_not_nifti(path: Path) -> str:
@@ -162,22 +194,26 @@ def from_canonical(array: np.ndarray, geometry: VolumeGeometry) -> np.ndarray:
 
 
 def read_ct(path: str | os.PathLike[str]) -> Volume:
-    """Read a 3D CT volume as float32 Hounsfield units in the canonical slice layout."""
+    """Read a 3D CT volume in the canonical slice layout, keeping its stored dtype and scaling."""
     path = Path(path)
-    img, data = _load(path)
+    img, data, slope, inter = _load(path)
     geometry = _geometry(path, img)
-    hu = np.asarray(data, dtype=np.float32)
-    bad = hu.size - int(np.count_nonzero(np.isfinite(hu)))
-    if bad:
-        raise FlareSegError(f"{path}: {bad} voxels are not finite (NaN or infinity)")
-    return Volume(to_canonical(hu, geometry), geometry)
+    if data.dtype.kind not in "iuf":
+        raise FlareSegError(f"{path}: unsupported voxel type {data.dtype}")
+    if data.dtype.kind == "f":
+        bad = data.size - int(np.count_nonzero(np.isfinite(data)))
+        if bad:
+            raise FlareSegError(f"{path}: {bad} voxels are not finite (NaN or infinity)")
+    return Volume(to_canonical(data, geometry), geometry, slope, inter)
 
 
 def read_labels(path: str | os.PathLike[str], *, num_classes: int = NUM_CLASSES) -> tuple[np.ndarray, VolumeGeometry]:
     """Read a label map in the file's own voxel order as uint8, refusing values outside 0..num_classes-1."""
     path = Path(path)
-    img, data = _load(path)
+    img, data, slope, inter = _load(path)
     geometry = _geometry(path, img)
+    if slope != 1.0 or inter != 0.0:
+        data = data * slope + inter
     if np.issubdtype(data.dtype, np.floating):
         if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
             raise FlareSegError(f"{path}: label map holds non-integer values")

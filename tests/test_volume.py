@@ -64,7 +64,9 @@ def test_scl_slope_and_intercept_are_honoured(tmp_path):
     path = save(img, tmp_path / "scaled.nii.gz")
     vol = read_ct(path)
     expected = raw.astype(np.float32) * 2 - 1024
-    np.testing.assert_array_equal(vol.array, expected.transpose(2, 1, 0))
+    assert vol.array.dtype == np.uint16  # stored values kept; scaling applied per slice batch
+    np.testing.assert_array_equal(vol.hu(), expected.transpose(2, 1, 0))
+    np.testing.assert_array_equal(vol.hu_slices(1, 3), expected.transpose(2, 1, 0)[1:3])
 
 
 def test_trailing_singleton_fourth_axis_is_a_3d_volume(tmp_path):

@@ -140,7 +140,7 @@ def verification_slices(
     from flareseg.volume import read_ct
 
     if volume_path is not None:
-        volume = read_ct(volume_path).array
+        volume = read_ct(volume_path).hu()
         source = str(volume_path)
     else:
         from flareseg.phantom import make_phantom

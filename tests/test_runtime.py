@@ -1,0 +1,223 @@
+"""flare-infer and the runners: agreement between backends, orientation, errors, folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import BAD_INPUT_KINDS, bad_inputs, reorient, save
+
+from flareseg.checkpoint import load_model
+from flareseg.errors import FlareSegError
+from flareseg.export import ExportOptions, export_onnx
+from flareseg.metrics import dice
+from flareseg.phantom import make_phantom
+from flareseg.preprocess import volume_normalizer
+from flareseg.runtime import FunctionRunner, OnnxRuntimeRunner, TorchRunner, infer_volume, open_runner, segment_file
+from flareseg.runtime.cli import main as infer_main
+from flareseg.runtime.pipeline import list_cases
+from flareseg.volume import read_ct
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+
+
+@pytest.fixture(scope="module")
+def onnx_models(trained_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx")
+    fp32, fp16 = export_onnx(trained_checkpoint, out, ExportOptions(fp16=True, verify_slices=2))
+    labels = export_onnx(trained_checkpoint, out / "labels", ExportOptions(output_kind="labels", verify_slices=2))[0]
+    return {"fp32": fp32.path, "fp16": fp16.path, "labels": labels.path}
+
+
+def _labels(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(path).dataobj)
+
+
+def _segment(model, ct, out, **kw) -> np.ndarray:
+    with open_runner(model, **kw) as runner:
+        segment_file(runner, ct, out, batch_size=5)
+    return _labels(out)
+
+
+def test_pytorch_and_onnxruntime_agree_on_the_real_sample(trained_checkpoint, onnx_models, sample_ct, tmp_path):
+    ref = _segment(trained_checkpoint, sample_ct, tmp_path / "torch.nii.gz")
+    assert ref.shape == nib.load(sample_ct).shape and ref.dtype == np.uint8
+    assert len(np.unique(ref)) >= 3  # organs are predicted: agreement is meaningful
+    fp32 = _segment(onnx_models["fp32"], sample_ct, tmp_path / "ort.nii.gz")
+    assert np.mean(fp32 == ref) >= 0.999
+    fp16 = _segment(onnx_models["fp16"], sample_ct, tmp_path / "ort16.nii.gz")
+    assert np.mean(fp16 == ref) >= 0.995
+    in_graph = _segment(onnx_models["labels"], sample_ct, tmp_path / "argmax.nii.gz")
+    # The sample's slices are resized to the network size: in-graph labels come back by nearest
+    # neighbour instead of resized scores, so they agree less closely.
+    assert np.mean(in_graph == ref) >= 0.97
+
+
+def test_orientation_is_preserved_end_to_end(trained_checkpoint, sample_ct, tmp_path):
+    ras = _segment(trained_checkpoint, sample_ct, tmp_path / "ras.nii.gz")
+    lps_ct = save(reorient(nib.load(sample_ct), ("L", "P", "S")), tmp_path / "lps_0000.nii.gz")
+    out = tmp_path / "lps.nii.gz"
+    lps = _segment(trained_checkpoint, lps_ct, out)
+    written = nib.load(out)
+    assert nib.aff2axcodes(written.affine) == ("L", "P", "S")
+    np.testing.assert_allclose(written.affine, nib.load(lps_ct).affine)
+    np.testing.assert_array_equal(lps, ras[::-1, ::-1, :])  # the same labels on the flipped grid
+
+
+def test_inferer_takes_any_callable_and_resizes_scores_back(trained_checkpoint):
+    net, info, _ = load_model(trained_checkpoint)
+    stored = np.random.default_rng(0).integers(-1000, 1000, (7, 48, 80)).astype(np.int16)
+    normalizer = volume_normalizer(stored, info.normalization)
+    seen = []
+
+    def fn(batch):
+        seen.append(tuple(batch.shape))
+        return net(batch)
+
+    with torch.inference_mode(), FunctionRunner(fn, info) as runner:
+        labels = infer_volume(stored, normalizer, runner, batch_size=3)
+    assert labels.shape == (7, 48, 80) and labels.dtype == np.uint8
+    assert seen == [(3, 3, 64, 64), (3, 3, 64, 64), (1, 3, 64, 64)]  # resized to the network size
+    with torch.inference_mode():
+        x = torch.nn.functional.interpolate(torch.from_numpy(normalizer(stored))[:, None], (64, 64), mode="bilinear")
+        scores = torch.nn.functional.interpolate(net(x.expand(-1, 3, -1, -1)), (48, 80), mode="bilinear")
+    np.testing.assert_array_equal(labels, scores.argmax(1).numpy())
+
+
+def test_runner_interface_contract(trained_checkpoint):
+    runner = TorchRunner(trained_checkpoint)
+    with pytest.raises(FlareSegError, match="must be activated"):
+        runner.infer(torch.zeros(1, 1, 64, 64))
+    with runner:
+        assert runner.is_active and runner.input_channels == 1  # folded by default
+        out = runner.infer(torch.zeros(2, 1, 64, 64))
+        assert out.shape == (2, 5, 64, 64)
+        with pytest.raises(FlareSegError, match=r"expects batches of shape \(B, 1, 64, 64\)"):
+            runner.infer(torch.zeros(2, 3, 64, 64))
+    assert not runner.is_active
+
+
+def test_requests_that_do_not_fit_the_model_are_refused(trained_checkpoint, onnx_models, tmp_path):
+    with pytest.raises(FlareSegError, match="fp16 needs a CUDA device"):
+        TorchRunner(trained_checkpoint, precision="fp16")
+    with pytest.raises(FlareSegError, match="precision is fixed at export"):
+        open_runner(onnx_models["fp32"], precision="fp16")
+    with pytest.raises(FlareSegError, match="cannot tell the backend"):
+        open_runner(_copy(trained_checkpoint, tmp_path / "m.bin"))
+    bare = tmp_path / "bare.onnx"
+    import onnx
+
+    model = onnx.load(str(onnx_models["fp32"]))
+    del model.metadata_props[:]
+    onnx.save(model, str(bare))
+    with pytest.raises(FlareSegError, match="no flareseg metadata"):
+        OnnxRuntimeRunner(bare).activate()
+    with pytest.raises(FlareSegError, match="provider CUDAExecutionProvider is not available"):
+        if torch.cuda.is_available():
+            pytest.skip("CUDA present")
+        OnnxRuntimeRunner(onnx_models["fp32"], provider="cuda").activate()
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copy(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("kind", BAD_INPUT_KINDS)
+def test_bad_input_fails_with_one_line_and_no_output(trained_checkpoint, tmp_path, capsys, kind):
+    bad, problem = bad_inputs(tmp_path)[kind]
+    out = tmp_path / "out" / "pred.nii.gz"
+    assert infer_main(["--model", str(trained_checkpoint), "-i", str(bad), "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("flare-infer: error:") and str(bad) in err[0]
+    if kind != "not-nifti":  # a .nii file holding text: the name is checked before the content
+        assert problem in err[0]
+    assert not out.exists()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_model_metadata_mismatch_leaves_no_output(trained_checkpoint, tmp_path, capsys):
+    ct = save(make_phantom((32, 32, 8)).to_nifti()[0], tmp_path / "case_0000.nii.gz")
+    out = tmp_path / "o.nii.gz"
+    assert infer_main(["--model", str(trained_checkpoint), "-i", str(ct), "-o", str(out), "--device", "cuda:7"]) == 2
+    assert "CUDA" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def _phantom_folder(folder: Path, n: int = 3) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        img, _ = make_phantom((64, 64, 12), (6.0, 6.0, 8.0), seed=10 + i).to_nifti()
+        paths.append(save(img, folder / f"test_{i:03d}_0000.nii.gz"))
+    return paths
+
+
+def test_folder_run_resumes_and_continues_after_a_failure(trained_checkpoint, tmp_path, capsys):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _phantom_folder(inp)
+    (inp / "test_009_0000.nii.gz").write_bytes(b"broken")
+    argv = ["--model", str(trained_checkpoint), "-i", str(inp), "-o", str(out), "-q"]
+    assert infer_main(argv) == 1  # one case failed, the others were done
+    printed = capsys.readouterr()
+    assert "3 segmented, 0 skipped (already done), 1 failed of 4" in printed.out
+    assert "test_009" in printed.err
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["test_000.nii.gz", "test_001.nii.gz", "test_002.nii.gz"]
+    timings = json.loads((out / "timings.json").read_text())
+    ok = [c for c in timings["cases"] if c["status"] == "ok"]
+    assert len(ok) == 3 and all(c["slices"] == 12 and c["total_s"] > 0 and c["peak_rss_mb"] > 0 for c in ok)
+    assert "PyTorch" in timings["context"]["runner"]
+    before = (out / "test_001.nii.gz").stat().st_mtime_ns
+    assert infer_main(argv) == 1
+    assert "0 segmented, 3 skipped (already done), 1 failed of 4" in capsys.readouterr().out
+    assert (out / "test_001.nii.gz").stat().st_mtime_ns == before
+
+
+def test_parts_split_a_folder(tmp_path):
+    paths = _phantom_folder(tmp_path / "in", 5)
+    parts = [list_cases(tmp_path / "in", num_parts=2, part_id=i) for i in range(2)]
+    assert sorted(parts[0] + parts[1]) == paths and not set(parts[0]) & set(parts[1])
+    with pytest.raises(FlareSegError, match="part 2 of 2"):
+        list_cases(tmp_path / "in", num_parts=2, part_id=2)
+
+
+def test_phantom_is_segmented_on_a_fresh_clone(trained_checkpoint, tmp_path):
+    ph = make_phantom((64, 64, 32), (6.0, 6.0, 8.0), seed=7, axcodes="LPS")
+    ct = save(ph.to_nifti()[0], tmp_path / "ph_0000.nii.gz")
+    assert infer_main(["--model", str(trained_checkpoint), "-i", str(ct), "-o", str(tmp_path / "ph.nii.gz"), "-q"]) == 0
+    pred = _labels(tmp_path / "ph.nii.gz")
+    assert pred.shape == ph.labels.shape
+    assert dice(ph.labels == 1, pred == 1) > 0.3  # a seconds-trained model finds the liver
+
+
+# --- CUDA paths: run where a GPU exists --------------------------------------------------
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"precision": "fp32"},
+        {"precision": "fp16", "channels_last": True},
+        {"precision": "bf16"},
+        {"precision": "fp16", "cuda_graph_batch": 5},
+    ],
+    ids=["fp32", "fp16-channels-last", "bf16", "fp16-cuda-graph"],
+)
+def test_cuda_paths_match_the_cpu(trained_checkpoint, sample_ct, tmp_path, kw):
+    cpu = _segment(trained_checkpoint, sample_ct, tmp_path / "cpu.nii.gz")
+    gpu = _segment(trained_checkpoint, sample_ct, tmp_path / "gpu.nii.gz", device="cuda", **kw)
+    assert np.mean(gpu == cpu) >= (0.999 if kw["precision"] == "fp32" else 0.995)
+
+
+@needs_cuda
+def test_pinned_pipeline_reports_gpu_memory(trained_checkpoint, sample_ct, tmp_path):
+    with open_runner(trained_checkpoint, device="cuda") as runner:
+        timing = segment_file(runner, sample_ct, tmp_path / "o.nii.gz", batch_size=4)
+    assert timing.peak_gpu_allocated_mb is not None and timing.peak_gpu_allocated_mb > 0
+    assert read_ct(sample_ct).num_slices == timing.slices
