@@ -1,0 +1,350 @@
+"""The training loop: the paper's protocol, resumable, single-process or DistributedDataParallel.
+
+Randomness is derived from ``(seed, epoch)`` for the slice order and the augmentation,
+so a run stopped after any epoch and resumed produces the same weights as a run that
+never stopped, and a DDP run over W processes equals a single process accumulating W
+micro-batches (BatchNorm statistics are per replica in both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from flareseg.atomic import write_text_atomic
+from flareseg.checkpoint import ModelInfo, read_checkpoint, save_checkpoint
+from flareseg.errors import FlareSegError
+from flareseg.labels import LABELS, ORGANS
+from flareseg.metrics import dice
+from flareseg.network import NetworkConfig, build_training_network
+from flareseg.postprocess import keep_largest_components
+from flareseg.preprocess import NormalizationStats, volume_normalizer
+from flareseg.runtime.inferer import infer_volume
+from flareseg.runtime.runners import FunctionRunner
+from flareseg.train.augment import augment_batch, sample_affines
+from flareseg.train.config import TrainConfig
+from flareseg.train.data import SliceCache, SliceDataset, dataset_stats, find_training_cases, split_cases
+from flareseg.train.loss import LossWeights, deep_supervision_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_score: float
+    best_epoch: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def _init_distributed(device: str) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return _Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(enabled: bool) -> Iterator[None]:
+    """cuDNN autotuning for this run only; the caller's setting is restored afterwards."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled or previous
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+def _init_weights(model: nn.Module) -> None:
+    """Normal (He) initialisation, as the paper's protocol; no pre-training (challenge rule)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def _epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 97 + stream)
+
+
+def _global_order(n_slices: int, steps: int, global_batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Slice indices for every step of an epoch (permutations concatenated as needed)."""
+    need = steps * global_batch
+    reps = math.ceil(need / n_slices)
+    return torch.cat([torch.randperm(n_slices, generator=generator) for _ in range(reps)])[:need]
+
+
+class _StepSampler(torch.utils.data.Sampler[list[int]]):
+    """Yields this rank's micro-batches: chunk c = micro * world + rank of each step's global batch."""
+
+    def __init__(self, order: torch.Tensor, steps: int, cfg: TrainConfig, dist_: _Dist) -> None:
+        self.order, self.steps, self.cfg, self.dist = order, steps, cfg, dist_
+
+    def __len__(self) -> int:
+        return self.steps * self.cfg.accumulate
+
+    def __iter__(self) -> Iterator[list[int]]:
+        b, world = self.cfg.batch_size, self.dist.world
+        global_batch = b * self.cfg.accumulate * world
+        for step in range(self.steps):
+            base = step * global_batch
+            for micro in range(self.cfg.accumulate):
+                c = micro * world + self.dist.rank
+                yield self.order[base + c * b : base + (c + 1) * b].tolist()
+
+
+def replica_divergence(model: nn.Module, d: _Dist) -> float:
+    """Largest difference between the replicas' parameter checksums (0.0 when in sync or single-process)."""
+    if d.world == 1:
+        return 0.0
+    with torch.no_grad():
+        sums = torch.stack([p.detach().double().sum() for p in model.parameters()])  # on the model device (NCCL)
+    gathered = [torch.empty_like(sums) for _ in range(d.world)]
+    dist.all_gather(gathered, sums)
+    return float(max((g - gathered[0]).abs().max() for g in gathered))
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state: Any = np.random.get_state(legacy=True)
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+
+
+def validate(
+    model: nn.Module,
+    cache: SliceCache,
+    cases: Sequence[Any],
+    info: ModelInfo,
+    device: torch.device,
+    batch_size: int,
+) -> dict[str, float]:
+    """Per-organ DSC over whole validation volumes, through the runtime's own inference path."""
+    was_training = model.training
+    model.eval()
+    per_organ: dict[int, list[float]] = {o: [] for o in ORGANS}
+    runner = FunctionRunner(model, info, device=device)
+    try:
+        with torch.inference_mode(), runner:
+            for case in cases:
+                stored, truth, slope, inter = cache.full_resolution(case)
+                normalizer = volume_normalizer(stored, info.normalization, slope, inter)
+                pred = keep_largest_components(infer_volume(np.asarray(stored), normalizer, runner, batch_size))
+                for organ in ORGANS:
+                    per_organ[organ].append(dice(truth == organ, pred == organ))
+    finally:
+        model.train(was_training)
+    scores = {f"dsc_{LABELS[o]}": float(np.mean(v)) for o, v in per_organ.items()}
+    scores["dsc_mean"] = float(np.mean(list(scores.values())))
+    return scores
+
+
+def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
+    """Train per ``config``; with ``resume``, continue the run in ``config.out`` from its last.pt."""
+    d = _init_distributed(config.device)
+    device = torch.device(config.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", d.local_rank if d.world > 1 else (device.index or 0))
+        torch.cuda.set_device(device)
+    run = Path(config.out)
+    try:
+        with _cudnn_benchmark(config.cudnn_benchmark):
+            return _train(config, resume, d, device, run)
+    finally:
+        if d.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, run: Path) -> TrainResult:
+    if d.main:
+        run.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(config.to_json() + "\n", run / "config.json")
+    cases = find_training_cases(config.data)
+    train_cases, val_cases = split_cases(cases, val_cases=config.val_cases, val_list=config.val_list, seed=config.seed)
+    stats_path = run / "stats.json"
+    if d.main and not stats_path.is_file():
+        log.info("dataset statistics over %d training cases", len(train_cases))
+        write_text_atomic(dataset_stats(train_cases).to_json(), stats_path)
+    d.barrier()
+    stats = NormalizationStats.from_json(stats_path.read_text())
+    cache = SliceCache(run / "cache", stats, config.slice_size) if d.main else None
+    if cache is not None:
+        cache.build(train_cases)
+        cache.build(val_cases, full_resolution=True)
+    d.barrier()
+    cache = cache or SliceCache(run / "cache", stats, config.slice_size)
+    info = ModelInfo(
+        network=NetworkConfig(base_width=config.base_width), normalization=stats, slice_size=config.slice_size
+    )
+    if d.main:
+        write_text_atomic(
+            json.dumps({"train": [c.name for c in train_cases], "validation": [c.name for c in val_cases]}, indent=2),
+            run / "split.json",
+        )
+
+    torch.manual_seed(config.seed)
+    model = build_training_network(info.network)
+    _init_weights(model)
+    fmt = torch.channels_last if config.channels_last else torch.contiguous_format
+    model = model.to(device=device).to(memory_format=fmt)  # type: ignore[call-overload]
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    scaler = torch.amp.GradScaler("cuda", enabled=config.amp)
+    start_epoch, best_score, best_epoch = 0, -1.0, -1
+    if resume:
+        payload = read_checkpoint(run / "last.pt")
+        state = payload.get("train_state")
+        if not isinstance(state, dict):
+            raise FlareSegError(f"{run / 'last.pt'}: no training state to resume from")
+        model.load_state_dict(payload["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        start_epoch, best_score, best_epoch = state["epoch"] + 1, state["best_score"], state["best_epoch"]
+        if d.main:
+            log.info(
+                "resuming %s at epoch %d (best mean DSC %.4f at epoch %d)", run, start_epoch, best_score, best_epoch
+            )
+    net: nn.Module = model
+    if d.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    weights = LossWeights(final=config.loss_weights[0], aux=tuple(config.loss_weights[1:]))  # type: ignore[arg-type]
+    dataset = SliceDataset(cache, train_cases)
+    global_batch = config.batch_size * config.accumulate * d.world
+    steps = config.steps_per_epoch or max(1, len(dataset) // global_batch)
+    history: list[dict[str, Any]] = []
+    log_path = run / "log.jsonl"
+
+    for epoch in range(start_epoch, config.epochs):
+        order = _global_order(len(dataset), steps, global_batch, _epoch_generator(config.seed, epoch, 0))
+        thetas = sample_affines(
+            steps * global_batch, config.slice_size, config.augment, _epoch_generator(config.seed, epoch, 1)
+        )
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=_StepSampler(order, steps, config, d),
+            num_workers=config.workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+        )
+        net.train()
+        t_epoch = time.perf_counter()
+        data_time, losses = 0.0, []
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not d.main, leave=False)
+        batches = iter(loader)
+        for step in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for micro in range(config.accumulate):
+                t0 = time.perf_counter()
+                images, labels = next(batches)
+                data_time += time.perf_counter() - t0
+                c = micro * d.world + d.rank
+                base = step * global_batch + c * config.batch_size
+                images = images.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                images, labels = augment_batch(images, labels, thetas[base : base + len(images)])
+                x = images[:, None].expand(-1, info.network.in_channels, -1, -1).contiguous(memory_format=fmt)
+                sync = contextlib.nullcontext() if micro == config.accumulate - 1 or d.world == 1 else net.no_sync()  # type: ignore[operator]
+                with sync, torch.autocast(device.type, dtype=torch.float16, enabled=config.amp):
+                    logits, aux = net(x)
+                    loss = deep_supervision_loss(logits.float(), [a.float() for a in aux], labels, weights)
+                    scaler.scale(loss / config.accumulate).backward()
+                step_loss += float(loss.detach()) / config.accumulate
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(step_loss)
+            elapsed = time.perf_counter() - t_epoch
+            bar.set_postfix(
+                loss=f"{step_loss:.4f}", steps_s=f"{(step + 1) / elapsed:.2f}", data=f"{100 * data_time / elapsed:.0f}%"
+            )
+            bar.update()
+        bar.close()
+        train_time = time.perf_counter() - t_epoch
+        epoch_loss = torch.tensor(float(np.mean(losses)), dtype=torch.float64, device=device)
+        if d.world > 1:  # report the mean over all replicas' micro-batches, not rank 0's alone
+            dist.all_reduce(epoch_loss)
+            epoch_loss /= d.world
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": float(epoch_loss),
+            "steps": steps,
+            "steps_per_s": steps / train_time,
+            "data_time_fraction": data_time / train_time,
+            "train_time_s": train_time,
+        }
+        record["replica_divergence"] = replica_divergence(model, d)
+        if d.main:
+            t_val = time.perf_counter()
+            record.update(validate(model, cache, val_cases, info, device, config.val_batch_size))
+            record["val_time_s"] = time.perf_counter() - t_val
+            improved = record["dsc_mean"] > best_score
+            if improved:
+                best_score, best_epoch = record["dsc_mean"], epoch + 1
+            record["best_dsc_mean"] = best_score
+            train_state = {
+                "epoch": epoch,
+                "best_score": best_score,
+                "best_epoch": best_epoch,
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if config.amp else None,
+                "rng": _rng_state(),
+                "config": config.to_dict(),
+            }
+            save_checkpoint(run / "last.pt", model, info, extra={"train_state": train_state})
+            if improved:
+                save_checkpoint(run / "best.pt", model, info, extra={"train_state": {**train_state, "optimizer": None}})
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            organs = ", ".join(f"{LABELS[o]} {record[f'dsc_{LABELS[o]}']:.3f}" for o in ORGANS)
+            log.info(
+                "epoch %d: loss %.4f, %.2f steps/s (data %.0f%%), val DSC %s; mean %.3f%s",
+                epoch + 1, record["loss"], record["steps_per_s"], 100 * record["data_time_fraction"],
+                organs, record["dsc_mean"], " (best)" if improved else "",
+            )  # fmt: skip
+        history.append(record)
+        d.barrier()
+    return TrainResult(run, best_score, best_epoch, history)

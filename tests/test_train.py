@@ -1,0 +1,192 @@
+"""flare-train: learning on real data, exact resume, loss weights, augmentation, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flareseg.checkpoint import load_model, read_checkpoint
+from flareseg.errors import FlareSegError
+from flareseg.evaluate import evaluate_folders
+from flareseg.phantom import write_phantom_cases
+from flareseg.runtime.cli import main as infer_main
+from flareseg.train.augment import augment_batch, max_displacement_px, sample_affines
+from flareseg.train.cli import main as train_main
+from flareseg.train.config import AugmentConfig, TrainConfig
+from flareseg.train.data import find_training_cases, split_cases
+
+TINY = ["--width", "4", "--size", "32", "--batch-size", "2", "--workers", "0", "--lr", "1e-3", "-q"]
+
+
+@pytest.fixture(scope="module")
+def phantom_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("phantoms")
+    write_phantom_cases(root, 3, shape=(48, 48, 12), spacing=(7.0, 7.0, 10.0))
+    return root
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_short_training_on_the_real_sample_learns(sample_dir, tmp_path):
+    """Data, augmentation, loss and optimiser together: the training case is learnt."""
+    run = tmp_path / "run"
+    argv = ["--data", str(sample_dir), "--out", str(run), "--width", "8", "--size", "96", "--epochs", "6"]
+    argv += ["--steps-per-epoch", "50", "--batch-size", "8", "--lr", "3e-3", "--val-cases", "0", "--workers", "0"]
+    argv += ["--rotation", "10", "--translation", "0.05", "--scale", "0.9,1.1", "--shear", "5", "-q"]
+    assert train_main(argv) == 0
+    log = _log(run)
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert log[-1]["loss"] < log[0]["loss"] / 3
+    best = max(log, key=lambda r: r["dsc_mean"])
+    assert best["dsc_liver"] > 0.85 and best["dsc_spleen"] > 0.85
+    # The saved best model, run through flare-infer and scored by flare-eval, agrees.
+    pred = tmp_path / "pred"
+    assert (
+        infer_main(["--model", str(run / "best.pt"), "-i", str(sample_dir / "TrainingImg"), "-o", str(pred), "-q"]) == 0
+    )
+    ev = evaluate_folders(pred, sample_dir / "TrainingMask", progress=False)
+    assert ev.organ_values(1, 0)[0] == pytest.approx(best["dsc_liver"], abs=1e-6)
+    assert ev.organ_values(3, 0)[0] == pytest.approx(best["dsc_spleen"], abs=1e-6)
+    for r in log:
+        assert r["steps_per_s"] > 0 and 0 <= r["data_time_fraction"] < 1
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(phantom_data, tmp_path):
+    common = ["--data", str(phantom_data), "--steps-per-epoch", "3", "--val-cases", "1", *TINY]
+    assert train_main([*common, "--out", str(tmp_path / "straight"), "--epochs", "2"]) == 0
+    assert train_main([*common, "--out", str(tmp_path / "split"), "--epochs", "1"]) == 0
+    assert train_main(["--resume", str(tmp_path / "split"), "--epochs", "2", "-q"]) == 0
+    a = read_checkpoint(tmp_path / "straight" / "last.pt")
+    b = read_checkpoint(tmp_path / "split" / "last.pt")
+    assert a["train_state"]["epoch"] == b["train_state"]["epoch"] == 1
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert _log(tmp_path / "straight")[-1]["loss"] == _log(tmp_path / "split")[-1]["loss"]
+    # The resumed optimiser carried its state: Adam's step count continued from 3 to 6.
+    steps = {int(s["step"]) for s in b["train_state"]["optimizer"]["state"].values()}
+    assert steps == {6}
+
+
+def test_checkpoint_holds_what_inference_needs_and_refuses_mismatches(phantom_data, tmp_path):
+    run = tmp_path / "run"
+    assert (
+        train_main(
+            [
+                "--data",
+                str(phantom_data),
+                "--out",
+                str(run),
+                "--epochs",
+                "1",
+                "--steps-per-epoch",
+                "1",
+                "--val-cases",
+                "1",
+                *TINY,
+            ]
+        )
+        == 0
+    )
+    _, info, payload = load_model(run / "best.pt")
+    assert info.network.base_width == 4 and info.slice_size == (32, 32)
+    assert info.normalization.num_cases == 2 and info.normalization.std > 0  # statistics of the training split
+    assert json.loads((run / "stats.json").read_text())["mean"] == info.normalization.mean
+    assert payload["versions"]["torch"] == str(torch.__version__)
+    assert json.loads((run / "config.json").read_text())["lr"] == 1e-3
+    from flareseg.network import NetworkConfig
+
+    with pytest.raises(FlareSegError, match="base_width: checkpoint 4, expected 64"):
+        load_model(run / "best.pt", expect=NetworkConfig())
+    broken = dict(payload)
+    del broken["normalization"]
+    torch.save(broken, tmp_path / "broken.pt")
+    with pytest.raises(FlareSegError, match="missing normalization"):
+        load_model(tmp_path / "broken.pt")
+    wrong = dict(payload, network={**payload["network"], "num_classes": 3})
+    torch.save(wrong, tmp_path / "wrong.pt")
+    with pytest.raises(FlareSegError, match=r"label map .* does not name classes 0\.\.2"):
+        load_model(tmp_path / "wrong.pt")
+    assert train_main(["--data", str(phantom_data), "--out", str(run), "--epochs", "1", *TINY]) == 2
+
+
+def test_split_is_seeded_and_explicit_lists_are_honoured(phantom_data):
+    cases = find_training_cases(phantom_data)
+    a, b = split_cases(cases, val_cases=1, seed=0), split_cases(cases, val_cases=1, seed=0)
+    assert a == b and len(a[1]) == 1 and a[1][0] not in a[0]
+    train_c, val_c = split_cases(cases, val_cases=0)
+    assert val_c == train_c == cases  # 0: validate on the training cases
+    assert [c.name for c in split_cases(cases, val_cases=1, val_list=["train_002"])[1]] == ["train_002"]
+    with pytest.raises(FlareSegError, match="validation cases not found: nope"):
+        split_cases(cases, val_cases=1, val_list=["nope"])
+
+
+def test_augmentation_moves_image_and_mask_together():
+    g = torch.Generator().manual_seed(0)
+    img = torch.zeros(6, 64, 64)
+    img[:, 20:44, 16:40] = torch.linspace(1, 2, 24)  # a textured square
+    lab = (img > 0).long() * 2
+    theta = sample_affines(6, (64, 64), AugmentConfig(), g)
+    assert max_displacement_px(theta, (64, 64)) > 5
+    warped, warped_lab = augment_batch(img - 1.0, lab, theta)
+    assert warped_lab.unique().tolist() == [0, 2]  # nearest: no new label values
+    from scipy import ndimage
+
+    interior = torch.from_numpy(np.stack([ndimage.binary_erosion(m, iterations=1) for m in (warped_lab == 2).numpy()]))
+    assert (warped + 1.0)[interior].min() >= 0.9  # the square's intensities land where its label lands
+    exterior = torch.from_numpy(np.stack([ndimage.binary_erosion(m, iterations=1) for m in (warped_lab == 0).numpy()]))
+    assert (warped + 1.0)[exterior].max() < 0.5  # and nowhere else (only the edges blend, bilinearly)
+    assert float(((warped + 1.0) > 0.5).float().mean()) == pytest.approx(
+        float((warped_lab == 2).float().mean()), abs=0.02
+    )
+    same = sample_affines(6, (64, 64), AugmentConfig(), torch.Generator().manual_seed(0))
+    assert torch.equal(theta, same)
+    identity = sample_affines(3, (64, 48), AugmentConfig(0, 0, (1, 1), 0), g)
+    out, out_lab = augment_batch(img[:3, :, :48], lab[:3, :, :48], identity)
+    assert torch.allclose(out, img[:3, :, :48], atol=1e-5) and torch.equal(out_lab, lab[:3, :, :48])
+
+
+def test_invalid_settings_are_refused():
+    with pytest.raises(FlareSegError, match="lr=0"):
+        TrainConfig(data="d", out="o", lr=0)
+    with pytest.raises(FlareSegError, match="needs a CUDA device"):
+        TrainConfig(data="d", out="o", amp=True)
+    with pytest.raises(FlareSegError, match="scale range"):
+        AugmentConfig(scale=(1.2, 0.8))
+
+
+def test_two_process_torchrun_keeps_replicas_identical_and_equals_accumulation(phantom_data, tmp_path):
+    common = ["--data", str(phantom_data), "--epochs", "1", "--steps-per-epoch", "3", "--val-cases", "1", *TINY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517"]
+    cmd += ["-m", "flareseg.train.cli", *common, "--out", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _log(tmp_path / "ddp")[-1]["replica_divergence"] == 0.0
+    # One process accumulating 2 micro-batches of 2 sees the same global batches.
+    assert train_main([*common, "--out", str(tmp_path / "single"), "--accumulate", "2"]) == 0
+    a = read_checkpoint(tmp_path / "ddp" / "last.pt")["state_dict"]
+    b = read_checkpoint(tmp_path / "single" / "last.pt")["state_dict"]
+
+    # Compared: every parameter that receives a gradient. Not compared: BatchNorm running
+    # statistics (DDP keeps rank 0's, accumulation updates them with every micro-batch) and
+    # convolution biases followed by BatchNorm (their gradient is analytically zero, and Adam
+    # turns float rounding noise into full-size steps).
+    def pre_bn_bias(key: str) -> bool:
+        prefix, _, last = key.rpartition(".")
+        head, _, idx = prefix.rpartition(".")
+        return last == "bias" and idx.isdigit() and f"{head}.{int(idx) + 1}.running_mean" in a
+
+    compared = [k for k in a if a[k].is_floating_point() and "running_" not in k and not pre_bn_bias(k)]
+    assert len(compared) > 60
+    for key in compared:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    np.testing.assert_allclose(_log(tmp_path / "ddp")[-1]["loss"], _log(tmp_path / "single")[-1]["loss"], rtol=1e-4)
