@@ -1,0 +1,71 @@
+"""``flare-bench``: what the model costs on this machine, beside the paper and FLARE21."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from flareseg.cli import add_common_arguments, int_list, run_command, slice_size
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from flareseg.bench.run import ALL_BACKENDS
+
+    p = argparse.ArgumentParser(
+        prog="flare-bench",
+        description="Benchmark latency, throughput, FLOPs and memory of the FLARE21 network on every backend "
+        "available here (default: the paper's full-width network with random weights).",
+    )
+    p.add_argument("--model", type=Path, help="a checkpoint (.pt) or ONNX model (default: random weights)")
+    p.add_argument(
+        "--backends", type=lambda s: tuple(s.split(",")), help="comma-separated, from: " + ", ".join(ALL_BACKENDS)
+    )
+    p.add_argument("--batch", type=int_list, help="batch sizes (default 1,2,4 on CPU; 1..32 on GPU)")
+    p.add_argument("--slices", type=int, help="slices of the phantom volume (default 8 on CPU, 64 on GPU)")
+    p.add_argument("--input", type=Path, help="a CT volume to time instead of the phantom")
+    p.add_argument("--size", type=slice_size, default=(512, 512), help="slice size (default 512)")
+    p.add_argument("--repeats", type=int, help="timed runs per batch size (default 3 on CPU, 20 on GPU)")
+    p.add_argument("--warmup", type=int, help="untimed runs first (default 1 on CPU, 5 on GPU)")
+    p.add_argument("--width", type=int, default=64, help="base width of the random-weight network (default 64)")
+    p.add_argument("--no-fresh-process", action="store_true", help="skip the FLARE21-style fresh-process timing")
+    p.add_argument("-o", "--out", type=Path, default=Path("bench-report"), help="report folder (default bench-report)")
+    add_common_arguments(p)
+    return p
+
+
+def _main(args: argparse.Namespace) -> int:
+    from flareseg.bench.report import write_report
+    from flareseg.bench.run import BenchConfig, run_benchmark
+
+    config = BenchConfig(
+        out=args.out,
+        model=args.model,
+        backends=args.backends,
+        batches=args.batch,
+        slices=args.slices,
+        input=args.input,
+        size=args.size,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        fresh_process=not args.no_fresh_process,
+        base_width=args.width,
+    )
+    report = run_benchmark(config)
+    command = "flare-bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if args.argv is None else args.argv))
+    paths = write_report(report, args.out, command)
+    print(paths["markdown"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    parser.set_defaults(argv=list(argv) if argv is not None else None)
+    return run_command(parser, _main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
