@@ -27,6 +27,17 @@ def _float32_only_names(graph: onnx.GraphProto) -> set[str]:
     return keep
 
 
+def _rename(graph: onnx.GraphProto, name: str, side: str) -> str:
+    """Point every node's ``side`` ("input" or "output") named ``name`` at ``name__fp16``; return that name."""
+    half = f"{name}__fp16"
+    for node in graph.node:
+        names = node.input if side == "input" else node.output
+        for i, n in enumerate(names):
+            if n == name:
+                names[i] = half
+    return half
+
+
 def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """An fp16 copy of ``model`` with the same float32 inputs and outputs."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
@@ -48,24 +59,16 @@ def convert_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
                 if attr.name == "to" and attr.i == TensorProto.FLOAT and node.output[0] not in keep:
                     attr.i = TensorProto.FLOAT16
     # Cast float32 graph inputs to fp16 on entry, fp16 outputs back to float32 on exit.
-    new_nodes = []
-    for inp in graph.input:
-        if inp.type.tensor_type.elem_type == TensorProto.FLOAT:
-            half = f"{inp.name}__fp16"
-            for node in graph.node:
-                for i, name in enumerate(node.input):
-                    if name == inp.name:
-                        node.input[i] = half
-            new_nodes.append(helper.make_node("Cast", [inp.name], [half], to=TensorProto.FLOAT16))
-    tail = []
-    for out in graph.output:
-        if out.type.tensor_type.elem_type == TensorProto.FLOAT:
-            half = f"{out.name}__fp16"
-            for node in graph.node:
-                for i, name in enumerate(node.output):
-                    if name == out.name:
-                        node.output[i] = half
-            tail.append(helper.make_node("Cast", [half], [out.name], to=TensorProto.FLOAT))
+    new_nodes = [
+        helper.make_node("Cast", [inp.name], [_rename(graph, inp.name, "input")], to=TensorProto.FLOAT16)
+        for inp in graph.input
+        if inp.type.tensor_type.elem_type == TensorProto.FLOAT
+    ]
+    tail = [
+        helper.make_node("Cast", [_rename(graph, out.name, "output")], [out.name], to=TensorProto.FLOAT)
+        for out in graph.output
+        if out.type.tensor_type.elem_type == TensorProto.FLOAT
+    ]
     nodes = [*new_nodes, *graph.node, *tail]
     del graph.node[:]
     graph.node.extend(nodes)
