@@ -205,3 +205,27 @@ def test_tensorrt_version_support():
     check_tensorrt_version("11.1.0")
     with pytest.raises(FlareSegError, match=r"TensorRT 8\.6\.1 is not supported"):
         check_tensorrt_version("8.6.1")
+
+
+def _tensorrt_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU (none on this machine)"
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "needs TensorRT (pip install 'flareseg[gpu]'; not installable on our machines)"
+    return None
+
+
+@pytest.mark.skipif(_tensorrt_reason() is not None, reason=_tensorrt_reason() or "")
+def test_tensorrt_engine_agrees_with_onnx(exported, trained_checkpoint, sample_ct):
+    from flareseg.export.tensorrt import build_engine
+    from flareseg.runtime.runners import OnnxRuntimeRunner, TensorRTRunner
+
+    engine = build_engine(exported[1].path)
+    _, real, _ = onnx_export.verification_slices(load_model(trained_checkpoint)[1], sample_ct, 8)
+    x = network_batch(real, TRAINED_SIZE, 1)
+    with OnnxRuntimeRunner(exported[0].path) as ort_runner, TensorRTRunner(engine) as trt_runner:
+        ref = ort_runner.infer(x).argmax(1)
+        got = trt_runner.infer(x.cuda()).float().argmax(1).cpu()
+    assert float((ref == got).float().mean()) >= 0.995

@@ -107,7 +107,7 @@ def time_batches(
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, *, n: int | None = None, repeats: int = 5) -> float:
     """Dense matrix-product rate (FLOP/s, multiply and add counted apart) measured on ``device`` now."""
     if n is None:
-        n = 8192 if device.type == "cuda" else 2048
+        n = 8192 if device.type == "cuda" else 4096
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

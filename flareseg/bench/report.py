@@ -62,7 +62,7 @@ def markdown(report: dict[str, Any], command: str) -> str:
             "|---|---|---|",
             f"| parameters (training graph) | {model['parameters_training']:,} "
             f"| {model['parameters_paper_reported']:,} |",
-            f"| parameters (deploy graph) | {model['parameters_deploy']:,} | |",
+            f"| parameters (deploy graph, folded 1-channel input) | {model['parameters_deploy']:,} | |",
             f"| FLOPs, fvcore, training graph | {model['flops_training_fvcore']:,} | {model['flops_paper']:,} |",
             f"| FLOPs, fvcore, deploy graph (1-channel input) | {model['flops_deploy_fvcore']:,} | |",
             f"| FLOPs, nnU-Net (paper) | | {model['flops_nnunet_paper']:,} |",
@@ -107,11 +107,16 @@ def markdown(report: dict[str, Any], command: str) -> str:
     ort = report["backends"].get("onnxruntime-cpu-fp32")
     torch_cpu = report["backends"].get("torch-cpu-fp32")
     if ort and "best" in ort:
-        lines += ["", "ONNX Runtime runner against a bare `session.run` on the same model and batch:", ""]
+        lines += [
+            "",
+            "ONNX Runtime runner against a bare `session.run` on the same session and batch, timed alternately:",
+            "",
+        ]
         for r in ort["batches"]:
             if "bare_session_run" in r:
                 lines.append(
-                    f"- batch {r['batch']}: runner {1000 * r['slice_median_s']:.1f} ms/slice, bare "
+                    f"- batch {r['batch']}: runner {1000 * r['bare_session_run']['runner_slice_median_s']:.1f} "
+                    "ms/slice, bare "
                     f"{1000 * r['bare_session_run']['slice_median_s']:.1f} ms/slice "
                     f"({100 * r['runtime_overhead']:+.1f} %)"
                 )

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from flareseg.errors import FlareSegError
@@ -171,20 +170,28 @@ def _runner(backend: Backend, models: dict[str, Path], batch: int) -> Any:
     return TensorRTRunner(models["engine"])
 
 
-def _bare_onnxruntime(path: Path, batch: int, channels: int, size: tuple[int, int], cfg: BenchConfig) -> dict[str, Any]:
-    """session.run alone, same model and batch: the floor the runtime is compared against."""
-    import onnxruntime as ort
+def _bare_session_run(runner: Any, inputs: Sequence[torch.Tensor], cfg: BenchConfig) -> dict[str, Any]:
+    """The runner against a bare ``session.run`` on its own session, timed alternately run by run.
 
-    from flareseg.bench.measure import time_batches
+    Same model, batch and thread pool: the difference is the runner's own overhead. Alternating
+    keeps the machine's drift (other load, clock changes) out of the comparison.
+    """
+    from flareseg.bench.measure import LatencyStats
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(1)
-    inputs = [rng.standard_normal((batch, channels, *size)).astype(np.float32) for _ in range(3)]
-    assert cfg.warmup is not None and cfg.repeats is not None
-    stats = time_batches(
-        lambda x: session.run(None, {"image": x}), inputs, batch, warmup=cfg.warmup, repeats=cfg.repeats
-    )
-    return stats.to_dict()
+    arrays = [x.numpy() for x in inputs]
+    batch = int(inputs[0].shape[0])
+    bare, wrapped = LatencyStats(batch), LatencyStats(batch)
+    assert cfg.repeats is not None
+    for i in range(cfg.repeats):
+        t = time.perf_counter()
+        runner.session.run(None, {"image": arrays[i % len(arrays)]})
+        bare.runs.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        runner.infer(inputs[i % len(inputs)])
+        wrapped.runs.append(time.perf_counter() - t)
+    result = bare.to_dict()
+    result["runner_slice_median_s"] = wrapped.to_dict()["slice_median_s"]
+    return result
 
 
 def _volume(cfg: BenchConfig, work: Path) -> Path:
@@ -218,8 +225,19 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
     work = cfg.out / "models"
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    # Arithmetic-rate peaks first, before any ONNX Runtime session exists: idle ORT worker
+    # threads spin for a while and would steal the cores from the measurement.
+    peaks: dict[str, float] = {}
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    for name in cfg.backends:
+        b = ALL_BACKENDS[name]
+        key = f"{b.device}-{b.precision}"
+        if key not in peaks and not (b.device == "cpu" and b.precision != "fp32"):
+            peaks[key] = matmul_peak_flops(torch.device(b.device), dtypes[b.precision])
+
     models = _prepare_models(cfg, work)
     report: dict[str, Any] = {
+        "matmul_peak_flops": peaks,
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
@@ -266,16 +284,6 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
     else:
         report["model"] = {"note": "ONNX model given: parameters and FLOPs need the checkpoint"}
 
-    # Arithmetic-rate peaks, measured now on each device and precision in use.
-    peaks: dict[str, float] = {}
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    for name in cfg.backends:
-        b = ALL_BACKENDS[name]
-        key = f"{b.device}-{b.precision}"
-        if key not in peaks and not (b.device == "cpu" and b.precision != "fp32"):
-            peaks[key] = matmul_peak_flops(torch.device(b.device), dtypes[b.precision])
-    report["matmul_peak_flops"] = peaks
-
     # Latency and throughput against batch size, per backend.
     flops_slice = report["model"].get("flops_deploy_fvcore")
     results: dict[str, Any] = {}
@@ -301,6 +309,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
                             stats = time_batches(
                                 runner.infer, inputs, batch, warmup=cfg.warmup, repeats=cfg.repeats, synchronize=sync
                             )
+                            bare = _bare_session_run(runner, inputs, cfg) if name == "onnxruntime-cpu-fp32" else None
                 except FlareSegError as exc:
                     entry["batches"].append({"batch": batch, "error": str(exc)})
                     continue
@@ -313,12 +322,9 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
                     row["achieved_flops"] = achieved
                     peak = peaks.get(f"{b.device}-{b.precision}")
                     row["fraction_of_matmul_peak"] = achieved / peak if peak else None
-                if name == "onnxruntime-cpu-fp32":
-                    bare = _bare_onnxruntime(
-                        models["onnx-fp32"], batch, runner.input_channels, runner.info.slice_size, cfg
-                    )
+                if bare is not None:
                     row["bare_session_run"] = bare
-                    row["runtime_overhead"] = row["slice_median_s"] / bare["slice_median_s"] - 1.0
+                    row["runtime_overhead"] = bare["runner_slice_median_s"] / bare["slice_median_s"] - 1.0
                 entry["batches"].append(row)
                 log.info("%s batch %d: %.3f s/slice", name, batch, row["slice_median_s"])
         if sampler:
