@@ -13,7 +13,3 @@ NUM_CLASSES: Final[int] = len(LABELS)
 ORGANS: Final[tuple[int, ...]] = (1, 2, 3, 4)
 #: How many 3D connected components post-processing keeps per organ.
 COMPONENTS_KEPT: Final[Mapping[int, int]] = MappingProxyType({1: 1, 2: 2, 3: 1, 4: 1})
-
-
-def organ_name(label: int) -> str:
-    return LABELS[label]

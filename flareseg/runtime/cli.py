@@ -79,8 +79,6 @@ def _main(args: argparse.Namespace) -> int:
         if args.output.is_dir():
             raise FlareSegError(f"{args.output}: is a folder; give the output file name for a single input")
         inputs = [args.input]
-    total = 0
-    quiet = args.quiet
     with runner:
         context = {
             "model": str(model_path),
@@ -89,7 +87,7 @@ def _main(args: argparse.Namespace) -> int:
             "postprocess": not args.no_postprocess,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
         }
-        with tqdm(desc="slices", unit="slice", disable=quiet, leave=False) as bar:
+        with tqdm(desc="slices", unit="slice", disable=args.quiet, leave=False) as bar:
 
             def report(t: CaseTiming) -> None:
                 tqdm.write(t.line(), file=sys.stdout)
@@ -117,7 +115,6 @@ def _main(args: argparse.Namespace) -> int:
                     )
                 ]
                 report(results[0])
-            total = len(results)
     if args.timings:
         timings_path = args.timings
     elif folder:
@@ -129,9 +126,8 @@ def _main(args: argparse.Namespace) -> int:
     failed = [r for r in results if r.status == "failed"]
     done = sum(r.status == "ok" for r in results)
     skipped = sum(r.status == "skipped" for r in results)
-    print(
-        f"{done} segmented, {skipped} skipped (already done), {len(failed)} failed of {total}; timings: {timings_path}"
-    )
+    summary = f"{done} segmented, {skipped} skipped (already done), {len(failed)} failed of {len(results)}"
+    print(f"{summary}; timings: {timings_path}")
     if failed:
         print("failed: " + ", ".join(r.case for r in failed), file=sys.stderr)
         return 1
