@@ -23,6 +23,11 @@ from flareseg.runtime.pipeline import (
 from flareseg.runtime.runners import Backend, open_runner
 from flareseg.volume import is_nifti
 
+#: Default batch sizes. On a 2-core CPU the full-width network is fastest at batch 2
+#: (benchmarks/results/cpu-2core), and each extra slice costs 0.4-1 GB of working memory.
+CPU_BATCH = 2
+GPU_BATCH = 8
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -35,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--input", type=Path, required=True, help="a CT .nii/.nii.gz file or a folder of them")
     p.add_argument("-o", "--output", type=Path, required=True, help="output file (for a file input) or folder")
     p.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), help="default: from the model's suffix")
-    p.add_argument("--batch-size", type=int, default=8, help="slices per batch (default 8)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"slices per batch (default {CPU_BATCH} on the CPU, where larger batches only cost memory; "
+        f"{GPU_BATCH} on CUDA)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32", help="PyTorch backend precision")
     p.add_argument("--channels-last", action="store_true", help="PyTorch backend: channels_last memory format")
@@ -52,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(args: argparse.Namespace) -> int:
+    if args.batch_size is None:
+        args.batch_size = GPU_BATCH if args.engine or args.device.startswith("cuda") else CPU_BATCH
     if args.batch_size < 1:
         raise FlareSegError(f"--batch-size must be positive, got {args.batch_size}")
     model_path = args.engine or args.model
