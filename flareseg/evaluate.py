@@ -27,7 +27,7 @@ from flareseg.cli import add_common_arguments, run_command
 from flareseg.errors import FlareSegError
 from flareseg.labels import LABELS, ORGANS
 from flareseg.metrics import organ_scores
-from flareseg.volume import case_id, is_nifti, read_labels
+from flareseg.volume import case_id, find_cases, read_labels
 
 log = logging.getLogger(__name__)
 
@@ -52,22 +52,6 @@ class Evaluation:
 
     def organ_values(self, organ: int, metric: int) -> list[float]:
         return [r.scores[organ][metric] for r in self.results]
-
-
-def find_cases(folder: str | os.PathLike[str]) -> dict[str, Path]:
-    """Case name -> NIfTI file in ``folder`` (not recursive)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FlareSegError(f"{folder}: not a directory")
-    cases: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file() or not is_nifti(path):
-            continue
-        name = case_id(path)
-        if name in cases:
-            raise FlareSegError(f"{folder}: case {name} appears twice ({cases[name].name}, {path.name})")
-        cases[name] = path
-    return cases
 
 
 def evaluate_case(gt_path: Path, pred_path: Path, tolerance_mm: float = 1.0) -> CaseResult:

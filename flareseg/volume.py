@@ -114,6 +114,25 @@ def is_nifti(path: str | os.PathLike[str]) -> bool:
     return Path(path).name.endswith(NIFTI_SUFFIXES)
 
 
+def find_cases(folder: str | os.PathLike[str]) -> dict[str, Path]:
+    """Case name -> NIfTI file of ``folder``, sorted by file name (not recursive; hidden files skipped).
+
+    Two files with the same FLARE21 case name (``a_0000.nii.gz`` and ``a.nii``) are an error.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FlareSegError(f"{folder}: not a directory")
+    cases: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file() or not is_nifti(path):
+            continue
+        name = case_id(path)
+        if name in cases:
+            raise FlareSegError(f"{folder}: case {name} appears twice ({cases[name].name}, {path.name})")
+        cases[name] = path
+    return cases
+
+
 def _load(path: Path) -> tuple[nib.Nifti1Image, np.ndarray, float, float]:
     """Load a file: image, raw stored voxels, scl_slope and scl_inter; one-line errors."""
     if not path.exists():

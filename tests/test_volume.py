@@ -9,7 +9,7 @@ from conftest import BAD_INPUT_KINDS, bad_inputs, oblique, reorient, save
 
 from flareseg.errors import FlareSegError
 from flareseg.phantom import make_phantom
-from flareseg.volume import case_id, read_ct, read_labels, write_labels
+from flareseg.volume import case_id, find_cases, read_ct, read_labels, write_labels
 
 ORIENTATIONS = [("R", "A", "S"), ("L", "P", "S"), ("L", "A", "S"), ("A", "S", "R"), ("P", "I", "L"), ("S", "R", "A")]
 
@@ -114,3 +114,16 @@ def test_writer_refuses_to_overwrite_the_input_and_leaves_no_partial_file(tmp_pa
     with pytest.raises(FlareSegError, match="does not fit"):
         write_labels(np.zeros((1, 2, 3), np.uint8), vol.geometry, tmp_path / "out.nii.gz")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]
+
+
+def test_find_cases_names_sorts_skips_hidden_and_refuses_duplicates(tmp_path):
+    img = nib.Nifti1Image(np.zeros((2, 2, 2), np.int16), np.eye(4))
+    for name in ("b_002_0000.nii.gz", "a_001.nii", ".a_003.nii.gz"):
+        save(img, tmp_path / name)
+    (tmp_path / "notes.txt").write_text("x")
+    assert find_cases(tmp_path) == {"a_001": tmp_path / "a_001.nii", "b_002": tmp_path / "b_002_0000.nii.gz"}
+    save(img, tmp_path / "a_001_0000.nii.gz")
+    with pytest.raises(FlareSegError, match=r"case a_001 appears twice \(a_001.nii, a_001_0000.nii.gz\)"):
+        find_cases(tmp_path)
+    with pytest.raises(FlareSegError, match="not a directory"):
+        find_cases(tmp_path / "notes.txt")

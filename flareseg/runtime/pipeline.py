@@ -26,7 +26,7 @@ from flareseg.postprocess import keep_largest_components
 from flareseg.preprocess import volume_normalizer
 from flareseg.runtime.inferer import InferenceTimes, infer_volume
 from flareseg.runtime.runners import Runner
-from flareseg.volume import NIFTI_SUFFIXES, case_id, is_nifti, read_ct, write_labels
+from flareseg.volume import NIFTI_SUFFIXES, case_id, find_cases, read_ct, write_labels
 
 log = logging.getLogger(__name__)
 
@@ -146,18 +146,11 @@ def output_name(input_path: str | os.PathLike[str]) -> str:
 
 def list_cases(folder: str | os.PathLike[str], *, num_parts: int = 1, part_id: int = 0) -> list[Path]:
     """NIfTI files of a folder, sorted, then this part's share (every ``num_parts``-th case)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FlareSegError(f"{folder}: not a directory")
     if num_parts < 1 or not 0 <= part_id < num_parts:
         raise FlareSegError(f"part {part_id} of {num_parts} is not valid: need 0 <= part-id < num-parts")
-    cases = sorted(p for p in folder.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
+    cases = list(find_cases(folder).values())
     if not cases:
         raise FlareSegError(f"{folder}: no .nii or .nii.gz files")
-    names = [case_id(p) for p in cases]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise FlareSegError(f"{folder}: several files map to the same case name: {', '.join(dupes)}")
     return cases[part_id::num_parts]
 
 

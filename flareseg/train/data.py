@@ -27,7 +27,7 @@ from tqdm import tqdm
 from flareseg.atomic import atomic_output, write_text_atomic
 from flareseg.errors import FlareSegError
 from flareseg.preprocess import NormalizationStats, compute_stats, network_batch, volume_normalizer
-from flareseg.volume import case_id, read_ct, read_labels, to_canonical
+from flareseg.volume import find_cases, read_ct, read_labels, to_canonical
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -47,10 +47,9 @@ def find_training_cases(data_dir: str | Path) -> list[Case]:
     for d in (img_dir, mask_dir):
         if not d.is_dir():
             raise FlareSegError(f"{root}: missing {d.name}/ (expected the FLARE21 layout TrainingImg/, TrainingMask/)")
-    masks = {case_id(p): p for p in mask_dir.iterdir() if p.name.endswith((".nii.gz", ".nii"))}
+    masks = find_cases(mask_dir)
     cases, unmatched = [], []
-    for img in sorted(p for p in img_dir.iterdir() if p.name.endswith((".nii.gz", ".nii"))):
-        name = case_id(img)
+    for name, img in find_cases(img_dir).items():
         if name in masks:
             cases.append(Case(name, img, masks[name]))
         else:
