@@ -33,7 +33,7 @@ from flareseg.labels import LABELS, ORGANS
 from flareseg.metrics import dice
 from flareseg.network import NetworkConfig, build_training_network
 from flareseg.postprocess import keep_largest_components
-from flareseg.preprocess import NormalizationStats, volume_normalizer
+from flareseg.preprocess import NormalizationStats, SliceNormalizer, volume_normalizer
 from flareseg.runtime.inferer import infer_volume
 from flareseg.runtime.runners import FunctionRunner
 from flareseg.train.augment import augment_batch, sample_affines
@@ -154,10 +154,27 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
+@dataclass(frozen=True)
+class ValidationVolume:
+    """A validation case ready for scoring: stored voxels, labels and its (fixed) normaliser."""
+
+    stored: np.ndarray
+    truth: np.ndarray
+    normalizer: SliceNormalizer
+
+
+def validation_volumes(cache: SliceCache, cases: Sequence[Any], stats: NormalizationStats) -> list[ValidationVolume]:
+    """Built once per run: a volume's percentile bounds never change, so they are not recomputed each epoch."""
+    volumes = []
+    for case in cases:
+        stored, truth, slope, inter = cache.full_resolution(case)
+        volumes.append(ValidationVolume(stored, truth, volume_normalizer(stored, stats, slope, inter)))
+    return volumes
+
+
 def validate(
     model: nn.Module,
-    cache: SliceCache,
-    cases: Sequence[Any],
+    volumes: Sequence[ValidationVolume],
     info: ModelInfo,
     device: torch.device,
     batch_size: int,
@@ -169,12 +186,10 @@ def validate(
     runner = FunctionRunner(model, info, device=device)
     try:
         with torch.inference_mode(), runner:
-            for case in cases:
-                stored, truth, slope, inter = cache.full_resolution(case)
-                normalizer = volume_normalizer(stored, info.normalization, slope, inter)
-                pred = keep_largest_components(infer_volume(np.asarray(stored), normalizer, runner, batch_size))
+            for v in volumes:
+                pred = keep_largest_components(infer_volume(np.asarray(v.stored), v.normalizer, runner, batch_size))
                 for organ in ORGANS:
-                    per_organ[organ].append(dice(truth == organ, pred == organ))
+                    per_organ[organ].append(dice(v.truth == organ, pred == organ))
     finally:
         model.train(was_training)
     scores = {f"dsc_{LABELS[o]}": float(np.mean(v)) for o, v in per_organ.items()}
@@ -257,6 +272,7 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
     steps = config.steps_per_epoch or max(1, len(dataset) // global_batch)
     history: list[dict[str, Any]] = []
     log_path = run / "log.jsonl"
+    val_volumes = validation_volumes(cache, val_cases, stats) if d.main else []
 
     for epoch in range(start_epoch, config.epochs):
         order = _global_order(len(dataset), steps, global_batch, _epoch_generator(config.seed, epoch, 0))
@@ -319,7 +335,7 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
         record["replica_divergence"] = replica_divergence(model, d)
         if d.main:
             t_val = time.perf_counter()
-            record.update(validate(model, cache, val_cases, info, device, config.val_batch_size))
+            record.update(validate(model, val_volumes, info, device, config.val_batch_size))
             record["val_time_s"] = time.perf_counter() - t_val
             improved = record["dsc_mean"] > best_score
             if improved:
