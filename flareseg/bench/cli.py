@@ -12,7 +12,7 @@ from flareseg.cli import add_common_arguments, int_list, run_command, slice_size
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from flareseg.bench.run import ALL_BACKENDS
+    from flareseg.bench.backends import ALL_BACKENDS
 
     p = argparse.ArgumentParser(
         prog="flare-bench",

@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
+from flareseg.bench.backends import ALL_BACKENDS, available_backends, make_runner, prepare_models
 from flareseg.errors import FlareSegError
-from flareseg.network import PAPER_PARAMETERS_REPORTED, NetworkConfig, build_deploy_network, count_parameters
+from flareseg.network import PAPER_PARAMETERS_REPORTED, build_deploy_network, count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -35,52 +36,6 @@ ONE_FULL_RES_CONV_FLOPS = 64 * 64 * 9 * 512 * 512
 IDENTITY_UPSAMPLE_FLOPS = 16 * 512 * 512 * 4
 FLARE21_WINNER = {"seconds_per_case": 9.32, "max_gpu_memory_mb": 1177}
 NNUNET_BASELINE = {"seconds_per_case": 145.0, "max_gpu_memory_mb": 2298}
-
-
-@dataclass(frozen=True)
-class Backend:
-    """One way of running the model: a runner configuration."""
-
-    name: str
-    kind: str  # torch | onnxruntime | tensorrt
-    device: str
-    precision: str
-    channels_last: bool = False
-    cuda_graph: bool = False
-
-
-ALL_BACKENDS = {
-    b.name: b
-    for b in (
-        Backend("torch-cpu-fp32", "torch", "cpu", "fp32"),
-        Backend("onnxruntime-cpu-fp32", "onnxruntime", "cpu", "fp32"),
-        Backend("torch-cuda-fp32", "torch", "cuda", "fp32"),
-        Backend("torch-cuda-bf16", "torch", "cuda", "bf16", channels_last=True),
-        Backend("torch-cuda-fp16", "torch", "cuda", "fp16", channels_last=True),
-        Backend("torch-cuda-fp16-graph", "torch", "cuda", "fp16", channels_last=True, cuda_graph=True),
-        Backend("onnxruntime-cuda-fp32", "onnxruntime", "cuda", "fp32"),
-        Backend("onnxruntime-cuda-fp16", "onnxruntime", "cuda", "fp16"),
-        Backend("tensorrt-fp16", "tensorrt", "cuda", "fp16"),
-    )
-}
-
-
-def available_backends() -> list[str]:
-    """The backends this machine can run."""
-    names = ["torch-cpu-fp32", "onnxruntime-cpu-fp32"]
-    if torch.cuda.is_available():
-        names += ["torch-cuda-fp32", "torch-cuda-bf16", "torch-cuda-fp16", "torch-cuda-fp16-graph"]
-        import onnxruntime as ort
-
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            names += ["onnxruntime-cuda-fp32", "onnxruntime-cuda-fp16"]
-        try:
-            import tensorrt  # noqa: F401
-
-            names.append("tensorrt-fp16")
-        except ImportError:
-            pass
-    return names
 
 
 @dataclass(frozen=True)
@@ -108,66 +63,6 @@ class BenchConfig:
             warmup=self.warmup if self.warmup is not None else (5 if gpu else 1),
             repeats=self.repeats or (20 if gpu else 3),
         )
-
-
-def _prepare_models(cfg: BenchConfig, work: Path) -> dict[str, Path]:
-    """Checkpoint, ONNX (fp32, fp16) and engine as the requested backends need them."""
-    from flareseg.checkpoint import DEFAULT_SLICE_SIZE, ModelInfo, save_checkpoint
-    from flareseg.export import ExportOptions, export_onnx
-    from flareseg.network import build_training_network
-    from flareseg.preprocess import NormalizationStats
-
-    assert cfg.backends is not None and cfg.batches is not None
-    kinds = {ALL_BACKENDS[b].kind for b in cfg.backends}
-    models: dict[str, Path] = {}
-    if cfg.model is None:
-        torch.manual_seed(0)
-        net = build_training_network(NetworkConfig(base_width=cfg.base_width)).eval()
-        stats = NormalizationStats(mean=-300.0, std=450.0)  # typical CT figures; speed does not depend on them
-        info = ModelInfo(network=net.config, normalization=stats, slice_size=cfg.size or DEFAULT_SLICE_SIZE)
-        models["checkpoint"] = save_checkpoint(work / "random-weights.pt", net, info)
-    elif cfg.model.suffix in (".pt", ".pth"):
-        models["checkpoint"] = cfg.model
-    elif cfg.model.suffix == ".onnx":
-        models["onnx-fp32"] = cfg.model
-    else:
-        raise FlareSegError(f"{cfg.model}: flare-bench takes a checkpoint (.pt) or an ONNX model")
-    needs_onnx = kinds & {"onnxruntime", "tensorrt"}
-    if needs_onnx and "checkpoint" in models:
-        fp16 = any(ALL_BACKENDS[b].precision == "fp16" and ALL_BACKENDS[b].kind != "torch" for b in cfg.backends)
-        profile = (1, max(cfg.batches) // 2 or 1, max(cfg.batches))
-        exported = export_onnx(
-            models["checkpoint"], work, ExportOptions(fp16=fp16, batch_profile=profile, verify_slices=2)
-        )
-        for item in exported:
-            models[f"onnx-{item.metadata.precision}"] = item.path
-    if "torch" in kinds and "checkpoint" not in models:
-        raise FlareSegError(
-            "PyTorch backends need a checkpoint (.pt); pass --backends onnxruntime-... for an ONNX model"
-        )
-    if "tensorrt" in kinds:
-        from flareseg.export.tensorrt import build_engine
-
-        models["engine"] = build_engine(models["onnx-fp16"])
-    return models
-
-
-def _runner(backend: Backend, models: dict[str, Path], batch: int) -> Any:
-    from flareseg.runtime.runners import OnnxRuntimeRunner, TensorRTRunner, TorchRunner
-
-    if backend.kind == "torch":
-        return TorchRunner(
-            models["checkpoint"],
-            device=backend.device,
-            precision=backend.precision,  # type: ignore[arg-type]
-            channels_last=backend.channels_last,
-            cuda_graph_batch=batch if backend.cuda_graph else None,
-        )
-    if backend.kind == "onnxruntime":
-        return OnnxRuntimeRunner(
-            models[f"onnx-{backend.precision}"], provider="cpu" if backend.device == "cpu" else "cuda"
-        )
-    return TensorRTRunner(models["engine"])
 
 
 def _bare_session_run(runner: Any, inputs: Sequence[torch.Tensor], cfg: BenchConfig) -> dict[str, Any]:
@@ -209,13 +104,9 @@ def _volume(cfg: BenchConfig, work: Path) -> Path:
 
 
 def run_benchmark(config: BenchConfig) -> dict[str, Any]:
-    """Every figure of the report, as a JSON-serialisable dictionary."""
-    from flareseg.bench.measure import NvmlSampler, count_flops, matmul_peak_flops, time_batches
-    from flareseg.checkpoint import load_model, software_versions
-    from flareseg.runtime.pipeline import peak_rss_mb, reset_peak_rss, segment_file
-
+    """Every figure of the report, as a JSON-serialisable dictionary: one section function each."""
     cfg = config.resolved()
-    assert cfg.backends is not None and cfg.batches is not None and cfg.warmup is not None and cfg.repeats is not None
+    assert cfg.backends is not None
     unknown = [b for b in cfg.backends if b not in ALL_BACKENDS]
     if unknown:
         raise FlareSegError(f"unknown backends {unknown}; known: {', '.join(ALL_BACKENDS)}")
@@ -227,65 +118,104 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     # Arithmetic-rate peaks first, before any ONNX Runtime session exists: idle ORT worker
     # threads spin for a while and would steal the cores from the measurement.
+    peaks = matmul_peaks(cfg)
+    models = prepare_models(cfg, work)
+    report: dict[str, Any] = {
+        "matmul_peak_flops": peaks,
+        "machine": machine_section(),
+        "settings": settings_section(cfg),
+    }
+    report["model"] = model_section(models)
+    report["backends"] = latency_section(cfg, models, peaks, report["model"].get("flops_deploy_fvcore"))
+    volume = _volume(cfg, work)
+    report["volumes"] = {"input": str(volume), "results": volume_section(cfg, models, report["backends"], volume)}
+    if cfg.fresh_process:
+        report["fresh_process"] = fresh_process_section(cfg, models, report["backends"], report["volumes"], volume)
+    report["references"] = {"flare21_winner": FLARE21_WINNER, "nnunet_baseline": NNUNET_BASELINE}
+    report["bench_wall_s"] = time.perf_counter() - t_start
+    return report
+
+
+def matmul_peaks(cfg: BenchConfig) -> dict[str, float]:
+    """The measured matrix-product rate per device and precision the backends use."""
+    from flareseg.bench.measure import matmul_peak_flops
+
+    assert cfg.backends is not None
     peaks: dict[str, float] = {}
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     for name in cfg.backends:
         b = ALL_BACKENDS[name]
         key = f"{b.device}-{b.precision}"
-        if key not in peaks and not (b.device == "cpu" and b.precision != "fp32"):
+        if key not in peaks and b.precision in dtypes and not (b.device == "cpu" and b.precision != "fp32"):
             peaks[key] = matmul_peak_flops(torch.device(b.device), dtypes[b.precision])
+    return peaks
 
-    models = _prepare_models(cfg, work)
-    report: dict[str, Any] = {
-        "matmul_peak_flops": peaks,
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_cores": os.cpu_count(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "versions": software_versions(),
-        },
-        "settings": {
-            "backends": list(cfg.backends),
-            "batches": list(cfg.batches),
-            "volume_slices": cfg.slices,
-            "warmup": cfg.warmup,
-            "repeats": cfg.repeats,
-            "slice_size": list(cfg.size),
-            "random_weights": cfg.model is None,
-            "note": None
-            if torch.cuda.is_available()
-            else f"CPU machine: {cfg.repeats} timed repeats per batch size and a {cfg.slices}-slice volume "
-            "keep the run to a few minutes",
-        },
+
+def machine_section() -> dict[str, Any]:
+    from flareseg.checkpoint import software_versions
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "versions": software_versions(),
     }
 
-    # Parameters and FLOPs, on the training graph and the deploy graph.
-    if "checkpoint" in models:
-        net, info, _ = load_model(models["checkpoint"])
-        deploy = build_deploy_network(net, fold_input=True)
-        train_flops = count_flops(net.train(), net.config.in_channels, info.slice_size)
-        deploy_flops = count_flops(deploy, 1, info.slice_size)
-        net.eval()
-        report["model"] = {
-            "network": net.config.to_dict(),
-            "parameters_training": count_parameters(net),
-            "parameters_deploy": count_parameters(deploy),
-            "parameters_paper_reported": PAPER_PARAMETERS_REPORTED,
-            "parameters_encoder": sum(p.numel() for p in net.encoder.parameters()),
-            "flops_training_fvcore": train_flops,
-            "flops_deploy_fvcore": deploy_flops,
-            "flops_paper": PAPER_FLOPS,
-            "flops_nnunet_paper": NNUNET_FLOPS,
-            "flops_paper_minus_training": PAPER_FLOPS - train_flops,
-            "one_full_resolution_conv_flops": ONE_FULL_RES_CONV_FLOPS,
-            "identity_upsample_flops": IDENTITY_UPSAMPLE_FLOPS,
-        }
-    else:
-        report["model"] = {"note": "ONNX model given: parameters and FLOPs need the checkpoint"}
 
-    # Latency and throughput against batch size, per backend.
-    flops_slice = report["model"].get("flops_deploy_fvcore")
+def settings_section(cfg: BenchConfig) -> dict[str, Any]:
+    assert cfg.backends is not None and cfg.batches is not None
+    return {
+        "backends": list(cfg.backends),
+        "batches": list(cfg.batches),
+        "volume_slices": cfg.slices,
+        "warmup": cfg.warmup,
+        "repeats": cfg.repeats,
+        "slice_size": list(cfg.size),
+        "random_weights": cfg.model is None,
+        "note": None
+        if torch.cuda.is_available()
+        else f"CPU machine: {cfg.repeats} timed repeats per batch size and a {cfg.slices}-slice volume "
+        "keep the run to a few minutes",
+    }
+
+
+def model_section(models: dict[str, Path]) -> dict[str, Any]:
+    """Parameters and FLOPs, on the training graph and the deploy graph."""
+    from flareseg.bench.measure import count_flops
+    from flareseg.checkpoint import load_model
+
+    if "checkpoint" not in models:
+        return {"note": "ONNX model given: parameters and FLOPs need the checkpoint"}
+    net, info, _ = load_model(models["checkpoint"])
+    deploy = build_deploy_network(net, fold_input=True)
+    train_flops = count_flops(net.train(), net.config.in_channels, info.slice_size)
+    deploy_flops = count_flops(deploy, 1, info.slice_size)
+    net.eval()
+    return {
+        "network": net.config.to_dict(),
+        "parameters_training": count_parameters(net),
+        "parameters_deploy": count_parameters(deploy),
+        "parameters_paper_reported": PAPER_PARAMETERS_REPORTED,
+        "parameters_encoder": sum(p.numel() for p in net.encoder.parameters()),
+        "flops_training_fvcore": train_flops,
+        "flops_deploy_fvcore": deploy_flops,
+        "flops_paper": PAPER_FLOPS,
+        "flops_nnunet_paper": NNUNET_FLOPS,
+        "flops_paper_minus_training": PAPER_FLOPS - train_flops,
+        "one_full_resolution_conv_flops": ONE_FULL_RES_CONV_FLOPS,
+        "identity_upsample_flops": IDENTITY_UPSAMPLE_FLOPS,
+    }
+
+
+def latency_section(
+    cfg: BenchConfig, models: dict[str, Path], peaks: dict[str, float], flops_slice: int | None
+) -> dict[str, Any]:
+    """Latency and throughput against batch size, per backend."""
+    from flareseg.bench.measure import NvmlSampler, time_batches
+    from flareseg.runtime.pipeline import peak_rss_mb, reset_peak_rss
+
+    assert cfg.backends is not None and cfg.batches is not None and cfg.warmup is not None and cfg.repeats is not None
     results: dict[str, Any] = {}
     for name in cfg.backends:
         b = ALL_BACKENDS[name]
@@ -297,7 +227,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
                 reset_peak_rss()
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
-                runner = _runner(b, models, batch)
+                runner = make_runner(b, models, batch)
                 try:
                     with runner:
                         dev = runner.device
@@ -334,17 +264,21 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         if ok:
             entry["best"] = min(ok, key=lambda r: r["slice_median_s"])
         results[name] = entry
-    report["backends"] = results
+    return results
 
-    # Whole volumes: read, pre-process, infer, post-process, write, in this process.
-    volume = _volume(cfg, work)
+
+def volume_section(cfg: BenchConfig, models: dict[str, Path], latency: dict[str, Any], volume: Path) -> dict[str, Any]:
+    """Whole volumes in this process: read, pre-process, infer, post-process, write, per backend at its best batch."""
+    from flareseg.runtime.pipeline import segment_file
+
+    assert cfg.backends is not None
     volumes: dict[str, Any] = {}
     for name in cfg.backends:
-        entry = results[name]
+        entry = latency[name]
         if "best" not in entry:
             continue
         batch = entry["best"]["batch"]
-        runner = _runner(ALL_BACKENDS[name], models, batch)
+        runner = make_runner(ALL_BACKENDS[name], models, batch)
         with runner:
             timing = segment_file(runner, volume, cfg.out / "pred" / f"{name}.nii.gz", batch_size=batch)
         row = timing.to_dict()
@@ -354,37 +288,40 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         row["slices_times_per_slice_s"] = timing.slices * per_slice
         row["volume_overhead"] = timing.total_s / row["slices_times_per_slice_s"] - 1.0
         volumes[name] = row
-    report["volumes"] = {"input": str(volume), "results": volumes}
+    return volumes
 
-    # The FLARE21 way: one case in a fresh process (start, load, read, infer, write).
-    if cfg.fresh_process:
-        name = _end_to_end_backend(cfg.backends)
-        b = ALL_BACKENDS[name]
-        model = models["checkpoint"] if b.kind == "torch" else models.get(f"onnx-{b.precision}", models.get("engine"))
-        batch = results[name].get("best", {}).get("batch", 1)
-        cmd = [sys.executable, "-m", "flareseg.runtime.cli", "--model", str(model), "-i", str(volume)]
-        cmd += ["-o", str(cfg.out / "pred" / "fresh-process.nii.gz"), "--batch-size", str(batch), "-q", "--overwrite"]
-        if b.device == "cuda":
-            cmd += ["--device", "cuda"]
-            if b.kind == "torch":
-                cmd += ["--precision", b.precision] + (["--channels-last"] if b.channels_last else [])
-        sampler = NvmlSampler() if b.device == "cuda" else None
-        t = time.perf_counter()
-        with sampler if sampler else contextlib.nullcontext():
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - t
-        if proc.returncode != 0:
-            raise FlareSegError(f"fresh-process run failed: {proc.stderr.strip().splitlines()[-1:]}")
-        report["fresh_process"] = {
-            "backend": name,
-            "command": " ".join(cmd),
-            "wall_s": wall,
-            "slices": results[name].get("best") and volumes.get(name, {}).get("slices"),
-            "nvml_flare21_max_mb": sampler.flare21_max_mb() if sampler else None,
-        }
-    report["references"] = {"flare21_winner": FLARE21_WINNER, "nnunet_baseline": NNUNET_BASELINE}
-    report["bench_wall_s"] = time.perf_counter() - t_start
-    return report
+
+def fresh_process_section(
+    cfg: BenchConfig, models: dict[str, Path], latency: dict[str, Any], volumes: dict[str, Any], volume: Path
+) -> dict[str, Any]:
+    """The FLARE21 way: one case in a fresh process (start, load, read, infer, write)."""
+    from flareseg.bench.measure import NvmlSampler
+
+    assert cfg.backends is not None
+    name = _end_to_end_backend(cfg.backends)
+    b = ALL_BACKENDS[name]
+    model = models["checkpoint"] if b.kind == "torch" else models.get(f"onnx-{b.precision}", models.get("engine"))
+    batch = latency[name].get("best", {}).get("batch", 1)
+    cmd = [sys.executable, "-m", "flareseg.runtime.cli", "--model", str(model), "-i", str(volume)]
+    cmd += ["-o", str(cfg.out / "pred" / "fresh-process.nii.gz"), "--batch-size", str(batch), "-q", "--overwrite"]
+    if b.device == "cuda":
+        cmd += ["--device", "cuda"]
+        if b.kind == "torch":
+            cmd += ["--precision", b.precision] + (["--channels-last"] if b.channels_last else [])
+    sampler = NvmlSampler() if b.device == "cuda" else None
+    t = time.perf_counter()
+    with sampler if sampler else contextlib.nullcontext():
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise FlareSegError(f"fresh-process run failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return {
+        "backend": name,
+        "command": " ".join(cmd),
+        "wall_s": wall,
+        "slices": latency[name].get("best") and volumes["results"].get(name, {}).get("slices"),
+        "nvml_flare21_max_mb": sampler.flare21_max_mb() if sampler else None,
+    }
 
 
 def _end_to_end_backend(backends: Sequence[str]) -> str:

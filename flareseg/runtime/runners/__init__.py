@@ -1,0 +1,85 @@
+"""One runner interface, one implementation per backend (the way Polygraphy lays out its backends).
+
+    with open_runner("model.onnx") as runner:
+        scores = runner.infer(batch)
+
+Each backend's module imports its heavy library on activation only, so the package
+imports without ONNX Runtime's GPU build, TensorRT or OpenVINO.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from flareseg.errors import FlareSegError
+from flareseg.runtime.runners.base import Backend, OrtProvider, Runner, TorchPrecision, cuda_device
+from flareseg.runtime.runners.function import FunctionRunner
+from flareseg.runtime.runners.onnxrt import OnnxRuntimeRunner
+from flareseg.runtime.runners.pytorch import TorchRunner
+from flareseg.runtime.runners.tensorrt import TensorRTRunner
+
+__all__ = [
+    "Backend",
+    "FunctionRunner",
+    "OnnxRuntimeRunner",
+    "OrtProvider",
+    "Runner",
+    "TensorRTRunner",
+    "TorchPrecision",
+    "TorchRunner",
+    "backend_for",
+    "cuda_device",
+    "open_runner",
+]
+
+
+def backend_for(path: str | os.PathLike[str]) -> Backend:
+    """The backend a model file implies: .pt -> torch, .onnx -> onnxruntime, .engine/.plan -> tensorrt."""
+    suffix = Path(path).suffix.lower()
+    table: dict[str, Backend] = {
+        ".pt": "torch",
+        ".pth": "torch",
+        ".onnx": "onnxruntime",
+        ".engine": "tensorrt",
+        ".plan": "tensorrt",
+    }
+    if suffix not in table:
+        raise FlareSegError(f"{path}: cannot tell the backend from the suffix {suffix!r}; use --backend")
+    return table[suffix]
+
+
+def open_runner(
+    model: str | os.PathLike[str],
+    *,
+    backend: Backend | None = None,
+    device: str = "cpu",
+    precision: TorchPrecision = "fp32",
+    channels_last: bool = False,
+    cuda_graph_batch: int | None = None,
+    threads: int | None = None,
+    ort_provider: OrtProvider | None = None,
+) -> Runner:
+    """The runner for a model file (not yet activated).
+
+    ONNX models run on ONNX Runtime's CPU provider for ``device="cpu"`` and its CUDA
+    provider otherwise, unless ``ort_provider`` names one (``tensorrt`` included).
+    """
+    backend = backend or backend_for(model)
+    if not Path(model).is_file():
+        raise FlareSegError(f"{model}: model not found")
+    if backend == "torch":
+        return TorchRunner(
+            model, device=device, precision=precision, channels_last=channels_last, cuda_graph_batch=cuda_graph_batch
+        )
+    if backend == "onnxruntime":
+        dev = torch.device(device)
+        if precision != "fp32":
+            raise FlareSegError("ONNX precision is fixed at export (flare-export --fp16); do not pass --precision")
+        provider: OrtProvider = ort_provider or ("cpu" if dev.type == "cpu" else "cuda")
+        return OnnxRuntimeRunner(model, provider=provider, threads=threads, device_id=dev.index or 0)
+    if backend == "tensorrt":
+        return TensorRTRunner(model, device=device if device != "cpu" else "cuda")
+    raise FlareSegError(f"unknown backend {backend!r}")

@@ -1,0 +1,104 @@
+"""The runner interface: activate / infer / deactivate, also a context manager.
+
+A runner turns a batch of network inputs ``(B, C, h, w)`` float32 into either class
+scores ``(B, K, h, w)`` or labels ``(B, h, w)`` (an export with the argmax in the graph).
+It is activated once (model loading, session or engine creation, warm-up), used for
+many batches, and deactivated. One module per backend implements it; heavy libraries
+(ONNX Runtime, TensorRT, OpenVINO) are imported on activation only.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from types import TracebackType
+from typing import Literal
+
+import torch
+
+from flareseg.checkpoint import ModelInfo
+from flareseg.errors import FlareSegError
+from flareseg.export.metadata import OutputKind
+
+Backend = Literal["torch", "onnxruntime", "tensorrt"]
+TorchPrecision = Literal["fp32", "fp16", "bf16"]
+OrtProvider = Literal["cpu", "cuda", "tensorrt"]
+
+
+class Runner(ABC):
+    """activate / infer / deactivate, usable as a context manager."""
+
+    #: Set on activation.
+    info: ModelInfo
+    input_channels: int
+    output_kind: OutputKind
+    device: torch.device
+    #: Largest batch the model accepts (an engine's profile); None when unbounded.
+    max_batch: int | None = None
+
+    def __init__(self) -> None:
+        self._active = False
+
+    @property
+    def is_active(self) -> bool:
+        return self._active
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def activate(self) -> Runner:
+        if not self._active:
+            self._activate()
+            self._active = True
+        return self
+
+    def deactivate(self) -> None:
+        if self._active:
+            self._deactivate()
+            self._active = False
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        """Scores (B, K, h, w) or labels (B, h, w) for a (B, C, h, w) float32 batch on ``self.device``."""
+        if not self._active:
+            raise FlareSegError(f"{self.name} must be activated before infer()")
+        expected = (self.input_channels, *self.info.slice_size)
+        if batch.dim() != 4 or tuple(batch.shape[1:]) != expected:
+            shape = ", ".join(map(str, expected))
+            raise FlareSegError(f"{self.name} expects batches of shape (B, {shape}), got {tuple(batch.shape)}")
+        if self.max_batch is not None and batch.shape[0] > self.max_batch:
+            raise FlareSegError(f"{self.name}: batch {batch.shape[0]} exceeds the model's maximum {self.max_batch}")
+        return self._infer(batch)
+
+    def __enter__(self) -> Runner:
+        return self.activate()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.deactivate()
+
+    @abstractmethod
+    def _activate(self) -> None: ...
+
+    @abstractmethod
+    def _infer(self, batch: torch.Tensor) -> torch.Tensor: ...
+
+    def _deactivate(self) -> None:
+        return None
+
+    def describe(self) -> str:
+        return self.name
+
+
+def cuda_device(device: str | torch.device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FlareSegError(f"device {device} requested, but torch sees no CUDA GPU on this machine")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise FlareSegError(f"device {device} requested, but only {torch.cuda.device_count()} CUDA GPU(s) exist")
+    elif dev.type != "cpu":
+        raise FlareSegError(f"device must be cpu or cuda[:i], got {device}")
+    return dev

@@ -1,0 +1,103 @@
+"""PyTorch checkpoints: CPU or CUDA; fp32, fp16 or bf16; channels_last; CUDA graphs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flareseg.errors import FlareSegError
+from flareseg.runtime.runners.base import Runner, TorchPrecision, cuda_device
+
+
+class TorchRunner(Runner):
+    """A checkpoint run by PyTorch: CPU or CUDA; fp32, fp16 or bf16; channels_last; CUDA graphs."""
+
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike[str],
+        *,
+        device: str | torch.device = "cpu",
+        precision: TorchPrecision = "fp32",
+        channels_last: bool = False,
+        cuda_graph_batch: int | None = None,
+        fold_input: bool = True,
+    ) -> None:
+        super().__init__()
+        if precision not in ("fp32", "fp16", "bf16"):
+            raise FlareSegError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
+        self.checkpoint = Path(checkpoint)
+        self.device = cuda_device(device)
+        if precision == "fp16" and self.device.type == "cpu":
+            raise FlareSegError("fp16 needs a CUDA device; on the CPU use fp32 (or bf16 where the CPU supports it)")
+        if cuda_graph_batch is not None and self.device.type != "cuda":
+            raise FlareSegError("CUDA graphs need a CUDA device")
+        self.precision = precision
+        self.channels_last = channels_last
+        self.cuda_graph_batch = cuda_graph_batch
+        self.fold_input = fold_input
+        self.output_kind = "logits"
+        self._dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        self._graph: Any = None
+
+    def describe(self) -> str:
+        extras = [self.precision, str(self.device)]
+        if self.channels_last:
+            extras.append("channels_last")
+        if self.cuda_graph_batch:
+            extras.append(f"CUDA graph @ batch {self.cuda_graph_batch}")
+        return f"PyTorch ({', '.join(extras)})"
+
+    def _activate(self) -> None:
+        from flareseg.checkpoint import load_model
+        from flareseg.network import build_deploy_network
+
+        net, self.info, _ = load_model(self.checkpoint)
+        model = build_deploy_network(net, fold_input=self.fold_input and net.config.in_channels > 1)
+        self.input_channels = model.config.in_channels
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        model = model.to(device=self.device, dtype=self._dtype)
+        self.model: torch.nn.Module | None = model.to(memory_format=fmt).eval()  # type: ignore[call-overload]
+        if self.cuda_graph_batch:
+            self._capture_graph(self.cuda_graph_batch)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.model is None:
+            raise FlareSegError("the runner was deactivated")
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return self.model(x.to(device=self.device, dtype=self._dtype, memory_format=fmt))
+
+    def _capture_graph(self, batch: int) -> None:
+        # Warm up on a side stream (cuDNN picks its algorithms), then capture one replayable graph.
+        self._static_in = torch.zeros(
+            (batch, self.input_channels, *self.info.slice_size), device=self.device, dtype=torch.float32
+        )
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(3):
+                self._forward(self._static_in)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph), torch.inference_mode():
+            self._static_out = self._forward(self._static_in)
+
+    def _infer(self, batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            if self._graph is None:
+                return self._forward(batch)
+            n = batch.shape[0]
+            if n > self._static_in.shape[0]:
+                raise FlareSegError(f"batch {n} exceeds the captured CUDA graph's batch {self._static_in.shape[0]}")
+            self._static_in[:n].copy_(batch, non_blocking=True)
+            if n < self._static_in.shape[0]:
+                self._static_in[n:].zero_()
+            self._graph.replay()
+            # The static output is overwritten by the next replay: callers consume it first.
+            return self._static_out[:n]
+
+    def _deactivate(self) -> None:
+        self._graph = None
+        self.model = None
