@@ -14,6 +14,7 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -75,6 +76,9 @@ class Volume:
     geometry: VolumeGeometry
     slope: float = 1.0
     inter: float = 0.0
+    #: Where the volume came from beyond its grid, for writers that must reference it
+    #: (a DICOM series' instances, for DICOM SEG output); None for NIfTI input.
+    source: Any = None
 
     @property
     def num_slices(self) -> int:

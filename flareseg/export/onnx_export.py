@@ -126,8 +126,9 @@ def _quiet_logger(name: str) -> Iterator[None]:
 
 
 def _ort_session(model: Any) -> Any:
-    import onnxruntime as ort
+    from flareseg.runtime.runners.onnxrt import import_onnxruntime
 
+    ort = import_onnxruntime()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])

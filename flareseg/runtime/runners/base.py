@@ -19,7 +19,7 @@ from flareseg.checkpoint import ModelInfo
 from flareseg.errors import FlareSegError
 from flareseg.export.metadata import OutputKind
 
-Backend = Literal["torch", "onnxruntime", "tensorrt"]
+Backend = Literal["torch", "onnxruntime", "tensorrt", "openvino"]
 TorchPrecision = Literal["fp32", "fp16", "bf16"]
 OrtProvider = Literal["cpu", "cuda", "tensorrt"]
 

@@ -19,6 +19,18 @@ _ORT_PROVIDERS = {
 }
 
 
+def import_onnxruntime() -> Any:
+    """The ``onnxruntime`` module, or a clear error saying which package to install."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise FlareSegError(
+            "ONNX Runtime is not installed: `pip install 'flareseg[cpu]'` for the CPU build, "
+            "or `pip install 'flareseg[gpu]'` for the CUDA build (never both)"
+        ) from None
+    return ort
+
+
 class OnnxRuntimeRunner(Runner):
     """An exported ONNX model in ONNX Runtime; the requested provider must be the one that runs."""
 
@@ -46,10 +58,9 @@ class OnnxRuntimeRunner(Runner):
         return f"ONNX Runtime ({_ORT_PROVIDERS[self.provider]}, {self.meta.precision}, {threads} threads)"
 
     def _activate(self) -> None:
-        import onnxruntime as ort
-
         from flareseg.export.metadata import read_onnx_metadata
 
+        ort = import_onnxruntime()
         self.meta = read_onnx_metadata(self.path)
         self.info, self.input_channels, self.output_kind = (
             self.meta.model,
