@@ -1,18 +1,51 @@
-"""Post-processing speed on a 512 x 512 x 400 label map: cc3d (what flareseg uses) against scipy.ndimage.
+"""Post-processing speed: flareseg (one cc3d pass on the foreground box) against its previous version and scipy.
 
-Run: python benchmarks/postprocess_bench.py
+Two 512 x 512 x 400 uint8 label maps: five organ ellipsoids with 20,000 false-positive
+specks (what an undertrained network leaves), and a worst case where every voxel is
+labelled (blobs of all five labels, as a network with random weights produces). Methods
+run alternately, round by round; the figures are medians of CPU (process) seconds, which
+a busy machine disturbs less than wall time (wall medians are printed too).
+
+Run: python benchmarks/postprocess_bench.py [--rounds 5]
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import platform
+import statistics
 import time
+from collections.abc import Callable
 
+import cc3d
 import numpy as np
 from scipy import ndimage
 
 from flareseg.labels import COMPONENTS_KEPT
 from flareseg.postprocess import keep_largest_components
+
+
+def _previous(labels: np.ndarray) -> np.ndarray:
+    """flareseg's implementation before issue 10 (one cc3d pass over the whole map), kept for comparison."""
+    components, n = cc3d.connected_components(labels, connectivity=26, return_N=True)
+    if n == 0:
+        return labels.copy()
+    fg = np.flatnonzero(labels)
+    ids = components.ravel()[fg]
+    fg_labels = labels.ravel()[fg]
+    sizes = np.bincount(ids, minlength=n + 1)
+    comp_label = np.zeros(n + 1, dtype=np.int64)
+    comp_label[ids] = fg_labels
+    keep = np.ones(n + 1, dtype=bool)
+    for label, k in COMPONENTS_KEPT.items():
+        cids = np.flatnonzero(comp_label == label)
+        if len(cids) > k:
+            by_size = cids[np.argsort(-sizes[cids], kind="stable")]
+            keep[by_size[k:]] = False
+    out = labels.copy()
+    out.ravel()[fg[~keep[ids]]] = 0
+    return out
 
 
 def _scipy_reference(labels: np.ndarray) -> np.ndarray:
@@ -29,7 +62,7 @@ def _scipy_reference(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def _label_map(shape=(400, 512, 512), seed=0) -> np.ndarray:
+def _organs_with_specks(shape=(400, 512, 512), seed=0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
     labels = np.zeros(shape, dtype=np.uint8)
@@ -48,23 +81,48 @@ def _label_map(shape=(400, 512, 512), seed=0) -> np.ndarray:
     return labels
 
 
+def _labelled_everywhere(shape=(400, 512, 512), seed=0) -> np.ndarray:
+    """Smooth random class scores, argmax: blobs of every label filling the volume."""
+    rng = np.random.default_rng(seed)
+    small = (shape[0], shape[1] // 4, shape[2] // 4)
+    scores = ndimage.gaussian_filter(rng.standard_normal((5, *small)).astype(np.float32), (0, 2, 2, 2))
+    labels = scores.argmax(0).astype(np.uint8)
+    return np.ascontiguousarray(np.repeat(np.repeat(labels, 4, axis=1), 4, axis=2))
+
+
+def _time(fn: Callable[[np.ndarray], np.ndarray], labels: np.ndarray) -> tuple[float, float, np.ndarray]:
+    w, c = time.perf_counter(), time.process_time()
+    out = fn(labels)
+    return time.perf_counter() - w, time.process_time() - c, out
+
+
 def main() -> None:
-    labels = _label_map()
-    timings = {}
-    for name, fn in (("cc3d (flareseg)", keep_largest_components), ("scipy.ndimage", _scipy_reference)):
-        fn(labels[:50])  # warm up
-        runs = []
-        for _ in range(3):
-            t = time.perf_counter()
-            out = fn(labels)
-            runs.append(time.perf_counter() - t)
-        timings[name] = (min(runs), out)
-    same = np.array_equal(timings["cc3d (flareseg)"][1], timings["scipy.ndimage"][1])
-    print(f"machine: {platform.machine()} {platform.processor() or ''} cores={__import__('os').cpu_count()}")
-    print(f"label map {labels.shape} uint8, {np.count_nonzero(labels)} foreground voxels")
-    for name, (t, _) in timings.items():
-        print(f"{name:18s} best of 3: {t:.2f} s")
-    print(f"identical outputs: {same}")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    methods: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+        "flareseg (foreground box)": keep_largest_components,
+        "previous (one cc3d pass)": _previous,
+        "scipy.ndimage": _scipy_reference,
+    }
+    print(f"machine: {platform.machine()} {platform.processor() or ''} cores={os.cpu_count()}")
+    for name, labels in (("organs + specks", _organs_with_specks()), ("labelled everywhere", _labelled_everywhere())):
+        print(f"\n{name}: {labels.shape} uint8, {np.count_nonzero(labels) / labels.size:.1%} foreground")
+        runs: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
+        outputs: dict[str, np.ndarray] = {}
+        for fn in methods.values():
+            fn(labels[:50])  # warm up
+        for i in range(args.rounds):
+            order = list(methods.items()) if i % 2 == 0 else list(methods.items())[::-1]
+            for m, fn in order:
+                w, c, outputs[m] = _time(fn, labels)
+                runs[m].append((w, c))
+        base = statistics.median(c for _, c in runs["previous (one cc3d pass)"])
+        for m, r in runs.items():
+            cpu, wall = statistics.median(c for _, c in r), statistics.median(w for w, _ in r)
+            print(f"{m:28s} CPU {cpu:6.3f} s  wall {wall:6.3f} s  previous/this {base / cpu:5.1f}x")
+        first = next(iter(outputs.values()))
+        print(f"identical outputs: {all(np.array_equal(first, o) for o in outputs.values())}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,18 @@
-"""NIfTI volumes in, uint8 label maps out (nibabel).
+"""NIfTI volumes in, uint8 label maps out (nibabel for headers, ISA-L for gzip).
 
 Every volume is brought to one layout for the network: the closest canonical (RAS+)
-orientation, stored as a C-contiguous ``(Z, Y, X)`` array so that axial slice ``k`` is
-``array[k]``. A :class:`VolumeGeometry` remembers the file's own grid, affine, header and
-orientation, so that label maps are written back voxel-exactly on the input's grid.
+orientation, as a ``(Z, Y, X)`` array so that axial slice ``k`` is ``array[k]``. NIfTI
+stores voxels in Fortran order, so the file's ``(X, Y, Z)`` array transposed is already
+C-ordered ``(Z, Y, X)``: reading returns a view of the decompressed buffer (flips become
+negative strides), and writing hands nibabel the same kind of view, which it writes one
+plane at a time. No whole-volume transposing copy is made either way.
+
+A :class:`VolumeGeometry` remembers the file's own grid, affine, header and orientation,
+so that label maps are written back voxel-exactly on the input's grid.
+
+``.nii.gz`` files are inflated and deflated by ISA-L (the ``isal`` package, a dependency)
+when it imports, by the standard library's zlib otherwise; either way the outputs are
+ordinary gzip files. nibabel parses headers and writes the NIfTI stream itself.
 """
 
 from __future__ import annotations
@@ -24,11 +33,31 @@ from flareseg.atomic import atomic_output
 from flareseg.errors import FlareSegError
 from flareseg.labels import NUM_CLASSES
 
+
+def _import_isal() -> tuple[Any, Any]:
+    """ISA-L's gzip file and zlib-like modules, or (None, None): the standard library then does the same, slower."""
+    try:
+        from isal import igzip, isal_zlib
+    except ImportError:  # a declared dependency; a test hides it to check the fallback
+        return None, None
+    return igzip, isal_zlib
+
+
+_igzip, _isal_zlib = _import_isal()
+
 log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _CANONICAL = axcodes2ornt(("R", "A", "S"))
 _NIFTI1_HEADER_BYTES = 348
+#: ISA-L level for written label maps, chosen by measurement on a 512 x 512 x 300 phantom
+#: label map (benchmarks/host_stages.md): levels 1 and 2 take the time of level 0 for a
+#: file 2.5x smaller; level 3 is much slower and larger. nibabel's default, zlib level 1,
+#: is over 10x slower than ISA-L level 1 for a file 1.6x larger.
+GZIP_LEVEL = 1
+#: Compressed bytes read from a file per step, and the most uncompressed bytes taken per step.
+_READ_CHUNK = 1 << 20
+_INFLATE_PIECE = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -159,11 +188,21 @@ def _load(path: Path) -> tuple[nib.Nifti1Image, np.ndarray, float, float]:
     if min(shape[:3]) < 1:
         raise FlareSegError(f"{path}: empty volume of shape {tuple(shape)}")
     proxy = img.dataobj
+    # Raw stored values: scaling is applied later, per slice batch, to keep memory low.
+    damage: _DamagedStream | None = None
     try:
-        # Raw stored values: scaling is applied later, per slice batch, to keep memory low.
-        data = proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else np.asarray(proxy)
-    except (EOFError, zlib.error, OSError, ValueError) as exc:
-        raise FlareSegError(f"{path}: truncated or corrupt voxel data ({exc})") from None
+        data = _inflate_voxels(path, proxy)
+    except _DamagedStream as exc:
+        data, damage = None, exc
+    if data is None:  # an uncompressed file (memory-mapped) or a damaged one, whose error nibabel words as always
+        try:
+            data = proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else np.asarray(proxy)
+        except (EOFError, zlib.error, OSError, ValueError) as exc:
+            why = " ".join(line.strip() for line in str(exc).splitlines())
+            raise FlareSegError(f"{path}: truncated or corrupt voxel data ({why})") from None
+        if damage is not None:  # nibabel got its bytes, but the stream's checksum, length or tail is wrong
+            log.debug("%s: %s", path, damage)
+            raise FlareSegError(f"{path}: truncated or corrupt voxel data (the gzip stream fails its integrity check)")
     if data.ndim == 4:
         data = data[..., 0]
     slope = float(getattr(proxy, "slope", 1.0))
@@ -171,6 +210,80 @@ def _load(path: Path) -> tuple[nib.Nifti1Image, np.ndarray, float, float]:
     if not (np.isfinite(slope) and np.isfinite(inter)) or slope == 0:
         raise FlareSegError(f"{path}: invalid intensity scaling scl_slope={slope}, scl_inter={inter}")
     return img, data, slope, inter
+
+
+class _DamagedStream(Exception):
+    """The gzip stream of a file is truncated or corrupt (raised by :func:`_inflate_voxels`)."""
+
+
+def _inflate_voxels(path: Path, proxy: Any) -> np.ndarray | None:
+    """The stored voxels of a ``.nii.gz``, inflated by ISA-L (zlib without it); None for other files.
+
+    The compressed file is streamed 1 MiB at a time into one buffer of the voxels' size,
+    and the array returned is a Fortran-ordered view of that buffer: no copy of the
+    compressed file, none of the voxels. The gzip member that holds the last voxel is
+    inflated to its end, so its CRC-32 and length are checked (nibabel's reader stops at
+    the last voxel and never checks them). Raises :class:`_DamagedStream`.
+    """
+    if not path.name.endswith(".gz"):
+        return None
+    try:
+        shape = tuple(int(n) for n in proxy.shape)
+        dtype, offset, order = np.dtype(proxy.dtype), int(proxy.offset), str(proxy.order)
+    except (AttributeError, TypeError, ValueError):
+        return None  # not a plain array proxy: nibabel knows how to read it
+    if order not in ("C", "F"):
+        return None
+    buffer = np.empty(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, dtype=np.uint8)
+    inflater = _isal_zlib if _isal_zlib is not None else zlib
+    errors: tuple[type[BaseException], ...] = (EOFError, OSError, ValueError, zlib.error, inflater.error)
+    try:
+        _inflate_into(path, offset, buffer.data, inflater)
+    except errors as exc:
+        raise _DamagedStream(str(exc)) from None
+    return buffer.view(dtype).reshape(shape, order=order)
+
+
+def _inflate_into(path: Path, offset: int, out: memoryview, inflater: Any) -> None:
+    """Inflate the gzip file ``path`` (one or more members) and store bytes offset..offset+len(out) in ``out``.
+
+    ``inflater`` is ``zlib`` or ISA-L's ``isal_zlib`` (same interface); ``wbits=31``
+    makes it parse the gzip header and check the trailer. Output is taken a bounded piece
+    at a time, so memory stays at ``out`` plus a few MiB whatever the compression ratio.
+    """
+    end = offset + len(out)
+    pos = 0  # uncompressed bytes produced so far
+    stream = inflater.decompressobj(wbits=31)
+    member_start = True
+    with open(path, "rb") as f:
+        data = b""
+        while True:
+            if stream.eof:
+                if pos >= end:
+                    return  # the member holding the last voxel ended, its checksum verified
+                data, member_start = stream.unused_data, True
+                stream = inflater.decompressobj(wbits=31)
+            if member_start:
+                data = data.lstrip(b"\0")  # zero padding between members, as the gzip module allows
+                while not data:
+                    chunk = f.read(_READ_CHUNK)
+                    if not chunk:
+                        raise EOFError(f"the data ends after {pos} bytes, {end} expected")
+                    data = chunk.lstrip(b"\0")
+                member_start = False
+            if not data:
+                data = f.read(_READ_CHUNK)
+                if not data:
+                    piece = stream.flush()
+                    if not piece:
+                        raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+            if data:
+                piece = stream.decompress(data, _INFLATE_PIECE)
+                data = stream.unconsumed_tail
+            lo, hi = max(pos, offset), min(pos + len(piece), end)
+            if lo < hi:
+                out[lo - offset : hi - offset] = memoryview(piece)[lo - pos : hi - pos]
+            pos += len(piece)
 
 
 def _why_not_nifti(path: Path) -> str:
@@ -201,23 +314,39 @@ def _geometry(path: Path, img: nib.Nifti1Image) -> VolumeGeometry:
     )
 
 
-def to_canonical(data: np.ndarray, geometry: VolumeGeometry) -> np.ndarray:
-    """File voxel order -> canonical (Z, Y, X), C-contiguous."""
-    ras = apply_orientation(data, geometry.to_canonical)
-    return np.ascontiguousarray(ras.transpose(2, 1, 0))
+def to_canonical(data: np.ndarray, geometry: VolumeGeometry, *, contiguous: bool = True) -> np.ndarray:
+    """File voxel order -> canonical (Z, Y, X).
+
+    C-contiguous by default (a copy unless the file is stored RAS+ in Fortran order);
+    ``contiguous=False`` returns a view, with negative strides for flipped axes.
+    """
+    ras = apply_orientation(data, geometry.to_canonical).transpose(2, 1, 0)
+    return np.ascontiguousarray(ras) if contiguous else ras
 
 
 def from_canonical(array: np.ndarray, geometry: VolumeGeometry) -> np.ndarray:
-    """Canonical (Z, Y, X) -> the file's own voxel order; the inverse of :func:`to_canonical`."""
+    """Canonical (Z, Y, X) -> the file's own voxel order; the inverse of :func:`to_canonical`.
+
+    A view of ``array`` (transposed, flipped): for a C-contiguous canonical array it is
+    Fortran-ordered up to flips, the order NIfTI stores, so writing it needs no copy of
+    the volume. Copy it if you need a contiguous array.
+    """
     expected = tuple(geometry.shape[int(a)] for a in np.argsort(geometry.to_canonical[:, 0]))[::-1]
     if tuple(array.shape) != expected:
         raise FlareSegError(f"label map shape {tuple(array.shape)} does not fit {geometry.path}: expected {expected}")
     back = ornt_transform(_CANONICAL, io_orientation(geometry.affine))
-    return np.ascontiguousarray(apply_orientation(array.transpose(2, 1, 0), back))
+    return apply_orientation(array.transpose(2, 1, 0), back)
 
 
 def read_ct(path: str | os.PathLike[str]) -> Volume:
-    """Read a 3D CT volume in the canonical slice layout, keeping its stored dtype and scaling."""
+    """Read a 3D CT volume in the canonical slice layout, keeping its stored dtype and scaling.
+
+    ``Volume.array`` is a view of the file's voxels, not a copy: C-contiguous for a file
+    stored RAS+, with negative strides along flipped axes (LPS: Y and X) and permuted
+    strides for permuted axes otherwise. numpy accepts any of these; ``torch.from_numpy``
+    refuses negative strides, so copy a batch of slices (``np.ascontiguousarray``) or
+    ``np.copyto`` it into a staging buffer before handing it to torch.
+    """
     path = Path(path)
     img, data, slope, inter = _load(path)
     geometry = _geometry(path, img)
@@ -227,7 +356,7 @@ def read_ct(path: str | os.PathLike[str]) -> Volume:
         bad = data.size - int(np.count_nonzero(np.isfinite(data)))
         if bad:
             raise FlareSegError(f"{path}: {bad} voxels are not finite (NaN or infinity)")
-    return Volume(to_canonical(data, geometry), geometry, slope, inter)
+    return Volume(to_canonical(data, geometry, contiguous=False), geometry, slope, inter)
 
 
 def read_labels(path: str | os.PathLike[str], *, num_classes: int = NUM_CLASSES) -> tuple[np.ndarray, VolumeGeometry]:
@@ -271,6 +400,22 @@ def write_labels(labels: np.ndarray, geometry: VolumeGeometry, path: str | os.Pa
     img.header["descrip"] = b"flareseg label map"
     suffix = next(sfx for sfx in NIFTI_SUFFIXES if path.name.endswith(sfx))
     with atomic_output(path, keep_suffix=suffix) as tmp:
-        nib.save(img, tmp)
+        if suffix == ".nii.gz" and _igzip is not None:
+            _save_gzip_isal(img, tmp, _igzip)
+        else:
+            nib.save(img, tmp)  # nibabel's gzip (zlib level 1) when ISA-L is missing
     log.debug("wrote %s", path)
     return path
+
+
+def _save_gzip_isal(img: nib.Nifti1Image, path: Path, igzip: Any) -> None:
+    """nibabel writes the NIfTI stream (header, then one plane at a time); ISA-L deflates it.
+
+    Like nibabel's own gzip writer, the gzip header holds no file name and a zero
+    modification time, so identical label maps give identical files.
+    """
+    with (
+        open(path, "wb") as raw,
+        igzip.IGzipFile(filename="", mode="wb", compresslevel=GZIP_LEVEL, fileobj=raw, mtime=0) as gz,
+    ):
+        img.to_file_map(nib.Nifti1Image.make_file_map({"image": gz}))

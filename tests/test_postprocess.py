@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import cc3d
 import numpy as np
 import pytest
 from scipy import ndimage
 
+from flareseg import postprocess
 from flareseg.errors import FlareSegError
+from flareseg.labels import COMPONENTS_KEPT
+from flareseg.phantom import make_phantom
 from flareseg.postprocess import keep_largest_components
 
 
@@ -66,3 +70,121 @@ def test_rejects_bad_input():
         keep_largest_components(np.zeros((3, 3), np.uint8))
     with pytest.raises(FlareSegError, match="uint8"):
         keep_largest_components(np.zeros((3, 3, 3), np.int32))
+
+
+# --- equality with the one-pass implementation this module had before (issue 10) ----------
+
+
+def _reference(labels: np.ndarray, kept: dict[int, int], connectivity: int = 26) -> np.ndarray:
+    """The previous implementation, kept verbatim as the reference: one cc3d pass over all labels."""
+    components, n = cc3d.connected_components(labels, connectivity=connectivity, return_N=True)
+    if n == 0:
+        return labels.copy()
+    fg = np.flatnonzero(labels)
+    ids = components.ravel()[fg]
+    fg_labels = labels.ravel()[fg]
+    sizes = np.bincount(ids, minlength=n + 1)
+    comp_label = np.zeros(n + 1, dtype=np.int64)
+    comp_label[ids] = fg_labels
+    keep = np.ones(n + 1, dtype=bool)
+    for label, k in kept.items():
+        cids = np.flatnonzero(comp_label == label)
+        if len(cids) > k:
+            by_size = cids[np.argsort(-sizes[cids], kind="stable")]
+            keep[by_size[k:]] = False
+    out = labels.copy()
+    out.ravel()[fg[~keep[ids]]] = 0
+    return out
+
+
+def _random_labels(seed: int, shape=(23, 29, 31), density: float = 0.15, num_labels: int = 5) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    fg = rng.random(shape) < density
+    return (fg * rng.integers(1, num_labels, shape)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("density", [0.03, 0.15, 0.4])
+def test_equals_the_previous_implementation_on_random_maps(seed, density):
+    lab = _random_labels(seed, density=density)
+    out = keep_largest_components(lab)
+    np.testing.assert_array_equal(out, _reference(lab, COMPONENTS_KEPT))
+    assert 0 < np.count_nonzero(out) < np.count_nonzero(lab)
+    if density == 0.03:  # sparse maps: some organ has a tie in size exactly where the kept ones end
+        assert any(_tie_at_cut(lab, organ, k) for organ, k in COMPONENTS_KEPT.items())
+
+
+def _tie_at_cut(lab: np.ndarray, organ: int, k: int) -> bool:
+    sizes = np.sort(np.bincount(cc3d.connected_components(lab == organ, connectivity=26).ravel())[1:])[::-1]
+    return len(sizes) > k and sizes[k - 1] == sizes[k]
+
+
+def test_ties_keep_the_component_first_in_raster_order():
+    lab = np.zeros((5, 5, 5), np.uint8)
+    lab[0, 0, 4] = 1  # first in C raster order
+    lab[4, 4, 0] = 1
+    lab[2, 2, 2] = 1
+    lab[4, 0, 0] = 2
+    lab[0, 4, 4] = 2
+    lab[2, 0, 2] = 2  # three kidney voxels of size 1: the first two in raster order stay
+    out = keep_largest_components(lab)
+    np.testing.assert_array_equal(out, _reference(lab, COMPONENTS_KEPT))
+    assert out[0, 0, 4] == 1 and out[4, 4, 0] == 0 and out[2, 2, 2] == 0
+    assert out[0, 4, 4] == 2 and out[2, 0, 2] == 2 and out[4, 0, 0] == 0
+    # A Fortran-ordered map is scanned in its own memory order, as cc3d does for the reference.
+    f = np.asfortranarray(lab)
+    np.testing.assert_array_equal(keep_largest_components(f), _reference(f, COMPONENTS_KEPT))
+    assert keep_largest_components(f)[4, 4, 0] == 1
+
+
+@pytest.mark.parametrize("connectivity", [6, 18, 26])
+def test_corner_and_edge_contacts_match_the_reference_for_each_connectivity(connectivity):
+    lab = np.zeros((8, 8, 8), np.uint8)
+    lab[1:3, 1:3, 1:3] = 1
+    lab[3, 3, 3] = 1  # corner contact
+    lab[3, 1, 3] = 1  # edge contact
+    lab[5:7, 5:7, 5:7] = 1  # a separate cube of the same size as the first
+    lab[0, 7, 0] = lab[1, 6, 1] = 2  # kidney pieces touching by a corner
+    lab[7, 0, 7] = 2
+    lab[6, 0, 0] = 2
+    out = keep_largest_components(lab, connectivity=connectivity)
+    np.testing.assert_array_equal(out, _reference(lab, COMPONENTS_KEPT, connectivity))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_non_contiguous_views_and_other_kept_tables_match_the_reference(seed):
+    lab = _random_labels(seed, shape=(20, 24, 28), density=0.2, num_labels=12)
+    kept = {1: 0, 2: 2, 3: 1, 5: 6, 9: 1, 11: 3, 0: 1}  # k = 0 drops an organ; 0 (background) is ignored
+    for view in (lab[:, ::-1, ::-1], lab.transpose(2, 0, 1), lab[::2, 1:, ::-3]):
+        np.testing.assert_array_equal(keep_largest_components(view, kept), _reference(view, kept))
+
+
+def test_phantom_labels_match_the_reference_with_false_positive_specks():
+    lab = np.ascontiguousarray(make_phantom((96, 96, 40), (4.0, 4.0, 6.0), seed=3).labels.transpose(2, 1, 0))
+    rng = np.random.default_rng(0)
+    specks = rng.integers(0, lab.size, 400)
+    lab.ravel()[specks] = rng.integers(1, 5, specks.size).astype(np.uint8)
+    lab = np.concatenate([lab, lab[::-1]])  # two copies of every organ, one mirrored: ties in size
+    out = keep_largest_components(lab)
+    np.testing.assert_array_equal(out, _reference(lab, COMPONENTS_KEPT))
+    assert set(np.unique(out)) == {0, 1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("slab_bytes", [1, 700, 1 << 22])
+def test_organs_are_located_alike_in_any_number_of_slabs(monkeypatch, slab_bytes):
+    monkeypatch.setattr(postprocess, "_SLAB_BYTES", slab_bytes)
+    lab = _random_labels(7, shape=(19, 21, 17), density=0.05)
+    lab[0, 0, 0], lab[-1, -1, -1] = 3, 3  # spleen spans the whole map: its box is every slab
+    np.testing.assert_array_equal(keep_largest_components(lab), _reference(lab, COMPONENTS_KEPT))
+
+
+def test_empty_and_organ_free_maps_are_returned_as_copies():
+    for lab in (np.zeros((3, 4, 5), np.uint8), np.full((3, 4, 5), 7, np.uint8)):
+        out = keep_largest_components(lab)
+        np.testing.assert_array_equal(out, lab)
+        assert out is not lab
+
+
+def test_negative_counts_are_refused():
+    with pytest.raises(FlareSegError, match="must be >= 0"):
+        keep_largest_components(np.zeros((3, 3, 3), np.uint8), {1: -1})

@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import gzip
+import subprocess
+import sys
+import zlib
+
 import nibabel as nib
 import numpy as np
 import pytest
 from conftest import BAD_INPUT_KINDS, bad_inputs, oblique, reorient, save
 
+from flareseg import volume as volume_module
 from flareseg.errors import FlareSegError
 from flareseg.phantom import make_phantom
-from flareseg.volume import case_id, find_cases, read_ct, read_labels, write_labels
+from flareseg.volume import (
+    NIFTI_SUFFIXES,
+    case_id,
+    find_cases,
+    from_canonical,
+    read_ct,
+    read_labels,
+    to_canonical,
+    write_labels,
+)
 
 ORIENTATIONS = [("R", "A", "S"), ("L", "P", "S"), ("L", "A", "S"), ("A", "S", "R"), ("P", "I", "L"), ("S", "R", "A")]
 
@@ -127,3 +142,191 @@ def test_find_cases_names_sorts_skips_hidden_and_refuses_duplicates(tmp_path):
         find_cases(tmp_path)
     with pytest.raises(FlareSegError, match="not a directory"):
         find_cases(tmp_path / "notes.txt")
+
+
+# --- no-copy I/O and ISA-L gzip (issue 10) ---------------------------------------------
+
+
+@pytest.fixture(params=["isal", "stdlib"])
+def gzip_backend(request, monkeypatch) -> str:
+    """Run a test with ISA-L and again with the standard-library fallback (isal hidden)."""
+    if request.param == "stdlib":
+        monkeypatch.setattr(volume_module, "_igzip", None)
+        monkeypatch.setattr(volume_module, "_isal_zlib", None)
+    else:
+        assert volume_module._igzip is not None, "isal is a declared dependency and must import here"
+    return request.param
+
+
+def _phantom_file(tmp_path, axcodes, name="ct.nii.gz", shape=(40, 36, 20)):
+    ct, lab = make_phantom(shape, axcodes=axcodes, seed=1).to_nifti()
+    return save(ct, tmp_path / name), lab
+
+
+@pytest.mark.parametrize("axcodes", ORIENTATIONS, ids=lambda c: "".join(c))
+def test_phantom_round_trips_voxel_exactly_in_every_orientation_with_either_gzip(tmp_path, axcodes, gzip_backend):
+    path, lab = _phantom_file(tmp_path, axcodes)
+    vol = read_ct(path)
+    ras = read_ct(save(make_phantom((40, 36, 20), seed=1).to_nifti()[0], tmp_path / "ras.nii.gz"))
+    np.testing.assert_array_equal(vol.array, ras.array)
+    canonical_labels = to_canonical(np.asanyarray(lab.dataobj), vol.geometry)
+    for suffix in NIFTI_SUFFIXES:
+        written = nib.load(write_labels(canonical_labels, vol.geometry, tmp_path / f"pred{suffix}"))
+        np.testing.assert_array_equal(np.asanyarray(written.dataobj), np.asanyarray(lab.dataobj))
+        assert nib.aff2axcodes(written.affine) == axcodes
+
+
+def test_read_returns_a_view_of_one_buffer_with_flips_as_negative_strides(tmp_path):
+    path, _ = _phantom_file(tmp_path, ("L", "P", "S"))
+    vol = read_ct(path)
+    stored = np.asanyarray(nib.load(path).dataobj)  # (X, Y, Z) as nibabel reads it
+    np.testing.assert_array_equal(vol.array, stored.transpose(2, 1, 0)[:, ::-1, ::-1])
+    assert not vol.array.flags.owndata
+    assert vol.array.strides[1] < 0 and vol.array.strides[2] < 0  # L and P flipped, not copied
+    assert vol.array.flags.writeable
+    base = vol.array.base
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    assert base.nbytes == vol.array.nbytes  # one buffer, exactly the voxels
+    ras = read_ct(_phantom_file(tmp_path, ("R", "A", "S"), "ras.nii.gz")[0]).array
+    assert ras.flags.c_contiguous and not ras.flags.owndata
+
+
+def test_isal_and_stdlib_reads_give_identical_volumes_and_labels(tmp_path, monkeypatch):
+    path, lab = _phantom_file(tmp_path, ("P", "I", "L"))
+    mask = save(lab, tmp_path / "mask.nii.gz")
+    fast, fast_labels = read_ct(path), read_labels(mask)
+    monkeypatch.setattr(volume_module, "_isal_zlib", None)
+    slow, slow_labels = read_ct(path), read_labels(mask)
+    np.testing.assert_array_equal(fast.array, slow.array)
+    assert fast.array.dtype == slow.array.dtype and (fast.slope, fast.inter) == (slow.slope, slow.inter)
+    np.testing.assert_array_equal(fast.geometry.affine, slow.geometry.affine)
+    np.testing.assert_array_equal(fast_labels[0], slow_labels[0])
+    np.testing.assert_array_equal(fast_labels[0], np.asanyarray(lab.dataobj))
+
+
+def test_big_endian_scaled_and_multi_member_gzip_files_read_alike_with_either_gzip(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 4000, (9, 8, 7)).astype(np.uint16)
+    img = nib.Nifti1Image(raw, np.diag([0.7, 0.8, 2.0, 1.0]), nib.Nifti1Header(endianness=">"))
+    img.header.set_slope_inter(1.0, -1024.0)
+    big = save(img, tmp_path / "big.nii.gz")
+    payload = gzip.decompress(big.read_bytes())
+    multi = tmp_path / "multi.nii.gz"  # two gzip members, split inside the voxels (as `cat a.gz b.gz`)
+    multi.write_bytes(gzip.compress(payload[:500]) + gzip.compress(payload[500:]))
+    expected = raw.astype(np.float32).transpose(2, 1, 0) - 1024
+    results = []
+    for hide in (False, True):
+        if hide:
+            monkeypatch.setattr(volume_module, "_isal_zlib", None)
+        for path in (big, multi):
+            vol = read_ct(path)
+            np.testing.assert_array_equal(vol.hu(), expected)
+            results.append(vol.array)
+    assert all(r.dtype == results[0].dtype for r in results) and results[0].dtype.byteorder == ">"
+
+
+@pytest.mark.parametrize("kind", ["truncated-header", "truncated-data", "not-nifti-gz", "corrupt-data"])
+def test_damaged_gzip_gives_the_same_error_with_isal_and_without(tmp_path, monkeypatch, kind):
+    inputs = bad_inputs(tmp_path)
+    good = (tmp_path / "good.nii.gz").read_bytes()
+    corrupt = bytearray(good)
+    corrupt[len(good) // 2 : len(good) // 2 + 64] = bytes(64)  # zeros inside the deflate stream
+    (tmp_path / "in8.nii.gz").write_bytes(bytes(corrupt))
+    path = tmp_path / "in8.nii.gz" if kind == "corrupt-data" else inputs[kind][0]
+    messages = []
+    for hide in (False, True):
+        if hide:
+            monkeypatch.setattr(volume_module, "_isal_zlib", None)
+        with pytest.raises(FlareSegError) as info:
+            read_ct(path)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+    expected = "truncated or corrupt voxel data" if kind == "corrupt-data" else inputs[kind][1]
+    assert expected in messages[0] and str(path) in messages[0] and "\n" not in messages[0]
+
+
+def test_written_gzip_is_ordinary_and_carries_the_same_nifti_stream_as_nibabels_writer(tmp_path, monkeypatch):
+    path, lab = _phantom_file(tmp_path, ("L", "P", "S"))
+    vol = read_ct(path)
+    labels = to_canonical(np.asanyarray(lab.dataobj), vol.geometry)
+    fast = write_labels(labels, vol.geometry, tmp_path / "fast.nii.gz").read_bytes()
+    monkeypatch.setattr(volume_module, "_igzip", None)
+    slow = write_labels(labels, vol.geometry, tmp_path / "slow.nii.gz").read_bytes()
+    # The standard library inflates the ISA-L file to the very bytes nibabel's zlib writer stores.
+    assert gzip.decompress(fast) == gzip.decompress(slow)
+    assert zlib.decompress(fast, wbits=31) == gzip.decompress(slow)  # one member, valid CRC and length
+    # No file name (the temporary one would leak) and no time stamp: same labels, same file.
+    assert fast[:4] == b"\x1f\x8b\x08\x00" and fast[4:8] == bytes(4)
+    monkeypatch.undo()
+    assert write_labels(labels, vol.geometry, tmp_path / "again.nii.gz").read_bytes() == fast
+    a, b = nib.load(tmp_path / "fast.nii.gz"), nib.load(tmp_path / "slow.nii.gz")
+    np.testing.assert_array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj))
+    assert a.header.binaryblock == b.header.binaryblock
+    assert sorted(p.name for p in tmp_path.iterdir() if ".part" in p.name) == []
+
+
+def test_written_gzip_reads_in_simpleitk(tmp_path):
+    sitk = pytest.importorskip("SimpleITK", reason="SimpleITK (ITK's reader) is not installed here")
+    path, lab = _phantom_file(tmp_path, ("L", "P", "S"))
+    vol = read_ct(path)
+    out = write_labels(to_canonical(np.asanyarray(lab.dataobj), vol.geometry), vol.geometry, tmp_path / "o.nii.gz")
+    itk_array = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))  # ITK gives (Z, Y, X) of the stored axes
+    np.testing.assert_array_equal(itk_array, np.asanyarray(lab.dataobj).transpose(2, 1, 0))
+
+
+def test_from_canonical_is_a_view_and_to_canonical_copies_only_when_asked(tmp_path):
+    path, lab = _phantom_file(tmp_path, ("A", "S", "R"))
+    geometry = read_ct(path).geometry
+    stored = np.asanyarray(lab.dataobj)
+    canonical = to_canonical(stored, geometry)
+    assert canonical.flags.c_contiguous and canonical.flags.owndata
+    view = to_canonical(stored, geometry, contiguous=False)
+    assert np.shares_memory(view, stored)
+    np.testing.assert_array_equal(view, canonical)
+    back = from_canonical(canonical, geometry)
+    assert np.shares_memory(back, canonical)
+    np.testing.assert_array_equal(back, stored)
+
+
+def test_the_module_imports_and_round_trips_without_isal(tmp_path):
+    code = (
+        "import sys; sys.modules['isal'] = None\n"
+        "import numpy as np, nibabel as nib\n"
+        "from flareseg import volume\n"
+        "assert volume._igzip is None and volume._isal_zlib is None\n"
+        f"img = nib.Nifti1Image(np.arange(60, dtype=np.int16).reshape(3, 4, 5), np.eye(4))\n"
+        f"nib.save(img, {str(tmp_path / 'a.nii.gz')!r})\n"
+        f"v = volume.read_ct({str(tmp_path / 'a.nii.gz')!r})\n"
+        f"out = volume.write_labels((v.array % 5).astype(np.uint8), v.geometry, {str(tmp_path / 'b.nii.gz')!r})\n"
+        "assert (np.asanyarray(nib.load(out).dataobj) == np.arange(60).reshape(3, 4, 5) % 5).all()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_streamed_inflate_handles_large_ratios_padding_trailing_bytes_and_checksums(tmp_path, gzip_backend):
+    # 10 MB of zeros inflate from a few kB: the output is taken in 8 MiB pieces.
+    data = np.zeros((128, 128, 320), np.int16)
+    data[5, 6, 300] = 7
+    payload = gzip.decompress(save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "z.nii.gz").read_bytes())
+    cut = len(payload) - 3
+    variants = {
+        "padded": gzip.compress(payload[:cut]) + bytes(10) + gzip.compress(payload[cut:]),
+        "trailing bytes": gzip.compress(payload + b"extra bytes after the voxels"),
+        "three members": b"".join(gzip.compress(payload[a:b]) for a, b in ((0, 100), (100, 9 << 20), (9 << 20, None))),
+    }
+    for name, blob in variants.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.nii.gz"
+        path.write_bytes(blob)
+        vol = read_ct(path)
+        assert vol.array.shape == (320, 128, 128) and vol.array[300, 6, 5] == 7, name
+        assert np.count_nonzero(vol.array) == 1, name
+    bad_crc = bytearray(gzip.compress(payload))
+    bad_crc[-8] ^= 0xFF  # the CRC-32 of the trailer: nibabel alone would not notice
+    (tmp_path / "crc.nii.gz").write_bytes(bytes(bad_crc))
+    with pytest.raises(FlareSegError, match=r"crc.nii.gz: truncated or corrupt voxel data \(the gzip stream fails"):
+        read_ct(tmp_path / "crc.nii.gz")
+    (tmp_path / "cut.nii.gz").write_bytes(variants["three members"][:-20])  # cut inside the last member
+    with pytest.raises(FlareSegError, match=r"cut\.nii\.gz: truncated or corrupt voxel data"):
+        read_ct(tmp_path / "cut.nii.gz")
