@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,10 +70,139 @@ class NormalizationStats:
             raise FlareSegError(f"invalid normalisation statistics JSON: {exc}") from None
 
 
+#: Integer dtypes whose percentiles come from a histogram of the stored values (one pass, exact).
+_SMALL_INTS = (np.int8, np.uint8, np.int16, np.uint16)
+_WIDE_INTS = (np.int32, np.uint32)
+#: Widest value range (max - min + 1) histogrammed for 4-byte integers; wider ranges use np.percentile.
+MAX_HISTOGRAM_BINS = 1 << 22
+#: Voxels counted per np.bincount call: bounds its temporary intp copy (8 MB) while amortising the call.
+_CHUNK = 1 << 20
+
+
+def _check_percentiles(percentiles: Sequence[float]) -> tuple[float, ...]:
+    qs = tuple(float(p) for p in percentiles)
+    if not all(0.0 <= q <= 100.0 for q in qs):  # also refuses NaN
+        raise FlareSegError(f"percentiles must lie in [0, 100], got {tuple(percentiles)}")
+    return qs
+
+
+def _ranks(n: int, q: float) -> tuple[int, int, float]:
+    """numpy's 'linear' method: the two order statistics (0-based) around q and the interpolation weight.
+
+    Written after numpy's ``_quantile``/``_get_indexes``/``_get_gamma`` so that the float64
+    arithmetic is the same: virtual index (n - 1) * (q / 100), floor and next; an index at
+    or past the last element takes the last one, with weight ``index + 1`` as numpy has it.
+    """
+    virtual = (n - 1) * (q / 100.0)
+    if virtual >= n - 1:
+        return n - 1, n - 1, virtual + 1.0
+    below = math.floor(virtual)
+    return below, below + 1, virtual - below
+
+
+def _lerp(a: float, b: float, diff: float, t: float) -> float:
+    """numpy's ``_lerp``: a + (b - a) t, switching to b - (b - a)(1 - t) for t >= 0.5 (exact at t = 1)."""
+    return b - diff * (1.0 - t) if t >= 0.5 else a + diff * t
+
+
+def _memory_order(volume: np.ndarray) -> np.ndarray:
+    """A view of the same voxels with flips undone and axes ordered by stride: contiguous if the storage is.
+
+    A histogram does not care about voxel order, so a flipped or transposed view of a
+    contiguous buffer (nibabel's Fortran-ordered arrays seen through a reorientation) is
+    counted straight from its storage, without a copy.
+    """
+    flips = tuple(slice(None, None, -1) if st < 0 else slice(None) for st in volume.strides)
+    v = volume[flips]
+    return v.transpose(sorted(range(v.ndim), key=lambda i: -v.strides[i]))
+
+
+def _pieces(volume: np.ndarray) -> Iterator[np.ndarray]:
+    """The voxels as 1-D pieces of about ``_CHUNK`` each: views where the storage is contiguous, else slab copies."""
+    v = _memory_order(volume)
+    if v.flags.c_contiguous:
+        flat = v.reshape(-1)
+        for i in range(0, flat.size, _CHUNK):
+            yield flat[i : i + _CHUNK]
+        return
+    # Non-contiguous storage (a crop, a strided view): slabs along the slowest axis, copied one at a time.
+    per_row = max(1, v[0].size) if v.ndim > 1 else 1
+    rows = max(1, _CHUNK // per_row)
+    for i in range(0, v.shape[0], rows):
+        yield np.ascontiguousarray(v[i : i + rows]).reshape(-1)
+
+
+def _integer_histogram(volume: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """Counts of every stored integer value from the smallest up, and that smallest value; None if too wide."""
+    dtype = volume.dtype
+    if dtype.type in _SMALL_INTS:
+        # Count the unsigned bit patterns (no offset arithmetic, no min/max pass), then rotate
+        # the negative half of a signed type below the positive half.
+        bits = 8 * dtype.itemsize
+        unsigned = np.dtype(f"u{dtype.itemsize}").newbyteorder(dtype.byteorder)  # NIfTI may be big-endian
+        counts = np.zeros(1 << bits, dtype=np.int64)
+        for piece in _pieces(volume):
+            counts += np.bincount(piece.view(unsigned), minlength=1 << bits)
+        if dtype.kind == "i":
+            return np.roll(counts, 1 << (bits - 1)), -(1 << (bits - 1))
+        return counts, 0
+    if dtype.type in _WIDE_INTS:
+        low, high = int(volume.min()), int(volume.max())
+        if high - low + 1 > MAX_HISTOGRAM_BINS:
+            return None
+        counts = np.zeros(high - low + 1, dtype=np.int64)
+        buf = np.empty(_CHUNK, dtype=np.intp)
+        for piece in _pieces(volume):
+            offsets = buf[: piece.size]
+            np.subtract(piece, low, out=offsets, dtype=np.intp, casting="unsafe")
+            counts += np.bincount(offsets, minlength=counts.size)
+        return counts, low
+    return None
+
+
+def _percentiles_from_counts(counts: np.ndarray, low: int, qs: tuple[float, ...]) -> tuple[float, ...]:
+    """Percentiles from a histogram of integer values ``low, low + 1, ...``: numpy's linear method, exactly."""
+    cumulative = np.cumsum(counts)
+    n = int(cumulative[-1])
+    out = []
+    for q in qs:
+        i, j, t = _ranks(n, q)
+        # The value of order statistic k is the first bin whose cumulative count exceeds k.
+        a, b = (int(v) + low for v in np.searchsorted(cumulative, (i, j), side="right"))
+        # (b - a) in float64 is exact for these integers; numpy subtracts in the stored
+        # dtype and wraps when they differ by more than the dtype's maximum (see exact_percentiles).
+        out.append(_lerp(float(a), float(b), float(b) - float(a), t))
+    return tuple(out)
+
+
+def exact_percentiles(volume: np.ndarray, percentiles: Sequence[float]) -> tuple[float, ...]:
+    """``np.percentile(volume, percentiles)`` (linear method) in one pass, bit for bit, for integer volumes.
+
+    Integer volumes of up to 16 bits (and 32-bit ones whose value range is at most
+    ``MAX_HISTOGRAM_BINS``) are counted with ``np.bincount`` a chunk at a time, straight
+    from their storage when it is contiguous in any axis order; the two order statistics
+    around each percentile are read off the cumulative counts and interpolated with
+    numpy's own formula. No sort, no float copy. Other dtypes (float CT) use np.percentile.
+
+    One deliberate difference: numpy computes ``b - a`` in the stored integer dtype, which
+    wraps when adjacent order statistics differ by more than its maximum (e.g. -32768 and
+    1 in int16) and then returns a value outside [a, b]; here ``b - a`` is exact.
+    """
+    qs = _check_percentiles(percentiles)
+    volume = np.asarray(volume)
+    if volume.size == 0:
+        raise FlareSegError("cannot take percentiles of an empty volume")
+    volume = volume.reshape(1) if volume.ndim == 0 else volume
+    hist = _integer_histogram(volume) if volume.dtype.kind in "iu" else None
+    if hist is None:
+        return tuple(float(v) for v in np.percentile(volume, qs))
+    return _percentiles_from_counts(*hist, qs)
+
+
 def clip_bounds(volume: np.ndarray, percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> tuple[float, float]:
-    """The volume's own intensity percentiles (linear interpolation, as numpy's default)."""
-    lo, hi = np.percentile(volume, percentiles)
-    return float(lo), float(hi)
+    """The volume's own intensity percentiles (numpy's linear interpolation, exact; see exact_percentiles)."""
+    lo, hi = exact_percentiles(volume, percentiles)
+    return lo, hi
 
 
 def clip_volume(volume: np.ndarray, percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> np.ndarray:
@@ -132,6 +261,92 @@ class SliceNormalizer:
         out -= np.float32(self.stats.mean)
         out /= np.float32(self.stats.std)
         return out
+
+
+_TORCH_INTS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+#: Voxels per torch.bincount call in tensor_percentiles: bounds the int32 offset copy (64 MB).
+_TORCH_CHUNK = 1 << 24
+
+
+def tensor_percentiles(values: torch.Tensor, percentiles: Sequence[float]) -> tuple[float, ...]:
+    """exact_percentiles for a tensor on any device: the same numbers as numpy's linear method.
+
+    Integer tensors whose value range is at most ``MAX_HISTOGRAM_BINS`` are counted with
+    ``torch.bincount`` (exact integer counts) a chunk at a time; other tensors take the two
+    order statistics with ``torch.kthvalue``. The interpolation runs on the host in
+    float64 with numpy's formula; the differences ``b - a`` follow exact_percentiles
+    (exact for integers; in the tensor's dtype for floats, as numpy does). Only the few
+    order statistics leave the device.
+    """
+    qs = _check_percentiles(percentiles)
+    flat = values.reshape(-1)
+    n = flat.numel()
+    if n == 0:
+        raise FlareSegError("cannot take percentiles of an empty volume")
+    ranks = [_ranks(n, q) for q in qs]
+    if values.dtype in _TORCH_INTS:
+        low_t, high_t = torch.aminmax(flat)
+        low, high = int(low_t), int(high_t)
+        if high - low + 1 <= MAX_HISTOGRAM_BINS:
+            counts = torch.zeros(high - low + 1, dtype=torch.int64, device=flat.device)
+            for i in range(0, n, _TORCH_CHUNK):
+                piece = flat[i : i + _TORCH_CHUNK]
+                wide = torch.int64 if piece.dtype == torch.int64 else torch.int32  # room for value - low
+                offsets = (piece.to(wide) - low).to(torch.int32)  # out of place: the input is never modified
+                counts += torch.bincount(offsets, minlength=counts.numel())
+            cumulative = torch.cumsum(counts, 0)
+            wanted = torch.tensor([k for i, j, _ in ranks for k in (i, j)], dtype=torch.int64, device=flat.device)
+            found = (torch.searchsorted(cumulative, wanted, right=True) + low).tolist()
+            return tuple(
+                _lerp(float(a), float(b), float(b) - float(a), t)
+                for (_, _, t), a, b in zip(ranks, found[0::2], found[1::2], strict=True)
+            )
+    out = []
+    for i, j, t in ranks:
+        a_t = torch.kthvalue(flat, i + 1).values
+        b_t = torch.kthvalue(flat, j + 1).values if j != i else a_t
+        diff = float(b_t - a_t) if values.dtype.is_floating_point else float(b_t) - float(a_t)
+        out.append(_lerp(float(a_t), float(b_t), diff, t))
+    return tuple(out)
+
+
+class TensorNormalizer:
+    """SliceNormalizer's twin for torch tensors on any device: stored values (B, Y, X) -> float32.
+
+    The same float32 operations in the same order as :class:`SliceNormalizer` (convert,
+    scale, shift, clip, subtract the mean, divide by the std), each correctly rounded, so
+    the result is bit-identical to the numpy path. The constants are 0-dim float32 tensors
+    on the target device rather than Python numbers: CUDA turns division by a host scalar
+    into multiplication by its reciprocal, which can differ from numpy in the last bit.
+    """
+
+    def __init__(self, normalizer: SliceNormalizer, device: torch.device | str = "cpu") -> None:
+        self.normalizer = normalizer
+        self.device = torch.device(device)
+
+        def const(x: float) -> torch.Tensor:
+            return torch.tensor(np.float32(x), dtype=torch.float32, device=self.device)
+
+        self._scale = normalizer.slope != 1.0 or normalizer.inter != 0.0
+        self._slope, self._inter = const(normalizer.slope), const(normalizer.inter)
+        self._lo, self._hi = const(normalizer.lo), const(normalizer.hi)
+        self._mean, self._std = const(normalizer.stats.mean), const(normalizer.stats.std)
+
+    def __call__(self, stored: torch.Tensor) -> torch.Tensor:
+        out = stored.to(device=self.device, dtype=torch.float32, copy=True)  # never modify the input
+        if self._scale:
+            out.mul_(self._slope)
+            out.add_(self._inter)
+        torch.clamp(out, self._lo, self._hi, out=out)
+        out.sub_(self._mean)
+        out.div_(self._std)
+        return out
+
+    def network_batch(self, stored: torch.Tensor, size: tuple[int, int], channels: int) -> torch.Tensor:
+        """Stored slices (B, Y, X) -> the (B, channels, h, w) float32 network input, on ``stored``'s device."""
+        if stored.dim() != 3:
+            raise FlareSegError(f"expected (B, H, W) slices, got shape {tuple(stored.shape)}")
+        return network_batch(self(stored), size, channels)
 
 
 def volume_normalizer(

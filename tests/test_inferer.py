@@ -1,0 +1,190 @@
+"""The inferer's paths: host preprocessing, the staged device-preprocessing pipeline, runners with a minimum batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flareseg.checkpoint import ModelInfo
+from flareseg.errors import FlareSegError
+from flareseg.network import NetworkConfig
+from flareseg.preprocess import NormalizationStats, volume_normalizer
+from flareseg.runtime import FunctionRunner
+from flareseg.runtime.inferer import InferenceTimes, infer_volume, staged_buffer_bytes, upload_dtype
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+
+STATS = NormalizationStats(mean=-120.0, std=420.0)
+
+
+def _network(in_channels: int = 3, seed: int = 0) -> torch.nn.Module:
+    """A small convolutional scorer (random weights, varied argmax): the pipeline, not the model, is under test."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(in_channels, 8, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv2d(8, 5, 3, padding=1)
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def net() -> torch.nn.Module:
+    return _network()
+
+
+def _info(channels: int = 3) -> ModelInfo:
+    return ModelInfo(
+        network=NetworkConfig(base_width=4, in_channels=channels), normalization=STATS, slice_size=(64, 64)
+    )
+
+
+class _Recorder:
+    """The network as a runner function, keeping a copy of every input batch it was given."""
+
+    def __init__(self, net: torch.nn.Module, output_kind: str = "logits") -> None:
+        self.net, self.output_kind, self.inputs = net, output_kind, []
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(batch.detach().clone())
+        with torch.inference_mode():
+            # Slice by slice: a convolution's rounding may depend on the batch size, a slice's scores must not.
+            scores = torch.cat([self.net(x[None]) for x in batch])
+        return scores.argmax(1) if self.output_kind == "labels" else scores
+
+
+class _MinBatchRunner(FunctionRunner):
+    """A runner that refuses batches below its minimum, as a TensorRT profile does."""
+
+    min_batch = 4
+
+    def _infer(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.shape[0] < self.min_batch:
+            raise FlareSegError(f"batch {batch.shape[0]} is below the profile's minimum {self.min_batch}")
+        return super()._infer(batch)
+
+
+def _volume(shape=(11, 48, 80), dtype=np.int16, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    # Smooth structure plus noise, so that several classes appear and the argmax is not trivial.
+    z, y, x = np.meshgrid(*(np.linspace(-1, 1, s) for s in shape), indexing="ij")
+    hu = 600 * np.sin(3 * x + 2 * y) * np.cos(2 * z) + rng.normal(0, 80, shape) - 100
+    info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else None
+    if info is not None:
+        hu = np.clip(hu + (1100 if info.min == 0 else 0), info.min, info.max)  # unsigned: shift above zero
+    return hu.astype(dtype)
+
+
+def _run(stored, runner_cls, recorder, batch_size, *, device_preprocess, slope=1.0, inter=0.0, channels=3):
+    normalizer = volume_normalizer(stored, STATS, slope, inter)
+    runner = runner_cls(recorder, _info(channels), output_kind=recorder.output_kind)
+    done, times = [], InferenceTimes()
+    with runner:
+        labels = infer_volume(
+            stored,
+            normalizer,
+            runner,
+            batch_size,
+            progress=done.append,
+            times=times,
+            device_preprocess=device_preprocess,
+        )
+    return labels, done, times
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 16])
+def test_device_preprocessing_gives_the_host_path_s_inputs_and_labels_bit_for_bit(net, batch_size):
+    stored = _volume()
+    host_rec, dev_rec = _Recorder(net), _Recorder(net)
+    host, host_done, _ = _run(stored, FunctionRunner, host_rec, batch_size, device_preprocess=False)
+    dev, dev_done, times = _run(stored, FunctionRunner, dev_rec, batch_size, device_preprocess=True)
+    assert dev.shape == stored.shape and dev.dtype == np.uint8
+    assert len(np.unique(host)) >= 2  # the comparison is not between two constant maps
+    np.testing.assert_array_equal(dev, host)
+    assert [x.shape for x in dev_rec.inputs] == [x.shape for x in host_rec.inputs]
+    assert all(torch.equal(a, b) for a, b in zip(dev_rec.inputs, host_rec.inputs, strict=True))
+    assert sum(dev_done) == sum(host_done) == stored.shape[0]
+    expected = [min(batch_size, stored.shape[0] - s) for s in range(0, stored.shape[0], batch_size)]
+    assert times.batch_sizes == expected and times.batches == len(expected)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "slope", "inter", "view"),
+    [
+        (np.int16, 1.0, 0.0, "flipped"),
+        (np.int16, 0.5, -1024.0, "transposed"),
+        (np.uint16, 1.0, -1024.0, "plain"),
+        (np.int32, 1.0, 0.0, "plain"),
+        (np.float64, 1.0, 0.0, "flipped"),
+        (np.uint8, 2.0, -128.0, "plain"),
+        (np.dtype(">i2"), 1.0, 0.0, "flipped"),  # a big-endian NIfTI
+    ],
+)
+def test_device_preprocessing_handles_stored_dtypes_and_views(net, dtype, slope, inter, view):
+    base = _volume((9, 64, 64), dtype=dtype, seed=1)
+    stored = {"plain": base, "flipped": base[::-1, :, ::-1], "transposed": base.transpose(0, 2, 1)}[view]
+    host, _, _ = _run(stored, FunctionRunner, _Recorder(net), 4, device_preprocess=False, slope=slope, inter=inter)
+    dev, _, _ = _run(stored, FunctionRunner, _Recorder(net), 4, device_preprocess=True, slope=slope, inter=inter)
+    np.testing.assert_array_equal(dev, host)
+
+
+def test_device_preprocessing_with_a_one_channel_model_and_label_outputs(net):
+    folded = _network(in_channels=1, seed=1)
+    stored = _volume((7, 40, 56), seed=2)
+    for output_kind in ("logits", "labels"):
+        host, _, _ = _run(
+            stored, FunctionRunner, _Recorder(folded, output_kind), 3, device_preprocess=False, channels=1
+        )
+        dev, _, _ = _run(stored, FunctionRunner, _Recorder(folded, output_kind), 3, device_preprocess=True, channels=1)
+        np.testing.assert_array_equal(dev, host)
+
+
+@pytest.mark.parametrize("device_preprocess", [False, True])
+def test_short_last_batch_is_padded_to_the_runner_s_minimum(net, device_preprocess):
+    stored = _volume((10, 64, 64), seed=3)
+    plain, _, _ = _run(stored, FunctionRunner, _Recorder(net), 4, device_preprocess=False)
+    rec = _Recorder(net)
+    padded, done, times = _run(stored, _MinBatchRunner, rec, 4, device_preprocess=device_preprocess)
+    np.testing.assert_array_equal(padded, plain)
+    assert [x.shape[0] for x in rec.inputs] == [4, 4, 4]  # 10 slices: 4 + 4 + (2 padded to 4)
+    assert torch.count_nonzero(rec.inputs[-1][2:]) == 0  # the padding is zero slices
+    assert sum(done) == 10 and times.batch_sizes == [4, 4, 2]  # padded outputs are dropped
+    # A volume shorter than the minimum is padded too.
+    short, _, _ = _run(stored[:3], _MinBatchRunner, _Recorder(net), 4, device_preprocess=device_preprocess)
+    np.testing.assert_array_equal(
+        short, _run(stored[:3], FunctionRunner, _Recorder(net), 4, device_preprocess=False)[0]
+    )
+
+
+def test_a_batch_size_below_the_runner_s_minimum_is_refused(net):
+    with pytest.raises(FlareSegError, match="batch size 2 is below the model's minimum batch 4"):
+        _run(_volume((5, 64, 64)), _MinBatchRunner, _Recorder(net), 2, device_preprocess=False)
+
+
+def test_upload_dtypes_and_staging_bytes():
+    assert upload_dtype(np.dtype(np.int16)) == (np.dtype(np.int16), torch.int16)
+    assert upload_dtype(np.dtype(np.uint16)) == (np.dtype(np.float32), torch.float32)  # torch lacks uint16 arithmetic
+    assert upload_dtype(np.dtype(np.float64)) == (np.dtype(np.float32), torch.float32)
+    assert upload_dtype(np.dtype(">i2")) == (np.dtype(np.int16), torch.int16)
+    # int16 slices travel in half the bytes of the float32 slices of the default path.
+    int16 = staged_buffer_bytes(8, (512, 512), np.dtype(np.int16), device_preprocess=True)
+    assert int16 * 2 == staged_buffer_bytes(8, (512, 512), np.dtype(np.int16), device_preprocess=False)
+    assert int16 == 2 * 8 * 512 * 512 * 2
+
+
+@needs_cuda
+@pytest.mark.parametrize("batch_size", [3, 8])
+def test_cuda_device_preprocessing_matches_the_default_cuda_path(net, batch_size):
+    """On the GPU both paths resize on the device: the network inputs must be identical bit for bit."""
+    stored = _volume((21, 48, 80), seed=4)[:, ::-1]
+    cuda_net = net.to("cuda")
+    results = {}
+    for device_preprocess in (False, True):
+        rec = _Recorder(cuda_net)
+        runner = FunctionRunner(rec, _info(), device="cuda")
+        with runner:
+            labels = infer_volume(
+                stored, volume_normalizer(stored, STATS), runner, batch_size, device_preprocess=device_preprocess
+            )
+        results[device_preprocess] = (labels, [x.cpu() for x in rec.inputs])
+    np.testing.assert_array_equal(results[True][0], results[False][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[True][1], results[False][1], strict=True))
+    net.to("cpu")

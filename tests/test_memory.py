@@ -1,0 +1,106 @@
+"""Choosing the CUDA batch for a whole-device GPU memory budget: the decision over measured numbers."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from flareseg.checkpoint import ModelInfo
+from flareseg.errors import FlareSegError
+from flareseg.network import NetworkConfig
+from flareseg.preprocess import NormalizationStats
+from flareseg.runtime import FunctionRunner
+from flareseg.runtime.memory import DEFAULT_CANDIDATES, measure_cuda_plan, nvml_used_mb, plan_batch
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+
+# Issue 10's NVML readings above idle on an H200 (fp16, channels-last), and made-up larger batches.
+H200 = {1: 973.0, 2: 1155.0, 4: 1601.0, 8: 2453.0, 16: 4100.0, 32: 7400.0}
+
+
+class _Measure:
+    """Looks measurements up and records which batches were asked for."""
+
+    def __init__(self, figures: dict[int, float]) -> None:
+        self.figures, self.asked = figures, []
+
+    def __call__(self, batch: int) -> float:
+        self.asked.append(batch)
+        return self.figures[batch]
+
+
+@pytest.mark.parametrize(
+    ("budget", "chosen", "asked"),
+    [
+        (1000.0, 1, [1, 2]),
+        (1155.0, 2, [1, 2, 4]),  # a figure equal to the budget fits
+        (2000.0, 4, [1, 2, 4, 8]),
+        (1e6, 32, list(DEFAULT_CANDIDATES)),
+    ],
+)
+def test_the_largest_fitting_batch_is_chosen_and_the_search_stops_at_the_first_misfit(budget, chosen, asked):
+    measure = _Measure(H200)
+    plan = plan_batch(budget, context_mb=621.0, weights_mb=40.0, measure=measure)
+    assert plan.batch == chosen and plan.predicted_mb == H200[chosen]
+    assert measure.asked == asked  # no warm-up batch beyond the first that does not fit
+    assert [m.batch for m in plan.measured] == asked
+    line = plan.line()
+    assert f"batch {chosen} fits the {budget:.0f} MB" in line and "CUDA context 621 MB" in line and "above idle" in line
+
+
+def test_a_budget_below_the_context_names_the_context_cost():
+    measure = _Measure(H200)
+    with pytest.raises(FlareSegError, match=r"CUDA context 621 MB \+ model 40 MB = 661 MB"):
+        plan_batch(600.0, context_mb=621.0, weights_mb=40.0, measure=measure)
+    assert measure.asked == []  # nothing is run when the context alone does not fit
+
+
+def test_a_budget_too_small_for_batch_one_names_its_figure():
+    with pytest.raises(FlareSegError, match="too small for even batch 1, which needs 973 MB"):
+        plan_batch(900.0, context_mb=621.0, weights_mb=40.0, measure=_Measure(H200))
+
+
+@pytest.mark.parametrize("budget", [0.0, -5.0, math.nan])
+def test_a_budget_must_be_positive(budget):
+    with pytest.raises(FlareSegError, match="positive number of MB"):
+        plan_batch(budget, context_mb=1.0, weights_mb=1.0, measure=_Measure(H200))
+
+
+def test_candidates_respect_the_runner_s_batch_range():
+    measure = _Measure(H200)
+    plan = plan_batch(1e6, 621.0, 40.0, measure, min_batch=2, max_batch=8)
+    assert plan.batch == 8 and measure.asked == [2, 4, 8]
+    with pytest.raises(FlareSegError, match="no candidate batch size"):
+        plan_batch(1e6, 621.0, 40.0, _Measure(H200), candidates=(1, 2), min_batch=4)
+    # Unsorted, repeated candidates are tried once each, smallest first.
+    measure = _Measure(H200)
+    assert plan_batch(1200.0, 621.0, 40.0, measure, candidates=(4, 1, 2, 2)).batch == 2
+    assert measure.asked == [1, 2, 4]
+
+
+def test_without_an_idle_reading_the_plan_says_its_figures_are_whole_device():
+    plan = plan_batch(1000.0, 621.0, 40.0, _Measure(H200), idle_known=False)
+    assert "whole device" in plan.line() and not plan.idle_known
+
+
+def test_measuring_needs_a_cuda_runner_and_nvml_is_optional(monkeypatch):
+    info = ModelInfo(NetworkConfig(base_width=4), NormalizationStats(mean=0.0, std=1.0), slice_size=(64, 64))
+    with FunctionRunner(lambda x: x, info) as runner, pytest.raises(FlareSegError, match="needs a CUDA runner"):
+        measure_cuda_plan(runner, 1000.0, (64, 64), np.dtype(np.int16))
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # nvidia-ml-py absent: no NVML reading, no error
+    assert nvml_used_mb(torch.device("cuda", 0)) is None
+
+
+@needs_cuda
+def test_measured_plan_on_the_gpu():
+    info = ModelInfo(NetworkConfig(base_width=4), NormalizationStats(mean=0.0, std=1.0), slice_size=(64, 64))
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1).cuda()
+    with FunctionRunner(conv, info, device="cuda") as runner, torch.inference_mode():
+        plan = measure_cuda_plan(runner, 100_000.0, (96, 96), np.dtype(np.int16), candidates=(1, 2, 4))
+    assert plan.batch == 4 and plan.context_mb > 0
+    figures = [m.device_mb for m in plan.measured]
+    assert figures == sorted(figures)
