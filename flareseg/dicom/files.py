@@ -1,0 +1,131 @@
+"""Which files hold DICOM, which folders hold a series, and what a series folder is called as a case."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+
+from flareseg.errors import FlareSegError
+
+#: How many files :func:`is_series_dir` looks at before deciding.
+PROBE_FILES = 8
+#: Media Storage SOP Class of a DICOMDIR (an index of a disc, not an image).
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+_MAX_NAME = 100
+_IDENTIFYING_TAGS = [Tag(0x0008, 0x0016), Tag(0x0008, 0x0060)]  # SOPClassUID, Modality
+
+
+def _candidates(folder: Path) -> list[Path]:
+    """Regular, non-hidden files of ``folder`` in name order, DICOMDIR excluded."""
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        raise FlareSegError(f"{folder}: cannot list the folder ({exc.strerror})") from None
+    return [p for p in entries if not p.name.startswith(".") and p.name.upper() != "DICOMDIR" and p.is_file()]
+
+
+def has_preamble(path: str | os.PathLike[str]) -> bool:
+    """A DICOM Part 10 file: 128 bytes of preamble, then ``DICM``."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM"
+
+
+def is_dicom_file(path: str | os.PathLike[str]) -> bool:
+    """A DICOM file, with the Part 10 preamble or as a bare data set that pydicom parses."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    if head[128:132] == b"DICM":
+        return True
+    # A bare data set starts with an element of group 0002 or 0008 (little endian); anything
+    # else is not DICOM, and this keeps pydicom's force mode away from text and NIfTI files.
+    if len(head) < 8 or head[:2] not in (b"\x02\x00", b"\x08\x00"):
+        return False
+    try:
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True, specific_tags=_IDENTIFYING_TAGS)
+    except Exception:  # force mode on a damaged file can fail in any layer of the parser
+        return False
+    return "SOPClassUID" in ds or "Modality" in ds
+
+
+def dicom_files(folder: str | os.PathLike[str]) -> tuple[list[Path], int]:
+    """The DICOM files directly in ``folder`` (name order) and how many candidate files it holds."""
+    candidates = _candidates(Path(folder))
+    return [p for p in candidates if is_dicom_file(p)], len(candidates)
+
+
+def is_series_dir(path: str | os.PathLike[str]) -> bool:
+    """A folder that directly holds DICOM files (judged from its first few files)."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    try:
+        candidates = _candidates(path)
+    except FlareSegError:
+        return False
+    return any(is_dicom_file(p) for p in candidates[:PROBE_FILES])
+
+
+def _sanitise(text: str) -> str:
+    """Safe as a file name: letters, digits, dot, dash and underscore; no leading dot."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")[:_MAX_NAME]
+
+
+def case_name_of(ds: Dataset, folder: Path) -> str:
+    """``{PatientID}_s{SeriesNumber}``, else the SeriesInstanceUID, else the folder's name."""
+    patient = _sanitise(str(ds.get("PatientID", "") or ""))
+    number = ds.get("SeriesNumber")
+    number_text = _sanitise(str(number)) if number not in (None, "") else ""
+    if patient and number_text:
+        return f"{patient}_s{number_text}"
+    uid = _sanitise(str(ds.get("SeriesInstanceUID", "") or ""))
+    if uid:
+        return uid
+    return _sanitise(folder.resolve().name) or "series"
+
+
+def read_header(path: Path) -> Dataset:
+    """A file's data set without its pixel data; bare data sets (no preamble) are read in force mode."""
+    return pydicom.dcmread(path, stop_before_pixels=True, force=not has_preamble(path))
+
+
+def series_case_name(folder: str | os.PathLike[str]) -> str:
+    """The case name of a series folder, from its first DICOM file (see :func:`case_name_of`)."""
+    folder = Path(folder)
+    for path in _candidates(folder):
+        if is_dicom_file(path):
+            try:
+                return case_name_of(read_header(path), folder)
+            except Exception as exc:  # a damaged header: pydicom raises from many layers
+                raise FlareSegError(f"{folder}: unreadable DICOM file {path.name} ({exc})") from None
+    raise FlareSegError(f"{folder}: no DICOM files")
+
+
+def find_series(folder: str | os.PathLike[str]) -> dict[str, Path]:
+    """Case name -> series folder for each immediate, non-hidden subfolder of ``folder`` that holds DICOM files.
+
+    Sorted by case name; two series with the same case name are an error naming both folders.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FlareSegError(f"{folder}: not a directory")
+    cases: dict[str, Path] = {}
+    for sub in sorted(folder.iterdir()):
+        if sub.name.startswith(".") or not is_series_dir(sub):
+            continue
+        name = series_case_name(sub)
+        if name in cases:
+            raise FlareSegError(f"{folder}: case {name} appears twice ({cases[name].name}, {sub.name})")
+        cases[name] = sub
+    return dict(sorted(cases.items()))

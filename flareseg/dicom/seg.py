@@ -1,0 +1,188 @@
+"""DICOM SEG output (highdicom): the organs of a label map, referencing the series they were segmented from.
+
+One segment per organ present, coded in SNOMED CT (category Anatomical Structure), made
+by an AUTOMATIC algorithm identified as flareseg and its version, BINARY, one frame per
+source slice that holds an organ. highdicom is imported only here, when a SEG is written
+or read, so that NIfTI-only use never pays for its import.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from flareseg import __version__
+from flareseg.atomic import atomic_output
+from flareseg.dicom.series import DicomSeries
+from flareseg.errors import FlareSegError
+from flareseg.labels import LABELS, NUM_CLASSES, ORGANS
+from flareseg.volume import Volume, from_canonical, to_canonical
+
+if TYPE_CHECKING:
+    import highdicom
+
+log = logging.getLogger(__name__)
+
+#: SNOMED CT concept of each organ label (FLARE21 labels; both kidneys share "Kidney").
+ORGAN_CODES: Final[dict[int, tuple[str, str]]] = {
+    1: ("10200004", "Liver"),
+    2: ("64033007", "Kidney"),
+    3: ("78961009", "Spleen"),
+    4: ("15776009", "Pancreas"),
+}
+#: Display colours (RGB) a viewer uses when the segment is shown.
+ORGAN_COLOURS: Final[dict[int, tuple[int, int, int]]] = {
+    1: (221, 130, 101),
+    2: (185, 102, 83),
+    3: (157, 108, 162),
+    4: (249, 180, 111),
+}
+SEG_SERIES_NUMBER: Final[int] = 901
+SEG_SERIES_DESCRIPTION: Final[str] = "flareseg organs"
+
+
+def _series_of(volume: Volume, what: str) -> DicomSeries:
+    if not isinstance(volume.source, DicomSeries):
+        raise FlareSegError(
+            f"{volume.geometry.path}: {what} needs a DICOM series as input; this input is not one, "
+            "so there is no series to reference (use NIfTI output)"
+        )
+    return volume.source
+
+
+def _referencable(ds: Dataset) -> Dataset:
+    """A header copy with SOPClassUID/SOPInstanceUID taken from the file meta when the data set lacks them."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or (ds.get("SOPInstanceUID") and ds.get("SOPClassUID")):
+        return ds
+    out = copy.deepcopy(ds)  # the volume's own headers stay as read
+    if not out.get("SOPInstanceUID"):
+        out.SOPInstanceUID = meta.get("MediaStorageSOPInstanceUID", "")
+    if not out.get("SOPClassUID"):
+        out.SOPClassUID = meta.get("MediaStorageSOPClassUID", "")
+    return out
+
+
+def check_seg_writable(volume: Volume) -> DicomSeries:
+    """Refuse, before any work is done, a volume whose series a DICOM SEG cannot reference."""
+    series = _series_of(volume, "DICOM SEG output")
+    first = _referencable(series.datasets[0])
+    missing = [
+        key
+        for key in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "SOPClassUID")
+        if not first.get(key)
+    ]
+    if not all(series.sop_instance_uids):
+        missing.append("SOPInstanceUID")
+    if missing:
+        raise FlareSegError(
+            f"{series.folder}: the series has no {', '.join(missing)} (anonymised?), so a DICOM SEG "
+            "cannot reference it; use NIfTI output"
+        )
+    return series
+
+
+def _description(number: int, label: int) -> highdicom.seg.SegmentDescription:
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    value, meaning = ORGAN_CODES[label]
+    return hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=LABELS[label],
+        segmented_property_category=codes.SCT.AnatomicalStructure,
+        segmented_property_type=hd.sr.CodedConcept(value, "SCT", meaning),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name="flareseg", family=codes.cid7162.ArtificialIntelligence, version=__version__
+        ),
+        tracking_id=LABELS[label],
+        tracking_uid=hd.UID(),
+        display_color=hd.color.CIELabColor.from_rgb(*ORGAN_COLOURS[label]),
+    )
+
+
+def write_seg(labels: np.ndarray, volume: Volume, path: str | os.PathLike[str]) -> Path:
+    """Write a canonical (Z, Y, X) uint8 label map of ``volume`` as a DICOM SEG file, atomically.
+
+    Only ``volume.geometry`` and ``volume.source`` are used (the CT voxels may already be released).
+
+    An empty label map (no organ found) still gives a valid SEG: all four organs are described,
+    and one empty frame is stored.
+    """
+    import highdicom as hd
+
+    series = check_seg_writable(volume)
+    path = Path(path)
+    if labels.dtype != np.uint8:
+        raise FlareSegError(f"label map must be uint8, got {labels.dtype}")
+    if any(path.resolve() == p.resolve() for p in series.files):
+        raise FlareSegError(f"{path}: refusing to overwrite an input slice")
+    file_labels = from_canonical(labels, volume.geometry)  # refuses a shape that does not fit the series
+    counts = np.bincount(labels.ravel(), minlength=NUM_CLASSES)
+    if counts.size > NUM_CLASSES:
+        bad = np.flatnonzero(counts[NUM_CLASSES:]) + NUM_CLASSES
+        raise FlareSegError(f"label map holds labels {bad.tolist()} outside 0..{NUM_CLASSES - 1}")
+    present = [label for label in ORGANS if counts[label]]
+    # Segment numbers run 1..m over the organs present (highdicom's label-map input).
+    lut = np.zeros(NUM_CLASSES, dtype=np.uint8)
+    for number, label in enumerate(present, start=1):
+        lut[label] = number
+    frames = lut[file_labels.transpose(2, 1, 0)]  # (slice, row, column)
+    described = present or list(ORGANS)
+    seg = hd.seg.Segmentation(
+        source_images=[_referencable(ds) for ds in series.datasets],
+        pixel_array=np.ascontiguousarray(frames),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[_description(n, label) for n, label in enumerate(described, start=1)],
+        series_instance_uid=hd.UID(),
+        series_number=SEG_SERIES_NUMBER,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="flareseg",
+        manufacturer_model_name="flareseg FLARE21 2D U-Net",
+        software_versions=__version__,
+        device_serial_number="0",
+        content_label="ORGANS",
+        content_description="Liver, kidneys, spleen and pancreas",
+        series_description=SEG_SERIES_DESCRIPTION,
+        omit_empty_frames=bool(present),
+    )
+    with atomic_output(path, keep_suffix=".dcm") as tmp:
+        seg.save_as(tmp)
+    log.debug("wrote %s (%d segments, %d frames)", path, len(described), int(seg.NumberOfFrames))
+    return path
+
+
+def read_seg(path: str | os.PathLike[str], volume: Volume) -> np.ndarray:
+    """Rebuild the canonical (Z, Y, X) uint8 label map of ``volume`` from a DICOM SEG that references its series."""
+    import highdicom as hd
+
+    series = _series_of(volume, "reading a DICOM SEG")
+    path = Path(path)
+    try:
+        seg = hd.seg.segread(path)
+    except Exception as exc:  # pydicom/highdicom raise many types for a file that is not a SEG
+        raise FlareSegError(f"{path}: not a readable DICOM SEG ({exc})") from None
+    label_of_code = {value: label for label, (value, _) in ORGAN_CODES.items()}
+    lut = np.zeros(max(seg.segment_numbers, default=0) + 1, dtype=np.uint8)
+    for number in seg.segment_numbers:
+        code = seg.get_segment_description(number).segmented_property_type.value
+        if code not in label_of_code:
+            raise FlareSegError(f"{path}: segment {number} has SNOMED CT code {code}, not one of flareseg's organs")
+        lut[number] = label_of_code[code]
+    try:
+        frames = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=list(series.sop_instance_uids),
+            combine_segments=True,
+            assert_missing_frames_are_empty=True,
+        )
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise FlareSegError(f"{path}: does not fit the series in {series.folder} ({exc})") from None
+    return to_canonical(lut[frames].transpose(2, 1, 0), volume.geometry)

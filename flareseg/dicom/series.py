@@ -1,0 +1,424 @@
+"""One CT series (a folder of single-frame DICOM files) read into the canonical :class:`Volume` layout.
+
+Slices are ordered by the projection of ImagePositionPatient on the slice normal (the cross
+product of the ImageOrientationPatient row and column directions), never by file name or
+InstanceNumber, and the slice spacing comes from those positions. The grid's affine is
+built in the DICOM patient frame (LPS) and turned into RAS, so the volume, its geometry and
+everything downstream (``write_labels`` included) behave exactly as for a NIfTI input.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pydicom.uid as dicom_uid
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import get_decoder
+from pydicom.pixels import pixel_array as decode_pixels
+
+from flareseg.dicom.files import DICOMDIR_SOP_CLASS, dicom_files, read_header
+from flareseg.errors import FlareSegError
+from flareseg.volume import Volume, VolumeGeometry, to_canonical
+
+log = logging.getLogger(__name__)
+
+_RAS = axcodes2ornt(("R", "A", "S"))
+
+#: ImageOrientationPatient components may differ this much between slices of one stack.
+ORIENTATION_TOLERANCE = 1e-3
+#: Slice positions may stray from the slice normal by this fraction of a pixel (else: gantry tilt).
+TILT_TOLERANCE_PIXELS = 0.1
+#: Gaps between neighbouring slices may differ from the median gap by this fraction of it.
+SPACING_TOLERANCE = 0.1
+#: Most threads used to decode compressed slices.
+MAX_DECODE_THREADS = 8
+#: Threaded decoding is the default only with this many usable cores: on 2 busy cores it did not
+#: help (benchmarks/dicom_read.md), and Pillow's codec alone can be slower than pylibjpeg's.
+MIN_CORES_FOR_THREADS = 4
+
+_JPEG2000 = frozenset(
+    {
+        dicom_uid.JPEG2000Lossless,
+        dicom_uid.JPEG2000,
+        dicom_uid.HTJ2KLossless,
+        dicom_uid.HTJ2KLosslessRPCL,
+        dicom_uid.HTJ2K,
+    }
+)
+_JPEG = frozenset(
+    {
+        dicom_uid.JPEGBaseline8Bit,
+        dicom_uid.JPEGExtended12Bit,
+        dicom_uid.JPEGLossless,
+        dicom_uid.JPEGLosslessSV1,
+        dicom_uid.JPEGLSLossless,
+        dicom_uid.JPEGLSNearLossless,
+    }
+)
+
+
+@dataclass(frozen=True, eq=False)
+class DicomSeries:
+    """What a DICOM SEG writer needs to reference the series a volume was read from (``Volume.source``)."""
+
+    folder: Path
+    #: The files in slice order along the normal: slice ``k`` of the file grid (``geometry`` axis 2).
+    files: tuple[Path, ...]
+    #: Their headers (read without pixel data), in the same order.
+    datasets: tuple[Dataset, ...]
+    #: Canonical axial slice ``z`` -> index into ``files``; None when the series is not axial
+    #: (sagittal or coronal slices do not map one to one onto canonical axial slices).
+    canonical_slices: tuple[int, ...] | None
+
+    @property
+    def sop_instance_uids(self) -> tuple[str, ...]:
+        """SOPInstanceUID of each slice in file-grid order (from the file meta when the data set lacks it)."""
+        return tuple(_uid(ds, "SOPInstanceUID", "MediaStorageSOPInstanceUID") for ds in self.datasets)
+
+
+def _uid(ds: Dataset, keyword: str, meta_keyword: str) -> str:
+    value = str(ds.get(keyword, "") or "")
+    if not value and hasattr(ds, "file_meta"):
+        value = str(ds.file_meta.get(meta_keyword, "") or "")
+    return value
+
+
+def _fail(folder: Path, problem: str) -> FlareSegError:
+    return FlareSegError(f"{folder}: {problem}")
+
+
+def _headers(folder: Path) -> list[tuple[Path, Dataset]]:
+    files, n_candidates = dicom_files(folder)
+    if n_candidates == 0:
+        raise _fail(folder, "empty folder: no files (expected the DICOM files of one CT series)")
+    if not files:
+        raise _fail(folder, f"no DICOM files among its {n_candidates} files")
+    out = []
+    for path in files:
+        try:
+            ds = read_header(path)
+        except Exception as exc:  # a damaged header: pydicom raises from many layers
+            raise _fail(folder, f"unreadable DICOM file {path.name} ({exc})") from None
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None and meta.get("MediaStorageSOPClassUID") == DICOMDIR_SOP_CLASS:
+            continue
+        out.append((path, ds))
+    if not out:
+        raise _fail(folder, "no DICOM image files (only a DICOMDIR)")
+    return out
+
+
+def _check_one_series(folder: Path, headers: list[tuple[Path, Dataset]]) -> None:
+    groups: dict[str, list[Dataset]] = {}
+    for _, ds in headers:
+        groups.setdefault(str(ds.get("SeriesInstanceUID", "") or ""), []).append(ds)
+    if len(groups) > 1:
+        parts = [
+            f"{uid or '(no SeriesInstanceUID)'} '{members[0].get('SeriesDescription', '') or ''}' "
+            f"({len(members)} files)"
+            for uid, members in sorted(groups.items())
+        ]
+        raise _fail(folder, f"{len(groups)} series in one folder, expected one: " + "; ".join(parts))
+    modalities = sorted({str(ds.get("Modality", "") or "(none)") for _, ds in headers})
+    if modalities != ["CT"]:
+        raise _fail(folder, f"modality {', '.join(modalities)}, expected CT")
+
+
+def _require(folder: Path, headers: list[tuple[Path, Dataset]]) -> None:
+    needed = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
+    for path, ds in headers:
+        missing = [k for k in needed if ds.get(k) in (None, "")]
+        if missing:
+            raise _fail(folder, f"{path.name} lacks {', '.join(missing)} (not a CT image slice?)")
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        if frames > 1:
+            raise _fail(folder, f"{path.name} is a multi-frame image ({frames} frames); expected single-frame slices")
+        if int(ds.get("SamplesPerPixel", 1)) != 1:
+            raise _fail(folder, f"{path.name} is not a greyscale image (SamplesPerPixel={ds.SamplesPerPixel})")
+
+
+def _check_consistent(folder: Path, headers: list[tuple[Path, Dataset]], what: str, key: Callable) -> None:
+    counts = Counter(key(ds) for _, ds in headers)
+    if len(counts) > 1:
+        (common, _), *_ = counts.most_common()
+        odd = next(path.name for path, ds in headers if key(ds) != common)
+        found = ", ".join(f"{value} in {n} files" for value, n in counts.most_common())
+        raise _fail(folder, f"inconsistent {what} between slices: {found} (e.g. {odd})")
+
+
+def _plane(folder: Path, headers: list[tuple[Path, Dataset]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unit row and column directions (LPS) and their normal, checking that all slices share them."""
+    iop = np.array([[float(v) for v in ds.ImageOrientationPatient] for _, ds in headers])
+    if iop.shape[1] != 6 or not np.all(np.isfinite(iop)):
+        raise _fail(folder, "ImageOrientationPatient must hold six finite numbers")
+    worst = int(np.argmax(np.abs(iop - iop[0]).max(axis=1)))
+    if np.abs(iop[worst] - iop[0]).max() > ORIENTATION_TOLERANCE:
+        raise _fail(
+            folder,
+            "slices are not parallel: ImageOrientationPatient differs between "
+            f"{headers[0][0].name} {np.round(iop[0], 4).tolist()} and {headers[worst][0].name} "
+            f"{np.round(iop[worst], 4).tolist()}",
+        )
+    row, col = iop[0, :3], iop[0, 3:]
+    if min(np.linalg.norm(row), np.linalg.norm(col)) < 1e-3:
+        raise _fail(folder, f"ImageOrientationPatient {iop[0].tolist()} has a zero direction")
+    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+    if abs(float(row @ col)) > ORIENTATION_TOLERANCE:
+        raise _fail(folder, f"ImageOrientationPatient {iop[0].tolist()}: row and column are not orthogonal")
+    normal = np.cross(row, col)
+    return row, col, normal / np.linalg.norm(normal)
+
+
+def _slice_order(
+    folder: Path, headers: list[tuple[Path, Dataset]], normal: np.ndarray, pixel: float
+) -> tuple[np.ndarray, float]:
+    """Indices of ``headers`` sorted along the normal, and the slice spacing; refuses tilt, gaps and duplicates."""
+    names = [path.name for path, _ in headers]
+    pos = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in headers])
+    if pos.shape[1] != 3 or not np.all(np.isfinite(pos)):
+        raise _fail(folder, "ImagePositionPatient must hold three finite numbers")
+    s = pos @ normal
+    order = np.argsort(s, kind="stable")
+    s, pos = s[order], pos[order]
+    offsets = (pos - pos[0]) - np.outer(s - s[0], normal)  # in-plane drift of each slice's corner
+    drift = np.linalg.norm(offsets, axis=1)
+    if drift.max() > TILT_TOLERANCE_PIXELS * pixel:
+        span = max(float(s[-1] - s[0]), 1e-6)
+        angle = np.degrees(np.arctan2(float(drift.max()), span))
+        tilt = headers[0][1].get("GantryDetectorTilt")
+        tag = f", GantryDetectorTilt {tilt}" if tilt not in (None, "") else ""
+        raise _fail(
+            folder,
+            f"slice positions do not follow the slice normal (gantry tilt or sheared stack of about {angle:.1f} "
+            f"degrees{tag}); tilted series are not supported",
+        )
+    if len(s) < 2:
+        ds = headers[0][1]
+        fallback = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 1.0
+        return order, float(fallback)
+    gaps = np.diff(s)
+    dup = np.flatnonzero(gaps <= max(1e-3, 0.1 * float(gaps.max())))
+    if dup.size:
+        k = int(dup[0])
+        raise _fail(
+            folder,
+            f"duplicated slice: {names[order[k]]} and {names[order[k + 1]]} are both at {s[k]:.2f} mm along the normal",
+        )
+    step = float(np.median(gaps))
+    bad = np.flatnonzero(np.abs(gaps - step) > max(0.01, SPACING_TOLERANCE * step))
+    if bad.size:
+        k = int(bad[np.argmax(np.abs(gaps[bad] - step))])
+        missing = round(gaps[k] / step) - 1
+        hint = (
+            f": {missing} missing slice(s)?"
+            if missing >= 1 and abs(gaps[k] / step - round(gaps[k] / step)) < 0.2
+            else ""
+        )
+        raise _fail(
+            folder,
+            f"slice positions are not evenly spaced: gap of {gaps[k]:.2f} mm between {names[order[k]]} and "
+            f"{names[order[k + 1]]}, expected {step:.2f} mm{hint}",
+        )
+    return order, float((s[-1] - s[0]) / (len(s) - 1))
+
+
+def _affine(row: np.ndarray, col: np.ndarray, normal: np.ndarray, spacing: Sequence[float], origin: np.ndarray):
+    """RAS affine of the file grid: voxel (i, j, k) = (column, row, slice along the normal)."""
+    lps = np.eye(4)
+    lps[:3, 0] = row * spacing[1]  # PixelSpacing is (between rows, between columns)
+    lps[:3, 1] = col * spacing[0]
+    lps[:3, 2] = normal * spacing[2]
+    lps[:3, 3] = origin
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def _geometry(folder: Path, shape: tuple[int, int, int], affine: np.ndarray, dtype: np.dtype) -> VolumeGeometry:
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header.set_qform(affine, code=1)  # scanner-based: DICOM positions
+    header.set_sform(affine, code=1)
+    header.set_xyzt_units("mm", "sec")
+    return VolumeGeometry(
+        path=folder,
+        shape=shape,
+        affine=affine,
+        header=header,
+        to_canonical=ornt_transform(io_orientation(affine), _RAS),
+    )
+
+
+def codec_problem(uid: str) -> str | None:
+    """Why pixel data in transfer syntax ``uid`` cannot be decoded here (naming what to install), or None."""
+    if not uid:
+        return None  # a bare data set: implicit or explicit VR, decoded natively
+    ts = dicom_uid.UID(uid)
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError:
+        return f"transfer syntax {ts.name} ({ts}) cannot be decoded: pydicom has no decoder for it"
+    if decoder.is_available:
+        return None
+    if ts in _JPEG2000:
+        package = "pylibjpeg-openjpeg (with pylibjpeg), or python-gdcm"
+    elif ts in _JPEG:
+        package = "pylibjpeg-libjpeg (with pylibjpeg), or python-gdcm"
+    else:
+        package = "a pydicom decoder plugin for it (pylibjpeg plugins or python-gdcm)"
+    return f"transfer syntax {ts.name} ({ts}) cannot be decoded: no codec installed; install {package}"
+
+
+def _transfer_syntax(ds: Dataset) -> str:
+    meta = getattr(ds, "file_meta", None)
+    return str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
+
+
+def _decode_plan(syntaxes: set[str], threads: int | None) -> tuple[str, int]:
+    """(pydicom decoding plugin, threads). Threads only where the codec releases the GIL.
+
+    pylibjpeg-openjpeg (pydicom's first choice for JPEG 2000) decodes holding the GIL, so
+    threads do not overlap; Pillow's JPEG 2000 decoder releases it and gives the same
+    values for lossless data (benchmarks/dicom_read.md).
+    """
+    if threads is None:
+        cores = len(os.sched_getaffinity(0))
+        threads = min(MAX_DECODE_THREADS, cores) if cores >= MIN_CORES_FOR_THREADS else 1
+    workers = threads
+    if workers < 1:
+        raise FlareSegError(f"threads must be at least 1, got {threads}")
+    if workers > 1 and syntaxes and syntaxes <= _JPEG2000:
+        if all("pillow" in get_decoder(dicom_uid.UID(ts)).available_plugins for ts in syntaxes):
+            return "pillow", workers
+    return "", 1
+
+
+def _decode(folder: Path, path: Path, header: Dataset, plugin: str) -> np.ndarray:
+    try:
+        if _transfer_syntax(header):
+            return decode_pixels(path, decoding_plugin=plugin)
+        # A bare data set has no file meta: give pydicom the encoding it was parsed with.
+        ds = pydicom.dcmread(path, force=True)
+        implicit, little = ds.original_encoding
+        ds.file_meta = FileMetaDataset()
+        if implicit:
+            ds.file_meta.TransferSyntaxUID = dicom_uid.ImplicitVRLittleEndian
+        else:
+            ds.file_meta.TransferSyntaxUID = (
+                dicom_uid.ExplicitVRLittleEndian if little else dicom_uid.ExplicitVRBigEndian
+            )
+        return ds.pixel_array
+    except FlareSegError:
+        raise
+    except Exception as exc:  # codecs raise many types for corrupt or missing data
+        raise _fail(folder, f"cannot decode the pixel data of {path.name} ({type(exc).__name__}: {exc})") from None
+
+
+def read_series(folder: str | os.PathLike[str], *, threads: int | None = None) -> Volume:
+    """Read the CT series in ``folder`` in the canonical layout :func:`flareseg.volume.read_ct` gives.
+
+    Stored integers stay resident with RescaleSlope/RescaleIntercept as ``slope``/``inter``
+    (when every slice shares them; otherwise the volume holds float32 Hounsfield units).
+    ``volume.source`` is a :class:`DicomSeries`. ``threads``: decoding threads for JPEG 2000
+    (default: the usable cores, at most 8, when there are at least 4; else 1); 1 decodes
+    serially with pydicom's default codec.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise _fail(folder, "folder not found")
+    if not folder.is_dir():
+        raise _fail(folder, "not a directory (expected a folder holding one DICOM series)")
+    headers = _headers(folder)
+    _check_one_series(folder, headers)
+    _require(folder, headers)
+    _check_consistent(folder, headers, "slice size (Rows x Columns)", lambda ds: f"{ds.Rows}x{ds.Columns}")
+    _check_consistent(folder, headers, "PixelSpacing", lambda ds: "x".join(f"{float(v):.4f}" for v in ds.PixelSpacing))
+    _check_consistent(
+        folder,
+        headers,
+        "pixel format (BitsAllocated/PixelRepresentation)",
+        lambda ds: f"{ds.get('BitsAllocated')}/{ds.get('PixelRepresentation')}",
+    )
+    syntaxes = {_transfer_syntax(ds) for _, ds in headers}
+    for ts in sorted(syntaxes):
+        problem = codec_problem(ts)
+        if problem:
+            raise _fail(folder, problem)
+    row, col, normal = _plane(folder, headers)
+    first = headers[0][1]
+    pixel_spacing = [float(v) for v in first.PixelSpacing]
+    if len(pixel_spacing) != 2 or min(pixel_spacing) <= 0:
+        raise _fail(folder, f"invalid PixelSpacing {first.PixelSpacing}")
+    order, step = _slice_order(folder, headers, normal, min(pixel_spacing))
+    ordered = [headers[int(i)] for i in order]
+    rows, cols, n = int(first.Rows), int(first.Columns), len(ordered)
+
+    slopes = np.array([float(ds.get("RescaleSlope", 1.0) or 1.0) for _, ds in ordered])
+    inters = np.array([float(ds.get("RescaleIntercept", 0.0) or 0.0) for _, ds in ordered])
+    if not (np.all(np.isfinite(slopes)) and np.all(np.isfinite(inters))) or np.any(slopes == 0):
+        raise _fail(folder, "invalid RescaleSlope/RescaleIntercept")
+    per_slice = bool(np.any(slopes != slopes[0]) or np.any(inters != inters[0]))
+
+    origin = np.array([float(v) for v in ordered[0][1].ImagePositionPatient])
+    affine = _affine(row, col, normal, (*pixel_spacing, step), origin)
+    plugin, workers = _decode_plan(syntaxes, threads)
+    sample = _decode(folder, ordered[0][0], ordered[0][1], plugin)
+    if sample.shape != (rows, cols):
+        raise _fail(folder, f"{ordered[0][0].name}: decoded pixels of shape {sample.shape}, expected {(rows, cols)}")
+    dtype = np.dtype(np.float32) if per_slice else sample.dtype
+    geometry = _geometry(folder, (cols, rows, n), affine, dtype)
+
+    ornt = geometry.to_canonical
+    axial = int(ornt[2, 0]) == 2  # file slices are canonical axial slices (possibly reversed)
+    canonical_slices: tuple[int, ...] | None = None
+    if axial:
+        z_of_k = np.arange(n)[::-1] if ornt[2, 1] < 0 else np.arange(n)
+        canonical_slices = tuple(int(k) for k in np.argsort(z_of_k))
+        plane = ornt[:2]
+        shape2d = apply_orientation(np.empty((cols, rows), np.uint8), plane).shape  # (X, Y)
+        out = np.empty((n, shape2d[1], shape2d[0]), dtype)
+    else:
+        out = np.empty((n, rows, cols), dtype)
+
+    def place(k: int, pixels: np.ndarray) -> None:
+        if pixels.shape != (rows, cols):
+            raise _fail(
+                folder, f"{ordered[k][0].name}: decoded pixels of shape {pixels.shape}, expected {(rows, cols)}"
+            )
+        if per_slice:
+            pixels = pixels.astype(np.float32) * np.float32(slopes[k]) + np.float32(inters[k])
+        if axial:
+            out[z_of_k[k]] = apply_orientation(pixels.T, plane).T
+        else:
+            out[k] = pixels
+
+    def work(k: int) -> None:
+        place(k, _decode(folder, ordered[k][0], ordered[k][1], plugin))
+
+    place(0, sample)
+    if workers > 1 and n > 2:
+        with ThreadPoolExecutor(max_workers=min(workers, n - 1)) as pool:
+            for future in [pool.submit(work, k) for k in range(1, n)]:
+                future.result()
+    else:
+        for k in range(1, n):
+            work(k)
+    array = out if axial else to_canonical(out.transpose(2, 1, 0), geometry)
+    source = DicomSeries(
+        folder=folder,
+        files=tuple(p for p, _ in ordered),
+        datasets=tuple(ds for _, ds in ordered),
+        canonical_slices=canonical_slices,
+    )
+    slope, inter = (1.0, 0.0) if per_slice else (float(slopes[0]), float(inters[0]))
+    log.debug("read %s: %d slices of %dx%d, %s, plugin %r x%d", folder, n, rows, cols, dtype, plugin, workers)
+    return Volume(array, geometry, slope, inter, source=source)

@@ -1,0 +1,613 @@
+"""DICOM series in (flareseg.dicom.read_series), DICOM SEG out (write_seg), checked against independent computations.
+
+Series are written here from the phantom (any orientation, shuffled files, random names,
+uncompressed and compressed transfer syntaxes); the shared real series is compared with an
+independent NIfTI conversion (dicom2nifti).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    MPEG2MPML,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+    generate_uid,
+)
+
+from flareseg import __version__
+from flareseg.dicom import (
+    DicomSeries,
+    check_seg_writable,
+    find_series,
+    is_series_dir,
+    read_seg,
+    read_series,
+    series_case_name,
+    write_seg,
+)
+from flareseg.errors import FlareSegError
+from flareseg.phantom import Phantom, make_phantom
+from flareseg.volume import read_ct, write_labels
+
+ROOT = Path(__file__).resolve().parents[1]
+DICOM_SAMPLE = ROOT.parent / "shared" / "data" / "dicom-sample"
+SHAPE = (64, 64, 12)  # voxels along R, A, S
+SPACING = (5.0, 5.0, 6.0)
+LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def phantom(axcodes: str = "RAS") -> Phantom:
+    return make_phantom(SHAPE, SPACING, tuple(axcodes), seed=3)
+
+
+def canonical_truth() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Phantom HU and labels in the canonical (Z, Y, X) layout, and its RAS affine."""
+    p = phantom("RAS")
+    return p.image.transpose(2, 1, 0), p.labels.transpose(2, 1, 0), p.affine
+
+
+def canonical_affine(affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """nibabel's affine of the same grid in RAS+ voxel order: world coordinates of the canonical voxel centres."""
+    return nib.as_closest_canonical(nib.Nifti1Image(np.zeros(shape, np.uint8), affine)).affine
+
+
+def write_series(
+    folder: Path,
+    ph: Phantom,
+    *,
+    syntax: str = ExplicitVRLittleEndian,
+    unsigned: bool = True,
+    modality: str = "CT",
+    patient_id: str = "PAT01",
+    series_number: int | None = 3,
+    series_uid: str | None = None,
+    description: str = "phantom abdomen",
+    seed: int = 0,
+    bare_files: int = 0,
+    edit: Callable[[int, Dataset], None] | None = None,
+) -> list[Path]:
+    """Write ``ph`` as single-frame CT slices along its third voxel axis; returns the files in slice order.
+
+    Files are written in a shuffled order under random names (half without ``.dcm``), with
+    scrambled InstanceNumbers; the first ``bare_files`` slices are written without the Part 10
+    preamble and file meta. ``edit(k, ds)`` changes slice ``k`` before it is written.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lps = LPS_FROM_RAS @ ph.affine
+    row, col, step = lps[:3, 0], lps[:3, 1], lps[:3, 2]
+    study, series, frame = generate_uid(), series_uid or generate_uid(), generate_uid()
+    n = ph.image.shape[2]
+    instance_numbers = rng.permutation(n) + 1
+    paths = []
+    for k in range(n):
+        hu = ph.image[:, :, k].T  # (rows = voxel axis 1, columns = voxel axis 0)
+        pixels = (hu.astype(np.int32) + 1024).astype(np.uint16) if unsigned else hu.astype(np.int16)
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = uid = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, uid
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.Modality, ds.PatientID, ds.PatientName = modality, patient_id, "Phantom^Test"
+        ds.PatientBirthDate, ds.PatientSex, ds.StudyDate, ds.StudyTime = "", "O", "20260101", "120000"
+        ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "", ""
+        ds.Manufacturer, ds.SeriesDescription = "flareseg tests", description
+        if series_number is not None:
+            ds.SeriesNumber = series_number
+        ds.InstanceNumber = int(instance_numbers[k])
+        ds.ImageOrientationPatient = [float(v) for v in (*(row / np.linalg.norm(row)), *(col / np.linalg.norm(col)))]
+        ds.ImagePositionPatient = [float(v) for v in lps[:3, 3] + k * step]
+        ds.PixelSpacing = [float(np.linalg.norm(col)), float(np.linalg.norm(row))]
+        ds.SliceThickness = float(np.linalg.norm(step))
+        ds.Rows, ds.Columns = pixels.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, (12 if unsigned else 16), (11 if unsigned else 15)
+        ds.PixelRepresentation = 0 if unsigned else 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = (-1024 if unsigned else 0), 1, "HU"
+        ds.PixelData = pixels.tobytes()
+        if syntax != ExplicitVRLittleEndian:
+            plugin = "pylibjpeg" if syntax == JPEG2000Lossless else ""
+            ds.compress(syntax, pixels, encoding_plugin=plugin)
+        if edit is not None:
+            edit(k, ds)
+        paths.append(ds)
+    order = rng.permutation(n)
+    files: list[Path] = [Path()] * n
+    for k in order:
+        name = f"{rng.integers(1 << 40):010x}" + (".dcm" if rng.random() < 0.5 else "")
+        path = folder / name
+        ds = paths[k]
+        if k < bare_files:
+            if ds.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian:
+                ds.decompress()  # a bare data set is implicit VR little endian: never compressed
+            del ds.file_meta  # a bare data set: no preamble, no file meta (implicit VR little endian)
+            ds.save_as(path, enforce_file_format=False, implicit_vr=True, little_endian=True)
+        else:
+            ds.save_as(path, enforce_file_format=True)
+        files[k] = path
+    return files
+
+
+def add_clutter(folder: Path) -> None:
+    """Files a series folder may hold beside its slices, which the reader must skip."""
+    (folder / "README.txt").write_text("exported by a PACS\n")
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(100))
+    (folder / "DICOMDIR").write_bytes(bytes(128) + b"DICM" + bytes(64))
+
+
+# --- reading phantom series -------------------------------------------------------------------------------
+
+SERIES_CASES = {
+    # name: (axcodes of the stored voxels (i=column, j=row, k=slice), transfer syntax, unsigned, threads)
+    "LPS-explicit": ("LPS", ExplicitVRLittleEndian, True, None),
+    "row-flipped-feet-first-RLE": ("RAI", RLELossless, False, 1),
+    "flipped-J2K-threads": ("LAI", JPEG2000Lossless, True, 2),
+    "flipped-J2K-serial": ("LAI", JPEG2000Lossless, True, 1),
+    "sagittal-explicit": ("PIL", ExplicitVRLittleEndian, False, None),
+}
+
+
+@pytest.mark.parametrize("case", list(SERIES_CASES))
+def test_read_series_matches_phantom(tmp_path: Path, case: str) -> None:
+    axcodes, syntax, unsigned, threads = SERIES_CASES[case]
+    ph = phantom(axcodes)
+    files = write_series(tmp_path / "s", ph, syntax=syntax, unsigned=unsigned, bare_files=2)
+    add_clutter(tmp_path / "s")
+    vol = read_series(tmp_path / "s", threads=threads)
+    hu, _, affine = canonical_truth()
+    assert vol.array.dtype == (np.uint16 if unsigned else np.int16)  # stored integers kept
+    assert (vol.slope, vol.inter) == (1.0, -1024.0 if unsigned else 0.0)
+    np.testing.assert_array_equal(vol.hu(), hu.astype(np.float32))
+    np.testing.assert_allclose(canonical_affine(vol.geometry.affine, vol.geometry.shape), affine, atol=1e-4)
+    np.testing.assert_allclose(vol.geometry.canonical_spacing, SPACING[::-1], rtol=1e-6)
+    assert vol.geometry.path == tmp_path / "s"
+    src = vol.source
+    assert isinstance(src, DicomSeries)
+    lps = LPS_FROM_RAS @ ph.affine
+    along_normal = float(np.cross(lps[:3, 0], lps[:3, 1]) @ lps[:3, 2]) > 0
+    assert list(src.files) == (files if along_normal else files[::-1])  # by position, not name or InstanceNumber
+    if axcodes[2] in "SI":
+        assert src.canonical_slices is not None
+        for z, k in enumerate(src.canonical_slices):  # canonical slice z lies at the world height of its file
+            world_z = (affine @ [0, 0, z, 1])[2]
+            assert float(src.datasets[k].ImagePositionPatient[2]) == pytest.approx(world_z)
+    else:
+        assert src.canonical_slices is None
+
+
+def test_write_labels_on_series_geometry_puts_labels_at_the_right_world_position(tmp_path: Path) -> None:
+    """A bright voxel placed at a known DICOM (slice, row, column) is labelled; the NIfTI puts it at that point."""
+    ph = phantom("RAI")
+    k, r, c = 7, 10, 45
+    files = write_series(tmp_path / "s", ph, syntax=ExplicitVRLittleEndian, unsigned=False)
+    ds = pydicom.dcmread(files[k])
+    pixels = ds.pixel_array.copy()
+    pixels[r, c] = 3000
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(files[k])
+    row, col = np.array(ds.ImageOrientationPatient[:3], float), np.array(ds.ImageOrientationPatient[3:], float)
+    dr, dc = (float(v) for v in ds.PixelSpacing)
+    lps = np.array(ds.ImagePositionPatient, float) + c * dc * row + r * dr * col
+    expected_ras = lps * [-1, -1, 1]
+
+    vol = read_series(tmp_path / "s")
+    labels = (vol.array == 3000).astype(np.uint8)
+    assert labels.sum() == 1
+    out = write_labels(labels, vol.geometry, tmp_path / "labels.nii.gz")
+    img = nib.load(out)
+    ijk = np.argwhere(np.asanyarray(img.dataobj) == 1)
+    assert len(ijk) == 1
+    np.testing.assert_allclose((img.affine @ [*ijk[0], 1])[:3], expected_ras, atol=1e-4)
+
+
+def test_uint16_and_per_slice_rescale(tmp_path: Path) -> None:
+    """Slices with different RescaleIntercepts give float32 Hounsfield units, still exact."""
+    ph = phantom("LPS")
+
+    def shift(k: int, ds: Dataset) -> None:
+        if k % 2:
+            pixels = ds.pixel_array.astype(np.int32) + 24
+            ds.PixelData = pixels.astype(np.uint16).tobytes()
+            ds.RescaleIntercept = -1048
+
+    write_series(tmp_path / "s", ph, unsigned=True, edit=shift)
+    vol = read_series(tmp_path / "s")
+    assert vol.array.dtype == np.float32 and (vol.slope, vol.inter) == (1.0, 0.0)
+    np.testing.assert_array_equal(vol.hu(), canonical_truth()[0].astype(np.float32))
+
+
+# --- folders of series and case names ----------------------------------------------------------------------
+
+
+def test_find_series_and_case_names(tmp_path: Path) -> None:
+    ph = phantom("LPS")
+    write_series(tmp_path / "b", ph, patient_id="P 7/x", series_number=4)
+    write_series(tmp_path / "a", ph, patient_id="", series_number=None, series_uid="1.2.826.0.1.99")
+    write_series(tmp_path / ".hidden", ph, patient_id="H", series_number=1)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "x.txt").write_text("x")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), tmp_path / "ct_0000.nii.gz")
+    assert is_series_dir(tmp_path / "a") and is_series_dir(tmp_path / "b")
+    assert not is_series_dir(tmp_path / "notes") and not is_series_dir(tmp_path) and not is_series_dir(tmp_path / "x")
+    assert series_case_name(tmp_path / "b") == "P_7_x_s4"
+    assert series_case_name(tmp_path / "a") == "1.2.826.0.1.99"
+    assert find_series(tmp_path) == {"1.2.826.0.1.99": tmp_path / "a", "P_7_x_s4": tmp_path / "b"}
+
+    write_series(tmp_path / "c", ph, patient_id="P 7/x", series_number=4)
+    with pytest.raises(FlareSegError, match=r"case P_7_x_s4 appears twice \(b, c\)"):
+        find_series(tmp_path)
+
+
+def test_bare_dicom_files_count_as_series(tmp_path: Path) -> None:
+    write_series(tmp_path / "s", phantom("LPS"), bare_files=SHAPE[2])
+    assert is_series_dir(tmp_path / "s")
+    np.testing.assert_array_equal(read_series(tmp_path / "s").hu(), canonical_truth()[0].astype(np.float32))
+
+
+# --- bad series: one-line errors naming the folder and the problem -----------------------------------------
+
+
+def _move(dz: float) -> Callable[[int, Dataset], None]:
+    def edit(k: int, ds: Dataset) -> None:
+        if k == 5:
+            pos = [float(v) for v in ds.ImagePositionPatient]
+            ds.ImagePositionPatient = [pos[0], pos[1], pos[2] + dz]
+
+    return edit
+
+
+def _tilt(k: int, ds: Dataset) -> None:
+    pos = [float(v) for v in ds.ImagePositionPatient]
+    ds.ImagePositionPatient = [pos[0], pos[1] + k * 6.0 * np.tan(np.radians(15)), pos[2]]
+    ds.GantryDetectorTilt = 15
+
+
+def _set(k_only: int | None, **values) -> Callable[[int, Dataset], None]:
+    def edit(k: int, ds: Dataset) -> None:
+        if k_only is None or k == k_only:
+            for key, value in values.items():
+                setattr(ds, key, value)
+
+    return edit
+
+
+def _shrink(k: int, ds: Dataset) -> None:
+    if k == 3:
+        pixels = ds.pixel_array[:32]
+        ds.PixelData, ds.Rows = pixels.tobytes(), 32
+
+
+def _mpeg2(k: int, ds: Dataset) -> None:
+    """Label the slice with a transfer syntax pydicom has no decoder for (MPEG2), its data encapsulated."""
+    ds.file_meta.TransferSyntaxUID = MPEG2MPML
+    ds.PixelData = encapsulate([ds.PixelData])
+    ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
+
+
+def make_bad(kind: str, folder: Path) -> str:
+    """Write a bad series of ``kind`` into ``folder``; return the words its error must contain."""
+    ph = phantom("LPS")
+    if kind == "empty":
+        folder.mkdir()
+        (folder / ".hidden").write_text("x")
+        return "empty folder"
+    if kind == "no-dicom":
+        folder.mkdir()
+        (folder / "a.txt").write_text("hello")
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), folder / "b.nii.gz")
+        return "no DICOM files among its 2 files"
+    if kind == "two-series":
+        write_series(folder, ph, series_uid="1.2.3.4", description="first")
+        write_series(folder, ph, series_uid="1.2.3.5", description="second", seed=1)
+        return "2 series in one folder, expected one: 1.2.3.4 'first' (12 files); 1.2.3.5 'second' (12 files)"
+    if kind == "missing-slice":
+        files = write_series(folder, ph)
+        files[6].unlink()
+        return "not evenly spaced: gap of 12.00 mm"
+    if kind == "duplicated-slice":
+        files = write_series(folder, ph)
+        shutil.copy(files[4], folder / "copy-of-slice")
+        return "duplicated slice"
+    if kind == "uneven":
+        write_series(folder, ph, edit=_move(2.5))
+        return "not evenly spaced"
+    if kind == "gantry-tilt":
+        write_series(folder, ph, edit=_tilt)
+        return "gantry tilt or sheared stack of about 15.0 degrees, GantryDetectorTilt 15"
+    if kind == "non-parallel":
+        c, s = np.cos(np.radians(5)), np.sin(np.radians(5))
+        write_series(folder, ph, edit=_set(4, ImageOrientationPatient=[c, s, 0.0, -s, c, 0.0]))
+        return "slices are not parallel: ImageOrientationPatient differs"
+    if kind == "modality":
+        write_series(folder, ph, modality="MR")
+        return "modality MR, expected CT"
+    if kind == "rows":
+        write_series(folder, ph, edit=_shrink)
+        return "inconsistent slice size (Rows x Columns) between slices: 64x64 in 11 files, 32x64 in 1 files"
+    if kind == "pixel-spacing":
+        write_series(folder, ph, edit=_set(2, PixelSpacing=[4.0, 4.0]))
+        return "inconsistent PixelSpacing between slices"
+    if kind == "no-decoder":
+        write_series(folder, ph, edit=_mpeg2)
+        return "cannot be decoded: pydicom has no decoder for it"
+    raise AssertionError(kind)
+
+
+BAD_KINDS = [
+    "empty",
+    "no-dicom",
+    "two-series",
+    "missing-slice",
+    "duplicated-slice",
+    "uneven",
+    "gantry-tilt",
+    "non-parallel",
+    "modality",
+    "rows",
+    "pixel-spacing",
+    "no-decoder",
+]
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_bad_series_one_line_error(tmp_path: Path, kind: str) -> None:
+    folder = tmp_path / f"series-{kind}"
+    words = make_bad(kind, folder)
+    with pytest.raises(FlareSegError) as info:
+        read_series(folder)
+    message = str(info.value)
+    assert message.startswith(f"{folder}: ")
+    assert words in message
+    assert "\n" not in message
+
+
+def test_missing_codec_names_the_package(tmp_path: Path) -> None:
+    """In a Python where no JPEG 2000 codec can be imported, the error names the package to install."""
+    write_series(tmp_path / "s", phantom("LPS"), syntax=JPEG2000Lossless)
+    code = (
+        "import sys\n"
+        "for name in ('pylibjpeg', 'openjpeg', 'libjpeg', 'gdcm', 'PIL'):\n"
+        "    sys.modules[name] = None  # as if not installed: importing them fails\n"
+        "from flareseg.dicom import read_series\n"
+        "from flareseg.errors import FlareSegError\n"
+        "try:\n"
+        f"    read_series({str(tmp_path / 's')!r})\n"
+        "except FlareSegError as exc:\n"
+        "    print(exc)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.startswith(f"{tmp_path / 's'}: transfer syntax JPEG 2000 Image Compression (Lossless Only)")
+    assert "no codec installed; install pylibjpeg-openjpeg" in out
+    assert out.count("\n") == 1
+
+
+def test_read_series_missing_or_file(tmp_path: Path) -> None:
+    with pytest.raises(FlareSegError, match="folder not found"):
+        read_series(tmp_path / "absent")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(FlareSegError, match="not a directory"):
+        read_series(tmp_path / "f")
+
+
+# --- DICOM SEG ---------------------------------------------------------------------------------------------
+
+
+def test_write_seg_round_trip_and_content(tmp_path: Path) -> None:
+    files = write_series(tmp_path / "s", phantom("LAI"))
+    vol = read_series(tmp_path / "s")
+    _, labels, _ = canonical_truth()
+    labels = labels.copy()
+    labels[labels == 3] = 0  # no spleen: segments are numbered over the organs present
+    present = sorted(set(np.unique(labels).tolist()) - {0})
+    assert present == [1, 2, 4]
+    released = dataclasses.replace(vol, array=np.empty((0, 0, 0), np.int16))  # writers need no CT voxels
+    out = write_seg(labels, released, tmp_path / "out" / "case.dcm")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["case.dcm"]  # atomic: no temporary left
+    np.testing.assert_array_equal(read_seg(out, vol), labels)
+
+    seg = pydicom.dcmread(out)
+    src = pydicom.dcmread(files[0])
+    assert seg.Modality == "SEG" and seg.SegmentationType == "BINARY"
+    assert seg.StudyInstanceUID == src.StudyInstanceUID and seg.FrameOfReferenceUID == src.FrameOfReferenceUID
+    assert seg.SeriesInstanceUID != src.SeriesInstanceUID
+    codes = [
+        (s.SegmentNumber, s.SegmentLabel, s.SegmentedPropertyTypeCodeSequence[0].CodeValue) for s in seg.SegmentSequence
+    ]
+    assert codes == [(1, "liver", "10200004"), (2, "kidneys", "64033007"), (3, "pancreas", "15776009")]
+    for s in seg.SegmentSequence:
+        assert s.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "91723000"
+        assert s.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator == "SCT"
+        assert s.SegmentAlgorithmType == "AUTOMATIC"
+        algo = s.SegmentationAlgorithmIdentificationSequence[0]
+        assert (algo.AlgorithmName, algo.AlgorithmVersion) == ("flareseg", __version__)
+    (ref,) = seg.ReferencedSeriesSequence
+    assert ref.SeriesInstanceUID == src.SeriesInstanceUID
+    expected = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}
+    assert {r.ReferencedSOPInstanceUID for r in ref.ReferencedInstanceSequence} == expected
+    # Frames hold, per segment, as many voxels as the label map has of that organ.
+    import highdicom as hd
+
+    hseg = hd.seg.segread(out)
+    for number, label in enumerate(present, start=1):
+        frames = hseg.get_pixels_by_source_instance(
+            list(vol.source.sop_instance_uids), segment_numbers=[number], assert_missing_frames_are_empty=True
+        )
+        assert int(frames.sum()) == int((labels == label).sum())
+
+
+def test_write_seg_empty_label_map(tmp_path: Path) -> None:
+    write_series(tmp_path / "s", phantom("LPS"))
+    vol = read_series(tmp_path / "s")
+    empty = np.zeros(vol.array.shape, np.uint8)
+    out = write_seg(empty, vol, tmp_path / "empty.dcm")
+    assert len(pydicom.dcmread(out).SegmentSequence) == 4
+    np.testing.assert_array_equal(read_seg(out, vol), empty)
+
+
+def test_write_seg_refusals_leave_nothing(tmp_path: Path) -> None:
+    write_series(tmp_path / "s", phantom("LPS"))
+    vol = read_series(tmp_path / "s")
+    out_dir = tmp_path / "out"
+    with pytest.raises(FlareSegError, match="label map shape"):
+        write_seg(np.zeros((3, 3, 3), np.uint8), vol, out_dir / "a.dcm")
+    with pytest.raises(FlareSegError, match=r"labels \[7\] outside 0..4"):
+        write_seg(np.full(vol.array.shape, 7, np.uint8), vol, out_dir / "a.dcm")
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+    p = phantom("RAS")
+    nib.save(p.to_nifti()[0], tmp_path / "ct.nii.gz")
+    nifti = read_ct(tmp_path / "ct.nii.gz")
+    with pytest.raises(FlareSegError, match="there is no series to reference") as info:
+        write_seg(np.zeros(nifti.array.shape, np.uint8), nifti, out_dir / "b.dcm")
+    assert "\n" not in str(info.value)
+
+    anon = tmp_path / "anon"
+    write_series(anon, phantom("LPS"), edit=_set(None, StudyInstanceUID="", FrameOfReferenceUID=""))
+    with pytest.raises(FlareSegError, match=r"has no StudyInstanceUID, FrameOfReferenceUID \(anonymised\?\)"):
+        check_seg_writable(read_series(anon))
+
+
+# --- the shared real series --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dicom_sample() -> Path:
+    if not any(DICOM_SAMPLE.glob("*.dcm")):
+        pytest.skip(f"real DICOM sample not found at {DICOM_SAMPLE} (only present beside the project checkout)")
+    return DICOM_SAMPLE
+
+
+def test_sample_matches_dicom2nifti(dicom_sample: Path, tmp_path: Path) -> None:
+    """read_series against an independent conversion (dicom2nifti) read by read_ct: same voxels, same world grid."""
+    dicom2nifti = pytest.importorskip("dicom2nifti", reason="dicom2nifti (a test dependency) is not installed")
+    nifti = tmp_path / "sample.nii.gz"
+    dicom2nifti.dicom_series_to_nifti(str(dicom_sample), str(nifti), reorient_nifti=False)
+    ref = read_ct(nifti)
+    vol = read_series(dicom_sample)
+    assert vol.array.shape == ref.array.shape == (20, 512, 512)
+    assert vol.array.dtype == np.uint16 and (vol.slope, vol.inter) == (1.0, -1024.0)
+    np.testing.assert_array_equal(vol.hu(), ref.hu())
+    np.testing.assert_allclose(
+        canonical_affine(vol.geometry.affine, vol.geometry.shape),
+        canonical_affine(ref.geometry.affine, ref.geometry.shape),
+        atol=1e-4,
+    )
+    np.testing.assert_allclose(vol.geometry.canonical_spacing, (2.0, 0.9765625, 0.9765625))
+    serial = read_series(dicom_sample, threads=1)  # pydicom's default codec, no threads
+    np.testing.assert_array_equal(serial.array, vol.array)
+    assert series_case_name(dicom_sample) == "dicom-sample"  # anonymised: no PatientID, SeriesNumber or UID
+
+
+def test_sample_seg_needs_uids_then_round_trips(dicom_sample: Path, tmp_path: Path) -> None:
+    """The anonymised sample lacks its study/series UIDs: refused; a copy with them written back round-trips."""
+    vol = read_series(dicom_sample)
+    with pytest.raises(FlareSegError, match="so a DICOM SEG cannot reference it"):
+        check_seg_writable(vol)
+    study, series, copy_dir = generate_uid(), generate_uid(), tmp_path / "sample"
+    copy_dir.mkdir()
+    for path in sorted(dicom_sample.iterdir()):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series  # SOP UIDs stay blank: taken from the file meta
+        ds.save_as(copy_dir / path.name)
+    vol = read_series(copy_dir)
+    labels = np.zeros(vol.array.shape, np.uint8)
+    hu = vol.hu()
+    labels[(hu > 0) & (hu < 100)] = 1  # soft tissue as "liver", bone as "kidneys": a busy, realistic mask
+    labels[hu > 300] = 2
+    out = write_seg(labels, vol, tmp_path / "sample.dcm")
+    np.testing.assert_array_equal(read_seg(out, vol), labels)
+    referenced = {
+        r.ReferencedSOPInstanceUID for r in pydicom.dcmread(out).ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    }
+    assert referenced == {pydicom.dcmread(p).file_meta.MediaStorageSOPInstanceUID for p in dicom_sample.iterdir()}
+    assert not vol.source.datasets[0].get("SOPInstanceUID")  # the volume's headers are left as read
+
+
+# --- flare-infer end to end (needs the lead's wiring of series input and --output-type) ---------------------
+
+
+def _infer(args: list[str]) -> int:
+    from flareseg.runtime.cli import main as infer_main
+
+    return infer_main([*args, "-q"])
+
+
+def test_cli_series_to_nifti_equals_nifti_input(tmp_path: Path, trained_checkpoint: Path) -> None:
+    """The same CT as a DICOM series and as NIfTI gives the same labels, voxel for voxel, on the same world grid."""
+    ph = phantom("LAI")
+    write_series(tmp_path / "series", ph, syntax=RLELossless, unsigned=False, patient_id="PX", series_number=2)
+    nib.save(phantom("RAS").to_nifti()[0], tmp_path / "ct_0000.nii.gz")
+    model = str(trained_checkpoint)
+    assert _infer(["--model", model, "-i", str(tmp_path / "series"), "-o", str(tmp_path / "out_dcm")]) == 0
+    assert _infer(["--model", model, "-i", str(tmp_path / "ct_0000.nii.gz"), "-o", str(tmp_path / "ct.nii.gz")]) == 0
+    from_dicom = nib.as_closest_canonical(nib.load(tmp_path / "out_dcm" / "PX_s2.nii.gz"))
+    from_nifti = nib.as_closest_canonical(nib.load(tmp_path / "ct.nii.gz"))
+    np.testing.assert_allclose(from_dicom.affine, from_nifti.affine, atol=1e-4)
+    a, b = np.asanyarray(from_dicom.dataobj), np.asanyarray(from_nifti.dataobj)
+    assert a.any()
+    np.testing.assert_array_equal(a, b)
+
+
+def test_cli_dicom_seg_output_matches_nifti_output(tmp_path: Path, trained_checkpoint: Path) -> None:
+    write_series(tmp_path / "cases" / "one", phantom("LPS"), patient_id="P1", series_number=1)
+    write_series(tmp_path / "cases" / "two", phantom("RAI"), patient_id="P2", series_number=1, seed=2)
+    model = str(trained_checkpoint)
+    cases = str(tmp_path / "cases")
+    assert _infer(["--model", model, "-i", cases, "-o", str(tmp_path / "seg"), "--output-type", "dicom-seg"]) == 0
+    assert _infer(["--model", model, "-i", cases, "-o", str(tmp_path / "nii")]) == 0
+    for case, folder in (("P1_s1", "one"), ("P2_s1", "two")):
+        vol = read_series(tmp_path / "cases" / folder)
+        from_seg = read_seg(tmp_path / "seg" / f"{case}.dcm", vol)
+        nifti = nib.load(tmp_path / "nii" / f"{case}.nii.gz")
+        from flareseg.volume import to_canonical
+
+        expected = to_canonical(np.asanyarray(nifti.dataobj), vol.geometry)
+        assert expected.any()
+        np.testing.assert_array_equal(from_seg, expected)
+
+
+def test_cli_dicom_seg_refused_for_nifti_input(tmp_path: Path, trained_checkpoint: Path) -> None:
+    nib.save(phantom("RAS").to_nifti()[0], tmp_path / "ct_0000.nii.gz")
+    out = tmp_path / "out"
+    code = _infer(
+        [
+            "--model",
+            str(trained_checkpoint),
+            "-i",
+            str(tmp_path / "ct_0000.nii.gz"),
+            "-o",
+            str(out / "ct.dcm"),
+            "--output-type",
+            "dicom-seg",
+        ]
+    )
+    assert code == 2
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_cli_bad_series_exit_2(tmp_path: Path, trained_checkpoint: Path, capsys) -> None:
+    folder = tmp_path / "bad"
+    make_bad("missing-slice", folder)
+    assert _infer(["--model", str(trained_checkpoint), "-i", str(folder), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{folder}: slice positions are not evenly spaced" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.nii.gz"))
