@@ -1,55 +1,94 @@
-"""``flare-infer``: CT volumes in, uint8 label maps out, on PyTorch, ONNX Runtime or TensorRT."""
+"""``flare-infer``: CT volumes in, label maps out, on PyTorch, ONNX Runtime, TensorRT or OpenVINO."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import platform
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from tqdm import tqdm
+import numpy as np
 
 from flareseg.cli import add_common_arguments, run_command
 from flareseg.errors import FlareSegError
-from flareseg.runtime.pipeline import (
-    CaseTiming,
-    list_cases,
-    segment_file,
-    segment_folder,
-    write_timings,
-)
-from flareseg.runtime.runners import Backend, open_runner
-from flareseg.volume import is_nifti
+
+log = logging.getLogger("flareseg.runtime.cli")
 
 #: Default batch sizes. On a 2-core CPU the full-width network is fastest at batch 2
 #: (benchmarks/results/cpu-2core), and each extra slice costs 0.4-1 GB of working memory.
 CPU_BATCH = 2
 GPU_BATCH = 8
+_MODEL_SUFFIXES = (".nii.gz", ".nii", ".dcm")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flare-infer",
-        description="Segment liver, kidneys, spleen and pancreas in CT volumes (NIfTI in, uint8 NIfTI out).",
+        description="Segment liver, kidneys, spleen and pancreas in CT volumes "
+        "(NIfTI files or DICOM series in; uint8 NIfTI or DICOM SEG out).",
     )
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--engine", type=Path, help="a TensorRT engine built by flare-export --engine")
     model.add_argument("--model", type=Path, help="an ONNX model (flare-export) or a checkpoint (.pt)")
-    p.add_argument("-i", "--input", type=Path, required=True, help="a CT .nii/.nii.gz file or a folder of them")
-    p.add_argument("-o", "--output", type=Path, required=True, help="output file (for a file input) or folder")
-    p.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), help="default: from the model's suffix")
+    p.add_argument(
+        "-i",
+        "--input",
+        type=Path,
+        required=True,
+        help="a CT .nii/.nii.gz file, a folder holding one DICOM series, or a folder of those",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="output folder (results get FLARE21 names), or for one input an output file name",
+    )
+    p.add_argument(
+        "--output-type",
+        choices=("nifti", "dicom-seg"),
+        default="nifti",
+        help="uint8 NIfTI on the input's grid (default), or DICOM SEG referencing the input series",
+    )
+    p.add_argument(
+        "--backend", choices=("torch", "onnxruntime", "tensorrt", "openvino"), help="default: from the model's suffix"
+    )
     p.add_argument(
         "--batch-size",
         type=int,
         help=f"slices per batch (default {CPU_BATCH} on the CPU, where larger batches only cost memory; "
         f"{GPU_BATCH} on CUDA)",
     )
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
-    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32", help="PyTorch backend precision")
-    p.add_argument("--channels-last", action="store_true", help="PyTorch backend: channels_last memory format")
+    p.add_argument("--device", help="cpu or cuda[:i] (default: cuda when a GPU is present, else cpu)")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "fp16", "bf16"),
+        help="PyTorch precision (default fp16 on CUDA, fp32 on the CPU)",
+    )
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        help="PyTorch channels_last memory format (default: on with fp16/bf16 on CUDA)",
+    )
     p.add_argument("--cuda-graph", action="store_true", help="PyTorch on CUDA: replay a CUDA graph at --batch-size")
+    p.add_argument(
+        "--device-preprocess",
+        action="store_true",
+        help="upload the stored integer slices and clip, z-score and resize them on the device "
+        "(opt-in: not yet verified on a GPU; gives the host path's labels on the CPU, tested)",
+    )
+    p.add_argument(
+        "--gpu-memory",
+        type=float,
+        metavar="MB",
+        help="choose the CUDA batch that fits this whole-device budget above the idle reading, measured "
+        "(opt-in: not yet verified on a GPU)",
+    )
     p.add_argument("--threads", type=int, help="ONNX Runtime CPU threads (default: all cores)")
     p.add_argument("--ort-provider", choices=("cpu", "cuda", "tensorrt"), help="ONNX Runtime execution provider")
     p.add_argument("--no-postprocess", action="store_true", help="skip the largest-component filtering")
@@ -61,44 +100,121 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def default_device() -> str:
+    """``cuda`` when torch sees a GPU, else ``cpu`` (what nnU-Net and TotalSegmentator users expect)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _describe_device(device: str) -> str:
+    if not device.startswith("cuda"):
+        return f"{device} ({os.cpu_count()} cores)"
+    import torch
+
+    index = torch.device(device).index
+    if not torch.cuda.is_available():
+        return device  # the runner refuses it with a clear message
+    return f"{device} ({torch.cuda.get_device_name(index or 0)})"
+
+
+def _check_memory_budget(args: argparse.Namespace, backend: str, cuda: bool, device: str) -> float | None:
+    """Refuse --gpu-memory where it cannot apply; the device's idle reading before this process uses it."""
+    if args.gpu_memory is None:
+        return None
+    if not cuda or backend != "torch":
+        raise FlareSegError("--gpu-memory chooses the batch of the PyTorch backend on a CUDA device")
+    if args.batch_size is not None or args.cuda_graph:
+        raise FlareSegError("--gpu-memory chooses the batch size itself: drop --batch-size and --cuda-graph")
+    import torch
+
+    from flareseg.runtime.memory import nvml_used_mb
+
+    return nvml_used_mb(torch.device(device))  # before our CUDA context exists
+
+
+def _plan_inputs(args: argparse.Namespace) -> tuple[bool, list[Path], Path | None]:
+    """(folder mode, inputs, single output file or None for folder-style naming)."""
+    from flareseg.runtime.pipeline import is_series_input, list_cases
+    from flareseg.volume import is_nifti
+
+    inp: Path = args.input
+    if inp.is_dir() and not is_series_input(inp):
+        if args.output.exists() and not args.output.is_dir():
+            raise FlareSegError(f"{args.output}: the input is a folder of cases, so the output must be a folder")
+        return True, list_cases(inp, num_parts=args.num_parts, part_id=args.part_id), None
+    if not inp.exists():
+        raise FlareSegError(f"{inp}: file not found")
+    if not inp.is_dir() and not is_nifti(inp):
+        raise FlareSegError(f"{inp}: not a .nii or .nii.gz file, nor a folder holding a DICOM series")
+    out: Path = args.output
+    names_a_file = out.name.endswith(_MODEL_SUFFIXES) and not out.is_dir()
+    return False, [inp], (out if names_a_file else None)
+
+
 def _main(args: argparse.Namespace) -> int:
-    if args.batch_size is None:
-        args.batch_size = GPU_BATCH if args.engine or args.device.startswith("cuda") else CPU_BATCH
-    if args.batch_size < 1:
-        raise FlareSegError(f"--batch-size must be positive, got {args.batch_size}")
-    model_path = args.engine or args.model
-    backend: Backend | None = "tensorrt" if args.engine else args.backend
+    from tqdm import tqdm
+
+    from flareseg.runtime.pipeline import (
+        CaseTiming,
+        output_name,
+        segment_file,
+        segment_folder,
+        summarize,
+        write_timings,
+    )
+    from flareseg.runtime.runners import Backend, TorchPrecision, backend_for, open_runner
+
+    t_start = time.perf_counter()
+    model_path: Path = args.engine or args.model
+    backend: Backend = "tensorrt" if args.engine else (args.backend or backend_for(model_path))
+    device: str = args.device or ("cpu" if backend == "openvino" else default_device())
+    cuda = device.startswith("cuda") or backend == "tensorrt"
+    # PyTorch on CUDA defaults to fp16 + channels_last (the path measured on the H200); exported
+    # models carry their precision, so --precision is PyTorch's alone.
+    precision: TorchPrecision = args.precision or ("fp16" if cuda and backend == "torch" else "fp32")
+    channels_last = args.channels_last if args.channels_last is not None else (cuda and precision != "fp32")
+    batch_size = args.batch_size or (GPU_BATCH if cuda else CPU_BATCH)
+    if batch_size < 1:
+        raise FlareSegError(f"--batch-size must be positive, got {batch_size}")
+    folder, inputs, single_output = _plan_inputs(args)
+    idle_mb = _check_memory_budget(args, backend, cuda, device)
     runner = open_runner(
         model_path,
         backend=backend,
-        device=args.device,
-        precision=args.precision,
-        channels_last=args.channels_last,
-        cuda_graph_batch=args.batch_size if args.cuda_graph else None,
+        device=device,
+        precision=precision,
+        channels_last=channels_last,
+        cuda_graph_batch=batch_size if args.cuda_graph else None,
         threads=args.threads,
         ort_provider=args.ort_provider,
     )
-    folder = args.input.is_dir()
-    if folder:
-        inputs = list_cases(args.input, num_parts=args.num_parts, part_id=args.part_id)
-        if args.output.exists() and not args.output.is_dir():
-            raise FlareSegError(f"{args.output}: the input is a folder, so the output must be a folder")
-    else:
-        if not args.input.exists():
-            raise FlareSegError(f"{args.input}: file not found")
-        if not is_nifti(args.input):
-            raise FlareSegError(f"{args.input}: not a .nii or .nii.gz file")
-        if args.output.is_dir():
-            raise FlareSegError(f"{args.output}: is a folder; give the output file name for a single input")
-        inputs = [args.input]
-    with runner:
-        context = {
-            "model": str(model_path),
-            "runner": runner.describe(),
-            "batch_size": args.batch_size,
-            "postprocess": not args.no_postprocess,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
-        }
+    if args.gpu_memory is not None:
+        from flareseg.runtime.memory import measure_cuda_plan
+
+        runner.activate()  # the plan measures the loaded model: no overlap with the first read here
+        plan = measure_cuda_plan(
+            runner,
+            args.gpu_memory,
+            runner.info.slice_size,
+            np.dtype(np.int16),
+            idle_mb=idle_mb,
+            device_preprocess=args.device_preprocess,
+        )
+        log.info("%s", plan.line())
+        batch_size = plan.batch
+    log.info("device: %s; batch %d", _describe_device(str(runner.device)), batch_size)
+    infer_options = {"device_preprocess": args.device_preprocess}
+    results: list[CaseTiming] = []
+    context: dict[str, Any] = {
+        "model": str(model_path),
+        "batch_size": batch_size,
+        "postprocess": not args.no_postprocess,
+        "output_type": args.output_type,
+        "device_preprocess": args.device_preprocess,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
+    }
+    try:
         with tqdm(desc="slices", unit="slice", disable=args.quiet, leave=False) as bar:
 
             def report(t: CaseTiming) -> None:
@@ -109,37 +225,48 @@ def _main(args: argparse.Namespace) -> int:
                     runner,
                     inputs,
                     args.output,
-                    batch_size=args.batch_size,
+                    batch_size=batch_size,
                     postprocess=not args.no_postprocess,
+                    output_type=args.output_type,
                     overwrite=args.overwrite,
                     on_case=report,
                     progress=bar.update,
+                    infer_options=infer_options,
                 )
             else:
+                target = single_output or args.output / output_name(inputs[0], args.output_type)
                 results = [
                     segment_file(
                         runner,
-                        args.input,
-                        args.output,
-                        batch_size=args.batch_size,
+                        inputs[0],
+                        target,
+                        batch_size=batch_size,
                         postprocess=not args.no_postprocess,
+                        output_type=args.output_type,
                         progress=bar.update,
+                        infer_options=infer_options,
                     )
                 ]
                 report(results[0])
+        context["runner"] = runner.describe()
+    finally:
+        runner.deactivate()
+    summary = summarize(results, time.perf_counter() - t_start)
     if args.timings:
         timings_path = args.timings
     elif folder:
         suffix = f"-part{args.part_id}of{args.num_parts}" if args.num_parts > 1 else ""
         timings_path = args.output / f"timings{suffix}.json"
     else:
-        timings_path = args.output.with_name(args.output.name.split(".nii")[0] + ".timings.json")
-    write_timings(results, timings_path, context)
+        out = Path(results[0].output)
+        timings_path = out.with_name(out.name.split(".nii")[0].removesuffix(".dcm") + ".timings.json")
+    write_timings(results, timings_path, context, summary)
     failed = [r for r in results if r.status == "failed"]
-    done = sum(r.status == "ok" for r in results)
-    skipped = sum(r.status == "skipped" for r in results)
-    summary = f"{done} segmented, {skipped} skipped (already done), {len(failed)} failed of {len(results)}"
-    print(f"{summary}; timings: {timings_path}")
+    rate = f", {summary.cases_per_minute:.1f} cases/min" if folder and summary.cases_per_minute else ""
+    print(
+        f"{summary.segmented} segmented, {summary.skipped} skipped (already done), {summary.failed} failed "
+        f"of {summary.cases} in {summary.wall_s:.1f}s{rate}; timings: {timings_path}"
+    )
     if failed:
         print("failed: " + ", ".join(r.case for r in failed), file=sys.stderr)
         return 1

@@ -1,9 +1,15 @@
-"""A CT volume in, a uint8 label map out: read, normalise, infer, post-process, write.
+"""A CT volume in, a label map out: read, normalise, infer, post-process, write.
 
 The normalisation uses the statistics carried by the model (checkpoint, ONNX metadata
-or engine sidecar), never statistics recomputed from the input. Folders are processed
-case by case: finished cases are skipped, a failing case is reported and the others go
-on, and every output is written atomically.
+or engine sidecar), never statistics recomputed from the input. Inputs are NIfTI files
+or DICOM series folders; outputs are uint8 NIfTI (default) or DICOM SEG.
+
+Cases run as a three-stage pipeline: a reader thread loads case *i + 1* and a writer
+thread post-processes and writes case *i - 1* while case *i* is on the device (gzip,
+numpy and the DICOM codecs release the GIL). At most three volumes are in memory at
+once. The first read also overlaps the runner's activation (model loading, CUDA
+context). Finished cases are skipped, a failing case is reported and the others go on,
+and every output is written atomically.
 """
 
 from __future__ import annotations
@@ -13,11 +19,14 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from flareseg.atomic import write_text_atomic
@@ -26,13 +35,23 @@ from flareseg.postprocess import keep_largest_components
 from flareseg.preprocess import volume_normalizer
 from flareseg.runtime.inferer import InferenceTimes, infer_volume
 from flareseg.runtime.runners import Runner
-from flareseg.volume import NIFTI_SUFFIXES, case_id, find_cases, read_ct, write_labels
+from flareseg.volume import NIFTI_SUFFIXES, Volume, VolumeGeometry, case_id, find_cases, is_nifti, read_ct, write_labels
 
 log = logging.getLogger(__name__)
+
+OutputType = Literal["nifti", "dicom-seg"]
+OUTPUT_SUFFIXES: dict[str, str] = {"nifti": ".nii.gz", "dicom-seg": ".dcm"}
 
 
 @dataclass
 class CaseTiming:
+    """One case's outcome and stage times in seconds.
+
+    ``total_s`` is the sum of the stage times. In a folder run the stages of
+    neighbouring cases overlap, so the folder's wall time is less than the sum of
+    the cases' totals (see :class:`FolderSummary`).
+    """
+
     case: str
     input: str
     output: str
@@ -63,6 +82,41 @@ class CaseTiming:
             f"postprocess {self.postprocess_s:.2f}s, write {self.write_s:.2f}s, total {self.total_s:.2f}s{rss}{gpu}"
         )
 
+    def _failed(self, exc: Exception) -> CaseTiming:
+        self.status, self.error = "failed", str(exc)
+        return self
+
+
+@dataclass(frozen=True)
+class FolderSummary:
+    """A run's wall time and throughput, next to the per-case timings."""
+
+    cases: int
+    segmented: int
+    skipped: int
+    failed: int
+    wall_s: float
+
+    @property
+    def cases_per_minute(self) -> float | None:
+        return 60.0 * self.segmented / self.wall_s if self.segmented and self.wall_s > 0 else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "cases_per_minute": self.cases_per_minute}
+
+
+@dataclass(frozen=True)
+class CaseJob:
+    """One input and where its result goes."""
+
+    case: str
+    input: Path
+    output: Path
+    output_type: OutputType = "nifti"
+
+    def timing(self) -> CaseTiming:
+        return CaseTiming(case=self.case, input=str(self.input), output=str(self.output))
+
 
 def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS counter for this process (Linux); False where unsupported."""
@@ -91,6 +145,238 @@ def peak_rss_mb() -> float | None:
         return None
 
 
+# --- inputs and outputs ------------------------------------------------------------------
+
+
+def is_series_input(path: str | os.PathLike[str]) -> bool:
+    """A folder that directly holds the files of one DICOM series."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    from flareseg.dicom import is_series_dir
+
+    return is_series_dir(path)
+
+
+def input_case_name(path: str | os.PathLike[str]) -> str:
+    """The case name of an input: FLARE21 naming for NIfTI files, PatientID/SeriesNumber for a series."""
+    path = Path(path)
+    if path.is_dir():
+        from flareseg.dicom import series_case_name
+
+        return series_case_name(path)
+    return case_id(path)
+
+
+def output_name(input_path: str | os.PathLike[str], output_type: OutputType = "nifti") -> str:
+    """FLARE21 naming: ``test_001_0000.nii.gz`` -> ``test_001.nii.gz`` (``.dcm`` for DICOM SEG)."""
+    return f"{input_case_name(input_path)}{_suffix(output_type)}"
+
+
+def _suffix(output_type: str) -> str:
+    if output_type not in OUTPUT_SUFFIXES:
+        raise FlareSegError(f"output type must be one of {', '.join(OUTPUT_SUFFIXES)}, got {output_type!r}")
+    return OUTPUT_SUFFIXES[output_type]
+
+
+def read_case(path: str | os.PathLike[str]) -> Volume:
+    """A NIfTI file, or a folder holding one DICOM series, in the canonical slice layout."""
+    path = Path(path)
+    if path.is_dir():
+        from flareseg.dicom import read_series
+
+        return read_series(path)
+    return read_ct(path)
+
+
+def write_case(
+    labels: np.ndarray, geometry: VolumeGeometry, source: Any, path: Path, output_type: OutputType = "nifti"
+) -> Path:
+    """Write canonical labels as NIfTI on the input's grid, or as DICOM SEG referencing the input series."""
+    if output_type == "dicom-seg":
+        from flareseg.dicom import write_seg
+
+        if source is None:
+            raise FlareSegError(
+                f"{geometry.path}: DICOM SEG output needs a DICOM series as input (a NIfTI file has no series "
+                "to reference); use --output-type nifti"
+            )
+        # The writer needs the grid and the series, not the voxels (already released).
+        return write_seg(labels, Volume(np.empty((0, 0, 0), np.int16), geometry, source=source), path)
+    return write_labels(labels, geometry, path)
+
+
+def check_output(job: CaseJob) -> None:
+    """Refuse, before any work, outputs that could never be written."""
+    suffix = _suffix(job.output_type)
+    if job.output_type == "nifti" and not job.output.name.endswith(NIFTI_SUFFIXES):
+        raise FlareSegError(f"{job.output}: output must end in .nii.gz or .nii")
+    if job.output_type == "dicom-seg" and not job.output.name.endswith(suffix):
+        raise FlareSegError(f"{job.output}: DICOM SEG output must end in {suffix}")
+    if job.output.resolve() == job.input.resolve():
+        raise FlareSegError(f"{job.output}: refusing to overwrite the input")
+    if job.output_type == "dicom-seg" and not job.input.is_dir():
+        raise FlareSegError(
+            f"{job.input}: DICOM SEG output needs a DICOM series as input (a NIfTI file has no series to "
+            "reference); use --output-type nifti"
+        )
+
+
+def list_inputs(folder: str | os.PathLike[str]) -> dict[str, Path]:
+    """Case name -> input of a folder: its NIfTI files and its DICOM series subfolders, sorted by name."""
+    folder = Path(folder)
+    cases = dict(find_cases(folder))
+    if not any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir()):
+        return cases  # no subfolders, so no series: pydicom need not be imported
+    from flareseg.dicom import find_series
+
+    for name, series in find_series(folder).items():
+        if name in cases:
+            raise FlareSegError(f"{folder}: case {name} appears twice ({cases[name].name}, {series.name}/)")
+        cases[name] = series
+    return dict(sorted(cases.items()))
+
+
+def list_cases(folder: str | os.PathLike[str], *, num_parts: int = 1, part_id: int = 0) -> list[Path]:
+    """A folder's inputs (NIfTI files, DICOM series folders), sorted, then this part's share.
+
+    Part ``part_id`` of ``num_parts`` takes every ``num_parts``-th input, starting at ``part_id``.
+    """
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise FlareSegError(f"part {part_id} of {num_parts} is not valid: need 0 <= part-id < num-parts")
+    cases = list(list_inputs(folder).values())
+    if not cases:
+        raise FlareSegError(f"{folder}: no .nii or .nii.gz files and no DICOM series folders")
+    return cases[part_id::num_parts]
+
+
+# --- the stages --------------------------------------------------------------------------
+
+
+def _read_stage(job: CaseJob) -> tuple[Volume, float]:
+    t = time.perf_counter()
+    volume = read_case(job.input)
+    if job.output_type == "dicom-seg":
+        from flareseg.dicom import check_seg_writable
+
+        check_seg_writable(volume)  # an anonymised series without UIDs fails now, not after inference
+    return volume, time.perf_counter() - t
+
+
+def _infer_stage(
+    runner: Runner,
+    volume: Volume,
+    timing: CaseTiming,
+    batch_size: int,
+    progress: Callable[[int], None] | None,
+    infer_options: dict[str, Any],
+) -> np.ndarray:
+    cuda = runner.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(runner.device)
+    t0 = time.perf_counter()
+    normalizer = volume_normalizer(volume.array, runner.info.normalization, volume.slope, volume.inter)
+    t1 = time.perf_counter()
+    times = InferenceTimes()
+    labels = infer_volume(volume.array, normalizer, runner, batch_size, progress=progress, times=times, **infer_options)
+    if cuda:
+        torch.cuda.synchronize(runner.device)
+        timing.peak_gpu_allocated_mb = torch.cuda.max_memory_allocated(runner.device) / 2**20
+    t2 = time.perf_counter()
+    timing.slices, timing.shape = int(labels.shape[0]), volume.geometry.shape
+    timing.preprocess_s = (t1 - t0) + times.normalize_s
+    timing.infer_s = (t2 - t1) - times.normalize_s
+    return labels
+
+
+def _finish_stage(
+    labels: np.ndarray, geometry: VolumeGeometry, source: Any, job: CaseJob, postprocess: bool
+) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    if postprocess:
+        labels = keep_largest_components(labels)
+    t1 = time.perf_counter()
+    write_case(labels, geometry, source, job.output, job.output_type)
+    return t1 - t0, time.perf_counter() - t1
+
+
+def run_cases(
+    runner: Runner,
+    jobs: Sequence[CaseJob],
+    *,
+    batch_size: int = 8,
+    postprocess: bool = True,
+    raise_errors: bool = False,
+    on_case: Callable[[CaseTiming], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+    infer_options: dict[str, Any] | None = None,
+) -> list[CaseTiming]:
+    """Run ``jobs`` through the read / infer / write pipeline; timings in job order.
+
+    The runner is activated here if it is not yet, after the first read has started,
+    so that model loading overlaps it; the caller deactivates it. A
+    :class:`FlareSegError` marks its case failed and the others go on, or is raised
+    with ``raise_errors``. ``on_case`` sees each case when its output is written.
+    """
+    options = infer_options or {}
+    results: list[CaseTiming] = []
+    writes: deque[tuple[CaseTiming, Future[tuple[float, float]]]] = deque()
+
+    def settle(timing: CaseTiming, fut: Future[tuple[float, float]]) -> None:
+        try:
+            timing.postprocess_s, timing.write_s = fut.result()
+        except FlareSegError as exc:
+            if raise_errors:
+                raise
+            log.error("%s", exc)
+            timing._failed(exc)
+        else:
+            timing.total_s = timing.read_s + timing.preprocess_s + timing.infer_s + timing.postprocess_s
+            timing.total_s += timing.write_s
+            timing.peak_rss_mb = peak_rss_mb()
+        if on_case:
+            on_case(timing)
+
+    reader = ThreadPoolExecutor(1, thread_name_prefix="flareseg-read")
+    writer = ThreadPoolExecutor(1, thread_name_prefix="flareseg-write")
+    try:
+        upcoming = reader.submit(_read_stage, jobs[0]) if jobs else None
+        runner.activate()  # no-op when already active; otherwise overlaps the first read
+        for i, job in enumerate(jobs):
+            timing = job.timing()
+            results.append(timing)
+            current, upcoming = upcoming, (reader.submit(_read_stage, jobs[i + 1]) if i + 1 < len(jobs) else None)
+            assert current is not None
+            try:
+                volume, timing.read_s = current.result()
+                labels = _infer_stage(runner, volume, timing, batch_size, progress, options)
+            except FlareSegError as exc:
+                if raise_errors:
+                    raise
+                log.error("%s", exc)
+                writes.append((timing._failed(exc), _done((0.0, 0.0))))
+            else:
+                geometry, source = volume.geometry, volume.source
+                del volume  # the stored voxels are not needed for writing: free them early
+                writes.append((timing, writer.submit(_finish_stage, labels, geometry, source, job, postprocess)))
+                del labels
+            # Keep at most one write in flight behind the device, so memory stays bounded.
+            while len(writes) > 1 or (writes and writes[0][1].done()):
+                settle(*writes.popleft())
+        while writes:
+            settle(*writes.popleft())
+    finally:
+        reader.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True, cancel_futures=True)
+    return results
+
+
+def _done(value: tuple[float, float]) -> Future[tuple[float, float]]:
+    fut: Future[tuple[float, float]] = Future()
+    fut.set_result(value)
+    return fut
+
+
 def segment_file(
     runner: Runner,
     input_path: str | os.PathLike[str],
@@ -98,60 +384,28 @@ def segment_file(
     *,
     batch_size: int = 8,
     postprocess: bool = True,
+    output_type: OutputType = "nifti",
     progress: Callable[[int], None] | None = None,
+    infer_options: dict[str, Any] | None = None,
 ) -> CaseTiming:
-    """Segment one CT volume with an activated runner and write its label map atomically."""
+    """Segment one CT volume (NIfTI file or DICOM series folder) and write its result atomically.
+
+    Errors are raised as :class:`FlareSegError`; nothing is written for a failed case.
+    """
     input_path, output_path = Path(input_path), Path(output_path)
-    if not output_path.name.endswith(NIFTI_SUFFIXES):
-        raise FlareSegError(f"{output_path}: output must end in .nii.gz or .nii")
-    if output_path.resolve() == input_path.resolve():
-        raise FlareSegError(f"{output_path}: refusing to overwrite the input volume")
-    timing = CaseTiming(case=case_id(input_path), input=str(input_path), output=str(output_path))
+    job = CaseJob(input_case_name(input_path), input_path, output_path, output_type)
+    check_output(job)
     reset_peak_rss()
-    cuda = runner.device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(runner.device)
-    t0 = time.perf_counter()
-    volume = read_ct(input_path)
-    t1 = time.perf_counter()
-    normalizer = volume_normalizer(volume.array, runner.info.normalization, volume.slope, volume.inter)
-    t2 = time.perf_counter()
-    times = InferenceTimes()
-    labels = infer_volume(volume.array, normalizer, runner, batch_size, progress=progress, times=times)
-    if cuda:
-        torch.cuda.synchronize(runner.device)
-    t3 = time.perf_counter()
-    geometry = volume.geometry
-    del volume  # the stored voxels are no longer needed: free them before post-processing
-    if postprocess:
-        labels = keep_largest_components(labels)
-    t4 = time.perf_counter()
-    write_labels(labels, geometry, output_path)
-    t5 = time.perf_counter()
-    timing.slices, timing.shape = int(labels.shape[0]), geometry.shape
-    timing.read_s = t1 - t0
-    timing.preprocess_s = (t2 - t1) + times.normalize_s
-    timing.infer_s = (t3 - t2) - times.normalize_s
-    timing.postprocess_s, timing.write_s, timing.total_s = t4 - t3, t5 - t4, t5 - t0
-    timing.peak_rss_mb = peak_rss_mb()
-    if cuda:
-        timing.peak_gpu_allocated_mb = torch.cuda.max_memory_allocated(runner.device) / 2**20
+    (timing,) = run_cases(
+        runner,
+        [job],
+        batch_size=batch_size,
+        postprocess=postprocess,
+        raise_errors=True,
+        progress=progress,
+        infer_options=infer_options,
+    )
     return timing
-
-
-def output_name(input_path: str | os.PathLike[str]) -> str:
-    """FLARE21 naming: ``test_001_0000.nii.gz`` -> ``test_001.nii.gz``."""
-    return f"{case_id(input_path)}.nii.gz"
-
-
-def list_cases(folder: str | os.PathLike[str], *, num_parts: int = 1, part_id: int = 0) -> list[Path]:
-    """NIfTI files of a folder, sorted, then this part's share (every ``num_parts``-th case)."""
-    if num_parts < 1 or not 0 <= part_id < num_parts:
-        raise FlareSegError(f"part {part_id} of {num_parts} is not valid: need 0 <= part-id < num-parts")
-    cases = list(find_cases(folder).values())
-    if not cases:
-        raise FlareSegError(f"{folder}: no .nii or .nii.gz files")
-    return cases[part_id::num_parts]
 
 
 def segment_folder(
@@ -161,35 +415,89 @@ def segment_folder(
     *,
     batch_size: int = 8,
     postprocess: bool = True,
+    output_type: OutputType = "nifti",
     overwrite: bool = False,
     on_case: Callable[[CaseTiming], None] | None = None,
     progress: Callable[[int], None] | None = None,
+    infer_options: dict[str, Any] | None = None,
 ) -> list[CaseTiming]:
     """Segment each input into ``out_dir`` (FLARE21 names); skip finished cases; go on after a failure."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for path in inputs:
-        target = out / output_name(path)
-        if target.exists() and not overwrite:
-            timing = CaseTiming(case=case_id(path), input=str(path), output=str(target), status="skipped")
+    suffix = _suffix(output_type)
+    results: dict[int, CaseTiming] = {}
+    jobs: list[tuple[int, CaseJob]] = []
+    for i, path in enumerate(inputs):
+        try:
+            name = input_case_name(path)
+        except FlareSegError as exc:  # an unreadable series header: that case fails, the others go on
+            log.error("%s", exc)
+            results[i] = CaseTiming(case=path.name, input=str(path), output="", status="failed", error=str(exc))
+            continue
+        job = CaseJob(name, path, out / f"{name}{suffix}", output_type)
+        if job.output.exists() and not overwrite:
+            results[i] = CaseTiming(case=name, input=str(path), output=str(job.output), status="skipped")
         else:
             try:
-                timing = segment_file(
-                    runner, path, target, batch_size=batch_size, postprocess=postprocess, progress=progress
-                )
+                check_output(job)
             except FlareSegError as exc:
                 log.error("%s", exc)
-                timing = CaseTiming(
-                    case=case_id(path), input=str(path), output=str(target), status="failed", error=str(exc)
-                )
-        results.append(timing)
+                results[i] = job.timing()._failed(exc)
+                continue
+            jobs.append((i, job))
+    for i in sorted(results):
         if on_case:
-            on_case(timing)
-    return results
+            on_case(results[i])
+    ran = run_cases(
+        runner,
+        [job for _, job in jobs],
+        batch_size=batch_size,
+        postprocess=postprocess,
+        on_case=on_case,
+        progress=progress,
+        infer_options=infer_options,
+    )
+    results.update({i: timing for (i, _), timing in zip(jobs, ran, strict=True)})
+    return [results[i] for i in sorted(results)]
 
 
-def write_timings(results: Sequence[CaseTiming], path: str | os.PathLike[str], context: dict[str, Any]) -> Path:
-    """Per-case timings and the run's context (runner, batch size, machine) as JSON, atomically."""
-    data = {"context": context, "cases": [r.to_dict() for r in results]}
+def summarize(results: Sequence[CaseTiming], wall_s: float) -> FolderSummary:
+    return FolderSummary(
+        cases=len(results),
+        segmented=sum(r.status == "ok" for r in results),
+        skipped=sum(r.status == "skipped" for r in results),
+        failed=sum(r.status == "failed" for r in results),
+        wall_s=wall_s,
+    )
+
+
+def write_timings(
+    results: Sequence[CaseTiming],
+    path: str | os.PathLike[str],
+    context: dict[str, Any],
+    summary: FolderSummary | None = None,
+) -> Path:
+    """Per-case timings, the run's summary and its context (runner, batch size, machine) as JSON, atomically."""
+    data: dict[str, Any] = {"context": context, "cases": [r.to_dict() for r in results]}
+    if summary is not None:
+        data["summary"] = summary.to_dict()
     return write_text_atomic(json.dumps(data, indent=2) + "\n", path)
+
+
+__all__ = [
+    "OUTPUT_SUFFIXES",
+    "CaseJob",
+    "CaseTiming",
+    "FolderSummary",
+    "is_nifti",
+    "list_cases",
+    "list_inputs",
+    "output_name",
+    "read_case",
+    "run_cases",
+    "segment_file",
+    "segment_folder",
+    "summarize",
+    "write_case",
+    "write_timings",
+]

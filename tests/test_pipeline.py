@@ -1,0 +1,208 @@
+"""The case pipeline: reading ahead, writing behind, activation overlapping the first read, -o DIR.
+
+The overlap tests use test doubles that drive our own control flow: the model blocks
+until the pipeline has started the next read (or the previous write), so a pipeline
+that does not overlap its stages times out and fails, instead of merely running slower.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import save
+
+from flareseg.checkpoint import load_model
+from flareseg.errors import FlareSegError
+from flareseg.phantom import make_phantom
+from flareseg.runtime import pipeline
+from flareseg.runtime.cli import main as infer_main
+from flareseg.runtime.pipeline import CaseJob, run_cases, segment_file, segment_folder
+from flareseg.runtime.runners import FunctionRunner, open_runner
+
+WAIT_S = 20.0  # generous: the machine may be busy; a pipeline without overlap never sets the event at all
+
+
+def _folder(folder: Path, n: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return [
+        save(make_phantom((48, 48, 6), (8.0, 8.0, 10.0), seed=20 + i).to_nifti()[0], folder / f"c{i}_0000.nii.gz")
+        for i in range(n)
+    ]
+
+
+class _Recorder:
+    """Events of the pipeline's threads, and a way to wait for one."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.events: list[tuple[str, str]] = []
+        self.flags: dict[tuple[str, str], threading.Event] = {}
+
+    def flag(self, kind: str, case: str) -> threading.Event:
+        with self.lock:
+            return self.flags.setdefault((kind, case), threading.Event())
+
+    def record(self, kind: str, case: str) -> None:
+        with self.lock:
+            self.events.append((kind, case))
+        self.flag(kind, case).set()
+
+
+def test_reads_ahead_and_writes_behind_the_device(trained_checkpoint, tmp_path, monkeypatch):
+    paths = _folder(tmp_path / "in", 3)
+    rec = _Recorder()
+    real_read, real_write = pipeline.read_case, pipeline.write_case
+    current: list[str] = []
+
+    def read_case(path):
+        rec.record("read", Path(path).name.split("_")[0])
+        return real_read(path)
+
+    def write_case(labels, geometry, source, path, output_type="nifti"):
+        rec.record("write", Path(path).name.split(".")[0])
+        return real_write(labels, geometry, source, path, output_type)
+
+    monkeypatch.setattr(pipeline, "read_case", read_case)
+    monkeypatch.setattr(pipeline, "write_case", write_case)
+    _, info, _ = load_model(trained_checkpoint)
+    seen: dict[str, tuple[bool, bool]] = {}
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        case = current[-1]
+        i = int(case[1:])
+        if case not in seen:  # first batch of this case: the neighbours' stages must run meanwhile
+            ahead = rec.flag("read", f"c{i + 1}").wait(WAIT_S) if i + 1 < len(paths) else True
+            behind = rec.flag("write", f"c{i - 1}").wait(WAIT_S) if i > 0 else True
+            seen[case] = (ahead, behind)
+        return torch.zeros((x.shape[0], 5, *x.shape[2:]))
+
+    runner = FunctionRunner(model, info, input_channels=3)
+    real_infer = pipeline.infer_volume
+
+    def infer_volume(stored, *args, **kwargs):
+        current.append(f"c{len(current)}")
+        return real_infer(stored, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "infer_volume", infer_volume)
+    results = segment_folder(runner, paths, tmp_path / "out", batch_size=8)
+    assert [r.status for r in results] == ["ok"] * 3
+    assert seen == {"c0": (True, True), "c1": (True, True), "c2": (True, True)}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c0.nii.gz", "c1.nii.gz", "c2.nii.gz"]
+
+
+def test_activation_overlaps_the_first_read(trained_checkpoint, tmp_path, monkeypatch):
+    (ct,) = _folder(tmp_path / "in", 1)
+    started = threading.Event()
+    real_read = pipeline.read_case
+
+    def read_case(path):
+        started.set()
+        return real_read(path)
+
+    monkeypatch.setattr(pipeline, "read_case", read_case)
+    runner = open_runner(trained_checkpoint)
+    real_activate = runner._activate
+    overlapped: list[bool] = []
+
+    def activate() -> None:
+        overlapped.append(started.wait(WAIT_S))  # the read is already under way while the model loads
+        real_activate()
+
+    monkeypatch.setattr(runner, "_activate", activate)
+    try:
+        timing = segment_file(runner, ct, tmp_path / "o.nii.gz", batch_size=4)
+    finally:
+        runner.deactivate()
+    assert overlapped == [True] and timing.status == "ok" and timing.slices == 6
+
+
+def test_pipelined_folder_gives_the_labels_of_one_case_at_a_time(trained_checkpoint, tmp_path):
+    paths = _folder(tmp_path / "in", 3)
+    with open_runner(trained_checkpoint) as runner:
+        folder = segment_folder(runner, paths, tmp_path / "folder", batch_size=4)
+        for p in paths:
+            segment_file(runner, p, tmp_path / "single" / p.name.replace("_0000", ""), batch_size=4)
+    assert [r.status for r in folder] == ["ok"] * 3
+    for p in paths:
+        name = p.name.replace("_0000", "")
+        a = np.asarray(nib.load(tmp_path / "folder" / name).dataobj)
+        b = np.asarray(nib.load(tmp_path / "single" / name).dataobj)
+        assert a.dtype == np.uint8 and np.array_equal(a, b)
+    assert any(np.any(np.asarray(nib.load(tmp_path / "folder" / p.name.replace("_0000", "")).dataobj)) for p in paths)
+
+
+def test_a_failed_write_fails_its_case_only(trained_checkpoint, tmp_path, monkeypatch):
+    paths = _folder(tmp_path / "in", 3)
+    real_write = pipeline.write_case
+
+    def write_case(labels, geometry, source, path, output_type="nifti"):
+        if Path(path).name.startswith("c1"):
+            raise FlareSegError(f"{path}: disk full (simulated)")
+        return real_write(labels, geometry, source, path, output_type)
+
+    monkeypatch.setattr(pipeline, "write_case", write_case)
+    with open_runner(trained_checkpoint) as runner:
+        results = segment_folder(runner, paths, tmp_path / "out", batch_size=4)
+    assert [r.status for r in results] == ["ok", "failed", "ok"]
+    assert "disk full" in (results[1].error or "")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c0.nii.gz", "c2.nii.gz"]
+    with open_runner(trained_checkpoint) as runner, pytest.raises(FlareSegError, match="disk full"):
+        run_cases(runner, [CaseJob("c1", paths[1], tmp_path / "x" / "c1.nii.gz")], raise_errors=True)
+
+
+def test_file_input_with_an_output_folder_gets_the_flare21_name(trained_checkpoint, tmp_path, capsys, caplog):
+    (ct,) = _folder(tmp_path / "in", 1)
+    out = tmp_path / "pred"
+    out.mkdir()
+    assert infer_main(["--model", str(trained_checkpoint), "-i", str(ct), "-o", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["c0.nii.gz", "c0.timings.json"]
+    assert "device: cpu" in caplog.text  # the chosen device is said (no GPU here: cpu)
+    captured = capsys.readouterr()
+    assert "1 segmented, 0 skipped (already done), 0 failed of 1" in captured.out
+    # A folder name that does not exist yet works too: no NIfTI suffix means a folder.
+    assert infer_main(["--model", str(trained_checkpoint), "-i", str(ct), "-o", str(tmp_path / "new"), "-q"]) == 0
+    assert (tmp_path / "new" / "c0.nii.gz").is_file()
+
+
+def test_folder_run_reports_cases_per_minute(trained_checkpoint, tmp_path, capsys):
+    _folder(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    assert infer_main(["--model", str(trained_checkpoint), "-i", str(tmp_path / "in"), "-o", str(out), "-q"]) == 0
+    summary = json.loads((out / "timings.json").read_text())["summary"]
+    assert summary["segmented"] == 2 and summary["failed"] == 0 and summary["wall_s"] > 0
+    assert summary["cases_per_minute"] == pytest.approx(60 * 2 / summary["wall_s"])
+    assert f"{summary['cases_per_minute']:.1f} cases/min" in capsys.readouterr().out
+
+
+def test_dicom_seg_output_needs_a_series(trained_checkpoint, tmp_path, capsys):
+    (ct,) = _folder(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    argv = ["--model", str(trained_checkpoint), "-i", str(ct), "-o", str(out), "--output-type", "dicom-seg", "-q"]
+    assert infer_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs a DICOM series as input" in err[0] and str(ct) in err[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_device_preprocessing_gives_the_same_labels(trained_checkpoint, tmp_path):
+    (ct,) = _folder(tmp_path / "in", 1)
+    base = ["--model", str(trained_checkpoint), "-i", str(ct), "-q"]
+    assert infer_main([*base, "-o", str(tmp_path / "host.nii.gz")]) == 0
+    assert infer_main([*base, "-o", str(tmp_path / "dev.nii.gz"), "--device-preprocess"]) == 0
+    host = np.asarray(nib.load(tmp_path / "host.nii.gz").dataobj)
+    dev = np.asarray(nib.load(tmp_path / "dev.nii.gz").dataobj)
+    assert np.array_equal(host, dev)
+
+
+def test_gpu_memory_budget_is_refused_where_it_cannot_apply(trained_checkpoint, tmp_path, capsys):
+    (ct,) = _folder(tmp_path / "in", 1)
+    base = ["--model", str(trained_checkpoint), "-i", str(ct), "-o", str(tmp_path / "o.nii.gz"), "-q"]
+    assert infer_main([*base, "--device", "cpu", "--gpu-memory", "1000"]) == 2
+    assert "--gpu-memory chooses the batch of the PyTorch backend on a CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "o.nii.gz").exists()
