@@ -19,8 +19,9 @@ class Backend:
     """One way of running the model: a runner configuration."""
 
     name: str
-    kind: str  # torch | onnxruntime | tensorrt
+    kind: str  # torch | onnxruntime | openvino | tensorrt
     device: str
+    #: The math: fp32, fp16, bf16 or int8 (an INT8 model; its float layers run in fp32).
     precision: str
     channels_last: bool = False
     cuda_graph: bool = False
@@ -31,6 +32,10 @@ ALL_BACKENDS = {
     for b in (
         Backend("torch-cpu-fp32", "torch", "cpu", "fp32"),
         Backend("onnxruntime-cpu-fp32", "onnxruntime", "cpu", "fp32"),
+        Backend("onnxruntime-cpu-int8", "onnxruntime", "cpu", "int8"),
+        Backend("openvino-cpu-fp32", "openvino", "cpu", "fp32"),
+        Backend("openvino-cpu-bf16", "openvino", "cpu", "bf16"),
+        Backend("openvino-cpu-int8", "openvino", "cpu", "int8"),
         Backend("torch-cuda-fp32", "torch", "cuda", "fp32"),
         Backend("torch-cuda-bf16", "torch", "cuda", "bf16", channels_last=True),
         Backend("torch-cuda-fp16", "torch", "cuda", "fp16", channels_last=True),
@@ -42,9 +47,23 @@ ALL_BACKENDS = {
 }
 
 
+def openvino_cpu_capabilities() -> tuple[str, ...] | None:
+    """OpenVINO's CPU capabilities (``FP32``, ``BF16``, ``INT8``...), or None without OpenVINO."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    from flareseg.runtime.runners.openvino import cpu_capabilities
+
+    return cpu_capabilities(ov.Core())
+
+
 def available_backends() -> list[str]:
     """The backends this machine can run."""
-    names = ["torch-cpu-fp32", "onnxruntime-cpu-fp32"]
+    names = ["torch-cpu-fp32", "onnxruntime-cpu-fp32", "onnxruntime-cpu-int8"]
+    capabilities = openvino_cpu_capabilities()
+    if capabilities is not None:
+        names += ["openvino-cpu-fp32", *(["openvino-cpu-bf16"] if "BF16" in capabilities else []), "openvino-cpu-int8"]
     if torch.cuda.is_available():
         names += ["torch-cuda-fp32", "torch-cuda-bf16", "torch-cuda-fp16", "torch-cuda-fp16-graph"]
         import onnxruntime as ort
@@ -61,9 +80,15 @@ def available_backends() -> list[str]:
 
 
 def prepare_models(cfg: Any, work: Path) -> dict[str, Path]:
-    """Checkpoint, ONNX (fp32, fp16) and engine as the requested backends need them."""
+    """Checkpoint, ONNX (fp32, fp16, int8) and engine as the requested backends need them.
+
+    The INT8 export of random weights (no ``cfg.model``) is calibrated on a few phantom
+    slices and kept whatever its label agreement: its speed does not depend on the
+    weights, and random weights have no labels worth agreeing on.
+    """
     from flareseg.checkpoint import DEFAULT_SLICE_SIZE, ModelInfo, save_checkpoint
     from flareseg.export import ExportOptions, export_onnx
+    from flareseg.export.int8 import DEFAULT_FLOAT_LADDER, DEFAULT_MIN_AGREEMENT
     from flareseg.network import build_training_network
     from flareseg.preprocess import NormalizationStats
 
@@ -82,13 +107,23 @@ def prepare_models(cfg: Any, work: Path) -> dict[str, Path]:
         models["onnx-fp32"] = cfg.model
     else:
         raise FlareSegError(f"{cfg.model}: flare-bench takes a checkpoint (.pt) or an ONNX model")
-    needs_onnx = kinds & {"onnxruntime", "tensorrt"}
+    needs_onnx = kinds & {"onnxruntime", "openvino", "tensorrt"}
     if needs_onnx and "checkpoint" in models:
         fp16 = any(ALL_BACKENDS[b].precision == "fp16" and ALL_BACKENDS[b].kind != "torch" for b in cfg.backends)
+        int8 = any(ALL_BACKENDS[b].precision == "int8" for b in cfg.backends)
         profile = (1, max(cfg.batches) // 2 or 1, max(cfg.batches))
-        exported = export_onnx(
-            models["checkpoint"], work, ExportOptions(fp16=fp16, batch_profile=profile, verify_slices=2)
+        random_weights = cfg.model is None
+        options = ExportOptions(
+            fp16=fp16,
+            batch_profile=profile,
+            verify_slices=2,
+            int8=int8,
+            calibration_slices=4 if random_weights else 16,
+            held_out_slices=2 if random_weights else 8,
+            int8_min_agreement=0.0 if random_weights else DEFAULT_MIN_AGREEMENT,
+            int8_float_ladder=DEFAULT_FLOAT_LADDER[:1] if random_weights else DEFAULT_FLOAT_LADDER,
         )
+        exported = export_onnx(models["checkpoint"], work, options)
         for item in exported:
             models[f"onnx-{item.metadata.precision}"] = item.path
     if "torch" in kinds and "checkpoint" not in models:
@@ -103,7 +138,7 @@ def prepare_models(cfg: Any, work: Path) -> dict[str, Path]:
 
 
 def make_runner(backend: Backend, models: dict[str, Path], batch: int) -> Any:
-    from flareseg.runtime.runners import OnnxRuntimeRunner, TensorRTRunner, TorchRunner
+    from flareseg.runtime.runners import OnnxRuntimeRunner, OpenVINORunner, TensorRTRunner, TorchRunner
 
     if backend.kind == "torch":
         return TorchRunner(
@@ -117,4 +152,8 @@ def make_runner(backend: Backend, models: dict[str, Path], batch: int) -> Any:
         return OnnxRuntimeRunner(
             models[f"onnx-{backend.precision}"], provider="cpu" if backend.device == "cpu" else "cuda"
         )
+    if backend.kind == "openvino":
+        # An INT8 model runs its integer layers in int8 whatever the hint; its float layers in fp32.
+        model = models["onnx-int8"] if backend.precision == "int8" else models["onnx-fp32"]
+        return OpenVINORunner(model, precision="bf16" if backend.precision == "bf16" else "fp32")
     return TensorRTRunner(models["engine"])

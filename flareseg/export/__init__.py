@@ -1,4 +1,4 @@
-"""Export: the deploy graph to verified ONNX (fp32/fp16) and TensorRT engines."""
+"""Export: the deploy graph to verified ONNX (fp32/fp16/INT8) and TensorRT engines."""
 
 from flareseg.export.metadata import ExportMetadata, read_onnx_metadata, read_sidecar, sidecar_path
 from flareseg.export.onnx_export import ExportedModel, ExportOptions, export_onnx

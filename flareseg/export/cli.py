@@ -1,4 +1,4 @@
-"""``flare-export``: a checkpoint to verified ONNX (fp32, optionally fp16) and TensorRT engines."""
+"""``flare-export``: a checkpoint to verified ONNX (fp32, optionally fp16 and INT8) and TensorRT engines."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from flareseg.cli import add_common_arguments, batch_profile, run_command, slice_size
+from flareseg.export.int8 import DEFAULT_CALIBRATION_SLICES, DEFAULT_MIN_AGREEMENT, DEFAULT_QUANTIZER
 from flareseg.export.onnx_export import ExportOptions, export_onnx, verification_report
 from flareseg.export.tensorrt import DEFAULT_WORKSPACE_MIB
 
@@ -21,6 +22,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path, help="a flare-train checkpoint (.pt)")
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
     p.add_argument("--fp16", action="store_true", help="also write an fp16 ONNX (float32 inputs/outputs kept)")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write a statically quantised INT8 ONNX (QDQ), verified on held-out slices before it is written",
+    )
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        help="INT8: folder of CT NIfTI files (e.g. TrainingImg) to calibrate on (default: synthetic phantoms)",
+    )
+    p.add_argument(
+        "--calibration-slices",
+        type=int,
+        default=DEFAULT_CALIBRATION_SLICES,
+        help=f"INT8: slices to calibrate on (default {DEFAULT_CALIBRATION_SLICES})",
+    )
+    p.add_argument(
+        "--int8-min-agreement",
+        type=_fraction,
+        default=DEFAULT_MIN_AGREEMENT,
+        help=f"INT8: least fraction of held-out voxels labelled as fp32 PyTorch labels them "
+        f"(default {DEFAULT_MIN_AGREEMENT})",
+    )
+    p.add_argument(
+        "--quantizer",
+        choices=("onnxruntime", "nncf"),
+        default=DEFAULT_QUANTIZER,
+        help=f"INT8: the quantiser that writes the QDQ graph (default {DEFAULT_QUANTIZER}, chosen by measurement)",
+    )
     p.add_argument("--engine", action="store_true", help="build a TensorRT engine from the (fp16 if --fp16) ONNX")
     p.add_argument("--batch", type=batch_profile, default=(1, 8, 32), help="MIN,OPT,MAX batch sizes (default 1,8,32)")
     p.add_argument("--size", type=slice_size, help="slice size H[,W] (default: the checkpoint's)")
@@ -57,8 +87,14 @@ def _main(args: argparse.Namespace) -> int:
         opset=args.opset,
         verify_slices=args.verify_slices,
         name=args.name,
+        int8=args.int8,
+        int8_min_agreement=args.int8_min_agreement,
+        calibration_slices=args.calibration_slices,
+        quantizer=args.quantizer,
     )
-    exported = export_onnx(args.checkpoint, args.out, options, verify_volume=args.verify_volume)
+    exported = export_onnx(
+        args.checkpoint, args.out, options, verify_volume=args.verify_volume, calibration=args.calibration
+    )
     print(verification_report(exported))
     for item in exported:
         print(f"wrote {item.path} (+ {item.path.name}.json)")
@@ -68,6 +104,17 @@ def _main(args: argparse.Namespace) -> int:
         engine = build_engine(exported[-1].path, workspace_mib=args.workspace_mib, timing_cache=args.timing_cache)
         print(f"wrote {engine} (+ {engine.name}.json)")
     return 0
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

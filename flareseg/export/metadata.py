@@ -19,7 +19,8 @@ from flareseg.checkpoint import ModelInfo
 from flareseg.errors import FlareSegError
 
 OutputKind = Literal["logits", "labels"]
-Precision = Literal["fp32", "fp16"]
+Precision = Literal["fp32", "fp16", "int8"]
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 METADATA_KEY = "flareseg"
 SIDECAR_SUFFIX = ".json"
 
@@ -38,6 +39,8 @@ class ExportMetadata:
     #: Verification figures measured at export (max logit difference, argmax agreement...).
     verification: Mapping[str, Any] = field(default_factory=dict)
     input_name: str = "image"
+    #: INT8 only: quantiser and its settings, the layers kept in float, the calibration data.
+    quantization: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def output_name(self) -> str:
@@ -56,6 +59,8 @@ class ExportMetadata:
             "source_checkpoint_sha256": self.source_checkpoint_sha256,
             "versions": dict(self.versions),
             "verification": dict(self.verification),
+            # Only quantised models carry the key, so fp32/fp16 metadata is unchanged.
+            **({"quantization": dict(self.quantization)} if self.quantization else {}),
         }
 
     def to_json(self) -> str:
@@ -73,11 +78,12 @@ class ExportMetadata:
                 input_channels=int(data["input_channels"]),
                 output_kind=_choice(data["output_kind"], ("logits", "labels"), "output_kind"),
                 label_dtype=data.get("label_dtype"),
-                precision=_choice(data["precision"], ("fp32", "fp16"), "precision"),
+                precision=_choice(data["precision"], PRECISIONS, "precision"),
                 batch_profile=(lo, opt, hi),
                 source_checkpoint_sha256=str(data["source_checkpoint_sha256"]),
                 versions=dict(data.get("versions", {})),
                 verification=dict(data.get("verification", {})),
+                quantization=dict(data.get("quantization", {})),
             )
         except KeyError as exc:
             raise FlareSegError(f"{source}: export metadata lacks {exc}") from None

@@ -1,9 +1,11 @@
-"""Export a checkpoint to a verified ONNX deploy graph (fp32, and optionally fp16).
+"""Export a checkpoint to a verified ONNX deploy graph (fp32, and optionally fp16 and INT8).
 
 The export verifies itself before anything is written: the ONNX model runs in ONNX
 Runtime on random slices and on real CT slices, and its outputs are compared with the
-PyTorch training network (3-channel replicated input, eval mode) on the same slices. A
-model that fails its tolerance is not written.
+PyTorch training network (3-channel replicated input, eval mode) on the same slices. The
+INT8 model is verified by label agreement on held-out slices (never its calibration
+slices). Every requested model is verified before the first one is written, so a
+failure writes nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +27,16 @@ from torch import nn
 from flareseg.atomic import atomic_output
 from flareseg.checkpoint import ModelInfo, check_slice_size, file_sha256, load_model, software_versions
 from flareseg.errors import FlareSegError
+from flareseg.export.int8 import (
+    DEFAULT_CALIBRATION_SLICES,
+    DEFAULT_FLOAT_LADDER,
+    DEFAULT_HELD_OUT_SLICES,
+    DEFAULT_MIN_AGREEMENT,
+    DEFAULT_QUANTIZER,
+    CalibrationSlices,
+    FloatLayer,
+    Quantizer,
+)
 from flareseg.export.metadata import ExportMetadata, OutputKind, Precision, embed_in_onnx, write_sidecar
 from flareseg.network import FlareUNet, build_deploy_network
 from flareseg.preprocess import network_batch, normalize_volume
@@ -52,6 +64,14 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     verify_slices: int = 8
     name: str = "flareseg"
+    int8: bool = False
+    #: INT8: fraction of held-out voxels whose label must equal fp32 PyTorch's.
+    int8_min_agreement: float = DEFAULT_MIN_AGREEMENT
+    calibration_slices: int = DEFAULT_CALIBRATION_SLICES
+    held_out_slices: int = DEFAULT_HELD_OUT_SLICES
+    quantizer: Quantizer = DEFAULT_QUANTIZER
+    #: Float-layer sets tried in order until one meets the threshold (see flareseg.export.int8).
+    int8_float_ladder: tuple[tuple[FloatLayer, ...], ...] = DEFAULT_FLOAT_LADDER
 
     def __post_init__(self) -> None:
         lo, opt, hi = self.batch_profile
@@ -65,6 +85,14 @@ class ExportOptions:
             raise FlareSegError(f"label dtype must be 'uint8' or 'int32', got {self.label_dtype!r}")
         if self.verify_slices < 1:
             raise FlareSegError("at least one real slice is needed to verify an export")
+        if not 0.0 <= self.int8_min_agreement <= 1.0:
+            raise FlareSegError(f"INT8 minimum agreement must lie in [0, 1], got {self.int8_min_agreement}")
+        if self.quantizer not in ("onnxruntime", "nncf"):
+            raise FlareSegError(f"quantizer must be onnxruntime or nncf, got {self.quantizer!r}")
+        if self.int8 and (self.calibration_slices < 1 or self.held_out_slices < 1):
+            raise FlareSegError("INT8 needs at least one calibration slice and one held-out slice")
+        if not self.int8_float_ladder:
+            raise FlareSegError("INT8 needs at least one set of float layers to try (it may be empty)")
 
 
 @dataclass(frozen=True)
@@ -220,20 +248,32 @@ def export_onnx(
     options: ExportOptions = ExportOptions(),
     *,
     verify_volume: str | os.PathLike[str] | None = None,
+    calibration: str | os.PathLike[str] | None = None,
 ) -> list[ExportedModel]:
-    """Export, verify and write ``{name}_fp32.onnx`` (and ``{name}_fp16.onnx`` with ``options.fp16``).
+    """Export, verify and write ``{name}_fp32.onnx`` (and ``_fp16``, ``_int8`` with ``options.fp16``, ``.int8``).
 
-    Each model gets its metadata embedded and a ``.json`` sidecar beside it. Returns what
-    was written, fp32 first.
+    ``calibration`` is a folder of CT NIfTI files whose slices calibrate the INT8
+    activation ranges (default: phantoms). Each model gets its metadata embedded and a
+    ``.json`` sidecar beside it. Every model is verified before the first is written.
+    Returns what was written, fp32 first.
     """
     import onnx
 
     from flareseg.export.fp16 import convert_to_fp16
+    from flareseg.export.int8 import calibration_slices
 
+    if calibration is not None and not options.int8:
+        raise FlareSegError("a calibration folder is only used by the INT8 export (add --int8)")
     out = Path(out_dir)
     net, info, _ = load_model(checkpoint)
     if options.slice_size is not None:
         info = dataclasses.replace(info, slice_size=check_slice_size(options.slice_size))
+    # Calibration data is read first: a folder without usable slices fails before minutes of export.
+    calib = (
+        calibration_slices(info, calibration, count=options.calibration_slices, held_out=options.held_out_slices)
+        if options.int8
+        else None
+    )
     deploy = build_deploy_network(net, fold_input=options.fold_input and info.network.in_channels > 1)
     channels = deploy.config.in_channels
     graph = _ExportGraph(deploy, options.output_kind, options.label_dtype).eval()
@@ -253,24 +293,83 @@ def export_onnx(
         versions={**software_versions(), "onnx_opset": str(options.opset)},
     )
     batch = max(1, min(options.batch_profile[1], 4))
+    reference = {"reference": "PyTorch fp32 training network (eval mode)"}
     variants: list[tuple[Precision, Any]] = [("fp32", fp32)]
     if options.fp16:
         variants.append(("fp16", convert_to_fp16(fp32)))
-    written = []
+    verified: list[tuple[Any, ExportMetadata, dict[str, dict[str, float]]]] = []
     for precision, model in variants:
         figures = _verify(model, net, info, channels, options.output_kind, slices, batch)
         _check(figures, precision, options.output_kind)
         meta = dataclasses.replace(base, precision=precision).with_verification(
-            {"reference": "PyTorch fp32 training network (eval mode)", "real_source": source, **figures}
+            {**reference, "real_source": source, **figures}
         )
+        verified.append((model, meta, figures))
+    if calib is not None:
+        int8, figures, quantization = _quantize_verified(fp32, net, info, channels, options, calib, batch)
+        meta = dataclasses.replace(base, precision="int8", quantization=quantization).with_verification(
+            {**reference, "held_out_source": calib.source, **figures}
+        )
+        verified.append((int8, meta, figures))
+    written = []
+    for model, meta, figures in verified:
         embed_in_onnx(model, meta)
-        path = out / f"{options.name}_{precision}.onnx"
+        path = out / f"{options.name}_{meta.precision}.onnx"
         with atomic_output(path) as tmp:
             onnx.save(model, str(tmp))
         write_sidecar(path, meta.to_dict())
         log.info("wrote %s: %s", path, _summary(figures))
         written.append(ExportedModel(path, meta))
     return written
+
+
+def _quantize_verified(
+    fp32: Any,
+    reference: FlareUNet,
+    info: ModelInfo,
+    channels: int,
+    options: ExportOptions,
+    calib: CalibrationSlices,
+    batch: int,
+) -> tuple[Any, dict[str, dict[str, float]], dict[str, Any]]:
+    """Quantise with each float-layer set of the ladder until the held-out agreement meets the threshold.
+
+    Returns the INT8 model, its verification figures and what to record about its quantisation.
+    """
+    from flareseg.export.int8 import float_layer_nodes, network_inputs, quantize, quantizer_version
+
+    inputs = network_inputs(calib.calibration, info, channels)
+    held = {"held_out": network_inputs(calib.held_out, info, 1)[:, 0]}
+    attempts: list[dict[str, Any]] = []
+    for keep in options.int8_float_ladder:
+        nodes = float_layer_nodes(fp32, keep)
+        exclude = [name for names in nodes.values() for name in names]
+        log.info("quantising to INT8 with %s (float: %s)", options.quantizer, ", ".join(keep) or "none")
+        model, settings = quantize(fp32, inputs, exclude, options.quantizer)
+        figures = _verify(model, reference, info, channels, options.output_kind, held, batch)
+        agreement = figures["held_out"]["argmax_agreement"]
+        attempts.append({"float_layers": list(keep), "held_out_agreement": agreement})
+        if agreement >= options.int8_min_agreement:
+            quantization = {
+                "quantizer": quantizer_version(options.quantizer),
+                "settings": settings,
+                "float_layers": nodes,
+                "calibration": {
+                    "source": calib.source,
+                    "slices": len(calib.calibration),
+                    "held_out_slices": len(calib.held_out),
+                },
+                "min_agreement": options.int8_min_agreement,
+                "attempts": attempts,
+            }
+            return model, figures, quantization
+    best = max(a["held_out_agreement"] for a in attempts)
+    raise FlareSegError(
+        f"INT8 model agrees with fp32 PyTorch on {100 * best:.3f}% of held-out voxels ({len(calib.held_out)} slices "
+        f"of {calib.source}), expected >= {100 * options.int8_min_agreement:.2f}% (tried float layers: "
+        + "; ".join(", ".join(a["float_layers"]) or "none" for a in attempts)
+        + "); nothing written"
+    )
 
 
 def _summary(figures: dict[str, dict[str, float]]) -> str:

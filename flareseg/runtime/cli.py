@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--precision",
         choices=("fp32", "fp16", "bf16"),
-        help="PyTorch precision (default fp16 on CUDA, fp32 on the CPU)",
+        help="PyTorch precision (default fp16 on CUDA, fp32 on the CPU); OpenVINO: fp32 or bf16",
     )
     p.add_argument(
         "--channels-last",
@@ -89,7 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="choose the CUDA batch that fits this whole-device budget above the idle reading, measured "
         "(opt-in: not yet verified on a GPU)",
     )
-    p.add_argument("--threads", type=int, help="ONNX Runtime CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime and OpenVINO CPU threads (default: all cores)")
+    p.add_argument(
+        "--openvino-hint",
+        choices=("latency", "throughput"),
+        default="latency",
+        help="OpenVINO performance hint (default latency)",
+    )
     p.add_argument("--ort-provider", choices=("cpu", "cuda", "tensorrt"), help="ONNX Runtime execution provider")
     p.add_argument("--no-postprocess", action="store_true", help="skip the largest-component filtering")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists")
@@ -188,6 +194,7 @@ def _main(args: argparse.Namespace) -> int:
         cuda_graph_batch=batch_size if args.cuda_graph else None,
         threads=args.threads,
         ort_provider=args.ort_provider,
+        openvino_hint=args.openvino_hint,
     )
     if args.gpu_memory is not None:
         from flareseg.runtime.memory import measure_cuda_plan

@@ -18,6 +18,7 @@ from flareseg.errors import FlareSegError
 from flareseg.runtime.runners.base import Backend, OrtProvider, Runner, TorchPrecision, cuda_device
 from flareseg.runtime.runners.function import FunctionRunner
 from flareseg.runtime.runners.onnxrt import OnnxRuntimeRunner
+from flareseg.runtime.runners.openvino import OpenVINORunner, PerformanceHint
 from flareseg.runtime.runners.pytorch import TorchRunner
 from flareseg.runtime.runners.tensorrt import TensorRTRunner
 
@@ -25,6 +26,7 @@ __all__ = [
     "Backend",
     "FunctionRunner",
     "OnnxRuntimeRunner",
+    "OpenVINORunner",
     "OrtProvider",
     "Runner",
     "TensorRTRunner",
@@ -61,11 +63,14 @@ def open_runner(
     cuda_graph_batch: int | None = None,
     threads: int | None = None,
     ort_provider: OrtProvider | None = None,
+    openvino_hint: PerformanceHint = "latency",
 ) -> Runner:
     """The runner for a model file (not yet activated).
 
     ONNX models run on ONNX Runtime's CPU provider for ``device="cpu"`` and its CUDA
-    provider otherwise, unless ``ort_provider`` names one (``tensorrt`` included).
+    provider otherwise, unless ``ort_provider`` names one (``tensorrt`` included). With
+    ``backend="openvino"`` an ONNX model (fp32 or INT8) runs on OpenVINO's CPU plugin, in
+    fp32 or, with ``precision="bf16"``, bf16 where the CPU has the instructions.
     """
     backend = backend or backend_for(model)
     if not Path(model).is_file():
@@ -80,6 +85,12 @@ def open_runner(
             raise FlareSegError("ONNX precision is fixed at export (flare-export --fp16); do not pass --precision")
         provider: OrtProvider = ort_provider or ("cpu" if dev.type == "cpu" else "cuda")
         return OnnxRuntimeRunner(model, provider=provider, threads=threads, device_id=dev.index or 0)
+    if backend == "openvino":
+        if torch.device(device).type != "cpu":
+            raise FlareSegError(f"the OpenVINO backend runs on the CPU, got device {device}")
+        if precision not in ("fp32", "bf16"):
+            raise FlareSegError(f"OpenVINO on the CPU runs fp32 or bf16, got {precision!r}")
+        return OpenVINORunner(model, precision=precision, threads=threads, hint=openvino_hint)
     if backend == "tensorrt":
         return TensorRTRunner(model, device=device if device != "cpu" else "cuda")
     raise FlareSegError(f"unknown backend {backend!r}")

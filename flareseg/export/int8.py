@@ -1,0 +1,292 @@
+"""Static post-training INT8 quantisation of the deploy graph, written as a QDQ ONNX.
+
+Weights are quantised per output channel, symmetric int8; activations get ranges
+calibrated on normalised CT slices (the training cases given, or the phantom). The
+result is an ordinary ONNX graph with QuantizeLinear/DequantizeLinear pairs, which both
+ONNX Runtime and OpenVINO run with integer kernels.
+
+Two quantisers can write that graph: ONNX Runtime's ``quantize_static`` (always
+installed with ONNX Runtime) and NNCF's ``nncf.quantize`` (optional). The default was
+picked by measurement (benchmarks/cpu_paths.md). The quantised model is verified before
+it is written: its labels must agree with the fp32 PyTorch model on held-out slices,
+never the calibration ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from flareseg.checkpoint import ModelInfo
+from flareseg.errors import FlareSegError
+from flareseg.preprocess import network_batch, normalize_volume
+
+log = logging.getLogger(__name__)
+
+Quantizer = Literal["onnxruntime", "nncf"]
+#: Picked by measurement (benchmarks/cpu_paths.md): speed on the target runtimes and label agreement.
+DEFAULT_QUANTIZER: Quantizer = "onnxruntime"
+#: Layers that may stay in float: the first convolution (raw intensities in), the last
+#: one (logits out, where argmax ties are decided) and the bilinear Resizes.
+FloatLayer = Literal["first-conv", "last-conv", "resize"]
+FLOAT_LAYERS: tuple[FloatLayer, ...] = ("first-conv", "last-conv", "resize")
+DEFAULT_MIN_AGREEMENT = 0.99
+DEFAULT_CALIBRATION_SLICES = 16
+DEFAULT_HELD_OUT_SLICES = 8
+#: Tried in order until one meets the agreement threshold: first the fastest graph that
+#: met it in our measurements, then everything sensitive kept in float.
+DEFAULT_FLOAT_LADDER: tuple[tuple[FloatLayer, ...], ...] = (
+    ("first-conv", "last-conv"),
+    ("first-conv", "last-conv", "resize"),
+)
+#: Operators of the deploy graph that the quantisation path knows.
+QUANTIZABLE_GRAPH_OPS = frozenset(
+    {
+        "Conv",
+        "ConvTranspose",
+        "Relu",
+        "MaxPool",
+        "Concat",
+        "Resize",
+        "Shape",
+        "ArgMax",
+        "Cast",
+        "Constant",
+        "Gather",
+        "Slice",
+        "Unsqueeze",
+    }
+)
+_MAX_CALIBRATION_CASES = 8
+
+
+@dataclass(frozen=True)
+class CalibrationSlices:
+    """Normalised slices (N, H, W) at their own size: some to calibrate on, others held out to verify."""
+
+    calibration: np.ndarray
+    held_out: np.ndarray
+    source: str
+
+
+def _usable(slices: np.ndarray) -> np.ndarray:
+    """Indices of slices that carry an image (not constant, e.g. padding outside the scan)."""
+    flat = slices.reshape(len(slices), -1)
+    return np.flatnonzero(flat.max(axis=1) - flat.min(axis=1) > 1e-3)
+
+
+def calibration_slices(
+    info: ModelInfo,
+    folder: str | os.PathLike[str] | None,
+    *,
+    count: int = DEFAULT_CALIBRATION_SLICES,
+    held_out: int = DEFAULT_HELD_OUT_SLICES,
+    seed: int = 0,
+) -> CalibrationSlices:
+    """Calibration and held-out slices from the NIfTI cases of ``folder``, or from phantoms when None.
+
+    Slices are taken evenly through each volume and dealt alternately to the two sets, so
+    that both cover the whole body while no slice is in both. With a folder, at most
+    eight cases (evenly spread over the folder) are read.
+    """
+    if count < 1 or held_out < 1:
+        raise FlareSegError(f"INT8 needs at least one calibration and one held-out slice, got {count} and {held_out}")
+    total = count + held_out
+    if folder is None:
+        from flareseg.phantom import make_phantom
+
+        volumes = [
+            normalize_volume(
+                np.transpose(make_phantom((192, 192, 48), (2.0, 2.0, 5.0), seed=seed + k).image, (2, 1, 0)).astype(
+                    np.float32
+                ),
+                info.normalization,
+            )
+            for k in range(2)
+        ]
+        source = "synthetic phantoms (2 x 192x192x48 at 2x2x5 mm)"
+        pool = _slices_from(volumes, total)
+    else:
+        from flareseg.volume import find_cases, read_ct
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FlareSegError(f"{folder}: calibration folder not found (expected a folder of CT NIfTI files)")
+        cases = list(find_cases(folder).values())
+        if not cases:
+            raise FlareSegError(f"{folder}: no NIfTI files (.nii or .nii.gz) to calibrate on")
+        spread = np.linspace(0, len(cases) - 1, _MAX_CALIBRATION_CASES).round().astype(int)
+        chosen = [cases[i] for i in np.unique(spread)]
+        per_case = -(-total // len(chosen))
+        parts = []
+        for path in chosen:
+            volume = normalize_volume(read_ct(path).hu(), info.normalization)
+            parts.append(_slices_from([volume], per_case))
+        pool = np.concatenate(parts) if parts else np.empty((0, 1, 1), np.float32)
+        source = f"{len(chosen)} case(s) of {folder}"
+    if len(pool) < 2:
+        raise FlareSegError(
+            f"{folder or 'phantom'}: {len(pool)} usable slice(s) to calibrate on (constant slices are skipped); "
+            "INT8 needs at least 2 (one to calibrate, one held out)"
+        )
+    # Held-out slices evenly spread over the pool (so both sets span the body); the rest calibrate.
+    n_held = min(held_out, len(pool) // 2)
+    mask = np.zeros(len(pool), bool)
+    mask[((np.arange(n_held) + 0.5) * len(pool) / n_held).astype(int)] = True
+    held = pool[mask]
+    calib = pool[~mask][:count]
+    return CalibrationSlices(calibration=calib, held_out=held, source=source)
+
+
+def _slices_from(volumes: Sequence[np.ndarray], count: int) -> np.ndarray:
+    """Up to ``count`` usable slices spread evenly over the volumes (same size within one volume)."""
+    out = []
+    per_volume = -(-count // len(volumes))
+    for volume in volumes:
+        usable = _usable(volume)
+        if len(usable) == 0:
+            continue
+        idx = usable[np.unique(np.linspace(0, len(usable) - 1, min(per_volume, len(usable))).round().astype(int))]
+        out.append(volume[idx])
+    if not out:
+        return np.empty((0, 1, 1), np.float32)
+    # Volumes of different in-plane sizes cannot stack; they are resized to the network size later.
+    if len({v.shape[1:] for v in out}) > 1:
+        return np.asarray([s for v in out for s in v], dtype=object)
+    return np.concatenate(out)
+
+
+def network_inputs(slices: np.ndarray, info: ModelInfo, channels: int) -> np.ndarray:
+    """(N, H, W) slices (possibly of mixed sizes) -> (N, channels, h, w) float32 network input."""
+    batches = [network_batch(np.asarray(s, dtype=np.float32)[None], info.slice_size, channels).numpy() for s in slices]
+    return np.concatenate(batches)
+
+
+def float_layer_nodes(model: Any, keep: Sequence[FloatLayer]) -> dict[str, list[str]]:
+    """Node names of the requested float layers, by role, in the exported deploy graph."""
+    graph = model.graph
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    if not convs:
+        raise FlareSegError("cannot quantise this model: its graph has no convolution")
+    found: dict[str, list[str]] = {}
+    for layer in keep:
+        if layer == "first-conv":
+            found[layer] = [convs[0].name]
+        elif layer == "last-conv":
+            found[layer] = [convs[-1].name]
+        elif layer == "resize":
+            found[layer] = [n.name for n in graph.node if n.op_type == "Resize"]
+        else:
+            raise FlareSegError(f"unknown float layer {layer!r}; expected one of {', '.join(FLOAT_LAYERS)}")
+    return found
+
+
+def check_quantizable(model: Any) -> None:
+    """Refuse, before calibrating, a graph with operators the quantisation path does not know."""
+    ops = {n.op_type for n in model.graph.node}
+    unknown = sorted(ops - QUANTIZABLE_GRAPH_OPS)
+    if unknown:
+        raise FlareSegError(f"cannot quantise this model to INT8: unsupported operators {', '.join(unknown)}")
+    if any(i.type.tensor_type.elem_type != 1 for i in model.graph.input):  # 1 = FLOAT
+        raise FlareSegError("cannot quantise this model to INT8: its input is not float32")
+    if any(init.data_type != 1 for init in model.graph.initializer if init.name.endswith("weight")):
+        raise FlareSegError("cannot quantise this model to INT8: its weights are not float32 (quantise fp32 models)")
+
+
+def quantizer_version(quantizer: Quantizer) -> str:
+    if quantizer == "nncf":
+        return f"nncf {import_nncf().__version__}"
+    import onnxruntime
+
+    return f"onnxruntime {onnxruntime.__version__}"
+
+
+def import_nncf() -> Any:
+    try:
+        import nncf
+    except ImportError:
+        raise FlareSegError("NNCF is not installed: `pip install nncf` (or use --quantizer onnxruntime)") from None
+    return nncf
+
+
+def quantize(
+    model: Any, inputs: np.ndarray, exclude: Sequence[str], quantizer: Quantizer, input_name: str = "image"
+) -> tuple[Any, dict[str, Any]]:
+    """A QDQ INT8 copy of the fp32 ONNX ``model``, calibrated on ``inputs`` (N, C, h, w); and its settings."""
+    import onnx
+
+    check_quantizable(model)
+    feeds = [{input_name: inputs[i : i + 1]} for i in range(len(inputs))]
+    try:
+        if quantizer == "nncf":
+            nncf = import_nncf()
+            settings: dict[str, Any] = {
+                "preset": "performance (symmetric weights and activations)",
+                "weights": "int8 per-channel symmetric",
+                "activations": "int8 per-tensor symmetric",
+                "subset_size": len(feeds),
+                "fast_bias_correction": True,
+            }
+            scope = nncf.IgnoredScope(names=list(exclude)) if exclude else None
+            kwargs: dict[str, Any] = {"ignored_scope": scope} if scope else {}
+            quantized = nncf.quantize(
+                model,
+                nncf.Dataset(feeds),
+                preset=nncf.QuantizationPreset.PERFORMANCE,
+                subset_size=len(feeds),
+                fast_bias_correction=True,
+                **kwargs,
+            )
+        elif quantizer == "onnxruntime":
+            from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+            class _Reader(CalibrationDataReader):
+                def __init__(self) -> None:
+                    self._it = iter(feeds)
+
+                def get_next(self) -> dict[str, np.ndarray] | None:
+                    return next(self._it, None)
+
+            # uint8 activations with a zero point: ONNX Runtime's x86 integer kernels (u8 x s8, VNNI) ran this
+            # graph 1.4x faster than with symmetric int8 activations (benchmarks/cpu_paths.md).
+            settings = {
+                "format": "QDQ",
+                "weights": "int8 per-channel symmetric",
+                "activations": "uint8 per-tensor asymmetric",
+                "calibration": "MinMax",
+            }
+            with tempfile.TemporaryDirectory(prefix="flareseg-int8-") as tmp:
+                # quantize_static works on files: it re-saves the model to run its shape inference.
+                src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+                onnx.save(model, str(src))
+                quantize_static(
+                    str(src),
+                    str(dst),
+                    _Reader(),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=list(exclude),
+                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+                )
+                quantized = onnx.load(str(dst))
+        else:
+            raise FlareSegError(f"quantizer must be onnxruntime or nncf, got {quantizer!r}")
+    except FlareSegError:
+        raise
+    except Exception as exc:  # the quantisers raise many types; the user needs one line
+        text = str(exc).strip().splitlines()
+        raise FlareSegError(
+            f"cannot quantise this model to INT8 with {quantizer}: {type(exc).__name__}: {text[0] if text else ''}"
+        ) from None
+    if not any(n.op_type == "QuantizeLinear" for n in quantized.graph.node):
+        raise FlareSegError(f"cannot quantise this model to INT8: {quantizer} quantised no layer")
+    return quantized, settings

@@ -1,0 +1,154 @@
+"""Exported ONNX models (fp32 or INT8) in OpenVINO's CPU runtime, f32 or bf16 inference precision.
+
+OpenVINO is optional (``pip install 'flareseg[openvino]'``) and imported on activation
+only. The model is compiled once per batch size with a static shape: on the CPU plugin a
+static shape lets it pick its kernels and memory layout ahead of time, which is faster
+than a dynamic batch axis (measured in benchmarks/cpu_paths.md). Settings are the
+compiled model's own (threads, performance hint, inference precision); nothing global
+is changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from flareseg.errors import FlareSegError
+from flareseg.runtime.runners.base import Runner
+
+log = logging.getLogger(__name__)
+
+OpenVINOPrecision = Literal["fp32", "bf16"]
+PerformanceHint = Literal["latency", "throughput"]
+
+INSTALL_HINT = "OpenVINO is not installed: `pip install 'flareseg[openvino]'`"
+_OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+
+
+def import_openvino() -> Any:
+    """The ``openvino`` module, or a clear error saying how to install it."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise FlareSegError(INSTALL_HINT) from None
+    return ov
+
+
+def cpu_capabilities(core: Any) -> tuple[str, ...]:
+    """What OpenVINO's CPU plugin reports it can compute in (``FP32``, ``BF16``, ``INT8``...)."""
+    return tuple(str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def check_precision_supported(precision: OpenVINOPrecision, capabilities: tuple[str, ...]) -> None:
+    """Refuse a precision the CPU has no instructions for (bf16 needs AVX-512 BF16 or AMX)."""
+    if precision == "bf16" and "BF16" not in capabilities:
+        raise FlareSegError(
+            "bf16 inference needs a CPU with bf16 instructions (AVX-512 BF16 or AMX); OpenVINO reports this CPU's "
+            f"capabilities as {', '.join(capabilities) or 'none'}; use fp32 or the INT8 model"
+        )
+
+
+class OpenVINORunner(Runner):
+    """An exported ONNX model (fp32 or INT8) compiled by OpenVINO for the CPU."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        *,
+        precision: OpenVINOPrecision = "fp32",
+        threads: int | None = None,
+        hint: PerformanceHint = "latency",
+    ) -> None:
+        super().__init__()
+        if precision not in _OV_PRECISION:
+            raise FlareSegError(f"OpenVINO inference precision must be fp32 or bf16, got {precision!r}")
+        if threads is not None and threads < 1:
+            raise FlareSegError(f"threads must be positive, got {threads}")
+        if hint not in ("latency", "throughput"):
+            raise FlareSegError(f"performance hint must be latency or throughput, got {hint!r}")
+        self.path = Path(model)
+        self.precision = precision
+        self.threads = threads
+        self.hint = hint
+        self.device = torch.device("cpu")
+        self._compiled: dict[int, Any] = {}
+        self._requests: dict[int, Any] = {}
+        #: The inference precision the compiled model reports (not only what was asked).
+        self.inference_precision = _OV_PRECISION[precision]
+
+    def describe(self) -> str:
+        threads = self.threads or "auto"
+        return (
+            f"OpenVINO {self._version} (CPU, {self.meta.precision} model, {self.inference_precision} inference "
+            f"precision, {threads} threads, {self.hint.upper()} hint)"
+        )
+
+    def _activate(self) -> None:
+        from flareseg.export.metadata import read_onnx_metadata
+
+        ov = import_openvino()
+        self.meta = read_onnx_metadata(self.path)
+        self.info, self.input_channels, self.output_kind = (
+            self.meta.model,
+            self.meta.input_channels,
+            self.meta.output_kind,
+        )
+        self._version = str(ov.get_version()).split("-")[0]
+        self.core = ov.Core()
+        check_precision_supported(self.precision, cpu_capabilities(self.core))
+        try:
+            self._model = self.core.read_model(str(self.path))
+        except RuntimeError as exc:
+            raise FlareSegError(f"{self.path}: OpenVINO could not read the model ({_first_line(exc)})") from None
+        self._compile(self.meta.batch_profile[1])
+
+    def _config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "PERFORMANCE_HINT": self.hint.upper(),
+            # Explicit even for fp32: on CPUs with AMX, OpenVINO would otherwise pick bf16 by itself.
+            "INFERENCE_PRECISION_HINT": _OV_PRECISION[self.precision],
+        }
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        return config
+
+    def _compile(self, batch: int) -> Any:
+        compiled = self._compiled.get(batch)
+        if compiled is None:
+            model = self._model.clone()
+            model.reshape({model.input(0).get_any_name(): [batch, self.input_channels, *self.info.slice_size]})
+            try:
+                compiled = self.core.compile_model(model, "CPU", self._config())
+            except RuntimeError as exc:
+                raise FlareSegError(f"{self.path}: OpenVINO could not compile the model ({_first_line(exc)})") from None
+            used = compiled.get_property("INFERENCE_PRECISION_HINT")  # an openvino.Type: "f32", "bf16"
+            self.inference_precision = used.to_string() if hasattr(used, "to_string") else str(used)
+            log.debug("compiled %s for batch %d (%s)", self.path, batch, self.inference_precision)
+            self._compiled[batch] = compiled
+            self._requests[batch] = compiled.create_infer_request()
+        return compiled
+
+    def _infer(self, batch: torch.Tensor) -> torch.Tensor:
+        arr = np.ascontiguousarray(batch.detach().to(torch.float32).numpy())
+        n = int(arr.shape[0])
+        self._compile(n)
+        request = self._requests[n]
+        request.infer({0: arr})
+        # The request owns its output buffer and overwrites it on the next call: hand back a copy.
+        return torch.from_numpy(np.array(request.get_output_tensor(0).data, copy=True))
+
+    def _deactivate(self) -> None:
+        self._requests = {}
+        self._compiled = {}
+        self._model = None
+        self.core = None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,217 @@
+"""flare-export --int8: static QDQ quantisation, verified on held-out slices, and its refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import TRAINED_SIZE
+
+from flareseg.checkpoint import load_model
+from flareseg.errors import FlareSegError
+from flareseg.export import ExportOptions, export_onnx, read_onnx_metadata, read_sidecar
+from flareseg.export import int8 as int8_module
+from flareseg.export.cli import main as export_main
+from flareseg.export.fp16 import convert_to_fp16
+from flareseg.phantom import make_phantom
+from flareseg.preprocess import network_batch, normalize_volume
+
+#: Labels of the INT8 model against fp32 PyTorch on phantom slices it was neither
+#: calibrated nor verified on (the export itself requires 99 % on its held-out slices).
+INDEPENDENT_MIN_AGREEMENT = 0.98
+
+
+def _phantom_slices(seed: int, stats) -> np.ndarray:
+    """Normalised axial slices with organs in them, from a phantom case the export never saw."""
+    image = np.transpose(make_phantom((64, 64, 32), (6.0, 6.0, 8.0), seed=seed).image, (2, 1, 0)).astype(np.float32)
+    return normalize_volume(image, stats)[8:24]
+
+
+def _ort_labels(path: Path, slices: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"image": network_batch(slices, TRAINED_SIZE, 1).numpy()})[0].argmax(1)
+
+
+def _torch_labels(checkpoint: Path, slices: np.ndarray) -> np.ndarray:
+    net, info, _ = load_model(checkpoint)
+    with torch.inference_mode():
+        return net(network_batch(slices, TRAINED_SIZE, info.network.in_channels)).argmax(1).numpy()
+
+
+@pytest.fixture(scope="module")
+def exported(trained_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8")
+    return export_onnx(trained_checkpoint, out, ExportOptions(int8=True, batch_profile=(1, 2, 8)))
+
+
+def test_int8_export_is_written_beside_fp32_and_readable(exported):
+    assert [e.path.name for e in exported] == ["flareseg_fp32.onnx", "flareseg_int8.onnx"]
+    int8 = exported[1]
+    embedded = read_onnx_metadata(int8.path)
+    assert embedded.precision == "int8"
+    assert read_sidecar(int8.path) == json.loads(embedded.to_json()) == int8.metadata.to_dict()
+    # fp32 metadata keeps its old shape: no quantization key.
+    assert "quantization" not in read_sidecar(exported[0].path)
+
+
+def test_int8_graph_is_qdq_with_per_channel_symmetric_weights(exported):
+    model = onnx.load(str(exported[1].path))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") >= 10 and ops.count("DequantizeLinear") >= 20
+    weight_dq = [
+        n
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear"
+        and inits.get(n.input[0]) is not None
+        and inits[n.input[0]].dtype == np.int8
+        and inits[n.input[0]].ndim == 4
+    ]
+    assert len(weight_dq) >= 20  # the convolutions' weights
+    for node in weight_dq:
+        weight, scale = inits[node.input[0]], inits[node.input[1]]
+        zero = inits[node.input[2]] if len(node.input) > 2 else np.zeros(1)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        assert scale.shape == (weight.shape[axis],)  # one scale per output channel
+        assert not np.any(zero)  # symmetric: zero point 0
+    # The layers reported as float consume float weights (no DequantizeLinear in front of them).
+    quant = exported[1].metadata.quantization
+    float_nodes = {name for names in quant["float_layers"].values() for name in names}
+    produced_by_dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    for node in model.graph.node:
+        if node.name in float_nodes and node.op_type == "Conv":
+            assert node.input[1] in inits and inits[node.input[1]].dtype == np.float32
+            assert node.input[1] not in produced_by_dq
+
+
+def test_int8_metadata_records_quantiser_calibration_and_agreement(exported):
+    meta = exported[1].metadata
+    quant = meta.quantization
+    assert quant["quantizer"].split()[0] == int8_module.DEFAULT_QUANTIZER
+    assert quant["settings"]["weights"] == "int8 per-channel symmetric"
+    assert set(quant["float_layers"]) == set(int8_module.DEFAULT_FLOAT_LADDER[0])
+    assert quant["calibration"] == {
+        "source": "synthetic phantoms (2 x 192x192x48 at 2x2x5 mm)",
+        "slices": int8_module.DEFAULT_CALIBRATION_SLICES,
+        "held_out_slices": int8_module.DEFAULT_HELD_OUT_SLICES,
+    }
+    held = meta.verification["held_out"]
+    assert held["slices"] == int8_module.DEFAULT_HELD_OUT_SLICES
+    assert held["argmax_agreement"] >= int8_module.DEFAULT_MIN_AGREEMENT
+    assert quant["attempts"][-1]["held_out_agreement"] == held["argmax_agreement"]
+
+
+def test_int8_labels_agree_with_fp32_pytorch_on_unseen_phantom_slices(exported, trained_checkpoint):
+    info = load_model(trained_checkpoint)[1]
+    slices = _phantom_slices(seed=7, stats=info.normalization)
+    ref = _torch_labels(trained_checkpoint, slices)
+    got = _ort_labels(exported[1].path, slices)
+    assert len(np.unique(ref)) >= 4  # organs are predicted, so agreement means something
+    assert np.mean(got == ref) >= INDEPENDENT_MIN_AGREEMENT
+
+
+def test_calibration_and_held_out_slices_are_disjoint_and_come_from_the_folder(trained_checkpoint, tmp_path):
+    info = load_model(trained_checkpoint)[1]
+    folder = tmp_path / "TrainingImg"
+    folder.mkdir()
+    for k in range(2):
+        img, _ = make_phantom((64, 64, 20), (6.0, 6.0, 8.0), seed=10 + k).to_nifti()
+        nib.save(img, folder / f"train_{k:03d}_0000.nii.gz")
+    (folder / "notes.txt").write_text("not an image")
+    sets = int8_module.calibration_slices(info, folder, count=10, held_out=4)
+    assert sets.source == f"2 case(s) of {folder}"
+    assert len(sets.calibration) == 10 and len(sets.held_out) == 4
+    flat_c = {s.tobytes() for s in sets.calibration}
+    assert not flat_c & {s.tobytes() for s in sets.held_out}
+
+
+def test_export_calibrated_on_a_folder_records_it(trained_checkpoint, tmp_path):
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    img, _ = make_phantom((64, 64, 24), (6.0, 6.0, 8.0), seed=3).to_nifti()
+    nib.save(img, folder / "case_0000.nii.gz")
+    out = export_onnx(
+        trained_checkpoint,
+        tmp_path / "out",
+        ExportOptions(int8=True, calibration_slices=8, held_out_slices=4),
+        calibration=folder,
+    )
+    quant = out[-1].metadata.quantization
+    assert quant["calibration"] == {"source": f"1 case(s) of {folder}", "slices": 8, "held_out_slices": 4}
+    assert out[-1].metadata.verification["held_out_source"] == f"1 case(s) of {folder}"
+
+
+# --- refusals: one line, exit code 2, nothing written ----------------------------------
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_calibration_folder_without_nifti_is_refused_before_export(trained_checkpoint, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here")
+    out = tmp_path / "out"
+    assert export_main([str(trained_checkpoint), "-o", str(out), "--int8", "--calibration", str(empty)]) == 2
+    assert "no NIfTI files" in _one_line_error(capsys)
+    assert not out.exists()
+    assert export_main([str(trained_checkpoint), "-o", str(out), "--int8", "--calibration", str(tmp_path / "no")]) == 2
+    assert "calibration folder not found" in _one_line_error(capsys)
+    assert export_main([str(trained_checkpoint), "-o", str(out), "--calibration", str(empty)]) == 2
+    assert "only used by the INT8 export" in _one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_calibration_volumes_without_usable_slices_are_refused(trained_checkpoint, tmp_path, capsys):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    nib.save(nib.Nifti1Image(np.full((32, 32, 6), -1000, np.int16), np.eye(4)), flat / "air_0000.nii.gz")
+    out = tmp_path / "out"
+    assert export_main([str(trained_checkpoint), "-o", str(out), "--int8", "--calibration", str(flat)]) == 2
+    assert "0 usable slice(s) to calibrate on" in _one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_agreement_below_the_threshold_writes_nothing(trained_checkpoint, tmp_path, capsys):
+    # Everything quantised (no float layers) cannot reach 100 % agreement on this model.
+    options = ExportOptions(int8=True, int8_min_agreement=1.0, int8_float_ladder=((),))
+    with pytest.raises(FlareSegError, match=r"INT8 model agrees with fp32 PyTorch on 9\d\.\d+% of held-out voxels"):
+        export_onnx(trained_checkpoint, tmp_path / "out", options)
+    assert not (tmp_path / "out").exists()  # not even the fp32 model: every model is verified before writing
+    out = tmp_path / "cli"
+    assert export_main([str(trained_checkpoint), "-o", str(out), "--int8", "--int8-min-agreement", "1.0"]) in (0, 2)
+    if out.exists():  # the ladder reached 100 % with every sensitive layer in float: a valid outcome
+        assert read_onnx_metadata(out / "flareseg_int8.onnx").verification["held_out"]["argmax_agreement"] == 1.0
+    else:
+        assert "expected >= 100.00%" in _one_line_error(capsys)
+
+
+def test_models_that_cannot_be_quantised_are_refused(exported):
+    fp32 = onnx.load(str(exported[0].path))
+    inputs = np.zeros((1, 1, *TRAINED_SIZE), np.float32)
+    with pytest.raises(FlareSegError, match="weights are not float32"):
+        int8_module.quantize(convert_to_fp16(fp32), inputs, [], "onnxruntime")
+    odd = onnx.ModelProto.FromString(fp32.SerializeToString())
+    odd.graph.node[1].op_type = "Sigmoid"  # an operator outside the deploy graph's set
+    with pytest.raises(FlareSegError, match="unsupported operators Sigmoid"):
+        int8_module.quantize(odd, inputs, [], "onnxruntime")
+    with pytest.raises(FlareSegError, match="unknown float layer"):
+        int8_module.float_layer_nodes(fp32, ["middle-conv"])  # type: ignore[list-item]
+
+
+def test_bad_int8_options_are_refused(trained_checkpoint, tmp_path, capsys):
+    with pytest.raises(FlareSegError, match=r"minimum agreement must lie in \[0, 1\]"):
+        ExportOptions(int8=True, int8_min_agreement=1.5)
+    with pytest.raises(FlareSegError, match="quantizer must be onnxruntime or nncf"):
+        ExportOptions(int8=True, quantizer="tflite")  # type: ignore[arg-type]
+    with pytest.raises(SystemExit):
+        export_main([str(trained_checkpoint), "-o", str(tmp_path), "--int8", "--int8-min-agreement", "99"])
