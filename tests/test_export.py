@@ -230,3 +230,30 @@ def test_tensorrt_engine_agrees_with_onnx(exported, trained_checkpoint, sample_c
         ref = ort_runner.infer(x).argmax(1)
         got = trt_runner.infer(x.cuda()).float().argmax(1).cpu()
     assert float((ref == got).float().mean()) >= 0.995
+
+
+def test_engine_refuses_uint8_labels_before_any_export(trained_checkpoint, tmp_path, capsys):
+    argv = [str(trained_checkpoint), "-o", str(tmp_path / "out"), "--engine", "--argmax", "uint8", "-q"]
+    assert export_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--argmax int32" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_engine_is_built_from_the_gpu_model_not_the_int8_one(trained_checkpoint, tmp_path, monkeypatch):
+    """TensorRT cannot be installed here: a recording double stands in for build_engine (our control flow only)."""
+    from flareseg.export import tensorrt as trt_module
+
+    built: list[tuple[str, bool]] = []
+    monkeypatch.setattr(trt_module, "import_tensorrt", lambda: None)
+    monkeypatch.setattr(trt_module.DeviceIdentity, "current", classmethod(lambda cls, index=0: None))
+
+    def build_engine(onnx_path, **kw):
+        built.append((Path(onnx_path).name, kw["tf32"]))
+        return tmp_path / "out" / "flareseg.engine"
+
+    monkeypatch.setattr(trt_module, "build_engine", build_engine)
+    argv = [str(trained_checkpoint), "-o", str(tmp_path / "out"), "--fp16", "--int8", "--engine", "--tf32", "-q"]
+    assert export_main(argv) == 0
+    assert built == [("flareseg_fp16.onnx", True)]
+    assert (tmp_path / "out" / "flareseg_int8.onnx").is_file()

@@ -222,3 +222,13 @@ def test_pinned_pipeline_reports_gpu_memory(trained_checkpoint, sample_ct, tmp_p
         timing = segment_file(runner, sample_ct, tmp_path / "o.nii.gz", batch_size=4)
     assert timing.peak_gpu_allocated_mb is not None and timing.peak_gpu_allocated_mb > 0
     assert read_ct(sample_ct).num_slices == timing.slices
+
+
+def test_runner_refuses_batches_below_its_minimum(trained_checkpoint):
+    _, info, _ = load_model(trained_checkpoint)
+    runner = FunctionRunner(lambda x: torch.zeros((x.shape[0], 5, *x.shape[2:])), info, input_channels=3)
+    runner.min_batch = 4
+    with runner:
+        assert runner.infer(torch.zeros(4, 3, 64, 64)).shape == (4, 5, 64, 64)
+        with pytest.raises(FlareSegError, match="batch 2 is below the model's minimum 4; pad it"):
+            runner.infer(torch.zeros(2, 3, 64, 64))

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from flareseg.cli import add_common_arguments, int_list, run_command, slice_size
+from flareseg.errors import FlareSegError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,12 +32,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, help="untimed runs first (default 1 on CPU, 5 on GPU)")
     p.add_argument("--width", type=int, default=64, help="base width of the random-weight network (default 64)")
     p.add_argument("--no-fresh-process", action="store_true", help="skip the FLARE21-style fresh-process timing")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="instead of timing: check every available backend's outputs against PyTorch fp32 on the same slices "
+        "and volume (writes check.json and check.md; exit status 1 if any backend fails its tolerance)",
+    )
     p.add_argument("-o", "--out", type=Path, default=Path("bench-report"), help="report folder (default bench-report)")
     add_common_arguments(p)
     return p
 
 
+def _command(args: argparse.Namespace) -> str:
+    return "flare-bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if args.argv is None else args.argv))
+
+
+def _check(args: argparse.Namespace) -> int:
+    from flareseg.bench.check import CheckConfig, run_check, write_check
+
+    if args.batch is not None and len(args.batch) != 1:
+        raise FlareSegError(f"--check runs one batch size, got --batch {','.join(map(str, args.batch))}")
+    config = CheckConfig(
+        out=args.out,
+        model=args.model,
+        backends=args.backends,
+        input=args.input,
+        slices=args.slices,
+        size=args.size,
+        batch=args.batch[0] if args.batch else 2,
+        base_width=args.width,
+    )
+    report = run_check(config)
+    paths = write_check(report, args.out, _command(args))
+    print(paths["markdown"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0 if report["passed"] else 1
+
+
 def _main(args: argparse.Namespace) -> int:
+    if args.check:
+        return _check(args)
     from flareseg.bench.report import write_report
     from flareseg.bench.run import BenchConfig, run_benchmark
 
@@ -54,8 +89,7 @@ def _main(args: argparse.Namespace) -> int:
         base_width=args.width,
     )
     report = run_benchmark(config)
-    command = "flare-bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if args.argv is None else args.argv))
-    paths = write_report(report, args.out, command)
+    paths = write_report(report, args.out, _command(args))
     print(paths["markdown"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

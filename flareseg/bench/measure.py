@@ -6,11 +6,12 @@ Pure measuring functions; :mod:`flareseg.bench.run` decides what to measure and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,26 +105,67 @@ def time_batches(
     return stats
 
 
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype, *, n: int | None = None, repeats: int = 5) -> float:
-    """Dense matrix-product rate (FLOP/s, multiply and add counted apart) measured on ``device`` now."""
+@contextlib.contextmanager
+def cuda_matmul_tf32(enabled: bool) -> Iterator[None]:
+    """CUDA float32 matrix products in TF32 (or not) for a block, then the previous setting again."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def convolution_math(device: torch.device, precision: str, kind: str = "torch") -> str:
+    """The arithmetic a backend's float32 convolutions use: ``tf32`` on CUDA GPUs that have it, by default.
+
+    On compute capability 8.0 and later, cuDNN runs float32 convolutions in TF32 unless
+    ``torch.backends.cudnn.allow_tf32`` is off (it is on by default), and so do ONNX Runtime's
+    CUDA provider (its ``use_tf32`` option defaults to on) and TensorRT (its TF32 builder flag
+    is set by default), while torch's float32 matrix products default to full precision: a peak
+    measured with the latter understates what the former can reach.
+    """
+    if device.type != "cuda" or precision != "fp32":
+        return precision
+    major, _ = torch.cuda.get_device_capability(device)
+    allowed = torch.backends.cudnn.allow_tf32 if kind == "torch" else True
+    return "tf32" if allowed and major >= 8 else "fp32"
+
+
+def matmul_peak_flops(
+    device: torch.device, dtype: torch.dtype, *, tf32: bool = False, n: int | None = None, repeats: int = 5
+) -> float:
+    """Dense matrix-product rate (FLOP/s, multiply and add counted apart) measured on ``device`` now.
+
+    ``tf32``: on CUDA, float32 products in TF32 for this measurement only (the global setting is restored).
+    """
     if n is None:
         n = 8192 if device.type == "cuda" else 4096
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    torch.matmul(a, b)
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
+    with cuda_matmul_tf32(tf32) if device.type == "cuda" else contextlib.nullcontext():
         torch.matmul(a, b)
         sync()
-        best = min(best, time.perf_counter() - t)
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            torch.matmul(a, b)
+            sync()
+            best = min(best, time.perf_counter() - t)
     return 2.0 * n**3 / best
 
 
+MIB = 2**20
+
+
 class NvmlSampler:
-    """Whole-device used memory (total - free) every ``interval`` seconds, as FLARE21 measured it."""
+    """Whole-device used memory (total - free) every ``interval`` seconds, as FLARE21 measured it.
+
+    One reading is taken on entry, before the sampled work starts: the idle level that the
+    figures of :meth:`summary` are measured above. A last sample is taken on exit, so even a
+    short run has a start and an end for the memory-time area.
+    """
 
     def __init__(self, device_index: int = 0, interval: float = 0.1) -> None:
         try:
@@ -134,33 +176,126 @@ class NvmlSampler:
         pynvml.nvmlInit()
         self._handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
         self.interval = interval
+        self.idle: int | None = None
         self.samples: list[int] = []
+        self.times: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
+    def _used(self) -> int:
+        info = self._nvml.nvmlDeviceGetMemoryInfo(self._handle)
+        return int(info.total - info.free)
+
+    def _sample(self) -> None:
+        self.times.append(time.perf_counter())
+        self.samples.append(self._used())
+
     def _loop(self) -> None:
         while not self._stop.is_set():
-            info = self._nvml.nvmlDeviceGetMemoryInfo(self._handle)
-            self.samples.append(int(info.total - info.free))
+            self._sample()
             self._stop.wait(self.interval)
 
     def __enter__(self) -> NvmlSampler:
+        self.idle = self._used()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._sample()
         self._nvml.nvmlShutdown()
 
     def flare21_max_mb(self) -> float | None:
-        return flare21_max_memory(self.samples)
+        """FLARE21's maximum, above the idle reading (MiB)."""
+        return flare21_max_memory(self.samples, idle=self.idle or 0)
+
+    def summary(self) -> dict[str, float | int | None]:
+        """Idle level, FLARE21 maximum and absolute peak above it (MiB), area above it (MiB x s)."""
+        idle = self.idle or 0
+        return {
+            "nvml_idle_mb": idle / MIB,
+            "nvml_flare21_max_mb": flare21_max_memory(self.samples, idle=idle),
+            "nvml_peak_mb": max(0, max(self.samples) - idle) / MIB if self.samples else None,
+            "nvml_area_mb_s": memory_time_area(self.times, self.samples, idle=idle),
+            "nvml_samples": len(self.samples),
+        }
 
 
-def flare21_max_memory(samples: Sequence[int], share: float = 0.02) -> float | None:
-    """FLARE21's "maximum GPU memory": the largest value held for at least ``share`` of the samples (MiB)."""
+def flare21_max_memory(samples: Sequence[int], share: float = 0.02, *, idle: int = 0) -> float | None:
+    """FLARE21's "maximum GPU memory": the largest value held for at least ``share`` of the samples (MiB).
+
+    ``idle`` (bytes) is subtracted first; readings below it count as zero.
+    """
     if not samples:
         return None
     need = max(1, int(share * len(samples) + 0.999999))
     ordered = sorted(samples, reverse=True)
-    return ordered[need - 1] / 2**20
+    return max(0, ordered[need - 1] - idle) / MIB
+
+
+def memory_time_area(times: Sequence[float], samples: Sequence[int], *, idle: int = 0) -> float | None:
+    """FLARE22/23's GPU-memory figure: area under the used-memory curve (MiB x s), by the trapezoid rule.
+
+    ``times`` in seconds, ``samples`` in bytes, paired; ``idle`` (bytes) is subtracted first and
+    readings below it count as zero. One sample spans no time: its area is 0.
+    """
+    if len(times) != len(samples):
+        raise FlareSegError(f"memory-time area: {len(times)} times for {len(samples)} samples")
+    if not samples:
+        return None
+    above = [max(0, s - idle) / MIB for s in samples]
+    return sum((times[i + 1] - times[i]) * (above[i] + above[i + 1]) / 2 for i in range(len(above) - 1))
+
+
+def voxel_agreement(a: Any, b: Any) -> float:
+    """Fraction of voxels with the same label in two label arrays of the same shape."""
+    import numpy as np
+
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        raise FlareSegError(f"label maps differ in shape: {a.shape} and {b.shape}")
+    return float(np.mean(a == b)) if a.size else 1.0
+
+
+#: CPU features that decide which reduced-precision paths are fast (or available at all).
+CPU_FEATURES = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "amx_fp16",
+)
+
+
+def parse_cpuinfo(text: str) -> dict[str, Any]:
+    """CPU model and the relevant instruction sets from the text of Linux's ``/proc/cpuinfo`` (first CPU)."""
+    model: str | None = None
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model is None:
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = set(value.split())
+    return {"cpu_model": model, "cpu_features": [f for f in CPU_FEATURES if f in flags]}
+
+
+def cpu_description() -> dict[str, Any]:
+    """This machine's CPU model and instruction sets; the platform's processor name where /proc is absent."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            found = parse_cpuinfo(f.read())
+    except OSError:
+        found = {"cpu_model": None, "cpu_features": None}
+    found["cpu_model"] = found["cpu_model"] or platform.processor() or platform.machine()
+    return found

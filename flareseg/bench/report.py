@@ -1,4 +1,4 @@
-"""flare-bench's report: ``report.json``, ``report.md`` and ``latency.png``."""
+"""flare-bench's report: ``report.json``, ``report.md``, ``latency.png`` and ``stages.png``."""
 
 from __future__ import annotations
 
@@ -44,46 +44,56 @@ def _flops_gap(model: dict[str, Any]) -> str:
     return "."
 
 
-def markdown(report: dict[str, Any], command: str) -> str:
-    m, model = report["machine"], report["model"]
-    lines = [
-        "# flare-bench report",
+def _pct(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{100 * x:.{digits}f}"
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    cpu = m.get("cpu_model") or m["processor"]
+    features = m.get("cpu_features")
+    isa = (
+        f" ({', '.join(features) if features else 'none of AVX2/AVX-512/VNNI/BF16/AMX'})"
+        if features is not None
+        else ""
+    )
+    return f"Machine: {cpu}{isa}, {m['cpu_cores']} CPU cores, GPU: {m['gpu'] or 'none'}; {m['platform']}"
+
+
+def _model_lines(model: dict[str, Any]) -> list[str]:
+    if "parameters_training" not in model:
+        return [model.get("note", "")]
+    return [
+        "| | ours (measured) | paper |",
+        "|---|---|---|",
+        f"| parameters (training graph) | {model['parameters_training']:,} | {model['parameters_paper_reported']:,} |",
+        f"| parameters (deploy graph, folded 1-channel input) | {model['parameters_deploy']:,} | |",
+        f"| FLOPs, fvcore, training graph | {model['flops_training_fvcore']:,} | {model['flops_paper']:,} |",
+        f"| FLOPs, fvcore, deploy graph (1-channel input) | {model['flops_deploy_fvcore']:,} | |",
+        f"| FLOPs, nnU-Net (paper) | | {model['flops_nnunet_paper']:,} |",
         "",
-        f"Command: `{command}`",
-        f"Machine: {m['processor']}, {m['cpu_cores']} CPU cores, GPU: {m['gpu'] or 'none'}; {m['platform']}",
-        "Software: " + ", ".join(f"{k} {v}" for k, v in sorted(m["versions"].items())),
+        _params_note(model),
+        f"The paper's FLOPs exceed fvcore's count of the training graph (train mode, auxiliary heads "
+        f"included) by {model['flops_paper_minus_training']:,}" + _flops_gap(model),
+        "fvcore counts one multiply-add as one flop; the arithmetic rates below count two.",
     ]
-    if report["settings"].get("note"):
-        lines.append(f"Note: {report['settings']['note']}.")
-    lines += ["", "## Model", ""]
-    if "parameters_training" in model:
-        lines += [
-            "| | ours (measured) | paper |",
-            "|---|---|---|",
-            f"| parameters (training graph) | {model['parameters_training']:,} "
-            f"| {model['parameters_paper_reported']:,} |",
-            f"| parameters (deploy graph, folded 1-channel input) | {model['parameters_deploy']:,} | |",
-            f"| FLOPs, fvcore, training graph | {model['flops_training_fvcore']:,} | {model['flops_paper']:,} |",
-            f"| FLOPs, fvcore, deploy graph (1-channel input) | {model['flops_deploy_fvcore']:,} | |",
-            f"| FLOPs, nnU-Net (paper) | | {model['flops_nnunet_paper']:,} |",
-            "",
-            _params_note(model),
-            f"The paper's FLOPs exceed fvcore's count of the training graph (train mode, auxiliary heads "
-            f"included) by {model['flops_paper_minus_training']:,}" + _flops_gap(model),
-            "fvcore counts one multiply-add as one flop; the arithmetic rates below count two.",
-        ]
-    lines += ["", "## Latency and throughput", ""]
-    lines += [
+
+
+def _allocated(row: dict[str, Any], key: str) -> str:
+    note = row.get("peak_allocated_note") or row.get("peak_gpu_allocated_note")
+    return "n/a (not torch)" if note else _mb(row.get(key))
+
+
+def _latency_lines(report: dict[str, Any]) -> list[str]:
+    lines = [
         "| backend | batch | ms/slice (median) | p10 | p90 | slices/s | % of matmul peak | peak RSS MB "
-        "| peak alloc MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| peak alloc MB | GPU MB (NVML) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in report["backends"].items():
         for r in entry["batches"]:
             if "error" in r:
-                lines.append(f"| {name} | {r['batch']} | error: {r['error']} | | | | | | |")
+                lines.append(f"| {name} | {r['batch']} | error: {r['error']} | | | | | | | |")
                 continue
-            frac = r.get("fraction_of_matmul_peak")
             cells = [
                 name,
                 str(r["batch"]),
@@ -91,11 +101,18 @@ def markdown(report: dict[str, Any], command: str) -> str:
                 f"{1000 * r['slice_p10_s']:.1f}",
                 f"{1000 * r['slice_p90_s']:.1f}",
                 f"{r['slices_per_s']:.2f}",
-                "n/a" if frac is None else f"{100 * frac:.1f}",
+                _pct(r.get("fraction_of_matmul_peak"), 1),
                 _mb(r.get("peak_rss_mb")),
-                _mb(r.get("peak_allocated_mb")),
+                _allocated(r, "peak_allocated_mb"),
+                _mb(r.get("nvml_flare21_max_mb")),
             ]
             lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "GPU MB: whole-device memory sampled by NVML every 0.1 s, above the reading taken just before the "
+        "runner was created, by FLARE21's rule (the largest value held for 2 % of the samples). peak alloc: "
+        "torch's allocator, which sees only what torch allocates (n/a for ONNX Runtime and TensorRT).",
+    ]
     peaks = report.get("matmul_peak_flops", {})
     if peaks:
         lines += [
@@ -104,6 +121,12 @@ def markdown(report: dict[str, Any], command: str) -> str:
             + ", ".join(f"{k} {_g(v, 1e9)} GFLOP/s" for k, v in peaks.items())
             + ".",
         ]
+        if any(k.endswith("-tf32") for k in peaks):
+            lines.append(
+                "CUDA fp32 backends run their convolutions in TF32 (the default of cuDNN, ONNX Runtime's CUDA "
+                "provider and TensorRT on this GPU): they are compared with the TF32 peak (`cuda-tf32`), measured "
+                "with TF32 switched on for that measurement only."
+            )
     ort = report["backends"].get("onnxruntime-cpu-fp32")
     torch_cpu = report["backends"].get("torch-cpu-fp32")
     if ort and "best" in ort:
@@ -125,47 +148,156 @@ def markdown(report: dict[str, Any], command: str) -> str:
             lines.append(
                 f"- ONNX Runtime is {ratio:.2f}x faster per slice than PyTorch eager fp32 (best batch of each)."
             )
-    lines += ["", "## Whole volumes", "", f"Input: `{report['volumes']['input']}`", ""]
+    return lines
+
+
+def _side_by_side_lines(report: dict[str, Any]) -> list[str]:
+    """Each backend at its best batch: speed, memory and labels against fp32, in one table."""
+    backends = {n: e for n, e in report["backends"].items() if "best" in e}
+    if not backends:
+        return []
+    base = "onnxruntime-cpu-fp32" if "onnxruntime-cpu-fp32" in backends else next(iter(backends))
+    base_rate = backends[base]["best"]["slices_per_s"]
+    volumes = report["volumes"]["results"]
+    ref = report["volumes"].get("reference")
+    lines = [
+        "",
+        "## Backends side by side",
+        "",
+        f"Each at its best batch; speed against {base}; agreement: voxels of the whole volume's labels equal to "
+        f"those of the fp32 reference ({ref or 'none run'}) on the same volume.",
+        "",
+        f"| backend | precision | best batch | slices/s | x {base} | peak RSS MB (latency) | peak RSS MB (volume) "
+        "| GPU MB (NVML, volume) | agreement with fp32 (%) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in backends.items():
+        best, vol = entry["best"], volumes.get(name, {})
+        agreement = "reference" if name == ref else _pct(vol.get("agreement_with_fp32"), 3)
+        cells = [
+            name,
+            entry.get("precision", vol.get("precision", "")),
+            str(best["batch"]),
+            f"{best['slices_per_s']:.2f}",
+            f"{best['slices_per_s'] / base_rate:.2f}",
+            _mb(best.get("peak_rss_mb")),
+            _mb(vol.get("peak_rss_mb")),
+            _mb(vol.get("nvml_flare21_max_mb")),
+            agreement,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _volume_lines(report: dict[str, Any]) -> list[str]:
+    volumes = report["volumes"]
+    lines = ["", "## Whole volumes", "", f"Input: `{volumes['input']}`", ""]
     lines += [
         "| backend | slices | batch | read s | preprocess s | infer s | postprocess s | write s | total s "
-        "| slices x per-slice s | overhead |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| slices x per-slice s | overhead | GPU MB (NVML) | GPU MB·s (NVML) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, v in report["volumes"]["results"].items():
+    for name, v in volumes["results"].items():
+        area = v.get("nvml_area_mb_s")
         lines.append(
             f"| {name} | {v['slices']} | {v['batch']} | {v['read_s']:.2f} | {v['preprocess_s']:.2f} "
             f"| {v['infer_s']:.2f} | {v['postprocess_s']:.2f} | {v['write_s']:.2f} | {v['total_s']:.2f} "
-            f"| {v['slices_times_per_slice_s']:.2f} | "
-            f"{100 * v['volume_overhead']:+.1f} % |"
+            f"| {v['slices_times_per_slice_s']:.2f} | {100 * v['volume_overhead']:+.1f} % "
+            f"| {_mb(v.get('nvml_flare21_max_mb'))} | {'n/a' if area is None else f'{area:,.1f}'} |"
         )
-    lines += ["", "## Against the paper and FLARE21", ""]
+    lines += [
+        "",
+        "Stages as `flare-infer` runs them: read (decompress and decode), preprocess (percentiles and "
+        "normalisation), infer (the network and its copies), postprocess (largest components), write. GPU MB·s: "
+        "FLARE22/23's memory figure, the area under the NVML used-memory curve above idle, by the trapezoid rule.",
+        "",
+        "![time per stage](stages.png)",
+    ]
+    return lines
+
+
+def _fresh_lines(report: dict[str, Any]) -> list[str]:
+    m = report["machine"]
     fresh = report.get("fresh_process")
     win, base = report["references"]["flare21_winner"], report["references"]["nnunet_baseline"]
-    lines += [
-        "| | seconds per case | max GPU memory (MB) | device |",
-        "|---|---|---|---|",
-        f"| FLARE21 winner (test set) | {win['seconds_per_case']} | {win['max_gpu_memory_mb']:,} | challenge GPU |",
+    lines = [
+        "",
+        "## Against the paper and FLARE21",
+        "",
+        "| | seconds per case | max GPU memory (MB) | GPU memory-time (MB·s) | device |",
+        "|---|---|---|---|---|",
+        f"| FLARE21 winner (test set) | {win['seconds_per_case']} | {win['max_gpu_memory_mb']:,} | | challenge GPU |",
         f"| nnU-Net baseline (validation) | ~{base['seconds_per_case']:.0f} | {base['max_gpu_memory_mb']:,} "
-        "| challenge GPU |",
+        "| | challenge GPU |",
     ]
-    if fresh:
-        mem = fresh.get("nvml_flare21_max_mb")
+    if not fresh:
+        return lines
+    mem, area = fresh.get("nvml_flare21_max_mb"), fresh.get("nvml_area_mb_s")
+    device = m["gpu"] or (m.get("cpu_model") or m["processor"]) + " CPU"
+    lines.append(
+        f"| flareseg, {fresh['backend']} ({fresh.get('slices')} slices, fresh process) | {fresh['wall_s']:.1f} "
+        f"| {'n/a (no GPU)' if mem is None else f'{mem:,.0f}'} | {'n/a' if area is None else f'{area:,.1f}'} "
+        f"| {device} |"
+    )
+    lines += ["", f"Fresh-process command: `{fresh['command']}`"]
+    bare = fresh.get("bare_start")
+    if bare:
         lines.append(
-            f"| flareseg, {fresh['backend']} ({fresh.get('slices')} slices, fresh process) | {fresh['wall_s']:.1f} | "
-            f"{'n/a (no GPU)' if mem is None else f'{mem:,.0f}'} | {m['gpu'] or m['processor'] + ' CPU'} |"
+            f"Bare start-up in the same run, `{bare['command']}`: {bare['median_s']:.2f} s (median of "
+            f"{len(bare['wall_s'])} runs, before and after the case); the case took "
+            f"{fresh['minus_bare_start_s']:.2f} s more."
         )
-        lines += ["", f"Fresh-process command: `{fresh['command']}`"]
+        if bare.get("nvml_flare21_max_mb") is not None:
+            lines.append(
+                f"The CUDA context alone holds {bare['nvml_flare21_max_mb']:,.0f} MB on this GPU (NVML, above idle)."
+            )
+    if fresh.get("peak_rss_mb") is not None:
+        lines.append(f"Peak RSS of the fresh process: {fresh['peak_rss_mb']:,.0f} MB.")
+    lines.append("Memory figures are above the idle reading taken before the process started (MB = 2^20 bytes).")
+    return lines
+
+
+def markdown(report: dict[str, Any], command: str) -> str:
+    m = report["machine"]
+    lines = [
+        "# flare-bench report",
+        "",
+        f"Command: `{command}`",
+        machine_line(m),
+        "Software: " + ", ".join(f"{k} {v}" for k, v in sorted(m["versions"].items())),
+    ]
+    if report["settings"].get("note"):
+        lines.append(f"Note: {report['settings']['note']}.")
+    lines += ["", "## Model", "", *_model_lines(report["model"])]
+    lines += ["", "## Latency and throughput", "", *_latency_lines(report)]
+    lines += _side_by_side_lines(report)
+    lines += _volume_lines(report)
+    lines += _fresh_lines(report)
     lines += ["", "![latency and throughput](latency.png)", "", f"Benchmark wall time: {report['bench_wall_s']:.0f} s."]
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict[str, Any], path: Path) -> Path | None:
+def _pyplot() -> Any:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _title(report: dict[str, Any], what: str) -> str:
+    m = report["machine"]
+    size = "x".join(str(s) for s in report["settings"].get("slice_size", (512, 512)))
+    device = m["gpu"] or m.get("cpu_model") or m["processor"]
+    return f"flareseg {what}, {size} slices: {device} ({m['cpu_cores']} CPU cores)"
+
+
+def plot(report: dict[str, Any], path: Path) -> Path | None:
+    plt = _pyplot()
+    if plt is None:
         return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for name, entry in report["backends"].items():
@@ -182,8 +314,33 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     ax2.legend(fontsize=8)
-    m = report["machine"]
-    fig.suptitle(f"flareseg, 512x512 slices: {m['gpu'] or m['processor']} ({m['cpu_cores']} CPU cores)", fontsize=10)
+    fig.suptitle(_title(report, "latency"), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_stages(report: dict[str, Any], path: Path) -> Path | None:
+    """A stacked bar per backend: seconds of each stage of the whole-volume run."""
+    plt = _pyplot()
+    results = report["volumes"]["results"]
+    if plt is None or not results:
+        return None
+    names = list(results)
+    stages = report["volumes"].get("stages", ["read", "preprocess", "infer", "postprocess", "write"])
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.5 * len(names)))
+    left = [0.0] * len(names)
+    for stage in stages:
+        widths = [results[n][f"{stage}_s"] for n in names]
+        ax.barh(names, widths, left=left, label=stage)
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    slices = {results[n]["slices"] for n in names}
+    ax.set_xlabel(f"seconds per volume ({', '.join(map(str, sorted(slices)))} slices)")
+    ax.invert_yaxis()
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, ncol=len(stages), loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    fig.suptitle(_title(report, "whole volume by stage"), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -196,7 +353,8 @@ def write_report(report: dict[str, Any], out: Path, command: str) -> dict[str, P
         "json": write_text_atomic(json.dumps({**report, "command": command}, indent=2) + "\n", out / "report.json"),
         "markdown": write_text_atomic(markdown(report, command), out / "report.md"),
     }
-    png = plot(report, out / "latency.png")
-    if png:
-        paths["plot"] = png
+    for key, draw, name in (("plot", plot, "latency.png"), ("stages", plot_stages, "stages.png")):
+        png = draw(report, out / name)
+        if png:
+            paths[key] = png
     return paths

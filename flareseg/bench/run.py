@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import platform
+import shlex
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +25,7 @@ from typing import Any
 
 import torch
 
-from flareseg.bench.backends import ALL_BACKENDS, available_backends, make_runner, prepare_models
+from flareseg.bench.backends import ALL_BACKENDS, Backend, available_backends, make_runner, prepare_models
 from flareseg.errors import FlareSegError
 from flareseg.network import PAPER_PARAMETERS_REPORTED, build_deploy_network, count_parameters
 
@@ -36,6 +40,10 @@ ONE_FULL_RES_CONV_FLOPS = 64 * 64 * 9 * 512 * 512
 IDENTITY_UPSAMPLE_FLOPS = 16 * 512 * 512 * 4
 FLARE21_WINNER = {"seconds_per_case": 9.32, "max_gpu_memory_mb": 1177}
 NNUNET_BASELINE = {"seconds_per_case": 145.0, "max_gpu_memory_mb": 2298}
+#: fp32 references for the voxel agreement of reduced-precision backends, in order of preference.
+REFERENCE_BACKENDS = ("torch-cpu-fp32", "onnxruntime-cpu-fp32")
+#: The stages of a whole-volume run, in order (CaseTiming's fields).
+STAGES = ("read", "preprocess", "infer", "postprocess", "write")
 
 
 @dataclass(frozen=True)
@@ -103,16 +111,21 @@ def _volume(cfg: BenchConfig, work: Path) -> Path:
     return path
 
 
+def check_backends(names: Sequence[str]) -> None:
+    """Refuse unknown backends and backends this machine cannot run."""
+    unknown = [b for b in names if b not in ALL_BACKENDS]
+    if unknown:
+        raise FlareSegError(f"unknown backends {unknown}; known: {', '.join(ALL_BACKENDS)}")
+    missing = [b for b in names if b not in available_backends()]
+    if missing:
+        raise FlareSegError(f"backends not available on this machine: {', '.join(missing)}")
+
+
 def run_benchmark(config: BenchConfig) -> dict[str, Any]:
     """Every figure of the report, as a JSON-serialisable dictionary: one section function each."""
     cfg = config.resolved()
     assert cfg.backends is not None
-    unknown = [b for b in cfg.backends if b not in ALL_BACKENDS]
-    if unknown:
-        raise FlareSegError(f"unknown backends {unknown}; known: {', '.join(ALL_BACKENDS)}")
-    missing = [b for b in cfg.backends if b not in available_backends()]
-    if missing:
-        raise FlareSegError(f"backends not available on this machine: {', '.join(missing)}")
+    check_backends(cfg.backends)
     work = cfg.out / "models"
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -128,7 +141,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
     report["model"] = model_section(models)
     report["backends"] = latency_section(cfg, models, peaks, report["model"].get("flops_deploy_fvcore"))
     volume = _volume(cfg, work)
-    report["volumes"] = {"input": str(volume), "results": volume_section(cfg, models, report["backends"], volume)}
+    report["volumes"] = volume_section(cfg, models, report["backends"], volume)
     if cfg.fresh_process:
         report["fresh_process"] = fresh_process_section(cfg, models, report["backends"], report["volumes"], volume)
     report["references"] = {"flare21_winner": FLARE21_WINNER, "nnunet_baseline": NNUNET_BASELINE}
@@ -136,27 +149,44 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
     return report
 
 
+def peak_key(backend: Backend) -> str:
+    """Which measured matrix-product peak a backend's rate is compared with: device and arithmetic."""
+    from flareseg.bench.measure import convolution_math
+
+    device = torch.device(backend.device)
+    return f"{backend.device}-{convolution_math(device, backend.precision, backend.kind)}"
+
+
 def matmul_peaks(cfg: BenchConfig) -> dict[str, float]:
-    """The measured matrix-product rate per device and precision the backends use."""
+    """The measured matrix-product rate per device and arithmetic the backends use.
+
+    CUDA fp32 backends whose convolutions run in TF32 are compared with a TF32 peak
+    (``cuda-tf32``), measured with TF32 switched on for the measurement only. No peak is
+    measured for the CPU's reduced precisions (bf16, int8): their fraction reads n/a.
+    """
     from flareseg.bench.measure import matmul_peak_flops
 
     assert cfg.backends is not None
     peaks: dict[str, float] = {}
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    dtypes = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     for name in cfg.backends:
         b = ALL_BACKENDS[name]
-        key = f"{b.device}-{b.precision}"
-        if key not in peaks and b.precision in dtypes and not (b.device == "cpu" and b.precision != "fp32"):
-            peaks[key] = matmul_peak_flops(torch.device(b.device), dtypes[b.precision])
+        key = peak_key(b)
+        math = key.split("-", 1)[1]
+        if key in peaks or math not in dtypes or (b.device == "cpu" and math != "fp32"):
+            continue
+        peaks[key] = matmul_peak_flops(torch.device(b.device), dtypes[math], tf32=math == "tf32")
     return peaks
 
 
 def machine_section() -> dict[str, Any]:
+    from flareseg.bench.measure import cpu_description
     from flareseg.checkpoint import software_versions
 
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        **cpu_description(),
         "cpu_cores": os.cpu_count(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "versions": software_versions(),
@@ -208,10 +238,28 @@ def model_section(models: dict[str, Path]) -> dict[str, Any]:
     }
 
 
+def _release_cuda_memory() -> None:
+    """Return the previous runner's cached blocks to the device, so the idle reading excludes them."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _allocator_figure(backend: Backend, peak_mb: float | None) -> dict[str, Any]:
+    """torch's allocator peak, only where torch allocates the backend's memory (NVML holds the rest)."""
+    if backend.device != "cuda":
+        return {}
+    if backend.kind == "torch":
+        return {"peak_allocated_mb": peak_mb}
+    return {
+        "peak_allocated_mb": None,
+        "peak_allocated_note": f"not applicable: {backend.kind} allocates outside torch's allocator (see NVML)",
+    }
+
+
 def latency_section(
     cfg: BenchConfig, models: dict[str, Path], peaks: dict[str, float], flops_slice: int | None
 ) -> dict[str, Any]:
-    """Latency and throughput against batch size, per backend."""
+    """Latency and throughput against batch size, per backend; on CUDA, NVML memory per batch size."""
     from flareseg.bench.measure import NvmlSampler, time_batches
     from flareseg.runtime.pipeline import peak_rss_mb, reset_peak_rss
 
@@ -219,16 +267,17 @@ def latency_section(
     results: dict[str, Any] = {}
     for name in cfg.backends:
         b = ALL_BACKENDS[name]
-        entry: dict[str, Any] = {"batches": []}
+        entry: dict[str, Any] = {"precision": b.precision, "device": b.device, "batches": []}
         cuda = b.device == "cuda"
-        sampler = NvmlSampler() if cuda else None
-        with sampler if sampler else contextlib.nullcontext():
-            for batch in cfg.batches:
-                reset_peak_rss()
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats()
-                runner = make_runner(b, models, batch)
-                try:
+        for batch in cfg.batches:
+            reset_peak_rss()
+            if cuda:
+                _release_cuda_memory()
+                torch.cuda.reset_peak_memory_stats()
+            sampler = NvmlSampler() if cuda else None
+            try:
+                with sampler if sampler else contextlib.nullcontext():
+                    runner = make_runner(b, models, batch)
                     with runner:
                         dev = runner.device
                         shape = (batch, runner.input_channels, *runner.info.slice_size)
@@ -240,26 +289,25 @@ def latency_section(
                                 runner.infer, inputs, batch, warmup=cfg.warmup, repeats=cfg.repeats, synchronize=sync
                             )
                             bare = _bare_session_run(runner, inputs, cfg) if name == "onnxruntime-cpu-fp32" else None
-                except FlareSegError as exc:
-                    entry["batches"].append({"batch": batch, "error": str(exc)})
-                    continue
-                row = stats.to_dict()
-                row["peak_rss_mb"] = peak_rss_mb()
-                if cuda:
-                    row["peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
-                if flops_slice:
-                    achieved = 2.0 * flops_slice / row["slice_median_s"]
-                    row["achieved_flops"] = achieved
-                    peak = peaks.get(f"{b.device}-{b.precision}")
-                    row["fraction_of_matmul_peak"] = achieved / peak if peak else None
-                if bare is not None:
-                    row["bare_session_run"] = bare
-                    row["runtime_overhead"] = bare["runner_slice_median_s"] / bare["slice_median_s"] - 1.0
-                entry["batches"].append(row)
-                log.info("%s batch %d: %.3f s/slice", name, batch, row["slice_median_s"])
-        if sampler:
-            entry["nvml_flare21_max_mb"] = sampler.flare21_max_mb()
-            entry["nvml_samples"] = len(sampler.samples)
+            except FlareSegError as exc:
+                entry["batches"].append({"batch": batch, "error": str(exc)})
+                continue
+            row = stats.to_dict()
+            row["peak_rss_mb"] = peak_rss_mb()
+            row.update(_allocator_figure(b, torch.cuda.max_memory_allocated() / 2**20 if cuda else None))
+            if sampler:
+                row.update(sampler.summary())
+            if flops_slice:
+                achieved = 2.0 * flops_slice / row["slice_median_s"]
+                row["achieved_flops"] = achieved
+                peak = peaks.get(peak_key(b))
+                row["matmul_peak_key"] = peak_key(b)
+                row["fraction_of_matmul_peak"] = achieved / peak if peak else None
+            if bare is not None:
+                row["bare_session_run"] = bare
+                row["runtime_overhead"] = bare["runner_slice_median_s"] / bare["slice_median_s"] - 1.0
+            entry["batches"].append(row)
+            log.info("%s batch %d: %.3f s/slice", name, batch, row["slice_median_s"])
         ok = [r for r in entry["batches"] if "error" not in r]
         if ok:
             entry["best"] = min(ok, key=lambda r: r["slice_median_s"])
@@ -267,60 +315,154 @@ def latency_section(
     return results
 
 
-def volume_section(cfg: BenchConfig, models: dict[str, Path], latency: dict[str, Any], volume: Path) -> dict[str, Any]:
-    """Whole volumes in this process: read, pre-process, infer, post-process, write, per backend at its best batch."""
+def segment_volume(backend: Backend, models: dict[str, Path], batch: int, volume: Path, out: Path) -> dict[str, Any]:
+    """One whole volume through flare-infer's pipeline in this process: stage times, memory (NVML on CUDA)."""
+    from flareseg.bench.measure import NvmlSampler
     from flareseg.runtime.pipeline import segment_file
 
+    cuda = backend.device == "cuda"
+    if cuda:
+        _release_cuda_memory()
+    sampler = NvmlSampler() if cuda else None
+    with sampler if sampler else contextlib.nullcontext():
+        runner = make_runner(backend, models, batch)
+        with runner:
+            timing = segment_file(runner, volume, out, batch_size=batch)
+    row = timing.to_dict()
+    row["batch"] = batch
+    row["precision"] = backend.precision
+    allocator = _allocator_figure(backend, timing.peak_gpu_allocated_mb)
+    if "peak_allocated_note" in allocator:
+        row["peak_gpu_allocated_mb"] = None
+        row["peak_gpu_allocated_note"] = allocator["peak_allocated_note"]
+    if sampler:
+        row.update(sampler.summary())
+    return row
+
+
+def _labels(path: str | Path) -> Any:
+    from flareseg.volume import read_labels
+
+    return read_labels(path)[0]
+
+
+def _reference_volume(
+    cfg: BenchConfig, models: dict[str, Path], results: dict[str, Any], volume: Path
+) -> tuple[str, Path, dict[str, Any] | None] | None:
+    """The fp32 reference labels of the volume: from a run already made, or from one made now."""
+    for name in REFERENCE_BACKENDS:
+        if name in results:
+            return name, Path(results[name]["output"]), None
+    if all(ALL_BACKENDS[n].precision == "fp32" for n in results):
+        return None  # nothing needs it
+    for name in REFERENCE_BACKENDS:
+        out = cfg.out / "pred" / f"reference-{name}.nii.gz"
+        try:
+            row = segment_volume(ALL_BACKENDS[name], models, 1, volume, out)
+        except (KeyError, FlareSegError) as exc:  # no model this reference can run (e.g. an ONNX model only)
+            log.info("fp32 reference %s unavailable: %s", name, exc)
+            continue
+        return name, out, row
+    return None
+
+
+def volume_section(cfg: BenchConfig, models: dict[str, Path], latency: dict[str, Any], volume: Path) -> dict[str, Any]:
+    """Whole volumes in this process, per backend at its best batch: the time of each stage, memory, and the
+    voxel agreement of each backend's labels with an fp32 reference's on the same volume."""
     assert cfg.backends is not None
-    volumes: dict[str, Any] = {}
+    results: dict[str, Any] = {}
     for name in cfg.backends:
         entry = latency[name]
         if "best" not in entry:
             continue
         batch = entry["best"]["batch"]
-        runner = make_runner(ALL_BACKENDS[name], models, batch)
-        with runner:
-            timing = segment_file(runner, volume, cfg.out / "pred" / f"{name}.nii.gz", batch_size=batch)
-        row = timing.to_dict()
-        row["batch"] = batch
+        row = segment_volume(ALL_BACKENDS[name], models, batch, volume, cfg.out / "pred" / f"{name}.nii.gz")
         bare = entry["best"].get("bare_session_run")
         per_slice = bare["slice_median_s"] if bare else entry["best"]["slice_median_s"]
-        row["slices_times_per_slice_s"] = timing.slices * per_slice
-        row["volume_overhead"] = timing.total_s / row["slices_times_per_slice_s"] - 1.0
-        volumes[name] = row
-    return volumes
+        row["slices_times_per_slice_s"] = row["slices"] * per_slice
+        row["volume_overhead"] = row["total_s"] / row["slices_times_per_slice_s"] - 1.0
+        results[name] = row
+    section: dict[str, Any] = {"input": str(volume), "stages": list(STAGES), "reference": None, "results": results}
+    reference = _reference_volume(cfg, models, results, volume)
+    if reference is not None:
+        from flareseg.bench.measure import voxel_agreement
+
+        ref_name, ref_path, ref_run = reference
+        section["reference"] = ref_name
+        if ref_run is not None:
+            section["reference_run"] = ref_run
+        ref_labels = _labels(ref_path)
+        for name, row in results.items():
+            if name != ref_name:
+                row["agreement_with_fp32"] = voxel_agreement(_labels(row["output"]), ref_labels)
+    return section
+
+
+def _run_child(cmd: Sequence[str], *, nvml: bool) -> dict[str, Any]:
+    """Wall time, peak RSS and (on CUDA) NVML memory of one child process; a failure raises."""
+    from flareseg.bench.measure import NvmlSampler
+
+    sampler = NvmlSampler() if nvml else None
+    rss: float | None = None
+    with tempfile.TemporaryFile() as err:
+        with sampler if sampler else contextlib.nullcontext():
+            t = time.perf_counter()
+            proc = subprocess.Popen(list(cmd), stdout=subprocess.DEVNULL, stderr=err)
+            if hasattr(os, "wait4"):  # the child's own resource usage (Unix)
+                _, status, usage = os.wait4(proc.pid, 0)
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                rss = usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+            else:
+                proc.wait()
+            wall = time.perf_counter() - t
+        if proc.returncode != 0:
+            err.seek(0)
+            last = err.read().decode(errors="replace").strip().splitlines()[-1:]
+            raise FlareSegError(f"{shlex.join(cmd)} failed with exit code {proc.returncode}: {' '.join(last)}")
+    row: dict[str, Any] = {"command": shlex.join(cmd), "wall_s": wall, "peak_rss_mb": rss}
+    if sampler:
+        row.update(sampler.summary())
+    return row
 
 
 def fresh_process_section(
     cfg: BenchConfig, models: dict[str, Path], latency: dict[str, Any], volumes: dict[str, Any], volume: Path
 ) -> dict[str, Any]:
-    """The FLARE21 way: one case in a fresh process (start, load, read, infer, write)."""
-    from flareseg.bench.measure import NvmlSampler
+    """The FLARE21 way: one case in a fresh process (start, load, read, infer, write), beside a bare start-up.
 
+    The bare start-up (``import torch``, plus a CUDA context on CUDA) is timed before and after the
+    case in the same run; its median is the part of the wall time no inference code can save.
+    """
     assert cfg.backends is not None
     name = _end_to_end_backend(cfg.backends)
     b = ALL_BACKENDS[name]
+    cuda = b.device == "cuda"
     model = models["checkpoint"] if b.kind == "torch" else models.get(f"onnx-{b.precision}", models.get("engine"))
     batch = latency[name].get("best", {}).get("batch", 1)
     cmd = [sys.executable, "-m", "flareseg.runtime.cli", "--model", str(model), "-i", str(volume)]
     cmd += ["-o", str(cfg.out / "pred" / "fresh-process.nii.gz"), "--batch-size", str(batch), "-q", "--overwrite"]
-    if b.device == "cuda":
+    if cuda:
         cmd += ["--device", "cuda"]
         if b.kind == "torch":
             cmd += ["--precision", b.precision] + (["--channels-last"] if b.channels_last else [])
-    sampler = NvmlSampler() if b.device == "cuda" else None
-    t = time.perf_counter()
-    with sampler if sampler else contextlib.nullcontext():
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if proc.returncode != 0:
-        raise FlareSegError(f"fresh-process run failed: {proc.stderr.strip().splitlines()[-1:]}")
+    else:
+        cmd += ["--device", "cpu"]
+    bare_cmd = [sys.executable, "-c", "import torch; torch.zeros(1, device='cuda')" if cuda else "import torch"]
+    before = _run_child(bare_cmd, nvml=cuda)
+    case = _run_child(cmd, nvml=cuda)
+    after = _run_child(bare_cmd, nvml=cuda)
+    bare_s = statistics.median([before["wall_s"], after["wall_s"]])
+    bare: dict[str, Any] = {"command": before["command"], "wall_s": [before["wall_s"], after["wall_s"]]}
+    bare["median_s"] = bare_s
+    bare["peak_rss_mb"] = before["peak_rss_mb"]
+    if cuda:  # what a CUDA context (and torch's smallest block) costs on this GPU, above idle
+        bare["nvml_flare21_max_mb"] = before["nvml_flare21_max_mb"]
     return {
         "backend": name,
-        "command": " ".join(cmd),
-        "wall_s": wall,
-        "slices": latency[name].get("best") and volumes["results"].get(name, {}).get("slices"),
-        "nvml_flare21_max_mb": sampler.flare21_max_mb() if sampler else None,
+        **case,
+        "slices": volumes["results"].get(name, {}).get("slices"),
+        "bare_start": bare,
+        "minus_bare_start_s": case["wall_s"] - bare_s,
     }
 
 

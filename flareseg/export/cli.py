@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from flareseg.cli import add_common_arguments, batch_profile, run_command, slice_size
+from flareseg.errors import FlareSegError
 from flareseg.export.int8 import DEFAULT_CALIBRATION_SLICES, DEFAULT_MIN_AGREEMENT, DEFAULT_QUANTIZER
 from flareseg.export.onnx_export import ExportOptions, export_onnx, verification_report
 from flareseg.export.tensorrt import DEFAULT_WORKSPACE_MIB
@@ -66,11 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="flareseg", help="file name stem (default flareseg)")
     p.add_argument("--workspace-mib", type=int, default=DEFAULT_WORKSPACE_MIB, help="TensorRT workspace limit")
     p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache (default: beside the output)")
+    p.add_argument(
+        "--tf32",
+        action="store_true",
+        help="let fp32 TensorRT engines compute in TF32 (default off: fp32 means fp32; recorded in the sidecar)",
+    )
     add_common_arguments(p)
     return p
 
 
 def _main(args: argparse.Namespace) -> int:
+    if args.engine and args.argmax == "uint8":
+        raise FlareSegError(
+            "--engine cannot take --argmax uint8 (TensorRT converts to uint8 only from float types): "
+            "use --argmax int32, or no --argmax for logits"
+        )
     if args.engine:
         # Fail at once, before minutes of export, when TensorRT or a GPU is missing.
         from flareseg.export.tensorrt import DeviceIdentity, import_tensorrt
@@ -101,7 +112,11 @@ def _main(args: argparse.Namespace) -> int:
     if args.engine:
         from flareseg.export.tensorrt import build_engine
 
-        engine = build_engine(exported[-1].path, workspace_mib=args.workspace_mib, timing_cache=args.timing_cache)
+        # The engine comes from the fp16 ONNX with --fp16, else the fp32 one (never the CPU INT8 model).
+        source = next(e for e in exported if e.metadata.precision == ("fp16" if args.fp16 else "fp32"))
+        engine = build_engine(
+            source.path, workspace_mib=args.workspace_mib, timing_cache=args.timing_cache, tf32=args.tf32
+        )
         print(f"wrote {engine} (+ {engine.name}.json)")
     return 0
 

@@ -2,17 +2,28 @@
 
 TensorRT is optional (``pip install 'flareseg[gpu]'``) and imported only here, inside
 functions. Everything around the TensorRT calls (profile shapes, the sidecar, version
-and GPU checks) is plain Python, tested without TensorRT.
+and GPU checks, the timing cache) is plain Python, tested without TensorRT.
 
 Precision comes from the ONNX graph itself: the network is created strongly typed, so
 an fp16 ONNX gives an fp16 engine. TensorRT 10.12 deprecated and TensorRT 11 removed the
 FP16 builder flag; TensorRT 11 is always strongly typed and ignores the flag we pass.
+The TF32 builder flag, on by default in TensorRT, is cleared unless asked for: float32
+tensors then compute in full fp32, as in ONNX Runtime's CPU verification. The sidecar
+records the choice.
+
+Labels from an in-graph argmax must be int32 (or the export must output logits): the ONNX
+parser turns ArgMax into TopK, whose integer indices TensorRT cannot cast to uint8 (it
+converts to uint8 from float types only). TopK may also break ties between equal scores
+differently from ONNX ArgMax, which matters only in fp16 where exact ties occur.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +31,13 @@ from typing import Any
 from flareseg.atomic import write_bytes_atomic
 from flareseg.checkpoint import file_sha256
 from flareseg.errors import FlareSegError
-from flareseg.export.metadata import ExportMetadata, read_onnx_metadata, read_sidecar, write_sidecar
+from flareseg.export.metadata import (
+    ExportMetadata,
+    read_onnx_metadata,
+    read_sidecar,
+    sidecar_path,
+    write_sidecar,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +47,7 @@ INSTALL_HINT = (
 )
 SUPPORTED_MAJOR = (10, 11)
 DEFAULT_WORKSPACE_MIB = 4096
+REBUILD_HINT = "rebuild it here with `flare-export --engine`"
 
 
 def import_tensorrt() -> Any:
@@ -54,6 +72,34 @@ def check_tensorrt_version(version: str) -> None:
         )
 
 
+class _PerProcess:
+    """TensorRT objects made once per process.
+
+    TensorRT keeps the first logger it is given for the whole process (a later one is
+    ignored, with a warning), and an engine must not outlive the runtime that deserialized
+    it: one logger and one runtime serve every build and load.
+    """
+
+    module: Any = None
+    logger: Any = None
+    runtime: Any = None
+
+
+def tensorrt_logger(trt: Any) -> Any:
+    """This process's TensorRT logger, created on first use."""
+    if _PerProcess.module is not trt:
+        _PerProcess.module, _PerProcess.runtime = trt, None
+        _PerProcess.logger = trt.Logger(trt.Logger.WARNING)
+    return _PerProcess.logger
+
+
+def _tensorrt_runtime(trt: Any) -> Any:
+    logger = tensorrt_logger(trt)
+    if _PerProcess.runtime is None:
+        _PerProcess.runtime = trt.Runtime(logger)
+    return _PerProcess.runtime
+
+
 @dataclass(frozen=True)
 class DeviceIdentity:
     """What a TensorRT engine is tied to besides the TensorRT version."""
@@ -62,13 +108,28 @@ class DeviceIdentity:
     compute_capability: str  # "9.0"
 
     @classmethod
-    def current(cls, index: int = 0) -> DeviceIdentity:
+    def current(cls, index: int | None = None) -> DeviceIdentity:
+        """GPU ``index`` (None: torch's current device)."""
         import torch
 
         if not torch.cuda.is_available():
             raise FlareSegError("TensorRT needs a CUDA GPU, and torch sees none on this machine")
+        if index is None:
+            index = torch.cuda.current_device()
+        if not 0 <= index < torch.cuda.device_count():
+            raise FlareSegError(f"GPU {index} requested, but only {torch.cuda.device_count()} CUDA GPU(s) exist")
         major, minor = torch.cuda.get_device_capability(index)
         return cls(torch.cuda.get_device_name(index), f"{major}.{minor}")
+
+
+@contextmanager
+def on_gpu(index: int | None) -> Iterator[DeviceIdentity]:
+    """Make GPU ``index`` (None: the current one) current while TensorRT builds or loads, and describe it."""
+    import torch
+
+    identity = DeviceIdentity.current(index)
+    with torch.cuda.device(torch.cuda.current_device() if index is None else index):
+        yield identity
 
 
 def profile_shapes(
@@ -81,6 +142,21 @@ def profile_shapes(
     return {name: (b, channels, size[0], size[1]) for name, b in (("min", lo), ("opt", opt), ("max", hi))}
 
 
+def timing_cache_name(tensorrt_version: str, device: DeviceIdentity) -> str:
+    """``tensorrt-10.9.0.34-sm90.timing-cache``: a timing cache serves one TensorRT version and GPU architecture."""
+    return f"tensorrt-{tensorrt_version}-sm{device.compute_capability.replace('.', '')}.timing-cache"
+
+
+def check_engine_output(meta: ExportMetadata, source: str | os.PathLike[str]) -> None:
+    """Refuse to build an engine from an export whose in-graph argmax outputs uint8 labels."""
+    if meta.output_kind == "labels" and meta.label_dtype != "int32":
+        raise FlareSegError(
+            f"{source}: its in-graph argmax outputs {meta.label_dtype} labels, which TensorRT cannot produce "
+            "(ArgMax becomes TopK, whose integer indices TensorRT does not cast to uint8); export it again with "
+            "`flare-export --argmax int32`, or without --argmax (logits), before `--engine`"
+        )
+
+
 def engine_sidecar(
     meta: ExportMetadata,
     *,
@@ -88,6 +164,8 @@ def engine_sidecar(
     device: DeviceIdentity,
     workspace_mib: int,
     source_onnx_sha256: str,
+    tf32: bool = False,
+    engine_sha256: str | None = None,
 ) -> dict[str, Any]:
     """The JSON written beside an engine: the ONNX's metadata plus what the engine is bound to."""
     data = meta.to_dict()
@@ -101,7 +179,10 @@ def engine_sidecar(
         },
         "workspace_mib": workspace_mib,
         "strongly_typed": True,
+        # False: float32 layers compute in full fp32 (the TF32 builder flag is cleared).
+        "tf32": tf32,
         "source_onnx_sha256": source_onnx_sha256,
+        "engine_sha256": engine_sha256,
     }
     return data
 
@@ -116,12 +197,12 @@ def check_engine_compatibility(
     if built.get("tensorrt_version") != tensorrt_version:
         raise FlareSegError(
             f"{engine_path}: built with TensorRT {built.get('tensorrt_version')}, this machine has TensorRT "
-            f"{tensorrt_version}; rebuild it here with `flare-export --engine`"
+            f"{tensorrt_version}; {REBUILD_HINT}"
         )
     if built.get("compute_capability") != device.compute_capability or built.get("gpu_name") != device.name:
         raise FlareSegError(
             f"{engine_path}: built for {built.get('gpu_name')} (compute capability {built.get('compute_capability')}), "
-            f"this GPU is {device.name} ({device.compute_capability}); rebuild it here with `flare-export --engine`"
+            f"this GPU is {device.name} ({device.compute_capability}); {REBUILD_HINT}"
         )
 
 
@@ -136,20 +217,61 @@ def build_engine(
     *,
     workspace_mib: int = DEFAULT_WORKSPACE_MIB,
     timing_cache: str | os.PathLike[str] | None = None,
+    tf32: bool = False,
+    device: int | None = None,
 ) -> Path:
     """Build an engine from a flareseg ONNX (one profile over its batch range) and write it with its sidecar.
 
-    The timing cache is read if it exists and written back afterwards, so rebuilding on
-    the same GPU takes seconds instead of minutes.
+    The build runs on GPU ``device`` (None: torch's current one). The timing cache,
+    ``tensorrt-<version>-sm<cc>.timing-cache`` beside the ONNX unless given, is read if it
+    exists and written back afterwards, so rebuilding on the same kind of GPU takes seconds
+    instead of minutes; one made by another TensorRT or GPU is set aside for an empty one.
+
+    Files are written engine, sidecar, timing cache. The old sidecar is removed before the
+    new engine replaces the old one, and the sidecar records the engine's SHA-256, which
+    :func:`load_engine` checks: an interrupted build leaves an engine without a sidecar
+    (refused), never a sidecar describing another engine.
     """
     trt = import_tensorrt()
-    device = DeviceIdentity.current()
     onnx_path = Path(onnx_path)
     meta = read_onnx_metadata(onnx_path)
+    check_engine_output(meta, onnx_path)
     engine_path = Path(engine_path) if engine_path else engine_path_for(onnx_path)
-    cache_path = Path(timing_cache) if timing_cache else onnx_path.parent / "tensorrt.timing-cache"
+    version = str(trt.__version__)
+    with on_gpu(device) as identity:
+        cache_path = Path(timing_cache) if timing_cache else onnx_path.parent / timing_cache_name(version, identity)
+        shapes = profile_shapes(meta.batch_profile, meta.input_channels, meta.model.slice_size)
+        log.info("building TensorRT %s engine for %s (profile %s)", version, identity.name, shapes)
+        serialized, config = _build(trt, onnx_path, meta.input_name, shapes, workspace_mib, tf32, cache_path)
+    engine = bytes(serialized)
+    sidecar = engine_sidecar(
+        meta,
+        tensorrt_version=version,
+        device=identity,
+        workspace_mib=workspace_mib,
+        source_onnx_sha256=file_sha256(onnx_path),
+        tf32=tf32,
+        engine_sha256=hashlib.sha256(engine).hexdigest(),
+    )
+    sidecar_path(engine_path).unlink(missing_ok=True)
+    write_bytes_atomic(engine, engine_path)
+    write_sidecar(engine_path, sidecar)
+    _save_timing_cache(config, cache_path)
+    log.info("wrote %s", engine_path)
+    return engine_path
 
-    logger = trt.Logger(trt.Logger.WARNING)
+
+def _build(
+    trt: Any,
+    onnx_path: Path,
+    input_name: str,
+    shapes: dict[str, tuple[int, int, int, int]],
+    workspace_mib: int,
+    tf32: bool,
+    cache_path: Path,
+) -> tuple[Any, Any]:
+    """The serialized engine and the builder config that made it (it holds the timing cache)."""
+    logger = tensorrt_logger(trt)
     builder = trt.Builder(logger)
     flags = 0
     strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
@@ -162,46 +284,71 @@ def build_engine(
         raise FlareSegError(f"{onnx_path}: TensorRT could not parse the ONNX model ({errors})")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    if tf32:
+        config.set_flag(trt.BuilderFlag.TF32)
+    else:
+        config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
-    shapes = profile_shapes(meta.batch_profile, meta.input_channels, meta.model.slice_size)
-    profile.set_shape(meta.input_name, shapes["min"], shapes["opt"], shapes["max"])
-    config.add_optimization_profile(profile)
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
-
-    log.info("building TensorRT %s engine for %s (profile %s)", trt.__version__, device.name, shapes)
+    profile.set_shape(input_name, shapes["min"], shapes["opt"], shapes["max"])
+    if config.add_optimization_profile(profile) < 0:
+        raise FlareSegError(f"{onnx_path}: TensorRT rejected the optimisation profile {shapes}")
+    _attach_timing_cache(config, cache_path)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise FlareSegError(f"{onnx_path}: TensorRT failed to build an engine (see the TensorRT log above)")
-    write_bytes_atomic(bytes(serialized), engine_path)
-    write_bytes_atomic(bytes(config.get_timing_cache().serialize()), cache_path)
-    write_sidecar(
-        engine_path,
-        engine_sidecar(
-            meta,
-            tensorrt_version=str(trt.__version__),
-            device=device,
-            workspace_mib=workspace_mib,
-            source_onnx_sha256=file_sha256(onnx_path),
-        ),
-    )
-    log.info("wrote %s", engine_path)
-    return engine_path
+    return serialized, config
 
 
-def load_engine(engine_path: str | os.PathLike[str]) -> tuple[Any, ExportMetadata]:
-    """Deserialize an engine after checking its sidecar against this machine's TensorRT and GPU."""
+def _attach_timing_cache(config: Any, cache_path: Path) -> bool:
+    """Give the build the saved timing cache, or an empty one; False when the build runs without one."""
+    saved = cache_path.read_bytes() if cache_path.is_file() else b""
+    if saved:
+        cache = config.create_timing_cache(saved)
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return True
+        log.warning(
+            "%s: timing cache made by another TensorRT version or GPU, or unreadable; timing from scratch "
+            "(it is replaced after the build)",
+            cache_path,
+        )
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        log.warning("TensorRT could not create an empty timing cache; building without one")
+        return False
+    return True
+
+
+def _save_timing_cache(config: Any, cache_path: Path) -> None:
+    """Write the build's timing cache; a failure only costs time at the next build, so it is logged, not raised."""
+    cache = config.get_timing_cache()
+    data = cache.serialize() if cache is not None else None
+    if data is None:
+        log.warning("%s: TensorRT returned no timing cache to save", cache_path)
+        return
+    try:
+        write_bytes_atomic(bytes(data), cache_path)
+    except OSError as exc:
+        log.warning("%s: could not save the timing cache (%s)", cache_path, exc)
+
+
+def load_engine(engine_path: str | os.PathLike[str], *, device: int | None = None) -> tuple[Any, ExportMetadata]:
+    """Deserialize an engine on GPU ``device`` after checking its sidecar against this TensorRT and that GPU."""
     engine_path = Path(engine_path)
     if not engine_path.is_file():
         raise FlareSegError(f"{engine_path}: engine not found")
     sidecar = read_sidecar(engine_path)
     meta = ExportMetadata.from_dict(sidecar, source=str(engine_path))
     trt = import_tensorrt()
-    check_engine_compatibility(
-        sidecar, engine_path, tensorrt_version=str(trt.__version__), device=DeviceIdentity.current()
-    )
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+    with on_gpu(device) as identity:
+        check_engine_compatibility(sidecar, engine_path, tensorrt_version=str(trt.__version__), device=identity)
+        data = engine_path.read_bytes()
+        recorded = sidecar["engine"].get("engine_sha256")
+        if recorded != hashlib.sha256(data).hexdigest():
+            raise FlareSegError(
+                f"{engine_path}: its sidecar {sidecar_path(engine_path).name} describes another engine "
+                f"(SHA-256 differs); {REBUILD_HINT}"
+            )
+        engine = _tensorrt_runtime(trt).deserialize_cuda_engine(data)
     if engine is None:
         raise FlareSegError(f"{engine_path}: TensorRT could not deserialize the engine")
     return engine, meta

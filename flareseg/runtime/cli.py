@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="OpenVINO performance hint (default latency)",
     )
     p.add_argument("--ort-provider", choices=("cpu", "cuda", "tensorrt"), help="ONNX Runtime execution provider")
+    p.add_argument(
+        "--ort-memory",
+        choices=("lean", "no-arena", "ort-defaults"),
+        default="lean",
+        help="ONNX Runtime CPU memory: lean (default; arena without memory pattern), no-arena, or ONNX Runtime's own",
+    )
     p.add_argument("--no-postprocess", action="store_true", help="skip the largest-component filtering")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists")
     p.add_argument("--num-parts", type=int, default=1, help="split a folder into this many parts")
@@ -195,6 +201,7 @@ def _main(args: argparse.Namespace) -> int:
         threads=args.threads,
         ort_provider=args.ort_provider,
         openvino_hint=args.openvino_hint,
+        ort_memory=args.ort_memory,
     )
     if args.gpu_memory is not None:
         from flareseg.runtime.memory import measure_cuda_plan

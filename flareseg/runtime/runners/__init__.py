@@ -17,7 +17,7 @@ import torch
 from flareseg.errors import FlareSegError
 from flareseg.runtime.runners.base import Backend, OrtProvider, Runner, TorchPrecision, cuda_device
 from flareseg.runtime.runners.function import FunctionRunner
-from flareseg.runtime.runners.onnxrt import OnnxRuntimeRunner
+from flareseg.runtime.runners.onnxrt import DEFAULT_CPU_MEMORY, OnnxRuntimeRunner, OrtMemory
 from flareseg.runtime.runners.openvino import OpenVINORunner, PerformanceHint
 from flareseg.runtime.runners.pytorch import TorchRunner
 from flareseg.runtime.runners.tensorrt import TensorRTRunner
@@ -27,6 +27,7 @@ __all__ = [
     "FunctionRunner",
     "OnnxRuntimeRunner",
     "OpenVINORunner",
+    "OrtMemory",
     "OrtProvider",
     "Runner",
     "TensorRTRunner",
@@ -64,6 +65,7 @@ def open_runner(
     threads: int | None = None,
     ort_provider: OrtProvider | None = None,
     openvino_hint: PerformanceHint = "latency",
+    ort_memory: OrtMemory = DEFAULT_CPU_MEMORY,
 ) -> Runner:
     """The runner for a model file (not yet activated).
 
@@ -84,7 +86,7 @@ def open_runner(
         if precision != "fp32":
             raise FlareSegError("ONNX precision is fixed at export (flare-export --fp16); do not pass --precision")
         provider: OrtProvider = ort_provider or ("cpu" if dev.type == "cpu" else "cuda")
-        return OnnxRuntimeRunner(model, provider=provider, threads=threads, device_id=dev.index or 0)
+        return OnnxRuntimeRunner(model, provider=provider, threads=threads, device_id=dev.index or 0, memory=ort_memory)
     if backend == "openvino":
         if torch.device(device).type != "cpu":
             raise FlareSegError(f"the OpenVINO backend runs on the CPU, got device {device}")

@@ -34,6 +34,8 @@ class Runner(ABC):
     device: torch.device
     #: Largest batch the model accepts (an engine's profile); None when unbounded.
     max_batch: int | None = None
+    #: Smallest batch the model accepts (an engine's profile); None when any batch goes.
+    min_batch: int | None = None
 
     def __init__(self) -> None:
         self._active = False
@@ -67,6 +69,11 @@ class Runner(ABC):
             raise FlareSegError(f"{self.name} expects batches of shape (B, {shape}), got {tuple(batch.shape)}")
         if self.max_batch is not None and batch.shape[0] > self.max_batch:
             raise FlareSegError(f"{self.name}: batch {batch.shape[0]} exceeds the model's maximum {self.max_batch}")
+        if self.min_batch is not None and batch.shape[0] < self.min_batch:
+            raise FlareSegError(
+                f"{self.name}: batch {batch.shape[0]} is below the model's minimum {self.min_batch}; pad it "
+                "(flare-infer does) or rebuild the engine with a smaller --batch MIN"
+            )
         return self._infer(batch)
 
     def __enter__(self) -> Runner:

@@ -1,10 +1,20 @@
-"""Exported ONNX models in ONNX Runtime; the requested execution provider must be the one that runs."""
+"""Exported ONNX models in ONNX Runtime; the requested execution provider must be the one that runs.
+
+On the CPU the session runs lean by default: ONNX Runtime's memory arena without its
+memory pattern. At full width and batch 2 that halves the peak RSS of ONNX Runtime's
+defaults (the pattern's one large block makes the arena hold about twice the working
+memory) at the same CPU time (``benchmarks/ort_memory.md``). The TensorRT provider gets an engine cache and explicit
+profile shapes, so it builds its engine once per model and GPU instead of once per session.
+"""
 
 from __future__ import annotations
 
+import importlib.metadata
+import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -12,10 +22,28 @@ import torch
 from flareseg.errors import FlareSegError
 from flareseg.runtime.runners.base import OrtProvider, Runner
 
+log = logging.getLogger(__name__)
+
 _ORT_PROVIDERS = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
+}
+#: The pip distributions that install the ``onnxruntime`` module (they cannot co-exist).
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
+GPU_INSTALL = "pip install 'flareseg[gpu]'"
+
+#: CPU memory settings (benchmarks/ort_memory.md):
+#: "lean": the arena without the memory pattern: ~half the defaults' peak at the same CPU time;
+#: "no-arena": no arena, no pattern: the same peak, memory goes back to the system after every run
+#: (nothing held between volumes), paid for in page faults on every run (more CPU time);
+#: "ort-defaults": ONNX Runtime's defaults (arena and memory pattern).
+OrtMemory = Literal["lean", "no-arena", "ort-defaults"]
+DEFAULT_CPU_MEMORY: OrtMemory = "lean"
+_MEMORY_OPTIONS: dict[str, dict[str, bool]] = {
+    "lean": {"enable_cpu_mem_arena": True, "enable_mem_pattern": False},
+    "no-arena": {"enable_cpu_mem_arena": False, "enable_mem_pattern": False},
+    "ort-defaults": {"enable_cpu_mem_arena": True, "enable_mem_pattern": True},
 }
 
 
@@ -26,9 +54,106 @@ def import_onnxruntime() -> Any:
     except ImportError:
         raise FlareSegError(
             "ONNX Runtime is not installed: `pip install 'flareseg[cpu]'` for the CPU build, "
-            "or `pip install 'flareseg[gpu]'` for the CUDA build (never both)"
+            f"or `{GPU_INSTALL}` for the CUDA build (never both)"
         ) from None
     return ort
+
+
+def installed_onnxruntime() -> dict[str, str]:
+    """The ONNX Runtime distributions pip installed here, with their versions."""
+    found = {}
+    for name in ORT_DISTRIBUTIONS:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def missing_provider_message(wanted: str, available: Sequence[str], installed: dict[str, str]) -> str:
+    """Why a GPU provider is missing and what to do, from the ONNX Runtime distributions installed."""
+    head = f"ONNX Runtime provider {wanted} is not available here (available: {', '.join(available)})"
+    if "onnxruntime" in installed and "onnxruntime-gpu" in installed:
+        return (
+            f"{head}: both onnxruntime {installed['onnxruntime']} (CPU) and onnxruntime-gpu "
+            f"{installed['onnxruntime-gpu']} are installed and the CPU one shadows the GPU one; run "
+            f"`pip uninstall -y onnxruntime onnxruntime-gpu && {GPU_INSTALL}`"
+        )
+    if "onnxruntime" in installed:
+        return (
+            f"{head}: onnxruntime {installed['onnxruntime']} is the CPU build; for GPU providers run "
+            f"`pip uninstall -y onnxruntime && {GPU_INSTALL}`"
+        )
+    if "onnxruntime-gpu" in installed:
+        return (
+            f"{head}: onnxruntime-gpu {installed['onnxruntime-gpu']} does not offer it; reinstall with "
+            f"`pip install --force-reinstall onnxruntime-gpu` on a machine with an NVIDIA driver"
+        )
+    return f"{head}: no onnxruntime or onnxruntime-gpu distribution is installed by pip; run `{GPU_INSTALL}`"
+
+
+def cpu_memory_options(memory: OrtMemory) -> dict[str, bool]:
+    """The SessionOptions attributes a memory setting stands for."""
+    if memory not in _MEMORY_OPTIONS:
+        raise FlareSegError(f"ONNX Runtime memory setting must be one of {', '.join(_MEMORY_OPTIONS)}, got {memory!r}")
+    return dict(_MEMORY_OPTIONS[memory])
+
+
+def session_options(ort: Any, *, memory: OrtMemory, threads: int | None) -> Any:
+    """ONNX Runtime SessionOptions for a flareseg model."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    for name, value in cpu_memory_options(memory).items():
+        setattr(opts, name, value)
+    return opts
+
+
+def tensorrt_cache_dir(model: str | os.PathLike[str]) -> Path:
+    """Where the TensorRT provider keeps its engines and timing cache: a folder beside the model."""
+    p = Path(model)
+    return p.with_name(p.name + ".ort-tensorrt-cache")
+
+
+def tensorrt_provider_options(
+    *,
+    input_name: str,
+    input_shape: tuple[int, int, int],
+    batch_profile: tuple[int, int, int],
+    precision: str,
+    device_id: int,
+    cache_dir: Path | None,
+) -> dict[str, str]:
+    """Options for ONNX Runtime's TensorRT provider.
+
+    Explicit profile shapes over the model's whole batch range: without them the provider
+    builds for the first shape it sees and rebuilds whenever a larger batch arrives. The
+    engine and timing caches (named by ONNX Runtime after the model, TensorRT version and
+    GPU) let later sessions load the engine instead of building it again.
+    """
+    lo, opt, hi = batch_profile
+    if not 1 <= lo <= opt <= hi:
+        raise FlareSegError(f"batch profile must satisfy 1 <= min <= opt <= max, got {lo},{opt},{hi}")
+    dims = "x".join(str(d) for d in input_shape)
+    options = {
+        "device_id": str(device_id),
+        "trt_fp16_enable": "True" if precision == "fp16" else "False",
+        "trt_profile_min_shapes": f"{input_name}:{lo}x{dims}",
+        "trt_profile_opt_shapes": f"{input_name}:{opt}x{dims}",
+        "trt_profile_max_shapes": f"{input_name}:{hi}x{dims}",
+    }
+    if cache_dir is not None:
+        options.update(
+            {
+                "trt_engine_cache_enable": "True",
+                "trt_engine_cache_path": str(cache_dir),
+                "trt_timing_cache_enable": "True",
+                "trt_timing_cache_path": str(cache_dir),
+            }
+        )
+    return options
 
 
 class OnnxRuntimeRunner(Runner):
@@ -41,21 +166,25 @@ class OnnxRuntimeRunner(Runner):
         provider: OrtProvider = "cpu",
         threads: int | None = None,
         device_id: int = 0,
+        memory: OrtMemory = DEFAULT_CPU_MEMORY,
     ) -> None:
         super().__init__()
         if provider not in _ORT_PROVIDERS:
             raise FlareSegError(f"ONNX Runtime provider must be one of {sorted(_ORT_PROVIDERS)}, got {provider!r}")
         if threads is not None and threads < 1:
             raise FlareSegError(f"threads must be positive, got {threads}")
+        cpu_memory_options(memory)  # validates
         self.path = Path(model)
         self.provider = provider
         self.threads = threads
+        self.memory = memory
         self.device = torch.device("cpu") if provider == "cpu" else torch.device("cuda", device_id)
         self.device_id = device_id
 
     def describe(self) -> str:
         threads = self.threads or "auto"
-        return f"ONNX Runtime ({_ORT_PROVIDERS[self.provider]}, {self.meta.precision}, {threads} threads)"
+        memory = f", {self.memory} memory" if self.provider == "cpu" else ""
+        return f"ONNX Runtime ({_ORT_PROVIDERS[self.provider]}, {self.meta.precision}, {threads} threads{memory})"
 
     def _activate(self) -> None:
         from flareseg.export.metadata import read_onnx_metadata
@@ -70,24 +199,43 @@ class OnnxRuntimeRunner(Runner):
         wanted = _ORT_PROVIDERS[self.provider]
         available = ort.get_available_providers()
         if wanted not in available:
-            raise FlareSegError(
-                f"ONNX Runtime provider {wanted} is not available here (available: {', '.join(available)}); "
-                "GPU providers need `pip install 'flareseg[gpu]'`"
-            )
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        if self.threads:
-            opts.intra_op_num_threads = self.threads
-        providers: list[Any] = (
-            [wanted] if wanted == "CPUExecutionProvider" else [(wanted, {"device_id": self.device_id})]
-        )
-        self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
+            raise FlareSegError(missing_provider_message(wanted, available, installed_onnxruntime()))
+        # The setting concerns host memory: GPU sessions keep ONNX Runtime's defaults.
+        memory: OrtMemory = self.memory if self.provider == "cpu" else "ort-defaults"
+        opts = session_options(ort, memory=memory, threads=self.threads)
+        self.session = ort.InferenceSession(str(self.path), opts, providers=self._providers(available))
         running = self.session.get_providers()
         if not running or running[0] != wanted:
-            raise FlareSegError(f"{self.path}: ONNX Runtime runs {running[:1]} instead of the requested {wanted}")
+            raise FlareSegError(
+                f"{self.path}: ONNX Runtime runs {running[:1]} instead of the requested {wanted} "
+                "(onnxruntime-gpu could not load the provider's CUDA, cuDNN or TensorRT libraries)"
+            )
         self._output_name = self.session.get_outputs()[0].name
         self._input_name = self.session.get_inputs()[0].name
+
+    def _providers(self, available: Sequence[str]) -> list[Any]:
+        if self.provider == "cpu":
+            return ["CPUExecutionProvider"]
+        cuda = ("CUDAExecutionProvider", {"device_id": str(self.device_id)})
+        if self.provider == "cuda":
+            return [cuda]
+        cache: Path | None = tensorrt_cache_dir(self.path)
+        try:
+            tensorrt_cache_dir(self.path).mkdir(exist_ok=True)
+        except OSError as exc:
+            log.warning("%s: no TensorRT engine cache (%s); the engine is rebuilt for every session", cache, exc)
+            cache = None
+        trt = tensorrt_provider_options(
+            input_name=self.meta.input_name,
+            input_shape=(self.meta.input_channels, *self.meta.model.slice_size),
+            batch_profile=self.meta.batch_profile,
+            precision=self.meta.precision,
+            device_id=self.device_id,
+            cache_dir=cache,
+        )
+        # Nodes TensorRT does not take run on CUDA rather than on the CPU.
+        fallback = [cuda] if "CUDAExecutionProvider" in available else []
+        return [("TensorrtExecutionProvider", trt), *fallback]
 
     def _infer(self, batch: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cpu":

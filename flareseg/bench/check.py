@@ -1,0 +1,365 @@
+"""``flare-bench --check``: does every backend on this machine give PyTorch fp32's labels?
+
+Every available backend of :data:`~flareseg.bench.backends.ALL_BACKENDS` (or those asked
+for) runs the same model, exported here from the checkpoint (or random weights), on the
+same slices of one volume (a real CT given with ``--input``, else a phantom) and on that
+whole volume through flare-infer's pipeline. Each is compared with the PyTorch fp32 CPU
+reference: label agreement over voxels, the largest logit difference where the backend
+returns logits, and pass/fail against the tolerance of its precision (:func:`tolerance_for`).
+
+Exit status of the command: 0 when every checked backend passes, 1 when one fails its
+tolerance or raises while running (the table is printed and written all the same), 2 for
+an error before any backend runs (bad arguments or input, unknown or unavailable backend).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flareseg.atomic import write_text_atomic
+from flareseg.bench.backends import ALL_BACKENDS, Backend, available_backends, make_runner, prepare_models
+from flareseg.errors import FlareSegError
+from flareseg.export import onnx_export
+
+log = logging.getLogger(__name__)
+
+#: Slices of the volume compared logit by logit (evenly spaced); the whole volume is compared by labels.
+MAX_CHECK_SLICES = 8
+#: Field of view of the phantom (mm): its body fills the slice at any slice size.
+PHANTOM_FOV_MM = 400.0
+PHANTOM_SLICE_MM = 5.0
+try:  # the INT8 export's own label-agreement threshold, where the export package has one
+    from flareseg.export.int8 import DEFAULT_MIN_AGREEMENT as INT8_MIN_AGREEMENT
+except ImportError:
+    INT8_MIN_AGREEMENT = 0.99
+#: The references, in order of preference: PyTorch fp32 on the CPU, else (ONNX model only) ONNX Runtime fp32.
+REFERENCES = ("torch-cpu-fp32", "onnxruntime-cpu-fp32")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What a backend must reach against the reference: label agreement, and for fp32 logits their difference."""
+
+    min_agreement: float
+    max_relative_logit_diff: float | None = None
+
+    def describe(self) -> str:
+        text = f"agreement >= {100 * self.min_agreement:g}%"
+        if self.max_relative_logit_diff is not None:
+            text = f"relative logit diff <= {self.max_relative_logit_diff:.0e}, " + text
+        return text
+
+
+def tolerance_for(math: str, output_kind: str) -> Tolerance:
+    """The stated tolerance per arithmetic, with the export module's constants.
+
+    fp32 with logits: the fp32 export's relative logit tolerance on the slices and its label
+    agreement on the volume (labels may flip where two classes tie to float rounding).
+    TF32 (CUDA fp32 convolutions on Ampere and later) keeps fp16's 10-bit mantissa, so it is
+    held to fp16's agreement; bf16 too; int8 to the INT8 export's.
+    """
+    if math == "fp32":
+        rel = onnx_export.FP32_RELATIVE_TOLERANCE if output_kind == "logits" else None
+        return Tolerance(onnx_export.FP32_MIN_AGREEMENT, rel)
+    if math == "int8":
+        return Tolerance(INT8_MIN_AGREEMENT)
+    return Tolerance(onnx_export.FP16_MIN_AGREEMENT)  # tf32, fp16, bf16, and any other reduced precision
+
+
+@dataclass(frozen=True)
+class CheckConfig:
+    out: Path
+    model: Path | None = None
+    backends: tuple[str, ...] | None = None
+    input: Path | None = None
+    slices: int | None = None  # of the phantom volume (default 8 on the CPU, 32 with a GPU)
+    size: tuple[int, int] = (512, 512)
+    batch: int = 2
+    base_width: int = 64
+
+    @property
+    def batches(self) -> tuple[int, ...]:
+        """What :func:`~flareseg.bench.backends.prepare_models` sizes its exports for."""
+        return (self.batch,)
+
+    def resolved(self) -> CheckConfig:
+        backends = self.backends
+        if backends is None:
+            backends = tuple(available_backends())
+            if self.model is not None and self.model.suffix == ".onnx":
+                backends = tuple(b for b in backends if ALL_BACKENDS[b].kind != "torch")
+        if self.batch < 1:
+            raise FlareSegError(f"batch must be positive, got {self.batch}")
+        return dataclasses.replace(
+            self, backends=backends, slices=self.slices or (32 if torch.cuda.is_available() else 8)
+        )
+
+
+def _phantom(cfg: CheckConfig, work: Path) -> Path:
+    import nibabel as nib
+
+    from flareseg.phantom import make_phantom
+
+    assert cfg.slices is not None
+    h, w = cfg.size
+    spacing = (PHANTOM_FOV_MM / w, PHANTOM_FOV_MM / h, PHANTOM_SLICE_MM)
+    img, _ = make_phantom((w, h, cfg.slices), spacing, seed=0).to_nifti()
+    path = work / f"phantom_{cfg.slices}_0000.nii.gz"
+    nib.save(img, path)
+    return path
+
+
+def slice_indices(count: int) -> list[int]:
+    """Up to :data:`MAX_CHECK_SLICES` evenly spaced indices of ``count`` slices, first and last included."""
+    return sorted({int(i) for i in np.linspace(0, count - 1, min(MAX_CHECK_SLICES, count)).round()})
+
+
+def check_slices(volume: Path, stats: Any) -> np.ndarray:
+    """Up to :data:`MAX_CHECK_SLICES` evenly spaced slices of the volume, normalised as flare-infer does."""
+    from flareseg.preprocess import normalize_volume
+    from flareseg.volume import read_ct
+
+    hu = read_ct(volume).hu()
+    return normalize_volume(hu, stats)[slice_indices(hu.shape[0])]
+
+
+def run_slices(runner: Any, slices: np.ndarray, batch: int) -> tuple[np.ndarray, float]:
+    """The runner's outputs on the slices (logits or labels, on the host) and its seconds per slice.
+
+    The first batch runs once untimed (lazy initialisation: graph compilation, cuDNN's choice of algorithms).
+    """
+    from flareseg.preprocess import network_batch
+    from flareseg.runtime.inferer import min_batch_of, run_padded
+
+    cuda = runner.device.type == "cuda"
+    min_batch = min_batch_of(runner)  # an engine's profile may refuse the short last batch: pad it
+    batches = [
+        network_batch(slices[i : i + batch], runner.info.slice_size, runner.input_channels).to(runner.device)
+        for i in range(0, len(slices), batch)
+    ]
+    outputs = []
+    with torch.inference_mode():
+        run_padded(runner, batches[0], min_batch)
+        if cuda:
+            torch.cuda.synchronize(runner.device)
+        t = time.perf_counter()
+        for x in batches:
+            out = run_padded(runner, x, min_batch)
+            # Copy at once: a CUDA-graph runner overwrites its output on the next call.
+            outputs.append(out.float().cpu().numpy() if out.is_floating_point() else out.cpu().numpy())
+        seconds = time.perf_counter() - t
+    return np.concatenate(outputs), seconds / len(slices)
+
+
+def compare(reference: np.ndarray, got: np.ndarray) -> dict[str, float | None]:
+    """Label agreement over voxels, and where both are logits, max |difference| (absolute, relative)."""
+    ref_labels = reference.argmax(axis=1) if reference.ndim == 4 else reference
+    got_labels = got.argmax(axis=1) if got.ndim == 4 else got
+    if ref_labels.shape != got_labels.shape:
+        raise FlareSegError(f"output shapes differ: {got_labels.shape} against the reference's {ref_labels.shape}")
+    figures: dict[str, float | None] = {
+        "slice_agreement": float(np.mean(ref_labels == got_labels.astype(ref_labels.dtype))),
+        "max_abs_logit_diff": None,
+        "max_rel_logit_diff": None,
+    }
+    if reference.ndim == 4 and got.ndim == 4:
+        diff = float(np.max(np.abs(got.astype(np.float32) - reference)))
+        figures["max_abs_logit_diff"] = diff
+        figures["max_rel_logit_diff"] = diff / (float(np.max(np.abs(reference))) or 1.0)
+    return figures
+
+
+def verdict(row: dict[str, Any], tol: Tolerance) -> str:
+    """PASS or FAIL of one compared backend against its tolerance."""
+    agreements = [row[k] for k in ("slice_agreement", "volume_agreement") if row.get(k) is not None]
+    ok = bool(agreements) and min(agreements) >= tol.min_agreement
+    rel = row.get("max_rel_logit_diff")
+    if tol.max_relative_logit_diff is not None and rel is not None and rel > tol.max_relative_logit_diff:
+        ok = False
+    return "PASS" if ok else "FAIL"
+
+
+def _labels(path: str | Path) -> np.ndarray:
+    from flareseg.volume import read_labels
+
+    return read_labels(path)[0]
+
+
+def _run_backend(
+    backend: Backend, models: dict[str, Path], cfg: CheckConfig, volume: Path, slices: np.ndarray | None
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """One backend on the slices (drawn from the volume when None) and on the whole volume.
+
+    Returns its row's figures, its outputs on the slices, and the slices.
+    """
+    from flareseg.bench.measure import convolution_math
+    from flareseg.bench.run import segment_volume
+
+    runner = make_runner(backend, models, cfg.batch)
+    with runner:
+        if slices is None:
+            slices = check_slices(volume, runner.info.normalization)
+        outputs, per_slice = run_slices(runner, slices, cfg.batch)
+        output_kind = runner.output_kind
+    timing = segment_volume(backend, models, cfg.batch, volume, cfg.out / "pred" / f"{backend.name}.nii.gz")
+    row = {
+        "backend": backend.name,
+        "precision": backend.precision,
+        "math": convolution_math(torch.device(backend.device), backend.precision, backend.kind),
+        "output_kind": output_kind,
+        "slice_s": per_slice,
+        "volume_slices": timing["slices"],
+        "volume_total_s": timing["total_s"],
+        "volume_infer_s_per_slice": timing["infer_s"] / max(timing["slices"], 1),
+        "output": timing["output"],
+    }
+    return row, outputs, slices
+
+
+def run_check(config: CheckConfig) -> dict[str, Any]:
+    """Every backend against the reference: the rows of the table and whether all passed."""
+    from flareseg.bench.measure import voxel_agreement
+    from flareseg.bench.run import check_backends, machine_section
+
+    cfg = config.resolved()
+    assert cfg.backends is not None
+    check_backends(cfg.backends)
+    if cfg.input is not None and not cfg.input.is_file():
+        raise FlareSegError(f"{cfg.input}: input volume not found")
+    work = cfg.out / "models"
+    work.mkdir(parents=True, exist_ok=True)
+    onnx_only = cfg.model is not None and cfg.model.suffix == ".onnx"
+    ref_name = REFERENCES[1] if onnx_only else REFERENCES[0]
+    # The reference runs even when not asked for: prepare its model with the others'.
+    models = prepare_models(dataclasses.replace(cfg, backends=tuple(dict.fromkeys((*cfg.backends, ref_name)))), work)
+    note = (
+        "PyTorch reference missing: an ONNX model was given, so backends are compared with ONNX Runtime fp32 on "
+        "the CPU; pass the checkpoint (.pt) to check against PyTorch"
+        if onnx_only
+        else None
+    )
+    volume = cfg.input or _phantom(cfg, work)
+    t0 = time.perf_counter()
+    ref_row, ref_out, slices = _run_backend(ALL_BACKENDS[ref_name], models, cfg, volume, None)
+    ref_labels = _labels(ref_row["output"])
+    rows: list[dict[str, Any]] = []
+    for name in cfg.backends:
+        backend = ALL_BACKENDS[name]
+        if name == ref_name:
+            rows.append({**ref_row, "status": "reference", "slice_agreement": 1.0, "volume_agreement": 1.0})
+            continue
+        try:
+            row, out, _ = _run_backend(backend, models, cfg, volume, slices)
+        except KeyError as exc:  # prepare_models made no model for it: only possible from an ONNX model
+            rows.append(
+                {
+                    "backend": name,
+                    "precision": backend.precision,
+                    "status": "SKIPPED",
+                    "error": f"no {exc} model: needs the checkpoint (.pt) to export one",
+                }
+            )
+            continue
+        except FlareSegError as exc:
+            log.error("%s: %s", name, exc)
+            rows.append({"backend": name, "precision": backend.precision, "status": "ERROR", "error": str(exc)})
+            continue
+        row.update(compare(ref_out, out))
+        row["volume_agreement"] = voxel_agreement(_labels(row["output"]), ref_labels)
+        tol = tolerance_for(row["math"], row["output_kind"])
+        row["tolerance"] = tol.describe()
+        row["status"] = verdict(row, tol)
+        rows.append(row)
+        log.info("%s: %s", name, row["status"])
+    if ref_name not in cfg.backends:
+        rows.insert(0, {**ref_row, "status": "reference", "slice_agreement": 1.0, "volume_agreement": 1.0})
+    failed = [r["backend"] for r in rows if r["status"] in ("FAIL", "ERROR")]
+    return {
+        "machine": machine_section(),
+        "model": str(cfg.model) if cfg.model else f"random weights, width {cfg.base_width}",
+        "input": str(volume),
+        "slice_indices": slice_indices(ref_row["volume_slices"]),
+        "slice_size": list(slices.shape[1:]),
+        "batch": cfg.batch,
+        "reference": ref_name,
+        "note": note,
+        "tolerances": {m: tolerance_for(m, "logits").describe() for m in ("fp32", "tf32", "fp16", "bf16", "int8")},
+        "rows": rows,
+        "failed": failed,
+        "passed": not failed,
+        "check_wall_s": time.perf_counter() - t0,
+    }
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.3f}"
+
+
+def _logit_diff(row: dict[str, Any]) -> str:
+    if row.get("max_abs_logit_diff") is None:
+        return "n/a (labels)" if row.get("output_kind") == "labels" else "n/a"
+    return f"{row['max_abs_logit_diff']:.2e} ({row['max_rel_logit_diff']:.1e} rel.)"
+
+
+def markdown(report: dict[str, Any], command: str) -> str:
+    from flareseg.bench.report import machine_line
+
+    lines = [
+        "# flare-bench --check",
+        "",
+        f"Command: `{command}`",
+        machine_line(report["machine"]),
+        f"Model: {report['model']}. Input: `{report['input']}`, slices {report['slice_indices']} compared logit by "
+        f"logit, the whole volume by labels (after post-processing), batch {report['batch']}.",
+        f"Reference: {report['reference']}.",
+    ]
+    if report["note"]:
+        lines.append(f"Note: {report['note']}.")
+    lines += [
+        "",
+        "| backend | precision | math | agreement, slices (%) | agreement, volume (%) | max logit diff "
+        "| tolerance | result | ms/slice |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        if r["status"] in ("ERROR", "SKIPPED"):
+            lines.append(f"| {r['backend']} | {r['precision']} | | | | | | {r['status']}: {r['error']} | |")
+            continue
+        cells = [
+            r["backend"],
+            r["precision"],
+            r["math"],
+            _pct(r.get("slice_agreement")),
+            _pct(r.get("volume_agreement")),
+            "reference" if r["status"] == "reference" else _logit_diff(r),
+            r.get("tolerance", ""),
+            r["status"],
+            f"{1000 * r['slice_s']:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Tolerances: " + "; ".join(f"{k}: {v}" for k, v in report["tolerances"].items()) + ". TF32 is how CUDA "
+        "runs fp32 convolutions on Ampere and later GPUs by default. A backend passes when both agreements and "
+        "(fp32 logits) the relative logit difference are within its tolerance.",
+        "",
+        "Result: " + ("every backend passed." if report["passed"] else f"FAILED: {', '.join(report['failed'])}."),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_check(report: dict[str, Any], out: Path, command: str) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    return {
+        "json": write_text_atomic(json.dumps({**report, "command": command}, indent=2) + "\n", out / "check.json"),
+        "markdown": write_text_atomic(markdown(report, command), out / "check.md"),
+    }

@@ -1,0 +1,169 @@
+"""flare-bench --check: every available CPU backend against PyTorch fp32, at small width.
+
+The checked model is the small trained checkpoint (tests/conftest.py): its labels contain
+organs, so label agreement between backends means something (random weights label every
+voxel alike).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flareseg.bench.backends import available_backends
+from flareseg.bench.check import (
+    INT8_MIN_AGREEMENT,
+    Tolerance,
+    compare,
+    slice_indices,
+    tolerance_for,
+    verdict,
+)
+from flareseg.bench.cli import main as bench_main
+from flareseg.export.onnx_export import FP16_MIN_AGREEMENT, FP32_MIN_AGREEMENT, FP32_RELATIVE_TOLERANCE
+from flareseg.volume import read_labels
+
+CPU_FP32 = "torch-cpu-fp32,onnxruntime-cpu-fp32"
+
+
+def _check(argv: list[str]) -> tuple[int, dict]:
+    code = bench_main(["--check", *argv, "-q"])
+    path = Path(argv[argv.index("-o") + 1]) / "check.json"
+    assert path.exists(), f"flare-bench --check exited {code} before writing its table (see its stderr above)"
+    return code, json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def cpu_check(trained_checkpoint, tmp_path_factory):
+    """Every backend this machine has (the default), on a 6-slice 64 x 64 phantom."""
+    out = tmp_path_factory.mktemp("check")
+    code, report = _check(["--model", str(trained_checkpoint), "--size", "64", "--slices", "6", "-o", str(out)])
+    return out, code, report
+
+
+def _row(report: dict, name: str) -> dict:
+    rows = [r for r in report["rows"] if r["backend"] == name]
+    assert len(rows) == 1, [r["backend"] for r in report["rows"]]
+    return rows[0]
+
+
+def test_fp32_onnx_runtime_matches_pytorch(cpu_check):
+    out, _, report = cpu_check
+    assert report["reference"] == "torch-cpu-fp32" and report["note"] is None
+    assert report["slice_indices"] == [0, 1, 2, 3, 4, 5] and report["slice_size"] == [64, 64]
+    ref, ort = _row(report, "torch-cpu-fp32"), _row(report, "onnxruntime-cpu-fp32")
+    assert ref["status"] == "reference"
+    assert ort["status"] == "PASS" and ort["math"] == "fp32" and ort["output_kind"] == "logits"
+    assert ort["slice_agreement"] == 1.0 and ort["volume_agreement"] == 1.0
+    assert 0 <= ort["max_rel_logit_diff"] <= FP32_RELATIVE_TOLERANCE
+    assert ort["max_abs_logit_diff"] >= 0 and ort["slice_s"] > 0
+    # The agreement is meaningful: the reference labels organs, and both label maps are the same voxel for voxel.
+    ref_labels, _ = read_labels(ref["output"])
+    assert len(np.unique(ref_labels)) >= 3
+    assert np.array_equal(read_labels(ort["output"])[0], ref_labels)
+    md = (out / "check.md").read_text()
+    assert "| onnxruntime-cpu-fp32 | fp32 | fp32 | 100.000 | 100.000 |" in md and "| PASS |" in md
+
+
+def test_every_available_cpu_backend_is_checked(cpu_check):
+    """Every backend this machine has gets a row, and the exit status follows the rows."""
+    out, code, report = cpu_check
+    names = [r["backend"] for r in report["rows"]]
+    assert sorted(names) == sorted(available_backends())
+    statuses = {r["backend"]: r["status"] for r in report["rows"]}
+    failing = sorted(n for n, s in statuses.items() if s in ("FAIL", "ERROR"))
+    assert sorted(report["failed"]) == failing and report["passed"] == (not failing)
+    assert code == (1 if failing else 0), statuses
+    md = (out / "check.md").read_text()
+    assert ("Result: every backend passed." in md) == (not failing)
+    for r in report["rows"]:
+        if r["status"] in ("PASS", "FAIL"):
+            tol = tolerance_for(r["math"], r["output_kind"])
+            assert r["tolerance"] == tol.describe()
+            agreement = min(r["slice_agreement"], r["volume_agreement"])
+            logits_ok = tol.max_relative_logit_diff is None or r["max_rel_logit_diff"] <= tol.max_relative_logit_diff
+            assert (r["status"] == "PASS") == (agreement >= tol.min_agreement and logits_ok)
+
+
+def test_a_broken_backend_fails(cpu_check, trained_checkpoint, tmp_path, monkeypatch, capsys):
+    """A runner whose logits are off by 0.05 in one class: labels may still agree, the fp32 logit tolerance fails."""
+    from flareseg.bench import check
+    from flareseg.runtime.runners.onnxrt import OnnxRuntimeRunner
+
+    out, _, _ = cpu_check
+    exported = {"checkpoint": trained_checkpoint, "onnx-fp32": out / "models" / "flareseg_fp32.onnx"}
+    monkeypatch.setattr(check, "prepare_models", lambda cfg, work: exported)  # the export is tested above
+    real = OnnxRuntimeRunner._infer
+
+    def perturbed(self: OnnxRuntimeRunner, batch: torch.Tensor) -> torch.Tensor:
+        result = real(self, batch).clone()
+        result[:, 0] += 0.05
+        return result
+
+    monkeypatch.setattr(OnnxRuntimeRunner, "_infer", perturbed)
+    argv = ["--model", str(trained_checkpoint), "--backends", CPU_FP32, "--size", "64", "--slices", "4"]
+    code, report = _check([*argv, "-o", str(tmp_path)])
+    assert code == 1 and not report["passed"] and report["failed"] == ["onnxruntime-cpu-fp32"]
+    ort = _row(report, "onnxruntime-cpu-fp32")
+    assert ort["status"] == "FAIL"
+    assert ort["max_abs_logit_diff"] == pytest.approx(0.05, rel=1e-3)
+    assert ort["max_rel_logit_diff"] > FP32_RELATIVE_TOLERANCE
+    assert _row(report, "torch-cpu-fp32")["status"] == "reference"
+    printed = capsys.readouterr().out
+    assert "| FAIL |" in printed and "FAILED: onnxruntime-cpu-fp32." in printed
+
+
+def test_onnx_model_is_checked_against_onnx_runtime_fp32(cpu_check, tmp_path):
+    out, _, _ = cpu_check
+    onnx_model = out / "models" / "flareseg_fp32.onnx"
+    argv = ["--model", str(onnx_model), "--backends", "onnxruntime-cpu-fp32", "--size", "64", "--slices", "2"]
+    code, report = _check([*argv, "-o", str(tmp_path)])
+    assert code == 0 and report["reference"] == "onnxruntime-cpu-fp32"
+    assert "PyTorch reference missing" in report["note"]
+    assert [r["backend"] for r in report["rows"]] == ["onnxruntime-cpu-fp32"]
+
+
+def test_bad_arguments_exit_2(tmp_path, capsys):
+    assert bench_main(["--check", "--input", str(tmp_path / "absent.nii.gz"), "-o", str(tmp_path), "-q"]) == 2
+    assert "absent.nii.gz: input volume not found" in capsys.readouterr().err
+    assert bench_main(["--check", "--batch", "1,2", "-o", str(tmp_path), "-q"]) == 2
+    assert "--check runs one batch size" in capsys.readouterr().err
+    assert bench_main(["--check", "--backends", "nope", "-o", str(tmp_path), "-q"]) == 2
+    assert "unknown backends ['nope']" in capsys.readouterr().err
+    assert not (tmp_path / "check.json").exists()
+
+
+def test_tolerances_come_from_the_export_module():
+    assert tolerance_for("fp32", "logits") == Tolerance(FP32_MIN_AGREEMENT, FP32_RELATIVE_TOLERANCE)
+    assert tolerance_for("fp32", "labels") == Tolerance(FP32_MIN_AGREEMENT, None)
+    for math in ("tf32", "fp16", "bf16"):
+        assert tolerance_for(math, "logits") == Tolerance(FP16_MIN_AGREEMENT)
+    assert tolerance_for("int8", "logits") == Tolerance(INT8_MIN_AGREEMENT) and INT8_MIN_AGREEMENT == 0.99
+
+
+def test_compare_and_verdict_on_hand_made_outputs():
+    ref = np.zeros((1, 3, 2, 2), np.float32)
+    ref[0, 1] = 4.0  # every voxel class 1; max |logit| 4
+    got = ref.copy()
+    got[0, 2, 0, 0] = 5.0  # one voxel of four flips to class 2, difference 5
+    f = compare(ref, got)
+    assert f == {"slice_agreement": 0.75, "max_abs_logit_diff": 5.0, "max_rel_logit_diff": 1.25}
+    labels = np.array([[[1, 1], [1, 0]]])  # a labels-output backend: agreement only
+    assert compare(ref, labels) == {"slice_agreement": 0.75, "max_abs_logit_diff": None, "max_rel_logit_diff": None}
+    fp32 = tolerance_for("fp32", "logits")
+    assert verdict({"slice_agreement": 1.0, "volume_agreement": 1.0, "max_rel_logit_diff": 1e-5}, fp32) == "PASS"
+    assert verdict({"slice_agreement": 1.0, "volume_agreement": 1.0, "max_rel_logit_diff": 2e-4}, fp32) == "FAIL"
+    assert verdict({"slice_agreement": 1.0, "volume_agreement": 0.998, "max_rel_logit_diff": 0.0}, fp32) == "FAIL"
+    int8 = tolerance_for("int8", "logits")
+    assert verdict({"slice_agreement": 0.991, "volume_agreement": 0.995, "max_rel_logit_diff": 0.3}, int8) == "PASS"
+    assert verdict({"slice_agreement": 0.989, "volume_agreement": 0.995}, int8) == "FAIL"
+
+
+def test_slice_indices_are_spread_over_the_volume():
+    assert slice_indices(1) == [0]
+    assert slice_indices(5) == [0, 1, 2, 3, 4]
+    assert slice_indices(100) == [0, 14, 28, 42, 57, 71, 85, 99]
