@@ -15,37 +15,26 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-import cc3d
 import numpy as np
 from scipy import ndimage
 
 from flareseg.labels import COMPONENTS_KEPT
 from flareseg.postprocess import keep_largest_components
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from host_stages import _baseline_module
+
+_PREVIOUS = _baseline_module("previous_postprocess", "flareseg/postprocess.py")
+
 
 def _previous(labels: np.ndarray) -> np.ndarray:
-    """flareseg's implementation before issue 10 (one cc3d pass over the whole map), kept for comparison."""
-    components, n = cc3d.connected_components(labels, connectivity=26, return_N=True)
-    if n == 0:
-        return labels.copy()
-    fg = np.flatnonzero(labels)
-    ids = components.ravel()[fg]
-    fg_labels = labels.ravel()[fg]
-    sizes = np.bincount(ids, minlength=n + 1)
-    comp_label = np.zeros(n + 1, dtype=np.int64)
-    comp_label[ids] = fg_labels
-    keep = np.ones(n + 1, dtype=bool)
-    for label, k in COMPONENTS_KEPT.items():
-        cids = np.flatnonzero(comp_label == label)
-        if len(cids) > k:
-            by_size = cids[np.argsort(-sizes[cids], kind="stable")]
-            keep[by_size[k:]] = False
-    out = labels.copy()
-    out.ravel()[fg[~keep[ids]]] = 0
-    return out
+    """flareseg's implementation before issue 10 (one cc3d pass over the whole map), loaded from git."""
+    return _PREVIOUS.keep_largest_components(labels)
 
 
 def _scipy_reference(labels: np.ndarray) -> np.ndarray:
