@@ -215,3 +215,16 @@ def test_bad_int8_options_are_refused(trained_checkpoint, tmp_path, capsys):
         ExportOptions(int8=True, quantizer="tflite")  # type: ignore[arg-type]
     with pytest.raises(SystemExit):
         export_main([str(trained_checkpoint), "-o", str(tmp_path), "--int8", "--int8-min-agreement", "99"])
+
+
+def test_quantiser_preprocessing_advice_is_filtered_during_the_call_only(caplog):
+    import logging
+
+    from flareseg.export.int8 import _without_preprocessing_advice
+
+    with caplog.at_level(logging.WARNING), _without_preprocessing_advice():
+        logging.warning("Please consider pre-processing before quantization. See the example")
+        logging.warning("an unrelated warning")
+    assert [r.getMessage() for r in caplog.records] == ["an unrelated warning"]
+    logging.warning("Please consider pre-processing before quantization. See the example")
+    assert len(caplog.records) == 2 and not logging.getLogger().filters

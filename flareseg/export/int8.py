@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -200,6 +201,26 @@ def check_quantizable(model: Any) -> None:
         raise FlareSegError("cannot quantise this model to INT8: its weights are not float32 (quantise fp32 models)")
 
 
+class _PreprocessingAdvice(logging.Filter):
+    """Drops quantize_static's advice to run its pre-processing script (shape inference and
+    graph optimisation): the exported graph is already optimised and shape-inferred."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
+@contextmanager
+def _without_preprocessing_advice() -> Iterator[None]:
+    """ONNX Runtime logs that advice on the root logger; filter it for the call only, then restore."""
+    advice = _PreprocessingAdvice()
+    root = logging.getLogger()
+    root.addFilter(advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
+
+
 def quantizer_version(quantizer: Quantizer) -> str:
     if quantizer == "nncf":
         return f"nncf {import_nncf().__version__}"
@@ -262,7 +283,7 @@ def quantize(
                 "activations": "uint8 per-tensor asymmetric",
                 "calibration": "MinMax",
             }
-            with tempfile.TemporaryDirectory(prefix="flareseg-int8-") as tmp:
+            with tempfile.TemporaryDirectory(prefix="flareseg-int8-") as tmp, _without_preprocessing_advice():
                 # quantize_static works on files: it re-saves the model to run its shape inference.
                 src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
                 onnx.save(model, str(src))
