@@ -29,23 +29,23 @@ def _candidates(folder: Path) -> list[Path]:
     return [p for p in entries if not p.name.startswith(".") and p.name.upper() != "DICOMDIR" and p.is_file()]
 
 
-def has_preamble(path: str | os.PathLike[str]) -> bool:
-    """A DICOM Part 10 file: 128 bytes of preamble, then ``DICM``."""
+def _head(path: str | os.PathLike[str]) -> bytes:
+    """The first 132 bytes (where the Part 10 preamble ends); empty when the file cannot be read."""
     try:
         with open(path, "rb") as f:
-            head = f.read(132)
+            return f.read(132)
     except OSError:
-        return False
-    return head[128:132] == b"DICM"
+        return b""
+
+
+def has_preamble(path: str | os.PathLike[str]) -> bool:
+    """A DICOM Part 10 file: 128 bytes of preamble, then ``DICM``."""
+    return _head(path)[128:132] == b"DICM"
 
 
 def is_dicom_file(path: str | os.PathLike[str]) -> bool:
     """A DICOM file, with the Part 10 preamble or as a bare data set that pydicom parses."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
+    head = _head(path)
     if head[128:132] == b"DICM":
         return True
     # A bare data set starts with an element of group 0002 or 0008 (little endian); anything

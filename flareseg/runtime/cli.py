@@ -23,7 +23,6 @@ log = logging.getLogger("flareseg.runtime.cli")
 #: (benchmarks/results/cpu-2core), and each extra slice costs 0.4-1 GB of working memory.
 CPU_BATCH = 2
 GPU_BATCH = 8
-_MODEL_SUFFIXES = (".nii.gz", ".nii", ".dcm")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,8 +146,8 @@ def _check_memory_budget(args: argparse.Namespace, backend: str, cuda: bool, dev
 
 def _plan_inputs(args: argparse.Namespace) -> tuple[bool, list[Path], Path | None]:
     """(folder mode, inputs, single output file or None for folder-style naming)."""
-    from flareseg.runtime.pipeline import is_series_input, list_cases
-    from flareseg.volume import is_nifti
+    from flareseg.runtime.pipeline import OUTPUT_SUFFIXES, is_series_input, list_cases
+    from flareseg.volume import NIFTI_SUFFIXES, is_nifti
 
     inp: Path = args.input
     if inp.is_dir() and not is_series_input(inp):
@@ -160,7 +159,7 @@ def _plan_inputs(args: argparse.Namespace) -> tuple[bool, list[Path], Path | Non
     if not inp.is_dir() and not is_nifti(inp):
         raise FlareSegError(f"{inp}: not a .nii or .nii.gz file, nor a folder holding a DICOM series")
     out: Path = args.output
-    names_a_file = out.name.endswith(_MODEL_SUFFIXES) and not out.is_dir()
+    names_a_file = out.name.endswith((*NIFTI_SUFFIXES, *OUTPUT_SUFFIXES.values())) and not out.is_dir()
     return False, [inp], (out if names_a_file else None)
 
 

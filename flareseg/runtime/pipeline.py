@@ -35,7 +35,7 @@ from flareseg.postprocess import keep_largest_components
 from flareseg.preprocess import volume_normalizer
 from flareseg.runtime.inferer import InferenceTimes, infer_volume
 from flareseg.runtime.runners import Runner
-from flareseg.volume import NIFTI_SUFFIXES, Volume, VolumeGeometry, case_id, find_cases, is_nifti, read_ct, write_labels
+from flareseg.volume import NIFTI_SUFFIXES, Volume, VolumeGeometry, case_id, find_cases, read_ct, write_labels
 
 log = logging.getLogger(__name__)
 
@@ -489,7 +489,6 @@ __all__ = [
     "CaseJob",
     "CaseTiming",
     "FolderSummary",
-    "is_nifti",
     "list_cases",
     "list_inputs",
     "output_name",
