@@ -42,6 +42,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from flareseg.bench.measure import cpu_description
 from flareseg.phantom import make_phantom
 from flareseg.postprocess import keep_largest_components
 from flareseg.preprocess import NormalizationStats, volume_normalizer
@@ -52,13 +53,13 @@ BASELINE = "428d3cc553e914344855246ece1a9a97c5915b17"  # before issue 10's I/O a
 STATS = NormalizationStats(mean=40.0, std=300.0)
 
 
-def _baseline_module(name: str, relpath: str) -> types.ModuleType:
-    """The file ``relpath`` as it was at BASELINE, loaded as a module of its own."""
+def _baseline_module(name: str, relpath: str, revision: str = BASELINE) -> types.ModuleType:
+    """The file ``relpath`` as it was at ``revision`` (default BASELINE), loaded as a module of its own."""
     source = subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{BASELINE}:{relpath}"], check=True, capture_output=True, text=True
+        ["git", "-C", str(ROOT), "show", f"{revision}:{relpath}"], check=True, capture_output=True, text=True
     ).stdout
     module = types.ModuleType(name)
-    module.__file__ = f"{BASELINE[:7]}:{relpath}"
+    module.__file__ = f"{revision[:7]}:{relpath}"
     sys.modules[name] = module  # dataclasses look their module up while the class is built
     exec(compile(source, module.__file__, "exec"), module.__dict__)
     return module
@@ -224,13 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    return str(cpu_description()["cpu_model"])
 
 
 if __name__ == "__main__":

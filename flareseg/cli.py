@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from flareseg.errors import FlareSegError
 
@@ -36,6 +38,23 @@ def run_command(
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process with ``code``, skipping the interpreter's teardown.
+
+    Unloading torch at exit (and a CUDA context, pinned memory) takes 0.3 s of a fresh
+    process on the 2-core CPU, where the whole start-up is 1.2 s. A command calls this only
+    after returning: its outputs are then written and closed and its worker threads
+    joined, so nothing is lost once the logging handlers, stdout and stderr are flushed here.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can reach it
+            pass
+    os._exit(code)
 
 
 def int_list(text: str) -> tuple[int, ...]:

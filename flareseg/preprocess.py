@@ -175,6 +175,36 @@ def _percentiles_from_counts(counts: np.ndarray, low: int, qs: tuple[float, ...]
     return tuple(out)
 
 
+@dataclass(frozen=True)
+class ValueHistogram:
+    """How many voxels hold each stored integer value, from ``low`` up: all that exact percentiles need.
+
+    The pipeline counts it in its reader thread, right after a volume is read, so that
+    the percentiles cost nothing on the path to the device.
+    """
+
+    counts: np.ndarray
+    low: int
+
+    @property
+    def voxels(self) -> int:
+        return int(self.counts.sum())
+
+    def percentiles(self, percentiles: Sequence[float]) -> tuple[float, ...]:
+        """``np.percentile`` of the counted volume (linear method), bit for bit; see :func:`exact_percentiles`."""
+        return _percentiles_from_counts(self.counts, self.low, _check_percentiles(percentiles))
+
+
+def value_histogram(volume: np.ndarray) -> ValueHistogram | None:
+    """The histogram of an integer volume's stored values, in one pass; None for float volumes and wide ranges."""
+    volume = np.asarray(volume)
+    if volume.size == 0:
+        raise FlareSegError("cannot take percentiles of an empty volume")
+    volume = volume.reshape(1) if volume.ndim == 0 else volume
+    hist = _integer_histogram(volume) if volume.dtype.kind in "iu" else None
+    return ValueHistogram(*hist) if hist is not None else None
+
+
 def exact_percentiles(volume: np.ndarray, percentiles: Sequence[float]) -> tuple[float, ...]:
     """``np.percentile(volume, percentiles)`` (linear method) in one pass, bit for bit, for integer volumes.
 
@@ -189,14 +219,10 @@ def exact_percentiles(volume: np.ndarray, percentiles: Sequence[float]) -> tuple
     1 in int16) and then returns a value outside [a, b]; here ``b - a`` is exact.
     """
     qs = _check_percentiles(percentiles)
-    volume = np.asarray(volume)
-    if volume.size == 0:
-        raise FlareSegError("cannot take percentiles of an empty volume")
-    volume = volume.reshape(1) if volume.ndim == 0 else volume
-    hist = _integer_histogram(volume) if volume.dtype.kind in "iu" else None
+    hist = value_histogram(volume)
     if hist is None:
         return tuple(float(v) for v in np.percentile(volume, qs))
-    return _percentiles_from_counts(*hist, qs)
+    return hist.percentiles(qs)
 
 
 def clip_bounds(volume: np.ndarray, percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> tuple[float, float]:
@@ -350,15 +376,28 @@ class TensorNormalizer:
 
 
 def volume_normalizer(
-    stored: np.ndarray, stats: NormalizationStats, slope: float = 1.0, inter: float = 0.0
+    stored: np.ndarray,
+    stats: NormalizationStats,
+    slope: float = 1.0,
+    inter: float = 0.0,
+    histogram: ValueHistogram | None = None,
 ) -> SliceNormalizer:
     """The normaliser of a whole volume given its stored values (percentiles need all of them).
 
     Percentiles are taken on the stored values (an int16 volume costs a 2-byte copy, not
     a 4-byte float one) and mapped to HU: linear interpolation commutes with the
     increasing affine scaling, so the bounds equal the percentiles of the HU volume.
+    ``histogram``: the stored values' :func:`value_histogram`, when it was counted already.
     """
-    lo, hi = clip_bounds(stored, stats.percentiles)
+    if histogram is not None:
+        if histogram.voxels != stored.size:
+            raise FlareSegError(
+                f"the histogram counts {histogram.voxels} voxels, but the volume has {stored.size}: "
+                "it belongs to another volume"
+            )
+        lo, hi = histogram.percentiles(stats.percentiles)
+    else:
+        lo, hi = clip_bounds(stored, stats.percentiles)
     lo, hi = lo * slope + inter, hi * slope + inter
     if slope < 0:
         lo, hi = hi, lo

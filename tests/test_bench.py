@@ -85,6 +85,7 @@ def test_volume_and_fresh_process_timings(report):
         assert v["slices"] == 5 and v["status"] == "ok" and v["total_s"] >= v["infer_s"] > 0
         stages = [v[f"{s}_s"] for s in STAGES]
         assert min(stages) >= 0 and sum(stages) == pytest.approx(v["total_s"], rel=1e-6, abs=1e-6)
+        assert v["wall_s"] >= v["read_s"] + v["infer_s"]  # these two never overlap within a case
     fresh = data["fresh_process"]
     assert fresh["backend"] == "onnxruntime-cpu-fp32" and fresh["wall_s"] > 0
     assert "flareseg.runtime.cli" in fresh["command"] and "--device cpu" in fresh["command"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -94,8 +96,10 @@ def _run(stored, runner_cls, recorder, batch_size, *, device_preprocess, slope=1
 def test_device_preprocessing_gives_the_host_path_s_inputs_and_labels_bit_for_bit(net, batch_size):
     stored = _volume()
     host_rec, dev_rec = _Recorder(net), _Recorder(net)
-    host, host_done, _ = _run(stored, FunctionRunner, host_rec, batch_size, device_preprocess=False)
+    host, host_done, host_times = _run(stored, FunctionRunner, host_rec, batch_size, device_preprocess=False)
     dev, dev_done, times = _run(stored, FunctionRunner, dev_rec, batch_size, device_preprocess=True)
+    for t in (host_times, times):  # the first labels land after one batch, within the run (loop overhead aside)
+        assert t.first_labels_s is not None and 0 < t.first_labels_s <= t.infer_s + t.normalize_s + 0.5
     assert dev.shape == stored.shape and dev.dtype == np.uint8
     assert len(np.unique(host)) >= 2  # the comparison is not between two constant maps
     np.testing.assert_array_equal(dev, host)
@@ -152,6 +156,31 @@ def test_short_last_batch_is_padded_to_the_runner_s_minimum(net, device_preproce
     np.testing.assert_array_equal(
         short, _run(stored[:3], FunctionRunner, _Recorder(net), 4, device_preprocess=False)[0]
     )
+
+
+@pytest.mark.parametrize("device_preprocess", [False, True])
+@pytest.mark.parametrize("slices", [9, 12, 13])  # odd and even batch counts: the last two slots swap
+def test_on_labels_sees_final_slices_in_order(net, device_preprocess, slices):
+    stored = _volume((slices, 32, 48), seed=4)
+    expected, _, _ = _run(stored, FunctionRunner, _Recorder(net), 4, device_preprocess=False)
+    seen: list[tuple[int, np.ndarray]] = []
+    normalizer = volume_normalizer(stored, STATS)
+    times = InferenceTimes()
+    with FunctionRunner(_Recorder(net), _info(3)) as runner:
+
+        def on_labels(labels: np.ndarray, stop: int) -> None:
+            seen.append((stop, labels[:stop].copy()))  # what the caller may rely on at this point
+            time.sleep(0.01)
+
+        labels = infer_volume(
+            stored, normalizer, runner, 4, times=times, device_preprocess=device_preprocess, on_labels=on_labels
+        )
+    np.testing.assert_array_equal(labels, expected)
+    stops = [stop for stop, _ in seen]
+    assert stops == sorted(set(stops)) and stops[-1] == slices and len(stops) == -(-slices // 4)
+    for stop, prefix in seen:
+        np.testing.assert_array_equal(prefix, expected[:stop])  # slices [0, stop) were final when reported
+    assert times.on_labels_s >= 0.01 * len(stops) and times.infer_s >= 0
 
 
 def test_a_batch_size_below_the_runner_s_minimum_is_refused(net):

@@ -7,8 +7,12 @@ that does not overlap its stages times out and fails, instead of merely running 
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -24,6 +28,7 @@ from flareseg.runtime import pipeline
 from flareseg.runtime.cli import main as infer_main
 from flareseg.runtime.pipeline import CaseJob, run_cases, segment_file, segment_folder
 from flareseg.runtime.runners import FunctionRunner, open_runner
+from flareseg.runtime.startup import Timeline
 
 WAIT_S = 20.0  # generous: the machine may be busy; a pipeline without overlap never sets the event at all
 
@@ -206,3 +211,113 @@ def test_gpu_memory_budget_is_refused_where_it_cannot_apply(trained_checkpoint, 
     assert infer_main([*base, "--device", "cpu", "--gpu-memory", "1000"]) == 2
     assert "--gpu-memory chooses the batch of the PyTorch backend on a CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_warm_up_runs_one_batch_of_zeros_before_the_first_case(trained_checkpoint, tmp_path):
+    (ct,) = _folder(tmp_path / "in", 1)
+    _, info, _ = load_model(trained_checkpoint)
+    calls: list[tuple[int, float]] = []
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        calls.append((x.shape[0], float(x.abs().max())))
+        return torch.zeros((x.shape[0], 5, *x.shape[2:]))
+
+    for warm_up, expected_first in ((False, (4, None)), (True, (4, 0.0))):
+        calls.clear()
+        runner = FunctionRunner(model, info, input_channels=3)
+        timeline = Timeline()
+        with runner:
+            segment_file(runner, ct, tmp_path / f"o{warm_up}.nii.gz", batch_size=4, warm_up=warm_up, timeline=timeline)
+        # 6 slices at batch 4: two batches of the case, after one batch of zeros when warming up.
+        assert [n for n, _ in calls] == ([4] if warm_up else []) + [4, 2]
+        if warm_up:
+            assert calls[0] == expected_first
+        marks = timeline.marks
+        if marks:  # Linux
+            expected = ["activated", "warmed_up"] if warm_up else ["activated"]
+            assert list(marks) == [*expected, "first_read", "first_inferred", "all_written"]
+
+
+def test_warm_up_respects_the_runners_batch_range(trained_checkpoint):
+    _, info, _ = load_model(trained_checkpoint)
+    sizes: list[int] = []
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        sizes.append(x.shape[0])
+        return torch.zeros((x.shape[0], 5, *x.shape[2:]))
+
+    with FunctionRunner(model, info, input_channels=3) as runner:
+        runner.min_batch, runner.max_batch = 2, 3
+        assert runner.warm_up(1) >= 0 and runner.warm_up(8) >= 0
+    assert sizes == [2, 3]
+
+
+def test_timings_hold_the_start_up_timeline(trained_checkpoint, tmp_path):
+    (ct,) = _folder(tmp_path / "in", 1)
+    out = tmp_path / "o.nii.gz"
+    assert infer_main(["--model", str(trained_checkpoint), "-i", str(ct), "-o", str(out), "-q", "--warm-up"]) == 0
+    data = json.loads((tmp_path / "o.timings.json").read_text())
+    s = data["startup"]
+    assert s["activate_s"] > 0 and set(s["activation_steps_s"]) == {"load_s", "to_device_s"}
+    assert sum(s["activation_steps_s"].values()) <= s["activate_s"]
+    case = data["cases"][0]
+    assert 0 < case["first_labels_s"] <= case["infer_s"] + case["preprocess_s"]
+    assert data["context"]["warm_up"] is True
+    marks = s["since_process_start_s"]
+    if marks:  # Linux: in-process here, so "main" is this test process's age, and the order is what counts
+        order = ["main", "imports", "runner_opened", "activated", "warmed_up", "first_read", "first_inferred"]
+        order.append("all_written")
+        assert [m for m in marks if m in order] == order
+        assert marks["all_written"] <= marks["released"] <= marks["end"]
+        assert s["end_epoch_s"] <= time.time()
+
+
+def test_the_command_exits_without_teardown_and_loses_nothing(trained_checkpoint, tmp_path):
+    # flare-infer ends with os._exit after flushing: its output, timings, stdout and stderr must all be complete.
+    (ct,) = _folder(tmp_path / "in", 1)
+    out = tmp_path / "o.nii.gz"
+    cmd = [sys.executable, "-m", "flareseg.runtime.cli", "--model", str(trained_checkpoint), "-i", str(ct)]
+    done = subprocess.run([*cmd, "-o", str(out), "-v"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("o.timings.json") and "1 segmented" in done.stdout
+    assert "device: cpu" in done.stderr  # a log record written just before the end reached stderr
+    assert np.asarray(nib.load(out).dataobj).shape == nib.load(ct).shape
+    assert json.loads((tmp_path / "o.timings.json").read_text())["cases"][0]["status"] == "ok"
+    bad = subprocess.run(
+        [*cmd[:-1], str(tmp_path / "missing.nii.gz"), "-o", str(tmp_path / "x.nii.gz")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"flare-infer: error: {tmp_path / 'missing.nii.gz'}: file not found"
+    ]
+    scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
+    assert scripts.get("flare-infer") == "flareseg.runtime.cli:entry"
+
+
+def test_postprocessing_during_inference_writes_the_same_labels(trained_checkpoint, tmp_path, monkeypatch, capsys):
+    paths = _folder(tmp_path / "in", 2)
+
+    # Small slabs, so that components are linked across several cuts of these 6-slice cases.
+    class SmallSlabs(pipeline.StreamingPostprocessor):
+        def __init__(self, shape: tuple[int, int, int]) -> None:
+            super().__init__(shape, slab_slices=2)
+
+    monkeypatch.setattr(pipeline, "StreamingPostprocessor", SmallSlabs)
+    with open_runner(trained_checkpoint) as runner:
+        after = segment_folder(runner, paths, tmp_path / "after", batch_size=4)
+        during = segment_folder(runner, paths, tmp_path / "during", batch_size=4, overlap_postprocess=True)
+        raw = segment_folder(runner, paths, tmp_path / "raw", batch_size=4, postprocess=False)
+    assert [r.status for r in after + during + raw] == ["ok"] * 6
+    assert all(r.postprocess_s > 0 for r in during)
+    removed = 0
+    for p in paths:
+        name = p.name.replace("_0000", "")
+        a, d, r = (np.asarray(nib.load(tmp_path / k / name).dataobj) for k in ("after", "during", "raw"))
+        np.testing.assert_array_equal(d, a)
+        removed += int(np.count_nonzero(r) - np.count_nonzero(a))
+    assert removed > 0  # the post-processing did remove something, in both ways alike
+    argv = ["--model", str(trained_checkpoint), "-i", str(paths[0]), "-o", str(tmp_path / "x.nii.gz")]
+    assert infer_main([*argv, "--overlap-postprocess", "--no-postprocess"]) == 2
+    assert "contradict" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from flareseg import postprocess
 from flareseg.errors import FlareSegError
 from flareseg.labels import COMPONENTS_KEPT
 from flareseg.phantom import make_phantom
-from flareseg.postprocess import keep_largest_components
+from flareseg.postprocess import StreamingPostprocessor, keep_largest_components
 
 
 def test_keeps_largest_component_per_organ_and_two_for_kidneys():
@@ -188,3 +188,123 @@ def test_empty_and_organ_free_maps_are_returned_as_copies():
 def test_negative_counts_are_refused():
     with pytest.raises(FlareSegError, match="must be >= 0"):
         keep_largest_components(np.zeros((3, 3, 3), np.uint8), {1: -1})
+
+
+@pytest.mark.parametrize("dense_fraction", [0.0, 2.0])  # every box dense / every box sparse
+@pytest.mark.parametrize("piece_voxels", [1, 97, 1 << 20])
+def test_whole_and_gathered_boxes_agree_in_any_number_of_pieces(monkeypatch, dense_fraction, piece_voxels):
+    monkeypatch.setattr(postprocess, "_DENSE_FRACTION", dense_fraction)
+    monkeypatch.setattr(postprocess, "_PIECE_VOXELS", piece_voxels)
+    for seed, density in ((0, 0.03), (1, 0.4), (2, 0.9)):
+        lab = _random_labels(seed, shape=(11, 13, 17), density=density)
+        for view in (lab, np.asfortranarray(lab), lab[:, ::-1, 2:]):
+            np.testing.assert_array_equal(keep_largest_components(view), _reference(view, COMPONENTS_KEPT))
+
+
+def test_only_a_mostly_empty_box_gathers_its_foreground(monkeypatch):
+    gathered: list[int] = []
+    real = postprocess._intp_pieces
+    monkeypatch.setattr(postprocess, "_intp_pieces", lambda ids, n: (gathered.append(ids.size), real(ids, n))[1])
+    dense, sparse = _random_labels(0, density=0.9), _random_labels(0, density=0.05)
+    keep_largest_components(dense)
+    assert gathered[0] == dense.size  # every voxel of the box (here the whole map)
+    gathered.clear()
+    keep_largest_components(sparse)
+    assert gathered[0] == np.count_nonzero(sparse)
+
+
+# --- streaming: components labelled slab by slab while the slices arrive ----------------------
+
+
+def _stream(lab: np.ndarray, stops, **kw) -> np.ndarray:
+    streaming = StreamingPostprocessor(lab.shape, **kw)
+    for stop in stops:
+        streaming.add(lab, stop)
+    return streaming.finish(lab)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("density", [0.03, 0.15, 0.4, 0.9])
+@pytest.mark.parametrize("slab_slices", [1, 2, 5, 32])
+def test_streaming_equals_the_whole_map_in_any_slabs(seed, density, slab_slices):
+    lab = _random_labels(seed, shape=(23, 19, 21), density=density)
+    stops = [0, 3, 3, 4, 11, 17, 23]  # batches of any size, a repeated report, the end
+    out = _stream(lab, stops, slab_slices=slab_slices)
+    np.testing.assert_array_equal(out, keep_largest_components(lab))
+    np.testing.assert_array_equal(out, _reference(lab, COMPONENTS_KEPT))
+
+
+@pytest.mark.parametrize("connectivity", [6, 18, 26])
+def test_streaming_links_components_across_slabs_by_each_connectivity(connectivity):
+    lab = np.zeros((8, 6, 6), np.uint8)
+    lab[0:4, 1, 1] = 1  # a U: two liver columns that only meet at their bottom, in the last slab
+    lab[0:4, 1, 4] = 1
+    lab[4, 1, 1:5] = 1
+    lab[1:3, 4, 4] = 1  # a smaller liver piece, removed
+    lab[3, 3, 3] = 2  # kidney voxels touching across the cut at z = 3 | 4 by a corner, an edge, a face
+    lab[4, 4, 4] = 2
+    lab[3, 0, 3], lab[4, 0, 4] = 2, 2
+    lab[5, 5, 0] = 2
+    for slab in (1, 2, 4):
+        out = _stream(lab, range(9), slab_slices=slab, connectivity=connectivity)
+        np.testing.assert_array_equal(out, keep_largest_components(lab, connectivity=connectivity))
+        np.testing.assert_array_equal(out, _reference(lab, COMPONENTS_KEPT, connectivity))
+    assert np.all(out[0:4, 1, 1] == 1) and np.all(out[0:4, 1, 4] == 1)  # the U stays whole
+    assert np.all(out[1:3, 4, 4] == 0)
+
+
+def test_streaming_breaks_ties_across_slabs_by_raster_order():
+    lab = np.zeros((9, 4, 4), np.uint8)
+    lab[7:9, 0, 0] = 1  # equal liver pieces: the one in the first slab comes first in raster order
+    lab[0:2, 3, 3] = 1
+    lab[4:6, 2, 2] = 1
+    out = _stream(lab, [9], slab_slices=3)
+    np.testing.assert_array_equal(out, _reference(lab, COMPONENTS_KEPT))
+    assert out[0, 3, 3] == 1 and out[4, 2, 2] == 0 and out[8, 0, 0] == 0
+
+
+def test_streaming_phantom_labels_with_specks_and_other_tables():
+    lab = np.ascontiguousarray(make_phantom((64, 64, 30), (6.0, 6.0, 8.0), seed=5).labels.transpose(2, 1, 0))
+    rng = np.random.default_rng(1)
+    specks = rng.integers(0, lab.size, 300)
+    lab.ravel()[specks] = rng.integers(1, 5, specks.size).astype(np.uint8)
+    lab = np.ascontiguousarray(np.concatenate([lab, lab[::-1]]))
+    np.testing.assert_array_equal(_stream(lab, range(0, 61, 8), slab_slices=16), _reference(lab, COMPONENTS_KEPT))
+    kept = {1: 0, 2: 3, 4: 2, 0: 1}
+    np.testing.assert_array_equal(_stream(lab, [60], kept=kept), _reference(lab, kept))
+    for same in (np.zeros((5, 4, 4), np.uint8), np.full((5, 4, 4), 9, np.uint8)):
+        out = _stream(same, [2, 5], slab_slices=2)
+        np.testing.assert_array_equal(out, same)
+        assert out is not same
+
+
+def test_streaming_refuses_maps_it_cannot_follow():
+    streaming = StreamingPostprocessor((4, 5, 6))
+    with pytest.raises(FlareSegError, match=r"shape \(4, 5, 6\)"):
+        streaming.add(np.zeros((4, 5, 7), np.uint8), 1)
+    with pytest.raises(FlareSegError, match="not C-ordered"):
+        streaming.add(np.asfortranarray(np.zeros((4, 5, 6), np.uint8)), 1)
+    with pytest.raises(FlareSegError, match="outside the map's 4 slices"):
+        streaming.add(np.zeros((4, 5, 6), np.uint8), 5)
+    with pytest.raises(FlareSegError, match="uint8"):
+        streaming.finish(np.zeros((4, 5, 6), np.int16))
+    with pytest.raises(FlareSegError, match="slab_slices"):
+        StreamingPostprocessor((4, 5, 6), slab_slices=0)
+
+
+def test_in_place_filters_the_map_itself_with_the_same_result():
+    for seed, density in ((0, 0.05), (1, 0.9)):
+        base = _random_labels(seed, shape=(12, 14, 16), density=density)
+        for make in (np.array, np.asfortranarray, lambda a: np.array(a)[:, ::-1, 1:]):
+            lab = make(base)
+            expected = keep_largest_components(lab)
+            assert not np.array_equal(expected, lab)  # something is removed
+            out = keep_largest_components(lab, in_place=True)
+            assert out is lab
+            np.testing.assert_array_equal(lab, expected)
+        lab = base.copy()
+        streaming = StreamingPostprocessor(lab.shape, slab_slices=5)
+        streaming.add(lab, 7)
+        out = streaming.finish(lab, in_place=True)
+        assert out is lab
+        np.testing.assert_array_equal(lab, keep_largest_components(base))

@@ -19,6 +19,7 @@ from flareseg.preprocess import (
     resize_scores_to_labels,
     resize_slices,
     tensor_percentiles,
+    value_histogram,
     volume_normalizer,
 )
 
@@ -267,3 +268,26 @@ def test_tensor_normalizer_never_modifies_its_input():
     assert torch.equal(stored, before) and out.data_ptr() != stored.data_ptr()
     with pytest.raises(FlareSegError, match="expected"):
         TensorNormalizer(normalizer).network_batch(stored[0], (8, 8), 1)
+
+
+def test_a_histogram_counted_beforehand_gives_the_same_normaliser():
+    rng = np.random.default_rng(7)
+    stats = NormalizationStats(-250.0, 400.0, (0.5, 99.5))
+    volumes = [
+        rng.normal(0, 500, (6, 30, 40)).astype(np.int16)[:, ::-1],
+        rng.integers(0, 255, (5, 20, 20), dtype=np.uint8),
+        (rng.normal(0, 3000, (4, 16, 16)).astype(np.int32) * 7).transpose(2, 0, 1),
+    ]
+    for volume in volumes:
+        hist = value_histogram(volume)
+        assert hist is not None and hist.voxels == volume.size
+        assert hist.percentiles((0.5, 99.5)) == tuple(np.percentile(volume, (0.5, 99.5)))
+        for slope, inter in ((1.0, 0.0), (-0.5, 10.0)):
+            assert volume_normalizer(volume, stats, slope, inter, hist) == volume_normalizer(
+                volume, stats, slope, inter
+            )
+    assert value_histogram(np.zeros((2, 3, 4), np.float32)) is None  # float CT: np.percentile
+    with pytest.raises(FlareSegError, match="counts 24 voxels, but the volume has 12"):
+        volume_normalizer(
+            np.zeros((1, 3, 4), np.int16), stats, histogram=value_histogram(np.zeros((2, 3, 4), np.int16))
+        )

@@ -6,6 +6,6 @@ cd "$(dirname "$0")/../.."
 mkdir -p .device/wheels .device/data
 cp ../shared/tools/device/wheels-py312/*.whl .device/wheels/
 python -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 --no-deps \
-    -d .device/wheels isal tqdm pydicom highdicom pylibjpeg pylibjpeg-openjpeg
+    -d .device/wheels isal tqdm pydicom highdicom pylibjpeg pylibjpeg-openjpeg rapidgzip
 if [ -d ../shared/data/flare21-sample ]; then cp -r ../shared/data/flare21-sample .device/data/; fi
 du -sh .device

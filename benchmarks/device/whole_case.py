@@ -39,7 +39,35 @@ SETTINGS: dict[str, list[str]] = {
     "gpu-memory-1000": ["--gpu-memory", "1000"],
     "device-preprocess+gpu-memory-1000": ["--device-preprocess", "--gpu-memory", "1000"],
     "fp32": ["--precision", "fp32", "--batch-size", "8"],
+    # One batch of zeros while the first volume is read (cuDNN's set-up off the critical path).
+    "warm-up": ["--warm-up"],
+    "device-preprocess+warm-up": ["--device-preprocess", "--warm-up"],
+    # Components labelled slab by slab while later slices are inferred.
+    "overlap-postprocess": ["--overlap-postprocess"],
+    "all-opt-in": ["--device-preprocess", "--warm-up", "--overlap-postprocess"],
+    # Small batches, with and without a CUDA graph: can a batch that fits 1,000 MB keep the throughput?
+    "batch-2": ["--batch-size", "2"],
+    "batch-1-graph": ["--batch-size", "1", "--cuda-graph"],
+    "batch-2-graph": ["--batch-size", "2", "--cuda-graph"],
+    # The raw labels, for host_cpu.py's post-processing measurements.
+    "no-postprocess": ["--no-postprocess"],
 }
+#: Folder runs (cases per minute): today's defaults, and every opt-in path together.
+FOLDER_SETTINGS: dict[str, list[str]] = {"defaults": [], "all-opt-in": SETTINGS["all-opt-in"]}
+
+#: The start-up timeline's points, in the order a run reaches them (see flareseg/runtime/startup.py).
+MARKS = [
+    "main",
+    "imports",
+    "runner_opened",
+    "activated",
+    "warmed_up",
+    "first_read",
+    "first_inferred",
+    "all_written",
+    "released",
+    "end",
+]
 
 
 def build_inputs(work: Path, slices: int, size: int, width: int) -> tuple[Path, Path]:
@@ -69,6 +97,7 @@ def fresh(cmd: list[str], cuda: bool) -> dict[str, Any]:
     with sampler if sampler else contextlib.nullcontext():
         proc = subprocess.run(cmd, capture_output=True, text=True)
     row: dict[str, Any] = {"command": " ".join(cmd), "wall_s": time.perf_counter() - t, "rc": proc.returncode}
+    row["end_epoch_s"] = time.time()  # against the timeline's end stamp: how long the process took to exit
     if proc.returncode != 0:
         row["stderr"] = proc.stderr.strip().splitlines()[-3:]
     if sampler is not None:
@@ -84,10 +113,11 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--cases", type=int, default=8)
+    ap.add_argument("--work", type=Path, help="inputs and outputs of the runs (default: OUT/work)")
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
     out = args.out
-    work = out / "work"
+    work = args.work or out / "work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     ckpt, ct = build_inputs(work, args.slices, args.size, args.width)
@@ -95,20 +125,28 @@ def main() -> int:
     report: dict[str, Any] = {"device": args.device, "slices": args.slices, "size": args.size, "width": args.width}
     bare = "import torch; torch.zeros(1, device='cuda')" if cuda else "import torch"
     report["bare_startup"] = fresh([sys.executable, "-c", bare], cuda)
+    # The parts of the bare start-up: the interpreter alone, and torch's import without CUDA.
+    report["bare_python"] = fresh([sys.executable, "-c", "pass"], False)
+    report["bare_torch_import"] = fresh([sys.executable, "-c", "import torch"], False)
     runs: dict[str, Any] = {}
     for name, flags in SETTINGS.items():
-        if not cuda and name != "defaults" and name != "fp32":
+        if not cuda and name not in ("defaults", "fp32", "no-postprocess"):
             continue  # the other settings are CUDA paths
         pred = work / f"pred-{name}.nii.gz"
         row = fresh([*infer, "-i", str(ct), "-o", str(pred), *flags], cuda)
         timings = pred.with_name(pred.name.split(".nii")[0] + ".timings.json")
         if row["rc"] == 0 and timings.exists():
-            row["case"] = json.loads(timings.read_text())["cases"][0]
+            data = json.loads(timings.read_text())
+            row["case"], row["startup"] = data["cases"][0], data.get("startup", {})
+            if row["startup"].get("end_epoch_s"):
+                row["exit_s"] = row["end_epoch_s"] - row["startup"]["end_epoch_s"]
         runs[name] = row
     ref = work / "pred-fp32.nii.gz"
     if ref.exists():
         ref_labels = np.asarray(nib.load(ref).dataobj)
         for name in runs:
+            if name == "no-postprocess":
+                continue  # raw labels: not comparable with post-processed ones
             pred = work / f"pred-{name}.nii.gz"
             if pred.exists():
                 runs[name]["agreement_with_fp32"] = float(np.mean(np.asarray(nib.load(pred).dataobj) == ref_labels))
@@ -117,32 +155,61 @@ def main() -> int:
     folder.mkdir()
     for i in range(args.cases):
         (folder / f"case{i:02d}_0000.nii.gz").symlink_to(ct)
-    row = fresh([*infer, "-i", str(folder), "-o", str(work / "folder-pred")], cuda)
-    tj = work / "folder-pred" / "timings.json"
-    if tj.exists():
-        row["summary"] = json.loads(tj.read_text()).get("summary")
-    report["folder"] = row
+    report["folders"] = {}
+    for name, flags in FOLDER_SETTINGS.items():
+        if not cuda and flags:
+            continue
+        row = fresh([*infer, "-i", str(folder), "-o", str(work / f"folder-{name}"), *flags], cuda)
+        tj = work / f"folder-{name}" / "timings.json"
+        if tj.exists():
+            row["summary"] = json.loads(tj.read_text()).get("summary")
+        report["folders"][name] = row
     (out / "whole_case.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# Whole case, {args.slices} x {args.size} x {args.size}, device {args.device}", ""]
-    lines.append(f"bare start-up: {report['bare_startup']['wall_s']:.2f} s")
+    lines.append(
+        f"bare start-up (import torch + CUDA context): {report['bare_startup']['wall_s']:.2f} s; "
+        f"python -c pass: {report['bare_python']['wall_s']:.2f} s; "
+        f"import torch: {report['bare_torch_import']['wall_s']:.2f} s"
+    )
     lines += [
         "",
-        "| setting | wall s | read | pre | infer | post | write | NVML above idle | agreement |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| setting | process wall s | case in-process s | read | pre | infer | post | write | NVML above idle "
+        "| agreement |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in runs.items():
         c = r.get("case", {})
         nv = r.get("nvml", {})
         lines.append(
-            f"| {name} | {r['wall_s']:.2f} | {c.get('read_s', 0):.2f} | {c.get('preprocess_s', 0):.2f} | "
+            f"| {name} | {r['wall_s']:.2f} | {c.get('wall_s', 0):.2f} | {c.get('read_s', 0):.2f} | "
+            f"{c.get('preprocess_s', 0):.2f} | "
             f"{c.get('infer_s', 0):.2f} | {c.get('postprocess_s', 0):.2f} | {c.get('write_s', 0):.2f} | "
             f"{json.dumps(nv)} | {r.get('agreement_with_fp32', float('nan')):.5f} |"
         )
-    summ = report["folder"].get("summary") or {}
     lines += [
         "",
-        f"folder of {args.cases}: {summ.get('cases_per_minute')} cases/min, wall {report['folder']['wall_s']:.1f} s",
+        "Start-up timeline, seconds since the process started (flareseg/runtime/startup.py); exit = wall clock "
+        "after the timeline's end until the process was gone:",
+        "",
+        "| setting | " + " | ".join(MARKS) + " | exit | activate | activation steps | first labels |",
+        "|---|" + "---|" * (len(MARKS) + 4),
     ]
+    for name, r in runs.items():
+        st = r.get("startup", {})
+        marks = st.get("since_process_start_s", {})
+        cells = [f"{marks[m]:.2f}" if m in marks else "" for m in MARKS]
+        steps = ", ".join(f"{k} {v:.2f}" for k, v in (st.get("activation_steps_s") or {}).items())
+        first = r.get("case", {}).get("first_labels_s")
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {r.get('exit_s', float('nan')):.2f} | "
+            f"{st.get('activate_s') or float('nan'):.2f} | {steps} | {first if first is None else round(first, 3)} |"
+        )
+    lines.append("")
+    for name, row in report["folders"].items():
+        summ = row.get("summary") or {}
+        lines.append(
+            f"folder of {args.cases}, {name}: {summ.get('cases_per_minute')} cases/min, wall {row['wall_s']:.1f} s"
+        )
     (out / "whole_case.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

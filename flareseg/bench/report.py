@@ -193,22 +193,24 @@ def _volume_lines(report: dict[str, Any]) -> list[str]:
     volumes = report["volumes"]
     lines = ["", "## Whole volumes", "", f"Input: `{volumes['input']}`", ""]
     lines += [
-        "| backend | slices | batch | read s | preprocess s | infer s | postprocess s | write s | total s "
+        "| backend | slices | batch | read s | preprocess s | infer s | postprocess s | write s | total s | wall s "
         "| slices x per-slice s | overhead | GPU MB (NVML) | GPU MB·s (NVML) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, v in volumes["results"].items():
         area = v.get("nvml_area_mb_s")
         lines.append(
             f"| {name} | {v['slices']} | {v['batch']} | {v['read_s']:.2f} | {v['preprocess_s']:.2f} "
             f"| {v['infer_s']:.2f} | {v['postprocess_s']:.2f} | {v['write_s']:.2f} | {v['total_s']:.2f} "
-            f"| {v['slices_times_per_slice_s']:.2f} | {100 * v['volume_overhead']:+.1f} % "
+            f"| {v.get('wall_s', float('nan')):.2f} | {v['slices_times_per_slice_s']:.2f} "
+            f"| {100 * v['volume_overhead']:+.1f} % "
             f"| {_mb(v.get('nvml_flare21_max_mb'))} | {'n/a' if area is None else f'{area:,.1f}'} |"
         )
     lines += [
         "",
         "Stages as `flare-infer` runs them: read (decompress and decode), preprocess (percentiles and "
-        "normalisation), infer (the network and its copies), postprocess (largest components), write. GPU MB·s: "
+        "normalisation), infer (the network and its copies), postprocess (largest components), write; total is "
+        "their sum, wall the case's time from read to written (less where stages overlap). GPU MB·s: "
         "FLARE22/23's memory figure, the area under the NVML used-memory curve above idle, by the trapezoid rule.",
         "",
         "![time per stage](stages.png)",

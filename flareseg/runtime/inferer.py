@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,10 +42,17 @@ from flareseg.runtime.runners import Runner
 
 @dataclass
 class InferenceTimes:
-    """Seconds spent normalising slices on the host and in the runner (including copies)."""
+    """Seconds spent normalising slices on the host and in the runner (including copies).
+
+    ``first_labels_s``: from the start of inference until the first labels were back on
+    the host; on a fresh runner the backend's first-batch set-up (cuDNN, TensorRT) shows here.
+    ``on_labels_s``: time in the caller's ``on_labels`` callback, not counted in ``infer_s``.
+    """
 
     normalize_s: float = 0.0
     infer_s: float = 0.0
+    first_labels_s: float | None = None
+    on_labels_s: float = 0.0
     batches: int = 0
     batch_sizes: list[int] = field(default_factory=list)
 
@@ -85,11 +92,15 @@ def infer_volume(
     progress: Callable[[int], None] | None = None,
     times: InferenceTimes | None = None,
     device_preprocess: bool = False,
+    on_labels: Callable[[np.ndarray, int], None] | None = None,
 ) -> np.ndarray:
     """Labels (Z, Y, X) uint8 for a canonical volume of stored values (Z, Y, X).
 
     ``device_preprocess``: upload the stored values and normalise/resize them on the
     runner's device (see the module docstring); the labels are the same.
+    ``on_labels(labels, stop)``: called whenever slices ``[0, stop)`` of the (C-ordered)
+    label map are final, in increasing ``stop``; on CUDA it runs while the device works
+    on later batches (the pipeline post-processes there).
     """
     if batch_size < 1:
         raise FlareSegError(f"batch size must be positive, got {batch_size}")
@@ -102,13 +113,36 @@ def infer_volume(
         raise FlareSegError(f"expected a (Z, Y, X) volume, got shape {stored.shape}")
     times = times if times is not None else InferenceTimes()
     labels = np.empty(stored.shape, dtype=np.uint8)
+    done = _Done(labels, progress, on_labels, times)
     if device_preprocess:
-        _infer_staged(stored, normalizer, runner, batch_size, labels, progress, times)
+        _infer_staged(stored, normalizer, runner, batch_size, labels, done, times)
     elif runner.device.type == "cuda":
-        _infer_cuda(stored, normalizer, runner, batch_size, labels, progress, times)
+        _infer_cuda(stored, normalizer, runner, batch_size, labels, done, times)
     else:
-        _infer_cpu(stored, normalizer, runner, batch_size, labels, progress, times)
+        _infer_cpu(stored, normalizer, runner, batch_size, labels, done, times)
+    times.infer_s -= times.on_labels_s
     return labels
+
+
+class _Done:
+    """What happens when a batch's labels are on the host: progress, then the caller's callback (timed)."""
+
+    def __init__(
+        self,
+        labels: np.ndarray,
+        progress: Callable[[int], None] | None,
+        on_labels: Callable[[np.ndarray, int], None] | None,
+        times: InferenceTimes,
+    ) -> None:
+        self.labels, self.progress, self.on_labels, self.times = labels, progress, on_labels, times
+
+    def __call__(self, start: int, stop: int) -> None:
+        if self.progress:
+            self.progress(stop - start)
+        if self.on_labels:
+            t = time.perf_counter()
+            self.on_labels(self.labels, stop)
+            self.times.on_labels_s += time.perf_counter() - t
 
 
 def _infer_cpu(
@@ -117,12 +151,13 @@ def _infer_cpu(
     runner: Runner,
     batch_size: int,
     labels: np.ndarray,
-    progress: Callable[[int], None] | None,
+    done: _Done,
     times: InferenceTimes,
 ) -> None:
     size = stored.shape[1:]
     net_size, channels = runner.info.slice_size, runner.input_channels
     min_batch = min_batch_of(runner)
+    t_start = time.perf_counter()
     for start in range(0, stored.shape[0], batch_size):
         stop = min(start + batch_size, stored.shape[0])
         t0 = time.perf_counter()
@@ -132,12 +167,15 @@ def _infer_cpu(
             out = run_padded(runner, network_batch(x, net_size, channels), min_batch)
             labels[start:stop] = scores_to_labels(out, size, runner.output_kind).numpy()
         t2 = time.perf_counter()
+        if times.first_labels_s is None:
+            times.first_labels_s = t2 - t_start
         times.normalize_s += t1 - t0
         times.infer_s += t2 - t1
         times.batches += 1
         times.batch_sizes.append(stop - start)
-        if progress:
-            progress(stop - start)
+        t3 = time.perf_counter()
+        done(start, stop)
+        times.infer_s += time.perf_counter() - t3  # on_labels_s is taken off once, at the end
 
 
 class _Slot:
@@ -159,7 +197,7 @@ def _infer_cuda(
     runner: Runner,
     batch_size: int,
     labels: np.ndarray,
-    progress: Callable[[int], None] | None,
+    done: _Done,
     times: InferenceTimes,
 ) -> None:
     device = runner.device
@@ -174,11 +212,12 @@ def _infer_cuda(
         if slot.pending is None:
             return
         slot.downloaded.synchronize()
+        if times.first_labels_s is None:
+            times.first_labels_s = time.perf_counter() - t_start
         a, b = slot.pending
         labels[a:b] = slot.host_out[: b - a].numpy()
         slot.pending = None
-        if progress:
-            progress(b - a)
+        done(a, b)
 
     t_start = time.perf_counter()
     for i, start in enumerate(range(0, stored.shape[0], batch_size)):
@@ -206,9 +245,14 @@ def _infer_cuda(
         slot.pending = (start, stop)
         times.batches += 1
         times.batch_sizes.append(n)
-    for slot in slots:
+    for slot in _in_order(slots):
         harvest(slot)
     times.infer_s += time.perf_counter() - t_start - times.normalize_s
+
+
+def _in_order(slots: Sequence[Any]) -> list[Any]:
+    """The slots still holding labels, by slice range: the callers see the slices in order."""
+    return sorted((s for s in slots if s.pending is not None), key=lambda s: s.pending[0])
 
 
 # --- Device preprocessing: stored values go up, the device normalises and resizes -------------------------
@@ -301,7 +345,7 @@ def _infer_staged(
     runner: Runner,
     batch_size: int,
     labels: np.ndarray,
-    progress: Callable[[int], None] | None,
+    done: _Done,
     times: InferenceTimes,
 ) -> None:
     """The double-buffered pipeline with preprocessing on the runner's device.
@@ -323,11 +367,12 @@ def _infer_staged(
         if slot.pending is None:
             return
         slot.downloaded.synchronize()
+        if times.first_labels_s is None:
+            times.first_labels_s = time.perf_counter() - t_start
         a, b = slot.pending
         labels[a:b] = slot.host_out[: b - a].numpy()
         slot.pending = None
-        if progress:
-            progress(b - a)
+        done(a, b)
 
     t_start = time.perf_counter()
     for i, start in enumerate(range(0, stored.shape[0], batch_size)):
@@ -357,6 +402,6 @@ def _infer_staged(
         slot.pending = (start, stop)
         times.batches += 1
         times.batch_sizes.append(n)
-    for slot in slots:
+    for slot in _in_order(slots):
         harvest(slot)
     times.infer_s += time.perf_counter() - t_start - times.normalize_s

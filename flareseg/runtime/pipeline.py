@@ -31,10 +31,11 @@ import torch
 
 from flareseg.atomic import write_text_atomic
 from flareseg.errors import FlareSegError
-from flareseg.postprocess import keep_largest_components
-from flareseg.preprocess import volume_normalizer
+from flareseg.postprocess import StreamingPostprocessor, keep_largest_components
+from flareseg.preprocess import ValueHistogram, value_histogram, volume_normalizer
 from flareseg.runtime.inferer import InferenceTimes, infer_volume
 from flareseg.runtime.runners import Runner
+from flareseg.runtime.startup import Timeline
 from flareseg.volume import NIFTI_SUFFIXES, Volume, VolumeGeometry, case_id, find_cases, read_ct, write_labels
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,12 @@ class CaseTiming:
     postprocess_s: float = 0.0
     write_s: float = 0.0
     total_s: float = 0.0
+    #: From the start of the case's read to the end of its write: for one case, its in-process
+    #: time. It can be less than ``total_s`` (components labelled during inference, the
+    #: histogram counted while the runner activates) or more (a folder case waiting its turn).
+    wall_s: float = 0.0
+    #: From the start of inference to the first labels back on the host (first-batch set-up shows here).
+    first_labels_s: float | None = None
     peak_rss_mb: float | None = None
     peak_gpu_allocated_mb: float | None = None
 
@@ -79,7 +86,8 @@ class CaseTiming:
         return (
             f"{self.case}: {self.slices} slices, read {self.read_s:.2f}s, preprocess {self.preprocess_s:.2f}s, "
             f"infer {self.infer_s:.2f}s ({1000 * self.infer_s / max(self.slices, 1):.1f} ms/slice), "
-            f"postprocess {self.postprocess_s:.2f}s, write {self.write_s:.2f}s, total {self.total_s:.2f}s{rss}{gpu}"
+            f"postprocess {self.postprocess_s:.2f}s, write {self.write_s:.2f}s, total {self.total_s:.2f}s "
+            f"(wall {self.wall_s:.2f}s){rss}{gpu}"
         )
 
     def _failed(self, exc: Exception) -> CaseTiming:
@@ -253,51 +261,89 @@ def list_cases(folder: str | os.PathLike[str], *, num_parts: int = 1, part_id: i
 # --- the stages --------------------------------------------------------------------------
 
 
-def _read_stage(job: CaseJob) -> tuple[Volume, float]:
-    t = time.perf_counter()
+@dataclass
+class _Read:
+    """What the reader thread hands over: the volume, its value histogram, and when and how long."""
+
+    volume: Volume
+    histogram: ValueHistogram | None
+    started: float  # time.perf_counter() when the read began
+    read_s: float
+    histogram_s: float
+
+
+def _read_stage(job: CaseJob) -> _Read:
+    t0 = time.perf_counter()
     volume = read_case(job.input)
     if job.output_type == "dicom-seg":
         from flareseg.dicom import check_seg_writable
 
         check_seg_writable(volume)  # an anonymised series without UIDs fails now, not after inference
-    return volume, time.perf_counter() - t
+    t1 = time.perf_counter()
+    # The percentiles' one pass over the voxels, here rather than on the way to the device.
+    histogram = value_histogram(volume.array)
+    return _Read(volume, histogram, t0, t1 - t0, time.perf_counter() - t1)
 
 
 def _infer_stage(
     runner: Runner,
-    volume: Volume,
+    read: _Read,
     timing: CaseTiming,
     batch_size: int,
     progress: Callable[[int], None] | None,
     infer_options: dict[str, Any],
+    streaming: StreamingPostprocessor | None = None,
 ) -> np.ndarray:
     cuda = runner.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(runner.device)
+    volume = read.volume
     t0 = time.perf_counter()
-    normalizer = volume_normalizer(volume.array, runner.info.normalization, volume.slope, volume.inter)
+    stats = runner.info.normalization
+    normalizer = volume_normalizer(volume.array, stats, volume.slope, volume.inter, read.histogram)
     t1 = time.perf_counter()
     times = InferenceTimes()
-    labels = infer_volume(volume.array, normalizer, runner, batch_size, progress=progress, times=times, **infer_options)
+    on_labels = streaming.add if streaming is not None else None
+    labels = infer_volume(
+        volume.array,
+        normalizer,
+        runner,
+        batch_size,
+        progress=progress,
+        times=times,
+        on_labels=on_labels,
+        **infer_options,
+    )
     if cuda:
         torch.cuda.synchronize(runner.device)
         timing.peak_gpu_allocated_mb = torch.cuda.max_memory_allocated(runner.device) / 2**20
     t2 = time.perf_counter()
     timing.slices, timing.shape = int(labels.shape[0]), volume.geometry.shape
-    timing.preprocess_s = (t1 - t0) + times.normalize_s
+    timing.preprocess_s = read.histogram_s + (t1 - t0) + times.normalize_s
     timing.infer_s = (t2 - t1) - times.normalize_s
+    timing.first_labels_s = times.first_labels_s
     return labels
 
 
 def _finish_stage(
-    labels: np.ndarray, geometry: VolumeGeometry, source: Any, job: CaseJob, postprocess: bool
-) -> tuple[float, float]:
+    labels: np.ndarray,
+    geometry: VolumeGeometry,
+    source: Any,
+    job: CaseJob,
+    postprocess: bool | StreamingPostprocessor,
+    started: float,
+) -> tuple[float, float, float]:
     t0 = time.perf_counter()
-    if postprocess:
-        labels = keep_largest_components(labels)
+    during_inference = 0.0
+    if isinstance(postprocess, StreamingPostprocessor):
+        during_inference = postprocess.seconds  # the slabs labelled while the device worked
+        labels = postprocess.finish(labels, in_place=True)  # the map is this stage's alone
+    elif postprocess:
+        labels = keep_largest_components(labels, in_place=True)
     t1 = time.perf_counter()
     write_case(labels, geometry, source, job.output, job.output_type)
-    return t1 - t0, time.perf_counter() - t1
+    t2 = time.perf_counter()
+    return during_inference + (t1 - t0), t2 - t1, t2 - started
 
 
 def run_cases(
@@ -310,21 +356,30 @@ def run_cases(
     on_case: Callable[[CaseTiming], None] | None = None,
     progress: Callable[[int], None] | None = None,
     infer_options: dict[str, Any] | None = None,
+    warm_up: bool = False,
+    timeline: Timeline | None = None,
+    overlap_postprocess: bool = False,
 ) -> list[CaseTiming]:
     """Run ``jobs`` through the read / infer / write pipeline; timings in job order.
 
     The runner is activated here if it is not yet, after the first read has started,
-    so that model loading overlaps it; the caller deactivates it. A
+    so that model loading overlaps it (and with ``warm_up``, one batch of zeros, so that
+    the backend's first-batch set-up overlaps it too); the caller deactivates it. A
     :class:`FlareSegError` marks its case failed and the others go on, or is raised
     with ``raise_errors``. ``on_case`` sees each case when its output is written.
+    ``timeline`` gets the points the run reaches (activated, first read, ...).
+    ``overlap_postprocess``: label components slab by slab while later slices are
+    inferred (:class:`~flareseg.postprocess.StreamingPostprocessor`, same result), so only
+    the last slab and the filtering are left after inference.
     """
+    mark = timeline.mark if timeline is not None else (lambda name: None)
     options = infer_options or {}
     results: list[CaseTiming] = []
-    writes: deque[tuple[CaseTiming, Future[tuple[float, float]]]] = deque()
+    writes: deque[tuple[CaseTiming, Future[tuple[float, float, float]]]] = deque()
 
-    def settle(timing: CaseTiming, fut: Future[tuple[float, float]]) -> None:
+    def settle(timing: CaseTiming, fut: Future[tuple[float, float, float]]) -> None:
         try:
-            timing.postprocess_s, timing.write_s = fut.result()
+            timing.postprocess_s, timing.write_s, timing.wall_s = fut.result()
         except FlareSegError as exc:
             if raise_errors:
                 raise
@@ -342,37 +397,51 @@ def run_cases(
     try:
         upcoming = reader.submit(_read_stage, jobs[0]) if jobs else None
         runner.activate()  # no-op when already active; otherwise overlaps the first read
+        mark("activated")
+        if warm_up and jobs:
+            runner.warm_up(batch_size)
+            mark("warmed_up")
         for i, job in enumerate(jobs):
             timing = job.timing()
             results.append(timing)
             current, upcoming = upcoming, (reader.submit(_read_stage, jobs[i + 1]) if i + 1 < len(jobs) else None)
             assert current is not None
             try:
-                volume, timing.read_s = current.result()
-                labels = _infer_stage(runner, volume, timing, batch_size, progress, options)
+                read = current.result()
+                current = None  # the future would keep the voxels alive after `del read` below
+                timing.read_s, started = read.read_s, read.started
+                if i == 0:
+                    mark("first_read")
+                shape = read.volume.array.shape
+                streaming = StreamingPostprocessor(shape) if postprocess and overlap_postprocess else None
+                labels = _infer_stage(runner, read, timing, batch_size, progress, options, streaming)
+                if i == 0:
+                    mark("first_inferred")
             except FlareSegError as exc:
                 if raise_errors:
                     raise
                 log.error("%s", exc)
-                writes.append((timing._failed(exc), _done((0.0, 0.0))))
+                writes.append((timing._failed(exc), _done((0.0, 0.0, 0.0))))
             else:
-                geometry, source = volume.geometry, volume.source
-                del volume  # the stored voxels are not needed for writing: free them early
-                writes.append((timing, writer.submit(_finish_stage, labels, geometry, source, job, postprocess)))
+                geometry, source = read.volume.geometry, read.volume.source
+                del read  # the stored voxels are not needed for writing: free them early
+                finish = streaming if streaming is not None else postprocess
+                writes.append((timing, writer.submit(_finish_stage, labels, geometry, source, job, finish, started)))
                 del labels
             # Keep at most one write in flight behind the device, so memory stays bounded.
             while len(writes) > 1 or (writes and writes[0][1].done()):
                 settle(*writes.popleft())
         while writes:
             settle(*writes.popleft())
+        mark("all_written")
     finally:
         reader.shutdown(wait=True, cancel_futures=True)
         writer.shutdown(wait=True, cancel_futures=True)
     return results
 
 
-def _done(value: tuple[float, float]) -> Future[tuple[float, float]]:
-    fut: Future[tuple[float, float]] = Future()
+def _done(value: tuple[float, float, float]) -> Future[tuple[float, float, float]]:
+    fut: Future[tuple[float, float, float]] = Future()
     fut.set_result(value)
     return fut
 
@@ -387,6 +456,9 @@ def segment_file(
     output_type: OutputType = "nifti",
     progress: Callable[[int], None] | None = None,
     infer_options: dict[str, Any] | None = None,
+    warm_up: bool = False,
+    timeline: Timeline | None = None,
+    overlap_postprocess: bool = False,
 ) -> CaseTiming:
     """Segment one CT volume (NIfTI file or DICOM series folder) and write its result atomically.
 
@@ -404,6 +476,9 @@ def segment_file(
         raise_errors=True,
         progress=progress,
         infer_options=infer_options,
+        warm_up=warm_up,
+        timeline=timeline,
+        overlap_postprocess=overlap_postprocess,
     )
     return timing
 
@@ -420,6 +495,9 @@ def segment_folder(
     on_case: Callable[[CaseTiming], None] | None = None,
     progress: Callable[[int], None] | None = None,
     infer_options: dict[str, Any] | None = None,
+    warm_up: bool = False,
+    timeline: Timeline | None = None,
+    overlap_postprocess: bool = False,
 ) -> list[CaseTiming]:
     """Segment each input into ``out_dir`` (FLARE21 names); skip finished cases; go on after a failure."""
     out = Path(out_dir)
@@ -456,6 +534,9 @@ def segment_folder(
         on_case=on_case,
         progress=progress,
         infer_options=infer_options,
+        warm_up=warm_up,
+        timeline=timeline,
+        overlap_postprocess=overlap_postprocess,
     )
     results.update({i: timing for (i, _), timing in zip(jobs, ran, strict=True)})
     return [results[i] for i in sorted(results)]
@@ -476,11 +557,14 @@ def write_timings(
     path: str | os.PathLike[str],
     context: dict[str, Any],
     summary: FolderSummary | None = None,
+    startup: dict[str, Any] | None = None,
 ) -> Path:
-    """Per-case timings, the run's summary and its context (runner, batch size, machine) as JSON, atomically."""
+    """Per-case timings, the run's summary, its start-up timeline and context (runner, batch, machine) as JSON."""
     data: dict[str, Any] = {"context": context, "cases": [r.to_dict() for r in results]}
     if summary is not None:
         data["summary"] = summary.to_dict()
+    if startup is not None:
+        data["startup"] = startup
     return write_text_atomic(json.dumps(data, indent=2) + "\n", path)
 
 

@@ -9,6 +9,7 @@ many batches, and deactivated. One module per backend implements it; heavy libra
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from types import TracebackType
 from typing import Literal
@@ -39,6 +40,9 @@ class Runner(ABC):
 
     def __init__(self) -> None:
         self._active = False
+        #: Seconds the last activation took, and its parts where the backend times them.
+        self.activate_s: float | None = None
+        self.activation_steps: dict[str, float] = {}
 
     @property
     def is_active(self) -> bool:
@@ -50,8 +54,11 @@ class Runner(ABC):
 
     def activate(self) -> Runner:
         if not self._active:
+            t = time.perf_counter()
+            self.activation_steps = {}
             self._activate()
             self._active = True
+            self.activate_s = time.perf_counter() - t
         return self
 
     def deactivate(self) -> None:
@@ -75,6 +82,23 @@ class Runner(ABC):
                 "(flare-infer does) or rebuild the engine with a smaller --batch MIN"
             )
         return self._infer(batch)
+
+    def warm_up(self, batch: int) -> float:
+        """Run one batch of zero slices and wait for it, so the backend's first-batch set-up is done; seconds.
+
+        cuDNN, TensorRT and ONNX Runtime choose and load their kernels on the first batch
+        of a shape; the pipeline can do this while the first volume is still being read.
+        """
+        t = time.perf_counter()
+        batch = max(batch, self.min_batch or 1)
+        if self.max_batch is not None:
+            batch = min(batch, self.max_batch)
+        x = torch.zeros((batch, self.input_channels, *self.info.slice_size), device=self.device)
+        with torch.inference_mode():
+            self.infer(x)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t
 
     def __enter__(self) -> Runner:
         return self.activate()

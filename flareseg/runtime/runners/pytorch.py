@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +55,22 @@ class TorchRunner(Runner):
         from flareseg.checkpoint import load_model
         from flareseg.network import build_deploy_network
 
+        t0 = time.perf_counter()
         net, self.info, _ = load_model(self.checkpoint)
         model = build_deploy_network(net, fold_input=self.fold_input and net.config.in_channels > 1)
         self.input_channels = model.config.in_channels
+        t1 = time.perf_counter()
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         model = model.to(device=self.device, dtype=self._dtype)
         self.model: torch.nn.Module | None = model.to(memory_format=fmt).eval()  # type: ignore[call-overload]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the upload (and the CUDA context it creates) is done
+        t2 = time.perf_counter()
+        # The first CUDA call creates the context: on a GPU, "to_device" is mostly that.
+        self.activation_steps.update(load_s=t1 - t0, to_device_s=t2 - t1)
         if self.cuda_graph_batch:
             self._capture_graph(self.cuda_graph_batch)
+            self.activation_steps["cuda_graph_s"] = time.perf_counter() - t2
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.model is None:

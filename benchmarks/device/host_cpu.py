@@ -1,0 +1,114 @@
+"""The GPU machine's host CPU on issue 10's host stages, after whole_case.py (same input, same labels).
+
+- Inflating the 512 x 512 x 300 case: a one-shot ISA-L decompress, flareseg's ``read_ct``,
+  and rapidgzip (parallel inflate of an ordinary gzip stream) at 1 to all cores, when its
+  wheel was carried, with the bytes checked equal.
+- The percentiles' value histogram of the volume.
+- Post-processing the random-weight network's raw labels (the ``no-postprocess`` run of
+  whole_case.py): the whole map at once, and streaming by slabs (what is left after
+  inference, and in all), with the outputs checked equal.
+
+    python benchmarks/device/host_cpu.py --work WORK --out device-out/host-cpu   # WORK: whole_case.py's --work
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from flareseg.postprocess import StreamingPostprocessor, keep_largest_components  # noqa: E402
+from flareseg.preprocess import value_histogram  # noqa: E402
+from flareseg.volume import read_ct  # noqa: E402
+
+
+def timed(fn: Callable[[], Any], rounds: int) -> tuple[float, Any]:
+    """Median wall seconds of ``rounds`` calls, and the last result."""
+    seconds, result = [], None
+    for _ in range(rounds):
+        t = time.perf_counter()
+        result = fn()
+        seconds.append(time.perf_counter() - t)
+    return statistics.median(seconds), result
+
+
+def inflate(ct: Path, rounds: int) -> dict[str, Any]:
+    from isal import isal_zlib
+
+    raw = ct.read_bytes()
+    rows: dict[str, Any] = {}
+    rows["isal_zlib.decompress"], reference = timed(lambda: isal_zlib.decompress(raw, wbits=31), rounds)
+    rows["flareseg read_ct"], _ = timed(lambda: read_ct(ct), rounds)
+    try:
+        import rapidgzip
+    except ImportError as exc:
+        rows["rapidgzip"] = f"not installed ({exc})"
+        return rows
+    cores = os.cpu_count() or 1
+    for n in sorted({1, 2, 4, 8, cores}):
+        if n > cores:
+            continue
+
+        def run(n: int = n) -> bytes:
+            with rapidgzip.open(str(ct), parallelization=n) as f:
+                return f.read()
+
+        rows[f"rapidgzip x{n}"], out = timed(run, rounds)
+        rows[f"rapidgzip x{n} equal"] = out == reference
+    return rows
+
+
+def postprocess(raw_labels: Path, rounds: int) -> dict[str, Any]:
+    labels = np.ascontiguousarray(np.asarray(nib.load(raw_labels).dataobj).transpose(2, 1, 0))
+    rows: dict[str, Any] = {"shape": list(labels.shape), "foreground": float(np.count_nonzero(labels) / labels.size)}
+    rows["whole map"], whole = timed(lambda: keep_largest_components(labels), rounds)
+    finish: list[float] = []
+
+    def streaming() -> np.ndarray:
+        s = StreamingPostprocessor(labels.shape)
+        for stop in range(8, labels.shape[0] + 8, 8):
+            s.add(labels, min(stop, labels.shape[0]))
+        t = time.perf_counter()
+        out = s.finish(labels)
+        finish.append(time.perf_counter() - t)
+        return out
+
+    rows["streaming, all"], out = timed(streaming, rounds)
+    rows["streaming, finish only"] = statistics.median(finish)
+    rows["equal"] = bool(np.array_equal(out, whole))
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", type=Path, required=True, help="whole_case.py's work folder")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    ct = args.work / "case_0000.nii.gz"
+    report: dict[str, Any] = {"cores": os.cpu_count(), "inflate_s": inflate(ct, args.rounds)}
+    volume = read_ct(ct)
+    report["histogram_s"], _ = timed(lambda: value_histogram(volume.array), args.rounds)
+    raw = args.work / "pred-no-postprocess.nii.gz"
+    report["postprocess_s"] = postprocess(raw, args.rounds) if raw.exists() else f"{raw} missing"
+    text = json.dumps(report, indent=2)
+    (args.out / "host_cpu.json").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""A fresh ``flare-infer`` process on a tiny case against a bare ``python -c "import torch"``, on the CPU.
+
+What a fresh process costs beyond torch itself: imports, the model, the start-up of the
+pipeline, and the exit. With ``--baseline REV`` the same command also runs from a git
+worktree of commit REV, alternating round by round with today's code, so that a change
+to the start-up or the exit is measured against what it replaced in the same run.
+
+    python benchmarks/startup.py --rounds 5 [--baseline d5c0499]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_case(work: Path) -> tuple[Path, Path]:
+    """A width-4 random-weight checkpoint and a 6 x 64 x 64 phantom."""
+    code = f"""
+import sys; sys.path.insert(0, {str(ROOT)!r})
+import torch
+from pathlib import Path
+from flareseg.checkpoint import ModelInfo, save_checkpoint
+from flareseg.network import NetworkConfig, build_training_network
+from flareseg.phantom import make_phantom
+from flareseg.preprocess import NormalizationStats
+import nibabel as nib
+work = Path({str(work)!r})
+torch.manual_seed(0)
+net = build_training_network(NetworkConfig(base_width=4)).eval()
+info = ModelInfo(network=net.config, normalization=NormalizationStats(-300.0, 450.0), slice_size=(64, 64))
+save_checkpoint(work / "tiny.pt", net, info)
+img, _ = make_phantom((64, 64, 6), (6.4, 6.4, 2.5), seed=0).to_nifti()
+nib.save(img, work / "tiny_0000.nii.gz")
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return work / "tiny.pt", work / "tiny_0000.nii.gz"
+
+
+def wall(cmd: list[str], env: dict[str, str], cwd: Path) -> float:
+    # cwd matters: `python -m` puts it first on sys.path, ahead of PYTHONPATH.
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, cwd=cwd, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--baseline", help="a commit to compare with, run from a temporary git worktree")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        ckpt, ct = build_case(work)
+        trees = {"today": ROOT}
+        if args.baseline:
+            tree = work / "baseline"
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(tree), args.baseline], check=True
+            )
+            trees[f"at {args.baseline}"] = tree
+        times: dict[str, list[float]] = {"bare import torch": [], **{name: [] for name in trees}}
+        try:
+            for r in range(args.rounds):
+                times["bare import torch"].append(wall([sys.executable, "-c", "import torch"], dict(os.environ), work))
+                for name, tree in trees.items():
+                    env = {**os.environ, "PYTHONPATH": str(tree)}
+                    out = work / f"out-{r}-{name.replace(' ', '_')}.nii.gz"
+                    cmd = [sys.executable, "-m", "flareseg.runtime.cli", "--model", str(ckpt), "-i", str(ct)]
+                    times[name].append(wall([*cmd, "-o", str(out), "--device", "cpu", "-q"], env, work))
+        finally:
+            if args.baseline:
+                subprocess.run(
+                    ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(work / "baseline")], check=False
+                )
+    bare = statistics.median(times["bare import torch"])
+    sys.path.insert(0, str(ROOT))
+    from flareseg.bench.measure import cpu_description
+
+    cpu = cpu_description()["cpu_model"]
+    print(f"machine: {platform.machine()} {cpu}, {os.cpu_count()} cores; Python {platform.python_version()}")
+    print(f"{args.rounds} rounds, alternating; wall seconds of whole processes")
+    for name, values in times.items():
+        median = statistics.median(values)
+        extra = "" if name.startswith("bare") else f"  bare + {median - bare:.2f} s"
+        print(f"{name:24s} median {median:.2f} s  ({', '.join(f'{v:.2f}' for v in values)}){extra}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

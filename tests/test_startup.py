@@ -1,0 +1,49 @@
+"""The start-up timeline: seconds since the process began, marked at points of a run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from flareseg.runtime import startup
+from flareseg.runtime.startup import Timeline, process_age_s
+
+linux_only = pytest.mark.skipif(process_age_s() is None, reason="needs /proc (Linux) for the process start time")
+
+
+@linux_only
+def test_process_age_counts_from_the_process_start_not_from_an_import():
+    # A child that sleeps before importing the module: its age at the first call includes the sleep.
+    code = "import time; time.sleep(0.4); from flareseg.runtime.startup import process_age_s; print(process_age_s())"
+    age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert age >= 0.4 - 0.011  # the kernel's start time has a 10 ms resolution
+    a = process_age_s()
+    time.sleep(0.05)
+    b = process_age_s()
+    assert a is not None and b is not None and b - a >= 0.05 - 1e-3
+
+
+@linux_only
+def test_timeline_marks_in_order_and_stamps_its_end():
+    timeline = Timeline()
+    for name in ("main", "activated", "all_written"):
+        timeline.mark(name)
+    before = time.time()
+    timeline.end()
+    data = json.loads(json.dumps(timeline.to_dict()))
+    marks = data["since_process_start_s"]
+    assert list(marks) == ["main", "activated", "all_written", "end"]
+    assert list(marks.values()) == sorted(marks.values()) and marks["main"] > 0
+    assert before <= data["end_epoch_s"] <= time.time()
+
+
+def test_without_a_process_start_the_timeline_stays_empty(monkeypatch):
+    monkeypatch.setattr(startup, "process_age_s", lambda: None)
+    timeline = Timeline()
+    timeline.mark("main")
+    timeline.end()
+    assert timeline.marks == {} and timeline.end_epoch_s is not None
