@@ -7,6 +7,7 @@ run alternately, round by round; the figures are medians of CPU (process) second
 a busy machine disturbs less than wall time (wall medians are printed too).
 
 Run: python benchmarks/postprocess_bench.py [--rounds 5]
+     python benchmarks/postprocess_bench.py --memory [--slices 300]   # peak memory per method
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -72,7 +74,7 @@ def _scipy_reference(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def _organs_with_specks(shape=(400, 512, 512), seed=0) -> np.ndarray:
+def _organs_with_specks(shape: tuple[int, int, int] = (400, 512, 512), seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
     labels = np.zeros(shape, dtype=np.uint8)
@@ -106,10 +108,69 @@ def _time(fn: Callable[[np.ndarray], np.ndarray], labels: np.ndarray) -> tuple[f
     return time.perf_counter() - w, time.process_time() - c, out
 
 
+def _in_place(labels: np.ndarray) -> np.ndarray:
+    return keep_largest_components(labels, in_place=True)
+
+
+def _streaming_in_place(labels: np.ndarray) -> np.ndarray:
+    streaming = StreamingPostprocessor(labels.shape)
+    for stop in range(8, labels.shape[0] + 8, 8):
+        streaming.add(labels, min(stop, labels.shape[0]))
+    return streaming.finish(labels, in_place=True)
+
+
+#: What --memory measures, each in a fresh process: flare-infer's two ways (in place), and the earlier versions.
+MEMORY_METHODS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "flareseg, in place": _in_place,
+    "streaming, in place": _streaming_in_place,
+    "flareseg, copy": keep_largest_components,
+    "d5c0499 (box, whole arrays)": _box_only,
+    "previous (one cc3d pass)": _previous,
+}
+MAPS: dict[str, Callable[..., np.ndarray]] = {
+    "organs + specks": _organs_with_specks,
+    "labelled everywhere": _labelled_everywhere,
+}
+
+
+def _peak_above_start_mb(map_name: str, method: str, slices: int) -> float:
+    """Run one method on one map in this (fresh) process: its peak RSS above the RSS before it, MiB."""
+    from flareseg.runtime.pipeline import peak_rss_mb, reset_peak_rss
+
+    labels = MAPS[map_name]((slices, 512, 512))
+    if not reset_peak_rss():
+        raise SystemExit("--memory needs Linux (/proc/self/clear_refs)")
+    with open("/proc/self/status") as f:
+        start = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+    MEMORY_METHODS[method](labels)
+    peak = peak_rss_mb()
+    assert peak is not None
+    return peak - start
+
+
+def _memory(slices: int) -> None:
+    print(f"peak RSS above the RSS before the call, MiB; each method in a fresh process; {slices} x 512 x 512 maps")
+    for map_name in MAPS:
+        cells = []
+        for method in MEMORY_METHODS:
+            code = (
+                f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import postprocess_bench as b; "
+                f"print(b._peak_above_start_mb({map_name!r}, {method!r}, {slices}))"
+            )
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            cells.append(f"{method} {float(out.split()[-1]):.0f}")
+        print(f"{map_name}: " + "; ".join(cells))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--memory", action="store_true", help="peak memory of each method instead, fresh processes")
+    parser.add_argument("--slices", type=int, default=300, help="with --memory: slices of the maps")
     args = parser.parse_args()
+    if args.memory:
+        _memory(args.slices)
+        return
     methods: dict[str, Callable[[np.ndarray], np.ndarray]] = {
         "flareseg (box, pieces)": keep_largest_components,
         "streaming (slabs of 32)": _streaming,

@@ -213,6 +213,7 @@ class StreamingPostprocessor:
         self._labels: list[np.ndarray] = [np.zeros(1, np.uint8)]
         self._links: list[np.ndarray] = []  # (2, k) pairs of ids of one component
         self._last_plane: np.ndarray | None = None  # global ids of the last labelled plane
+        self._finished = False
 
     def add(self, labels: np.ndarray, stop: int) -> None:
         """Slices ``[0, stop)`` of ``labels`` are final: label the complete slabs among them."""
@@ -234,10 +235,16 @@ class StreamingPostprocessor:
             if self._done < self.shape[0]:
                 self._label(labels, self.shape[0])
             self._filter(out)
+        # Let go of the per-voxel ids (2-4x the label map) now, whoever still holds this object.
+        self._slabs, self._links, self._last_plane = [], [], None
+        self._sizes, self._labels = self._sizes[:1], self._labels[:1]
+        self._finished = True
         self.seconds += time.perf_counter() - t
         return out
 
     def _check(self, labels: np.ndarray, stop: int) -> None:
+        if self._finished:
+            raise FlareSegError("this StreamingPostprocessor has finished its map: make a new one for the next")
         _check_map(labels)
         if labels.shape != self.shape or not labels.flags.c_contiguous:
             raise FlareSegError(

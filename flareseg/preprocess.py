@@ -175,7 +175,7 @@ def _percentiles_from_counts(counts: np.ndarray, low: int, qs: tuple[float, ...]
     return tuple(out)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # an array field: equality would be ambiguous
 class ValueHistogram:
     """How many voxels hold each stored integer value, from ``low`` up: all that exact percentiles need.
 

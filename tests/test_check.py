@@ -167,3 +167,29 @@ def test_slice_indices_are_spread_over_the_volume():
     assert slice_indices(1) == [0]
     assert slice_indices(5) == [0, 1, 2, 3, 4]
     assert slice_indices(100) == [0, 14, 28, 42, 57, 71, 85, 99]
+
+
+def test_an_int8_export_below_its_agreement_is_a_failed_row_not_a_stopped_check(
+    trained_checkpoint, tmp_path, monkeypatch, caplog
+):
+    """A test double for the quantiser's verdict: every float-layer set misses the threshold."""
+    from flareseg.export import Int8AgreementError, onnx_export
+
+    int8 = [b for b in available_backends() if b.endswith("-int8")]
+    if not int8:
+        pytest.skip("no INT8 backend on this machine (needs ONNX Runtime or OpenVINO)")
+
+    def below(*args, **kwargs):
+        raise Int8AgreementError("INT8 model agrees with fp32 PyTorch on 97.500% of held-out voxels", 0.975)
+
+    monkeypatch.setattr(onnx_export, "_quantize_verified", below)
+    argv = ["--model", str(trained_checkpoint), "--backends", ",".join([CPU_FP32, *int8]), "--size", "64"]
+    code, report = _check([*argv, "--slices", "2", "-o", str(tmp_path)])
+    assert code == 1 and sorted(report["failed"]) == sorted(int8)
+    for name in int8:
+        row = _row(report, name)
+        assert row["status"] == "FAIL" and row["held_out_agreement"] == 0.975 and "97.500%" in row["error"]
+    assert _row(report, "onnxruntime-cpu-fp32")["status"] == "PASS"  # the other backends were still checked
+    md = (tmp_path / "check.md").read_text()
+    assert f"| {int8[0]} | int8 | int8 | n/a | | | agreement >= 99% | FAIL: INT8 export: INT8 model agrees" in md
+    assert "INT8 export: INT8 model agrees" in caplog.text

@@ -183,6 +183,16 @@ def test_on_labels_sees_final_slices_in_order(net, device_preprocess, slices):
     assert times.on_labels_s >= 0.01 * len(stops) and times.infer_s >= 0
 
 
+def test_reused_times_take_off_each_call_s_callbacks_once(net):
+    stored = _volume((8, 32, 48), seed=5)
+    normalizer = volume_normalizer(stored, STATS)
+    times = InferenceTimes()
+    with FunctionRunner(_Recorder(net), _info(3)) as runner:
+        for call in range(1, 4):
+            infer_volume(stored, normalizer, runner, 4, times=times, on_labels=lambda labels, stop: time.sleep(0.05))
+            assert times.on_labels_s >= 0.1 * call and times.infer_s > 0, (call, times)
+
+
 def test_a_batch_size_below_the_runner_s_minimum_is_refused(net):
     with pytest.raises(FlareSegError, match="batch size 2 is below the model's minimum batch 4"):
         _run(_volume((5, 64, 64)), _MinBatchRunner, _Recorder(net), 2, device_preprocess=False)

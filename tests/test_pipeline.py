@@ -321,3 +321,43 @@ def test_postprocessing_during_inference_writes_the_same_labels(trained_checkpoi
     argv = ["--model", str(trained_checkpoint), "-i", str(paths[0]), "-o", str(tmp_path / "x.nii.gz")]
     assert infer_main([*argv, "--overlap-postprocess", "--no-postprocess"]) == 2
     assert "contradict" in capsys.readouterr().err
+
+
+def test_an_interrupted_command_exits_the_usual_way(monkeypatch):
+    # After Ctrl-C a writer may still be finishing an atomic write: only a normal exit waits for it.
+    from flareseg import cli as common
+    from flareseg.runtime import cli
+
+    exits: list[tuple[str, int]] = []
+
+    def fast_exit(code: int) -> None:
+        exits.append(("os._exit", code))
+        raise SystemExit(code)
+
+    monkeypatch.setattr(common.os, "_exit", fast_exit)
+    for code in (0, 1, 2, 130):
+        monkeypatch.setattr(cli, "main", lambda code=code: code)
+        with pytest.raises(SystemExit) as stop:
+            cli.entry()
+        assert stop.value.code == code
+    assert exits == [("os._exit", 0), ("os._exit", 1), ("os._exit", 2)]
+
+
+def test_components_labelled_during_inference_are_counted_once(trained_checkpoint, tmp_path, monkeypatch):
+    (ct,) = _folder(tmp_path / "in", 1)
+    calls: list[int] = []
+
+    class SlowSlabs(pipeline.StreamingPostprocessor):
+        def add(self, labels: np.ndarray, stop: int) -> None:
+            calls.append(stop)
+            time.sleep(0.2)  # stands for cc3d on a slab: time between batches, on the host
+            self.seconds += 0.2  # post-processing time, as the real add() counts its own
+            super().add(labels, stop)
+
+    monkeypatch.setattr(pipeline, "StreamingPostprocessor", SlowSlabs)
+    with open_runner(trained_checkpoint) as runner:
+        timing = segment_file(runner, ct, tmp_path / "o.nii.gz", batch_size=2, overlap_postprocess=True)
+    slept = 0.2 * len(calls)
+    assert len(calls) == 3 and timing.postprocess_s >= slept
+    # Counted in post-processing, not also in inference: the stages add up to (at most) the case's wall time.
+    assert timing.total_s <= timing.wall_s + 0.5 * slept

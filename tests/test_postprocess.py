@@ -292,6 +292,19 @@ def test_streaming_refuses_maps_it_cannot_follow():
         StreamingPostprocessor((4, 5, 6), slab_slices=0)
 
 
+def test_streaming_lets_go_of_its_ids_when_finished_and_refuses_reuse():
+    lab = _random_labels(3, shape=(9, 12, 12), density=0.4)
+    streaming = StreamingPostprocessor(lab.shape, slab_slices=2)
+    streaming.add(lab, 6)
+    assert streaming._slabs  # per-voxel ids held between batches
+    streaming.finish(lab)
+    assert not streaming._slabs and not streaming._links and streaming._last_plane is None
+    with pytest.raises(FlareSegError, match="has finished its map"):
+        streaming.add(lab, 9)
+    with pytest.raises(FlareSegError, match="has finished its map"):
+        streaming.finish(lab)
+
+
 def test_in_place_filters_the_map_itself_with_the_same_result():
     for seed, density in ((0, 0.05), (1, 0.9)):
         base = _random_labels(seed, shape=(12, 14, 16), density=density)

@@ -194,6 +194,31 @@ def _labels(path: str | Path) -> np.ndarray:
     return read_labels(path)[0]
 
 
+def _prepare_models(cfg: CheckConfig, work: Path) -> tuple[dict[str, Path], dict[str, dict[str, Any]]]:
+    """The backends' models, and a FAIL row for each INT8 backend whose export missed its agreement.
+
+    The INT8 export verifies itself on held-out slices and writes nothing below its
+    threshold; for the check, that is the backend failing, not the check stopping.
+    """
+    from flareseg.export import Int8AgreementError
+
+    assert cfg.backends is not None
+    try:
+        return prepare_models(cfg, work), {}
+    except Int8AgreementError as exc:
+        int8 = [b for b in cfg.backends if ALL_BACKENDS[b].precision == "int8"]
+        log.error("INT8 export: %s", exc)
+        rest = tuple(b for b in cfg.backends if b not in int8)
+        row = {
+            "math": "int8",
+            "status": "FAIL",
+            "error": f"INT8 export: {exc}",
+            "held_out_agreement": exc.best_agreement,  # on the export's held-out slices, not the check's
+            "tolerance": tolerance_for("int8", "logits").describe(),
+        }
+        return prepare_models(dataclasses.replace(cfg, backends=rest), work), {b: dict(row) for b in int8}
+
+
 def _run_backend(
     backend: Backend, models: dict[str, Path], cfg: CheckConfig, volume: Path, slices: np.ndarray | None
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
@@ -240,7 +265,9 @@ def run_check(config: CheckConfig) -> dict[str, Any]:
     onnx_only = cfg.model is not None and cfg.model.suffix == ".onnx"
     ref_name = REFERENCES[1] if onnx_only else REFERENCES[0]
     # The reference runs even when not asked for: prepare its model with the others'.
-    models = prepare_models(dataclasses.replace(cfg, backends=tuple(dict.fromkeys((*cfg.backends, ref_name)))), work)
+    models, export_failures = _prepare_models(
+        dataclasses.replace(cfg, backends=tuple(dict.fromkeys((*cfg.backends, ref_name)))), work
+    )
     note = (
         "PyTorch reference missing: an ONNX model was given, so backends are compared with ONNX Runtime fp32 on "
         "the CPU; pass the checkpoint (.pt) to check against PyTorch"
@@ -256,6 +283,9 @@ def run_check(config: CheckConfig) -> dict[str, Any]:
         backend = ALL_BACKENDS[name]
         if name == ref_name:
             rows.append({**ref_row, "status": "reference", "slice_agreement": 1.0, "volume_agreement": 1.0})
+            continue
+        if name in export_failures:  # its model could not be made within its tolerance: that is its verdict
+            rows.append({"backend": name, "precision": backend.precision, **export_failures[name]})
             continue
         try:
             row, out, _ = _run_backend(backend, models, cfg, volume, slices)
@@ -331,8 +361,11 @@ def markdown(report: dict[str, Any], command: str) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
-        if r["status"] in ("ERROR", "SKIPPED"):
-            lines.append(f"| {r['backend']} | {r['precision']} | | | | | | {r['status']}: {r['error']} | |")
+        if r["status"] in ("ERROR", "SKIPPED") or r.get("error"):
+            lines.append(
+                f"| {r['backend']} | {r['precision']} | {r.get('math', '')} | {_pct(r.get('slice_agreement'))} "
+                f"| | | {r.get('tolerance', '')} | {r['status']}: {r['error']} | |"
+            )
             continue
         cells = [
             r["backend"],

@@ -95,6 +95,14 @@ class ExportOptions:
             raise FlareSegError("INT8 needs at least one set of float layers to try (it may be empty)")
 
 
+class Int8AgreementError(FlareSegError):
+    """The INT8 model missed its label-agreement threshold with every float-layer set tried; nothing was written."""
+
+    def __init__(self, message: str, best_agreement: float) -> None:
+        super().__init__(message)
+        self.best_agreement = best_agreement
+
+
 @dataclass(frozen=True)
 class ExportedModel:
     path: Path
@@ -364,11 +372,12 @@ def _quantize_verified(
             }
             return model, figures, quantization
     best = max(a["held_out_agreement"] for a in attempts)
-    raise FlareSegError(
+    raise Int8AgreementError(
         f"INT8 model agrees with fp32 PyTorch on {100 * best:.3f}% of held-out voxels ({len(calib.held_out)} slices "
         f"of {calib.source}), expected >= {100 * options.int8_min_agreement:.2f}% (tried float layers: "
         + "; ".join(", ".join(a["float_layers"]) or "none" for a in attempts)
-        + "); nothing written"
+        + "); nothing written",
+        best,
     )
 
 

@@ -44,8 +44,10 @@ from flareseg.runtime.runners import Runner
 class InferenceTimes:
     """Seconds spent normalising slices on the host and in the runner (including copies).
 
-    ``first_labels_s``: from the start of inference until the first labels were back on
-    the host; on a fresh runner the backend's first-batch set-up (cuDNN, TensorRT) shows here.
+    ``first_labels_s``: from the start of inference until the host collected the first
+    labels (on CUDA, when their slot is reused or the run ends: with double buffering that
+    is after the second batch is queued); on a fresh runner the backend's first-batch
+    set-up (cuDNN, TensorRT) shows here.
     ``on_labels_s``: time in the caller's ``on_labels`` callback, not counted in ``infer_s``.
     """
 
@@ -112,6 +114,7 @@ def infer_volume(
     if stored.ndim != 3:
         raise FlareSegError(f"expected a (Z, Y, X) volume, got shape {stored.shape}")
     times = times if times is not None else InferenceTimes()
+    callbacks_before = times.on_labels_s  # the times may be reused: take off this call's share only
     labels = np.empty(stored.shape, dtype=np.uint8)
     done = _Done(labels, progress, on_labels, times)
     if device_preprocess:
@@ -120,7 +123,7 @@ def infer_volume(
         _infer_cuda(stored, normalizer, runner, batch_size, labels, done, times)
     else:
         _infer_cpu(stored, normalizer, runner, batch_size, labels, done, times)
-    times.infer_s -= times.on_labels_s
+    times.infer_s -= times.on_labels_s - callbacks_before
     return labels
 
 

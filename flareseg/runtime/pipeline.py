@@ -320,7 +320,8 @@ def _infer_stage(
     t2 = time.perf_counter()
     timing.slices, timing.shape = int(labels.shape[0]), volume.geometry.shape
     timing.preprocess_s = read.histogram_s + (t1 - t0) + times.normalize_s
-    timing.infer_s = (t2 - t1) - times.normalize_s
+    # Components labelled during inference (on_labels) count as post-processing, not inference.
+    timing.infer_s = (t2 - t1) - times.normalize_s - times.on_labels_s
     timing.first_labels_s = times.first_labels_s
     return labels
 
@@ -394,6 +395,35 @@ def run_cases(
 
     reader = ThreadPoolExecutor(1, thread_name_prefix="flareseg-read")
     writer = ThreadPoolExecutor(1, thread_name_prefix="flareseg-write")
+
+    def on_device(
+        i: int, job: CaseJob, timing: CaseTiming, current: Future[_Read]
+    ) -> Future[tuple[float, float, float]]:
+        """Case i's turn on the device; its post-processing and write go to the writer (its future is returned).
+
+        A function of its own, so that the case's voxels and labels are released when it returns.
+        """
+        try:
+            read = current.result()
+            timing.read_s = read.read_s
+            if i == 0:
+                mark("first_read")
+            shape = read.volume.array.shape
+            streaming = StreamingPostprocessor(shape) if postprocess and overlap_postprocess else None
+            labels = _infer_stage(runner, read, timing, batch_size, progress, options, streaming)
+            if i == 0:
+                mark("first_inferred")
+        except FlareSegError as exc:
+            if raise_errors:
+                raise
+            log.error("%s", exc)
+            timing._failed(exc)
+            return _done((0.0, 0.0, 0.0))
+        geometry, source, started = read.volume.geometry, read.volume.source, read.started
+        del read  # the stored voxels are not needed for writing: free them before the next case
+        finish = streaming if streaming is not None else postprocess
+        return writer.submit(_finish_stage, labels, geometry, source, job, finish, started)
+
     try:
         upcoming = reader.submit(_read_stage, jobs[0]) if jobs else None
         runner.activate()  # no-op when already active; otherwise overlaps the first read
@@ -406,28 +436,8 @@ def run_cases(
             results.append(timing)
             current, upcoming = upcoming, (reader.submit(_read_stage, jobs[i + 1]) if i + 1 < len(jobs) else None)
             assert current is not None
-            try:
-                read = current.result()
-                current = None  # the future would keep the voxels alive after `del read` below
-                timing.read_s, started = read.read_s, read.started
-                if i == 0:
-                    mark("first_read")
-                shape = read.volume.array.shape
-                streaming = StreamingPostprocessor(shape) if postprocess and overlap_postprocess else None
-                labels = _infer_stage(runner, read, timing, batch_size, progress, options, streaming)
-                if i == 0:
-                    mark("first_inferred")
-            except FlareSegError as exc:
-                if raise_errors:
-                    raise
-                log.error("%s", exc)
-                writes.append((timing._failed(exc), _done((0.0, 0.0, 0.0))))
-            else:
-                geometry, source = read.volume.geometry, read.volume.source
-                del read  # the stored voxels are not needed for writing: free them early
-                finish = streaming if streaming is not None else postprocess
-                writes.append((timing, writer.submit(_finish_stage, labels, geometry, source, job, finish, started)))
-                del labels
+            writes.append((timing, on_device(i, job, timing, current)))
+            del current  # its result is the case's voxels: let them go with the case
             # Keep at most one write in flight behind the device, so memory stays bounded.
             while len(writes) > 1 or (writes and writes[0][1].done()):
                 settle(*writes.popleft())
