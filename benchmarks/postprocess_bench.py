@@ -26,10 +26,11 @@ import numpy as np
 from scipy import ndimage
 
 from flareseg.labels import COMPONENTS_KEPT
-from flareseg.postprocess import StreamingPostprocessor, keep_largest_components
+from flareseg.postprocess import keep_largest_components
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from host_stages import _baseline_module
+from streaming_feed import stream_postprocess
 
 _PREVIOUS = _baseline_module("previous_postprocess", "flareseg/postprocess.py")
 #: The first rewrite (issue 10): one cc3d pass over the foreground's box, whole-array bookkeeping.
@@ -47,12 +48,8 @@ _FINISH_CPU: list[float] = []
 
 def _streaming(labels: np.ndarray) -> np.ndarray:
     """StreamingPostprocessor fed 8 slices at a time, as flare-infer's default CUDA batch lands."""
-    streaming = StreamingPostprocessor(labels.shape)
-    for stop in range(8, labels.shape[0] + 8, 8):
-        streaming.add(labels, min(stop, labels.shape[0]))
-    c = time.process_time()
-    out = streaming.finish(labels)
-    _FINISH_CPU.append(time.process_time() - c)
+    out, finish = stream_postprocess(labels, clock=time.process_time)
+    _FINISH_CPU.append(finish)
     return out
 
 
@@ -113,10 +110,7 @@ def _in_place(labels: np.ndarray) -> np.ndarray:
 
 
 def _streaming_in_place(labels: np.ndarray) -> np.ndarray:
-    streaming = StreamingPostprocessor(labels.shape)
-    for stop in range(8, labels.shape[0] + 8, 8):
-        streaming.add(labels, min(stop, labels.shape[0]))
-    return streaming.finish(labels, in_place=True)
+    return stream_postprocess(labels, in_place=True)[0]
 
 
 #: What --memory measures, each in a fresh process: flare-infer's two ways (in place), and the earlier versions.
