@@ -65,9 +65,9 @@ def test_reads_ahead_and_writes_behind_the_device(trained_checkpoint, tmp_path, 
     real_read, real_write = pipeline.read_case, pipeline.write_case
     current: list[str] = []
 
-    def read_case(path):
+    def read_case(path, **kwargs):
         rec.record("read", Path(path).name.split("_")[0])
-        return real_read(path)
+        return real_read(path, **kwargs)
 
     def write_case(labels, geometry, source, path, output_type="nifti"):
         rec.record("write", Path(path).name.split(".")[0])
@@ -106,9 +106,9 @@ def test_activation_overlaps_the_first_read(trained_checkpoint, tmp_path, monkey
     started = threading.Event()
     real_read = pipeline.read_case
 
-    def read_case(path):
+    def read_case(path, **kwargs):
         started.set()
-        return real_read(path)
+        return real_read(path, **kwargs)
 
     monkeypatch.setattr(pipeline, "read_case", read_case)
     runner = open_runner(trained_checkpoint)
@@ -361,3 +361,19 @@ def test_components_labelled_during_inference_are_counted_once(trained_checkpoin
     assert len(calls) == 3 and timing.postprocess_s >= slept
     # Counted in post-processing, not also in inference: the stages add up to (at most) the case's wall time.
     assert timing.total_s <= timing.wall_s + 0.5 * slept
+
+
+def test_read_threads_give_the_same_output_and_are_checked_before_any_work(trained_checkpoint, tmp_path, capsys):
+    pytest.importorskip("rapidgzip", reason="rapidgzip (the [dev] and [gpu] extras) is not installed")
+    paths = _folder(tmp_path / "in", 2)
+    base = ["--model", str(trained_checkpoint), "-i", str(tmp_path / "in"), "-q"]
+    assert infer_main([*base, "-o", str(tmp_path / "one")]) == 0
+    assert infer_main([*base, "-o", str(tmp_path / "all"), "--read-threads", "0"]) == 0
+    for p in paths:
+        name = p.name.replace("_0000", "")
+        one, every = (np.asarray(nib.load(tmp_path / k / name).dataobj) for k in ("one", "all"))
+        np.testing.assert_array_equal(every, one)
+    assert json.loads((tmp_path / "all" / "timings.json").read_text())["context"]["read_threads"] == 0
+    assert infer_main([*base, "-o", str(tmp_path / "bad"), "--read-threads", "-2"]) == 2
+    assert "read threads must be 0 (all cores) or more, got -2" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

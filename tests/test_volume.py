@@ -330,3 +330,81 @@ def test_streamed_inflate_handles_large_ratios_padding_trailing_bytes_and_checks
     (tmp_path / "cut.nii.gz").write_bytes(variants["three members"][:-20])  # cut inside the last member
     with pytest.raises(FlareSegError, match=r"cut\.nii\.gz: truncated or corrupt voxel data"):
         read_ct(tmp_path / "cut.nii.gz")
+
+
+# --- parallel inflate (rapidgzip, --read-threads) --------------------------------------------
+
+
+def _read_outcome(path, threads: int) -> tuple[str, object]:
+    try:
+        vol = read_ct(path, threads=threads)
+    except FlareSegError as exc:
+        return "error", str(exc)
+    return "ok", (vol.array.copy(), vol.array.strides, vol.array.dtype, vol.slope, vol.inter, vol.geometry.axcodes)
+
+
+@pytest.mark.parametrize("threads", [0, 2, 3])
+def test_parallel_inflate_reads_what_one_thread_reads_good_files_and_damaged_ones(tmp_path, monkeypatch, threads):
+    pytest.importorskip("rapidgzip", reason="rapidgzip (the [dev] and [gpu] extras) is not installed")
+    used: list[int] = []
+    real = volume_module._inflate_parallel
+
+    def spy(path, offset, out, n):
+        ok = real(path, offset, out, n)
+        used.append(ok)
+        return ok
+
+    monkeypatch.setattr(volume_module, "_inflate_parallel", spy)
+    data = np.zeros((96, 80, 300), np.int16)
+    data[5, 6, 290], data[90, 70, 3] = 7, -3
+    payload = gzip.decompress(save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "z.nii.gz").read_bytes())
+    blobs = {
+        "one member": gzip.compress(payload),
+        "three members": b"".join(gzip.compress(payload[a:b]) for a, b in ((0, 100), (100, 3 << 20), (3 << 20, None))),
+        "trailing bytes": gzip.compress(payload + b"extra bytes after the voxels"),
+        "padded": gzip.compress(payload[:-3]) + bytes(10) + gzip.compress(payload[-3:]),  # rapidgzip refuses: serial
+    }
+    one = gzip.compress(payload)
+    bad_crc = bytearray(one)
+    bad_crc[-8] ^= 0xFF
+    blobs["bad crc"] = bytes(bad_crc)
+    blobs["bad length"] = one[:-1] + bytes([one[-1] ^ 1])
+    blobs["cut in the data"] = one[: len(one) // 2]
+    blobs["cut in the trailer"] = one[:-5]
+    corrupt = bytearray(one)
+    corrupt[len(one) // 2 : len(one) // 2 + 64] = bytes(64)
+    blobs["corrupt"] = bytes(corrupt)
+    took: dict[str, bool] = {}  # did rapidgzip's own bytes serve, or the serial reader's retry?
+    for name, blob in blobs.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.nii.gz"
+        path.write_bytes(blob)
+        used.clear()
+        serial, parallel = _read_outcome(path, 1), _read_outcome(path, threads)
+        assert used, name  # the parallel reader was tried
+        took[name] = used[-1]
+        assert serial[0] == parallel[0], (name, serial, parallel)
+        if serial[0] == "error":
+            assert serial[1] == parallel[1] and str(path) in serial[1], name
+        else:
+            (array, *rest), (parallel_array, *parallel_rest) = serial[1], parallel[1]  # type: ignore[misc]
+            np.testing.assert_array_equal(parallel_array, array)
+            assert parallel_rest == rest, name
+    assert took["one member"] and took["three members"] and took["trailing bytes"]
+    assert not took["padded"] and not took["cut in the data"]  # the serial reader decided these
+
+
+@pytest.mark.parametrize("axcodes", ORIENTATIONS[:3], ids=lambda c: "".join(c))
+def test_parallel_inflate_round_trips_every_orientation(tmp_path, axcodes):
+    pytest.importorskip("rapidgzip", reason="rapidgzip (the [dev] and [gpu] extras) is not installed")
+    path, _ = _phantom_file(tmp_path, axcodes)
+    np.testing.assert_array_equal(read_ct(path, threads=2).array, read_ct(path).array)
+
+
+def test_read_threads_are_refused_without_rapidgzip_or_below_zero(tmp_path, monkeypatch):
+    path, _ = _phantom_file(tmp_path, ("R", "A", "S"))
+    with pytest.raises(FlareSegError, match="read threads must be 0"):
+        read_ct(path, threads=-1)
+    monkeypatch.setitem(sys.modules, "rapidgzip", None)  # as if it were not installed
+    with pytest.raises(FlareSegError, match=r"reading with 4 threads needs rapidgzip: pip install rapidgzip"):
+        read_ct(path, threads=4)
+    assert read_ct(path).array.shape == (20, 36, 40)  # one thread needs nothing more

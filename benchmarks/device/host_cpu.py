@@ -60,6 +60,7 @@ def inflate(ct: Path, rounds: int) -> dict[str, Any]:
     except ImportError as exc:
         rows["rapidgzip"] = f"not installed ({exc})"
         return rows
+    rows["flareseg read_ct, threads=0 (rapidgzip, all cores)"], _ = timed(lambda: read_ct(ct, threads=0), rounds)
     cores = os.cpu_count() or 1
     for n in sorted({1, 2, 4, 8, cores}):
         if n > cores:

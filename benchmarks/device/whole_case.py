@@ -44,7 +44,9 @@ SETTINGS: dict[str, list[str]] = {
     "device-preprocess+warm-up": ["--device-preprocess", "--warm-up"],
     # Components labelled slab by slab while later slices are inferred.
     "overlap-postprocess": ["--overlap-postprocess"],
-    "all-opt-in": ["--device-preprocess", "--warm-up", "--overlap-postprocess"],
+    # rapidgzip on every core of the host, instead of ISA-L on one.
+    "read-threads-all": ["--read-threads", "0"],
+    "all-opt-in": ["--device-preprocess", "--warm-up", "--overlap-postprocess", "--read-threads", "0"],
     # Small batches, with and without a CUDA graph: can a batch that fits 1,000 MB keep the throughput?
     "batch-2": ["--batch-size", "2"],
     "batch-1-graph": ["--batch-size", "1", "--cuda-graph"],

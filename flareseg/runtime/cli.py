@@ -100,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="label connected components slab by slab while later slices are inferred (same labels, tested; "
         "opt-in: not yet measured on a GPU)",
     )
+    p.add_argument(
+        "--read-threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="cores that inflate each .nii.gz at once, through rapidgzip (0: all; default 1: ISA-L on one core, "
+        "the fastest on a few cores; opt-in: not yet measured on a many-core machine)",
+    )
     p.add_argument("--threads", type=int, help="ONNX Runtime and OpenVINO CPU threads (default: all cores)")
     p.add_argument(
         "--openvino-hint",
@@ -191,6 +199,7 @@ def _main(args: argparse.Namespace) -> int:
         write_timings,
     )
     from flareseg.runtime.runners import Backend, TorchPrecision, backend_for, open_runner
+    from flareseg.volume import check_read_threads
 
     timeline.mark("imports")  # the pipeline's and the runners' imports (torch among them)
     t_start = time.perf_counter()
@@ -205,6 +214,7 @@ def _main(args: argparse.Namespace) -> int:
     batch_size = args.batch_size or (GPU_BATCH if cuda else CPU_BATCH)
     if batch_size < 1:
         raise FlareSegError(f"--batch-size must be positive, got {batch_size}")
+    check_read_threads(args.read_threads)  # before any work: a missing rapidgzip is said at once
     folder, inputs, single_output = _plan_inputs(args)
     idle_mb = _check_memory_budget(args, backend, cuda, device)
     runner = open_runner(
@@ -244,6 +254,7 @@ def _main(args: argparse.Namespace) -> int:
         "warm_up": args.warm_up,
         "timeline": timeline,
         "overlap_postprocess": args.overlap_postprocess,
+        "read_threads": args.read_threads,
     }
     results: list[CaseTiming] = []
     context: dict[str, Any] = {
@@ -254,6 +265,7 @@ def _main(args: argparse.Namespace) -> int:
         "device_preprocess": args.device_preprocess,
         "warm_up": args.warm_up,
         "overlap_postprocess": args.overlap_postprocess,
+        "read_threads": args.read_threads,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
     }
     try:

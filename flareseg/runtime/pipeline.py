@@ -36,7 +36,16 @@ from flareseg.preprocess import ValueHistogram, value_histogram, volume_normaliz
 from flareseg.runtime.inferer import InferenceTimes, infer_volume
 from flareseg.runtime.runners import Runner
 from flareseg.runtime.startup import Timeline
-from flareseg.volume import NIFTI_SUFFIXES, Volume, VolumeGeometry, case_id, find_cases, read_ct, write_labels
+from flareseg.volume import (
+    NIFTI_SUFFIXES,
+    Volume,
+    VolumeGeometry,
+    case_id,
+    check_read_threads,
+    find_cases,
+    read_ct,
+    write_labels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -187,14 +196,17 @@ def _suffix(output_type: str) -> str:
     return OUTPUT_SUFFIXES[output_type]
 
 
-def read_case(path: str | os.PathLike[str]) -> Volume:
-    """A NIfTI file, or a folder holding one DICOM series, in the canonical slice layout."""
+def read_case(path: str | os.PathLike[str], *, threads: int = 1) -> Volume:
+    """A NIfTI file, or a folder holding one DICOM series, in the canonical slice layout.
+
+    ``threads``: cores that inflate a ``.nii.gz`` (see :func:`~flareseg.volume.read_ct`).
+    """
     path = Path(path)
     if path.is_dir():
         from flareseg.dicom import read_series
 
         return read_series(path)
-    return read_ct(path)
+    return read_ct(path, threads=threads)
 
 
 def write_case(
@@ -272,9 +284,9 @@ class _Read:
     histogram_s: float
 
 
-def _read_stage(job: CaseJob) -> _Read:
+def _read_stage(job: CaseJob, threads: int = 1) -> _Read:
     t0 = time.perf_counter()
-    volume = read_case(job.input)
+    volume = read_case(job.input, threads=threads)
     if job.output_type == "dicom-seg":
         from flareseg.dicom import check_seg_writable
 
@@ -360,6 +372,7 @@ def run_cases(
     warm_up: bool = False,
     timeline: Timeline | None = None,
     overlap_postprocess: bool = False,
+    read_threads: int = 1,
 ) -> list[CaseTiming]:
     """Run ``jobs`` through the read / infer / write pipeline; timings in job order.
 
@@ -372,7 +385,9 @@ def run_cases(
     ``overlap_postprocess``: label components slab by slab while later slices are
     inferred (:class:`~flareseg.postprocess.StreamingPostprocessor`, same result), so only
     the last slab and the filtering are left after inference.
+    ``read_threads``: cores that inflate each ``.nii.gz`` (0: all; above 1 needs rapidgzip).
     """
+    check_read_threads(read_threads)
     mark = timeline.mark if timeline is not None else (lambda name: None)
     options = infer_options or {}
     results: list[CaseTiming] = []
@@ -425,7 +440,7 @@ def run_cases(
         return writer.submit(_finish_stage, labels, geometry, source, job, finish, started)
 
     try:
-        upcoming = reader.submit(_read_stage, jobs[0]) if jobs else None
+        upcoming = reader.submit(_read_stage, jobs[0], read_threads) if jobs else None
         runner.activate()  # no-op when already active; otherwise overlaps the first read
         mark("activated")
         if warm_up and jobs:
@@ -434,7 +449,8 @@ def run_cases(
         for i, job in enumerate(jobs):
             timing = job.timing()
             results.append(timing)
-            current, upcoming = upcoming, (reader.submit(_read_stage, jobs[i + 1]) if i + 1 < len(jobs) else None)
+            following = reader.submit(_read_stage, jobs[i + 1], read_threads) if i + 1 < len(jobs) else None
+            current, upcoming = upcoming, following
             assert current is not None
             writes.append((timing, on_device(i, job, timing, current)))
             del current  # its result is the case's voxels: let them go with the case
@@ -469,6 +485,7 @@ def segment_file(
     warm_up: bool = False,
     timeline: Timeline | None = None,
     overlap_postprocess: bool = False,
+    read_threads: int = 1,
 ) -> CaseTiming:
     """Segment one CT volume (NIfTI file or DICOM series folder) and write its result atomically.
 
@@ -489,6 +506,7 @@ def segment_file(
         warm_up=warm_up,
         timeline=timeline,
         overlap_postprocess=overlap_postprocess,
+        read_threads=read_threads,
     )
     return timing
 
@@ -508,6 +526,7 @@ def segment_folder(
     warm_up: bool = False,
     timeline: Timeline | None = None,
     overlap_postprocess: bool = False,
+    read_threads: int = 1,
 ) -> list[CaseTiming]:
     """Segment each input into ``out_dir`` (FLARE21 names); skip finished cases; go on after a failure."""
     out = Path(out_dir)
@@ -547,6 +566,7 @@ def segment_folder(
         warm_up=warm_up,
         timeline=timeline,
         overlap_postprocess=overlap_postprocess,
+        read_threads=read_threads,
     )
     results.update({i: timing for (i, _), timing in zip(jobs, ran, strict=True)})
     return [results[i] for i in sorted(results)]
