@@ -168,10 +168,14 @@ def find_cases(folder: str | os.PathLike[str]) -> dict[str, Path]:
     return cases
 
 
+#: Most threads a read may ask for (rapidgzip allocates per thread).
+MAX_READ_THREADS = 1024
+
+
 def check_read_threads(threads: int) -> None:
-    """Refuse a thread count that cannot be honoured: negative, or above 1 without rapidgzip installed."""
-    if threads < 0:
-        raise FlareSegError(f"read threads must be 0 (all cores) or more, got {threads}")
+    """Refuse a thread count that cannot be honoured: out of range, or above 1 without rapidgzip installed."""
+    if not 0 <= threads <= MAX_READ_THREADS:
+        raise FlareSegError(f"read threads must be 0 (all cores) to {MAX_READ_THREADS}, got {threads}")
     if threads != 1:
         try:
             import rapidgzip  # noqa: F401
@@ -307,15 +311,24 @@ def _inflate_into(path: Path, offset: int, out: memoryview, inflater: Any) -> No
 def _inflate_parallel(path: Path, offset: int, out: memoryview, threads: int) -> bool:
     """Inflate bytes offset..offset+len(out) of ``path`` into ``out`` with rapidgzip on ``threads`` cores (0: all).
 
-    True when every byte came and the gzip member holding the last one passed its CRC-32
-    and length check. False when rapidgzip found the stream short or unreadable (it does
-    not accept zero padding between members, which the gzip module does): the serial
-    inflater then reads the file again and gives the verdict, so a damaged file gets the
-    same error whatever the thread count.
+    True only when every byte came and the stream ended right after them, its last
+    member's CRC-32 and length checked. Otherwise False, and the serial inflater reads the
+    file again and gives the verdict, so that any file, damaged or unusual, gets the same
+    result and error whatever the thread count:
+
+    - a stream that goes on after the voxels (rapidgzip would not reach the end of that
+      member, so its checksum would go unchecked);
+    - a first member whose header carries its own CRC (FHCRC), which rapidgzip ignores;
+    - anything rapidgzip cannot parse, such as zero padding between members, which the
+      gzip module accepts, or a short stream.
     """
     check_read_threads(threads)
     import rapidgzip
 
+    with open(path, "rb") as raw:
+        head = raw.read(4)
+    if len(head) < 4 or head[3] & 0x02:  # FLG.FHCRC
+        return False
     try:
         with rapidgzip.open(str(path), parallelization=threads) as f:
             f.seek(offset)
@@ -326,8 +339,9 @@ def _inflate_parallel(path: Path, offset: int, out: memoryview, threads: int) ->
                     log.debug("%s: rapidgzip: the data ends after %d bytes", path, offset + filled)
                     return False
                 filled += n
-            f.read(1)  # the member's end, checksum and length are checked on the way
-    except (RuntimeError, ValueError, OSError, EOFError) as exc:
+            if f.read(1):  # more after the voxels: let the serial reader check that member's end
+                return False
+    except (RuntimeError, ValueError, OSError, EOFError, MemoryError, OverflowError) as exc:
         log.debug("%s: rapidgzip: %s", path, exc)
         return False
     return True

@@ -375,5 +375,5 @@ def test_read_threads_give_the_same_output_and_are_checked_before_any_work(train
         np.testing.assert_array_equal(every, one)
     assert json.loads((tmp_path / "all" / "timings.json").read_text())["context"]["read_threads"] == 0
     assert infer_main([*base, "-o", str(tmp_path / "bad"), "--read-threads", "-2"]) == 2
-    assert "read threads must be 0 (all cores) or more, got -2" in capsys.readouterr().err
+    assert "read threads must be 0 (all cores) to 1024, got -2" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()

@@ -362,8 +362,12 @@ def markdown(report: dict[str, Any], command: str) -> str:
     ]
     for r in report["rows"]:
         if r["status"] in ("ERROR", "SKIPPED") or r.get("error"):
+            held = r.get("held_out_agreement")  # an export that failed its own check: its figure
+            agreement = (
+                f"{_pct(held)} (export's held-out slices)" if held is not None else _pct(r.get("slice_agreement"))
+            )
             lines.append(
-                f"| {r['backend']} | {r['precision']} | {r.get('math', '')} | {_pct(r.get('slice_agreement'))} "
+                f"| {r['backend']} | {r['precision']} | {r.get('math', '')} | {agreement} "
                 f"| | | {r.get('tolerance', '')} | {r['status']}: {r['error']} | |"
             )
             continue

@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="cores that inflate each .nii.gz at once, through rapidgzip (0: all; default 1: ISA-L on one core, "
-        "the fastest on a few cores; opt-in: not yet measured on a many-core machine)",
+        "the fastest on a few cores; opt-in: not yet measured on a many-core machine). DICOM series are "
+        "decoded as before",
     )
     p.add_argument("--threads", type=int, help="ONNX Runtime and OpenVINO CPU threads (default: all cores)")
     p.add_argument(
@@ -215,6 +216,8 @@ def _main(args: argparse.Namespace) -> int:
     if batch_size < 1:
         raise FlareSegError(f"--batch-size must be positive, got {batch_size}")
     check_read_threads(args.read_threads)  # before any work: a missing rapidgzip is said at once
+    if args.overlap_postprocess and args.no_postprocess:
+        raise FlareSegError("--overlap-postprocess and --no-postprocess contradict each other: choose one")
     folder, inputs, single_output = _plan_inputs(args)
     idle_mb = _check_memory_budget(args, backend, cuda, device)
     runner = open_runner(
@@ -246,8 +249,6 @@ def _main(args: argparse.Namespace) -> int:
         batch_size = plan.batch
     log.info("device: %s; batch %d", _describe_device(str(runner.device)), batch_size)
     infer_options = {"device_preprocess": args.device_preprocess}
-    if args.overlap_postprocess and args.no_postprocess:
-        raise FlareSegError("--overlap-postprocess and --no-postprocess contradict each other: choose one")
     if args.overlap_postprocess and runner.device.type != "cuda":
         log.info("--overlap-postprocess on the CPU: the same labels and less memory, but no time saved")
     run_options: dict[str, Any] = {
