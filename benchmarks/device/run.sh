@@ -6,7 +6,10 @@ set -uo pipefail
 OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"
 SITE=$(mktemp -d)
-python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .device/wheels/*.whl 2>&1 | tail -2
+python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" \
+    $(ls .device/wheels/*.whl | grep -v rapidgzip) 2>&1 | tail -2
+# rapidgzip on its own: a machine whose glibc refuses its wheel still runs everything else.
+python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .device/wheels/rapidgzip*.whl 2>&1 | tail -2
 export PYTHONPATH="$SITE:$PWD"
 nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv > "$OUT/gpu.csv" 2>&1
 python3 -c "import sys, torch, numpy; print(sys.version, torch.__version__, torch.version.cuda, numpy.__version__)" \
