@@ -228,3 +228,19 @@ def test_quantiser_preprocessing_advice_is_filtered_during_the_call_only(caplog)
     assert [r.getMessage() for r in caplog.records] == ["an unrelated warning"]
     logging.warning("Please consider pre-processing before quantization. See the example")
     assert len(caplog.records) == 2 and not logging.getLogger().filters
+
+
+def test_nncf_quantiser_writes_a_verified_qdq_model_that_agrees_like_the_default(trained_checkpoint, tmp_path):
+    nncf = pytest.importorskip("nncf", reason="NNCF (the [dev] extra) is not installed")
+    options = ExportOptions(int8=True, batch_profile=(1, 2, 8), quantizer="nncf")
+    fp32, int8 = export_onnx(trained_checkpoint, tmp_path, options)
+    assert (fp32.path.name, int8.path.name) == ("flareseg_fp32.onnx", "flareseg_int8.onnx")
+    quant = int8.metadata.quantization
+    assert quant["quantizer"] == f"nncf {nncf.__version__}"
+    assert int8.metadata.verification["held_out"]["argmax_agreement"] >= int8_module.DEFAULT_MIN_AGREEMENT
+    ops = [n.op_type for n in onnx.load(str(int8.path)).graph.node]
+    assert ops.count("QuantizeLinear") >= 10 and ops.count("DequantizeLinear") >= 20
+    info = load_model(trained_checkpoint)[1]
+    slices = _phantom_slices(seed=7, stats=info.normalization)
+    ref = _torch_labels(trained_checkpoint, slices)
+    assert np.mean(_ort_labels(int8.path, slices) == ref) >= INDEPENDENT_MIN_AGREEMENT
