@@ -118,9 +118,9 @@ def infer_volume(
     labels = np.empty(stored.shape, dtype=np.uint8)
     done = _Done(labels, progress, on_labels, times)
     if device_preprocess:
-        _infer_staged(stored, normalizer, runner, batch_size, labels, done, times)
+        _infer_staged(stored, normalizer, runner, batch_size, done, times)
     elif runner.device.type == "cuda":
-        _infer_cuda(stored, normalizer, runner, batch_size, labels, done, times)
+        _infer_cuda(stored, normalizer, runner, batch_size, done, times)
     else:
         _infer_cpu(stored, normalizer, runner, batch_size, labels, done, times)
     times.infer_s -= times.on_labels_s - callbacks_before
@@ -128,7 +128,11 @@ def infer_volume(
 
 
 class _Done:
-    """What happens when a batch's labels are on the host: progress, then the caller's callback (timed)."""
+    """What happens when a batch's labels are on the host, for every loop below.
+
+    The first labels' time is noted, then progress, then the caller's callback (timed).
+    On CUDA, :meth:`harvest` first collects a slot's labels from its pinned buffer.
+    """
 
     def __init__(
         self,
@@ -138,8 +142,31 @@ class _Done:
         times: InferenceTimes,
     ) -> None:
         self.labels, self.progress, self.on_labels, self.times = labels, progress, on_labels, times
+        self.started = time.perf_counter()
+
+    def start(self) -> float:
+        """The loop starts now (its buffers are allocated): the first labels' time counts from here."""
+        self.started = time.perf_counter()
+        return self.started
+
+    def harvest(self, slot: _Slot | _StagedSlot) -> None:
+        """Wait for a slot's download, if it has one in flight, and hand its labels on."""
+        if slot.pending is None:
+            return
+        slot.downloaded.synchronize()
+        a, b = slot.pending
+        self.labels[a:b] = slot.host_out[: b - a].numpy()
+        slot.pending = None
+        self(a, b)
+
+    def harvest_all(self, slots: Sequence[_Slot | _StagedSlot]) -> None:
+        """The slots still holding labels, by slice range: callers see the slices in order."""
+        for slot in sorted((s for s in slots if s.pending is not None), key=lambda s: s.pending or (0, 0)):
+            self.harvest(slot)
 
     def __call__(self, start: int, stop: int) -> None:
+        if self.times.first_labels_s is None:
+            self.times.first_labels_s = time.perf_counter() - self.started
         if self.progress:
             self.progress(stop - start)
         if self.on_labels:
@@ -160,7 +187,7 @@ def _infer_cpu(
     size = stored.shape[1:]
     net_size, channels = runner.info.slice_size, runner.input_channels
     min_batch = min_batch_of(runner)
-    t_start = time.perf_counter()
+    done.start()
     for start in range(0, stored.shape[0], batch_size):
         stop = min(start + batch_size, stored.shape[0])
         t0 = time.perf_counter()
@@ -170,8 +197,6 @@ def _infer_cpu(
             out = run_padded(runner, network_batch(x, net_size, channels), min_batch)
             labels[start:stop] = scores_to_labels(out, size, runner.output_kind).numpy()
         t2 = time.perf_counter()
-        if times.first_labels_s is None:
-            times.first_labels_s = t2 - t_start
         times.normalize_s += t1 - t0
         times.infer_s += t2 - t1
         times.batches += 1
@@ -199,7 +224,6 @@ def _infer_cuda(
     normalizer: SliceNormalizer,
     runner: Runner,
     batch_size: int,
-    labels: np.ndarray,
     done: _Done,
     times: InferenceTimes,
 ) -> None:
@@ -210,24 +234,12 @@ def _infer_cuda(
     compute = torch.cuda.current_stream(device)
     copy = torch.cuda.Stream(device)
     slots = [_Slot(batch_size, size, device) for _ in range(2)]
-
-    def harvest(slot: _Slot) -> None:
-        if slot.pending is None:
-            return
-        slot.downloaded.synchronize()
-        if times.first_labels_s is None:
-            times.first_labels_s = time.perf_counter() - t_start
-        a, b = slot.pending
-        labels[a:b] = slot.host_out[: b - a].numpy()
-        slot.pending = None
-        done(a, b)
-
-    t_start = time.perf_counter()
+    t_start = done.start()
     for i, start in enumerate(range(0, stored.shape[0], batch_size)):
         stop = min(start + batch_size, stored.shape[0])
         n = stop - start
         slot = slots[i % 2]
-        harvest(slot)  # its previous batch's labels (and its input buffer) are free again
+        done.harvest(slot)  # its previous batch's labels (and its input buffer) are free again
         t0 = time.perf_counter()
         slot.host_in[:n].numpy()[...] = normalizer(stored[start:stop])  # host work overlaps the other slot's GPU work
         times.normalize_s += time.perf_counter() - t0
@@ -248,14 +260,8 @@ def _infer_cuda(
         slot.pending = (start, stop)
         times.batches += 1
         times.batch_sizes.append(n)
-    for slot in _in_order(slots):
-        harvest(slot)
+    done.harvest_all(slots)
     times.infer_s += time.perf_counter() - t_start - times.normalize_s
-
-
-def _in_order(slots: Sequence[Any]) -> list[Any]:
-    """The slots still holding labels, by slice range: the callers see the slices in order."""
-    return sorted((s for s in slots if s.pending is not None), key=lambda s: s.pending[0])
 
 
 # --- Device preprocessing: stored values go up, the device normalises and resizes -------------------------
@@ -347,7 +353,6 @@ def _infer_staged(
     normalizer: SliceNormalizer,
     runner: Runner,
     batch_size: int,
-    labels: np.ndarray,
     done: _Done,
     times: InferenceTimes,
 ) -> None:
@@ -365,24 +370,12 @@ def _infer_staged(
     prepare = TensorNormalizer(normalizer, device)
     streams = _Streams(device)
     slots = [_StagedSlot(batch_size, size, dtypes, device, streams) for _ in range(2)]
-
-    def harvest(slot: _StagedSlot) -> None:
-        if slot.pending is None:
-            return
-        slot.downloaded.synchronize()
-        if times.first_labels_s is None:
-            times.first_labels_s = time.perf_counter() - t_start
-        a, b = slot.pending
-        labels[a:b] = slot.host_out[: b - a].numpy()
-        slot.pending = None
-        done(a, b)
-
-    t_start = time.perf_counter()
+    t_start = done.start()
     for i, start in enumerate(range(0, stored.shape[0], batch_size)):
         stop = min(start + batch_size, stored.shape[0])
         n = stop - start
         slot = slots[i % 2]
-        harvest(slot)  # its previous batch's labels (and its input buffers) are free again
+        done.harvest(slot)  # its previous batch's labels (and its input buffers) are free again
         t0 = time.perf_counter()
         # A copy (any strides, any flips) in the stored dtype; float32 conversion only for dtypes torch lacks.
         np.copyto(slot.host_in[:n].numpy(), stored[start:stop], casting="unsafe")
@@ -405,6 +398,5 @@ def _infer_staged(
         slot.pending = (start, stop)
         times.batches += 1
         times.batch_sizes.append(n)
-    for slot in _in_order(slots):
-        harvest(slot)
+    done.harvest_all(slots)
     times.infer_s += time.perf_counter() - t_start - times.normalize_s
