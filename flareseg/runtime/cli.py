@@ -193,6 +193,7 @@ def _main(args: argparse.Namespace) -> int:
 
     from flareseg.runtime.pipeline import (
         CaseTiming,
+        RunOptions,
         output_name,
         segment_file,
         segment_folder,
@@ -248,10 +249,12 @@ def _main(args: argparse.Namespace) -> int:
         log.info("%s", plan.line())
         batch_size = plan.batch
     log.info("device: %s; batch %d", _describe_device(str(runner.device)), batch_size)
-    infer_options = {"device_preprocess": args.device_preprocess}
     if args.overlap_postprocess and runner.device.type != "cuda":
         log.info("--overlap-postprocess on the CPU: the same labels and less memory, but no time saved")
-    run_options: dict[str, Any] = {
+    options: RunOptions = {
+        "batch_size": batch_size,
+        "postprocess": not args.no_postprocess,
+        "infer_options": {"device_preprocess": args.device_preprocess},
         "warm_up": args.warm_up,
         "timeline": timeline,
         "overlap_postprocess": args.overlap_postprocess,
@@ -275,35 +278,20 @@ def _main(args: argparse.Namespace) -> int:
             def report(t: CaseTiming) -> None:
                 tqdm.write(t.line(), file=sys.stdout)
 
+            options["progress"] = bar.update
             if folder:
                 results = segment_folder(
                     runner,
                     inputs,
                     args.output,
-                    batch_size=batch_size,
-                    postprocess=not args.no_postprocess,
                     output_type=args.output_type,
                     overwrite=args.overwrite,
                     on_case=report,
-                    progress=bar.update,
-                    infer_options=infer_options,
-                    **run_options,
+                    **options,
                 )
             else:
                 target = single_output or args.output / output_name(inputs[0], args.output_type)
-                results = [
-                    segment_file(
-                        runner,
-                        inputs[0],
-                        target,
-                        batch_size=batch_size,
-                        postprocess=not args.no_postprocess,
-                        output_type=args.output_type,
-                        progress=bar.update,
-                        infer_options=infer_options,
-                        **run_options,
-                    )
-                ]
+                results = [segment_file(runner, inputs[0], target, output_type=args.output_type, **options)]
                 report(results[0])
         context["runner"] = runner.describe()
     finally:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import numpy as np
 import torch
@@ -46,6 +46,9 @@ from flareseg.volume import (
     read_ct,
     write_labels,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 log = logging.getLogger(__name__)
 
@@ -472,42 +475,40 @@ def _done(value: tuple[float, float, float]) -> Future[tuple[float, float, float
     return fut
 
 
+class RunOptions(TypedDict, total=False):
+    """How cases run: the keyword options of :func:`run_cases`, which also documents them.
+
+    :func:`segment_file` and :func:`segment_folder` pass them on unchanged.
+    """
+
+    batch_size: int
+    postprocess: bool
+    progress: Callable[[int], None] | None
+    infer_options: dict[str, Any] | None
+    warm_up: bool
+    timeline: Timeline | None
+    overlap_postprocess: bool
+    read_threads: int
+
+
 def segment_file(
     runner: Runner,
     input_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],
     *,
-    batch_size: int = 8,
-    postprocess: bool = True,
     output_type: OutputType = "nifti",
-    progress: Callable[[int], None] | None = None,
-    infer_options: dict[str, Any] | None = None,
-    warm_up: bool = False,
-    timeline: Timeline | None = None,
-    overlap_postprocess: bool = False,
-    read_threads: int = 1,
+    **options: Unpack[RunOptions],
 ) -> CaseTiming:
     """Segment one CT volume (NIfTI file or DICOM series folder) and write its result atomically.
 
     Errors are raised as :class:`FlareSegError`; nothing is written for a failed case.
+    ``options``: see :func:`run_cases`.
     """
     input_path, output_path = Path(input_path), Path(output_path)
     job = CaseJob(input_case_name(input_path), input_path, output_path, output_type)
     check_output(job)
     reset_peak_rss()
-    (timing,) = run_cases(
-        runner,
-        [job],
-        batch_size=batch_size,
-        postprocess=postprocess,
-        raise_errors=True,
-        progress=progress,
-        infer_options=infer_options,
-        warm_up=warm_up,
-        timeline=timeline,
-        overlap_postprocess=overlap_postprocess,
-        read_threads=read_threads,
-    )
+    (timing,) = run_cases(runner, [job], raise_errors=True, **options)
     return timing
 
 
@@ -516,19 +517,15 @@ def segment_folder(
     inputs: Sequence[Path],
     out_dir: str | os.PathLike[str],
     *,
-    batch_size: int = 8,
-    postprocess: bool = True,
     output_type: OutputType = "nifti",
     overwrite: bool = False,
     on_case: Callable[[CaseTiming], None] | None = None,
-    progress: Callable[[int], None] | None = None,
-    infer_options: dict[str, Any] | None = None,
-    warm_up: bool = False,
-    timeline: Timeline | None = None,
-    overlap_postprocess: bool = False,
-    read_threads: int = 1,
+    **options: Unpack[RunOptions],
 ) -> list[CaseTiming]:
-    """Segment each input into ``out_dir`` (FLARE21 names); skip finished cases; go on after a failure."""
+    """Segment each input into ``out_dir`` (FLARE21 names); skip finished cases; go on after a failure.
+
+    ``options``: see :func:`run_cases`.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     suffix = _suffix(output_type)
@@ -555,19 +552,7 @@ def segment_folder(
     for i in sorted(results):
         if on_case:
             on_case(results[i])
-    ran = run_cases(
-        runner,
-        [job for _, job in jobs],
-        batch_size=batch_size,
-        postprocess=postprocess,
-        on_case=on_case,
-        progress=progress,
-        infer_options=infer_options,
-        warm_up=warm_up,
-        timeline=timeline,
-        overlap_postprocess=overlap_postprocess,
-        read_threads=read_threads,
-    )
+    ran = run_cases(runner, [job for _, job in jobs], on_case=on_case, **options)
     results.update({i: timing for (i, _), timing in zip(jobs, ran, strict=True)})
     return [results[i] for i in sorted(results)]
 
@@ -603,6 +588,7 @@ __all__ = [
     "CaseJob",
     "CaseTiming",
     "FolderSummary",
+    "RunOptions",
     "list_cases",
     "list_inputs",
     "output_name",
