@@ -6,6 +6,10 @@ worktree of commit REV, alternating round by round with today's code, so that a 
 to the start-up or the exit is measured against what it replaced in the same run.
 
     python benchmarks/startup.py --rounds 5 [--baseline d5c0499]
+
+It then times the exit alone: children that print ``time.time()`` as their last act, then
+end the usual way or through ``flareseg.cli.exit_now``, against the moment their parent
+sees them gone.
 """
 
 from __future__ import annotations
@@ -53,6 +57,31 @@ def wall(cmd: list[str], env: dict[str, str], cwd: Path) -> float:
     return time.perf_counter() - t
 
 
+def exit_times(ckpt: Path, ct: Path, work: Path, rounds: int) -> dict[str, list[float]]:
+    """Seconds from a child's last ``time.time()`` to its parent seeing it end."""
+    run = (
+        f"from flareseg.runtime.cli import main; "
+        f"main(['--model', {str(ckpt)!r}, '-i', {str(ct)!r}, '-o', {str(work / 'exit.nii.gz')!r}, '-q', "
+        "'--device', 'cpu'])"
+    )
+    children = {
+        "import torch, usual exit": "import time, torch; print(time.time())",
+        "flare-infer main(), usual exit": f"import time; {run}; print(time.time())",
+        "flare-infer main(), exit_now": (
+            f"import time; from flareseg.cli import exit_now; {run}; print(time.time()); exit_now(0)"
+        ),
+    }
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out: dict[str, list[float]] = {name: [] for name in children}
+    for _ in range(rounds):
+        for name, code in children.items():
+            done = subprocess.run(
+                [sys.executable, "-c", code], check=True, env=env, cwd=work, capture_output=True, text=True
+            )
+            out[name].append(time.time() - float(done.stdout.split()[-1]))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -77,6 +106,7 @@ def main() -> int:
                     out = work / f"out-{r}-{name.replace(' ', '_')}.nii.gz"
                     cmd = [sys.executable, "-m", "flareseg.runtime.cli", "--model", str(ckpt), "-i", str(ct)]
                     times[name].append(wall([*cmd, "-o", str(out), "--device", "cpu", "-q"], env, work))
+            exits = exit_times(ckpt, ct, work, args.rounds)
         finally:
             if args.baseline:
                 subprocess.run(
@@ -93,6 +123,9 @@ def main() -> int:
         median = statistics.median(values)
         extra = "" if name.startswith("bare") else f"  bare + {median - bare:.2f} s"
         print(f"{name:24s} median {median:.2f} s  ({', '.join(f'{v:.2f}' for v in values)}){extra}")
+    print("exit alone (last time.time() of the child to its end, seen by the parent):")
+    for name, values in exits.items():
+        print(f"  {name:32s} median {statistics.median(values):.3f} s  ({', '.join(f'{v:.3f}' for v in values)})")
     return 0
 
 

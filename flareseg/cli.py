@@ -47,7 +47,7 @@ def exit_now(code: int) -> NoReturn:
     """End the process with ``code``, skipping the interpreter's teardown.
 
     Unloading torch at exit (and a CUDA context, pinned memory) takes 0.4-0.5 s of a fresh
-    process on the 2-core CPU, where the whole start-up is 1.4 s. A command calls this only
+    process on the 2-core CPU, where the whole start-up is 1.3 s (benchmarks/startup.md). A command calls this only
     after returning normally: its outputs are then written and closed and its worker
     threads joined, so nothing is lost once the logging handlers, stdout and stderr (and
     the C library's stdout buffer) are flushed here. An interrupted command exits the

@@ -136,9 +136,11 @@ def _keep_table(component_label: np.ndarray, sizes: np.ndarray, organs: Mapping[
 def _intp_pieces(ids: np.ndarray, n: int) -> Iterator[tuple[slice, np.ndarray]]:
     """``ids`` a piece at a time, cast to intp in a reused buffer (consume each piece before the next).
 
-    np.bincount and fancy indexing are many times slower on a whole uint32 array than on
-    intp pieces (numpy 2.4, see ``benchmarks/postprocess.md``). np.bincount makes an
-    (n + 1)-long array per call, so pieces grow with the component count.
+    On a whole uint32 array, np.bincount and fancy indexing first cast it to a whole intp
+    temporary (8 bytes an id: 500 MB for an all-organ 300-slice map), whose fresh pages
+    cost more than the counting; pieces reuse one small buffer (see
+    ``benchmarks/postprocess.md``). np.bincount makes an (n + 1)-long array per call, so
+    pieces grow with the component count.
     """
     step = max(_PIECE_VOXELS, 4 * (n + 1))
     buf = np.empty(min(step, ids.size), dtype=np.intp)

@@ -9,6 +9,8 @@
   inference, and in all), with the outputs checked equal.
 
     python benchmarks/device/host_cpu.py --work WORK --out device-out/host-cpu   # WORK: whole_case.py's --work
+    H=/tmp/flareseg-host-stages   # host_stages.py's case, here, without raw labels:
+    python benchmarks/device/host_cpu.py --work $H --ct $H/lps300_0000.nii.gz --out OUT --rounds 5
 """
 
 from __future__ import annotations
@@ -97,9 +99,10 @@ def main() -> int:
     ap.add_argument("--work", type=Path, required=True, help="whole_case.py's work folder")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ct", type=Path, help="another .nii.gz to read (default: WORK/case_0000.nii.gz)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    ct = args.work / "case_0000.nii.gz"
+    ct = args.ct or args.work / "case_0000.nii.gz"
     report: dict[str, Any] = {"cores": os.cpu_count(), "inflate_s": inflate(ct, args.rounds)}
     volume = read_ct(ct)
     report["histogram_s"], _ = timed(lambda: value_histogram(volume.array), args.rounds)
