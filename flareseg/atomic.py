@@ -12,16 +12,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from flareseg.errors import FlareSegError
+
 
 @contextmanager
 def atomic_output(path: str | os.PathLike[str], *, keep_suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path``.
 
     ``keep_suffix`` ends the temporary name (nibabel picks gzip from ``.nii.gz``).
+    An operating-system error (no space left, no permission, a folder in the way) becomes
+    a :class:`FlareSegError` naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{keep_suffix}", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{keep_suffix}", dir=path.parent)
+    except OSError as exc:
+        raise _cannot_write(path, exc) from exc
     os.close(fd)
     tmp = Path(name)
     try:
@@ -30,9 +37,19 @@ def atomic_output(path: str | os.PathLike[str], *, keep_suffix: str = "") -> Ite
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; outputs get ordinary permissions
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _cannot_write(path, exc) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _cannot_write(path: Path, exc: OSError) -> FlareSegError:
+    why = exc.strerror or str(exc)
+    if exc.filename is not None and Path(exc.filename) != path and not Path(exc.filename).name.startswith("."):
+        why += f": {exc.filename}"  # the folder in the way, say; our own temporary name would only confuse
+    return FlareSegError(f"{path}: cannot write ({why})")
 
 
 def write_text_atomic(text: str, path: str | os.PathLike[str]) -> Path:

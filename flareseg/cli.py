@@ -33,6 +33,8 @@ def run_command(
     # Our own messages at the chosen level; third-party libraries (onnxscript, torch) only warnings.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("flareseg").setLevel(level)
+    # nibabel logs a header fault it cannot fix at ERROR, then raises; our one-line error says it.
+    logging.getLogger("nibabel.global").addFilter(lambda record: record.levelno < logging.ERROR)
     try:
         return body(args)
     except FlareSegError as exc:

@@ -198,6 +198,8 @@ def _load(path: Path, threads: int = 1) -> tuple[nib.Nifti1Image, np.ndarray, fl
         raise FlareSegError(f"{path}: {_why_not_nifti(path)}") from None
     except (EOFError, zlib.error, OSError, ValueError) as exc:
         raise FlareSegError(f"{path}: unreadable or truncated file ({exc})") from None
+    except (nib.spatialimages.HeaderDataError, OverflowError) as exc:  # a damaged field: datatype, dim, vox_offset
+        raise FlareSegError(f"{path}: invalid NIfTI header ({exc})") from None
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise FlareSegError(f"{path}: not a NIfTI image (nibabel read it as {type(img).__name__})")
     shape = img.shape
@@ -214,12 +216,16 @@ def _load(path: Path, threads: int = 1) -> tuple[nib.Nifti1Image, np.ndarray, fl
         data = _inflate_voxels(path, proxy, threads)
     except _DamagedStream as exc:
         data, damage = None, exc
+    except MemoryError:
+        raise FlareSegError(f"{path}: {_too_big(img)}") from None
     if data is None:  # an uncompressed file (memory-mapped) or a damaged one, whose error nibabel words as always
         try:
             data = proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else np.asarray(proxy)
-        except (EOFError, zlib.error, OSError, ValueError) as exc:
+        except (EOFError, zlib.error, OSError, ValueError, OverflowError) as exc:
             why = " ".join(line.strip() for line in str(exc).splitlines())
             raise FlareSegError(f"{path}: truncated or corrupt voxel data ({why})") from None
+        except MemoryError:
+            raise FlareSegError(f"{path}: {_too_big(img)}") from None
         if damage is not None:  # nibabel got its bytes, but the stream's checksum, length or tail is wrong
             log.debug("%s: %s", path, damage)
             raise FlareSegError(f"{path}: truncated or corrupt voxel data (the gzip stream fails its integrity check)")
@@ -230,6 +236,12 @@ def _load(path: Path, threads: int = 1) -> tuple[nib.Nifti1Image, np.ndarray, fl
     if not (np.isfinite(slope) and np.isfinite(inter)) or slope == 0:
         raise FlareSegError(f"{path}: invalid intensity scaling scl_slope={slope}, scl_inter={inter}")
     return img, data, slope, inter
+
+
+def _too_big(img: nib.Nifti1Image) -> str:
+    shape = tuple(int(n) for n in img.shape)
+    size = int(np.prod(shape, dtype=np.float64)) * np.dtype(img.get_data_dtype()).itemsize
+    return f"the header's grid {shape} needs {size / 2**30:.1f} GiB, more memory than this machine could allocate"
 
 
 class _DamagedStream(Exception):
@@ -320,13 +332,22 @@ def _inflate_parallel(path: Path, offset: int, out: memoryview, threads: int) ->
       member, so its checksum would go unchecked);
     - a first member whose header carries its own CRC (FHCRC), which rapidgzip ignores;
     - anything rapidgzip cannot parse, such as zero padding between members, which the
-      gzip module accepts, or a short stream.
+      gzip module accepts, or a short stream;
+    - a stream whose last four bytes, the last member's length (mod 2**32), cannot end
+      the voxels' stream: neither its whole length nor a share of it. Most cut-off files
+      show it, and go to the serial reader before rapidgzip prints its own diagnostics.
     """
     import rapidgzip  # read_ct checked that it is installed
 
     with open(path, "rb") as raw:
         head = raw.read(4)
+        raw.seek(0, os.SEEK_END)
+        raw.seek(max(raw.tell() - 4, 0))
+        tail = raw.read(4)
     if len(head) < 4 or head[3] & 0x02:  # FLG.FHCRC
+        return False
+    end, last_member = offset + len(out), int.from_bytes(tail, "little")
+    if len(tail) < 4 or not (last_member == end % 2**32 or end >= 2**32 or 0 < last_member < end):
         return False
     try:
         with rapidgzip.open(str(path), parallelization=threads) as f:
@@ -358,6 +379,16 @@ def _why_not_nifti(path: Path) -> str:
         return f"not a NIfTI image (unreadable: {exc})"
     if len(head) < _NIFTI1_HEADER_BYTES:
         return f"truncated: {len(head)} bytes, shorter than a NIfTI header"
+    if head[344:348] in (b"n+1\0", b"ni1\0") or head[4:8] in (b"n+2\0", b"ni2\0"):
+        # The header is there, so what nibabel tripped on is further on: most often the gzip
+        # member holding the header, whose checksum only fails once it is read to its end.
+        try:
+            with opener(path, "rb") as f:
+                while f.read(_READ_CHUNK):
+                    pass
+        except (EOFError, OSError, zlib.error) as exc:
+            return f"corrupt gzip stream ({exc})"
+        return "a NIfTI header that nibabel cannot read"
     return "not a NIfTI image (no NIfTI header found)"
 
 

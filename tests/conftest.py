@@ -62,6 +62,9 @@ BAD_INPUT_KINDS = [
     "2d",
     "4d",
     "non-finite",
+    "bad-datatype",
+    "header-member-crc",
+    "huge-grid",
 ]
 
 
@@ -81,6 +84,16 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     nan[1, 2, 3] = np.nan
     nan[0, 0, 0] = np.inf
     save(nib.Nifti1Image(nan, np.eye(4)), tmp_path / "in7.nii.gz")
+    raw = gzip.decompress(blob)  # the good file's NIfTI stream: damaged below, one header field at a time
+
+    def patched(offset: int, values: tuple[int, ...]) -> bytes:
+        return raw[:offset] + np.array(values, "<i2").tobytes() + raw[offset + 2 * len(values) :]
+
+    (tmp_path / "in8.nii.gz").write_bytes(gzip.compress(patched(70, (0,))))  # datatype code 0
+    first = bytearray(gzip.compress(raw[:352]))  # the header in a gzip member of its own...
+    first[-8] ^= 0x5A  # ...whose CRC is wrong
+    (tmp_path / "in9.nii.gz").write_bytes(bytes(first) + gzip.compress(raw[352:]))
+    (tmp_path / "in10.nii.gz").write_bytes(gzip.compress(patched(42, (30000, 30000, 4000))))  # 7 TB of voxels
     return {
         "missing": (tmp_path / "absent.nii.gz", "file not found"),
         "truncated-header": (tmp_path / "in1.nii.gz", "truncated gzip stream"),
@@ -90,6 +103,9 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "2d": (tmp_path / "in5.nii.gz", "expected a 3D volume, got shape (4, 5)"),
         "4d": (tmp_path / "in6.nii.gz", "expected a 3D volume, got shape (4, 5, 6, 2)"),
         "non-finite": (tmp_path / "in7.nii.gz", "2 voxels are not finite"),
+        "bad-datatype": (tmp_path / "in8.nii.gz", "invalid NIfTI header (data code 0 not supported)"),
+        "header-member-crc": (tmp_path / "in9.nii.gz", "corrupt gzip stream (CRC check failed"),
+        "huge-grid": (tmp_path / "in10.nii.gz", "(30000, 30000, 4000) needs 6705.5 GiB, more memory than"),
     }
 
 

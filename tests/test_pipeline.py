@@ -7,6 +7,7 @@ that does not overlap its stages times out and fails, instead of merely running 
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import json
 import subprocess
@@ -159,6 +160,69 @@ def test_a_failed_write_fails_its_case_only(trained_checkpoint, tmp_path, monkey
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c0.nii.gz", "c2.nii.gz"]
     with open_runner(trained_checkpoint) as runner, pytest.raises(FlareSegError, match="disk full"):
         run_cases(runner, [CaseJob("c1", paths[1], tmp_path / "x" / "c1.nii.gz")], raise_errors=True)
+
+
+def test_any_error_fails_its_case_only_and_keeps_its_traceback(trained_checkpoint, tmp_path, monkeypatch, caplog):
+    # An error nobody foresaw (here a RuntimeError on the device) must not end a folder run.
+    paths = _folder(tmp_path / "in", 3)
+    real_infer = pipeline._infer_stage
+
+    def infer_stage(runner, read, timing, *args):
+        if timing.case == "c1":
+            raise RuntimeError("device fault (simulated)")
+        return real_infer(runner, read, timing, *args)
+
+    monkeypatch.setattr(pipeline, "_infer_stage", infer_stage)
+    with open_runner(trained_checkpoint) as runner:
+        results = segment_folder(runner, paths, tmp_path / "out", batch_size=4)
+    assert [r.status for r in results] == ["ok", "failed", "ok"]
+    assert results[1].error == "RuntimeError: device fault (simulated)"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c0.nii.gz", "c2.nii.gz"]
+    (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert str(paths[1]) in record.getMessage() and record.exc_info is not None  # its traceback is logged
+    with open_runner(trained_checkpoint) as runner, pytest.raises(RuntimeError, match="device fault"):
+        run_cases(runner, [CaseJob("c1", paths[1], tmp_path / "x" / "c1.nii.gz")], raise_errors=True)
+
+
+def test_a_full_disk_fails_its_case_naming_the_output_and_leaves_no_part_file(
+    trained_checkpoint, tmp_path, monkeypatch
+):
+    from flareseg import volume
+
+    if volume._igzip is None:
+        pytest.skip("ISA-L (isal) is not installed: the writer under test is nibabel's")
+    paths = _folder(tmp_path / "in", 3)
+    real_save = volume._save_gzip_isal
+
+    def save_gzip(img, path, igzip):
+        if Path(path).name.startswith(".c1.nii.gz."):  # the temporary of case c1's output
+            Path(path).write_bytes(b"half a file")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(img, path, igzip)
+
+    monkeypatch.setattr(volume, "_save_gzip_isal", save_gzip)
+    out = tmp_path / "out"
+    with open_runner(trained_checkpoint) as runner:
+        results = segment_folder(runner, paths, out, batch_size=4)
+    assert [r.status for r in results] == ["ok", "failed", "ok"]
+    assert results[1].error == f"{out / 'c1.nii.gz'}: cannot write (No space left on device)"
+    assert sorted(p.name for p in out.iterdir()) == ["c0.nii.gz", "c2.nii.gz"]  # no temporary left behind
+
+
+def test_outputs_that_could_never_be_written_are_refused_before_any_work(trained_checkpoint, tmp_path, capsys):
+    paths = _folder(tmp_path / "in", 2)
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "sub" / "pred.nii.gz"
+    assert infer_main(["--model", str(trained_checkpoint), "-i", str(paths[0]), "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"flare-infer: error: {out}: cannot create its folder, {tmp_path / 'afile'} is a file"]
+    # In a folder run, a folder where a case's output goes fails that case alone, before its inference.
+    (tmp_path / "out" / "c1.nii.gz").mkdir(parents=True)
+    with open_runner(trained_checkpoint) as runner:
+        results = segment_folder(runner, paths, tmp_path / "out", overwrite=True)
+    assert [r.status for r in results] == ["ok", "failed"]
+    assert results[1].error == f"{tmp_path / 'out' / 'c1.nii.gz'}: a folder is in the way of the output"
+    assert results[1].slices == 0  # refused before any work
 
 
 def test_file_input_with_an_output_folder_gets_the_flare21_name(trained_checkpoint, tmp_path, capsys, caplog):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -140,6 +142,17 @@ def test_bad_input_fails_with_one_line_and_no_output(trained_checkpoint, tmp_pat
         assert problem in err[0]
     assert not out.exists()
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_damaged_header_is_one_line_in_a_real_process_too(trained_checkpoint, tmp_path):
+    # In a process of its own, logging goes to the terminal: nibabel's own report of the
+    # fault, logged just before it raises, must not add a line to ours.
+    bad, problem = bad_inputs(tmp_path)["bad-datatype"]
+    cmd = [sys.executable, "-m", "flareseg.runtime.cli", "--model", str(trained_checkpoint), "-i", str(bad)]
+    proc = subprocess.run([*cmd, "-o", str(tmp_path / "out.nii.gz"), "-q"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"flare-infer: error: {bad}: {problem}"]
+    assert not (tmp_path / "out.nii.gz").exists()
 
 
 def test_model_metadata_mismatch_leaves_no_output(trained_checkpoint, tmp_path, capsys):

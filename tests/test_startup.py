@@ -47,3 +47,31 @@ def test_without_a_process_start_the_timeline_stays_empty(monkeypatch):
     timeline.mark("main")
     timeline.end()
     assert timeline.marks == {} and timeline.end_epoch_s is not None
+
+
+def test_the_command_module_imports_no_heavy_library_before_main():
+    # flare-infer's first mark ("main") must not already hold torch's import: the package
+    # loads its public names lazily, so importing the command module stays light.
+    code = (
+        "import sys, flareseg.runtime.cli\n"
+        "print(sorted(m for m in ('torch', 'nibabel', 'cc3d', 'onnxruntime', 'tensorrt') if m in sys.modules))\n"
+        "from flareseg.runtime import TorchRunner, segment_file\n"
+        "print(TorchRunner.__module__, segment_file.__module__, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["[]", "flareseg.runtime.runners.pytorch flareseg.runtime.pipeline True"]
+
+
+def test_an_unknown_runtime_name_is_an_attribute_error():
+    import flareseg.runtime
+
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        flareseg.runtime.nothing_here  # noqa: B018
+    assert {"segment_folder", "open_runner"} <= set(dir(flareseg.runtime))
+
+
+def test_every_public_runtime_name_resolves():
+    import flareseg.runtime
+
+    for name in flareseg.runtime.__all__:
+        assert getattr(flareseg.runtime, name).__name__ == name

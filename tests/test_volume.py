@@ -403,6 +403,28 @@ def test_parallel_inflate_reads_what_one_thread_reads_good_files_and_damaged_one
     assert not any(took[k] for k in ("trailing bytes", "big tail, bad crc", "header crc", "padded", "cut in the data"))
 
 
+def test_a_cut_off_file_goes_to_the_serial_reader_without_waking_rapidgzip(tmp_path, monkeypatch):
+    # rapidgzip prints its own diagnostics to stderr on a damaged stream; the last four
+    # bytes of a cut-off file cannot end the voxels' stream, so it is never asked.
+    rapidgzip = pytest.importorskip("rapidgzip", reason="rapidgzip (the [dev] and [gpu] extras) is not installed")
+    opened: list[str] = []
+    real_open = rapidgzip.open
+    monkeypatch.setattr(rapidgzip, "open", lambda path, **kw: opened.append(path) or real_open(path, **kw))
+    data = np.arange(64 * 64 * 40, dtype=np.int16).reshape(64, 64, 40)
+    payload = gzip.decompress(save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "z.nii.gz").read_bytes())
+    whole = gzip.compress(payload)
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(whole[: len(whole) - 1000])
+    assert int.from_bytes(cut.read_bytes()[-4:], "little") >= len(payload)  # what the check relies on here
+    with pytest.raises(FlareSegError, match="truncated or corrupt voxel data"):
+        read_ct(cut, threads=2)
+    assert opened == []
+    members = tmp_path / "members.nii.gz"  # several members: the last one's length is a share of the whole
+    members.write_bytes(gzip.compress(payload[:5000]) + gzip.compress(payload[5000:]))
+    np.testing.assert_array_equal(read_ct(members, threads=2).array, read_ct(members).array)
+    assert opened == [str(members)]
+
+
 @pytest.mark.parametrize("axcodes", ORIENTATIONS[:3], ids=lambda c: "".join(c))
 def test_parallel_inflate_round_trips_every_orientation(tmp_path, axcodes):
     pytest.importorskip("rapidgzip", reason="rapidgzip (the [dev] and [gpu] extras) is not installed")

@@ -327,8 +327,8 @@ def _save_timing_cache(config: Any, cache_path: Path) -> None:
         return
     try:
         write_bytes_atomic(bytes(data), cache_path)
-    except OSError as exc:
-        log.warning("%s: could not save the timing cache (%s)", cache_path, exc)
+    except FlareSegError as exc:  # the operating system's refusal, worded by atomic_output
+        log.warning("could not save the timing cache: %s", exc)
 
 
 def load_engine(engine_path: str | os.PathLike[str], *, device: int | None = None) -> tuple[Any, ExportMetadata]:

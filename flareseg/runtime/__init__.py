@@ -1,8 +1,39 @@
-"""Runtime: batched slice inference on every backend (PyTorch, ONNX Runtime, TensorRT)."""
+"""Runtime: batched slice inference on every backend (PyTorch, ONNX Runtime, TensorRT).
 
-from flareseg.runtime.inferer import infer_volume
-from flareseg.runtime.pipeline import CaseTiming, segment_file, segment_folder
-from flareseg.runtime.runners import FunctionRunner, OnnxRuntimeRunner, Runner, TensorRTRunner, TorchRunner, open_runner
+The names below are loaded on first use (PEP 562), so that importing a submodule, such
+as ``flareseg.runtime.cli`` for ``flare-infer``, does not import torch on the way: the
+command's start-up timeline then tells the interpreter's start from torch's import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flareseg.runtime.inferer import infer_volume
+    from flareseg.runtime.pipeline import CaseTiming, segment_file, segment_folder
+    from flareseg.runtime.runners import (
+        FunctionRunner,
+        OnnxRuntimeRunner,
+        Runner,
+        TensorRTRunner,
+        TorchRunner,
+        open_runner,
+    )
+
+_WHERE = {
+    "infer_volume": "flareseg.runtime.inferer",
+    "CaseTiming": "flareseg.runtime.pipeline",
+    "segment_file": "flareseg.runtime.pipeline",
+    "segment_folder": "flareseg.runtime.pipeline",
+    "FunctionRunner": "flareseg.runtime.runners",
+    "OnnxRuntimeRunner": "flareseg.runtime.runners",
+    "Runner": "flareseg.runtime.runners",
+    "TensorRTRunner": "flareseg.runtime.runners",
+    "TorchRunner": "flareseg.runtime.runners",
+    "open_runner": "flareseg.runtime.runners",
+}
 
 __all__ = [
     "CaseTiming",
@@ -16,3 +47,16 @@ __all__ = [
     "segment_file",
     "segment_folder",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_WHERE})

@@ -103,8 +103,17 @@ class CaseTiming:
         )
 
     def _failed(self, exc: Exception) -> CaseTiming:
-        self.status, self.error = "failed", str(exc)
+        self.status = "failed"
+        self.error = str(exc) if isinstance(exc, FlareSegError) else f"{type(exc).__name__}: {exc}"
         return self
+
+    def _log_failure(self, exc: Exception) -> CaseTiming:
+        """Log the case's failure and mark it failed; an error nobody foresaw keeps its traceback in the log."""
+        if isinstance(exc, FlareSegError):
+            log.error("%s", exc)
+        else:
+            log.error("%s: %s: %s", self.input, type(exc).__name__, exc, exc_info=exc)
+        return self._failed(exc)
 
 
 @dataclass(frozen=True)
@@ -238,6 +247,13 @@ def check_output(job: CaseJob) -> None:
         raise FlareSegError(f"{job.output}: DICOM SEG output must end in {suffix}")
     if job.output.resolve() == job.input.resolve():
         raise FlareSegError(f"{job.output}: refusing to overwrite the input")
+    if job.output.is_dir():
+        raise FlareSegError(f"{job.output}: a folder is in the way of the output")
+    folder = next(p for p in job.output.absolute().parents if p.exists())  # the root exists
+    if not folder.is_dir():
+        raise FlareSegError(f"{job.output}: cannot create its folder, {folder} is a file")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise FlareSegError(f"{job.output}: cannot write in {folder} (permission denied)")
     if job.output_type == "dicom-seg" and not job.input.is_dir():
         raise FlareSegError(
             f"{job.input}: DICOM SEG output needs a DICOM series as input (a NIfTI file has no series to "
@@ -381,9 +397,10 @@ def run_cases(
 
     The runner is activated here if it is not yet, after the first read has started,
     so that model loading overlaps it (and with ``warm_up``, one batch of zeros, so that
-    the backend's first-batch set-up overlaps it too); the caller deactivates it. A
-    :class:`FlareSegError` marks its case failed and the others go on, or is raised
-    with ``raise_errors``. ``on_case`` sees each case when its output is written.
+    the backend's first-batch set-up overlaps it too); the caller deactivates it. An
+    error marks its case failed and the others go on (one foreseen, a
+    :class:`FlareSegError`, is logged in one line; any other with its traceback), or is
+    raised with ``raise_errors``. ``on_case`` sees each case when its output is written.
     ``timeline`` gets the points the run reaches (activated, first read, ...).
     ``overlap_postprocess``: label components slab by slab while later slices are
     inferred (:class:`~flareseg.postprocess.StreamingPostprocessor`, same result), so only
@@ -399,11 +416,10 @@ def run_cases(
     def settle(timing: CaseTiming, fut: Future[tuple[float, float, float]]) -> None:
         try:
             timing.postprocess_s, timing.write_s, timing.wall_s = fut.result()
-        except FlareSegError as exc:
+        except Exception as exc:  # in a folder, any case's failure is that case's alone
             if raise_errors:
                 raise
-            log.error("%s", exc)
-            timing._failed(exc)
+            timing._log_failure(exc)
         else:
             timing.total_s = timing.read_s + timing.preprocess_s + timing.infer_s + timing.postprocess_s
             timing.total_s += timing.write_s
@@ -431,11 +447,10 @@ def run_cases(
             labels = _infer_stage(runner, read, timing, batch_size, progress, options, streaming)
             if i == 0:
                 mark("first_inferred")
-        except FlareSegError as exc:
+        except Exception as exc:  # in a folder, any case's failure is that case's alone
             if raise_errors:
                 raise
-            log.error("%s", exc)
-            timing._failed(exc)
+            timing._log_failure(exc)
             return _done((0.0, 0.0, 0.0))
         geometry, source, started = read.volume.geometry, read.volume.source, read.started
         del read  # the stored voxels are not needed for writing: free them before the next case

@@ -1,7 +1,7 @@
 """Where a fresh process spends its time outside the stages: a timeline since the process started.
 
-``flare-infer`` marks points of its run (entering ``main`` after the interpreter and
-imports, the runner activated, the last output written, the runner released) in seconds
+``flare-infer`` marks points of its run (entering ``main`` after the interpreter's
+start, the heavy imports done, the runner activated, the last output written, the runner released) in seconds
 since the process began, read from the kernel (Linux), so the interpreter's own start-up
 is counted too. The end is also stamped in wall-clock time, so that whoever started the
 process can tell how long its exit (freeing the CUDA context, the pinned memory, ...) took.
