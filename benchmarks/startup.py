@@ -5,7 +5,7 @@ pipeline, and the exit. With ``--baseline REV`` the same command also runs from 
 worktree of commit REV, alternating round by round with today's code, so that a change
 to the start-up or the exit is measured against what it replaced in the same run.
 
-    python benchmarks/startup.py --rounds 5 [--baseline d5c0499]
+    python benchmarks/startup.py --rounds 5 [--baseline d5c0499] [--ct lps300_0000.nii.gz]
 
 It then times the exit alone: children that print ``time.time()`` as their last act, then
 end the usual way or through ``flareseg.cli.exit_now``, against the moment their parent
@@ -86,10 +86,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--baseline", help="a commit to compare with, run from a temporary git worktree")
+    ap.add_argument(
+        "--ct",
+        type=Path,
+        help="a real-size .nii.gz instead of the tiny phantom (the network stays tiny, at 64 x 64 slices), so "
+        "that the read, post-processing and write of a whole case are in the figures",
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         ckpt, ct = build_case(work)
+        if args.ct is not None:
+            ct = args.ct.resolve()
         trees = {"today": ROOT}
         if args.baseline:
             tree = work / "baseline"

@@ -25,7 +25,7 @@ from conftest import save
 from flareseg.checkpoint import load_model
 from flareseg.errors import FlareSegError
 from flareseg.phantom import make_phantom
-from flareseg.runtime import pipeline
+from flareseg.runtime import pipeline, reading
 from flareseg.runtime.cli import main as infer_main
 from flareseg.runtime.pipeline import CaseJob, run_cases, segment_file, segment_folder
 from flareseg.runtime.runners import FunctionRunner, open_runner
@@ -63,7 +63,7 @@ class _Recorder:
 def test_reads_ahead_and_writes_behind_the_device(trained_checkpoint, tmp_path, monkeypatch):
     paths = _folder(tmp_path / "in", 3)
     rec = _Recorder()
-    real_read, real_write = pipeline.read_case, pipeline.write_case
+    real_read, real_write = reading.read_case, pipeline.write_case
     current: list[str] = []
 
     def read_case(path, **kwargs):
@@ -74,7 +74,7 @@ def test_reads_ahead_and_writes_behind_the_device(trained_checkpoint, tmp_path, 
         rec.record("write", Path(path).name.split(".")[0])
         return real_write(labels, geometry, source, path, output_type)
 
-    monkeypatch.setattr(pipeline, "read_case", read_case)
+    monkeypatch.setattr(reading, "read_case", read_case)
     monkeypatch.setattr(pipeline, "write_case", write_case)
     _, info, _ = load_model(trained_checkpoint)
     seen: dict[str, tuple[bool, bool]] = {}
@@ -105,13 +105,13 @@ def test_reads_ahead_and_writes_behind_the_device(trained_checkpoint, tmp_path, 
 def test_activation_overlaps_the_first_read(trained_checkpoint, tmp_path, monkeypatch):
     (ct,) = _folder(tmp_path / "in", 1)
     started = threading.Event()
-    real_read = pipeline.read_case
+    real_read = reading.read_case
 
     def read_case(path, **kwargs):
         started.set()
         return real_read(path, **kwargs)
 
-    monkeypatch.setattr(pipeline, "read_case", read_case)
+    monkeypatch.setattr(reading, "read_case", read_case)
     runner = open_runner(trained_checkpoint)
     real_activate = runner._activate
     overlapped: list[bool] = []

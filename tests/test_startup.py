@@ -75,3 +75,41 @@ def test_every_public_runtime_name_resolves():
 
     for name in flareseg.runtime.__all__:
         assert getattr(flareseg.runtime, name).__name__ == name
+
+
+def test_one_files_read_starts_before_torch_is_imported(trained_checkpoint, tmp_path):
+    # A fresh flare-infer process on one file: the read must be under way before torch's
+    # import begins, so that the two overlap.
+    from flareseg.phantom import make_phantom
+
+    img, _ = make_phantom((48, 48, 6), (8.0, 8.0, 10.0)).to_nifti()
+    ct = tmp_path / "c0_0000.nii.gz"
+    import nibabel as nib
+
+    nib.save(img, ct)
+    code = f"""
+import importlib.abc, sys, time
+events = []
+
+class Spy(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch" and not any(e == "torch" for e, _ in events):
+            events.append(("torch", time.perf_counter()))
+        return None
+
+sys.meta_path.insert(0, Spy())
+import flareseg.runtime.reading as reading
+real = reading.read_ct
+
+def read_ct(path, **kw):
+    events.append(("read", time.perf_counter()))
+    return real(path, **kw)
+
+reading.read_ct = read_ct
+from flareseg.runtime.cli import main
+rc = main(["--model", {str(trained_checkpoint)!r}, "-i", {str(ct)!r}, "-o", {str(tmp_path / "o.nii.gz")!r}, "-q"])
+print(rc, [e for e, _ in sorted(events, key=lambda e: e[1])])
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "0 ['read', 'torch']"
+    assert (tmp_path / "o.nii.gz").is_file()

@@ -10,12 +10,16 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
 from flareseg.cli import INTERRUPTED, add_common_arguments, exit_now, run_command
 from flareseg.errors import FlareSegError
+
+if TYPE_CHECKING:
+    from flareseg.runtime.reading import Reader
+    from flareseg.runtime.startup import Timeline
 
 log = logging.getLogger("flareseg.runtime.cli")
 
@@ -188,7 +192,19 @@ def _main(args: argparse.Namespace) -> int:
     from flareseg.runtime.startup import Timeline
 
     timeline = Timeline()
-    timeline.mark("main")  # the interpreter and this module's imports are behind us
+    timeline.mark("main")  # the interpreter and this module's light imports are behind us
+    from flareseg.runtime.reading import Reader
+    from flareseg.volume import is_nifti
+
+    # One NIfTI file: its read starts now, so that it overlaps torch's import, the device's
+    # start-up and the model's loading (a folder's first case waits for the folder's plan).
+    with Reader(args.read_threads) as reader:  # a missing rapidgzip is said here, before any work
+        if args.input.is_file() and is_nifti(args.input):
+            reader.prefetch(args.input, args.output_type)
+        return _run(args, timeline, reader)
+
+
+def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader) -> int:
     from tqdm import tqdm
 
     from flareseg.runtime.pipeline import (
@@ -201,7 +217,6 @@ def _main(args: argparse.Namespace) -> int:
         write_timings,
     )
     from flareseg.runtime.runners import Backend, TorchPrecision, backend_for, open_runner
-    from flareseg.volume import check_read_threads
 
     timeline.mark("imports")  # the pipeline's and the runners' imports (torch among them)
     t_start = time.perf_counter()
@@ -216,7 +231,6 @@ def _main(args: argparse.Namespace) -> int:
     batch_size = args.batch_size or (GPU_BATCH if cuda else CPU_BATCH)
     if batch_size < 1:
         raise FlareSegError(f"--batch-size must be positive, got {batch_size}")
-    check_read_threads(args.read_threads)  # before any work: a missing rapidgzip is said at once
     if args.overlap_postprocess and args.no_postprocess:
         raise FlareSegError("--overlap-postprocess and --no-postprocess contradict each other: choose one")
     folder, inputs, single_output = _plan_inputs(args)
@@ -259,6 +273,7 @@ def _main(args: argparse.Namespace) -> int:
         "timeline": timeline,
         "overlap_postprocess": args.overlap_postprocess,
         "read_threads": args.read_threads,
+        "reader": reader,
     }
     results: list[CaseTiming] = []
     context: dict[str, Any] = {

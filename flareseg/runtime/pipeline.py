@@ -32,8 +32,9 @@ import torch
 from flareseg.atomic import write_text_atomic
 from flareseg.errors import FlareSegError
 from flareseg.postprocess import StreamingPostprocessor, keep_largest_components
-from flareseg.preprocess import ValueHistogram, value_histogram, volume_normalizer
+from flareseg.preprocess import volume_normalizer
 from flareseg.runtime.inferer import InferenceTimes, infer_volume
+from flareseg.runtime.reading import Read, Reader, read_case
 from flareseg.runtime.runners import Runner
 from flareseg.runtime.startup import Timeline
 from flareseg.volume import (
@@ -41,9 +42,7 @@ from flareseg.volume import (
     Volume,
     VolumeGeometry,
     case_id,
-    check_read_threads,
     find_cases,
-    read_ct,
     write_labels,
 )
 
@@ -208,19 +207,6 @@ def _suffix(output_type: str) -> str:
     return OUTPUT_SUFFIXES[output_type]
 
 
-def read_case(path: str | os.PathLike[str], *, threads: int = 1) -> Volume:
-    """A NIfTI file, or a folder holding one DICOM series, in the canonical slice layout.
-
-    ``threads``: cores that inflate a ``.nii.gz`` (see :func:`~flareseg.volume.read_ct`).
-    """
-    path = Path(path)
-    if path.is_dir():
-        from flareseg.dicom import read_series
-
-        return read_series(path)
-    return read_ct(path, threads=threads)
-
-
 def write_case(
     labels: np.ndarray, geometry: VolumeGeometry, source: Any, path: Path, output_type: OutputType = "nifti"
 ) -> Path:
@@ -292,33 +278,9 @@ def list_cases(folder: str | os.PathLike[str], *, num_parts: int = 1, part_id: i
 # --- the stages --------------------------------------------------------------------------
 
 
-@dataclass
-class _Read:
-    """What the reader thread hands over: the volume, its value histogram, and when and how long."""
-
-    volume: Volume
-    histogram: ValueHistogram | None
-    started: float  # time.perf_counter() when the read began
-    read_s: float
-    histogram_s: float
-
-
-def _read_stage(job: CaseJob, threads: int = 1) -> _Read:
-    t0 = time.perf_counter()
-    volume = read_case(job.input, threads=threads)
-    if job.output_type == "dicom-seg":
-        from flareseg.dicom import check_seg_writable
-
-        check_seg_writable(volume)  # an anonymised series without UIDs fails now, not after inference
-    t1 = time.perf_counter()
-    # The percentiles' one pass over the voxels, here rather than on the way to the device.
-    histogram = value_histogram(volume.array)
-    return _Read(volume, histogram, t0, t1 - t0, time.perf_counter() - t1)
-
-
 def _infer_stage(
     runner: Runner,
-    read: _Read,
+    read: Read,
     timing: CaseTiming,
     batch_size: int,
     progress: Callable[[int], None] | None,
@@ -392,6 +354,7 @@ def run_cases(
     timeline: Timeline | None = None,
     overlap_postprocess: bool = False,
     read_threads: int = 1,
+    reader: Reader | None = None,
 ) -> list[CaseTiming]:
     """Run ``jobs`` through the read / infer / write pipeline; timings in job order.
 
@@ -406,8 +369,12 @@ def run_cases(
     inferred (:class:`~flareseg.postprocess.StreamingPostprocessor`, same result), so only
     the last slab and the filtering are left after inference.
     ``read_threads``: cores that inflate each ``.nii.gz`` (0: all; above 1 needs rapidgzip).
+    ``reader``: a reader thread started earlier, which may already be reading the first
+    case (see :class:`~flareseg.runtime.reading.Reader`; its own ``threads`` apply); the
+    caller closes it. Without one, the run has its own.
     """
-    check_read_threads(read_threads)
+    own_reader = reader is None
+    reads = reader if reader is not None else Reader(read_threads)
     mark = timeline.mark if timeline is not None else (lambda name: None)
     options = infer_options or {}
     results: list[CaseTiming] = []
@@ -427,11 +394,10 @@ def run_cases(
         if on_case:
             on_case(timing)
 
-    reader = ThreadPoolExecutor(1, thread_name_prefix="flareseg-read")
     writer = ThreadPoolExecutor(1, thread_name_prefix="flareseg-write")
 
     def on_device(
-        i: int, job: CaseJob, timing: CaseTiming, current: Future[_Read]
+        i: int, job: CaseJob, timing: CaseTiming, current: Future[Read]
     ) -> Future[tuple[float, float, float]]:
         """Case i's turn on the device; its post-processing and write go to the writer (its future is returned).
 
@@ -458,7 +424,7 @@ def run_cases(
         return writer.submit(_finish_stage, labels, geometry, source, job, finish, started)
 
     try:
-        upcoming = reader.submit(_read_stage, jobs[0], read_threads) if jobs else None
+        upcoming = reads.submit(jobs[0].input, jobs[0].output_type) if jobs else None
         runner.activate()  # no-op when already active; otherwise overlaps the first read
         mark("activated")
         if warm_up and jobs:
@@ -467,7 +433,7 @@ def run_cases(
         for i, job in enumerate(jobs):
             timing = job.timing()
             results.append(timing)
-            following = reader.submit(_read_stage, jobs[i + 1], read_threads) if i + 1 < len(jobs) else None
+            following = reads.submit(jobs[i + 1].input, jobs[i + 1].output_type) if i + 1 < len(jobs) else None
             current, upcoming = upcoming, following
             assert current is not None
             writes.append((timing, on_device(i, job, timing, current)))
@@ -479,7 +445,8 @@ def run_cases(
             settle(*writes.popleft())
         mark("all_written")
     finally:
-        reader.shutdown(wait=True, cancel_futures=True)
+        if own_reader:
+            reads.close()
         writer.shutdown(wait=True, cancel_futures=True)
     return results
 
@@ -504,6 +471,7 @@ class RunOptions(TypedDict, total=False):
     timeline: Timeline | None
     overlap_postprocess: bool
     read_threads: int
+    reader: Reader | None
 
 
 def segment_file(
