@@ -15,6 +15,7 @@ sees them gone.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -106,6 +107,8 @@ def main() -> int:
             )
             trees[f"at {args.baseline}"] = tree
         times: dict[str, list[float]] = {"bare import torch": [], **{name: [] for name in trees}}
+        # When each process had its first volume in hand (its timeline's "first_read", seconds since it began).
+        first_read: dict[str, list[float]] = {name: [] for name in trees}
         try:
             for r in range(args.rounds):
                 times["bare import torch"].append(wall([sys.executable, "-c", "import torch"], dict(os.environ), work))
@@ -114,6 +117,8 @@ def main() -> int:
                     out = work / f"out-{r}-{name.replace(' ', '_')}.nii.gz"
                     cmd = [sys.executable, "-m", "flareseg.runtime.cli", "--model", str(ckpt), "-i", str(ct)]
                     times[name].append(wall([*cmd, "-o", str(out), "--device", "cpu", "-q"], env, work))
+                    timings = json.loads(out.with_name(out.name.removesuffix(".nii.gz") + ".timings.json").read_text())
+                    first_read[name].append(timings["startup"]["since_process_start_s"]["first_read"])
             exits = exit_times(ckpt, ct, work, args.rounds)
         finally:
             if args.baseline:
@@ -131,6 +136,9 @@ def main() -> int:
         median = statistics.median(values)
         extra = "" if name.startswith("bare") else f"  bare + {median - bare:.2f} s"
         print(f"{name:24s} median {median:.2f} s  ({', '.join(f'{v:.2f}' for v in values)}){extra}")
+    print("first volume in hand (the timeline's first_read, seconds since the process began):")
+    for name, values in first_read.items():
+        print(f"  {name:22s} median {statistics.median(values):.2f} s  ({', '.join(f'{v:.2f}' for v in values)})")
     print("exit alone (last time.time() of the child to its end, seen by the parent):")
     for name, values in exits.items():
         print(f"  {name:32s} median {statistics.median(values):.3f} s  ({', '.join(f'{v:.3f}' for v in values)})")
