@@ -258,18 +258,16 @@ class StreamingPostprocessor:
 
     def _label(self, labels: np.ndarray, stop: int) -> None:
         """Label slices ``[self._done, stop)``, with the previous plane in front to link across the cut."""
-        start = self._done
-        linked = self._last_plane is not None
-        block = labels[start - 1 if linked else start : stop]  # a C-ordered view: no copy
+        start, before = self._done, self._last_plane  # before: the previous plane's global ids, if any
+        block = labels[start if before is None else start - 1 : stop]  # a C-ordered view: no copy
         components, n = cc3d.connected_components(block, connectivity=self.connectivity, return_N=True)
-        own, own_labels = (components[1:], block[1:]) if linked else (components, block)
+        own, own_labels = (components, block) if before is None else (components[1:], block[1:])
         first = self._count  # ids first + 1 .. first + n are this slab's
         ids, values, _ = _voxels_to_count(own.reshape(-1), own_labels.reshape(-1))
         sizes, component_label = _component_table(ids, values, n)
         del ids, values
-        if linked and self._last_plane is not None:
+        if before is not None:
             # The shared plane: each foreground voxel's id in the previous slab and its id here.
-            before = self._last_plane
             here = components[0].reshape(-1)
             fg = before != 0
             pairs = np.stack([before[fg], here[fg].astype(np.int64) + first])

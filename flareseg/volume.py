@@ -213,25 +213,15 @@ def _load(path: Path, threads: int = 1) -> tuple[nib.Nifti1Image, np.ndarray, fl
     if min(shape[:3]) < 1:
         raise FlareSegError(f"{path}: empty volume of shape {tuple(shape)}")
     proxy = img.dataobj
-    # Raw stored values: scaling is applied later, per slice batch, to keep memory low.
-    damage: _DamagedStream | None = None
     try:
-        data = _inflate_voxels(path, proxy, threads)
-    except _DamagedStream as exc:
-        data, damage = None, exc
-    except MemoryError:
-        raise FlareSegError(f"{path}: {_too_big(img)}") from None
-    if data is None:  # an uncompressed file (memory-mapped) or a damaged one, whose error nibabel words as always
-        try:
-            data = proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else np.asarray(proxy)
-        except (EOFError, zlib.error, OSError, ValueError, OverflowError) as exc:
-            why = " ".join(line.strip() for line in str(exc).splitlines())
-            raise FlareSegError(f"{path}: truncated or corrupt voxel data ({why})") from None
-        except MemoryError:
-            raise FlareSegError(f"{path}: {_too_big(img)}") from None
-        if damage is not None:  # nibabel got its bytes, but the stream's checksum, length or tail is wrong
-            log.debug("%s: %s", path, damage)
-            raise FlareSegError(f"{path}: truncated or corrupt voxel data (the gzip stream fails its integrity check)")
+        data = _stored_voxels(path, proxy, threads)
+    except MemoryError:  # a header whose grid cannot be allocated, whichever reader tried
+        grid = tuple(int(n) for n in shape)
+        size = int(np.prod(grid, dtype=np.float64)) * np.dtype(img.get_data_dtype()).itemsize
+        raise FlareSegError(
+            f"{path}: the header's grid {grid} needs {size / 2**30:.1f} GiB, more memory than this machine "
+            "could allocate"
+        ) from None
     if data.ndim == 4:
         data = data[..., 0]
     slope = float(getattr(proxy, "slope", 1.0))
@@ -241,10 +231,25 @@ def _load(path: Path, threads: int = 1) -> tuple[nib.Nifti1Image, np.ndarray, fl
     return img, data, slope, inter
 
 
-def _too_big(img: nib.Nifti1Image) -> str:
-    shape = tuple(int(n) for n in img.shape)
-    size = int(np.prod(shape, dtype=np.float64)) * np.dtype(img.get_data_dtype()).itemsize
-    return f"the header's grid {shape} needs {size / 2**30:.1f} GiB, more memory than this machine could allocate"
+def _stored_voxels(path: Path, proxy: Any, threads: int) -> np.ndarray:
+    """The raw stored values (scaling is applied later, per slice batch, to keep memory low); one-line errors."""
+    damage: _DamagedStream | None = None
+    try:
+        data = _inflate_voxels(path, proxy, threads)
+    except _DamagedStream as exc:
+        data, damage = None, exc
+    if data is not None:
+        return data
+    # An uncompressed file (memory-mapped) or a damaged one, whose error nibabel words as always.
+    try:
+        data = proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else np.asarray(proxy)
+    except (EOFError, zlib.error, OSError, ValueError, OverflowError) as exc:
+        why = " ".join(line.strip() for line in str(exc).splitlines())
+        raise FlareSegError(f"{path}: truncated or corrupt voxel data ({why})") from None
+    if damage is not None:  # nibabel got its bytes, but the stream's checksum, length or tail is wrong
+        log.debug("%s: %s", path, damage)
+        raise FlareSegError(f"{path}: truncated or corrupt voxel data (the gzip stream fails its integrity check)")
+    return data
 
 
 class _DamagedStream(Exception):

@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from flareseg.bench.measure import NvmlSampler  # noqa: E402
+from flareseg.bench.measure import NvmlSampler, label_map, voxel_agreement  # noqa: E402
 
 SETTINGS: dict[str, list[str]] = {
     # fp32 first: every later run is compared with its labels. Then the raw labels host_cpu.py needs.
@@ -123,9 +123,7 @@ def fresh_case(infer: list[str], pred: Path, flags: list[str], cuda: bool) -> di
 
 
 def agreement(pred: Path, reference: np.ndarray | None) -> float | None:
-    if reference is None or not pred.exists():
-        return None
-    return float(np.mean(np.asarray(nib.load(pred).dataobj) == reference))
+    return voxel_agreement(label_map(pred), reference) if reference is not None and pred.exists() else None
 
 
 def main() -> int:
@@ -215,7 +213,7 @@ def main() -> int:
         pred = work / f"pred-{name}.nii.gz"
         row = fresh_case([*infer, "-i", str(ct)], pred, flags, cuda)
         if name == "fp32" and pred.exists():
-            reference = np.asarray(nib.load(pred).dataobj)
+            reference = label_map(pred)
         if name != "no-postprocess":  # raw labels: not comparable with post-processed ones
             row["agreement_with_fp32"] = agreement(pred, reference)
         report["runs"][name] = record(row)

@@ -188,12 +188,6 @@ def verdict(row: dict[str, Any], tol: Tolerance) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def _labels(path: str | Path) -> np.ndarray:
-    from flareseg.volume import read_labels
-
-    return read_labels(path)[0]
-
-
 def _prepare_models(cfg: CheckConfig, work: Path) -> tuple[dict[str, Path], dict[str, dict[str, Any]]]:
     """The backends' models, and a FAIL row for each INT8 backend whose export missed its agreement.
 
@@ -252,7 +246,7 @@ def _run_backend(
 
 def run_check(config: CheckConfig) -> dict[str, Any]:
     """Every backend against the reference: the rows of the table and whether all passed."""
-    from flareseg.bench.measure import voxel_agreement
+    from flareseg.bench.measure import label_map, voxel_agreement
     from flareseg.bench.run import check_backends, machine_section
 
     cfg = config.resolved()
@@ -277,7 +271,7 @@ def run_check(config: CheckConfig) -> dict[str, Any]:
     volume = cfg.input or _phantom(cfg, work)
     t0 = time.perf_counter()
     ref_row, ref_out, slices = _run_backend(ALL_BACKENDS[ref_name], models, cfg, volume, None)
-    ref_labels = _labels(ref_row["output"])
+    ref_labels = label_map(ref_row["output"])
     rows: list[dict[str, Any]] = []
     for name in cfg.backends:
         backend = ALL_BACKENDS[name]
@@ -304,7 +298,7 @@ def run_check(config: CheckConfig) -> dict[str, Any]:
             rows.append({"backend": name, "precision": backend.precision, "status": "ERROR", "error": str(exc)})
             continue
         row.update(compare(ref_out, out))
-        row["volume_agreement"] = voxel_agreement(_labels(row["output"]), ref_labels)
+        row["volume_agreement"] = voxel_agreement(label_map(row["output"]), ref_labels)
         tol = tolerance_for(row["math"], row["output_kind"])
         row["tolerance"] = tol.describe()
         row["status"] = verdict(row, tol)
@@ -330,10 +324,6 @@ def run_check(config: CheckConfig) -> dict[str, Any]:
     }
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.3f}"
-
-
 def _logit_diff(row: dict[str, Any]) -> str:
     if row.get("max_abs_logit_diff") is None:
         return "n/a (labels)" if row.get("output_kind") == "labels" else "n/a"
@@ -341,7 +331,7 @@ def _logit_diff(row: dict[str, Any]) -> str:
 
 
 def markdown(report: dict[str, Any], command: str) -> str:
-    from flareseg.bench.report import machine_line
+    from flareseg.bench.report import machine_line, percent
 
     lines = [
         "# flare-bench --check",
@@ -363,9 +353,10 @@ def markdown(report: dict[str, Any], command: str) -> str:
     for r in report["rows"]:
         if r["status"] in ("ERROR", "SKIPPED") or r.get("error"):
             held = r.get("held_out_agreement")  # an export that failed its own check: its figure
-            agreement = (
-                f"{_pct(held)} (export's held-out slices)" if held is not None else _pct(r.get("slice_agreement"))
-            )
+            if held is not None:
+                agreement = f"{percent(held, 3)} (export's held-out slices)"
+            else:
+                agreement = percent(r.get("slice_agreement"), 3)
             lines.append(
                 f"| {r['backend']} | {r['precision']} | {r.get('math', '')} | {agreement} "
                 f"| | | {r.get('tolerance', '')} | {r['status']}: {r['error']} | |"
@@ -375,8 +366,8 @@ def markdown(report: dict[str, Any], command: str) -> str:
             r["backend"],
             r["precision"],
             r["math"],
-            _pct(r.get("slice_agreement")),
-            _pct(r.get("volume_agreement")),
+            percent(r.get("slice_agreement"), 3),
+            percent(r.get("volume_agreement"), 3),
             "reference" if r["status"] == "reference" else _logit_diff(r),
             r.get("tolerance", ""),
             r["status"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import statistics
 import threading
 import time
@@ -246,6 +247,13 @@ def memory_time_area(times: Sequence[float], samples: Sequence[int], *, idle: in
         return None
     above = [max(0, s - idle) / MIB for s in samples]
     return sum((times[i + 1] - times[i]) * (above[i] + above[i + 1]) / 2 for i in range(len(above) - 1))
+
+
+def label_map(path: str | os.PathLike[str]) -> Any:
+    """A written label map's voxels, read and checked as flare-eval reads them."""
+    from flareseg.volume import read_labels
+
+    return read_labels(path)[0]
 
 
 def voxel_agreement(a: Any, b: Any) -> float:

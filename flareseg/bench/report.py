@@ -44,7 +44,8 @@ def _flops_gap(model: dict[str, Any]) -> str:
     return "."
 
 
-def _pct(x: float | None, digits: int = 2) -> str:
+def percent(x: float | None, digits: int = 2) -> str:
+    """A fraction as a percentage with ``digits`` decimals; n/a for None."""
     return "n/a" if x is None else f"{100 * x:.{digits}f}"
 
 
@@ -101,7 +102,7 @@ def _latency_lines(report: dict[str, Any]) -> list[str]:
                 f"{1000 * r['slice_p10_s']:.1f}",
                 f"{1000 * r['slice_p90_s']:.1f}",
                 f"{r['slices_per_s']:.2f}",
-                _pct(r.get("fraction_of_matmul_peak"), 1),
+                percent(r.get("fraction_of_matmul_peak"), 1),
                 _mb(r.get("peak_rss_mb")),
                 _allocated(r, "peak_allocated_mb"),
                 _mb(r.get("nvml_flare21_max_mb")),
@@ -173,7 +174,7 @@ def _side_by_side_lines(report: dict[str, Any]) -> list[str]:
     ]
     for name, entry in backends.items():
         best, vol = entry["best"], volumes.get(name, {})
-        agreement = "reference" if name == ref else _pct(vol.get("agreement_with_fp32"), 3)
+        agreement = "reference" if name == ref else percent(vol.get("agreement_with_fp32"), 3)
         cells = [
             name,
             entry.get("precision", vol.get("precision", "")),

@@ -149,12 +149,16 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
     return report
 
 
-def peak_key(backend: Backend) -> str:
-    """Which measured matrix-product peak a backend's rate is compared with: device and arithmetic."""
+def _peak_math(backend: Backend) -> str:
+    """The arithmetic of the peak a backend is compared with (fp32, tf32, fp16, ...)."""
     from flareseg.bench.measure import convolution_math
 
-    device = torch.device(backend.device)
-    return f"{backend.device}-{convolution_math(device, backend.precision, backend.kind)}"
+    return convolution_math(torch.device(backend.device), backend.precision, backend.kind)
+
+
+def peak_key(backend: Backend) -> str:
+    """Which measured matrix-product peak a backend's rate is compared with: device and arithmetic."""
+    return f"{backend.device}-{_peak_math(backend)}"
 
 
 def matmul_peaks(cfg: BenchConfig) -> dict[str, float]:
@@ -171,8 +175,7 @@ def matmul_peaks(cfg: BenchConfig) -> dict[str, float]:
     dtypes = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     for name in cfg.backends:
         b = ALL_BACKENDS[name]
-        key = peak_key(b)
-        math = key.split("-", 1)[1]
+        key, math = peak_key(b), _peak_math(b)
         if key in peaks or math not in dtypes or (b.device == "cpu" and math != "fp32"):
             continue
         peaks[key] = matmul_peak_flops(torch.device(b.device), dtypes[math], tf32=math == "tf32")
@@ -340,12 +343,6 @@ def segment_volume(backend: Backend, models: dict[str, Path], batch: int, volume
     return row
 
 
-def _labels(path: str | Path) -> Any:
-    from flareseg.volume import read_labels
-
-    return read_labels(path)[0]
-
-
 def _reference_volume(
     cfg: BenchConfig, models: dict[str, Path], results: dict[str, Any], volume: Path
 ) -> tuple[str, Path, dict[str, Any] | None] | None:
@@ -385,16 +382,16 @@ def volume_section(cfg: BenchConfig, models: dict[str, Path], latency: dict[str,
     section: dict[str, Any] = {"input": str(volume), "stages": list(STAGES), "reference": None, "results": results}
     reference = _reference_volume(cfg, models, results, volume)
     if reference is not None:
-        from flareseg.bench.measure import voxel_agreement
+        from flareseg.bench.measure import label_map, voxel_agreement
 
         ref_name, ref_path, ref_run = reference
         section["reference"] = ref_name
         if ref_run is not None:
             section["reference_run"] = ref_run
-        ref_labels = _labels(ref_path)
+        ref_labels = label_map(ref_path)
         for name, row in results.items():
             if name != ref_name:
-                row["agreement_with_fp32"] = voxel_agreement(_labels(row["output"]), ref_labels)
+                row["agreement_with_fp32"] = voxel_agreement(label_map(row["output"]), ref_labels)
     return section
 
 

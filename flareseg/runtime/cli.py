@@ -272,8 +272,7 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader) -> int:
         "warm_up": args.warm_up,
         "timeline": timeline,
         "overlap_postprocess": args.overlap_postprocess,
-        "read_threads": args.read_threads,
-        "reader": reader,
+        "reader": reader,  # it reads with --read-threads
     }
     results: list[CaseTiming] = []
     context: dict[str, Any] = {

@@ -122,7 +122,7 @@ def infer_volume(
     elif runner.device.type == "cuda":
         _infer_cuda(stored, normalizer, runner, batch_size, done, times)
     else:
-        _infer_cpu(stored, normalizer, runner, batch_size, labels, done, times)
+        _infer_cpu(stored, normalizer, runner, batch_size, done, times)
     times.infer_s -= times.on_labels_s - callbacks_before
     return labels
 
@@ -180,7 +180,6 @@ def _infer_cpu(
     normalizer: SliceNormalizer,
     runner: Runner,
     batch_size: int,
-    labels: np.ndarray,
     done: _Done,
     times: InferenceTimes,
 ) -> None:
@@ -195,7 +194,7 @@ def _infer_cpu(
         t1 = time.perf_counter()
         with torch.inference_mode():
             out = run_padded(runner, network_batch(x, net_size, channels), min_batch)
-            labels[start:stop] = scores_to_labels(out, size, runner.output_kind).numpy()
+            done.labels[start:stop] = scores_to_labels(out, size, runner.output_kind).numpy()
         t2 = time.perf_counter()
         times.normalize_s += t1 - t0
         times.infer_s += t2 - t1

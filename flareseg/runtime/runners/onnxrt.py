@@ -219,11 +219,12 @@ class OnnxRuntimeRunner(Runner):
         cuda = ("CUDAExecutionProvider", {"device_id": str(self.device_id)})
         if self.provider == "cuda":
             return [cuda]
-        cache: Path | None = tensorrt_cache_dir(self.path)
+        cache_dir = tensorrt_cache_dir(self.path)
+        cache: Path | None = cache_dir
         try:
-            tensorrt_cache_dir(self.path).mkdir(exist_ok=True)
+            cache_dir.mkdir(exist_ok=True)
         except OSError as exc:
-            log.warning("%s: no TensorRT engine cache (%s); the engine is rebuilt for every session", cache, exc)
+            log.warning("%s: no TensorRT engine cache (%s); the engine is rebuilt for every session", cache_dir, exc)
             cache = None
         trt = tensorrt_provider_options(
             input_name=self.meta.input_name,
