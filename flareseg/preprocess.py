@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from flareseg.errors import FlareSegError
+from flareseg.percentiles import (
+    MAX_HISTOGRAM_BINS,
+    ValueHistogram,
+    check_percentiles,
+    exact_percentiles,
+    numpy_lerp,
+    order_statistics,
+)
 
 DEFAULT_PERCENTILES = (1.0, 99.0)
 
@@ -68,161 +76,6 @@ class NormalizationStats:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as exc:
             raise FlareSegError(f"invalid normalisation statistics JSON: {exc}") from None
-
-
-#: Integer dtypes whose percentiles come from a histogram of the stored values (one pass, exact).
-_SMALL_INTS = (np.int8, np.uint8, np.int16, np.uint16)
-_WIDE_INTS = (np.int32, np.uint32)
-#: Widest value range (max - min + 1) histogrammed for 4-byte integers; wider ranges use np.percentile.
-MAX_HISTOGRAM_BINS = 1 << 22
-#: Voxels counted per np.bincount call: bounds its temporary intp copy (8 MB) while amortising the call.
-_CHUNK = 1 << 20
-
-
-def _check_percentiles(percentiles: Sequence[float]) -> tuple[float, ...]:
-    qs = tuple(float(p) for p in percentiles)
-    if not all(0.0 <= q <= 100.0 for q in qs):  # also refuses NaN
-        raise FlareSegError(f"percentiles must lie in [0, 100], got {tuple(percentiles)}")
-    return qs
-
-
-def _ranks(n: int, q: float) -> tuple[int, int, float]:
-    """numpy's 'linear' method: the two order statistics (0-based) around q and the interpolation weight.
-
-    Written after numpy's ``_quantile``/``_get_indexes``/``_get_gamma`` so that the float64
-    arithmetic is the same: virtual index (n - 1) * (q / 100), floor and next; an index at
-    or past the last element takes the last one, with weight ``index + 1`` as numpy has it.
-    """
-    virtual = (n - 1) * (q / 100.0)
-    if virtual >= n - 1:
-        return n - 1, n - 1, virtual + 1.0
-    below = math.floor(virtual)
-    return below, below + 1, virtual - below
-
-
-def _lerp(a: float, b: float, diff: float, t: float) -> float:
-    """numpy's ``_lerp``: a + (b - a) t, switching to b - (b - a)(1 - t) for t >= 0.5 (exact at t = 1)."""
-    return b - diff * (1.0 - t) if t >= 0.5 else a + diff * t
-
-
-def _memory_order(volume: np.ndarray) -> np.ndarray:
-    """A view of the same voxels with flips undone and axes ordered by stride: contiguous if the storage is.
-
-    A histogram does not care about voxel order, so a flipped or transposed view of a
-    contiguous buffer (nibabel's Fortran-ordered arrays seen through a reorientation) is
-    counted straight from its storage, without a copy.
-    """
-    flips = tuple(slice(None, None, -1) if st < 0 else slice(None) for st in volume.strides)
-    v = volume[flips]
-    return v.transpose(sorted(range(v.ndim), key=lambda i: -v.strides[i]))
-
-
-def _pieces(volume: np.ndarray) -> Iterator[np.ndarray]:
-    """The voxels as 1-D pieces of about ``_CHUNK`` each: views where the storage is contiguous, else slab copies."""
-    v = _memory_order(volume)
-    if v.flags.c_contiguous:
-        flat = v.reshape(-1)
-        for i in range(0, flat.size, _CHUNK):
-            yield flat[i : i + _CHUNK]
-        return
-    # Non-contiguous storage (a crop, a strided view): slabs along the slowest axis, copied one at a time.
-    per_row = max(1, v[0].size) if v.ndim > 1 else 1
-    rows = max(1, _CHUNK // per_row)
-    for i in range(0, v.shape[0], rows):
-        yield np.ascontiguousarray(v[i : i + rows]).reshape(-1)
-
-
-def _integer_histogram(volume: np.ndarray) -> tuple[np.ndarray, int] | None:
-    """Counts of every stored integer value from the smallest up, and that smallest value; None if too wide."""
-    dtype = volume.dtype
-    if dtype.type in _SMALL_INTS:
-        # Count the unsigned bit patterns (no offset arithmetic, no min/max pass), then rotate
-        # the negative half of a signed type below the positive half.
-        bits = 8 * dtype.itemsize
-        unsigned = np.dtype(f"u{dtype.itemsize}").newbyteorder(dtype.byteorder)  # NIfTI may be big-endian
-        counts = np.zeros(1 << bits, dtype=np.int64)
-        for piece in _pieces(volume):
-            counts += np.bincount(piece.view(unsigned), minlength=1 << bits)
-        if dtype.kind == "i":
-            return np.roll(counts, 1 << (bits - 1)), -(1 << (bits - 1))
-        return counts, 0
-    if dtype.type in _WIDE_INTS:
-        low, high = int(volume.min()), int(volume.max())
-        if high - low + 1 > MAX_HISTOGRAM_BINS:
-            return None
-        counts = np.zeros(high - low + 1, dtype=np.int64)
-        buf = np.empty(_CHUNK, dtype=np.intp)
-        for piece in _pieces(volume):
-            offsets = buf[: piece.size]
-            np.subtract(piece, low, out=offsets, dtype=np.intp, casting="unsafe")
-            counts += np.bincount(offsets, minlength=counts.size)
-        return counts, low
-    return None
-
-
-def _percentiles_from_counts(counts: np.ndarray, low: int, qs: tuple[float, ...]) -> tuple[float, ...]:
-    """Percentiles from a histogram of integer values ``low, low + 1, ...``: numpy's linear method, exactly."""
-    cumulative = np.cumsum(counts)
-    n = int(cumulative[-1])
-    out = []
-    for q in qs:
-        i, j, t = _ranks(n, q)
-        # The value of order statistic k is the first bin whose cumulative count exceeds k.
-        a, b = (int(v) + low for v in np.searchsorted(cumulative, (i, j), side="right"))
-        # (b - a) in float64 is exact for these integers; numpy subtracts in the stored
-        # dtype and wraps when they differ by more than the dtype's maximum (see exact_percentiles).
-        out.append(_lerp(float(a), float(b), float(b) - float(a), t))
-    return tuple(out)
-
-
-@dataclass(frozen=True, eq=False)  # an array field: equality would be ambiguous
-class ValueHistogram:
-    """How many voxels hold each stored integer value, from ``low`` up: all that exact percentiles need.
-
-    The pipeline counts it in its reader thread, right after a volume is read, so that
-    the percentiles cost nothing on the path to the device.
-    """
-
-    counts: np.ndarray
-    low: int
-
-    @property
-    def voxels(self) -> int:
-        return int(self.counts.sum())
-
-    def percentiles(self, percentiles: Sequence[float]) -> tuple[float, ...]:
-        """``np.percentile`` of the counted volume (linear method), bit for bit; see :func:`exact_percentiles`."""
-        return _percentiles_from_counts(self.counts, self.low, _check_percentiles(percentiles))
-
-
-def value_histogram(volume: np.ndarray) -> ValueHistogram | None:
-    """The histogram of an integer volume's stored values, in one pass; None for float volumes and wide ranges."""
-    volume = np.asarray(volume)
-    if volume.size == 0:
-        raise FlareSegError("cannot take percentiles of an empty volume")
-    volume = volume.reshape(1) if volume.ndim == 0 else volume
-    hist = _integer_histogram(volume) if volume.dtype.kind in "iu" else None
-    return ValueHistogram(*hist) if hist is not None else None
-
-
-def exact_percentiles(volume: np.ndarray, percentiles: Sequence[float]) -> tuple[float, ...]:
-    """``np.percentile(volume, percentiles)`` (linear method) in one pass, bit for bit, for integer volumes.
-
-    Integer volumes of up to 16 bits (and 32-bit ones whose value range is at most
-    ``MAX_HISTOGRAM_BINS``) are counted with ``np.bincount`` a chunk at a time, straight
-    from their storage when it is contiguous in any axis order; the two order statistics
-    around each percentile are read off the cumulative counts and interpolated with
-    numpy's own formula. No sort, no float copy. Other dtypes (float CT) use np.percentile.
-
-    One deliberate difference: numpy computes ``b - a`` in the stored integer dtype, which
-    wraps when adjacent order statistics differ by more than its maximum (e.g. -32768 and
-    1 in int16) and then returns a value outside [a, b]; here ``b - a`` is exact.
-    """
-    qs = _check_percentiles(percentiles)
-    hist = value_histogram(volume)
-    if hist is None:
-        return tuple(float(v) for v in np.percentile(volume, qs))
-    return hist.percentiles(qs)
 
 
 def clip_bounds(volume: np.ndarray, percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> tuple[float, float]:
@@ -304,12 +157,12 @@ def tensor_percentiles(values: torch.Tensor, percentiles: Sequence[float]) -> tu
     (exact for integers; in the tensor's dtype for floats, as numpy does). Only the few
     order statistics leave the device.
     """
-    qs = _check_percentiles(percentiles)
+    qs = check_percentiles(percentiles)
     flat = values.reshape(-1)
     n = flat.numel()
     if n == 0:
         raise FlareSegError("cannot take percentiles of an empty volume")
-    ranks = [_ranks(n, q) for q in qs]
+    ranks = [order_statistics(n, q) for q in qs]
     if values.dtype in _TORCH_INTS:
         low_t, high_t = torch.aminmax(flat)
         low, high = int(low_t), int(high_t)
@@ -324,7 +177,7 @@ def tensor_percentiles(values: torch.Tensor, percentiles: Sequence[float]) -> tu
             wanted = torch.tensor([k for i, j, _ in ranks for k in (i, j)], dtype=torch.int64, device=flat.device)
             found = (torch.searchsorted(cumulative, wanted, right=True) + low).tolist()
             return tuple(
-                _lerp(float(a), float(b), float(b) - float(a), t)
+                numpy_lerp(float(a), float(b), float(b) - float(a), t)
                 for (_, _, t), a, b in zip(ranks, found[0::2], found[1::2], strict=True)
             )
     out = []
@@ -332,7 +185,7 @@ def tensor_percentiles(values: torch.Tensor, percentiles: Sequence[float]) -> tu
         a_t = torch.kthvalue(flat, i + 1).values
         b_t = torch.kthvalue(flat, j + 1).values if j != i else a_t
         diff = float(b_t - a_t) if values.dtype.is_floating_point else float(b_t) - float(a_t)
-        out.append(_lerp(float(a_t), float(b_t), diff, t))
+        out.append(numpy_lerp(float(a_t), float(b_t), diff, t))
     return tuple(out)
 
 

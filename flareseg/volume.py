@@ -23,6 +23,7 @@ import gzip
 import logging
 import os
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,11 @@ GZIP_LEVEL = 1
 #: larger steps keep a read in a thread near its speed alone.
 _READ_CHUNK = 4 << 20
 _INFLATE_PIECE = 8 << 20
+#: Least inflated bytes handed to an ``on_voxels`` callback at once (the last piece may be smaller).
+_VOXEL_PIECE = 4 << 20
+
+#: Called with each stretch of stored voxels as soon as it is inflated: a 1-D view, in storage order.
+VoxelsCallback = Callable[[np.ndarray], None]
 
 
 @dataclass(frozen=True)
@@ -189,7 +195,9 @@ def check_read_threads(threads: int) -> None:
             ) from None
 
 
-def _load(path: Path, threads: int = 1) -> tuple[nib.Nifti1Image, np.ndarray, float, float]:
+def _load(
+    path: Path, threads: int = 1, on_voxels: VoxelsCallback | None = None
+) -> tuple[nib.Nifti1Image, np.ndarray, float, float]:
     """Load a file: image, raw stored voxels, scl_slope and scl_inter; one-line errors."""
     if not path.exists():
         raise FlareSegError(f"{path}: file not found")
@@ -214,7 +222,7 @@ def _load(path: Path, threads: int = 1) -> tuple[nib.Nifti1Image, np.ndarray, fl
         raise FlareSegError(f"{path}: empty volume of shape {tuple(shape)}")
     proxy = img.dataobj
     try:
-        data = _stored_voxels(path, proxy, threads)
+        data = _stored_voxels(path, proxy, threads, on_voxels)
     except MemoryError:  # a header whose grid cannot be allocated, whichever reader tried
         grid = tuple(int(n) for n in shape)
         size = int(np.prod(grid, dtype=np.float64)) * np.dtype(img.get_data_dtype()).itemsize
@@ -231,11 +239,11 @@ def _load(path: Path, threads: int = 1) -> tuple[nib.Nifti1Image, np.ndarray, fl
     return img, data, slope, inter
 
 
-def _stored_voxels(path: Path, proxy: Any, threads: int) -> np.ndarray:
+def _stored_voxels(path: Path, proxy: Any, threads: int, on_voxels: VoxelsCallback | None = None) -> np.ndarray:
     """The raw stored values (scaling is applied later, per slice batch, to keep memory low); one-line errors."""
     damage: _DamagedStream | None = None
     try:
-        data = _inflate_voxels(path, proxy, threads)
+        data = _inflate_voxels(path, proxy, threads, on_voxels)
     except _DamagedStream as exc:
         data, damage = None, exc
     if data is not None:
@@ -256,7 +264,9 @@ class _DamagedStream(Exception):
     """The gzip stream of a file is truncated or corrupt (raised by :func:`_inflate_voxels`)."""
 
 
-def _inflate_voxels(path: Path, proxy: Any, threads: int = 1) -> np.ndarray | None:
+def _inflate_voxels(
+    path: Path, proxy: Any, threads: int = 1, on_voxels: VoxelsCallback | None = None
+) -> np.ndarray | None:
     """The stored voxels of a ``.nii.gz``, inflated by ISA-L (zlib without it); None for other files.
 
     The compressed file is streamed 4 MiB at a time into one buffer of the voxels' size,
@@ -264,6 +274,10 @@ def _inflate_voxels(path: Path, proxy: Any, threads: int = 1) -> np.ndarray | No
     compressed file, none of the voxels. The gzip member that holds the last voxel is
     inflated to its end, so its CRC-32 and length are checked (nibabel's reader stops at
     the last voxel and never checks them). Raises :class:`_DamagedStream`.
+
+    ``on_voxels`` sees the voxels a few MiB at a time as the one-core inflater stores them
+    (rapidgzip's parallel reads hand over nothing). After a :class:`_DamagedStream` it
+    has seen only part of them.
     """
     if not path.name.endswith(".gz"):
         return None
@@ -279,19 +293,37 @@ def _inflate_voxels(path: Path, proxy: Any, threads: int = 1) -> np.ndarray | No
         return buffer.view(dtype).reshape(shape, order=order)
     inflater = _isal_zlib if _isal_zlib is not None else zlib
     errors: tuple[type[BaseException], ...] = (EOFError, OSError, ValueError, zlib.error, inflater.error)
+    filled = _voxel_feeder(buffer, dtype, on_voxels) if on_voxels is not None else None
     try:
-        _inflate_into(path, offset, buffer.data, inflater)
+        _inflate_into(path, offset, buffer.data, inflater, filled)
     except errors as exc:
         raise _DamagedStream(str(exc)) from None
     return buffer.view(dtype).reshape(shape, order=order)
 
 
-def _inflate_into(path: Path, offset: int, out: memoryview, inflater: Any) -> None:
+def _voxel_feeder(buffer: np.ndarray, dtype: np.dtype, on_voxels: VoxelsCallback) -> Callable[[int], None]:
+    """A progress callback for :func:`_inflate_into` that hands ``on_voxels`` each new stretch of whole voxels."""
+    sent = 0
+
+    def filled(nbytes: int) -> None:
+        nonlocal sent
+        ready = nbytes - nbytes % dtype.itemsize
+        if ready - sent >= _VOXEL_PIECE or (ready == buffer.size and ready > sent):
+            on_voxels(buffer[sent:ready].view(dtype))
+            sent = ready
+
+    return filled
+
+
+def _inflate_into(
+    path: Path, offset: int, out: memoryview, inflater: Any, filled: Callable[[int], None] | None = None
+) -> None:
     """Inflate the gzip file ``path`` (one or more members) and store bytes offset..offset+len(out) in ``out``.
 
     ``inflater`` is ``zlib`` or ISA-L's ``isal_zlib`` (same interface); ``wbits=31``
     makes it parse the gzip header and check the trailer. Output is taken a bounded piece
     at a time, so memory stays at ``out`` plus a few MiB whatever the compression ratio.
+    ``filled(n)`` is called whenever the first ``n`` bytes of ``out`` have been stored.
     """
     end = offset + len(out)
     pos = 0  # uncompressed bytes produced so far
@@ -325,6 +357,8 @@ def _inflate_into(path: Path, offset: int, out: memoryview, inflater: Any) -> No
             lo, hi = max(pos, offset), min(pos + len(piece), end)
             if lo < hi:
                 out[lo - offset : hi - offset] = memoryview(piece)[lo - pos : hi - pos]
+                if filled is not None:
+                    filled(hi - offset)
             pos += len(piece)
 
 
@@ -437,7 +471,7 @@ def from_canonical(array: np.ndarray, geometry: VolumeGeometry) -> np.ndarray:
     return apply_orientation(array.transpose(2, 1, 0), back)
 
 
-def read_ct(path: str | os.PathLike[str], *, threads: int = 1) -> Volume:
+def read_ct(path: str | os.PathLike[str], *, threads: int = 1, on_voxels: VoxelsCallback | None = None) -> Volume:
     """Read a 3D CT volume in the canonical slice layout, keeping its stored dtype and scaling.
 
     ``threads``: cores that inflate a ``.nii.gz`` at once (0: all), through rapidgzip;
@@ -448,10 +482,16 @@ def read_ct(path: str | os.PathLike[str], *, threads: int = 1) -> Volume:
     strides for permuted axes otherwise. numpy accepts any of these; ``torch.from_numpy``
     refuses negative strides, so copy a batch of slices (``np.ascontiguousarray``) or
     ``np.copyto`` it into a staging buffer before handing it to torch.
+
+    ``on_voxels``: called, in the reading thread, with each stretch of stored voxels as
+    soon as the one-core inflater of a ``.nii.gz`` has stored it (1-D views in storage
+    order and the file's dtype, a few MiB each, together all the voxels). Other reads do
+    not call it, and a read that fails may have called it for part of the voxels. The
+    pipeline counts the percentiles' histogram this way while the file inflates.
     """
     path = Path(path)
     check_read_threads(threads)
-    img, data, slope, inter = _load(path, threads)
+    img, data, slope, inter = _load(path, threads, on_voxels)
     geometry = _geometry(path, img)
     if data.dtype.kind not in "iuf":
         raise FlareSegError(f"{path}: unsupported voxel type {data.dtype}")

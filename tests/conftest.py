@@ -148,3 +148,13 @@ def trained_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("trained") / "small.pt"
     save_checkpoint(path, net.eval(), ModelInfo(network=net.config, normalization=stats, slice_size=TRAINED_SIZE))
     return path
+
+
+def float_bits(values) -> list[int]:
+    """float64 bit patterns: equality of these is bit-identity (also tells 0.0 from -0.0)."""
+    return [int(np.float64(v).view(np.int64)) for v in values]
+
+
+def numpy_percentiles(volume, qs) -> list[float]:
+    """np.percentile with the linear method, as floats: what exact percentiles must equal."""
+    return [float(v) for v in np.percentile(volume, qs, method="linear")]

@@ -7,13 +7,14 @@ import sys
 import threading
 import time
 
+import nibabel as nib
 import numpy as np
 import pytest
 from conftest import save
 
 from flareseg.errors import FlareSegError
+from flareseg.percentiles import exact_percentiles, value_histogram
 from flareseg.phantom import make_phantom
-from flareseg.preprocess import exact_percentiles
 from flareseg.runtime import reading
 from flareseg.runtime.reading import Reader, read_stage
 
@@ -27,6 +28,44 @@ def test_read_stage_gives_the_volume_and_the_exact_percentiles(tmp_path):
     assert read.volume.array.shape == (5, 36, 40) and read.read_s >= 0 and read.histogram_s >= 0
     assert read.histogram is not None
     assert read.histogram.percentiles((1.0, 99.0)) == exact_percentiles(read.volume.array, (1.0, 99.0))
+
+
+def _whole_counts(monkeypatch) -> list[tuple[int, ...]]:
+    """Spy on the read stage's count of a whole volume (the fallback when nothing was counted while inflating)."""
+    calls: list[tuple[int, ...]] = []
+    real = reading.value_histogram
+    monkeypatch.setattr(reading, "value_histogram", lambda a: calls.append(a.shape) or real(a))
+    return calls
+
+
+def test_a_gzipped_int16_file_is_counted_while_it_inflates_and_other_reads_after(tmp_path, monkeypatch):
+    whole = _whole_counts(monkeypatch)
+    image = make_phantom((40, 36, 5), (8.0, 8.0, 10.0), seed=3).to_nifti()[0]
+    gz, plain = save(image, tmp_path / "a_0000.nii.gz"), save(image, tmp_path / "b_0000.nii")
+    streamed, after = read_stage(gz), read_stage(plain)
+    assert whole == [(5, 36, 40)]  # the .nii only: the .nii.gz was counted while it inflated
+    for read in (streamed, after):
+        assert read.histogram is not None
+        expected = value_histogram(read.volume.array)
+        np.testing.assert_array_equal(read.histogram.counts, expected.counts)
+        assert read.histogram.low == expected.low
+    floats = nib.Nifti1Image(np.asarray(image.dataobj, dtype=np.float32), image.affine)
+    assert read_stage(save(floats, tmp_path / "c_0000.nii.gz")).histogram is None  # float CT: np.percentile later
+    wide = nib.Nifti1Image(np.asarray(image.dataobj, dtype=np.int32), image.affine)
+    read = read_stage(save(wide, tmp_path / "d_0000.nii.gz"))
+    assert read.histogram is not None and read.histogram.voxels == read.volume.array.size
+    assert len(whole) == 3  # float and int32: counted after the read
+
+
+def test_a_parallel_read_is_counted_after_it_with_the_same_histogram(tmp_path, monkeypatch):
+    pytest.importorskip("rapidgzip", reason="rapidgzip (the [dev] and [gpu] extras) is not installed")
+    path = _ct(tmp_path)
+    serial = read_stage(path)
+    whole = _whole_counts(monkeypatch)
+    parallel = read_stage(path, threads=2)
+    assert whole == [(5, 36, 40)]
+    assert serial.histogram is not None and parallel.histogram is not None
+    np.testing.assert_array_equal(parallel.histogram.counts, serial.histogram.counts)
 
 
 def test_a_prefetched_read_is_handed_out_once_and_others_are_read_in_turn(tmp_path, monkeypatch):

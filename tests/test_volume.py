@@ -441,3 +441,48 @@ def test_read_threads_are_refused_without_rapidgzip_or_out_of_range(tmp_path, mo
     with pytest.raises(FlareSegError, match=r"reading with 4 threads needs rapidgzip: pip install rapidgzip"):
         read_ct(path, threads=4)
     assert read_ct(path).array.shape == (20, 36, 40)  # one thread needs nothing more
+
+
+# --- voxels handed over while a file inflates (on_voxels) --------------------------------------------------
+
+
+def _pieces_seen(path, **kwargs) -> list[np.ndarray]:
+    seen: list[np.ndarray] = []
+    read_ct(path, on_voxels=seen.append, **kwargs)
+    return seen
+
+
+@pytest.mark.parametrize("axcodes", [("R", "A", "S"), ("L", "P", "S"), ("P", "I", "L")], ids="".join)
+def test_on_voxels_sees_every_stored_voxel_once_in_storage_order(tmp_path, monkeypatch, axcodes, gzip_backend):
+    monkeypatch.setattr(volume_module, "_INFLATE_PIECE", 999)  # many pieces, none aligned to a voxel or a slice
+    monkeypatch.setattr(volume_module, "_VOXEL_PIECE", 1000)
+    path, _ = _phantom_file(tmp_path, axcodes)
+    seen = _pieces_seen(path)
+    stored = np.asanyarray(nib.load(path).dataobj)  # nibabel's own reader: (X, Y, Z), Fortran order
+    assert len(seen) > 3 and all(p.ndim == 1 and p.dtype == stored.dtype for p in seen)
+    assert all(p.size * p.itemsize >= 1000 for p in seen[:-1])
+    np.testing.assert_array_equal(np.concatenate(seen), stored.reshape(-1, order="F"))
+
+
+def test_on_voxels_covers_multi_member_and_big_endian_files_and_skips_other_reads(tmp_path, monkeypatch):
+    monkeypatch.setattr(volume_module, "_INFLATE_PIECE", 63)
+    monkeypatch.setattr(volume_module, "_VOXEL_PIECE", 64)
+    raw = np.random.default_rng(0).integers(-1000, 3000, (9, 8, 7)).astype(">i2")
+    image = nib.Nifti1Image(raw, np.eye(4), nib.Nifti1Header(endianness=">"))
+    image.set_data_dtype(">i2")
+    big = save(image, tmp_path / "big.nii.gz")
+    payload = gzip.decompress(big.read_bytes())
+    multi = tmp_path / "multi.nii.gz"
+    multi.write_bytes(gzip.compress(payload[:501]) + gzip.compress(payload[501:]))  # split inside a voxel
+    for path in (big, multi):
+        seen = _pieces_seen(path)
+        assert len(seen) > 3 and all(p.dtype == np.dtype(">i2") for p in seen)
+        np.testing.assert_array_equal(np.concatenate(seen), raw.reshape(-1, order="F"))
+    plain = save(nib.Nifti1Image(raw, np.eye(4)), tmp_path / "plain.nii")  # memory-mapped: nothing to hand over
+    assert _pieces_seen(plain) == []
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(big.read_bytes()[:-40])
+    seen = []
+    with pytest.raises(FlareSegError, match=r"cut\.nii\.gz: truncated or corrupt voxel data"):
+        read_ct(cut, on_voxels=seen.append)
+    assert sum(p.size for p in seen) < raw.size  # a failed read hands over part of the voxels at most

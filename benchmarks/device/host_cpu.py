@@ -3,7 +3,8 @@
 - Inflating the 512 x 512 x 300 case: a one-shot ISA-L decompress, flareseg's ``read_ct``,
   and rapidgzip (parallel inflate of an ordinary gzip stream) at 1 to all cores, when its
   wheel was carried, with the bytes checked equal.
-- The percentiles' value histogram of the volume.
+- The percentiles' value histogram of the volume, and the read stage that counts it while
+  the file inflates (``read_stage``) against reading, then counting.
 - Post-processing the random-weight network's raw labels (the ``no-postprocess`` run of
   whole_case.py): the whole map at once, and streaming by slabs (what is left after
   inference, and in all), with the outputs checked equal.
@@ -35,8 +36,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from streaming_feed import stream_postprocess  # noqa: E402
 
+from flareseg.percentiles import value_histogram  # noqa: E402
 from flareseg.postprocess import keep_largest_components  # noqa: E402
-from flareseg.preprocess import value_histogram  # noqa: E402
+from flareseg.runtime.reading import read_stage  # noqa: E402
 from flareseg.volume import read_ct  # noqa: E402
 
 
@@ -106,6 +108,8 @@ def main() -> int:
     report: dict[str, Any] = {"cores": os.cpu_count(), "inflate_s": inflate(ct, args.rounds)}
     volume = read_ct(ct)
     report["histogram_s"], _ = timed(lambda: value_histogram(volume.array), args.rounds)
+    report["read_then_count_s"], _ = timed(lambda: value_histogram(read_ct(ct).array), args.rounds)
+    report["read_stage_s"], _ = timed(lambda: read_stage(ct), args.rounds)
     raw = args.work / "pred-no-postprocess.nii.gz"
     report["postprocess_s"] = postprocess(raw, args.rounds) if raw.exists() else f"{raw} missing"
     text = json.dumps(report, indent=2)

@@ -27,8 +27,9 @@ import torch
 
 from flareseg.checkpoint import ModelInfo, save_checkpoint
 from flareseg.network import NetworkConfig, build_training_network
+from flareseg.percentiles import exact_percentiles
 from flareseg.phantom import make_phantom
-from flareseg.preprocess import NormalizationStats, exact_percentiles, tensor_percentiles, volume_normalizer
+from flareseg.preprocess import NormalizationStats, tensor_percentiles, volume_normalizer
 from flareseg.runtime.inferer import InferenceTimes, infer_volume
 from flareseg.runtime.memory import measure_cuda_plan, nvml_used_mb
 from flareseg.runtime.runners.pytorch import TorchRunner

@@ -12,30 +12,31 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from flareseg.volume import Volume, check_read_threads, read_ct
-
-if TYPE_CHECKING:
-    from flareseg.preprocess import ValueHistogram
+from flareseg.percentiles import ValueCounter, ValueHistogram, value_histogram
+from flareseg.volume import Volume, VoxelsCallback, check_read_threads, read_ct
 
 
-def read_case(path: str | os.PathLike[str], *, threads: int = 1) -> Volume:
+def read_case(path: str | os.PathLike[str], *, threads: int = 1, on_voxels: VoxelsCallback | None = None) -> Volume:
     """A NIfTI file, or a folder holding one DICOM series, in the canonical slice layout.
 
-    ``threads``: cores that inflate a ``.nii.gz`` (see :func:`~flareseg.volume.read_ct`).
+    ``threads`` and ``on_voxels``: see :func:`~flareseg.volume.read_ct` (a series calls no ``on_voxels``).
     """
     path = Path(path)
     if path.is_dir():
         from flareseg.dicom import read_series
 
         return read_series(path)
-    return read_ct(path, threads=threads)
+    return read_ct(path, threads=threads, on_voxels=on_voxels)
 
 
 @dataclass
 class Read:
-    """What the reader thread hands over: the volume, its value histogram, and when and how long."""
+    """What the reader thread hands over: the volume, its value histogram, and when and how long.
+
+    ``histogram_s``: counting that did not hide behind the read (the wait for the counter
+    to finish, or the whole count when the voxels could not be counted while inflating).
+    """
 
     volume: Volume
     histogram: ValueHistogram | None
@@ -45,18 +46,22 @@ class Read:
 
 
 def read_stage(path: Path, output_type: str = "nifti", threads: int = 1) -> Read:
-    """Read a case and count its values (the percentiles' one pass), in the reader thread."""
+    """Read a case and count its values (the percentiles' one pass), in the reader thread.
+
+    A ``.nii.gz`` of 8- or 16-bit integers (CT's int16) is counted while it inflates, in a
+    second thread; any other read is counted after it.
+    """
     t0 = time.perf_counter()
-    volume = read_case(path, threads=threads)
-    if output_type == "dicom-seg":
-        from flareseg.dicom import check_seg_writable
+    with ValueCounter() as counter:
+        volume = read_case(path, threads=threads, on_voxels=counter.add)
+        if output_type == "dicom-seg":
+            from flareseg.dicom import check_seg_writable
 
-        check_seg_writable(volume)  # an anonymised series without UIDs fails now, not after inference
-    t1 = time.perf_counter()
-    # Imported here: a read started before torch's import waits for it only at this point.
-    from flareseg.preprocess import value_histogram
-
-    histogram = value_histogram(volume.array)
+            check_seg_writable(volume)  # an anonymised series without UIDs fails now, not after inference
+        t1 = time.perf_counter()
+        histogram = counter.result(volume.array)
+    if histogram is None:
+        histogram = value_histogram(volume.array)
     return Read(volume, histogram, t0, t1 - t0, time.perf_counter() - t1)
 
 
