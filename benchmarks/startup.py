@@ -5,7 +5,10 @@ pipeline, and the exit. With ``--baseline REV`` the same command also runs from 
 worktree of commit REV, alternating round by round with today's code, so that a change
 to the start-up or the exit is measured against what it replaced in the same run.
 
-    python benchmarks/startup.py --rounds 5 [--baseline d5c0499] [--ct lps300_0000.nii.gz]
+    python benchmarks/startup.py --rounds 5 [--baseline d5c0499] [--ct lps300_0000.nii.gz] [--folder 2]
+
+``--folder N`` runs each process on a folder of N cases (links to the same CT) instead of
+one file, with a fresh output folder each time.
 
 It then times the exit alone: children that print ``time.time()`` as their last act, then
 end the usual way or through ``flareseg.cli.exit_now``, against the moment their parent
@@ -93,12 +96,19 @@ def main() -> int:
         help="a real-size .nii.gz instead of the tiny phantom (the network stays tiny, at 64 x 64 slices), so "
         "that the read, post-processing and write of a whole case are in the figures",
     )
+    ap.add_argument("--folder", type=int, help="run on a folder of this many cases (links to the CT), not one file")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         ckpt, ct = build_case(work)
         if args.ct is not None:
             ct = args.ct.resolve()
+        inp = ct
+        if args.folder:
+            inp = work / "cases"
+            inp.mkdir()
+            for i in range(args.folder):
+                (inp / f"case_{i:03d}_0000.nii.gz").symlink_to(ct)
         trees = {"today": ROOT}
         if args.baseline:
             tree = work / "baseline"
@@ -114,10 +124,12 @@ def main() -> int:
                 times["bare import torch"].append(wall([sys.executable, "-c", "import torch"], dict(os.environ), work))
                 for name, tree in trees.items():
                     env = {**os.environ, "PYTHONPATH": str(tree)}
-                    out = work / f"out-{r}-{name.replace(' ', '_')}.nii.gz"
-                    cmd = [sys.executable, "-m", "flareseg.runtime.cli", "--model", str(ckpt), "-i", str(ct)]
+                    stem = work / f"out-{r}-{name.replace(' ', '_')}"
+                    out = stem if args.folder else stem.with_suffix(".nii.gz")
+                    cmd = [sys.executable, "-m", "flareseg.runtime.cli", "--model", str(ckpt), "-i", str(inp)]
                     times[name].append(wall([*cmd, "-o", str(out), "--device", "cpu", "-q"], env, work))
-                    timings = json.loads(out.with_name(out.name.removesuffix(".nii.gz") + ".timings.json").read_text())
+                    done = out / "timings.json" if args.folder else stem.with_suffix(".timings.json")
+                    timings = json.loads(done.read_text())
                     first_read[name].append(timings["startup"]["since_process_start_s"]["first_read"])
             exits = exit_times(ckpt, ct, work, args.rounds)
         finally:
@@ -131,7 +143,8 @@ def main() -> int:
 
     cpu = cpu_description()["cpu_model"]
     print(f"machine: {platform.machine()} {cpu}, {os.cpu_count()} cores; Python {platform.python_version()}")
-    print(f"{args.rounds} rounds, alternating; wall seconds of whole processes")
+    what = f"a folder of {args.folder} cases" if args.folder else "one case"
+    print(f"{what}: {ct.name}; {args.rounds} rounds, alternating; wall seconds of whole processes")
     for name, values in times.items():
         median = statistics.median(values)
         extra = "" if name.startswith("bare") else f"  bare + {median - bare:.2f} s"

@@ -77,18 +77,26 @@ def test_every_public_runtime_name_resolves():
         assert getattr(flareseg.runtime, name).__name__ == name
 
 
-def test_one_files_read_starts_before_torch_is_imported(trained_checkpoint, tmp_path):
-    # A fresh flare-infer process on one file: the read must be under way before torch's
-    # import begins, so that the two overlap.
-    from flareseg.phantom import make_phantom
-
-    img, _ = make_phantom((48, 48, 6), (8.0, 8.0, 10.0)).to_nifti()
-    ct = tmp_path / "c0_0000.nii.gz"
+@pytest.mark.parametrize("folder", [False, True], ids=["file", "folder"])
+def test_the_first_read_starts_before_torch_is_imported(trained_checkpoint, tmp_path, folder):
+    # A fresh flare-infer process: the first read must be under way before torch's import
+    # begins, so that the two overlap. In a folder, that is the first case left to run.
     import nibabel as nib
 
-    nib.save(img, ct)
+    from flareseg.phantom import make_phantom
+
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for i, name in enumerate(("a", "b", "c")):
+        nib.save(make_phantom((48, 48, 6), (8.0, 8.0, 10.0), seed=i).to_nifti()[0], cases / f"{name}_0000.nii.gz")
+    if folder:
+        inp, out = cases, tmp_path / "pred"
+        out.mkdir()
+        (out / "a.nii.gz").write_bytes(b"done before")  # finished: skipped, so b is the first read
+    else:
+        inp, out = cases / "b_0000.nii.gz", tmp_path / "b.nii.gz"
     code = f"""
-import importlib.abc, sys, time
+import importlib.abc, pathlib, sys, time
 events = []
 
 class Spy(importlib.abc.MetaPathFinder):
@@ -102,14 +110,17 @@ import flareseg.runtime.reading as reading
 real = reading.read_ct
 
 def read_ct(path, **kw):
-    events.append(("read", time.perf_counter()))
+    events.append((pathlib.Path(path).name[0], time.perf_counter()))
     return real(path, **kw)
 
 reading.read_ct = read_ct
 from flareseg.runtime.cli import main
-rc = main(["--model", {str(trained_checkpoint)!r}, "-i", {str(ct)!r}, "-o", {str(tmp_path / "o.nii.gz")!r}, "-q"])
+rc = main(["--model", {str(trained_checkpoint)!r}, "-i", {str(inp)!r}, "-o", {str(out)!r}, "-q"])
 print(rc, [e for e, _ in sorted(events, key=lambda e: e[1])])
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip().splitlines()[-1] == "0 ['read', 'torch']"
-    assert (tmp_path / "o.nii.gz").is_file()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    expected = "0 ['b', 'torch', 'c']" if folder else "0 ['b', 'torch']"
+    assert result.strip().splitlines()[-1] == expected
+    assert (out / "b.nii.gz" if folder else out).is_file()
+    if folder:
+        assert (out / "a.nii.gz").read_bytes() == b"done before" and (out / "c.nii.gz").is_file()

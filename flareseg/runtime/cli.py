@@ -171,7 +171,7 @@ def _check_memory_budget(args: argparse.Namespace, backend: str, cuda: bool, dev
 
 def _plan_inputs(args: argparse.Namespace) -> tuple[bool, list[Path], Path | None]:
     """(folder mode, inputs, single output file or None for folder-style naming)."""
-    from flareseg.runtime.pipeline import OUTPUT_SUFFIXES, is_series_input, list_cases
+    from flareseg.runtime.jobs import OUTPUT_SUFFIXES, is_series_input, list_cases
     from flareseg.volume import NIFTI_SUFFIXES, is_nifti
 
     inp: Path = args.input
@@ -194,14 +194,36 @@ def _main(args: argparse.Namespace) -> int:
     timeline = Timeline()
     timeline.mark("main")  # the interpreter and this module's light imports are behind us
     from flareseg.runtime.reading import Reader
+
+    # The first case's read starts now, so that it overlaps torch's import, the device's
+    # start-up and the model's loading.
+    with Reader(args.read_threads) as reader:  # a missing rapidgzip is said here, before any work
+        first = _first_input(args)
+        if first is not None:
+            reader.prefetch(first, args.output_type)
+        return _run(args, timeline, reader)
+
+
+def _first_input(args: argparse.Namespace) -> Path | None:
+    """The input the run will read first, found without torch: a NIfTI file, or a folder's first case to run.
+
+    None when there is nothing to read ahead (a DICOM series input) or the inputs are in
+    error: the run then says why, in its usual order.
+    """
+    from flareseg.runtime.jobs import is_series_input, list_cases, plan_folder
     from flareseg.volume import is_nifti
 
-    # One NIfTI file: its read starts now, so that it overlaps torch's import, the device's
-    # start-up and the model's loading (a folder's first case waits for the folder's plan).
-    with Reader(args.read_threads) as reader:  # a missing rapidgzip is said here, before any work
-        if args.input.is_file() and is_nifti(args.input):
-            reader.prefetch(args.input, args.output_type)
-        return _run(args, timeline, reader)
+    inp: Path = args.input
+    if inp.is_file():
+        return inp if is_nifti(inp) else None
+    try:
+        if not inp.is_dir() or is_series_input(inp) or (args.output.exists() and not args.output.is_dir()):
+            return None
+        cases = list_cases(inp, num_parts=args.num_parts, part_id=args.part_id)
+        plan = plan_folder(cases, args.output, args.output_type, overwrite=args.overwrite)
+        return next((planned.input for planned in plan if planned.status == "run"), None)
+    except FlareSegError:
+        return None
 
 
 def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader) -> int:

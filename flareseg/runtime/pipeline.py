@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import torch
@@ -34,25 +34,26 @@ from flareseg.errors import FlareSegError
 from flareseg.postprocess import StreamingPostprocessor, keep_largest_components
 from flareseg.preprocess import volume_normalizer
 from flareseg.runtime.inferer import InferenceTimes, infer_volume
+from flareseg.runtime.jobs import (
+    OUTPUT_SUFFIXES,
+    CaseJob,
+    OutputType,
+    check_output,
+    input_case_name,
+    list_cases,
+    list_inputs,
+    output_name,
+    plan_folder,
+)
 from flareseg.runtime.reading import Read, Reader, read_case
 from flareseg.runtime.runners import Runner
 from flareseg.runtime.startup import Timeline
-from flareseg.volume import (
-    NIFTI_SUFFIXES,
-    Volume,
-    VolumeGeometry,
-    case_id,
-    find_cases,
-    write_labels,
-)
+from flareseg.volume import Volume, VolumeGeometry, write_labels
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 log = logging.getLogger(__name__)
-
-OutputType = Literal["nifti", "dicom-seg"]
-OUTPUT_SUFFIXES: dict[str, str] = {"nifti": ".nii.gz", "dicom-seg": ".dcm"}
 
 
 @dataclass
@@ -85,6 +86,11 @@ class CaseTiming:
     first_labels_s: float | None = None
     peak_rss_mb: float | None = None
     peak_gpu_allocated_mb: float | None = None
+
+    @classmethod
+    def of(cls, job: CaseJob) -> CaseTiming:
+        """A fresh timing for a job."""
+        return cls(case=job.case, input=str(job.input), output=str(job.output))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -133,19 +139,6 @@ class FolderSummary:
         return {**dataclasses.asdict(self), "cases_per_minute": self.cases_per_minute}
 
 
-@dataclass(frozen=True)
-class CaseJob:
-    """One input and where its result goes."""
-
-    case: str
-    input: Path
-    output: Path
-    output_type: OutputType = "nifti"
-
-    def timing(self) -> CaseTiming:
-        return CaseTiming(case=self.case, input=str(self.input), output=str(self.output))
-
-
 def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS counter for this process (Linux); False where unsupported."""
     try:
@@ -173,38 +166,7 @@ def peak_rss_mb() -> float | None:
         return None
 
 
-# --- inputs and outputs ------------------------------------------------------------------
-
-
-def is_series_input(path: str | os.PathLike[str]) -> bool:
-    """A folder that directly holds the files of one DICOM series."""
-    path = Path(path)
-    if not path.is_dir():
-        return False
-    from flareseg.dicom import is_series_dir
-
-    return is_series_dir(path)
-
-
-def input_case_name(path: str | os.PathLike[str]) -> str:
-    """The case name of an input: FLARE21 naming for NIfTI files, PatientID/SeriesNumber for a series."""
-    path = Path(path)
-    if path.is_dir():
-        from flareseg.dicom import series_case_name
-
-        return series_case_name(path)
-    return case_id(path)
-
-
-def output_name(input_path: str | os.PathLike[str], output_type: OutputType = "nifti") -> str:
-    """FLARE21 naming: ``test_001_0000.nii.gz`` -> ``test_001.nii.gz`` (``.dcm`` for DICOM SEG)."""
-    return f"{input_case_name(input_path)}{_suffix(output_type)}"
-
-
-def _suffix(output_type: str) -> str:
-    if output_type not in OUTPUT_SUFFIXES:
-        raise FlareSegError(f"output type must be one of {', '.join(OUTPUT_SUFFIXES)}, got {output_type!r}")
-    return OUTPUT_SUFFIXES[output_type]
+# --- outputs -----------------------------------------------------------------------------
 
 
 def write_case(
@@ -222,57 +184,6 @@ def write_case(
         # The writer needs the grid and the series, not the voxels (already released).
         return write_seg(labels, Volume(np.empty((0, 0, 0), np.int16), geometry, source=source), path)
     return write_labels(labels, geometry, path)
-
-
-def check_output(job: CaseJob) -> None:
-    """Refuse, before any work, outputs that could never be written."""
-    suffix = _suffix(job.output_type)
-    if job.output_type == "nifti" and not job.output.name.endswith(NIFTI_SUFFIXES):
-        raise FlareSegError(f"{job.output}: output must end in .nii.gz or .nii")
-    if job.output_type == "dicom-seg" and not job.output.name.endswith(suffix):
-        raise FlareSegError(f"{job.output}: DICOM SEG output must end in {suffix}")
-    if job.output.resolve() == job.input.resolve():
-        raise FlareSegError(f"{job.output}: refusing to overwrite the input")
-    if job.output.is_dir():
-        raise FlareSegError(f"{job.output}: a folder is in the way of the output")
-    folder = next(p for p in job.output.absolute().parents if p.exists())  # the root exists
-    if not folder.is_dir():
-        raise FlareSegError(f"{job.output}: cannot create its folder, {folder} is a file")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise FlareSegError(f"{job.output}: cannot write in {folder} (permission denied)")
-    if job.output_type == "dicom-seg" and not job.input.is_dir():
-        raise FlareSegError(
-            f"{job.input}: DICOM SEG output needs a DICOM series as input (a NIfTI file has no series to "
-            "reference); use --output-type nifti"
-        )
-
-
-def list_inputs(folder: str | os.PathLike[str]) -> dict[str, Path]:
-    """Case name -> input of a folder: its NIfTI files and its DICOM series subfolders, sorted by name."""
-    folder = Path(folder)
-    cases = dict(find_cases(folder))
-    if not any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir()):
-        return cases  # no subfolders, so no series: pydicom need not be imported
-    from flareseg.dicom import find_series
-
-    for name, series in find_series(folder).items():
-        if name in cases:
-            raise FlareSegError(f"{folder}: case {name} appears twice ({cases[name].name}, {series.name}/)")
-        cases[name] = series
-    return dict(sorted(cases.items()))
-
-
-def list_cases(folder: str | os.PathLike[str], *, num_parts: int = 1, part_id: int = 0) -> list[Path]:
-    """A folder's inputs (NIfTI files, DICOM series folders), sorted, then this part's share.
-
-    Part ``part_id`` of ``num_parts`` takes every ``num_parts``-th input, starting at ``part_id``.
-    """
-    if num_parts < 1 or not 0 <= part_id < num_parts:
-        raise FlareSegError(f"part {part_id} of {num_parts} is not valid: need 0 <= part-id < num-parts")
-    cases = list(list_inputs(folder).values())
-    if not cases:
-        raise FlareSegError(f"{folder}: no .nii or .nii.gz files and no DICOM series folders")
-    return cases[part_id::num_parts]
 
 
 # --- the stages --------------------------------------------------------------------------
@@ -431,7 +342,7 @@ def run_cases(
             runner.warm_up(batch_size)
             mark("warmed_up")
         for i, job in enumerate(jobs):
-            timing = job.timing()
+            timing = CaseTiming.of(job)
             results.append(timing)
             following = reads.submit(jobs[i + 1].input, jobs[i + 1].output_type) if i + 1 < len(jobs) else None
             current, upcoming = upcoming, following
@@ -511,27 +422,17 @@ def segment_folder(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = _suffix(output_type)
     results: dict[int, CaseTiming] = {}
     jobs: list[tuple[int, CaseJob]] = []
-    for i, path in enumerate(inputs):
-        try:
-            name = input_case_name(path)
-        except FlareSegError as exc:  # an unreadable series header: that case fails, the others go on
-            log.error("%s", exc)
-            results[i] = CaseTiming(case=path.name, input=str(path), output="", status="failed", error=str(exc))
+    for i, planned in enumerate(plan_folder(inputs, out, output_type, overwrite=overwrite)):
+        if planned.status == "run":
+            jobs.append((i, planned.job))
             continue
-        job = CaseJob(name, path, out / f"{name}{suffix}", output_type)
-        if job.output.exists() and not overwrite:
-            results[i] = CaseTiming(case=name, input=str(path), output=str(job.output), status="skipped")
-        else:
-            try:
-                check_output(job)
-            except FlareSegError as exc:
-                log.error("%s", exc)
-                results[i] = job.timing()._failed(exc)
-                continue
-            jobs.append((i, job))
+        output = str(planned.output) if planned.output is not None else ""
+        results[i] = CaseTiming(case=planned.case, input=str(planned.input), output=output, status=planned.status)
+        if planned.error is not None:
+            log.error("%s", planned.error)
+            results[i]._failed(planned.error)
     for i in sorted(results):
         if on_case:
             on_case(results[i])

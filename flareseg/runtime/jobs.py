@@ -1,0 +1,175 @@
+"""Which cases a ``flare-infer`` run has and where each result goes, without torch.
+
+This module imports neither torch nor the runners, so that ``flare-infer`` can plan a
+folder and start reading the first case it will segment before those imports (see
+:mod:`flareseg.runtime.reading`). :func:`plan_folder` is the one place that decides
+which cases of a folder run, which are skipped and which are refused.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from flareseg.errors import FlareSegError
+from flareseg.volume import NIFTI_SUFFIXES, case_id, find_cases
+
+OutputType = Literal["nifti", "dicom-seg"]
+OUTPUT_SUFFIXES: dict[str, str] = {"nifti": ".nii.gz", "dicom-seg": ".dcm"}
+
+
+@dataclass(frozen=True)
+class CaseJob:
+    """One input and where its result goes."""
+
+    case: str
+    input: Path
+    output: Path
+    output_type: OutputType = "nifti"
+
+
+def is_series_input(path: str | os.PathLike[str]) -> bool:
+    """A folder that directly holds the files of one DICOM series."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    from flareseg.dicom import is_series_dir
+
+    return is_series_dir(path)
+
+
+def input_case_name(path: str | os.PathLike[str]) -> str:
+    """The case name of an input: FLARE21 naming for NIfTI files, PatientID/SeriesNumber for a series."""
+    path = Path(path)
+    if path.is_dir():
+        from flareseg.dicom import series_case_name
+
+        return series_case_name(path)
+    return case_id(path)
+
+
+def output_name(input_path: str | os.PathLike[str], output_type: OutputType = "nifti") -> str:
+    """FLARE21 naming: ``test_001_0000.nii.gz`` -> ``test_001.nii.gz`` (``.dcm`` for DICOM SEG)."""
+    return f"{input_case_name(input_path)}{output_suffix(output_type)}"
+
+
+def output_suffix(output_type: str) -> str:
+    if output_type not in OUTPUT_SUFFIXES:
+        raise FlareSegError(f"output type must be one of {', '.join(OUTPUT_SUFFIXES)}, got {output_type!r}")
+    return OUTPUT_SUFFIXES[output_type]
+
+
+def check_output(job: CaseJob) -> None:
+    """Refuse, before any work, outputs that could never be written."""
+    suffix = output_suffix(job.output_type)
+    if job.output_type == "nifti" and not job.output.name.endswith(NIFTI_SUFFIXES):
+        raise FlareSegError(f"{job.output}: output must end in .nii.gz or .nii")
+    if job.output_type == "dicom-seg" and not job.output.name.endswith(suffix):
+        raise FlareSegError(f"{job.output}: DICOM SEG output must end in {suffix}")
+    if job.output.resolve() == job.input.resolve():
+        raise FlareSegError(f"{job.output}: refusing to overwrite the input")
+    if job.output.is_dir():
+        raise FlareSegError(f"{job.output}: a folder is in the way of the output")
+    folder = next(p for p in job.output.absolute().parents if p.exists())  # the root exists
+    if not folder.is_dir():
+        raise FlareSegError(f"{job.output}: cannot create its folder, {folder} is a file")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise FlareSegError(f"{job.output}: cannot write in {folder} (permission denied)")
+    if job.output_type == "dicom-seg" and not job.input.is_dir():
+        raise FlareSegError(
+            f"{job.input}: DICOM SEG output needs a DICOM series as input (a NIfTI file has no series to "
+            "reference); use --output-type nifti"
+        )
+
+
+def list_inputs(folder: str | os.PathLike[str]) -> dict[str, Path]:
+    """Case name -> input of a folder: its NIfTI files and its DICOM series subfolders, sorted by name."""
+    folder = Path(folder)
+    cases = dict(find_cases(folder))
+    if not any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir()):
+        return cases  # no subfolders, so no series: pydicom need not be imported
+    from flareseg.dicom import find_series
+
+    for name, series in find_series(folder).items():
+        if name in cases:
+            raise FlareSegError(f"{folder}: case {name} appears twice ({cases[name].name}, {series.name}/)")
+        cases[name] = series
+    return dict(sorted(cases.items()))
+
+
+def list_cases(folder: str | os.PathLike[str], *, num_parts: int = 1, part_id: int = 0) -> list[Path]:
+    """A folder's inputs (NIfTI files, DICOM series folders), sorted, then this part's share.
+
+    Part ``part_id`` of ``num_parts`` takes every ``num_parts``-th input, starting at ``part_id``.
+    """
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise FlareSegError(f"part {part_id} of {num_parts} is not valid: need 0 <= part-id < num-parts")
+    cases = list(list_inputs(folder).values())
+    if not cases:
+        raise FlareSegError(f"{folder}: no .nii or .nii.gz files and no DICOM series folders")
+    return cases[part_id::num_parts]
+
+
+@dataclass(frozen=True)
+class PlannedCase:
+    """One input of a folder and what the run does with it: ``run`` its job, ``skipped``, or ``failed``."""
+
+    input: Path
+    case: str
+    output: Path | None
+    status: Literal["run", "skipped", "failed"]
+    error: FlareSegError | None = None
+    output_type: OutputType = "nifti"
+
+    @property
+    def job(self) -> CaseJob:
+        if self.status != "run" or self.output is None:
+            raise FlareSegError(f"{self.input}: case {self.case} is {self.status}, not run")
+        return CaseJob(self.case, self.input, self.output, self.output_type)
+
+
+def plan_folder(
+    inputs: Sequence[Path], out_dir: Path, output_type: OutputType = "nifti", *, overwrite: bool = False
+) -> Iterator[PlannedCase]:
+    """Each input in order, lazily: run it into ``out_dir`` (FLARE21 name), skip it, or refuse it.
+
+    A case is skipped when its output exists (unless ``overwrite``). It fails at once when
+    its name cannot be read (a damaged series header) or its output could never be written
+    (:func:`check_output`); the others go on.
+    """
+    suffix = output_suffix(output_type)
+    for path in inputs:
+        try:
+            name = input_case_name(path)
+        except FlareSegError as exc:
+            yield PlannedCase(path, path.name, None, "failed", exc, output_type)
+            continue
+        output = out_dir / f"{name}{suffix}"
+        if output.exists() and not overwrite:
+            yield PlannedCase(path, name, output, "skipped", None, output_type)
+            continue
+        try:
+            check_output(CaseJob(name, path, output, output_type))
+        except FlareSegError as exc:
+            yield PlannedCase(path, name, output, "failed", exc, output_type)
+            continue
+        yield PlannedCase(path, name, output, "run", None, output_type)
+
+
+__all__ = [
+    "OUTPUT_SUFFIXES",
+    "CaseJob",
+    "OutputType",
+    "PlannedCase",
+    "check_output",
+    "input_case_name",
+    "is_series_input",
+    "list_cases",
+    "list_inputs",
+    "output_name",
+    "output_suffix",
+    "plan_folder",
+]
