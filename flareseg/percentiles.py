@@ -226,12 +226,14 @@ class ValueCounter:
             self._usable = False  # the caller counts the whole volume instead
             return
         if self._thread is None:
-            self._dtype = piece.dtype
-            self._counts = _bit_pattern_counts(piece.dtype)
-            self._thread = threading.Thread(
-                target=self._count, args=(self._counts,), name="flareseg-count", daemon=True
-            )
-            self._thread.start()
+            counts = _bit_pattern_counts(piece.dtype)
+            thread = threading.Thread(target=self._count, args=(counts,), name="flareseg-count", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # no thread to be had: the caller counts the whole volume after the read
+                self._usable = False
+                return
+            self._dtype, self._counts, self._thread = piece.dtype, counts, thread
         self._added += piece.size
         self._queue.put(piece)
 

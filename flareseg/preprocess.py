@@ -240,7 +240,7 @@ def volume_normalizer(
     Percentiles are taken on the stored values (an int16 volume costs a 2-byte copy, not
     a 4-byte float one) and mapped to HU: linear interpolation commutes with the
     increasing affine scaling, so the bounds equal the percentiles of the HU volume.
-    ``histogram``: the stored values' :func:`value_histogram`, when it was counted already.
+    ``histogram``: the stored values' :func:`~flareseg.percentiles.value_histogram`, when it was counted already.
     """
     if histogram is not None:
         if histogram.voxels != stored.size:

@@ -264,6 +264,14 @@ class _DamagedStream(Exception):
     """The gzip stream of a file is truncated or corrupt (raised by :func:`_inflate_voxels`)."""
 
 
+class _CallbackFailed(Exception):
+    """An ``on_voxels`` callback raised ``error``: the caller's fault, not a damaged stream."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def _inflate_voxels(
     path: Path, proxy: Any, threads: int = 1, on_voxels: VoxelsCallback | None = None
 ) -> np.ndarray | None:
@@ -296,6 +304,8 @@ def _inflate_voxels(
     filled = _voxel_feeder(buffer, dtype, on_voxels) if on_voxels is not None else None
     try:
         _inflate_into(path, offset, buffer.data, inflater, filled)
+    except _CallbackFailed as failed:
+        raise failed.error from None
     except errors as exc:
         raise _DamagedStream(str(exc)) from None
     return buffer.view(dtype).reshape(shape, order=order)
@@ -309,7 +319,10 @@ def _voxel_feeder(buffer: np.ndarray, dtype: np.dtype, on_voxels: VoxelsCallback
         nonlocal sent
         ready = nbytes - nbytes % dtype.itemsize
         if ready - sent >= _VOXEL_PIECE or (ready == buffer.size and ready > sent):
-            on_voxels(buffer[sent:ready].view(dtype))
+            try:
+                on_voxels(buffer[sent:ready].view(dtype))
+            except Exception as exc:  # told apart from the inflater's own errors, which mean a damaged file
+                raise _CallbackFailed(exc) from exc
             sent = ready
 
     return filled

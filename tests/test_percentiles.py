@@ -177,3 +177,13 @@ def test_a_counting_error_is_raised_by_result_and_leaving_on_an_error_stops_the_
         thread = counter._thread
         raise RuntimeError("read failed")
     assert thread is not None and not thread.is_alive() and counter.result(np.zeros(10, np.int16)) is None
+
+
+def test_without_a_thread_to_count_in_the_counter_says_none(monkeypatch):
+    def no_thread(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(percentiles.threading.Thread, "start", no_thread)
+    with ValueCounter() as counter:
+        counter.add(np.zeros(10, np.int16))
+        assert counter.result(np.zeros(10, np.int16)) is None  # the caller counts the whole volume instead

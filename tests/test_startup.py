@@ -124,3 +124,30 @@ print(rc, [e for e, _ in sorted(events, key=lambda e: e[1])])
     assert (out / "b.nii.gz" if folder else out).is_file()
     if folder:
         assert (out / "a.nii.gz").read_bytes() == b"done before" and (out / "c.nii.gz").is_file()
+
+
+def test_nothing_is_read_ahead_without_a_nifti_case_to_run_or_when_the_inputs_are_in_error(tmp_path, monkeypatch):
+    import nibabel as nib
+    import numpy as np
+    from test_dicom import phantom, write_series
+
+    from flareseg.runtime import jobs
+    from flareseg.runtime.cli import _first_input, build_parser
+
+    cases, out = tmp_path / "cases", tmp_path / "pred"
+    cases.mkdir()
+    out.mkdir()
+    write_series(cases / "a_series", phantom(), patient_id="A", series_number=1)  # case "A_s1", first by name
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 2), np.int16), np.eye(4)), cases / "b_0000.nii.gz")
+
+    def first(*extra: str):
+        return _first_input(build_parser().parse_args(["--model", "m.pt", "-i", str(cases), "-o", str(out), *extra]))
+
+    assert first() is None  # the first case to run is a series: read after the imports, as a series input is
+    (out / "A_s1.nii.gz").write_bytes(b"done")
+    assert first() == cases / "b_0000.nii.gz"
+    (out / "b.nii.gz").write_bytes(b"done")
+    assert first() is None  # every case is done: nothing to read
+    assert first("--overwrite") is None  # the series comes first again
+    monkeypatch.setattr(jobs, "list_cases", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    assert first("--overwrite") is None  # the run reports the folder's error itself, in its usual order

@@ -486,3 +486,13 @@ def test_on_voxels_covers_multi_member_and_big_endian_files_and_skips_other_read
     with pytest.raises(FlareSegError, match=r"cut\.nii\.gz: truncated or corrupt voxel data"):
         read_ct(cut, on_voxels=seen.append)
     assert sum(p.size for p in seen) < raw.size  # a failed read hands over part of the voxels at most
+
+
+def test_an_error_in_on_voxels_is_raised_as_it_is_not_as_a_damaged_file(tmp_path):
+    path, _ = _phantom_file(tmp_path, ("R", "A", "S"))
+
+    def refuse(piece):
+        raise ValueError("the caller's own bug")
+
+    with pytest.raises(ValueError, match="the caller's own bug"):
+        read_ct(path, on_voxels=refuse)

@@ -207,8 +207,9 @@ def _main(args: argparse.Namespace) -> int:
 def _first_input(args: argparse.Namespace) -> Path | None:
     """The input the run will read first, found without torch: a NIfTI file, or a folder's first case to run.
 
-    None when there is nothing to read ahead (a DICOM series input) or the inputs are in
-    error: the run then says why, in its usual order.
+    None when there is no NIfTI file to read ahead (a DICOM series, whose parsing would
+    hold the GIL against torch's import; every case done) or the inputs are in error: the
+    run then says why, in its usual order.
     """
     from flareseg.runtime.jobs import is_series_input, list_cases, plan_folder
     from flareseg.volume import is_nifti
@@ -221,9 +222,10 @@ def _first_input(args: argparse.Namespace) -> Path | None:
             return None
         cases = list_cases(inp, num_parts=args.num_parts, part_id=args.part_id)
         plan = plan_folder(cases, args.output, args.output_type, overwrite=args.overwrite)
-        return next((planned.input for planned in plan if planned.status == "run"), None)
-    except FlareSegError:
+        first = next((planned.input for planned in plan if planned.status == "run"), None)
+    except (FlareSegError, OSError):
         return None
+    return first if first is not None and first.is_file() else None
 
 
 def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader) -> int:
