@@ -128,6 +128,31 @@ def test_activation_overlaps_the_first_read(trained_checkpoint, tmp_path, monkey
     assert overlapped == [True] and timing.status == "ok" and timing.slices == 6
 
 
+def test_a_case_read_ahead_counts_its_read_not_its_wait_for_the_runner(trained_checkpoint, tmp_path, monkeypatch):
+    # The read ends long before a slow activation does: the case's wall time is its own
+    # in-process time (read, then inference to write), not the activation it waited for.
+    (ct,) = _folder(tmp_path / "in", 1)
+    runner = open_runner(trained_checkpoint)
+    real_activate = runner._activate
+    slow_s = 1.5
+
+    def activate() -> None:
+        time.sleep(slow_s)  # a model that takes long to load, as a CUDA context can
+        real_activate()
+
+    monkeypatch.setattr(runner, "_activate", activate)
+    t0 = time.perf_counter()
+    try:
+        timing = segment_file(runner, ct, tmp_path / "o.nii.gz", batch_size=4)
+    finally:
+        runner.deactivate()
+    elapsed = time.perf_counter() - t0
+    assert elapsed > slow_s and timing.status == "ok"
+    assert timing.read_s <= timing.wall_s < elapsed - slow_s + 0.2
+    after_read = timing.preprocess_s + timing.infer_s + timing.postprocess_s + timing.write_s
+    assert timing.wall_s >= timing.read_s + 0.5 * after_read
+
+
 def test_pipelined_folder_gives_the_labels_of_one_case_at_a_time(trained_checkpoint, tmp_path):
     paths = _folder(tmp_path / "in", 3)
     with open_runner(trained_checkpoint) as runner:

@@ -222,6 +222,51 @@ def main() -> int:
     return 0
 
 
+#: Issue 10's targets for the 512 x 512 x 300 case on a GPU.
+IN_PROCESS_S, ABOVE_BARE_S, MEMORY_MB, CASES_PER_MIN, THROUGHPUT_SHARE = 1.5, 2.0, 1000.0, 60.0, 0.8
+
+
+def _verdict(value: float | None, limit: float, below: bool = True) -> str:
+    if value is None:
+        return "n/a"
+    return "met" if (value <= limit if below else value >= limit) else "not met"
+
+
+def targets(report: dict[str, Any], slices: int) -> list[str]:
+    """Each setting against issue 10's targets (the fastest setting here stands in for the best batch)."""
+    runs = {name: r for name, r in report["runs"].items() if r.get("rc") == 0 and r.get("case")}
+    rates = {name: slices / r["case"]["infer_s"] for name, r in runs.items() if r["case"].get("infer_s")}
+    fastest = max(rates.values(), default=None)
+    bare = report.get("bare_startup", {}).get("wall_s")
+    lines = [
+        "",
+        f"Against issue 10's targets: case in-process <= {IN_PROCESS_S} s; fresh process <= bare start-up + "
+        f"{ABOVE_BARE_S} s; NVML above idle <= {MEMORY_MB:.0f} MB with inference >= {THROUGHPUT_SHARE:.0%} of the "
+        "fastest setting's slices/s (standing in for the best batch's); a folder >= 60 cases/min.",
+        "",
+        "| setting | in-process s | | fresh - bare s | | NVML max MB | inference slices/s | | memory target |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in runs.items():
+        wall = r["case"].get("wall_s")
+        above = r["wall_s"] - bare if bare is not None else None
+        memory = (r.get("nvml") or {}).get("nvml_flare21_max_mb")
+        rate = rates.get(name)
+        share = rate / fastest if rate is not None and fastest else None
+        both = None if memory is None or share is None else (memory <= MEMORY_MB and share >= THROUGHPUT_SHARE)
+        lines.append(
+            f"| {name} | {'n/a' if wall is None else f'{wall:.2f}'} | {_verdict(wall, IN_PROCESS_S)} | "
+            + (f"{above:+.2f} | {_verdict(above, ABOVE_BARE_S)}" if above is not None else "n/a | n/a")
+            + f" | {'n/a' if memory is None else f'{memory:,.0f}'} | "
+            + (f"{rate:.0f} | {share:.0%} of fastest" if rate is not None and share is not None else "n/a | n/a")
+            + f" | {'n/a' if both is None else ('met' if both else 'not met')} |"
+        )
+    for name, row in report["folders"].items():
+        rate = (row.get("summary") or {}).get("cases_per_minute")
+        lines.append(f"folder, {name}: {rate} cases/min: {_verdict(rate, CASES_PER_MIN, below=False)}")
+    return lines
+
+
 def write_reports(report: dict[str, Any], out: Path, args: argparse.Namespace) -> str:
     """whole_case.json and whole_case.md from what has run so far; returns the table."""
     (out / "whole_case.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -280,6 +325,7 @@ def write_reports(report: dict[str, Any], out: Path, args: argparse.Namespace) -
             f"folder of {args.cases} (links to one file, so reads after the first come from the page cache), "
             f"{name}: {summ.get('cases_per_minute')} cases/min, wall {row['wall_s']:.1f} s"
         )
+    lines += targets(report, args.slices)
     if report["skipped_for_time"]:
         skipped = ", ".join(report["skipped_for_time"])
         lines.append(f"not run, for want of time (--budget {args.budget:.0f} s): {skipped}")

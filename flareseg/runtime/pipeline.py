@@ -78,9 +78,11 @@ class CaseTiming:
     postprocess_s: float = 0.0
     write_s: float = 0.0
     total_s: float = 0.0
-    #: From the start of the case's read to the end of its write: for one case, its in-process
-    #: time. It can be less than ``total_s`` (components labelled during inference, the
-    #: histogram counted while the runner activates) or more (a folder case waiting its turn).
+    #: The case's in-process time, as a warm process takes it alone: its read stage, then from
+    #: the moment the run took the volume (the device free, the runner ready) to the end of
+    #: its write. A read done ahead (before torch's import, or during the previous case)
+    #: counts its own duration, not its wait. It can be less than ``total_s`` (components
+    #: labelled during inference) or more (a write queued behind the previous case's).
     wall_s: float = 0.0
     #: From the start of inference to the first labels back on the host (first-batch set-up shows here).
     first_labels_s: float | None = None
@@ -316,6 +318,7 @@ def run_cases(
         """
         try:
             read = current.result()
+            taken = time.perf_counter()
             timing.read_s = read.read_s
             if i == 0:
                 mark("first_read")
@@ -329,7 +332,9 @@ def run_cases(
                 raise
             timing._log_failure(exc)
             return _done((0.0, 0.0, 0.0))
-        geometry, source, started = read.volume.geometry, read.volume.source, read.started
+        # As if the read had ended as the run took it: its wait for the run is start-up, not the case's.
+        started = taken - (read.read_s + read.histogram_s)
+        geometry, source = read.volume.geometry, read.volume.source
         del read  # the stored voxels are not needed for writing: free them before the next case
         finish = streaming if streaming is not None else postprocess
         return writer.submit(_finish_stage, labels, geometry, source, job, finish, started)

@@ -32,7 +32,7 @@ def read_case(path: str | os.PathLike[str], *, threads: int = 1, on_voxels: Voxe
 
 @dataclass
 class Read:
-    """What the reader thread hands over: the volume, its value histogram, and when and how long.
+    """What the reader thread hands over: the volume, its value histogram, and how long each took.
 
     ``histogram_s``: counting that did not hide behind the read (the wait for the counter
     to finish, or the whole count when the voxels could not be counted while inflating).
@@ -40,7 +40,6 @@ class Read:
 
     volume: Volume
     histogram: ValueHistogram | None
-    started: float  # time.perf_counter() when the read began
     read_s: float
     histogram_s: float
 
@@ -62,7 +61,7 @@ def read_stage(path: Path, output_type: str = "nifti", threads: int = 1) -> Read
         histogram = counter.result(volume.array)
     if histogram is None:
         histogram = value_histogram(volume.array)
-    return Read(volume, histogram, t0, t1 - t0, time.perf_counter() - t1)
+    return Read(volume, histogram, t1 - t0, time.perf_counter() - t1)
 
 
 class Reader:
