@@ -96,12 +96,16 @@ def test_the_first_read_starts_before_torch_is_imported(trained_checkpoint, tmp_
     else:
         inp, out = cases / "b_0000.nii.gz", tmp_path / "b.nii.gz"
     code = f"""
-import importlib.abc, pathlib, sys, time
+import importlib.abc, pathlib, sys, threading, time
 events = []
+reading_began = threading.Event()
 
 class Spy(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name == "torch" and not any(e == "torch" for e, _ in events):
+            # A read submitted before this import gets the chance to begin whatever the
+            # scheduler does; one submitted after it cannot, and comes second after 5 s.
+            reading_began.wait(5)
             events.append(("torch", time.perf_counter()))
         return None
 
@@ -111,6 +115,7 @@ real = reading.read_ct
 
 def read_ct(path, **kw):
     events.append((pathlib.Path(path).name[0], time.perf_counter()))
+    reading_began.set()
     return real(path, **kw)
 
 reading.read_ct = read_ct
