@@ -137,7 +137,7 @@ def test_nothing_is_read_ahead_without_a_nifti_case_to_run_or_when_the_inputs_ar
     from test_dicom import phantom, write_series
 
     from flareseg.runtime import jobs
-    from flareseg.runtime.cli import _first_input, build_parser
+    from flareseg.runtime.cli import _look_ahead, build_parser
 
     cases, out = tmp_path / "cases", tmp_path / "pred"
     cases.mkdir()
@@ -146,7 +146,11 @@ def test_nothing_is_read_ahead_without_a_nifti_case_to_run_or_when_the_inputs_ar
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 2), np.int16), np.eye(4)), cases / "b_0000.nii.gz")
 
     def first(*extra: str):
-        return _first_input(build_parser().parse_args(["--model", "m.pt", "-i", str(cases), "-o", str(out), *extra]))
+        first, listed = _look_ahead(
+            build_parser().parse_args(["--model", "m.pt", "-i", str(cases), "-o", str(out), *extra])
+        )
+        assert listed in (None, [cases / "a_series", cases / "b_0000.nii.gz"])  # handed on to the run
+        return first
 
     assert first() is None  # the first case to run is a series: read after the imports, as a series input is
     (out / "A_s1.nii.gz").write_bytes(b"done")
@@ -156,3 +160,24 @@ def test_nothing_is_read_ahead_without_a_nifti_case_to_run_or_when_the_inputs_ar
     assert first("--overwrite") is None  # the series comes first again
     monkeypatch.setattr(jobs, "list_cases", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
     assert first("--overwrite") is None  # the run reports the folder's error itself, in its usual order
+
+
+def test_a_folder_is_listed_once_per_run(trained_checkpoint, tmp_path, monkeypatch):
+    import nibabel as nib
+
+    from flareseg.phantom import make_phantom
+    from flareseg.runtime import jobs
+    from flareseg.runtime.cli import main
+
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for name in ("a", "b"):
+        nib.save(make_phantom((32, 32, 3), (8.0, 8.0, 10.0)).to_nifti()[0], cases / f"{name}_0000.nii.gz")
+    calls: list[str] = []
+    real = jobs.list_cases
+    monkeypatch.setattr(jobs, "list_cases", lambda folder, **kw: calls.append(str(folder)) or real(folder, **kw))
+    assert main(["--model", str(trained_checkpoint), "-i", str(cases), "-o", str(tmp_path / "pred"), "-q"]) == 0
+    assert calls == [str(cases)] and sorted(p.name for p in (tmp_path / "pred").glob("*.nii.gz")) == [
+        "a.nii.gz",
+        "b.nii.gz",
+    ]

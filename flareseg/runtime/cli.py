@@ -169,8 +169,11 @@ def _check_memory_budget(args: argparse.Namespace, backend: str, cuda: bool, dev
     return nvml_used_mb(torch.device(device))  # before our CUDA context exists
 
 
-def _plan_inputs(args: argparse.Namespace) -> tuple[bool, list[Path], Path | None]:
-    """(folder mode, inputs, single output file or None for folder-style naming)."""
+def _plan_inputs(args: argparse.Namespace, listed: list[Path] | None = None) -> tuple[bool, list[Path], Path | None]:
+    """(folder mode, inputs, single output file or None for folder-style naming).
+
+    ``listed``: the folder's cases, when :func:`_look_ahead` has listed them already.
+    """
     from flareseg.runtime.jobs import OUTPUT_SUFFIXES, is_series_input, list_cases
     from flareseg.volume import NIFTI_SUFFIXES, is_nifti
 
@@ -178,7 +181,8 @@ def _plan_inputs(args: argparse.Namespace) -> tuple[bool, list[Path], Path | Non
     if inp.is_dir() and not is_series_input(inp):
         if args.output.exists() and not args.output.is_dir():
             raise FlareSegError(f"{args.output}: the input is a folder of cases, so the output must be a folder")
-        return True, list_cases(inp, num_parts=args.num_parts, part_id=args.part_id), None
+        cases = listed if listed is not None else list_cases(inp, num_parts=args.num_parts, part_id=args.part_id)
+        return True, cases, None
     if not inp.exists():
         raise FlareSegError(f"{inp}: file not found")
     if not inp.is_dir() and not is_nifti(inp):
@@ -198,37 +202,39 @@ def _main(args: argparse.Namespace) -> int:
     # The first case's read starts now, so that it overlaps torch's import, the device's
     # start-up and the model's loading.
     with Reader(args.read_threads) as reader:  # a missing rapidgzip is said here, before any work
-        first = _first_input(args)
+        first, listed = _look_ahead(args)
         if first is not None:
             reader.prefetch(first, args.output_type)
-        return _run(args, timeline, reader)
+        return _run(args, timeline, reader, listed)
 
 
-def _first_input(args: argparse.Namespace) -> Path | None:
-    """The input the run will read first, found without torch: a NIfTI file, or a folder's first case to run.
+def _look_ahead(args: argparse.Namespace) -> tuple[Path | None, list[Path] | None]:
+    """The input the run will read first, found without torch, and a folder's cases if they were listed.
 
-    None when there is no NIfTI file to read ahead (a DICOM series, whose parsing would
-    hold the GIL against torch's import; every case done) or the inputs are in error: the
-    run then says why, in its usual order.
+    The input: a NIfTI file, or a folder's first case to run. None when there is no NIfTI
+    file to read ahead (a DICOM series, whose parsing would hold the GIL against torch's
+    import; every case done) or the inputs are in error: the run then says why, in its
+    usual order. The listing is handed on, so that a folder of many series is not read twice.
     """
     from flareseg.runtime.jobs import is_series_input, list_cases, plan_folder
     from flareseg.volume import is_nifti
 
     inp: Path = args.input
     if inp.is_file():
-        return inp if is_nifti(inp) else None
+        return (inp if is_nifti(inp) else None), None
+    cases = None
     try:
         if not inp.is_dir() or is_series_input(inp) or (args.output.exists() and not args.output.is_dir()):
-            return None
+            return None, None
         cases = list_cases(inp, num_parts=args.num_parts, part_id=args.part_id)
         plan = plan_folder(cases, args.output, args.output_type, overwrite=args.overwrite)
         first = next((planned.input for planned in plan if planned.status == "run"), None)
     except (FlareSegError, OSError):
-        return None
-    return first if first is not None and first.is_file() else None
+        return None, cases
+    return (first if first is not None and first.is_file() else None), cases
 
 
-def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader) -> int:
+def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: list[Path] | None = None) -> int:
     from tqdm import tqdm
 
     from flareseg.runtime.pipeline import (
@@ -257,7 +263,7 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader) -> int:
         raise FlareSegError(f"--batch-size must be positive, got {batch_size}")
     if args.overlap_postprocess and args.no_postprocess:
         raise FlareSegError("--overlap-postprocess and --no-postprocess contradict each other: choose one")
-    folder, inputs, single_output = _plan_inputs(args)
+    folder, inputs, single_output = _plan_inputs(args, listed)
     idle_mb = _check_memory_budget(args, backend, cuda, device)
     runner = open_runner(
         model_path,
