@@ -40,9 +40,31 @@ def run_command(
     except FlareSegError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # whoever read stdout has gone (`| head`): no traceback for that
+        _silence_stdout()
+        return 1
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return INTERRUPTED
+
+
+def _silence_stdout() -> None:
+    """Send the rest of stdout to the null device: its reader has gone, and the work goes on without it."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def say(line: str, write: Callable[[str], None] | None = None) -> None:
+    """A result line on stdout (through ``write``, else print); once stdout's reader has gone, silently nothing.
+
+    A run piped into ``head`` must not lose the cases still to come for want of a reader.
+    """
+    try:
+        (write or print)(line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
 
 
 def exit_now(code: int) -> NoReturn:

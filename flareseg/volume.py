@@ -248,16 +248,34 @@ def _stored_voxels(path: Path, proxy: Any, threads: int, on_voxels: VoxelsCallba
         data, damage = None, exc
     if data is not None:
         return data
-    # An uncompressed file (memory-mapped) or a damaged one, whose error nibabel words as always.
+    if damage is not None:
+        # Said here, not after nibabel reads the file again: nibabel first allocates and zeroes
+        # the header's whole grid, gigabytes for a few damaged bytes that claim a large one.
+        log.debug("%s: %s", path, damage.__cause__ or damage)
+        raise FlareSegError(f"{path}: truncated or corrupt voxel data ({damage})")
+    _check_file_size(path, proxy)
+    # An uncompressed file (memory-mapped), or a proxy of another kind: nibabel reads it.
     try:
         data = proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else np.asarray(proxy)
     except (EOFError, zlib.error, OSError, ValueError, OverflowError) as exc:
         why = " ".join(line.strip() for line in str(exc).splitlines())
         raise FlareSegError(f"{path}: truncated or corrupt voxel data ({why})") from None
-    if damage is not None:  # nibabel got its bytes, but the stream's checksum, length or tail is wrong
-        log.debug("%s: %s", path, damage)
-        raise FlareSegError(f"{path}: truncated or corrupt voxel data (the gzip stream fails its integrity check)")
     return data
+
+
+def _check_file_size(path: Path, proxy: Any) -> None:
+    """Refuse an uncompressed file shorter than its header's grid, before anything of that size is allocated."""
+    if path.name.endswith(".gz"):
+        return
+    try:
+        needed = int(proxy.offset) + int(np.prod(proxy.shape, dtype=np.int64)) * np.dtype(proxy.dtype).itemsize
+    except (AttributeError, TypeError, ValueError):
+        return  # not a plain array proxy: nibabel checks it
+    size = path.stat().st_size
+    if size < needed:
+        raise FlareSegError(
+            f"{path}: truncated or corrupt voxel data (the file holds {size:,} bytes; its header needs {needed:,})"
+        )
 
 
 class _DamagedStream(Exception):
@@ -306,8 +324,10 @@ def _inflate_voxels(
         _inflate_into(path, offset, buffer.data, inflater, filled)
     except _CallbackFailed as failed:
         raise failed.error from None
-    except errors as exc:
-        raise _DamagedStream(str(exc)) from None
+    except EOFError as exc:
+        raise _DamagedStream("the gzip stream ends before the last voxel") from exc
+    except errors as exc:  # one wording for zlib's and ISA-L's messages, which differ
+        raise _DamagedStream("the gzip stream fails its integrity check") from exc
     return buffer.view(dtype).reshape(shape, order=order)
 
 

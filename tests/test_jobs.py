@@ -27,20 +27,20 @@ def test_the_plan_runs_skips_and_refuses_each_case_in_order(tmp_path):
     inputs, out = _inputs(tmp_path), tmp_path / "out"
     out.mkdir()
     (out / "c1.nii.gz").write_bytes(b"done")  # finished: skipped
-    (out / "c2.nii.gz").mkdir()  # ... unless overwritten; a folder is then in the way
+    (out / "c2.nii.gz").mkdir()  # a folder where the output goes: not done, and refused
     plan = list(plan_folder(inputs, out))
     assert [(p.case, p.status) for p in plan] == [
         ("c0", "run"),
         ("c1", "skipped"),
-        ("c2", "skipped"),  # its output exists, even if it is a folder
+        ("c2", "failed"),
         ("c3", "run"),
         ("series", "failed"),
     ]
     assert plan[0].job == CaseJob("c0", inputs[0], out / "c0.nii.gz")
+    assert str(plan[2].error) == f"{out / 'c2.nii.gz'}: a folder is in the way of the output"
     assert str(plan[4].error) == f"{inputs[4]}: no DICOM files" and plan[4].output is None
     again = list(plan_folder(inputs, out, overwrite=True))
     assert [p.status for p in again] == ["run", "run", "failed", "run", "failed"]
-    assert str(again[2].error) == f"{out / 'c2.nii.gz'}: a folder is in the way of the output"
     with pytest.raises(FlareSegError, match="c1 is skipped, not run"):
         _ = plan[1].job
     seg = list(plan_folder(inputs[:1], out, "dicom-seg"))
@@ -59,3 +59,54 @@ def test_the_plan_is_lazy_so_the_first_case_to_run_is_found_at_once(tmp_path, mo
 def test_planning_imports_no_torch():
     code = "import sys, flareseg.runtime.jobs; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_timings_and_output_folders_that_would_destroy_or_fail_are_refused(tmp_path):
+    from flareseg.runtime.jobs import check_output_folder, check_timings
+
+    inputs = _inputs(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "at-all")
+    refused = {
+        tmp_path / "t.nii.gz": "the timings file must end in .json",
+        tmp_path / "afile" / "t.json": f"cannot create its folder, {tmp_path / 'afile'} is a file",
+        tmp_path / "in": "must end in .json",
+    }
+    for path, message in refused.items():
+        with pytest.raises(FlareSegError, match=message):
+            check_timings(path, inputs)
+    renamed = tmp_path / "in" / "c0.json"
+    renamed.write_text("{}")
+    with pytest.raises(FlareSegError, match="refusing to overwrite an input"):
+        check_timings(renamed, [*inputs, renamed])
+    (tmp_path / "dir.json").mkdir()
+    with pytest.raises(FlareSegError, match="a folder is in the way"):
+        check_timings(tmp_path / "dir.json", inputs)
+    check_timings(tmp_path / "new" / "timings.json", inputs)  # a folder still to be made is fine
+    folders = {
+        tmp_path / "in": "the output folder is the input folder",
+        tmp_path / "afile": "the output must be a folder",
+        tmp_path / "afile" / "sub": "is a file",
+        tmp_path / "dangling": "a broken symbolic link is in the way",
+    }
+    for out, message in folders.items():
+        with pytest.raises(FlareSegError, match=message):
+            check_output_folder(out, tmp_path / "in")
+    check_output_folder(tmp_path / "in" / "pred", tmp_path / "in")  # inside the input folder is fine
+
+
+def test_an_unreadable_series_or_nameless_file_fails_alone_and_the_others_run(tmp_path):
+    from flareseg.runtime.jobs import list_inputs
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "b_0000.nii.gz").write_bytes(b"not read by the plan")
+    (folder / "_0000.nii.gz").write_bytes(b"no case name")
+    (folder / "aaa").mkdir()
+    (folder / "aaa" / "bad.dcm").write_bytes(bytes(128) + b"DICM" + b"\x02\x00\x10\x00ZZ\x04\x00abcd" * 4)
+    listed = list_inputs(folder)
+    assert listed["aaa/"] == folder / "aaa"  # listed under its folder's name: its reader says what is wrong
+    plan = {p.input.name: p for p in plan_folder(list(listed.values()), tmp_path / "out")}
+    assert plan["b_0000.nii.gz"].status == "run"
+    assert plan["aaa"].status == "failed" and "unreadable DICOM file bad.dcm" in str(plan["aaa"].error)
+    assert plan["_0000.nii.gz"].status == "failed" and "no case name" in str(plan["_0000.nii.gz"].error)

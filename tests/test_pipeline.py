@@ -466,3 +466,65 @@ def test_read_threads_give_the_same_output_and_are_checked_before_any_work(train
     assert infer_main([*base, "-o", str(tmp_path / "bad"), "--read-threads", "-2"]) == 2
     assert "read threads must be 0 (all cores) to 1024, got -2" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_refusals_before_any_work_leave_inputs_and_folders_as_they_were(trained_checkpoint, tmp_path, capsys):
+    paths = _folder(tmp_path / "in", 2)
+    before = paths[0].read_bytes()
+    model = ["--model", str(trained_checkpoint), "-q"]
+    refusals = [
+        (["-i", str(tmp_path / "in"), "-o", str(tmp_path / "o1"), "--timings", str(paths[0])], "must end in .json"),
+        (["-i", str(paths[0]), "-o", str(tmp_path / "o2.nii.gz"), "--timings", str(tmp_path / "o2.nii.gz")], ".json"),
+        (["-i", str(tmp_path / "in"), "-o", str(tmp_path / "in")], "the output folder is the input folder"),
+        (["-i", str(paths[0]), "-o", str(tmp_path / "o3"), "--batch-size", "0"], "--batch-size must be positive"),
+        (["-i", str(paths[0]), "-o", str(tmp_path / "o4"), "--num-parts", "2"], "split a folder of cases"),
+    ]
+    for argv, message in refusals:
+        assert infer_main([*model, *argv]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (argv, err)
+    assert paths[0].read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # no output folder was made
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert (
+        infer_main(["--model", str(tmp_path / "junk.pt"), "-i", str(tmp_path / "in"), "-o", str(tmp_path / "o5"), "-q"])
+        == 2
+    )
+    assert not (tmp_path / "o5").exists()  # a model that fails to load leaves no empty output folder
+
+
+def test_a_closed_stdout_does_not_stop_the_run(trained_checkpoint, tmp_path):
+    _folder(tmp_path / "in", 3)
+    cmd = [sys.executable, "-m", "flareseg.runtime.cli", "--model", str(trained_checkpoint)]
+    proc = subprocess.Popen(
+        [*cmd, "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--batch-size", "4"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # as `| head -0` would: every line flare-infer prints meets a broken pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(120) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "c0.nii.gz",
+        "c1.nii.gz",
+        "c2.nii.gz",
+        "timings.json",
+    ]
+
+
+def test_a_timings_file_that_cannot_be_written_still_leaves_the_summary(
+    trained_checkpoint, tmp_path, monkeypatch, capsys
+):
+    _folder(tmp_path / "in", 1)
+
+    def cannot(*args, **kwargs):
+        raise FlareSegError(f"{tmp_path / 'out' / 'timings.json'}: cannot write (No space left on device)")
+
+    monkeypatch.setattr(pipeline, "write_timings", cannot)  # a double: the disk fills at the very end
+    argv = ["--model", str(trained_checkpoint), "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-q"]
+    assert infer_main(argv) == 1
+    out = capsys.readouterr().out
+    assert "1 segmented, 0 skipped (already done), 0 failed of 1" in out and "timings not written" in out
+    assert (tmp_path / "out" / "c0.nii.gz").is_file()

@@ -496,3 +496,22 @@ def test_an_error_in_on_voxels_is_raised_as_it_is_not_as_a_damaged_file(tmp_path
 
     with pytest.raises(ValueError, match="the caller's own bug"):
         read_ct(path, on_voxels=refuse)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_a_header_claiming_a_huge_grid_fails_without_filling_it(tmp_path, suffix):
+    from flareseg.runtime.pipeline import peak_rss_mb, reset_peak_rss
+
+    path = save(nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), np.eye(4)), tmp_path / f"small{suffix}")
+    raw = bytearray(gzip.decompress(path.read_bytes()) if suffix == ".nii.gz" else path.read_bytes())
+    raw[42:48] = np.array([1000, 1000, 500], "<i2").tobytes()  # dim[1..3]: a 1 GB int16 grid
+    raw = bytes(raw)
+    path.write_bytes(gzip.compress(raw) if suffix == ".nii.gz" else raw)
+    if not reset_peak_rss():
+        pytest.skip("needs Linux's /proc/self/clear_refs to measure the peak resident memory")
+    before = peak_rss_mb()
+    with pytest.raises(FlareSegError, match=r"small\.nii(\.gz)?: truncated or corrupt voxel data"):
+        read_ct(path)
+    after = peak_rss_mb()
+    assert before is not None and after is not None
+    assert after - before < 256  # nibabel's second read would first zero a 1 GB bytearray

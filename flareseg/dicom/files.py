@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -112,10 +113,12 @@ def series_case_name(folder: str | os.PathLike[str]) -> str:
     raise FlareSegError(f"{folder}: no DICOM files")
 
 
-def find_series(folder: str | os.PathLike[str]) -> dict[str, Path]:
+def find_series(folder: str | os.PathLike[str], *, unnamed: Callable[[Path], str] | None = None) -> dict[str, Path]:
     """Case name -> series folder for each immediate, non-hidden subfolder of ``folder`` that holds DICOM files.
 
     Sorted by case name; two series with the same case name are an error naming both folders.
+    A series whose header cannot be read raises, or with ``unnamed`` is listed under
+    ``unnamed(subfolder)`` (its reader then says what is wrong).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -124,7 +127,12 @@ def find_series(folder: str | os.PathLike[str]) -> dict[str, Path]:
     for sub in sorted(folder.iterdir()):
         if sub.name.startswith(".") or not is_series_dir(sub):
             continue
-        name = series_case_name(sub)
+        try:
+            name = series_case_name(sub)
+        except FlareSegError:
+            if unnamed is None:
+                raise
+            name = unnamed(sub)
         if name in cases:
             raise FlareSegError(f"{folder}: case {name} appears twice ({cases[name].name}, {sub.name})")
         cases[name] = sub

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
-from flareseg.cli import INTERRUPTED, add_common_arguments, exit_now, run_command
+from flareseg.cli import INTERRUPTED, add_common_arguments, exit_now, run_command, say
 from flareseg.errors import FlareSegError
 
 if TYPE_CHECKING:
@@ -174,15 +174,16 @@ def _plan_inputs(args: argparse.Namespace, listed: list[Path] | None = None) -> 
 
     ``listed``: the folder's cases, when :func:`_look_ahead` has listed them already.
     """
-    from flareseg.runtime.jobs import OUTPUT_SUFFIXES, is_series_input, list_cases
+    from flareseg.runtime.jobs import OUTPUT_SUFFIXES, check_output_folder, is_series_input, list_cases
     from flareseg.volume import NIFTI_SUFFIXES, is_nifti
 
     inp: Path = args.input
     if inp.is_dir() and not is_series_input(inp):
-        if args.output.exists() and not args.output.is_dir():
-            raise FlareSegError(f"{args.output}: the input is a folder of cases, so the output must be a folder")
+        check_output_folder(args.output, inp)
         cases = listed if listed is not None else list_cases(inp, num_parts=args.num_parts, part_id=args.part_id)
         return True, cases, None
+    if (args.num_parts, args.part_id) != (1, 0):
+        raise FlareSegError("--num-parts and --part-id split a folder of cases; the input is one case")
     if not inp.exists():
         raise FlareSegError(f"{inp}: file not found")
     if not inp.is_dir() and not is_nifti(inp):
@@ -237,6 +238,7 @@ def _look_ahead(args: argparse.Namespace) -> tuple[Path | None, list[Path] | Non
 def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: list[Path] | None = None) -> int:
     from tqdm import tqdm
 
+    from flareseg.runtime.jobs import CaseJob, check_output, check_timings, input_case_name
     from flareseg.runtime.pipeline import (
         CaseTiming,
         RunOptions,
@@ -258,12 +260,17 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
     # models carry their precision, so --precision is PyTorch's alone.
     precision: TorchPrecision = args.precision or ("fp16" if cuda and backend == "torch" else "fp32")
     channels_last = args.channels_last if args.channels_last is not None else (cuda and precision != "fp32")
-    batch_size = args.batch_size or (GPU_BATCH if cuda else CPU_BATCH)
+    batch_size = args.batch_size if args.batch_size is not None else (GPU_BATCH if cuda else CPU_BATCH)
     if batch_size < 1:
         raise FlareSegError(f"--batch-size must be positive, got {batch_size}")
     if args.overlap_postprocess and args.no_postprocess:
         raise FlareSegError("--overlap-postprocess and --no-postprocess contradict each other: choose one")
     folder, inputs, single_output = _plan_inputs(args, listed)
+    target = None if folder else (single_output or args.output / output_name(inputs[0], args.output_type))
+    if target is not None:  # the output first, then the timings beside it
+        check_output(CaseJob(input_case_name(inputs[0]), inputs[0], target, args.output_type))
+    timings_path = _timings_path(args, target)
+    check_timings(timings_path, inputs)
     idle_mb = _check_memory_budget(args, backend, cuda, device)
     runner = open_runner(
         model_path,
@@ -320,10 +327,10 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
         with tqdm(desc="slices", unit="slice", disable=args.quiet, leave=False) as bar:
 
             def report(t: CaseTiming) -> None:
-                tqdm.write(t.line(), file=sys.stdout)
+                say(t.line(), lambda line: tqdm.write(line, file=sys.stdout))
 
             options["progress"] = bar.update
-            if folder:
+            if target is None:  # a folder of cases
                 results = segment_folder(
                     runner,
                     inputs,
@@ -334,7 +341,6 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
                     **options,
                 )
             else:
-                target = single_output or args.output / output_name(inputs[0], args.output_type)
                 results = [segment_file(runner, inputs[0], target, output_type=args.output_type, **options)]
                 report(results[0])
         context["runner"] = runner.describe()
@@ -342,31 +348,37 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
         runner.deactivate()
     timeline.mark("released")
     summary = summarize(results, time.perf_counter() - t_start)
-    if args.timings:
-        timings_path = args.timings
-    elif folder:
-        suffix = f"-part{args.part_id}of{args.num_parts}" if args.num_parts > 1 else ""
-        timings_path = args.output / f"timings{suffix}.json"
-    else:
-        out = Path(results[0].output)
-        timings_path = out.with_name(out.name.split(".nii")[0].removesuffix(".dcm") + ".timings.json")
     timeline.end()
     startup = {
         **timeline.to_dict(),
         "activate_s": runner.activate_s,
         "activation_steps_s": runner.activation_steps,
     }
-    write_timings(results, timings_path, context, summary, startup)
+    try:
+        write_timings(results, timings_path, context, summary, startup)
+        written = f"timings: {timings_path}"
+    except FlareSegError as exc:  # the label maps are written: say so, then what went wrong
+        log.error("%s", exc)
+        written = "timings not written"
     failed = [r for r in results if r.status == "failed"]
     rate = f", {summary.cases_per_minute:.1f} cases/min" if folder and summary.cases_per_minute else ""
-    print(
+    say(
         f"{summary.segmented} segmented, {summary.skipped} skipped (already done), {summary.failed} failed "
-        f"of {summary.cases} in {summary.wall_s:.1f}s{rate}; timings: {timings_path}"
+        f"of {summary.cases} in {summary.wall_s:.1f}s{rate}; {written}"
     )
     if failed:
         print("failed: " + ", ".join(r.case for r in failed), file=sys.stderr)
-        return 1
-    return 0
+    return 1 if failed or not written.startswith("timings:") else 0
+
+
+def _timings_path(args: argparse.Namespace, target: Path | None) -> Path:
+    """--timings, or beside the output: ``timings.json`` in a folder run, ``<case>.timings.json`` for one case."""
+    if args.timings:
+        return Path(args.timings)
+    if target is None:
+        suffix = f"-part{args.part_id}of{args.num_parts}" if args.num_parts > 1 else ""
+        return Path(args.output) / f"timings{suffix}.json"
+    return target.with_name(target.name.split(".nii")[0].removesuffix(".dcm") + ".timings.json")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -48,7 +48,10 @@ def input_case_name(path: str | os.PathLike[str]) -> str:
         from flareseg.dicom import series_case_name
 
         return series_case_name(path)
-    return case_id(path)
+    name = case_id(path)
+    if not name:  # "_0000.nii.gz": the output would be a hidden ".nii.gz"
+        raise FlareSegError(f"{path}: no case name before the suffix (FLARE21 names look like case_001_0000.nii.gz)")
+    return name
 
 
 def output_name(input_path: str | os.PathLike[str], output_type: OutputType = "nifti") -> str:
@@ -73,16 +76,49 @@ def check_output(job: CaseJob) -> None:
         raise FlareSegError(f"{job.output}: refusing to overwrite the input")
     if job.output.is_dir():
         raise FlareSegError(f"{job.output}: a folder is in the way of the output")
-    folder = next(p for p in job.output.absolute().parents if p.exists())  # the root exists
-    if not folder.is_dir():
-        raise FlareSegError(f"{job.output}: cannot create its folder, {folder} is a file")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise FlareSegError(f"{job.output}: cannot write in {folder} (permission denied)")
+    _check_creatable(job.output)
     if job.output_type == "dicom-seg" and not job.input.is_dir():
         raise FlareSegError(
             f"{job.input}: DICOM SEG output needs a DICOM series as input (a NIfTI file has no series to "
             "reference); use --output-type nifti"
         )
+
+
+def _check_creatable(path: Path) -> None:
+    """Refuse a path whose folder could not be made or written: a file or a broken link on the way, no access."""
+    if path.is_symlink() and not path.exists():
+        raise FlareSegError(f"{path}: a broken symbolic link is in the way")
+    folder = next(p for p in path.absolute().parents if p.exists())  # the root exists
+    if not folder.is_dir():
+        raise FlareSegError(f"{path}: cannot create its folder, {folder} is a file")
+    if not os.access(folder, os.W_OK | os.X_OK):  # also false on a read-only file system
+        raise FlareSegError(f"{path}: cannot write in {folder} (permission denied or read-only)")
+
+
+def check_output_folder(out: Path, inputs: Path | None = None) -> None:
+    """Refuse, before any work, an output folder for a folder of cases (``inputs``) that could not hold its results."""
+    if out.exists() and not out.is_dir():
+        raise FlareSegError(f"{out}: the input is a folder of cases, so the output must be a folder")
+    if inputs is not None and out.exists() and out.resolve() == inputs.resolve():
+        raise FlareSegError(
+            f"{out}: the output folder is the input folder, where its label maps would be taken for cases; "
+            "choose another folder"
+        )
+    if not out.exists():
+        _check_creatable(out)
+    elif not os.access(out, os.W_OK | os.X_OK):
+        raise FlareSegError(f"{out}: cannot write in it (permission denied or read-only)")
+
+
+def check_timings(path: Path, inputs: Sequence[Path]) -> None:
+    """Refuse, before any work, a timings file that would replace an input or a label map, or could not be written."""
+    if not path.name.endswith(".json"):
+        raise FlareSegError(f"{path}: the timings file must end in .json")
+    if any(path.resolve() == p.resolve() for p in inputs):
+        raise FlareSegError(f"{path}: refusing to overwrite an input with the timings")
+    if path.is_dir():
+        raise FlareSegError(f"{path}: a folder is in the way of the timings file")
+    _check_creatable(path)
 
 
 def list_inputs(folder: str | os.PathLike[str]) -> dict[str, Path]:
@@ -93,7 +129,9 @@ def list_inputs(folder: str | os.PathLike[str]) -> dict[str, Path]:
         return cases  # no subfolders, so no series: pydicom need not be imported
     from flareseg.dicom import find_series
 
-    for name, series in find_series(folder).items():
+    # A series whose header cannot be read is listed under its folder's name (with a "/", which
+    # no case name has): the plan then fails that case alone, and the others go on.
+    for name, series in find_series(folder, unnamed=lambda sub: f"{sub.name}/").items():
         if name in cases:
             raise FlareSegError(f"{folder}: case {name} appears twice ({cases[name].name}, {series.name}/)")
         cases[name] = series
@@ -148,7 +186,7 @@ def plan_folder(
             yield PlannedCase(path, path.name, None, "failed", exc, output_type)
             continue
         output = out_dir / f"{name}{suffix}"
-        if output.exists() and not overwrite:
+        if output.is_file() and not overwrite:  # a folder in the way is refused below, not taken as done
             yield PlannedCase(path, name, output, "skipped", None, output_type)
             continue
         try:
@@ -165,6 +203,8 @@ __all__ = [
     "OutputType",
     "PlannedCase",
     "check_output",
+    "check_output_folder",
+    "check_timings",
     "input_case_name",
     "is_series_input",
     "list_cases",

@@ -39,6 +39,7 @@ from flareseg.runtime.jobs import (
     CaseJob,
     OutputType,
     check_output,
+    check_output_folder,
     input_case_name,
     list_cases,
     list_inputs,
@@ -426,7 +427,7 @@ def segment_folder(
     ``options``: see :func:`run_cases`.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out)  # made by the first write: a run that fails to start leaves no empty folder
     results: dict[int, CaseTiming] = {}
     jobs: list[tuple[int, CaseJob]] = []
     for i, planned in enumerate(plan_folder(inputs, out, output_type, overwrite=overwrite)):
