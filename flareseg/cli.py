@@ -40,19 +40,42 @@ def run_command(
     except FlareSegError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # whoever read stdout has gone (`| head`): no traceback for that
-        _silence_stdout()
-        return 1
+    except BrokenPipeError as exc:
+        if _stdout_gone():  # whoever read stdout has gone (`| head`): no traceback for that
+            return 1
+        _tell(f"{parser.prog}: error: {exc}")  # a pipe of some other kind: say so
+        return 2
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return INTERRUPTED
 
 
-def _silence_stdout() -> None:
-    """Send the rest of stdout to the null device: its reader has gone, and the work goes on without it."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+def _tell(line: str) -> None:
+    """A line on stderr, if anything still reads it."""
+    try:
+        print(line, file=sys.stderr)
+    except (OSError, ValueError, AttributeError):  # stderr closed or gone
+        pass
+
+
+def _stdout_gone() -> bool:
+    """True when stdout's reader has gone; stdout then goes to the null device, and the work on without it."""
+    if sys.stdout is None:  # started with stdout closed (`>&-`)
+        return True
+    try:
+        sys.stdout.flush()
+        return False
+    except BrokenPipeError:
+        pass
+    except (OSError, ValueError):
+        return False
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no file descriptor behind this stdout
+        pass
+    return True
 
 
 def say(line: str, write: Callable[[str], None] | None = None) -> None:
@@ -60,11 +83,13 @@ def say(line: str, write: Callable[[str], None] | None = None) -> None:
 
     A run piped into ``head`` must not lose the cases still to come for want of a reader.
     """
+    if sys.stdout is None:  # started with stdout closed
+        return
     try:
         (write or print)(line)
         sys.stdout.flush()
     except BrokenPipeError:
-        _silence_stdout()
+        _stdout_gone()
 
 
 def exit_now(code: int) -> NoReturn:
@@ -80,7 +105,8 @@ def exit_now(code: int) -> NoReturn:
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:  # None: the process started with it closed
+                stream.flush()
         except (OSError, ValueError):  # a closed or broken pipe: nothing more can reach it
             pass
     try:  # what C and C++ libraries wrote through the C library's own stdout buffer

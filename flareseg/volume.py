@@ -64,6 +64,9 @@ GZIP_LEVEL = 1
 #: larger steps keep a read in a thread near its speed alone.
 _READ_CHUNK = 4 << 20
 _INFLATE_PIECE = 8 << 20
+#: Deflate's best ratio is about 1032:1: a file claiming more voxel bytes than this many times its size
+#: cannot hold them (a damaged header), and is refused before its grid is allocated.
+_DEFLATE_MAX_RATIO = 1032
 #: Least inflated bytes handed to an ``on_voxels`` callback at once (the last piece may be smaller).
 _VOXEL_PIECE = 4 << 20
 
@@ -282,6 +285,10 @@ class _DamagedStream(Exception):
     """The gzip stream of a file is truncated or corrupt (raised by :func:`_inflate_voxels`)."""
 
 
+class _CutAfterVoxels(EOFError):
+    """Every voxel inflated, but the stream ends before its member's checksum and length."""
+
+
 class _CallbackFailed(Exception):
     """An ``on_voxels`` callback raised ``error``: the caller's fault, not a damaged stream."""
 
@@ -314,7 +321,11 @@ def _inflate_voxels(
         return None  # not a plain array proxy: nibabel knows how to read it
     if order not in ("C", "F"):
         return None
-    buffer = np.empty(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, dtype=np.uint8)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    size = path.stat().st_size
+    if offset + nbytes > _DEFLATE_MAX_RATIO * size + (1 << 20):
+        raise _DamagedStream(f"the header's grid needs {nbytes:,} bytes, more than a {size:,}-byte gzip file can hold")
+    buffer = np.empty(nbytes, dtype=np.uint8)
     if threads != 1 and _inflate_parallel(path, offset, buffer.data, threads):
         return buffer.view(dtype).reshape(shape, order=order)
     inflater = _isal_zlib if _isal_zlib is not None else zlib
@@ -324,8 +335,12 @@ def _inflate_voxels(
         _inflate_into(path, offset, buffer.data, inflater, filled)
     except _CallbackFailed as failed:
         raise failed.error from None
+    except _CutAfterVoxels as exc:
+        raise _DamagedStream("the gzip stream is cut off after the last voxel, before its checksum") from exc
     except EOFError as exc:
         raise _DamagedStream("the gzip stream ends before the last voxel") from exc
+    except OSError as exc:  # the file itself could not be read (a disk or network fault): not a damaged stream
+        raise FlareSegError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
     except errors as exc:  # one wording for zlib's and ISA-L's messages, which differ
         raise _DamagedStream("the gzip stream fails its integrity check") from exc
     return buffer.view(dtype).reshape(shape, order=order)
@@ -383,7 +398,8 @@ def _inflate_into(
                 if not data:
                     piece = stream.flush()
                     if not piece:
-                        raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+                        cut = _CutAfterVoxels if pos >= end else EOFError
+                        raise cut("Compressed file ended before the end-of-stream marker was reached")
             if data:
                 piece = stream.decompress(data, _INFLATE_PIECE)
                 data = stream.unconsumed_tail

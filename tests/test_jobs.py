@@ -110,3 +110,20 @@ def test_an_unreadable_series_or_nameless_file_fails_alone_and_the_others_run(tm
     assert plan["b_0000.nii.gz"].status == "run"
     assert plan["aaa"].status == "failed" and "unreadable DICOM file bad.dcm" in str(plan["aaa"].error)
     assert plan["_0000.nii.gz"].status == "failed" and "no case name" in str(plan["_0000.nii.gz"].error)
+
+
+def test_a_broken_link_anywhere_on_the_way_is_refused_and_the_output_folder_is_not_an_input(tmp_path):
+    from test_dicom import phantom, write_series
+
+    from flareseg.runtime.jobs import check_output_folder, check_timings, list_cases
+
+    (tmp_path / "dang").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FlareSegError, match="a broken symbolic link is in the way"):
+        check_output_folder(tmp_path / "dang" / "out")
+    with pytest.raises(FlareSegError, match="a broken symbolic link is in the way"):
+        check_timings(tmp_path / "dang" / "t.json", [])
+    folder = tmp_path / "in"
+    write_series(folder / "ct", phantom(), patient_id="P", series_number=3)
+    write_series(folder / "segs", phantom(), patient_id="P", series_number=901)  # as DICOM SEG outputs would be
+    assert list_cases(folder) == [folder / "ct", folder / "segs"]
+    assert list_cases(folder, exclude=folder / "segs") == [folder / "ct"]

@@ -528,3 +528,41 @@ def test_a_timings_file_that_cannot_be_written_still_leaves_the_summary(
     out = capsys.readouterr().out
     assert "1 segmented, 0 skipped (already done), 0 failed of 1" in out and "timings not written" in out
     assert (tmp_path / "out" / "c0.nii.gz").is_file()
+
+
+def test_a_run_started_with_stdout_closed_still_segments_every_case(trained_checkpoint, tmp_path):
+    import os
+
+    _folder(tmp_path / "in", 2)
+    cmd = [sys.executable, "-m", "flareseg.runtime.cli", "--model", str(trained_checkpoint)]
+    done = subprocess.run(
+        [*cmd, "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--batch-size", "4"],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: os.close(1),  # as `>&-` in a shell: Python starts with sys.stdout None
+        timeout=120,
+    )
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c0.nii.gz", "c1.nii.gz", "timings.json"]
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_an_error_not_silence(capsys):
+    import argparse
+
+    from flareseg.cli import run_command
+
+    parser = argparse.ArgumentParser(prog="flare-x")
+    parser.add_argument("-q", "--quiet", action="store_true")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+
+    def body(args):
+        raise BrokenPipeError(32, "Broken pipe to a worker")
+
+    assert run_command(parser, body, []) == 2
+    assert capsys.readouterr().err.strip() == "flare-x: error: [Errno 32] Broken pipe to a worker"
+
+
+def test_an_explicit_output_needs_no_case_name(trained_checkpoint, tmp_path):
+    ct = _folder(tmp_path / "in", 1)[0].rename(tmp_path / "in" / "_0000.nii.gz")
+    argv = ["--model", str(trained_checkpoint), "-i", str(ct), "-o", str(tmp_path / "result.nii.gz"), "-q"]
+    assert infer_main(argv) == 0 and (tmp_path / "result.nii.gz").is_file()

@@ -180,7 +180,9 @@ def _plan_inputs(args: argparse.Namespace, listed: list[Path] | None = None) -> 
     inp: Path = args.input
     if inp.is_dir() and not is_series_input(inp):
         check_output_folder(args.output, inp)
-        cases = listed if listed is not None else list_cases(inp, num_parts=args.num_parts, part_id=args.part_id)
+        if listed is None:
+            listed = list_cases(inp, num_parts=args.num_parts, part_id=args.part_id, exclude=args.output)
+        cases = listed
         return True, cases, None
     if (args.num_parts, args.part_id) != (1, 0):
         raise FlareSegError("--num-parts and --part-id split a folder of cases; the input is one case")
@@ -227,7 +229,7 @@ def _look_ahead(args: argparse.Namespace) -> tuple[Path | None, list[Path] | Non
     try:
         if not inp.is_dir() or is_series_input(inp) or (args.output.exists() and not args.output.is_dir()):
             return None, None
-        cases = list_cases(inp, num_parts=args.num_parts, part_id=args.part_id)
+        cases = list_cases(inp, num_parts=args.num_parts, part_id=args.part_id, exclude=args.output)
         plan = plan_folder(cases, args.output, args.output_type, overwrite=args.overwrite)
         first = next((planned.input for planned in plan if planned.status == "run"), None)
     except (FlareSegError, OSError):
@@ -268,7 +270,7 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
     folder, inputs, single_output = _plan_inputs(args, listed)
     target = None if folder else (single_output or args.output / output_name(inputs[0], args.output_type))
     if target is not None:  # the output first, then the timings beside it
-        check_output(CaseJob(input_case_name(inputs[0]), inputs[0], target, args.output_type))
+        check_output(CaseJob(input_case_name(inputs[0]) or inputs[0].name, inputs[0], target, args.output_type))
     timings_path = _timings_path(args, target)
     check_timings(timings_path, inputs)
     idle_mb = _check_memory_budget(args, backend, cuda, device)
@@ -324,7 +326,8 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
     }
     try:
-        with tqdm(desc="slices", unit="slice", disable=args.quiet, leave=False) as bar:
+        # The bar only on a terminal (None: tqdm asks): a log file or a pipe gets the per-case lines alone.
+        with tqdm(desc="slices", unit="slice", disable=True if args.quiet else None, leave=False) as bar:
 
             def report(t: CaseTiming) -> None:
                 say(t.line(), lambda line: tqdm.write(line, file=sys.stdout))

@@ -48,15 +48,20 @@ def input_case_name(path: str | os.PathLike[str]) -> str:
         from flareseg.dicom import series_case_name
 
         return series_case_name(path)
-    name = case_id(path)
-    if not name:  # "_0000.nii.gz": the output would be a hidden ".nii.gz"
+    return case_id(path)
+
+
+def _named(path: Path) -> str:
+    """The case name an output is named after; refused when empty (``_0000.nii.gz`` would give ``.nii.gz``)."""
+    name = input_case_name(path)
+    if not name:
         raise FlareSegError(f"{path}: no case name before the suffix (FLARE21 names look like case_001_0000.nii.gz)")
     return name
 
 
 def output_name(input_path: str | os.PathLike[str], output_type: OutputType = "nifti") -> str:
     """FLARE21 naming: ``test_001_0000.nii.gz`` -> ``test_001.nii.gz`` (``.dcm`` for DICOM SEG)."""
-    return f"{input_case_name(input_path)}{output_suffix(output_type)}"
+    return f"{_named(Path(input_path))}{output_suffix(output_type)}"
 
 
 def output_suffix(output_type: str) -> str:
@@ -86,9 +91,11 @@ def check_output(job: CaseJob) -> None:
 
 def _check_creatable(path: Path) -> None:
     """Refuse a path whose folder could not be made or written: a file or a broken link on the way, no access."""
-    if path.is_symlink() and not path.exists():
-        raise FlareSegError(f"{path}: a broken symbolic link is in the way")
-    folder = next(p for p in path.absolute().parents if p.exists())  # the root exists
+    # The nearest thing on the way that is there at all: a broken link is there, but leads nowhere.
+    there = next(p for p in (path.absolute(), *path.absolute().parents) if os.path.lexists(p))
+    if there.is_symlink() and not there.exists():
+        raise FlareSegError(f"{path}: a broken symbolic link is in the way ({there})")
+    folder = there if there != path.absolute() else next(p for p in path.absolute().parents if p.exists())
     if not folder.is_dir():
         raise FlareSegError(f"{path}: cannot create its folder, {folder} is a file")
     if not os.access(folder, os.W_OK | os.X_OK):  # also false on a read-only file system
@@ -121,8 +128,12 @@ def check_timings(path: Path, inputs: Sequence[Path]) -> None:
     _check_creatable(path)
 
 
-def list_inputs(folder: str | os.PathLike[str]) -> dict[str, Path]:
-    """Case name -> input of a folder: its NIfTI files and its DICOM series subfolders, sorted by name."""
+def list_inputs(folder: str | os.PathLike[str], *, exclude: Path | None = None) -> dict[str, Path]:
+    """Case name -> input of a folder: its NIfTI files and its DICOM series subfolders, sorted by name.
+
+    ``exclude``: a subfolder that is not an input (the run's own output folder, whose DICOM
+    SEG files would otherwise be taken for a series on the next run).
+    """
     folder = Path(folder)
     cases = dict(find_cases(folder))
     if not any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir()):
@@ -132,20 +143,25 @@ def list_inputs(folder: str | os.PathLike[str]) -> dict[str, Path]:
     # A series whose header cannot be read is listed under its folder's name (with a "/", which
     # no case name has): the plan then fails that case alone, and the others go on.
     for name, series in find_series(folder, unnamed=lambda sub: f"{sub.name}/").items():
+        if exclude is not None and series.resolve() == exclude.resolve():
+            continue
         if name in cases:
             raise FlareSegError(f"{folder}: case {name} appears twice ({cases[name].name}, {series.name}/)")
         cases[name] = series
     return dict(sorted(cases.items()))
 
 
-def list_cases(folder: str | os.PathLike[str], *, num_parts: int = 1, part_id: int = 0) -> list[Path]:
+def list_cases(
+    folder: str | os.PathLike[str], *, num_parts: int = 1, part_id: int = 0, exclude: Path | None = None
+) -> list[Path]:
     """A folder's inputs (NIfTI files, DICOM series folders), sorted, then this part's share.
 
     Part ``part_id`` of ``num_parts`` takes every ``num_parts``-th input, starting at ``part_id``.
+    ``exclude``: see :func:`list_inputs`.
     """
     if num_parts < 1 or not 0 <= part_id < num_parts:
         raise FlareSegError(f"part {part_id} of {num_parts} is not valid: need 0 <= part-id < num-parts")
-    cases = list(list_inputs(folder).values())
+    cases = list(list_inputs(folder, exclude=exclude).values())
     if not cases:
         raise FlareSegError(f"{folder}: no .nii or .nii.gz files and no DICOM series folders")
     return cases[part_id::num_parts]
@@ -181,7 +197,7 @@ def plan_folder(
     suffix = output_suffix(output_type)
     for path in inputs:
         try:
-            name = input_case_name(path)
+            name = _named(path)
         except FlareSegError as exc:
             yield PlannedCase(path, path.name, None, "failed", exc, output_type)
             continue

@@ -405,7 +405,7 @@ def segment_file(
     ``options``: see :func:`run_cases`.
     """
     input_path, output_path = Path(input_path), Path(output_path)
-    job = CaseJob(input_case_name(input_path), input_path, output_path, output_type)
+    job = CaseJob(input_case_name(input_path) or input_path.name, input_path, output_path, output_type)
     check_output(job)
     reset_peak_rss()
     (timing,) = run_cases(runner, [job], raise_errors=True, **options)
