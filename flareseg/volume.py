@@ -26,7 +26,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import nibabel as nib
 import numpy as np
@@ -244,19 +244,18 @@ def _load(
 
 def _stored_voxels(path: Path, proxy: Any, threads: int, on_voxels: VoxelsCallback | None = None) -> np.ndarray:
     """The raw stored values (scaling is applied later, per slice batch, to keep memory low); one-line errors."""
-    damage: _DamagedStream | None = None
+    layout = _Layout.of(proxy)
+    if layout is not None:
+        _check_file_size(path, layout)
     try:
-        data = _inflate_voxels(path, proxy, threads, on_voxels)
-    except _DamagedStream as exc:
-        data, damage = None, exc
-    if data is not None:
-        return data
-    if damage is not None:
+        data = _inflate_voxels(path, layout, threads, on_voxels) if layout is not None else None
+    except _DamagedStream as damage:
         # Said here, not after nibabel reads the file again: nibabel first allocates and zeroes
         # the header's whole grid, gigabytes for a few damaged bytes that claim a large one.
         log.debug("%s: %s", path, damage.__cause__ or damage)
-        raise FlareSegError(f"{path}: truncated or corrupt voxel data ({damage})")
-    _check_file_size(path, proxy)
+        raise FlareSegError(f"{path}: truncated or corrupt voxel data ({damage})") from None
+    if data is not None:
+        return data
     # An uncompressed file (memory-mapped), or a proxy of another kind: nibabel reads it.
     try:
         data = proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else np.asarray(proxy)
@@ -266,19 +265,45 @@ def _stored_voxels(path: Path, proxy: Any, threads: int, on_voxels: VoxelsCallba
     return data
 
 
-def _check_file_size(path: Path, proxy: Any) -> None:
-    """Refuse an uncompressed file shorter than its header's grid, before anything of that size is allocated."""
+@dataclass(frozen=True)
+class _Layout:
+    """Where a plain array proxy's voxels lie in its file, and how."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int
+    order: Literal["C", "F"]
+
+    @classmethod
+    def of(cls, proxy: Any) -> _Layout | None:
+        """The layout of nibabel's array proxy; None for a proxy of another kind (nibabel reads and checks it)."""
+        try:
+            shape = tuple(int(n) for n in proxy.shape)
+            dtype, offset, order = np.dtype(proxy.dtype), int(proxy.offset), str(proxy.order)
+        except (AttributeError, TypeError, ValueError):
+            return None
+        if order not in ("C", "F"):
+            return None
+        return cls(shape, dtype, offset, "C" if order == "C" else "F")
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def _check_file_size(path: Path, layout: _Layout) -> None:
+    """Refuse a file too small for its header's grid, before anything of that size is allocated.
+
+    An uncompressed file must hold the grid; a gzip one cannot pack it beyond deflate's best ratio.
+    """
+    size, needed = path.stat().st_size, layout.offset + layout.nbytes
     if path.name.endswith(".gz"):
-        return
-    try:
-        needed = int(proxy.offset) + int(np.prod(proxy.shape, dtype=np.int64)) * np.dtype(proxy.dtype).itemsize
-    except (AttributeError, TypeError, ValueError):
-        return  # not a plain array proxy: nibabel checks it
-    size = path.stat().st_size
-    if size < needed:
-        raise FlareSegError(
-            f"{path}: truncated or corrupt voxel data (the file holds {size:,} bytes; its header needs {needed:,})"
-        )
+        if needed > _DEFLATE_MAX_RATIO * size + (1 << 20):
+            why = f"the header's grid needs {layout.nbytes:,} bytes, more than a {size:,}-byte gzip file can hold"
+            raise FlareSegError(f"{path}: truncated or corrupt voxel data ({why})")
+    elif size < needed:
+        why = f"the file holds {size:,} bytes; its header needs {needed:,}"
+        raise FlareSegError(f"{path}: truncated or corrupt voxel data ({why})")
 
 
 class _DamagedStream(Exception):
@@ -298,7 +323,7 @@ class _CallbackFailed(Exception):
 
 
 def _inflate_voxels(
-    path: Path, proxy: Any, threads: int = 1, on_voxels: VoxelsCallback | None = None
+    path: Path, layout: _Layout, threads: int = 1, on_voxels: VoxelsCallback | None = None
 ) -> np.ndarray | None:
     """The stored voxels of a ``.nii.gz``, inflated by ISA-L (zlib without it); None for other files.
 
@@ -314,18 +339,8 @@ def _inflate_voxels(
     """
     if not path.name.endswith(".gz"):
         return None
-    try:
-        shape = tuple(int(n) for n in proxy.shape)
-        dtype, offset, order = np.dtype(proxy.dtype), int(proxy.offset), str(proxy.order)
-    except (AttributeError, TypeError, ValueError):
-        return None  # not a plain array proxy: nibabel knows how to read it
-    if order not in ("C", "F"):
-        return None
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    size = path.stat().st_size
-    if offset + nbytes > _DEFLATE_MAX_RATIO * size + (1 << 20):
-        raise _DamagedStream(f"the header's grid needs {nbytes:,} bytes, more than a {size:,}-byte gzip file can hold")
-    buffer = np.empty(nbytes, dtype=np.uint8)
+    shape, dtype, offset, order = layout.shape, layout.dtype, layout.offset, layout.order
+    buffer = np.empty(layout.nbytes, dtype=np.uint8)
     if threads != 1 and _inflate_parallel(path, offset, buffer.data, threads):
         return buffer.view(dtype).reshape(shape, order=order)
     inflater = _isal_zlib if _isal_zlib is not None else zlib

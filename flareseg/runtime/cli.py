@@ -182,8 +182,7 @@ def _plan_inputs(args: argparse.Namespace, listed: list[Path] | None = None) -> 
         check_output_folder(args.output, inp)
         if listed is None:
             listed = list_cases(inp, num_parts=args.num_parts, part_id=args.part_id, exclude=args.output)
-        cases = listed
-        return True, cases, None
+        return True, listed, None
     if (args.num_parts, args.part_id) != (1, 0):
         raise FlareSegError("--num-parts and --part-id split a folder of cases; the input is one case")
     if not inp.exists():
@@ -219,7 +218,7 @@ def _look_ahead(args: argparse.Namespace) -> tuple[Path | None, list[Path] | Non
     import; every case done) or the inputs are in error: the run then says why, in its
     usual order. The listing is handed on, so that a folder of many series is not read twice.
     """
-    from flareseg.runtime.jobs import is_series_input, list_cases, plan_folder
+    from flareseg.runtime.jobs import check_output_folder, is_series_input, list_cases, plan_folder
     from flareseg.volume import is_nifti
 
     inp: Path = args.input
@@ -227,8 +226,9 @@ def _look_ahead(args: argparse.Namespace) -> tuple[Path | None, list[Path] | Non
         return (inp if is_nifti(inp) else None), None
     cases = None
     try:
-        if not inp.is_dir() or is_series_input(inp) or (args.output.exists() and not args.output.is_dir()):
+        if not inp.is_dir() or is_series_input(inp):
             return None, None
+        check_output_folder(args.output, inp)  # the run refuses it again, in its usual order
         cases = list_cases(inp, num_parts=args.num_parts, part_id=args.part_id, exclude=args.output)
         plan = plan_folder(cases, args.output, args.output_type, overwrite=args.overwrite)
         first = next((planned.input for planned in plan if planned.status == "run"), None)
@@ -240,7 +240,7 @@ def _look_ahead(args: argparse.Namespace) -> tuple[Path | None, list[Path] | Non
 def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: list[Path] | None = None) -> int:
     from tqdm import tqdm
 
-    from flareseg.runtime.jobs import CaseJob, check_output, check_timings, input_case_name
+    from flareseg.runtime.jobs import check_timings, file_job
     from flareseg.runtime.pipeline import (
         CaseTiming,
         RunOptions,
@@ -270,7 +270,7 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
     folder, inputs, single_output = _plan_inputs(args, listed)
     target = None if folder else (single_output or args.output / output_name(inputs[0], args.output_type))
     if target is not None:  # the output first, then the timings beside it
-        check_output(CaseJob(input_case_name(inputs[0]) or inputs[0].name, inputs[0], target, args.output_type))
+        file_job(inputs[0], target, args.output_type)
     timings_path = _timings_path(args, target)
     check_timings(timings_path, inputs)
     idle_mb = _check_memory_budget(args, backend, cuda, device)
@@ -359,10 +359,11 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
     }
     try:
         write_timings(results, timings_path, context, summary, startup)
-        written = f"timings: {timings_path}"
+        timings_written = True
     except FlareSegError as exc:  # the label maps are written: say so, then what went wrong
         log.error("%s", exc)
-        written = "timings not written"
+        timings_written = False
+    written = f"timings: {timings_path}" if timings_written else "timings not written"
     failed = [r for r in results if r.status == "failed"]
     rate = f", {summary.cases_per_minute:.1f} cases/min" if folder and summary.cases_per_minute else ""
     say(
@@ -371,7 +372,7 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
     )
     if failed:
         print("failed: " + ", ".join(r.case for r in failed), file=sys.stderr)
-    return 1 if failed or not written.startswith("timings:") else 0
+    return 1 if failed or not timings_written else 0
 
 
 def _timings_path(args: argparse.Namespace, target: Path | None) -> Path:

@@ -89,6 +89,13 @@ def check_output(job: CaseJob) -> None:
         )
 
 
+def file_job(input_path: Path, output: Path, output_type: OutputType = "nifti") -> CaseJob:
+    """The job of one case whose output is named, checked before any work (a named output needs no case name)."""
+    job = CaseJob(input_case_name(input_path) or input_path.name, input_path, output, output_type)
+    check_output(job)
+    return job
+
+
 def _check_creatable(path: Path) -> None:
     """Refuse a path whose folder could not be made or written: a file or a broken link on the way, no access."""
     # The nearest thing on the way that is there at all: a broken link is there, but leads nowhere.
@@ -221,6 +228,7 @@ __all__ = [
     "check_output",
     "check_output_folder",
     "check_timings",
+    "file_job",
     "input_case_name",
     "is_series_input",
     "list_cases",

@@ -38,9 +38,8 @@ from flareseg.runtime.jobs import (
     OUTPUT_SUFFIXES,
     CaseJob,
     OutputType,
-    check_output,
     check_output_folder,
-    input_case_name,
+    file_job,
     list_cases,
     list_inputs,
     output_name,
@@ -405,8 +404,7 @@ def segment_file(
     ``options``: see :func:`run_cases`.
     """
     input_path, output_path = Path(input_path), Path(output_path)
-    job = CaseJob(input_case_name(input_path) or input_path.name, input_path, output_path, output_type)
-    check_output(job)
+    job = file_job(input_path, output_path, output_type)
     reset_peak_rss()
     (timing,) = run_cases(runner, [job], raise_errors=True, **options)
     return timing
