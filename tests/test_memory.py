@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 
@@ -85,6 +86,14 @@ def test_candidates_respect_the_runner_s_batch_range():
 def test_without_an_idle_reading_the_plan_says_its_figures_are_whole_device():
     plan = plan_batch(1000.0, 621.0, 40.0, _Measure(H200), idle_known=False)
     assert "whole device" in plan.line() and not plan.idle_known
+
+
+def test_the_plan_serialises_what_was_measured_and_chosen():
+    plan = plan_batch(1000.0, 621.0, 40.0, _Measure(H200))
+    data = json.loads(json.dumps(plan.to_dict()))  # timings.json holds it
+    assert data["batch"] == plan.batch and data["predicted_mb"] == plan.predicted_mb
+    assert [m["batch"] for m in data["measured"]] == [m.batch for m in plan.measured]
+    assert [m["device_mb"] for m in data["measured"]] == [m.device_mb for m in plan.measured]
 
 
 def test_measuring_needs_a_cuda_runner_and_nvml_is_optional(monkeypatch):

@@ -287,6 +287,7 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
         ort_memory=args.ort_memory,
     )
     timeline.mark("runner_opened")  # on CUDA this checked the device, which initialises the driver
+    memory_plan: dict[str, object] | None = None
     if args.gpu_memory is not None:
         from flareseg.runtime.memory import measure_cuda_plan
 
@@ -301,6 +302,7 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
         )
         log.info("%s", plan.line())
         batch_size = plan.batch
+        memory_plan = plan.to_dict()
     log.info("device: %s; batch %d", _describe_device(str(runner.device)), batch_size)
     if args.overlap_postprocess and runner.device.type != "cuda":
         log.info("--overlap-postprocess on the CPU: the same labels and less memory, but no time saved")
@@ -323,6 +325,7 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
         "warm_up": args.warm_up,
         "overlap_postprocess": args.overlap_postprocess,
         "read_threads": args.read_threads,
+        "memory_plan": memory_plan,  # --gpu-memory: the batches measured, and the one chosen
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
     }
     try:

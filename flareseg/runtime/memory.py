@@ -14,6 +14,7 @@ yet: the measuring part has not run on a GPU in this project.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,6 +62,10 @@ class MemoryPlan:
     @property
     def predicted_mb(self) -> float:
         return next(m.device_mb for m in self.measured if m.batch == self.batch)
+
+    def to_dict(self) -> dict[str, object]:
+        """The plan for ``timings.json``: what was measured, and what was chosen from it."""
+        return {**dataclasses.asdict(self), "predicted_mb": self.predicted_mb}
 
     def line(self) -> str:
         above = "above idle" if self.idle_known else "whole device (no idle reading: nvidia-ml-py not installed)"
