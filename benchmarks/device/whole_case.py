@@ -344,6 +344,15 @@ def write_reports(report: dict[str, Any], out: Path, args: argparse.Namespace) -
             f"{st.get('activate_s') or float('nan'):.2f} | {steps} | {first if first is None else round(first, 3)} |"
         )
     lines.append("")
+    for name, r in runs.items():  # --gpu-memory: what the planner measured, and chose
+        if r.get("memory_plan"):
+            mp = r["memory_plan"]
+            tried = ", ".join(f"batch {m['batch']}: {m['device_mb']:.0f} MB" for m in mp["measured"])
+            lines.append(
+                f"{name}: chose batch {mp['batch']} (context {mp['context_mb']:.0f} MB, model "
+                f"{mp['weights_mb']:.0f} MB); measured {tried}"
+            )
+    lines.append("")
     for name, row in report["folders"].items():
         summ = row.get("summary") or {}
         lines.append(
