@@ -157,9 +157,8 @@ def load_model(
             if getattr(expect, k) != v
         ]
         raise FlareSegError(f"{path}: network does not match ({'; '.join(diffs)})")
-    model = build_training_network(info.network)
     try:
-        model.load_state_dict(payload["state_dict"], strict=True)
+        model = build_training_network(info.network, state=payload["state_dict"])
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise FlareSegError(f"{path}: weights do not fit the recorded network ({first})") from None

@@ -83,6 +83,32 @@ def test_folded_one_channel_network_matches_replicated_input(config):
     assert isinstance(build_deploy_network(net, fold_input=True), DeployUNet)
 
 
+def test_networks_built_from_weights_hold_them_without_initialising_first():
+    torch.manual_seed(2)
+    net = build_training_network(SMALL)
+    _randomise_bn(net)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = torch.get_rng_state()
+    loaded = build_training_network(SMALL, state=state)
+    deploy = build_deploy_network(loaded, fold_input=True)
+    shared = build_deploy_network(loaded, copy=False)
+    # No random initialisation ran: the global generator is where it was (each init would draw from it).
+    assert torch.equal(torch.get_rng_state(), rng)
+    # The loaded network is made of the given tensors; a deploy graph copies them unless told not to.
+    assert all(v.data_ptr() == state[k].data_ptr() for k, v in loaded.state_dict().items())
+    assert all(v.data_ptr() == state[k].data_ptr() for k, v in shared.state_dict().items())
+    assert all(v.data_ptr() != state[k].data_ptr() for k, v in deploy.state_dict().items())
+    folded = fold_input_channels(build_deploy_network(net))
+    assert folded.state_dict().keys() == deploy.state_dict().keys()
+    for key, value in deploy.state_dict().items():
+        assert torch.equal(value, folded.state_dict()[key]), key
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(deploy(x), net.eval()(x.expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        build_training_network(NetworkConfig(base_width=8, ds_channels=4), state=state)
+
+
 def test_folding_twice_is_refused():
     folded = fold_input_channels(build_training_network(SMALL))
     with pytest.raises(FlareSegError, match="already takes one input channel"):

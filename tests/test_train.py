@@ -96,7 +96,10 @@ def test_checkpoint_holds_what_inference_needs_and_refuses_mismatches(phantom_da
         )
         == 0
     )
-    _, info, payload = load_model(run / "best.pt")
+    rng = torch.get_rng_state()
+    net, info, payload = load_model(run / "best.pt")
+    assert torch.equal(torch.get_rng_state(), rng)  # the weights were loaded, not initialised first
+    assert all(torch.equal(v, payload["state_dict"][k]) for k, v in net.state_dict().items())
     assert info.network.base_width == 4 and info.slice_size == (32, 32)
     assert info.normalization.num_cases == 2 and info.normalization.std > 0  # statistics of the training split
     assert json.loads((run / "stats.json").read_text())["mean"] == info.normalization.mean
@@ -111,6 +114,9 @@ def test_checkpoint_holds_what_inference_needs_and_refuses_mismatches(phantom_da
     torch.save(broken, tmp_path / "broken.pt")
     with pytest.raises(FlareSegError, match="missing normalization"):
         load_model(tmp_path / "broken.pt")
+    torch.save(dict(payload, network={**payload["network"], "base_width": 8}), tmp_path / "wide.pt")
+    with pytest.raises(FlareSegError, match="weights do not fit the recorded network"):
+        load_model(tmp_path / "wide.pt")
     wrong = dict(payload, network={**payload["network"], "num_classes": 3})
     torch.save(wrong, tmp_path / "wrong.pt")
     with pytest.raises(FlareSegError, match=r"label map .* does not name classes 0\.\.2"):

@@ -57,7 +57,8 @@ class TorchRunner(Runner):
 
         t0 = time.perf_counter()
         net, self.info, _ = load_model(self.checkpoint)
-        model = build_deploy_network(net, fold_input=self.fold_input and net.config.in_channels > 1)
+        # The loaded network is dropped here, so the deploy graph may take its tensors rather than copies.
+        model = build_deploy_network(net, fold_input=self.fold_input and net.config.in_channels > 1, copy=False)
         self.input_channels = model.config.in_channels
         t1 = time.perf_counter()
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
