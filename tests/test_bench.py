@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from flareseg.bench.backends import ALL_BACKENDS, Backend
+from flareseg.bench.backends import ALL_BACKENDS, Backend, fresh_process_args, model_file
 from flareseg.bench.cli import main as bench_main
 from flareseg.bench.measure import (
     MIB,
@@ -22,8 +22,17 @@ from flareseg.bench.measure import (
     parse_cpuinfo,
     voxel_agreement,
 )
-from flareseg.bench.run import ONE_FULL_RES_CONV_FLOPS, PAPER_FLOPS, STAGES, BenchConfig, _allocator_figure
+from flareseg.bench.run import (
+    ONE_FULL_RES_CONV_FLOPS,
+    PAPER_FLOPS,
+    STAGES,
+    BenchConfig,
+    _allocator_figure,
+    _end_to_end_backend,
+)
+from flareseg.errors import FlareSegError
 from flareseg.network import NetworkConfig, build_deploy_network, build_training_network, count_parameters
+from flareseg.runtime.cli import build_parser
 from flareseg.volume import read_labels
 
 
@@ -230,6 +239,47 @@ def test_nvml_sampler_sees_an_allocation_above_idle():
     s = sampler.summary()
     torch.cuda.empty_cache()
     assert s["nvml_peak_mb"] >= 256 and s["nvml_area_mb_s"] >= 256 * 0.2 and s["nvml_samples"] >= 3
+
+
+def test_each_backend_runs_its_own_model_in_a_fresh_process(tmp_path):
+    # Every model a run with TensorRT prepares: the engine was built from the fp16 ONNX model, and
+    # the fresh process of tensorrt-fp16 once ran that ONNX model under TensorRT's name.
+    models = {
+        k: tmp_path / f
+        for k, f in {
+            "checkpoint": "m.pt",
+            "onnx-fp32": "a.onnx",
+            "onnx-fp16": "b.onnx",
+            "onnx-int8": "c.onnx",
+            "engine": "e.engine",
+        }.items()
+    }
+    parser = build_parser()
+    expected = {
+        "torch-cpu-fp32": ("m.pt", "torch"),
+        "torch-cuda-fp16-graph": ("m.pt", "torch"),
+        "onnxruntime-cpu-int8": ("c.onnx", "onnxruntime"),
+        "onnxruntime-cuda-fp16": ("b.onnx", "onnxruntime"),
+        "openvino-cpu-int8": ("c.onnx", "openvino"),
+        "openvino-cpu-fp32": ("a.onnx", "openvino"),
+        "tensorrt-fp16": ("e.engine", None),
+    }
+    for name, (file, backend) in expected.items():
+        b = ALL_BACKENDS[name]
+        assert model_file(b, models).name == file, name
+        args = parser.parse_args(
+            [*fresh_process_args(b, models), "-i", "ct.nii.gz", "-o", "out"]
+        )  # flare-infer accepts them
+        assert (args.engine or args.model).name == file and args.backend == backend, name
+        if b.kind == "torch":
+            assert (args.precision, args.channels_last, args.cuda_graph) == (b.precision, b.channels_last, b.cuda_graph)
+    with pytest.raises(FlareSegError, match="no OpenVINO bf16 option"):
+        fresh_process_args(ALL_BACKENDS["openvino-cpu-bf16"], models)
+    with pytest.raises(FlareSegError, match="needs the engine model"):
+        model_file(ALL_BACKENDS["tensorrt-fp16"], {"onnx-fp16": tmp_path / "b.onnx"})
+    assert _end_to_end_backend(["openvino-cpu-bf16", "openvino-cpu-int8"]) == "openvino-cpu-int8"
+    assert _end_to_end_backend(["openvino-cpu-bf16"]) is None
+    assert _end_to_end_backend(["onnxruntime-cuda-fp16", "tensorrt-fp16"]) == "tensorrt-fp16"
 
 
 def test_unavailable_backend_is_refused(tmp_path, capsys):

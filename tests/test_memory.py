@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -15,7 +16,14 @@ from flareseg.errors import FlareSegError
 from flareseg.network import NetworkConfig
 from flareseg.preprocess import NormalizationStats
 from flareseg.runtime import FunctionRunner
-from flareseg.runtime.memory import DEFAULT_CANDIDATES, measure_cuda_plan, nvml_used_mb, plan_batch
+from flareseg.runtime.memory import (
+    DEFAULT_CANDIDATES,
+    MB,
+    measure_cuda_plan,
+    nvml_index,
+    nvml_used_mb,
+    plan_batch,
+)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
 
@@ -94,6 +102,67 @@ def test_the_plan_serialises_what_was_measured_and_chosen():
     assert data["batch"] == plan.batch and data["predicted_mb"] == plan.predicted_mb
     assert [m["batch"] for m in data["measured"]] == [m.batch for m in plan.measured]
     assert [m["device_mb"] for m in data["measured"]] == [m.device_mb for m in plan.measured]
+
+
+def test_a_batch_the_device_has_no_room_for_does_not_fit_whatever_the_budget():
+    full = {**H200, 4: math.inf}  # the measurement ran out of device memory (a shared or small GPU)
+    plan = plan_batch(1e6, 621.0, 40.0, _Measure(full))
+    assert plan.batch == 2 and "4: out of device memory" in plan.line()
+    data = json.loads(json.dumps(plan.to_dict(), allow_nan=False))  # valid JSON: no Infinity
+    assert [m["device_mb"] for m in data["measured"]] == [973.0, 1155.0, None]
+    with pytest.raises(FlareSegError, match="batch 1 does not fit in the GPU's free memory"):
+        plan_batch(1e6, 621.0, 40.0, _Measure({1: math.inf}))
+
+
+def test_nvml_reads_the_gpu_that_cuda_visible_devices_makes_cuda_0(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert [nvml_index(i) for i in (None, 0, 2)] == [0, 0, 2]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+    assert [nvml_index(i) for i in (None, 0, 1)] == [3, 3, 1]
+    with pytest.raises(FlareSegError, match=r"cuda:2 \(CUDA_VISIBLE_DEVICES='3,1'\)"):
+        nvml_index(2)
+
+
+class _FakeNvml(types.ModuleType):
+    """A stand-in for nvidia-ml-py that records which GPU was asked for (it drives our code, measures nothing)."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, gpus: int) -> None:
+        super().__init__("pynvml")
+        self.gpus, self.asked, self.open = gpus, [], 0
+
+    def nvmlInit(self) -> None:
+        self.open += 1
+
+    def nvmlShutdown(self) -> None:
+        self.open -= 1
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        self.asked.append(index)
+        if index >= self.gpus:
+            raise self.NVMLError("Invalid Argument")
+        return index
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> types.SimpleNamespace:
+        return types.SimpleNamespace(used=(handle + 1) * MB, total=80 * MB, free=(79 - handle) * MB)
+
+
+def test_memory_readings_come_from_the_gpu_cuda_runs_on(monkeypatch):
+    from flareseg.bench.measure import NvmlSampler
+
+    fake = _FakeNvml(gpus=4)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
+    assert nvml_used_mb(torch.device("cuda", 0)) == 3.0 and fake.asked == [2]
+    with NvmlSampler(0, interval=0.01) as sampler:
+        pass
+    assert fake.asked[-1] == 2 and sampler.idle == 3 * MB and fake.open == 0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")  # a GPU NVML does not have: one line, NVML closed again
+    with pytest.raises(FlareSegError, match="NVML cannot read GPU 7's memory: Invalid Argument"):
+        NvmlSampler(0)
+    assert fake.open == 0
 
 
 def test_measuring_needs_a_cuda_runner_and_nvml_is_optional(monkeypatch):

@@ -240,3 +240,19 @@ def test_provider_that_fails_to_load_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(ort, "InferenceSession", FellBack)
     with pytest.raises(FlareSegError, match=r"runs \['CPUExecutionProvider'\] instead of the requested CUDA"):
         OnnxRuntimeRunner(model, provider="cuda").activate()
+
+
+def test_gpu_providers_and_cuda_graphs_are_refused_where_they_cannot_run(tmp_path, monkeypatch):
+    model = _metadata_only_onnx(tmp_path / "m.onnx")
+    from flareseg.runtime.runners import open_runner
+
+    # A CPU build of torch (or no GPU): the GPU providers bind torch CUDA tensors, so say so before any work.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for provider in ("cuda", "tensorrt"):
+        with pytest.raises(FlareSegError, match=f"ONNX Runtime's {provider} provider needs a CUDA build of torch"):
+            open_runner(model, device="cuda", ort_provider=provider)
+    with pytest.raises(FlareSegError, match="needs a CUDA build of torch"):
+        open_runner(model, device="cuda")
+    assert isinstance(open_runner(model, device="cpu"), OnnxRuntimeRunner)
+    with pytest.raises(FlareSegError, match="CUDA graphs are captured for the torch backend only, not onnxruntime"):
+        open_runner(model, device="cpu", cuda_graph_batch=8)

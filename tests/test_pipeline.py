@@ -327,6 +327,27 @@ def test_warm_up_runs_one_batch_of_zeros_before_the_first_case(trained_checkpoin
             assert list(marks) == [*expected, "first_read", "first_inferred", "all_written"]
 
 
+def test_running_out_of_gpu_memory_is_a_one_line_error_naming_the_case(trained_checkpoint, tmp_path, caplog):
+    cts = _folder(tmp_path / "in", 2)
+    _, info, _ = load_model(trained_checkpoint)
+
+    def model(x: torch.Tensor) -> torch.Tensor:  # what a CUDA allocation failure raises, without a GPU
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+    with FunctionRunner(model, info, input_channels=3) as runner:
+        with pytest.raises(
+            FlareSegError,
+            match=r"c0_0000.nii.gz: the GPU ran out of memory at batch 4 \(CUDA out of "
+            r"memory. Tried to allocate 2.00 GiB\); lower --batch-size",
+        ):
+            segment_file(runner, cts[0], tmp_path / "one.nii.gz", batch_size=4)
+        caplog.clear()
+        results = segment_folder(runner, cts, tmp_path / "out", batch_size=4)
+    assert [r.status for r in results] == ["failed", "failed"]
+    assert "Traceback" not in caplog.text and caplog.text.count("the GPU ran out of memory at batch 4") == 2
+    assert not (tmp_path / "one.nii.gz").exists() and not list((tmp_path / "out").glob("*.nii.gz"))
+
+
 def test_warm_up_respects_the_runners_batch_range(trained_checkpoint):
     _, info, _ = load_model(trained_checkpoint)
     sizes: list[int] = []

@@ -347,7 +347,10 @@ def write_reports(report: dict[str, Any], out: Path, args: argparse.Namespace) -
     for name, r in runs.items():  # --gpu-memory: what the planner measured, and chose
         if r.get("memory_plan"):
             mp = r["memory_plan"]
-            tried = ", ".join(f"batch {m['batch']}: {m['device_mb']:.0f} MB" for m in mp["measured"])
+            tried = ", ".join(
+                f"batch {m['batch']}: " + ("out of memory" if m["device_mb"] is None else f"{m['device_mb']:.0f} MB")
+                for m in mp["measured"]
+            )
             lines.append(
                 f"{name}: chose batch {mp['batch']} (context {mp['context_mb']:.0f} MB, model "
                 f"{mp['weights_mb']:.0f} MB); measured {tried}"

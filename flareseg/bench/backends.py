@@ -137,23 +137,51 @@ def prepare_models(cfg: Any, work: Path) -> dict[str, Path]:
     return models
 
 
+def model_file(backend: Backend, models: dict[str, Path]) -> Path:
+    """The prepared model that runs ``backend``: the checkpoint, an ONNX model or the engine."""
+    if backend.kind in ("torch", "tensorrt"):
+        key = "checkpoint" if backend.kind == "torch" else "engine"
+    elif backend.kind == "openvino":
+        # An INT8 model runs its integer layers in int8 whatever the hint; its float layers in fp32.
+        key = "onnx-int8" if backend.precision == "int8" else "onnx-fp32"
+    else:
+        key = f"onnx-{backend.precision}"
+    if key not in models:
+        raise FlareSegError(f"{backend.name} needs the {key} model, which was not prepared")
+    return models[key]
+
+
+def fresh_process_args(backend: Backend, models: dict[str, Path]) -> list[str]:
+    """``flare-infer``'s arguments that run ``backend`` (model, backend, device, precision)."""
+    if backend.kind == "openvino" and backend.precision == "bf16":
+        raise FlareSegError(f"{backend.name}: flare-infer has no OpenVINO bf16 option to run it in a fresh process")
+    path = str(model_file(backend, models))
+    if backend.kind == "tensorrt":
+        return ["--engine", path]
+    args = ["--model", path, "--backend", backend.kind, "--device", backend.device]
+    if backend.kind == "torch":
+        args += ["--precision", backend.precision]
+        args += ["--channels-last"] if backend.channels_last else ["--no-channels-last"]
+        args += ["--cuda-graph"] if backend.cuda_graph else []
+    if backend.kind == "onnxruntime":
+        args += ["--ort-provider", "cpu" if backend.device == "cpu" else "cuda"]
+    return args
+
+
 def make_runner(backend: Backend, models: dict[str, Path], batch: int) -> Any:
     from flareseg.runtime.runners import OnnxRuntimeRunner, OpenVINORunner, TensorRTRunner, TorchRunner
 
+    model = model_file(backend, models)
     if backend.kind == "torch":
         return TorchRunner(
-            models["checkpoint"],
+            model,
             device=backend.device,
             precision=backend.precision,  # type: ignore[arg-type]
             channels_last=backend.channels_last,
             cuda_graph_batch=batch if backend.cuda_graph else None,
         )
     if backend.kind == "onnxruntime":
-        return OnnxRuntimeRunner(
-            models[f"onnx-{backend.precision}"], provider="cpu" if backend.device == "cpu" else "cuda"
-        )
+        return OnnxRuntimeRunner(model, provider="cpu" if backend.device == "cpu" else "cuda")
     if backend.kind == "openvino":
-        # An INT8 model runs its integer layers in int8 whatever the hint; its float layers in fp32.
-        model = models["onnx-int8"] if backend.precision == "int8" else models["onnx-fp32"]
         return OpenVINORunner(model, precision="bf16" if backend.precision == "bf16" else "fp32")
-    return TensorRTRunner(models["engine"])
+    return TensorRTRunner(model)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from flareseg.errors import FlareSegError
+from flareseg.runtime.memory import nvml_index
 
 log = logging.getLogger(__name__)
 
@@ -169,13 +170,22 @@ class NvmlSampler:
     """
 
     def __init__(self, device_index: int = 0, interval: float = 0.1) -> None:
+        """``device_index``: the CUDA device's (NVML's own numbering may differ, see :func:`nvml_index`)."""
         try:
             import pynvml
         except ImportError:
             raise FlareSegError("NVML memory sampling needs nvidia-ml-py: pip install 'flareseg[gpu]'") from None
         self._nvml = pynvml
-        pynvml.nvmlInit()
-        self._handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+        index = nvml_index(device_index)
+        try:
+            pynvml.nvmlInit()
+            try:
+                self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            except pynvml.NVMLError:
+                pynvml.nvmlShutdown()
+                raise
+        except pynvml.NVMLError as exc:
+            raise FlareSegError(f"NVML cannot read GPU {index}'s memory: {exc}") from None
         self.interval = interval
         self.idle: int | None = None
         self.samples: list[int] = []

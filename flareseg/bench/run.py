@@ -25,7 +25,14 @@ from typing import Any
 
 import torch
 
-from flareseg.bench.backends import ALL_BACKENDS, Backend, available_backends, make_runner, prepare_models
+from flareseg.bench.backends import (
+    ALL_BACKENDS,
+    Backend,
+    available_backends,
+    fresh_process_args,
+    make_runner,
+    prepare_models,
+)
 from flareseg.errors import FlareSegError
 from flareseg.network import PAPER_PARAMETERS_REPORTED, build_deploy_network, count_parameters
 
@@ -424,7 +431,7 @@ def _run_child(cmd: Sequence[str], *, nvml: bool) -> dict[str, Any]:
 
 def fresh_process_section(
     cfg: BenchConfig, models: dict[str, Path], latency: dict[str, Any], volumes: dict[str, Any], volume: Path
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """The FLARE21 way: one case in a fresh process (start, load, read, infer, write), beside a bare start-up.
 
     The bare start-up (``import torch``, plus a CUDA context on CUDA) is timed before and after the
@@ -432,18 +439,14 @@ def fresh_process_section(
     """
     assert cfg.backends is not None
     name = _end_to_end_backend(cfg.backends)
+    if name is None:
+        log.info("no fresh-process run: flare-infer has no option for %s", ", ".join(cfg.backends))
+        return None
     b = ALL_BACKENDS[name]
     cuda = b.device == "cuda"
-    model = models["checkpoint"] if b.kind == "torch" else models.get(f"onnx-{b.precision}", models.get("engine"))
     batch = latency[name].get("best", {}).get("batch", 1)
-    cmd = [sys.executable, "-m", "flareseg.runtime.cli", "--model", str(model), "-i", str(volume)]
+    cmd = [sys.executable, "-m", "flareseg.runtime.cli", *fresh_process_args(b, models), "-i", str(volume)]
     cmd += ["-o", str(cfg.out / "pred" / "fresh-process.nii.gz"), "--batch-size", str(batch), "-q", "--overwrite"]
-    if cuda:
-        cmd += ["--device", "cuda"]
-        if b.kind == "torch":
-            cmd += ["--precision", b.precision] + (["--channels-last"] if b.channels_last else [])
-    else:
-        cmd += ["--device", "cpu"]
     bare_cmd = [sys.executable, "-c", "import torch; torch.zeros(1, device='cuda')" if cuda else "import torch"]
     before = _run_child(bare_cmd, nvml=cuda)
     case = _run_child(cmd, nvml=cuda)
@@ -463,8 +466,10 @@ def fresh_process_section(
     }
 
 
-def _end_to_end_backend(backends: Sequence[str]) -> str:
+def _end_to_end_backend(backends: Sequence[str]) -> str | None:
+    """The backend of the fresh-process run: the fastest usual one, else the first that flare-infer can run."""
     for preferred in ("tensorrt-fp16", "torch-cuda-fp16", "onnxruntime-cpu-fp32", "torch-cpu-fp32"):
         if preferred in backends:
             return preferred
-    return backends[0]
+    runnable = [b for b in backends if not (ALL_BACKENDS[b].kind == "openvino" and ALL_BACKENDS[b].precision == "bf16")]
+    return runnable[0] if runnable else None

@@ -27,6 +27,8 @@ log = logging.getLogger("flareseg.runtime.cli")
 #: (benchmarks/results/cpu-2core), and each extra slice costs 0.4-1 GB of working memory.
 CPU_BATCH = 2
 GPU_BATCH = 8
+#: The slice size --gpu-memory plans for, at least (CT slices are 512 x 512 on nearly every scanner).
+PLAN_SLICE = 512
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,10 +294,13 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
         from flareseg.runtime.memory import measure_cuda_plan
 
         runner.activate()  # the plan measures the loaded model: no overlap with the first read here
+        # The staging buffers and the scores resized back are at the CT's slice size, not the model's: plan
+        # for 512 x 512 (nearly every CT), or the model's size where that is larger.
+        h, w = runner.info.slice_size
         plan = measure_cuda_plan(
             runner,
             args.gpu_memory,
-            runner.info.slice_size,
+            (max(h, PLAN_SLICE), max(w, PLAN_SLICE)),
             np.dtype(np.int16),
             idle_mb=idle_mb,
             device_preprocess=args.device_preprocess,

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -65,11 +67,17 @@ class MemoryPlan:
 
     def to_dict(self) -> dict[str, object]:
         """The plan for ``timings.json``: what was measured, and what was chosen from it."""
-        return {**dataclasses.asdict(self), "predicted_mb": self.predicted_mb}
+        data = {**dataclasses.asdict(self), "predicted_mb": self.predicted_mb}
+        for m in data["measured"]:  # JSON has no infinity: a batch the device had no room for is null
+            m["device_mb"] = None if math.isinf(m["device_mb"]) else m["device_mb"]
+        return data
 
     def line(self) -> str:
         above = "above idle" if self.idle_known else "whole device (no idle reading: nvidia-ml-py not installed)"
-        tried = ", ".join(f"{m.batch}: {m.device_mb:.0f} MB" for m in self.measured)
+        tried = ", ".join(
+            f"{m.batch}: " + ("out of device memory" if math.isinf(m.device_mb) else f"{m.device_mb:.0f} MB")
+            for m in self.measured
+        )
         return (
             f"batch {self.batch} fits the {self.budget_mb:.0f} MB GPU budget ({above}): predicted "
             f"{self.predicted_mb:.0f} MB, of which CUDA context {self.context_mb:.0f} MB and model "
@@ -91,7 +99,8 @@ def plan_batch(
     """The largest candidate batch whose measured whole-device figure fits ``budget_mb``.
 
     ``measure(batch)`` returns the whole-device MB above idle while a batch of that size
-    runs (context, weights, buffers and activations together). Candidates are tried in
+    runs (context, weights, buffers and activations together), or infinity when the device
+    ran out of memory. Candidates are tried in
     increasing order and the search stops at the first that does not fit: memory grows
     with the batch, and every extra measurement costs a warm-up batch. Candidates outside
     the runner's ``[min_batch, max_batch]`` are skipped.
@@ -122,6 +131,11 @@ def plan_batch(
         chosen = batch
     if chosen is None:
         first = measured[0]
+        if math.isinf(first.device_mb):
+            raise FlareSegError(
+                f"batch {first.batch} does not fit in the GPU's free memory (CUDA context {context_mb:.0f} MB, "
+                f"model {weights_mb:.0f} MB already there): free the GPU, or use a smaller model"
+            )
         raise FlareSegError(
             f"GPU memory budget {budget_mb:.0f} MB is too small for even batch {first.batch}, which needs "
             f"{first.device_mb:.0f} MB (CUDA context {context_mb:.0f} MB, model {weights_mb:.0f} MB); "
@@ -131,6 +145,26 @@ def plan_batch(
 
 
 # --- Measuring on CUDA (thin; not verified on a GPU in this project yet) -----------------------------------
+
+
+def nvml_index(cuda_index: int | None) -> int:
+    """NVML's index of CUDA device ``cuda_index``.
+
+    NVML numbers every GPU of the machine, CUDA only those ``CUDA_VISIBLE_DEVICES`` shows
+    (by index or UUID), so ``cuda:0`` may be NVML's 3. torch's own mapping reads the variable
+    without creating a CUDA context; it is private, hence the fallback to the plain index.
+    """
+    index = cuda_index or 0
+    mapping = getattr(torch.cuda, "_get_nvml_device_index", None)
+    if mapping is None:
+        return index
+    try:
+        return int(mapping(index))
+    except (RuntimeError, ValueError) as exc:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise FlareSegError(
+            f"cannot tell which GPU NVML should read for cuda:{index} (CUDA_VISIBLE_DEVICES={visible!r}): {exc}"
+        ) from None
 
 
 def nvml_used_mb(device: torch.device) -> float | None:
@@ -145,7 +179,7 @@ def nvml_used_mb(device: torch.device) -> float | None:
     try:
         pynvml.nvmlInit()
         try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+            handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index(device.index))
             return float(pynvml.nvmlDeviceGetMemoryInfo(handle).used) / MB
         finally:
             pynvml.nvmlShutdown()
@@ -200,13 +234,17 @@ def measure_cuda_plan(
     def measure(batch: int) -> float:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        with torch.inference_mode():
-            dev_in = torch.zeros((batch, *slice_shape), dtype=up_dtype, device=device)  # one slot's input buffer
-            # Device preprocessing makes a float32 copy of the stored slices; the default path resizes in place.
-            normalised = dev_in.to(torch.float32, copy=True) if device_preprocess else dev_in
-            x = network_batch(normalised, net_size, channels)
-            labels = scores_to_labels(run_padded(runner, x, min_batch), slice_shape, runner.output_kind)
-            del dev_in, normalised, x, labels
+        try:
+            with torch.inference_mode():
+                dev_in = torch.zeros((batch, *slice_shape), dtype=up_dtype, device=device)  # one slot's input buffer
+                # Device preprocessing makes a float32 copy of the stored slices; the default path resizes in place.
+                normalised = dev_in.to(torch.float32, copy=True) if device_preprocess else dev_in
+                x = network_batch(normalised, net_size, channels)
+                labels = scores_to_labels(run_padded(runner, x, min_batch), slice_shape, runner.output_kind)
+                del dev_in, normalised, x, labels
+        except torch.OutOfMemoryError:  # the device itself has no room (a shared or small GPU): it does not fit
+            torch.cuda.empty_cache()
+            return math.inf
         torch.cuda.synchronize(device)
         released = max(0.0, (torch.cuda.max_memory_reserved(device) - torch.cuda.memory_reserved(device)) / MB)
         other_slot = staged_buffer_bytes(batch, slice_shape, np.dtype(stored_dtype), device_preprocess) / 2 / MB

@@ -210,16 +210,23 @@ def _infer_stage(
     t1 = time.perf_counter()
     times = InferenceTimes()
     on_labels = streaming.add if streaming is not None else None
-    labels = infer_volume(
-        volume.array,
-        normalizer,
-        runner,
-        batch_size,
-        progress=progress,
-        times=times,
-        on_labels=on_labels,
-        **infer_options,
-    )
+    try:
+        labels = infer_volume(
+            volume.array,
+            normalizer,
+            runner,
+            batch_size,
+            progress=progress,
+            times=times,
+            on_labels=on_labels,
+            **infer_options,
+        )
+    except torch.OutOfMemoryError as exc:  # foreseeable on a small or shared GPU: one line with the way out
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise FlareSegError(
+            f"{timing.input}: the GPU ran out of memory at batch {batch_size} ({first}); "
+            "lower --batch-size, or let --gpu-memory MB choose it"
+        ) from None
     if cuda:
         torch.cuda.synchronize(runner.device)
         timing.peak_gpu_allocated_mb = torch.cuda.max_memory_allocated(runner.device) / 2**20

@@ -77,6 +77,8 @@ def open_runner(
     backend = backend or backend_for(model)
     if not Path(model).is_file():
         raise FlareSegError(f"{model}: model not found")
+    if cuda_graph_batch is not None and backend != "torch":
+        raise FlareSegError(f"CUDA graphs are captured for the torch backend only, not {backend}")
     if backend == "torch":
         return TorchRunner(
             model, device=device, precision=precision, channels_last=channels_last, cuda_graph_batch=cuda_graph_batch
@@ -86,6 +88,11 @@ def open_runner(
         if precision != "fp32":
             raise FlareSegError("ONNX precision is fixed at export (flare-export --fp16); do not pass --precision")
         provider: OrtProvider = ort_provider or ("cpu" if dev.type == "cpu" else "cuda")
+        if provider != "cpu":  # the GPU providers read and write torch's CUDA tensors (no host round trip)
+            try:
+                cuda_device(torch.device("cuda", dev.index or 0))
+            except FlareSegError as exc:
+                raise FlareSegError(f"{exc}; ONNX Runtime's {provider} provider needs a CUDA build of torch") from None
         return OnnxRuntimeRunner(model, provider=provider, threads=threads, device_id=dev.index or 0, memory=ort_memory)
     if backend == "openvino":
         if torch.device(device).type != "cpu":

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -41,7 +40,8 @@ class TorchRunner(Runner):
         self.fold_input = fold_input
         self.output_kind = "logits"
         self._dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-        self._graph: Any = None
+        #: A captured graph with its static input and output (--cuda-graph).
+        self._graph: tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor] | None = None
 
     def describe(self) -> str:
         extras = [self.precision, str(self.device)]
@@ -80,34 +80,39 @@ class TorchRunner(Runner):
         return self.model(x.to(device=self.device, dtype=self._dtype, memory_format=fmt))
 
     def _capture_graph(self, batch: int) -> None:
-        # Warm up on a side stream (cuDNN picks its algorithms), then capture one replayable graph.
-        self._static_in = torch.zeros(
-            (batch, self.input_channels, *self.info.slice_size), device=self.device, dtype=torch.float32
-        )
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side), torch.inference_mode():
-            for _ in range(3):
-                self._forward(self._static_in)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph), torch.inference_mode():
-            self._static_out = self._forward(self._static_in)
+        # Warm up on a side stream (cuDNN picks its algorithms), then capture one replayable graph. The
+        # device guard: torch.cuda.graph captures on a stream of the current device, which need not be ours.
+        with torch.cuda.device(self.device):
+            static_in = torch.zeros(
+                (batch, self.input_channels, *self.info.slice_size), device=self.device, dtype=torch.float32
+            )
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side), torch.inference_mode():
+                for _ in range(3):
+                    self._forward(static_in)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), torch.inference_mode():
+                static_out = self._forward(static_in)
+        self._graph = (graph, static_in, static_out)
 
     def _infer(self, batch: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             if self._graph is None:
                 return self._forward(batch)
+            graph, static_in, static_out = self._graph
             n = batch.shape[0]
-            if n > self._static_in.shape[0]:
-                raise FlareSegError(f"batch {n} exceeds the captured CUDA graph's batch {self._static_in.shape[0]}")
-            self._static_in[:n].copy_(batch, non_blocking=True)
-            if n < self._static_in.shape[0]:
-                self._static_in[n:].zero_()
-            self._graph.replay()
+            if n > static_in.shape[0]:
+                raise FlareSegError(f"batch {n} exceeds the captured CUDA graph's batch {static_in.shape[0]}")
+            static_in[:n].copy_(batch, non_blocking=True)
+            if n < static_in.shape[0]:
+                static_in[n:].zero_()
+            with torch.cuda.device(self.device):  # replay() launches on the current device's stream
+                graph.replay()
             # The static output is overwritten by the next replay: callers consume it first.
-            return self._static_out[:n]
+            return static_out[:n]
 
     def _deactivate(self) -> None:
-        self._graph = None
+        self._graph = None  # with its static tensors, which hold its memory pool too
         self.model = None
