@@ -279,7 +279,10 @@ def latency_section(
         b = ALL_BACKENDS[name]
         entry: dict[str, Any] = {"precision": b.precision, "device": b.device, "batches": []}
         cuda = b.device == "cuda"
+        runner: Any = None
+        inputs: list[torch.Tensor] = []
         for batch in cfg.batches:
+            runner, inputs = None, []  # the previous batch's device tensors go before the idle reading
             reset_peak_rss()
             if cuda:
                 _release_cuda_memory()
