@@ -184,9 +184,10 @@ def main() -> int:
     }
     longest = 0.0
 
-    def record(row: dict[str, Any]) -> dict[str, Any]:
+    def record(row: dict[str, Any], *, counts: bool = True) -> dict[str, Any]:
         nonlocal longest
-        longest = max(longest, row["wall_s"])
+        if counts:  # the cold first process is no guide to how long the warm ones take
+            longest = max(longest, row["wall_s"])
         write_reports(report, out, args)
         return row
 
@@ -198,7 +199,8 @@ def main() -> int:
 
     # A first, discarded process: the cold disk cache (CUDA, cuDNN and torch libraries) is paid here, not
     # by whichever setting comes first.
-    report["cold_first_run"] = record(fresh_case([*infer, "-i", str(ct)], work / "pred-cold.nii.gz", [], cuda))
+    cold = fresh_case([*infer, "-i", str(ct)], work / "pred-cold.nii.gz", [], cuda)
+    report["cold_first_run"] = record(cold, counts=False)
     bare = "import torch; torch.zeros(1, device='cuda')" if cuda else "import torch"
     report["bare_startup"] = record(fresh([sys.executable, "-c", bare], cuda))
     # The parts of the bare start-up: the interpreter alone, and torch's import without CUDA.
@@ -213,8 +215,9 @@ def main() -> int:
     # the defaults), then the opt-in paths, so that a short budget drops the latter.
     first = ["fp32", "no-postprocess", "defaults"]
     plan = [("case", n) for n in first] + [("folder", "defaults")]
-    plan += [("case", n) for n in SETTINGS if n not in first]
-    plan += [("folder", n) for n in FOLDER_SETTINGS if n != "defaults"]
+    plan += [("case", "all-opt-in"), ("folder", "all-opt-in")]  # the best the opt-ins give, early
+    plan += [("case", n) for n in SETTINGS if n not in (*first, "all-opt-in")]
+    plan += [("folder", n) for n in FOLDER_SETTINGS if n not in ("defaults", "all-opt-in")]
     for kind, name in plan:
         flags = SETTINGS[name] if kind == "case" else FOLDER_SETTINGS[name]
         if not cuda and (name in CUDA_ONLY or (kind == "folder" and flags)):
@@ -245,6 +248,17 @@ def main() -> int:
 
 #: Issue 10's targets for the 512 x 512 x 300 case on a GPU.
 IN_PROCESS_S, ABOVE_BARE_S, MEMORY_MB, CASES_PER_MIN, THROUGHPUT_SHARE = 1.5, 2.0, 1000.0, 60.0, 0.8
+
+
+def _nvml_cell(nv: dict[str, Any] | None) -> str:
+    if not nv or nv.get("nvml_flare21_max_mb") is None:
+        return "n/a"
+    area = nv.get("nvml_area_mb_s")
+    return f"{nv['nvml_flare21_max_mb']:,.0f}, {'n/a' if area is None else f'{area:,.0f}'}"
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
 
 
 def _rate(value: float | None) -> str:
@@ -296,11 +310,12 @@ def write_reports(report: dict[str, Any], out: Path, args: argparse.Namespace) -
     """whole_case.json and whole_case.md from what has run so far; returns the table."""
     (out / "whole_case.json").write_text(json.dumps(report, indent=2) + "\n")
     runs = report["runs"]
+    cuda = args.device.startswith("cuda")
     lines = [f"# Whole case, {args.slices} x {args.size} x {args.size}, device {args.device}", ""]
     parts = [
         f"{label}: {report[key]['wall_s']:.2f} s"
         for key, label in (
-            ("bare_startup", "bare start-up (import torch + CUDA context)"),
+            ("bare_startup", "bare start-up (import torch + CUDA context)" if cuda else "bare start-up (import torch)"),
             ("bare_python", "python -c pass"),
             ("bare_torch_import", "import torch"),
             ("cold_first_run", "first flare-infer process (cold caches, defaults; not in the table)"),
@@ -310,21 +325,24 @@ def write_reports(report: dict[str, Any], out: Path, args: argparse.Namespace) -
     lines.append("; ".join(parts))
     lines += [
         "",
-        "| setting | process wall s | case in-process s | read | pre | infer | post | write | NVML above idle "
-        "| agreement |",
+        "| setting | process wall s | case in-process s | read | pre | infer | post | write "
+        "| NVML above idle: max MB, area MB·s | agreement |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    failures: list[str] = []
     for name, r in runs.items():
-        c = r.get("case", {})
-        nv = r.get("nvml", {})
+        c = r.get("case")
+        if r["rc"] or not c:
+            lines.append(f"| {name} | {r['wall_s']:.2f} | failed (rc {r['rc']}) | | | | | | | |")
+            failures.append(f"- {name}: rc {r['rc']}: {' / '.join(r.get('stderr', [])) or 'no timings'}")
+            continue
         agree = r.get("agreement_with_fp32")
+        stages = " | ".join(f"{c.get(k, 0):.2f}" for k in ("read_s", "preprocess_s", "infer_s", "postprocess_s"))
         lines.append(
-            f"| {name} | {r['wall_s']:.2f} | {c.get('wall_s', 0):.2f} | {c.get('read_s', 0):.2f} | "
-            f"{c.get('preprocess_s', 0):.2f} | "
-            f"{c.get('infer_s', 0):.2f} | {c.get('postprocess_s', 0):.2f} | {c.get('write_s', 0):.2f} | "
-            f"{json.dumps(nv)} | {'' if agree is None else f'{agree:.5f}'} |"
-            + (f" rc {r['rc']}: {' / '.join(r.get('stderr', []))}" if r["rc"] else "")
+            f"| {name} | {r['wall_s']:.2f} | {c.get('wall_s', 0):.2f} | {stages} | {c.get('write_s', 0):.2f} | "
+            f"{_nvml_cell(r.get('nvml'))} | {'' if agree is None else f'{agree:.5f}'} |"
         )
+    lines += ["", *failures] if failures else []
     lines += [
         "",
         "Start-up timeline, seconds since the process started (flareseg/runtime/startup.py); exit = wall clock "
@@ -340,8 +358,8 @@ def write_reports(report: dict[str, Any], out: Path, args: argparse.Namespace) -
         steps = ", ".join(f"{k} {v:.2f}" for k, v in (st.get("activation_steps_s") or {}).items())
         first = r.get("case", {}).get("first_labels_s")
         lines.append(
-            f"| {name} | " + " | ".join(cells) + f" | {r.get('exit_s', float('nan')):.2f} | "
-            f"{st.get('activate_s') or float('nan'):.2f} | {steps} | {first if first is None else round(first, 3)} |"
+            f"| {name} | " + " | ".join(cells) + f" | {_num(r.get('exit_s'))} | {_num(st.get('activate_s'))} | "
+            f"{steps} | {_num(first, 3)} |"
         )
     lines.append("")
     for name, r in runs.items():  # --gpu-memory: what the planner measured, and chose
@@ -358,9 +376,10 @@ def write_reports(report: dict[str, Any], out: Path, args: argparse.Namespace) -
     lines.append("")
     for name, row in report["folders"].items():
         summ = row.get("summary") or {}
+        failed = f" (rc {row['rc']}: {' / '.join(row.get('stderr', []))})" if row["rc"] else ""
         lines.append(
             f"folder of {args.cases} (links to one file, so reads after the first come from the page cache), "
-            f"{name}: {_rate(summ.get('cases_per_minute'))} cases/min, wall {row['wall_s']:.1f} s"
+            f"{name}: {_rate(summ.get('cases_per_minute'))} cases/min, wall {row['wall_s']:.1f} s{failed}"
         )
     lines += targets(report, args.slices)
     if report["skipped_for_time"]:
