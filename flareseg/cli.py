@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from flareseg.errors import FlareSegError
 
@@ -116,6 +117,47 @@ def exit_now(code: int) -> NoReturn:
     except (OSError, AttributeError):
         pass
     os._exit(code)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 must not quietly mean "the default")."""
+    return _bounded(int, text, minimum=1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _bounded(int, text, minimum=0)
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (nan and inf would poison whatever they feed)."""
+    return _bounded(float, text)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = _bounded(float, text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    return _bounded(float, text, minimum=0)
+
+
+def _bounded(kind: type[int] | type[float], text: str, *, minimum: float | None = None) -> Any:
+    what = "an integer" if kind is int else "a number"
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    if minimum is not None and value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {what} >= {minimum:g}, got {text!r}")
+    return value
 
 
 def int_list(text: str) -> tuple[int, ...]:
