@@ -23,7 +23,7 @@ def atomic_output(path: str | os.PathLike[str], *, keep_suffix: str = "") -> Ite
     An operating-system error (no space left, no permission, a folder in the way) becomes
     a :class:`FlareSegError` naming ``path``.
     """
-    path = Path(path)
+    path = _replaceable(Path(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{keep_suffix}", dir=path.parent)
@@ -43,6 +43,24 @@ def atomic_output(path: str | os.PathLike[str], *, keep_suffix: str = "") -> Ite
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _replaceable(path: Path) -> Path:
+    """The file the rename will replace: a link's target (the link stays), never a folder, pipe or device.
+
+    Renaming over a link would cut it from its target, and over a pipe, a device or a
+    terminal (``-o /dev/stdout``) would put a file in its place, which no reader sees.
+    """
+    if path.is_symlink():
+        target = Path(os.path.realpath(path))
+        if not target.exists():
+            raise FlareSegError(f"{path}: a link to {target}, which does not exist")
+        path = target
+    if path.is_dir():
+        raise FlareSegError(f"{path}: is a folder, not a file")
+    if path.exists() and not path.is_file():
+        raise FlareSegError(f"{path}: not a regular file (a pipe, device or socket); give a file path")
+    return path
 
 
 def _cannot_write(path: Path, exc: OSError) -> FlareSegError:

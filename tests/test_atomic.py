@@ -1,0 +1,55 @@
+"""Atomic outputs: all or nothing, through links, never over folders, pipes or devices."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from flareseg.atomic import atomic_output, write_text_atomic
+from flareseg.errors import FlareSegError
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    out = tmp_path / "r.csv"
+    out.write_text("old")
+    with pytest.raises(RuntimeError), atomic_output(out) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("stopped mid-write")
+    assert out.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["r.csv"]
+
+
+def test_a_link_is_written_through_and_stays_a_link(tmp_path):
+    target = tmp_path / "data" / "results.csv"
+    target.parent.mkdir()
+    target.write_text("old")
+    link = tmp_path / "results.csv"
+    link.symlink_to(target)
+    write_text_atomic("new", link)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.read_text() == "new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["results.csv"]
+
+
+def test_a_link_to_nothing_is_refused(tmp_path):
+    link = tmp_path / "r.csv"
+    link.symlink_to(tmp_path / "gone" / "r.csv")
+    with pytest.raises(FlareSegError, match=r"r.csv: a link to .*gone/r.csv, which does not exist"):
+        write_text_atomic("new", link)
+    assert not (tmp_path / "gone").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes need a POSIX system")
+def test_pipes_and_folders_are_not_replaced(tmp_path):
+    fifo = tmp_path / "f.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(FlareSegError, match=r"f\.csv: not a regular file"):
+        write_text_atomic("x", fifo)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    folder = tmp_path / "d.csv"
+    folder.mkdir()
+    with pytest.raises(FlareSegError, match=r"d\.csv: is a folder, not a file"):
+        write_text_atomic("x", folder)
+    assert folder.is_dir() and not any(folder.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.csv", "f.csv"]
