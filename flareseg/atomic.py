@@ -45,6 +45,20 @@ def atomic_output(path: str | os.PathLike[str], *, keep_suffix: str = "") -> Ite
         raise
 
 
+def check_writable(path: Path) -> None:
+    """Refuse, before any work, a path whose folder could not be made or written: a file or a broken link
+    on the way, no access, a read-only file system."""
+    # The nearest thing on the way that is there at all: a broken link is there, but leads nowhere.
+    there = next(p for p in (path.absolute(), *path.absolute().parents) if os.path.lexists(p))
+    if there.is_symlink() and not there.exists():
+        raise FlareSegError(f"{path}: a broken symbolic link is in the way ({there})")
+    folder = there if there != path.absolute() else next(p for p in path.absolute().parents if p.exists())
+    if not folder.is_dir():
+        raise FlareSegError(f"{path}: cannot create its folder, {folder} is a file")
+    if not os.access(folder, os.W_OK | os.X_OK):  # also false on a read-only file system
+        raise FlareSegError(f"{path}: cannot write in {folder} (permission denied or read-only)")
+
+
 def _replaceable(path: Path) -> Path:
     """The file the rename will replace: a link's target (the link stays), never a folder, pipe or device.
 

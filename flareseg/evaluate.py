@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from flareseg.atomic import write_text_atomic
-from flareseg.cli import add_common_arguments, run_command
+from flareseg.atomic import check_writable, write_text_atomic
+from flareseg.cli import add_common_arguments, non_negative_float, positive_int, run_command
 from flareseg.errors import FlareSegError
 from flareseg.labels import LABELS, ORGANS
 from flareseg.metrics import organ_scores
@@ -81,11 +81,14 @@ def evaluate_folders(
     preds, gts = find_cases(pred_dir), find_cases(gt_dir)
     if not gts:
         raise FlareSegError(f"{gt_dir}: no NIfTI ground truth files")
+    if not preds:  # a wrong folder would otherwise score every case 0 and exit 0
+        raise FlareSegError(f"{pred_dir}: no NIfTI predictions (.nii or .nii.gz)")
     ev = Evaluation(tolerance_mm=tolerance_mm)
     ev.missing = sorted(set(gts) - set(preds))
     ev.extra = sorted(set(preds) - set(gts))
     jobs = [(gts[c], preds[c], tolerance_mm) for c in sorted(set(gts) & set(preds))]
-    bar = tqdm(total=len(jobs), desc="evaluating", unit="case", disable=not progress)
+    # On a terminal only (None: tqdm asks), so that a log or an error line does not follow a carriage return.
+    bar = tqdm(total=len(jobs), desc="evaluating", unit="case", disable=None if progress else True)
     results: dict[str, CaseResult] = {}
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -105,12 +108,14 @@ def evaluate_folders(
 
 
 def csv_text(ev: Evaluation) -> str:
-    """One row per case: status, then DSC and NSD for each organ."""
+    """One row per case: status, DSC and NSD for each organ, and the NSD's tolerance."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["case", "status", *[f"{LABELS[o]}_{m}" for o in ORGANS for m in ("dsc", "nsd")]])
+    organs = [f"{LABELS[o]}_{m}" for o in ORGANS for m in ("dsc", "nsd")]
+    writer.writerow(["case", "status", *organs, "nsd_tolerance_mm"])
     for r in ev.results:
-        writer.writerow([r.case, r.status, *[f"{r.scores[o][i]:.6f}" for o in ORGANS for i in (0, 1)]])
+        scores = [f"{r.scores[o][i]:.6f}" for o in ORGANS for i in (0, 1)]
+        writer.writerow([r.case, r.status, *scores, f"{ev.tolerance_mm:g}"])
     return buf.getvalue()
 
 
@@ -143,14 +148,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--pred", required=True, type=Path, help="folder of predicted label maps")
     parser.add_argument("--gt", required=True, type=Path, help="folder of ground truth label maps")
-    parser.add_argument("-o", "--output", type=Path, help="per-case CSV to write")
-    parser.add_argument("--tolerance", type=float, default=1.0, help="NSD tolerance in mm (default 1)")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel processes")
+    parser.add_argument("-o", "--output", type=Path, help="per-case CSV to write (.csv)")
+    parser.add_argument("--tolerance", type=non_negative_float, default=1.0, help="NSD tolerance in mm (default 1)")
+    parser.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1), help="parallel processes")
     add_common_arguments(parser)
     return parser
 
 
+def check_csv_output(path: Path) -> None:
+    """Refuse, before any scoring, a CSV path that would replace a label map or could not be written."""
+    if path.suffix.lower() != ".csv":  # so that it can never replace a NIfTI input, nor be taken for a case
+        raise FlareSegError(f"{path}: the per-case results file must end in .csv")
+    if path.is_dir():
+        raise FlareSegError(f"{path}: is a folder, not a file")
+    check_writable(path)
+
+
 def _main(args: argparse.Namespace) -> int:
+    if args.output:
+        check_csv_output(args.output)
     ev = evaluate_folders(
         args.pred, args.gt, tolerance_mm=args.tolerance, workers=args.workers, progress=not args.quiet
     )

@@ -171,7 +171,15 @@ def find_cases(folder: str | os.PathLike[str]) -> dict[str, Path]:
         raise FlareSegError(f"{folder}: not a directory")
     cases: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file() or not is_nifti(path):
+        if path.name.startswith("."):
+            continue
+        if not is_nifti(path):
+            if path.name.lower().endswith(NIFTI_SUFFIXES):  # said, not skipped silently: a case would go missing
+                log.warning("%s: ignored: a NIfTI file must end in .nii or .nii.gz, in lower case", path)
+            continue
+        if not path.is_file():
+            if not path.exists():
+                log.warning("%s: ignored: a link to nothing", path)
             continue
         name = case_id(path)
         if name in cases:

@@ -145,3 +145,43 @@ def test_bad_prediction_file_fails_the_command_with_one_line(phantom_dirs, tmp_p
         ["--pred", str(pred_dir), "--gt", str(gt_dir), "-o", str(out), "-q"], capsys, str(target), problem
     )
     assert not out.exists()
+
+
+def test_the_csv_can_never_replace_an_input_and_is_checked_before_scoring(phantom_dirs, tmp_path, capsys):
+    gt_dir, pred_dir = phantom_dirs
+    shutil.copy(gt_dir / "case_000.nii.gz", pred_dir / "case_000.nii.gz")
+    before = (gt_dir / "case_000.nii.gz").read_bytes()
+    base = ["--pred", str(pred_dir), "--gt", str(gt_dir), "-q"]
+    for target in (gt_dir / "case_000.nii.gz", pred_dir / "case_000.nii.gz", pred_dir / "c_001.nii", Path("")):
+        _expect_cli_error([*base, "-o", str(target)], capsys, "must end in .csv")
+    (tmp_path / "afile").write_text("x")
+    _expect_cli_error([*base, "-o", str(tmp_path / "afile" / "r.csv")], capsys, "afile is a file")
+    assert (gt_dir / "case_000.nii.gz").read_bytes() == before
+    assert sorted(p.name for p in pred_dir.iterdir()) == ["case_000.nii.gz"]
+
+
+def test_numbers_are_checked_and_the_tolerance_is_recorded(phantom_dirs, tmp_path, capsys):
+    gt_dir, pred_dir = phantom_dirs
+    shutil.copy(gt_dir / "case_000.nii.gz", pred_dir / "case_000.nii.gz")
+    base = ["--pred", str(pred_dir), "--gt", str(gt_dir), "-q"]
+    for bad in (["--tolerance", "nan"], ["--tolerance", "-1"], ["--workers", "0"], ["--workers", "-1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*base, *bad])
+        assert exit_info.value.code == 2 and bad[0] in capsys.readouterr().err
+    assert main([*base, "--tolerance", "2.5", "-o", str(tmp_path / "r.csv")]) == 0
+    rows = _read_csv(tmp_path / "r.csv")
+    assert {r["nsd_tolerance_mm"] for r in rows.values()} == {"2.5"}
+
+
+def test_an_empty_prediction_folder_is_an_error_and_ignored_files_are_named(phantom_dirs, tmp_path, capsys, caplog):
+    gt_dir, pred_dir = phantom_dirs
+    _expect_cli_error(
+        ["--pred", str(pred_dir), "--gt", str(gt_dir), "-q"], capsys, str(pred_dir), "no NIfTI predictions"
+    )
+    shutil.copy(gt_dir / "case_000.nii.gz", pred_dir / "case_000.nii.gz")
+    shutil.copy(gt_dir / "case_001.nii.gz", pred_dir / "case_001.NII.GZ")
+    (pred_dir / "case_002.nii.gz").symlink_to(tmp_path / "gone.nii.gz")
+    assert main(["--pred", str(pred_dir), "--gt", str(gt_dir), "-q"]) == 0
+    assert "case_001.NII.GZ: ignored: a NIfTI file must end in .nii or .nii.gz, in lower case" in caplog.text
+    assert "case_002.nii.gz: ignored: a link to nothing" in caplog.text
+    assert "2 missing (scored 0)" in capsys.readouterr().out

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from flareseg.atomic import check_writable
 from flareseg.errors import FlareSegError
 from flareseg.volume import NIFTI_SUFFIXES, case_id, find_cases
 
@@ -81,7 +82,7 @@ def check_output(job: CaseJob) -> None:
         raise FlareSegError(f"{job.output}: refusing to overwrite the input")
     if job.output.is_dir():
         raise FlareSegError(f"{job.output}: a folder is in the way of the output")
-    _check_creatable(job.output)
+    check_writable(job.output)
     if job.output_type == "dicom-seg" and not job.input.is_dir():
         raise FlareSegError(
             f"{job.input}: DICOM SEG output needs a DICOM series as input (a NIfTI file has no series to "
@@ -96,19 +97,6 @@ def file_job(input_path: Path, output: Path, output_type: OutputType = "nifti") 
     return job
 
 
-def _check_creatable(path: Path) -> None:
-    """Refuse a path whose folder could not be made or written: a file or a broken link on the way, no access."""
-    # The nearest thing on the way that is there at all: a broken link is there, but leads nowhere.
-    there = next(p for p in (path.absolute(), *path.absolute().parents) if os.path.lexists(p))
-    if there.is_symlink() and not there.exists():
-        raise FlareSegError(f"{path}: a broken symbolic link is in the way ({there})")
-    folder = there if there != path.absolute() else next(p for p in path.absolute().parents if p.exists())
-    if not folder.is_dir():
-        raise FlareSegError(f"{path}: cannot create its folder, {folder} is a file")
-    if not os.access(folder, os.W_OK | os.X_OK):  # also false on a read-only file system
-        raise FlareSegError(f"{path}: cannot write in {folder} (permission denied or read-only)")
-
-
 def check_output_folder(out: Path, inputs: Path | None = None) -> None:
     """Refuse, before any work, an output folder for a folder of cases (``inputs``) that could not hold its results."""
     if out.exists() and not out.is_dir():
@@ -119,7 +107,7 @@ def check_output_folder(out: Path, inputs: Path | None = None) -> None:
             "choose another folder"
         )
     if not out.exists():
-        _check_creatable(out)
+        check_writable(out)
     elif not os.access(out, os.W_OK | os.X_OK):
         raise FlareSegError(f"{out}: cannot write in it (permission denied or read-only)")
 
@@ -132,7 +120,7 @@ def check_timings(path: Path, inputs: Sequence[Path]) -> None:
         raise FlareSegError(f"{path}: refusing to overwrite an input with the timings")
     if path.is_dir():
         raise FlareSegError(f"{path}: a folder is in the way of the timings file")
-    _check_creatable(path)
+    check_writable(path)
 
 
 def list_inputs(folder: str | os.PathLike[str], *, exclude: Path | None = None) -> dict[str, Path]:
