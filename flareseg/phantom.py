@@ -15,15 +15,25 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 from nibabel.orientations import axcodes2ornt, inv_ornt_aff, ornt_transform
 from scipy import ndimage
 
+from flareseg.atomic import atomic_output, check_writable
+from flareseg.cli import (
+    add_common_arguments,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_command,
+    say,
+)
 from flareseg.errors import FlareSegError
 
 log = logging.getLogger(__name__)
@@ -168,43 +178,74 @@ def make_phantom(
 def write_phantom_cases(
     out_dir: str | Path, num_cases: int = 1, *, prefix: str = "train", start: int = 0, **kwargs
 ) -> list[tuple[Path, Path]]:
-    """Write cases in the FLARE21 layout (``TrainingImg/{prefix}_NNN_0000.nii.gz``, ``TrainingMask/...``)."""
+    """Write cases in the FLARE21 layout (``TrainingImg/{prefix}_NNN_0000.nii.gz``, ``TrainingMask/...``).
+
+    Each case is made before anything of it is written (bad arguments leave no folders),
+    and each file is written atomically.
+    """
     out = Path(out_dir)
-    (out / "TrainingImg").mkdir(parents=True, exist_ok=True)
-    (out / "TrainingMask").mkdir(parents=True, exist_ok=True)
     seed = kwargs.pop("seed", 0)
     written = []
     for i in range(start, start + num_cases):
-        img, lab = make_phantom(seed=seed + i, **kwargs).to_nifti()
+        try:
+            img, lab = make_phantom(seed=seed + i, **kwargs).to_nifti()
+        except MemoryError:
+            raise FlareSegError(f"a phantom of {kwargs.get('shape')} voxels needs more memory than there is") from None
         img_path = out / "TrainingImg" / f"{prefix}_{i:03d}_0000.nii.gz"
         lab_path = out / "TrainingMask" / f"{prefix}_{i:03d}.nii.gz"
-        nib.save(img, img_path)
-        nib.save(lab, lab_path)
+        for image, path in ((img, img_path), (lab, lab_path)):
+            check_writable(path)
+            with atomic_output(path, keep_suffix=".nii.gz") as tmp:
+                nib.save(image, tmp)
         written.append((img_path, lab_path))
     return written
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _triple(kind: type[int] | type[float]) -> Callable[[str], tuple[Any, ...]]:
+    """argparse type: three comma-separated finite numbers ('128,128,64')."""
+    one = positive_int if kind is int else positive_float
+
+    def parse(text: str) -> tuple[Any, ...]:
+        values = tuple(one(v) for v in text.split(","))
+        if len(values) != 3:
+            raise argparse.ArgumentTypeError(f"expected three comma-separated values, got {text!r}")
+        return values
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m flareseg.phantom", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--cases", type=int, default=1)
-    parser.add_argument("--shape", default="128,128,64", help="voxels along R,A,S (default 128,128,64)")
-    parser.add_argument("--spacing", default="3,3,4", help="mm along R,A,S (default 3,3,4)")
+    parser.add_argument("--cases", type=positive_int, default=1)
+    parser.add_argument(
+        "--shape", type=_triple(int), default=(128, 128, 64), help="voxels along R,A,S (default 128,128,64)"
+    )
+    parser.add_argument(
+        "--spacing", type=_triple(float), default=(3.0, 3.0, 4.0), help="mm along R,A,S (default 3,3,4)"
+    )
     parser.add_argument("--orientation", default="RAS", help="storage axis codes, e.g. RAS, LPS, ASR")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    try:
-        shape = tuple(int(v) for v in args.shape.split(","))
-        spacing = tuple(float(v) for v in args.spacing.split(","))
-        paths = write_phantom_cases(
-            args.out_dir, args.cases, shape=shape, spacing=spacing, axcodes=tuple(args.orientation), seed=args.seed
-        )
-    except (FlareSegError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    add_common_arguments(parser)
+    return parser
+
+
+def _main(args: argparse.Namespace) -> int:
+    paths = write_phantom_cases(
+        args.out_dir,
+        args.cases,
+        shape=args.shape,
+        spacing=args.spacing,
+        axcodes=tuple(args.orientation),
+        seed=args.seed,
+    )
     for img, _ in paths:
-        print(img)
+        say(str(img))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser(), _main, argv)
 
 
 if __name__ == "__main__":

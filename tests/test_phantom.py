@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -59,3 +61,32 @@ def test_command_writes_flare21_layout(tmp_path):
     assert sorted(p.name for p in (tmp_path / "TrainingMask").iterdir()) == ["train_000.nii.gz", "train_001.nii.gz"]
     img = nib.load(tmp_path / "TrainingImg" / "train_001_0000.nii.gz")
     assert img.shape == (32, 32, 16) and img.get_data_dtype() == np.int16
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--spacing", "nan,1,1"], "argument --spacing: expected a finite number"),
+        (["--shape", "abc"], "argument --shape: expected an integer, got 'abc'"),
+        (["--shape", "32,32"], "argument --shape: expected three comma-separated values"),
+        (["--seed", "-5"], "argument --seed: expected an integer >= 0"),
+        (["--cases", "0"], "argument --cases: expected an integer >= 1"),
+        (["--orientation", "XYZ"], "invalid orientation XYZ"),
+    ],
+)
+def test_bad_arguments_are_one_line_and_write_nothing(tmp_path, capsys, argv, needle):
+    out = tmp_path / "ph"
+    with pytest.raises(SystemExit) if argv[0] != "--orientation" else contextlib.nullcontext() as stopped:
+        assert main([str(out), "--shape", "16,16,8", *argv]) == 2
+    if stopped is not None:
+        assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert needle in err[-1] and not any("Traceback" in line for line in err)
+    assert not out.exists()
+
+
+def test_an_output_that_cannot_be_a_folder_is_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert main([str(tmp_path / "afile"), "--shape", "16,16,8"]) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert "afile is a file" in err and (tmp_path / "afile").read_text() == "x"
