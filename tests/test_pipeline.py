@@ -299,6 +299,10 @@ def test_gpu_memory_budget_is_refused_where_it_cannot_apply(trained_checkpoint, 
     base = ["--model", str(trained_checkpoint), "-i", str(ct), "-o", str(tmp_path / "o.nii.gz"), "-q"]
     assert infer_main([*base, "--device", "cpu", "--gpu-memory", "1000"]) == 2
     assert "--gpu-memory chooses the batch of the PyTorch backend on a CUDA device" in capsys.readouterr().err
+    for budget in ("nan", "inf", "0", "-5"):
+        with pytest.raises(SystemExit) as stopped:
+            infer_main([*base, "--gpu-memory", budget])
+        assert stopped.value.code == 2 and "argument --gpu-memory" in capsys.readouterr().err
     assert not (tmp_path / "o.nii.gz").exists()
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
-from flareseg.cli import INTERRUPTED, add_common_arguments, exit_now, run_command, say
+from flareseg.cli import INTERRUPTED, add_common_arguments, exit_now, positive_float, run_command, say
 from flareseg.errors import FlareSegError
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--gpu-memory",
-        type=float,
+        type=positive_float,
         metavar="MB",
         help="choose the CUDA batch that fits this whole-device budget above the idle reading, measured "
         "(opt-in: not yet verified on a GPU)",
