@@ -45,9 +45,10 @@ class _Measure:
 @pytest.mark.parametrize(
     ("budget", "chosen", "asked"),
     [
-        (1000.0, 1, [1, 2]),
-        (1155.0, 2, [1, 2, 4]),  # a figure equal to the budget fits
-        (2000.0, 4, [1, 2, 4, 8]),
+        # The chosen batch is measured again after the larger one that did not fit.
+        (1000.0, 1, [1, 2, 1]),
+        (1155.0, 2, [1, 2, 4, 2]),  # a figure equal to the budget fits
+        (2000.0, 4, [1, 2, 4, 8, 4]),
         (1e6, 32, list(DEFAULT_CANDIDATES)),
     ],
 )
@@ -55,10 +56,26 @@ def test_the_largest_fitting_batch_is_chosen_and_the_search_stops_at_the_first_m
     measure = _Measure(H200)
     plan = plan_batch(budget, context_mb=621.0, weights_mb=40.0, measure=measure)
     assert plan.batch == chosen and plan.predicted_mb == H200[chosen]
-    assert measure.asked == asked  # no warm-up batch beyond the first that does not fit
+    assert measure.asked == asked  # no warm-up batch beyond the first that does not fit, and one check
     assert [m.batch for m in plan.measured] == asked
     line = plan.line()
     assert f"batch {chosen} fits the {budget:.0f} MB" in line and "CUDA context 621 MB" in line and "above idle" in line
+
+
+class _Growing(_Measure):
+    """Each batch measured after a larger one reads what that one left loaded (CUDA's lazy kernel modules)."""
+
+    def __call__(self, batch: int) -> float:
+        extra = 60.0 * len({b for b in self.asked if b > batch})
+        return super().__call__(batch) + extra
+
+
+def test_the_chosen_batch_is_measured_again_and_steps_down_if_it_no_longer_fits():
+    measure = _Growing({1: 700.0, 2: 960.0, 4: 1300.0})
+    plan = plan_batch(1000.0, 621.0, 40.0, measure, candidates=(1, 2, 4))
+    # 2 fitted at 960 MB, but with batch 4's kernels resident it reads 1020 MB: batch 1 (760 MB) it is.
+    assert measure.asked == [1, 2, 4, 2, 1] and plan.batch == 1 and plan.predicted_mb == 820.0
+    assert [(m.batch, m.device_mb) for m in plan.measured][-2:] == [(2, 1020.0), (1, 820.0)]
 
 
 def test_a_budget_below_the_context_names_the_context_cost():
@@ -88,7 +105,7 @@ def test_candidates_respect_the_runner_s_batch_range():
     # Unsorted, repeated candidates are tried once each, smallest first.
     measure = _Measure(H200)
     assert plan_batch(1200.0, 621.0, 40.0, measure, candidates=(4, 1, 2, 2)).batch == 2
-    assert measure.asked == [1, 2, 4]
+    assert measure.asked == [1, 2, 4, 2]
 
 
 def test_without_an_idle_reading_the_plan_says_its_figures_are_whole_device():
@@ -109,7 +126,7 @@ def test_a_batch_the_device_has_no_room_for_does_not_fit_whatever_the_budget():
     plan = plan_batch(1e6, 621.0, 40.0, _Measure(full))
     assert plan.batch == 2 and "4: out of device memory" in plan.line()
     data = json.loads(json.dumps(plan.to_dict(), allow_nan=False))  # valid JSON: no Infinity
-    assert [m["device_mb"] for m in data["measured"]] == [973.0, 1155.0, None]
+    assert [m["device_mb"] for m in data["measured"]] == [973.0, 1155.0, None, 1155.0]
     with pytest.raises(FlareSegError, match="batch 1 does not fit in the GPU's free memory"):
         plan_batch(1e6, 621.0, 40.0, _Measure({1: math.inf}))
 

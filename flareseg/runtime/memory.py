@@ -63,7 +63,8 @@ class MemoryPlan:
 
     @property
     def predicted_mb(self) -> float:
-        return next(m.device_mb for m in self.measured if m.batch == self.batch)
+        """The chosen batch's last measurement (a batch measured twice was measured again last)."""
+        return [m.device_mb for m in self.measured if m.batch == self.batch][-1]
 
     def to_dict(self) -> dict[str, object]:
         """The plan for ``timings.json``: what was measured, and what was chosen from it."""
@@ -129,6 +130,14 @@ def plan_batch(
         if figure > budget_mb:
             break
         chosen = batch
+    # The larger batch measured after the chosen one may have loaded kernels of its own (CUDA loads them
+    # lazily, and keeps them): the chosen batch is measured again with them resident, stepping down if need be.
+    while chosen is not None and measured[-1].batch != chosen:
+        figure = float(measure(chosen))
+        measured.append(BatchMemory(chosen, figure))
+        if figure <= budget_mb:
+            break
+        chosen = max((b for b in usable if b < chosen), default=None)
     if chosen is None:
         first = measured[0]
         if math.isinf(first.device_mb):
