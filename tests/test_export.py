@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -16,6 +17,7 @@ from flareseg.checkpoint import ModelInfo, load_model, save_checkpoint
 from flareseg.errors import FlareSegError
 from flareseg.export import ExportOptions, export_onnx, onnx_export, read_onnx_metadata, read_sidecar
 from flareseg.export.cli import main as export_main
+from flareseg.export.inputs import check_not_label_map
 from flareseg.export.tensorrt import (
     DeviceIdentity,
     check_engine_compatibility,
@@ -257,3 +259,147 @@ def test_engine_is_built_from_the_gpu_model_not_the_int8_one(trained_checkpoint,
     assert export_main(argv) == 0
     assert built == [("flareseg_fp16.onnx", True)]
     assert (tmp_path / "out" / "flareseg_int8.onnx").is_file()
+
+
+# --- refusals before any export: one line, exit code 2, nothing written ----------------
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A width-4 network on 32 x 32 slices with random weights: enough to be refused or verified."""
+    torch.manual_seed(0)
+    net = build_training_network(NetworkConfig(base_width=4)).eval()
+    path = tmp_path_factory.mktemp("tiny") / "tiny.pt"
+    return save_checkpoint(path, net, ModelInfo(net.config, STATS, slice_size=(32, 32)))
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def _damaged_checkpoints(tiny: Path, folder: Path) -> dict[str, tuple[Path, str]]:
+    blob = tiny.read_bytes()
+    (folder / "run").mkdir()
+    (folder / "run" / "best.pt").write_bytes(blob)
+    (folder / "cut.pt").write_bytes(blob[: len(blob) // 2])
+    flipped = bytearray(blob)
+    flipped[len(blob) // 2] ^= 0xFF  # inside the weights: torch.load alone would read it without noticing
+    (folder / "flipped.pt").write_bytes(bytes(flipped))
+    (folder / "empty.pt").write_bytes(b"")
+    (folder / "notes.pt").write_text("hello")
+    return {
+        "folder": (folder / "run", "is a folder, not a checkpoint file; give the .pt file (it holds best.pt)"),
+        "truncated": (folder / "cut.pt", "truncated or damaged checkpoint (its zip archive is incomplete)"),
+        "flipped-byte": (folder / "flipped.pt", "damaged checkpoint (its member data/"),
+        "empty": (folder / "empty.pt", "the checkpoint file is empty"),
+        "not-a-zip": (folder / "notes.pt", "not a flareseg checkpoint (not a torch.save zip archive)"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["folder", "truncated", "flipped-byte", "empty", "not-a-zip"])
+def test_unreadable_checkpoints_are_refused_in_one_line(tiny_checkpoint, tmp_path, capsys, kind):
+    path, words = _damaged_checkpoints(tiny_checkpoint, tmp_path)[kind]
+    out = tmp_path / "out"
+    assert export_main([str(path), "-o", str(out), "-q"]) == 2
+    line = _one_line(capsys)
+    assert line.startswith(f"flare-export: error: {path}: {words}")
+    assert len(line) - len(str(path)) < 120 and not out.exists()  # short and whole, not a cut-off torch message
+
+
+def test_non_finite_weights_are_refused_before_export(tiny_checkpoint, tmp_path, capsys):
+    net, info, _ = load_model(tiny_checkpoint)
+    with torch.no_grad():
+        net.head[3].weight[0, 0, 0, 0] = float("nan")
+        net.head[3].bias[0] = float("inf")
+    bad = save_checkpoint(tmp_path / "nan.pt", net, info)
+    out = tmp_path / "out"
+    assert export_main([str(bad), "-o", str(out), "-q"]) == 2
+    assert "weight(s) of head.3.weight are not finite (NaN or infinity)" in _one_line(capsys)
+    assert not out.exists()
+
+
+class _NaNSession:
+    """An ONNX Runtime session double whose logits are NaN: what a model with NaN weights returns."""
+
+    def run(self, names, feeds):
+        x = feeds["image"]
+        return [np.full((x.shape[0], 5, *x.shape[2:]), np.nan, np.float32)]
+
+
+def test_non_finite_logits_fail_the_verification(tiny_checkpoint, monkeypatch):
+    """NaN differs from nothing (nan > tolerance is False): non-finite logits must fail, not pass."""
+    net, info, _ = load_model(tiny_checkpoint)
+    monkeypatch.setattr(onnx_export, "_ort_session", lambda model: _NaNSession())
+    slices = {"real": _slices(2, (32, 32))}
+    figures = onnx_export._verify(None, net, info, 1, "logits", slices, 2)
+    for precision in ("fp32", "fp16"):
+        with pytest.raises(FlareSegError, match=f"{precision} ONNX logits on the real slices are not finite"):
+            onnx_export._check(figures, precision, "logits")
+    with torch.no_grad():
+        net.head[3].bias.fill_(float("nan"))  # the reference itself: nothing can be compared with it
+    with pytest.raises(FlareSegError, match="PyTorch network's logits on the real slices are not finite"):
+        onnx_export._verify(None, net, info, 1, "logits", slices, 2)
+
+
+def test_opsets_the_exporter_does_not_write_are_refused(tiny_checkpoint, tmp_path, capsys):
+    top = onnx.defs.onnx_opset_version()
+    for opset in (16, top + 1, 99):
+        with pytest.raises(FlareSegError, match=f"opset {opset} is not one the exporter writes: choose 17 to {top}"):
+            ExportOptions(opset=opset)
+    assert export_main([str(tiny_checkpoint), "-o", str(tmp_path / "out"), "--opset", "99", "-q"]) == 2
+    assert "opset 99 is not one the exporter writes" in _one_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_opset_the_exporter_falls_back_from_is_refused(tiny_checkpoint, tmp_path, monkeypatch):
+    """The exporter writes its own opset when it cannot convert: the file's opset is what counts."""
+    real = onnx_export._to_onnx
+    monkeypatch.setattr(onnx_export, "_to_onnx", lambda m, c, s, b, opset: real(m, c, s, b, 18))
+    options = ExportOptions(opset=19, verify_slices=1, batch_profile=(1, 1, 2))
+    with pytest.raises(FlareSegError, match="opset 19 was asked for, the exporter wrote 18; nothing written"):
+        export_onnx(tiny_checkpoint, tmp_path / "out", options)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_recorded_opset_is_the_files(exported):
+    for item in exported:
+        in_file = [o.version for o in onnx.load(str(item.path)).opset_import if o.domain in ("", "ai.onnx")]
+        assert in_file == [18] and item.metadata.versions["onnx_opset"] == "18"
+        assert read_sidecar(item.path)["versions"]["onnx_opset"] == "18"
+
+
+@pytest.mark.parametrize("name", ["", "../escape", "sub/model", "a\\b"])
+def test_names_that_are_not_a_file_stem_are_refused(tiny_checkpoint, tmp_path, capsys, name):
+    with pytest.raises(FlareSegError, match="give a file name stem, not empty and without path separators"):
+        ExportOptions(name=name)
+    out = tmp_path / "out"
+    assert export_main([str(tiny_checkpoint), "-o", str(out), f"--name={name}", "-q"]) == 2
+    assert f"name {name!r}: give a file name stem" in _one_line(capsys)
+    assert not out.exists() and not list(tmp_path.glob("*.onnx"))
+
+
+def test_a_label_map_is_refused_as_verification_volume(tiny_checkpoint, tmp_path, capsys):
+    from flareseg.phantom import make_phantom
+
+    image, labels = make_phantom((48, 48, 6), (8.0, 8.0, 8.0), seed=0).to_nifti()
+    nib.save(labels, tmp_path / "mask.nii.gz")
+    out = tmp_path / "out"
+    assert export_main([str(tiny_checkpoint), "-o", str(out), "--verify-volume", str(tmp_path / "mask.nii.gz")]) == 2
+    assert "mask.nii.gz: looks like a label map, not a CT" in _one_line(capsys)
+    assert not out.exists()
+    # The test itself: integers 0..4 are a label map, however stored; a CT (air at -1000 HU) never is.
+    with pytest.raises(FlareSegError, match="looks like a label map"):
+        check_not_label_map(np.asarray(labels.dataobj, np.float32), "m.nii.gz", "--verify-volume")
+    check_not_label_map(np.asarray(image.dataobj, np.float32), "ct.nii.gz", "--verify-volume")
+    check_not_label_map(np.array([0.0, 1.0, 2.5]), "x", "--verify-volume")  # not all classes: not refused
+    check_not_label_map(np.array([-1.0, 0.0, 4.0]), "x", "--verify-volume")
+
+
+def test_an_output_path_that_is_a_file_is_refused(tiny_checkpoint, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    assert export_main([str(tiny_checkpoint), "-o", str(afile), "-q"]) == 2
+    assert "afile: exists and is not a folder (-o names the output folder)" in _one_line(capsys)
+    assert afile.read_text() == "keep me"

@@ -181,6 +181,17 @@ def test_calibration_volumes_without_usable_slices_are_refused(trained_checkpoin
     assert not out.exists()
 
 
+def test_a_folder_of_label_maps_is_refused_for_calibration(trained_checkpoint, tmp_path, capsys):
+    masks = tmp_path / "TrainingMask"
+    masks.mkdir()
+    _, labels = make_phantom((32, 32, 6), (6.0, 6.0, 8.0), seed=0).to_nifti()
+    nib.save(labels, masks / "train_000.nii.gz")
+    out = tmp_path / "out"
+    assert export_main([str(trained_checkpoint), "-o", str(out), "--int8", "--calibration", str(masks)]) == 2
+    assert "train_000.nii.gz: looks like a label map, not a CT" in _one_line_error(capsys)
+    assert not out.exists()
+
+
 def test_agreement_below_the_threshold_writes_nothing(trained_checkpoint, tmp_path, capsys):
     # Everything quantised (no float layers) cannot reach 100 % agreement on this model.
     options = ExportOptions(int8=True, int8_min_agreement=1.0, int8_float_ladder=((),))

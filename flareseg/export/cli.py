@@ -7,10 +7,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from flareseg.cli import add_common_arguments, batch_profile, run_command, slice_size
+from flareseg.cli import add_common_arguments, batch_profile, positive_int, run_command, slice_size
 from flareseg.errors import FlareSegError
 from flareseg.export.int8 import DEFAULT_CALIBRATION_SLICES, DEFAULT_MIN_AGREEMENT, DEFAULT_QUANTIZER
-from flareseg.export.onnx_export import ExportOptions, export_onnx, verification_report
+from flareseg.export.onnx_export import (
+    DEFAULT_OPSET,
+    MIN_OPSET,
+    ExportOptions,
+    export_onnx,
+    verification_report,
+)
 from flareseg.export.tensorrt import DEFAULT_WORKSPACE_MIB
 
 
@@ -35,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--calibration-slices",
-        type=int,
+        type=positive_int,
         default=DEFAULT_CALIBRATION_SLICES,
         help=f"INT8: slices to calibrate on (default {DEFAULT_CALIBRATION_SLICES})",
     )
@@ -62,10 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="put the argmax in the graph and output labels of this type instead of logits",
     )
     p.add_argument("--verify-volume", type=Path, help="CT volume whose slices verify the export (default: a phantom)")
-    p.add_argument("--verify-slices", type=int, default=8, help="real slices used for verification (default 8)")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17, default 18)")
-    p.add_argument("--name", default="flareseg", help="file name stem (default flareseg)")
-    p.add_argument("--workspace-mib", type=int, default=DEFAULT_WORKSPACE_MIB, help="TensorRT workspace limit")
+    p.add_argument(
+        "--verify-slices", type=positive_int, default=8, help="real slices used for verification (default 8)"
+    )
+    p.add_argument(
+        "--opset",
+        type=int,
+        default=DEFAULT_OPSET,
+        help=f"ONNX opset ({MIN_OPSET} to the newest the onnx package knows; default {DEFAULT_OPSET})",
+    )
+    p.add_argument("--name", default="flareseg", help="file name stem, without path separators (default flareseg)")
+    p.add_argument("--workspace-mib", type=positive_int, default=DEFAULT_WORKSPACE_MIB, help="TensorRT workspace limit")
     p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache (default: beside the output)")
     p.add_argument(
         "--tf32",
@@ -82,12 +95,6 @@ def _main(args: argparse.Namespace) -> int:
             "--engine cannot take --argmax uint8 (TensorRT converts to uint8 only from float types): "
             "use --argmax int32, or no --argmax for logits"
         )
-    if args.engine:
-        # Fail at once, before minutes of export, when TensorRT or a GPU is missing.
-        from flareseg.export.tensorrt import DeviceIdentity, import_tensorrt
-
-        import_tensorrt()
-        DeviceIdentity.current()
     options = ExportOptions(
         fp16=args.fp16,
         fold_input=not args.three_channel,
@@ -103,6 +110,12 @@ def _main(args: argparse.Namespace) -> int:
         calibration_slices=args.calibration_slices,
         quantizer=args.quantizer,
     )
+    if args.engine:
+        # Fail at once, before minutes of export, when TensorRT or a GPU is missing.
+        from flareseg.export.tensorrt import DeviceIdentity, import_tensorrt
+
+        import_tensorrt()
+        DeviceIdentity.current()
     exported = export_onnx(
         args.checkpoint, args.out, options, verify_volume=args.verify_volume, calibration=args.calibration
     )

@@ -115,7 +115,8 @@ def calibration_slices(
         source = "synthetic phantoms (2 x 192x192x48 at 2x2x5 mm)"
         pool = _slices_from(volumes, total)
     else:
-        from flareseg.volume import find_cases, read_ct
+        from flareseg.export.inputs import read_ct_hu
+        from flareseg.volume import find_cases
 
         folder = Path(folder)
         if not folder.is_dir():
@@ -128,7 +129,7 @@ def calibration_slices(
         per_case = -(-total // len(chosen))
         parts = []
         for path in chosen:
-            volume = normalize_volume(read_ct(path).hu(), info.normalization)
+            volume = normalize_volume(read_ct_hu(path, "--calibration"), info.normalization)
             parts.append(_slices_from([volume], per_case))
         pool = np.concatenate(parts) if parts else np.empty((0, 1, 1), np.float32)
         source = f"{len(chosen)} case(s) of {folder}"

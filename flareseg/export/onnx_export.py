@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -24,9 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from flareseg.atomic import atomic_output
-from flareseg.checkpoint import ModelInfo, check_slice_size, file_sha256, load_model, software_versions
+from flareseg.atomic import atomic_output, check_writable
+from flareseg.checkpoint import ModelInfo, check_slice_size, file_sha256, software_versions
 from flareseg.errors import FlareSegError
+from flareseg.export.inputs import load_checked_model, read_ct_hu
 from flareseg.export.int8 import (
     DEFAULT_CALIBRATION_SLICES,
     DEFAULT_FLOAT_LADDER,
@@ -50,6 +52,8 @@ FP32_MIN_AGREEMENT = 0.999
 #: fp16 against fp32: fraction of voxels of real CT slices with the same label.
 FP16_MIN_AGREEMENT = 0.995
 DEFAULT_OPSET = 18
+#: The oldest opset exported (ONNX's Resize and the exporter's own lowering need 17 or later).
+MIN_OPSET = 17
 LabelDType = Literal["uint8", "int32"]
 
 
@@ -77,8 +81,16 @@ class ExportOptions:
         lo, opt, hi = self.batch_profile
         if not 1 <= lo <= opt <= hi:
             raise FlareSegError(f"batch profile must satisfy 1 <= min <= opt <= max, got {lo},{opt},{hi}")
-        if self.opset < 17:
-            raise FlareSegError(f"opset must be >= 17, got {self.opset}")
+        if not MIN_OPSET <= self.opset <= max_opset():
+            raise FlareSegError(
+                f"opset {self.opset} is not one the exporter writes: choose {MIN_OPSET} to {max_opset()} "
+                "(the newest this onnx package knows)"
+            )
+        if not self.name or any(sep in self.name for sep in ("/", "\\", os.sep, os.altsep or "/", "\0")):
+            raise FlareSegError(
+                f"name {self.name!r}: give a file name stem, not empty and without path separators "
+                "(the models are written inside the output folder)"
+            )
         if self.output_kind not in ("logits", "labels"):
             raise FlareSegError(f"output kind must be 'logits' or 'labels', got {self.output_kind!r}")
         if self.label_dtype not in ("uint8", "int32"):
@@ -93,6 +105,18 @@ class ExportOptions:
             raise FlareSegError("INT8 needs at least one calibration slice and one held-out slice")
         if not self.int8_float_ladder:
             raise FlareSegError("INT8 needs at least one set of float layers to try (it may be empty)")
+
+
+def max_opset() -> int:
+    """The newest ONNX opset the installed onnx package defines; the exporter quietly writes 18 for any later one."""
+    import onnx
+
+    return int(onnx.defs.onnx_opset_version())
+
+
+def onnx_opset(model: Any) -> int:
+    """The default-domain opset a model imports (what its operators follow), 0 if it names none."""
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 class Int8AgreementError(FlareSegError):
@@ -129,7 +153,8 @@ def _to_onnx(module: nn.Module, channels: int, size: tuple[int, int], max_batch:
 
     example = torch.randn(2, channels, *size)
     batch = torch.export.Dim("batch", min=1, max=max(2, max_batch))
-    with warnings.catch_warnings(), _quiet_logger("torch.onnx"):
+    # The exporter logs its fallbacks (optional torchvision ops, the C API's opset conversion): not actionable here.
+    with warnings.catch_warnings(), _quiet_logger("torch.onnx"), _quiet_logger("onnxscript.version_converter"):
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not actionable here
         program = torch.onnx.export(
             module,
@@ -167,17 +192,22 @@ def _ort_session(model: Any) -> Any:
     ort = import_onnxruntime()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ONNX Runtime raises its own types (e.g. an opset newer than it supports)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise FlareSegError(
+            f"ONNX Runtime {ort.__version__} cannot load the exported opset {onnx_opset(model)} model "
+            f"({type(exc).__name__}: {first}); nothing written"
+        ) from None
 
 
 def verification_slices(
     info: ModelInfo, volume_path: str | os.PathLike[str] | None, count: int, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """(random slices, real normalised CT slices, description of the real source); both (N, H, W)."""
-    from flareseg.volume import read_ct
-
     if volume_path is not None:
-        volume = read_ct(volume_path).hu()
+        volume = read_ct_hu(volume_path, "--verify-volume")
         source = str(volume_path)
     else:
         from flareseg.phantom import make_phantom
@@ -196,7 +226,8 @@ def _compare(ref_logits: np.ndarray, got: np.ndarray, output_kind: OutputKind) -
     ref_labels = ref_logits.argmax(axis=1)
     if output_kind == "labels":
         return {"argmax_agreement": float(np.mean(got.astype(np.int64) == ref_labels))}
-    diff = float(np.max(np.abs(got - ref_logits)))
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, which _check_finite refuses
+        diff = float(np.max(np.abs(got - ref_logits)))
     scale = float(np.max(np.abs(ref_logits))) or 1.0
     return {
         "max_abs_logit_diff": diff,
@@ -225,12 +256,28 @@ def _verify(
                 refs.append(reference(network_batch(chunk, info.slice_size, info.network.in_channels)).numpy())
             x = network_batch(chunk, info.slice_size, channels).numpy()
             gots.append(session.run(None, {"image": x})[0])
-        figures[name] = _compare(np.concatenate(refs), np.concatenate(gots), output_kind)
+        ref = np.concatenate(refs)
+        if not np.isfinite(ref).all():
+            raise FlareSegError(
+                f"the PyTorch network's logits on the {name} slices are not finite (NaN or infinity); nothing written"
+            )
+        figures[name] = _compare(ref, np.concatenate(gots), output_kind)
         figures[name]["slices"] = float(len(data))
     return figures
 
 
+def _check_finite(figures: dict[str, dict[str, float]], precision: Precision) -> None:
+    """Refuse non-finite logits: NaN compares as no difference at all, so every tolerance would pass."""
+    for name, f in figures.items():
+        if "max_abs_logit_diff" in f and not math.isfinite(f["max_abs_logit_diff"]):
+            raise FlareSegError(
+                f"{precision} ONNX logits on the {name} slices are not finite (NaN or infinity) where PyTorch's are; "
+                "nothing written"
+            )
+
+
 def _check(figures: dict[str, dict[str, float]], precision: Precision, output_kind: OutputKind) -> None:
+    _check_finite(figures, precision)
     for name, f in figures.items():
         if precision == "fp32" and output_kind == "logits" and f["max_rel_logit_diff"] > FP32_RELATIVE_TOLERANCE:
             raise FlareSegError(
@@ -273,9 +320,15 @@ def export_onnx(
     if calibration is not None and not options.int8:
         raise FlareSegError("a calibration folder is only used by the INT8 export (add --int8)")
     out = Path(out_dir)
-    net, info, _ = load_model(checkpoint)
+    if out.exists() and not out.is_dir():
+        raise FlareSegError(f"{out}: exists and is not a folder (-o names the output folder)")
+    if not out.exists():
+        check_writable(out)
+    net, info = load_checked_model(checkpoint)
     if options.slice_size is not None:
         info = dataclasses.replace(info, slice_size=check_slice_size(options.slice_size))
+    # The verification volume is read first too: a bad one fails before minutes of export.
+    random, real, source = verification_slices(info, verify_volume, options.verify_slices)
     # Calibration data is read first: a folder without usable slices fails before minutes of export.
     calib = (
         calibration_slices(info, calibration, count=options.calibration_slices, held_out=options.held_out_slices)
@@ -287,8 +340,10 @@ def export_onnx(
     graph = _ExportGraph(deploy, options.output_kind, options.label_dtype).eval()
     log.info("exporting %s (%s input channel(s), %s out)", checkpoint, channels, options.output_kind)
     fp32 = _to_onnx(graph, channels, info.slice_size, options.batch_profile[2], options.opset)
-
-    random, real, source = verification_slices(info, verify_volume, options.verify_slices)
+    if onnx_opset(fp32) != options.opset:  # the exporter falls back to its own opset rather than failing
+        raise FlareSegError(
+            f"opset {options.opset} was asked for, the exporter wrote {onnx_opset(fp32)}; nothing written"
+        )
     slices = {"random": random, "real": real}
     base = ExportMetadata(
         model=info,
@@ -298,7 +353,7 @@ def export_onnx(
         precision="fp32",
         batch_profile=options.batch_profile,
         source_checkpoint_sha256=file_sha256(checkpoint),
-        versions={**software_versions(), "onnx_opset": str(options.opset)},
+        versions=software_versions(),
     )
     batch = max(1, min(options.batch_profile[1], 4))
     reference = {"reference": "PyTorch fp32 training network (eval mode)"}
@@ -309,15 +364,15 @@ def export_onnx(
     for precision, model in variants:
         figures = _verify(model, net, info, channels, options.output_kind, slices, batch)
         _check(figures, precision, options.output_kind)
-        meta = dataclasses.replace(base, precision=precision).with_verification(
+        meta = dataclasses.replace(base, precision=precision, versions=_versions(base, model)).with_verification(
             {**reference, "real_source": source, **figures}
         )
         verified.append((model, meta, figures))
     if calib is not None:
         int8, figures, quantization = _quantize_verified(fp32, net, info, channels, options, calib, batch)
-        meta = dataclasses.replace(base, precision="int8", quantization=quantization).with_verification(
-            {**reference, "held_out_source": calib.source, **figures}
-        )
+        meta = dataclasses.replace(
+            base, precision="int8", quantization=quantization, versions=_versions(base, int8)
+        ).with_verification({**reference, "held_out_source": calib.source, **figures})
         verified.append((int8, meta, figures))
     written = []
     for model, meta, figures in verified:
@@ -329,6 +384,11 @@ def export_onnx(
         log.info("wrote %s: %s", path, _summary(figures))
         written.append(ExportedModel(path, meta))
     return written
+
+
+def _versions(base: ExportMetadata, model: Any) -> dict[str, str]:
+    """The software versions, with the opset this model's file holds (the quantiser may raise it)."""
+    return {**base.versions, "onnx_opset": str(onnx_opset(model))}
 
 
 def _quantize_verified(
@@ -355,6 +415,7 @@ def _quantize_verified(
         log.info("quantising to INT8 with %s (float: %s)", options.quantizer, ", ".join(keep) or "none")
         model, settings = quantize(fp32, inputs, exclude, options.quantizer)
         figures = _verify(model, reference, info, channels, options.output_kind, held, batch)
+        _check_finite(figures, "int8")
         agreement = figures["held_out"]["argmax_agreement"]
         attempts.append({"float_layers": list(keep), "held_out_agreement": agreement})
         if agreement >= options.int8_min_agreement:

@@ -1,0 +1,95 @@
+"""Checks on what an export reads, made before any work: the checkpoint file, its weights, CT volumes.
+
+Each refusal is one line naming the file and the problem, so that a bad input costs
+seconds, not the minutes of an export, and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flareseg.checkpoint import ModelInfo, load_model
+from flareseg.errors import FlareSegError
+from flareseg.labels import NUM_CLASSES
+from flareseg.network import FlareUNet
+
+#: A label map holds the classes 0..4; every real CT holds air, about -1000 HU.
+_LABEL_MAX = NUM_CLASSES - 1
+
+
+def check_checkpoint_file(path: str | os.PathLike[str]) -> Path:
+    """Refuse a checkpoint path that is missing, a folder, empty, or not an intact ``torch.save`` zip archive.
+
+    torch.load reports a cut-short file as a long internal error, and reads past a flipped
+    byte in the weights without noticing; the zip members' checksums catch both.
+    """
+    path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.pt"))
+        hint = f" (it holds {', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''})" if inside else ""
+        raise FlareSegError(f"{path}: is a folder, not a checkpoint file; give the .pt file{hint}")
+    if not path.is_file():
+        raise FlareSegError(f"{path}: checkpoint not found")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if not magic:
+            raise FlareSegError(f"{path}: the checkpoint file is empty")
+        if magic != b"PK\x03\x04":  # flare-train's torch.save always writes a zip archive
+            raise FlareSegError(f"{path}: not a flareseg checkpoint (not a torch.save zip archive)")
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except zipfile.BadZipFile:
+        raise FlareSegError(f"{path}: truncated or damaged checkpoint (its zip archive is incomplete)") from None
+    except (OSError, EOFError, zipfile.LargeZipFile) as exc:
+        raise FlareSegError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {exc})") from None
+    if damaged is not None:
+        member = damaged.split("/", 1)[-1]  # torch.save puts every member under one folder named after the file
+        raise FlareSegError(f"{path}: damaged checkpoint (its member {member} fails its checksum)")
+    return path
+
+
+def check_finite_weights(net: torch.nn.Module, path: str | os.PathLike[str]) -> None:
+    """Refuse a network with NaN or infinite weights: every output would be NaN, and NaN compares as no error."""
+    for name, tensor in net.state_dict().items():
+        if tensor.is_floating_point():
+            bad = int(tensor.numel() - torch.isfinite(tensor).sum())
+            if bad:
+                raise FlareSegError(f"{path}: {bad} weight(s) of {name} are not finite (NaN or infinity)")
+
+
+def load_checked_model(path: str | os.PathLike[str]) -> tuple[FlareUNet, ModelInfo]:
+    """The checkpoint's network (eval mode) and its ModelInfo, after the file and weight checks."""
+    check_checkpoint_file(path)
+    net, info, _ = load_model(path)
+    check_finite_weights(net, path)
+    return net, info
+
+
+def check_not_label_map(hu: np.ndarray, path: str | os.PathLike[str], role: str) -> None:
+    """Refuse a label map given where a CT is expected: every value a class (0..4), none below -100 HU.
+
+    A CT always holds air (about -1000 HU) around the body, so this never refuses one.
+    """
+    if hu.size and float(hu.min()) >= 0 and float(hu.max()) <= _LABEL_MAX and np.array_equal(hu, np.round(hu)):
+        raise FlareSegError(
+            f"{path}: looks like a label map, not a CT (every voxel is a class 0..{_LABEL_MAX}, none is air); "
+            f"{role} takes CT images"
+        )
+
+
+def read_ct_hu(path: str | os.PathLike[str], role: str) -> np.ndarray:
+    """A CT volume in Hounsfield units (Z, Y, X), float32, refusing a label map."""
+    from flareseg.volume import read_ct
+
+    path = Path(path)
+    if path.is_dir():
+        raise FlareSegError(f"{path}: is a folder; {role} takes a CT NIfTI file")
+    hu = read_ct(path).hu()
+    check_not_label_map(hu, path, role)
+    return hu
