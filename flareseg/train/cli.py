@@ -3,26 +3,87 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from flareseg.cli import add_common_arguments, run_command, slice_size
+from flareseg.cli import (
+    add_common_arguments,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_command,
+    say,
+    slice_size,
+)
 from flareseg.errors import FlareSegError
-from flareseg.train.config import AugmentConfig, TrainConfig
+from flareseg.train.config import AugmentConfig, TrainConfig, absolute, check_loss_weights, locate_data
+
+log = logging.getLogger(__name__)
+
+#: Outputs of a run that has trained: a new run in that folder is refused (use --resume).
+RUN_OUTPUTS = ("last.pt", "best.pt", "log.jsonl")
+#: Options a resumed run may change: how it runs, not what it learns.
+RESUME_MAY_CHANGE = ("--epochs", "--device", "--workers", "--cudnn-benchmark")
 
 
-def _floats(n: int) -> Callable[[str], tuple[float, ...]]:
+def _floats(n: int, kind: Callable[[str], float], what: str) -> Callable[[str], tuple[float, ...]]:
     def parse(text: str) -> tuple[float, ...]:
+        parts = text.split(",")
+        if len(parts) != n:
+            raise argparse.ArgumentTypeError(f"expected {n} comma-separated {what}, got {text!r}")
         try:
-            values = tuple(float(v) for v in text.split(","))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {n} comma-separated numbers, got {text!r}") from None
-        if len(values) != n:
-            raise argparse.ArgumentTypeError(f"expected {n} comma-separated numbers, got {text!r}")
-        return values
+            return tuple(kind(v) for v in parts)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected {n} comma-separated {what}, got {text!r}") from None
 
     return parse
+
+
+def _loss_weights(text: str) -> tuple[float, ...]:
+    values = _floats(5, non_negative_float, "finite numbers >= 0")(text)
+    try:
+        check_loss_weights(values)
+    except FlareSegError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return values
+
+
+def _scale(text: str) -> tuple[float, ...]:
+    low, high = _floats(2, positive_float, "positive numbers")(text)
+    if low > high:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH with LOW <= HIGH, got {text!r}")
+    return low, high
+
+
+#: (option, config field, value as the config holds it): the settings --resume compares with the run's.
+_SETTINGS: tuple[tuple[str, str, Callable[[TrainConfig], Any]], ...] = (
+    ("--width", "width", lambda c: c.base_width),
+    ("--size", "size", lambda c: c.slice_size),
+    ("--batch-size", "batch_size", lambda c: c.batch_size),
+    ("--accumulate", "accumulate", lambda c: c.accumulate),
+    ("--lr", "lr", lambda c: c.lr),
+    ("--loss-weights", "loss_weights", lambda c: c.loss_weights),
+    ("--rotation", "rotation", lambda c: c.augment.rotation_deg),
+    ("--translation", "translation", lambda c: c.augment.translation),
+    ("--scale", "scale", lambda c: c.augment.scale),
+    ("--shear", "shear", lambda c: c.augment.shear_deg),
+    ("--augment-prob", "augment_prob", lambda c: c.augment.probability),
+    ("--val-cases", "val_cases", lambda c: c.val_cases),
+    ("--val-list", "val_list", lambda c: c.val_list),
+    ("--steps-per-epoch", "steps_per_epoch", lambda c: c.steps_per_epoch),
+    ("--seed", "seed", lambda c: c.seed),
+    ("--amp", "amp", lambda c: c.amp),
+    ("--channels-last", "channels_last", lambda c: c.channels_last),
+)
+
+
+def _val_list(text: str) -> tuple[str, ...]:
+    return tuple(v for v in text.split(",") if v)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,95 +92,164 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flare-train",
         description="Train the FLARE21 VGG-13 U-Net with deep supervision (defaults: the paper's protocol). "
-        "For several GPUs or nodes, launch it with torchrun.",
+        "For several GPUs or nodes, launch it with torchrun. Every setting left out takes its default, "
+        "or with --resume the run's own.",
     )
+    # Defaults are None here and filled in by _new_config: --resume must tell a setting given from one left out.
     p.add_argument("--data", type=Path, help="FLARE21 folder holding TrainingImg/ and TrainingMask/")
     p.add_argument("--out", type=Path, help="run directory (config, statistics, cache, checkpoints, log)")
-    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run where it stopped")
-    p.add_argument("--epochs", type=int, help=f"epochs (default {d.epochs}); with --resume, the new total")
     p.add_argument(
-        "--batch-size",
-        type=int,
-        default=d.batch_size,
-        help=f"slices per process per micro-batch (default {d.batch_size})",
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue a run where it stopped, in RUN_DIR; only "
+        + ", ".join(RESUME_MAY_CHANGE)
+        + " may differ from the run's settings",
     )
-    p.add_argument("--accumulate", type=int, default=d.accumulate, help="micro-batches per optimiser step (default 1)")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr:g})")
-    p.add_argument("--width", type=int, default=d.base_width, help=f"base width (default {d.base_width})")
-    p.add_argument("--size", type=slice_size, default=d.slice_size, help="slice size H[,W] (default 512)")
+    p.add_argument("--epochs", type=positive_int, help=f"epochs (default {d.epochs}); with --resume, the new total")
     p.add_argument(
-        "--loss-weights", type=_floats(5), default=d.loss_weights, help="final,aux1..aux4 (default 1,0.8,0.7,0.6,0.5)"
+        "--batch-size", type=positive_int, help=f"slices per process per micro-batch (default {d.batch_size})"
     )
+    p.add_argument("--accumulate", type=positive_int, help="micro-batches per optimiser step (default 1)")
+    p.add_argument("--lr", type=positive_float, help=f"Adam learning rate (default {d.lr:g})")
+    p.add_argument("--width", type=positive_int, help=f"base width (default {d.base_width})")
+    p.add_argument("--size", type=slice_size, help="slice size H[,W], multiples of 16 (default 512)")
     p.add_argument(
-        "--rotation", type=float, default=a.rotation_deg, help=f"max rotation in degrees (default {a.rotation_deg:g})"
+        "--loss-weights",
+        type=_loss_weights,
+        help="final,aux1..aux4, each >= 0, the final one > 0 (default 1,0.8,0.7,0.6,0.5)",
     )
+    p.add_argument("--rotation", type=non_negative_float, help=f"max rotation in degrees (default {a.rotation_deg:g})")
     p.add_argument(
-        "--translation",
-        type=float,
-        default=a.translation,
-        help=f"max shift, fraction of size (default {a.translation:g})",
+        "--translation", type=non_negative_float, help=f"max shift, fraction of size, < 1 (default {a.translation:g})"
     )
-    p.add_argument("--scale", type=_floats(2), default=a.scale, help="scale range LOW,HIGH (default 0.8,1.2)")
-    p.add_argument("--shear", type=float, default=a.shear_deg, help=f"max shear in degrees (default {a.shear_deg:g})")
-    p.add_argument("--augment-prob", type=float, default=a.probability, help="share of augmented samples (default 1)")
+    p.add_argument("--scale", type=_scale, help="scale range LOW,HIGH (default 0.8,1.2)")
+    p.add_argument("--shear", type=non_negative_float, help=f"max shear in degrees (default {a.shear_deg:g})")
+    p.add_argument("--augment-prob", type=non_negative_float, help="share of augmented samples, 0..1 (default 1)")
     p.add_argument(
         "--val-cases",
-        type=int,
-        default=d.val_cases,
+        type=non_negative_int,
         help="validation cases drawn with the seed (default 10; 0: validate on training cases)",
     )
-    p.add_argument("--val-list", help="comma-separated validation case names (overrides --val-cases)")
+    p.add_argument("--val-list", type=_val_list, help="comma-separated validation case names (overrides --val-cases)")
     p.add_argument(
-        "--steps-per-epoch", type=int, default=0, help="optimiser steps per epoch (default: one pass over all slices)"
+        "--steps-per-epoch", type=positive_int, help="optimiser steps per epoch (default: one pass over all slices)"
     )
-    p.add_argument("--workers", type=int, default=d.workers, help=f"data-loading processes (default {d.workers})")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device, help="cpu or cuda[:i] (default cpu)")
-    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")
-    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    p.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN autotuning for this run")
+    p.add_argument("--workers", type=non_negative_int, help=f"data-loading processes (default {d.workers})")
+    p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--amp", action="store_true", default=None, help="mixed precision (CUDA)")
+    p.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory format")
+    p.add_argument("--cudnn-benchmark", action="store_true", default=None, help="cuDNN autotuning for this run")
     add_common_arguments(p)
     return p
+
+
+def _new_config(args: argparse.Namespace) -> TrainConfig:
+    if not args.data or not args.out:
+        raise FlareSegError("--data and --out are required (or --resume RUN_DIR)")
+    out = args.out
+    if out.exists() and not out.is_dir():
+        raise FlareSegError(f"--out {out}: exists and is not a folder")
+    trained = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    if trained:
+        raise FlareSegError(f"{out}: a run already exists there ({trained[0]}); use --resume {out} or another --out")
+    d = TrainConfig(data="", out="")
+
+    def given(name: str, default: Any) -> Any:
+        value = getattr(args, name)
+        return default if value is None else value
+
+    return TrainConfig(
+        data=absolute(args.data),  # absolute: --resume from any folder, after the run folder moved, finds them
+        out=str(out),
+        base_width=given("width", d.base_width),
+        slice_size=given("size", d.slice_size),
+        epochs=given("epochs", d.epochs),
+        batch_size=given("batch_size", d.batch_size),
+        lr=given("lr", d.lr),
+        loss_weights=given("loss_weights", d.loss_weights),
+        augment=AugmentConfig(
+            given("rotation", d.augment.rotation_deg),
+            given("translation", d.augment.translation),
+            given("scale", d.augment.scale),
+            given("shear", d.augment.shear_deg),
+            given("augment_prob", d.augment.probability),
+        ),
+        val_cases=given("val_cases", d.val_cases),
+        val_list=given("val_list", d.val_list),
+        workers=given("workers", d.workers),
+        seed=given("seed", d.seed),
+        device=given("device", d.device),
+        amp=given("amp", d.amp),
+        channels_last=given("channels_last", d.channels_last),
+        cudnn_benchmark=given("cudnn_benchmark", d.cudnn_benchmark),
+        accumulate=given("accumulate", d.accumulate),
+        steps_per_epoch=args.steps_per_epoch,
+    )
+
+
+def _resumed_config(args: argparse.Namespace) -> TrainConfig:
+    """The run's own config, its outputs in RUN_DIR wherever that is now; refuses settings that differ from it."""
+    run = args.resume
+    if not run.is_dir():
+        raise FlareSegError(f"--resume {run}: not a folder")
+    config = TrainConfig.load(run)
+    if args.out is not None and absolute(args.out) != absolute(run) and not _same_folder(args.out, run):
+        raise FlareSegError(f"--out {args.out}: a resumed run writes into its own folder {run}; leave --out out")
+    differ = []
+    for option, name, recorded in _SETTINGS:
+        value = getattr(args, name)
+        if value is not None and value != recorded(config):
+            differ.append(f"{option} {_show(value)} (the run has {_show(recorded(config))})")
+    if differ:
+        raise FlareSegError(
+            f"--resume {run}: {'; '.join(differ)}: a resumed run keeps its settings "
+            f"(only {', '.join(RESUME_MAY_CHANGE)} may change)"
+        )
+    # The data: the folder given (checked to hold the run's data when training starts), else where the run recorded it.
+    data = absolute(args.data) if args.data is not None else locate_data(config, run)
+    changes: dict[str, Any] = {"data": data, "out": str(run)}
+    for name, field in (("epochs", "epochs"), ("device", "device"), ("workers", "workers")):
+        if getattr(args, name) is not None:
+            changes[field] = getattr(args, name)
+    if args.cudnn_benchmark is not None:
+        changes["cudnn_benchmark"] = args.cudnn_benchmark
+    return config.replace(**changes)
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value) or "''"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "default (one pass)" if value is None else str(value)
 
 
 def _main(args: argparse.Namespace) -> int:
     from flareseg.train.loop import train
 
     if args.resume:
-        config = TrainConfig.load(args.resume)
-        if args.epochs:
-            config = TrainConfig.from_dict({**config.to_dict(), "epochs": args.epochs})
-        result = train(config, resume=True)
+        config = _resumed_config(args)
+        resume = (args.resume / "last.pt").exists()
+        left = [name for name in RUN_OUTPUTS if (args.resume / name).exists()]
+        if not resume and left:
+            raise FlareSegError(f"--resume {args.resume}: no last.pt to resume from (but {left[0]} is there)")
+        if not resume:
+            log.info("%s: no checkpoint yet (stopped in its first epoch); starting it from epoch 1", args.resume)
+        result = train(config, resume=resume)
     else:
-        if not args.data or not args.out:
-            raise FlareSegError("--data and --out are required (or --resume RUN_DIR)")
-        if (args.out / "last.pt").exists():
-            raise FlareSegError(f"{args.out}: a run already exists there; use --resume {args.out} or another --out")
-        config = TrainConfig(
-            data=str(args.data),
-            out=str(args.out),
-            base_width=args.width,
-            slice_size=args.size,
-            epochs=args.epochs or TrainConfig(data="", out="").epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            loss_weights=args.loss_weights,
-            augment=AugmentConfig(args.rotation, args.translation, args.scale, args.shear, args.augment_prob),
-            val_cases=args.val_cases,
-            val_list=tuple(v for v in (args.val_list or "").split(",") if v),
-            workers=args.workers,
-            seed=args.seed,
-            device=args.device,
-            amp=args.amp,
-            channels_last=args.channels_last,
-            cudnn_benchmark=args.cudnn_benchmark,
-            accumulate=args.accumulate,
-            steps_per_epoch=args.steps_per_epoch,
-        )
-        result = train(config)
+        result = train(_new_config(args))
     if result.best_epoch > 0:
         best = result.run_dir / "best.pt"
-        print(f"best mean validation DSC {result.best_score:.4f} at epoch {result.best_epoch}: {best}")
+        say(f"best mean validation DSC {result.best_score:.4f} at epoch {result.best_epoch}: {best}")
     return 0
 
 

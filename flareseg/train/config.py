@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flareseg.errors import FlareSegError
+
+#: What ``--device`` may name; whether that device exists is checked when training starts.
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+#: The FLARE21 layout's image folder: how a data folder is recognised when it is searched for.
+_IMAGE_FOLDER = "TrainingImg"
+
+
+def _finite(*values: float) -> bool:
+    return all(math.isfinite(v) for v in values)
 
 
 @dataclass(frozen=True)
@@ -22,12 +34,35 @@ class AugmentConfig:
     probability: float = 1.0  # share of samples that are augmented
 
     def __post_init__(self) -> None:
-        if self.rotation_deg < 0 or self.shear_deg < 0 or not 0 <= self.translation < 1:
-            raise FlareSegError(f"invalid augmentation ranges {self}")
-        if not 0 < self.scale[0] <= self.scale[1]:
-            raise FlareSegError(f"augmentation scale range must satisfy 0 < low <= high, got {self.scale}")
-        if not 0 <= self.probability <= 1:
-            raise FlareSegError(f"augmentation probability must be in [0, 1], got {self.probability}")
+        # Each test is written so that NaN fails it (NaN compares False with everything).
+        low, high = self.scale if len(self.scale) == 2 else (math.nan, math.nan)
+        checks = (
+            ("rotation --rotation", self.rotation_deg, "degrees >= 0", self.rotation_deg >= 0),
+            (
+                "shift --translation",
+                self.translation,
+                "a fraction of the slice size in [0, 1)",
+                0 <= self.translation < 1,
+            ),
+            ("scale range --scale", self.scale, "LOW,HIGH with 0 < LOW <= HIGH", 0 < low <= high),
+            ("shear --shear", self.shear_deg, "degrees >= 0", self.shear_deg >= 0),
+            ("probability --augment-prob", self.probability, "a share in [0, 1]", 0 <= self.probability <= 1),
+        )
+        for what, value, expected, ok in checks:
+            finite = _finite(*value) if isinstance(value, tuple) else _finite(value)
+            if not (ok and finite):
+                shown = ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else f"{value:g}"
+                raise FlareSegError(f"augmentation {what} {shown}: expected {expected}, finite")
+
+
+def check_loss_weights(weights: tuple[float, ...]) -> None:
+    """Five finite, non-negative weights, the final output's above 0 (else the output layer learns nothing)."""
+    if len(weights) != 5 or not _finite(*weights) or min(weights) < 0:
+        raise FlareSegError(f"loss weights must be 5 finite numbers >= 0 (final,aux1..aux4), got {weights}")
+    if not weights[0] > 0:
+        raise FlareSegError(
+            f"the final output's loss weight must be > 0, got {weights}: with 0 the output layer learns nothing"
+        )
 
 
 @dataclass(frozen=True)
@@ -53,8 +88,8 @@ class TrainConfig:
     cudnn_benchmark: bool = False
     #: Micro-batches per optimiser step (gradient accumulation; also what a DDP run equals).
     accumulate: int = 1
-    #: Optimiser steps per epoch; 0 means one pass over all training slices.
-    steps_per_epoch: int = 0
+    #: Optimiser steps per epoch; None means one pass over all training slices.
+    steps_per_epoch: int | None = None
     val_batch_size: int = 8
 
     def __post_init__(self) -> None:
@@ -62,17 +97,19 @@ class TrainConfig:
             "base_width": self.base_width >= 1,
             "epochs": self.epochs >= 1,
             "batch_size": self.batch_size >= 1,
-            "lr": self.lr > 0,
+            "lr": math.isfinite(self.lr) and self.lr > 0,
             "val_cases": self.val_cases >= 0,
             "workers": self.workers >= 0,
             "accumulate": self.accumulate >= 1,
-            "steps_per_epoch": self.steps_per_epoch >= 0,
+            "steps_per_epoch": self.steps_per_epoch is None or self.steps_per_epoch >= 1,
             "val_batch_size": self.val_batch_size >= 1,
-            "loss_weights": len(self.loss_weights) == 5 and min(self.loss_weights) >= 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise FlareSegError(f"invalid training settings: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+        check_loss_weights(self.loss_weights)
+        if not _DEVICE.fullmatch(self.device):
+            raise FlareSegError(f"--device {self.device}: expected cpu, cuda or cuda:N")
         if self.amp and not self.device.startswith("cuda"):
             raise FlareSegError("--amp (mixed precision) needs a CUDA device")
 
@@ -81,6 +118,9 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -92,6 +132,8 @@ class TrainConfig:
             for key in ("slice_size", "loss_weights", "val_list"):
                 if key in d:
                     d[key] = tuple(d[key])
+            if d.get("steps_per_epoch") == 0:  # configs written before None meant "one full pass"
+                d["steps_per_epoch"] = None
             return cls(augment=AugmentConfig(**aug), **d)
         except TypeError as exc:
             raise FlareSegError(f"invalid training config: {exc}") from None
@@ -102,6 +144,45 @@ class TrainConfig:
         if not path.is_file():
             raise FlareSegError(f"{run_dir}: no config.json, not a flare-train run directory")
         try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as exc:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise FlareSegError(f"{path}: unreadable config ({exc})") from None
+        except OSError as exc:
+            raise FlareSegError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        if not isinstance(data, dict):
+            raise FlareSegError(f"{path}: not a training config (expected a JSON object)")
+        return cls.from_dict(data)
+
+
+def absolute(path: str | os.PathLike[str]) -> str:
+    """An absolute, normalised path (symbolic links kept: the path the user named)."""
+    return os.path.abspath(os.fspath(path))
+
+
+def locate_data(config: TrainConfig, run_dir: str | os.PathLike[str]) -> str:
+    """The absolute data folder of a run found in ``run_dir``.
+
+    New configs record it absolute. Older ones recorded ``data`` and ``out`` relative to
+    the working directory of the first run: that directory is ``run_dir`` less as many
+    trailing parts as ``out`` had (it still holds if the run folder was renamed or moved
+    along with its data), then the current directory is tried.
+    """
+    data = Path(config.data)
+    if data.is_absolute():
+        candidates = [data]
+    else:
+        candidates = []
+        out = Path(config.out)
+        run = Path(absolute(run_dir))
+        if not out.is_absolute() and ".." not in out.parts and len(out.parts) <= len(run.parents):
+            written_from = run.parents[len(out.parts) - 1] if out.parts else run
+            candidates.append(written_from / data)
+        candidates.append(Path.cwd() / data)
+    for candidate in candidates:
+        if (candidate / _IMAGE_FOLDER).is_dir():
+            return absolute(candidate)
+    tried = ", ".join(dict.fromkeys(absolute(c) for c in candidates))
+    raise FlareSegError(
+        f"{Path(run_dir) / 'config.json'}: the run's training data {config.data} are not found (looked in {tried}); "
+        "give their folder with --data"
+    )
