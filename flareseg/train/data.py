@@ -18,10 +18,13 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from nibabel.orientations import axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 from tqdm import tqdm
 
 from flareseg.atomic import atomic_output, write_text_atomic
@@ -30,7 +33,15 @@ from flareseg.preprocess import NormalizationStats, compute_stats, network_batch
 from flareseg.volume import find_cases, read_ct, read_labels, to_canonical
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+#: 2: keyed per case by its files (not only by statistics and size), masks brought onto the image's grid.
+CACHE_VERSION = 2
+#: How far (mm) a mask's voxel centres may lie from its image's: header rounding, as flare-eval allows.
+GRID_TOLERANCE_MM = 1e-3
+
+
+def progress_disabled() -> bool | None:
+    """tqdm's ``disable``: None shows a bar on a terminal only; quiet runs (-q) show none."""
+    return None if log.isEnabledFor(logging.INFO) else True
 
 
 @dataclass(frozen=True)
@@ -41,24 +52,138 @@ class Case:
 
 
 def find_training_cases(data_dir: str | Path) -> list[Case]:
-    """Pairs of ``TrainingImg/{case}_0000.nii.gz`` and ``TrainingMask/{case}.nii.gz``."""
+    """Pairs of ``TrainingImg/{case}_0000.nii.gz`` and ``TrainingMask/{case}.nii.gz``; an unpaired file is an error."""
     root = Path(data_dir)
     img_dir, mask_dir = root / "TrainingImg", root / "TrainingMask"
     for d in (img_dir, mask_dir):
         if not d.is_dir():
             raise FlareSegError(f"{root}: missing {d.name}/ (expected the FLARE21 layout TrainingImg/, TrainingMask/)")
-    masks = find_cases(mask_dir)
-    cases, unmatched = [], []
-    for name, img in find_cases(img_dir).items():
-        if name in masks:
-            cases.append(Case(name, img, masks[name]))
-        else:
-            unmatched.append(img.name)
-    if unmatched:
-        raise FlareSegError(f"{img_dir}: no mask in {mask_dir.name}/ for {', '.join(unmatched[:5])}")
-    if not cases:
+    images, masks = find_cases(img_dir), find_cases(mask_dir)
+    no_mask = [p.name for n, p in images.items() if n not in masks]
+    if no_mask:
+        raise FlareSegError(f"{img_dir}: no mask in {mask_dir.name}/ for {', '.join(no_mask[:5])}")
+    # A mask without its image would be silently left out of training: most likely a misnamed image.
+    no_image = [p.name for n, p in masks.items() if n not in images]
+    if no_image:
+        raise FlareSegError(f"{mask_dir}: no image in {img_dir.name}/ for {', '.join(no_image[:5])}")
+    if not images:
         raise FlareSegError(f"{img_dir}: no training cases")
-    return cases
+    return [Case(name, img, masks[name]) for name, img in images.items()]
+
+
+def file_key(path: Path) -> dict[str, Any]:
+    """What identifies a file's contents cheaply: name, size and modification time."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise FlareSegError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return {"file": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def stats_key(cases: Sequence[Case]) -> dict[str, Any]:
+    """What dataset statistics are computed from: the training images."""
+    return {"cases": [{"name": c.name, "image": file_key(c.image)} for c in cases]}
+
+
+def case_key(case: Case) -> dict[str, Any]:
+    """What a case's cached slices are made from: its image and its mask."""
+    return {"image": file_key(case.image), "mask": file_key(case.mask)}
+
+
+def describe_change(recorded: dict[str, Any], current: dict[str, Any], *, contents_only: bool = False) -> str | None:
+    """How the cases of :func:`stats_key` ``current`` differ from ``recorded``; None if they do not.
+
+    ``contents_only``: compare names and sizes, not modification times (a copied or
+    touched dataset with the same files).
+    """
+
+    def table(key: dict[str, Any]) -> dict[str, tuple[Any, ...]]:
+        fields = ("file", "size") if contents_only else ("file", "size", "mtime_ns")
+        try:
+            return {c["name"]: tuple(c["image"].get(f) for f in fields) for c in key.get("cases", [])}
+        except (AttributeError, KeyError, TypeError):  # a hand-edited or damaged record: nothing to trust
+            return {}
+
+    then, now = table(recorded), table(current)
+    if then == now:
+        return None
+    gone, new = sorted(set(then) - set(now)), sorted(set(now) - set(then))
+    changed = sorted(n for n in set(then) & set(now) if then[n] != now[n])
+    parts = [f"{what} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+             for what, names in (("missing", gone), ("new", new), ("changed", changed)) if names]  # fmt: skip
+    return f"{len(then)} training images then, {len(now)} now; " + "; ".join(parts)
+
+
+def read_stats_file(path: Path) -> tuple[NormalizationStats, dict[str, Any] | None]:
+    """A run's ``stats.json``: the statistics and what they came from (None: a run made before that was kept)."""
+    try:
+        data = json.loads(path.read_text())
+        source = data.get("source") if isinstance(data, dict) else None
+    except (OSError, ValueError) as exc:
+        raise FlareSegError(f"{path}: unreadable statistics ({exc})") from None
+    return NormalizationStats.from_json(json.dumps(data)), source if isinstance(source, dict) else None
+
+
+def write_stats_file(path: Path, stats: NormalizationStats, source: dict[str, Any]) -> None:
+    write_text_atomic(json.dumps({**stats.to_dict(), "source": source}, sort_keys=True), path)
+
+
+def canonical_grid(shape: Sequence[int], affine: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
+    """The (Z, Y, X) shape and the voxel-to-world affine of a file's voxels brought to canonical order."""
+    ornt = ornt_transform(io_orientation(affine), axcodes2ornt(("R", "A", "S")))
+    xyz = [0, 0, 0]
+    for axis, (target, _flip) in enumerate(ornt):
+        xyz[int(target)] = int(shape[axis])
+    return (xyz[2], xyz[1], xyz[0]), np.asarray(affine, dtype=np.float64) @ inv_ornt_aff(ornt, shape[:3])
+
+
+def check_mask_grid(
+    case: Case, image_shape: Sequence[int], image_affine: np.ndarray, mask_shape: Sequence[int], mask_affine: np.ndarray
+) -> None:
+    """Refuse a mask whose voxels do not lie on the image's grid, up to a flip or permutation of its axes.
+
+    Both are brought to canonical voxel order (as the training slices are), so a mask
+    stored in another orientation of the same grid pairs with the right image voxels.
+    A different grid (shifted, other spacing, other shape, oblique) is refused: training
+    would learn organs displaced from the anatomy.
+    """
+    img_shape, img_aff = canonical_grid(image_shape, image_affine)
+    lab_shape, lab_aff = canonical_grid(mask_shape, mask_affine)
+    if img_shape != lab_shape:
+        raise FlareSegError(
+            f"{case.mask}: mask grid {'x'.join(map(str, lab_shape[::-1]))} differs from its image's "
+            f"{'x'.join(map(str, img_shape[::-1]))} ({case.image.name})"
+        )
+    # The farthest any voxel centre moves between the two grids: the affines' difference at the corners.
+    corners = np.array([[i, j, k, 1.0] for i in (0, lab_shape[2] - 1) for j in (0, lab_shape[1] - 1)
+                        for k in (0, lab_shape[0] - 1)])  # fmt: skip
+    moved = float(np.abs(corners @ (lab_aff - img_aff).T)[:, :3].max())
+    if not moved <= GRID_TOLERANCE_MM:
+        raise FlareSegError(
+            f"{case.mask}: mask voxels lie up to {moved:.3g} mm away from its image's ({case.image.name}): "
+            "a different grid (shift, spacing or rotation), not the same grid stored in another orientation"
+        )
+
+
+def check_headers(cases: Sequence[Case]) -> None:
+    """Check every mask's grid from the headers alone, before statistics and caching read the voxels.
+
+    A file whose header cannot be read here is left to the full read, which says why.
+    """
+    for case in cases:
+        try:
+            img, lab = nib.load(case.image), nib.load(case.mask)
+            spatial = nib.spatialimages.SpatialImage
+            if not (isinstance(img, spatial) and isinstance(lab, spatial)):
+                continue
+            shapes, affines = (tuple(img.shape[:3]), tuple(lab.shape[:3])), (img.affine, lab.affine)
+            usable = all(len(s) == 3 for s in shapes) and all(
+                a is not None and np.all(np.isfinite(a)) and abs(np.linalg.det(a[:3, :3])) > 1e-12 for a in affines
+            )
+        except Exception:  # any unreadable header: the full read reports it in one line
+            continue
+        if usable:
+            check_mask_grid(case, shapes[0], affines[0], shapes[1], affines[1])
 
 
 def split_cases(
@@ -90,7 +215,7 @@ def dataset_stats(cases: Sequence[Case], percentiles: tuple[float, float] = (1.0
     """Statistics over all training voxels, streaming one volume at a time."""
 
     def volumes() -> Iterator[np.ndarray]:
-        for case in tqdm(cases, desc="dataset statistics", unit="case", leave=False):
+        for case in tqdm(cases, desc="dataset statistics", unit="case", leave=False, disable=progress_disabled()):
             yield read_ct(case.image).hu()
 
     return compute_stats(volumes(), percentiles)
@@ -102,53 +227,101 @@ def _save_npy(array: np.ndarray, path: Path) -> None:
 
 
 class SliceCache:
-    """Memory-mapped pre-processed slices of every case, built once per run."""
+    """Memory-mapped pre-processed slices of every case, built once per run.
+
+    ``manifest.json`` ties the cache to what it was made from: the statistics and slice
+    size (any change empties the cache), and each case's image and mask files (a case
+    whose files changed, or that another dataset of the same case names left there, is
+    built again). A case enters the manifest only once all its files are written, so an
+    interrupted build resumes where it stopped.
+    """
 
     def __init__(self, root: str | Path, stats: NormalizationStats, size: tuple[int, int]) -> None:
         self.root = Path(root)
         self.stats, self.size = stats, size
-        self.root.mkdir(parents=True, exist_ok=True)
-        key = {"version": CACHE_VERSION, "stats": stats.to_dict(), "size": list(size)}
-        manifest = self.root / "manifest.json"
-        if manifest.is_file() and json.loads(manifest.read_text()) != key:
-            raise FlareSegError(f"{self.root}: the cache was built with other statistics or size; delete it")
-        write_text_atomic(json.dumps(key, sort_keys=True), manifest)
+        self._key = {"version": CACHE_VERSION, "stats": stats.to_dict(), "size": list(size)}
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
 
     def _paths(self, case: Case) -> dict[str, Path]:
-        return {k: self.root / f"{case.name}.{k}.npy" for k in ("slices", "labels", "stored", "truth")}
+        paths = {k: self.root / f"{case.name}.{k}.npy" for k in ("slices", "labels", "stored", "truth")}
+        paths["scale"] = self.root / f"{case.name}.scale.json"
+        return paths
+
+    def _read_manifest(self) -> dict[str, Any]:
+        try:
+            manifest = json.loads(self.manifest_path.read_text())
+        except (OSError, ValueError):  # none yet, or damaged: the cache is rebuilt
+            return {"key": self._key, "cases": {}}
+        if (
+            not isinstance(manifest, dict)
+            or manifest.get("key") != self._key
+            or not isinstance(manifest.get("cases"), dict)
+        ):
+            log.info("slice cache: made with other statistics, slice size or format; building it again")
+            return {"key": self._key, "cases": {}}
+        return manifest
+
+    def _write_manifest(self, manifest: dict[str, Any]) -> None:
+        write_text_atomic(json.dumps(manifest, sort_keys=True), self.manifest_path)
+
+    def _clear(self) -> None:
+        """Remove the cache's own files (made with other statistics, size or format); nothing else."""
+        for pattern in ("*.slices.npy", "*.labels.npy", "*.stored.npy", "*.truth.npy", "*.scale.json"):
+            for path in self.root.glob(pattern):
+                path.unlink(missing_ok=True)
 
     def build(self, cases: Sequence[Case], *, full_resolution: bool = False) -> None:
-        """Pre-process cases missing from the cache (``full_resolution``: keep validation copies too)."""
-        todo = [
-            c
-            for c in cases
-            if not all(p.exists() for k, p in self._paths(c).items() if full_resolution or k in ("slices", "labels"))
-        ]
-        for case in tqdm(todo, desc="caching slices", unit="case", leave=False):
+        """Pre-process cases missing from the cache or out of date (``full_resolution``: keep validation copies too)."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FlareSegError(f"{self.root}: cannot create the slice cache ({exc.strerror or exc})") from None
+        manifest = self._read_manifest()
+        if not manifest["cases"]:
+            self._clear()
+        kinds = ("slices", "labels", "stored", "truth", "scale") if full_resolution else ("slices", "labels")
+        todo = []
+        for case in cases:
             paths = self._paths(case)
-            volume = read_ct(case.image)
-            labels, lab_geom = read_labels(case.mask)
-            if lab_geom.shape != volume.geometry.shape:
-                raise FlareSegError(
-                    f"case {case.name}: mask shape {lab_geom.shape} differs from image shape {volume.geometry.shape}"
-                )
-            truth = to_canonical(labels, volume.geometry)
-            normalizer = volume_normalizer(volume.array, self.stats, volume.slope, volume.inter)
-            slices = np.empty((volume.num_slices, *self.size), dtype=np.float16)
-            lab_small = np.empty((volume.num_slices, *self.size), dtype=np.uint8)
-            for k in range(0, volume.num_slices, 32):
-                chunk = network_batch(normalizer(volume.array[k : k + 32]), self.size, 1)[:, 0]
-                slices[k : k + 32] = chunk.numpy().astype(np.float16)
-                lab = torch.from_numpy(truth[k : k + 32]).float()[:, None]
-                lab_small[k : k + 32] = F.interpolate(lab, size=self.size, mode="nearest")[:, 0].numpy()
-            _save_npy(slices, paths["slices"])
-            _save_npy(lab_small, paths["labels"])
-            if full_resolution:
-                _save_npy(volume.array, paths["stored"])
-                _save_npy(truth, paths["truth"])
-                write_text_atomic(
-                    json.dumps({"slope": volume.slope, "inter": volume.inter}), self.root / f"{case.name}.scale.json"
-                )
+            if manifest["cases"].get(case.name) != case_key(case) or not all(paths[k].exists() for k in kinds):
+                todo.append(case)
+        stale = [c.name for c in todo if manifest["cases"].get(c.name, case_key(c)) != case_key(c)]
+        if stale:
+            log.info("slice cache: %d cases changed since they were cached (%s); caching them again", len(stale),
+                     ", ".join(stale[:3]) + (" ..." if len(stale) > 3 else ""))  # fmt: skip
+        for case in tqdm(todo, desc="caching slices", unit="case", leave=False, disable=progress_disabled()):
+            key = case_key(case)  # taken before reading: a file changed meanwhile is built again next time
+            if manifest["cases"].pop(case.name, None) is not None:
+                self._write_manifest(manifest)
+            self._build_case(case, full_resolution)
+            manifest["cases"][case.name] = key
+            self._write_manifest(manifest)
+
+    def _build_case(self, case: Case, full_resolution: bool) -> None:
+        paths = self._paths(case)
+        volume = read_ct(case.image)
+        labels, lab_geom = read_labels(case.mask)
+        geom = volume.geometry
+        check_mask_grid(case, geom.shape, geom.affine, lab_geom.shape, lab_geom.affine)
+        # The mask in its own canonical order: the same voxels as the image's, whatever its stored orientation.
+        truth = to_canonical(labels, lab_geom)
+        normalizer = volume_normalizer(volume.array, self.stats, volume.slope, volume.inter)
+        slices = np.empty((volume.num_slices, *self.size), dtype=np.float16)
+        lab_small = np.empty((volume.num_slices, *self.size), dtype=np.uint8)
+        for k in range(0, volume.num_slices, 32):
+            chunk = network_batch(normalizer(volume.array[k : k + 32]), self.size, 1)[:, 0]
+            slices[k : k + 32] = chunk.numpy().astype(np.float16)
+            lab = torch.from_numpy(truth[k : k + 32]).float()[:, None]
+            lab_small[k : k + 32] = F.interpolate(lab, size=self.size, mode="nearest")[:, 0].numpy()
+        _save_npy(slices, paths["slices"])
+        _save_npy(lab_small, paths["labels"])
+        if full_resolution:
+            _save_npy(volume.array, paths["stored"])
+            _save_npy(truth, paths["truth"])
+            write_text_atomic(json.dumps({"slope": volume.slope, "inter": volume.inter}), paths["scale"])
 
     def slices(self, case: Case) -> tuple[np.ndarray, np.ndarray]:
         p = self._paths(case)
@@ -156,7 +329,7 @@ class SliceCache:
 
     def full_resolution(self, case: Case) -> tuple[np.ndarray, np.ndarray, float, float]:
         p = self._paths(case)
-        scale = json.loads((self.root / f"{case.name}.scale.json").read_text())
+        scale = json.loads(p["scale"].read_text())
         return np.load(p["stored"], mmap_mode="r"), np.load(p["truth"], mmap_mode="r"), scale["slope"], scale["inter"]
 
 

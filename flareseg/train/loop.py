@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from flareseg.atomic import write_text_atomic
-from flareseg.checkpoint import ModelInfo, read_checkpoint, save_checkpoint
+from flareseg.checkpoint import ModelInfo, check_slice_size, read_checkpoint, save_checkpoint
 from flareseg.errors import FlareSegError
 from flareseg.labels import LABELS, ORGANS
 from flareseg.metrics import dice
@@ -38,7 +39,20 @@ from flareseg.runtime.inferer import infer_volume
 from flareseg.runtime.runners import FunctionRunner
 from flareseg.train.augment import augment_batch, sample_affines
 from flareseg.train.config import TrainConfig
-from flareseg.train.data import SliceCache, SliceDataset, dataset_stats, find_training_cases, split_cases
+from flareseg.train.data import (
+    Case,
+    SliceCache,
+    SliceDataset,
+    check_headers,
+    dataset_stats,
+    describe_change,
+    find_training_cases,
+    progress_disabled,
+    read_stats_file,
+    split_cases,
+    stats_key,
+    write_stats_file,
+)
 from flareseg.train.loss import LossWeights, deep_supervision_loss
 
 log = logging.getLogger(__name__)
@@ -126,6 +140,34 @@ class _StepSampler(torch.utils.data.Sampler[list[int]]):
                 yield self.order[base + c * b : base + (c + 1) * b].tolist()
 
 
+def _check_loss(loss: float, epoch: int, step: int, steps: int, d: _Dist, device: torch.device) -> None:
+    """Stop the run on a loss that is not finite, before the optimiser step spreads it into the weights.
+
+    Under DDP every replica learns of it at the same step (a sum carries NaN and infinity),
+    so all stop together instead of the others waiting forever for the one that stopped.
+    """
+    if d.world > 1:
+        total = torch.tensor([loss], dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        loss = float(total)
+    if not math.isfinite(loss):
+        raise FlareSegError(
+            f"epoch {epoch + 1}, step {step + 1}/{steps}: the training loss is {loss} (not finite); stopped, "
+            "no checkpoint written for this epoch (try a new run with a lower --lr)"
+        )
+
+
+def _check_weights(model: nn.Module, epoch: int) -> None:
+    """A checkpoint of non-finite weights must never replace a good one (a finite loss can still step to them)."""
+    with torch.no_grad():
+        bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise FlareSegError(
+            f"epoch {epoch + 1}: {len(bad)} weight tensors hold non-finite values ({bad[0]}, ...); stopped, "
+            "no checkpoint written for this epoch (try a new run with a lower --lr)"
+        )
+
+
 def replica_divergence(model: nn.Module, d: _Dist) -> float:
     """Largest difference between the replicas' parameter checksums (0.0 when in sync or single-process)."""
     if d.world == 1:
@@ -197,48 +239,177 @@ def validate(
     return scores
 
 
+def training_device(spec: str, d: _Dist) -> torch.device:
+    """The device ``--device`` names, checked to exist here; under torchrun, CUDA device ``LOCAL_RANK``."""
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise FlareSegError(f"--device {spec}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise FlareSegError(f"--device {spec}: expected cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise FlareSegError(f"--device {spec}: torch {torch.__version__} sees no CUDA GPU on this machine")
+    index = d.local_rank if d.world > 1 else (device.index or 0)
+    if index >= torch.cuda.device_count():
+        raise FlareSegError(f"--device {spec}: CUDA device {index} requested, but {torch.cuda.device_count()} exist")
+    return torch.device("cuda", index)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (what creating it would create), or None."""
+    missing = None
+    for p in [path, *path.parents]:
+        if p.exists() or p.is_symlink():
+            break
+        missing = p
+    return missing
+
+
+def _remove_created(run: Path, created: Path) -> None:
+    """Remove the run folder this run created, and the folders it created above it while they are empty.
+
+    Only emptied ones go: another run may have started in a folder this one created.
+    """
+    shutil.rmtree(run, ignore_errors=True)
+    for folder in run.parents:
+        if folder == created.parent:
+            break
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: someone else's now
+            break
+
+
 def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
-    """Train per ``config``; with ``resume``, continue the run in ``config.out`` from its last.pt."""
-    d = _init_distributed(config.device)
-    device = torch.device(config.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", d.local_rank if d.world > 1 else (device.index or 0))
-        torch.cuda.set_device(device)
+    """Train per ``config``; with ``resume``, continue the run in ``config.out`` from its last.pt.
+
+    Everything that can be checked cheaply (device, data layout, split, mask grids, the
+    output folder) is checked before anything is written. A new run that fails before its
+    first checkpoint removes the folders it created; an interrupted one (Ctrl-C) keeps
+    them, and its statistics and slice cache are reused by a rerun with the same data.
+    """
+    check_slice_size(config.slice_size)
+    d0 = _Dist(
+        rank=int(os.environ.get("RANK", "0")),
+        world=int(os.environ.get("WORLD_SIZE", "1")),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    )
+    device = training_device(config.device, d0)
     run = Path(config.out)
+    if run.exists() and not run.is_dir():
+        raise FlareSegError(f"--out {run}: exists and is not a folder")
+    created = _first_missing(run) if not resume and d0.main else None
+    d = _init_distributed(config.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     try:
         with _cudnn_benchmark(config.cudnn_benchmark):
             return _train(config, resume, d, device, run)
+    except Exception:
+        if created is not None and not (run / "last.pt").exists():
+            _remove_created(run, created)
+        raise
     finally:
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, run: Path) -> TrainResult:
-    if d.main:
+def _check_resumable(run: Path, config: TrainConfig, train_cases: Sequence[Case], split: dict[str, Any]) -> None:
+    """Refuse to resume on other data than the run was trained on (its statistics and split would not hold)."""
+    stats_path = run / "stats.json"
+    source = read_stats_file(stats_path)[1] if stats_path.is_file() else None
+    if source is not None:
+        change = describe_change(source, stats_key(train_cases), contents_only=True)
+        if change is not None:
+            raise FlareSegError(
+                f"{config.data}: not the data run {run} was trained on ({change}); start a new run with another --out"
+            )
+        if describe_change(source, stats_key(train_cases)) is not None:
+            log.warning("%s: some training files have new modification times; their slices are cached again", run)
+        return
+    recorded = run / "split.json"  # runs made before stats.json named its source
+    if recorded.is_file():
+        try:
+            then = json.loads(recorded.read_text())
+        except (OSError, ValueError) as exc:
+            raise FlareSegError(f"{recorded}: unreadable ({exc})") from None
+        if then != split:
+            raise FlareSegError(
+                f"{config.data}: not the data run {run} was trained on (its split {recorded} names other cases); "
+                "start a new run with another --out"
+            )
+
+
+def _make_run_dir(run: Path, config: TrainConfig) -> None:
+    try:
         run.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(config.to_json() + "\n", run / "config.json")
+    except OSError as exc:
+        raise FlareSegError(f"--out {run}: cannot create the run folder ({exc.strerror or exc})") from None
+    write_text_atomic(config.to_json() + "\n", run / "config.json")
+
+
+def _dataset_statistics(run: Path, train_cases: Sequence[Case], resumed: NormalizationStats | None) -> None:
+    """Write ``stats.json``: a resumed run's own (``resumed``), else the one there if it was computed from these
+    very training images, else new ones."""
+    stats_path = run / "stats.json"
+    key = stats_key(train_cases)
+    if resumed is not None:  # a run keeps its statistics, whatever is on disk: its weights were trained with them
+        write_stats_file(stats_path, resumed, key)
+        return
+    if stats_path.is_file():
+        try:
+            _, source = read_stats_file(stats_path)
+        except FlareSegError:  # damaged: computed again
+            source = None
+        if source is not None and describe_change(source, key) is None:
+            log.info("dataset statistics: reusing %s (same training images)", stats_path)
+            return
+        log.info("dataset statistics in %s were computed from other data; computing them again", stats_path)
+    log.info("dataset statistics over %d training cases", len(train_cases))
+    write_stats_file(stats_path, dataset_stats(train_cases), key)
+
+
+def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, run: Path) -> TrainResult:
     cases = find_training_cases(config.data)
     train_cases, val_cases = split_cases(cases, val_cases=config.val_cases, val_list=config.val_list, seed=config.seed)
+    check_headers(cases)
+    split = {"train": [c.name for c in train_cases], "validation": [c.name for c in val_cases]}
+    payload: dict[str, Any] = {}
+    resumed: NormalizationStats | None = None
+    if resume:
+        payload = read_checkpoint(run / "last.pt")
+        state = payload.get("train_state")
+        if not isinstance(state, dict):
+            raise FlareSegError(f"{run / 'last.pt'}: no training state to resume from")
+        saved = ModelInfo.from_dict(payload, str(run / "last.pt"))
+        if saved.network.base_width != config.base_width or saved.slice_size != config.slice_size:
+            raise FlareSegError(
+                f"{run / 'last.pt'}: width {saved.network.base_width}, slices {saved.slice_size}; "
+                f"{run / 'config.json'} says width {config.base_width}, slices {config.slice_size}"
+            )
+        resumed = saved.normalization
+        done = int(state["epoch"]) + 1
+        if config.epochs < done:
+            raise FlareSegError(f"--epochs {config.epochs}: run {run} has already done {done} epochs")
+        if d.main:
+            _check_resumable(run, config, train_cases, split)
     stats_path = run / "stats.json"
-    if d.main and not stats_path.is_file():
-        log.info("dataset statistics over %d training cases", len(train_cases))
-        write_text_atomic(dataset_stats(train_cases).to_json(), stats_path)
+    if d.main:
+        _make_run_dir(run, config)
+        _dataset_statistics(run, train_cases, resumed)
     d.barrier()
-    stats = NormalizationStats.from_json(stats_path.read_text())
-    cache = SliceCache(run / "cache", stats, config.slice_size) if d.main else None
-    if cache is not None:
+    stats = read_stats_file(stats_path)[0]
+    cache = SliceCache(run / "cache", stats, config.slice_size)
+    if d.main:
         cache.build(train_cases)
         cache.build(val_cases, full_resolution=True)
+        write_text_atomic(json.dumps(split, indent=2), run / "split.json")
     d.barrier()
-    cache = cache or SliceCache(run / "cache", stats, config.slice_size)
     info = ModelInfo(
         network=NetworkConfig(base_width=config.base_width), normalization=stats, slice_size=config.slice_size
     )
-    if d.main:
-        write_text_atomic(
-            json.dumps({"train": [c.name for c in train_cases], "validation": [c.name for c in val_cases]}, indent=2),
-            run / "split.json",
-        )
 
     torch.manual_seed(config.seed)
     model = build_training_network(info.network)
@@ -249,10 +420,7 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp)
     start_epoch, best_score, best_epoch = 0, -1.0, -1
     if resume:
-        payload = read_checkpoint(run / "last.pt")
-        state = payload.get("train_state")
-        if not isinstance(state, dict):
-            raise FlareSegError(f"{run / 'last.pt'}: no training state to resume from")
+        state = payload["train_state"]
         model.load_state_dict(payload["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
@@ -269,7 +437,7 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
     weights = LossWeights(final=config.loss_weights[0], aux=tuple(config.loss_weights[1:]))  # type: ignore[arg-type]
     dataset = SliceDataset(cache, train_cases)
     global_batch = config.batch_size * config.accumulate * d.world
-    steps = config.steps_per_epoch or max(1, len(dataset) // global_batch)
+    steps = config.steps_per_epoch if config.steps_per_epoch is not None else max(1, len(dataset) // global_batch)
     history: list[dict[str, Any]] = []
     log_path = run / "log.jsonl"
     val_volumes = validation_volumes(cache, val_cases, stats) if d.main else []
@@ -289,7 +457,13 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
         net.train()
         t_epoch = time.perf_counter()
         data_time, losses = 0.0, []
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step", disable=not d.main, leave=False)
+        bar = tqdm(
+            total=steps,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            unit="step",
+            disable=progress_disabled() if d.main else True,
+            leave=False,
+        )
         batches = iter(loader)
         for step in range(steps):
             optimizer.zero_grad(set_to_none=True)
@@ -310,6 +484,7 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
                     loss = deep_supervision_loss(logits.float(), [a.float() for a in aux], labels, weights)
                     scaler.scale(loss / config.accumulate).backward()
                 step_loss += float(loss.detach()) / config.accumulate
+            _check_loss(step_loss, epoch, step, steps, d, device)
             scaler.step(optimizer)
             scaler.update()
             losses.append(step_loss)
@@ -333,6 +508,7 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
             "train_time_s": train_time,
         }
         record["replica_divergence"] = replica_divergence(model, d)
+        _check_weights(model, epoch)
         if d.main:
             t_val = time.perf_counter()
             record.update(validate(model, val_volumes, info, device, config.val_batch_size))
