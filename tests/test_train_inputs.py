@@ -1,0 +1,471 @@
+"""flare-train on bad or changed input: run folders, data, masks, settings and resuming.
+
+Each test names the defect it guards against; the runs are tiny (width 4, 32 x 32 slices).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from flareseg.errors import FlareSegError
+from flareseg.phantom import write_phantom_cases
+from flareseg.preprocess import NormalizationStats
+from flareseg.train import loop
+from flareseg.train.cli import main as train_main
+from flareseg.train.config import AugmentConfig, TrainConfig
+from flareseg.train.data import dataset_stats, find_training_cases, split_cases
+
+TINY = ["--width", "4", "--size", "32", "--batch-size", "2", "--workers", "0", "--lr", "1e-3"]
+QUICK = [*TINY, "--steps-per-epoch", "2", "--val-cases", "1", "-q"]
+
+
+@pytest.fixture(scope="module")
+def data_a(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("a")
+    write_phantom_cases(root, 3, shape=(48, 48, 12), spacing=(7.0, 7.0, 10.0))
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_b(tmp_path_factory) -> Path:
+    """Same case names as data_a, other volumes (shape, spacing, seed)."""
+    root = tmp_path_factory.mktemp("b")
+    write_phantom_cases(root, 3, shape=(40, 40, 10), spacing=(8.0, 8.0, 12.0), seed=7)
+    return root
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, copy_function=shutil.copy2)  # copy2: the same modification times
+    return dst
+
+
+def _interrupt_after_caching(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C once statistics and cache are written: the network is built right after."""
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "build_training_network", stop)
+
+
+def _stderr_lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# 1. A reused run folder: statistics and cache belong to the data they were computed from.
+
+
+def test_a_run_folder_left_by_an_interrupted_run_is_rebuilt_for_other_data(data_a, data_b, tmp_path, monkeypatch):
+    with monkeypatch.context() as m:
+        _interrupt_after_caching(m)
+        assert train_main(["--data", str(data_a), "--out", str(tmp_path / "ab"), "--epochs", "1", *QUICK]) == 130
+    assert (tmp_path / "ab" / "cache" / "train_000.slices.npy").is_file()  # the interrupted run's cache is kept
+    assert train_main(["--data", str(data_b), "--out", str(tmp_path / "ab"), "--epochs", "1", *QUICK]) == 0
+    assert train_main(["--data", str(data_b), "--out", str(tmp_path / "clean"), "--epochs", "1", *QUICK]) == 0
+    reused, clean = tmp_path / "ab", tmp_path / "clean"
+    train_b = split_cases(find_training_cases(data_b), val_cases=1, seed=0)[0]
+    expected = dataset_stats(train_b)
+    stats = NormalizationStats.from_json((reused / "stats.json").read_text())
+    assert (stats.mean, stats.std, stats.num_cases) == (expected.mean, expected.std, 2)
+    for name in ("train_000", "train_001", "train_002"):  # every case's slices are data_b's, as in a clean run
+        for kind in ("slices", "labels"):
+            a, b = np.load(reused / "cache" / f"{name}.{kind}.npy"), np.load(clean / "cache" / f"{name}.{kind}.npy")
+            assert a.shape == b.shape == (10, 32, 32) and np.array_equal(a, b), (name, kind)
+    assert _files(reused / "cache") == _files(clean / "cache")  # nothing of data_a is left
+    a, b = (torch.load(run / "last.pt", weights_only=True)["state_dict"] for run in (reused, clean))
+    assert all(torch.equal(a[k], b[k]) for k in b)  # so the run itself is the clean run's
+
+
+def test_a_rerun_with_another_size_or_a_changed_mask_rebuilds_what_changed(data_a, tmp_path, monkeypatch):
+    data = _copy(data_a, tmp_path / "data")
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _interrupt_after_caching(m)
+        assert train_main(["--data", str(data), "--out", str(run), "--epochs", "1", *QUICK]) == 130
+    stats_before = (run / "stats.json").read_text()
+    # The same data at another size: the statistics are kept, the slices made again.
+    argv = ["--data", str(data), "--out", str(run), "--epochs", "1", *QUICK, "--size", "48"]
+    with monkeypatch.context() as m:
+        _interrupt_after_caching(m)
+        assert train_main(argv) == 130
+    assert (run / "stats.json").read_text() == stats_before
+    assert np.load(run / "cache" / "train_000.slices.npy").shape == (12, 48, 48)
+    # One mask replaced (its organs removed): only that case's labels change; statistics stay (images unchanged).
+    mask = data / "TrainingMask" / "train_002.nii.gz"
+    img = nib.load(mask)
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine, img.header), mask)
+    other = np.load(run / "cache" / "train_001.labels.npy")
+    assert np.load(run / "cache" / "train_002.labels.npy").any()
+    assert train_main(argv) == 0
+    assert (run / "stats.json").read_text() == stats_before
+    assert not np.load(run / "cache" / "train_002.labels.npy").any()
+    assert np.array_equal(np.load(run / "cache" / "train_001.labels.npy"), other)
+
+
+def test_a_trained_run_is_still_refused(data_a, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train_main(["--data", str(data_a), "--out", str(run), "--epochs", "1", *QUICK]) == 0
+    before = _files(run)
+    capsys.readouterr()
+    assert train_main(["--data", str(data_a), "--out", str(run), "--epochs", "1", *QUICK]) == 2
+    assert _stderr_lines(capsys) == [
+        f"flare-train: error: {run}: a run already exists there (last.pt); use --resume {run} or another --out"
+    ]
+    assert _files(run) == before
+
+
+# 2. A mask on another grid: reoriented when it is the same grid, refused when it is not.
+
+
+def _mask_variant(sample_dir: Path, root: Path, transform: str) -> Path:
+    (root / "TrainingImg").mkdir(parents=True)
+    (root / "TrainingMask").mkdir()
+    (root / "TrainingImg" / "train_000_0000.nii.gz").symlink_to(sample_dir / "TrainingImg" / "train_000_0000.nii.gz")
+    m = nib.load(sample_dir / "TrainingMask" / "train_000.nii.gz")
+    data, affine = np.asanyarray(m.dataobj), m.affine
+    if transform == "lps":  # the same world grid, stored with X and Y reversed
+        flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+        flip[:2, 3] = [data.shape[0] - 1, data.shape[1] - 1]
+        data, affine = data[::-1, ::-1], affine @ flip
+    elif transform == "zyx":  # the same world grid, axes permuted
+        data, affine = data.transpose(2, 1, 0), affine[:, [2, 1, 0, 3]]
+    elif transform == "shift":
+        affine = affine.copy()
+        affine[0, 3] += 30.0
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(data), affine), root / "TrainingMask" / "train_000.nii.gz")
+    return root
+
+
+def test_a_mask_stored_in_another_orientation_pairs_with_the_right_voxels(sample_dir, tmp_path, monkeypatch):
+    argv = ["--epochs", "1", *TINY, "--val-cases", "0", "--steps-per-epoch", "1", "-q"]
+    labels = {}
+    for transform in ("same", "lps", "zyx"):
+        data = _mask_variant(sample_dir, tmp_path / transform, transform)
+        with monkeypatch.context() as m:
+            _interrupt_after_caching(m)
+            assert train_main(["--data", str(data), "--out", str(tmp_path / f"run-{transform}"), *argv]) == 130
+        labels[transform] = np.load(tmp_path / f"run-{transform}" / "cache" / "train_000.truth.npy")
+        assert labels[transform].shape == (112, 101, 122)
+        assert np.array_equal(labels[transform], labels["same"]), transform  # lps: not the mirrored mask
+    assert set(np.unique(labels["same"])) == {0, 1, 2, 3, 4}
+
+
+def test_a_mask_on_another_grid_is_refused_before_anything_is_written(sample_dir, tmp_path, capsys):
+    data = _mask_variant(sample_dir, tmp_path / "shift", "shift")
+    run = tmp_path / "run"
+    capsys.readouterr()
+    argv = ["--data", str(data), "--out", str(run), "--epochs", "1", *TINY, "--val-cases", "0", "-q"]
+    assert train_main(argv) == 2
+    mask = data / "TrainingMask" / "train_000.nii.gz"
+    assert _stderr_lines(capsys) == [
+        f"flare-train: error: {mask}: mask voxels lie up to 30 mm away from its image's (train_000_0000.nii.gz): "
+        "a different grid (shift, spacing or rotation), not the same grid stored in another orientation"
+    ]
+    assert not run.exists()
+
+
+def test_a_mask_of_another_shape_is_refused(data_a, data_b, tmp_path, capsys):
+    data = _copy(data_a, tmp_path / "data")
+    shutil.copy2(data_b / "TrainingMask" / "train_001.nii.gz", data / "TrainingMask" / "train_001.nii.gz")
+    capsys.readouterr()
+    assert train_main(["--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1", *QUICK]) == 2
+    assert _stderr_lines(capsys) == [
+        f"flare-train: error: {data / 'TrainingMask' / 'train_001.nii.gz'}: mask grid 40x40x10 differs from its "
+        "image's 48x48x12 (train_001_0000.nii.gz)"
+    ]
+    assert not (tmp_path / "run").exists()
+
+
+# 3. Non-finite numbers: refused as arguments, and a non-finite loss stops the run.
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--rotation", "nan"),
+        ("--shear", "inf"),
+        ("--translation", "nan"),
+        ("--augment-prob", "nan"),
+        ("--lr", "inf"),
+        ("--lr", "0"),
+        ("--scale", "0.8,nan"),
+        ("--loss-weights", "1,nan,0.7,0.6,0.5"),
+        ("--loss-weights", "0,0,0,0,0"),
+        ("--loss-weights", "1,-1,0,0,0"),
+        ("--epochs", "0"),
+        ("--steps-per-epoch", "0"),
+        ("--batch-size", "0"),
+        ("--accumulate", "0"),
+        ("--width", "0"),
+        ("--workers", "-1"),
+    ],
+)
+def test_bad_numbers_are_refused_as_arguments(data_a, tmp_path, capsys, option, value):
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        train_main(["--data", str(data_a), "--out", str(run), "--epochs", "1", *QUICK, option, value])
+    assert exit_.value.code == 2
+    assert f"argument {option}: " in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_out_of_range_settings_are_refused_in_one_line(data_a, tmp_path, capsys):
+    for option, value, words in [
+        ("--translation", "1", "shift --translation 1: expected a fraction of the slice size in [0, 1)"),
+        ("--augment-prob", "1.5", "probability --augment-prob 1.5: expected a share in [0, 1]"),
+        ("--scale", "1.2,0.8", "expected LOW,HIGH with LOW <= HIGH"),
+        ("--size", "40", "slice size 40x40 must be positive multiples of 16"),
+    ]:
+        capsys.readouterr()
+        try:
+            rc = train_main(
+                ["--data", str(data_a), "--out", str(tmp_path / "run"), "--epochs", "1", *QUICK, option, value]
+            )
+        except SystemExit as exc:
+            rc = exc.code
+        assert rc == 2
+        assert words in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()
+
+
+def test_library_settings_refuse_non_finite_values():
+    with pytest.raises(FlareSegError, match="rotation --rotation nan"):
+        AugmentConfig(rotation_deg=float("nan"))
+    with pytest.raises(FlareSegError, match=r"scale range --scale 0\.8,inf"):
+        AugmentConfig(scale=(0.8, float("inf")))
+    with pytest.raises(FlareSegError, match="lr=nan"):
+        TrainConfig(data="d", out="o", lr=float("nan"))
+    with pytest.raises(FlareSegError, match="loss weights must be 5 finite numbers"):
+        TrainConfig(data="d", out="o", loss_weights=(1.0, float("nan"), 0.0, 0.0, 0.0))
+    with pytest.raises(FlareSegError, match="final output's loss weight must be > 0"):
+        TrainConfig(data="d", out="o", loss_weights=(0.0, 0.0, 0.0, 0.0, 0.0))
+    with pytest.raises(FlareSegError, match="steps_per_epoch=0"):
+        TrainConfig(data="d", out="o", steps_per_epoch=0)
+    # Configs written when 0 meant "one pass" still load, as that.
+    old = {**TrainConfig(data="d", out="o").to_dict(), "steps_per_epoch": 0}
+    assert TrainConfig.from_dict(old).steps_per_epoch is None
+
+
+def test_a_non_finite_loss_stops_the_run_in_one_line(data_a, tmp_path, capsys):
+    run = tmp_path / "run"
+    capsys.readouterr()
+    argv = ["--data", str(data_a), "--out", str(run), "--epochs", "1", *QUICK, "--lr", "1e30"]
+    assert train_main([*argv, "--steps-per-epoch", "3"]) == 2  # Adam's first step puts weights near 1e30
+    lines = _stderr_lines(capsys)
+    assert len(lines) == 1 and lines[0].startswith("flare-train: error: epoch 1, step 2/3: the training loss is nan")
+    assert not run.exists()  # a new run that never reached a checkpoint leaves nothing
+
+
+def test_a_non_finite_loss_never_replaces_a_good_checkpoint(data_a, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    assert train_main(["--data", str(data_a), "--out", str(run), "--epochs", "1", *QUICK]) == 0
+    good = {name: (run / name).read_bytes() for name in ("last.pt", "best.pt", "log.jsonl")}
+    real = loop.deep_supervision_loss
+    calls = []
+
+    def poisoned(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        loss = real(*args, **kwargs)  # type: ignore[arg-type]
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(loop, "deep_supervision_loss", poisoned)
+    capsys.readouterr()
+    assert train_main(["--resume", str(run), "--epochs", "2", "-q"]) == 2
+    assert _stderr_lines(capsys) == [
+        "flare-train: error: epoch 2, step 2/2: the training loss is nan (not finite); stopped, "
+        "no checkpoint written for this epoch (try a new run with a lower --lr)"
+    ]
+    assert {name: (run / name).read_bytes() for name in good} == good
+
+
+def test_non_finite_weights_are_never_saved():
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3))
+    loop._check_weights(net, 0)
+    with torch.no_grad():
+        net[0].weight[0, 0, 0, 0] = float("inf")
+    with pytest.raises(FlareSegError, match=r"epoch 4: 1 weight tensors hold non-finite values \(0.weight, ...\)"):
+        loop._check_weights(net, 3)
+
+
+# 4. Resuming: RUN_DIR itself, wherever it is now, and the run's own settings.
+
+
+def _trained(data: Path, run: Path) -> Path:
+    assert train_main(["--data", str(data), "--out", str(run), "--epochs", "1", *QUICK]) == 0
+    return run
+
+
+def test_resume_writes_into_the_folder_given_after_a_copy_or_a_move(data_a, tmp_path, monkeypatch):
+    original = _trained(data_a, tmp_path / "runs" / "t1")
+    before = _files(original)
+    copy = tmp_path / "runs" / "r1"
+    shutil.copytree(original, copy)
+    assert train_main(["--resume", str(copy), "--epochs", "2", "-q"]) == 0
+    assert _files(original) == before  # the original run is untouched
+    assert [json.loads(line)["epoch"] for line in (copy / "log.jsonl").read_text().splitlines()] == [1, 2]
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    copy.rename(moved)
+    monkeypatch.chdir(tmp_path / "elsewhere")  # another working directory, a relative RUN_DIR
+    assert train_main(["--resume", "moved", "--epochs", "3", "-q"]) == 0
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["moved"]
+    assert not copy.exists()
+    assert [json.loads(line)["epoch"] for line in (moved / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert json.loads((moved / "config.json").read_text())["data"] == str(data_a)
+
+
+def test_resume_finds_the_data_of_a_run_recorded_with_relative_paths(data_a, tmp_path, monkeypatch):
+    """Configs written before paths were made absolute: data and out relative to the first run's folder."""
+    project = tmp_path / "project"
+    _copy(data_a, project / "data")
+    run = _trained(project / "data", project / "runs" / "old")
+    config = json.loads((run / "config.json").read_text())
+    config.update(data="data", out="runs/old", steps_per_epoch=2)
+    (run / "config.json").write_text(json.dumps(config))
+    moved = project / "runs" / "renamed"
+    run.rename(moved)
+    monkeypatch.chdir(tmp_path)  # not the folder the paths were relative to
+    assert train_main(["--resume", str(moved), "--epochs", "2", "-q"]) == 0
+    assert json.loads((moved / "config.json").read_text())["data"] == str(project / "data")
+    assert not (tmp_path / "runs").exists()
+    # Data that cannot be found: one line that says where it looked and what to do.
+    (project / "data").rename(project / "gone")
+    config["data"] = "data"
+    (moved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FlareSegError, match=r"the run's training data data are not found \(looked in .*--data"):
+        train_main_raw(["--resume", str(moved), "--epochs", "3"])
+    assert train_main(["--resume", str(moved), "--epochs", "3", "--data", str(project / "gone"), "-q"]) == 0
+
+
+def train_main_raw(argv: list[str]) -> int:
+    """The command's body without the error edge, to match the FlareSegError itself."""
+    from flareseg.train.cli import _main, build_parser
+
+    return _main(build_parser().parse_args(argv))
+
+
+def test_resume_refuses_settings_and_data_that_differ_from_the_run(data_a, data_b, tmp_path, capsys):
+    run = _trained(data_a, tmp_path / "run")
+    before = _files(run)
+    capsys.readouterr()
+    assert train_main(["--resume", str(run), "--epochs", "2", "--width", "8", "--lr", "0.1"]) == 2
+    assert _stderr_lines(capsys) == [
+        f"flare-train: error: --resume {run}: --width 8 (the run has 4); --lr 0.1 (the run has 0.001): a resumed "
+        "run keeps its settings (only --epochs, --device, --workers, --cudnn-benchmark may change)"
+    ]
+    assert train_main(["--resume", str(run), "--epochs", "2", "--data", str(data_b)]) == 2
+    assert _stderr_lines(capsys) == [
+        f"flare-train: error: {data_b}: not the data run {run} was trained on (2 training images then, 2 now; "
+        "changed train_001, train_002); start a new run with another --out"
+    ]
+    assert train_main(["--resume", str(run), "--out", str(tmp_path / "other")]) == 2
+    assert "a resumed run writes into its own folder" in capsys.readouterr().err
+    assert _files(run) == before
+    # The same settings given again are no difference; a copy of the data (same files) is the same data.
+    copy = _copy(data_a, tmp_path / "copy")
+    argv = ["--resume", str(run), "--epochs", "2", "--width", "4", "--lr", "1e-3", "--data", str(copy), "-q"]
+    assert train_main(argv) == 0
+
+
+# 5. Errors of the environment: one line, no traceback.
+
+
+def test_an_unusable_out_or_device_is_one_line(data_a, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [
+        (["--out", str(afile)], f"--out {afile}: exists and is not a folder"),
+        (["--out", "/proc/flareseg-test/run"], "--out /proc/flareseg-test/run: cannot create the run folder"),
+        (["--out", str(tmp_path / "r"), "--device", "foo"], "--device foo: expected cpu, cuda or cuda:N"),
+        (["--out", str(tmp_path / "r"), "--device", "cuda:99"], "--device cuda:99: "),
+        (["--out", str(tmp_path / "r"), "--device", "mps"], "--device mps: expected cpu, cuda or cuda:N"),
+    ]
+    for argv, words in cases:
+        capsys.readouterr()
+        assert train_main(["--data", str(data_a), *argv, "--epochs", "1", *QUICK]) == 2
+        lines = _stderr_lines(capsys)
+        assert len(lines) == 1 and lines[0].startswith(f"flare-train: error: {words}"), lines
+    assert afile.read_text() == "x" and not (tmp_path / "r").exists()
+
+
+# 6. Zero never means the default; the default is one full pass.
+
+
+def test_the_default_epoch_is_one_full_pass_over_the_training_slices(data_a, tmp_path):
+    run = tmp_path / "run"
+    argv = ["--data", str(data_a), "--out", str(run), "--epochs", "1", *TINY, "--val-cases", "1", "-q"]
+    assert train_main(argv) == 0
+    record = json.loads((run / "log.jsonl").read_text())
+    assert record["steps"] == 2 * 12 // 2  # two training cases of 12 slices, batches of 2
+    assert json.loads((run / "config.json").read_text())["steps_per_epoch"] is None
+
+
+# 7. A failed run leaves nothing behind.
+
+
+def test_a_failed_run_leaves_no_output(data_a, tmp_path, capsys):
+    run = tmp_path / "runs" / "x1"
+    assert train_main(["--data", str(tmp_path / "nope"), "--out", str(run), "--epochs", "1", *QUICK]) == 2
+    assert not (tmp_path / "runs").exists()
+    # A damaged image found only when its voxels are read (the statistics): the new folder goes too.
+    data = _copy(data_a, tmp_path / "data")
+    image = data / "TrainingImg" / "train_002_0000.nii.gz"
+    image.write_bytes(image.read_bytes()[:-2000])
+    capsys.readouterr()
+    assert train_main(["--data", str(data), "--out", str(run), "--epochs", "1", *QUICK]) == 2
+    lines = _stderr_lines(capsys)
+    assert len(lines) == 1 and lines[0].startswith(f"flare-train: error: {image}: truncated or corrupt voxel data")
+    assert not (tmp_path / "runs").exists()
+    # A folder that was there before is left there, with what it held.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert train_main(["--data", str(data), "--out", str(tmp_path / "mine"), "--epochs", "1", *QUICK]) == 2
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+# 8. Progress bars only on a terminal.
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(data_a, tmp_path, capsys, caplog, monkeypatch):
+    argv = ["--data", str(data_a), "--epochs", "1", *TINY, "--val-cases", "1", "--steps-per-epoch", "2"]
+    with caplog.at_level(logging.INFO, logger="flareseg"):
+        assert train_main([*argv, "--out", str(tmp_path / "run")]) == 0
+    assert any("epoch 1: loss" in r.getMessage() for r in caplog.records)  # not quiet: bars would be allowed
+    err = capsys.readouterr().err
+    assert "\r" not in err and "%|" not in err and "caching slices" not in err
+    # On a terminal they are shown.
+    terminal = io.StringIO()
+    terminal.isatty = lambda: True  # type: ignore[method-assign]
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert train_main([*argv, "--out", str(tmp_path / "tty")]) == 0
+    assert "caching slices" in terminal.getvalue() and "epoch 1/1" in terminal.getvalue()
+
+
+# 9. Unpaired files are errors both ways.
+
+
+def test_a_mask_without_an_image_is_an_error(data_a, tmp_path):
+    data = _copy(data_a, tmp_path / "data")
+    (data / "TrainingImg" / "train_001_0000.nii.gz").rename(data / "TrainingImg" / "train_01_0000.nii.gz")
+    with pytest.raises(FlareSegError, match=r"TrainingImg: no mask in TrainingMask/ for train_01_0000.nii.gz"):
+        find_training_cases(data)
+    (data / "TrainingImg" / "train_01_0000.nii.gz").unlink()
+    with pytest.raises(FlareSegError) as err:
+        find_training_cases(data)
+    assert str(err.value) == f"{data / 'TrainingMask'}: no image in TrainingImg/ for train_001.nii.gz"
+    assert os.path.exists(data / "TrainingMask" / "train_001.nii.gz")
