@@ -25,6 +25,7 @@ from flareseg.train import loop
 from flareseg.train.cli import main as train_main
 from flareseg.train.config import AugmentConfig, TrainConfig
 from flareseg.train.data import dataset_stats, find_training_cases, split_cases
+from flareseg.train.loss import LossWeights
 
 TINY = ["--width", "4", "--size", "32", "--batch-size", "2", "--workers", "0", "--lr", "1e-3"]
 QUICK = [*TINY, "--steps-per-epoch", "2", "--val-cases", "1", "-q"]
@@ -256,6 +257,10 @@ def test_library_settings_refuse_non_finite_values():
         TrainConfig(data="d", out="o", loss_weights=(0.0, 0.0, 0.0, 0.0, 0.0))
     with pytest.raises(FlareSegError, match="steps_per_epoch=0"):
         TrainConfig(data="d", out="o", steps_per_epoch=0)
+    for bad in ((float("nan"), (0.8, 0.7, 0.6, 0.5)), (1.0, (0.8, float("inf"), 0.6, 0.5)), (0.0, (0.0,) * 4)):
+        with pytest.raises(FlareSegError, match="loss weights must be finite, non-negative and not all 0"):
+            LossWeights(final=bad[0], aux=bad[1])  # type: ignore[arg-type]
+    assert LossWeights(final=0.0, aux=(1.0, 0.0, 0.0, 0.0)).aux[0] == 1.0  # the library allows aux-only losses
     # Configs written when 0 meant "one pass" still load, as that.
     old = {**TrainConfig(data="d", out="o").to_dict(), "steps_per_epoch": 0}
     assert TrainConfig.from_dict(old).steps_per_epoch is None

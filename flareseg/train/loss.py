@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch.nn.functional as F
@@ -21,8 +22,12 @@ class LossWeights:
     def __post_init__(self) -> None:
         if len(self.aux) != 4:
             raise FlareSegError(f"LossWeights.aux needs 4 weights (levels 1-4), got {len(self.aux)}")
-        if min(self.final, *self.aux) < 0:
-            raise FlareSegError(f"loss weights must be non-negative, got {self.final}, {self.aux}")
+        weights = (self.final, *self.aux)
+        # not (w >= 0) rather than w < 0: NaN fails it too.
+        if not all(math.isfinite(w) and w >= 0 for w in weights) or not any(w > 0 for w in weights):
+            raise FlareSegError(
+                f"loss weights must be finite, non-negative and not all 0, got {self.final}, {self.aux}"
+            )
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
