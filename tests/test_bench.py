@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -294,3 +296,115 @@ def test_full_width_flops_against_the_paper():
     net = build_training_network()
     gap = PAPER_FLOPS - count_flops(net.train(), 3, (512, 512))
     assert gap == ONE_FULL_RES_CONV_FLOPS + 16 * 512 * 512 * 4
+
+
+# --- arguments: checked before anything is written; a failed run leaves nothing ------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--slices", "0"], ["--repeats", "0"], ["--warmup", "-1"], ["--width", "0"], ["--check", "--slices", "0"]],
+    ids=["slices", "repeats", "warmup", "width", "check-slices"],
+)
+def test_counts_out_of_range_are_refused_not_taken_for_the_default(tmp_path, capsys, argv):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        bench_main([*argv, "-o", str(out), "-q"])
+    assert stop.value.code == 2
+    assert f"argument {argv[-2]}: expected an integer >= " in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_config_refuses_counts_that_once_meant_the_default(tmp_path):
+    from flareseg.bench.check import CheckConfig
+
+    for field, value in (("slices", 0), ("repeats", 0), ("warmup", -1), ("base_width", 0)):
+        with pytest.raises(FlareSegError, match="must be at least"):
+            BenchConfig(out=tmp_path, **{field: value}).resolved()
+    with pytest.raises(FlareSegError, match="--slices must be at least 1, got 0"):
+        CheckConfig(out=tmp_path, slices=0).resolved()
+    cfg = BenchConfig(out=tmp_path, warmup=0, backends=("torch-cpu-fp32",)).resolved()
+    assert cfg.warmup == 0 and cfg.repeats == (20 if torch.cuda.is_available() else 3)  # None: the default
+
+
+def _bad_volume(tmp_path):
+    path = tmp_path / "bad.nii.gz"
+    path.write_bytes(b"\x1f\x8b" + b"not a volume" * 10)
+    return path
+
+
+@pytest.mark.parametrize("check", [False, True], ids=["bench", "check"])
+@pytest.mark.parametrize("case", ["size", "missing-model", "folder-model", "bad-input", "label-map-input", "file-out"])
+def test_bad_arguments_are_one_line_and_leave_nothing(tmp_path, capsys, case, check):
+    from flareseg.phantom import make_phantom
+
+    _, labels = make_phantom((32, 32, 4), (8.0, 8.0, 8.0), seed=0).to_nifti()
+    nib.save(labels, tmp_path / "mask.nii.gz")
+    out = tmp_path / "out"
+    argv, words = {
+        "size": (["--size", "40"], "slice size 40x40 must be positive multiples of 16"),
+        "missing-model": (["--model", str(tmp_path / "absent.pt")], "absent.pt: checkpoint not found"),
+        "folder-model": (["--model", str(tmp_path)], "is a folder; --model takes a checkpoint (.pt) or an ONNX"),
+        "bad-input": (["--input", str(_bad_volume(tmp_path))], "bad.nii.gz: "),
+        "label-map-input": (["--input", str(tmp_path / "mask.nii.gz")], "mask.nii.gz: looks like a label map"),
+        "file-out": ([], "out: exists and is not a folder (-o names the report folder)"),
+    }[case]
+    if case == "file-out":
+        out.write_text("keep me")
+    size = [] if case == "size" else ["--size", "32"]
+    argv = [*(["--check"] if check else []), *argv, "--width", "4", *size, "-o", str(out), "-q"]
+    assert bench_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert out.read_text() == "keep me" if case == "file-out" else not out.exists()
+
+
+def test_a_run_that_fails_removes_the_folders_it_made(tmp_path, monkeypatch, capsys):
+    from flareseg.bench import run as bench_run
+
+    def failing_export(cfg, work):
+        (work / "random-weights.pt").write_bytes(b"half made")
+        raise FlareSegError("the export failed")
+
+    monkeypatch.setattr(bench_run, "prepare_models", failing_export)
+    monkeypatch.setattr(bench_run, "matmul_peaks", lambda cfg: {})
+    argv = ["--width", "4", "--size", "32", "--backends", "torch-cpu-fp32", "-q"]
+    assert bench_main([*argv, "-o", str(tmp_path / "new")]) == 2
+    assert "the export failed" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "report.md").write_text("an earlier report")
+    assert bench_main([*argv, "-o", str(kept)]) == 2
+    assert [p.name for p in kept.iterdir()] == ["report.md"]  # what was there stays; what the run made goes
+
+
+def test_backends_an_onnx_model_alone_can_run(monkeypatch):
+    from flareseg.bench import backends
+
+    cpu = ["torch-cpu-fp32", "onnxruntime-cpu-fp32", "onnxruntime-cpu-int8"]
+    cpu += ["openvino-cpu-fp32", "openvino-cpu-bf16", "openvino-cpu-int8"]
+    monkeypatch.setattr(backends, "available_backends", lambda: list(cpu))
+    assert backends.select_backends(None, None) == (tuple(cpu), {})  # from a checkpoint, every backend runs
+    names, left = backends.select_backends(None, "fp32")
+    assert names == ("onnxruntime-cpu-fp32", "openvino-cpu-fp32", "openvino-cpu-bf16")
+    assert set(left) == {"torch-cpu-fp32", "onnxruntime-cpu-int8", "openvino-cpu-int8"}
+    assert left["onnxruntime-cpu-int8"].startswith("needs an int8 model")
+    names, left = backends.select_backends(None, "int8")  # no backend runs the same model in the same runtime twice
+    assert names == ("onnxruntime-cpu-int8", "openvino-cpu-bf16", "openvino-cpu-int8")
+    assert left["onnxruntime-cpu-fp32"] == "would run the same model in the same runtime as onnxruntime-cpu-int8"
+    names, _ = backends.select_backends(None, "fp16")
+    assert names == ("onnxruntime-cpu-fp32", "openvino-cpu-fp32", "openvino-cpu-bf16")
+    with pytest.raises(FlareSegError, match=r"with an ONNX model \(fp32\) alone: onnxruntime-cpu-int8 needs an int8"):
+        backends.select_backends(("onnxruntime-cpu-fp32", "onnxruntime-cpu-int8"), "fp32")
+    # The precision a run computes in: the coarser of its backend's and its model's.
+    b = ALL_BACKENDS
+    assert backends.run_precision(b["onnxruntime-cpu-fp32"], "int8") == "int8"
+    assert backends.run_precision(b["openvino-cpu-fp32"], "fp16") == "fp16"
+    assert backends.run_precision(b["openvino-cpu-bf16"], "fp32") == "bf16"
+    assert backends.run_precision(b["openvino-cpu-bf16"], "int8") == "int8"
+    assert backends.run_precision(b["onnxruntime-cpu-fp32"], None) == "fp32"
+    assert backends.onnx_reference("int8") == "onnxruntime-cpu-int8"
+    assert backends.onnx_reference("fp16") == backends.onnx_reference("fp32") == "onnxruntime-cpu-fp32"
+    given = {"onnx": Path("m.onnx"), "onnx-int8": Path("m.onnx")}
+    assert model_file(b["openvino-cpu-bf16"], given) == Path("m.onnx")  # a float runtime runs it as it is

@@ -151,9 +151,14 @@ def test_compare_and_verdict_on_hand_made_outputs():
     got = ref.copy()
     got[0, 2, 0, 0] = 5.0  # one voxel of four flips to class 2, difference 5
     f = compare(ref, got)
-    assert f == {"slice_agreement": 0.75, "max_abs_logit_diff": 5.0, "max_rel_logit_diff": 1.25}
+    assert f == {"slice_agreement": 0.75, "max_abs_logit_diff": 5.0, "max_rel_logit_diff": 1.25, "finite": True}
     labels = np.array([[[1, 1], [1, 0]]])  # a labels-output backend: agreement only
-    assert compare(ref, labels) == {"slice_agreement": 0.75, "max_abs_logit_diff": None, "max_rel_logit_diff": None}
+    assert compare(ref, labels) == {
+        "slice_agreement": 0.75,
+        "max_abs_logit_diff": None,
+        "max_rel_logit_diff": None,
+        "finite": True,
+    }
     fp32 = tolerance_for("fp32", "logits")
     assert verdict({"slice_agreement": 1.0, "volume_agreement": 1.0, "max_rel_logit_diff": 1e-5}, fp32) == "PASS"
     assert verdict({"slice_agreement": 1.0, "volume_agreement": 1.0, "max_rel_logit_diff": 2e-4}, fp32) == "FAIL"
@@ -196,3 +201,96 @@ def test_an_int8_export_below_its_agreement_is_a_failed_row_not_a_stopped_check(
     )
     assert row_md in md
     assert "INT8 export: INT8 model agrees" in caplog.text
+
+
+def test_non_finite_logits_fail():
+    """NaN differs from nothing (nan > tolerance is False): a NaN reference or backend must FAIL, never PASS."""
+    ref = np.zeros((1, 3, 2, 2), np.float32)
+    ref[0, 1] = 4.0
+    for bad_ref in (True, False):  # the reference's logits, then the backend's
+        r, g = ref.copy(), ref.copy()
+        (r if bad_ref else g)[0, 0, 0, 0] = np.nan
+        f = compare(r, g)
+        assert f["finite"] is False and f["max_abs_logit_diff"] is None and f["max_rel_logit_diff"] is None
+        row = {**f, "volume_agreement": 1.0}
+        assert verdict(row, tolerance_for("fp32", "logits")) == "FAIL"
+        assert verdict(row, tolerance_for("int8", "logits")) == "FAIL"
+    inf_ref = ref.copy()
+    inf_ref[0, 2, 1, 1] = np.inf
+    assert compare(inf_ref, np.ones((1, 2, 2), np.int64))["finite"] is False  # against a labels-output backend too
+
+
+def _onnx_variant(source: Path, dest: Path, precision: str, weights=None) -> Path:
+    """A copy of an exported fp32 model as another precision says it is (fp16 converted; or NaN weights)."""
+    import dataclasses
+
+    import onnx
+    from onnx import numpy_helper
+
+    from flareseg.export.fp16 import convert_to_fp16
+    from flareseg.export.metadata import embed_in_onnx, read_onnx_metadata
+
+    model = onnx.load(str(source))
+    if precision == "fp16":
+        model = convert_to_fp16(model)
+    if weights is not None:
+        first = next(i for i in model.graph.initializer if numpy_helper.to_array(i).ndim == 4)
+        first.CopyFrom(numpy_helper.from_array(np.full_like(numpy_helper.to_array(first), weights), first.name))
+    embed_in_onnx(model, dataclasses.replace(read_onnx_metadata(source), precision=precision))
+    onnx.save(model, str(dest))
+    return dest
+
+
+def test_an_onnx_model_with_nan_weights_fails_the_check(cpu_check, tmp_path):
+    out, _, _ = cpu_check
+    model = _onnx_variant(out / "models" / "flareseg_fp32.onnx", tmp_path / "nan.onnx", "fp32", weights=np.nan)
+    argv = ["--model", str(model), "--backends", "onnxruntime-cpu-fp32", "--size", "64", "--slices", "2"]
+    code, report = _check([*argv, "-o", str(tmp_path / "out")])
+    assert code == 1 and report["failed"] == ["onnxruntime-cpu-fp32"] and not report["passed"]
+    ref = _row(report, "onnxruntime-cpu-fp32")
+    assert ref["status"] == "FAIL" and ref["finite"] is False and "not finite" in ref["error"]
+    json.loads((tmp_path / "out" / "check.json").read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN
+
+
+def test_an_onnx_model_alone_leaves_out_what_it_cannot_run(cpu_check, tmp_path):
+    """By default, backends needing a model an ONNX file cannot give (INT8, PyTorch) are left out, and said."""
+    out, _, _ = cpu_check
+    argv = ["--model", str(out / "models" / "flareseg_fp32.onnx"), "--size", "64", "--slices", "2"]
+    code, report = _check([*argv, "-o", str(tmp_path)])
+    assert code == 0 and report["passed"], report["rows"]
+    names = {r["backend"] for r in report["rows"]}
+    assert not any(n.endswith("-int8") or n.startswith("torch") for n in names)
+    expected_out = {n for n in available_backends() if n.endswith("-int8") or n.startswith("torch")}
+    assert set(report["left_out"]) == expected_out
+    assert all(r["status"] in ("PASS", "reference") for r in report["rows"])
+    assert "Left out: torch-cpu-fp32 (needs the checkpoint, a .pt file)" in (tmp_path / "check.md").read_text()
+
+
+def test_an_fp16_onnx_model_is_checked_as_fp16(cpu_check, tmp_path):
+    """The precision comes from the model's metadata, and so does the tolerance (not fp32's 1e-4)."""
+    out, _, _ = cpu_check
+    model = _onnx_variant(out / "models" / "flareseg_fp32.onnx", tmp_path / "m_fp16.onnx", "fp16")
+    backends = [b for b in ("onnxruntime-cpu-fp32", "openvino-cpu-fp32") if b in available_backends()]
+    argv = ["--model", str(model), "--backends", ",".join(backends), "--size", "64", "--slices", "2"]
+    code, report = _check([*argv, "-o", str(tmp_path / "out")])
+    assert report["reference"] == "onnxruntime-cpu-fp32" and report["reference_precision"] == "fp16"
+    assert "an ONNX model was given (fp16, by its own metadata)" in report["note"]
+    for row in report["rows"]:
+        assert row["precision"] == "fp16" and row["math"] == "fp16"
+        if row["status"] != "reference":
+            assert row["tolerance"] == tolerance_for("fp16", "logits").describe()
+    assert code == 0, report["rows"]
+    assert "Reference: onnxruntime-cpu-fp32 (fp16)." in (tmp_path / "out" / "check.md").read_text()
+
+
+def test_flare_bench_reports_an_int8_model_as_int8(cpu_check, tmp_path):
+    out, _, _ = cpu_check
+    argv = ["--model", str(out / "models" / "flareseg_int8.onnx"), "--backends", "onnxruntime-cpu-fp32"]
+    argv += ["--batch", "1", "--repeats", "1", "--warmup", "0", "--slices", "2", "--size", "64"]
+    assert bench_main([*argv, "--no-fresh-process", "-o", str(tmp_path), "-q"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["settings"]["onnx_model_precision"] == "int8"
+    assert report["backends"]["onnxruntime-cpu-fp32"]["precision"] == "int8"
+    assert report["volumes"]["results"]["onnxruntime-cpu-fp32"]["precision"] == "int8"
+    assert report["volumes"]["reference"] is None  # no fp32 run exists to agree with
+    assert "| onnxruntime-cpu-fp32 | int8 |" in (tmp_path / "report.md").read_text()

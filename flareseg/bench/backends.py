@@ -4,6 +4,7 @@ the models each needs, and the runner for each.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,93 @@ def available_backends() -> list[str]:
     return names
 
 
+#: How coarse each arithmetic is: a run is as coarse as the coarser of its backend and its model.
+_COARSENESS = {"fp32": 0, "tf32": 1, "fp16": 1, "bf16": 1, "int8": 2}
+
+
+def run_precision(backend: Backend, onnx_precision: str | None) -> str:
+    """The precision ``backend`` runs in: its own, or that of the ONNX model given alone where that is coarser.
+
+    ``onnx_precision``: the given ONNX model's precision, from its own metadata; None when the
+    models are exported here (from a checkpoint or random weights), each in its backend's precision.
+    An ONNX model given alone runs as it is, so ``onnxruntime-cpu-fp32`` runs an INT8 model in INT8.
+    """
+    if onnx_precision is None or backend.kind == "torch":
+        return backend.precision
+    if _COARSENESS.get(onnx_precision, 0) > _COARSENESS.get(backend.precision, 0):
+        return onnx_precision
+    return backend.precision
+
+
+def cannot_run(backend: Backend, onnx_precision: str | None) -> str | None:
+    """Why ``backend`` cannot run with only an ONNX model of ``onnx_precision`` given; None if it can."""
+    if onnx_precision is None:
+        return None  # a checkpoint or random weights: every model is exported here
+    if backend.kind == "torch":
+        return "needs the checkpoint, a .pt file"
+    if backend.precision in ("int8", "fp16") and onnx_precision != backend.precision:
+        flag = "--int8" if backend.precision == "int8" else "--fp16"
+        return f"needs an {backend.precision} model, which flare-export {flag} makes from the checkpoint"
+    return None
+
+
+def check_backends(names: Sequence[str]) -> None:
+    """Refuse unknown backends and backends this machine cannot run."""
+    unknown = [b for b in names if b not in ALL_BACKENDS]
+    if unknown:
+        raise FlareSegError(f"unknown backends {unknown}; known: {', '.join(ALL_BACKENDS)}")
+    missing = [b for b in names if b not in available_backends()]
+    if missing:
+        raise FlareSegError(f"backends not available on this machine: {', '.join(missing)}")
+
+
+def select_backends(
+    requested: Sequence[str] | None, onnx_precision: str | None
+) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The backends to run, and those of this machine left out with the reason for each.
+
+    Asked-for backends must all be able to run (else one line says which cannot, and why).
+    By default every available backend runs, except, with an ONNX model given alone, those
+    it cannot make (see :func:`cannot_run`) and those that would only run the same model in
+    the same runtime again (``onnxruntime-cpu-int8`` is ``onnxruntime-cpu-fp32`` on an INT8 model).
+    """
+    if requested is not None:
+        check_backends(requested)
+        refused = [f"{b} {why}" for b in requested if (why := cannot_run(ALL_BACKENDS[b], onnx_precision))]
+        if refused:
+            raise FlareSegError(f"with an ONNX model ({onnx_precision}) alone: " + "; ".join(refused))
+        return tuple(requested), {}
+    available = available_backends()
+    left_out: dict[str, str] = {}
+    chosen: dict[tuple[str, str, bool], str] = {}
+    for name in available:
+        backend = ALL_BACKENDS[name]
+        why = cannot_run(backend, onnx_precision)
+        if why:
+            left_out[name] = why
+            continue
+        if onnx_precision is None:
+            chosen[(name, "", False)] = name
+            continue
+        # One ONNX model: what tells these backends apart is the runtime, its device and OpenVINO's bf16.
+        key = (backend.kind, backend.device, backend.kind == "openvino" and backend.precision == "bf16")
+        kept = chosen.get(key)
+        if kept is not None and ALL_BACKENDS[kept].precision == onnx_precision:
+            left_out[name] = f"would run the same model in the same runtime as {kept}"
+            continue
+        if kept is not None:
+            left_out[kept] = f"would run the same model in the same runtime as {name}"
+        chosen[key] = name
+    names = [n for n in available if n in chosen.values()]
+    return tuple(names), left_out
+
+
+def onnx_reference(onnx_precision: str) -> str:
+    """The reference of ``flare-bench --check`` with an ONNX model alone: ONNX Runtime on the CPU, running it."""
+    named = f"onnxruntime-cpu-{onnx_precision}"
+    return named if named in ALL_BACKENDS else "onnxruntime-cpu-fp32"
+
+
 def prepare_models(cfg: Any, work: Path) -> dict[str, Path]:
     """Checkpoint, ONNX (fp32, fp16, int8) and engine as the requested backends need them.
 
@@ -104,7 +192,11 @@ def prepare_models(cfg: Any, work: Path) -> dict[str, Path]:
     elif cfg.model.suffix in (".pt", ".pth"):
         models["checkpoint"] = cfg.model
     elif cfg.model.suffix == ".onnx":
-        models["onnx-fp32"] = cfg.model
+        from flareseg.export.metadata import read_onnx_metadata
+
+        # Under its own precision, and as "the given model" that the float runtimes run as it is.
+        models["onnx"] = cfg.model
+        models[f"onnx-{read_onnx_metadata(cfg.model).precision}"] = cfg.model
     else:
         raise FlareSegError(f"{cfg.model}: flare-bench takes a checkpoint (.pt) or an ONNX model")
     needs_onnx = kinds & {"onnxruntime", "openvino", "tensorrt"}
@@ -133,6 +225,8 @@ def prepare_models(cfg: Any, work: Path) -> dict[str, Path]:
     if "tensorrt" in kinds:
         from flareseg.export.tensorrt import build_engine
 
+        if "onnx-fp16" not in models:
+            raise FlareSegError("tensorrt-fp16 needs an fp16 ONNX model to build its engine from")
         models["engine"] = build_engine(models["onnx-fp16"])
     return models
 
@@ -146,6 +240,8 @@ def model_file(backend: Backend, models: dict[str, Path]) -> Path:
         key = "onnx-int8" if backend.precision == "int8" else "onnx-fp32"
     else:
         key = f"onnx-{backend.precision}"
+    if key == "onnx-fp32" and key not in models and "onnx" in models:
+        key = "onnx"  # an ONNX model given alone: the float runtimes run it as it is
     if key not in models:
         raise FlareSegError(f"{backend.name} needs the {key} model, which was not prepared")
     return models[key]

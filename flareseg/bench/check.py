@@ -6,6 +6,10 @@ same slices of one volume (a real CT given with ``--input``, else a phantom) and
 whole volume through flare-infer's pipeline. Each is compared with the PyTorch fp32 CPU
 reference: label agreement over voxels, the largest logit difference where the backend
 returns logits, and pass/fail against the tolerance of its precision (:func:`tolerance_for`).
+With an ONNX model alone, the reference is ONNX Runtime on the CPU running it, and the
+precision (hence the tolerance) is the model's own, from its metadata; backends that need
+a model it cannot give are left out, and the report says which and why. Non-finite logits
+(NaN or infinity, in the reference or a backend) always fail.
 
 Exit status of the command: 0 when every checked backend passes, 1 when one fails its
 tolerance or raises while running (the table is printed and written all the same), 2 for
@@ -18,7 +22,8 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +31,15 @@ import numpy as np
 import torch
 
 from flareseg.atomic import write_text_atomic
-from flareseg.bench.backends import ALL_BACKENDS, Backend, available_backends, make_runner, prepare_models
+from flareseg.bench.backends import (
+    ALL_BACKENDS,
+    Backend,
+    make_runner,
+    onnx_reference,
+    prepare_models,
+    run_precision,
+    select_backends,
+)
 from flareseg.errors import FlareSegError
 from flareseg.export import onnx_export
 
@@ -41,8 +54,9 @@ try:  # the INT8 export's own label-agreement threshold, where the export packag
     from flareseg.export.int8 import DEFAULT_MIN_AGREEMENT as INT8_MIN_AGREEMENT
 except ImportError:
     INT8_MIN_AGREEMENT = 0.99
-#: The references, in order of preference: PyTorch fp32 on the CPU, else (ONNX model only) ONNX Runtime fp32.
-REFERENCES = ("torch-cpu-fp32", "onnxruntime-cpu-fp32")
+#: The reference: PyTorch fp32 on the CPU; with an ONNX model alone, ONNX Runtime on the CPU running it
+#: (:func:`~flareseg.bench.backends.onnx_reference`).
+REFERENCE = "torch-cpu-fp32"
 
 
 @dataclass(frozen=True)
@@ -85,6 +99,10 @@ class CheckConfig:
     size: tuple[int, int] = (512, 512)
     batch: int = 2
     base_width: int = 64
+    #: Set by :meth:`resolved`: the precision of an ONNX model given alone (its metadata's), else None.
+    onnx_precision: str | None = None
+    #: Set by :meth:`resolved`: backends of this machine not checked, with the reason for each.
+    left_out: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def batches(self) -> tuple[int, ...]:
@@ -92,16 +110,31 @@ class CheckConfig:
         return (self.batch,)
 
     def resolved(self) -> CheckConfig:
-        backends = self.backends
-        if backends is None:
-            backends = tuple(available_backends())
-            if self.model is not None and self.model.suffix == ".onnx":
-                backends = tuple(b for b in backends if ALL_BACKENDS[b].kind != "torch")
+        """Defaults filled in and every argument checked: nothing is written until this has passed."""
+        from flareseg.bench.inputs import check_input_volume, check_model, check_report_folder
+        from flareseg.bench.run import check_counts
+        from flareseg.checkpoint import check_slice_size
+
         if self.batch < 1:
             raise FlareSegError(f"batch must be positive, got {self.batch}")
+        check_counts(slices=self.slices, base_width=self.base_width)
+        size = check_slice_size(self.size)
+        check_report_folder(self.out)
+        onnx_precision = check_model(self.model)
+        backends, left_out = select_backends(self.backends, onnx_precision)
+        check_input_volume(self.input, series=False)
         return dataclasses.replace(
-            self, backends=backends, slices=self.slices or (32 if torch.cuda.is_available() else 8)
+            self,
+            size=size,
+            backends=backends,
+            slices=self.slices if self.slices is not None else (32 if torch.cuda.is_available() else 8),
+            onnx_precision=onnx_precision,
+            left_out=left_out,
         )
+
+    @property
+    def reference(self) -> str:
+        return REFERENCE if self.onnx_precision is None else onnx_reference(self.onnx_precision)
 
 
 def _phantom(cfg: CheckConfig, work: Path) -> Path:
@@ -160,18 +193,25 @@ def run_slices(runner: Any, slices: np.ndarray, batch: int) -> tuple[np.ndarray,
     return np.concatenate(outputs), seconds / len(slices)
 
 
-def compare(reference: np.ndarray, got: np.ndarray) -> dict[str, float | None]:
-    """Label agreement over voxels, and where both are logits, max |difference| (absolute, relative)."""
+def compare(reference: np.ndarray, got: np.ndarray) -> dict[str, float | bool | None]:
+    """Label agreement over voxels; whether every logit of both is finite; and where both are finite logits,
+    max |difference| (absolute, relative).
+
+    NaN compares as no difference at all, so non-finite logits get no difference figure (``finite`` False),
+    which :func:`verdict` fails.
+    """
     ref_labels = reference.argmax(axis=1) if reference.ndim == 4 else reference
     got_labels = got.argmax(axis=1) if got.ndim == 4 else got
     if ref_labels.shape != got_labels.shape:
         raise FlareSegError(f"output shapes differ: {got_labels.shape} against the reference's {ref_labels.shape}")
-    figures: dict[str, float | None] = {
+    finite = all(bool(np.isfinite(a).all()) for a in (reference, got) if a.dtype.kind == "f")
+    figures: dict[str, float | bool | None] = {
         "slice_agreement": float(np.mean(ref_labels == got_labels.astype(ref_labels.dtype))),
         "max_abs_logit_diff": None,
         "max_rel_logit_diff": None,
+        "finite": finite,
     }
-    if reference.ndim == 4 and got.ndim == 4:
+    if reference.ndim == 4 and got.ndim == 4 and finite:
         diff = float(np.max(np.abs(got.astype(np.float32) - reference)))
         figures["max_abs_logit_diff"] = diff
         figures["max_rel_logit_diff"] = diff / (float(np.max(np.abs(reference))) or 1.0)
@@ -179,7 +219,9 @@ def compare(reference: np.ndarray, got: np.ndarray) -> dict[str, float | None]:
 
 
 def verdict(row: dict[str, Any], tol: Tolerance) -> str:
-    """PASS or FAIL of one compared backend against its tolerance."""
+    """PASS or FAIL of one compared backend against its tolerance; non-finite logits always FAIL."""
+    if row.get("finite") is False:
+        return "FAIL"
     agreements = [row[k] for k in ("slice_agreement", "volume_agreement") if row.get(k) is not None]
     ok = bool(agreements) and min(agreements) >= tol.min_agreement
     rel = row.get("max_rel_logit_diff")
@@ -229,11 +271,13 @@ def _run_backend(
             slices = check_slices(volume, runner.info.normalization)
         outputs, per_slice = run_slices(runner, slices, cfg.batch)
         output_kind = runner.output_kind
-    timing = segment_volume(backend, models, cfg.batch, volume, cfg.out / "pred" / f"{backend.name}.nii.gz")
+    precision = run_precision(backend, cfg.onnx_precision)
+    out = cfg.out / "pred" / f"{backend.name}.nii.gz"
+    timing = segment_volume(backend, models, cfg.batch, volume, out, precision)
     row = {
         "backend": backend.name,
-        "precision": backend.precision,
-        "math": convolution_math(torch.device(backend.device), backend.precision, backend.kind),
+        "precision": precision,
+        "math": convolution_math(torch.device(backend.device), precision, backend.kind),
         "output_kind": output_kind,
         "slice_s": per_slice,
         "volume_slices": timing["slices"],
@@ -247,52 +291,43 @@ def _run_backend(
 def run_check(config: CheckConfig) -> dict[str, Any]:
     """Every backend against the reference: the rows of the table and whether all passed."""
     from flareseg.bench.measure import label_map, voxel_agreement
-    from flareseg.bench.run import check_backends, machine_section
+    from flareseg.bench.run import machine_section
 
     cfg = config.resolved()
     assert cfg.backends is not None
-    check_backends(cfg.backends)
-    if cfg.input is not None and not cfg.input.is_file():
-        raise FlareSegError(f"{cfg.input}: input volume not found")
     work = cfg.out / "models"
     work.mkdir(parents=True, exist_ok=True)
-    onnx_only = cfg.model is not None and cfg.model.suffix == ".onnx"
-    ref_name = REFERENCES[1] if onnx_only else REFERENCES[0]
+    ref_name = cfg.reference
     # The reference runs even when not asked for: prepare its model with the others'.
     models, export_failures = _prepare_models(
         dataclasses.replace(cfg, backends=tuple(dict.fromkeys((*cfg.backends, ref_name)))), work
     )
     note = (
-        "PyTorch reference missing: an ONNX model was given, so backends are compared with ONNX Runtime fp32 on "
-        "the CPU; pass the checkpoint (.pt) to check against PyTorch"
-        if onnx_only
+        f"PyTorch reference missing: an ONNX model was given ({cfg.onnx_precision}, by its own metadata), so "
+        f"backends are compared with {ref_name} running it, within the tolerance of its precision; pass the "
+        "checkpoint (.pt) to check against PyTorch"
+        if cfg.onnx_precision is not None
         else None
     )
     volume = cfg.input or _phantom(cfg, work)
     t0 = time.perf_counter()
     ref_row, ref_out, slices = _run_backend(ALL_BACKENDS[ref_name], models, cfg, volume, None)
     ref_labels = label_map(ref_row["output"])
+    ref_entry = {**ref_row, "status": "reference", "slice_agreement": 1.0, "volume_agreement": 1.0}
+    if ref_out.dtype.kind == "f" and not np.isfinite(ref_out).all():  # nothing can be checked against NaN
+        log.error("%s: the reference's logits are not finite (NaN or infinity)", ref_name)
+        ref_entry.update(status="FAIL", finite=False, error="its logits are not finite (NaN or infinity)")
     rows: list[dict[str, Any]] = []
     for name in cfg.backends:
         backend = ALL_BACKENDS[name]
         if name == ref_name:
-            rows.append({**ref_row, "status": "reference", "slice_agreement": 1.0, "volume_agreement": 1.0})
+            rows.append(ref_entry)
             continue
         if name in export_failures:  # its model could not be made within its tolerance: that is its verdict
             rows.append({"backend": name, "precision": backend.precision, **export_failures[name]})
             continue
         try:
             row, out, _ = _run_backend(backend, models, cfg, volume, slices)
-        except KeyError as exc:  # prepare_models made no model for it: only possible from an ONNX model
-            rows.append(
-                {
-                    "backend": name,
-                    "precision": backend.precision,
-                    "status": "SKIPPED",
-                    "error": f"no {exc} model: needs the checkpoint (.pt) to export one",
-                }
-            )
-            continue
         except FlareSegError as exc:
             log.error("%s: %s", name, exc)
             rows.append({"backend": name, "precision": backend.precision, "status": "ERROR", "error": str(exc)})
@@ -305,7 +340,7 @@ def run_check(config: CheckConfig) -> dict[str, Any]:
         rows.append(row)
         log.info("%s: %s", name, row["status"])
     if ref_name not in cfg.backends:
-        rows.insert(0, {**ref_row, "status": "reference", "slice_agreement": 1.0, "volume_agreement": 1.0})
+        rows.insert(0, ref_entry)
     failed = [r["backend"] for r in rows if r["status"] in ("FAIL", "ERROR")]
     return {
         "machine": machine_section(),
@@ -315,7 +350,9 @@ def run_check(config: CheckConfig) -> dict[str, Any]:
         "slice_size": list(slices.shape[1:]),
         "batch": cfg.batch,
         "reference": ref_name,
+        "reference_precision": ref_row["precision"],
         "note": note,
+        "left_out": dict(cfg.left_out),
         "tolerances": {m: tolerance_for(m, "logits").describe() for m in ("fp32", "tf32", "fp16", "bf16", "int8")},
         "rows": rows,
         "failed": failed,
@@ -325,6 +362,8 @@ def run_check(config: CheckConfig) -> dict[str, Any]:
 
 
 def _logit_diff(row: dict[str, Any]) -> str:
+    if row.get("finite") is False:
+        return "not finite (NaN or infinity)"
     if row.get("max_abs_logit_diff") is None:
         return "n/a (labels)" if row.get("output_kind") == "labels" else "n/a"
     return f"{row['max_abs_logit_diff']:.2e} ({row['max_rel_logit_diff']:.1e} rel.)"
@@ -340,10 +379,12 @@ def markdown(report: dict[str, Any], command: str) -> str:
         machine_line(report["machine"]),
         f"Model: {report['model']}. Input: `{report['input']}`, slices {report['slice_indices']} compared logit by "
         f"logit, the whole volume by labels (after post-processing), batch {report['batch']}.",
-        f"Reference: {report['reference']}.",
+        f"Reference: {report['reference']} ({report.get('reference_precision', 'fp32')}).",
     ]
     if report["note"]:
         lines.append(f"Note: {report['note']}.")
+    if report.get("left_out"):
+        lines.append("Left out: " + "; ".join(f"{name} ({why})" for name, why in report["left_out"].items()) + ".")
     lines += [
         "",
         "| backend | precision | math | agreement, slices (%) | agreement, volume (%) | max logit diff "

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from flareseg.cli import add_common_arguments, int_list, run_command, slice_size
+from flareseg.cli import add_common_arguments, int_list, non_negative_int, positive_int, run_command, slice_size
 from flareseg.errors import FlareSegError
 
 
@@ -25,12 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--backends", type=lambda s: tuple(s.split(",")), help="comma-separated, from: " + ", ".join(ALL_BACKENDS)
     )
     p.add_argument("--batch", type=int_list, help="batch sizes (default 1,2,4 on CPU; 1..32 on GPU)")
-    p.add_argument("--slices", type=int, help="slices of the phantom volume (default 8 on CPU, 64 on GPU)")
+    p.add_argument("--slices", type=positive_int, help="slices of the phantom volume (default 8 on CPU, 64 on GPU)")
     p.add_argument("--input", type=Path, help="a CT volume to time instead of the phantom")
     p.add_argument("--size", type=slice_size, default=(512, 512), help="slice size (default 512)")
-    p.add_argument("--repeats", type=int, help="timed runs per batch size (default 3 on CPU, 20 on GPU)")
-    p.add_argument("--warmup", type=int, help="untimed runs first (default 1 on CPU, 5 on GPU)")
-    p.add_argument("--width", type=int, default=64, help="base width of the random-weight network (default 64)")
+    p.add_argument("--repeats", type=positive_int, help="timed runs per batch size (default 3 on CPU, 20 on GPU)")
+    p.add_argument("--warmup", type=non_negative_int, help="untimed runs first (default 1 on CPU, 5 on GPU)")
+    p.add_argument(
+        "--width", type=positive_int, default=64, help="base width of the random-weight network (default 64)"
+    )
     p.add_argument("--no-fresh-process", action="store_true", help="skip the FLARE21-style fresh-process timing")
     p.add_argument(
         "--check",
@@ -49,6 +51,7 @@ def _command(args: argparse.Namespace) -> str:
 
 def _check(args: argparse.Namespace) -> int:
     from flareseg.bench.check import CheckConfig, run_check, write_check
+    from flareseg.bench.inputs import removed_on_failure
 
     if args.batch is not None and len(args.batch) != 1:
         raise FlareSegError(f"--check runs one batch size, got --batch {','.join(map(str, args.batch))}")
@@ -62,8 +65,9 @@ def _check(args: argparse.Namespace) -> int:
         batch=args.batch[0] if args.batch else 2,
         base_width=args.width,
     )
-    report = run_check(config)
-    paths = write_check(report, args.out, _command(args))
+    with removed_on_failure(args.out):
+        report = run_check(config)
+        paths = write_check(report, args.out, _command(args))
     print(paths["markdown"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0 if report["passed"] else 1
@@ -72,6 +76,7 @@ def _check(args: argparse.Namespace) -> int:
 def _main(args: argparse.Namespace) -> int:
     if args.check:
         return _check(args)
+    from flareseg.bench.inputs import removed_on_failure
     from flareseg.bench.report import write_report
     from flareseg.bench.run import BenchConfig, run_benchmark
 
@@ -88,8 +93,9 @@ def _main(args: argparse.Namespace) -> int:
         fresh_process=not args.no_fresh_process,
         base_width=args.width,
     )
-    report = run_benchmark(config)
-    paths = write_report(report, args.out, _command(args))
+    with removed_on_failure(args.out):
+        report = run_benchmark(config)
+        paths = write_report(report, args.out, _command(args))
     print(paths["markdown"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -269,8 +269,16 @@ def markdown(report: dict[str, Any], command: str) -> str:
         machine_line(m),
         "Software: " + ", ".join(f"{k} {v}" for k, v in sorted(m["versions"].items())),
     ]
-    if report["settings"].get("note"):
-        lines.append(f"Note: {report['settings']['note']}.")
+    settings = report["settings"]
+    if settings.get("note"):
+        lines.append(f"Note: {settings['note']}.")
+    if settings.get("onnx_model_precision"):
+        lines.append(
+            f"Model: an {settings['onnx_model_precision']} ONNX model (by its own metadata); every backend runs it "
+            "as it is, so a backend's precision is the coarser of its own and the model's."
+        )
+    if settings.get("left_out"):
+        lines.append("Left out: " + "; ".join(f"{name} ({why})" for name, why in settings["left_out"].items()) + ".")
     lines += ["", "## Model", "", *_model_lines(report["model"])]
     lines += ["", "## Latency and throughput", "", *_latency_lines(report)]
     lines += _side_by_side_lines(report)

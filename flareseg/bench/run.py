@@ -18,8 +18,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,11 @@ import torch
 from flareseg.bench.backends import (
     ALL_BACKENDS,
     Backend,
-    available_backends,
     fresh_process_args,
     make_runner,
     prepare_models,
+    run_precision,
+    select_backends,
 )
 from flareseg.errors import FlareSegError
 from flareseg.network import PAPER_PARAMETERS_REPORTED, build_deploy_network, count_parameters
@@ -66,18 +67,65 @@ class BenchConfig:
     repeats: int | None = None
     fresh_process: bool = True
     base_width: int = 64
+    #: Set by :meth:`resolved`: the precision of an ONNX model given alone (its metadata's), else None.
+    onnx_precision: str | None = None
+    #: Set by :meth:`resolved`: backends of this machine not run, with the reason for each.
+    left_out: Mapping[str, str] = field(default_factory=dict)
 
     def resolved(self) -> BenchConfig:
-        """Defaults that fit the machine: a few minutes on a 2-core CPU, thorough on a GPU."""
+        """Defaults that fit the machine (a few minutes on a 2-core CPU, thorough on a GPU), every argument checked.
+
+        None means the default; a count out of range is refused, never taken for the default.
+        Nothing is written until this has passed.
+        """
+        from flareseg.bench.inputs import check_input_volume, check_model, check_report_folder
+        from flareseg.checkpoint import check_slice_size
+
+        check_counts(
+            slices=self.slices,
+            warmup=self.warmup,
+            repeats=self.repeats,
+            base_width=self.base_width,
+            batches=self.batches,
+        )
+        size = check_slice_size(self.size)
+        check_report_folder(self.out)
+        onnx_precision = check_model(self.model)
+        backends, left_out = select_backends(self.backends, onnx_precision)
+        check_input_volume(self.input, series=True)
         gpu = torch.cuda.is_available()
         return dataclasses.replace(
             self,
-            backends=self.backends or tuple(available_backends()),
+            size=size,
+            backends=backends,
             batches=self.batches or ((1, 2, 4, 8, 16, 32) if gpu else (1, 2, 4)),
-            slices=self.slices or (64 if gpu else 8),
+            slices=self.slices if self.slices is not None else (64 if gpu else 8),
             warmup=self.warmup if self.warmup is not None else (5 if gpu else 1),
-            repeats=self.repeats or (20 if gpu else 3),
+            repeats=self.repeats if self.repeats is not None else (20 if gpu else 3),
+            onnx_precision=onnx_precision,
+            left_out=left_out,
         )
+
+
+def check_counts(
+    *,
+    slices: int | None = None,
+    warmup: int | None = None,
+    repeats: int | None = None,
+    base_width: int | None = None,
+    batches: Sequence[int] | None = None,
+) -> None:
+    """Refuse counts out of range (None: the default, not checked here)."""
+    for name, value, least in (
+        ("--slices", slices, 1),
+        ("--warmup", warmup, 0),
+        ("--repeats", repeats, 1),
+        ("--width", base_width, 1),
+    ):
+        if value is not None and value < least:
+            raise FlareSegError(f"{name} must be at least {least}, got {value}")
+    if batches is not None and (not batches or min(batches) < 1):
+        raise FlareSegError(f"--batch takes positive batch sizes, got {','.join(map(str, batches)) or 'none'}")
 
 
 def _bare_session_run(runner: Any, inputs: Sequence[torch.Tensor], cfg: BenchConfig) -> dict[str, Any]:
@@ -118,21 +166,10 @@ def _volume(cfg: BenchConfig, work: Path) -> Path:
     return path
 
 
-def check_backends(names: Sequence[str]) -> None:
-    """Refuse unknown backends and backends this machine cannot run."""
-    unknown = [b for b in names if b not in ALL_BACKENDS]
-    if unknown:
-        raise FlareSegError(f"unknown backends {unknown}; known: {', '.join(ALL_BACKENDS)}")
-    missing = [b for b in names if b not in available_backends()]
-    if missing:
-        raise FlareSegError(f"backends not available on this machine: {', '.join(missing)}")
-
-
 def run_benchmark(config: BenchConfig) -> dict[str, Any]:
     """Every figure of the report, as a JSON-serialisable dictionary: one section function each."""
     cfg = config.resolved()
     assert cfg.backends is not None
-    check_backends(cfg.backends)
     work = cfg.out / "models"
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -156,16 +193,16 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
     return report
 
 
-def _peak_math(backend: Backend) -> str:
+def _peak_math(backend: Backend, onnx_precision: str | None = None) -> str:
     """The arithmetic of the peak a backend is compared with (fp32, tf32, fp16, ...)."""
     from flareseg.bench.measure import convolution_math
 
-    return convolution_math(torch.device(backend.device), backend.precision, backend.kind)
+    return convolution_math(torch.device(backend.device), run_precision(backend, onnx_precision), backend.kind)
 
 
-def peak_key(backend: Backend) -> str:
+def peak_key(backend: Backend, onnx_precision: str | None = None) -> str:
     """Which measured matrix-product peak a backend's rate is compared with: device and arithmetic."""
-    return f"{backend.device}-{_peak_math(backend)}"
+    return f"{backend.device}-{_peak_math(backend, onnx_precision)}"
 
 
 def matmul_peaks(cfg: BenchConfig) -> dict[str, float]:
@@ -182,7 +219,7 @@ def matmul_peaks(cfg: BenchConfig) -> dict[str, float]:
     dtypes = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     for name in cfg.backends:
         b = ALL_BACKENDS[name]
-        key, math = peak_key(b), _peak_math(b)
+        key, math = peak_key(b, cfg.onnx_precision), _peak_math(b, cfg.onnx_precision)
         if key in peaks or math not in dtypes or (b.device == "cpu" and math != "fp32"):
             continue
         peaks[key] = matmul_peak_flops(torch.device(b.device), dtypes[math], tf32=math == "tf32")
@@ -213,6 +250,8 @@ def settings_section(cfg: BenchConfig) -> dict[str, Any]:
         "repeats": cfg.repeats,
         "slice_size": list(cfg.size),
         "random_weights": cfg.model is None,
+        "onnx_model_precision": cfg.onnx_precision,
+        "left_out": dict(cfg.left_out),
         "note": None
         if torch.cuda.is_available()
         else f"CPU machine: {cfg.repeats} timed repeats per batch size and a {cfg.slices}-slice volume "
@@ -277,7 +316,8 @@ def latency_section(
     results: dict[str, Any] = {}
     for name in cfg.backends:
         b = ALL_BACKENDS[name]
-        entry: dict[str, Any] = {"precision": b.precision, "device": b.device, "batches": []}
+        precision = run_precision(b, cfg.onnx_precision)
+        entry: dict[str, Any] = {"precision": precision, "device": b.device, "batches": []}
         cuda = b.device == "cuda"
         runner: Any = None
         inputs: list[torch.Tensor] = []
@@ -313,8 +353,9 @@ def latency_section(
             if flops_slice:
                 achieved = 2.0 * flops_slice / row["slice_median_s"]
                 row["achieved_flops"] = achieved
-                peak = peaks.get(peak_key(b))
-                row["matmul_peak_key"] = peak_key(b)
+                key = peak_key(b, cfg.onnx_precision)
+                peak = peaks.get(key)
+                row["matmul_peak_key"] = key
                 row["fraction_of_matmul_peak"] = achieved / peak if peak else None
             if bare is not None:
                 row["bare_session_run"] = bare
@@ -328,8 +369,13 @@ def latency_section(
     return results
 
 
-def segment_volume(backend: Backend, models: dict[str, Path], batch: int, volume: Path, out: Path) -> dict[str, Any]:
-    """One whole volume through flare-infer's pipeline in this process: stage times, memory (NVML on CUDA)."""
+def segment_volume(
+    backend: Backend, models: dict[str, Path], batch: int, volume: Path, out: Path, precision: str | None = None
+) -> dict[str, Any]:
+    """One whole volume through flare-infer's pipeline in this process: stage times, memory (NVML on CUDA).
+
+    ``precision``: what the run computes in, where not the backend's own (an ONNX model given alone).
+    """
     from flareseg.bench.measure import NvmlSampler
     from flareseg.runtime.pipeline import segment_file
 
@@ -343,7 +389,7 @@ def segment_volume(backend: Backend, models: dict[str, Path], batch: int, volume
             timing = segment_file(runner, volume, out, batch_size=batch)
     row = timing.to_dict()
     row["batch"] = batch
-    row["precision"] = backend.precision
+    row["precision"] = precision or backend.precision
     allocator = _allocator_figure(backend, timing.peak_gpu_allocated_mb)
     if "peak_allocated_note" in allocator:
         row["peak_gpu_allocated_mb"] = None
@@ -356,13 +402,18 @@ def segment_volume(backend: Backend, models: dict[str, Path], batch: int, volume
 def _reference_volume(
     cfg: BenchConfig, models: dict[str, Path], results: dict[str, Any], volume: Path
 ) -> tuple[str, Path, dict[str, Any] | None] | None:
-    """The fp32 reference labels of the volume: from a run already made, or from one made now."""
+    """The fp32 reference labels of the volume: from a run already made, or from one made now.
+
+    None when no fp32 run is possible (an fp16 or INT8 ONNX model given alone) or needed.
+    """
     for name in REFERENCE_BACKENDS:
-        if name in results:
+        if name in results and results[name]["precision"] == "fp32":
             return name, Path(results[name]["output"]), None
-    if all(ALL_BACKENDS[n].precision == "fp32" for n in results):
+    if all(r["precision"] == "fp32" for r in results.values()):
         return None  # nothing needs it
     for name in REFERENCE_BACKENDS:
+        if run_precision(ALL_BACKENDS[name], cfg.onnx_precision) != "fp32":
+            continue  # it would run the given fp16 or INT8 model: no fp32 reference
         out = cfg.out / "pred" / f"reference-{name}.nii.gz"
         try:
             row = segment_volume(ALL_BACKENDS[name], models, 1, volume, out)
@@ -383,7 +434,9 @@ def volume_section(cfg: BenchConfig, models: dict[str, Path], latency: dict[str,
         if "best" not in entry:
             continue
         batch = entry["best"]["batch"]
-        row = segment_volume(ALL_BACKENDS[name], models, batch, volume, cfg.out / "pred" / f"{name}.nii.gz")
+        b = ALL_BACKENDS[name]
+        out = cfg.out / "pred" / f"{name}.nii.gz"
+        row = segment_volume(b, models, batch, volume, out, run_precision(b, cfg.onnx_precision))
         bare = entry["best"].get("bare_session_run")
         per_slice = bare["slice_median_s"] if bare else entry["best"]["slice_median_s"]
         row["slices_times_per_slice_s"] = row["slices"] * per_slice

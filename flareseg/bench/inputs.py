@@ -1,0 +1,94 @@
+"""flare-bench's arguments, checked before anything is written, and the folders a failed run leaves behind.
+
+A run that is refused spends seconds, not the minutes of an export, and a run that
+fails removes the folders it made, so no half-made report folder is taken for a result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from flareseg.atomic import check_writable
+from flareseg.errors import FlareSegError
+
+log = logging.getLogger(__name__)
+
+#: What a run writes inside its report folder, besides the report files themselves.
+RUN_FOLDERS = ("models", "pred")
+
+
+def check_report_folder(out: Path) -> None:
+    """Refuse a report folder that is a file, or that could not be made or written."""
+    if out.exists() and not out.is_dir():
+        raise FlareSegError(f"{out}: exists and is not a folder (-o names the report folder)")
+    if not out.exists():
+        check_writable(out)
+    elif not os.access(out, os.W_OK | os.X_OK):
+        raise FlareSegError(f"{out}: cannot write in it (permission denied or read-only)")
+
+
+def check_model(model: Path | None) -> str | None:
+    """Refuse a ``--model`` that cannot be used; the precision of an ONNX model given alone (its metadata's).
+
+    None for a checkpoint or for no model (random weights): every model is then exported here.
+    """
+    if model is None:
+        return None
+    if model.is_dir():
+        raise FlareSegError(f"{model}: is a folder; --model takes a checkpoint (.pt) or an ONNX model (.onnx)")
+    if model.suffix == ".onnx":
+        from flareseg.export.metadata import read_onnx_metadata
+
+        return read_onnx_metadata(model).precision
+    if model.suffix in (".pt", ".pth"):
+        from flareseg.export.inputs import load_checked_model
+
+        load_checked_model(model)
+        return None
+    if not model.exists():
+        raise FlareSegError(f"{model}: model not found")
+    raise FlareSegError(f"{model}: flare-bench takes a checkpoint (.pt) or an ONNX model (.onnx)")
+
+
+def check_input_volume(path: Path | None, *, series: bool) -> None:
+    """Read ``--input`` once, so that a bad volume is refused before any export (``series``: a DICOM folder too)."""
+    if path is None:
+        return
+    if not path.exists():
+        raise FlareSegError(f"{path}: input volume not found")
+    if path.is_dir() and not series:
+        raise FlareSegError(f"{path}: is a folder; --input takes a CT NIfTI file here")
+    from flareseg.export.inputs import check_not_label_map
+    from flareseg.runtime.reading import read_case
+
+    check_not_label_map(read_case(path).hu(), path, "--input")
+
+
+@contextmanager
+def removed_on_failure(out: Path) -> Iterator[None]:
+    """Remove, if the block raises, what the block made: the report folder, or the run folders inside it.
+
+    Folders that were there before stay, with what they held.
+    """
+    if not out.exists():
+        made = [out]
+    elif out.is_dir():
+        made = [out / name for name in RUN_FOLDERS if not (out / name).exists()]
+    else:
+        made = []  # a file in the way: the run is refused before it writes anything
+    try:
+        yield
+    except BaseException:
+        for path in made:
+            try:
+                shutil.rmtree(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # a folder that cannot go is left, and said
+                log.warning("could not remove %s after the failure: %s", path, exc)
+        raise
