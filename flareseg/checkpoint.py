@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,16 +121,46 @@ def save_checkpoint(
     return path
 
 
+def checkpoint_file_problem(path: Path) -> str | None:
+    """What is wrong with ``path`` as a ``torch.save`` zip archive, its members' checksums included; None if nothing.
+
+    torch.load reports a cut-short file as a long internal error, and reads past a flipped
+    byte in the weights without noticing; the archive's own checks say both plainly.
+    """
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if not magic:
+            return "the checkpoint file is empty"
+        if magic != b"PK\x03\x04":  # flare-train's torch.save always writes a zip archive
+            return "not a flareseg checkpoint (not a torch.save zip archive)"
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except zipfile.BadZipFile:
+        return "truncated or damaged checkpoint (its zip archive is incomplete)"
+    except (OSError, EOFError, zipfile.LargeZipFile) as exc:
+        return f"cannot read the checkpoint ({type(exc).__name__}: {exc})"
+    if damaged is not None:
+        member = damaged.split("/", 1)[-1]  # torch.save puts every member under one folder named after the file
+        return f"damaged checkpoint (its member {member} fails its checksum)"
+    return None
+
+
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load and validate a checkpoint's dictionary (weights on the CPU)."""
     path = Path(path)
+    if path.is_dir():
+        raise FlareSegError(f"{path}: is a folder, not a checkpoint file")
     if not path.is_file():
         raise FlareSegError(f"{path}: checkpoint not found")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise FlareSegError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {first})") from None
+    except Exception as exc:  # torch raises many types for a bad file; the archive says why in plain words
+        problem = checkpoint_file_problem(path)
+        if problem is None:
+            first = (str(exc).strip().splitlines() or [""])[0][:120]
+            problem = f"not a readable checkpoint ({type(exc).__name__}: {first})"
+        raise FlareSegError(f"{path}: {problem}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise FlareSegError(f"{path}: not a flareseg checkpoint")
     if payload.get("format_version") != FORMAT_VERSION:

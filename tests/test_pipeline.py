@@ -574,3 +574,30 @@ def test_an_explicit_output_needs_no_case_name(trained_checkpoint, tmp_path):
     ct = _folder(tmp_path / "in", 1)[0].rename(tmp_path / "in" / "_0000.nii.gz")
     argv = ["--model", str(trained_checkpoint), "-i", str(ct), "-o", str(tmp_path / "result.nii.gz"), "-q"]
     assert infer_main(argv) == 0 and (tmp_path / "result.nii.gz").is_file()
+
+
+def test_a_damaged_checkpoint_is_one_short_line_naming_the_problem(tmp_path, capsys):
+    from flareseg.checkpoint import ModelInfo, save_checkpoint
+    from flareseg.network import NetworkConfig, build_training_network
+    from flareseg.preprocess import NormalizationStats
+
+    net = build_training_network(NetworkConfig(base_width=4))
+    good = save_checkpoint(tmp_path / "good.pt", net, ModelInfo(net.config, NormalizationStats(0.0, 1.0), (32, 32)))
+    data = good.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    (tmp_path / "run").mkdir()
+    (ct,) = _folder(tmp_path / "in", 1)
+    expected = {
+        "cut.pt": "truncated or damaged checkpoint (its zip archive is incomplete)",
+        "empty.pt": "the checkpoint file is empty",
+        "notes.pt": "not a flareseg checkpoint (not a torch.save zip archive)",
+        "run": "is a folder, not a model file",
+    }
+    for name, problem in expected.items():
+        argv = ["--model", str(tmp_path / name), "--backend", "torch", "-i", str(ct), "-o", str(tmp_path / "o.nii.gz")]
+        assert infer_main([*argv, "-q"]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line == f"flare-infer: error: {tmp_path / name}: {problem}"
+    assert not (tmp_path / "o.nii.gz").exists()

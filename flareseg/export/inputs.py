@@ -7,13 +7,12 @@ seconds, not the minutes of an export, and leaves nothing behind.
 from __future__ import annotations
 
 import os
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from flareseg.checkpoint import ModelInfo, load_model
+from flareseg.checkpoint import ModelInfo, checkpoint_file_problem, load_model
 from flareseg.errors import FlareSegError
 from flareseg.labels import NUM_CLASSES
 from flareseg.network import FlareUNet
@@ -35,22 +34,9 @@ def check_checkpoint_file(path: str | os.PathLike[str]) -> Path:
         raise FlareSegError(f"{path}: is a folder, not a checkpoint file; give the .pt file{hint}")
     if not path.is_file():
         raise FlareSegError(f"{path}: checkpoint not found")
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-        if not magic:
-            raise FlareSegError(f"{path}: the checkpoint file is empty")
-        if magic != b"PK\x03\x04":  # flare-train's torch.save always writes a zip archive
-            raise FlareSegError(f"{path}: not a flareseg checkpoint (not a torch.save zip archive)")
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
-    except zipfile.BadZipFile:
-        raise FlareSegError(f"{path}: truncated or damaged checkpoint (its zip archive is incomplete)") from None
-    except (OSError, EOFError, zipfile.LargeZipFile) as exc:
-        raise FlareSegError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {exc})") from None
-    if damaged is not None:
-        member = damaged.split("/", 1)[-1]  # torch.save puts every member under one folder named after the file
-        raise FlareSegError(f"{path}: damaged checkpoint (its member {member} fails its checksum)")
+    problem = checkpoint_file_problem(path)
+    if problem is not None:
+        raise FlareSegError(f"{path}: {problem}")
     return path
 
 

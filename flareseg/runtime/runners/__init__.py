@@ -75,6 +75,8 @@ def open_runner(
     fp32 or, with ``precision="bf16"``, bf16 where the CPU has the instructions.
     """
     backend = backend or backend_for(model)
+    if Path(model).is_dir():
+        raise FlareSegError(f"{model}: is a folder, not a model file")
     if not Path(model).is_file():
         raise FlareSegError(f"{model}: model not found")
     if cuda_graph_batch is not None and backend != "torch":
