@@ -408,3 +408,21 @@ def test_backends_an_onnx_model_alone_can_run(monkeypatch):
     assert backends.onnx_reference("fp16") == backends.onnx_reference("fp32") == "onnxruntime-cpu-fp32"
     given = {"onnx": Path("m.onnx"), "onnx-int8": Path("m.onnx")}
     assert model_file(b["openvino-cpu-bf16"], given) == Path("m.onnx")  # a float runtime runs it as it is
+
+
+def test_a_failed_run_removes_only_what_it_made_even_through_a_detour(tmp_path):
+    from flareseg.bench.inputs import removed_on_failure
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    detour = tmp_path / "missing" / ".." / "mine"  # names "mine", though "missing" does not exist
+    with pytest.raises(RuntimeError), removed_on_failure(detour):
+        (mine / "models").mkdir()
+        raise RuntimeError("the run failed")
+    assert (mine / "notes.txt").read_text() == "keep" and not (mine / "models").exists()
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RuntimeError), removed_on_failure(fresh):
+        (fresh / "models").mkdir(parents=True)
+        raise RuntimeError("the run failed")
+    assert not fresh.exists()

@@ -441,6 +441,10 @@ def test_a_failed_run_leaves_no_output(data_a, tmp_path, capsys):
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     assert train_main(["--data", str(data), "--out", str(tmp_path / "mine"), "--epochs", "1", *QUICK]) == 2
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    # Also when named through a folder that does not exist: "missing/../mine" is "mine".
+    detour = tmp_path / "missing" / ".." / "mine"
+    assert train_main(["--data", str(data), "--out", str(detour), "--epochs", "1", *QUICK]) == 2
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and not (tmp_path / "missing").exists()
 
 
 # 8. Progress bars only on a terminal.

@@ -75,6 +75,7 @@ def removed_on_failure(out: Path) -> Iterator[None]:
 
     Folders that were there before stay, with what they held.
     """
+    out = out.resolve()  # "missing/../mine" names an existing folder that, as typed, does not exist
     if not out.exists():
         made = [out]
     elif out.is_dir():

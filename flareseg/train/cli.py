@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _new_config(args: argparse.Namespace) -> TrainConfig:
     if not args.data or not args.out:
         raise FlareSegError("--data and --out are required (or --resume RUN_DIR)")
-    out = args.out
+    out = args.out.resolve()  # "missing/../run" names an existing run that, as typed, does not exist
     if out.exists() and not out.is_dir():
         raise FlareSegError(f"--out {out}: exists and is not a folder")
     trained = [name for name in RUN_OUTPUTS if (out / name).exists()]

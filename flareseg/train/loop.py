@@ -297,7 +297,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
     )
     device = training_device(config.device, d0)
-    run = Path(config.out)
+    # Resolved first: "missing/../mine" does not exist as typed, yet names an existing folder that a
+    # failed run's cleanup would then remove.
+    run = Path(config.out).resolve()
     if run.exists() and not run.is_dir():
         raise FlareSegError(f"--out {run}: exists and is not a folder")
     created = _first_missing(run) if not resume and d0.main else None
