@@ -29,6 +29,7 @@ def run_command(
     parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int], argv: Sequence[str] | None = None
 ) -> int:
     """Parse ``argv``, configure logging, run ``body`` and map errors to exit codes."""
+    parser.error = _one_line_error(parser)  # type: ignore[method-assign,assignment]
     args = parser.parse_args(argv)
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
     # Our own messages at the chosen level; third-party libraries (onnxscript, torch) only warnings.
@@ -49,6 +50,16 @@ def run_command(
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return INTERRUPTED
+
+
+def _one_line_error(parser: argparse.ArgumentParser) -> Callable[[str], NoReturn]:
+    """argparse's error, as one line like every other error (argparse prints its usage block first)."""
+
+    def error(message: str) -> NoReturn:
+        _tell(f"{parser.prog}: error: {message} (see {parser.prog} --help)")
+        raise SystemExit(2)
+
+    return error
 
 
 def _tell(line: str) -> None:
