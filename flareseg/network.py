@@ -208,6 +208,17 @@ def _folded(config: NetworkConfig, state: dict[str, Tensor]) -> tuple[NetworkCon
     }
 
 
+def non_finite_weights(model: nn.Module) -> dict[str, int]:
+    """Weight (and BatchNorm statistic) tensors holding NaN or infinity -> how many such values each holds."""
+    with torch.no_grad():
+        counts = {
+            name: int(t.numel() - torch.isfinite(t).sum())
+            for name, t in model.state_dict().items()
+            if t.is_floating_point()
+        }
+    return {name: n for name, n in counts.items() if n}
+
+
 def count_parameters(model: nn.Module) -> int:
     """Trainable parameters (BatchNorm running statistics are buffers, not counted)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

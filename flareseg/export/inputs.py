@@ -15,7 +15,7 @@ import torch
 from flareseg.checkpoint import ModelInfo, checkpoint_file_problem, load_model
 from flareseg.errors import FlareSegError
 from flareseg.labels import NUM_CLASSES
-from flareseg.network import FlareUNet
+from flareseg.network import FlareUNet, non_finite_weights
 
 #: A label map holds the classes 0..4; every real CT holds air, about -1000 HU.
 _LABEL_MAX = NUM_CLASSES - 1
@@ -42,11 +42,8 @@ def check_checkpoint_file(path: str | os.PathLike[str]) -> Path:
 
 def check_finite_weights(net: torch.nn.Module, path: str | os.PathLike[str]) -> None:
     """Refuse a network with NaN or infinite weights: every output would be NaN, and NaN compares as no error."""
-    for name, tensor in net.state_dict().items():
-        if tensor.is_floating_point():
-            bad = int(tensor.numel() - torch.isfinite(tensor).sum())
-            if bad:
-                raise FlareSegError(f"{path}: {bad} weight(s) of {name} are not finite (NaN or infinity)")
+    for name, bad in non_finite_weights(net).items():
+        raise FlareSegError(f"{path}: {bad} weight(s) of {name} are not finite (NaN or infinity)")
 
 
 def load_checked_model(path: str | os.PathLike[str]) -> tuple[FlareUNet, ModelInfo]:

@@ -32,7 +32,7 @@ from flareseg.checkpoint import ModelInfo, check_slice_size, read_checkpoint, sa
 from flareseg.errors import FlareSegError
 from flareseg.labels import LABELS, ORGANS
 from flareseg.metrics import dice
-from flareseg.network import NetworkConfig, build_training_network
+from flareseg.network import NetworkConfig, build_training_network, non_finite_weights
 from flareseg.postprocess import keep_largest_components
 from flareseg.preprocess import NormalizationStats, SliceNormalizer, volume_normalizer
 from flareseg.runtime.inferer import infer_volume
@@ -159,8 +159,7 @@ def _check_loss(loss: float, epoch: int, step: int, steps: int, d: _Dist, device
 
 def _check_weights(model: nn.Module, epoch: int) -> None:
     """A checkpoint of non-finite weights must never replace a good one (a finite loss can still step to them)."""
-    with torch.no_grad():
-        bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    bad = list(non_finite_weights(model))
     if bad:
         raise FlareSegError(
             f"epoch {epoch + 1}: {len(bad)} weight tensors hold non-finite values ({bad[0]}, ...); stopped, "
