@@ -59,6 +59,15 @@ def check_writable(path: Path) -> None:
         raise FlareSegError(f"{path}: cannot write in {folder} (permission denied or read-only)")
 
 
+def check_writable_folder(folder: Path) -> None:
+    """Refuse, before any work, an output folder that could not be made (see :func:`check_writable`), or that is
+    there but cannot be written in."""
+    if not folder.exists():
+        check_writable(folder)
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        raise FlareSegError(f"{folder}: cannot write in it (permission denied or read-only)")
+
+
 def _replaceable(path: Path) -> Path:
     """The file the rename will replace: a link's target (the link stays), never a folder, pipe or device.
 

@@ -7,13 +7,12 @@ fails removes the folders it made, so no half-made report folder is taken for a 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from flareseg.atomic import check_writable
+from flareseg.atomic import check_writable_folder
 from flareseg.errors import FlareSegError
 
 log = logging.getLogger(__name__)
@@ -26,10 +25,7 @@ def check_report_folder(out: Path) -> None:
     """Refuse a report folder that is a file, or that could not be made or written."""
     if out.exists() and not out.is_dir():
         raise FlareSegError(f"{out}: exists and is not a folder (-o names the report folder)")
-    if not out.exists():
-        check_writable(out)
-    elif not os.access(out, os.W_OK | os.X_OK):
-        raise FlareSegError(f"{out}: cannot write in it (permission denied or read-only)")
+    check_writable_folder(out)
 
 
 def check_model(model: Path | None) -> str | None:

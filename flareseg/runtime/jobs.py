@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from flareseg.atomic import check_writable
+from flareseg.atomic import check_writable, check_writable_folder
 from flareseg.errors import FlareSegError
 from flareseg.volume import NIFTI_SUFFIXES, case_id, find_cases
 
@@ -106,10 +106,7 @@ def check_output_folder(out: Path, inputs: Path | None = None) -> None:
             f"{out}: the output folder is the input folder, where its label maps would be taken for cases; "
             "choose another folder"
         )
-    if not out.exists():
-        check_writable(out)
-    elif not os.access(out, os.W_OK | os.X_OK):
-        raise FlareSegError(f"{out}: cannot write in it (permission denied or read-only)")
+    check_writable_folder(out)
 
 
 def check_timings(path: Path, inputs: Sequence[Path]) -> None:
