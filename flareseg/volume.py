@@ -23,10 +23,10 @@ import gzip
 import logging
 import os
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import nibabel as nib
 import numpy as np
@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _CANONICAL = axcodes2ornt(("R", "A", "S"))
+_T = TypeVar("_T")
 _NIFTI1_HEADER_BYTES = 348
 #: ISA-L level for written label maps, chosen by measurement on a 512 x 512 x 300 phantom
 #: label map (benchmarks/host_stages.md): levels 1 and 2 take the time of level 0 for a
@@ -94,11 +95,7 @@ class VolumeGeometry:
     @property
     def canonical_spacing(self) -> tuple[float, float, float]:
         """Voxel size in mm along (Z, Y, X) of the canonical slice layout."""
-        sp = self.spacing
-        xyz = [0.0, 0.0, 0.0]
-        for axis, (target, _flip) in enumerate(self.to_canonical):
-            xyz[int(target)] = sp[axis]
-        return (xyz[2], xyz[1], xyz[0])
+        return canonical_order(self.spacing, self.to_canonical)
 
     @property
     def axcodes(self) -> tuple[str, str, str]:
@@ -506,6 +503,19 @@ def _why_not_nifti(path: Path) -> str:
     return "not a NIfTI image (no NIfTI header found)"
 
 
+def canonical_transform(affine: np.ndarray) -> np.ndarray:
+    """The orientation transform (nibabel "ornt") from a file's voxel axes to the canonical RAS+."""
+    return ornt_transform(io_orientation(affine), _CANONICAL)
+
+
+def canonical_order(values: Sequence[_T], to_canonical: np.ndarray) -> tuple[_T, _T, _T]:
+    """Three values given along a file's voxel axes, in the canonical (Z, Y, X) order."""
+    xyz = list(values[:3])
+    for axis, (target, _flip) in enumerate(to_canonical):
+        xyz[int(target)] = values[axis]
+    return (xyz[2], xyz[1], xyz[0])
+
+
 def _geometry(path: Path, img: nib.Nifti1Image) -> VolumeGeometry:
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
@@ -515,7 +525,7 @@ def _geometry(path: Path, img: nib.Nifti1Image) -> VolumeGeometry:
         shape=(int(img.shape[0]), int(img.shape[1]), int(img.shape[2])),
         affine=affine,
         header=img.header.copy(),
-        to_canonical=ornt_transform(io_orientation(affine), _CANONICAL),
+        to_canonical=canonical_transform(affine),
     )
 
 

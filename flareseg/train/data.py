@@ -24,13 +24,13 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from nibabel.orientations import axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+from nibabel.orientations import inv_ornt_aff
 from tqdm import tqdm
 
 from flareseg.atomic import atomic_output, write_text_atomic
 from flareseg.errors import FlareSegError
 from flareseg.preprocess import NormalizationStats, compute_stats, network_batch, volume_normalizer
-from flareseg.volume import find_cases, read_ct, read_labels, to_canonical
+from flareseg.volume import canonical_order, canonical_transform, find_cases, read_ct, read_labels, to_canonical
 
 log = logging.getLogger(__name__)
 #: 2: keyed per case by its files (not only by statistics and size), masks brought onto the image's grid.
@@ -130,11 +130,9 @@ def write_stats_file(path: Path, stats: NormalizationStats, source: dict[str, An
 
 def canonical_grid(shape: Sequence[int], affine: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
     """The (Z, Y, X) shape and the voxel-to-world affine of a file's voxels brought to canonical order."""
-    ornt = ornt_transform(io_orientation(affine), axcodes2ornt(("R", "A", "S")))
-    xyz = [0, 0, 0]
-    for axis, (target, _flip) in enumerate(ornt):
-        xyz[int(target)] = int(shape[axis])
-    return (xyz[2], xyz[1], xyz[0]), np.asarray(affine, dtype=np.float64) @ inv_ornt_aff(ornt, shape[:3])
+    ornt = canonical_transform(affine)
+    zyx = canonical_order([int(n) for n in shape[:3]], ornt)
+    return zyx, np.asarray(affine, dtype=np.float64) @ inv_ornt_aff(ornt, shape[:3])
 
 
 def check_mask_grid(
