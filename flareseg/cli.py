@@ -36,7 +36,7 @@ def run_command(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("flareseg").setLevel(level)
     # nibabel logs a header fault it cannot fix at ERROR, then raises; our one-line error says it.
-    logging.getLogger("nibabel.global").addFilter(lambda record: record.levelno < logging.ERROR)
+    logging.getLogger("nibabel.global").addFilter(_below_error)  # the same function: added once per process
     try:
         return body(args)
     except FlareSegError as exc:
@@ -50,6 +50,10 @@ def run_command(
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return INTERRUPTED
+
+
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
 
 
 def _one_line_error(parser: argparse.ArgumentParser) -> Callable[[str], NoReturn]:

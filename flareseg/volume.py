@@ -22,8 +22,10 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import threading
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -203,10 +205,54 @@ def check_read_threads(threads: int) -> None:
             ) from None
 
 
+class _NibabelNotes(logging.Filter):
+    """Takes the header fixes nibabel logs in one thread, so that they can be said again naming the file.
+
+    nibabel reports what it repairs in a header (a zero voxel size, a bad qfac) through its
+    own logger, without the file's name. Only records of the thread that reads are taken,
+    since the folder pipeline reads cases in worker threads.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.thread != self.thread or record.levelno >= logging.ERROR:
+            return True  # another thread's, or a fault nibabel raises on: our error line names the file
+        self.messages.append(record.getMessage())
+        return False
+
+
+@contextmanager
+def nibabel_notes(path: Path, *, say: bool = True) -> Iterator[None]:
+    """nibabel's notes on ``path``'s header as our warnings, each naming the file once.
+
+    ``say=False`` drops them, for a header glance whose file is read in full later.
+    """
+    logger = logging.getLogger("nibabel.global")
+    notes = _NibabelNotes()
+    logger.addFilter(notes)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notes)
+        for message in dict.fromkeys(notes.messages) if say else ():
+            log.warning("%s: %s", path, message)
+
+
 def _load(
     path: Path, threads: int = 1, on_voxels: VoxelsCallback | None = None
 ) -> tuple[nib.Nifti1Image, np.ndarray, float, float]:
     """Load a file: image, raw stored voxels, scl_slope and scl_inter; one-line errors."""
+    with nibabel_notes(path):
+        return _load_named(path, threads, on_voxels)
+
+
+def _load_named(
+    path: Path, threads: int, on_voxels: VoxelsCallback | None
+) -> tuple[nib.Nifti1Image, np.ndarray, float, float]:
     if not path.exists():
         raise FlareSegError(f"{path}: file not found")
     if not path.is_file():
@@ -520,6 +566,14 @@ def _geometry(path: Path, img: nib.Nifti1Image) -> VolumeGeometry:
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise FlareSegError(f"{path}: the affine is singular or not finite")
+    if int(img.header["qform_code"]) == 0 and int(img.header["sform_code"]) == 0:
+        # NIfTI's fallback gives voxel sizes but no orientation; the network expects RAS+ slices.
+        log.warning(
+            "%s: the header gives no orientation (qform_code and sform_code are 0); read as %s, "
+            "NIfTI's default: check that the labels lie on the organs",
+            path,
+            "".join(nib.aff2axcodes(affine)),
+        )
     return VolumeGeometry(
         path=path,
         shape=(int(img.shape[0]), int(img.shape[1]), int(img.shape[2])),

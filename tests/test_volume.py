@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import io
+import logging
 import subprocess
 import sys
+import threading
 import zlib
 
 import nibabel as nib
@@ -109,6 +112,56 @@ def test_bad_input_gives_one_line_error_naming_the_file(tmp_path, kind):
     message = str(info.value)
     assert str(path) in message and problem in message
     assert "\n" not in message
+
+
+def _header_patched(tmp_path, name, **fields):
+    """An uncompressed NIfTI whose header fields are set after nibabel wrote it (nibabel would repair them)."""
+    path = save(nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.eye(4)), tmp_path / name)
+    raw = bytearray(path.read_bytes())
+    header = nib.Nifti1Header.from_fileobj(io.BytesIO(bytes(raw)), check=False)
+    for key, value in fields.items():
+        header[key] = value
+    raw[: header.sizeof_hdr] = header.binaryblock
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_header_repairs_by_nibabel_are_warnings_naming_the_file_said_once(tmp_path, caplog):
+    path = _header_patched(tmp_path, "neg pixdim.nii", pixdim=[1.0, -0.8, 0.8, 2.5, 1, 1, 1, 1])
+    with caplog.at_level(logging.WARNING):
+        vol = read_ct(path)
+    assert vol.geometry.spacing == pytest.approx((0.8, 0.8, 2.5))
+    ours = [r.getMessage() for r in caplog.records if r.name == "flareseg.volume"]
+    assert ours == [f"{path}: pixdim[1,2,3] should be positive; setting to abs of pixdim values"]
+    assert not [r for r in caplog.records if r.name == "nibabel.global"]  # not said a second time without the name
+    relays = [f for f in logging.getLogger("nibabel.global").filters if isinstance(f, volume_module._NibabelNotes)]
+    assert not relays  # removed again
+
+
+def test_a_header_without_orientation_is_read_as_nifti_default_with_a_warning(tmp_path, caplog):
+    path = _header_patched(tmp_path, "no_orientation.nii", qform_code=0, sform_code=0)
+    with caplog.at_level(logging.WARNING):
+        vol = read_ct(path)
+    assert vol.geometry.axcodes == ("L", "A", "S")
+    assert any(str(path) in m and "no orientation" in m and "LAS" in m for m in caplog.messages)
+    caplog.clear()
+    read_ct(save(nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.eye(4)), tmp_path / "ras.nii"))
+    assert not caplog.messages
+
+
+def test_nibabel_notes_of_another_thread_are_not_taken_for_this_files(tmp_path):
+    notes = volume_module._NibabelNotes()
+    logger = logging.getLogger("nibabel.global")
+    logger.addFilter(notes)
+    try:
+        other = threading.Thread(target=logger.warning, args=("from another read",))
+        other.start()
+        other.join()
+        logger.warning("from this read")
+        logger.error("a fault nibabel raises on")
+    finally:
+        logger.removeFilter(notes)
+    assert notes.messages == ["from this read"]
 
 
 def test_label_values_outside_range_are_refused(tmp_path):

@@ -30,7 +30,15 @@ from tqdm import tqdm
 from flareseg.atomic import atomic_output, write_text_atomic
 from flareseg.errors import FlareSegError
 from flareseg.preprocess import NormalizationStats, compute_stats, network_batch, volume_normalizer
-from flareseg.volume import canonical_order, canonical_transform, find_cases, read_ct, read_labels, to_canonical
+from flareseg.volume import (
+    canonical_order,
+    canonical_transform,
+    find_cases,
+    nibabel_notes,
+    read_ct,
+    read_labels,
+    to_canonical,
+)
 
 log = logging.getLogger(__name__)
 #: 2: keyed per case by its files (not only by statistics and size), masks brought onto the image's grid.
@@ -170,7 +178,8 @@ def check_headers(cases: Sequence[Case]) -> None:
     """
     for case in cases:
         try:
-            img, lab = nib.load(case.image), nib.load(case.mask)
+            with nibabel_notes(case.image, say=False), nibabel_notes(case.mask, say=False):
+                img, lab = nib.load(case.image), nib.load(case.mask)  # the full read says nibabel's notes
             spatial = nib.spatialimages.SpatialImage
             if not (isinstance(img, spatial) and isinstance(lab, spatial)):
                 continue
