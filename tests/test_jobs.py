@@ -127,3 +127,30 @@ def test_a_broken_link_anywhere_on_the_way_is_refused_and_the_output_folder_is_n
     write_series(folder / "segs", phantom(), patient_id="P", series_number=901)  # as DICOM SEG outputs would be
     assert list_cases(folder) == [folder / "ct", folder / "segs"]
     assert list_cases(folder, exclude=folder / "segs") == [folder / "ct"]
+
+
+def test_a_series_output_may_not_join_its_input_series(tmp_path):
+    from flareseg.runtime.jobs import check_output
+
+    series = tmp_path / "series"
+    series.mkdir()
+    for output_type, name in (("dicom-seg", "PAT_s3.dcm"), ("nifti", "PAT_s3.nii.gz")):
+        with pytest.raises(FlareSegError, match="would join the input series"):
+            check_output(CaseJob("PAT_s3", series, series / name, output_type))
+        with pytest.raises(FlareSegError, match="would join the input series"):
+            check_output(CaseJob("PAT_s3", series, series / "." / name, output_type))
+        check_output(CaseJob("PAT_s3", series, tmp_path / "out" / name, output_type))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["series"]  # nothing written by the checks
+
+
+def test_two_inputs_of_one_case_name_run_once_and_the_second_fails(tmp_path):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "x_0000.nii.gz").write_bytes(b"not read by the plan")
+    first, second = tmp_path / "a" / "x_0000.nii.gz", tmp_path / "b" / "x_0000.nii.gz"
+    plan = list(plan_folder([first, second, tmp_path / "a" / "x_0000.nii.gz"], tmp_path / "out"))
+    assert [p.status for p in plan] == ["run", "failed", "failed"]
+    assert str(plan[1].error) == (f"{second}: case x again (first from {first}); its output would replace that one's")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x.nii.gz").write_bytes(b"done")
+    assert [p.status for p in plan_folder([first, second], tmp_path / "out")] == ["skipped", "failed"]

@@ -256,3 +256,21 @@ def test_gpu_providers_and_cuda_graphs_are_refused_where_they_cannot_run(tmp_pat
     assert isinstance(open_runner(model, device="cpu"), OnnxRuntimeRunner)
     with pytest.raises(FlareSegError, match="CUDA graphs are captured for the torch backend only, not onnxruntime"):
         open_runner(model, device="cpu", cuda_graph_batch=8)
+
+
+def test_a_session_on_the_wrong_provider_is_released_with_the_error(small_onnx, monkeypatch):
+    """A test double stands in for a session that fell back to another provider (onnxruntime-gpu without CUDA)."""
+    released: list[str] = []
+
+    class FellBack:
+        def get_providers(self) -> list[str]:
+            return ["AzureExecutionProvider"]
+
+        def __del__(self) -> None:
+            released.append("session")
+
+    monkeypatch.setattr(ort, "InferenceSession", lambda *args, **kwargs: FellBack())
+    runner = OnnxRuntimeRunner(small_onnx, threads=1)
+    with pytest.raises(FlareSegError, match=r"runs \['AzureExecutionProvider'\] instead of the requested CPU"):
+        runner.activate()
+    assert released == ["session"] and runner.session is None and not runner.is_active

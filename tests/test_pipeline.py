@@ -128,6 +128,18 @@ def test_activation_overlaps_the_first_read(trained_checkpoint, tmp_path, monkey
     assert overlapped == [True] and timing.status == "ok" and timing.slices == 6
 
 
+def test_a_folder_with_nothing_to_run_never_loads_the_model(trained_checkpoint, tmp_path, monkeypatch):
+    inputs = _folder(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("c0.nii.gz", "c1.nii.gz"):
+        (out / name).write_bytes(b"done")
+    runner = open_runner(trained_checkpoint)
+    monkeypatch.setattr(runner, "_activate", lambda: pytest.fail("the model was loaded for no case"))
+    results = segment_folder(runner, inputs, out, batch_size=4)
+    assert [r.status for r in results] == ["skipped", "skipped"] and not runner.is_active
+
+
 def test_a_case_read_ahead_counts_its_read_not_its_wait_for_the_runner(trained_checkpoint, tmp_path, monkeypatch):
     # The read ends long before a slow activation does: the case's wall time is its own
     # in-process time (read, then inference to write), not the activation it waited for.

@@ -245,3 +245,21 @@ def test_runner_refuses_batches_below_its_minimum(trained_checkpoint):
         assert runner.infer(torch.zeros(4, 3, 64, 64)).shape == (4, 5, 64, 64)
         with pytest.raises(FlareSegError, match="batch 2 is below the model's minimum 4; pad it"):
             runner.infer(torch.zeros(2, 3, 64, 64))
+
+
+def test_an_onnx_model_runs_on_the_cpu_by_default_beside_a_gpu_onnx_runtime_cannot_use(
+    onnx_models, tmp_path, monkeypatch, caplog
+):
+    """Stand-ins: a GPU (default_device says cuda) and a CPU build's provider list; the session is real."""
+    import onnxruntime as ort
+
+    from flareseg.runtime import cli
+
+    monkeypatch.setattr(cli, "default_device", lambda: "cuda")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    ct = save(make_phantom((48, 48, 4), (8.0, 8.0, 10.0), seed=3).to_nifti()[0], tmp_path / "c_0000.nii.gz")
+    assert infer_main(["--model", str(onnx_models["fp32"]), "-i", str(ct), "-o", str(tmp_path / "o"), "-q"]) == 0
+    assert nib.load(tmp_path / "o" / "c.nii.gz").shape == (48, 48, 4)
+    assert any("no CUDA provider" in m and "running on the CPU" in m for m in caplog.messages)
+    assert cli._default_device_for("onnxruntime", "cpu") == "cuda"  # a provider named: the user's choice stands
+    assert cli._default_device_for("torch", None) == "cuda"

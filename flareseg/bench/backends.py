@@ -184,8 +184,9 @@ def prepare_models(cfg: Any, work: Path) -> dict[str, Path]:
     kinds = {ALL_BACKENDS[b].kind for b in cfg.backends}
     models: dict[str, Path] = {}
     if cfg.model is None:
-        torch.manual_seed(0)
-        net = build_training_network(NetworkConfig(base_width=cfg.base_width)).eval()
+        with torch.random.fork_rng(devices=[]):  # the same random weights every run; the caller's RNG untouched
+            torch.manual_seed(0)
+            net = build_training_network(NetworkConfig(base_width=cfg.base_width)).eval()
         stats = NormalizationStats(mean=-300.0, std=450.0)  # typical CT figures; speed does not depend on them
         info = ModelInfo(network=net.config, normalization=stats, slice_size=cfg.size or DEFAULT_SLICE_SIZE)
         models["checkpoint"] = save_checkpoint(work / "random-weights.pt", net, info)

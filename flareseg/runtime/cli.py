@@ -19,6 +19,7 @@ from flareseg.errors import FlareSegError
 
 if TYPE_CHECKING:
     from flareseg.runtime.reading import Reader
+    from flareseg.runtime.runners import Runner
     from flareseg.runtime.startup import Timeline
 
 log = logging.getLogger("flareseg.runtime.cli")
@@ -145,6 +146,26 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _default_device_for(backend: str, ort_provider: str | None) -> str:
+    """The device when --device is not given: the GPU where one is present and the backend can use it."""
+    if backend == "openvino":
+        return "cpu"
+    device = default_device()
+    if device == "cuda" and backend == "onnxruntime" and ort_provider is None:
+        from flareseg.runtime.runners.onnxrt import import_onnxruntime
+
+        providers = import_onnxruntime().get_available_providers()
+        if "CUDAExecutionProvider" not in providers:
+            # The CPU build of ONNX Runtime beside a GPU: run, on the CPU, rather than refuse by default.
+            log.warning(
+                "a GPU is present, but this ONNX Runtime has no CUDA provider (%s): running on the CPU; "
+                "--device cuda says what to install",
+                ", ".join(providers),
+            )
+            return "cpu"
+    return device
+
+
 def _describe_device(device: str) -> str:
     if not device.startswith("cuda"):
         return f"{device} ({os.cpu_count()} cores)"
@@ -258,7 +279,7 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
     t_start = time.perf_counter()
     model_path: Path = args.engine or args.model
     backend: Backend = "tensorrt" if args.engine else (args.backend or backend_for(model_path))
-    device: str = args.device or ("cpu" if backend == "openvino" else default_device())
+    device: str = args.device or _default_device_for(backend, args.ort_provider)
     cuda = device.startswith("cuda") or backend == "tensorrt"
     # PyTorch on CUDA defaults to fp16 + channels_last (the path measured on the H200); exported
     # models carry their precision, so --precision is PyTorch's alone.
@@ -291,23 +312,11 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
     timeline.mark("runner_opened")  # on CUDA this checked the device, which initialises the driver
     memory_plan: dict[str, object] | None = None
     if args.gpu_memory is not None:
-        from flareseg.runtime.memory import measure_cuda_plan
-
-        runner.activate()  # the plan measures the loaded model: no overlap with the first read here
-        # The staging buffers and the scores resized back are at the CT's slice size, not the model's: plan
-        # for 512 x 512 (nearly every CT), or the model's size where that is larger.
-        h, w = runner.info.slice_size
-        plan = measure_cuda_plan(
-            runner,
-            args.gpu_memory,
-            (max(h, PLAN_SLICE), max(w, PLAN_SLICE)),
-            np.dtype(np.int16),
-            idle_mb=idle_mb,
-            device_preprocess=args.device_preprocess,
-        )
-        log.info("%s", plan.line())
-        batch_size = plan.batch
-        memory_plan = plan.to_dict()
+        try:
+            batch_size, memory_plan = _plan_gpu_batch(runner, args, idle_mb)
+        except BaseException:
+            runner.deactivate()  # a budget too small: the loaded model goes before the error is said
+            raise
     log.info("device: %s; batch %d", _describe_device(str(runner.device)), batch_size)
     if args.overlap_postprocess and runner.device.type != "cuda":
         log.info("--overlap-postprocess on the CPU: the same labels and less memory, but no time saved")
@@ -381,6 +390,26 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
     if failed:
         print("failed: " + ", ".join(r.case for r in failed), file=sys.stderr)
     return 1 if failed or not timings_written else 0
+
+
+def _plan_gpu_batch(runner: Runner, args: argparse.Namespace, idle_mb: float | None) -> tuple[int, dict[str, object]]:
+    """--gpu-memory: the batch that fits the budget, measured on the loaded model, and the plan for the timings."""
+    from flareseg.runtime.memory import measure_cuda_plan
+
+    runner.activate()  # the plan measures the loaded model: no overlap with the first read here
+    # The staging buffers and the scores resized back are at the CT's slice size, not the model's: plan
+    # for 512 x 512 (nearly every CT), or the model's size where that is larger.
+    h, w = runner.info.slice_size
+    plan = measure_cuda_plan(
+        runner,
+        args.gpu_memory,
+        (max(h, PLAN_SLICE), max(w, PLAN_SLICE)),
+        np.dtype(np.int16),
+        idle_mb=idle_mb,
+        device_preprocess=args.device_preprocess,
+    )
+    log.info("%s", plan.line())
+    return plan.batch, plan.to_dict()
 
 
 def _timings_path(args: argparse.Namespace, target: Path | None) -> Path:

@@ -82,6 +82,11 @@ def check_output(job: CaseJob) -> None:
         raise FlareSegError(f"{job.output}: refusing to overwrite the input")
     if job.output.is_dir():
         raise FlareSegError(f"{job.output}: a folder is in the way of the output")
+    if job.input.is_dir() and job.output.parent.resolve() == job.input.resolve():
+        raise FlareSegError(
+            f"{job.output}: the output would join the input series in {job.input}, which could then no longer "
+            "be read as one series; write it to another folder"
+        )
     check_writable(job.output)
     if job.output_type == "dicom-seg" and not job.input.is_dir():
         raise FlareSegError(
@@ -183,10 +188,11 @@ def plan_folder(
     """Each input in order, lazily: run it into ``out_dir`` (FLARE21 name), skip it, or refuse it.
 
     A case is skipped when its output exists (unless ``overwrite``). It fails at once when
-    its name cannot be read (a damaged series header) or its output could never be written
-    (:func:`check_output`); the others go on.
+    its name cannot be read (a damaged series header), an earlier input has the same case
+    name, or its output could never be written (:func:`check_output`); the others go on.
     """
     suffix = output_suffix(output_type)
+    first_of: dict[str, Path] = {}  # case name -> its first input: a second one would replace its result
     for path in inputs:
         try:
             name = _named(path)
@@ -194,6 +200,13 @@ def plan_folder(
             yield PlannedCase(path, path.name, None, "failed", exc, output_type)
             continue
         output = out_dir / f"{name}{suffix}"
+        if name in first_of:
+            clash = FlareSegError(
+                f"{path}: case {name} again (first from {first_of[name]}); its output would replace that one's"
+            )
+            yield PlannedCase(path, name, output, "failed", clash, output_type)
+            continue
+        first_of[name] = path
         if output.is_file() and not overwrite:  # a folder in the way is refused below, not taken as done
             yield PlannedCase(path, name, output, "skipped", None, output_type)
             continue

@@ -86,6 +86,8 @@ class CaseTiming:
     wall_s: float = 0.0
     #: From the start of inference to the first labels back on the host (first-batch set-up shows here).
     first_labels_s: float | None = None
+    #: The process's peak host RSS when the case was written: in a folder, its peak so far
+    #: (cases overlap: one read, one on the device, one written), not the case's alone.
     peak_rss_mb: float | None = None
     peak_gpu_allocated_mb: float | None = None
 
@@ -293,6 +295,8 @@ def run_cases(
     case (see :class:`~flareseg.runtime.reading.Reader`; its own ``threads`` apply); the
     caller closes it. Without one, the run has its own.
     """
+    if not jobs:
+        return []  # nothing to run (every case done or refused): the model is not loaded for nothing
     own_reader = reader is None
     reads = reader if reader is not None else Reader(read_threads)
     mark = timeline.mark if timeline is not None else (lambda name: None)
@@ -347,10 +351,10 @@ def run_cases(
         return writer.submit(_finish_stage, labels, geometry, source, job, finish, started)
 
     try:
-        upcoming = reads.submit(jobs[0].input, jobs[0].output_type) if jobs else None
+        upcoming: Future[Read] | None = reads.submit(jobs[0].input, jobs[0].output_type)
         runner.activate()  # no-op when already active; otherwise overlaps the first read
         mark("activated")
-        if warm_up and jobs:
+        if warm_up:
             runner.warm_up(batch_size)
             mark("warmed_up")
         for i, job in enumerate(jobs):

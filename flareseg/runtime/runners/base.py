@@ -9,6 +9,7 @@ many batches, and deactivated. One module per backend implements it; heavy libra
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 from types import TracebackType
@@ -19,6 +20,8 @@ import torch
 from flareseg.checkpoint import ModelInfo
 from flareseg.errors import FlareSegError
 from flareseg.export.metadata import OutputKind
+
+log = logging.getLogger(__name__)
 
 Backend = Literal["torch", "onnxruntime", "tensorrt", "openvino"]
 TorchPrecision = Literal["fp32", "fp16", "bf16"]
@@ -56,7 +59,11 @@ class Runner(ABC):
         if not self._active:
             t = time.perf_counter()
             self.activation_steps = {}
-            self._activate()
+            try:
+                self._activate()
+            except BaseException:
+                self._release_partial()
+                raise
             self._active = True
             self.activate_s = time.perf_counter() - t
         return self
@@ -65,6 +72,13 @@ class Runner(ABC):
         if self._active:
             self._deactivate()
             self._active = False
+
+    def _release_partial(self) -> None:
+        """What an activation that failed half-way holds (a session, an engine) goes at once, not at exit."""
+        try:
+            self._deactivate()
+        except Exception as exc:  # the activation's own error is the one to report
+            log.debug("%s: releasing a failed activation: %s", self.name, exc)
 
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
         """Scores (B, K, h, w) or labels (B, h, w) for a (B, C, h, w) float32 batch on ``self.device``."""
