@@ -60,17 +60,19 @@ class Phantom:
         return img, lab
 
 
-def _ellipsoid(x, y, z, centre, radii) -> np.ndarray:
+def _ellipsoid(
+    x: np.ndarray, y: np.ndarray, z: np.ndarray, centre: Sequence[float], radii: Sequence[float]
+) -> np.ndarray:
     return ((x - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + (
         (z - centre[2]) / radii[2]
     ) ** 2 <= 1.0
 
 
-def _ellipse(x, y, centre, radii) -> np.ndarray:
+def _ellipse(x: np.ndarray, y: np.ndarray, centre: Sequence[float], radii: Sequence[float]) -> np.ndarray:
     return ((x - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 <= 1.0
 
 
-def _smooth_noise(shape, sigma_vox, rng) -> np.ndarray:
+def _smooth_noise(shape: tuple[int, ...], sigma_vox: float | Sequence[float], rng: np.random.Generator) -> np.ndarray:
     n = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma_vox, mode="wrap")
     return n / (n.std() + 1e-6)
 
@@ -176,7 +178,7 @@ def make_phantom(
 
 
 def write_phantom_cases(
-    out_dir: str | Path, num_cases: int = 1, *, prefix: str = "train", start: int = 0, **kwargs
+    out_dir: str | Path, num_cases: int = 1, *, prefix: str = "train", start: int = 0, **kwargs: Any
 ) -> list[tuple[Path, Path]]:
     """Write cases in the FLARE21 layout (``TrainingImg/{prefix}_NNN_0000.nii.gz``, ``TrainingMask/...``).
 

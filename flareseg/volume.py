@@ -169,7 +169,11 @@ def find_cases(folder: str | os.PathLike[str]) -> dict[str, Path]:
     if not folder.is_dir():
         raise FlareSegError(f"{folder}: not a directory")
     cases: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
+    try:
+        listed = sorted(folder.iterdir())
+    except OSError as exc:  # no permission to list it, or a disk that fails
+        raise FlareSegError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from None
+    for path in listed:
         if path.name.startswith("."):
             continue
         if not is_nifti(path):

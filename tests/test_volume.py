@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import zlib
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -195,6 +196,16 @@ def test_find_cases_names_sorts_skips_hidden_and_refuses_duplicates(tmp_path):
         find_cases(tmp_path)
     with pytest.raises(FlareSegError, match="not a directory"):
         find_cases(tmp_path / "notes.txt")
+
+
+def test_a_folder_that_cannot_be_listed_is_one_line(tmp_path, monkeypatch):
+    def refuse(self):  # a stand-in for a folder without read permission (root here lists any folder)
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", refuse)
+    with pytest.raises(FlareSegError) as info:
+        find_cases(tmp_path)
+    assert str(info.value) == f"{tmp_path}: cannot list the folder (Permission denied)"
 
 
 # --- no-copy I/O and ISA-L gzip (issue 10) ---------------------------------------------
