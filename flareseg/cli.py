@@ -10,19 +10,39 @@ import argparse
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from flareseg.errors import FlareSegError
 
 #: The exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells report it.
 INTERRUPTED = 130
+#: The exit code of a command stopped by SIGTERM (128 + SIGTERM), as shells report it.
+TERMINATED = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that it unwinds as Ctrl-C does.
+
+    A process manager's SIGTERM would otherwise end the process at once, leaving a write in
+    progress as a hidden ``.part`` file; unwinding lets the writer finish its file and
+    removes what was not finished.
+    """
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars or info lines: results, warnings and errors only"
+    )
 
 
 def run_command(
@@ -37,6 +57,7 @@ def run_command(
     logging.getLogger("flareseg").setLevel(level)
     # nibabel logs a header fault it cannot fix at ERROR, then raises; our one-line error says it.
     logging.getLogger("nibabel.global").addFilter(_below_error)  # the same function: added once per process
+    previous = _catch_sigterm()
     try:
         return body(args)
     except FlareSegError as exc:
@@ -47,9 +68,26 @@ def run_command(
             return 1
         _tell(f"{parser.prog}: error: {exc}")  # a pipe of some other kind: say so
         return 2
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return INTERRUPTED
+    except KeyboardInterrupt as exc:
+        stopped = isinstance(exc, Terminated)
+        _tell(f"{parser.prog}: {'terminated' if stopped else 'interrupted'}")
+        return TERMINATED if stopped else INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _catch_sigterm() -> Any:
+    """Turn SIGTERM into :class:`Terminated` while a command runs; the handler it replaces, or None.
+
+    Only where SIGTERM still has its default action and from the main thread: a program
+    that embeds a command and handles SIGTERM itself keeps its own handler.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def _below_error(record: logging.LogRecord) -> bool:
@@ -160,6 +198,23 @@ def positive_float(text: str) -> float:
 def non_negative_float(text: str) -> float:
     """argparse type: a finite number >= 0."""
     return _bounded(float, text, minimum=0)
+
+
+def device_name(text: str) -> str:
+    """argparse type: ``cpu``, ``cuda`` or ``cuda:N`` (torch would parse others into a traceback later)."""
+    kind, _, index = text.partition(":")
+    if kind == "cpu" and not index and ":" not in text:
+        return text
+    if kind == "cuda" and (":" not in text or index.isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N (N = 0, 1, ...), got {text!r}")
+
+
+def path_arg(text: str) -> Path:
+    """argparse type: a path; an empty one is refused (it would quietly mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path")
+    return Path(text)
 
 
 def _bounded(kind: type[int] | type[float], text: str, *, minimum: float | None = None) -> Any:

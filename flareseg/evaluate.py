@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from flareseg.atomic import check_writable, write_text_atomic
-from flareseg.cli import add_common_arguments, non_negative_float, positive_int, run_command
+from flareseg.cli import add_common_arguments, non_negative_float, path_arg, positive_int, run_command
 from flareseg.errors import FlareSegError
 from flareseg.labels import LABELS, ORGANS
 from flareseg.metrics import organ_scores
@@ -146,9 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flare-eval", description="Score predictions against ground truth with FLARE21's DSC and NSD."
     )
-    parser.add_argument("--pred", required=True, type=Path, help="folder of predicted label maps")
-    parser.add_argument("--gt", required=True, type=Path, help="folder of ground truth label maps")
-    parser.add_argument("-o", "--output", type=Path, help="per-case CSV to write (.csv)")
+    parser.add_argument("--pred", required=True, type=path_arg, help="folder of predicted label maps")
+    parser.add_argument("--gt", required=True, type=path_arg, help="folder of ground truth label maps")
+    parser.add_argument("-o", "--output", type=path_arg, help="per-case CSV to write (.csv)")
     parser.add_argument("--tolerance", type=non_negative_float, default=1.0, help="NSD tolerance in mm (default 1)")
     parser.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1), help="parallel processes")
     add_common_arguments(parser)

@@ -29,6 +29,7 @@ from flareseg.atomic import atomic_output, check_writable
 from flareseg.cli import (
     add_common_arguments,
     non_negative_int,
+    path_arg,
     positive_float,
     positive_int,
     run_command,
@@ -218,7 +219,7 @@ def _triple(kind: type[int] | type[float]) -> Callable[[str], tuple[Any, ...]]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m flareseg.phantom", description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("out_dir", type=path_arg)
     parser.add_argument("--cases", type=positive_int, default=1)
     parser.add_argument(
         "--shape", type=_triple(int), default=(128, 128, 64), help="voxels along R,A,S (default 128,128,64)"

@@ -294,7 +294,25 @@ def _load_named(
     inter = float(getattr(proxy, "inter", 0.0))
     if not (np.isfinite(slope) and np.isfinite(inter)) or slope == 0:
         raise FlareSegError(f"{path}: invalid intensity scaling scl_slope={slope}, scl_inter={inter}")
+    _check_scaled_range(path, data, slope, inter)
     return img, data, slope, inter
+
+
+def _check_scaled_range(path: Path, data: np.ndarray, slope: float, inter: float) -> None:
+    """Refuse scaling that takes stored values beyond float32 (they would become infinite in HU)."""
+    limit = float(np.finfo(np.float32).max)
+    if data.dtype.kind in "iu":
+        bounds = np.iinfo(data.dtype)
+        if max(abs(float(bounds.min)), float(bounds.max)) * abs(slope) + abs(inter) <= limit:
+            return  # no stored value of this type can overflow: no pass over the voxels
+    if data.size == 0 or (data.dtype.kind == "f" and not np.all(np.isfinite(data))):
+        return  # a non-finite voxel is refused by the reader with its own message
+    extreme = max(abs(float(data.min())), abs(float(data.max())))
+    if extreme * abs(slope) + abs(inter) > limit:
+        raise FlareSegError(
+            f"{path}: scl_slope={slope:g} and scl_inter={inter:g} take stored values up to {extreme:g} beyond the "
+            "float32 range (non-finite intensities)"
+        )
 
 
 def _stored_voxels(path: Path, proxy: Any, threads: int, on_voxels: VoxelsCallback | None = None) -> np.ndarray:
@@ -538,6 +556,8 @@ def _why_not_nifti(path: Path) -> str:
         return "truncated gzip stream (the file was cut off inside its header)"
     except (OSError, zlib.error) as exc:
         return f"not a NIfTI image (unreadable: {exc})"
+    if head[:2] == b"\x1f\x8b" and opener is open:  # gzip's magic number
+        return "a gzip file named without .gz: rename it to end in .nii.gz"
     if len(head) < _NIFTI1_HEADER_BYTES:
         return f"truncated: {len(head)} bytes, shorter than a NIfTI header"
     if head[344:348] in (b"n+1\0", b"ni1\0") or head[4:8] in (b"n+2\0", b"ni2\0"):

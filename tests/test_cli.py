@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from flareseg.bench.cli import main as bench_main
@@ -32,3 +35,64 @@ def test_an_argument_error_is_one_line_naming_the_argument(prog, capsys, tmp_pat
     assert len(lines) == 1, lines  # argparse alone prints its usage block first
     assert lines[0].startswith(f"{prog}: error: argument ") and lines[0].endswith(f"(see {prog} --help)")
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--device", "tpu"], "argument --device: expected cpu, cuda or cuda:N"),
+        (["--device", "cuda:x"], "argument --device: expected cpu, cuda or cuda:N"),
+        (["--device", "CPU"], "argument --device: expected cpu, cuda or cuda:N"),
+        (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1"),
+        (["--threads", "0"], "argument --threads: expected an integer >= 1"),
+        (["--read-threads", "-1"], "argument --read-threads: expected an integer >= 0"),
+        (["--part-id", "-1"], "argument --part-id: expected an integer >= 0"),
+        (["--timings", ""], "argument --timings: an empty path"),
+    ],
+)
+def test_flare_infer_refuses_bad_values_while_parsing(argv, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        infer_main(["-i", "ct.nii.gz", "-o", "out", "--model", "m.pt", *argv])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"flare-infer: error: {message}") and err.endswith("(see flare-infer --help)")
+    assert "\n" not in err
+
+
+def test_empty_paths_are_refused_by_every_command(capsys):
+    for main, argv in (
+        (infer_main, ["-i", "", "-o", "out", "--model", "m.pt"]),
+        (eval_main, ["--pred", "", "--gt", "g"]),
+        (export_main, ["", "-o", "out"]),
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        assert stopped.value.code == 2
+        assert "an empty path (see " in capsys.readouterr().err
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_partial_file(tmp_path):
+    """A real SIGTERM, sent by the command to itself while an atomic write is open."""
+    code = f"""
+import argparse, os, signal, sys
+from pathlib import Path
+from flareseg.atomic import atomic_output
+from flareseg.cli import add_common_arguments, run_command
+
+def body(args):
+    with atomic_output(Path({str(tmp_path / "out.bin")!r})) as tmp:
+        tmp.write_bytes(b"half")
+        os.kill(os.getpid(), signal.SIGTERM)
+        signal.pause()  # not reached: the handler raises at once
+    return 0
+
+parser = argparse.ArgumentParser(prog="demo")
+add_common_arguments(parser)
+code = run_command(parser, body, [])
+print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+sys.exit(code)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 143 and done.stderr.strip() == "demo: terminated"
+    assert done.stdout == "True\n"  # the default action is back once the command returns
+    assert not any(tmp_path.iterdir())  # the half-written temporary file is gone

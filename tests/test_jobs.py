@@ -154,3 +154,18 @@ def test_two_inputs_of_one_case_name_run_once_and_the_second_fails(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x.nii.gz").write_bytes(b"done")
     assert [p.status for p in plan_folder([first, second], tmp_path / "out")] == ["skipped", "failed"]
+
+
+def test_a_timings_path_holding_another_file_is_refused_and_earlier_timings_are_replaceable(tmp_path):
+    from flareseg.runtime.jobs import check_timings
+
+    sidecar = tmp_path / "flareseg_fp32.onnx.json"
+    sidecar.write_text('{"format": "flareseg-onnx", "precision": "fp32"}')
+    for path in (sidecar, tmp_path / "notes.json"):
+        path.write_text(path.read_text() if path.exists() else "not JSON")
+        with pytest.raises(FlareSegError, match="exists and is not a flare-infer timings file"):
+            check_timings(path, [])
+    earlier = tmp_path / "timings.json"
+    earlier.write_text('{"context": {"model": "m.pt"}, "cases": []}')
+    check_timings(earlier, [])
+    assert sidecar.read_text() == '{"format": "flareseg-onnx", "precision": "fp32"}'

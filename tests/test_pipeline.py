@@ -613,3 +613,54 @@ def test_a_damaged_checkpoint_is_one_short_line_naming_the_problem(tmp_path, cap
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert line == f"flare-infer: error: {tmp_path / name}: {problem}"
     assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_a_single_case_keeps_an_existing_output_unless_told_to_overwrite(trained_checkpoint, tmp_path, capsys):
+    (ct,) = _folder(tmp_path / "in", 1)
+    other = tmp_path / "other_0000.nii.gz"
+    other.write_bytes(b"another patient's CT")
+    argv = ["--model", str(trained_checkpoint), "-i", str(ct), "-o", str(other), "-q"]
+    assert infer_main(argv) == 0
+    assert other.read_bytes() == b"another patient's CT"
+    assert f"0 segmented, 1 skipped (already done), 0 failed of 1; {other} exists, kept" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "other_0000.nii.gz"]  # no timings either
+    assert infer_main([*argv, "--overwrite"]) == 0
+    assert nib.load(other).get_data_dtype() == np.uint8 and nib.load(other).shape == (48, 48, 6)
+
+
+def test_a_rerun_with_nothing_to_do_keeps_the_timings_of_the_run_that_did_it(trained_checkpoint, tmp_path, capsys):
+    _folder(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    argv = ["--model", str(trained_checkpoint), "-i", str(tmp_path / "in"), "-o", str(out), "-q"]
+    assert infer_main(argv) == 0
+    before = (out / "timings.json").read_text()
+    assert infer_main(argv) == 0
+    assert (out / "timings.json").read_text() == before
+    assert "0 segmented, 2 skipped (already done), 0 failed of 2" in capsys.readouterr().out
+
+
+def test_options_the_backend_would_ignore_or_that_contradict_the_device_are_refused(
+    trained_checkpoint, tmp_path, capsys
+):
+    (ct,) = _folder(tmp_path / "in", 1)
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"never loaded: the options are refused first")
+    refused = {
+        ("--model", str(onnx), "--channels-last"): "--channels-last is for the torch backend, not onnxruntime",
+        ("--model", str(trained_checkpoint), "--threads", "2"): "--threads is for the onnxruntime and openvino "
+        "backend, not torch",
+        ("--model", str(onnx), "--openvino-hint", "throughput"): "--openvino-hint is for the openvino backend",
+        ("--model", str(trained_checkpoint), "--ort-provider", "cpu"): "--ort-provider is for the onnxruntime backend",
+        ("--model", str(onnx), "--ort-memory", "no-arena", "--backend", "openvino"): "--ort-memory is for the "
+        "onnxruntime backend, not openvino",
+        ("--model", str(onnx), "--device", "cpu", "--ort-provider", "cuda"): "--ort-provider cuda runs on the GPU, "
+        "--device cpu on the CPU: choose one",
+        ("--engine", str(onnx), "--device", "cpu"): "a TensorRT engine runs on a CUDA GPU, not on the CPU",
+    }
+    for argv, message in refused.items():
+        assert infer_main([*argv, "-i", str(ct), "-o", str(tmp_path / "out"), "-q"]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("flare-infer: error: ") and message in err and "\n" not in err, err
+    assert infer_main(["--model", str(trained_checkpoint), "-i", str(ct), "-o", str(tmp_path / "o.NII.GZ")]) == 2
+    assert "an output file name ends in lower-case .nii.gz" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "m.onnx"]

@@ -263,3 +263,16 @@ def test_an_onnx_model_runs_on_the_cpu_by_default_beside_a_gpu_onnx_runtime_cann
     assert any("no CUDA provider" in m and "running on the CPU" in m for m in caplog.messages)
     assert cli._default_device_for("onnxruntime", "cpu") == "cuda"  # a provider named: the user's choice stands
     assert cli._default_device_for("torch", None) == "cuda"
+
+
+def test_a_folder_where_no_case_reaches_the_model_ends_with_its_summary_on_onnx_runtime(onnx_models, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    save(make_phantom((48, 48, 4), (8.0, 8.0, 10.0), seed=3).to_nifti()[0], folder / "c_0000.nii.gz")
+    argv = ["--model", str(onnx_models["fp32"]), "-i", str(folder), "-o", str(tmp_path / "o"), "-q"]
+    assert infer_main([*argv, "--output-type", "dicom-seg"]) == 1  # a NIfTI file has no series to reference
+    captured = capsys.readouterr()
+    assert "0 segmented, 0 skipped (already done), 1 failed of 1" in captured.out
+    assert "Traceback" not in captured.err and "DICOM SEG output needs a DICOM series" in captured.out
+    timings = json.loads((tmp_path / "o" / "timings.json").read_text())
+    assert timings["context"]["runner"] == "OnnxRuntimeRunner"  # never loaded: named, not described

@@ -607,3 +607,20 @@ def test_a_cut_trailer_and_an_unreadable_disk_are_told_apart_from_a_damaged_stre
     monkeypatch.setattr(volume_module, "open", FailingDisk, raising=False)  # a double for a failing disk
     with pytest.raises(FlareSegError, match=r"ct\.nii\.gz: cannot read the file \(Input/output error\)"):
         read_ct(path)
+
+
+def test_a_gzip_file_named_nii_and_scaling_beyond_float32_are_one_line_each(tmp_path):
+    data = np.zeros((4, 5, 6), np.int16)
+    gz = save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "ct.nii.gz")
+    misnamed = tmp_path / "ct.nii"
+    misnamed.write_bytes(gz.read_bytes())
+    with pytest.raises(FlareSegError, match=r"ct.nii: a gzip file named without .gz: rename it to end in .nii.gz"):
+        read_ct(misnamed)
+    data[0, 0, 0] = 100
+    img = nib.Nifti1Image(data, np.eye(4))
+    img.header.set_slope_inter(1e38, 0)
+    with pytest.raises(FlareSegError, match=r"scaled.nii.gz: scl_slope=1e\+38 .* beyond the float32 range"):
+        read_ct(save(img, tmp_path / "scaled.nii.gz"))
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.eye(4))
+    img.header.set_slope_inter(1e38, 0)  # every stored value is 0: no intensity overflows
+    assert read_ct(save(img, tmp_path / "zeros.nii.gz")).to_hu(np.array([0], np.int16)).tolist() == [0.0]

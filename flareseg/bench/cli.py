@@ -8,7 +8,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from flareseg.cli import add_common_arguments, int_list, non_negative_int, positive_int, run_command, slice_size
+from flareseg.cli import (
+    add_common_arguments,
+    int_list,
+    non_negative_int,
+    path_arg,
+    positive_int,
+    run_command,
+    slice_size,
+)
 from flareseg.errors import FlareSegError
 
 
@@ -20,13 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark latency, throughput, FLOPs and memory of the FLARE21 network on every backend "
         "available here (default: the paper's full-width network with random weights).",
     )
-    p.add_argument("--model", type=Path, help="a checkpoint (.pt) or ONNX model (default: random weights)")
+    p.add_argument("--model", type=path_arg, help="a checkpoint (.pt) or ONNX model (default: random weights)")
     p.add_argument(
         "--backends", type=lambda s: tuple(s.split(",")), help="comma-separated, from: " + ", ".join(ALL_BACKENDS)
     )
     p.add_argument("--batch", type=int_list, help="batch sizes (default 1,2,4 on CPU; 1..32 on GPU)")
     p.add_argument("--slices", type=positive_int, help="slices of the phantom volume (default 8 on CPU, 64 on GPU)")
-    p.add_argument("--input", type=Path, help="a CT volume to time instead of the phantom")
+    p.add_argument("--input", type=path_arg, help="a CT volume to time instead of the phantom")
     p.add_argument("--size", type=slice_size, default=(512, 512), help="slice size (default 512)")
     p.add_argument("--repeats", type=positive_int, help="timed runs per batch size (default 3 on CPU, 20 on GPU)")
     p.add_argument("--warmup", type=non_negative_int, help="untimed runs first (default 1 on CPU, 5 on GPU)")
@@ -40,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead of timing: check every available backend's outputs against PyTorch fp32 on the same slices "
         "and volume (writes check.json and check.md; exit status 1 if any backend fails its tolerance)",
     )
-    p.add_argument("-o", "--out", type=Path, default=Path("bench-report"), help="report folder (default bench-report)")
+    p.add_argument(
+        "-o", "--out", type=path_arg, default=Path("bench-report"), help="report folder (default bench-report)"
+    )
     add_common_arguments(p)
     return p
 

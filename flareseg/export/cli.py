@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-from flareseg.cli import add_common_arguments, batch_profile, positive_int, run_command, slice_size
+from flareseg.cli import add_common_arguments, batch_profile, path_arg, positive_int, run_command, slice_size
 from flareseg.errors import FlareSegError
 from flareseg.export.int8 import DEFAULT_CALIBRATION_SLICES, DEFAULT_MIN_AGREEMENT, DEFAULT_QUANTIZER
 from flareseg.export.onnx_export import (
@@ -26,8 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a flareseg checkpoint to ONNX (verified in ONNX Runtime against PyTorch) "
         "and optionally a TensorRT engine.",
     )
-    p.add_argument("checkpoint", type=Path, help="a flare-train checkpoint (.pt)")
-    p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
+    p.add_argument("checkpoint", type=path_arg, help="a flare-train checkpoint (.pt)")
+    p.add_argument("-o", "--out", type=path_arg, required=True, help="output folder")
     p.add_argument("--fp16", action="store_true", help="also write an fp16 ONNX (float32 inputs/outputs kept)")
     p.add_argument(
         "--int8",
@@ -36,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--calibration",
-        type=Path,
+        type=path_arg,
         help="INT8: folder of CT NIfTI files (e.g. TrainingImg) to calibrate on (default: synthetic phantoms)",
     )
     p.add_argument(
@@ -67,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("uint8", "int32"),
         help="put the argmax in the graph and output labels of this type instead of logits",
     )
-    p.add_argument("--verify-volume", type=Path, help="CT volume whose slices verify the export (default: a phantom)")
+    p.add_argument(
+        "--verify-volume", type=path_arg, help="CT volume whose slices verify the export (default: a phantom)"
+    )
     p.add_argument(
         "--verify-slices", type=positive_int, default=8, help="real slices used for verification (default 8)"
     )
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--name", default="flareseg", help="file name stem, without path separators (default flareseg)")
     p.add_argument("--workspace-mib", type=positive_int, default=DEFAULT_WORKSPACE_MIB, help="TensorRT workspace limit")
-    p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache (default: beside the output)")
+    p.add_argument("--timing-cache", type=path_arg, help="TensorRT timing cache (default: beside the output)")
     p.add_argument(
         "--tf32",
         action="store_true",

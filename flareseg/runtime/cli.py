@@ -14,7 +14,19 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
-from flareseg.cli import INTERRUPTED, add_common_arguments, exit_now, positive_float, run_command, say
+from flareseg.cli import (
+    INTERRUPTED,
+    TERMINATED,
+    add_common_arguments,
+    device_name,
+    exit_now,
+    non_negative_int,
+    path_arg,
+    positive_float,
+    positive_int,
+    run_command,
+    say,
+)
 from flareseg.errors import FlareSegError
 
 if TYPE_CHECKING:
@@ -39,19 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(NIfTI files or DICOM series in; uint8 NIfTI or DICOM SEG out).",
     )
     model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--engine", type=Path, help="a TensorRT engine built by flare-export --engine")
-    model.add_argument("--model", type=Path, help="an ONNX model (flare-export) or a checkpoint (.pt)")
+    model.add_argument("--engine", type=path_arg, help="a TensorRT engine built by flare-export --engine")
+    model.add_argument("--model", type=path_arg, help="an ONNX model (flare-export) or a checkpoint (.pt)")
     p.add_argument(
         "-i",
         "--input",
-        type=Path,
+        type=path_arg,
         required=True,
         help="a CT .nii/.nii.gz file, a folder holding one DICOM series, or a folder of those",
     )
     p.add_argument(
         "-o",
         "--output",
-        type=Path,
+        type=path_arg,
         required=True,
         help="output folder (results get FLARE21 names), or for one input an output file name",
     )
@@ -66,11 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         help=f"slices per batch (default {CPU_BATCH} on the CPU, where larger batches only cost memory; "
         f"{GPU_BATCH} on CUDA)",
     )
-    p.add_argument("--device", help="cpu or cuda[:i] (default: cuda when a GPU is present, else cpu)")
+    p.add_argument("--device", type=device_name, help="cpu or cuda[:i] (default: cuda when a GPU is present, else cpu)")
     p.add_argument(
         "--precision",
         choices=("fp32", "fp16", "bf16"),
@@ -109,32 +121,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--read-threads",
-        type=int,
+        type=non_negative_int,
         default=1,
         metavar="N",
         help="cores that inflate each .nii.gz at once, through rapidgzip (0: all; default 1: ISA-L on one core, "
         "the fastest on a few cores; opt-in: not yet measured on a many-core machine). DICOM series are "
         "decoded as before",
     )
-    p.add_argument("--threads", type=int, help="ONNX Runtime and OpenVINO CPU threads (default: all cores)")
+    p.add_argument("--threads", type=positive_int, help="ONNX Runtime and OpenVINO CPU threads (default: all cores)")
     p.add_argument(
         "--openvino-hint",
         choices=("latency", "throughput"),
-        default="latency",
         help="OpenVINO performance hint (default latency)",
     )
     p.add_argument("--ort-provider", choices=("cpu", "cuda", "tensorrt"), help="ONNX Runtime execution provider")
     p.add_argument(
         "--ort-memory",
         choices=("lean", "no-arena", "ort-defaults"),
-        default="lean",
         help="ONNX Runtime CPU memory: lean (default; arena without memory pattern), no-arena, or ONNX Runtime's own",
     )
     p.add_argument("--no-postprocess", action="store_true", help="skip the largest-component filtering")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists")
-    p.add_argument("--num-parts", type=int, default=1, help="split a folder into this many parts")
-    p.add_argument("--part-id", type=int, default=0, help="which part this process runs (0-based)")
-    p.add_argument("--timings", type=Path, help="where to write the timings JSON (default: beside the output)")
+    p.add_argument("--num-parts", type=positive_int, default=1, help="split a folder into this many parts")
+    p.add_argument("--part-id", type=non_negative_int, default=0, help="which part this process runs (0-based)")
+    p.add_argument("--timings", type=path_arg, help="where to write the timings JSON (default: beside the output)")
     add_common_arguments(p)
     return p
 
@@ -144,6 +154,24 @@ def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_backend_options(args: argparse.Namespace, backend: str) -> None:
+    """Refuse an option the chosen backend would ignore, or one that contradicts --device."""
+    belongs = {
+        "--channels-last": (args.channels_last is not None, ("torch",)),
+        "--threads": (args.threads is not None, ("onnxruntime", "openvino")),
+        "--openvino-hint": (args.openvino_hint is not None, ("openvino",)),
+        "--ort-provider": (args.ort_provider is not None, ("onnxruntime",)),
+        "--ort-memory": (args.ort_memory is not None, ("onnxruntime",)),
+    }
+    for option, (given, backends) in belongs.items():
+        if given and backend not in backends:
+            raise FlareSegError(f"{option} is for the {' and '.join(backends)} backend, not {backend}: drop it")
+    if args.ort_provider not in (None, "cpu") and args.device == "cpu":
+        raise FlareSegError(f"--ort-provider {args.ort_provider} runs on the GPU, --device cpu on the CPU: choose one")
+    if args.ort_provider == "cpu" and args.device is not None and args.device != "cpu":
+        raise FlareSegError(f"--ort-provider cpu runs on the CPU, --device {args.device} on the GPU: choose one")
 
 
 def _default_device_for(backend: str, ort_provider: str | None) -> str:
@@ -213,7 +241,10 @@ def _plan_inputs(args: argparse.Namespace, listed: list[Path] | None = None) -> 
     if not inp.is_dir() and not is_nifti(inp):
         raise FlareSegError(f"{inp}: not a .nii or .nii.gz file, nor a folder holding a DICOM series")
     out: Path = args.output
-    names_a_file = out.name.endswith((*NIFTI_SUFFIXES, *OUTPUT_SUFFIXES.values())) and not out.is_dir()
+    suffixes = (*NIFTI_SUFFIXES, *OUTPUT_SUFFIXES.values())
+    names_a_file = out.name.endswith(suffixes) and not out.is_dir()
+    if not names_a_file and not out.is_dir() and out.name.lower().endswith(suffixes):
+        raise FlareSegError(f"{out}: an output file name ends in lower-case {', '.join(dict.fromkeys(suffixes))}")
     return False, [inp], (out if names_a_file else None)
 
 
@@ -279,7 +310,8 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
     t_start = time.perf_counter()
     model_path: Path = args.engine or args.model
     backend: Backend = "tensorrt" if args.engine else (args.backend or backend_for(model_path))
-    device: str = args.device or _default_device_for(backend, args.ort_provider)
+    _check_backend_options(args, backend)
+    device: str = args.device or ("cuda" if backend == "tensorrt" else _default_device_for(backend, args.ort_provider))
     cuda = device.startswith("cuda") or backend == "tensorrt"
     # PyTorch on CUDA defaults to fp16 + channels_last (the path measured on the H200); exported
     # models carry their precision, so --precision is PyTorch's alone.
@@ -297,6 +329,10 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
     timings_path = _timings_path(args, target)
     check_timings(timings_path, inputs)
     idle_mb = _check_memory_budget(args, backend, cuda, device)
+    if target is not None and target.is_file() and not args.overwrite:
+        # As in a folder: a result already there is kept, never replaced unasked (it may be another file).
+        say(f"0 segmented, 1 skipped (already done), 0 failed of 1; {target} exists, kept (--overwrite to redo it)")
+        return 0
     runner = open_runner(
         model_path,
         backend=backend,
@@ -306,8 +342,8 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
         cuda_graph_batch=batch_size if args.cuda_graph else None,
         threads=args.threads,
         ort_provider=args.ort_provider,
-        openvino_hint=args.openvino_hint,
-        ort_memory=args.ort_memory,
+        openvino_hint=args.openvino_hint or "latency",
+        ort_memory=args.ort_memory or "lean",
     )
     timeline.mark("runner_opened")  # on CUDA this checked the device, which initialises the driver
     memory_plan: dict[str, object] | None = None
@@ -363,7 +399,7 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
             else:
                 results = [segment_file(runner, inputs[0], target, output_type=args.output_type, **options)]
                 report(results[0])
-        context["runner"] = runner.describe()
+        context["runner"] = runner.describe() if runner.is_active else runner.name  # not loaded: nothing ran
     finally:
         runner.deactivate()
     timeline.mark("released")
@@ -374,13 +410,16 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
         "activate_s": runner.activate_s,
         "activation_steps_s": runner.activation_steps,
     }
-    try:
-        write_timings(results, timings_path, context, summary, startup)
-        timings_written = True
-    except FlareSegError as exc:  # the label maps are written: say so, then what went wrong
-        log.error("%s", exc)
-        timings_written = False
-    written = f"timings: {timings_path}" if timings_written else "timings not written"
+    timings_written = True
+    if summary.segmented == summary.failed == 0:  # nothing ran: an earlier run's timings stay as they are
+        written = "no timings (nothing ran)"
+    else:
+        try:
+            write_timings(results, timings_path, context, summary, startup)
+        except FlareSegError as exc:  # the label maps are written: say so, then what went wrong
+            log.error("%s", exc)
+            timings_written = False
+        written = f"timings: {timings_path}" if timings_written else "timings not written"
     failed = [r for r in results if r.status == "failed"]
     rate = f", {summary.cases_per_minute:.1f} cases/min" if folder and summary.cases_per_minute else ""
     say(
@@ -432,7 +471,7 @@ def entry() -> NoReturn:
     Not after Ctrl-C: a writer thread may still be finishing, and the usual exit waits for it.
     """
     code = main()
-    if code == INTERRUPTED:
+    if code in (INTERRUPTED, TERMINATED):
         sys.exit(code)
     exit_now(code)
 

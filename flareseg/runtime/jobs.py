@@ -8,6 +8,7 @@ which cases of a folder run, which are skipped and which are refused.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -122,7 +123,22 @@ def check_timings(path: Path, inputs: Sequence[Path]) -> None:
         raise FlareSegError(f"{path}: refusing to overwrite an input with the timings")
     if path.is_dir():
         raise FlareSegError(f"{path}: a folder is in the way of the timings file")
+    if path.is_file() and not _is_timings_file(path):
+        raise FlareSegError(
+            f"{path}: exists and is not a flare-infer timings file (a model's sidecar?); refusing to replace it"
+        )
     check_writable(path)
+
+
+def _is_timings_file(path: Path) -> bool:
+    """Whether an existing file is an earlier run's timings (a JSON object with its context and cases)."""
+    try:
+        if path.stat().st_size > 64 * 2**20:  # far beyond any run's timings
+            return False
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
+        return False
+    return isinstance(data, dict) and isinstance(data.get("context"), dict) and isinstance(data.get("cases"), list)
 
 
 def list_inputs(folder: str | os.PathLike[str], *, exclude: Path | None = None) -> dict[str, Path]:

@@ -12,8 +12,10 @@ from typing import Any
 
 from flareseg.cli import (
     add_common_arguments,
+    device_name,
     non_negative_float,
     non_negative_int,
+    path_arg,
     positive_float,
     positive_int,
     run_command,
@@ -96,11 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
         "or with --resume the run's own.",
     )
     # Defaults are None here and filled in by _new_config: --resume must tell a setting given from one left out.
-    p.add_argument("--data", type=Path, help="FLARE21 folder holding TrainingImg/ and TrainingMask/")
-    p.add_argument("--out", type=Path, help="run directory (config, statistics, cache, checkpoints, log)")
+    p.add_argument("--data", type=path_arg, help="FLARE21 folder holding TrainingImg/ and TrainingMask/")
+    p.add_argument("--out", type=path_arg, help="run directory (config, statistics, cache, checkpoints, log)")
     p.add_argument(
         "--resume",
-        type=Path,
+        type=path_arg,
         metavar="RUN_DIR",
         help="continue a run where it stopped, in RUN_DIR; only "
         + ", ".join(RESUME_MAY_CHANGE)
@@ -137,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=non_negative_int, help=f"data-loading processes (default {d.workers})")
     p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--amp", action="store_true", default=None, help="mixed precision (CUDA)")
     p.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory format")
     p.add_argument("--cudnn-benchmark", action="store_true", default=None, help="cuDNN autotuning for this run")

@@ -54,7 +54,10 @@ class TensorRTRunner(Runner):
     def __init__(self, engine: str | os.PathLike[str], *, device: str | torch.device = "cuda") -> None:
         super().__init__()
         self.path = Path(engine)
-        self.device = cuda_device(device)
+        try:
+            self.device = cuda_device(device)
+        except FlareSegError as exc:
+            raise FlareSegError(f"{self.path}: a TensorRT engine runs on a CUDA GPU; {exc}") from None
         if self.device.type != "cuda":
             raise FlareSegError("TensorRT engines run on a CUDA device")
         self.cuda = CudaCalls(self.device)
