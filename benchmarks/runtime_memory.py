@@ -10,6 +10,7 @@ Run: python benchmarks/runtime_memory.py [OUT_DIR]
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import subprocess
@@ -27,7 +28,10 @@ from flareseg.preprocess import NormalizationStats
 
 
 def main() -> None:
-    work = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", nargs="?", type=Path, help="work folder (default: a new temporary folder)")
+    args = parser.parse_args()
+    work = args.out_dir or Path(tempfile.mkdtemp())
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     net = build_training_network(NetworkConfig(base_width=8)).eval()

@@ -150,7 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gt", required=True, type=path_arg, help="folder of ground truth label maps")
     parser.add_argument("-o", "--output", type=path_arg, help="per-case CSV to write (.csv)")
     parser.add_argument("--tolerance", type=non_negative_float, default=1.0, help="NSD tolerance in mm (default 1)")
-    parser.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1), help="parallel processes")
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=min(4, os.cpu_count() or 1),
+        help="parallel processes (default: up to 4, one per core)",
+    )
     add_common_arguments(parser)
     return parser
 

@@ -220,15 +220,15 @@ def _triple(kind: type[int] | type[float]) -> Callable[[str], tuple[Any, ...]]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m flareseg.phantom", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=path_arg)
-    parser.add_argument("--cases", type=positive_int, default=1)
+    parser.add_argument("--cases", type=positive_int, default=1, help="how many cases (default 1)")
     parser.add_argument(
         "--shape", type=_triple(int), default=(128, 128, 64), help="voxels along R,A,S (default 128,128,64)"
     )
     parser.add_argument(
         "--spacing", type=_triple(float), default=(3.0, 3.0, 4.0), help="mm along R,A,S (default 3,3,4)"
     )
-    parser.add_argument("--orientation", default="RAS", help="storage axis codes, e.g. RAS, LPS, ASR")
-    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--orientation", default="RAS", help="storage axis codes, e.g. RAS, LPS, ASR (default RAS)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed of the first case (default 0)")
     add_common_arguments(parser)
     return parser
 

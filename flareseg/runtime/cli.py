@@ -98,14 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--device-preprocess",
         action="store_true",
         help="upload the stored integer slices and clip, z-score and resize them on the device "
-        "(opt-in: not yet verified on a GPU; gives the host path's labels on the CPU, tested)",
+        "(opt-in: ran once on an H200 with the host path's labels, not yet a default; same labels on the CPU, tested)",
     )
     p.add_argument(
         "--gpu-memory",
         type=positive_float,
         metavar="MB",
         help="choose the CUDA batch that fits this whole-device budget above the idle reading, measured "
-        "(opt-in: not yet verified on a GPU)",
+        "(opt-in: ran once on an H200, not yet a default)",
     )
     p.add_argument(
         "--warm-up",
