@@ -55,8 +55,12 @@ def run_command(
     # Our own messages at the chosen level; third-party libraries (onnxscript, torch) only warnings.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("flareseg").setLevel(level)
-    # nibabel logs a header fault it cannot fix at ERROR, then raises; our one-line error says it.
-    logging.getLogger("nibabel.global").addFilter(_below_error)  # the same function: added once per process
+    # nibabel logs a header fault it cannot fix at ERROR, then raises; pydicom's decoders log each
+    # failure's traceback at ERROR, then raise. Our one-line error says it, naming the file.
+    # (Filters are added once per process: the same function each time.)
+    logging.getLogger("nibabel.global").addFilter(_below_error)  # it also has a handler of its own
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_no_pydicom_errors)  # its child loggers' records reach only the handlers
     previous = _catch_sigterm()
     try:
         return body(args)
@@ -92,6 +96,10 @@ def _catch_sigterm() -> Any:
 
 def _below_error(record: logging.LogRecord) -> bool:
     return record.levelno < logging.ERROR
+
+
+def _no_pydicom_errors(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR or not (record.name == "pydicom" or record.name.startswith("pydicom."))
 
 
 def _one_line_error(parser: argparse.ArgumentParser) -> Callable[[str], NoReturn]:

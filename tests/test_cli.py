@@ -96,3 +96,40 @@ sys.exit(code)
     assert done.returncode == 143 and done.stderr.strip() == "demo: terminated"
     assert done.stdout == "True\n"  # the default action is back once the command returns
     assert not any(tmp_path.iterdir())  # the half-written temporary file is gone
+
+
+def test_an_error_quoting_a_multi_line_message_is_still_one_line():
+    from flareseg.errors import FlareSegError
+
+    quoted = "Unable to decode:\n  gdcm: no codec\n  pillow: broken data stream\n"
+    assert str(FlareSegError(f"s/CT1.dcm: cannot decode ({quoted})")) == (
+        "s/CT1.dcm: cannot decode (Unable to decode: gdcm: no codec; pillow: broken data stream; )"
+    )
+    assert str(FlareSegError("one line")) == "one line"
+
+
+def test_pydicom_tracebacks_are_left_to_the_one_line_error():
+    """In a fresh process, as on the command line (pytest's own log handlers would hide what stderr shows)."""
+    code = """
+import argparse, logging, sys
+from flareseg.cli import add_common_arguments, run_command
+from flareseg.errors import FlareSegError
+
+def body(args):
+    try:
+        raise OSError("broken data stream")
+    except OSError:
+        logging.getLogger("pydicom.pixels.decoders.base").error("broken data stream", exc_info=True)
+    logging.getLogger("pydicom").warning("a warning is still said")
+    raise FlareSegError("s: cannot decode the pixel data of CT1.dcm (broken data stream)")
+
+parser = argparse.ArgumentParser(prog="demo")
+add_common_arguments(parser)
+sys.exit(run_command(parser, body, []))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "WARNING pydicom: a warning is still said",
+        "demo: error: s: cannot decode the pixel data of CT1.dcm (broken data stream)",
+    ]
