@@ -29,6 +29,8 @@ from flareseg.percentiles import (
 )
 
 DEFAULT_PERCENTILES = (1.0, 99.0)
+#: Voxels per chunk in compute_stats: bounds its float copies (12 bytes a voxel) to 12 MiB.
+_STATS_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -95,20 +97,31 @@ def compute_stats(
 ) -> NormalizationStats:
     """Mean and std over all voxels of all (clipped) volumes, streaming: one volume in memory at a time.
 
-    Sums are accumulated per volume around that volume's mean (Chan et al.'s parallel
-    update), which stays accurate in float64 for billions of voxels.
+    Each volume is clipped to its own percentiles (taken over the whole volume) and then
+    read in chunks of slices, so the float copies are of one chunk, not of the volume.
+    Sums are accumulated per chunk around that chunk's mean and merged with Chan et al.'s
+    parallel update, which stays accurate in float64 for billions of voxels.
     """
     n_total, mean_total, m2_total, cases = 0, 0.0, 0.0, 0
     for volume in volumes:
-        clipped = clip_volume(volume, percentiles).astype(np.float64, copy=False)
-        n = clipped.size
-        mean = float(clipped.mean())
-        m2 = float(np.square(clipped - mean).sum())
-        delta = mean - mean_total
-        n_new = n_total + n
-        mean_total += delta * n / n_new
-        m2_total += m2 + delta * delta * n_total * n / n_new
-        n_total, cases = n_new, cases + 1
+        volume = np.asarray(volume)
+        lo, hi = clip_bounds(volume, percentiles)
+        slabs = volume.reshape(1, -1) if volume.ndim < 2 else volume
+        rows = max(1, _STATS_CHUNK // max(1, slabs[0].size))
+        for start in range(0, len(slabs), rows):
+            # Clipped in float32 as clip_volume does, then float64: the same values the statistics always used.
+            chunk = np.clip(slabs[start : start + rows], lo, hi, dtype=np.float32).astype(np.float64)
+            n = chunk.size
+            mean = float(chunk.mean())
+            chunk -= mean  # in place: no further chunk-sized temporaries
+            np.square(chunk, out=chunk)
+            m2 = float(chunk.sum())
+            delta = mean - mean_total
+            n_new = n_total + n
+            mean_total += delta * n / n_new
+            m2_total += m2 + delta * delta * n_total * n / n_new
+            n_total = n_new
+        cases += 1
     if n_total == 0:
         raise FlareSegError("cannot compute normalisation statistics from zero volumes")
     return NormalizationStats(
@@ -238,23 +251,25 @@ def volume_normalizer(
     """The normaliser of a whole volume given its stored values (percentiles need all of them).
 
     Percentiles are taken on the stored values (an int16 volume costs a 2-byte copy, not
-    a 4-byte float one) and mapped to HU: linear interpolation commutes with the
-    increasing affine scaling, so the bounds equal the percentiles of the HU volume.
+    a 4-byte float one) and mapped to HU: linear interpolation commutes with affine
+    scaling, so the bounds equal the percentiles of the HU volume. A negative slope
+    reverses the order, so HU percentile q is the stored values' percentile 100 - q.
     ``histogram``: the stored values' :func:`~flareseg.percentiles.value_histogram`, when it was counted already.
     """
+    q_low, q_high = stats.percentiles
+    # Stored-value percentiles that map to HU q_low and q_high; with a negative slope they are 100 - q
+    # (swapping the mapped bounds is right only for symmetric percentiles such as (1, 99)).
+    qs = (q_low, q_high) if slope >= 0 else (100.0 - q_low, 100.0 - q_high)
     if histogram is not None:
         if histogram.voxels != stored.size:
             raise FlareSegError(
                 f"the histogram counts {histogram.voxels} voxels, but the volume has {stored.size}: "
                 "it belongs to another volume"
             )
-        lo, hi = histogram.percentiles(stats.percentiles)
+        at_low, at_high = histogram.percentiles(qs)
     else:
-        lo, hi = clip_bounds(stored, stats.percentiles)
-    lo, hi = lo * slope + inter, hi * slope + inter
-    if slope < 0:
-        lo, hi = hi, lo
-    return SliceNormalizer(lo=lo, hi=hi, stats=stats, slope=slope, inter=inter)
+        at_low, at_high = clip_bounds(stored, qs)
+    return SliceNormalizer(lo=at_low * slope + inter, hi=at_high * slope + inter, stats=stats, slope=slope, inter=inter)
 
 
 def normalize_volume(volume: np.ndarray, stats: NormalizationStats) -> np.ndarray:

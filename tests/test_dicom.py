@@ -379,6 +379,42 @@ def test_bad_series_one_line_error(tmp_path: Path, kind: str) -> None:
     assert "\n" not in message
 
 
+def test_a_long_run_of_missing_slices_is_reported_as_missing_not_duplicated(tmp_path: Path) -> None:
+    # More than ten times the usual gap: against the largest gap, every ordinary one looked like a duplicate.
+    ph = make_phantom((16, 16, 24), SPACING, ("L", "P", "S"), seed=3)
+    files = write_series(tmp_path / "gap", ph)
+    for path in files[5:15]:
+        path.unlink()
+    with pytest.raises(FlareSegError) as info:
+        read_series(tmp_path / "gap")
+    assert str(info.value) == (
+        f"{tmp_path / 'gap'}: slice positions are not evenly spaced: gap of 66.00 mm between {files[4].name} and "
+        f"{files[15].name}, expected 6.00 mm: 10 missing slice(s)?"
+    )
+    # A duplicate is still one beside that gap, and so is a series whose every slice is there twice.
+    shutil.copy(files[20], tmp_path / "gap" / "copy-of-slice-20")
+    with pytest.raises(FlareSegError, match=r"duplicated slice: .* are both at "):
+        read_series(tmp_path / "gap")
+    twice = write_series(tmp_path / "twice", ph)
+    for k, path in enumerate(twice):
+        shutil.copy(path, tmp_path / "twice" / f"copy-{k}")
+    with pytest.raises(FlareSegError, match=r"duplicated slice: .* are both at "):
+        read_series(tmp_path / "twice")
+
+
+def test_decode_threads_without_sched_getaffinity_follow_the_cpu_count(monkeypatch) -> None:
+    from pydicom.pixels import get_decoder
+
+    from flareseg.dicom import series
+
+    if "pillow" not in get_decoder(JPEG2000Lossless).available_plugins:
+        pytest.skip("Pillow's JPEG 2000 decoder is not available")
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # as on macOS and Windows
+    for cores, plan in ((6, ("pillow", 6)), (64, ("pillow", series.MAX_DECODE_THREADS)), (2, ("", 1)), (None, ("", 1))):
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        assert series._decode_plan({JPEG2000Lossless}, None) == plan, cores
+
+
 def test_missing_codec_names_the_package(tmp_path: Path) -> None:
     """In a Python where no JPEG 2000 codec can be imported, the error names the package to install."""
     write_series(tmp_path / "s", phantom("LPS"), syntax=JPEG2000Lossless)

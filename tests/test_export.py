@@ -18,6 +18,7 @@ from flareseg.errors import FlareSegError
 from flareseg.export import ExportOptions, export_onnx, onnx_export, read_onnx_metadata, read_sidecar
 from flareseg.export.cli import main as export_main
 from flareseg.export.inputs import check_not_label_map
+from flareseg.export.metadata import ExportMetadata
 from flareseg.export.tensorrt import (
     DeviceIdentity,
     check_engine_compatibility,
@@ -403,3 +404,22 @@ def test_an_output_path_that_is_a_file_is_refused(tiny_checkpoint, tmp_path, cap
     assert export_main([str(tiny_checkpoint), "-o", str(afile), "-q"]) == 2
     assert "afile: exists and is not a folder (-o names the output folder)" in _one_line(capsys)
     assert afile.read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    ("embedded", "kind"), [("[1, 2]", "list"), ("3", "int"), ('"flareseg"', "str"), ("null", "NoneType")]
+)
+def test_embedded_metadata_that_is_not_a_json_object_is_refused_in_one_line(tmp_path, embedded, kind):
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [x]))
+    model.graph.output[0].name = "y"
+    model.metadata_props.add(key="flareseg", value=embedded)
+    path = tmp_path / "odd.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(FlareSegError) as err:
+        read_onnx_metadata(path)
+    assert str(err.value) == f"{path}: flareseg metadata is not a JSON object (got {kind})"
+    with pytest.raises(FlareSegError, match=rf"^{kind}: export metadata is not a JSON object \(got {kind}\)$"):
+        ExportMetadata.from_dict(json.loads(embedded), source=kind)

@@ -13,14 +13,15 @@ import pytest
 import torch
 from conftest import TRAINED_SIZE
 
-from flareseg.checkpoint import load_model
+from flareseg.checkpoint import ModelInfo, load_model
 from flareseg.errors import FlareSegError
 from flareseg.export import ExportOptions, export_onnx, read_onnx_metadata, read_sidecar
 from flareseg.export import int8 as int8_module
 from flareseg.export.cli import main as export_main
 from flareseg.export.fp16 import convert_to_fp16
+from flareseg.network import NetworkConfig
 from flareseg.phantom import make_phantom
-from flareseg.preprocess import network_batch, normalize_volume
+from flareseg.preprocess import NormalizationStats, network_batch, normalize_volume
 
 #: Labels of the INT8 model against fp32 PyTorch on phantom slices it was neither
 #: calibrated nor verified on (the export itself requires 99 % on its held-out slices).
@@ -129,6 +130,25 @@ def test_calibration_and_held_out_slices_are_disjoint_and_come_from_the_folder(t
     assert len(sets.calibration) == 10 and len(sets.held_out) == 4
     flat_c = {s.tobytes() for s in sets.calibration}
     assert not flat_c & {s.tobytes() for s in sets.held_out}
+
+
+def test_calibration_folder_with_mixed_in_plane_sizes_and_a_flat_case(tmp_path):
+    # Cases of different sizes (also width only) and one with no usable slice pool together.
+    info = ModelInfo(
+        network=NetworkConfig(base_width=8), normalization=NormalizationStats(0.0, 100.0), slice_size=(32, 32)
+    )
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    for k, shape in enumerate([(64, 64, 12), (80, 80, 12), (64, 80, 12)]):
+        img, _ = make_phantom(shape, (6.0, 6.0, 8.0), seed=20 + k).to_nifti()
+        nib.save(img, folder / f"case_{k}_0000.nii.gz")
+    nib.save(nib.Nifti1Image(np.full((48, 48, 6), -1000, np.int16), np.eye(4)), folder / "case_3_0000.nii.gz")
+    sets = int8_module.calibration_slices(info, folder, count=6, held_out=3)
+    assert len(sets.calibration) == 6 and len(sets.held_out) == 3
+    sizes = {s.shape for s in [*sets.calibration, *sets.held_out]}
+    assert sizes == {(64, 64), (80, 80), (80, 64)}  # (Y, X) of each NIfTI case; the flat one gave none
+    inputs = int8_module.network_inputs(sets.calibration, info, 3)
+    assert inputs.shape == (6, 3, 32, 32) and inputs.dtype == np.float32
 
 
 def test_export_calibrated_on_a_folder_records_it(trained_checkpoint, tmp_path):

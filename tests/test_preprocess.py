@@ -45,6 +45,58 @@ def test_streaming_stats_equal_stats_of_all_clipped_voxels():
     assert stats.num_voxels == clipped.size and stats.num_cases == 3
 
 
+def _whole_volume_stats(volumes, percentiles=(1.0, 99.0)):
+    """The statistics as computed before compute_stats streamed slices: float64 copies of each whole volume."""
+    n_total, mean_total, m2_total = 0, 0.0, 0.0
+    for volume in volumes:
+        lo, hi = np.percentile(volume, percentiles)
+        clipped = np.clip(volume, lo, hi, dtype=np.float32).astype(np.float64)
+        n, mean = clipped.size, float(clipped.mean())
+        m2 = float(np.square(clipped - mean).sum())
+        delta, n_new = mean - mean_total, n_total + clipped.size
+        mean_total += delta * n / n_new
+        m2_total += m2 + delta * delta * n_total * n / n_new
+        n_total = n_new
+    return mean_total, float(np.sqrt(m2_total / n_total)), n_total
+
+
+@pytest.mark.parametrize("chunk", [1, 300, 1 << 20])  # voxels per chunk: one slice at a time, a few, whole volumes
+def test_stats_in_chunks_of_slices_equal_the_whole_volume_formula(monkeypatch, chunk):
+    import flareseg.preprocess as preprocess
+
+    monkeypatch.setattr(preprocess, "_STATS_CHUNK", chunk, raising=False)
+    rng = np.random.default_rng(3)
+    volumes = [
+        rng.integers(-1024, 3071, (7, 16, 13)).astype(np.int16),
+        rng.normal(40, 300, (5, 12, 20)).astype(np.float32)[:, ::-1].transpose(0, 2, 1),  # a strided view
+        rng.integers(0, 255, (3, 9, 9), dtype=np.uint8) * 1000.0,  # float64, a far-off mean
+        rng.normal(-500, 50, (11, 17)).astype(np.float32),  # 2-D: rows are the slices
+    ]
+    mean, std, n = _whole_volume_stats(volumes, (0.5, 99.0))
+    stats = compute_stats(iter(volumes), (0.5, 99.0))
+    assert stats.mean == pytest.approx(mean, rel=1e-12) and stats.std == pytest.approx(std, rel=1e-12)
+    assert stats.num_voxels == n and stats.num_cases == 4
+
+
+def test_stats_float_copies_are_of_a_chunk_not_of_the_volume(monkeypatch):
+    import tracemalloc
+
+    import flareseg.preprocess as preprocess
+
+    monkeypatch.setattr(preprocess, "_STATS_CHUNK", 1 << 16, raising=False)
+    volume = np.random.default_rng(1).integers(-1024, 3071, (128, 128, 128)).astype(np.int16)  # 2**21 voxels
+    tracemalloc.start()
+    try:
+        stats = compute_stats([volume])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Float64 copies of the whole volume took 24 bytes a voxel (48 MiB); now the largest temporary is the
+    # int16 percentiles' counting of 2**20 voxels at a time (8 MiB), then a chunk's 12 bytes a voxel (0.75 MiB).
+    assert peak < 6 * volume.size
+    assert stats.num_voxels == volume.size
+
+
 def test_stats_json_round_trip_and_validation():
     stats = NormalizationStats(mean=12.5, std=210.0, num_voxels=10, num_cases=1)
     assert NormalizationStats.from_json(stats.to_json()) == stats
@@ -82,18 +134,20 @@ def test_resize_is_bilinear_and_scores_are_resized_before_argmax():
     assert labels[0, 0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
 
 
-@pytest.mark.parametrize("slope", [1.0, 0.5, -2.0])
-def test_volume_normalizer_bounds_equal_numpy_percentiles_of_the_hu_volume(slope):
+@pytest.mark.parametrize("percentiles", [(1.0, 99.0), (5.0, 99.0), (0.0, 42.5)])
+@pytest.mark.parametrize("slope", [1.0, 0.5, -2.0, -1.0])
+def test_volume_normalizer_bounds_equal_numpy_percentiles_of_the_hu_volume(slope, percentiles):
     stored = np.random.default_rng(4).integers(-1024, 3071, (6, 20, 19)).astype(np.int16)
-    stats = NormalizationStats(mean=10.0, std=100.0)
+    stats = NormalizationStats(mean=10.0, std=100.0, percentiles=percentiles)
     normalizer = volume_normalizer(stored, stats, slope=slope, inter=-1024.0)
-    lo, hi = np.percentile(stored, (1.0, 99.0))  # today's formula: percentiles of stored values mapped to HU
-    lo, hi = lo * slope - 1024.0, hi * slope - 1024.0
-    if slope < 0:
-        lo, hi = hi, lo
+    # Stored percentiles mapped to HU; a negative slope turns HU percentile q into stored percentile 100 - q.
+    q_low, q_high = percentiles if slope > 0 else (100.0 - percentiles[0], 100.0 - percentiles[1])
+    lo, hi = (v * slope - 1024.0 for v in np.percentile(stored, (q_low, q_high)))
     assert (normalizer.lo, normalizer.hi) == (lo, hi)
     hu = stored.astype(np.float64) * slope - 1024.0
-    assert (normalizer.lo, normalizer.hi) == pytest.approx(tuple(np.percentile(hu, (1.0, 99.0))), abs=1e-9)
+    assert (normalizer.lo, normalizer.hi) == pytest.approx(tuple(np.percentile(hu, percentiles)), abs=1e-9)
+    # The histogram counted beforehand gives the same bounds.
+    assert volume_normalizer(stored, stats, slope, -1024.0, value_histogram(stored)) == normalizer
 
 
 # --- The torch twin ----------------------------------------------------------------------------------------

@@ -76,6 +76,30 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(phantom_data, tmp
     assert steps == {6}
 
 
+def test_a_crash_between_the_epoch_checkpoints_never_leaves_a_best_older_than_last(phantom_data, tmp_path, monkeypatch):
+    from flareseg.train import loop
+
+    real_save, written = loop.save_checkpoint, []
+
+    def save_then_crash(path, *args, **kwargs):
+        if written:  # the epoch's second checkpoint write fails (disk full, killed...)
+            raise OSError(f"{path}: no space left on device")
+        written.append(Path(path).name)
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    run = tmp_path / "run"
+    run.mkdir()  # a folder the run did not create is kept when it fails, so what it wrote can be checked
+    argv = ["--data", str(phantom_data), "--out", str(run), "--epochs", "1", "--steps-per-epoch", "1"]
+    with pytest.raises(OSError, match="no space left"):
+        train_main([*argv, "--val-cases", "1", *TINY])
+    # The first epoch always improves on "no best yet": best.pt comes first, and last.pt, which would
+    # record that best score for a resumed run, is not written ahead of it.
+    assert written == ["best.pt"]
+    assert read_checkpoint(run / "best.pt")["train_state"]["best_epoch"] == 1
+    assert not (run / "last.pt").exists()
+
+
 def test_checkpoint_holds_what_inference_needs_and_refuses_mismatches(phantom_data, tmp_path):
     run = tmp_path / "run"
     assert (

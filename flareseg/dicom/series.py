@@ -207,7 +207,11 @@ def _slice_order(
         fallback = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 1.0
         return order, float(fallback)
     gaps = np.diff(s)
-    dup = np.flatnonzero(gaps <= max(1e-3, 0.1 * float(gaps.max())))
+    # Duplicates are judged against the typical (median positive) gap: against the largest one, a run of
+    # missing slices would make every ordinary gap look like a duplicate.
+    positive = gaps[gaps > 1e-3]
+    typical = float(np.median(positive)) if positive.size else 0.0
+    dup = np.flatnonzero(gaps <= max(1e-3, 0.1 * typical))
     if dup.size:
         k = int(dup[0])
         raise _fail(
@@ -291,7 +295,8 @@ def _decode_plan(syntaxes: set[str], threads: int | None) -> tuple[str, int]:
     values for lossless data (benchmarks/dicom_read.md).
     """
     if threads is None:
-        cores = len(os.sched_getaffinity(0))
+        # sched_getaffinity (the cores this process may use) exists on Linux only.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         threads = min(MAX_DECODE_THREADS, cores) if cores >= MIN_CORES_FOR_THREADS else 1
     workers = threads
     if workers < 1:

@@ -127,11 +127,12 @@ def calibration_slices(
         spread = np.linspace(0, len(cases) - 1, _MAX_CALIBRATION_CASES).round().astype(int)
         chosen = [cases[i] for i in np.unique(spread)]
         per_case = -(-total // len(chosen))
-        parts = []
+        slices: list[np.ndarray] = []
         for path in chosen:
             volume = normalize_volume(read_ct_hu(path, "--calibration"), info.normalization)
-            parts.append(_slices_from([volume], per_case))
-        pool = np.concatenate(parts) if parts else np.empty((0, 1, 1), np.float32)
+            # A case without usable slices adds none; cases may differ in in-plane size.
+            slices.extend(_slices_from([volume], per_case))
+        pool = _pool(slices)
         source = f"{len(chosen)} case(s) of {folder}"
     if len(pool) < 2:
         raise FlareSegError(
@@ -157,12 +158,23 @@ def _slices_from(volumes: Sequence[np.ndarray], count: int) -> np.ndarray:
             continue
         idx = usable[np.unique(np.linspace(0, len(usable) - 1, min(per_volume, len(usable))).round().astype(int))]
         out.append(volume[idx])
-    if not out:
+    return _pool([s for v in out for s in v])
+
+
+def _pool(slices: Sequence[np.ndarray]) -> np.ndarray:
+    """(N, H, W) slices as one array: stacked when they share a size, else a 1-D object array of slices.
+
+    Slices of different in-plane sizes cannot stack; network_inputs resizes each to the network size.
+    """
+    if not slices:
         return np.empty((0, 1, 1), np.float32)
-    # Volumes of different in-plane sizes cannot stack; they are resized to the network size later.
-    if len({v.shape[1:] for v in out}) > 1:
-        return np.asarray([s for v in out for s in v], dtype=object)
-    return np.concatenate(out)
+    if len({s.shape for s in slices}) == 1:
+        return np.stack(slices)
+    # Filled one by one: np.asarray(..., dtype=object) broadcasts, and fails, when only the widths differ.
+    pool = np.empty(len(slices), dtype=object)
+    for i, s in enumerate(slices):
+        pool[i] = s
+    return pool
 
 
 def network_inputs(slices: np.ndarray, info: ModelInfo, channels: int) -> np.ndarray:

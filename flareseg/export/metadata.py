@@ -68,6 +68,9 @@ class ExportMetadata:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "model") -> ExportMetadata:
+        # Parsed JSON may be any value; only an object can hold the metadata.
+        if not isinstance(data, Mapping):
+            raise FlareSegError(f"{source}: export metadata is not a JSON object (got {type(data).__name__})")
         if data.get("format") != "flareseg-export":
             raise FlareSegError(f"{source}: no flareseg export metadata")
         try:
@@ -129,9 +132,12 @@ def read_onnx_metadata(path: str | os.PathLike[str]) -> ExportMetadata:
     for prop in model.metadata_props:
         if prop.key == METADATA_KEY:
             try:
-                return ExportMetadata.from_dict(json.loads(prop.value), source=str(path))
+                data = json.loads(prop.value)
             except json.JSONDecodeError as exc:
                 raise FlareSegError(f"{path}: corrupt flareseg metadata ({exc})") from None
+            if not isinstance(data, dict):
+                raise FlareSegError(f"{path}: flareseg metadata is not a JSON object (got {type(data).__name__})")
+            return ExportMetadata.from_dict(data, source=str(path))
     raise FlareSegError(f"{path}: no flareseg metadata in this ONNX model (export it with flare-export)")
 
 

@@ -527,9 +527,11 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
                 "rng": _rng_state(),
                 "config": config.to_dict(),
             }
-            save_checkpoint(run / "last.pt", model, info, extra={"train_state": train_state})
+            # best.pt before last.pt: last.pt records this epoch's best_score, so were it written first, a crash
+            # between the two would leave an older best.pt that a resumed run would never replace.
             if improved:
                 save_checkpoint(run / "best.pt", model, info, extra={"train_state": {**train_state, "optimizer": None}})
+            save_checkpoint(run / "last.pt", model, info, extra={"train_state": train_state})
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             organs = ", ".join(f"{LABELS[o]} {record[f'dsc_{LABELS[o]}']:.3f}" for o in ORGANS)
