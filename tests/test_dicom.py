@@ -256,6 +256,25 @@ def test_find_series_and_case_names(tmp_path: Path) -> None:
         find_series(tmp_path)
 
 
+def test_results_and_folders_without_dicom_files_are_not_taken_for_series(tmp_path: Path, caplog) -> None:
+    ph = phantom("RAS")
+    write_series(tmp_path / "in" / "s", ph)
+    write_series(tmp_path / "in" / "patient" / "study" / "series", ph, patient_id="DEEP")
+    vol = read_series(tmp_path / "in" / "s")
+    labels = np.zeros(vol.array.shape, np.uint8)
+    labels[2:4, 10:20, 10:20] = 1
+    write_seg(labels, vol, tmp_path / "in" / "earlier-run" / "PAT01_s3.dcm")  # -o in/earlier-run, last time
+    write_seg(labels, vol, tmp_path / "in" / "this-run" / "PAT01_s3.dcm")
+    with caplog.at_level("WARNING"):
+        found = find_series(tmp_path / "in", exclude=tmp_path / "in" / "this-run")
+    assert found == {"PAT01_s3": tmp_path / "in" / "s"}
+    said = sorted(r.getMessage() for r in caplog.records if r.name == "flareseg.dicom.files")
+    assert said == [
+        f"{tmp_path / 'in' / 'earlier-run'}: ignored: it holds DICOM SEG results, not an image series",
+        f"{tmp_path / 'in' / 'patient'}: ignored: no DICOM files directly in it (folders inside it are not searched)",
+    ]
+
+
 def test_bare_dicom_files_count_as_series(tmp_path: Path) -> None:
     write_series(tmp_path / "s", phantom("LPS"), bare_files=SHAPE[2])
     assert is_series_dir(tmp_path / "s")
@@ -318,6 +337,10 @@ def make_bad(kind: str, folder: Path) -> str:
         write_series(folder, ph, series_uid="1.2.3.4", description="first")
         write_series(folder, ph, series_uid="1.2.3.5", description="second", seed=1)
         return "2 series in one folder, expected one: 1.2.3.4 'first' (12 files); 1.2.3.5 'second' (12 files)"
+    if kind == "cut-short":
+        files = write_series(folder, ph)
+        files[5].write_bytes(files[5].read_bytes()[:300])
+        return f"{files[5].name}: no SeriesInstanceUID, unlike the other files (damaged or cut short?)"
     if kind == "missing-slice":
         files = write_series(folder, ph)
         files[6].unlink()
@@ -355,6 +378,7 @@ BAD_KINDS = [
     "empty",
     "no-dicom",
     "two-series",
+    "cut-short",
     "missing-slice",
     "duplicated-slice",
     "uneven",

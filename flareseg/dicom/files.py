@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -13,10 +14,14 @@ from pydicom.tag import Tag
 
 from flareseg.errors import FlareSegError
 
+log = logging.getLogger(__name__)
+
 #: How many files :func:`is_series_dir` looks at before deciding.
 PROBE_FILES = 8
 #: Media Storage SOP Class of a DICOMDIR (an index of a disc, not an image).
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+#: SOP Class of a DICOM Segmentation (what ``--output-type dicom-seg`` writes).
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 _MAX_NAME = 100
 _IDENTIFYING_TAGS = [Tag(0x0008, 0x0016), Tag(0x0008, 0x0060)]  # SOPClassUID, Modality
 
@@ -113,19 +118,52 @@ def series_case_name(folder: str | os.PathLike[str]) -> str:
     raise FlareSegError(f"{folder}: no DICOM files")
 
 
-def find_series(folder: str | os.PathLike[str], *, unnamed: Callable[[Path], str] | None = None) -> dict[str, Path]:
+def _segmentations_only(folder: Path) -> bool:
+    """Whether the first DICOM files of a folder are all DICOM SEG objects (results, not images)."""
+    probed = [p for p in _candidates(folder)[:PROBE_FILES] if is_dicom_file(p)]
+    for path in probed:
+        try:
+            ds = pydicom.dcmread(
+                path, force=not has_preamble(path), stop_before_pixels=True, specific_tags=_IDENTIFYING_TAGS
+            )
+        except Exception:  # a damaged file: the series reader says what is wrong
+            return False
+        if str(ds.get("Modality", "")) != "SEG" and str(ds.get("SOPClassUID", "")) != SEG_SOP_CLASS:
+            return False
+    return bool(probed)
+
+
+def find_series(
+    folder: str | os.PathLike[str],
+    *,
+    unnamed: Callable[[Path], str] | None = None,
+    exclude: Path | None = None,
+) -> dict[str, Path]:
     """Case name -> series folder for each immediate, non-hidden subfolder of ``folder`` that holds DICOM files.
 
     Sorted by case name; two series with the same case name are an error naming both folders.
     A series whose header cannot be read raises, or with ``unnamed`` is listed under
-    ``unnamed(subfolder)`` (its reader then says what is wrong).
+    ``unnamed(subfolder)`` (its reader then says what is wrong). A subfolder without DICOM
+    files (a patient/study/series tree, whose deeper folders are not searched) and one that
+    holds only DICOM SEG files (an earlier run's results) are left out, with a warning.
+    ``exclude``: a subfolder left out silently (the run's own output folder).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FlareSegError(f"{folder}: not a directory")
     cases: dict[str, Path] = {}
-    for sub in sorted(folder.iterdir()):
-        if sub.name.startswith(".") or not is_series_dir(sub):
+    try:
+        subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as exc:
+        raise FlareSegError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from None
+    for sub in subfolders:
+        if exclude is not None and sub.resolve() == exclude.resolve():
+            continue
+        if not is_series_dir(sub):
+            log.warning("%s: ignored: no DICOM files directly in it (folders inside it are not searched)", sub)
+            continue
+        if _segmentations_only(sub):
+            log.warning("%s: ignored: it holds DICOM SEG results, not an image series", sub)
             continue
         try:
             name = series_case_name(sub)

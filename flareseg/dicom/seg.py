@@ -114,7 +114,7 @@ def write_seg(labels: np.ndarray, volume: Volume, path: str | os.PathLike[str]) 
     Only ``volume.geometry`` and ``volume.source`` are used (the CT voxels may already be released).
 
     An empty label map (no organ found) still gives a valid SEG: all four organs are described,
-    and one empty frame is stored.
+    each with its empty frames (a SEG needs at least one segment and one frame).
     """
     import highdicom as hd
 

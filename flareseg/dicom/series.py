@@ -122,10 +122,15 @@ def _check_one_series(folder: Path, headers: list[tuple[Path, Dataset]]) -> None
     groups: dict[str, list[Dataset]] = {}
     for _, ds in headers:
         groups.setdefault(str(ds.get("SeriesInstanceUID", "") or ""), []).append(ds)
+    if len(groups) > 1 and "" in groups:
+        # Files of a series without its UID beside files with one: most often damaged or cut short.
+        lacking = [path.name for path, ds in headers if not str(ds.get("SeriesInstanceUID", "") or "")]
+        shown = ", ".join(lacking[:3]) + (f" and {len(lacking) - 3} more" if len(lacking) > 3 else "")
+        raise _fail(folder, f"{shown}: no SeriesInstanceUID, unlike the other files (damaged or cut short?)")
     if len(groups) > 1:
         parts = [
-            f"{uid or '(no SeriesInstanceUID)'} '{members[0].get('SeriesDescription', '') or ''}' "
-            f"({len(members)} files)"
+            f"{uid} '{members[0].get('SeriesDescription', '') or ''}' "
+            f"({len(members)} file{'s' if len(members) > 1 else ''})"
             for uid, members in sorted(groups.items())
         ]
         raise _fail(folder, f"{len(groups)} series in one folder, expected one: " + "; ".join(parts))

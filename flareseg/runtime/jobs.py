@@ -155,9 +155,7 @@ def list_inputs(folder: str | os.PathLike[str], *, exclude: Path | None = None) 
 
     # A series whose header cannot be read is listed under its folder's name (with a "/", which
     # no case name has): the plan then fails that case alone, and the others go on.
-    for name, series in find_series(folder, unnamed=lambda sub: f"{sub.name}/").items():
-        if exclude is not None and series.resolve() == exclude.resolve():
-            continue
+    for name, series in find_series(folder, unnamed=lambda sub: f"{sub.name}/", exclude=exclude).items():
         if name in cases:
             raise FlareSegError(f"{folder}: case {name} appears twice ({cases[name].name}, {series.name}/)")
         cases[name] = series
