@@ -241,7 +241,9 @@ def _slice_order(
     return order, float((s[-1] - s[0]) / (len(s) - 1))
 
 
-def _affine(row: np.ndarray, col: np.ndarray, normal: np.ndarray, spacing: Sequence[float], origin: np.ndarray):
+def _affine(
+    row: np.ndarray, col: np.ndarray, normal: np.ndarray, spacing: Sequence[float], origin: np.ndarray
+) -> np.ndarray:
     """RAS affine of the file grid: voxel (i, j, k) = (column, row, slice along the normal)."""
     lps = np.eye(4)
     lps[:3, 0] = row * spacing[1]  # PixelSpacing is (between rows, between columns)
