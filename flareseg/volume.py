@@ -210,23 +210,38 @@ def check_read_threads(threads: int) -> None:
 
 
 class _NibabelNotes(logging.Filter):
-    """Takes the header fixes nibabel logs in one thread, so that they can be said again naming the file.
+    """Takes the header fixes nibabel logs while a thread reads a file, to say them again naming the file.
 
     nibabel reports what it repairs in a header (a zero voxel size, a bad qfac) through its
-    own logger, without the file's name. Only records of the thread that reads are taken,
-    since the folder pipeline reads cases in worker threads.
+    own logger, without the file's name. One instance stays on that logger; each thread that
+    reads collects into a list of its own (the folder pipeline reads cases in worker
+    threads), so the logger's filter list never changes while another thread logs.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.thread = threading.get_ident()
-        self.messages: list[str] = []
+        self._local = threading.local()
+
+    @contextmanager
+    def collecting(self) -> Iterator[list[str]]:
+        """This thread's notes, while the block runs (blocks nest: the inner one takes them)."""
+        outer: list[str] | None = getattr(self._local, "messages", None)
+        messages: list[str] = []
+        self._local.messages = messages
+        try:
+            yield messages
+        finally:
+            self._local.messages = outer
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.thread != self.thread or record.levelno >= logging.ERROR:
-            return True  # another thread's, or a fault nibabel raises on: our error line names the file
-        self.messages.append(record.getMessage())
+        messages: list[str] | None = getattr(self._local, "messages", None)
+        if messages is None or record.levelno >= logging.ERROR:
+            return True  # not reading here, or a fault nibabel raises on: our error line names the file
+        messages.append(record.getMessage())
         return False
+
+
+_NIBABEL_NOTES = _NibabelNotes()
 
 
 @contextmanager
@@ -235,15 +250,12 @@ def nibabel_notes(path: Path, *, say: bool = True) -> Iterator[None]:
 
     ``say=False`` drops them, for a header glance whose file is read in full later.
     """
-    logger = logging.getLogger("nibabel.global")
-    notes = _NibabelNotes()
-    logger.addFilter(notes)
-    try:
+    # Added on the first read, once (the same instance), and inert outside this block.
+    logging.getLogger("nibabel.global").addFilter(_NIBABEL_NOTES)
+    with _NIBABEL_NOTES.collecting() as messages:
         yield
-    finally:
-        logger.removeFilter(notes)
-        for message in dict.fromkeys(notes.messages) if say else ():
-            log.warning("%s: %s", path, message)
+    for message in dict.fromkeys(messages) if say else ():
+        log.warning("%s: %s", path, message)
 
 
 def _load(
