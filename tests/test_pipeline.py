@@ -500,8 +500,11 @@ def test_read_threads_give_the_same_output_and_are_checked_before_any_work(train
         one, every = (np.asarray(nib.load(tmp_path / k / name).dataobj) for k in ("one", "all"))
         np.testing.assert_array_equal(every, one)
     assert json.loads((tmp_path / "all" / "timings.json").read_text())["context"]["read_threads"] == 0
-    assert infer_main([*base, "-o", str(tmp_path / "bad"), "--read-threads", "-2"]) == 2
-    assert "read threads must be 0 (all cores) to 1024, got -2" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:  # refused while parsing
+        infer_main([*base, "-o", str(tmp_path / "bad"), "--read-threads", "-2"])
+    assert stopped.value.code == 2 and "argument --read-threads: expected an integer >= 0" in capsys.readouterr().err
+    assert infer_main([*base, "-o", str(tmp_path / "bad"), "--read-threads", "1025"]) == 2
+    assert "read threads must be 0 (all cores) to 1024, got 1025" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 
@@ -513,7 +516,6 @@ def test_refusals_before_any_work_leave_inputs_and_folders_as_they_were(trained_
         (["-i", str(tmp_path / "in"), "-o", str(tmp_path / "o1"), "--timings", str(paths[0])], "must end in .json"),
         (["-i", str(paths[0]), "-o", str(tmp_path / "o2.nii.gz"), "--timings", str(tmp_path / "o2.nii.gz")], ".json"),
         (["-i", str(tmp_path / "in"), "-o", str(tmp_path / "in")], "the output folder is the input folder"),
-        (["-i", str(paths[0]), "-o", str(tmp_path / "o3"), "--batch-size", "0"], "--batch-size must be positive"),
         (["-i", str(paths[0]), "-o", str(tmp_path / "o4"), "--num-parts", "2"], "split a folder of cases"),
     ]
     for argv, message in refusals:

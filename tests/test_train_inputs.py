@@ -396,15 +396,19 @@ def test_an_unusable_out_or_device_is_one_line(data_a, tmp_path, capsys):
     cases = [
         (["--out", str(afile)], f"--out {afile}: exists and is not a folder"),
         (["--out", "/proc/flareseg-test/run"], "--out /proc/flareseg-test/run: cannot create the run folder"),
-        (["--out", str(tmp_path / "r"), "--device", "foo"], "--device foo: expected cpu, cuda or cuda:N"),
         (["--out", str(tmp_path / "r"), "--device", "cuda:99"], "--device cuda:99: "),
-        (["--out", str(tmp_path / "r"), "--device", "mps"], "--device mps: expected cpu, cuda or cuda:N"),
     ]
     for argv, words in cases:
         capsys.readouterr()
         assert train_main(["--data", str(data_a), *argv, "--epochs", "1", *QUICK]) == 2
         lines = _stderr_lines(capsys)
         assert len(lines) == 1 and lines[0].startswith(f"flare-train: error: {words}"), lines
+    for device in ("foo", "mps", "CUDA"):  # refused while parsing
+        with pytest.raises(SystemExit) as stopped:
+            train_main(["--data", str(data_a), "--out", str(tmp_path / "r"), "--device", device, *QUICK])
+        lines = _stderr_lines(capsys)
+        assert stopped.value.code == 2 and len(lines) == 1, lines
+        assert lines[0].startswith("flare-train: error: argument --device: expected cpu, cuda or cuda:N"), lines
     assert afile.read_text() == "x" and not (tmp_path / "r").exists()
 
 

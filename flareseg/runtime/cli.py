@@ -318,8 +318,6 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
     precision: TorchPrecision = args.precision or ("fp16" if cuda and backend == "torch" else "fp32")
     channels_last = args.channels_last if args.channels_last is not None else (cuda and precision != "fp32")
     batch_size = args.batch_size if args.batch_size is not None else (GPU_BATCH if cuda else CPU_BATCH)
-    if batch_size < 1:
-        raise FlareSegError(f"--batch-size must be positive, got {batch_size}")
     if args.overlap_postprocess and args.no_postprocess:
         raise FlareSegError("--overlap-postprocess and --no-postprocess contradict each other: choose one")
     folder, inputs, single_output = _plan_inputs(args, listed)
