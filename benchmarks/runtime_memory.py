@@ -45,7 +45,7 @@ def main() -> None:
         del data
         out = work / f"ct{slices}.nii.gz"
         cmd = [sys.executable, "-m", "flareseg.runtime.cli", "--model", str(ckpt), "-i", str(ct), "-o", str(out)]
-        cmd += ["--batch-size", "8", "-q", "--timings", str(work / f"t{slices}.json")]
+        cmd += ["--batch-size", "8", "-q", "--overwrite", "--timings", str(work / f"t{slices}.json")]
         subprocess.run(cmd, check=True)
         case = json.loads((work / f"t{slices}.json").read_text())["cases"][0]
         rows.append((slices, 512 * 512 * slices * 2 / 2**20, case["peak_rss_mb"], case["total_s"]))

@@ -66,7 +66,7 @@ def exit_times(ckpt: Path, ct: Path, work: Path, rounds: int) -> dict[str, list[
     run = (
         f"from flareseg.runtime.cli import main; "
         f"main(['--model', {str(ckpt)!r}, '-i', {str(ct)!r}, '-o', {str(work / 'exit.nii.gz')!r}, '-q', "
-        "'--device', 'cpu'])"
+        "'--device', 'cpu', '--overwrite'])"
     )
     children = {
         "import torch, usual exit": "import time, torch; print(time.time())",

@@ -10,6 +10,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -53,14 +54,18 @@ def run_command(
     args = parser.parse_args(argv)
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
     # Our own messages at the chosen level; third-party libraries (onnxscript, torch) only warnings.
+    root = logging.getLogger()
+    theirs = [h for h in root.handlers if not getattr(h, "_flareseg", False)]  # an embedding program's: untouched
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("flareseg").setLevel(level)
     # nibabel logs a header fault it cannot fix at ERROR, then raises; pydicom's decoders log each
     # failure's traceback at ERROR, then raise. Our one-line error says it, naming the file.
     # (Filters are added once per process: the same function each time.)
     logging.getLogger("nibabel.global").addFilter(_below_error)  # it also has a handler of its own
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_no_pydicom_errors)  # its child loggers' records reach only the handlers
+    for handler in root.handlers:
+        if handler not in theirs:  # the handler basicConfig made, now or in an earlier command
+            handler.addFilter(_no_pydicom_errors)  # pydicom's child loggers' records reach only the handlers
+            handler._flareseg = True  # type: ignore[attr-defined]
     previous = _catch_sigterm()
     try:
         return body(args)
@@ -210,10 +215,7 @@ def non_negative_float(text: str) -> float:
 
 def device_name(text: str) -> str:
     """argparse type: ``cpu``, ``cuda`` or ``cuda:N`` (torch would parse others into a traceback later)."""
-    kind, _, index = text.partition(":")
-    if kind == "cpu" and not index and ":" not in text:
-        return text
-    if kind == "cuda" and (":" not in text or index.isdigit()):
+    if re.fullmatch(r"cpu|cuda(:(0|[1-9][0-9]*))?", text, flags=re.ASCII):
         return text
     raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N (N = 0, 1, ...), got {text!r}")
 

@@ -17,7 +17,8 @@ class FlareSegError(Exception):
         text = str(message)
         if "\n" in text:
             parts = [part.strip() for part in text.splitlines() if part.strip()]
-            text = "".join(
-                p + ("" if i == len(parts) - 1 else " " if p.endswith(":") else "; ") for i, p in enumerate(parts)
-            )
+            text = parts[0] if parts else ""
+            for part in parts[1:]:
+                # After a colon, a space; before closing punctuation, nothing; else "; ".
+                text += (" " if text.endswith(":") else "" if part[0] in ")]}" else "; ") + part
         super().__init__(text, *args)

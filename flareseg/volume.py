@@ -313,6 +313,8 @@ def _load_named(
 def _check_scaled_range(path: Path, data: np.ndarray, slope: float, inter: float) -> None:
     """Refuse scaling that takes stored values beyond float32 (they would become infinite in HU)."""
     limit = float(np.finfo(np.float32).max)
+    if data.dtype.kind == "f" and data.dtype.itemsize <= 4 and abs(slope) <= 1 and inter == 0:
+        return  # float32 values scaled down stay float32 values: no pass over the voxels
     if data.dtype.kind in "iu":
         bounds = np.iinfo(data.dtype)
         if max(abs(float(bounds.min)), float(bounds.max)) * abs(slope) + abs(inter) <= limit:

@@ -43,6 +43,8 @@ def test_an_argument_error_is_one_line_naming_the_argument(prog, capsys, tmp_pat
         (["--device", "tpu"], "argument --device: expected cpu, cuda or cuda:N"),
         (["--device", "cuda:x"], "argument --device: expected cpu, cuda or cuda:N"),
         (["--device", "CPU"], "argument --device: expected cpu, cuda or cuda:N"),
+        (["--device", "cuda:01"], "argument --device: expected cpu, cuda or cuda:N"),  # torch refuses it
+        (["--device", "cuda:\u0661"], "argument --device: expected cpu, cuda or cuda:N"),  # a non-ASCII digit
         (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1"),
         (["--threads", "0"], "argument --threads: expected an integer >= 1"),
         (["--read-threads", "-1"], "argument --read-threads: expected an integer >= 0"),
@@ -103,7 +105,7 @@ def test_an_error_quoting_a_multi_line_message_is_still_one_line():
 
     quoted = "Unable to decode:\n  gdcm: no codec\n  pillow: broken data stream\n"
     assert str(FlareSegError(f"s/CT1.dcm: cannot decode ({quoted})")) == (
-        "s/CT1.dcm: cannot decode (Unable to decode: gdcm: no codec; pillow: broken data stream; )"
+        "s/CT1.dcm: cannot decode (Unable to decode: gdcm: no codec; pillow: broken data stream)"
     )
     assert str(FlareSegError("one line")) == "one line"
 
@@ -128,8 +130,26 @@ add_common_arguments(parser)
 sys.exit(run_command(parser, body, []))
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2
+    assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == [
         "WARNING pydicom: a warning is still said",
         "demo: error: s: cannot decode the pixel data of CT1.dcm (broken data stream)",
     ]
+
+
+def test_a_program_that_embeds_a_command_keeps_its_own_log_handlers_as_they_were():
+    import argparse
+    import logging
+
+    from flareseg.cli import add_common_arguments, run_command
+
+    mine = logging.StreamHandler()
+    root = logging.getLogger()
+    root.addHandler(mine)
+    try:
+        parser = argparse.ArgumentParser(prog="demo")
+        add_common_arguments(parser)
+        assert run_command(parser, lambda args: 0, []) == 0
+        assert mine.filters == []
+    finally:
+        root.removeHandler(mine)

@@ -168,4 +168,7 @@ def test_a_timings_path_holding_another_file_is_refused_and_earlier_timings_are_
     earlier = tmp_path / "timings.json"
     earlier.write_text('{"context": {"model": "m.pt"}, "cases": []}')
     check_timings(earlier, [])
+    made = tmp_path / "made-by-mktemp.json"
+    made.touch()
+    check_timings(made, [])  # an empty file is there to be written
     assert sidecar.read_text() == '{"format": "flareseg-onnx", "precision": "fp32"}'

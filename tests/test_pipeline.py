@@ -626,6 +626,15 @@ def test_a_single_case_keeps_an_existing_output_unless_told_to_overwrite(trained
     assert other.read_bytes() == b"another patient's CT"
     assert f"0 segmented, 1 skipped (already done), 0 failed of 1; {other} exists, kept" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "other_0000.nii.gz"]  # no timings either
+    from flareseg.runtime import cli
+
+    parse = cli.build_parser().parse_args
+    assert cli._look_ahead(parse(argv)) == (None, None)  # nothing is read for a result that is kept
+    assert cli._look_ahead(parse([*argv, "--overwrite"])) == (ct, None)
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "pred" / "c0.nii.gz").write_bytes(b"done")
+    folder_out = ["--model", str(trained_checkpoint), "-i", str(ct), "-o", str(tmp_path / "pred")]
+    assert cli._look_ahead(parse(folder_out)) == (None, None)
     assert infer_main([*argv, "--overwrite"]) == 0
     assert nib.load(other).get_data_dtype() == np.uint8 and nib.load(other).shape == (48, 48, 6)
 

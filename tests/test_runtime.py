@@ -247,7 +247,7 @@ def test_runner_refuses_batches_below_its_minimum(trained_checkpoint):
             runner.infer(torch.zeros(2, 3, 64, 64))
 
 
-def test_an_onnx_model_runs_on_the_cpu_by_default_beside_a_gpu_onnx_runtime_cannot_use(
+def test_an_onnx_model_runs_on_the_host_by_default_when_onnx_runtime_has_no_device_provider(
     onnx_models, tmp_path, monkeypatch, caplog
 ):
     """Stand-ins: a GPU (default_device says cuda) and a CPU build's provider list; the session is real."""
@@ -261,7 +261,8 @@ def test_an_onnx_model_runs_on_the_cpu_by_default_beside_a_gpu_onnx_runtime_cann
     assert infer_main(["--model", str(onnx_models["fp32"]), "-i", str(ct), "-o", str(tmp_path / "o"), "-q"]) == 0
     assert nib.load(tmp_path / "o" / "c.nii.gz").shape == (48, 48, 4)
     assert any("no CUDA provider" in m and "running on the CPU" in m for m in caplog.messages)
-    assert cli._default_device_for("onnxruntime", "cpu") == "cuda"  # a provider named: the user's choice stands
+    assert cli._default_device_for("onnxruntime", "cpu") == "cpu"  # the CPU provider: the CPU's batch too
+    assert cli._default_device_for("onnxruntime", "tensorrt") == "cuda"  # a GPU provider named: it stands
     assert cli._default_device_for("torch", None) == "cuda"
 
 
@@ -276,3 +277,17 @@ def test_a_folder_where_no_case_reaches_the_model_ends_with_its_summary_on_onnx_
     assert "Traceback" not in captured.err and "DICOM SEG output needs a DICOM series" in captured.out
     timings = json.loads((tmp_path / "o" / "timings.json").read_text())
     assert timings["context"]["runner"] == "OnnxRuntimeRunner"  # never loaded: named, not described
+
+
+def test_open_runner_gives_an_engine_the_gpu_by_default(tmp_path):
+    from flareseg.runtime.runners import TensorRTRunner
+
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"never loaded")
+    if torch.cuda.is_available():
+        assert isinstance(open_runner(engine), TensorRTRunner)
+    else:  # asked for the GPU, which is missing here: not refused as "an engine on the CPU"
+        with pytest.raises(FlareSegError, match="a TensorRT engine runs on a CUDA GPU; device cuda requested"):
+            open_runner(engine)
+    with pytest.raises(FlareSegError, match="a TensorRT engine runs on a CUDA GPU, not on the CPU"):
+        open_runner(engine, device="cpu")

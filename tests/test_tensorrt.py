@@ -571,6 +571,19 @@ def test_deactivate_synchronises_before_releasing_the_context(trt, tmp_path):
     assert runner.context is None and runner.engine is None and runner._output.numel() == 0
 
 
+def test_a_cuda_error_while_deactivating_still_releases_the_engine(trt, tmp_path):
+    engine = build_engine(_onnx(tmp_path / "m.onnx"))
+    runner = _runner(trt, engine).activate()
+
+    def sticky_error() -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    runner.stream.synchronize = sticky_error
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        runner.deactivate()
+    assert runner.context is None and runner.engine is None and runner.stream is None and not runner.is_active
+
+
 def test_engine_input_must_be_float32_and_context_must_exist(trt, tmp_path):
     model = _onnx(tmp_path / "m.onnx")
     trt.input_dtype = "float16"
@@ -580,8 +593,10 @@ def test_engine_input_must_be_float32_and_context_must_exist(trt, tmp_path):
     trt.input_dtype = "float32"
     engine = build_engine(model)
     trt.fail = {"create_execution_context"}
+    runner = _runner(trt, engine)
     with pytest.raises(FlareSegError, match="could not create an execution context"):
-        _runner(trt, engine).activate()
+        runner.activate()
+    assert runner.engine is None and not runner.is_active  # the deserialised engine is not kept
     trt.fail = {"deserialize"}
     with pytest.raises(FlareSegError, match="could not deserialize the engine"):
         _runner(trt, engine).activate()

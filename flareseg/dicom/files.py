@@ -160,7 +160,14 @@ def find_series(
         if exclude is not None and sub.resolve() == exclude.resolve():
             continue
         if not is_series_dir(sub):
-            log.warning("%s: ignored: no DICOM files directly in it (folders inside it are not searched)", sub)
+            try:
+                nifti = any(p.name.endswith((".nii", ".nii.gz")) for p in _candidates(sub))
+            except FlareSegError:  # a folder that cannot be listed: warned about as having no DICOM files
+                nifti = False
+            if nifti:
+                log.info("%s: ignored: NIfTI files (results of an earlier run?), not a DICOM series", sub)
+            else:
+                log.warning("%s: ignored: no DICOM files directly in it (folders inside it are not searched)", sub)
             continue
         if _segmentations_only(sub):
             log.warning("%s: ignored: it holds DICOM SEG results, not an image series", sub)

@@ -176,7 +176,7 @@ def _check_backend_options(args: argparse.Namespace, backend: str) -> None:
 
 def _default_device_for(backend: str, ort_provider: str | None) -> str:
     """The device when --device is not given: the GPU where one is present and the backend can use it."""
-    if backend == "openvino":
+    if backend == "openvino" or ort_provider == "cpu":
         return "cpu"
     device = default_device()
     if device == "cuda" and backend == "onnxruntime" and ort_provider is None:
@@ -277,7 +277,9 @@ def _look_ahead(args: argparse.Namespace) -> tuple[Path | None, list[Path] | Non
 
     inp: Path = args.input
     if inp.is_file():
-        return (inp if is_nifti(inp) else None), None
+        if not is_nifti(inp) or (not args.overwrite and _kept_output(args, inp)):
+            return None, None  # not NIfTI, or a result already there that the run keeps: nothing to read
+        return inp, None
     cases = None
     try:
         if not inp.is_dir() or is_series_input(inp):
@@ -289,6 +291,19 @@ def _look_ahead(args: argparse.Namespace) -> tuple[Path | None, list[Path] | Non
     except (FlareSegError, OSError):
         return None, cases
     return (first if first is not None and first.is_file() else None), cases
+
+
+def _kept_output(args: argparse.Namespace, inp: Path) -> bool:
+    """Whether a single input's output exists already (the run then keeps it and reads nothing)."""
+    from flareseg.runtime.jobs import OUTPUT_SUFFIXES, output_name
+    from flareseg.volume import NIFTI_SUFFIXES
+
+    out: Path = args.output
+    try:
+        names_a_file = out.name.endswith((*NIFTI_SUFFIXES, *OUTPUT_SUFFIXES.values())) and not out.is_dir()
+        return (out if names_a_file else out / output_name(inp, args.output_type)).is_file()
+    except FlareSegError:  # no case name: the run says so, in its usual order
+        return False
 
 
 def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: list[Path] | None = None) -> int:

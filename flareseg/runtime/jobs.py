@@ -131,9 +131,12 @@ def check_timings(path: Path, inputs: Sequence[Path]) -> None:
 
 
 def _is_timings_file(path: Path) -> bool:
-    """Whether an existing file is an earlier run's timings (a JSON object with its context and cases)."""
+    """Whether an existing file may be replaced by timings: an earlier run's (context and cases), or empty."""
     try:
-        if path.stat().st_size > 64 * 2**20:  # far beyond any run's timings
+        size = path.stat().st_size
+        if size == 0:  # made for the purpose (`mktemp --suffix .json`)
+            return True
+        if size > 64 * 2**20:  # far beyond any run's timings
             return False
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):  # unreadable, not UTF-8, not JSON

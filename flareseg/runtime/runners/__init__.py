@@ -58,7 +58,7 @@ def open_runner(
     model: str | os.PathLike[str],
     *,
     backend: Backend | None = None,
-    device: str = "cpu",
+    device: str | None = None,
     precision: TorchPrecision = "fp32",
     channels_last: bool = False,
     cuda_graph_batch: int | None = None,
@@ -75,6 +75,8 @@ def open_runner(
     fp32 or, with ``precision="bf16"``, bf16 where the CPU has the instructions.
     """
     backend = backend or backend_for(model)
+    if device is None:  # an engine runs on the GPU; every other backend defaults to the CPU
+        device = "cuda" if backend == "tensorrt" else "cpu"
     if Path(model).is_dir():
         raise FlareSegError(f"{model}: is a folder, not a model file")
     if not Path(model).is_file():

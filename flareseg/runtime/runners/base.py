@@ -70,8 +70,10 @@ class Runner(ABC):
 
     def deactivate(self) -> None:
         if self._active:
-            self._deactivate()
-            self._active = False
+            try:
+                self._deactivate()
+            finally:  # what it released is gone even when releasing raised (a CUDA error)
+                self._active = False
 
     def _release_partial(self) -> None:
         """What an activation that failed half-way holds (a session, an engine) goes at once, not at exit."""

@@ -125,14 +125,16 @@ class TensorRTRunner(Runner):
         return out
 
     def _deactivate(self) -> None:
-        if self.stream is not None:
-            with self.cuda.scope():
-                # An enqueued execution may still read the input or write the output buffer.
-                self.stream.synchronize()
-        self.context = None
-        self.engine = None
-        self._output = torch.empty(0)
-        self.stream = None
+        try:
+            if self.stream is not None:
+                with self.cuda.scope():
+                    # An enqueued execution may still read the input or write the output buffer.
+                    self.stream.synchronize()
+        finally:  # even after a CUDA error: the engine and its context go
+            self.context = None
+            self.engine = None
+            self._output = torch.empty(0)
+            self.stream = None
 
 
 def _io_tensors(trt: Any, engine: Any, path: Path) -> tuple[str, str, torch.dtype]:
