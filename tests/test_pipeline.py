@@ -667,6 +667,7 @@ def test_options_the_backend_would_ignore_or_that_contradict_the_device_are_refu
         ("--model", str(onnx), "--device", "cpu", "--ort-provider", "cuda"): "--ort-provider cuda runs on the GPU, "
         "--device cpu on the CPU: choose one",
         ("--engine", str(onnx), "--device", "cpu"): "a TensorRT engine runs on a CUDA GPU, not on the CPU",
+        ("--engine", str(onnx), "--precision", "fp16"): "--precision is fixed when the engine is built",
     }
     for argv, message in refused.items():
         assert infer_main([*argv, "-i", str(ct), "-o", str(tmp_path / "out"), "-q"]) == 2, argv

@@ -168,6 +168,8 @@ def _check_backend_options(args: argparse.Namespace, backend: str) -> None:
     for option, (given, backends) in belongs.items():
         if given and backend not in backends:
             raise FlareSegError(f"{option} is for the {' and '.join(backends)} backend, not {backend}: drop it")
+    if args.precision is not None and backend == "tensorrt":
+        raise FlareSegError("--precision is fixed when the engine is built (flare-export --engine): drop it")
     if args.ort_provider not in (None, "cpu") and args.device == "cpu":
         raise FlareSegError(f"--ort-provider {args.ort_provider} runs on the GPU, --device cpu on the CPU: choose one")
     if args.ort_provider == "cpu" and args.device is not None and args.device != "cpu":
