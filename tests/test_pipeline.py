@@ -469,6 +469,33 @@ def test_an_interrupted_command_exits_the_usual_way(monkeypatch):
     assert exits == [("os._exit", 0), ("os._exit", 1), ("os._exit", 2)]
 
 
+def test_an_interrupted_folder_says_and_keeps_what_it_finished(trained_checkpoint, tmp_path, monkeypatch, capsys):
+    """Ctrl-C stands in as a KeyboardInterrupt raised when the third case reaches the model."""
+    _folder(tmp_path / "in", 3)
+    real = pipeline._infer_stage
+    seen: list[str] = []
+
+    def infer_stage(runner, read, timing, *args, **kwargs):
+        seen.append(timing.case)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return real(runner, read, timing, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_infer_stage", infer_stage)
+    out = tmp_path / "out"
+    argv = ["--model", str(trained_checkpoint), "-i", str(tmp_path / "in"), "-o", str(out), "-q"]
+    assert infer_main(argv) == 130
+    printed = capsys.readouterr().out
+    assert "c0: 6 slices" in printed and "c1: 6 slices" in printed  # c1's write finished during the interrupt
+    assert f"interrupted: 2 segmented, 0 skipped (already done), 0 failed of 3; timings so far: {out}" in printed
+    timings = json.loads((out / "timings.json").read_text())
+    assert [c["case"] for c in timings["cases"]] == ["c0", "c1"] and timings["context"]["interrupted"] is True
+    assert sorted(p.name for p in out.iterdir()) == ["c0.nii.gz", "c1.nii.gz", "timings.json"]
+    monkeypatch.setattr(pipeline, "_infer_stage", real)
+    assert infer_main(argv) == 0  # the resume runs the rest
+    assert "1 segmented, 2 skipped (already done), 0 failed of 3" in capsys.readouterr().out
+
+
 def test_components_labelled_during_inference_are_counted_once(trained_checkpoint, tmp_path, monkeypatch):
     (ct,) = _folder(tmp_path / "in", 1)
     calls: list[int] = []

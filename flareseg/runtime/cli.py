@@ -30,6 +30,7 @@ from flareseg.cli import (
 from flareseg.errors import FlareSegError
 
 if TYPE_CHECKING:
+    from flareseg.runtime.pipeline import CaseTiming
     from flareseg.runtime.reading import Reader
     from flareseg.runtime.runners import Runner
     from flareseg.runtime.startup import Timeline
@@ -313,7 +314,6 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
 
     from flareseg.runtime.jobs import check_timings, file_job
     from flareseg.runtime.pipeline import (
-        CaseTiming,
         RunOptions,
         output_name,
         segment_file,
@@ -393,11 +393,13 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
         "memory_plan": memory_plan,  # --gpu-memory: the batches measured, and the one chosen
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
     }
+    reported: list[CaseTiming] = []
     try:
         # The bar only on a terminal (None: tqdm asks): a log file or a pipe gets the per-case lines alone.
         with tqdm(desc="slices", unit="slice", disable=True if args.quiet else None, leave=False) as bar:
 
             def report(t: CaseTiming) -> None:
+                reported.append(t)
                 say(t.line(), lambda line: tqdm.write(line, file=sys.stdout))
 
             options["progress"] = bar.update
@@ -415,6 +417,9 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
                 results = [segment_file(runner, inputs[0], target, output_type=args.output_type, **options)]
                 report(results[0])
         context["runner"] = runner.describe() if runner.is_active else runner.name  # not loaded: nothing ran
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is done is on disk; say so, and keep its timings
+        _keep_interrupted(reported, len(inputs), timings_path, {**context, "interrupted": True}, t_start)
+        raise
     finally:
         runner.deactivate()
     timeline.mark("released")
@@ -444,6 +449,27 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
     if failed:
         print("failed: " + ", ".join(r.case for r in failed), file=sys.stderr)
     return 1 if failed or not timings_written else 0
+
+
+def _keep_interrupted(
+    reported: list[CaseTiming], cases: int, timings_path: Path, context: dict[str, Any], t_start: float
+) -> None:
+    """The summary line and timings of the cases an interrupted run finished (they are on disk)."""
+    from flareseg.runtime.pipeline import summarize, write_timings
+
+    summary = summarize(reported, time.perf_counter() - t_start)
+    written = "no timings (nothing ran)"
+    if summary.segmented or summary.failed:
+        try:
+            write_timings(reported, timings_path, context, summary)
+            written = f"timings so far: {timings_path}"
+        except FlareSegError as exc:
+            log.error("%s", exc)
+            written = "timings not written"
+    say(
+        f"interrupted: {summary.segmented} segmented, {summary.skipped} skipped (already done), "
+        f"{summary.failed} failed of {cases}; {written}"
+    )
 
 
 def _plan_gpu_batch(runner: Runner, args: argparse.Namespace, idle_mb: float | None) -> tuple[int, dict[str, object]]:

@@ -371,6 +371,15 @@ def run_cases(
         while writes:
             settle(*writes.popleft())
         mark("all_written")
+    except BaseException:
+        # Interrupted (Ctrl-C, SIGTERM) or stopped by a case's error: a case whose write completes
+        # meanwhile is on disk, so it is settled and said like the others before the run unwinds.
+        writer.shutdown(wait=True, cancel_futures=True)
+        while writes:
+            timing, fut = writes.popleft()
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                settle(timing, fut)
+        raise
     finally:
         if own_reader:
             reads.close()
