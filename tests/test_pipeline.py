@@ -486,7 +486,7 @@ def test_an_interrupted_folder_says_and_keeps_what_it_finished(trained_checkpoin
     argv = ["--model", str(trained_checkpoint), "-i", str(tmp_path / "in"), "-o", str(out), "-q"]
     assert infer_main(argv) == 130
     printed = capsys.readouterr().out
-    assert "c0: 6 slices" in printed and "c1: 6 slices" in printed  # c1's write finished during the interrupt
+    assert "c0: 6 slices" in printed and "c1: 6 slices" in printed  # c1, inferred, is written during the interrupt
     assert f"interrupted: 2 segmented, 0 skipped (already done), 0 failed of 3; timings so far: {out}" in printed
     timings = json.loads((out / "timings.json").read_text())
     assert [c["case"] for c in timings["cases"]] == ["c0", "c1"] and timings["context"]["interrupted"] is True

@@ -372,9 +372,9 @@ def run_cases(
             settle(*writes.popleft())
         mark("all_written")
     except BaseException:
-        # Interrupted (Ctrl-C, SIGTERM) or stopped by a case's error: a case whose write completes
-        # meanwhile is on disk, so it is settled and said like the others before the run unwinds.
-        writer.shutdown(wait=True, cancel_futures=True)
+        # Interrupted (Ctrl-C, SIGTERM) or stopped by a case's error: the cases already inferred are
+        # written (at most two: bounded), then settled and said like the others before the run unwinds.
+        writer.shutdown(wait=True)
         while writes:
             timing, fut = writes.popleft()
             if fut.done() and not fut.cancelled() and fut.exception() is None:
