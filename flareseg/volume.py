@@ -319,9 +319,11 @@ def _check_scaled_range(path: Path, data: np.ndarray, slope: float, inter: float
         bounds = np.iinfo(data.dtype)
         if max(abs(float(bounds.min)), float(bounds.max)) * abs(slope) + abs(inter) <= limit:
             return  # no stored value of this type can overflow: no pass over the voxels
-    if data.size == 0 or (data.dtype.kind == "f" and not np.all(np.isfinite(data))):
+    if data.size == 0:
+        return
+    extreme = float(np.max(np.abs(np.array([data.min(), data.max()], dtype=np.float64))))  # NaN if a voxel is
+    if not np.isfinite(extreme):
         return  # a non-finite voxel is refused by the reader with its own message
-    extreme = max(abs(float(data.min())), abs(float(data.max())))
     if extreme * abs(slope) + abs(inter) > limit:
         raise FlareSegError(
             f"{path}: scl_slope={slope:g} and scl_inter={inter:g} take stored values up to {extreme:g} beyond the "

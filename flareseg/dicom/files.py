@@ -13,6 +13,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from flareseg.errors import FlareSegError
+from flareseg.volume import is_nifti
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def find_series(
             continue
         if not is_series_dir(sub):
             try:
-                nifti = any(p.name.endswith((".nii", ".nii.gz")) for p in _candidates(sub))
+                nifti = any(is_nifti(p) for p in _candidates(sub))
             except FlareSegError:  # a folder that cannot be listed: warned about as having no DICOM files
                 nifti = False
             if nifti:

@@ -30,7 +30,7 @@ from flareseg.cli import (
 from flareseg.errors import FlareSegError
 
 if TYPE_CHECKING:
-    from flareseg.runtime.pipeline import CaseTiming
+    from flareseg.runtime.pipeline import CaseTiming, FolderSummary
     from flareseg.runtime.reading import Reader
     from flareseg.runtime.runners import Runner
     from flareseg.runtime.startup import Timeline
@@ -224,7 +224,7 @@ def _check_memory_budget(args: argparse.Namespace, backend: str, cuda: bool, dev
 
 
 def _plan_inputs(args: argparse.Namespace, listed: list[Path] | None = None) -> tuple[bool, list[Path], Path | None]:
-    """(folder mode, inputs, single output file or None for folder-style naming).
+    """(folder mode, inputs, a single input's output file; None for a folder).
 
     ``listed``: the folder's cases, when :func:`_look_ahead` has listed them already.
     """
@@ -245,10 +245,19 @@ def _plan_inputs(args: argparse.Namespace, listed: list[Path] | None = None) -> 
         raise FlareSegError(f"{inp}: not a .nii or .nii.gz file, nor a folder holding a DICOM series")
     out: Path = args.output
     suffixes = (*NIFTI_SUFFIXES, *OUTPUT_SUFFIXES.values())
-    names_a_file = out.name.endswith(suffixes) and not out.is_dir()
-    if not names_a_file and not out.is_dir() and out.name.lower().endswith(suffixes):
+    if not out.is_dir() and not out.name.endswith(suffixes) and out.name.lower().endswith(suffixes):
         raise FlareSegError(f"{out}: an output file name ends in lower-case {', '.join(dict.fromkeys(suffixes))}")
-    return False, [inp], (out if names_a_file else None)
+    return False, [inp], _single_output(args, inp)
+
+
+def _single_output(args: argparse.Namespace, inp: Path) -> Path:
+    """A single input's output: ``-o`` where it names a file, else the input's FLARE21 name inside ``-o``."""
+    from flareseg.runtime.jobs import OUTPUT_SUFFIXES, output_name
+    from flareseg.volume import NIFTI_SUFFIXES
+
+    out: Path = args.output
+    names_a_file = out.name.endswith((*NIFTI_SUFFIXES, *OUTPUT_SUFFIXES.values())) and not out.is_dir()
+    return out if names_a_file else out / output_name(inp, args.output_type)
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -298,13 +307,8 @@ def _look_ahead(args: argparse.Namespace) -> tuple[Path | None, list[Path] | Non
 
 def _kept_output(args: argparse.Namespace, inp: Path) -> bool:
     """Whether a single input's output exists already (the run then keeps it and reads nothing)."""
-    from flareseg.runtime.jobs import OUTPUT_SUFFIXES, output_name
-    from flareseg.volume import NIFTI_SUFFIXES
-
-    out: Path = args.output
     try:
-        names_a_file = out.name.endswith((*NIFTI_SUFFIXES, *OUTPUT_SUFFIXES.values())) and not out.is_dir()
-        return (out if names_a_file else out / output_name(inp, args.output_type)).is_file()
+        return _single_output(args, inp).is_file()
     except FlareSegError:  # no case name: the run says so, in its usual order
         return False
 
@@ -314,12 +318,11 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
 
     from flareseg.runtime.jobs import check_timings, file_job
     from flareseg.runtime.pipeline import (
+        FolderSummary,
         RunOptions,
-        output_name,
         segment_file,
         segment_folder,
         summarize,
-        write_timings,
     )
     from flareseg.runtime.runners import Backend, TorchPrecision, backend_for, open_runner
 
@@ -337,8 +340,7 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
     batch_size = args.batch_size if args.batch_size is not None else (GPU_BATCH if cuda else CPU_BATCH)
     if args.overlap_postprocess and args.no_postprocess:
         raise FlareSegError("--overlap-postprocess and --no-postprocess contradict each other: choose one")
-    folder, inputs, single_output = _plan_inputs(args, listed)
-    target = None if folder else (single_output or args.output / output_name(inputs[0], args.output_type))
+    folder, inputs, target = _plan_inputs(args, listed)
     if target is not None:  # the output first, then the timings beside it
         file_job(inputs[0], target, args.output_type)
     timings_path = _timings_path(args, target)
@@ -346,7 +348,8 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
     idle_mb = _check_memory_budget(args, backend, cuda, device)
     if target is not None and target.is_file() and not args.overwrite:
         # As in a folder: a result already there is kept, never replaced unasked (it may be another file).
-        say(f"0 segmented, 1 skipped (already done), 0 failed of 1; {target} exists, kept (--overwrite to redo it)")
+        kept = FolderSummary(cases=1, segmented=0, skipped=1, failed=0, wall_s=0.0)
+        say(f"{_tally(kept, 1)}; {target} exists, kept (--overwrite to redo it)")
         return 0
     runner = open_runner(
         model_path,
@@ -430,22 +433,10 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
         "activate_s": runner.activate_s,
         "activation_steps_s": runner.activation_steps,
     }
-    timings_written = True
-    if summary.segmented == summary.failed == 0:  # nothing ran: an earlier run's timings stay as they are
-        written = "no timings (nothing ran)"
-    else:
-        try:
-            write_timings(results, timings_path, context, summary, startup)
-        except FlareSegError as exc:  # the label maps are written: say so, then what went wrong
-            log.error("%s", exc)
-            timings_written = False
-        written = f"timings: {timings_path}" if timings_written else "timings not written"
+    timings_written, written = _save_timings(results, timings_path, context, summary, startup)
     failed = [r for r in results if r.status == "failed"]
     rate = f", {summary.cases_per_minute:.1f} cases/min" if folder and summary.cases_per_minute else ""
-    say(
-        f"{summary.segmented} segmented, {summary.skipped} skipped (already done), {summary.failed} failed "
-        f"of {summary.cases} in {summary.wall_s:.1f}s{rate}; {written}"
-    )
+    say(f"{_tally(summary, summary.cases)} in {summary.wall_s:.1f}s{rate}; {written}")
     if failed:
         print("failed: " + ", ".join(r.case for r in failed), file=sys.stderr)
     return 1 if failed or not timings_written else 0
@@ -455,21 +446,43 @@ def _keep_interrupted(
     reported: list[CaseTiming], cases: int, timings_path: Path, context: dict[str, Any], t_start: float
 ) -> None:
     """The summary line and timings of the cases an interrupted run finished (they are on disk)."""
-    from flareseg.runtime.pipeline import summarize, write_timings
+    from flareseg.runtime.pipeline import summarize
 
     summary = summarize(reported, time.perf_counter() - t_start)
-    written = "no timings (nothing ran)"
-    if summary.segmented or summary.failed:
-        try:
-            write_timings(reported, timings_path, context, summary)
-            written = f"timings so far: {timings_path}"
-        except FlareSegError as exc:
-            log.error("%s", exc)
-            written = "timings not written"
-    say(
-        f"interrupted: {summary.segmented} segmented, {summary.skipped} skipped (already done), "
-        f"{summary.failed} failed of {cases}; {written}"
+    _, written = _save_timings(reported, timings_path, context, summary, label="timings so far")
+    say(f"interrupted: {_tally(summary, cases)}; {written}")
+
+
+def _tally(summary: FolderSummary, cases: int) -> str:
+    """The counts of a run's last line."""
+    return (
+        f"{summary.segmented} segmented, {summary.skipped} skipped (already done), {summary.failed} failed of {cases}"
     )
+
+
+def _save_timings(
+    results: Sequence[CaseTiming],
+    path: Path,
+    context: dict[str, Any],
+    summary: FolderSummary,
+    startup: dict[str, Any] | None = None,
+    *,
+    label: str = "timings",
+) -> tuple[bool, str]:
+    """Write a run's timings unless nothing ran; whether all went well, and the words for its last line.
+
+    When nothing ran (every case already done), an earlier run's timings stay as they are.
+    """
+    from flareseg.runtime.pipeline import write_timings
+
+    if summary.segmented == summary.failed == 0:
+        return True, "no timings (nothing ran)"
+    try:
+        write_timings(results, path, context, summary, startup)
+    except FlareSegError as exc:  # the label maps are written: say so, then what went wrong
+        log.error("%s", exc)
+        return False, "timings not written"
+    return True, f"{label}: {path}"
 
 
 def _plan_gpu_batch(runner: Runner, args: argparse.Namespace, idle_mb: float | None) -> tuple[int, dict[str, object]]:

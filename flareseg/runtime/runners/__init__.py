@@ -105,7 +105,5 @@ def open_runner(
             raise FlareSegError(f"OpenVINO on the CPU runs fp32 or bf16, got {precision!r}")
         return OpenVINORunner(model, precision=precision, threads=threads, hint=openvino_hint)
     if backend == "tensorrt":
-        if torch.device(device).type == "cpu":
-            raise FlareSegError(f"{model}: a TensorRT engine runs on a CUDA GPU, not on the CPU (device {device})")
         return TensorRTRunner(model, device=device)
     raise FlareSegError(f"unknown backend {backend!r}")

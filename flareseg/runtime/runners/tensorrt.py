@@ -59,7 +59,7 @@ class TensorRTRunner(Runner):
         except FlareSegError as exc:
             raise FlareSegError(f"{self.path}: a TensorRT engine runs on a CUDA GPU; {exc}") from None
         if self.device.type != "cuda":
-            raise FlareSegError("TensorRT engines run on a CUDA device")
+            raise FlareSegError(f"{self.path}: a TensorRT engine runs on a CUDA GPU, not on the CPU (device {device})")
         self.cuda = CudaCalls(self.device)
         self.engine: Any = None
         self.context: Any = None
