@@ -55,8 +55,7 @@ def check_writable(path: Path) -> None:
     folder = there if there != path.absolute() else next(p for p in path.absolute().parents if p.exists())
     if not folder.is_dir():
         raise FlareSegError(f"{path}: cannot create its folder, {folder} is a file")
-    if not os.access(folder, os.W_OK | os.X_OK):  # also false on a read-only file system
-        raise FlareSegError(f"{path}: cannot write in {folder} (permission denied or read-only)")
+    _probe(folder, path)
 
 
 def check_writable_folder(folder: Path) -> None:
@@ -64,8 +63,21 @@ def check_writable_folder(folder: Path) -> None:
     there but cannot be written in."""
     if not folder.exists():
         check_writable(folder)
-    elif not os.access(folder, os.W_OK | os.X_OK):
-        raise FlareSegError(f"{folder}: cannot write in it (permission denied or read-only)")
+    else:
+        _probe(folder, folder)
+
+
+def _probe(folder: Path, path: Path) -> None:
+    """Create and remove a file in ``folder``: permission bits do not tell everything (root passes ``os.access``
+    on /proc, NFS squashes root, a quota or a full disk refuses new files)."""
+    if not os.access(folder, os.W_OK | os.X_OK):  # also false on a read-only file system
+        raise FlareSegError(f"{path}: cannot write in {folder} (permission denied or read-only)")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".flareseg-probe.", dir=folder)
+    except OSError as exc:
+        raise FlareSegError(f"{path}: cannot create files in {folder} ({exc.strerror or exc})") from exc
+    os.close(fd)
+    os.unlink(name)
 
 
 def _replaceable(path: Path) -> Path:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
-from flareseg.atomic import atomic_output, write_text_atomic
+from flareseg.atomic import atomic_output, check_writable, check_writable_folder, write_text_atomic
 from flareseg.errors import FlareSegError
 
 
@@ -53,3 +54,15 @@ def test_pipes_and_folders_are_not_replaced(tmp_path):
         write_text_atomic("x", folder)
     assert folder.is_dir() and not any(folder.iterdir())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.csv", "f.csv"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, a folder no file can be made in")
+def test_a_folder_that_refuses_new_files_is_found_before_any_work(tmp_path):
+    # As root, os.access says /proc is writable; only trying to create a file tells the truth.
+    with pytest.raises(FlareSegError, match=r"^/proc/t\.json: cannot (write|create files) in /proc"):
+        check_writable(Path("/proc/t.json"))
+    with pytest.raises(FlareSegError, match=r"^/proc: cannot (write|create files) in /proc"):
+        check_writable_folder(Path("/proc"))
+    check_writable(tmp_path / "new" / "t.json")
+    check_writable_folder(tmp_path)
+    assert not any(tmp_path.iterdir())  # the probes leave nothing behind

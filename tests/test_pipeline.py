@@ -422,6 +422,22 @@ def test_the_command_exits_without_teardown_and_loses_nothing(trained_checkpoint
     assert scripts.get("flare-infer") == "flareseg.runtime.cli:entry"
 
 
+def test_a_folder_run_on_a_terminal_shows_its_case_count_beside_the_slices(trained_checkpoint, tmp_path, monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):  # a test double for stderr on a terminal, where the bar is drawn
+        def isatty(self) -> bool:
+            return True
+
+    _folder(tmp_path / "in", 2)
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    assert infer_main(["--model", str(trained_checkpoint), "-i", str(tmp_path / "in"), "-o", str(tmp_path / "o")]) == 0
+    drawn = screen.getvalue()
+    assert "0/2 cases" in drawn and "2/2 cases" in drawn and "slices" in drawn
+    assert drawn.index("0/2 cases") < drawn.index("2/2 cases")
+
+
 def test_postprocessing_during_inference_writes_the_same_labels(trained_checkpoint, tmp_path, monkeypatch, capsys):
     paths = _folder(tmp_path / "in", 2)
 

@@ -76,6 +76,27 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(phantom_data, tmp
     assert steps == {6}
 
 
+def test_weights_follow_from_the_seed_alone_and_the_callers_generators_are_untouched(phantom_data, tmp_path):
+    import random
+
+    common = ["--data", str(phantom_data), "--epochs", "1", "--steps-per-epoch", "1", "--val-cases", "1", "-q", *TINY]
+    weights = []
+    for name, global_seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(global_seed)
+        random.seed(global_seed)
+        np.random.seed(global_seed)
+        before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+        assert train_main([*common, "--out", str(tmp_path / name)]) == 0
+        assert torch.equal(torch.get_rng_state(), before[0])
+        assert random.getstate() == before[1]
+        assert np.array_equal(np.random.get_state()[1], before[2])
+        weights.append(read_checkpoint(tmp_path / name / "last.pt")["state_dict"])
+    assert all(torch.equal(v, weights[1][k]) for k, v in weights[0].items())  # the callers' seeds differed
+    assert train_main([*common, "--out", str(tmp_path / "c"), "--seed", "7"]) == 0
+    other = read_checkpoint(tmp_path / "c" / "last.pt")["state_dict"]
+    assert not all(torch.equal(v, other[k]) for k, v in weights[0].items())
+
+
 def test_a_crash_between_the_epoch_checkpoints_never_leaves_a_best_older_than_last(phantom_data, tmp_path, monkeypatch):
     from flareseg.train import loop
 

@@ -400,10 +400,15 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
     try:
         # The bar only on a terminal (None: tqdm asks): a log file or a pipe gets the per-case lines alone.
         with tqdm(desc="slices", unit="slice", disable=True if args.quiet else None, leave=False) as bar:
+            # Slices are counted as they are read, so the bar has no total; a folder's case count stands beside it.
+            if target is None:
+                bar.set_postfix_str(f"0/{len(inputs)} cases")
 
             def report(t: CaseTiming) -> None:
                 reported.append(t)
                 say(t.line(), lambda line: tqdm.write(line, file=sys.stdout))
+                if target is None:
+                    bar.set_postfix_str(f"{len(reported)}/{len(inputs)} cases")
 
             options["progress"] = bar.update
             if target is None:  # a folder of cases

@@ -1,9 +1,11 @@
 """The training loop: the paper's protocol, resumable, single-process or DistributedDataParallel.
 
-Randomness is derived from ``(seed, epoch)`` for the slice order and the augmentation,
-so a run stopped after any epoch and resumed produces the same weights as a run that
-never stopped, and a DDP run over W processes equals a single process accumulating W
-micro-batches (BatchNorm statistics are per replica in both).
+Randomness is derived from ``(seed, epoch)`` for the slice order and the augmentation, and
+from ``seed`` in a fork of torch's generator for the initial weights, so a run stopped after
+any epoch and resumed produces the same weights as a run that never stopped, and a DDP run
+over W processes equals a single process accumulating W micro-batches (BatchNorm statistics
+are per replica in both). The caller's global generators (Python, numpy, torch) are neither
+read nor changed.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -176,23 +177,6 @@ def replica_divergence(model: nn.Module, d: _Dist) -> float:
     gathered = [torch.empty_like(sums) for _ in range(d.world)]
     dist.all_gather(gathered, sums)
     return float(max((g - gathered[0]).abs().max() for g in gathered))
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state: Any = np.random.get_state(legacy=True)
-    return {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
 @dataclass(frozen=True)
@@ -412,9 +396,12 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
         network=NetworkConfig(base_width=config.base_width), normalization=stats, slice_size=config.slice_size
     )
 
-    torch.manual_seed(config.seed)
-    model = build_training_network(info.network)
-    _init_weights(model)
+    # Module construction and He initialisation draw from torch's global generator: seed a fork of it, so the
+    # weights follow from the seed alone and the caller's generator is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = build_training_network(info.network)
+        _init_weights(model)
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(device=device).to(memory_format=fmt)  # type: ignore[call-overload]
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -426,7 +413,6 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
         optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
         start_epoch, best_score, best_epoch = state["epoch"] + 1, state["best_score"], state["best_epoch"]
         if d.main:
             log.info(
@@ -454,6 +440,7 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
             num_workers=config.workers,
             pin_memory=device.type == "cuda",
             persistent_workers=False,
+            generator=_epoch_generator(config.seed, epoch, 2),  # its worker seeds; else drawn from the global one
         )
         net.train()
         t_epoch = time.perf_counter()
@@ -524,7 +511,6 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
                 "best_epoch": best_epoch,
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if config.amp else None,
-                "rng": _rng_state(),
                 "config": config.to_dict(),
             }
             # best.pt before last.pt: last.pt records this epoch's best_score, so were it written first, a crash
