@@ -10,6 +10,7 @@ Saving is atomic: a crash during a save never corrupts the previous checkpoint.
 from __future__ import annotations
 
 import hashlib
+import operator
 import os
 import platform
 import zipfile
@@ -45,7 +46,10 @@ def software_versions() -> dict[str, str]:
 
 
 def check_slice_size(size: tuple[int, int]) -> tuple[int, int]:
-    h, w = (int(size[0]), int(size[1]))
+    try:  # operator.index: integers only (numpy's too), never a float or a string
+        h, w = (operator.index(v) for v in size)
+    except (TypeError, ValueError):
+        raise FlareSegError(f"slice size {size!r}: expected two integers, height and width") from None
     if h < SIZE_MULTIPLE or w < SIZE_MULTIPLE or h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
         raise FlareSegError(f"slice size {h}x{w} must be positive multiples of {SIZE_MULTIPLE}")
     return h, w

@@ -22,3 +22,9 @@ class FlareSegError(Exception):
                 # After a colon, a space; before closing punctuation, nothing; else "; ".
                 text += (" " if text.endswith(":") else "" if part[0] in ")]}" else "; ") + part
         super().__init__(text, *args)
+
+
+def out_of_memory(exc: BaseException, where: object, batch: int, way_out: str) -> FlareSegError:
+    """A GPU running out of memory (foreseeable on a small or shared GPU), as one line with the way out."""
+    first = (str(exc).strip().splitlines() or [""])[0][:160]
+    return FlareSegError(f"{where}: the GPU ran out of memory at batch {batch} ({first}); {way_out}")

@@ -27,8 +27,8 @@ Spacing = tuple[float, float, float]
 
 
 def dice(gt: np.ndarray, pred: np.ndarray) -> float:
-    """2|G ∩ P| / (|G| + |P|) of two boolean masks; 1.0 when both are empty."""
-    _check_pair(gt, pred)
+    """2|G ∩ P| / (|G| + |P|) of two masks (non-zero is inside); 1.0 when both are empty."""
+    gt, pred = _masks(gt, pred)
     g, p = int(np.count_nonzero(gt)), int(np.count_nonzero(pred))
     if g + p == 0:
         return 1.0
@@ -73,6 +73,7 @@ def surface_area_table(spacing: Spacing) -> np.ndarray:
         if len(tris):
             t = tris * scale
             areas[code] = 0.5 * np.linalg.norm(np.cross(t[:, 1] - t[:, 0], t[:, 2] - t[:, 0]), axis=1).sum()
+    areas.flags.writeable = False  # cached and shared by every later call
     return areas
 
 
@@ -94,7 +95,7 @@ def surface_distances(
     Distances are in mm (inf when the other mask is empty); both masks must be non-empty
     for meaningful distances. Work is confined to the bounding box of the union.
     """
-    _check_pair(gt, pred)
+    gt, pred = _masks(gt, pred)
     union = gt | pred
     if not union.any():
         empty = np.zeros(0)
@@ -120,10 +121,11 @@ def surface_distances(
 
 
 def normalized_surface_dice(gt: np.ndarray, pred: np.ndarray, spacing: Spacing, tolerance_mm: float = 1.0) -> float:
-    """NSD of two boolean masks at ``tolerance_mm``; FLARE21's rules for empty masks."""
+    """NSD of two masks (non-zero is inside) at ``tolerance_mm``; FLARE21's rules for empty masks."""
     if tolerance_mm < 0:
         raise FlareSegError(f"NSD tolerance must be non-negative, got {tolerance_mm}")
     _check_spacing(spacing)
+    gt, pred = _masks(gt, pred)
     g_any, p_any = bool(gt.any()), bool(pred.any())
     if not g_any and not p_any:
         return 1.0
@@ -156,6 +158,12 @@ def organ_scores(
 def _check_pair(a: np.ndarray, b: np.ndarray) -> None:
     if a.shape != b.shape:
         raise FlareSegError(f"ground truth shape {a.shape} differs from prediction shape {b.shape}")
+
+
+def _masks(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both as boolean masks of one shape: the bit operations below hold for booleans only (2 & 1 is 0)."""
+    _check_pair(gt, pred)
+    return np.asarray(gt, dtype=bool), np.asarray(pred, dtype=bool)
 
 
 def _check_spacing(spacing: Sequence[float]) -> None:

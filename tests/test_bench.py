@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -426,3 +427,81 @@ def test_a_failed_run_removes_only_what_it_made_even_through_a_detour(tmp_path):
         (fresh / "models").mkdir(parents=True)
         raise RuntimeError("the run failed")
     assert not fresh.exists()
+
+
+def test_a_batch_that_runs_out_of_gpu_memory_is_a_row_of_the_report(trained_checkpoint, tmp_path, monkeypatch):
+    from flareseg.bench import measure
+    from flareseg.bench import run as bench_run
+
+    real = measure.time_batches
+
+    def time_batches(infer, inputs, batch, **kwargs):  # what a CUDA allocation failure raises, without a GPU
+        if batch == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB\nmore detail")
+        return real(infer, inputs, batch, **kwargs)
+
+    monkeypatch.setattr(measure, "time_batches", time_batches)
+    cfg = BenchConfig(out=tmp_path, backends=("torch-cpu-fp32",), batches=(1, 3, 2), warmup=1, repeats=1)
+    section = bench_run.latency_section(cfg.resolved(), {"checkpoint": trained_checkpoint}, {}, None)
+    rows = section["torch-cpu-fp32"]["batches"]
+    assert [r["batch"] for r in rows] == [1, 3, 2]
+    assert rows[1] == {
+        "batch": 3,
+        "error": "torch-cpu-fp32: the GPU ran out of memory at batch 3 (CUDA out of memory. Tried to allocate "
+        "9.00 GiB); this batch does not fit this GPU",
+    }
+    assert "error" not in rows[0] and "error" not in rows[2]
+    assert section["torch-cpu-fp32"]["best"]["batch"] in (1, 2)
+
+
+def test_a_backend_whose_whole_volume_fails_is_reported_and_the_others_go_on(trained_checkpoint, tmp_path, monkeypatch):
+    from flareseg.bench import run as bench_run
+
+    real = bench_run.segment_volume
+
+    def segment_volume(backend, *args, **kwargs):
+        if backend.name == "onnxruntime-cpu-fp32":
+            raise FlareSegError("case.nii.gz: the GPU ran out of memory at batch 8 (test double)")
+        return real(backend, *args, **kwargs)
+
+    monkeypatch.setattr(bench_run, "segment_volume", segment_volume)
+    cfg = BenchConfig(out=tmp_path, backends=("torch-cpu-fp32", "onnxruntime-cpu-fp32"))
+    volume = bench_run._volume(BenchConfig(out=tmp_path, slices=4, size=(64, 64)).resolved(), tmp_path)
+    best = {"best": {"batch": 2, "slice_median_s": 0.01}}
+    models = {"checkpoint": trained_checkpoint}
+    section = bench_run.volume_section(cfg, models, {"torch-cpu-fp32": best, "onnxruntime-cpu-fp32": best}, volume)
+    assert list(section["results"]) == ["torch-cpu-fp32"] and section["results"]["torch-cpu-fp32"]["slices"] == 4
+    assert section["errors"] == {
+        "onnxruntime-cpu-fp32": "case.nii.gz: the GPU ran out of memory at batch 8 (test double)"
+    }
+    from flareseg.bench.report import _volume_lines
+
+    lines = _volume_lines({"volumes": section})
+    failed = [line for line in lines if line.startswith("| onnxruntime-cpu-fp32 | failed: ")]
+    assert len(failed) == 1 and failed[0].count("|") == 15  # the table's 14 columns
+
+
+@pytest.mark.skipif(not hasattr(os, "wait4"), reason="the child's wait is os.wait4 on Unix")
+def test_an_interrupted_fresh_process_run_leaves_no_child_behind(tmp_path):
+    import signal
+    import sys
+
+    from flareseg.bench.run import _run_child
+
+    pid_file = tmp_path / "pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 3.0)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _run_child([sys.executable, "-c", child], nvml=False)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):  # killed and reaped, not left sleeping
+        os.kill(pid, 0)

@@ -27,6 +27,24 @@ def test_dice_of_half_overlapping_cubes_is_one_half():
     assert dice(np.zeros_like(a), np.zeros_like(a)) == 1.0
 
 
+def test_masks_of_any_dtype_score_as_their_non_zero_voxels():
+    a = _box((20, 20, 20), (3, 3, 3), (11, 11, 11))
+    b = _box((20, 20, 20), (6, 3, 3), (14, 11, 11))
+    spacing = (1.0, 1.5, 2.0)
+    want = dice(a, b), normalized_surface_dice(a, b, spacing, tolerance_mm=0.0)
+    assert 0 < want[0] < 1 and 0 < want[1] < 1
+    for dtype, inside_a, inside_b in ((np.uint8, 2, 1), (np.int16, -1, 4), (np.float32, 0.5, 0.25)):
+        ga, gb = a.astype(dtype) * dtype(inside_a), b.astype(dtype) * dtype(inside_b)
+        assert dice(ga, gb) == want[0], dtype  # as bits, 2 & 1 is 0
+        assert normalized_surface_dice(ga, gb, spacing, tolerance_mm=0.0) == want[1], dtype
+
+
+def test_the_cached_area_table_cannot_be_changed_by_a_caller():
+    table = surface_area_table((1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="read-only"):
+        table[1] = 0.0
+
+
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.5, 0.8, 1.3)])
 def test_surface_area_of_a_box_equals_the_analytic_marching_cubes_area(spacing):
     # The surface through mid-points around an a x b x c voxel box: flat faces between

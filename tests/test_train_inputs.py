@@ -387,6 +387,48 @@ def test_resume_refuses_settings_and_data_that_differ_from_the_run(data_a, data_
     assert train_main(argv) == 0
 
 
+def test_a_damaged_config_is_refused_on_resume_in_one_line_naming_it(data_a, tmp_path, capsys):
+    run = _trained(data_a, tmp_path / "run")
+    config = run / "config.json"
+    good = json.loads(config.read_text())
+    for key, value, words in [
+        ("augment", "xy", "augment='xy' (expected an object of settings)"),
+        ("slice_size", [32], "slice_size=(32,) (expected height, width)"),
+        ("val_list", "case1", "val_list='case1' (wrong type)"),
+        ("epochs", 2.5, "epochs=2.5 (wrong type)"),
+        ("seed", "x", "seed='x' (wrong type)"),
+        ("amp", 1, "amp=1 (wrong type)"),
+        ("seed", 2**40, f"seed={2**40} (expected 0 to 2**32 - 1)"),
+    ]:
+        config.write_text(json.dumps({**good, key: value}))
+        before = _files(run)
+        capsys.readouterr()
+        assert train_main(["--resume", str(run), "--epochs", "2", "-q"]) == 2, key
+        (line,) = _stderr_lines(capsys)
+        assert line.startswith(f"flare-train: error: {config}: invalid training ") and words in line, line
+        assert _files(run) == before
+
+
+def test_the_library_refuses_a_trained_run_and_a_seed_beyond_the_generators(data_a, tmp_path):
+    run = _trained(data_a, tmp_path / "run")
+    before = _files(run)
+    again = TrainConfig.load(run).replace(seed=5)
+    with pytest.raises(FlareSegError, match=r"a run already exists there \(last\.pt\)"):
+        loop.train(again)
+    assert _files(run) == before
+    with pytest.raises(FlareSegError, match=r"seed=-1 \(expected 0 to 2\*\*32 - 1\)"):
+        TrainConfig(data="d", out="o", seed=-1)
+    assert TrainConfig(data="d", out="o", seed=2**32 - 1).seed == 2**32 - 1
+
+
+def test_a_resumed_run_says_the_epoch_it_starts_with(data_a, tmp_path, caplog):
+    run = _trained(data_a, tmp_path / "run")
+    caplog.set_level(logging.INFO, logger="flareseg.train.loop")
+    assert train_main(["--resume", str(run), "--epochs", "2"]) == 0
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resuming")]
+    assert len(said) == 1 and " at epoch 2 " in said[0], said
+
+
 # 5. Errors of the environment: one line, no traceback.
 
 
@@ -449,6 +491,20 @@ def test_a_failed_run_leaves_no_output(data_a, tmp_path, capsys):
     detour = tmp_path / "missing" / ".." / "mine"
     assert train_main(["--data", str(data), "--out", str(detour), "--epochs", "1", *QUICK]) == 2
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and not (tmp_path / "missing").exists()
+
+
+def test_running_out_of_gpu_memory_is_one_line_with_the_way_out(data_a, tmp_path, capsys, monkeypatch):
+    def validate(*args, **kwargs):  # what a CUDA allocation failure raises, without a GPU
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB\nmore detail")
+
+    monkeypatch.setattr(loop, "validate", validate)
+    run = tmp_path / "runs" / "x1"
+    assert train_main(["--data", str(data_a), "--out", str(run), "--epochs", "1", *QUICK]) == 2
+    assert _stderr_lines(capsys) == [
+        "flare-train: error: training: the GPU ran out of memory at batch 2 (CUDA out of memory. Tried to allocate "
+        "3.00 GiB); lower --batch-size and raise --accumulate by as much"
+    ]
+    assert not (tmp_path / "runs").exists()  # failed before its first checkpoint: nothing left
 
 
 # 8. Progress bars only on a terminal.

@@ -207,6 +207,8 @@ def _volume_lines(report: dict[str, Any]) -> list[str]:
             f"| {100 * v['volume_overhead']:+.1f} % "
             f"| {_mb(v.get('nvml_flare21_max_mb'))} | {'n/a' if area is None else f'{area:,.1f}'} |"
         )
+    for name, error in volumes.get("errors", {}).items():
+        lines.append(f"| {name} | failed: {error} |" + " |" * 12)
     lines += [
         "",
         "Stages as `flare-infer` runs them: read (decompress and decode), preprocess (percentiles and "

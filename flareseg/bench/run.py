@@ -34,7 +34,7 @@ from flareseg.bench.backends import (
     run_precision,
     select_backends,
 )
-from flareseg.errors import FlareSegError
+from flareseg.errors import FlareSegError, out_of_memory
 from flareseg.network import PAPER_PARAMETERS_REPORTED, build_deploy_network, count_parameters
 
 log = logging.getLogger(__name__)
@@ -345,6 +345,11 @@ def latency_section(
             except FlareSegError as exc:
                 entry["batches"].append({"batch": batch, "error": str(exc)})
                 continue
+            except torch.OutOfMemoryError as exc:  # a row of the report, as any batch that does not run
+                runner, inputs = None, []
+                error = out_of_memory(exc, name, batch, "this batch does not fit this GPU")
+                entry["batches"].append({"batch": batch, "error": str(error)})
+                continue
             row = stats.to_dict()
             row["peak_rss_mb"] = peak_rss_mb()
             row.update(_allocator_figure(b, torch.cuda.max_memory_allocated() / 2**20 if cuda else None))
@@ -429,6 +434,7 @@ def volume_section(cfg: BenchConfig, models: dict[str, Path], latency: dict[str,
     voxel agreement of each backend's labels with an fp32 reference's on the same volume."""
     assert cfg.backends is not None
     results: dict[str, Any] = {}
+    errors: dict[str, str] = {}
     for name in cfg.backends:
         entry = latency[name]
         if "best" not in entry:
@@ -436,13 +442,24 @@ def volume_section(cfg: BenchConfig, models: dict[str, Path], latency: dict[str,
         batch = entry["best"]["batch"]
         b = ALL_BACKENDS[name]
         out = cfg.out / "pred" / f"{name}.nii.gz"
-        row = segment_volume(b, models, batch, volume, out, run_precision(b, cfg.onnx_precision))
+        try:
+            row = segment_volume(b, models, batch, volume, out, run_precision(b, cfg.onnx_precision))
+        except FlareSegError as exc:  # one backend's failure (the GPU's memory, say) is a line of the report
+            log.warning("%s: whole volume failed: %s", name, exc)
+            errors[name] = str(exc)
+            continue
         bare = entry["best"].get("bare_session_run")
         per_slice = bare["slice_median_s"] if bare else entry["best"]["slice_median_s"]
         row["slices_times_per_slice_s"] = row["slices"] * per_slice
         row["volume_overhead"] = row["total_s"] / row["slices_times_per_slice_s"] - 1.0
         results[name] = row
-    section: dict[str, Any] = {"input": str(volume), "stages": list(STAGES), "reference": None, "results": results}
+    section: dict[str, Any] = {
+        "input": str(volume),
+        "stages": list(STAGES),
+        "reference": None,
+        "results": results,
+        "errors": errors,
+    }
     reference = _reference_volume(cfg, models, results, volume)
     if reference is not None:
         from flareseg.bench.measure import label_map, voxel_agreement
@@ -468,12 +485,17 @@ def _run_child(cmd: Sequence[str], *, nvml: bool) -> dict[str, Any]:
         with sampler if sampler else contextlib.nullcontext():
             t = time.perf_counter()
             proc = subprocess.Popen(list(cmd), stdout=subprocess.DEVNULL, stderr=err)
-            if hasattr(os, "wait4"):  # the child's own resource usage (Unix)
-                _, status, usage = os.wait4(proc.pid, 0)
-                proc.returncode = os.waitstatus_to_exitcode(status)
-                rss = usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
-            else:
+            try:
+                if hasattr(os, "wait4"):  # the child's own resource usage (Unix)
+                    _, status, usage = os.wait4(proc.pid, 0)
+                    proc.returncode = os.waitstatus_to_exitcode(status)
+                    rss = usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+                else:
+                    proc.wait()
+            except BaseException:  # Ctrl-C or SIGTERM: the child must not write on into a folder being removed
+                proc.kill()
                 proc.wait()
+                raise
             wall = time.perf_counter() - t
         if proc.returncode != 0:
             err.seek(0)

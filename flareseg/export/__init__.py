@@ -1,7 +1,29 @@
-"""Export: the deploy graph to verified ONNX (fp32/fp16/INT8) and TensorRT engines."""
+"""Export: the deploy graph to verified ONNX (fp32/fp16/INT8) and TensorRT engines.
 
-from flareseg.export.metadata import ExportMetadata, read_onnx_metadata, read_sidecar, sidecar_path
-from flareseg.export.onnx_export import ExportedModel, ExportOptions, Int8AgreementError, export_onnx
+The names below are loaded on first use (PEP 562): the runtime imports
+``flareseg.export.metadata`` for its types, and must not import the exporter (and onnx,
+most of a second of start-up) on the way.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flareseg.export.metadata import ExportMetadata, read_onnx_metadata, read_sidecar, sidecar_path
+    from flareseg.export.onnx_export import ExportedModel, ExportOptions, Int8AgreementError, export_onnx
+
+_WHERE = {
+    "ExportMetadata": "flareseg.export.metadata",
+    "read_onnx_metadata": "flareseg.export.metadata",
+    "read_sidecar": "flareseg.export.metadata",
+    "sidecar_path": "flareseg.export.metadata",
+    "ExportOptions": "flareseg.export.onnx_export",
+    "ExportedModel": "flareseg.export.onnx_export",
+    "Int8AgreementError": "flareseg.export.onnx_export",
+    "export_onnx": "flareseg.export.onnx_export",
+}
 
 __all__ = [
     "ExportMetadata",
@@ -13,3 +35,16 @@ __all__ = [
     "read_sidecar",
     "sidecar_path",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_WHERE})

@@ -300,7 +300,7 @@ def _check(figures: dict[str, dict[str, float]], precision: Precision, output_ki
 def export_onnx(
     checkpoint: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
-    options: ExportOptions = ExportOptions(),
+    options: ExportOptions | None = None,
     *,
     verify_volume: str | os.PathLike[str] | None = None,
     calibration: str | os.PathLike[str] | None = None,
@@ -310,9 +310,11 @@ def export_onnx(
     ``calibration`` is a folder of CT NIfTI files whose slices calibrate the INT8
     activation ranges (default: phantoms). Each model gets its metadata embedded and a
     ``.json`` sidecar beside it. Every model is verified before the first is written.
-    Returns what was written, fp32 first.
+    Returns what was written, fp32 first. ``options`` default: :class:`ExportOptions`'s defaults.
     """
     import onnx
+
+    options = options if options is not None else ExportOptions()
 
     from flareseg.export.fp16 import convert_to_fp16
     from flareseg.export.int8 import calibration_slices

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from flareseg.atomic import write_text_atomic
-from flareseg.errors import FlareSegError
+from flareseg.errors import FlareSegError, out_of_memory
 from flareseg.postprocess import StreamingPostprocessor, keep_largest_components
 from flareseg.preprocess import volume_normalizer
 from flareseg.runtime.inferer import InferenceTimes, infer_volume
@@ -223,11 +223,9 @@ def _infer_stage(
             on_labels=on_labels,
             **infer_options,
         )
-    except torch.OutOfMemoryError as exc:  # foreseeable on a small or shared GPU: one line with the way out
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise FlareSegError(
-            f"{timing.input}: the GPU ran out of memory at batch {batch_size} ({first}); "
-            "lower --batch-size, or let --gpu-memory MB choose it"
+    except torch.OutOfMemoryError as exc:
+        raise out_of_memory(
+            exc, timing.input, batch_size, "lower --batch-size, or let --gpu-memory MB choose it"
         ) from None
     if cuda:
         torch.cuda.synchronize(runner.device)

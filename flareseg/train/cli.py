@@ -23,12 +23,18 @@ from flareseg.cli import (
     slice_size,
 )
 from flareseg.errors import FlareSegError
-from flareseg.train.config import AugmentConfig, TrainConfig, absolute, check_loss_weights, locate_data
+from flareseg.train.config import (
+    RUN_OUTPUTS,
+    AugmentConfig,
+    TrainConfig,
+    absolute,
+    check_loss_weights,
+    locate_data,
+)
 
 log = logging.getLogger(__name__)
 
 #: Outputs of a run that has trained: a new run in that folder is refused (use --resume).
-RUN_OUTPUTS = ("last.pt", "best.pt", "log.jsonl")
 #: Options a resumed run may change: how it runs, not what it learns.
 RESUME_MAY_CHANGE = ("--epochs", "--device", "--workers", "--cudnn-benchmark")
 
@@ -153,9 +159,6 @@ def _new_config(args: argparse.Namespace) -> TrainConfig:
     out = args.out.resolve()  # "missing/../run" names an existing run that, as typed, does not exist
     if out.exists() and not out.is_dir():
         raise FlareSegError(f"--out {out}: exists and is not a folder")
-    trained = [name for name in RUN_OUTPUTS if (out / name).exists()]
-    if trained:
-        raise FlareSegError(f"{out}: a run already exists there ({trained[0]}); use --resume {out} or another --out")
     d = TrainConfig(data="", out="")
 
     def given(name: str, default: Any) -> Any:

@@ -23,6 +23,13 @@ def _finite(*values: float) -> bool:
     return all(math.isfinite(v) for v in values)
 
 
+#: The settings that must be integers (bool, though an int to Python, is refused).
+_INTEGER_FIELDS = ("base_width", "epochs", "batch_size", "val_cases", "workers", "seed", "accumulate", "val_batch_size")
+
+#: What a run folder holds once training has begun; a new run refuses a folder that has any of them.
+RUN_OUTPUTS = ("last.pt", "best.pt", "log.jsonl")
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     """The paper's augmentation ranges (Table 3); the same transform for image and mask."""
@@ -93,25 +100,60 @@ class TrainConfig:
     val_batch_size: int = 8
 
     def __post_init__(self) -> None:
-        checks = {
-            "base_width": self.base_width >= 1,
-            "epochs": self.epochs >= 1,
-            "batch_size": self.batch_size >= 1,
-            "lr": math.isfinite(self.lr) and self.lr > 0,
-            "val_cases": self.val_cases >= 0,
-            "workers": self.workers >= 0,
-            "accumulate": self.accumulate >= 1,
-            "steps_per_epoch": self.steps_per_epoch is None or self.steps_per_epoch >= 1,
-            "val_batch_size": self.val_batch_size >= 1,
+        self._check_types()
+        checks = {  # name: (holds, what is expected)
+            "seed": (0 <= self.seed < 2**32, "0 to 2**32 - 1"),
+            "base_width": (self.base_width >= 1, ">= 1"),
+            "epochs": (self.epochs >= 1, ">= 1"),
+            "batch_size": (self.batch_size >= 1, ">= 1"),
+            "lr": (math.isfinite(self.lr) and self.lr > 0, "finite, > 0"),
+            "val_cases": (self.val_cases >= 0, ">= 0"),
+            "workers": (self.workers >= 0, ">= 0"),
+            "accumulate": (self.accumulate >= 1, ">= 1"),
+            "steps_per_epoch": (self.steps_per_epoch is None or self.steps_per_epoch >= 1, ">= 1"),
+            "val_batch_size": (self.val_batch_size >= 1, ">= 1"),
         }
-        bad = [k for k, ok in checks.items() if not ok]
+        bad = [f"{k}={getattr(self, k)!r} (expected {expected})" for k, (ok, expected) in checks.items() if not ok]
         if bad:
-            raise FlareSegError(f"invalid training settings: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+            raise FlareSegError(f"invalid training settings: {', '.join(bad)}")
         check_loss_weights(self.loss_weights)
         if not _DEVICE.fullmatch(self.device):
             raise FlareSegError(f"--device {self.device}: expected cpu, cuda or cuda:N")
         if self.amp and not self.device.startswith("cuda"):
             raise FlareSegError("--amp (mixed precision) needs a CUDA device")
+
+    def _check_types(self) -> None:
+        """A config read back from JSON may hold anything: each field's type, before any value is compared."""
+
+        def integer(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def number(v: object) -> bool:
+            return isinstance(v, int | float) and not isinstance(v, bool)
+
+        wrong = [
+            name
+            for name, ok in (
+                ("data", isinstance(self.data, str)),
+                ("out", isinstance(self.out, str)),
+                ("device", isinstance(self.device, str)),
+                ("slice_size", isinstance(self.slice_size, tuple) and all(map(integer, self.slice_size))),
+                ("loss_weights", isinstance(self.loss_weights, tuple) and all(map(number, self.loss_weights))),
+                ("augment", isinstance(self.augment, AugmentConfig)),
+                ("val_list", isinstance(self.val_list, tuple) and all(isinstance(v, str) for v in self.val_list)),
+                ("lr", number(self.lr)),
+                ("steps_per_epoch", self.steps_per_epoch is None or integer(self.steps_per_epoch)),
+                *((k, integer(getattr(self, k))) for k in _INTEGER_FIELDS),
+                *((k, isinstance(getattr(self, k), bool)) for k in ("amp", "channels_last", "cudnn_benchmark")),
+            )
+            if not ok
+        ]
+        if wrong:
+            raise FlareSegError(
+                "invalid training settings: " + ", ".join(f"{k}={getattr(self, k)!r} (wrong type)" for k in wrong)
+            )
+        if len(self.slice_size) != 2:
+            raise FlareSegError(f"invalid training settings: slice_size={self.slice_size!r} (expected height, width)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -126,16 +168,19 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         d = dict(data)
         try:
-            aug = dict(d.pop("augment", {}))
-            if "scale" in aug:
+            aug = d.pop("augment", {})
+            if not isinstance(aug, dict):
+                raise FlareSegError(f"invalid training config: augment={aug!r} (expected an object of settings)")
+            aug = dict(aug)
+            if isinstance(aug.get("scale"), list):
                 aug["scale"] = tuple(aug["scale"])
             for key in ("slice_size", "loss_weights", "val_list"):
-                if key in d:
+                if isinstance(d.get(key), list):  # JSON's arrays; anything else is left for the type check
                     d[key] = tuple(d[key])
             if d.get("steps_per_epoch") == 0:  # configs written before None meant "one full pass"
                 d["steps_per_epoch"] = None
             return cls(augment=AugmentConfig(**aug), **d)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:  # an unknown key, or an "augment" that is not an object
             raise FlareSegError(f"invalid training config: {exc}") from None
 
     @classmethod
@@ -151,7 +196,10 @@ class TrainConfig:
             raise FlareSegError(f"{path}: cannot read ({exc.strerror or exc})") from None
         if not isinstance(data, dict):
             raise FlareSegError(f"{path}: not a training config (expected a JSON object)")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except FlareSegError as exc:
+            raise FlareSegError(f"{path}: {exc}") from None
 
 
 def absolute(path: str | os.PathLike[str]) -> str:

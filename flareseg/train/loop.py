@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from flareseg.atomic import write_text_atomic
 from flareseg.checkpoint import ModelInfo, check_slice_size, read_checkpoint, save_checkpoint
-from flareseg.errors import FlareSegError
+from flareseg.errors import FlareSegError, out_of_memory
 from flareseg.labels import LABELS, ORGANS
 from flareseg.metrics import dice
 from flareseg.network import NetworkConfig, build_training_network, non_finite_weights
@@ -39,7 +39,7 @@ from flareseg.preprocess import NormalizationStats, SliceNormalizer, volume_norm
 from flareseg.runtime.inferer import infer_volume
 from flareseg.runtime.runners import FunctionRunner
 from flareseg.train.augment import augment_batch, sample_affines
-from flareseg.train.config import TrainConfig
+from flareseg.train.config import RUN_OUTPUTS, TrainConfig
 from flareseg.train.data import (
     Case,
     SliceCache,
@@ -82,13 +82,16 @@ class _Dist:
             dist.barrier()
 
 
-def _init_distributed(device: str) -> _Dist:
+def _init_distributed(device: str) -> tuple[_Dist, bool]:
+    """The process group of a torchrun launch, and whether this call made it (only then is it ours to end)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return _Dist()
-    if not dist.is_initialized():
+        return _Dist(), False
+    made = not dist.is_initialized()
+    if made:
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return _Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    d = _Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    return d, made
 
 
 @contextlib.contextmanager
@@ -285,19 +288,33 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     run = Path(config.out).resolve()
     if run.exists() and not run.is_dir():
         raise FlareSegError(f"--out {run}: exists and is not a folder")
+    if not resume:
+        trained = [name for name in RUN_OUTPUTS if (run / name).exists()]
+        if trained:
+            raise FlareSegError(
+                f"{run}: a run already exists there ({trained[0]}); use --resume {run} or another --out"
+            )
     created = _first_missing(run) if not resume and d0.main else None
-    d = _init_distributed(config.device)
+    d, own_group = _init_distributed(config.device)
+    previous_device = torch.cuda.current_device() if device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.set_device(device)
     try:
-        with _cudnn_benchmark(config.cudnn_benchmark):
-            return _train(config, resume, d, device, run)
+        try:
+            with _cudnn_benchmark(config.cudnn_benchmark):
+                return _train(config, resume, d, device, run)
+        except torch.OutOfMemoryError as exc:
+            raise out_of_memory(
+                exc, "training", config.batch_size, "lower --batch-size and raise --accumulate by as much"
+            ) from None
     except Exception:
         if created is not None and not (run / "last.pt").exists():
             _remove_created(run, created)
         raise
     finally:
-        if d.world > 1 and dist.is_initialized():
+        if previous_device is not None:  # the caller's current device, as it was
+            torch.cuda.set_device(previous_device)
+        if own_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -416,7 +433,7 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
         start_epoch, best_score, best_epoch = state["epoch"] + 1, state["best_score"], state["best_epoch"]
         if d.main:
             log.info(
-                "resuming %s at epoch %d (best mean DSC %.4f at epoch %d)", run, start_epoch, best_score, best_epoch
+                "resuming %s at epoch %d (best mean DSC %.4f at epoch %d)", run, start_epoch + 1, best_score, best_epoch
             )
     net: nn.Module = model
     if d.world > 1:
