@@ -28,3 +28,16 @@ def out_of_memory(exc: BaseException, where: object, batch: int, way_out: str) -
     """A GPU running out of memory (foreseeable on a small or shared GPU), as one line with the way out."""
     first = (str(exc).strip().splitlines() or [""])[0][:160]
     return FlareSegError(f"{where}: the GPU ran out of memory at batch {batch} ({first}); {way_out}")
+
+
+def no_room(exc: BaseException) -> bool:
+    """Whether an error is a GPU allocation failure: torch's allocator's (``torch.OutOfMemoryError``), or cuDNN's
+    or cuBLAS's own, which reach Python as a plain RuntimeError naming their status."""
+    import torch  # asked only where torch already runs
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        status in text for status in ("CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED", "CUDA out of memory")
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -228,7 +229,10 @@ def test_cuda_fp32_peak_uses_the_convolutions_math():
     assert torch.backends.cuda.matmul.allow_tf32 is before
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and nvidia-ml-py")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("pynvml") is None,
+    reason="needs a CUDA GPU and nvidia-ml-py",
+)
 def test_nvml_sampler_sees_an_allocation_above_idle():
     import time
 
@@ -505,3 +509,16 @@ def test_an_interrupted_fresh_process_run_leaves_no_child_behind(tmp_path):
     pid = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):  # killed and reaped, not left sleeping
         os.kill(pid, 0)
+
+
+def test_a_gpu_whose_memory_nvml_cannot_read_gives_no_figures_but_the_run_goes_on(monkeypatch, caplog):
+    from flareseg.bench import measure
+
+    def unreadable(*args, **kwargs):
+        raise FlareSegError("NVML memory sampling needs nvidia-ml-py: pip install 'flareseg[gpu]'")
+
+    monkeypatch.setattr(measure, "NvmlSampler", unreadable)
+    monkeypatch.setattr(measure, "_nvml_said", [])
+    assert measure.nvml_sampler() is None and measure.nvml_sampler() is None
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said == ["no GPU memory figures: NVML memory sampling needs nvidia-ml-py: pip install 'flareseg[gpu]'"]

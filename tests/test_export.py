@@ -406,6 +406,28 @@ def test_an_output_path_that_is_a_file_is_refused(tiny_checkpoint, tmp_path, cap
     assert afile.read_text() == "keep me"
 
 
+def test_a_write_that_fails_midway_leaves_the_earlier_set_whole(tiny_checkpoint, tmp_path, monkeypatch):
+    import errno
+
+    out = tmp_path / "deploy"
+    export_onnx(tiny_checkpoint, out, ExportOptions(fp16=True, verify_slices=1))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == [f"flareseg_{p}.onnx{s}" for p in ("fp16", "fp32") for s in ("", ".json")]
+    real, calls = onnx_export.sidecar_text, []
+
+    def sidecar_text(data):  # the disk fills up at the second sidecar (fp16's), after fp32's model and sidecar
+        calls.append(data["precision"])
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(data)
+
+    monkeypatch.setattr(onnx_export, "sidecar_text", sidecar_text)
+    with pytest.raises(FlareSegError, match=r"flareseg_fp16\.onnx\.json: cannot write \(No space left on device\)"):
+        export_onnx(tiny_checkpoint, out, ExportOptions(fp16=True, verify_slices=1, batch_profile=(1, 2, 4)))
+    assert calls == ["fp32", "fp16"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new fp32 beside old fp16, no temporaries
+
+
 @pytest.mark.parametrize(
     ("embedded", "kind"), [("[1, 2]", "list"), ("3", "int"), ('"flareseg"', "str"), ("null", "NoneType")]
 )

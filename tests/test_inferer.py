@@ -227,3 +227,51 @@ def test_cuda_device_preprocessing_matches_the_default_cuda_path(net, batch_size
     np.testing.assert_array_equal(results[True][0], results[False][0])
     assert all(torch.equal(a, b) for a, b in zip(results[True][1], results[False][1], strict=True))
     net.to("cpu")
+
+
+def test_an_error_mid_volume_waits_for_the_copies_in_flight(net, monkeypatch):
+    # On CUDA an upload may still write a slot's device buffer when a later batch fails; the staged pipeline must
+    # wait for its copy stream before the buffers are freed. On the CPU its streams are no-ops: this test double
+    # counts the waits.
+    from flareseg.runtime import inferer
+
+    waits: list[str] = []
+
+    class CopyStream(inferer._Immediate):
+        def synchronize(self) -> None:
+            waits.append("copy")
+
+    real_init = inferer._Streams.__init__
+
+    def streams_init(self, device: torch.device) -> None:
+        real_init(self, device)
+        self.copy = CopyStream()
+
+    monkeypatch.setattr(inferer._Streams, "__init__", streams_init)
+    calls = []
+
+    def failing(batch: torch.Tensor) -> torch.Tensor:
+        calls.append(batch.shape[0])
+        if len(calls) == 2:
+            raise RuntimeError("the second batch fails")
+        return _Recorder(net)(batch)
+
+    stored = _volume()
+    with pytest.raises(RuntimeError, match="the second batch fails"):
+        _run(stored, FunctionRunner, _RunnerFunction(failing), 4, device_preprocess=True)
+    assert calls == [4, 4] and waits == ["copy"]
+    waits.clear()
+    _run(stored, FunctionRunner, _Recorder(net), 4, device_preprocess=True)
+    assert waits == []  # a volume that ends well waits on its events as it harvests, not on the stream
+
+
+class _RunnerFunction:
+    """A plain function with the output kind _run asks its recorder for."""
+
+    output_kind = "logits"
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.fn(batch)

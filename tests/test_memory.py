@@ -199,3 +199,13 @@ def test_measured_plan_on_the_gpu():
     assert plan.batch == 4 and plan.context_mb > 0
     figures = [m.device_mb for m in plan.measured]
     assert figures == sorted(figures)
+
+
+def test_allocation_failures_of_cudnn_and_cublas_count_as_no_room():
+    from flareseg.errors import no_room
+
+    assert no_room(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert no_room(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert no_room(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
+    assert not no_room(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not no_room(ValueError("CUDA out of memory"))  # not an error torch raises for it

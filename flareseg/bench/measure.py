@@ -161,6 +161,21 @@ def matmul_peak_flops(
 MIB = 2**20
 
 
+def nvml_sampler() -> NvmlSampler | None:
+    """A sampler of the first GPU, or None (said once) where NVML cannot be read: the figures are then n/a, and
+    the rest of the benchmark still runs."""
+    try:
+        return NvmlSampler()
+    except FlareSegError as exc:
+        if not _nvml_said:
+            log.warning("no GPU memory figures: %s", exc)
+            _nvml_said.append(True)
+        return None
+
+
+_nvml_said: list[bool] = []
+
+
 class NvmlSampler:
     """Whole-device used memory (total - free) every ``interval`` seconds, as FLARE21 measured it.
 

@@ -34,7 +34,7 @@ from flareseg.bench.backends import (
     run_precision,
     select_backends,
 )
-from flareseg.errors import FlareSegError, out_of_memory
+from flareseg.errors import FlareSegError, no_room, out_of_memory
 from flareseg.network import PAPER_PARAMETERS_REPORTED, build_deploy_network, count_parameters
 
 log = logging.getLogger(__name__)
@@ -309,7 +309,7 @@ def latency_section(
     cfg: BenchConfig, models: dict[str, Path], peaks: dict[str, float], flops_slice: int | None
 ) -> dict[str, Any]:
     """Latency and throughput against batch size, per backend; on CUDA, NVML memory per batch size."""
-    from flareseg.bench.measure import NvmlSampler, time_batches
+    from flareseg.bench.measure import nvml_sampler, time_batches
     from flareseg.runtime.pipeline import peak_rss_mb, reset_peak_rss
 
     assert cfg.backends is not None and cfg.batches is not None and cfg.warmup is not None and cfg.repeats is not None
@@ -327,7 +327,7 @@ def latency_section(
             if cuda:
                 _release_cuda_memory()
                 torch.cuda.reset_peak_memory_stats()
-            sampler = NvmlSampler() if cuda else None
+            sampler = nvml_sampler() if cuda else None
             try:
                 with sampler if sampler else contextlib.nullcontext():
                     runner = make_runner(b, models, batch)
@@ -345,7 +345,9 @@ def latency_section(
             except FlareSegError as exc:
                 entry["batches"].append({"batch": batch, "error": str(exc)})
                 continue
-            except torch.OutOfMemoryError as exc:  # a row of the report, as any batch that does not run
+            except RuntimeError as exc:  # out of memory: a row of the report, as any batch that does not run
+                if not no_room(exc):
+                    raise
                 runner, inputs = None, []
                 error = out_of_memory(exc, name, batch, "this batch does not fit this GPU")
                 entry["batches"].append({"batch": batch, "error": str(error)})
@@ -381,13 +383,13 @@ def segment_volume(
 
     ``precision``: what the run computes in, where not the backend's own (an ONNX model given alone).
     """
-    from flareseg.bench.measure import NvmlSampler
+    from flareseg.bench.measure import nvml_sampler
     from flareseg.runtime.pipeline import segment_file
 
     cuda = backend.device == "cuda"
     if cuda:
         _release_cuda_memory()
-    sampler = NvmlSampler() if cuda else None
+    sampler = nvml_sampler() if cuda else None
     with sampler if sampler else contextlib.nullcontext():
         runner = make_runner(backend, models, batch)
         with runner:
@@ -477,9 +479,9 @@ def volume_section(cfg: BenchConfig, models: dict[str, Path], latency: dict[str,
 
 def _run_child(cmd: Sequence[str], *, nvml: bool) -> dict[str, Any]:
     """Wall time, peak RSS and (on CUDA) NVML memory of one child process; a failure raises."""
-    from flareseg.bench.measure import NvmlSampler
+    from flareseg.bench.measure import nvml_sampler
 
-    sampler = NvmlSampler() if nvml else None
+    sampler = nvml_sampler() if nvml else None
     rss: float | None = None
     with tempfile.TemporaryFile() as err:
         with sampler if sampler else contextlib.nullcontext():
@@ -534,7 +536,7 @@ def fresh_process_section(
     bare["median_s"] = bare_s
     bare["peak_rss_mb"] = before["peak_rss_mb"]
     if cuda:  # what a CUDA context (and torch's smallest block) costs on this GPU, above idle
-        bare["nvml_flare21_max_mb"] = before["nvml_flare21_max_mb"]
+        bare["nvml_flare21_max_mb"] = before.get("nvml_flare21_max_mb")  # None where NVML cannot be read
     return {
         "backend": name,
         **case,

@@ -141,8 +141,12 @@ def read_onnx_metadata(path: str | os.PathLike[str]) -> ExportMetadata:
     raise FlareSegError(f"{path}: no flareseg metadata in this ONNX model (export it with flare-export)")
 
 
+def sidecar_text(data: Mapping[str, Any]) -> str:
+    return json.dumps(dict(data), indent=2, sort_keys=True) + "\n"
+
+
 def write_sidecar(artifact: str | os.PathLike[str], data: Mapping[str, Any]) -> Path:
-    return write_text_atomic(json.dumps(dict(data), indent=2, sort_keys=True) + "\n", sidecar_path(artifact))
+    return write_text_atomic(sidecar_text(data), sidecar_path(artifact))
 
 
 def read_sidecar(artifact: str | os.PathLike[str]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ failure writes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flareseg.atomic import atomic_output, check_writable
+from flareseg.atomic import atomic_output, check_writable_folder
 from flareseg.checkpoint import ModelInfo, check_slice_size, file_sha256, software_versions
 from flareseg.errors import FlareSegError
 from flareseg.export.inputs import load_checked_model, read_ct_hu
@@ -39,7 +40,14 @@ from flareseg.export.int8 import (
     FloatLayer,
     Quantizer,
 )
-from flareseg.export.metadata import ExportMetadata, OutputKind, Precision, embed_in_onnx, write_sidecar
+from flareseg.export.metadata import (
+    ExportMetadata,
+    OutputKind,
+    Precision,
+    embed_in_onnx,
+    sidecar_path,
+    sidecar_text,
+)
 from flareseg.network import FlareUNet, build_deploy_network
 from flareseg.preprocess import network_batch, normalize_volume
 
@@ -324,8 +332,7 @@ def export_onnx(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FlareSegError(f"{out}: exists and is not a folder (-o names the output folder)")
-    if not out.exists():
-        check_writable(out)
+    check_writable_folder(out)
     net, info = load_checked_model(checkpoint)
     if options.slice_size is not None:
         info = dataclasses.replace(info, slice_size=check_slice_size(options.slice_size))
@@ -377,14 +384,17 @@ def export_onnx(
         ).with_verification({**reference, "held_out_source": calib.source, **figures})
         verified.append((int8, meta, figures))
     written = []
-    for model, meta, figures in verified:
-        embed_in_onnx(model, meta)
-        path = out / f"{options.name}_{meta.precision}.onnx"
-        with atomic_output(path) as tmp:
-            onnx.save(model, str(tmp))
-        write_sidecar(path, meta.to_dict())
-        log.info("wrote %s: %s", path, _summary(figures))
-        written.append(ExportedModel(path, meta))
+    # Every model and sidecar goes to a temporary file first; the renames come only once all are written, so a
+    # failure (no space left) leaves the earlier set whole, never new models beside old sidecars.
+    with contextlib.ExitStack() as stack:
+        for model, meta, _ in verified:
+            embed_in_onnx(model, meta)
+            path = out / f"{options.name}_{meta.precision}.onnx"
+            onnx.save(model, str(stack.enter_context(atomic_output(path))))
+            stack.enter_context(atomic_output(sidecar_path(path))).write_text(sidecar_text(meta.to_dict()))
+            written.append(ExportedModel(path, meta))
+    for model_written, (_, _, figures) in zip(written, verified, strict=True):
+        log.info("wrote %s: %s", model_written.path, _summary(figures))
     return written
 
 

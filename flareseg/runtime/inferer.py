@@ -205,6 +205,18 @@ def _infer_cpu(
         times.infer_s += time.perf_counter() - t3  # on_labels_s is taken off once, at the end
 
 
+@contextlib.contextmanager
+def _drained_on_error(copy: Any) -> Iterator[None]:
+    """On an error, wait for the copies in flight before the slots' buffers go with the frame: an upload may still
+    write a device input buffer that the allocator would hand to the next case (it was allocated on the compute
+    stream, and the copy stream's use of it is not recorded)."""
+    try:
+        yield
+    except BaseException:
+        copy.synchronize()
+        raise
+
+
 class _Slot:
     """One set of staging buffers of the double-buffered CUDA pipeline."""
 
@@ -235,32 +247,34 @@ def _infer_cuda(
     slots = [_Slot(batch_size, size, device) for _ in range(2)]
     normalized_before = times.normalize_s  # the times may already hold another volume's
     t_start = done.start()
-    for i, start in enumerate(range(0, stored.shape[0], batch_size)):
-        stop = min(start + batch_size, stored.shape[0])
-        n = stop - start
-        slot = slots[i % 2]
-        done.harvest(slot)  # its previous batch's labels (and its input buffer) are free again
-        t0 = time.perf_counter()
-        slot.host_in[:n].numpy()[...] = normalizer(stored[start:stop])  # host work overlaps the other slot's GPU work
-        times.normalize_s += time.perf_counter() - t0
-        with torch.cuda.stream(copy):
-            copy.wait_event(slot.computed)  # never overwrite an input still being read
-            slot.dev_in[:n].copy_(slot.host_in[:n], non_blocking=True)
-            slot.uploaded.record(copy)
-        compute.wait_event(slot.uploaded)
-        with torch.inference_mode():
-            out = run_padded(runner, network_batch(slot.dev_in[:n], net_size, channels), min_batch)
-            lab = scores_to_labels(out, size, runner.output_kind)
-            del out  # else the scores stay alive through the next batch's forward (the planner counts one batch)
-        slot.computed.record(compute)
-        with torch.cuda.stream(copy):
-            copy.wait_event(slot.computed)
-            slot.host_out[:n].copy_(lab, non_blocking=True)
-            lab.record_stream(copy)  # keep the allocator from reusing it before the copy ends
-            slot.downloaded.record(copy)
-        slot.pending = (start, stop)
-        times.batches += 1
-        times.batch_sizes.append(n)
+    with _drained_on_error(copy):
+        for i, start in enumerate(range(0, stored.shape[0], batch_size)):
+            stop = min(start + batch_size, stored.shape[0])
+            n = stop - start
+            slot = slots[i % 2]
+            done.harvest(slot)  # its previous batch's labels (and its input buffer) are free again
+            t0 = time.perf_counter()
+            # Host work, overlapping the other slot's GPU work.
+            slot.host_in[:n].numpy()[...] = normalizer(stored[start:stop])
+            times.normalize_s += time.perf_counter() - t0
+            with torch.cuda.stream(copy):
+                copy.wait_event(slot.computed)  # never overwrite an input still being read
+                slot.dev_in[:n].copy_(slot.host_in[:n], non_blocking=True)
+                slot.uploaded.record(copy)
+            compute.wait_event(slot.uploaded)
+            with torch.inference_mode():
+                out = run_padded(runner, network_batch(slot.dev_in[:n], net_size, channels), min_batch)
+                lab = scores_to_labels(out, size, runner.output_kind)
+                del out  # else the scores stay alive through the next batch's forward (the planner counts one batch)
+            slot.computed.record(compute)
+            with torch.cuda.stream(copy):
+                copy.wait_event(slot.computed)
+                slot.host_out[:n].copy_(lab, non_blocking=True)
+                lab.record_stream(copy)  # keep the allocator from reusing it before the copy ends
+                slot.downloaded.record(copy)
+            slot.pending = (start, stop)
+            times.batches += 1
+            times.batch_sizes.append(n)
     done.harvest_all(slots)
     times.infer_s += time.perf_counter() - t_start - (times.normalize_s - normalized_before)
 
@@ -373,33 +387,34 @@ def _infer_staged(
     slots = [_StagedSlot(batch_size, size, dtypes, device, streams) for _ in range(2)]
     normalized_before = times.normalize_s  # the times may already hold another volume's
     t_start = done.start()
-    for i, start in enumerate(range(0, stored.shape[0], batch_size)):
-        stop = min(start + batch_size, stored.shape[0])
-        n = stop - start
-        slot = slots[i % 2]
-        done.harvest(slot)  # its previous batch's labels (and its input buffers) are free again
-        t0 = time.perf_counter()
-        # A copy (any strides, any flips) in the stored dtype; float32 conversion only for dtypes torch lacks.
-        np.copyto(slot.host_in[:n].numpy(), stored[start:stop], casting="unsafe")
-        times.normalize_s += time.perf_counter() - t0
-        with streams.on_copy():
-            streams.copy.wait_event(slot.computed)  # never overwrite an input still being read
-            slot.dev_in[:n].copy_(slot.host_in[:n], non_blocking=streams.cuda)
-            slot.uploaded.record(streams.copy)
-        streams.compute.wait_event(slot.uploaded)
-        with torch.inference_mode():
-            x = prepare.network_batch(slot.dev_in[:n], net_size, channels)
-            out = run_padded(runner, x, min_batch)
-            lab = scores_to_labels(out, size, runner.output_kind)
-            del x, out  # else they stay alive through the next batch's forward (the planner counts one batch)
-        slot.computed.record(streams.compute)
-        with streams.on_copy():
-            streams.copy.wait_event(slot.computed)
-            slot.host_out[:n].copy_(lab, non_blocking=streams.cuda)
-            streams.keep_for_copy(lab)
-            slot.downloaded.record(streams.copy)
-        slot.pending = (start, stop)
-        times.batches += 1
-        times.batch_sizes.append(n)
+    with _drained_on_error(streams.copy):
+        for i, start in enumerate(range(0, stored.shape[0], batch_size)):
+            stop = min(start + batch_size, stored.shape[0])
+            n = stop - start
+            slot = slots[i % 2]
+            done.harvest(slot)  # its previous batch's labels (and its input buffers) are free again
+            t0 = time.perf_counter()
+            # A copy (any strides, any flips) in the stored dtype; float32 conversion only for dtypes torch lacks.
+            np.copyto(slot.host_in[:n].numpy(), stored[start:stop], casting="unsafe")
+            times.normalize_s += time.perf_counter() - t0
+            with streams.on_copy():
+                streams.copy.wait_event(slot.computed)  # never overwrite an input still being read
+                slot.dev_in[:n].copy_(slot.host_in[:n], non_blocking=streams.cuda)
+                slot.uploaded.record(streams.copy)
+            streams.compute.wait_event(slot.uploaded)
+            with torch.inference_mode():
+                x = prepare.network_batch(slot.dev_in[:n], net_size, channels)
+                out = run_padded(runner, x, min_batch)
+                lab = scores_to_labels(out, size, runner.output_kind)
+                del x, out  # else they stay alive through the next batch's forward (the planner counts one batch)
+            slot.computed.record(streams.compute)
+            with streams.on_copy():
+                streams.copy.wait_event(slot.computed)
+                slot.host_out[:n].copy_(lab, non_blocking=streams.cuda)
+                streams.keep_for_copy(lab)
+                slot.downloaded.record(streams.copy)
+            slot.pending = (start, stop)
+            times.batches += 1
+            times.batch_sizes.append(n)
     done.harvest_all(slots)
     times.infer_s += time.perf_counter() - t_start - (times.normalize_s - normalized_before)

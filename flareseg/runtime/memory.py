@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flareseg.errors import FlareSegError
+from flareseg.errors import FlareSegError, no_room
 from flareseg.preprocess import network_batch
 from flareseg.runtime.inferer import min_batch_of, run_padded, scores_to_labels, staged_buffer_bytes, upload_dtype
 from flareseg.runtime.runners import Runner
@@ -251,7 +251,9 @@ def measure_cuda_plan(
                 x = network_batch(normalised, net_size, channels)
                 labels = scores_to_labels(run_padded(runner, x, min_batch), slice_shape, runner.output_kind)
                 del dev_in, normalised, x, labels
-        except torch.OutOfMemoryError:  # the device itself has no room (a shared or small GPU): it does not fit
+        except RuntimeError as exc:  # the device itself has no room (a shared or small GPU): it does not fit
+            if not no_room(exc):
+                raise
             torch.cuda.empty_cache()
             return math.inf
         torch.cuda.synchronize(device)

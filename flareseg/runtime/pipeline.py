@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from flareseg.atomic import write_text_atomic
-from flareseg.errors import FlareSegError, out_of_memory
+from flareseg.errors import FlareSegError, no_room, out_of_memory
 from flareseg.postprocess import StreamingPostprocessor, keep_largest_components
 from flareseg.preprocess import volume_normalizer
 from flareseg.runtime.inferer import InferenceTimes, infer_volume
@@ -223,7 +223,9 @@ def _infer_stage(
             on_labels=on_labels,
             **infer_options,
         )
-    except torch.OutOfMemoryError as exc:
+    except RuntimeError as exc:
+        if not no_room(exc):
+            raise
         raise out_of_memory(
             exc, timing.input, batch_size, "lower --batch-size, or let --gpu-memory MB choose it"
         ) from None

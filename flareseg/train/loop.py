@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from flareseg.atomic import write_text_atomic
 from flareseg.checkpoint import ModelInfo, check_slice_size, read_checkpoint, save_checkpoint
-from flareseg.errors import FlareSegError, out_of_memory
+from flareseg.errors import FlareSegError, no_room, out_of_memory
 from flareseg.labels import LABELS, ORGANS
 from flareseg.metrics import dice
 from flareseg.network import NetworkConfig, build_training_network, non_finite_weights
@@ -303,7 +303,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
         try:
             with _cudnn_benchmark(config.cudnn_benchmark):
                 return _train(config, resume, d, device, run)
-        except torch.OutOfMemoryError as exc:
+        except RuntimeError as exc:
+            if not no_room(exc):
+                raise
             raise out_of_memory(
                 exc, "training", config.batch_size, "lower --batch-size and raise --accumulate by as much"
             ) from None
