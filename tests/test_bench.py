@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -58,6 +59,9 @@ def test_report_schema_and_files(report):
     assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "stages.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![time per stage](stages.png)" in md and "## Backends side by side" in md
+    # Drawn with matplotlib's object interface: pyplot (a process-wide backend and figure list) stays unloaded.
+    assert "matplotlib.pyplot" not in sys.modules
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporary left
 
 
 def test_every_requested_batch_size_is_measured(report):
@@ -522,3 +526,17 @@ def test_a_gpu_whose_memory_nvml_cannot_read_gives_no_figures_but_the_run_goes_o
     assert measure.nvml_sampler() is None and measure.nvml_sampler() is None
     said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert said == ["no GPU memory figures: NVML memory sampling needs nvidia-ml-py: pip install 'flareseg[gpu]'"]
+
+
+def test_a_non_square_size_gives_slices_of_that_height_and_width(tmp_path):
+    from flareseg.bench import run as bench_run
+
+    path = bench_run._volume(BenchConfig(out=tmp_path, slices=3, size=(96, 64)).resolved(), tmp_path)
+    assert nib.load(path).shape == (64, 96, 3)  # NIfTI's axes are x (the width), y (the height), z
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # written atomically: no temporary left
+
+
+def test_the_matmul_peak_leaves_the_global_generator_alone():
+    rng = torch.get_rng_state()
+    assert matmul_peak_flops(torch.device("cpu"), torch.float32, n=128, repeats=1) > 0
+    assert torch.equal(torch.get_rng_state(), rng)

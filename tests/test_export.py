@@ -181,6 +181,25 @@ def test_profile_shapes():
         profile_shapes((4, 2, 8), 1, (512, 512))
 
 
+def test_an_engine_or_timing_cache_that_would_replace_the_onnx_input_is_refused_before_any_work(exported, tmp_path):
+    from flareseg.export.tensorrt import build_engine
+
+    onnx_path = tmp_path / "m.onnx"
+    onnx_path.write_bytes(exported[0].path.read_bytes())
+    sidecar = tmp_path / "m.onnx.json"
+    sidecar.write_text("{}")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for kwargs, words in [
+        ({"engine_path": onnx_path}, "m.onnx: the engine would replace the input"),
+        ({"engine_path": sidecar}, "m.onnx.json: the engine would replace the input"),
+        ({"timing_cache": onnx_path}, "m.onnx: the timing cache would replace the input"),
+        ({"timing_cache": sidecar}, "m.onnx.json: the timing cache would replace the input"),
+    ]:
+        with pytest.raises(FlareSegError, match=words):  # refused before TensorRT is even imported
+            build_engine(onnx_path, **kwargs)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_engine_sidecar_and_compatibility_checks(exported, tmp_path):
     h100 = DeviceIdentity("NVIDIA H100 80GB HBM3", "9.0")
     sidecar = engine_sidecar(
@@ -410,7 +429,9 @@ def test_a_write_that_fails_midway_leaves_the_earlier_set_whole(tiny_checkpoint,
     import errno
 
     out = tmp_path / "deploy"
+    rng = torch.get_rng_state()
     export_onnx(tiny_checkpoint, out, ExportOptions(fp16=True, verify_slices=1))
+    assert torch.equal(torch.get_rng_state(), rng)  # the export draws from generators of its own
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert sorted(before) == [f"flareseg_{p}.onnx{s}" for p in ("fp16", "fp32") for s in ("", ".json")]
     real, calls = onnx_export.sidecar_text, []

@@ -275,3 +275,14 @@ class _RunnerFunction:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         return self.fn(batch)
+
+
+def test_label_outputs_are_resized_by_pixel_centres():
+    # A model that outputs labels at 32 x 32 for 48 x 40 slices: each slice pixel takes the label under its centre.
+    from flareseg.runtime.inferer import scores_to_labels
+
+    labels = torch.from_numpy(np.random.default_rng(0).integers(0, 5, (2, 32, 32)))
+    got = scores_to_labels(labels, (48, 40), "labels")
+    rows = np.floor((np.arange(48) + 0.5) * 32 / 48).astype(int)
+    cols = np.floor((np.arange(40) + 0.5) * 32 / 40).astype(int)
+    assert got.dtype == torch.uint8 and np.array_equal(got.numpy(), labels.numpy()[:, rows][:, :, cols])

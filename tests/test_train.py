@@ -180,6 +180,24 @@ def test_split_is_seeded_and_explicit_lists_are_honoured(phantom_data):
         split_cases(cases, val_cases=1, val_list=["nope"])
 
 
+def test_cached_masks_take_the_label_under_each_pixel_centre_as_the_images_do(phantom_data, tmp_path):
+    # 48 -> 32 pixels: output pixel i covers source [1.5 i, 1.5 (i + 1)); its centre falls in source pixel
+    # floor(1.5 (i + 0.5)), the pixel the bilinear image resize (half-pixel centres) also centres on.
+    from flareseg.preprocess import NormalizationStats
+    from flareseg.train.data import SliceCache
+    from flareseg.volume import read_labels, to_canonical
+
+    case = find_training_cases(phantom_data)[0]
+    cache = SliceCache(tmp_path / "cache", NormalizationStats(mean=0.0, std=100.0), (32, 32))
+    cache.build([case])
+    _, labels = cache.slices(case)
+    truth = to_canonical(*read_labels(case.mask))
+    centre = np.floor(1.5 * (np.arange(32) + 0.5)).astype(int)
+    expected = truth[:, centre][:, :, centre]
+    assert labels.shape == expected.shape and np.array_equal(labels, expected)
+    assert len(np.unique(expected)) > 2  # organs present: the check is not of background alone
+
+
 def test_augmentation_moves_image_and_mask_together():
     g = torch.Generator().manual_seed(0)
     img = torch.zeros(6, 64, 64)

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from streaming_feed import stream_postprocess  # noqa: E402
 
+from flareseg.atomic import write_text_atomic  # noqa: E402
 from flareseg.percentiles import value_histogram  # noqa: E402
 from flareseg.postprocess import keep_largest_components  # noqa: E402
 from flareseg.runtime.reading import read_stage  # noqa: E402
@@ -109,7 +110,7 @@ def main() -> int:
 
     def save(key: str, value: Any) -> None:  # after every section: a timeout loses only the one in flight
         report[key] = value
-        (args.out / "host_cpu.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_text_atomic(json.dumps(report, indent=2) + "\n", args.out / "host_cpu.json")
 
     raw = args.work / "pred-no-postprocess.nii.gz"  # post-processing first: the figure the targets need
     save("postprocess_s", postprocess(raw, args.rounds) if raw.exists() else f"{raw} missing")

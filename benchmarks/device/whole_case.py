@@ -32,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from flareseg.atomic import write_text_atomic  # noqa: E402
 from flareseg.bench.measure import NvmlSampler, label_map, voxel_agreement  # noqa: E402
 
 SETTINGS: dict[str, list[str]] = {
@@ -73,6 +74,10 @@ CUDA_ONLY = {
     "batch-1-graph",
     "batch-2-graph",
 }
+#: The plan's order: the targets, then (after the folders and all-opt-in) what no other setting tells: whether
+#: a small batch, with or without a CUDA graph, keeps the throughput within 1,000 MB, and the memory budget.
+PLAN_FIRST = ["fp32", "no-postprocess", "defaults"]
+PLAN_NEXT = ["batch-2", "batch-1-graph", "batch-2-graph", "gpu-memory-1000", "gpu-memory-1000+alloc"]
 #: Folder runs (cases per minute): today's defaults, and every opt-in path together.
 FOLDER_SETTINGS: dict[str, list[str]] = {"defaults": [], "all-opt-in": SETTINGS["all-opt-in"]}
 
@@ -112,26 +117,48 @@ def build_inputs(work: Path, slices: int, size: int, width: int) -> tuple[Path, 
     return ckpt, ct
 
 
-def fresh(cmd: list[str], cuda: bool, env: dict[str, str] | None = None) -> dict[str, Any]:
+#: A process may take this many times the longest so far (at least PROCESS_MIN_S) before it counts as hung.
+PROCESS_FACTOR, PROCESS_MIN_S = 4.0, 90.0
+#: Lines of a failed process's stderr kept: a CUDA error's own line comes before torch's three lines of hints.
+STDERR_LINES = 40
+
+
+def fresh(
+    cmd: list[str], cuda: bool, env: dict[str, str] | None = None, timeout_s: float | None = None
+) -> dict[str, Any]:
     sampler = NvmlSampler() if cuda else None
     t = time.perf_counter()
-    with sampler if sampler else contextlib.nullcontext():
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env} if env else None)
     shown = " ".join([*(f"{k}={v}" for k, v in (env or {}).items()), *cmd])
-    row: dict[str, Any] = {"command": shown, "wall_s": time.perf_counter() - t, "rc": proc.returncode}
+    with sampler if sampler else contextlib.nullcontext():
+        try:
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, env={**os.environ, **env} if env else None, timeout=timeout_s
+            )
+            rc, stderr = proc.returncode, proc.stderr
+        except subprocess.TimeoutExpired as exc:  # killed: the row says which setting hung, the run goes on
+            rc = "timeout"
+            err = exc.stderr or b""
+            stderr = err.decode(errors="replace") if isinstance(err, bytes) else err
+            stderr += f"\nkilled after {timeout_s:.0f} s"
+    row: dict[str, Any] = {"command": shown, "wall_s": time.perf_counter() - t, "rc": rc}
     row["end_epoch_s"] = time.time()  # against the timeline's end stamp: how long the process took to exit
-    if proc.returncode != 0:
-        row["stderr"] = proc.stderr.strip().splitlines()[-3:]
+    if rc != 0:
+        row["stderr"] = stderr.strip().splitlines()[-STDERR_LINES:]
     if sampler is not None:
         row["nvml"] = sampler.summary() if hasattr(sampler, "summary") else {"max_mb": sampler.flare21_max_mb()}
     return row
 
 
 def fresh_case(
-    infer: list[str], pred: Path, flags: list[str], cuda: bool, env: dict[str, str] | None = None
+    infer: list[str],
+    pred: Path,
+    flags: list[str],
+    cuda: bool,
+    env: dict[str, str] | None = None,
+    timeout_s: float | None = None,
 ) -> dict[str, Any]:
     """One fresh flare-infer process on the case, with its stage timings and start-up timeline."""
-    row = fresh([*infer, "-o", str(pred), *flags], cuda, env)
+    row = fresh([*infer, "-o", str(pred), *flags], cuda, env, timeout_s)
     timings = pred.with_name(pred.name.split(".nii")[0] + ".timings.json")
     if row["rc"] == 0 and timings.exists():
         data = json.loads(timings.read_text())
@@ -212,12 +239,17 @@ def main() -> int:
         (folder / f"case{i:02d}_0000.nii.gz").symlink_to(ct)
     reference: np.ndarray | None = None
     # The targets first (fp32 for the agreement, the raw labels for host_cpu.py, the defaults, a folder at
-    # the defaults), then the opt-in paths, so that a short budget drops the latter.
-    first = ["fp32", "no-postprocess", "defaults"]
-    plan = [("case", n) for n in first] + [("folder", "defaults")]
+    # the defaults), then the opt-in paths in the order of what only they can tell, so that a short budget
+    # drops the single opt-ins that all-opt-in already covers.
+    plan = [("case", n) for n in PLAN_FIRST] + [("folder", "defaults")]
     plan += [("case", "all-opt-in"), ("folder", "all-opt-in")]  # the best the opt-ins give, early
-    plan += [("case", n) for n in SETTINGS if n not in (*first, "all-opt-in")]
+    plan += [("case", n) for n in PLAN_NEXT]
+    plan += [("case", n) for n in SETTINGS if n not in (*PLAN_FIRST, "all-opt-in", *PLAN_NEXT)]
     plan += [("folder", n) for n in FOLDER_SETTINGS if n not in ("defaults", "all-opt-in")]
+
+    def timeout() -> float:
+        return max(PROCESS_MIN_S, PROCESS_FACTOR * longest)
+
     for kind, name in plan:
         flags = SETTINGS[name] if kind == "case" else FOLDER_SETTINGS[name]
         if not cuda and (name in CUDA_ONLY or (kind == "folder" and flags)):
@@ -225,7 +257,8 @@ def main() -> int:
         if kind == "folder":
             if not time_left_for(f"folder {name}", factor=args.cases / 2):  # a folder overlaps its cases
                 continue
-            row = fresh([*infer, "-i", str(folder), "-o", str(work / f"folder-{name}"), *flags], cuda)
+            folder_cmd = [*infer, "-i", str(folder), "-o", str(work / f"folder-{name}"), *flags]
+            row = fresh(folder_cmd, cuda, timeout_s=timeout() * args.cases)
             tj = work / f"folder-{name}" / "timings.json"
             if tj.exists():
                 row["summary"] = json.loads(tj.read_text()).get("summary")
@@ -235,7 +268,7 @@ def main() -> int:
         if not time_left_for(name):
             continue
         pred = work / f"pred-{name}.nii.gz"
-        row = fresh_case([*infer, "-i", str(ct)], pred, flags, cuda, SETTING_ENV.get(name))
+        row = fresh_case([*infer, "-i", str(ct)], pred, flags, cuda, SETTING_ENV.get(name), timeout())
         if name == "fp32" and pred.exists():
             reference = label_map(pred)
         if name != "no-postprocess":  # raw labels: not comparable with post-processed ones
@@ -308,7 +341,7 @@ def targets(report: dict[str, Any], slices: int) -> list[str]:
 
 def write_reports(report: dict[str, Any], out: Path, args: argparse.Namespace) -> str:
     """whole_case.json and whole_case.md from what has run so far; returns the table."""
-    (out / "whole_case.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(json.dumps(report, indent=2) + "\n", out / "whole_case.json")  # a kill mid-write loses nothing
     runs = report["runs"]
     cuda = args.device.startswith("cuda")
     lines = [f"# Whole case, {args.slices} x {args.size} x {args.size}, device {args.device}", ""]
@@ -386,7 +419,7 @@ def write_reports(report: dict[str, Any], out: Path, args: argparse.Namespace) -
         skipped = ", ".join(report["skipped_for_time"])
         lines.append(f"not run, for want of time (--budget {args.budget:.0f} s): {skipped}")
     text = "\n".join(lines) + "\n"
-    (out / "whole_case.md").write_text(text)
+    write_text_atomic(text, out / "whole_case.md")
     return text
 
 

@@ -115,7 +115,8 @@ def check_backends(names: Sequence[str]) -> None:
     unknown = [b for b in names if b not in ALL_BACKENDS]
     if unknown:
         raise FlareSegError(f"unknown backends {unknown}; known: {', '.join(ALL_BACKENDS)}")
-    missing = [b for b in names if b not in available_backends()]
+    available = available_backends()  # asks each library once (OpenVINO's Core(), ONNX Runtime's providers)
+    missing = [b for b in names if b not in available]
     if missing:
         raise FlareSegError(f"backends not available on this machine: {', '.join(missing)}")
 

@@ -138,17 +138,11 @@ class CheckConfig:
 
 
 def _phantom(cfg: CheckConfig, work: Path) -> Path:
-    import nibabel as nib
-
-    from flareseg.phantom import make_phantom
+    from flareseg.bench.inputs import phantom_volume
 
     assert cfg.slices is not None
     h, w = cfg.size
-    spacing = (PHANTOM_FOV_MM / w, PHANTOM_FOV_MM / h, PHANTOM_SLICE_MM)
-    img, _ = make_phantom((w, h, cfg.slices), spacing, seed=0).to_nifti()
-    path = work / f"phantom_{cfg.slices}_0000.nii.gz"
-    nib.save(img, path)
-    return path
+    return phantom_volume(work, cfg.size, cfg.slices, (PHANTOM_FOV_MM / w, PHANTOM_FOV_MM / h, PHANTOM_SLICE_MM))
 
 
 def slice_indices(count: int) -> list[int]:

@@ -1,4 +1,5 @@
-"""flare-bench's arguments, checked before anything is written, and the folders a failed run leaves behind.
+"""flare-bench's inputs: its arguments, checked before anything is written; the phantom volume it times; the
+folders a failed run leaves behind.
 
 A run that is refused spends seconds, not the minutes of an export, and a run that
 fails removes the folders it made, so no half-made report folder is taken for a result.
@@ -26,6 +27,24 @@ def check_report_folder(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise FlareSegError(f"{out}: exists and is not a folder (-o names the report folder)")
     check_writable_folder(out)
+
+
+def phantom_volume(work: Path, size: tuple[int, int], slices: int, spacing: tuple[float, float, float]) -> Path:
+    """A phantom CT of ``slices`` slices of ``size`` (height, width) voxels, written to ``work``.
+
+    ``spacing`` is (x, y, z) in mm. The phantom takes its shape as (x, y, z) too: width first.
+    """
+    import nibabel as nib
+
+    from flareseg.atomic import atomic_output
+    from flareseg.phantom import make_phantom
+
+    h, w = size
+    img, _ = make_phantom((w, h, slices), spacing, seed=0).to_nifti()
+    path = work / f"phantom_{slices}_0000.nii.gz"
+    with atomic_output(path, keep_suffix=".nii.gz") as tmp:
+        nib.save(img, tmp)
+    return path
 
 
 def check_model(model: Path | None) -> str | None:

@@ -143,8 +143,10 @@ def matmul_peak_flops(
     """
     if n is None:
         n = 8192 if device.type == "cuda" else 4096
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    # Drawn on the device from a generator of its own: the caller's global generators are left as they were.
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    b = torch.randn(n, n, device=device, generator=gen).to(dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with cuda_matmul_tf32(tf32) if device.type == "cuda" else contextlib.nullcontext():
         torch.matmul(a, b)

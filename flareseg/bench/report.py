@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flareseg.atomic import write_text_atomic
+from flareseg.atomic import atomic_output, write_text_atomic
 
 
 def _mb(x: float | None) -> str:
@@ -290,15 +290,20 @@ def markdown(report: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pyplot() -> Any:
+def _figure(figsize: tuple[float, float]) -> Any:
+    """A figure of matplotlib's object interface, or None without matplotlib. Not pyplot: that would choose a
+    backend for the whole process and keep every figure in its global list."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
         return None
-    return plt
+    return Figure(figsize=figsize)
+
+
+def _save_png(fig: Any, path: Path) -> Path:
+    with atomic_output(path, keep_suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    return path
 
 
 def _title(report: dict[str, Any], what: str) -> str:
@@ -309,10 +314,10 @@ def _title(report: dict[str, Any], what: str) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> Path | None:
-    plt = _pyplot()
-    if plt is None:
+    fig = _figure((11, 4))
+    if fig is None:
         return None
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1, ax2 = fig.subplots(1, 2)
     for name, entry in report["backends"].items():
         rows = [r for r in entry["batches"] if "error" not in r]
         if not rows:
@@ -329,20 +334,18 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
     ax2.legend(fontsize=8)
     fig.suptitle(_title(report, "latency"), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save_png(fig, path)
 
 
 def plot_stages(report: dict[str, Any], path: Path) -> Path | None:
     """A stacked bar per backend: seconds of each stage of the whole-volume run."""
-    plt = _pyplot()
     results = report["volumes"]["results"]
-    if plt is None or not results:
-        return None
     names = list(results)
+    fig = _figure((9, 1.2 + 0.5 * len(names))) if results else None
+    if fig is None:
+        return None
     stages = report["volumes"].get("stages", ["read", "preprocess", "infer", "postprocess", "write"])
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.5 * len(names)))
+    ax = fig.subplots()
     left = [0.0] * len(names)
     for stage in stages:
         widths = [results[n][f"{stage}_s"] for n in names]
@@ -355,9 +358,7 @@ def plot_stages(report: dict[str, Any], path: Path) -> Path | None:
     ax.legend(fontsize=8, ncol=len(stages), loc="lower center", bbox_to_anchor=(0.5, 1.0))
     fig.suptitle(_title(report, "whole volume by stage"), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save_png(fig, path)
 
 
 def write_report(report: dict[str, Any], out: Path, command: str) -> dict[str, Path]:

@@ -153,17 +153,12 @@ def _bare_session_run(runner: Any, inputs: Sequence[torch.Tensor], cfg: BenchCon
 
 
 def _volume(cfg: BenchConfig, work: Path) -> Path:
+    from flareseg.bench.inputs import phantom_volume
+
     if cfg.input is not None:
         return cfg.input
-    from flareseg.phantom import make_phantom
-
     assert cfg.slices is not None
-    img, _ = make_phantom((*cfg.size, cfg.slices), (0.8, 0.8, 2.5), seed=0).to_nifti()
-    path = work / f"phantom_{cfg.slices}_0000.nii.gz"
-    import nibabel as nib
-
-    nib.save(img, path)
-    return path
+    return phantom_volume(work, cfg.size, cfg.slices, (0.8, 0.8, 2.5))
 
 
 def run_benchmark(config: BenchConfig) -> dict[str, Any]:

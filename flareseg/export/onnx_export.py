@@ -159,7 +159,7 @@ def _to_onnx(module: nn.Module, channels: int, size: tuple[int, int], max_batch:
     """Trace ``module`` with torch.export into an ONNX ModelProto with a dynamic batch axis."""
     import onnx
 
-    example = torch.randn(2, channels, *size)
+    example = torch.randn(2, channels, *size, generator=torch.Generator().manual_seed(0))  # not the global one
     batch = torch.export.Dim("batch", min=1, max=max(2, max_batch))
     # The exporter logs its fallbacks (optional torchvision ops, the C API's opset conversion): not actionable here.
     with warnings.catch_warnings(), _quiet_logger("torch.onnx"), _quiet_logger("onnxscript.version_converter"):

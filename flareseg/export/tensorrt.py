@@ -211,6 +211,17 @@ def engine_path_for(onnx_path: str | os.PathLike[str]) -> Path:
     return p.with_suffix(".engine")
 
 
+def _refuse_overwriting_inputs(onnx_path: Path, engine_path: Path, timing_cache: str | os.PathLike[str] | None) -> None:
+    """Refuse, before any work, an engine (or its sidecar) or timing cache that would replace the ONNX input."""
+    inputs = {onnx_path.resolve(), sidecar_path(onnx_path).resolve()}
+    outputs = [("engine", engine_path), ("engine's sidecar", sidecar_path(engine_path))]
+    if timing_cache is not None:
+        outputs.append(("timing cache", Path(timing_cache)))
+    for what, path in outputs:
+        if path.resolve() in inputs:
+            raise FlareSegError(f"{path}: the {what} would replace the input {onnx_path} or its sidecar")
+
+
 def build_engine(
     onnx_path: str | os.PathLike[str],
     engine_path: str | os.PathLike[str] | None = None,
@@ -232,11 +243,12 @@ def build_engine(
     :func:`load_engine` checks: an interrupted build leaves an engine without a sidecar
     (refused), never a sidecar describing another engine.
     """
-    trt = import_tensorrt()
     onnx_path = Path(onnx_path)
+    engine_path = Path(engine_path) if engine_path else engine_path_for(onnx_path)
+    _refuse_overwriting_inputs(onnx_path, engine_path, timing_cache)
+    trt = import_tensorrt()
     meta = read_onnx_metadata(onnx_path)
     check_engine_output(meta, onnx_path)
-    engine_path = Path(engine_path) if engine_path else engine_path_for(onnx_path)
     version = str(trt.__version__)
     with on_gpu(device) as identity:
         cache_path = Path(timing_cache) if timing_cache else onnx_path.parent / timing_cache_name(version, identity)

@@ -64,7 +64,8 @@ def scores_to_labels(out: torch.Tensor, size: tuple[int, int], output_kind: str)
     if output_kind == "labels":
         labels = out
         if tuple(labels.shape[-2:]) != tuple(size):
-            labels = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0]
+            # Pixel centres, as the bilinear input resize: legacy "nearest" shifts labels by up to a pixel.
+            labels = F.interpolate(labels[:, None].float(), size=size, mode="nearest-exact")[:, 0]
         return labels.to(torch.uint8)
     scores = out if out.dtype in (torch.float32, torch.float16) else out.float()
     return resize_scores_to_labels(scores, size)

@@ -42,7 +42,8 @@ from flareseg.volume import (
 
 log = logging.getLogger(__name__)
 #: 2: keyed per case by its files (not only by statistics and size), masks brought onto the image's grid.
-CACHE_VERSION = 2
+#: 3: masks resized by their pixel centres (nearest-exact), as the images are (bilinear, half-pixel centres).
+CACHE_VERSION = 3
 #: How far (mm) a mask's voxel centres may lie from its image's: header rounding, as flare-eval allows.
 GRID_TOLERANCE_MM = 1e-3
 
@@ -129,7 +130,13 @@ def read_stats_file(path: Path) -> tuple[NormalizationStats, dict[str, Any] | No
         source = data.get("source") if isinstance(data, dict) else None
     except (OSError, ValueError) as exc:
         raise FlareSegError(f"{path}: unreadable statistics ({exc})") from None
-    return NormalizationStats.from_json(json.dumps(data)), source if isinstance(source, dict) else None
+    if not isinstance(data, dict):
+        raise FlareSegError(f"{path}: not dataset statistics (expected a JSON object)")
+    try:
+        stats = NormalizationStats.from_dict(data)
+    except FlareSegError as exc:
+        raise FlareSegError(f"{path}: {exc}") from None
+    return stats, source if isinstance(source, dict) else None
 
 
 def write_stats_file(path: Path, stats: NormalizationStats, source: dict[str, Any]) -> None:
@@ -322,7 +329,9 @@ class SliceCache:
             chunk = network_batch(normalizer(volume.array[k : k + 32]), self.size, 1)[:, 0]
             slices[k : k + 32] = chunk.numpy().astype(np.float16)
             lab = torch.from_numpy(truth[k : k + 32]).float()[:, None]
-            lab_small[k : k + 32] = F.interpolate(lab, size=self.size, mode="nearest")[:, 0].numpy()
+            # "nearest-exact": the source pixel under each output pixel's centre; legacy "nearest" is half a pixel off
+            # the bilinear images wherever the size is not an integer multiple (768 -> 512).
+            lab_small[k : k + 32] = F.interpolate(lab, size=self.size, mode="nearest-exact")[:, 0].numpy()
         _save_npy(slices, paths["slices"])
         _save_npy(lab_small, paths["labels"])
         if full_resolution:
