@@ -538,3 +538,13 @@ def test_a_mask_without_an_image_is_an_error(data_a, tmp_path):
         find_training_cases(data)
     assert str(err.value) == f"{data / 'TrainingMask'}: no image in TrainingImg/ for train_001.nii.gz"
     assert os.path.exists(data / "TrainingMask" / "train_001.nii.gz")
+
+
+def test_the_log_gains_whole_lines_only_and_a_half_line_left_by_a_crash_goes(tmp_path):
+    path = tmp_path / "log.jsonl"
+    loop._append_record(path, {"epoch": 1})
+    loop._append_record(path, {"epoch": 2})
+    path.write_text(path.read_text() + '{"epoch": 3, "lo')  # an append cut short
+    loop._append_record(path, {"epoch": 3})
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"epoch": e} for e in (1, 2, 3)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl"]

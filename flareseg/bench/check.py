@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,6 +42,10 @@ from flareseg.bench.backends import (
 )
 from flareseg.errors import FlareSegError
 from flareseg.export import onnx_export
+
+if TYPE_CHECKING:
+    from flareseg.preprocess import NormalizationStats
+    from flareseg.runtime.runners import Runner
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +154,7 @@ def slice_indices(count: int) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, count - 1, min(MAX_CHECK_SLICES, count)).round()})
 
 
-def check_slices(volume: Path, stats: Any) -> np.ndarray:
+def check_slices(volume: Path, stats: NormalizationStats) -> np.ndarray:
     """Up to :data:`MAX_CHECK_SLICES` evenly spaced slices of the volume, normalised as flare-infer does."""
     from flareseg.preprocess import normalize_volume
     from flareseg.volume import read_ct
@@ -159,7 +163,7 @@ def check_slices(volume: Path, stats: Any) -> np.ndarray:
     return normalize_volume(hu, stats)[slice_indices(hu.shape[0])]
 
 
-def run_slices(runner: Any, slices: np.ndarray, batch: int) -> tuple[np.ndarray, float]:
+def run_slices(runner: Runner, slices: np.ndarray, batch: int) -> tuple[np.ndarray, float]:
     """The runner's outputs on the slices (logits or labels, on the host) and its seconds per slice.
 
     The first batch runs once untimed (lazy initialisation: graph compilation, cuDNN's choice of algorithms).

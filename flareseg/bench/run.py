@@ -21,7 +21,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -36,6 +36,9 @@ from flareseg.bench.backends import (
 )
 from flareseg.errors import FlareSegError, no_room, out_of_memory
 from flareseg.network import PAPER_PARAMETERS_REPORTED, build_deploy_network, count_parameters
+
+if TYPE_CHECKING:
+    from flareseg.runtime.runners import OnnxRuntimeRunner
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +131,7 @@ def check_counts(
         raise FlareSegError(f"--batch takes positive batch sizes, got {','.join(map(str, batches)) or 'none'}")
 
 
-def _bare_session_run(runner: Any, inputs: Sequence[torch.Tensor], cfg: BenchConfig) -> dict[str, Any]:
+def _bare_session_run(runner: OnnxRuntimeRunner, inputs: Sequence[torch.Tensor], cfg: BenchConfig) -> dict[str, Any]:
     """The runner against a bare ``session.run`` on its own session, timed alternately run by run.
 
     Same model, batch and thread pool: the difference is the runner's own overhead. Alternating

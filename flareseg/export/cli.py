@@ -20,6 +20,7 @@ from flareseg.export.tensorrt import DEFAULT_WORKSPACE_MIB
 
 
 def build_parser() -> argparse.ArgumentParser:
+    d = ExportOptions()  # its defaults, which the options below show and pass on (one source for both)
     p = argparse.ArgumentParser(
         prog="flare-export",
         description="Export a flareseg checkpoint to ONNX (verified in ONNX Runtime against PyTorch) "
@@ -58,7 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"INT8: the quantiser that writes the QDQ graph (default {DEFAULT_QUANTIZER}, chosen by measurement)",
     )
     p.add_argument("--engine", action="store_true", help="build a TensorRT engine from the (fp16 if --fp16) ONNX")
-    p.add_argument("--batch", type=batch_profile, default=(1, 8, 32), help="MIN,OPT,MAX batch sizes (default 1,8,32)")
+    profile = d.batch_profile
+    p.add_argument(
+        "--batch",
+        type=batch_profile,
+        default=profile,
+        help=f"MIN,OPT,MAX batch sizes (default {','.join(map(str, profile))})",
+    )
     p.add_argument("--size", type=slice_size, help="slice size H[,W] (default: the checkpoint's)")
     p.add_argument("--three-channel", action="store_true", help="keep the 3-channel input (default: folded to 1)")
     p.add_argument(
@@ -70,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify-volume", type=path_arg, help="CT volume whose slices verify the export (default: a phantom)"
     )
     p.add_argument(
-        "--verify-slices", type=positive_int, default=8, help="real slices used for verification (default 8)"
+        "--verify-slices",
+        type=positive_int,
+        default=d.verify_slices,
+        help=f"real slices used for verification (default {d.verify_slices})",
     )
     p.add_argument(
         "--opset",
@@ -78,7 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_OPSET,
         help=f"ONNX opset ({MIN_OPSET} to the newest the onnx package knows; default {DEFAULT_OPSET})",
     )
-    p.add_argument("--name", default="flareseg", help="file name stem, without path separators (default flareseg)")
+    p.add_argument(
+        "--name",
+        default=d.name,
+        help=f"file name stem, without path separators (default {d.name})",
+    )
     p.add_argument("--workspace-mib", type=positive_int, default=DEFAULT_WORKSPACE_MIB, help="TensorRT workspace limit")
     p.add_argument("--timing-cache", type=path_arg, help="TensorRT timing cache (default: beside the output)")
     p.add_argument(

@@ -94,6 +94,11 @@ def _val_list(text: str) -> tuple[str, ...]:
     return tuple(v for v in text.split(",") if v)
 
 
+def _numbers(values: Sequence[float]) -> str:
+    """A default as it is typed: "0.8,1.2"."""
+    return ",".join(f"{v:g}" for v in values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig(data="", out="")
     a = d.augment
@@ -118,26 +123,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size", type=positive_int, help=f"slices per process per micro-batch (default {d.batch_size})"
     )
-    p.add_argument("--accumulate", type=positive_int, help="micro-batches per optimiser step (default 1)")
+    p.add_argument("--accumulate", type=positive_int, help=f"micro-batches per optimiser step (default {d.accumulate})")
     p.add_argument("--lr", type=positive_float, help=f"Adam learning rate (default {d.lr:g})")
     p.add_argument("--width", type=positive_int, help=f"base width (default {d.base_width})")
-    p.add_argument("--size", type=slice_size, help="slice size H[,W], multiples of 16 (default 512)")
+    h, w = d.slice_size
+    size = f"{h}" if h == w else f"{h},{w}"
+    p.add_argument("--size", type=slice_size, help=f"slice size H[,W], multiples of 16 (default {size})")
     p.add_argument(
         "--loss-weights",
         type=_loss_weights,
-        help="final,aux1..aux4, each >= 0, the final one > 0 (default 1,0.8,0.7,0.6,0.5)",
+        help=f"final,aux1..aux4, each >= 0, the final one > 0 (default {_numbers(d.loss_weights)})",
     )
     p.add_argument("--rotation", type=non_negative_float, help=f"max rotation in degrees (default {a.rotation_deg:g})")
     p.add_argument(
         "--translation", type=non_negative_float, help=f"max shift, fraction of size, < 1 (default {a.translation:g})"
     )
-    p.add_argument("--scale", type=_scale, help="scale range LOW,HIGH (default 0.8,1.2)")
+    p.add_argument("--scale", type=_scale, help=f"scale range LOW,HIGH (default {_numbers(a.scale)})")
     p.add_argument("--shear", type=non_negative_float, help=f"max shear in degrees (default {a.shear_deg:g})")
-    p.add_argument("--augment-prob", type=non_negative_float, help="share of augmented samples, 0..1 (default 1)")
+    p.add_argument(
+        "--augment-prob", type=non_negative_float, help=f"share of augmented samples, 0..1 (default {a.probability:g})"
+    )
     p.add_argument(
         "--val-cases",
         type=non_negative_int,
-        help="validation cases drawn with the seed (default 10; 0: validate on training cases)",
+        help=f"validation cases drawn with the seed (default {d.val_cases}; 0: validate on training cases)",
     )
     p.add_argument("--val-list", type=_val_list, help="comma-separated validation case names (overrides --val-cases)")
     p.add_argument(

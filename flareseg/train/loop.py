@@ -191,7 +191,7 @@ class ValidationVolume:
     normalizer: SliceNormalizer
 
 
-def validation_volumes(cache: SliceCache, cases: Sequence[Any], stats: NormalizationStats) -> list[ValidationVolume]:
+def validation_volumes(cache: SliceCache, cases: Sequence[Case], stats: NormalizationStats) -> list[ValidationVolume]:
     """Built once per run: a volume's percentile bounds never change, so they are not recomputed each epoch."""
     volumes = []
     for case in cases:
@@ -266,6 +266,13 @@ def _remove_created(run: Path, created: Path) -> None:
             folder.rmdir()
         except OSError:  # not empty: someone else's now
             break
+
+
+def _append_record(path: Path, record: dict[str, Any]) -> None:
+    """One line more in the run's log, the file replaced whole (it is small): a crash never leaves half a line."""
+    previous = path.read_text() if path.exists() else ""
+    previous = previous[: previous.rfind("\n") + 1]  # a half line from a crash of an older version goes
+    write_text_atomic(previous + json.dumps(record) + "\n", path)
 
 
 def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
@@ -537,8 +544,7 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
             if improved:
                 save_checkpoint(run / "best.pt", model, info, extra={"train_state": {**train_state, "optimizer": None}})
             save_checkpoint(run / "last.pt", model, info, extra={"train_state": train_state})
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            _append_record(log_path, record)
             organs = ", ".join(f"{LABELS[o]} {record[f'dsc_{LABELS[o]}']:.3f}" for o in ORGANS)
             log.info(
                 "epoch %d: loss %.4f, %.2f steps/s (data %.0f%%), val DSC %s; mean %.3f%s",
