@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from flareseg.bench.cli import main as bench_main
-from flareseg.evaluate import main as eval_main
+from flareseg.evaluate.cli import main as eval_main
 from flareseg.export.cli import main as export_main
 from flareseg.phantom import main as phantom_main
 from flareseg.runtime.cli import main as infer_main

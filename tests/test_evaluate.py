@@ -12,7 +12,8 @@ import pytest
 from conftest import BAD_INPUT_KINDS, bad_inputs, save
 from scipy import ndimage
 
-from flareseg.evaluate import evaluate_folders, main
+from flareseg.evaluate import evaluate_folders
+from flareseg.evaluate.cli import main
 from flareseg.metrics import dice
 from flareseg.phantom import make_phantom
 

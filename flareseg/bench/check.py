@@ -42,6 +42,7 @@ from flareseg.bench.backends import (
 )
 from flareseg.errors import FlareSegError
 from flareseg.export import onnx_export
+from flareseg.export.int8 import DEFAULT_MIN_AGREEMENT
 
 if TYPE_CHECKING:
     from flareseg.preprocess import NormalizationStats
@@ -54,10 +55,8 @@ MAX_CHECK_SLICES = 8
 #: Field of view of the phantom (mm): its body fills the slice at any slice size.
 PHANTOM_FOV_MM = 400.0
 PHANTOM_SLICE_MM = 5.0
-try:  # the INT8 export's own label-agreement threshold, where the export package has one
-    from flareseg.export.int8 import DEFAULT_MIN_AGREEMENT as INT8_MIN_AGREEMENT
-except ImportError:
-    INT8_MIN_AGREEMENT = 0.99
+#: The INT8 export's own label-agreement threshold.
+INT8_MIN_AGREEMENT = DEFAULT_MIN_AGREEMENT
 #: The reference: PyTorch fp32 on the CPU; with an ONNX model alone, ONNX Runtime on the CPU running it
 #: (:func:`~flareseg.bench.backends.onnx_reference`).
 REFERENCE = "torch-cpu-fp32"

@@ -422,7 +422,7 @@ def _reference_volume(
         out = cfg.out / "pred" / f"reference-{name}.nii.gz"
         try:
             row = segment_volume(ALL_BACKENDS[name], models, 1, volume, out)
-        except (KeyError, FlareSegError) as exc:  # no model this reference can run (e.g. an ONNX model only)
+        except FlareSegError as exc:  # no model this reference can run (e.g. an ONNX model only)
             log.info("fp32 reference %s unavailable: %s", name, exc)
             continue
         return name, out, row

@@ -1,0 +1,66 @@
+"""``flare-eval``: score a folder of predictions against ground truth (the CLI over flareseg.evaluate)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from flareseg.atomic import check_writable, write_text_atomic
+from flareseg.cli import add_common_arguments, non_negative_float, path_arg, positive_int, run_command
+from flareseg.errors import FlareSegError
+from flareseg.evaluate.scoring import evaluate_folders
+from flareseg.evaluate.tables import csv_text, summary_table
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flare-eval", description="Score predictions against ground truth with FLARE21's DSC and NSD."
+    )
+    parser.add_argument("--pred", required=True, type=path_arg, help="folder of predicted label maps")
+    parser.add_argument("--gt", required=True, type=path_arg, help="folder of ground truth label maps")
+    parser.add_argument("-o", "--output", type=path_arg, help="per-case CSV to write (.csv)")
+    parser.add_argument("--tolerance", type=non_negative_float, default=1.0, help="NSD tolerance in mm (default 1)")
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=min(4, os.cpu_count() or 1),
+        help="parallel processes (default: up to 4, one per core)",
+    )
+    add_common_arguments(parser)
+    return parser
+
+
+def check_csv_output(path: Path) -> None:
+    """Refuse, before any scoring, a CSV path that would replace a label map or could not be written."""
+    if path.suffix.lower() != ".csv":  # so that it can never replace a NIfTI input, nor be taken for a case
+        raise FlareSegError(f"{path}: the per-case results file must end in .csv")
+    if path.is_dir():
+        raise FlareSegError(f"{path}: is a folder, not a file")
+    check_writable(path)
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.output:
+        check_csv_output(args.output)
+    ev = evaluate_folders(
+        args.pred, args.gt, tolerance_mm=args.tolerance, workers=args.workers, progress=not args.quiet
+    )
+    if args.output:
+        write_text_atomic(csv_text(ev), args.output)
+        log.info("wrote %s", args.output)
+    print(summary_table(ev))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser(), _main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

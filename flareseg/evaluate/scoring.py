@@ -1,0 +1,96 @@
+"""Scoring a folder of predictions against a folder of ground truth with FLARE21's DSC and NSD.
+
+Cases are matched by FLARE21 case name (``train_000_0000.nii.gz`` and ``train_000.nii.gz``
+are the same case). A missing prediction is reported and scored 0 for every organ, as the
+challenge did; an extra prediction (no ground truth) is reported and not scored.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from flareseg.errors import FlareSegError
+from flareseg.labels import ORGANS
+from flareseg.metrics import organ_scores
+from flareseg.volume import case_id, find_cases, read_labels
+
+#: Affines of a prediction and its ground truth may differ by this much (mm) from rounding.
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    case: str
+    #: organ label -> (DSC, NSD)
+    scores: dict[int, tuple[float, float]]
+    status: str = "ok"  # "ok" or "missing"
+
+
+@dataclass
+class Evaluation:
+    results: list[CaseResult] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    tolerance_mm: float = 1.0
+
+    def organ_values(self, organ: int, metric: int) -> list[float]:
+        return [r.scores[organ][metric] for r in self.results]
+
+
+def evaluate_case(gt_path: Path, pred_path: Path, tolerance_mm: float = 1.0) -> CaseResult:
+    """Score one prediction; spacing comes from the ground truth header."""
+    name = case_id(gt_path)
+    gt, gt_geom = read_labels(gt_path)
+    pred, pred_geom = read_labels(pred_path)
+    if gt.shape != pred.shape:
+        raise FlareSegError(f"case {name}: prediction shape {pred.shape} differs from ground truth {gt.shape}")
+    if not np.allclose(gt_geom.affine, pred_geom.affine, atol=AFFINE_TOLERANCE_MM, rtol=0):
+        raise FlareSegError(f"case {name}: prediction affine differs from the ground truth affine ({pred_path})")
+    return CaseResult(name, organ_scores(gt, pred, gt_geom.spacing, tolerance_mm=tolerance_mm))
+
+
+def _evaluate_pair(args: tuple[Path, Path, float]) -> CaseResult:
+    return evaluate_case(*args)
+
+
+def evaluate_folders(
+    pred_dir: str | os.PathLike[str],
+    gt_dir: str | os.PathLike[str],
+    *,
+    tolerance_mm: float = 1.0,
+    workers: int = 1,
+    progress: bool = True,
+) -> Evaluation:
+    preds, gts = find_cases(pred_dir), find_cases(gt_dir)
+    if not gts:
+        raise FlareSegError(f"{gt_dir}: no NIfTI ground truth files")
+    if not preds:  # a wrong folder would otherwise score every case 0 and exit 0
+        raise FlareSegError(f"{pred_dir}: no NIfTI predictions (.nii or .nii.gz)")
+    ev = Evaluation(tolerance_mm=tolerance_mm)
+    ev.missing = sorted(set(gts) - set(preds))
+    ev.extra = sorted(set(preds) - set(gts))
+    jobs = [(gts[c], preds[c], tolerance_mm) for c in sorted(set(gts) & set(preds))]
+    # On a terminal only (None: tqdm asks), so that a log or an error line does not follow a carriage return.
+    bar = tqdm(total=len(jobs), desc="evaluating", unit="case", disable=None if progress else True)
+    results: dict[str, CaseResult] = {}
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for res in pool.map(_evaluate_pair, jobs):
+                results[res.case] = res
+                bar.update()
+    else:
+        for job in jobs:
+            res = _evaluate_pair(job)
+            results[res.case] = res
+            bar.update()
+    bar.close()
+    for c in ev.missing:
+        results[c] = CaseResult(c, {o: (0.0, 0.0) for o in ORGANS}, status="missing")
+    ev.results = [results[c] for c in sorted(results)]
+    return ev
