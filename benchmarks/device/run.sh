@@ -61,9 +61,9 @@ timeout -k 5 "$HOST_S" python3 benchmarks/device/host_cpu.py --work "$WORK" --ou
     > "$OUT/host-cpu.log" 2>&1
 echo "host_cpu.py: rc $?, ${SECONDS} s into the run"; tail -30 "$OUT/host-cpu.log"
 # 3. The CUDA tests of the inferer, the memory planner, the runtime and the bench (they skip on CPU-only machines).
-timeout -k 5 "$PYTEST_S" python3 -m pytest -q -p no:cacheprovider -rs tests/test_inferer.py tests/test_memory.py \
-    tests/test_runtime.py tests/test_bench.py::test_cuda_fp32_peak_uses_the_convolutions_math \
-    tests/test_bench.py::test_nvml_sampler_sees_an_allocation_above_idle -k "cuda or gpu or nvml" \
+timeout -k 5 "$PYTEST_S" python3 -m pytest -q -p no:cacheprovider -rs tests/runtime/test_inferer.py tests/runtime/test_memory.py \
+    tests/runtime/test_runtime.py tests/bench/test_bench.py::test_cuda_fp32_peak_uses_the_convolutions_math \
+    tests/bench/test_bench.py::test_nvml_sampler_sees_an_allocation_above_idle -k "cuda or gpu or nvml" \
     > "$OUT/pytest-cuda.txt" 2>&1
 echo "pytest: rc $?, ${SECONDS} s into the run"; tail -8 "$OUT/pytest-cuda.txt"
 grep -q "^SKIPPED" "$OUT/pytest-cuda.txt" && echo "WARNING: some CUDA tests skipped (see pytest-cuda.txt)"

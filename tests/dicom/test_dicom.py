@@ -45,7 +45,7 @@ from flareseg.errors import FlareSegError
 from flareseg.phantom import Phantom, make_phantom
 from flareseg.volume import read_ct, write_labels
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DICOM_SAMPLE = ROOT.parent / "shared" / "data" / "dicom-sample"
 SHAPE = (64, 64, 12)  # voxels along R, A, S
 SPACING = (5.0, 5.0, 6.0)
