@@ -19,6 +19,7 @@ from flareseg.errors import FlareSegError
 from flareseg.labels import ORGANS
 from flareseg.metrics import organ_scores
 from flareseg.volume import case_id, find_cases, read_labels
+from flareseg.workers import ignore_stop_signals
 
 #: Affines of a prediction and its ground truth may differ by this much (mm) from rounding.
 AFFINE_TOLERANCE_MM = 1e-3
@@ -80,10 +81,14 @@ def evaluate_folders(
     bar = tqdm(total=len(jobs), desc="evaluating", unit="case", disable=None if progress else True)
     results: dict[str, CaseResult] = {}
     if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for res in pool.map(_evaluate_pair, jobs):
-                results[res.case] = res
-                bar.update()
+        with ProcessPoolExecutor(max_workers=workers, initializer=ignore_stop_signals) as pool:
+            try:
+                for res in pool.map(_evaluate_pair, jobs):
+                    results[res.case] = res
+                    bar.update()
+            except BaseException:  # Ctrl-C, SIGTERM or a case's error: the cases not started are not started
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     else:
         for job in jobs:
             res = _evaluate_pair(job)

@@ -55,6 +55,7 @@ from flareseg.train.data import (
     write_stats_file,
 )
 from flareseg.train.loss import LossWeights, deep_supervision_loss
+from flareseg.workers import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -467,6 +468,7 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
             pin_memory=device.type == "cuda",
             persistent_workers=False,
             generator=_epoch_generator(config.seed, epoch, 2),  # its worker seeds; else drawn from the global one
+            worker_init_fn=ignore_stop_signals,  # a stop signal is this process's to handle, not a worker crash
         )
         net.train()
         t_epoch = time.perf_counter()

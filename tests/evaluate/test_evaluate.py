@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -186,3 +191,32 @@ def test_an_empty_prediction_folder_is_an_error_and_ignored_files_are_named(phan
     assert "case_001.NII.GZ: ignored: a NIfTI file must end in .nii or .nii.gz, in lower case" in caplog.text
     assert "case_002.nii.gz: ignored: a link to nothing" in caplog.text
     assert "2 missing (scored 0)" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
+def test_sigterm_to_the_process_group_ends_a_pooled_run_at_once(tmp_path):
+    # A process manager (systemd, a pod, `timeout`) signals the whole group: the pool's workers too. Workers that
+    # inherited the command's SIGTERM handler raised inside the pool's machinery, and the run could hang there.
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    gt.mkdir(), pred.mkdir()
+    labels = make_phantom((96, 96, 48), (3.0, 3.0, 4.0), seed=1).to_nifti()[1]
+    for i in range(120):  # about 4 s of scoring on 2 cores
+        save(labels, gt / f"c{i:03d}.nii.gz")
+        save(labels, pred / f"c{i:03d}.nii.gz")
+    cmd = [sys.executable, "-m", "flareseg.evaluate.cli", "--pred", str(pred), "--gt", str(gt), "--workers", "2"]
+    for delay in (0.8, 1.2, 1.6):
+        out = tmp_path / f"after-{delay}.csv"
+        proc = subprocess.Popen([*cmd, "-o", str(out), "-q"], start_new_session=True, stderr=subprocess.PIPE)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"flare-eval did not end within 60 s of SIGTERM at {delay} s")
+        if proc.returncode in (0, -signal.SIGTERM):  # done before the signal, or signalled before the command
+            continue  # started (on a busy machine): nothing was tested this round
+        assert proc.returncode == 143 and err.decode().strip() == "flare-eval: terminated", err
+        assert not out.exists()
+        with pytest.raises(ProcessLookupError):  # no worker left behind in the group
+            os.killpg(proc.pid, 0)

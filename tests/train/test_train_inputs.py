@@ -548,3 +548,31 @@ def test_the_log_gains_whole_lines_only_and_a_half_line_left_by_a_crash_goes(tmp
     loop._append_record(path, {"epoch": 3})
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"epoch": e} for e in (1, 2, 3)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl"]
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
+def test_sigterm_to_the_process_group_with_loader_workers_stops_cleanly_and_keeps_the_run(data_a, tmp_path):
+    # The DataLoader's workers get the group's SIGTERM too. Having inherited the command's handler, they died
+    # raising it, and the loader turned that into a RuntimeError: a traceback, exit 1, the run folder removed.
+    import signal
+    import subprocess
+    import time
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "flareseg.train.cli", "--data", str(data_a), "--out", str(run), "--epochs", "3"]
+    cmd += [*TINY[:-4], "--workers", "2", "--lr", "1e-3", "--steps-per-epoch", "400", "--val-cases", "1", "-q"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (run / "split.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the cache is built: the epoch and its loader workers start now
+    time.sleep(2.0)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("flare-train did not end within 60 s of SIGTERM")
+    assert proc.returncode == 143 and err.decode().strip().splitlines() == ["flare-train: terminated"], err
+    assert (run / "stats.json").exists() and (run / "config.json").exists()  # kept, as after Ctrl-C
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)
