@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -179,23 +180,36 @@ def make_phantom(
 
 
 def write_phantom_cases(
-    out_dir: str | Path, num_cases: int = 1, *, prefix: str = "train", start: int = 0, **kwargs: Any
+    out_dir: str | Path,
+    num_cases: int = 1,
+    *,
+    prefix: str = "train",
+    start: int = 0,
+    overwrite: bool = False,
+    **kwargs: Any,
 ) -> list[tuple[Path, Path]]:
     """Write cases in the FLARE21 layout (``TrainingImg/{prefix}_NNN_0000.nii.gz``, ``TrainingMask/...``).
 
     Each case is made before anything of it is written (bad arguments leave no folders),
-    and each file is written atomically.
+    and each file is written atomically. The names are real FLARE21 names: a file already
+    there is refused before anything is written, unless ``overwrite``.
     """
     out = Path(out_dir)
     seed = kwargs.pop("seed", 0)
+    cases = [
+        (out / "TrainingImg" / f"{prefix}_{i:03d}_0000.nii.gz", out / "TrainingMask" / f"{prefix}_{i:03d}.nii.gz")
+        for i in range(start, start + num_cases)
+    ]
+    there = [p for case in cases for p in case if os.path.lexists(p)]
+    if there and not overwrite:
+        more = f" and {len(there) - 1} more" if len(there) > 1 else ""
+        raise FlareSegError(f"{there[0]}: exists{more}; a phantom replaces no file unasked (--overwrite)")
     written = []
-    for i in range(start, start + num_cases):
+    for i, (img_path, lab_path) in zip(range(start, start + num_cases), cases, strict=True):
         try:
             img, lab = make_phantom(seed=seed + i, **kwargs).to_nifti()
         except MemoryError:
             raise FlareSegError(f"a phantom of {kwargs.get('shape')} voxels needs more memory than there is") from None
-        img_path = out / "TrainingImg" / f"{prefix}_{i:03d}_0000.nii.gz"
-        lab_path = out / "TrainingMask" / f"{prefix}_{i:03d}.nii.gz"
         for image, path in ((img, img_path), (lab, lab_path)):
             check_writable(path)
             with atomic_output(path, keep_suffix=".nii.gz") as tmp:
@@ -229,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--orientation", default="RAS", help="storage axis codes, e.g. RAS, LPS, ASR (default RAS)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed of the first case (default 0)")
+    parser.add_argument("--overwrite", action="store_true", help="replace cases of the same names already there")
     add_common_arguments(parser)
     return parser
 
@@ -241,6 +256,7 @@ def _main(args: argparse.Namespace) -> int:
         spacing=args.spacing,
         axcodes=tuple(args.orientation),
         seed=args.seed,
+        overwrite=args.overwrite,
     )
     for img, _ in paths:
         say(str(img))

@@ -90,3 +90,19 @@ def test_an_output_that_cannot_be_a_folder_is_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "afile"), "--shape", "16,16,8"]) == 2
     (err,) = capsys.readouterr().err.strip().splitlines()
     assert "afile is a file" in err and (tmp_path / "afile").read_text() == "x"
+
+
+def test_existing_cases_are_refused_before_anything_is_written_unless_overwrite(tmp_path, capsys):
+    # Phantom files carry real FLARE21 names: pointed at a real dataset, they would replace real scans.
+    assert main([str(tmp_path), "--cases", "1", "--shape", "32,32,8", "-q"]) == 0
+    first = (tmp_path / "TrainingImg" / "train_000_0000.nii.gz").read_bytes()
+    capsys.readouterr()
+    assert main([str(tmp_path), "--cases", "2", "--shape", "40,40,8", "-q"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"python -m flareseg.phantom: error: {tmp_path / 'TrainingImg' / 'train_000_0000.nii.gz'}: exists and 1 "
+        "more; a phantom replaces no file unasked (--overwrite)"
+    )
+    assert (tmp_path / "TrainingImg" / "train_000_0000.nii.gz").read_bytes() == first
+    assert not (tmp_path / "TrainingImg" / "train_001_0000.nii.gz").exists()  # nothing of the run was written
+    assert main([str(tmp_path), "--cases", "2", "--shape", "40,40,8", "--overwrite", "-q"]) == 0
+    assert nib.load(tmp_path / "TrainingImg" / "train_000_0000.nii.gz").shape == (40, 40, 8)
