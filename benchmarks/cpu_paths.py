@@ -102,7 +102,7 @@ def measure_speed(work: Path, batches: tuple[int, ...], rounds: int, bf16: bool)
             held_out_slices=2,
             int8_min_agreement=0.0,
         )
-        export_onnx(ckpt, work, options)
+        export_onnx(ckpt, work, options, overwrite=True)
         log.info("full-width export (fp32 + INT8) took %.0f s", time.perf_counter() - t0)
     models = {"fp32": work / "flareseg_fp32.onnx", "int8": work / "flareseg_int8.onnx"}
     factories = _runners(models, bf16, ckpt)
@@ -147,7 +147,7 @@ def measure_accuracy(checkpoint: Path, sample: Path, work: Path, bf16: bool) -> 
     from flareseg.runtime.inferer import infer_volume
     from flareseg.volume import read_ct, write_labels
 
-    exported = export_onnx(checkpoint, work, ExportOptions(int8=True, batch_profile=(1, 2, 8)))
+    exported = export_onnx(checkpoint, work, ExportOptions(int8=True, batch_profile=(1, 2, 8)), overwrite=True)
     models = {e.metadata.precision: e.path for e in exported}
     int8_meta = exported[-1].metadata
     ct = next((sample / "TrainingImg").glob("*_0000.nii.gz"))

@@ -217,7 +217,7 @@ def prepare_models(cfg: Any, work: Path) -> dict[str, Path]:
             int8_min_agreement=0.0 if random_weights else DEFAULT_MIN_AGREEMENT,
             int8_float_ladder=DEFAULT_FLOAT_LADDER[:1] if random_weights else DEFAULT_FLOAT_LADDER,
         )
-        exported = export_onnx(models["checkpoint"], work, options)
+        exported = export_onnx(models["checkpoint"], work, options, overwrite=True)  # the run's own models folder
         for item in exported:
             models[f"onnx-{item.metadata.precision}"] = item.path
     if "torch" in kinds and "checkpoint" not in models:

@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_QUANTIZER,
         help=f"INT8: the quantiser that writes the QDQ graph (default {DEFAULT_QUANTIZER}, chosen by measurement)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier export of the same --name in the output folder (its other members are removed)",
+    )
     p.add_argument("--engine", action="store_true", help="build a TensorRT engine from the (fp16 if --fp16) ONNX")
     profile = d.batch_profile
     p.add_argument(
@@ -132,7 +137,12 @@ def _main(args: argparse.Namespace) -> int:
         import_tensorrt()
         DeviceIdentity.current()
     exported = export_onnx(
-        args.checkpoint, args.out, options, verify_volume=args.verify_volume, calibration=args.calibration
+        args.checkpoint,
+        args.out,
+        options,
+        verify_volume=args.verify_volume,
+        calibration=args.calibration,
+        overwrite=args.overwrite,
     )
     print(verification_report(exported))
     for item in exported:

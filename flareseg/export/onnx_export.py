@@ -312,6 +312,7 @@ def export_onnx(
     *,
     verify_volume: str | os.PathLike[str] | None = None,
     calibration: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
 ) -> list[ExportedModel]:
     """Export, verify and write ``{name}_fp32.onnx`` (and ``_fp16``, ``_int8`` with ``options.fp16``, ``.int8``).
 
@@ -319,6 +320,11 @@ def export_onnx(
     activation ranges (default: phantoms). Each model gets its metadata embedded and a
     ``.json`` sidecar beside it. Every model is verified before the first is written.
     Returns what was written, fp32 first. ``options`` default: :class:`ExportOptions`'s defaults.
+
+    A folder that holds an earlier export of the same name is refused before any work, unless
+    ``overwrite``: the new set then replaces it, and the earlier set's other members (an fp16
+    model this export does not make, an engine built from the old models) are removed, so
+    that the folder never mixes two exports.
     """
     import onnx
 
@@ -333,6 +339,12 @@ def export_onnx(
     if out.exists() and not out.is_dir():
         raise FlareSegError(f"{out}: exists and is not a folder (-o names the output folder)")
     check_writable_folder(out)
+    earlier = [p for p in export_set(out, options.name) if os.path.lexists(p)]
+    if earlier and not overwrite:
+        raise FlareSegError(
+            f"{out}: holds an earlier export named {options.name} ({earlier[0].name}); --overwrite replaces that "
+            "set, or choose another -o or --name"
+        )
     net, info = load_checked_model(checkpoint)
     if options.slice_size is not None:
         info = dataclasses.replace(info, slice_size=check_slice_size(options.slice_size))
@@ -395,7 +407,20 @@ def export_onnx(
             written.append(ExportedModel(path, meta))
     for model_written, (_, _, figures) in zip(written, verified, strict=True):
         log.info("wrote %s: %s", model_written.path, _summary(figures))
+    now = {p for w in written for p in (w.path, sidecar_path(w.path))}
+    for stale in earlier:
+        if stale not in now:
+            stale.unlink(missing_ok=True)
+            log.info("removed %s: of the earlier export, not of this one", stale)
     return written
+
+
+def export_set(out: Path, name: str) -> list[Path]:
+    """Every file an export named ``name`` may have in ``out``: each precision's model and engine, with sidecars."""
+    models = [
+        out / f"{name}_{precision}{suffix}" for precision in ("fp32", "fp16", "int8") for suffix in (".onnx", ".engine")
+    ]
+    return [p for model in models for p in (model, sidecar_path(model))]
 
 
 def _versions(base: ExportMetadata, model: Any) -> dict[str, str]:

@@ -444,7 +444,8 @@ def test_a_write_that_fails_midway_leaves_the_earlier_set_whole(tiny_checkpoint,
 
     monkeypatch.setattr(onnx_export, "sidecar_text", sidecar_text)
     with pytest.raises(FlareSegError, match=r"flareseg_fp16\.onnx\.json: cannot write \(No space left on device\)"):
-        export_onnx(tiny_checkpoint, out, ExportOptions(fp16=True, verify_slices=1, batch_profile=(1, 2, 4)))
+        options = ExportOptions(fp16=True, verify_slices=1, batch_profile=(1, 2, 4))
+        export_onnx(tiny_checkpoint, out, options, overwrite=True)
     assert calls == ["fp32", "fp16"]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new fp32 beside old fp16, no temporaries
 
@@ -466,3 +467,29 @@ def test_embedded_metadata_that_is_not_a_json_object_is_refused_in_one_line(tmp_
     assert str(err.value) == f"{path}: flareseg metadata is not a JSON object (got {kind})"
     with pytest.raises(FlareSegError, match=rf"^{kind}: export metadata is not a JSON object \(got {kind}\)$"):
         ExportMetadata.from_dict(json.loads(embedded), source=kind)
+
+
+def test_an_earlier_export_is_refused_unless_overwrite_which_replaces_the_whole_set(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "deploy"
+    assert export_main([str(tiny_checkpoint), "-o", str(out), "--fp16", "--verify-slices", "1", "-q"]) == 0
+    (out / "flareseg_fp16.engine").write_bytes(b"an engine built from the earlier fp16 model")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert export_main([str(tiny_checkpoint), "-o", str(out), "--verify-slices", "1", "-q"]) == 2
+    assert _one_line(capsys) == (
+        f"flare-export: error: {out}: holds an earlier export named flareseg (flareseg_fp32.onnx); --overwrite "
+        "replaces that set, or choose another -o or --name"
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # Another name beside it is another set.
+    assert export_main([str(tiny_checkpoint), "-o", str(out), "--name", "other", "--verify-slices", "1", "-q"]) == 0
+    # --overwrite: the new set (fp32 only) replaces the old one whole; its fp16 model and engine do not stay behind.
+    argv = [str(tiny_checkpoint), "-o", str(out), "--verify-slices", "1", "--batch", "1,2,4", "--overwrite", "-q"]
+    assert export_main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "flareseg_fp32.onnx",
+        "flareseg_fp32.onnx.json",
+        "other_fp32.onnx",
+        "other_fp32.onnx.json",
+    ]
+    assert read_onnx_metadata(out / "flareseg_fp32.onnx").batch_profile == (1, 2, 4)
