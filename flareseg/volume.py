@@ -678,6 +678,19 @@ def read_ct(path: str | os.PathLike[str], *, threads: int = 1, on_voxels: Voxels
     return Volume(to_canonical(data, geometry, contiguous=False), geometry, slope, inter)
 
 
+def check_not_label_map(hu: np.ndarray, path: str | os.PathLike[str], role: str) -> None:
+    """Refuse a label map given where a CT is expected: every value a class (0..4), none below -100 HU.
+
+    A CT always holds air (about -1000 HU) around the body, so this never refuses one.
+    """
+    top = NUM_CLASSES - 1
+    if hu.size and float(hu.min()) >= 0 and float(hu.max()) <= top and np.array_equal(hu, np.round(hu)):
+        raise FlareSegError(
+            f"{path}: looks like a label map, not a CT (every voxel is a class 0..{top}, none is air); "
+            f"{role} takes CT images"
+        )
+
+
 def read_labels(path: str | os.PathLike[str], *, num_classes: int = NUM_CLASSES) -> tuple[np.ndarray, VolumeGeometry]:
     """Read a label map in the file's own voxel order as uint8, refusing values outside 0..num_classes-1."""
     path = Path(path)
@@ -692,7 +705,12 @@ def read_labels(path: str | os.PathLike[str], *, num_classes: int = NUM_CLASSES)
     if lo < 0 or hi > num_classes - 1:
         found = np.unique(data)
         bad = found[(found < 0) | (found > num_classes - 1)]
-        raise FlareSegError(f"{path}: labels {bad.tolist()} outside 0..{num_classes - 1}")
+        if len(bad) <= 8:
+            shown = f"labels {bad.tolist()}"
+        else:  # a CT given by mistake has thousands: the range says it, a list would be kilobytes long
+            shown = f"{len(bad)} label values from {bad[0]} to {bad[-1]}"
+        hint = "; is it a CT image, not a label map?" if len(found) > 64 else ""
+        raise FlareSegError(f"{path}: {shown} outside 0..{num_classes - 1}{hint}")
     return np.asarray(data, dtype=np.uint8), geometry
 
 

@@ -176,8 +176,16 @@ def test_label_values_outside_range_are_refused(tmp_path):
     data = np.zeros((4, 5, 6), np.uint8)
     data[0, 0, 0] = 7
     path = save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "bad_labels.nii.gz")
-    with pytest.raises(FlareSegError, match=r"bad_labels.nii.gz: labels \[7\] outside 0..4"):
+    with pytest.raises(FlareSegError, match=r"bad_labels.nii.gz: labels \[7\] outside 0..4$"):
         read_labels(path)
+    # A CT given as a label map: its thousands of values are summed up, not listed.
+    ct = np.arange(-1000, 1400, dtype=np.int16).reshape(4, 20, 30)
+    path = save(nib.Nifti1Image(ct, np.eye(4)), tmp_path / "a_ct.nii.gz")
+    with pytest.raises(FlareSegError) as err:
+        read_labels(path)
+    assert str(err.value) == (
+        f"{path}: 2395 label values from -1000 to 1399 outside 0..4; is it a CT image, not a label map?"
+    )
 
 
 def test_writer_refuses_to_overwrite_the_input_and_leaves_no_partial_file(tmp_path):

@@ -78,8 +78,8 @@ def check_input_volume(path: Path | None, *, series: bool) -> None:
         raise FlareSegError(f"{path}: input volume not found")
     if path.is_dir() and not series:
         raise FlareSegError(f"{path}: is a folder; --input takes a CT NIfTI file here")
-    from flareseg.export.inputs import check_not_label_map
     from flareseg.runtime.reading import read_case
+    from flareseg.volume import check_not_label_map
 
     check_not_label_map(read_case(path).hu(), path, "--input")
 

@@ -14,11 +14,9 @@ import torch
 
 from flareseg.checkpoint import ModelInfo, checkpoint_file_problem, load_model
 from flareseg.errors import FlareSegError
-from flareseg.labels import NUM_CLASSES
 from flareseg.network import FlareUNet, non_finite_weights
 
 #: A label map holds the classes 0..4; every real CT holds air, about -1000 HU.
-_LABEL_MAX = NUM_CLASSES - 1
 
 
 def check_checkpoint_file(path: str | os.PathLike[str]) -> Path:
@@ -54,21 +52,9 @@ def load_checked_model(path: str | os.PathLike[str]) -> tuple[FlareUNet, ModelIn
     return net, info
 
 
-def check_not_label_map(hu: np.ndarray, path: str | os.PathLike[str], role: str) -> None:
-    """Refuse a label map given where a CT is expected: every value a class (0..4), none below -100 HU.
-
-    A CT always holds air (about -1000 HU) around the body, so this never refuses one.
-    """
-    if hu.size and float(hu.min()) >= 0 and float(hu.max()) <= _LABEL_MAX and np.array_equal(hu, np.round(hu)):
-        raise FlareSegError(
-            f"{path}: looks like a label map, not a CT (every voxel is a class 0..{_LABEL_MAX}, none is air); "
-            f"{role} takes CT images"
-        )
-
-
 def read_ct_hu(path: str | os.PathLike[str], role: str) -> np.ndarray:
     """A CT volume in Hounsfield units (Z, Y, X), float32, refusing a label map."""
-    from flareseg.volume import read_ct
+    from flareseg.volume import check_not_label_map, read_ct
 
     path = Path(path)
     if path.is_dir():

@@ -33,6 +33,7 @@ from flareseg.preprocess import NormalizationStats, compute_stats, network_batch
 from flareseg.volume import (
     canonical_order,
     canonical_transform,
+    check_not_label_map,
     find_cases,
     nibabel_notes,
     read_ct,
@@ -230,7 +231,9 @@ def dataset_stats(cases: Sequence[Case], percentiles: tuple[float, float] = (1.0
 
     def volumes() -> Iterator[np.ndarray]:
         for case in tqdm(cases, desc="dataset statistics", unit="case", leave=False, disable=progress_disabled()):
-            yield read_ct(case.image).hu()
+            hu = read_ct(case.image).hu()
+            check_not_label_map(hu, case.image, "TrainingImg/")  # a mask copied there would skew the statistics
+            yield hu
 
     return compute_stats(volumes(), percentiles)
 

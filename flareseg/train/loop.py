@@ -296,6 +296,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     run = Path(config.out).resolve()
     if run.exists() and not run.is_dir():
         raise FlareSegError(f"--out {run}: exists and is not a folder")
+    data = Path(config.data).resolve()
+    if run == data or any(run.is_relative_to(data / sub) for sub in ("TrainingImg", "TrainingMask")):
+        raise FlareSegError(f"--out {run}: inside the training data {data}; give the run a folder of its own")
     if not resume:
         trained = [name for name in RUN_OUTPUTS if (run / name).exists()]
         if trained:
@@ -405,6 +408,9 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
         done = int(state["epoch"]) + 1
         if config.epochs < done:
             raise FlareSegError(f"--epochs {config.epochs}: run {run} has already done {done} epochs")
+        if config.epochs == done:  # nothing to resume: say so, rather than "resuming at epoch N + 1"
+            log.info("%s: complete, all %d epochs done; --epochs N (more than %d) trains it further", run, done, done)
+            return TrainResult(run, float(state["best_score"]), int(state["best_epoch"]), [])
         if d.main:
             _check_resumable(run, config, train_cases, split)
     stats_path = run / "stats.json"

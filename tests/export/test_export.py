@@ -17,7 +17,6 @@ from flareseg.checkpoint import ModelInfo, load_model, save_checkpoint
 from flareseg.errors import FlareSegError
 from flareseg.export import ExportOptions, export_onnx, onnx_export, read_onnx_metadata, read_sidecar
 from flareseg.export.cli import main as export_main
-from flareseg.export.inputs import check_not_label_map
 from flareseg.export.metadata import ExportMetadata
 from flareseg.export.tensorrt import (
     DeviceIdentity,
@@ -28,6 +27,7 @@ from flareseg.export.tensorrt import (
 )
 from flareseg.network import NetworkConfig, build_training_network
 from flareseg.preprocess import NormalizationStats, network_batch
+from flareseg.volume import check_not_label_map
 
 STATS = NormalizationStats(mean=-350.0, std=480.0, num_voxels=1, num_cases=1)
 

@@ -576,3 +576,38 @@ def test_sigterm_to_the_process_group_with_loader_workers_stops_cleanly_and_keep
     assert (run / "stats.json").exists() and (run / "config.json").exists()  # kept, as after Ctrl-C
     with pytest.raises(ProcessLookupError):
         os.killpg(proc.pid, 0)
+
+
+def test_a_label_map_among_the_images_is_refused_before_the_statistics(data_a, tmp_path, capsys):
+    data = _copy(data_a, tmp_path / "data")
+    image = data / "TrainingImg" / "train_001_0000.nii.gz"
+    shutil.copy2(data / "TrainingMask" / "train_001.nii.gz", image)  # a mask copied to the images by mistake
+    run = tmp_path / "run"
+    assert train_main(["--data", str(data), "--out", str(run), "--epochs", "1", *QUICK]) == 2
+    assert _stderr_lines(capsys) == [
+        f"flare-train: error: {image}: looks like a label map, not a CT (every voxel is a class 0..4, none is air); "
+        "TrainingImg/ takes CT images"
+    ]
+    assert not run.exists()
+
+
+def test_a_run_folder_inside_the_training_data_is_refused(data_a, tmp_path, capsys):
+    data = _copy(data_a, tmp_path / "data")
+    before = _files(data)
+    for out in (data, data / "TrainingImg", data / "TrainingMask" / "run"):
+        assert train_main(["--data", str(data), "--out", str(out), "--epochs", "1", *QUICK]) == 2
+        assert _stderr_lines(capsys) == [
+            f"flare-train: error: --out {out}: inside the training data {data}; give the run a folder of its own"
+        ]
+    assert _files(data) == before and not (data / "TrainingMask" / "run").exists()
+    assert train_main(["--data", str(data), "--out", str(data / "runs" / "a"), "--epochs", "1", *QUICK]) == 0
+
+
+def test_resuming_a_complete_run_says_so_and_changes_nothing(data_a, tmp_path, caplog):
+    run = _trained(data_a, tmp_path / "run")
+    before = _files(run)
+    caplog.set_level(logging.INFO, logger="flareseg.train.loop")
+    assert train_main(["--resume", str(run)]) == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "flareseg.train.loop"]
+    assert said == [f"{run}: complete, all 1 epochs done; --epochs N (more than 1) trains it further"]
+    assert _files(run) == before
