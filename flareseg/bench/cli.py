@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 from collections.abc import Sequence
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=positive_int, help="timed runs per batch size (default 3 on CPU, 20 on GPU)")
     p.add_argument("--warmup", type=non_negative_int, help="untimed runs first (default 1 on CPU, 5 on GPU)")
     p.add_argument(
-        "--width", type=positive_int, default=64, help="base width of the random-weight network (default 64)"
+        "--width", type=positive_int, help="base width of the random-weight network (default 64; not with --model)"
     )
     p.add_argument("--no-fresh-process", action="store_true", help="skip the FLARE21-style fresh-process timing")
     p.add_argument(
@@ -59,6 +60,19 @@ def _command(args: argparse.Namespace) -> str:
     return "flare-bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if args.argv is None else args.argv))
 
 
+def _refuse_ignored(args: argparse.Namespace) -> None:
+    """Options that would change nothing in this run are refused, not silently dropped."""
+    ignored = []
+    if args.model is not None and args.width is not None:
+        ignored.append("--width (the random-weight network's; --model's network has its own)")
+    if args.check:
+        timing = {"--repeats": args.repeats is not None, "--warmup": args.warmup is not None}
+        timing["--no-fresh-process"] = args.no_fresh_process
+        ignored += [f"{option} (--check does not time)" for option, given in timing.items() if given]
+    if ignored:
+        raise FlareSegError(f"{'; '.join(ignored)}: does not apply here; leave it out")
+
+
 def _check(args: argparse.Namespace) -> int:
     from flareseg.bench.check import CheckConfig, run_check, write_check
     from flareseg.bench.inputs import removed_on_failure
@@ -73,8 +87,9 @@ def _check(args: argparse.Namespace) -> int:
         slices=args.slices,
         size=args.size,
         batch=args.batch[0] if args.batch else 2,
-        base_width=args.width,
     )
+    if args.width is not None:
+        config = dataclasses.replace(config, base_width=args.width)
     with removed_on_failure(args.out):
         report = run_check(config)
         paths = write_check(report, args.out, _command(args))
@@ -84,6 +99,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    _refuse_ignored(args)
     if args.check:
         return _check(args)
     from flareseg.bench.inputs import removed_on_failure
@@ -101,8 +117,9 @@ def _main(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         repeats=args.repeats,
         fresh_process=not args.no_fresh_process,
-        base_width=args.width,
     )
+    if args.width is not None:
+        config = dataclasses.replace(config, base_width=args.width)
     with removed_on_failure(args.out):
         report = run_benchmark(config)
         paths = write_report(report, args.out, _command(args))

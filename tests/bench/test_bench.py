@@ -361,7 +361,8 @@ def test_bad_arguments_are_one_line_and_leave_nothing(tmp_path, capsys, case, ch
     if case == "file-out":
         out.write_text("keep me")
     size = [] if case == "size" else ["--size", "32"]
-    argv = [*(["--check"] if check else []), *argv, "--width", "4", *size, "-o", str(out), "-q"]
+    width = [] if "model" in case else ["--width", "4"]  # a model has its own width
+    argv = [*(["--check"] if check else []), *argv, *width, *size, "-o", str(out), "-q"]
     assert bench_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err
@@ -540,3 +541,19 @@ def test_the_matmul_peak_leaves_the_global_generator_alone():
     rng = torch.get_rng_state()
     assert matmul_peak_flops(torch.device("cpu"), torch.float32, n=128, repeats=1) > 0
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--model", "m.pt", "--width", "16"], "--width (the random-weight network's; --model's network has its own)"),
+        (["--check", "--repeats", "3"], "--repeats (--check does not time)"),
+        (["--check", "--warmup", "2", "--no-fresh-process"], "--warmup (--check does not time); --no-fresh-process"),
+    ],
+)
+def test_options_that_would_change_nothing_are_refused(tmp_path, capsys, argv, words):
+    out = tmp_path / "report"
+    assert bench_main([*argv, "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0] and err[0].endswith("does not apply here; leave it out"), err
+    assert not out.exists()
