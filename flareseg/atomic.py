@@ -77,7 +77,13 @@ def _probe(folder: Path, path: Path) -> None:
     except OSError as exc:
         raise FlareSegError(f"{path}: cannot create files in {folder} ({exc.strerror or exc})") from exc
     os.close(fd)
-    os.unlink(name)
+    try:
+        os.unlink(name)
+    except OSError as exc:  # files can be made there but not removed (append-only, some network shares)
+        raise FlareSegError(
+            f"{path}: {folder} lets files be created but not removed ({exc.strerror or exc}); a probe file, "
+            f"{name}, was left there"
+        ) from exc
 
 
 def _replaceable(path: Path) -> Path:

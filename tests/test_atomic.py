@@ -66,3 +66,14 @@ def test_a_folder_that_refuses_new_files_is_found_before_any_work(tmp_path):
     check_writable(tmp_path / "new" / "t.json")
     check_writable_folder(tmp_path)
     assert not any(tmp_path.iterdir())  # the probes leave nothing behind
+
+
+def test_a_folder_where_files_can_be_made_but_not_removed_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    def refuse(path):  # a test double for an append-only folder (chattr +a, some network shares)
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(os, "unlink", refuse)
+    with pytest.raises(FlareSegError, match=r"t\.json: .* lets files be created but not removed \(Operation not"):
+        check_writable(tmp_path / "t.json")

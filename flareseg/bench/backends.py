@@ -168,6 +168,10 @@ def onnx_reference(onnx_precision: str) -> str:
     return named if named in ALL_BACKENDS else "onnxruntime-cpu-fp32"
 
 
+#: The name of the models flare-bench exports into its report's models/ folder.
+MODELS_NAME = "bench"
+
+
 def prepare_models(cfg: Any, work: Path) -> dict[str, Path]:
     """Checkpoint, ONNX (fp32, fp16, int8) and engine as the requested backends need them.
 
@@ -208,6 +212,7 @@ def prepare_models(cfg: Any, work: Path) -> dict[str, Path]:
         profile = (1, max(cfg.batches) // 2 or 1, max(cfg.batches))
         random_weights = cfg.model is None
         options = ExportOptions(
+            name=MODELS_NAME,
             fp16=fp16,
             batch_profile=profile,
             verify_slices=2,
@@ -217,7 +222,8 @@ def prepare_models(cfg: Any, work: Path) -> dict[str, Path]:
             int8_min_agreement=0.0 if random_weights else DEFAULT_MIN_AGREEMENT,
             int8_float_ladder=DEFAULT_FLOAT_LADDER[:1] if random_weights else DEFAULT_FLOAT_LADDER,
         )
-        exported = export_onnx(models["checkpoint"], work, options, overwrite=True)  # the run's own models folder
+        # Its own name: replacing an earlier flare-bench's set never touches a deploy set kept in the same folder.
+        exported = export_onnx(models["checkpoint"], work, options, overwrite=True)
         for item in exported:
             models[f"onnx-{item.metadata.precision}"] = item.path
     if "torch" in kinds and "checkpoint" not in models:

@@ -516,7 +516,8 @@ def fresh_process_section(
     case in the same run; its median is the part of the wall time no inference code can save.
     """
     assert cfg.backends is not None
-    name = _end_to_end_backend(cfg.backends)
+    failed = volumes.get("errors", {})  # a backend whose whole volume failed in this process would fail there too
+    name = _end_to_end_backend([b for b in cfg.backends if b not in failed])
     if name is None:
         log.info("no fresh-process run: flare-infer has no option for %s", ", ".join(cfg.backends))
         return None

@@ -72,7 +72,7 @@ def output_suffix(output_type: str) -> str:
     return OUTPUT_SUFFIXES[output_type]
 
 
-def check_output(job: CaseJob) -> None:
+def check_output(job: CaseJob, *, probe_folder: bool = True) -> None:
     """Refuse, before any work, outputs that could never be written."""
     suffix = output_suffix(job.output_type)
     if job.output_type == "nifti" and not job.output.name.endswith(NIFTI_SUFFIXES):
@@ -88,7 +88,8 @@ def check_output(job: CaseJob) -> None:
             f"{job.output}: the output would join the input series in {job.input}, which could then no longer "
             "be read as one series; write it to another folder"
         )
-    check_writable(job.output)
+    if probe_folder:  # off where the folder was found writable for an earlier case (a probe file each is waste)
+        check_writable(job.output)
     if job.output_type == "dicom-seg" and not job.input.is_dir():
         raise FlareSegError(
             f"{job.input}: DICOM SEG output needs a DICOM series as input (a NIfTI file has no series to "
@@ -210,6 +211,7 @@ def plan_folder(
     """
     suffix = output_suffix(output_type)
     first_of: dict[str, Path] = {}  # case name -> its first input: a second one would replace its result
+    probed = False  # out_dir was found writable for an earlier case
     for path in inputs:
         try:
             name = _named(path)
@@ -228,10 +230,11 @@ def plan_folder(
             yield PlannedCase(path, name, output, "skipped", None, output_type)
             continue
         try:
-            check_output(CaseJob(name, path, output, output_type))
+            check_output(CaseJob(name, path, output, output_type), probe_folder=not probed)
         except FlareSegError as exc:
             yield PlannedCase(path, name, output, "failed", exc, output_type)
             continue
+        probed = True
         yield PlannedCase(path, name, output, "run", None, output_type)
 
 

@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workers", type=non_negative_int, help=f"data-loading processes (default {d.workers}; 0: in this process)"
     )
-    p.add_argument("--seed", type=non_negative_int, help=f"random seed, below 2**32 (default {d.seed})")
+    p.add_argument("--seed", type=non_negative_int, help=f"random seed (default {d.seed})")
     p.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--amp", action="store_true", default=None, help="mixed precision (CUDA)")
     p.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory format")

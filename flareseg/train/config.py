@@ -102,7 +102,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self._check_types()
         checks = {  # name: (holds, what is expected)
-            "seed": (0 <= self.seed < 2**32, "0 to 2**32 - 1"),
             "base_width": (self.base_width >= 1, ">= 1"),
             "epochs": (self.epochs >= 1, ">= 1"),
             "batch_size": (self.batch_size >= 1, ">= 1"),

@@ -115,8 +115,14 @@ def _init_weights(model: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
+def _generator_seed(value: int) -> int:
+    """``value`` as torch takes a seed: as it is where torch takes it (runs recorded before stay the same), else
+    reduced modulo 2**64."""
+    return value if -(2**63) <= value < 2**64 else value % 2**64
+
+
 def _epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 97 + stream)
+    return torch.Generator().manual_seed(_generator_seed(seed * 1_000_003 + epoch * 97 + stream))
 
 
 def _global_order(n_slices: int, steps: int, global_batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -432,7 +438,7 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
     # Module construction and He initialisation draw from torch's global generator: seed a fork of it, so the
     # weights follow from the seed alone and the caller's generator is left as it was.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
+        torch.manual_seed(_generator_seed(config.seed))
         model = build_training_network(info.network)
         _init_weights(model)
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -488,6 +489,9 @@ def test_a_backend_whose_whole_volume_fails_is_reported_and_the_others_go_on(tra
     lines = _volume_lines({"volumes": section})
     failed = [line for line in lines if line.startswith("| onnxruntime-cpu-fp32 | failed: ")]
     assert len(failed) == 1 and failed[0].count("|") == 15  # the table's 14 columns
+    # Nor is it chosen for the fresh-process run, where it would fail again and end the benchmark.
+    alone = BenchConfig(out=tmp_path, backends=("onnxruntime-cpu-fp32",))
+    assert bench_run.fresh_process_section(alone, models, {"onnxruntime-cpu-fp32": best}, section, volume) is None
 
 
 @pytest.mark.skipif(not hasattr(os, "wait4"), reason="the child's wait is os.wait4 on Unix")
@@ -557,3 +561,20 @@ def test_options_that_would_change_nothing_are_refused(tmp_path, capsys, argv, w
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0] and err[0].endswith("does not apply here; leave it out"), err
     assert not out.exists()
+
+
+def test_a_deploy_set_kept_in_the_reports_models_folder_is_left_alone(tmp_path):
+    # flare-bench replaces its own earlier models there (an earlier run into the same -o), never a user's set.
+    from flareseg.bench.backends import prepare_models
+
+    work = tmp_path / "report" / "models"
+    work.mkdir(parents=True)
+    mine = {name: f"the user's {name}".encode() for name in ("flareseg_fp16.onnx", "flareseg_fp16.onnx.json")}
+    for name, data in mine.items():
+        (work / name).write_bytes(data)
+    cfg = BenchConfig(out=tmp_path / "report", backends=("onnxruntime-cpu-fp32",), batches=(1, 2), size=(32, 32))
+    cfg = dataclasses.replace(cfg, base_width=4).resolved()
+    for _ in range(2):  # the second run replaces the first's models
+        models = prepare_models(cfg, work)
+        assert models["onnx-fp32"] == work / "bench_fp32.onnx"
+    assert {name: (work / name).read_bytes() for name in mine} == mine

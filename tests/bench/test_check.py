@@ -95,7 +95,7 @@ def test_a_broken_backend_fails(cpu_check, trained_checkpoint, tmp_path, monkeyp
     from flareseg.runtime.runners.onnxrt import OnnxRuntimeRunner
 
     out, _, _ = cpu_check
-    exported = {"checkpoint": trained_checkpoint, "onnx-fp32": out / "models" / "flareseg_fp32.onnx"}
+    exported = {"checkpoint": trained_checkpoint, "onnx-fp32": out / "models" / "bench_fp32.onnx"}
     monkeypatch.setattr(check, "prepare_models", lambda cfg, work: exported)  # the export is tested above
     real = OnnxRuntimeRunner._infer
 
@@ -119,7 +119,7 @@ def test_a_broken_backend_fails(cpu_check, trained_checkpoint, tmp_path, monkeyp
 
 def test_onnx_model_is_checked_against_onnx_runtime_fp32(cpu_check, tmp_path):
     out, _, _ = cpu_check
-    onnx_model = out / "models" / "flareseg_fp32.onnx"
+    onnx_model = out / "models" / "bench_fp32.onnx"
     argv = ["--model", str(onnx_model), "--backends", "onnxruntime-cpu-fp32", "--size", "64", "--slices", "2"]
     code, report = _check([*argv, "-o", str(tmp_path)])
     assert code == 0 and report["reference"] == "onnxruntime-cpu-fp32"
@@ -243,7 +243,7 @@ def _onnx_variant(source: Path, dest: Path, precision: str, weights=None) -> Pat
 
 def test_an_onnx_model_with_nan_weights_fails_the_check(cpu_check, tmp_path):
     out, _, _ = cpu_check
-    model = _onnx_variant(out / "models" / "flareseg_fp32.onnx", tmp_path / "nan.onnx", "fp32", weights=np.nan)
+    model = _onnx_variant(out / "models" / "bench_fp32.onnx", tmp_path / "nan.onnx", "fp32", weights=np.nan)
     argv = ["--model", str(model), "--backends", "onnxruntime-cpu-fp32", "--size", "64", "--slices", "2"]
     code, report = _check([*argv, "-o", str(tmp_path / "out")])
     assert code == 1 and report["failed"] == ["onnxruntime-cpu-fp32"] and not report["passed"]
@@ -255,7 +255,7 @@ def test_an_onnx_model_with_nan_weights_fails_the_check(cpu_check, tmp_path):
 def test_an_onnx_model_alone_leaves_out_what_it_cannot_run(cpu_check, tmp_path):
     """By default, backends needing a model an ONNX file cannot give (INT8, PyTorch) are left out, and said."""
     out, _, _ = cpu_check
-    argv = ["--model", str(out / "models" / "flareseg_fp32.onnx"), "--size", "64", "--slices", "2"]
+    argv = ["--model", str(out / "models" / "bench_fp32.onnx"), "--size", "64", "--slices", "2"]
     code, report = _check([*argv, "-o", str(tmp_path)])
     assert code == 0 and report["passed"], report["rows"]
     names = {r["backend"] for r in report["rows"]}
@@ -269,7 +269,7 @@ def test_an_onnx_model_alone_leaves_out_what_it_cannot_run(cpu_check, tmp_path):
 def test_an_fp16_onnx_model_is_checked_as_fp16(cpu_check, tmp_path):
     """The precision comes from the model's metadata, and so does the tolerance (not fp32's 1e-4)."""
     out, _, _ = cpu_check
-    model = _onnx_variant(out / "models" / "flareseg_fp32.onnx", tmp_path / "m_fp16.onnx", "fp16")
+    model = _onnx_variant(out / "models" / "bench_fp32.onnx", tmp_path / "m_fp16.onnx", "fp16")
     backends = [b for b in ("onnxruntime-cpu-fp32", "openvino-cpu-fp32") if b in available_backends()]
     argv = ["--model", str(model), "--backends", ",".join(backends), "--size", "64", "--slices", "2"]
     code, report = _check([*argv, "-o", str(tmp_path / "out")])
@@ -285,7 +285,7 @@ def test_an_fp16_onnx_model_is_checked_as_fp16(cpu_check, tmp_path):
 
 def test_flare_bench_reports_an_int8_model_as_int8(cpu_check, tmp_path):
     out, _, _ = cpu_check
-    argv = ["--model", str(out / "models" / "flareseg_int8.onnx"), "--backends", "onnxruntime-cpu-fp32"]
+    argv = ["--model", str(out / "models" / "bench_int8.onnx"), "--backends", "onnxruntime-cpu-fp32"]
     argv += ["--batch", "1", "--repeats", "1", "--warmup", "0", "--slices", "2", "--size", "64"]
     assert bench_main([*argv, "--no-fresh-process", "-o", str(tmp_path), "-q"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())

@@ -56,6 +56,16 @@ def test_the_plan_is_lazy_so_the_first_case_to_run_is_found_at_once(tmp_path, mo
     assert first.input == inputs[0] and named == ["c0_0000.nii.gz"]
 
 
+def test_a_folder_of_cases_probes_its_output_folder_once(tmp_path, monkeypatch):
+    inputs, out = _inputs(tmp_path), tmp_path / "out"
+    probed: list[str] = []
+    real = jobs.check_writable
+    monkeypatch.setattr(jobs, "check_writable", lambda path: probed.append(path.name) or real(path))
+    plan = list(plan_folder(inputs, out))
+    assert [p.status for p in plan] == ["run", "run", "run", "run", "failed"]
+    assert probed == ["c0.nii.gz"]  # each probe creates and removes a file: one per folder, not one per case
+
+
 def test_planning_imports_no_torch():
     code = "import sys, flareseg.runtime.jobs; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
@@ -113,7 +123,7 @@ def test_an_unreadable_series_or_nameless_file_fails_alone_and_the_others_run(tm
 
 
 def test_a_broken_link_anywhere_on_the_way_is_refused_and_the_output_folder_is_not_an_input(tmp_path):
-    from test_dicom import phantom, write_series
+    from dicom_series import phantom, write_series
 
     from flareseg.runtime.jobs import check_output_folder, check_timings, list_cases
 

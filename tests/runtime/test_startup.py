@@ -137,7 +137,7 @@ print(rc, [e for e, _ in sorted(events, key=lambda e: e[1])])
 def test_nothing_is_read_ahead_without_a_nifti_case_to_run_or_when_the_inputs_are_in_error(tmp_path, monkeypatch):
     import nibabel as nib
     import numpy as np
-    from test_dicom import phantom, write_series
+    from dicom_series import phantom, write_series
 
     from flareseg.runtime import jobs
     from flareseg.runtime.cli import _look_ahead, build_parser
