@@ -27,7 +27,7 @@ class FlareSegError(Exception):
 def out_of_memory(exc: BaseException, where: object, batch: int, way_out: str) -> FlareSegError:
     """A GPU running out of memory (foreseeable on a small or shared GPU), as one line with the way out."""
     first = (str(exc).strip().splitlines() or [""])[0][:160]
-    return FlareSegError(f"{where}: the GPU ran out of memory at batch {batch} ({first}); {way_out}")
+    return FlareSegError(f"{where}: the GPU ran out of memory at batch size {batch} ({first}); {way_out}")
 
 
 def no_room(exc: BaseException) -> bool:

@@ -1,20 +1,52 @@
-"""Worker processes (flare-eval's pool, the training DataLoader's): stopping is left to the parent.
+"""Worker processes (flare-eval's pool, the training DataLoader's): stopping is the parent's to handle.
 
 A terminal's Ctrl-C and a process manager's SIGTERM go to the whole process group. A forked
 worker would inherit the command's SIGTERM handler, which raises, and raise inside its pool's
 own machinery: flare-eval's pool could then hang, and the DataLoader took the stop for a
-worker crash. A worker that SIGTERM simply killed is no better: the pool or the loader then
-reports a crashed worker before the parent has handled its own signal (measured: a traceback
-and exit 1 about one time in six). So workers ignore both; the parent unwinds, cancels the
-work not started, and its pool or loader ends the workers once their current item is done.
+worker crash.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from collections.abc import Iterator
+
+_STOP = {signal.SIGINT, signal.SIGTERM}
 
 
-def ignore_stop_signals(*_: object) -> None:
-    """A worker's initialiser (any arguments, e.g. the DataLoader's worker id): ignore SIGINT and SIGTERM."""
+def pool_worker_signals() -> None:
+    """A process pool worker's initialiser. Ctrl-C is the parent's: it cancels the cases not started and lets the
+    running ones end. SIGTERM ends the worker at once, by default, as the pool relies on when it stops the workers
+    of a broken pool (a worker that ignored it would hang the pool's shutdown)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):  # forked with both blocked (see stop_signals_blocked)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held back while worker processes are forked, then handled.
+
+    A signal that arrived during a fork ran the command's handler inside the fork's own hooks,
+    where its exception is dropped (the stop was lost), and one that reached a new worker before
+    its initialiser ran the parent's handler there. Held back, it is handled once the workers
+    exist; a forked worker starts with none pending.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: no process groups to signal
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def loader_worker_signals(_worker_id: int = 0) -> None:
+    """A DataLoader worker's ``worker_init_fn``: both signals are the training process's. A worker that SIGTERM
+    killed would make the loader raise a worker-crash error over the stop; the training process unwinds and ends
+    its loader, whose workers then exit (they also exit when the training process is gone)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

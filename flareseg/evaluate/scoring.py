@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from flareseg.errors import FlareSegError
 from flareseg.labels import ORGANS
 from flareseg.metrics import organ_scores
 from flareseg.volume import case_id, find_cases, read_labels
-from flareseg.workers import ignore_stop_signals
+from flareseg.workers import pool_worker_signals, stop_signals_blocked
 
 #: Affines of a prediction and its ground truth may differ by this much (mm) from rounding.
 AFFINE_TOLERANCE_MM = 1e-3
@@ -81,11 +82,17 @@ def evaluate_folders(
     bar = tqdm(total=len(jobs), desc="evaluating", unit="case", disable=None if progress else True)
     results: dict[str, CaseResult] = {}
     if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers, initializer=ignore_stop_signals) as pool:
+        with ProcessPoolExecutor(max_workers=workers, initializer=pool_worker_signals) as pool:
             try:
-                for res in pool.map(_evaluate_pair, jobs):
+                with stop_signals_blocked():  # the workers are forked at the first submission
+                    scored = pool.map(_evaluate_pair, jobs)
+                for res in scored:
                     results[res.case] = res
                     bar.update()
+            except BrokenProcessPool:  # a worker killed from outside (the out-of-memory killer, say)
+                raise FlareSegError(
+                    "a scoring process ended abruptly (out of memory?); --workers 1 scores one case at a time"
+                ) from None
             except BaseException:  # Ctrl-C, SIGTERM or a case's error: the cases not started are not started
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise

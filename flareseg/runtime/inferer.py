@@ -26,6 +26,7 @@ Class scores are resized back to the slice's own size before the argmax; label o
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ import torch.nn.functional as F
 from flareseg.errors import FlareSegError
 from flareseg.preprocess import SliceNormalizer, TensorNormalizer, network_batch, resize_scores_to_labels
 from flareseg.runtime.runners import Runner
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -214,7 +217,10 @@ def _drained_on_error(copy: Any) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        copy.synchronize()
+        try:
+            copy.synchronize()
+        except Exception:  # a sticky CUDA error says it again here: the first error is the one to report
+            log.debug("waiting for the copy stream after an error failed too", exc_info=True)
         raise
 
 
@@ -276,7 +282,7 @@ def _infer_cuda(
             slot.pending = (start, stop)
             times.batches += 1
             times.batch_sizes.append(n)
-    done.harvest_all(slots)
+        done.harvest_all(slots)
     times.infer_s += time.perf_counter() - t_start - (times.normalize_s - normalized_before)
 
 
@@ -417,5 +423,5 @@ def _infer_staged(
             slot.pending = (start, stop)
             times.batches += 1
             times.batch_sizes.append(n)
-    done.harvest_all(slots)
+        done.harvest_all(slots)
     times.infer_s += time.perf_counter() - t_start - (times.normalize_s - normalized_before)

@@ -100,6 +100,10 @@ class TrainConfig:
     val_batch_size: int = 8
 
     def __post_init__(self) -> None:
+        for name in ("data", "out"):  # a library caller's Path is as good as a str (config.json records the str)
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                object.__setattr__(self, name, os.fspath(value))
         self._check_types()
         checks = {  # name: (holds, what is expected)
             "base_width": (self.base_width >= 1, ">= 1"),

@@ -55,7 +55,7 @@ from flareseg.train.data import (
     write_stats_file,
 )
 from flareseg.train.loss import LossWeights, deep_supervision_loss
-from flareseg.workers import ignore_stop_signals
+from flareseg.workers import loader_worker_signals
 
 log = logging.getLogger(__name__)
 
@@ -480,7 +480,7 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
             pin_memory=device.type == "cuda",
             persistent_workers=False,
             generator=_epoch_generator(config.seed, epoch, 2),  # its worker seeds; else drawn from the global one
-            worker_init_fn=ignore_stop_signals,  # a stop signal is this process's to handle, not a worker crash
+            worker_init_fn=loader_worker_signals,  # a stop signal is this process's to handle, not a worker crash
         )
         net.train()
         t_epoch = time.perf_counter()

@@ -457,7 +457,7 @@ def test_a_batch_that_runs_out_of_gpu_memory_is_a_row_of_the_report(trained_chec
     assert [r["batch"] for r in rows] == [1, 3, 2]
     assert rows[1] == {
         "batch": 3,
-        "error": "torch-cpu-fp32: the GPU ran out of memory at batch 3 (CUDA out of memory. Tried to allocate "
+        "error": "torch-cpu-fp32: the GPU ran out of memory at batch size 3 (CUDA out of memory. Tried to allocate "
         "9.00 GiB); this batch does not fit this GPU",
     }
     assert "error" not in rows[0] and "error" not in rows[2]
@@ -471,7 +471,7 @@ def test_a_backend_whose_whole_volume_fails_is_reported_and_the_others_go_on(tra
 
     def segment_volume(backend, *args, **kwargs):
         if backend.name == "onnxruntime-cpu-fp32":
-            raise FlareSegError("case.nii.gz: the GPU ran out of memory at batch 8 (test double)")
+            raise FlareSegError("case.nii.gz: the GPU ran out of memory at batch size 8 (test double)")
         return real(backend, *args, **kwargs)
 
     monkeypatch.setattr(bench_run, "segment_volume", segment_volume)
@@ -482,7 +482,7 @@ def test_a_backend_whose_whole_volume_fails_is_reported_and_the_others_go_on(tra
     section = bench_run.volume_section(cfg, models, {"torch-cpu-fp32": best, "onnxruntime-cpu-fp32": best}, volume)
     assert list(section["results"]) == ["torch-cpu-fp32"] and section["results"]["torch-cpu-fp32"]["slices"] == 4
     assert section["errors"] == {
-        "onnxruntime-cpu-fp32": "case.nii.gz: the GPU ran out of memory at batch 8 (test double)"
+        "onnxruntime-cpu-fp32": "case.nii.gz: the GPU ran out of memory at batch size 8 (test double)"
     }
     from flareseg.bench.report import _volume_lines
 

@@ -193,7 +193,14 @@ def test_an_empty_prediction_folder_is_an_error_and_ignored_files_are_named(phan
     assert "2 missing (scored 0)" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
+def _children(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+
+
+@pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(), reason="needs Linux /proc")
 def test_sigterm_to_the_process_group_ends_a_pooled_run_at_once(tmp_path):
     # A process manager (systemd, a pod, `timeout`) signals the whole group: the pool's workers too. Workers that
     # inherited the command's SIGTERM handler raised inside the pool's machinery, and the run could hang there.
@@ -203,20 +210,22 @@ def test_sigterm_to_the_process_group_ends_a_pooled_run_at_once(tmp_path):
     for i in range(120):  # about 4 s of scoring on 2 cores
         save(labels, gt / f"c{i:03d}.nii.gz")
         save(labels, pred / f"c{i:03d}.nii.gz")
-    cmd = [sys.executable, "-m", "flareseg.evaluate.cli", "--pred", str(pred), "--gt", str(gt), "--workers", "2"]
-    for delay in (0.8, 1.2, 1.6):
+    cmd = [sys.executable, "-m", "flareseg.evaluate", "--pred", str(pred), "--gt", str(gt), "--workers", "2"]
+    for delay in (0.2, 0.8):
         out = tmp_path / f"after-{delay}.csv"
         proc = subprocess.Popen([*cmd, "-o", str(out), "-q"], start_new_session=True, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while len(_children(proc.pid)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)  # until the pool's two workers exist: then the signal reaches them too
         time.sleep(delay)
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             _, err = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"flare-eval did not end within 60 s of SIGTERM at {delay} s")
-        if proc.returncode in (0, -signal.SIGTERM):  # done before the signal, or signalled before the command
-            continue  # started (on a busy machine): nothing was tested this round
-        assert proc.returncode == 143 and err.decode().strip() == "flare-eval: terminated", err
+            pytest.fail(f"flare-eval did not end within 60 s of SIGTERM, {delay} s into scoring")
+        # CPython's pool manager thread may print its own traceback as the workers end (not ours to silence).
+        assert proc.returncode == 143 and err.decode().startswith("flare-eval: terminated"), err
         assert not out.exists()
         with pytest.raises(ProcessLookupError):  # no worker left behind in the group
             os.killpg(proc.pid, 0)

@@ -263,6 +263,11 @@ def test_an_error_mid_volume_waits_for_the_copies_in_flight(net, monkeypatch):
     waits.clear()
     _run(stored, FunctionRunner, _Recorder(net), 4, device_preprocess=True)
     assert waits == []  # a volume that ends well waits on its events as it harvests, not on the stream
+    # A wait that fails too (a sticky CUDA error) does not hide the first error, which is the one to report.
+    monkeypatch.setattr(CopyStream, "synchronize", lambda self: (_ for _ in ()).throw(RuntimeError("sticky")))
+    calls.clear()
+    with pytest.raises(RuntimeError, match="the second batch fails"):
+        _run(stored, FunctionRunner, _RunnerFunction(failing), 4, device_preprocess=True)
 
 
 class _RunnerFunction:

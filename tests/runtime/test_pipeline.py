@@ -353,14 +353,14 @@ def test_running_out_of_gpu_memory_is_a_one_line_error_naming_the_case(trained_c
     with FunctionRunner(model, info, input_channels=3) as runner:
         with pytest.raises(
             FlareSegError,
-            match=r"c0_0000.nii.gz: the GPU ran out of memory at batch 4 \(CUDA out of "
+            match=r"c0_0000.nii.gz: the GPU ran out of memory at batch size 4 \(CUDA out of "
             r"memory. Tried to allocate 2.00 GiB\); lower --batch-size",
         ):
             segment_file(runner, cts[0], tmp_path / "one.nii.gz", batch_size=4)
         caplog.clear()
         results = segment_folder(runner, cts, tmp_path / "out", batch_size=4)
     assert [r.status for r in results] == ["failed", "failed"]
-    assert "Traceback" not in caplog.text and caplog.text.count("the GPU ran out of memory at batch 4") == 2
+    assert "Traceback" not in caplog.text and caplog.text.count("the GPU ran out of memory at batch size 4") == 2
     assert not (tmp_path / "one.nii.gz").exists() and not list((tmp_path / "out").glob("*.nii.gz"))
 
 

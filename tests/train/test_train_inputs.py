@@ -261,6 +261,8 @@ def test_library_settings_refuse_non_finite_values():
         with pytest.raises(FlareSegError, match="loss weights must be finite, non-negative and not all 0"):
             LossWeights(final=bad[0], aux=bad[1])  # type: ignore[arg-type]
     assert LossWeights(final=0.0, aux=(1.0, 0.0, 0.0, 0.0)).aux[0] == 1.0  # the library allows aux-only losses
+    # A library caller's paths may be Path objects; they are kept as the strings config.json records.
+    assert TrainConfig(data=Path("d"), out=Path("o")).data == "d"  # type: ignore[arg-type]
     # Configs written when 0 meant "one pass" still load, as that.
     old = {**TrainConfig(data="d", out="o").to_dict(), "steps_per_epoch": 0}
     assert TrainConfig.from_dict(old).steps_per_epoch is None
@@ -503,8 +505,8 @@ def test_running_out_of_gpu_memory_is_one_line_with_the_way_out(data_a, tmp_path
     run = tmp_path / "runs" / "x1"
     assert train_main(["--data", str(data_a), "--out", str(run), "--epochs", "1", *QUICK]) == 2
     assert _stderr_lines(capsys) == [
-        "flare-train: error: training: the GPU ran out of memory at batch 2 (CUDA out of memory. Tried to allocate "
-        "3.00 GiB); lower --batch-size and raise --accumulate by as much"
+        "flare-train: error: training: the GPU ran out of memory at batch size 2 (CUDA out of memory. Tried to "
+        "allocate 3.00 GiB); lower --batch-size and raise --accumulate by as much"
     ]
     assert not (tmp_path / "runs").exists()  # failed before its first checkpoint: nothing left
 

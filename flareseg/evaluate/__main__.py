@@ -1,0 +1,7 @@
+"""``python -m flareseg.evaluate``: the flare-eval command."""
+
+import sys
+
+from flareseg.evaluate.cli import main
+
+sys.exit(main())
