@@ -50,3 +50,5 @@ def loader_worker_signals(_worker_id: int = 0) -> None:
     its loader, whose workers then exit (they also exit when the training process is gone)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # forked with both blocked (see stop_signals_blocked)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP)

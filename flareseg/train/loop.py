@@ -55,7 +55,7 @@ from flareseg.train.data import (
     write_stats_file,
 )
 from flareseg.train.loss import LossWeights, deep_supervision_loss
-from flareseg.workers import loader_worker_signals
+from flareseg.workers import loader_worker_signals, stop_signals_blocked
 
 log = logging.getLogger(__name__)
 
@@ -492,7 +492,8 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
             disable=progress_disabled() if d.main else True,
             leave=False,
         )
-        batches = iter(loader)
+        with stop_signals_blocked():  # the loader forks its workers here: a stop during a fork would be lost
+            batches = iter(loader)
         for step in range(steps):
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
