@@ -6,7 +6,8 @@
 # At most 8 files come back from the machine, so this writes 8: env.txt, whole-case.log, whole-case/whole_case.{json,md},
 # host-cpu.log, host-cpu/host_cpu.json, pytest-cuda.txt, bench-report.md. Each step writes as it goes and has a
 # timeout, and the four steps share END seconds (default 430, under the call's 450), so a step cut short still leaves
-# what it did. A second call on the still-warm machine can redo a part: END=240 with the steps it needs.
+# what it did. A second call on the still-warm machine can redo a part: STEPS="whole bench" END=240 (steps: whole,
+# host, pytest, bench; the ones left out get no time; host reads the case whole builds).
 set -uo pipefail
 OUT=${OUT:-$PWD/device-out}
 DEVICE=${DEVICE:-cuda}
@@ -14,6 +15,9 @@ END=${END:-430}
 HOST_S=45    # host_cpu.py
 PYTEST_S=90  # the CUDA tests (their fixture trains a small model on the CPU first)
 BENCH_S=70   # flare-bench, small: the TF32 peak, NVML per batch, the fresh process beside a bare start-up
+STEPS=" ${STEPS:-whole host pytest bench} "
+step() { [[ "$STEPS" == *" $1 "* ]]; }
+step host || HOST_S=0; step pytest || PYTEST_S=0; step bench || BENCH_S=0
 mkdir -p "$OUT"
 ENV_TXT="$OUT/env.txt"
 : > "$ENV_TXT"
@@ -53,30 +57,45 @@ fi
 WORK=$(mktemp -d)  # the CT and label maps stay on the machine; only the reports come back
 WC_S=$(( END - SECONDS - HOST_S - PYTEST_S - BENCH_S - 10 ))
 SIZE=(); [ "$DEVICE" = cpu ] && SIZE=(--slices 6 --size 64 --width 4 --cases 2)
-timeout -k 5 "$WC_S" python3 benchmarks/device/whole_case.py --out "$OUT/whole-case" --work "$WORK" \
-    --device "$DEVICE" --budget $(( WC_S - 25 )) "${SIZE[@]}" > "$OUT/whole-case.log" 2>&1
-echo "whole_case.py: rc $?, ${SECONDS} s into the run"; tail -25 "$OUT/whole-case.log"
+if step whole && [ "$WC_S" -ge 60 ]; then
+    timeout -k 5 "$WC_S" python3 benchmarks/device/whole_case.py --out "$OUT/whole-case" --work "$WORK" \
+        --device "$DEVICE" --budget $(( WC_S - 25 )) "${SIZE[@]}" > "$OUT/whole-case.log" 2>&1
+    echo "whole_case.py: rc $?, ${SECONDS} s into the run"; tail -25 "$OUT/whole-case.log"
+elif step whole; then
+    echo "whole_case.py: not run, ${WC_S} s left for it (END=$END)"
+fi
 # 2. The host CPU on the same case: post-processing whole/streaming, histogram, inflate (ISA-L, rapidgzip by cores).
-timeout -k 5 "$HOST_S" python3 benchmarks/device/host_cpu.py --work "$WORK" --out "$OUT/host-cpu" \
-    > "$OUT/host-cpu.log" 2>&1
-echo "host_cpu.py: rc $?, ${SECONDS} s into the run"; tail -30 "$OUT/host-cpu.log"
+if step host; then
+    timeout -k 5 "$HOST_S" python3 benchmarks/device/host_cpu.py --work "$WORK" --out "$OUT/host-cpu" \
+        > "$OUT/host-cpu.log" 2>&1
+    echo "host_cpu.py: rc $?, ${SECONDS} s into the run"; tail -30 "$OUT/host-cpu.log"
+fi
 # 3. The CUDA tests of the inferer, the memory planner, the runtime and the bench (they skip on CPU-only machines).
-timeout -k 5 "$PYTEST_S" python3 -m pytest -q -p no:cacheprovider -rs tests/runtime/test_inferer.py tests/runtime/test_memory.py \
-    tests/runtime/test_runtime.py tests/bench/test_bench.py::test_cuda_fp32_peak_uses_the_convolutions_math \
-    tests/bench/test_bench.py::test_nvml_sampler_sees_an_allocation_above_idle -k "cuda or gpu or nvml" \
-    > "$OUT/pytest-cuda.txt" 2>&1
-echo "pytest: rc $?, ${SECONDS} s into the run"; tail -8 "$OUT/pytest-cuda.txt"
-grep -q "^SKIPPED" "$OUT/pytest-cuda.txt" && echo "WARNING: some CUDA tests skipped (see pytest-cuda.txt)"
+if step pytest; then
+    timeout -k 5 "$PYTEST_S" python3 -m pytest -q -p no:cacheprovider -rs tests/runtime/test_inferer.py \
+        tests/runtime/test_memory.py tests/runtime/test_runtime.py \
+        tests/bench/test_bench.py::test_cuda_fp32_peak_uses_the_convolutions_math \
+        tests/bench/test_bench.py::test_nvml_sampler_sees_an_allocation_above_idle -k "cuda or gpu or nvml" \
+        > "$OUT/pytest-cuda.txt" 2>&1
+    echo "pytest: rc $?, ${SECONDS} s into the run"; tail -8 "$OUT/pytest-cuda.txt"
+    grep -q "^SKIPPED" "$OUT/pytest-cuda.txt" && echo "WARNING: some CUDA tests skipped (see pytest-cuda.txt)"
+fi
 # 4. flare-bench, small, in what is left: its CUDA figures (TF32 peak, NVML per batch and volume, the fresh process
 #    beside a bare start-up) have not run on a GPU since they changed. Only its report.md comes back.
 BENCH=(--width 64 --size 512 --batch 1,8 --slices 16 --repeats 5 --warmup 2)
 [ "$DEVICE" = cpu ] && BENCH=(--width 4 --size 64 --batch 1,2 --slices 4 --repeats 2 --warmup 1)
 BACKENDS=torch-cuda-fp32,torch-cuda-fp16; [ "$DEVICE" = cpu ] && BACKENDS=torch-cpu-fp32
-LEFT=$(( END - SECONDS - 5 )); [ "$LEFT" -gt 20 ] || LEFT=20
-timeout -k 5 "$LEFT" python3 -m flareseg.bench.cli -o "$WORK/bench" --backends "$BACKENDS" "${BENCH[@]}" -q \
-    > "$WORK/bench.log" 2>&1
-RC=$?
-{ cat "$WORK/bench/report.md" 2>/dev/null || echo "no report (rc $RC)"; echo; echo "log:"; tail -40 "$WORK/bench.log"; } \
-    > "$OUT/bench-report.md"
-echo "flare-bench: rc $RC, ${SECONDS} s into the run"
+LEFT=$(( END - SECONDS - 5 ))
+if step bench && [ "$LEFT" -ge 20 ]; then
+    timeout -k 5 "$LEFT" python3 -m flareseg.bench.cli -o "$WORK/bench" --backends "$BACKENDS" "${BENCH[@]}" -q \
+        > "$WORK/bench.log" 2>&1
+    RC=$?
+    { cat "$WORK/bench/report.md" 2>/dev/null || echo "no report (rc $RC)"; echo; echo "log:"; tail -40 "$WORK/bench.log"; } \
+        > "$OUT/bench-report.md"
+    echo "flare-bench: rc $RC, ${SECONDS} s into the run"
+elif step bench; then
+    echo "flare-bench: not run, ${LEFT} s left for it (END=$END)"
+fi
+# A report rewrite cut short by a timeout leaves its temporary file: it would be a ninth file to bring back.
+find "$OUT" -name '.*.part*' -delete
 find "$OUT" -type f | sort

@@ -402,8 +402,13 @@ def export_onnx(
         for model, meta, _ in verified:
             embed_in_onnx(model, meta)
             path = out / f"{options.name}_{meta.precision}.onnx"
-            onnx.save(model, str(stack.enter_context(atomic_output(path))))
-            stack.enter_context(atomic_output(sidecar_path(path))).write_text(sidecar_text(meta.to_dict()))
+            tmp = stack.enter_context(atomic_output(path))
+            onnx.save(model, str(tmp))
+            side = stack.enter_context(atomic_output(sidecar_path(path)))
+            side.write_text(sidecar_text(meta.to_dict()))
+            for written_tmp in (tmp, side):  # on disk before the first rename: only the renames come after
+                with open(written_tmp, "rb+") as f:
+                    os.fsync(f.fileno())
             written.append(ExportedModel(path, meta))
     for model_written, (_, _, figures) in zip(written, verified, strict=True):
         log.info("wrote %s: %s", model_written.path, _summary(figures))
