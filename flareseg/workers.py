@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 from collections.abc import Iterator
 
 _STOP = {signal.SIGINT, signal.SIGTERM}
@@ -29,19 +30,28 @@ def pool_worker_signals() -> None:
 def stop_signals_blocked() -> Iterator[None]:
     """Ctrl-C and SIGTERM held back while worker processes are forked, then handled.
 
-    A signal that arrived during a fork ran the command's handler inside the fork's own hooks,
-    where its exception is dropped (the stop was lost), and one that reached a new worker before
-    its initialiser ran the parent's handler there. Held back, it is handled once the workers
-    exist; a forked worker starts with none pending.
+    A signal handled during a fork ran the command's handler inside the fork's own hooks, where
+    its exception is dropped (the stop was lost), and one that reached a new worker before its
+    initialiser ran the parent's handler there. Blocking them in this thread keeps them from
+    the forked workers, but not from the process: another thread (tqdm's monitor, a BLAS pool)
+    may take one, and Python then runs its handler here, inside the window. So for the window the
+    handlers only note a signal, and it is raised again once the window is over. Outside the main
+    thread (where Python runs no handlers) this does nothing.
     """
-    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: no process groups to signal
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
         yield
         return
+    noted: list[int] = []
+    handlers = {s: signal.signal(s, lambda signum, _frame: noted.append(signum)) for s in _STOP}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # one held back in the kernel is noted now
+        for stop, handler in handlers.items():
+            signal.signal(stop, handler)
+        for signum in dict.fromkeys(noted):
+            signal.raise_signal(signum)  # the command's own handling, now that the workers exist
 
 
 def loader_worker_signals(_worker_id: int = 0) -> None:
