@@ -94,7 +94,10 @@ def evaluate_folders(
                     "a scoring process ended abruptly (out of memory?); --workers 1 scores one case at a time"
                 ) from None
             except BaseException:  # Ctrl-C, SIGTERM or a case's error: the cases not started are not started
-                pool.shutdown(wait=True, cancel_futures=True)
+                # A second Ctrl-C must not break off the wait for the running cases (the pool then hangs): it is
+                # held back, and raised once the workers are done.
+                with stop_signals_blocked():
+                    pool.shutdown(wait=True, cancel_futures=True)
                 raise
     else:
         for job in jobs:
