@@ -12,6 +12,7 @@ import contextlib
 import signal
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 _STOP = {signal.SIGINT, signal.SIGTERM}
 
@@ -42,16 +43,29 @@ def stop_signals_blocked() -> Iterator[None]:
         yield
         return
     noted: list[int] = []
-    handlers = {s: signal.signal(s, lambda signum, _frame: noted.append(signum)) for s in _STOP}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP)
+    handlers: dict[signal.Signals, Any] = {}
+    blocked = False
     try:
+        for stop in _STOP:  # one at a time, inside the try: a stop arriving meanwhile leaves nothing half done
+            handlers[stop] = signal.signal(stop, lambda number, _frame: noted.append(number))
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP)
+        blocked = True
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # one held back in the kernel is noted now
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # one held back in the kernel is noted now
+        first: BaseException | None = None
         for stop, handler in handlers.items():
-            signal.signal(stop, handler)
-        for signum in dict.fromkeys(noted):
-            signal.raise_signal(signum)  # the command's own handling, now that the workers exist
+            while True:  # signal.signal runs pending handlers first: a restored one may raise; restore the rest
+                try:
+                    signal.signal(stop, handler)
+                    break
+                except BaseException as exc:
+                    first = first or exc
+        if first is not None:
+            raise first
+        for noted_signal in dict.fromkeys(noted):
+            signal.raise_signal(noted_signal)  # the command's own handling, now that the workers exist
 
 
 def loader_worker_signals(_worker_id: int = 0) -> None:

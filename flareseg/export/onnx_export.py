@@ -404,11 +404,10 @@ def export_onnx(
             path = out / f"{options.name}_{meta.precision}.onnx"
             tmp = stack.enter_context(atomic_output(path))
             onnx.save(model, str(tmp))
+            _sync(tmp)  # on disk before the first rename: only the renames come after
             side = stack.enter_context(atomic_output(sidecar_path(path)))
             side.write_text(sidecar_text(meta.to_dict()))
-            for written_tmp in (tmp, side):  # on disk before the first rename: only the renames come after
-                with open(written_tmp, "rb+") as f:
-                    os.fsync(f.fileno())
+            _sync(side)
             written.append(ExportedModel(path, meta))
     for model_written, (_, _, figures) in zip(written, verified, strict=True):
         log.info("wrote %s: %s", model_written.path, _summary(figures))
@@ -418,6 +417,11 @@ def export_onnx(
             stale.unlink(missing_ok=True)
             log.info("removed %s: of the earlier export, not of this one", stale)
     return written
+
+
+def _sync(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def export_set(out: Path, name: str) -> list[Path]:

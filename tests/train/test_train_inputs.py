@@ -578,8 +578,15 @@ def test_sigterm_to_the_process_group_with_loader_workers_stops_cleanly_and_keep
         pytest.fail("flare-train did not end within 60 s of SIGTERM")
     assert proc.returncode == 143 and err.decode().strip().splitlines() == ["flare-train: terminated"], err
     assert (run / "stats.json").exists() and (run / "config.json").exists()  # kept, as after Ctrl-C
-    with pytest.raises(ProcessLookupError):
-        os.killpg(proc.pid, 0)
+    deadline = time.monotonic() + 20  # the loader's workers exit once they see their parent gone (a watchdog)
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("loader workers were left running 20 s after the training process ended")
 
 
 def test_a_label_map_among_the_images_is_refused_before_the_statistics(data_a, tmp_path, capsys):
