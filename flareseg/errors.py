@@ -5,6 +5,9 @@ Command-line entry points turn it into a one-line message and exit code 2.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class FlareSegError(Exception):
     """A user-facing error: the message names the file or value and the problem, on one line.
@@ -24,10 +27,16 @@ class FlareSegError(Exception):
         super().__init__(text, *args)
 
 
-def out_of_memory(exc: BaseException, where: object, batch: int, way_out: str) -> FlareSegError:
-    """A GPU running out of memory (foreseeable on a small or shared GPU), as one line with the way out."""
-    first = (str(exc).strip().splitlines() or [""])[0][:160]
-    return FlareSegError(f"{where}: the GPU ran out of memory at batch size {batch} ({first}); {way_out}")
+@contextlib.contextmanager
+def gpu_memory_errors(where: object, batch: int, way_out: str) -> Iterator[None]:
+    """A GPU running out of memory (foreseeable on a small or shared GPU) becomes one line with the way out."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not no_room(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise FlareSegError(f"{where}: the GPU ran out of memory at batch size {batch} ({first}); {way_out}") from None
 
 
 def no_room(exc: BaseException) -> bool:

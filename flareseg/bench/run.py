@@ -34,7 +34,7 @@ from flareseg.bench.backends import (
     run_precision,
     select_backends,
 )
-from flareseg.errors import FlareSegError, no_room, out_of_memory
+from flareseg.errors import FlareSegError, gpu_memory_errors
 from flareseg.network import PAPER_PARAMETERS_REPORTED, build_deploy_network, count_parameters
 
 if TYPE_CHECKING:
@@ -327,7 +327,8 @@ def latency_section(
                 torch.cuda.reset_peak_memory_stats()
             sampler = nvml_sampler() if cuda else None
             try:
-                with sampler if sampler else contextlib.nullcontext():
+                oom = gpu_memory_errors(name, batch, "this batch does not fit this GPU")  # a row, as any failure
+                with oom, sampler if sampler else contextlib.nullcontext():
                     runner = make_runner(b, models, batch)
                     with runner:
                         dev = runner.device
@@ -342,13 +343,6 @@ def latency_section(
                             bare = _bare_session_run(runner, inputs, cfg) if name == "onnxruntime-cpu-fp32" else None
             except FlareSegError as exc:
                 entry["batches"].append({"batch": batch, "error": str(exc)})
-                continue
-            except RuntimeError as exc:  # out of memory: a row of the report, as any batch that does not run
-                if not no_room(exc):
-                    raise
-                runner, inputs = None, []
-                error = out_of_memory(exc, name, batch, "this batch does not fit this GPU")
-                entry["batches"].append({"batch": batch, "error": str(error)})
                 continue
             row = stats.to_dict()
             row["peak_rss_mb"] = peak_rss_mb()

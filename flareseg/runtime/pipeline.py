@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from flareseg.atomic import write_text_atomic
-from flareseg.errors import FlareSegError, no_room, out_of_memory
+from flareseg.errors import FlareSegError, gpu_memory_errors
 from flareseg.postprocess import StreamingPostprocessor, keep_largest_components
 from flareseg.preprocess import volume_normalizer
 from flareseg.runtime.inferer import InferenceTimes, infer_volume
@@ -212,7 +212,7 @@ def _infer_stage(
     t1 = time.perf_counter()
     times = InferenceTimes()
     on_labels = streaming.add if streaming is not None else None
-    try:
+    with gpu_memory_errors(timing.input, batch_size, "lower --batch-size, or let --gpu-memory MB choose it"):
         labels = infer_volume(
             volume.array,
             normalizer,
@@ -223,12 +223,6 @@ def _infer_stage(
             on_labels=on_labels,
             **infer_options,
         )
-    except RuntimeError as exc:
-        if not no_room(exc):
-            raise
-        raise out_of_memory(
-            exc, timing.input, batch_size, "lower --batch-size, or let --gpu-memory MB choose it"
-        ) from None
     if cuda:
         torch.cuda.synchronize(runner.device)
         timing.peak_gpu_allocated_mb = torch.cuda.max_memory_allocated(runner.device) / 2**20

@@ -34,7 +34,6 @@ from flareseg.train.config import (
 
 log = logging.getLogger(__name__)
 
-#: Outputs of a run that has trained: a new run in that folder is refused (use --resume).
 #: Options a resumed run may change: how it runs, not what it learns.
 RESUME_MAY_CHANGE = ("--epochs", "--device", "--workers", "--cudnn-benchmark")
 

@@ -128,11 +128,11 @@ def read_stats_file(path: Path) -> tuple[NormalizationStats, dict[str, Any] | No
     """A run's ``stats.json``: the statistics and what they came from (None: a run made before that was kept)."""
     try:
         data = json.loads(path.read_text())
-        source = data.get("source") if isinstance(data, dict) else None
     except (OSError, ValueError) as exc:
         raise FlareSegError(f"{path}: unreadable statistics ({exc})") from None
     if not isinstance(data, dict):
         raise FlareSegError(f"{path}: not dataset statistics (expected a JSON object)")
+    source = data.get("source")
     try:
         stats = NormalizationStats.from_dict(data)
     except FlareSegError as exc:

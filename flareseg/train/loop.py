@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from flareseg.atomic import write_text_atomic
 from flareseg.checkpoint import ModelInfo, check_slice_size, read_checkpoint, save_checkpoint
-from flareseg.errors import FlareSegError, no_room, out_of_memory
+from flareseg.errors import FlareSegError, gpu_memory_errors
 from flareseg.labels import LABELS, ORGANS
 from flareseg.metrics import dice
 from flareseg.network import NetworkConfig, build_training_network, non_finite_weights
@@ -317,15 +317,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     try:
-        try:
-            with _cudnn_benchmark(config.cudnn_benchmark):
-                return _train(config, resume, d, device, run)
-        except RuntimeError as exc:
-            if not no_room(exc):
-                raise
-            raise out_of_memory(
-                exc, "training", config.batch_size, "lower --batch-size and raise --accumulate by as much"
-            ) from None
+        way_out = "lower --batch-size and raise --accumulate by as much"
+        with gpu_memory_errors("training", config.batch_size, way_out), _cudnn_benchmark(config.cudnn_benchmark):
+            return _train(config, resume, d, device, run)
     except Exception:
         if created is not None and not (run / "last.pt").exists():
             _remove_created(run, created)
