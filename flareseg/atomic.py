@@ -23,26 +23,63 @@ def atomic_output(path: str | os.PathLike[str], *, keep_suffix: str = "") -> Ite
     An operating-system error (no space left, no permission, a folder in the way) becomes
     a :class:`FlareSegError` naming ``path``.
     """
-    path = _replaceable(Path(path))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{keep_suffix}", dir=path.parent)
-    except OSError as exc:
-        raise _cannot_write(path, exc) from exc
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    with atomic_outputs() as outputs, outputs.writing(path, keep_suffix=keep_suffix) as tmp:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; outputs get ordinary permissions
-        os.replace(tmp, path)
+
+
+class AtomicOutputs:
+    """Files that belong together (models and their sidecars), each written to a temporary sibling with
+    :meth:`writing` and flushed to disk at once; all are renamed into place only when the set is complete, so a
+    failure (no space left) leaves the earlier set whole, never new files beside old ones."""
+
+    def __init__(self) -> None:
+        self._written: list[tuple[Path, Path]] = []  # (temporary, target), each on disk already
+        self._temps: list[Path] = []
+
+    @contextmanager
+    def writing(self, path: str | os.PathLike[str], *, keep_suffix: str = "") -> Iterator[Path]:
+        """Yield the temporary path to write ``path``'s content to; errors name ``path``."""
+        target = _replaceable(Path(path))
+        with _naming(target):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".part{keep_suffix}", dir=target.parent)
+            os.close(fd)
+            tmp = Path(name)
+            self._temps.append(tmp)
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; outputs get ordinary permissions
+        self._written.append((tmp, target))
+
+    def _commit(self) -> None:
+        for tmp, target in self._written:
+            with _naming(target):
+                os.replace(tmp, target)
+
+    def _discard(self) -> None:
+        for tmp in self._temps:
+            tmp.unlink(missing_ok=True)  # those renamed into place are no longer there
+
+
+@contextmanager
+def atomic_outputs() -> Iterator[AtomicOutputs]:
+    """A set of :class:`AtomicOutputs`: renamed into place together when the block ends without an error."""
+    outputs = AtomicOutputs()
+    try:
+        yield outputs
+        outputs._commit()
+    finally:
+        outputs._discard()
+
+
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An operating-system error becomes a FlareSegError naming ``path``."""
+    try:
+        yield
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise _cannot_write(path, exc) from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def check_writable(path: Path) -> None:

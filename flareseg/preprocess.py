@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,12 +20,8 @@ import torch.nn.functional as F
 
 from flareseg.errors import FlareSegError
 from flareseg.percentiles import (
-    MAX_HISTOGRAM_BINS,
     ValueHistogram,
-    check_percentiles,
     exact_percentiles,
-    numpy_lerp,
-    order_statistics,
 )
 
 DEFAULT_PERCENTILES = (1.0, 99.0)
@@ -155,53 +151,6 @@ class SliceNormalizer:
         return out
 
 
-_TORCH_INTS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-#: Voxels per torch.bincount call in tensor_percentiles: bounds the int32 offset copy (64 MB).
-_TORCH_CHUNK = 1 << 24
-
-
-def tensor_percentiles(values: torch.Tensor, percentiles: Sequence[float]) -> tuple[float, ...]:
-    """exact_percentiles for a tensor on any device: the same numbers as numpy's linear method.
-
-    Integer tensors whose value range is at most ``MAX_HISTOGRAM_BINS`` are counted with
-    ``torch.bincount`` (exact integer counts) a chunk at a time; other tensors take the two
-    order statistics with ``torch.kthvalue``. The interpolation runs on the host in
-    float64 with numpy's formula; the differences ``b - a`` follow exact_percentiles
-    (exact for integers; in the tensor's dtype for floats, as numpy does). Only the few
-    order statistics leave the device.
-    """
-    qs = check_percentiles(percentiles)
-    flat = values.reshape(-1)
-    n = flat.numel()
-    if n == 0:
-        raise FlareSegError("cannot take percentiles of an empty volume")
-    ranks = [order_statistics(n, q) for q in qs]
-    if values.dtype in _TORCH_INTS:
-        low_t, high_t = torch.aminmax(flat)
-        low, high = int(low_t), int(high_t)
-        if high - low + 1 <= MAX_HISTOGRAM_BINS:
-            counts = torch.zeros(high - low + 1, dtype=torch.int64, device=flat.device)
-            for i in range(0, n, _TORCH_CHUNK):
-                piece = flat[i : i + _TORCH_CHUNK]
-                wide = torch.int64 if piece.dtype == torch.int64 else torch.int32  # room for value - low
-                offsets = (piece.to(wide) - low).to(torch.int32)  # out of place: the input is never modified
-                counts += torch.bincount(offsets, minlength=counts.numel())
-            cumulative = torch.cumsum(counts, 0)
-            wanted = torch.tensor([k for i, j, _ in ranks for k in (i, j)], dtype=torch.int64, device=flat.device)
-            found = (torch.searchsorted(cumulative, wanted, right=True) + low).tolist()
-            return tuple(
-                numpy_lerp(float(a), float(b), float(b) - float(a), t)
-                for (_, _, t), a, b in zip(ranks, found[0::2], found[1::2], strict=True)
-            )
-    out = []
-    for i, j, t in ranks:
-        a_t = torch.kthvalue(flat, i + 1).values
-        b_t = torch.kthvalue(flat, j + 1).values if j != i else a_t
-        diff = float(b_t - a_t) if values.dtype.is_floating_point else float(b_t) - float(a_t)
-        out.append(numpy_lerp(float(a_t), float(b_t), diff, t))
-    return tuple(out)
-
-
 class TensorNormalizer:
     """SliceNormalizer's twin for torch tensors on any device: stored values (B, Y, X) -> float32.
 
@@ -287,6 +236,18 @@ def resize_slices(slices: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def resize_scores_to_labels(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Class scores (N, C, h, w) -> labels (N, H, W) uint8: resize the scores first, then argmax."""
     return resize_slices(scores, size).argmax(dim=1).to(torch.uint8)
+
+
+def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Labels (N, H, W) -> (N, h, w) uint8, each output pixel taking the label under its centre.
+
+    "nearest-exact" uses pixel centres, as the bilinear image resize does; legacy "nearest"
+    shifts labels by up to a pixel against the images wherever the size is not an integer
+    multiple (768 -> 512).
+    """
+    if tuple(labels.shape[-2:]) != tuple(size):
+        labels = F.interpolate(labels[:, None].float(), size=size, mode="nearest-exact")[:, 0]
+    return labels.to(torch.uint8)
 
 
 def network_batch(slices: np.ndarray | torch.Tensor, size: tuple[int, int], channels: int) -> torch.Tensor:

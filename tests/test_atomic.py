@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
 import pytest
 
-from flareseg.atomic import atomic_output, check_writable, check_writable_folder, write_text_atomic
+from flareseg.atomic import (
+    _umask,
+    atomic_output,
+    atomic_outputs,
+    check_writable,
+    check_writable_folder,
+    write_text_atomic,
+)
 from flareseg.errors import FlareSegError
 
 
@@ -77,3 +85,26 @@ def test_a_folder_where_files_can_be_made_but_not_removed_is_one_line(tmp_path, 
     monkeypatch.setattr(os, "unlink", refuse)
     with pytest.raises(FlareSegError, match=r"t\.json: .* lets files be created but not removed \(Operation not"):
         check_writable(tmp_path / "t.json")
+
+
+def test_a_set_is_renamed_into_place_only_when_every_member_is_written(tmp_path):
+    a, b = tmp_path / "m.onnx", tmp_path / "m.onnx.json"
+    a.write_text("old model")
+    b.write_text("old sidecar")
+    with pytest.raises(FlareSegError, match=rf"^{re.escape(str(b))}: cannot write \(No space left on device\)$"):
+        with atomic_outputs() as outputs:
+            with outputs.writing(a) as tmp:
+                tmp.write_text("new model")
+            with outputs.writing(b):
+                raise OSError(28, "No space left on device")
+    assert (a.read_text(), b.read_text()) == ("old model", "old sidecar")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]
+
+    with atomic_outputs() as outputs:
+        for path, text in ((a, "new model"), (b, "new sidecar")):
+            with outputs.writing(path) as tmp:
+                tmp.write_text(text)
+            assert path.read_text().startswith("old")  # nothing replaced before the set is complete
+    assert (a.read_text(), b.read_text()) == ("new model", "new sidecar")
+    assert oct(a.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]

@@ -7,12 +7,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from flareseg.errors import FlareSegError
 from flareseg.network import NetworkConfig
+
+if TYPE_CHECKING:
+    from flareseg.bench.check import CheckPlan
+    from flareseg.bench.run import BenchPlan
 
 
 @dataclass(frozen=True)
@@ -172,20 +176,19 @@ def onnx_reference(onnx_precision: str) -> str:
 MODELS_NAME = "bench"
 
 
-def prepare_models(cfg: Any, work: Path) -> dict[str, Path]:
+def prepare_models(cfg: BenchPlan | CheckPlan, work: Path) -> dict[str, Path]:
     """Checkpoint, ONNX (fp32, fp16, int8) and engine as the requested backends need them.
 
     The INT8 export of random weights (no ``cfg.model``) is calibrated on a few phantom
     slices and kept whatever its label agreement: its speed does not depend on the
     weights, and random weights have no labels worth agreeing on.
     """
-    from flareseg.checkpoint import DEFAULT_SLICE_SIZE, ModelInfo, save_checkpoint
+    from flareseg.checkpoint import ModelInfo, save_checkpoint
     from flareseg.export import ExportOptions, export_onnx
     from flareseg.export.int8 import DEFAULT_FLOAT_LADDER, DEFAULT_MIN_AGREEMENT
     from flareseg.network import build_training_network
     from flareseg.preprocess import NormalizationStats
 
-    assert cfg.backends is not None and cfg.batches is not None
     kinds = {ALL_BACKENDS[b].kind for b in cfg.backends}
     models: dict[str, Path] = {}
     if cfg.model is None:
@@ -193,7 +196,7 @@ def prepare_models(cfg: Any, work: Path) -> dict[str, Path]:
             torch.manual_seed(0)
             net = build_training_network(NetworkConfig(base_width=cfg.base_width)).eval()
         stats = NormalizationStats(mean=-300.0, std=450.0)  # typical CT figures; speed does not depend on them
-        info = ModelInfo(network=net.config, normalization=stats, slice_size=cfg.size or DEFAULT_SLICE_SIZE)
+        info = ModelInfo(network=net.config, normalization=stats, slice_size=cfg.size)
         models["checkpoint"] = save_checkpoint(work / "random-weights.pt", net, info)
     elif cfg.model.suffix in (".pt", ".pth"):
         models["checkpoint"] = cfg.model

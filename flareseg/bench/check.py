@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +94,8 @@ def tolerance_for(math: str, output_kind: str) -> Tolerance:
 
 @dataclass(frozen=True)
 class CheckConfig:
+    """What the user asked for; None means this machine's default (see :meth:`resolved`)."""
+
     out: Path
     model: Path | None = None
     backends: tuple[str, ...] | None = None
@@ -102,19 +104,11 @@ class CheckConfig:
     size: tuple[int, int] = (512, 512)
     batch: int = 2
     base_width: int = 64
-    #: Set by :meth:`resolved`: the precision of an ONNX model given alone (its metadata's), else None.
-    onnx_precision: str | None = None
-    #: Set by :meth:`resolved`: backends of this machine not checked, with the reason for each.
-    left_out: Mapping[str, str] = field(default_factory=dict)
 
-    @property
-    def batches(self) -> tuple[int, ...]:
-        """What :func:`~flareseg.bench.backends.prepare_models` sizes its exports for."""
-        return (self.batch,)
-
-    def resolved(self) -> CheckConfig:
+    def resolved(self) -> CheckPlan:
         """Defaults filled in and every argument checked: nothing is written until this has passed."""
         from flareseg.bench.inputs import check_input_volume, check_model, check_report_folder
+        from flareseg.bench.measure import nvml_readable
         from flareseg.bench.run import check_counts
         from flareseg.checkpoint import check_slice_size
 
@@ -126,24 +120,53 @@ class CheckConfig:
         onnx_precision = check_model(self.model)
         backends, left_out = select_backends(self.backends, onnx_precision)
         check_input_volume(self.input, series=False)
-        return dataclasses.replace(
-            self,
-            size=size,
+        return CheckPlan(
+            out=self.out,
+            model=self.model,
             backends=backends,
+            input=self.input,
             slices=self.slices if self.slices is not None else (32 if torch.cuda.is_available() else 8),
+            size=size,
+            batch=self.batch,
+            base_width=self.base_width,
             onnx_precision=onnx_precision,
             left_out=left_out,
+            nvml=nvml_readable([ALL_BACKENDS[b].device for b in backends]),
         )
+
+
+@dataclass(frozen=True)
+class CheckPlan:
+    """A :class:`CheckConfig` resolved for this machine: every figure fixed and checked."""
+
+    out: Path
+    model: Path | None
+    backends: tuple[str, ...]
+    input: Path | None
+    slices: int
+    size: tuple[int, int]
+    batch: int
+    base_width: int
+    #: The precision of an ONNX model given alone (its metadata's), else None.
+    onnx_precision: str | None
+    #: Backends of this machine not checked, with the reason for each.
+    left_out: Mapping[str, str]
+    #: Whether NVML samples the GPU's memory during CUDA runs (:func:`~flareseg.bench.measure.nvml_readable`).
+    nvml: bool
+
+    @property
+    def batches(self) -> tuple[int, ...]:
+        """What :func:`~flareseg.bench.backends.prepare_models` sizes its exports for."""
+        return (self.batch,)
 
     @property
     def reference(self) -> str:
         return REFERENCE if self.onnx_precision is None else onnx_reference(self.onnx_precision)
 
 
-def _phantom(cfg: CheckConfig, work: Path) -> Path:
+def _phantom(cfg: CheckPlan, work: Path) -> Path:
     from flareseg.bench.inputs import phantom_volume
 
-    assert cfg.slices is not None
     h, w = cfg.size
     return phantom_volume(work, cfg.size, cfg.slices, (PHANTOM_FOV_MM / w, PHANTOM_FOV_MM / h, PHANTOM_SLICE_MM))
 
@@ -227,7 +250,7 @@ def verdict(row: dict[str, Any], tol: Tolerance) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def _prepare_models(cfg: CheckConfig, work: Path) -> tuple[dict[str, Path], dict[str, dict[str, Any]]]:
+def _prepare_models(cfg: CheckPlan, work: Path) -> tuple[dict[str, Path], dict[str, dict[str, Any]]]:
     """The backends' models, and a FAIL row for each INT8 backend whose export missed its agreement.
 
     The INT8 export verifies itself on held-out slices and writes nothing below its
@@ -235,7 +258,6 @@ def _prepare_models(cfg: CheckConfig, work: Path) -> tuple[dict[str, Path], dict
     """
     from flareseg.export import Int8AgreementError
 
-    assert cfg.backends is not None
     try:
         return prepare_models(cfg, work), {}
     except Int8AgreementError as exc:
@@ -253,7 +275,7 @@ def _prepare_models(cfg: CheckConfig, work: Path) -> tuple[dict[str, Path], dict
 
 
 def _run_backend(
-    backend: Backend, models: dict[str, Path], cfg: CheckConfig, volume: Path, slices: np.ndarray | None
+    backend: Backend, models: dict[str, Path], cfg: CheckPlan, volume: Path, slices: np.ndarray | None
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """One backend on the slices (drawn from the volume when None) and on the whole volume.
 
@@ -270,7 +292,7 @@ def _run_backend(
         output_kind = runner.output_kind
     precision = run_precision(backend, cfg.onnx_precision)
     out = cfg.out / "pred" / f"{backend.name}.nii.gz"
-    timing = segment_volume(backend, models, cfg.batch, volume, out, precision)
+    timing = segment_volume(backend, models, cfg.batch, volume, out, precision, nvml=cfg.nvml)
     row = {
         "backend": backend.name,
         "precision": precision,
@@ -291,7 +313,6 @@ def run_check(config: CheckConfig) -> dict[str, Any]:
     from flareseg.bench.run import machine_section
 
     cfg = config.resolved()
-    assert cfg.backends is not None
     work = cfg.out / "models"
     work.mkdir(parents=True, exist_ok=True)
     ref_name = cfg.reference

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import functools
 import shlex
 import sys
 from collections.abc import Sequence
@@ -73,59 +73,51 @@ def _refuse_ignored(args: argparse.Namespace) -> None:
         raise FlareSegError(f"{'; '.join(ignored)}: does not apply here; leave it out")
 
 
-def _check(args: argparse.Namespace) -> int:
-    from flareseg.bench.check import CheckConfig, run_check, write_check
-    from flareseg.bench.inputs import removed_on_failure
-
-    if args.batch is not None and len(args.batch) != 1:
-        raise FlareSegError(f"--check runs one batch size, got --batch {','.join(map(str, args.batch))}")
-    config = CheckConfig(
-        out=args.out,
-        model=args.model,
-        backends=args.backends,
-        input=args.input,
-        slices=args.slices,
-        size=args.size,
-        batch=args.batch[0] if args.batch else 2,
-    )
-    if args.width is not None:
-        config = dataclasses.replace(config, base_width=args.width)
-    with removed_on_failure(args.out):
-        report = run_check(config)
-        paths = write_check(report, args.out, _command(args))
-    print(paths["markdown"].read_text())
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0 if report["passed"] else 1
-
-
 def _main(args: argparse.Namespace) -> int:
     _refuse_ignored(args)
-    if args.check:
-        return _check(args)
     from flareseg.bench.inputs import removed_on_failure
-    from flareseg.bench.report import write_report
-    from flareseg.bench.run import BenchConfig, run_benchmark
 
-    config = BenchConfig(
-        out=args.out,
-        model=args.model,
-        backends=args.backends,
-        batches=args.batch,
-        slices=args.slices,
-        input=args.input,
-        size=args.size,
-        warmup=args.warmup,
-        repeats=args.repeats,
-        fresh_process=not args.no_fresh_process,
-    )
-    if args.width is not None:
-        config = dataclasses.replace(config, base_width=args.width)
+    width = {} if args.width is None else {"base_width": args.width}
+    if args.check:
+        from flareseg.bench.check import CheckConfig, run_check, write_check
+
+        if args.batch is not None and len(args.batch) != 1:
+            raise FlareSegError(f"--check runs one batch size, got --batch {','.join(map(str, args.batch))}")
+        check = CheckConfig(
+            out=args.out,
+            model=args.model,
+            backends=args.backends,
+            input=args.input,
+            slices=args.slices,
+            size=args.size,
+            batch=args.batch[0] if args.batch else 2,
+            **width,
+        )
+        measure, write = functools.partial(run_check, check), write_check
+    else:
+        from flareseg.bench.report import write_report
+        from flareseg.bench.run import BenchConfig, run_benchmark
+
+        bench = BenchConfig(
+            out=args.out,
+            model=args.model,
+            backends=args.backends,
+            batches=args.batch,
+            slices=args.slices,
+            input=args.input,
+            size=args.size,
+            warmup=args.warmup,
+            repeats=args.repeats,
+            fresh_process=not args.no_fresh_process,
+            **width,
+        )
+        measure, write = functools.partial(run_benchmark, bench), write_report
     with removed_on_failure(args.out):
-        report = run_benchmark(config)
-        paths = write_report(report, args.out, _command(args))
+        report = measure()
+        paths = write(report, args.out, _command(args))
     print(paths["markdown"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0
+    return 0 if report.get("passed", True) else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -163,19 +163,20 @@ def matmul_peak_flops(
 MIB = 2**20
 
 
-def nvml_sampler() -> NvmlSampler | None:
-    """A sampler of the first GPU, or None (said once) where NVML cannot be read: the figures are then n/a, and
-    the rest of the benchmark still runs."""
+def nvml_readable(devices: Sequence[str]) -> bool:
+    """Whether NVML can sample GPU memory for runs on ``devices`` ("cpu", "cuda"), checked once per benchmark.
+
+    False without a CUDA run, and False with one warning where NVML cannot read the GPU: the
+    memory figures are then n/a, and the rest of the benchmark still runs.
+    """
+    if "cuda" not in devices:
+        return False
     try:
-        return NvmlSampler()
+        NvmlSampler().close()
     except FlareSegError as exc:
-        if not _nvml_said:
-            log.warning("no GPU memory figures: %s", exc)
-            _nvml_said.append(True)
-        return None
-
-
-_nvml_said: list[bool] = []
+        log.warning("no GPU memory figures: %s", exc)
+        return False
+    return True
 
 
 class NvmlSampler:
@@ -232,6 +233,10 @@ class NvmlSampler:
         self._stop.set()
         self._thread.join()
         self._sample()
+        self.close()
+
+    def close(self) -> None:
+        """Release NVML (the context manager does on exit)."""
         self._nvml.nvmlShutdown()
 
     def flare21_max_mb(self) -> float | None:

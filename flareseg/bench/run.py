@@ -7,7 +7,6 @@ With no model given, the paper's full-width network is benchmarked with random w
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import logging
 import os
@@ -19,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +58,8 @@ STAGES = ("read", "preprocess", "infer", "postprocess", "write")
 
 @dataclass(frozen=True)
 class BenchConfig:
+    """What the user asked for; None means this machine's default (see :meth:`resolved`)."""
+
     out: Path
     model: Path | None = None
     backends: tuple[str, ...] | None = None
@@ -70,18 +71,15 @@ class BenchConfig:
     repeats: int | None = None
     fresh_process: bool = True
     base_width: int = 64
-    #: Set by :meth:`resolved`: the precision of an ONNX model given alone (its metadata's), else None.
-    onnx_precision: str | None = None
-    #: Set by :meth:`resolved`: backends of this machine not run, with the reason for each.
-    left_out: Mapping[str, str] = field(default_factory=dict)
 
-    def resolved(self) -> BenchConfig:
+    def resolved(self) -> BenchPlan:
         """Defaults that fit the machine (a few minutes on a 2-core CPU, thorough on a GPU), every argument checked.
 
         None means the default; a count out of range is refused, never taken for the default.
         Nothing is written until this has passed.
         """
         from flareseg.bench.inputs import check_input_volume, check_model, check_report_folder
+        from flareseg.bench.measure import nvml_readable
         from flareseg.checkpoint import check_slice_size
 
         check_counts(
@@ -97,17 +95,45 @@ class BenchConfig:
         backends, left_out = select_backends(self.backends, onnx_precision)
         check_input_volume(self.input, series=True)
         gpu = torch.cuda.is_available()
-        return dataclasses.replace(
-            self,
-            size=size,
+        return BenchPlan(
+            out=self.out,
+            model=self.model,
             backends=backends,
             batches=self.batches or ((1, 2, 4, 8, 16, 32) if gpu else (1, 2, 4)),
             slices=self.slices if self.slices is not None else (64 if gpu else 8),
+            input=self.input,
+            size=size,
             warmup=self.warmup if self.warmup is not None else (5 if gpu else 1),
             repeats=self.repeats if self.repeats is not None else (20 if gpu else 3),
+            fresh_process=self.fresh_process,
+            base_width=self.base_width,
             onnx_precision=onnx_precision,
             left_out=left_out,
+            nvml=nvml_readable([ALL_BACKENDS[b].device for b in backends]),
         )
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    """A :class:`BenchConfig` resolved for this machine: every figure fixed and checked."""
+
+    out: Path
+    model: Path | None
+    backends: tuple[str, ...]
+    batches: tuple[int, ...]
+    slices: int
+    input: Path | None
+    size: tuple[int, int]
+    warmup: int
+    repeats: int
+    fresh_process: bool
+    base_width: int
+    #: The precision of an ONNX model given alone (its metadata's), else None.
+    onnx_precision: str | None
+    #: Backends of this machine not run, with the reason for each.
+    left_out: Mapping[str, str]
+    #: Whether NVML samples the GPU's memory during CUDA runs (:func:`~flareseg.bench.measure.nvml_readable`).
+    nvml: bool
 
 
 def check_counts(
@@ -131,7 +157,7 @@ def check_counts(
         raise FlareSegError(f"--batch takes positive batch sizes, got {','.join(map(str, batches)) or 'none'}")
 
 
-def _bare_session_run(runner: OnnxRuntimeRunner, inputs: Sequence[torch.Tensor], cfg: BenchConfig) -> dict[str, Any]:
+def _bare_session_run(runner: OnnxRuntimeRunner, inputs: Sequence[torch.Tensor], cfg: BenchPlan) -> dict[str, Any]:
     """The runner against a bare ``session.run`` on its own session, timed alternately run by run.
 
     Same model, batch and thread pool: the difference is the runner's own overhead. Alternating
@@ -142,7 +168,6 @@ def _bare_session_run(runner: OnnxRuntimeRunner, inputs: Sequence[torch.Tensor],
     arrays = [x.numpy() for x in inputs]
     batch = int(inputs[0].shape[0])
     bare, wrapped = LatencyStats(batch), LatencyStats(batch)
-    assert cfg.repeats is not None
     for i in range(cfg.repeats):
         t = time.perf_counter()
         runner.session.run(None, {"image": arrays[i % len(arrays)]})
@@ -155,19 +180,17 @@ def _bare_session_run(runner: OnnxRuntimeRunner, inputs: Sequence[torch.Tensor],
     return result
 
 
-def _volume(cfg: BenchConfig, work: Path) -> Path:
+def _volume(cfg: BenchPlan, work: Path) -> Path:
     from flareseg.bench.inputs import phantom_volume
 
     if cfg.input is not None:
         return cfg.input
-    assert cfg.slices is not None
     return phantom_volume(work, cfg.size, cfg.slices, (0.8, 0.8, 2.5))
 
 
 def run_benchmark(config: BenchConfig) -> dict[str, Any]:
     """Every figure of the report, as a JSON-serialisable dictionary: one section function each."""
     cfg = config.resolved()
-    assert cfg.backends is not None
     work = cfg.out / "models"
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -203,7 +226,7 @@ def peak_key(backend: Backend, onnx_precision: str | None = None) -> str:
     return f"{backend.device}-{_peak_math(backend, onnx_precision)}"
 
 
-def matmul_peaks(cfg: BenchConfig) -> dict[str, float]:
+def matmul_peaks(cfg: BenchPlan) -> dict[str, float]:
     """The measured matrix-product rate per device and arithmetic the backends use.
 
     CUDA fp32 backends whose convolutions run in TF32 are compared with a TF32 peak
@@ -212,7 +235,6 @@ def matmul_peaks(cfg: BenchConfig) -> dict[str, float]:
     """
     from flareseg.bench.measure import matmul_peak_flops
 
-    assert cfg.backends is not None
     peaks: dict[str, float] = {}
     dtypes = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     for name in cfg.backends:
@@ -238,8 +260,7 @@ def machine_section() -> dict[str, Any]:
     }
 
 
-def settings_section(cfg: BenchConfig) -> dict[str, Any]:
-    assert cfg.backends is not None and cfg.batches is not None
+def settings_section(cfg: BenchPlan) -> dict[str, Any]:
     return {
         "backends": list(cfg.backends),
         "batches": list(cfg.batches),
@@ -304,13 +325,12 @@ def _allocator_figure(backend: Backend, peak_mb: float | None) -> dict[str, Any]
 
 
 def latency_section(
-    cfg: BenchConfig, models: dict[str, Path], peaks: dict[str, float], flops_slice: int | None
+    cfg: BenchPlan, models: dict[str, Path], peaks: dict[str, float], flops_slice: int | None
 ) -> dict[str, Any]:
     """Latency and throughput against batch size, per backend; on CUDA, NVML memory per batch size."""
-    from flareseg.bench.measure import nvml_sampler, time_batches
+    from flareseg.bench.measure import NvmlSampler, time_batches
     from flareseg.runtime.pipeline import peak_rss_mb, reset_peak_rss
 
-    assert cfg.backends is not None and cfg.batches is not None and cfg.warmup is not None and cfg.repeats is not None
     results: dict[str, Any] = {}
     for name in cfg.backends:
         b = ALL_BACKENDS[name]
@@ -325,8 +345,8 @@ def latency_section(
             if cuda:
                 _release_cuda_memory()
                 torch.cuda.reset_peak_memory_stats()
-            sampler = nvml_sampler() if cuda else None
             try:
+                sampler = NvmlSampler() if cuda and cfg.nvml else None
                 oom = gpu_memory_errors(name, batch, "this batch does not fit this GPU")  # a row, as any failure
                 with oom, sampler if sampler else contextlib.nullcontext():
                     runner = make_runner(b, models, batch)
@@ -369,19 +389,27 @@ def latency_section(
 
 
 def segment_volume(
-    backend: Backend, models: dict[str, Path], batch: int, volume: Path, out: Path, precision: str | None = None
+    backend: Backend,
+    models: dict[str, Path],
+    batch: int,
+    volume: Path,
+    out: Path,
+    precision: str | None = None,
+    *,
+    nvml: bool = False,
 ) -> dict[str, Any]:
     """One whole volume through flare-infer's pipeline in this process: stage times, memory (NVML on CUDA).
 
     ``precision``: what the run computes in, where not the backend's own (an ONNX model given alone).
+    ``nvml``: sample the GPU's memory with NVML (on CUDA, where :func:`~flareseg.bench.measure.nvml_readable`).
     """
-    from flareseg.bench.measure import nvml_sampler
+    from flareseg.bench.measure import NvmlSampler
     from flareseg.runtime.pipeline import segment_file
 
     cuda = backend.device == "cuda"
     if cuda:
         _release_cuda_memory()
-    sampler = nvml_sampler() if cuda else None
+    sampler = NvmlSampler() if cuda and nvml else None
     with sampler if sampler else contextlib.nullcontext():
         runner = make_runner(backend, models, batch)
         with runner:
@@ -399,7 +427,7 @@ def segment_volume(
 
 
 def _reference_volume(
-    cfg: BenchConfig, models: dict[str, Path], results: dict[str, Any], volume: Path
+    cfg: BenchPlan, models: dict[str, Path], results: dict[str, Any], volume: Path
 ) -> tuple[str, Path, dict[str, Any] | None] | None:
     """The fp32 reference labels of the volume: from a run already made, or from one made now.
 
@@ -415,7 +443,7 @@ def _reference_volume(
             continue  # it would run the given fp16 or INT8 model: no fp32 reference
         out = cfg.out / "pred" / f"reference-{name}.nii.gz"
         try:
-            row = segment_volume(ALL_BACKENDS[name], models, 1, volume, out)
+            row = segment_volume(ALL_BACKENDS[name], models, 1, volume, out, nvml=cfg.nvml)
         except FlareSegError as exc:  # no model this reference can run (e.g. an ONNX model only)
             log.info("fp32 reference %s unavailable: %s", name, exc)
             continue
@@ -423,10 +451,9 @@ def _reference_volume(
     return None
 
 
-def volume_section(cfg: BenchConfig, models: dict[str, Path], latency: dict[str, Any], volume: Path) -> dict[str, Any]:
+def volume_section(cfg: BenchPlan, models: dict[str, Path], latency: dict[str, Any], volume: Path) -> dict[str, Any]:
     """Whole volumes in this process, per backend at its best batch: the time of each stage, memory, and the
     voxel agreement of each backend's labels with an fp32 reference's on the same volume."""
-    assert cfg.backends is not None
     results: dict[str, Any] = {}
     errors: dict[str, str] = {}
     for name in cfg.backends:
@@ -437,7 +464,7 @@ def volume_section(cfg: BenchConfig, models: dict[str, Path], latency: dict[str,
         b = ALL_BACKENDS[name]
         out = cfg.out / "pred" / f"{name}.nii.gz"
         try:
-            row = segment_volume(b, models, batch, volume, out, run_precision(b, cfg.onnx_precision))
+            row = segment_volume(b, models, batch, volume, out, run_precision(b, cfg.onnx_precision), nvml=cfg.nvml)
         except FlareSegError as exc:  # one backend's failure (the GPU's memory, say) is a line of the report
             log.warning("%s: whole volume failed: %s", name, exc)
             errors[name] = str(exc)
@@ -471,9 +498,9 @@ def volume_section(cfg: BenchConfig, models: dict[str, Path], latency: dict[str,
 
 def _run_child(cmd: Sequence[str], *, nvml: bool) -> dict[str, Any]:
     """Wall time, peak RSS and (on CUDA) NVML memory of one child process; a failure raises."""
-    from flareseg.bench.measure import nvml_sampler
+    from flareseg.bench.measure import NvmlSampler
 
-    sampler = nvml_sampler() if nvml else None
+    sampler = NvmlSampler() if nvml else None
     rss: float | None = None
     with tempfile.TemporaryFile() as err:
         with sampler if sampler else contextlib.nullcontext():
@@ -502,14 +529,13 @@ def _run_child(cmd: Sequence[str], *, nvml: bool) -> dict[str, Any]:
 
 
 def fresh_process_section(
-    cfg: BenchConfig, models: dict[str, Path], latency: dict[str, Any], volumes: dict[str, Any], volume: Path
+    cfg: BenchPlan, models: dict[str, Path], latency: dict[str, Any], volumes: dict[str, Any], volume: Path
 ) -> dict[str, Any] | None:
     """The FLARE21 way: one case in a fresh process (start, load, read, infer, write), beside a bare start-up.
 
     The bare start-up (``import torch``, plus a CUDA context on CUDA) is timed before and after the
     case in the same run; its median is the part of the wall time no inference code can save.
     """
-    assert cfg.backends is not None
     failed = volumes.get("errors", {})  # a backend whose whole volume failed in this process would fail there too
     name = _end_to_end_backend([b for b in cfg.backends if b not in failed])
     if name is None:
@@ -521,9 +547,9 @@ def fresh_process_section(
     cmd = [sys.executable, "-m", "flareseg.runtime.cli", *fresh_process_args(b, models), "-i", str(volume)]
     cmd += ["-o", str(cfg.out / "pred" / "fresh-process.nii.gz"), "--batch-size", str(batch), "-q", "--overwrite"]
     bare_cmd = [sys.executable, "-c", "import torch; torch.zeros(1, device='cuda')" if cuda else "import torch"]
-    before = _run_child(bare_cmd, nvml=cuda)
-    case = _run_child(cmd, nvml=cuda)
-    after = _run_child(bare_cmd, nvml=cuda)
+    before = _run_child(bare_cmd, nvml=cuda and cfg.nvml)
+    case = _run_child(cmd, nvml=cuda and cfg.nvml)
+    after = _run_child(bare_cmd, nvml=cuda and cfg.nvml)
     bare_s = statistics.median([before["wall_s"], after["wall_s"]])
     bare: dict[str, Any] = {"command": before["command"], "wall_s": [before["wall_s"], after["wall_s"]]}
     bare["median_s"] = bare_s

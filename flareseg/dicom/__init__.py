@@ -6,7 +6,14 @@ label maps written back as a DICOM Segmentation that references the series.
 - :mod:`flareseg.dicom.seg`: writing and reading DICOM SEG with highdicom (imported only when used).
 """
 
-from flareseg.dicom.files import dicom_files, find_series, is_dicom_file, is_series_dir, series_case_name
+from flareseg.dicom.files import (
+    dicom_files,
+    find_series,
+    holds_image_series,
+    is_dicom_file,
+    is_series_dir,
+    series_case_name,
+)
 from flareseg.dicom.seg import check_seg_writable, read_seg, write_seg
 from flareseg.dicom.series import DicomSeries, read_series
 
@@ -15,6 +22,7 @@ __all__ = [
     "check_seg_writable",
     "dicom_files",
     "find_series",
+    "holds_image_series",
     "is_dicom_file",
     "is_series_dir",
     "read_seg",

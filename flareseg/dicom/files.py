@@ -134,6 +134,11 @@ def _segmentations_only(folder: Path) -> bool:
     return bool(probed)
 
 
+def holds_image_series(folder: str | os.PathLike[str]) -> bool:
+    """Whether a folder directly holds the files of a DICOM image series (not only DICOM SEG results)."""
+    return is_series_dir(folder) and not _segmentations_only(Path(folder))
+
+
 def find_series(
     folder: str | os.PathLike[str],
     *,

@@ -130,17 +130,15 @@ def write_seg(labels: np.ndarray, volume: Volume, path: str | os.PathLike[str]) 
         bad = np.flatnonzero(counts[NUM_CLASSES:]) + NUM_CLASSES
         raise FlareSegError(f"label map holds labels {bad.tolist()} outside 0..{NUM_CLASSES - 1}")
     present = [label for label in ORGANS if counts[label]]
-    # Segment numbers run 1..m over the organs present (highdicom's label-map input).
-    lut = np.zeros(NUM_CLASSES, dtype=np.uint8)
-    for number, label in enumerate(present, start=1):
-        lut[label] = number
-    frames = lut[file_labels.transpose(2, 1, 0)]  # (slice, row, column)
-    described = present or list(ORGANS)
+    # Segment number = FLARE21 label, for every organ: a reader that combines the segments by number gets the
+    # labels back, and the numbering does not change from case to case with the organs found.
+    frames = file_labels.transpose(2, 1, 0)  # (slice, row, column)
+    described = list(ORGANS)
     seg = hd.seg.Segmentation(
         source_images=[_referencable(ds) for ds in series.datasets],
         pixel_array=np.ascontiguousarray(frames),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[_description(n, label) for n, label in enumerate(described, start=1)],
+        segment_descriptions=[_description(label, label) for label in described],
         series_instance_uid=hd.UID(),
         series_number=SEG_SERIES_NUMBER,
         sop_instance_uid=hd.UID(),

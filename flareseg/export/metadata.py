@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from flareseg.atomic import write_text_atomic
 from flareseg.checkpoint import ModelInfo
 from flareseg.errors import FlareSegError
 
@@ -143,10 +142,6 @@ def read_onnx_metadata(path: str | os.PathLike[str]) -> ExportMetadata:
 
 def sidecar_text(data: Mapping[str, Any]) -> str:
     return json.dumps(dict(data), indent=2, sort_keys=True) + "\n"
-
-
-def write_sidecar(artifact: str | os.PathLike[str], data: Mapping[str, Any]) -> Path:
-    return write_text_atomic(sidecar_text(data), sidecar_path(artifact))
 
 
 def read_sidecar(artifact: str | os.PathLike[str]) -> dict[str, Any]:

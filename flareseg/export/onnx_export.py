@@ -10,7 +10,6 @@ failure writes nothing.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flareseg.atomic import atomic_output, check_writable_folder
+from flareseg.atomic import atomic_outputs, check_writable_folder
 from flareseg.checkpoint import ModelInfo, check_slice_size, file_sha256, software_versions
 from flareseg.errors import FlareSegError
 from flareseg.export.inputs import load_checked_model, read_ct_hu
@@ -396,18 +395,15 @@ def export_onnx(
         ).with_verification({**reference, "held_out_source": calib.source, **figures})
         verified.append((int8, meta, figures))
     written = []
-    # Every model and sidecar goes to a temporary file first; the renames come only once all are written, so a
-    # failure (no space left) leaves the earlier set whole, never new models beside old sidecars.
-    with contextlib.ExitStack() as stack:
+    # Every model and sidecar goes to a synced temporary file first; the renames come only once all are written.
+    with atomic_outputs() as outputs:
         for model, meta, _ in verified:
             embed_in_onnx(model, meta)
             path = out / f"{options.name}_{meta.precision}.onnx"
-            tmp = stack.enter_context(atomic_output(path))
-            onnx.save(model, str(tmp))
-            _sync(tmp)  # on disk before the first rename: only the renames come after
-            side = stack.enter_context(atomic_output(sidecar_path(path)))
-            side.write_text(sidecar_text(meta.to_dict()))
-            _sync(side)
+            with outputs.writing(path) as tmp:
+                onnx.save(model, str(tmp))
+            with outputs.writing(sidecar_path(path)) as side:
+                side.write_text(sidecar_text(meta.to_dict()))
             written.append(ExportedModel(path, meta))
     for model_written, (_, _, figures) in zip(written, verified, strict=True):
         log.info("wrote %s: %s", model_written.path, _summary(figures))
@@ -417,11 +413,6 @@ def export_onnx(
             stale.unlink(missing_ok=True)
             log.info("removed %s: of the earlier export, not of this one", stale)
     return written
-
-
-def _sync(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
 
 
 def export_set(out: Path, name: str) -> list[Path]:

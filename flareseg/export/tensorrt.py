@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flareseg.atomic import write_bytes_atomic
+from flareseg.atomic import atomic_outputs, write_bytes_atomic
 from flareseg.checkpoint import file_sha256
 from flareseg.errors import FlareSegError
 from flareseg.export.metadata import (
@@ -36,7 +36,7 @@ from flareseg.export.metadata import (
     read_onnx_metadata,
     read_sidecar,
     sidecar_path,
-    write_sidecar,
+    sidecar_text,
 )
 
 log = logging.getLogger(__name__)
@@ -238,10 +238,10 @@ def build_engine(
     exists and written back afterwards, so rebuilding on the same kind of GPU takes seconds
     instead of minutes; one made by another TensorRT or GPU is set aside for an empty one.
 
-    Files are written engine, sidecar, timing cache. The old sidecar is removed before the
-    new engine replaces the old one, and the sidecar records the engine's SHA-256, which
-    :func:`load_engine` checks: an interrupted build leaves an engine without a sidecar
-    (refused), never a sidecar describing another engine.
+    The engine and its sidecar are written to synced temporary files and renamed into
+    place together, then the timing cache: a failed or interrupted build leaves the earlier
+    engine and sidecar as they were. The sidecar records the engine's SHA-256, which
+    :func:`load_engine` checks, so a sidecar never passes for another engine.
     """
     onnx_path = Path(onnx_path)
     engine_path = Path(engine_path) if engine_path else engine_path_for(onnx_path)
@@ -265,9 +265,11 @@ def build_engine(
         tf32=tf32,
         engine_sha256=hashlib.sha256(engine).hexdigest(),
     )
-    sidecar_path(engine_path).unlink(missing_ok=True)
-    write_bytes_atomic(engine, engine_path)
-    write_sidecar(engine_path, sidecar)
+    with atomic_outputs() as outputs:
+        with outputs.writing(engine_path) as tmp:
+            tmp.write_bytes(engine)
+        with outputs.writing(sidecar_path(engine_path)) as tmp:
+            tmp.write_text(sidecar_text(sidecar))
     _save_timing_cache(config, cache_path)
     log.info("wrote %s", engine_path)
     return engine_path

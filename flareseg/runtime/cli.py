@@ -143,8 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-postprocess", action="store_true", help="skip the largest-component filtering")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose output already exists")
-    p.add_argument("--num-parts", type=positive_int, default=1, help="split a folder into this many parts")
-    p.add_argument("--part-id", type=non_negative_int, default=0, help="which part this process runs (0-based)")
+    p.add_argument(
+        "--num-parts", type=positive_int, help="split a folder into this many parts (give --part-id with it)"
+    )
+    p.add_argument("--part-id", type=non_negative_int, help="which part this process runs (0-based; with --num-parts)")
     p.add_argument("--timings", type=path_arg, help="where to write the timings JSON (default: beside the output)")
     add_common_arguments(p)
     return p
@@ -235,9 +237,14 @@ def _plan_inputs(args: argparse.Namespace, listed: list[Path] | None = None) -> 
     if inp.is_dir() and not is_series_input(inp):
         check_output_folder(args.output, inp)
         if listed is None:
-            listed = list_cases(inp, num_parts=args.num_parts, part_id=args.part_id, exclude=args.output)
+            listed = list_cases(inp, **_part(args), exclude=args.output)
+        if args.output_type == "dicom-seg" and not any(case.is_dir() for case in listed):
+            raise FlareSegError(
+                f"{inp}: DICOM SEG output needs DICOM series as input, and this folder's cases are NIfTI files; "
+                "use --output-type nifti"
+            )
         return True, listed, None
-    if (args.num_parts, args.part_id) != (1, 0):
+    if args.num_parts is not None or args.part_id is not None:
         raise FlareSegError("--num-parts and --part-id split a folder of cases; the input is one case")
     if not inp.exists():
         raise FlareSegError(f"{inp}: file not found")
@@ -247,7 +254,24 @@ def _plan_inputs(args: argparse.Namespace, listed: list[Path] | None = None) -> 
     suffixes = (*NIFTI_SUFFIXES, *OUTPUT_SUFFIXES.values())
     if not out.is_dir() and not out.name.endswith(suffixes) and out.name.lower().endswith(suffixes):
         raise FlareSegError(f"{out}: an output file name ends in lower-case {', '.join(dict.fromkeys(suffixes))}")
-    return False, [inp], _single_output(args, inp)
+    target = _single_output(args, inp)
+    if inp.is_file() and target.parent.resolve() == inp.parent.resolve() and target != out:
+        raise FlareSegError(
+            f"{out}: the output folder is the input's folder, where its label map would be taken for a case by "
+            "a later folder run; choose another folder"
+        )
+    return False, [inp], target
+
+
+def _part(args: argparse.Namespace) -> dict[str, int]:
+    """A folder run's share: ``--num-parts`` and ``--part-id`` come together (a forgotten ``--part-id`` would
+    run part 0 on every machine, and leave the other parts undone)."""
+    if (args.num_parts is None) != (args.part_id is None):
+        given, missing = ("--num-parts", "--part-id") if args.part_id is None else ("--part-id", "--num-parts")
+        raise FlareSegError(f"{given} needs {missing}: give both, e.g. --num-parts 2 --part-id 0 on one machine")
+    if args.num_parts is None:
+        return {"num_parts": 1, "part_id": 0}
+    return {"num_parts": args.num_parts, "part_id": args.part_id}
 
 
 def _single_output(args: argparse.Namespace, inp: Path) -> Path:
@@ -296,8 +320,8 @@ def _look_ahead(args: argparse.Namespace) -> tuple[Path | None, list[Path] | Non
     try:
         if not inp.is_dir() or is_series_input(inp):
             return None, None
-        check_output_folder(args.output, inp)  # the run refuses it again, in its usual order
-        cases = list_cases(inp, num_parts=args.num_parts, part_id=args.part_id, exclude=args.output)
+        check_output_folder(args.output, inp, probe=False)  # the run refuses it again, in its usual order
+        cases = list_cases(inp, **_part(args), exclude=args.output)
         plan = plan_folder(cases, args.output, args.output_type, overwrite=args.overwrite)
         first = next((planned.input for planned in plan if planned.status == "run"), None)
     except (FlareSegError, OSError):
@@ -422,8 +446,10 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
                     **options,
                 )
             else:
-                results = [segment_file(runner, inputs[0], target, output_type=args.output_type, **options)]
-                report(results[0])
+                # Said when written: an interrupt during the teardown after it still counts the case as done.
+                results = [
+                    segment_file(runner, inputs[0], target, output_type=args.output_type, on_case=report, **options)
+                ]
         context["runner"] = runner.describe() if runner.is_active else runner.name  # not loaded: nothing ran
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is done is on disk; say so, and keep its timings
         _keep_interrupted(reported, len(inputs), timings_path, {**context, "interrupted": True}, t_start)
@@ -515,7 +541,7 @@ def _timings_path(args: argparse.Namespace, target: Path | None) -> Path:
     if args.timings:
         return Path(args.timings)
     if target is None:
-        suffix = f"-part{args.part_id}of{args.num_parts}" if args.num_parts > 1 else ""
+        suffix = f"-part{args.part_id}of{args.num_parts}" if (args.num_parts or 1) > 1 else ""
         return Path(args.output) / f"timings{suffix}.json"
     return target.with_name(target.name.split(".nii")[0].removesuffix(".dcm") + ".timings.json")
 

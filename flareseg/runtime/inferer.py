@@ -34,10 +34,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from flareseg.errors import FlareSegError
-from flareseg.preprocess import SliceNormalizer, TensorNormalizer, network_batch, resize_scores_to_labels
+from flareseg.preprocess import SliceNormalizer, TensorNormalizer, network_batch, resize_labels, resize_scores_to_labels
 from flareseg.runtime.runners import Runner
 
 log = logging.getLogger(__name__)
@@ -65,11 +64,7 @@ class InferenceTimes:
 def scores_to_labels(out: torch.Tensor, size: tuple[int, int], output_kind: str) -> torch.Tensor:
     """Runner output -> (B, H, W) uint8 labels at the slice's own size, on the output's device."""
     if output_kind == "labels":
-        labels = out
-        if tuple(labels.shape[-2:]) != tuple(size):
-            # Pixel centres, as the bilinear input resize: legacy "nearest" shifts labels by up to a pixel.
-            labels = F.interpolate(labels[:, None].float(), size=size, mode="nearest-exact")[:, 0]
-        return labels.to(torch.uint8)
+        return resize_labels(out, size)
     scores = out if out.dtype in (torch.float32, torch.float16) else out.float()
     return resize_scores_to_labels(scores, size)
 

@@ -88,7 +88,15 @@ def check_output(job: CaseJob, *, probe_folder: bool = True) -> None:
             f"{job.output}: the output would join the input series in {job.input}, which could then no longer "
             "be read as one series; write it to another folder"
         )
-    if probe_folder:  # off where the folder was found writable for an earlier case (a probe file each is waste)
+    if job.output_type == "dicom-seg" and job.output.parent.is_dir():
+        from flareseg.dicom import holds_image_series
+
+        if holds_image_series(job.output.parent):
+            raise FlareSegError(
+                f"{job.output}: the output would join the DICOM series in {job.output.parent}, which could then no "
+                "longer be read as one series; write it to another folder"
+            )
+    if probe_folder:  # off where the whole folder was found writable (a probe file each is waste)
         check_writable(job.output)
     if job.output_type == "dicom-seg" and not job.input.is_dir():
         raise FlareSegError(
@@ -104,16 +112,41 @@ def file_job(input_path: Path, output: Path, output_type: OutputType = "nifti") 
     return job
 
 
-def check_output_folder(out: Path, inputs: Path | None = None) -> None:
-    """Refuse, before any work, an output folder for a folder of cases (``inputs``) that could not hold its results."""
+def check_output_folder(out: Path, inputs: Path | None = None, *, probe: bool = True) -> None:
+    """Refuse, before any work, an output folder for a folder of cases (``inputs``) that could not hold its results.
+
+    ``probe``: also create and remove a file there (off where :func:`plan_folder` comes next, which does).
+    """
     if out.exists() and not out.is_dir():
         raise FlareSegError(f"{out}: the input is a folder of cases, so the output must be a folder")
+    if not out.exists() and out.name.lower().endswith((*NIFTI_SUFFIXES, *OUTPUT_SUFFIXES.values())):
+        raise FlareSegError(
+            f"{out}: the input is a folder of cases, so the output must be a folder, not a name of a file; "
+            "give a folder name"
+        )
+    if inputs is not None:
+        _refuse_inside_a_series(out, inputs)
     if inputs is not None and out.exists() and out.resolve() == inputs.resolve():
         raise FlareSegError(
             f"{out}: the output folder is the input folder, where its label maps would be taken for cases; "
             "choose another folder"
         )
-    check_writable_folder(out)
+    if probe:
+        check_writable_folder(out)
+
+
+def _refuse_inside_a_series(out: Path, inputs: Path) -> None:
+    """An output folder that is one of the input's series, or inside one, would leave that series out of the
+    run (the output folder is not an input) and, with DICOM SEG results, spoil it as a series."""
+    try:
+        inside = out.resolve().relative_to(inputs.resolve())
+    except ValueError:
+        return
+    if inside.parts and is_series_input(series := inputs / inside.parts[0]):
+        raise FlareSegError(
+            f"{out}: the output folder is inside the input series {series}, which the run would then leave out; "
+            "choose a folder outside it"
+        )
 
 
 def check_timings(path: Path, inputs: Sequence[Path]) -> None:
@@ -207,11 +240,12 @@ def plan_folder(
 
     A case is skipped when its output exists (unless ``overwrite``). It fails at once when
     its name cannot be read (a damaged series header), an earlier input has the same case
-    name, or its output could never be written (:func:`check_output`); the others go on.
+    name, or its output could never be written (:func:`check_output`); the others go on. An
+    output folder that could not hold any result is refused as a whole (:func:`check_output_folder`).
     """
     suffix = output_suffix(output_type)
+    check_output_folder(out_dir)  # the one probe file of the run: every output goes to this folder
     first_of: dict[str, Path] = {}  # case name -> its first input: a second one would replace its result
-    probed = False  # out_dir was found writable for an earlier case
     for path in inputs:
         try:
             name = _named(path)
@@ -230,11 +264,10 @@ def plan_folder(
             yield PlannedCase(path, name, output, "skipped", None, output_type)
             continue
         try:
-            check_output(CaseJob(name, path, output, output_type), probe_folder=not probed)
+            check_output(CaseJob(name, path, output, output_type), probe_folder=False)
         except FlareSegError as exc:
             yield PlannedCase(path, name, output, "failed", exc, output_type)
             continue
-        probed = True
         yield PlannedCase(path, name, output, "run", None, output_type)
 
 

@@ -31,6 +31,7 @@ import torch
 
 from flareseg.atomic import write_text_atomic
 from flareseg.errors import FlareSegError, gpu_memory_errors
+from flareseg.labels import NUM_CLASSES
 from flareseg.postprocess import StreamingPostprocessor, keep_largest_components
 from flareseg.preprocess import volume_normalizer
 from flareseg.runtime.inferer import InferenceTimes, infer_volume
@@ -38,7 +39,6 @@ from flareseg.runtime.jobs import (
     OUTPUT_SUFFIXES,
     CaseJob,
     OutputType,
-    check_output_folder,
     file_job,
     list_cases,
     list_inputs,
@@ -48,7 +48,7 @@ from flareseg.runtime.jobs import (
 from flareseg.runtime.reading import Read, Reader, read_case
 from flareseg.runtime.runners import Runner
 from flareseg.runtime.startup import Timeline
-from flareseg.volume import Volume, VolumeGeometry, write_labels
+from flareseg.volume import Volume, VolumeGeometry, check_not_label_map, write_labels
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack from Python 3.11
@@ -209,6 +209,8 @@ def _infer_stage(
     t0 = time.perf_counter()
     stats = runner.info.normalization
     normalizer = volume_normalizer(volume.array, stats, volume.slope, volume.inter, read.histogram)
+    if normalizer.lo >= 0 and normalizer.hi <= NUM_CLASSES - 1:  # no air in the lowest 1 %: only then look closer
+        check_not_label_map(volume.hu(), timing.input, "flare-infer")
     t1 = time.perf_counter()
     times = InferenceTimes()
     on_labels = streaming.add if streaming is not None else None
@@ -410,17 +412,19 @@ def segment_file(
     output_path: str | os.PathLike[str],
     *,
     output_type: OutputType = "nifti",
+    on_case: Callable[[CaseTiming], None] | None = None,
     **options: Unpack[RunOptions],
 ) -> CaseTiming:
     """Segment one CT volume (NIfTI file or DICOM series folder) and write its result atomically.
 
     Errors are raised as :class:`FlareSegError`; nothing is written for a failed case.
+    ``on_case`` sees the case once its output is written, even if the run is then interrupted.
     ``options``: see :func:`run_cases`.
     """
     input_path, output_path = Path(input_path), Path(output_path)
     job = file_job(input_path, output_path, output_type)
     reset_peak_rss()
-    (timing,) = run_cases(runner, [job], raise_errors=True, **options)
+    (timing,) = run_cases(runner, [job], raise_errors=True, on_case=on_case, **options)
     return timing
 
 
@@ -438,8 +442,7 @@ def segment_folder(
 
     ``options``: see :func:`run_cases`.
     """
-    out = Path(out_dir)
-    check_output_folder(out)  # made by the first write: a run that fails to start leaves no empty folder
+    out = Path(out_dir)  # made by the first write: a run that fails to start leaves no empty folder
     results: dict[int, CaseTiming] = {}
     jobs: list[tuple[int, CaseJob]] = []
     for i, planned in enumerate(plan_folder(inputs, out, output_type, overwrite=overwrite)):

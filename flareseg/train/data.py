@@ -23,13 +23,12 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
 from nibabel.orientations import inv_ornt_aff
 from tqdm import tqdm
 
 from flareseg.atomic import atomic_output, write_text_atomic
 from flareseg.errors import FlareSegError
-from flareseg.preprocess import NormalizationStats, compute_stats, network_batch, volume_normalizer
+from flareseg.preprocess import NormalizationStats, compute_stats, network_batch, resize_labels, volume_normalizer
 from flareseg.volume import (
     canonical_order,
     canonical_transform,
@@ -331,10 +330,7 @@ class SliceCache:
         for k in range(0, volume.num_slices, 32):
             chunk = network_batch(normalizer(volume.array[k : k + 32]), self.size, 1)[:, 0]
             slices[k : k + 32] = chunk.numpy().astype(np.float16)
-            lab = torch.from_numpy(truth[k : k + 32]).float()[:, None]
-            # "nearest-exact": the source pixel under each output pixel's centre; legacy "nearest" is half a pixel off
-            # the bilinear images wherever the size is not an integer multiple (768 -> 512).
-            lab_small[k : k + 32] = F.interpolate(lab, size=self.size, mode="nearest-exact")[:, 0].numpy()
+            lab_small[k : k + 32] = resize_labels(torch.from_numpy(truth[k : k + 32]), self.size).numpy()
         _save_npy(slices, paths["slices"])
         _save_npy(lab_small, paths["labels"])
         if full_resolution:

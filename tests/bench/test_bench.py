@@ -136,8 +136,9 @@ def test_reduced_precision_gets_agreement_from_a_reference_run(trained_checkpoin
     from flareseg.bench import run as bench_run
 
     monkeypatch.setitem(ALL_BACKENDS, "torch-cpu-bf16", Backend("torch-cpu-bf16", "torch", "cpu", "bf16"))
-    cfg = BenchConfig(out=tmp_path, backends=("torch-cpu-bf16",))
-    volume = bench_run._volume(BenchConfig(out=tmp_path, slices=6, size=(64, 64)).resolved(), tmp_path)
+    plan = BenchConfig(out=tmp_path, backends=("torch-cpu-fp32",), slices=6, size=(64, 64)).resolved()
+    cfg = dataclasses.replace(plan, backends=("torch-cpu-bf16",))  # this CPU may lack bf16: the plan says it has
+    volume = bench_run._volume(cfg, tmp_path)
     latency = {"torch-cpu-bf16": {"best": {"batch": 2, "slice_median_s": 0.01}}}
     section = bench_run.volume_section(cfg, {"checkpoint": trained_checkpoint}, latency, volume)
     assert section["reference"] == "torch-cpu-fp32" and section["reference_run"]["precision"] == "fp32"
@@ -475,8 +476,9 @@ def test_a_backend_whose_whole_volume_fails_is_reported_and_the_others_go_on(tra
         return real(backend, *args, **kwargs)
 
     monkeypatch.setattr(bench_run, "segment_volume", segment_volume)
-    cfg = BenchConfig(out=tmp_path, backends=("torch-cpu-fp32", "onnxruntime-cpu-fp32"))
-    volume = bench_run._volume(BenchConfig(out=tmp_path, slices=4, size=(64, 64)).resolved(), tmp_path)
+    config = BenchConfig(out=tmp_path, backends=("torch-cpu-fp32", "onnxruntime-cpu-fp32"), slices=4, size=(64, 64))
+    cfg = config.resolved()
+    volume = bench_run._volume(cfg, tmp_path)
     best = {"best": {"batch": 2, "slice_median_s": 0.01}}
     models = {"checkpoint": trained_checkpoint}
     section = bench_run.volume_section(cfg, models, {"torch-cpu-fp32": best, "onnxruntime-cpu-fp32": best}, volume)
@@ -490,7 +492,7 @@ def test_a_backend_whose_whole_volume_fails_is_reported_and_the_others_go_on(tra
     failed = [line for line in lines if line.startswith("| onnxruntime-cpu-fp32 | failed: ")]
     assert len(failed) == 1 and failed[0].count("|") == 15  # the table's 14 columns
     # Nor is it chosen for the fresh-process run, where it would fail again and end the benchmark.
-    alone = BenchConfig(out=tmp_path, backends=("onnxruntime-cpu-fp32",))
+    alone = dataclasses.replace(config, backends=("onnxruntime-cpu-fp32",)).resolved()
     assert bench_run.fresh_process_section(alone, models, {"onnxruntime-cpu-fp32": best}, section, volume) is None
 
 
@@ -527,10 +529,20 @@ def test_a_gpu_whose_memory_nvml_cannot_read_gives_no_figures_but_the_run_goes_o
         raise FlareSegError("NVML memory sampling needs nvidia-ml-py: pip install 'flareseg[gpu]'")
 
     monkeypatch.setattr(measure, "NvmlSampler", unreadable)
-    monkeypatch.setattr(measure, "_nvml_said", [])
-    assert measure.nvml_sampler() is None and measure.nvml_sampler() is None
+    assert measure.nvml_readable(["cpu"]) is False
+    assert caplog.records == []  # no CUDA run: nothing to say, NVML not even tried
+    assert measure.nvml_readable(["cpu", "cuda", "cuda"]) is False
     said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert said == ["no GPU memory figures: NVML memory sampling needs nvidia-ml-py: pip install 'flareseg[gpu]'"]
+
+    class Readable:
+        closed = 0
+
+        def close(self):
+            Readable.closed += 1
+
+    monkeypatch.setattr(measure, "NvmlSampler", Readable)
+    assert measure.nvml_readable(["cuda"]) is True and Readable.closed == 1  # released after the check
 
 
 def test_a_non_square_size_gives_slices_of_that_height_and_width(tmp_path):

@@ -391,7 +391,7 @@ def test_write_seg_round_trip_and_content(tmp_path: Path) -> None:
     vol = read_series(tmp_path / "s")
     _, labels, _ = canonical_truth()
     labels = labels.copy()
-    labels[labels == 3] = 0  # no spleen: segments are numbered over the organs present
+    labels[labels == 3] = 0  # no spleen: its segment is described, without frames
     present = sorted(set(np.unique(labels).tolist()) - {0})
     assert present == [1, 2, 4]
     released = dataclasses.replace(vol, array=np.empty((0, 0, 0), np.int16))  # writers need no CT voxels
@@ -407,7 +407,12 @@ def test_write_seg_round_trip_and_content(tmp_path: Path) -> None:
     codes = [
         (s.SegmentNumber, s.SegmentLabel, s.SegmentedPropertyTypeCodeSequence[0].CodeValue) for s in seg.SegmentSequence
     ]
-    assert codes == [(1, "liver", "10200004"), (2, "kidneys", "64033007"), (3, "pancreas", "15776009")]
+    assert codes == [  # segment number = FLARE21 label, whatever organs a case has
+        (1, "liver", "10200004"),
+        (2, "kidneys", "64033007"),
+        (3, "spleen", "78961009"),
+        (4, "pancreas", "15776009"),
+    ]
     for s in seg.SegmentSequence:
         assert s.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "91723000"
         assert s.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator == "SCT"
@@ -422,11 +427,17 @@ def test_write_seg_round_trip_and_content(tmp_path: Path) -> None:
     import highdicom as hd
 
     hseg = hd.seg.segread(out)
-    for number, label in enumerate(present, start=1):
+    for label in (1, 2, 3, 4):
         frames = hseg.get_pixels_by_source_instance(
-            list(vol.source.sop_instance_uids), segment_numbers=[number], assert_missing_frames_are_empty=True
+            list(vol.source.sop_instance_uids), segment_numbers=[label], assert_missing_frames_are_empty=True
         )
         assert int(frames.sum()) == int((labels == label).sum())
+    assert int(seg.NumberOfFrames) == sum(int(np.any(labels[:, :, :] == label, axis=(1, 2)).sum()) for label in present)
+    # Combined by segment number, as a viewer or highdicom does, the frames give the FLARE21 labels themselves.
+    combined = hseg.get_pixels_by_source_instance(
+        list(vol.source.sop_instance_uids), combine_segments=True, assert_missing_frames_are_empty=True
+    )
+    assert sorted(np.unique(combined).tolist()) == [0, *present]
 
 
 def test_write_seg_empty_label_map(tmp_path: Path) -> None:

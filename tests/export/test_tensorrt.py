@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sys
 import types
 from contextlib import contextmanager
@@ -380,15 +381,14 @@ def _events(trt: Any, name: str) -> list[tuple]:
 def test_build_writes_engine_then_sidecar_then_cache_named_by_version_and_gpu(trt, tmp_path, monkeypatch):
     model = _onnx(tmp_path / "m.onnx")
     order: list[str] = []
-    write_bytes, write_sidecar = trt_export.write_bytes_atomic, trt_export.write_sidecar
-    monkeypatch.setattr(trt_export, "write_bytes_atomic", lambda d, p: order.append(Path(p).name) or write_bytes(d, p))
-    monkeypatch.setattr(trt_export, "write_sidecar", lambda a, d: order.append("sidecar") or write_sidecar(a, d))
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: order.append(Path(b).name) or replace(a, b))
 
     engine = build_engine(model)
 
     cache = f"tensorrt-{VERSION}-sm90.timing-cache"
     assert timing_cache_name(VERSION, GPUS[0]) == cache
-    assert order == ["m.engine", "sidecar", cache]
+    assert order == ["m.engine", "m.engine.json", cache]
     assert (tmp_path / cache).read_bytes() == f"{VERSION}/sm90|1".encode()
     built = read_sidecar(engine)["engine"]
     assert built["engine_sha256"] == hashlib.sha256(engine.read_bytes()).hexdigest()
@@ -464,22 +464,28 @@ def test_a_failed_build_writes_nothing(trt, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
-def test_interrupted_rebuild_never_pairs_an_old_sidecar_with_a_new_engine(trt, tmp_path, monkeypatch):
+def test_interrupted_rebuild_leaves_the_old_engine_and_sidecar_and_never_pairs_them_with_new_ones(
+    trt, tmp_path, monkeypatch
+):
     model = _onnx(tmp_path / "m.onnx")
     engine = build_engine(model)
-    old_sidecar = sidecar_path(engine).read_text()
+    old_engine, old_sidecar = engine.read_bytes(), sidecar_path(engine).read_text()
 
     def crash(*args):
         raise KeyboardInterrupt  # killed between the engine and its sidecar
 
     trt.input_dtype = "float16"  # the rebuild makes a different engine
-    monkeypatch.setattr(trt_export, "write_sidecar", crash)
-    with pytest.raises(KeyboardInterrupt):
-        build_engine(model)
-    assert not sidecar_path(engine).exists()
-    with pytest.raises(FlareSegError, match=r"sidecar m\.engine\.json is missing"):
-        load_engine(engine)
-    sidecar_path(engine).write_text(old_sidecar)  # and if the old sidecar is copied back beside it
+    with monkeypatch.context() as patch:
+        patch.setattr(trt_export, "sidecar_text", crash)
+        with pytest.raises(KeyboardInterrupt):
+            build_engine(model)
+    assert engine.read_bytes() == old_engine and sidecar_path(engine).read_text() == old_sidecar
+    assert sorted(p.name for p in tmp_path.iterdir() if ".part" in p.name) == []
+    load_engine(engine)  # the earlier pair still loads
+
+    build_engine(model)
+    assert engine.read_bytes() != old_engine
+    sidecar_path(engine).write_text(old_sidecar)  # an old sidecar copied back beside a new engine
     with pytest.raises(FlareSegError, match=r"describes another engine \(SHA-256 differs\); rebuild it here"):
         load_engine(engine)
 

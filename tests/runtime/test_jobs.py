@@ -61,9 +61,10 @@ def test_a_folder_of_cases_probes_its_output_folder_once(tmp_path, monkeypatch):
     probed: list[str] = []
     real = jobs.check_writable
     monkeypatch.setattr(jobs, "check_writable", lambda path: probed.append(path.name) or real(path))
+    monkeypatch.setattr(jobs, "check_writable_folder", lambda path: probed.append(path.name) or real(path))
     plan = list(plan_folder(inputs, out))
     assert [p.status for p in plan] == ["run", "run", "run", "run", "failed"]
-    assert probed == ["c0.nii.gz"]  # each probe creates and removes a file: one per folder, not one per case
+    assert probed == ["out"]  # each probe creates and removes a file: one per folder, not one per case
 
 
 def test_planning_imports_no_torch():
@@ -182,3 +183,25 @@ def test_a_timings_path_holding_another_file_is_refused_and_earlier_timings_are_
     made.touch()
     check_timings(made, [])  # an empty file is there to be written
     assert sidecar.read_text() == '{"format": "flareseg-onnx", "precision": "fp32"}'
+
+
+def test_an_output_folder_inside_an_input_series_or_named_like_a_file_is_refused(tmp_path):
+    from dicom_series import phantom, write_series
+
+    from flareseg.runtime.jobs import check_output, check_output_folder
+
+    folder = tmp_path / "in"
+    write_series(folder / "s1", phantom(), patient_id="P", series_number=1)
+    write_series(folder / "s2", phantom(), patient_id="P", series_number=2)
+    for out in (folder / "s2", folder / "s2" / "pred"):  # the run would leave s2 out, and SEG files would spoil it
+        with pytest.raises(FlareSegError, match=rf"inside the input series {folder / 's2'}, which the run would then"):
+            check_output_folder(out, folder)
+    check_output_folder(folder / "pred", folder)  # beside the series: excluded from the listing, as before
+    for name in ("pred.nii.gz", "pred.NII", "segs.dcm"):
+        with pytest.raises(FlareSegError, match="the output must be a folder, not a name of a file"):
+            check_output_folder(tmp_path / name, folder)
+    # A DICOM SEG written into another image series' folder would spoil that series too; a results folder is fine.
+    with pytest.raises(FlareSegError, match=rf"would join the DICOM series in {folder / 's2'}"):
+        check_output(CaseJob("P_s1", folder / "s1", folder / "s2" / "P_s1.dcm", "dicom-seg"))
+    check_output(CaseJob("P_s1", folder / "s1", folder / "s2" / "P_s1.nii.gz"))  # NIfTI files are never read as DICOM
+    assert not (tmp_path / "pred.nii.gz").exists() and not (folder / "pred").exists()

@@ -719,3 +719,73 @@ def test_options_the_backend_would_ignore_or_that_contradict_the_device_are_refu
     assert infer_main(["--model", str(trained_checkpoint), "-i", str(ct), "-o", str(tmp_path / "o.NII.GZ")]) == 2
     assert "an output file name ends in lower-case .nii.gz" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "m.onnx"]
+
+
+def test_a_label_map_given_as_input_is_refused_naming_it(trained_checkpoint, tmp_path, capsys):
+    ct_img, mask_img = make_phantom((48, 48, 6), (8.0, 8.0, 10.0), seed=3).to_nifti()
+    folder = tmp_path / "in"
+    folder.mkdir()
+    save(ct_img, folder / "a_0000.nii.gz")
+    mask = save(mask_img, folder / "b_0000.nii.gz")  # TrainingMask/ taken for TrainingImg/, say
+    out = tmp_path / "out"
+    assert infer_main(["--model", str(trained_checkpoint), "-i", str(mask), "-o", str(out / "b.nii.gz"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"flare-infer: error: {mask}: looks like a label map, not a CT (every voxel is a class 0..4, none is air); "
+        "flare-infer takes CT images"
+    ]
+    assert not (out / "b.nii.gz").exists()
+    # In a folder, that case fails and the CT beside it is segmented.
+    assert infer_main(["--model", str(trained_checkpoint), "-i", str(folder), "-o", str(out), "-q"]) == 1
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["a.nii.gz"]
+
+
+def test_run_options_that_would_lose_or_spoil_work_are_refused_before_any(trained_checkpoint, tmp_path, capsys):
+    cases = _folder(tmp_path / "in", 2)
+    model = ["--model", str(trained_checkpoint), "-q"]
+    refused = {
+        # A forgotten --part-id would run part 0 on every machine.
+        ("-i", str(tmp_path / "in"), "-o", str(tmp_path / "p"), "--num-parts", "2"): (
+            "--num-parts needs --part-id: give both"
+        ),
+        ("-i", str(tmp_path / "in"), "-o", str(tmp_path / "p"), "--part-id", "1"): "--part-id needs --num-parts",
+        # NIfTI cases only: no case could be written as DICOM SEG.
+        ("-i", str(tmp_path / "in"), "-o", str(tmp_path / "p"), "--output-type", "dicom-seg"): (
+            f"{tmp_path / 'in'}: DICOM SEG output needs DICOM series as input, and this folder's cases are NIfTI"
+        ),
+        # The result beside its input would be taken for a case by the next folder run.
+        ("-i", str(cases[0]), "-o", str(tmp_path / "in")): "the output folder is the input's folder",
+        ("-i", str(tmp_path / "in"), "-o", str(tmp_path / "pred.nii.gz")): "the output must be a folder, not a name",
+    }
+    for argv, words in refused.items():
+        assert infer_main([*model, *argv]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # nothing written
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["c0_0000.nii.gz", "c1_0000.nii.gz"]
+    # Both parts given: each machine runs its share.
+    for part in ("0", "1"):
+        argv = [*model, "-i", str(tmp_path / "in"), "-o", str(tmp_path / "p"), "--num-parts", "2", "--part-id", part]
+        assert infer_main(argv) == 0
+    assert sorted(p.name for p in (tmp_path / "p").glob("*.nii.gz")) == ["c0.nii.gz", "c1.nii.gz"]
+
+
+def test_a_single_case_interrupted_after_its_write_is_counted_done(trained_checkpoint, tmp_path, monkeypatch, capsys):
+    """Ctrl-C stands in as a KeyboardInterrupt raised as the run marks all cases written (its teardown)."""
+    from flareseg.runtime.startup import Timeline
+
+    (ct,) = _folder(tmp_path / "in", 1)
+    real = Timeline.mark
+
+    def mark(self, name):
+        if name == "all_written":
+            raise KeyboardInterrupt
+        return real(self, name)
+
+    monkeypatch.setattr(Timeline, "mark", mark)
+    out = tmp_path / "out"
+    assert infer_main(["--model", str(trained_checkpoint), "-i", str(ct), "-o", str(out), "-q"]) == 130
+    printed = capsys.readouterr().out
+    assert "c0: 6 slices" in printed
+    assert "interrupted: 1 segmented, 0 skipped (already done), 0 failed of 1; timings so far" in printed
+    assert [c["case"] for c in json.loads((out / "c0.timings.json").read_text())["cases"]] == ["c0"]
