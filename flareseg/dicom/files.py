@@ -90,12 +90,18 @@ def _sanitise(text: str) -> str:
 
 
 def case_name_of(ds: Dataset, folder: Path) -> str:
-    """``{PatientID}_s{SeriesNumber}``, else the SeriesInstanceUID, else the folder's name."""
+    """``{PatientID}_{StudyDate}_s{SeriesNumber}`` (without the date where there is none), else the
+    SeriesInstanceUID, else the folder's name.
+
+    The study date keeps a patient's follow-up studies apart: scanners number their series
+    from 1 in every study.
+    """
     patient = _sanitise(str(ds.get("PatientID", "") or ""))
     number = ds.get("SeriesNumber")
     number_text = _sanitise(str(number)) if number not in (None, "") else ""
     if patient and number_text:
-        return f"{patient}_s{number_text}"
+        date = str(ds.get("StudyDate", "") or "").strip()
+        return f"{patient}_{date}_s{number_text}" if re.fullmatch(r"\d{8}", date) else f"{patient}_s{number_text}"
     uid = _sanitise(str(ds.get("SeriesInstanceUID", "") or ""))
     if uid:
         return uid
@@ -149,7 +155,8 @@ def find_series(
 
     Sorted by case name; two series with the same case name are an error naming both folders.
     A series whose header cannot be read raises, or with ``unnamed`` is listed under
-    ``unnamed(subfolder)`` (its reader then says what is wrong). A subfolder without DICOM
+    ``unnamed(subfolder)`` (its reader then says what is wrong), as is the second of two
+    series with one case name (a run then fails that one alone). A subfolder without DICOM
     files (a patient/study/series tree, whose deeper folders are not searched) and one that
     holds only DICOM SEG files (an earlier run's results) are left out, with a warning.
     ``exclude``: a subfolder left out silently (the run's own output folder).
@@ -185,6 +192,8 @@ def find_series(
                 raise
             name = unnamed(sub)
         if name in cases:
-            raise FlareSegError(f"{folder}: case {name} appears twice ({cases[name].name}, {sub.name})")
+            if unnamed is None:
+                raise FlareSegError(f"{folder}: case {name} appears twice ({cases[name].name}, {sub.name})")
+            name = unnamed(sub)  # listed under its folder: the run fails it alone, as a second case of that name
         cases[name] = sub
     return dict(sorted(cases.items()))

@@ -76,7 +76,9 @@ def check_output(job: CaseJob, *, probe_folder: bool = True) -> None:
     """Refuse, before any work, outputs that could never be written."""
     suffix = output_suffix(job.output_type)
     if job.output_type == "nifti" and not job.output.name.endswith(NIFTI_SUFFIXES):
-        raise FlareSegError(f"{job.output}: output must end in .nii.gz or .nii")
+        seg = job.output.name.endswith(OUTPUT_SUFFIXES["dicom-seg"])
+        dicom = " (for DICOM SEG output add --output-type dicom-seg)" if seg else ""
+        raise FlareSegError(f"{job.output}: output must end in .nii.gz or .nii{dicom}")
     if job.output_type == "dicom-seg" and not job.output.name.endswith(suffix):
         raise FlareSegError(f"{job.output}: DICOM SEG output must end in {suffix}")
     if job.output.resolve() == job.input.resolve():

@@ -162,12 +162,12 @@ def test_find_series_and_case_names(tmp_path: Path) -> None:
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), tmp_path / "ct_0000.nii.gz")
     assert is_series_dir(tmp_path / "a") and is_series_dir(tmp_path / "b")
     assert not is_series_dir(tmp_path / "notes") and not is_series_dir(tmp_path) and not is_series_dir(tmp_path / "x")
-    assert series_case_name(tmp_path / "b") == "P_7_x_s4"
+    assert series_case_name(tmp_path / "b") == "P_7_x_20260101_s4"
     assert series_case_name(tmp_path / "a") == "1.2.826.0.1.99"
-    assert find_series(tmp_path) == {"1.2.826.0.1.99": tmp_path / "a", "P_7_x_s4": tmp_path / "b"}
+    assert find_series(tmp_path) == {"1.2.826.0.1.99": tmp_path / "a", "P_7_x_20260101_s4": tmp_path / "b"}
 
     write_series(tmp_path / "c", ph, patient_id="P 7/x", series_number=4)
-    with pytest.raises(FlareSegError, match=r"case P_7_x_s4 appears twice \(b, c\)"):
+    with pytest.raises(FlareSegError, match=r"case P_7_x_20260101_s4 appears twice \(b, c\)"):
         find_series(tmp_path)
 
 
@@ -178,11 +178,11 @@ def test_results_and_folders_without_dicom_files_are_not_taken_for_series(tmp_pa
     vol = read_series(tmp_path / "in" / "s")
     labels = np.zeros(vol.array.shape, np.uint8)
     labels[2:4, 10:20, 10:20] = 1
-    write_seg(labels, vol, tmp_path / "in" / "earlier-run" / "PAT01_s3.dcm")  # -o in/earlier-run, last time
-    write_seg(labels, vol, tmp_path / "in" / "this-run" / "PAT01_s3.dcm")
+    write_seg(labels, vol, tmp_path / "in" / "earlier-run" / "PAT01_20260101_s3.dcm")  # -o in/earlier-run, last time
+    write_seg(labels, vol, tmp_path / "in" / "this-run" / "PAT01_20260101_s3.dcm")
     with caplog.at_level("WARNING"):
         found = find_series(tmp_path / "in", exclude=tmp_path / "in" / "this-run")
-    assert found == {"PAT01_s3": tmp_path / "in" / "s"}
+    assert found == {"PAT01_20260101_s3": tmp_path / "in" / "s"}
     said = sorted(r.getMessage() for r in caplog.records if r.name == "flareseg.dicom.files")
     assert said == [
         f"{tmp_path / 'in' / 'earlier-run'}: ignored: it holds DICOM SEG results, not an image series",
@@ -545,7 +545,7 @@ def test_cli_series_to_nifti_equals_nifti_input(tmp_path: Path, trained_checkpoi
     model = str(trained_checkpoint)
     assert _infer(["--model", model, "-i", str(tmp_path / "series"), "-o", str(tmp_path / "out_dcm")]) == 0
     assert _infer(["--model", model, "-i", str(tmp_path / "ct_0000.nii.gz"), "-o", str(tmp_path / "ct.nii.gz")]) == 0
-    from_dicom = nib.as_closest_canonical(nib.load(tmp_path / "out_dcm" / "PX_s2.nii.gz"))
+    from_dicom = nib.as_closest_canonical(nib.load(tmp_path / "out_dcm" / "PX_20260101_s2.nii.gz"))
     from_nifti = nib.as_closest_canonical(nib.load(tmp_path / "ct.nii.gz"))
     np.testing.assert_allclose(from_dicom.affine, from_nifti.affine, atol=1e-4)
     a, b = np.asanyarray(from_dicom.dataobj), np.asanyarray(from_nifti.dataobj)
@@ -560,7 +560,7 @@ def test_cli_dicom_seg_output_matches_nifti_output(tmp_path: Path, trained_check
     cases = str(tmp_path / "cases")
     assert _infer(["--model", model, "-i", cases, "-o", str(tmp_path / "seg"), "--output-type", "dicom-seg"]) == 0
     assert _infer(["--model", model, "-i", cases, "-o", str(tmp_path / "nii")]) == 0
-    for case, folder in (("P1_s1", "one"), ("P2_s1", "two")):
+    for case, folder in (("P1_20260101_s1", "one"), ("P2_20260101_s1", "two")):
         vol = read_series(tmp_path / "cases" / folder)
         from_seg = read_seg(tmp_path / "seg" / f"{case}.dcm", vol)
         nifti = nib.load(tmp_path / "nii" / f"{case}.nii.gz")

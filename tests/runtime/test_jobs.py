@@ -205,3 +205,42 @@ def test_an_output_folder_inside_an_input_series_or_named_like_a_file_is_refused
         check_output(CaseJob("P_s1", folder / "s1", folder / "s2" / "P_s1.dcm", "dicom-seg"))
     check_output(CaseJob("P_s1", folder / "s1", folder / "s2" / "P_s1.nii.gz"))  # NIfTI files are never read as DICOM
     assert not (tmp_path / "pred.nii.gz").exists() and not (folder / "pred").exists()
+
+
+def test_follow_up_studies_get_names_of_their_own_and_a_same_day_clash_fails_alone(tmp_path):
+    from dicom_series import phantom, write_series
+
+    from flareseg.runtime.jobs import list_cases
+
+    def dated(day):
+        return lambda i, ds: setattr(ds, "StudyDate", day)
+
+    folder = tmp_path / "in"
+    write_series(folder / "first", phantom(), patient_id="P", series_number=1)  # studied 20260101
+    write_series(folder / "later", phantom(), patient_id="P", series_number=1, edit=dated("20270315"))
+    write_series(folder / "again", phantom(), patient_id="P", series_number=1)  # the same day and number
+    write_series(folder / "undated", phantom(), patient_id="P", series_number=1, edit=dated(""))
+    plan = list(plan_folder(list_cases(folder), tmp_path / "out"))
+    assert {p.input.name: (p.case, p.status) for p in plan} == {
+        "again": ("P_20260101_s1", "run"),
+        "first": ("P_20260101_s1", "failed"),  # the others still run
+        "later": ("P_20270315_s1", "run"),
+        "undated": ("P_s1", "run"),
+    }
+    (failed,) = [p for p in plan if p.status == "failed"]
+    assert str(failed.error) == (
+        f"{folder / 'first'}: case P_20260101_s1 again (first from {folder / 'again'}); its output would replace "
+        "that one's"
+    )
+
+
+def test_a_dcm_output_without_the_dicom_seg_type_says_which_option_to_add(tmp_path):
+    from flareseg.runtime.jobs import check_output
+
+    ct = tmp_path / "c_0000.nii.gz"
+    with pytest.raises(
+        FlareSegError, match=r"seg\.dcm: output must end in \.nii\.gz or \.nii \(for DICOM SEG output add "
+    ):
+        check_output(CaseJob("c", ct, tmp_path / "seg.dcm"))
+    with pytest.raises(FlareSegError, match=r"seg\.txt: output must end in \.nii\.gz or \.nii$"):
+        check_output(CaseJob("c", ct, tmp_path / "seg.txt"))

@@ -650,7 +650,7 @@ def test_a_damaged_checkpoint_is_one_short_line_naming_the_problem(tmp_path, cap
         "cut.pt": "truncated or damaged checkpoint (its zip archive is incomplete)",
         "empty.pt": "the checkpoint file is empty",
         "notes.pt": "not a flareseg checkpoint (not a torch.save zip archive)",
-        "run": "is a folder, not a model file",
+        "run": "is a folder, not a model file; give the model file",
     }
     for name, problem in expected.items():
         argv = ["--model", str(tmp_path / name), "--backend", "torch", "-i", str(ct), "-o", str(tmp_path / "o.nii.gz")]

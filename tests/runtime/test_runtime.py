@@ -111,6 +111,14 @@ def test_requests_that_do_not_fit_the_model_are_refused(trained_checkpoint, onnx
         open_runner(onnx_models["fp32"], precision="fp16")
     with pytest.raises(FlareSegError, match="cannot tell the backend"):
         open_runner(_copy(trained_checkpoint, tmp_path / "m.bin"))
+    # A model of another backend, or a folder of models, is named with what would fit.
+    for backend in ("onnxruntime", "openvino"):
+        with pytest.raises(FlareSegError, match=rf"the {backend} backend runs \.onnx models, not a \.pt file$"):
+            open_runner(trained_checkpoint, backend=backend)
+    with pytest.raises(FlareSegError, match=r"the torch backend runs \.pt or \.pth models, not a \.onnx file$"):
+        open_runner(onnx_models["fp32"], backend="torch")
+    with pytest.raises(FlareSegError, match=rf"{onnx_models['fp32'].parent}: is a folder, not a model file; give "):
+        open_runner(onnx_models["fp32"].parent)
     bare = tmp_path / "bare.onnx"
     import onnx
 

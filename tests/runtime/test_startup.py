@@ -145,7 +145,7 @@ def test_nothing_is_read_ahead_without_a_nifti_case_to_run_or_when_the_inputs_ar
     cases, out = tmp_path / "cases", tmp_path / "pred"
     cases.mkdir()
     out.mkdir()
-    write_series(cases / "a_series", phantom(), patient_id="A", series_number=1)  # case "A_s1", first by name
+    write_series(cases / "a_series", phantom(), patient_id="A", series_number=1)  # case "A_20260101_s1", first by name
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 2), np.int16), np.eye(4)), cases / "b_0000.nii.gz")
 
     def first(*extra: str):
@@ -156,7 +156,7 @@ def test_nothing_is_read_ahead_without_a_nifti_case_to_run_or_when_the_inputs_ar
         return first
 
     assert first() is None  # the first case to run is a series: read after the imports, as a series input is
-    (out / "A_s1.nii.gz").write_bytes(b"done")
+    (out / "A_20260101_s1.nii.gz").write_bytes(b"done")
     assert first() == cases / "b_0000.nii.gz"
     (out / "b.nii.gz").write_bytes(b"done")
     assert first() is None  # every case is done: nothing to read

@@ -41,17 +41,42 @@ __all__ = [
 
 def backend_for(path: str | os.PathLike[str]) -> Backend:
     """The backend a model file implies: .pt -> torch, .onnx -> onnxruntime, .engine/.plan -> tensorrt."""
+    _check_model_file(path)
     suffix = Path(path).suffix.lower()
-    table: dict[str, Backend] = {
-        ".pt": "torch",
-        ".pth": "torch",
-        ".onnx": "onnxruntime",
-        ".engine": "tensorrt",
-        ".plan": "tensorrt",
-    }
-    if suffix not in table:
+    if suffix not in _BACKEND_OF_SUFFIX:
         raise FlareSegError(f"{path}: cannot tell the backend from the suffix {suffix!r}; use --backend")
-    return table[suffix]
+    return _BACKEND_OF_SUFFIX[suffix]
+
+
+_BACKEND_OF_SUFFIX: dict[str, Backend] = {
+    ".pt": "torch",
+    ".pth": "torch",
+    ".onnx": "onnxruntime",
+    ".engine": "tensorrt",
+    ".plan": "tensorrt",
+}
+#: What each backend loads, where not what the suffix implies (OpenVINO runs ONNX models too).
+_SUFFIXES_OF_BACKEND: dict[str, tuple[str, ...]] = {
+    "torch": (".pt", ".pth"),
+    "onnxruntime": (".onnx",),
+    "openvino": (".onnx",),
+    "tensorrt": (".engine", ".plan"),
+}
+
+
+def _check_model_file(path: str | os.PathLike[str], backend: Backend | None = None) -> None:
+    """Refuse a folder, a missing file, or a model file of another backend, naming what would fit."""
+    model = Path(path)
+    if model.is_dir():
+        found = sorted(p.name for p in model.iterdir() if p.suffix.lower() in _BACKEND_OF_SUFFIX)[:6]
+        hint = f" ({', '.join(found)} in it)" if found else ""
+        raise FlareSegError(f"{model}: is a folder, not a model file; give the model file{hint}")
+    if not model.is_file():
+        raise FlareSegError(f"{model}: model not found")
+    suffix = model.suffix.lower()
+    if backend is not None and suffix in _BACKEND_OF_SUFFIX and suffix not in _SUFFIXES_OF_BACKEND[backend]:
+        wanted = " or ".join(_SUFFIXES_OF_BACKEND[backend])
+        raise FlareSegError(f"{model}: the {backend} backend runs {wanted} models, not a {suffix} file")
 
 
 def open_runner(
@@ -75,12 +100,9 @@ def open_runner(
     fp32 or, with ``precision="bf16"``, bf16 where the CPU has the instructions.
     """
     backend = backend or backend_for(model)
+    _check_model_file(model, backend)
     if device is None:  # an engine runs on the GPU; every other backend defaults to the CPU
         device = "cuda" if backend == "tensorrt" else "cpu"
-    if Path(model).is_dir():
-        raise FlareSegError(f"{model}: is a folder, not a model file")
-    if not Path(model).is_file():
-        raise FlareSegError(f"{model}: model not found")
     if cuda_graph_batch is not None and backend != "torch":
         raise FlareSegError(f"CUDA graphs are captured for the torch backend only, not {backend}")
     if backend == "torch":
