@@ -129,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the fastest on a few cores; opt-in: not yet measured on a many-core machine). DICOM series are "
         "decoded as before",
     )
-    p.add_argument("--threads", type=positive_int, help="ONNX Runtime and OpenVINO CPU threads (default: all cores)")
+    p.add_argument(
+        "--threads", type=positive_int, help="CPU threads of the network (default: all cores; torch: on the CPU only)"
+    )
     p.add_argument(
         "--openvino-hint",
         choices=("latency", "throughput"),
@@ -163,7 +165,7 @@ def _check_backend_options(args: argparse.Namespace, backend: str) -> None:
     """Refuse an option the chosen backend would ignore, or one that contradicts --device."""
     belongs = {
         "--channels-last": (args.channels_last is not None, ("torch",)),
-        "--threads": (args.threads is not None, ("onnxruntime", "openvino")),
+        "--threads": (args.threads is not None, ("onnxruntime", "openvino", "torch")),
         "--openvino-hint": (args.openvino_hint is not None, ("openvino",)),
         "--ort-provider": (args.ort_provider is not None, ("onnxruntime",)),
         "--ort-memory": (args.ort_memory is not None, ("onnxruntime",)),
@@ -177,6 +179,24 @@ def _check_backend_options(args: argparse.Namespace, backend: str) -> None:
         raise FlareSegError(f"--ort-provider {args.ort_provider} runs on the GPU, --device cpu on the CPU: choose one")
     if args.ort_provider == "cpu" and args.device is not None and args.device != "cpu":
         raise FlareSegError(f"--ort-provider cpu runs on the CPU, --device {args.device} on the GPU: choose one")
+
+
+def _set_torch_threads(args: argparse.Namespace, backend: str, device: str) -> None:
+    """--threads for the torch backend: this process's intra-op thread count, set here at the command's edge
+    (the runners never change process-wide settings); ONNX Runtime and OpenVINO take it per session."""
+    cores = os.cpu_count() or 1
+    if args.threads is not None and args.threads > cores:
+        log.warning(
+            "--threads %d on %d CPU cores: threads beyond the cores only wait for each other", args.threads, cores
+        )
+    if backend != "torch" or args.threads is None:
+        return
+    if device != "cpu":
+        raise FlareSegError(f"--threads sets the CPU's threads; the torch backend runs on {device} here: drop it")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    log.info("torch CPU threads: %d", args.threads)
 
 
 def _default_device_for(backend: str, ort_provider: str | None) -> str:
@@ -362,6 +382,7 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
     precision: TorchPrecision = args.precision or ("fp16" if cuda and backend == "torch" else "fp32")
     channels_last = args.channels_last if args.channels_last is not None else (cuda and precision != "fp32")
     batch_size = args.batch_size if args.batch_size is not None else (GPU_BATCH if cuda else CPU_BATCH)
+    _set_torch_threads(args, backend, device)
     if args.overlap_postprocess and args.no_postprocess:
         raise FlareSegError("--overlap-postprocess and --no-postprocess contradict each other: choose one")
     folder, inputs, target = _plan_inputs(args, listed)

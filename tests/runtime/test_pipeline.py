@@ -789,3 +789,22 @@ def test_a_single_case_interrupted_after_its_write_is_counted_done(trained_check
     assert "c0: 6 slices" in printed
     assert "interrupted: 1 segmented, 0 skipped (already done), 0 failed of 1; timings so far" in printed
     assert [c["case"] for c in json.loads((out / "c0.timings.json").read_text())["cases"]] == ["c0"]
+
+
+def test_threads_set_the_torch_cpu_thread_count_and_give_the_same_labels(trained_checkpoint, tmp_path, capsys, caplog):
+    (ct,) = _folder(tmp_path / "in", 1)
+    base = ["--model", str(trained_checkpoint), "-i", str(ct), "-q"]
+    assert infer_main([*base, "-o", str(tmp_path / "a.nii.gz")]) == 0
+    before = torch.get_num_threads()
+    try:
+        assert infer_main([*base, "-o", str(tmp_path / "b.nii.gz"), "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1  # the command's process: set at its edge, for its network
+    finally:
+        torch.set_num_threads(before)
+    a, b = (np.asanyarray(nib.load(tmp_path / f"{x}.nii.gz").dataobj) for x in "ab")
+    assert a.any() and np.array_equal(a, b)
+    capsys.readouterr()
+    assert infer_main([*base, "-o", str(tmp_path / "c.nii.gz"), "--threads", "2", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["flare-infer: error: --threads sets the CPU's threads; the torch backend runs on cuda here: drop it"]
+    assert torch.get_num_threads() == before
