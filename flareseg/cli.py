@@ -220,6 +220,13 @@ def device_name(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N (N = 0, 1, ...), got {text!r}")
 
 
+def default_device() -> str:
+    """``cuda`` when torch sees a GPU, else ``cpu`` (what nnU-Net and TotalSegmentator users expect)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def path_arg(text: str) -> Path:
     """argparse type: a path; an empty one is refused (it would quietly mean the current folder)."""
     if not text.strip():

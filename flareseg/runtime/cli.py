@@ -18,6 +18,7 @@ from flareseg.cli import (
     INTERRUPTED,
     TERMINATED,
     add_common_arguments,
+    default_device,
     device_name,
     exit_now,
     non_negative_int,
@@ -154,13 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def default_device() -> str:
-    """``cuda`` when torch sees a GPU, else ``cpu`` (what nnU-Net and TotalSegmentator users expect)."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _check_backend_options(args: argparse.Namespace, backend: str) -> None:
     """Refuse an option the chosen backend would ignore, or one that contradicts --device."""
     belongs = {
@@ -175,6 +169,11 @@ def _check_backend_options(args: argparse.Namespace, backend: str) -> None:
             raise FlareSegError(f"{option} is for the {' and '.join(backends)} backend, not {backend}: drop it")
     if args.precision is not None and backend == "tensorrt":
         raise FlareSegError("--precision is fixed when the engine is built (flare-export --engine): drop it")
+    # Said before any work, even where every output exists already (the runner would say it only on loading).
+    if args.precision not in (None, "fp32") and backend == "onnxruntime":
+        raise FlareSegError("ONNX precision is fixed at export (flare-export --fp16); do not pass --precision")
+    if args.precision not in (None, "fp32", "bf16") and backend == "openvino":
+        raise FlareSegError(f"OpenVINO on the CPU runs fp32 or bf16, got {args.precision!r}")
     if args.ort_provider not in (None, "cpu") and args.device == "cpu":
         raise FlareSegError(f"--ort-provider {args.ort_provider} runs on the GPU, --device cpu on the CPU: choose one")
     if args.ort_provider == "cpu" and args.device is not None and args.device != "cpu":

@@ -12,6 +12,7 @@ from typing import Any
 
 from flareseg.cli import (
     add_common_arguments,
+    default_device,
     device_name,
     non_negative_float,
     non_negative_int,
@@ -155,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=non_negative_int, help=f"data-loading processes (default {d.workers}; 0: in this process)"
     )
     p.add_argument("--seed", type=non_negative_int, help=f"random seed (default {d.seed})")
-    p.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda where a GPU is, else cpu)")
     p.add_argument("--amp", action="store_true", default=None, help="mixed precision (CUDA)")
     p.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory format")
     p.add_argument("--cudnn-benchmark", action="store_true", default=None, help="cuDNN autotuning for this run")
@@ -195,13 +196,20 @@ def _new_config(args: argparse.Namespace) -> TrainConfig:
         val_list=given("val_list", d.val_list),
         workers=given("workers", d.workers),
         seed=given("seed", d.seed),
-        device=given("device", d.device),
+        device=args.device if args.device is not None else _default_device(),
         amp=given("amp", d.amp),
         channels_last=given("channels_last", d.channels_last),
         cudnn_benchmark=given("cudnn_benchmark", d.cudnn_benchmark),
         accumulate=given("accumulate", d.accumulate),
         steps_per_epoch=args.steps_per_epoch,
     )
+
+
+def _default_device() -> str:
+    """The GPU where torch sees one, as flare-infer chooses; said, since training on the CPU by mistake costs days."""
+    device = default_device()
+    log.info("device: %s (--device chooses)", device)
+    return device
 
 
 def _resumed_config(args: argparse.Namespace) -> TrainConfig:

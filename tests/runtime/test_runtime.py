@@ -299,3 +299,18 @@ def test_open_runner_gives_an_engine_the_gpu_by_default(tmp_path):
             open_runner(engine)
     with pytest.raises(FlareSegError, match="a TensorRT engine runs on a CUDA GPU, not on the CPU"):
         open_runner(engine, device="cpu")
+
+
+def test_a_precision_an_onnx_model_cannot_take_is_refused_even_with_nothing_to_do(tmp_path, onnx_models, capsys):
+    ct = save(make_phantom((48, 48, 6), (8.0, 8.0, 10.0), seed=20).to_nifti()[0], tmp_path / "c0_0000.nii.gz")
+    out = tmp_path / "c0.nii.gz"
+    out.write_bytes(b"an earlier result")  # kept: no case would run
+    argv = ["--model", str(onnx_models["fp32"]), "-i", str(ct), "-o", str(out), "-q"]
+    assert infer_main([*argv, "--precision", "bf16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "flare-infer: error: ONNX precision is fixed at export (flare-export --fp16); do not pass --precision"
+    ]
+    assert infer_main([*argv, "--backend", "openvino", "--precision", "fp16"]) == 2
+    assert capsys.readouterr().err.strip().endswith("OpenVINO on the CPU runs fp32 or bf16, got 'fp16'")
+    assert out.read_bytes() == b"an earlier result"

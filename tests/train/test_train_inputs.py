@@ -622,3 +622,22 @@ def test_resuming_a_complete_run_says_so_and_changes_nothing(data_a, tmp_path, c
     said = [r.getMessage() for r in caplog.records if r.name == "flareseg.train.loop"]
     assert said == [f"{run}: complete, all 1 epochs done; --epochs N (more than 1) trains it further"]
     assert _files(run) == before
+
+
+def test_the_device_defaults_to_a_gpu_where_there_is_one_and_says_so(tmp_path, monkeypatch, caplog):
+    """A stand-in says a GPU is present: the configuration is checked, not trained."""
+    from flareseg.train import cli as train_cli
+
+    parse = train_cli.build_parser().parse_args
+    monkeypatch.setattr(train_cli, "default_device", lambda: "cuda")
+    with caplog.at_level("INFO", logger="flareseg.train.cli"):
+        config = train_cli._new_config(parse(["--data", str(tmp_path), "--out", str(tmp_path / "run")]))
+    assert config.device == "cuda" and "device: cuda (--device chooses)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="flareseg.train.cli"):
+        config = train_cli._new_config(
+            parse(["--data", str(tmp_path), "--out", str(tmp_path / "r"), "--device", "cpu"])
+        )
+    assert config.device == "cpu" and "device:" not in caplog.text
+    monkeypatch.undo()
+    assert train_cli.default_device() == ("cuda" if torch.cuda.is_available() else "cpu")
