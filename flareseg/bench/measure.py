@@ -179,6 +179,18 @@ def nvml_readable(devices: Sequence[str]) -> bool:
     return True
 
 
+def nvml_sampler(on: bool) -> NvmlSampler | None:
+    """A sampler where ``on`` (a CUDA run, NVML readable at the start), or None; a later NVML failure gives
+    n/a figures for that run, with a warning, rather than failing it."""
+    if not on:
+        return None
+    try:
+        return NvmlSampler()
+    except FlareSegError as exc:
+        log.warning("no GPU memory figures for this run: %s", exc)
+        return None
+
+
 class NvmlSampler:
     """Whole-device used memory (total - free) every ``interval`` seconds, as FLARE21 measured it.
 

@@ -328,7 +328,7 @@ def latency_section(
     cfg: BenchPlan, models: dict[str, Path], peaks: dict[str, float], flops_slice: int | None
 ) -> dict[str, Any]:
     """Latency and throughput against batch size, per backend; on CUDA, NVML memory per batch size."""
-    from flareseg.bench.measure import NvmlSampler, time_batches
+    from flareseg.bench.measure import nvml_sampler, time_batches
     from flareseg.runtime.pipeline import peak_rss_mb, reset_peak_rss
 
     results: dict[str, Any] = {}
@@ -346,7 +346,7 @@ def latency_section(
                 _release_cuda_memory()
                 torch.cuda.reset_peak_memory_stats()
             try:
-                sampler = NvmlSampler() if cuda and cfg.nvml else None
+                sampler = nvml_sampler(cuda and cfg.nvml)
                 oom = gpu_memory_errors(name, batch, "this batch does not fit this GPU")  # a row, as any failure
                 with oom, sampler if sampler else contextlib.nullcontext():
                     runner = make_runner(b, models, batch)
@@ -403,13 +403,13 @@ def segment_volume(
     ``precision``: what the run computes in, where not the backend's own (an ONNX model given alone).
     ``nvml``: sample the GPU's memory with NVML (on CUDA, where :func:`~flareseg.bench.measure.nvml_readable`).
     """
-    from flareseg.bench.measure import NvmlSampler
+    from flareseg.bench.measure import nvml_sampler
     from flareseg.runtime.pipeline import segment_file
 
     cuda = backend.device == "cuda"
     if cuda:
         _release_cuda_memory()
-    sampler = NvmlSampler() if cuda and nvml else None
+    sampler = nvml_sampler(cuda and nvml)
     with sampler if sampler else contextlib.nullcontext():
         runner = make_runner(backend, models, batch)
         with runner:
@@ -498,9 +498,9 @@ def volume_section(cfg: BenchPlan, models: dict[str, Path], latency: dict[str, A
 
 def _run_child(cmd: Sequence[str], *, nvml: bool) -> dict[str, Any]:
     """Wall time, peak RSS and (on CUDA) NVML memory of one child process; a failure raises."""
-    from flareseg.bench.measure import NvmlSampler
+    from flareseg.bench.measure import nvml_sampler
 
-    sampler = NvmlSampler() if nvml else None
+    sampler = nvml_sampler(nvml)
     rss: float | None = None
     with tempfile.TemporaryFile() as err:
         with sampler if sampler else contextlib.nullcontext():

@@ -150,13 +150,15 @@ def find_series(
     *,
     unnamed: Callable[[Path], str] | None = None,
     exclude: Path | None = None,
+    keep_clashes: bool = False,
 ) -> dict[str, Path]:
     """Case name -> series folder for each immediate, non-hidden subfolder of ``folder`` that holds DICOM files.
 
     Sorted by case name; two series with the same case name are an error naming both folders.
     A series whose header cannot be read raises, or with ``unnamed`` is listed under
-    ``unnamed(subfolder)`` (its reader then says what is wrong), as is the second of two
-    series with one case name (a run then fails that one alone). A subfolder without DICOM
+    ``unnamed(subfolder)`` (its reader then says what is wrong). With ``keep_clashes``, the
+    second of two series with one case name is listed as ``{name}/{subfolder name}`` instead of
+    refused (a run then fails that one alone, naming the first). A subfolder without DICOM
     files (a patient/study/series tree, whose deeper folders are not searched) and one that
     holds only DICOM SEG files (an earlier run's results) are left out, with a warning.
     ``exclude``: a subfolder left out silently (the run's own output folder).
@@ -192,8 +194,8 @@ def find_series(
                 raise
             name = unnamed(sub)
         if name in cases:
-            if unnamed is None:
+            if not keep_clashes:
                 raise FlareSegError(f"{folder}: case {name} appears twice ({cases[name].name}, {sub.name})")
-            name = unnamed(sub)  # listed under its folder: the run fails it alone, as a second case of that name
+            name = f"{name}/{sub.name}"
         cases[name] = sub
     return dict(sorted(cases.items()))

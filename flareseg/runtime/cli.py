@@ -166,7 +166,9 @@ def _check_backend_options(args: argparse.Namespace, backend: str) -> None:
     }
     for option, (given, backends) in belongs.items():
         if given and backend not in backends:
-            raise FlareSegError(f"{option} is for the {' and '.join(backends)} backend, not {backend}: drop it")
+            names = " and ".join([", ".join(backends[:-1]), backends[-1]] if len(backends) > 1 else backends)
+            plural = "s" if len(backends) > 1 else ""
+            raise FlareSegError(f"{option} is for the {names} backend{plural}, not {backend}: drop it")
     if args.precision is not None and backend == "tensorrt":
         raise FlareSegError("--precision is fixed when the engine is built (flare-export --engine): drop it")
     # Said before any work, even where every output exists already (the runner would say it only on loading).
@@ -257,7 +259,7 @@ def _plan_inputs(args: argparse.Namespace, listed: list[Path] | None = None) -> 
         check_output_folder(args.output, inp)
         if listed is None:
             listed = list_cases(inp, **_part(args), exclude=args.output)
-        if args.output_type == "dicom-seg" and not any(case.is_dir() for case in listed):
+        if args.output_type == "dicom-seg" and not _has_series(inp, listed, args):
             raise FlareSegError(
                 f"{inp}: DICOM SEG output needs DICOM series as input, and this folder's cases are NIfTI files; "
                 "use --output-type nifti"
@@ -274,12 +276,20 @@ def _plan_inputs(args: argparse.Namespace, listed: list[Path] | None = None) -> 
     if not out.is_dir() and not out.name.endswith(suffixes) and out.name.lower().endswith(suffixes):
         raise FlareSegError(f"{out}: an output file name ends in lower-case {', '.join(dict.fromkeys(suffixes))}")
     target = _single_output(args, inp)
-    if inp.is_file() and target.parent.resolve() == inp.parent.resolve() and target != out:
+    if inp.is_file() and target.parent.resolve() == inp.parent.resolve():
         raise FlareSegError(
-            f"{out}: the output folder is the input's folder, where its label map would be taken for a case by "
-            "a later folder run; choose another folder"
+            f"{target}: the output would go beside its input in {inp.parent}, where a later folder run would take "
+            "it for a case; choose another folder"
         )
     return False, [inp], target
+
+
+def _has_series(folder: Path, listed: list[Path], args: argparse.Namespace) -> bool:
+    """Whether a folder of cases holds a DICOM series: in the whole listing, since a part may have none."""
+    from flareseg.runtime.jobs import list_cases
+
+    whole = listed if _part(args)["num_parts"] == 1 else list_cases(folder, exclude=args.output)
+    return any(case.is_dir() for case in whole)
 
 
 def _part(args: argparse.Namespace) -> dict[str, int]:

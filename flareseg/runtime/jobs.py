@@ -72,8 +72,11 @@ def output_suffix(output_type: str) -> str:
     return OUTPUT_SUFFIXES[output_type]
 
 
-def check_output(job: CaseJob, *, probe_folder: bool = True) -> None:
-    """Refuse, before any work, outputs that could never be written."""
+def check_output(job: CaseJob, *, folder_checked: bool = False) -> None:
+    """Refuse, before any work, outputs that could never be written.
+
+    ``folder_checked``: the output's folder was checked for all cases already (:func:`plan_folder`).
+    """
     suffix = output_suffix(job.output_type)
     if job.output_type == "nifti" and not job.output.name.endswith(NIFTI_SUFFIXES):
         seg = job.output.name.endswith(OUTPUT_SUFFIXES["dicom-seg"])
@@ -90,15 +93,8 @@ def check_output(job: CaseJob, *, probe_folder: bool = True) -> None:
             f"{job.output}: the output would join the input series in {job.input}, which could then no longer "
             "be read as one series; write it to another folder"
         )
-    if job.output_type == "dicom-seg" and job.output.parent.is_dir():
-        from flareseg.dicom import holds_image_series
-
-        if holds_image_series(job.output.parent):
-            raise FlareSegError(
-                f"{job.output}: the output would join the DICOM series in {job.output.parent}, which could then no "
-                "longer be read as one series; write it to another folder"
-            )
-    if probe_folder:  # off where the whole folder was found writable (a probe file each is waste)
+    if not folder_checked:  # else made once for all the folder's cases (a probe file each would be waste)
+        _check_seg_folder(job.output.parent, job.output_type)
         check_writable(job.output)
     if job.output_type == "dicom-seg" and not job.input.is_dir():
         raise FlareSegError(
@@ -137,6 +133,23 @@ def check_output_folder(out: Path, inputs: Path | None = None, *, probe: bool = 
         check_writable_folder(out)
 
 
+def _holds_image_series(folder: Path) -> bool:
+    if not folder.is_dir():
+        return False
+    from flareseg.dicom import holds_image_series
+
+    return holds_image_series(folder)
+
+
+def _check_seg_folder(folder: Path, output_type: str) -> None:
+    """A DICOM SEG written among another series' images would spoil that series (results folders are fine)."""
+    if output_type == "dicom-seg" and _holds_image_series(folder):
+        raise FlareSegError(
+            f"{folder}: DICOM SEG output here would join the DICOM series in it, which could then no longer be "
+            "read as one series; write it to another folder"
+        )
+
+
 def _refuse_inside_a_series(out: Path, inputs: Path) -> None:
     """An output folder that is one of the input's series, or inside one, would leave that series out of the
     run (the output folder is not an input) and, with DICOM SEG results, spoil it as a series."""
@@ -144,7 +157,7 @@ def _refuse_inside_a_series(out: Path, inputs: Path) -> None:
         inside = out.resolve().relative_to(inputs.resolve())
     except ValueError:
         return
-    if inside.parts and is_series_input(series := inputs / inside.parts[0]):
+    if inside.parts and _holds_image_series(series := inputs / inside.parts[0]):
         raise FlareSegError(
             f"{out}: the output folder is inside the input series {series}, which the run would then leave out; "
             "choose a folder outside it"
@@ -193,8 +206,10 @@ def list_inputs(folder: str | os.PathLike[str], *, exclude: Path | None = None) 
     from flareseg.dicom import find_series
 
     # A series whose header cannot be read is listed under its folder's name (with a "/", which
-    # no case name has): the plan then fails that case alone, and the others go on.
-    for name, series in find_series(folder, unnamed=lambda sub: f"{sub.name}/", exclude=exclude).items():
+    # no case name has), a second series of a name as "name/folder": the plan then fails that
+    # case alone, and the others go on.
+    unnamed = lambda sub: f"{sub.name}/"  # noqa: E731
+    for name, series in find_series(folder, unnamed=unnamed, exclude=exclude, keep_clashes=True).items():
         if name in cases:
             raise FlareSegError(f"{folder}: case {name} appears twice ({cases[name].name}, {series.name}/)")
         cases[name] = series
@@ -206,15 +221,20 @@ def list_cases(
 ) -> list[Path]:
     """A folder's inputs (NIfTI files, DICOM series folders), sorted, then this part's share.
 
-    Part ``part_id`` of ``num_parts`` takes every ``num_parts``-th input, starting at ``part_id``.
+    Part ``part_id`` of ``num_parts`` takes every ``num_parts``-th case name, starting at
+    ``part_id``: a second series of a name goes with the first, so that the part that runs
+    the first fails the second (two parts would otherwise each write that name).
     ``exclude``: see :func:`list_inputs`.
     """
     if num_parts < 1 or not 0 <= part_id < num_parts:
         raise FlareSegError(f"part {part_id} of {num_parts} is not valid: need 0 <= part-id < num-parts")
-    cases = list(list_inputs(folder, exclude=exclude).values())
-    if not cases:
+    groups: dict[str, list[Path]] = {}
+    for key, path in list_inputs(folder, exclude=exclude).items():
+        groups.setdefault(key.split("/", 1)[0], []).append(path)
+    cases = [path for group in list(groups.values())[part_id::num_parts] for path in group]
+    if not groups:
         raise FlareSegError(f"{folder}: no .nii or .nii.gz files and no DICOM series folders")
-    return cases[part_id::num_parts]
+    return cases
 
 
 @dataclass(frozen=True)
@@ -246,7 +266,8 @@ def plan_folder(
     output folder that could not hold any result is refused as a whole (:func:`check_output_folder`).
     """
     suffix = output_suffix(output_type)
-    check_output_folder(out_dir)  # the one probe file of the run: every output goes to this folder
+    check_output_folder(out_dir)  # probed once here, for every output of the folder
+    _check_seg_folder(out_dir, output_type)
     first_of: dict[str, Path] = {}  # case name -> its first input: a second one would replace its result
     for path in inputs:
         try:
@@ -266,7 +287,7 @@ def plan_folder(
             yield PlannedCase(path, name, output, "skipped", None, output_type)
             continue
         try:
-            check_output(CaseJob(name, path, output, output_type), probe_folder=False)
+            check_output(CaseJob(name, path, output, output_type), folder_checked=True)
         except FlareSegError as exc:
             yield PlannedCase(path, name, output, "failed", exc, output_type)
             continue

@@ -543,6 +543,14 @@ def test_a_gpu_whose_memory_nvml_cannot_read_gives_no_figures_but_the_run_goes_o
 
     monkeypatch.setattr(measure, "NvmlSampler", Readable)
     assert measure.nvml_readable(["cuda"]) is True and Readable.closed == 1  # released after the check
+    # NVML failing later, for one run: that run's figures are n/a, and it goes on.
+    monkeypatch.setattr(measure, "NvmlSampler", unreadable)
+    caplog.clear()
+    assert measure.nvml_sampler(False) is None and caplog.records == []
+    assert measure.nvml_sampler(True) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "no GPU memory figures for this run: NVML memory sampling needs nvidia-ml-py: pip install 'flareseg[gpu]'"
+    ]
 
 
 def test_a_non_square_size_gives_slices_of_that_height_and_width(tmp_path):

@@ -201,8 +201,10 @@ def test_an_output_folder_inside_an_input_series_or_named_like_a_file_is_refused
         with pytest.raises(FlareSegError, match="the output must be a folder, not a name of a file"):
             check_output_folder(tmp_path / name, folder)
     # A DICOM SEG written into another image series' folder would spoil that series too; a results folder is fine.
-    with pytest.raises(FlareSegError, match=rf"would join the DICOM series in {folder / 's2'}"):
+    with pytest.raises(FlareSegError, match=rf"^{folder / 's2'}: DICOM SEG output here would join the DICOM series"):
         check_output(CaseJob("P_s1", folder / "s1", folder / "s2" / "P_s1.dcm", "dicom-seg"))
+    with pytest.raises(FlareSegError, match="DICOM SEG output here would join the DICOM series in it"):
+        list(plan_folder([folder / "s1"], folder / "s2", "dicom-seg"))  # checked once for the folder's cases
     check_output(CaseJob("P_s1", folder / "s1", folder / "s2" / "P_s1.nii.gz"))  # NIfTI files are never read as DICOM
     assert not (tmp_path / "pred.nii.gz").exists() and not (folder / "pred").exists()
 
@@ -244,3 +246,35 @@ def test_a_dcm_output_without_the_dicom_seg_type_says_which_option_to_add(tmp_pa
         check_output(CaseJob("c", ct, tmp_path / "seg.dcm"))
     with pytest.raises(FlareSegError, match=r"seg\.txt: output must end in \.nii\.gz or \.nii$"):
         check_output(CaseJob("c", ct, tmp_path / "seg.txt"))
+
+
+def test_a_series_clash_stays_in_one_part_so_that_part_fails_it(tmp_path):
+    from dicom_series import phantom, write_series
+
+    from flareseg.runtime.jobs import list_cases
+
+    folder = tmp_path / "in"
+    for sub, number in (("a", 1), ("b", 1), ("c", 2), ("d", 3)):  # a and b: one name
+        write_series(folder / sub, phantom(), patient_id="P", series_number=number)
+    parts = [list_cases(folder, num_parts=2, part_id=i) for i in (0, 1)]
+    assert parts == [[folder / "a", folder / "b", folder / "d"], [folder / "c"]]  # names 0 and 2 / name 1
+    plan = list(plan_folder(parts[0], tmp_path / "out"))
+    assert [(p.input.name, p.status) for p in plan] == [("a", "run"), ("b", "failed"), ("d", "run")]
+    # Without clashes, parts take every K-th case, as before.
+    assert list_cases(folder, num_parts=3, part_id=1) == [folder / "c"]
+
+
+def test_a_results_folder_of_dicom_seg_inside_the_input_folder_takes_more_results(tmp_path):
+    import numpy as np
+    from dicom_series import phantom, write_series
+
+    from flareseg.dicom import read_series, write_seg
+    from flareseg.runtime.jobs import check_output_folder
+
+    folder = tmp_path / "in"
+    write_series(folder / "s1", phantom(), patient_id="P", series_number=1)
+    volume = read_series(folder / "s1")
+    write_seg(np.zeros(volume.array.shape, np.uint8), volume, folder / "results" / "P_20260101_s1.dcm")
+    check_output_folder(folder / "results", folder)  # an earlier run's SEG files: not an input series
+    plan = list(plan_folder([folder / "s1"], folder / "results", "dicom-seg"))
+    assert [(p.case, p.status) for p in plan] == [("P_20260101_s1", "skipped")]

@@ -697,20 +697,22 @@ def test_options_the_backend_would_ignore_or_that_contradict_the_device_are_refu
     trained_checkpoint, tmp_path, capsys
 ):
     (ct,) = _folder(tmp_path / "in", 1)
-    onnx = tmp_path / "m.onnx"
-    onnx.write_bytes(b"never loaded: the options are refused first")
+    onnx, engine = tmp_path / "m.onnx", tmp_path / "m.engine"
+    for path in (onnx, engine):
+        path.write_bytes(b"never loaded: the options are refused first")
     refused = {
         ("--model", str(onnx), "--channels-last"): "--channels-last is for the torch backend, not onnxruntime",
-        ("--model", str(trained_checkpoint), "--threads", "2"): "--threads is for the onnxruntime and openvino "
-        "backend, not torch",
+        ("--engine", str(engine), "--threads", "2"): "--threads is for the onnxruntime, openvino and torch "
+        "backends, not tensorrt",
         ("--model", str(onnx), "--openvino-hint", "throughput"): "--openvino-hint is for the openvino backend",
         ("--model", str(trained_checkpoint), "--ort-provider", "cpu"): "--ort-provider is for the onnxruntime backend",
         ("--model", str(onnx), "--ort-memory", "no-arena", "--backend", "openvino"): "--ort-memory is for the "
         "onnxruntime backend, not openvino",
         ("--model", str(onnx), "--device", "cpu", "--ort-provider", "cuda"): "--ort-provider cuda runs on the GPU, "
         "--device cpu on the CPU: choose one",
-        ("--engine", str(onnx), "--device", "cpu"): "a TensorRT engine runs on a CUDA GPU, not on the CPU",
-        ("--engine", str(onnx), "--precision", "fp16"): "--precision is fixed when the engine is built",
+        ("--engine", str(engine), "--device", "cpu"): "a TensorRT engine runs on a CUDA GPU, not on the CPU",
+        ("--engine", str(engine), "--precision", "fp16"): "--precision is fixed when the engine is built",
+        ("--engine", str(onnx)): "the tensorrt backend runs .engine or .plan models, not a .onnx file",
     }
     for argv, message in refused.items():
         assert infer_main([*argv, "-i", str(ct), "-o", str(tmp_path / "out"), "-q"]) == 2, argv
@@ -718,7 +720,7 @@ def test_options_the_backend_would_ignore_or_that_contradict_the_device_are_refu
         assert err.startswith("flare-infer: error: ") and message in err and "\n" not in err, err
     assert infer_main(["--model", str(trained_checkpoint), "-i", str(ct), "-o", str(tmp_path / "o.NII.GZ")]) == 2
     assert "an output file name ends in lower-case .nii.gz" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "m.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "m.engine", "m.onnx"]
 
 
 def test_a_label_map_given_as_input_is_refused_naming_it(trained_checkpoint, tmp_path, capsys):
@@ -754,7 +756,8 @@ def test_run_options_that_would_lose_or_spoil_work_are_refused_before_any(traine
             f"{tmp_path / 'in'}: DICOM SEG output needs DICOM series as input, and this folder's cases are NIfTI"
         ),
         # The result beside its input would be taken for a case by the next folder run.
-        ("-i", str(cases[0]), "-o", str(tmp_path / "in")): "the output folder is the input's folder",
+        ("-i", str(cases[0]), "-o", str(tmp_path / "in")): "the output would go beside its input in",
+        ("-i", str(cases[0]), "-o", str(tmp_path / "in" / "mine.nii.gz")): "the output would go beside its input",
         ("-i", str(tmp_path / "in"), "-o", str(tmp_path / "pred.nii.gz")): "the output must be a folder, not a name",
     }
     for argv, words in refused.items():
@@ -808,3 +811,12 @@ def test_threads_set_the_torch_cpu_thread_count_and_give_the_same_labels(trained
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["flare-infer: error: --threads sets the CPU's threads; the torch backend runs on cuda here: drop it"]
     assert torch.get_num_threads() == before
+
+
+def test_a_part_without_a_series_of_its_own_is_not_refused_for_dicom_seg(trained_checkpoint, tmp_path, capsys):
+    from dicom_series import phantom, write_series
+
+    write_series(tmp_path / "in" / "s1", phantom(), patient_id="P", series_number=1)
+    argv = ["--model", str(trained_checkpoint), "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-q"]
+    assert infer_main([*argv, "--output-type", "dicom-seg", "--num-parts", "2", "--part-id", "1"]) == 0
+    assert "0 segmented, 0 skipped (already done), 0 failed of 0" in capsys.readouterr().out

@@ -278,11 +278,12 @@ def test_a_folder_where_no_case_reaches_the_model_ends_with_its_summary_on_onnx_
     folder = tmp_path / "in"
     folder.mkdir()
     save(make_phantom((48, 48, 4), (8.0, 8.0, 10.0), seed=3).to_nifti()[0], folder / "c_0000.nii.gz")
+    (tmp_path / "o" / "c.nii.gz").mkdir(parents=True)  # in the way of its output: refused before the model
     argv = ["--model", str(onnx_models["fp32"]), "-i", str(folder), "-o", str(tmp_path / "o"), "-q"]
-    assert infer_main([*argv, "--output-type", "dicom-seg"]) == 1  # a NIfTI file has no series to reference
+    assert infer_main(argv) == 1
     captured = capsys.readouterr()
     assert "0 segmented, 0 skipped (already done), 1 failed of 1" in captured.out
-    assert "Traceback" not in captured.err and "DICOM SEG output needs a DICOM series" in captured.out
+    assert "Traceback" not in captured.err and "a folder is in the way of the output" in captured.out
     timings = json.loads((tmp_path / "o" / "timings.json").read_text())
     assert timings["context"]["runner"] == "OnnxRuntimeRunner"  # never loaded: named, not described
 

@@ -74,7 +74,11 @@ def _check_model_file(path: str | os.PathLike[str], backend: Backend | None = No
     if not model.is_file():
         raise FlareSegError(f"{model}: model not found")
     suffix = model.suffix.lower()
-    if backend is not None and suffix in _BACKEND_OF_SUFFIX and suffix not in _SUFFIXES_OF_BACKEND[backend]:
+    if backend is None:
+        return
+    if backend not in _SUFFIXES_OF_BACKEND:
+        raise FlareSegError(f"unknown backend {backend!r}; known: {', '.join(_SUFFIXES_OF_BACKEND)}")
+    if suffix in _BACKEND_OF_SUFFIX and suffix not in _SUFFIXES_OF_BACKEND[backend]:
         wanted = " or ".join(_SUFFIXES_OF_BACKEND[backend])
         raise FlareSegError(f"{model}: the {backend} backend runs {wanted} models, not a {suffix} file")
 
