@@ -8,6 +8,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from flareseg.cli import (
     add_common_arguments,
@@ -77,39 +78,34 @@ def _main(args: argparse.Namespace) -> int:
     _refuse_ignored(args)
     from flareseg.bench.inputs import removed_on_failure
 
-    width = {} if args.width is None else {"base_width": args.width}
+    # What both kinds of run take; None (and no width) means the machine's default.
+    common: dict[str, Any] = {
+        "out": args.out,
+        "model": args.model,
+        "backends": args.backends,
+        "input": args.input,
+        "slices": args.slices,
+        "size": args.size,
+    }
+    if args.width is not None:
+        common["base_width"] = args.width
     if args.check:
         from flareseg.bench.check import CheckConfig, run_check, write_check
 
         if args.batch is not None and len(args.batch) != 1:
             raise FlareSegError(f"--check runs one batch size, got --batch {','.join(map(str, args.batch))}")
-        check = CheckConfig(
-            out=args.out,
-            model=args.model,
-            backends=args.backends,
-            input=args.input,
-            slices=args.slices,
-            size=args.size,
-            batch=args.batch[0] if args.batch else 2,
-            **width,
-        )
+        check = CheckConfig(batch=args.batch[0] if args.batch else 2, **common)
         measure, write = functools.partial(run_check, check), write_check
     else:
         from flareseg.bench.report import write_report
         from flareseg.bench.run import BenchConfig, run_benchmark
 
         bench = BenchConfig(
-            out=args.out,
-            model=args.model,
-            backends=args.backends,
             batches=args.batch,
-            slices=args.slices,
-            input=args.input,
-            size=args.size,
             warmup=args.warmup,
             repeats=args.repeats,
             fresh_process=not args.no_fresh_process,
-            **width,
+            **common,
         )
         measure, write = functools.partial(run_benchmark, bench), write_report
     with removed_on_failure(args.out):
