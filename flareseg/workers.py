@@ -76,3 +76,25 @@ def loader_worker_signals(_worker_id: int = 0) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):  # forked with both blocked (see stop_signals_blocked)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP)
+
+
+@contextlib.contextmanager
+def cancelled_futures_quiet() -> Iterator[None]:
+    """While a process pool shuts down with ``cancel_futures=True``: drop the traceback its manager thread can print
+    when a worker's result arrives for a future just cancelled (``InvalidStateError``; CPython 3.11 sets the result
+    without checking). Those cases were never to be scored; the traceback would only bury the command's one line.
+    Any other thread error still goes to the hook in place before."""
+    from concurrent.futures import InvalidStateError
+
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        manager = args.thread is not None and type(args.thread).__module__ == "concurrent.futures.process"
+        if not (manager and args.exc_type is InvalidStateError):
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous

@@ -44,3 +44,34 @@ def test_outside_the_main_thread_it_changes_nothing():
     thread.start()
     thread.join()
     assert seen and signal.SIGINT not in seen[0]
+
+
+def test_a_cancelled_futures_error_of_the_pool_manager_thread_is_dropped_and_others_are_not():
+    """Threads of our own stand in for the pool's manager thread (a class of its module) and for any other."""
+    from concurrent.futures import InvalidStateError
+
+    from flareseg.workers import cancelled_futures_quiet
+
+    manager_class = type("_ExecutorManagerThread", (threading.Thread,), {"__module__": "concurrent.futures.process"})
+    seen: list[tuple[str, type]] = []
+    before = threading.excepthook
+    threading.excepthook = lambda args: seen.append((args.thread.name, args.exc_type))
+    try:
+        with cancelled_futures_quiet():
+            for cls, name, error in (
+                (manager_class, "manager", InvalidStateError("CANCELLED")),
+                (manager_class, "manager-other", RuntimeError("a real fault")),
+                (threading.Thread, "plain", InvalidStateError("not the pool's")),
+            ):
+
+                def fail(error: Exception = error) -> None:
+                    raise error
+
+                thread = cls(target=fail, name=name)
+                thread.start()
+                thread.join()
+        assert seen == [("manager-other", RuntimeError), ("plain", InvalidStateError)]
+        restored = threading.excepthook
+    finally:
+        threading.excepthook = before
+    assert restored is not before and restored.__name__ == "<lambda>"  # our stand-in hook is back after the block

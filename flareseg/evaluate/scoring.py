@@ -20,7 +20,7 @@ from flareseg.errors import FlareSegError
 from flareseg.labels import ORGANS
 from flareseg.metrics import organ_scores
 from flareseg.volume import case_id, find_cases, read_labels
-from flareseg.workers import pool_worker_signals, stop_signals_blocked
+from flareseg.workers import cancelled_futures_quiet, pool_worker_signals, stop_signals_blocked
 
 #: Affines of a prediction and its ground truth may differ by this much (mm) from rounding.
 AFFINE_TOLERANCE_MM = 1e-3
@@ -96,7 +96,7 @@ def evaluate_folders(
             except BaseException:  # Ctrl-C, SIGTERM or a case's error: the cases not started are not started
                 # A second Ctrl-C must not break off the wait for the running cases (the pool then hangs): it is
                 # held back, and raised once the workers are done.
-                with stop_signals_blocked():
+                with stop_signals_blocked(), cancelled_futures_quiet():
                     pool.shutdown(wait=True, cancel_futures=True)
                 raise
     else:

@@ -276,10 +276,10 @@ def _plan_inputs(args: argparse.Namespace, listed: list[Path] | None = None) -> 
     if not out.is_dir() and not out.name.endswith(suffixes) and out.name.lower().endswith(suffixes):
         raise FlareSegError(f"{out}: an output file name ends in lower-case {', '.join(dict.fromkeys(suffixes))}")
     target = _single_output(args, inp)
-    if inp.is_file() and target.parent.resolve() == inp.parent.resolve():
+    if inp.is_file() and target != out and target.parent.resolve() == inp.parent.resolve():
         raise FlareSegError(
-            f"{target}: the output would go beside its input in {inp.parent}, where a later folder run would take "
-            "it for a case; choose another folder"
+            f"{out}: the output folder is the input's own folder, where a later folder run would take the result for "
+            "a case; choose another folder (or name the output file)"
         )
     return False, [inp], target
 

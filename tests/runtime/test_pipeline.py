@@ -756,8 +756,7 @@ def test_run_options_that_would_lose_or_spoil_work_are_refused_before_any(traine
             f"{tmp_path / 'in'}: DICOM SEG output needs DICOM series as input, and this folder's cases are NIfTI"
         ),
         # The result beside its input would be taken for a case by the next folder run.
-        ("-i", str(cases[0]), "-o", str(tmp_path / "in")): "the output would go beside its input in",
-        ("-i", str(cases[0]), "-o", str(tmp_path / "in" / "mine.nii.gz")): "the output would go beside its input",
+        ("-i", str(cases[0]), "-o", str(tmp_path / "in")): "the output folder is the input's own folder",
         ("-i", str(tmp_path / "in"), "-o", str(tmp_path / "pred.nii.gz")): "the output must be a folder, not a name",
     }
     for argv, words in refused.items():
