@@ -160,10 +160,12 @@ def is_nifti(path: str | os.PathLike[str]) -> bool:
     return Path(path).name.endswith(NIFTI_SUFFIXES)
 
 
-def find_cases(folder: str | os.PathLike[str]) -> dict[str, Path]:
+def find_cases(folder: str | os.PathLike[str], *, keep_clashes: bool = False) -> dict[str, Path]:
     """Case name -> NIfTI file of ``folder``, sorted by file name (not recursive; hidden files skipped).
 
-    Two files with the same FLARE21 case name (``a_0000.nii.gz`` and ``a.nii``) are an error.
+    Two files with the same FLARE21 case name (``a_0000.nii.gz`` and ``a.nii``) are an error;
+    with ``keep_clashes``, the second is listed as ``{name}/{file name}`` instead, the one
+    with the ``_0000`` channel tag being the first (the other is likely a result beside it).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -186,9 +188,20 @@ def find_cases(folder: str | os.PathLike[str]) -> dict[str, Path]:
             continue
         name = case_id(path)
         if name in cases:
-            raise FlareSegError(f"{folder}: case {name} appears twice ({cases[name].name}, {path.name})")
+            if not keep_clashes:
+                raise FlareSegError(f"{folder}: case {name} appears twice ({cases[name].name}, {path.name})")
+            first, second = cases[name], path
+            if _tagged(second) and not _tagged(first):
+                first, second = second, first
+            cases[name], cases[f"{name}/{second.name}"] = first, second
+            continue
         cases[name] = path
     return cases
+
+
+def _tagged(path: Path) -> bool:
+    """Whether a NIfTI file name carries FLARE21's ``_0000`` channel tag."""
+    return any(path.name.endswith(f"_0000{suffix}") for suffix in NIFTI_SUFFIXES)
 
 
 #: Most threads a read may ask for (rapidgzip allocates per thread).

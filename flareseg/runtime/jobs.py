@@ -200,14 +200,14 @@ def list_inputs(folder: str | os.PathLike[str], *, exclude: Path | None = None) 
     SEG files would otherwise be taken for a series on the next run).
     """
     folder = Path(folder)
-    cases = dict(find_cases(folder))
+    cases = dict(find_cases(folder, keep_clashes=True))
     if not any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir()):
         return cases  # no subfolders, so no series: pydicom need not be imported
     from flareseg.dicom import find_series
 
     # A series whose header cannot be read is listed under its folder's name (with a "/", which
-    # no case name has), a second series of a name as "name/folder": the plan then fails that
-    # case alone, and the others go on.
+    # no case name has), a second input of a name (NIfTI file or series) as "name/file": the
+    # plan then fails that case alone, and the others go on.
     unnamed = lambda sub: f"{sub.name}/"  # noqa: E731
     for name, series in find_series(folder, unnamed=unnamed, exclude=exclude, keep_clashes=True).items():
         if name in cases:

@@ -278,3 +278,22 @@ def test_a_results_folder_of_dicom_seg_inside_the_input_folder_takes_more_result
     check_output_folder(folder / "results", folder)  # an earlier run's SEG files: not an input series
     plan = list(plan_folder([folder / "s1"], folder / "results", "dicom-seg"))
     assert [(p.case, p.status) for p in plan] == [("P_20260101_s1", "skipped")]
+
+
+def test_a_result_named_beside_its_input_fails_alone_and_the_input_runs(tmp_path):
+    from flareseg.runtime.jobs import list_cases
+    from flareseg.volume import find_cases
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("ct_0000.nii.gz", "ct.nii.gz", "b_0000.nii.gz"):  # ct.nii.gz: `-o in/ct.nii.gz` of an earlier run
+        (folder / name).write_bytes(b"not read by the plan")
+    plan = list(plan_folder(list_cases(folder), tmp_path / "out"))
+    assert [(p.input.name, p.case, p.status) for p in plan] == [
+        ("b_0000.nii.gz", "b", "run"),
+        ("ct_0000.nii.gz", "ct", "run"),  # the file with the channel tag is the case's input
+        ("ct.nii.gz", "ct", "failed"),
+    ]
+    assert str(plan[2].error).startswith(f"{folder / 'ct.nii.gz'}: case ct again (first from {folder / 'ct_0000'}")
+    with pytest.raises(FlareSegError, match=r"case ct appears twice \(ct.nii.gz, ct_0000.nii.gz\)"):
+        find_cases(folder)  # flare-eval and training still refuse such a folder: which file is meant is unclear
