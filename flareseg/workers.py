@@ -21,10 +21,7 @@ def pool_worker_signals() -> None:
     """A process pool worker's initialiser. Ctrl-C is the parent's: it cancels the cases not started and lets the
     running ones end. SIGTERM ends the worker at once, by default, as the pool relies on when it stops the workers
     of a broken pool (a worker that ignored it would hang the pool's shutdown)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if hasattr(signal, "pthread_sigmask"):  # forked with both blocked (see stop_signals_blocked)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP)
+    _worker_signals(sigterm=signal.SIG_DFL)
 
 
 @contextlib.contextmanager
@@ -72,8 +69,13 @@ def loader_worker_signals(_worker_id: int = 0) -> None:
     """A DataLoader worker's ``worker_init_fn``: both signals are the training process's. A worker that SIGTERM
     killed would make the loader raise a worker-crash error over the stop; the training process unwinds and ends
     its loader, whose workers then exit (they also exit when the training process is gone)."""
+    _worker_signals(sigterm=signal.SIG_IGN)
+
+
+def _worker_signals(sigterm: signal.Handlers) -> None:
+    """Ctrl-C ignored (the parent's to handle), SIGTERM as given, and both let through again."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, sigterm)
     if hasattr(signal, "pthread_sigmask"):  # forked with both blocked (see stop_signals_blocked)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP)
 

@@ -239,9 +239,10 @@ def build_engine(
     instead of minutes; one made by another TensorRT or GPU is set aside for an empty one.
 
     The engine and its sidecar are written to synced temporary files and renamed into
-    place together, then the timing cache: a failed or interrupted build leaves the earlier
-    engine and sidecar as they were. The sidecar records the engine's SHA-256, which
-    :func:`load_engine` checks, so a sidecar never passes for another engine.
+    place one right after the other, then the timing cache: a build that fails or is
+    interrupted while writing leaves the earlier engine and sidecar as they were. The
+    sidecar records the engine's SHA-256, which :func:`load_engine` checks, so a sidecar
+    never passes for another engine (not even after a stop between the two renames).
     """
     onnx_path = Path(onnx_path)
     engine_path = Path(engine_path) if engine_path else engine_path_for(onnx_path)

@@ -103,8 +103,10 @@ def open_runner(
     ``backend="openvino"`` an ONNX model (fp32 or INT8) runs on OpenVINO's CPU plugin, in
     fp32 or, with ``precision="bf16"``, bf16 where the CPU has the instructions.
     """
-    backend = backend or backend_for(model)
-    _check_model_file(model, backend)
+    if backend is None:
+        backend = backend_for(model)  # checks the file; its suffix fits the backend it names
+    else:
+        _check_model_file(model, backend)
     if device is None:  # an engine runs on the GPU; every other backend defaults to the CPU
         device = "cuda" if backend == "tensorrt" else "cpu"
     if cuda_graph_batch is not None and backend != "torch":
