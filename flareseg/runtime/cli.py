@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -182,22 +183,30 @@ def _check_backend_options(args: argparse.Namespace, backend: str) -> None:
         raise FlareSegError(f"--ort-provider cpu runs on the CPU, --device {args.device} on the GPU: choose one")
 
 
-def _set_torch_threads(args: argparse.Namespace, backend: str, device: str) -> None:
+@contextlib.contextmanager
+def _torch_threads(args: argparse.Namespace, backend: str, device: str) -> Iterator[None]:
     """--threads for the torch backend: this process's intra-op thread count, set here at the command's edge
-    (the runners never change process-wide settings); ONNX Runtime and OpenVINO take it per session."""
+    (the runners never change process-wide settings) and restored after, for a program that calls :func:`main`;
+    ONNX Runtime and OpenVINO take it per session."""
     cores = os.cpu_count() or 1
     if args.threads is not None and args.threads > cores:
         log.warning(
             "--threads %d on %d CPU cores: threads beyond the cores only wait for each other", args.threads, cores
         )
     if backend != "torch" or args.threads is None:
+        yield
         return
     if device != "cpu":
         raise FlareSegError(f"--threads sets the CPU's threads; the torch backend runs on {device} here: drop it")
     import torch
 
+    before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     log.info("torch CPU threads: %d", args.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _default_device_for(backend: str, ort_provider: str | None) -> str:
@@ -322,11 +331,12 @@ def _main(args: argparse.Namespace) -> int:
 
     # The first case's read starts now, so that it overlaps torch's import, the device's
     # start-up and the model's loading.
-    with Reader(args.read_threads) as reader:  # a missing rapidgzip is said here, before any work
+    # Reader says a missing rapidgzip before any work; `restore` undoes the run's process-wide settings.
+    with Reader(args.read_threads) as reader, contextlib.ExitStack() as restore:
         first, listed = _look_ahead(args)
         if first is not None:
             reader.prefetch(first, args.output_type)
-        return _run(args, timeline, reader, listed)
+        return _run(args, timeline, reader, restore, listed)
 
 
 def _look_ahead(args: argparse.Namespace) -> tuple[Path | None, list[Path] | None]:
@@ -366,7 +376,14 @@ def _kept_output(args: argparse.Namespace, inp: Path) -> bool:
         return False
 
 
-def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: list[Path] | None = None) -> int:
+def _run(
+    args: argparse.Namespace,
+    timeline: Timeline,
+    reader: Reader,
+    restore: contextlib.ExitStack,
+    listed: list[Path] | None = None,
+) -> int:
+    """The run; what it changes in the process (torch's thread count) is undone by ``restore`` when it ends."""
     from tqdm import tqdm
 
     from flareseg.runtime.jobs import check_timings, file_job
@@ -391,7 +408,7 @@ def _run(args: argparse.Namespace, timeline: Timeline, reader: Reader, listed: l
     precision: TorchPrecision = args.precision or ("fp16" if cuda and backend == "torch" else "fp32")
     channels_last = args.channels_last if args.channels_last is not None else (cuda and precision != "fp32")
     batch_size = args.batch_size if args.batch_size is not None else (GPU_BATCH if cuda else CPU_BATCH)
-    _set_torch_threads(args, backend, device)
+    restore.enter_context(_torch_threads(args, backend, device))
     if args.overlap_postprocess and args.no_postprocess:
         raise FlareSegError("--overlap-postprocess and --no-postprocess contradict each other: choose one")
     folder, inputs, target = _plan_inputs(args, listed)

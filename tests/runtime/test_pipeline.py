@@ -793,16 +793,27 @@ def test_a_single_case_interrupted_after_its_write_is_counted_done(trained_check
     assert [c["case"] for c in json.loads((out / "c0.timings.json").read_text())["cases"]] == ["c0"]
 
 
-def test_threads_set_the_torch_cpu_thread_count_and_give_the_same_labels(trained_checkpoint, tmp_path, capsys, caplog):
+def test_threads_set_the_torch_cpu_thread_count_and_give_the_same_labels(
+    trained_checkpoint, tmp_path, capsys, caplog, monkeypatch
+):
     (ct,) = _folder(tmp_path / "in", 1)
     base = ["--model", str(trained_checkpoint), "-i", str(ct), "-q"]
     assert infer_main([*base, "-o", str(tmp_path / "a.nii.gz")]) == 0
     before = torch.get_num_threads()
+    seen: list[int] = []  # the count each segmented case ran with
+    real_infer = pipeline.infer_volume
+
+    def infer_volume(*a, **kw):
+        seen.append(torch.get_num_threads())
+        return real_infer(*a, **kw)
+
+    monkeypatch.setattr(pipeline, "infer_volume", infer_volume)
     try:
         assert infer_main([*base, "-o", str(tmp_path / "b.nii.gz"), "--threads", "1"]) == 0
-        assert torch.get_num_threads() == 1  # the command's process: set at its edge, for its network
     finally:
         torch.set_num_threads(before)
+    # Set at the command's edge for its network, and undone after it for a program that called main().
+    assert seen == [1] and torch.get_num_threads() == before
     a, b = (np.asanyarray(nib.load(tmp_path / f"{x}.nii.gz").dataobj) for x in "ab")
     assert a.any() and np.array_equal(a, b)
     capsys.readouterr()
