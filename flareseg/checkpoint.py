@@ -151,20 +151,26 @@ def checkpoint_file_problem(path: Path) -> str | None:
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load and validate a checkpoint's dictionary (weights on the CPU)."""
+    """Load and validate a checkpoint's dictionary (weights on the CPU).
+
+    The archive's checksums are checked first (one pass over the file, which torch.load
+    then reads from the page cache): torch.load itself reads past a flipped byte in the weights.
+    """
     path = Path(path)
     if path.is_dir():
-        raise FlareSegError(f"{path}: is a folder, not a checkpoint file")
+        inside = sorted(p.name for p in path.glob("*.pt"))
+        hint = f" (it holds {', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''})" if inside else ""
+        raise FlareSegError(f"{path}: is a folder, not a checkpoint file; give the .pt file{hint}")
     if not path.is_file():
         raise FlareSegError(f"{path}: checkpoint not found")
+    problem = checkpoint_file_problem(path)
+    if problem is not None:
+        raise FlareSegError(f"{path}: {problem}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file; the archive says why in plain words
-        problem = checkpoint_file_problem(path)
-        if problem is None:
-            first = (str(exc).strip().splitlines() or [""])[0][:120]
-            problem = f"not a readable checkpoint ({type(exc).__name__}: {first})"
-        raise FlareSegError(f"{path}: {problem}") from None
+    except Exception as exc:  # torch raises many types for a bad file
+        first = (str(exc).strip().splitlines() or [""])[0][:120]
+        raise FlareSegError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {first})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise FlareSegError(f"{path}: not a flareseg checkpoint")
     if payload.get("format_version") != FORMAT_VERSION:

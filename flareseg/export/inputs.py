@@ -12,30 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flareseg.checkpoint import ModelInfo, checkpoint_file_problem, load_model
+from flareseg.checkpoint import ModelInfo, load_model
 from flareseg.errors import FlareSegError
 from flareseg.network import FlareUNet, non_finite_weights
-
-#: A label map holds the classes 0..4; every real CT holds air, about -1000 HU.
-
-
-def check_checkpoint_file(path: str | os.PathLike[str]) -> Path:
-    """Refuse a checkpoint path that is missing, a folder, empty, or not an intact ``torch.save`` zip archive.
-
-    torch.load reports a cut-short file as a long internal error, and reads past a flipped
-    byte in the weights without noticing; the zip members' checksums catch both.
-    """
-    path = Path(path)
-    if path.is_dir():
-        inside = sorted(p.name for p in path.glob("*.pt"))
-        hint = f" (it holds {', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''})" if inside else ""
-        raise FlareSegError(f"{path}: is a folder, not a checkpoint file; give the .pt file{hint}")
-    if not path.is_file():
-        raise FlareSegError(f"{path}: checkpoint not found")
-    problem = checkpoint_file_problem(path)
-    if problem is not None:
-        raise FlareSegError(f"{path}: {problem}")
-    return path
 
 
 def check_finite_weights(net: torch.nn.Module, path: str | os.PathLike[str]) -> None:
@@ -45,8 +24,7 @@ def check_finite_weights(net: torch.nn.Module, path: str | os.PathLike[str]) -> 
 
 
 def load_checked_model(path: str | os.PathLike[str]) -> tuple[FlareUNet, ModelInfo]:
-    """The checkpoint's network (eval mode) and its ModelInfo, after the file and weight checks."""
-    check_checkpoint_file(path)
+    """The checkpoint's network (eval mode) and its ModelInfo, its weights checked finite."""
     net, info, _ = load_model(path)
     check_finite_weights(net, path)
     return net, info

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import TRAINED_SIZE
 
-from flareseg.checkpoint import ModelInfo, load_model, save_checkpoint
+from flareseg.checkpoint import ModelInfo, load_model, read_checkpoint, save_checkpoint
 from flareseg.errors import FlareSegError
 from flareseg.export import ExportOptions, export_onnx, onnx_export, read_onnx_metadata, read_sidecar
 from flareseg.export.cli import main as export_main
@@ -326,6 +326,16 @@ def test_unreadable_checkpoints_are_refused_in_one_line(tiny_checkpoint, tmp_pat
     line = _one_line(capsys)
     assert line.startswith(f"flare-export: error: {path}: {words}")
     assert len(line) - len(str(path)) < 120 and not out.exists()  # short and whole, not a cut-off torch message
+
+
+@pytest.mark.parametrize("kind", ["folder", "truncated", "flipped-byte", "empty", "not-a-zip"])
+def test_every_reader_of_a_checkpoint_refuses_a_damaged_one(tiny_checkpoint, tmp_path, kind):
+    """load_model and read_checkpoint serve flare-infer, flare-bench and flare-train --resume: the same words there."""
+    path, words = _damaged_checkpoints(tiny_checkpoint, tmp_path)[kind]
+    for read in (load_model, read_checkpoint):
+        with pytest.raises(FlareSegError) as raised:
+            read(path)
+        assert str(raised.value).startswith(f"{path}: {words}")
 
 
 def test_non_finite_weights_are_refused_before_export(tiny_checkpoint, tmp_path, capsys):
