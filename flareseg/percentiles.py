@@ -69,18 +69,22 @@ def _memory_order(volume: np.ndarray) -> np.ndarray:
 
 
 def _pieces(volume: np.ndarray) -> Iterator[np.ndarray]:
-    """The voxels as 1-D pieces of about ``_CHUNK`` each: views where the storage is contiguous, else slab copies."""
+    """The voxels as 1-D pieces of at most ``_CHUNK`` each: views where the storage is contiguous, else slab copies."""
     v = _memory_order(volume)
     if v.flags.c_contiguous:
-        flat = v.reshape(-1)
-        for i in range(0, flat.size, _CHUNK):
-            yield flat[i : i + _CHUNK]
+        yield from _chunks(v.reshape(-1))
         return
-    # Non-contiguous storage (a crop, a strided view): slabs along the slowest axis, copied one at a time.
+    # Non-contiguous storage (a crop, a strided view): slabs along the slowest axis, copied one at a time
+    # (one row may itself be larger than a chunk).
     per_row = max(1, v[0].size) if v.ndim > 1 else 1
     rows = max(1, _CHUNK // per_row)
     for i in range(0, v.shape[0], rows):
-        yield np.ascontiguousarray(v[i : i + rows]).reshape(-1)
+        yield from _chunks(np.ascontiguousarray(v[i : i + rows]).reshape(-1))
+
+
+def _chunks(flat: np.ndarray) -> Iterator[np.ndarray]:
+    for i in range(0, flat.size, _CHUNK):
+        yield flat[i : i + _CHUNK]
 
 
 def _bit_pattern_counts(dtype: np.dtype) -> np.ndarray:

@@ -109,6 +109,10 @@ def test_floats_and_wide_integer_ranges_fall_back_tonumpy_percentiles(monkeypatc
     assert float_bits(exact_percentiles(vol[:, ::2], (1.0, 99.0))) == float_bits(
         numpy_percentiles(vol[:, ::2], (1.0, 99.0))
     )
+    # A strided view whose one row (a slab's smallest copy) is larger than a chunk, 16- and 32-bit.
+    for dtype in (np.int16, np.int32, np.uint32):
+        big = rng.integers(0, 3000, (3, 40, 60)).astype(dtype)[:, :, ::2]  # rows of 1,200 voxels
+        assert float_bits(exact_percentiles(big, (1.0, 99.0))) == float_bits(numpy_percentiles(big, (1.0, 99.0)))
 
 
 # --- Counting while a file inflates ------------------------------------------------------------------------
