@@ -1,9 +1,11 @@
 """Exported ONNX models (fp32 or INT8) in OpenVINO's CPU runtime, f32 or bf16 inference precision.
 
 OpenVINO is optional (``pip install 'flareseg[openvino]'``) and imported on activation
-only. The model is compiled once per batch size with a static shape: on the CPU plugin a
-static shape lets it pick its kernels and memory layout ahead of time, which is faster
-than a dynamic batch axis (measured in benchmarks/cpu_paths.md). Settings are the
+only. The model is compiled once per batch size it is given, with a static shape, at
+that size's first batch (the pipeline's warm-up): on the CPU plugin a static shape lets
+it pick its kernels and memory layout ahead of time, which is faster than a dynamic batch
+axis (measured in benchmarks/cpu_paths.md). A run at batch B compiles B and, where a
+volume's slice count leaves a shorter last batch, that size too; nothing else. Settings are the
 compiled model's own (threads, performance hint, inference precision); nothing global
 is changed.
 """
@@ -105,7 +107,6 @@ class OpenVINORunner(Runner):
             self._model = self.core.read_model(str(self.path))
         except RuntimeError as exc:
             raise FlareSegError(f"{self.path}: OpenVINO could not read the model ({_first_line(exc)})") from None
-        self._compile(self.meta.batch_profile[1])
 
     def _config(self) -> dict[str, Any]:
         config: dict[str, Any] = {
