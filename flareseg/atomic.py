@@ -85,6 +85,8 @@ def _naming(path: Path) -> Iterator[None]:
 def check_writable(path: Path) -> None:
     """Refuse, before any work, a path whose folder could not be made or written: a file or a broken link
     on the way, no access, a read-only file system."""
+    if path.is_symlink() and path.exists():  # the write replaces the link's target: check that one
+        path = _replaceable(path)
     # The nearest thing on the way that is there at all: a broken link is there, but leads nowhere.
     there = next(p for p in (path.absolute(), *path.absolute().parents) if os.path.lexists(p))
     if there.is_symlink() and not there.exists():
@@ -133,6 +135,8 @@ def _replaceable(path: Path) -> Path:
         target = Path(os.path.realpath(path))
         if not target.exists():
             raise FlareSegError(f"{path}: a link to {target}, which does not exist")
+        if target.suffix.lower() != path.suffix.lower():  # `results.csv` -> a label map, say: never replaced
+            raise FlareSegError(f"{path}: a link to {target}, a file of another kind; refusing to write through it")
         path = target
     if path.is_dir():
         raise FlareSegError(f"{path}: is a folder, not a file")

@@ -41,6 +41,17 @@ def test_a_link_is_written_through_and_stays_a_link(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["results.csv"]
 
 
+def test_a_link_to_a_file_of_another_kind_is_refused_before_any_work_and_at_the_write(tmp_path):
+    label_map = tmp_path / "case.nii.gz"
+    label_map.write_bytes(b"an input")
+    link = tmp_path / "results.csv"
+    link.symlink_to(label_map)
+    for write in (check_writable, lambda p: write_text_atomic("case,dsc", p)):
+        with pytest.raises(FlareSegError, match=r"results.csv: a link to .*case.nii.gz, a file of another kind"):
+            write(link)
+    assert label_map.read_bytes() == b"an input"
+
+
 def test_a_link_to_nothing_is_refused(tmp_path):
     link = tmp_path / "r.csv"
     link.symlink_to(tmp_path / "gone" / "r.csv")

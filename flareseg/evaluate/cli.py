@@ -40,9 +40,6 @@ def check_csv_output(path: Path) -> None:
     """Refuse, before any scoring, a CSV path that would replace a label map or could not be written."""
     if path.suffix.lower() != ".csv":  # so that it can never replace a NIfTI input, nor be taken for a case
         raise FlareSegError(f"{path}: the per-case results file must end in .csv")
-    target = path.resolve()  # the file the write replaces: a link's target
-    if target.suffix.lower() != ".csv":
-        raise FlareSegError(f"{path}: a link to {target}, which is not a .csv file; refusing to replace it")
     if path.is_dir():
         raise FlareSegError(f"{path}: is a folder, not a file")
     check_writable(path)

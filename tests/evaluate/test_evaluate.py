@@ -164,7 +164,7 @@ def test_the_csv_can_never_replace_an_input_and_is_checked_before_scoring(phanto
     _expect_cli_error([*base, "-o", str(tmp_path / "afile" / "r.csv")], capsys, "afile is a file")
     link = tmp_path / "results.csv"  # a .csv name whose write would land in a label map
     link.symlink_to(gt_dir / "case_000.nii.gz")
-    _expect_cli_error([*base, "-o", str(link)], capsys, "which is not a .csv file; refusing to replace it")
+    _expect_cli_error([*base, "-o", str(link)], capsys, "a file of another kind; refusing to write through it")
     assert (gt_dir / "case_000.nii.gz").read_bytes() == before
     assert sorted(p.name for p in pred_dir.iterdir()) == ["case_000.nii.gz"]
 
