@@ -56,16 +56,43 @@ def _series_of(volume: Volume, what: str) -> DicomSeries:
     return volume.source
 
 
+#: Type 2 patient and study attributes (present, possibly empty) a SEG copies from its source: de-identification
+#: tools often delete them, and highdicom reads them all.
+_TYPE_2_COPIED: Final[tuple[str, ...]] = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+)
+
+
 def _referencable(ds: Dataset) -> Dataset:
-    """A header copy with SOPClassUID/SOPInstanceUID taken from the file meta when the data set lacks them."""
+    """A header a SEG can be made from: SOPClassUID/SOPInstanceUID taken from the file meta when the data set lacks
+    them, and the Type 2 attributes it copies present (empty where the series has none)."""
     meta = getattr(ds, "file_meta", None)
-    if meta is None or (ds.get("SOPInstanceUID") and ds.get("SOPClassUID")):
+    uids = {
+        key: meta.get(f"MediaStorage{key}", "")
+        for key in ("SOPInstanceUID", "SOPClassUID")
+        if meta is not None and not ds.get(key)
+    }
+    absent = [key for key in _TYPE_2_COPIED if key not in ds]
+    name = str(ds.get("PatientName", ""))
+    # One component ("ANONYMOUS") is a valid name that highdicom warns about on every write; with the trailing
+    # caret the standard allows it is the same name, said unambiguously.
+    single = bool(name) and "^" not in name and "=" not in name
+    if not uids and not absent and not single:
         return ds
     out = copy.deepcopy(ds)  # the volume's own headers stay as read
-    if not out.get("SOPInstanceUID"):
-        out.SOPInstanceUID = meta.get("MediaStorageSOPInstanceUID", "")
-    if not out.get("SOPClassUID"):
-        out.SOPClassUID = meta.get("MediaStorageSOPClassUID", "")
+    for key, value in uids.items():
+        setattr(out, key, value)
+    for key in absent:
+        setattr(out, key, "")
+    if single:
+        out.PatientName = f"{name}^"
     return out
 
 

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -438,6 +439,28 @@ def test_write_seg_round_trip_and_content(tmp_path: Path) -> None:
         list(vol.source.sop_instance_uids), combine_segments=True, assert_missing_frames_are_empty=True
     )
     assert sorted(np.unique(combined).tolist()) == [0, *present]
+
+
+def test_write_seg_for_a_series_stripped_of_type_2_patient_and_study_attributes(tmp_path: Path) -> None:
+    """De-identification tools often delete PatientBirthDate, AccessionNumber...: a SEG gets them empty."""
+    stripped = ("PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate", "StudyTime")
+
+    def strip(_: int, ds) -> None:
+        for key in stripped:
+            delattr(ds, key)
+        ds.PatientName = "ANONYMOUS"  # one component: valid DICOM, which highdicom warns about
+
+    write_series(tmp_path / "s", phantom("LPS"), edit=strip)
+    vol = read_series(tmp_path / "s")
+    _, labels, _ = canonical_truth()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # highdicom's warning about the one-component name, say
+        out = write_seg(labels, vol, tmp_path / "case.dcm")
+    np.testing.assert_array_equal(read_seg(out, vol), labels)
+    seg = pydicom.dcmread(out)
+    assert [seg[key].value for key in stripped] == [""] * len(stripped)  # present and empty: Type 2
+    assert (seg.PatientName, seg.PatientID) == ("ANONYMOUS^", "PAT01")  # the same name, unambiguous
+    assert all(key not in pydicom.dcmread(f) for f in (tmp_path / "s").iterdir() for key in stripped)  # inputs
 
 
 def test_write_seg_empty_label_map(tmp_path: Path) -> None:
