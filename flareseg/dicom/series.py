@@ -238,7 +238,18 @@ def _slice_order(
             f"slice positions are not evenly spaced: gap of {gaps[k]:.2f} mm between {names[order[k]]} and "
             f"{names[order[k + 1]]}, expected {step:.2f} mm{hint}",
         )
-    return order, float((s[-1] - s[0]) / (len(s) - 1))
+    # Gaps each within the tolerance can still add up (2.0 mm, then 2.19 mm): the affine's one spacing would
+    # put later slices millimetres from where their own positions say.
+    spacing = float((s[-1] - s[0]) / (len(s) - 1))
+    off = np.abs(s - (s[0] + spacing * np.arange(len(s))))
+    k = int(np.argmax(off))
+    if off[k] > max(0.01, SPACING_TOLERANCE * spacing):
+        raise _fail(
+            folder,
+            f"slice positions are not evenly spaced: {names[order[k]]} lies {off[k]:.2f} mm from where an even "
+            f"spacing of {spacing:.2f} mm puts it (the spacing changes along the series)",
+        )
+    return order, spacing
 
 
 def _affine(

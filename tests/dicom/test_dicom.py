@@ -209,6 +209,16 @@ def _move(dz: float) -> Callable[[int, Dataset], None]:
     return edit
 
 
+def _stretch_after(first: int, extra: float) -> Callable[[int, Dataset], None]:
+    """Gaps after slice ``first`` made longer by ``extra`` mm each."""
+
+    def edit(k: int, ds: Dataset) -> None:
+        pos = [float(v) for v in ds.ImagePositionPatient]
+        ds.ImagePositionPatient = [pos[0], pos[1], pos[2] + max(0, k - first) * extra]
+
+    return edit
+
+
 def _tilt(k: int, ds: Dataset) -> None:
     pos = [float(v) for v in ds.ImagePositionPatient]
     ds.ImagePositionPatient = [pos[0], pos[1] + k * 6.0 * np.tan(np.radians(15)), pos[2]]
@@ -268,6 +278,9 @@ def make_bad(kind: str, folder: Path) -> str:
     if kind == "uneven":
         write_series(folder, ph, edit=_move(2.5))
         return "not evenly spaced"
+    if kind == "spacing-drift":  # every gap within 10 % of the typical one, the sum not
+        files = write_series(folder, ph, edit=_stretch_after(5, 0.5))
+        return f"not evenly spaced: {files[5].name} lies 1.36 mm from where an even spacing of 6.27 mm puts it"
     if kind == "gantry-tilt":
         write_series(folder, ph, edit=_tilt)
         return "gantry tilt or sheared stack of about 15.0 degrees, GantryDetectorTilt 15"
@@ -298,6 +311,7 @@ BAD_KINDS = [
     "missing-slice",
     "duplicated-slice",
     "uneven",
+    "spacing-drift",
     "gantry-tilt",
     "non-parallel",
     "modality",
