@@ -51,9 +51,12 @@ def evaluate_case(gt_path: Path, pred_path: Path, tolerance_mm: float = 1.0) -> 
     gt, gt_geom = read_labels(gt_path)
     pred, pred_geom = read_labels(pred_path)
     if gt.shape != pred.shape:
-        raise FlareSegError(f"case {name}: prediction shape {pred.shape} differs from ground truth {gt.shape}")
+        raise FlareSegError(
+            f"{pred_path}: prediction of shape {pred.shape}, its ground truth {gt.shape} ({gt_path}); "
+            "predict on the ground truth's own grid"
+        )
     if not np.allclose(gt_geom.affine, pred_geom.affine, atol=AFFINE_TOLERANCE_MM, rtol=0):
-        raise FlareSegError(f"case {name}: prediction affine differs from the ground truth affine ({pred_path})")
+        raise FlareSegError(f"{pred_path}: prediction affine differs from its ground truth's ({gt_path})")
     return CaseResult(name, organ_scores(gt, pred, gt_geom.spacing, tolerance_mm=tolerance_mm))
 
 
@@ -78,33 +81,33 @@ def evaluate_folders(
     ev.missing = sorted(set(gts) - set(preds))
     ev.extra = sorted(set(preds) - set(gts))
     jobs = [(gts[c], preds[c], tolerance_mm) for c in sorted(set(gts) & set(preds))]
-    # On a terminal only (None: tqdm asks), so that a log or an error line does not follow a carriage return.
-    bar = tqdm(total=len(jobs), desc="evaluating", unit="case", disable=None if progress else True)
-    results: dict[str, CaseResult] = {}
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers, initializer=pool_worker_signals) as pool:
-            try:
-                with stop_signals_blocked():  # the workers are forked at the first submission
-                    scored = pool.map(_evaluate_pair, jobs)
-                for res in scored:
-                    results[res.case] = res
-                    bar.update()
-            except BrokenProcessPool:  # a worker killed from outside (the out-of-memory killer, say)
-                raise FlareSegError(
-                    "a scoring process ended abruptly (out of memory?); --workers 1 scores one case at a time"
-                ) from None
-            except BaseException:  # Ctrl-C, SIGTERM or a case's error: the cases not started are not started
-                # A second Ctrl-C must not break off the wait for the running cases (the pool then hangs): it is
-                # held back, and raised once the workers are done.
-                with stop_signals_blocked(), cancelled_futures_quiet():
-                    pool.shutdown(wait=True, cancel_futures=True)
-                raise
-    else:
-        for job in jobs:
-            res = _evaluate_pair(job)
-            results[res.case] = res
-            bar.update()
-    bar.close()
+    # On a terminal only (None: tqdm asks), and closed on an error too, so that a log or an error line does not
+    # follow a carriage return.
+    with tqdm(total=len(jobs), desc="evaluating", unit="case", disable=None if progress else True) as bar:
+        results: dict[str, CaseResult] = {}
+        if workers > 1 and len(jobs) > 1:
+            with ProcessPoolExecutor(max_workers=workers, initializer=pool_worker_signals) as pool:
+                try:
+                    with stop_signals_blocked():  # the workers are forked at the first submission
+                        scored = pool.map(_evaluate_pair, jobs)
+                    for res in scored:
+                        results[res.case] = res
+                        bar.update()
+                except BrokenProcessPool:  # a worker killed from outside (the out-of-memory killer, say)
+                    raise FlareSegError(
+                        "a scoring process ended abruptly (out of memory?); --workers 1 scores one case at a time"
+                    ) from None
+                except BaseException:  # Ctrl-C, SIGTERM or a case's error: the cases not started are not started
+                    # A second Ctrl-C must not break off the wait for the running cases (the pool then hangs): it is
+                    # held back, and raised once the workers are done.
+                    with stop_signals_blocked(), cancelled_futures_quiet():
+                        pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+        else:
+            for job in jobs:
+                res = _evaluate_pair(job)
+                results[res.case] = res
+                bar.update()
     for c in ev.missing:
         results[c] = CaseResult(c, {o: (0.0, 0.0) for o in ORGANS}, status="missing")
     ev.results = [results[c] for c in sorted(results)]

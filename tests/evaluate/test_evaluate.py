@@ -102,24 +102,32 @@ def _expect_cli_error(argv, capsys, *needles):
         assert needle in err[0]
 
 
-def test_shape_mismatch_names_the_case_and_writes_nothing(phantom_dirs, tmp_path, capsys):
+def test_shape_mismatch_names_both_files_and_writes_nothing(phantom_dirs, tmp_path, capsys):
     gt_dir, pred_dir = phantom_dirs
     _, small = make_phantom((40, 40, 24), seed=0).to_nifti()
     save(small, pred_dir / "case_000.nii.gz")
     out = tmp_path / "r.csv"
     _expect_cli_error(
-        ["--pred", str(pred_dir), "--gt", str(gt_dir), "-o", str(out), "-q"], capsys, "case case_000", "shape"
+        ["--pred", str(pred_dir), "--gt", str(gt_dir), "-o", str(out), "-q"],
+        capsys,
+        f"{pred_dir / 'case_000.nii.gz'}: prediction of shape (40, 40, 24), its ground truth (48, 40, 24) "
+        f"({gt_dir / 'case_000.nii.gz'})",
     )
     assert not out.exists()
 
 
-def test_affine_mismatch_names_the_case(phantom_dirs, capsys):
+def test_affine_mismatch_names_both_files(phantom_dirs, capsys):
     gt_dir, pred_dir = phantom_dirs
     gt = nib.load(gt_dir / "case_001.nii.gz")
     shifted = gt.affine.copy()
     shifted[0, 3] += 5.0
     save(nib.Nifti1Image(np.asarray(gt.dataobj), shifted), pred_dir / "case_001.nii.gz")
-    _expect_cli_error(["--pred", str(pred_dir), "--gt", str(gt_dir), "-q"], capsys, "case case_001", "affine")
+    _expect_cli_error(
+        ["--pred", str(pred_dir), "--gt", str(gt_dir), "-q"],
+        capsys,
+        f"{pred_dir / 'case_001.nii.gz'}: prediction affine differs from its ground truth's "
+        f"({gt_dir / 'case_001.nii.gz'})",
+    )
 
 
 def test_ground_truth_labels_outside_range_name_the_file(phantom_dirs, capsys):
