@@ -43,6 +43,8 @@ log = logging.getLogger("flareseg.runtime.cli")
 #: (benchmarks/results/cpu-2core), and each extra slice costs 0.4-1 GB of working memory.
 CPU_BATCH = 2
 GPU_BATCH = 8
+#: A folder's cases as listed ahead of the run, or why they could not be; None if not listed.
+Listing = list[Path] | FlareSegError | None
 #: The slice size --gpu-memory plans for, at least (CT slices are 512 x 512 on nearly every scanner).
 PLAN_SLICE = 512
 
@@ -255,10 +257,11 @@ def _check_memory_budget(args: argparse.Namespace, backend: str, cuda: bool, dev
     return nvml_used_mb(torch.device(device))  # before our CUDA context exists
 
 
-def _plan_inputs(args: argparse.Namespace, listed: list[Path] | None = None) -> tuple[bool, list[Path], Path | None]:
+def _plan_inputs(args: argparse.Namespace, listed: Listing = None) -> tuple[bool, list[Path], Path | None]:
     """(folder mode, inputs, a single input's output file; None for a folder).
 
-    ``listed``: the folder's cases, when :func:`_look_ahead` has listed them already.
+    ``listed``: the folder's cases, or why they could not be listed, when :func:`_look_ahead` has listed them
+    already (listing again would say its warnings twice).
     """
     from flareseg.runtime.jobs import OUTPUT_SUFFIXES, check_output_folder, is_series_input, list_cases
     from flareseg.volume import NIFTI_SUFFIXES, is_nifti
@@ -268,6 +271,8 @@ def _plan_inputs(args: argparse.Namespace, listed: list[Path] | None = None) -> 
         check_output_folder(args.output, inp)
         if listed is None:
             listed = list_cases(inp, **_part(args), exclude=args.output)
+        elif isinstance(listed, FlareSegError):
+            raise listed
         if args.output_type == "dicom-seg" and not _has_series(inp, listed, args):
             raise FlareSegError(
                 f"{inp}: DICOM SEG output needs DICOM series as input, and this folder's cases are NIfTI files; "
@@ -339,13 +344,14 @@ def _main(args: argparse.Namespace) -> int:
         return _run(args, timeline, reader, restore, listed)
 
 
-def _look_ahead(args: argparse.Namespace) -> tuple[Path | None, list[Path] | None]:
-    """The input the run will read first, found without torch, and a folder's cases if they were listed.
+def _look_ahead(args: argparse.Namespace) -> tuple[Path | None, Listing]:
+    """The input the run will read first, found without torch, and a folder's cases (or why not) if it listed them.
 
     The input: a NIfTI file, or a folder's first case to run. None when there is no NIfTI
     file to read ahead (a DICOM series, whose parsing would hold the GIL against torch's
     import; every case done) or the inputs are in error: the run then says why, in its
-    usual order. The listing is handed on, so that a folder of many series is not read twice.
+    usual order. The listing is handed on, so that a folder of many series is not read twice
+    (nor its warnings said twice).
     """
     from flareseg.runtime.jobs import check_output_folder, is_series_input, list_cases, plan_folder
     from flareseg.volume import is_nifti
@@ -355,12 +361,15 @@ def _look_ahead(args: argparse.Namespace) -> tuple[Path | None, list[Path] | Non
         if not is_nifti(inp) or (not args.overwrite and _kept_output(args, inp)):
             return None, None  # not NIfTI, or a result already there that the run keeps: nothing to read
         return inp, None
-    cases = None
+    cases: Listing = None
     try:
         if not inp.is_dir() or is_series_input(inp):
             return None, None
         check_output_folder(args.output, inp, probe=False)  # the run refuses it again, in its usual order
-        cases = list_cases(inp, **_part(args), exclude=args.output)
+        try:
+            cases = list_cases(inp, **_part(args), exclude=args.output)
+        except FlareSegError as exc:
+            return None, exc  # the run raises it after its own checks of the output
         plan = plan_folder(cases, args.output, args.output_type, overwrite=args.overwrite)
         first = next((planned.input for planned in plan if planned.status == "run"), None)
     except (FlareSegError, OSError):
@@ -381,7 +390,7 @@ def _run(
     timeline: Timeline,
     reader: Reader,
     restore: contextlib.ExitStack,
-    listed: list[Path] | None = None,
+    listed: Listing = None,
 ) -> int:
     """The run; what it changes in the process (torch's thread count) is undone by ``restore`` when it ends."""
     from tqdm import tqdm

@@ -627,6 +627,21 @@ def test_cli_dicom_seg_refused_for_nifti_input(tmp_path: Path, trained_checkpoin
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_cli_a_folder_with_series_only_deeper_down_is_refused_and_warned_about_once(
+    tmp_path: Path, trained_checkpoint: Path, capsys, caplog
+) -> None:
+    write_series(tmp_path / "in" / "study" / "s1", phantom("LPS"))
+    with caplog.at_level("WARNING"):
+        code = _infer(["--model", str(trained_checkpoint), "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out")])
+    assert code == 2
+    assert [r.getMessage() for r in caplog.records if r.name == "flareseg.dicom.files"] == [
+        f"{tmp_path / 'in' / 'study'}: ignored: no DICOM files directly in it (folders inside it are not searched)"
+    ]
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"flare-infer: error: {tmp_path / 'in'}: no .nii or .nii.gz files and no DICOM series folders"
+    ]
+
+
 def test_cli_bad_series_exit_2(tmp_path: Path, trained_checkpoint: Path, capsys) -> None:
     folder = tmp_path / "bad"
     make_bad("missing-slice", folder)
