@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -118,26 +118,87 @@ def embed_in_onnx(model: Any, meta: ExportMetadata) -> None:
 
 
 def read_onnx_metadata(path: str | os.PathLike[str]) -> ExportMetadata:
-    """The metadata embedded in an ONNX file (reads the graph structure, not the weights)."""
-    import onnx
-
+    """The metadata embedded in an ONNX file, read without the ``onnx`` package (see :func:`onnx_metadata_props`)."""
     path = Path(path)
     if not path.is_file():
         raise FlareSegError(f"{path}: model not found")
+    props = onnx_metadata_props(path)
+    if METADATA_KEY not in props:
+        raise FlareSegError(f"{path}: no flareseg metadata in this ONNX model (export it with flare-export)")
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf raises DecodeError and others
-        raise FlareSegError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
-    for prop in model.metadata_props:
-        if prop.key == METADATA_KEY:
-            try:
-                data = json.loads(prop.value)
-            except json.JSONDecodeError as exc:
-                raise FlareSegError(f"{path}: corrupt flareseg metadata ({exc})") from None
-            if not isinstance(data, dict):
-                raise FlareSegError(f"{path}: flareseg metadata is not a JSON object (got {type(data).__name__})")
-            return ExportMetadata.from_dict(data, source=str(path))
-    raise FlareSegError(f"{path}: no flareseg metadata in this ONNX model (export it with flare-export)")
+        data = json.loads(props[METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise FlareSegError(f"{path}: corrupt flareseg metadata ({exc})") from None
+    if not isinstance(data, dict):
+        raise FlareSegError(f"{path}: flareseg metadata is not a JSON object (got {type(data).__name__})")
+    return ExportMetadata.from_dict(data, source=str(path))
+
+
+#: ModelProto's ``metadata_props`` field, and the key and value fields of its StringStringEntryProto (onnx.proto).
+_METADATA_PROPS_FIELD, _KEY_FIELD, _VALUE_FIELD = 14, 1, 2
+
+
+def onnx_metadata_props(path: Path) -> dict[str, str]:
+    """An ONNX file's ``metadata_props``, read from the protobuf wire format of its top-level message.
+
+    Runners need only these few hundred bytes; ``onnx.load`` would cost the ``onnx`` import
+    (about 0.7 s) and a parse of the whole graph with its weights. The graph and every other
+    field are skipped by their length, on a memory map, so their bytes are never read.
+    """
+    import mmap
+
+    try:
+        if path.stat().st_size == 0:
+            raise FlareSegError(f"{path}: not an ONNX model (the file is empty)")
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            props = {}
+            for number, value in _fields(data, 0, len(data)):
+                if number == _METADATA_PROPS_FIELD and isinstance(value, tuple):
+                    entry = {n: v for n, v in _fields(data, *value) if isinstance(v, tuple)}
+                    key, text = (bytes(data[slice(*entry.get(n, (0, 0)))]).decode() for n in (_KEY_FIELD, _VALUE_FIELD))
+                    props[key] = text
+            return props
+    except (ValueError, UnicodeDecodeError) as exc:  # a broken message, text that is not UTF-8
+        raise FlareSegError(f"{path}: not an ONNX model ({exc})") from None
+    except OSError as exc:
+        raise FlareSegError(f"{path}: cannot read the model ({exc.strerror or exc})") from None
+
+
+def _fields(data: Any, start: int, end: int) -> Iterator[tuple[int, int | tuple[int, int]]]:
+    """(field number, value) of a protobuf message in ``data[start:end]``: a number for a varint or fixed-size
+    field, (start, end) of the bytes of a length-delimited one."""
+    i = start
+    while i < end:
+        key, i = _varint(data, i, end)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise ValueError(f"field number 0 at byte {i}")
+        if wire == 0:
+            value, i = _varint(data, i, end)
+            yield number, value
+        elif wire in (1, 5):  # 64- and 32-bit fixed
+            i += 8 if wire == 1 else 4
+            yield number, 0
+        elif wire == 2:
+            length, i = _varint(data, i, end)
+            yield number, (i, i + length)
+            i += length
+        else:  # groups (3, 4) are not in ONNX's schema; 6 and 7 do not exist
+            raise ValueError(f"wire type {wire} at byte {i}")
+        if i > end:
+            raise ValueError("a field runs past the end of its message (cut short?)")
+
+
+def _varint(data: Any, i: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= end or shift > 63:
+            raise ValueError(f"a broken varint at byte {i}")
+        byte = data[i]
+        value |= (byte & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if not byte & 0x80:
+            return value, i
 
 
 def sidecar_text(data: Mapping[str, Any]) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -458,6 +460,42 @@ def test_a_write_that_fails_midway_leaves_the_earlier_set_whole(tiny_checkpoint,
         export_onnx(tiny_checkpoint, out, options, overwrite=True)
     assert calls == ["fp32", "fp16"]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new fp32 beside old fp16, no temporaries
+
+
+def test_metadata_is_read_without_the_onnx_package_as_onnx_reads_it(tiny_checkpoint, tmp_path):
+    from onnx import TensorProto, helper
+
+    from flareseg.export.metadata import onnx_metadata_props
+
+    exported = export_onnx(tiny_checkpoint, tmp_path / "deploy", ExportOptions(fp16=True, verify_slices=1))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    other = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [x]))
+    for key, value in (("a", ""), ("", "no key"), ("flareseg", '{"é": "ü"}'), ("long", "x" * 300)):
+        other.metadata_props.add(key=key, value=value)
+    onnx.save(other, str(tmp_path / "other.onnx"))
+    for path in [e.path for e in exported] + [tmp_path / "other.onnx"]:
+        expected = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        assert onnx_metadata_props(path) == expected, path
+    assert read_onnx_metadata(exported[0].path) == exported[0].metadata
+    # So an ONNX Runtime run never imports onnx (about 0.7 s of a fresh process's start).
+    code = (
+        "import sys\nfrom flareseg.runtime.runners import OnnxRuntimeRunner\n"
+        f"OnnxRuntimeRunner({str(exported[0].path)!r}).activate()\nprint('onnx' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+    blob = exported[0].path.read_bytes()
+    damaged = {
+        "empty": (b"", "not an ONNX model (the file is empty)"),
+        "text": (b"hello", "not an ONNX model (wire type 4 at byte 3)"),
+        "cut short": (blob[: len(blob) // 2], "not an ONNX model (a field runs past the end of its message"),
+        "gzip": (b"\x1f\x8b\x08\x00" + bytes(60), "not an ONNX model (wire type 7 at byte 1)"),
+    }
+    for name, (content, words) in damaged.items():
+        path = tmp_path / f"{name}.onnx"
+        path.write_bytes(content)
+        with pytest.raises(FlareSegError) as err:
+            read_onnx_metadata(path)
+        assert str(err.value).startswith(f"{path}: {words}"), name
 
 
 @pytest.mark.parametrize(
