@@ -39,6 +39,27 @@ def gpu_memory_errors(where: object, batch: int, way_out: str) -> Iterator[None]
         raise FlareSegError(f"{where}: the GPU ran out of memory at batch size {batch} ({first}); {way_out}") from None
 
 
+@contextlib.contextmanager
+def interrupts_kept() -> Iterator[None]:
+    """Ctrl-C or SIGTERM that a library wrapped in an error of its own unwinds as itself.
+
+    torch.onnx.export catches everything while it traces: an interrupt that lands in one of
+    its lazy imports comes out as a TorchExportError (with a second error from the
+    half-imported module) instead of the KeyboardInterrupt the command turns into exit 130.
+    """
+    try:
+        yield
+    except Exception as exc:
+        seen: set[int] = set()
+        cause: BaseException | None = exc
+        while cause is not None and id(cause) not in seen:
+            if isinstance(cause, KeyboardInterrupt):
+                raise cause from None
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+        raise
+
+
 def no_room(exc: BaseException) -> bool:
     """Whether an error is a GPU allocation failure: torch's allocator's (``torch.OutOfMemoryError``), or cuDNN's
     or cuBLAS's own, which reach Python as a plain RuntimeError naming their status."""

@@ -27,7 +27,7 @@ from torch import nn
 
 from flareseg.atomic import atomic_outputs, check_writable_folder
 from flareseg.checkpoint import ModelInfo, check_slice_size, file_sha256, software_versions
-from flareseg.errors import FlareSegError
+from flareseg.errors import FlareSegError, interrupts_kept
 from flareseg.export.inputs import load_checked_model, read_ct_hu
 from flareseg.export.int8 import (
     DEFAULT_CALIBRATION_SLICES,
@@ -161,7 +161,12 @@ def _to_onnx(module: nn.Module, channels: int, size: tuple[int, int], max_batch:
     example = torch.randn(2, channels, *size, generator=torch.Generator().manual_seed(0))  # not the global one
     batch = torch.export.Dim("batch", min=1, max=max(2, max_batch))
     # The exporter logs its fallbacks (optional torchvision ops, the C API's opset conversion): not actionable here.
-    with warnings.catch_warnings(), _quiet_logger("torch.onnx"), _quiet_logger("onnxscript.version_converter"):
+    with (
+        interrupts_kept(),
+        warnings.catch_warnings(),
+        _quiet_logger("torch.onnx"),
+        _quiet_logger("onnxscript.version_converter"),
+    ):
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not actionable here
         program = torch.onnx.export(
             module,

@@ -340,6 +340,27 @@ def test_every_reader_of_a_checkpoint_refuses_a_damaged_one(tiny_checkpoint, tmp
         assert str(raised.value).startswith(f"{path}: {words}")
 
 
+def test_an_interrupt_the_exporter_wraps_in_its_own_error_still_stops_the_command(
+    tiny_checkpoint, tmp_path, capsys, monkeypatch
+):
+    """A double of torch.onnx.export: what it does when Ctrl-C lands in one of its lazy imports."""
+
+    def export(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            try:
+                raise AttributeError("module 'torch._dynamo' has no attribute 'exc'")
+            except AttributeError as inner:
+                raise RuntimeError("Failed to export the model with torch.export") from inner
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    out = tmp_path / "out"
+    assert export_main([str(tiny_checkpoint), "-o", str(out), "-q"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["flare-export: interrupted"]
+    assert not out.exists()
+
+
 def test_non_finite_weights_are_refused_before_export(tiny_checkpoint, tmp_path, capsys):
     net, info, _ = load_model(tiny_checkpoint)
     with torch.no_grad():
