@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from flareseg.errors import FlareSegError
@@ -53,9 +53,14 @@ class AtomicOutputs:
         self._written.append((tmp, target))
 
     def _commit(self) -> None:
-        for tmp, target in self._written:
-            with _naming(target):
-                os.replace(tmp, target)
+        from flareseg.workers import stop_signals_blocked
+
+        # Ctrl-C or SIGTERM between two renames would leave the set half new, half old (a checkpoint beside an
+        # older one, a model beside another's sidecar): they are held back until the last rename.
+        with stop_signals_blocked() if len(self._written) > 1 else nullcontext():
+            for tmp, target in self._written:
+                with _naming(target):
+                    os.replace(tmp, target)
 
     def _discard(self) -> None:
         for tmp in self._temps:

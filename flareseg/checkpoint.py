@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from flareseg.atomic import atomic_output
+from flareseg.atomic import AtomicOutputs, atomic_output
 from flareseg.errors import FlareSegError
 from flareseg.labels import LABELS
 from flareseg.network import SIZE_MULTIPLE, FlareUNet, NetworkConfig, build_training_network
@@ -102,8 +102,13 @@ def save_checkpoint(
     model: torch.nn.Module,
     info: ModelInfo,
     extra: Mapping[str, Any] | None = None,
+    *,
+    outputs: AtomicOutputs | None = None,
 ) -> Path:
-    """Write a checkpoint atomically (temporary file in the same folder, fsync, rename)."""
+    """Write a checkpoint atomically (temporary file in the same folder, fsync, rename).
+
+    ``outputs``: a set the checkpoint belongs to (training's best.pt, last.pt and log), renamed with it.
+    """
     path = Path(path)
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
@@ -120,7 +125,7 @@ def save_checkpoint(
         if clash:
             raise FlareSegError(f"checkpoint extra keys {sorted(clash)} clash with the format's own keys")
         payload.update(extra)
-    with atomic_output(path) as tmp:
+    with atomic_output(path) if outputs is None else outputs.writing(path) as tmp:
         torch.save(payload, tmp)
     return path
 

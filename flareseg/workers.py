@@ -26,7 +26,7 @@ def pool_worker_signals() -> None:
 
 @contextlib.contextmanager
 def stop_signals_blocked() -> Iterator[None]:
-    """Ctrl-C and SIGTERM held back while worker processes are forked, then handled.
+    """Ctrl-C and SIGTERM held back while worker processes are forked (or a set of files is renamed), then handled.
 
     A signal handled during a fork ran the command's handler inside the fork's own hooks, where
     its exception is dropped (the stop was lost), and one that reached a new worker before its

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import re
 import stat
 from pathlib import Path
@@ -27,6 +28,26 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         tmp.write_text("half")
         raise RuntimeError("stopped mid-write")
     assert out.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["r.csv"]
+
+
+def test_ctrl_c_between_the_renames_of_a_set_waits_for_the_last_one(tmp_path, monkeypatch):
+    real_replace, renamed = os.replace, []
+
+    def replace(src, dst):
+        if not renamed:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C right after the first rename
+        real_replace(src, dst)
+        renamed.append(Path(dst).name)
+
+    for name in ("model.onnx", "model.onnx.json"):
+        (tmp_path / name).write_text("old")
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt), atomic_outputs() as outputs:
+        for name in ("model.onnx", "model.onnx.json"):
+            with outputs.writing(tmp_path / name) as tmp:
+                tmp.write_text("new")
+    assert renamed == ["model.onnx", "model.onnx.json"]  # the interrupt came after the set was whole
+    assert [(tmp_path / n).read_text() for n in ("model.onnx", "model.onnx.json")] == ["new", "new"]
 
 
 def test_a_link_is_written_through_and_stays_a_link(tmp_path):

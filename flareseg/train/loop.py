@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from flareseg.atomic import write_text_atomic
+from flareseg.atomic import AtomicOutputs, atomic_outputs, write_text_atomic
 from flareseg.checkpoint import ModelInfo, check_slice_size, read_checkpoint, save_checkpoint
 from flareseg.errors import FlareSegError, gpu_memory_errors
 from flareseg.labels import LABELS, ORGANS
@@ -275,11 +275,24 @@ def _remove_created(run: Path, created: Path) -> None:
             break
 
 
-def _append_record(path: Path, record: dict[str, Any]) -> None:
-    """One line more in the run's log, the file replaced whole (it is small): a crash never leaves half a line."""
+def _append_record(path: Path, record: dict[str, Any], outputs: AtomicOutputs) -> None:
+    """One line more in the run's log, the file replaced whole (it is small) with the epoch's checkpoints.
+
+    Records of epochs after ``record``'s go: a run resumed from an earlier checkpoint (one
+    saved before a crash) does them again.
+    """
     previous = path.read_text() if path.exists() else ""
     previous = previous[: previous.rfind("\n") + 1]  # a half line from a crash of an older version goes
-    write_text_atomic(previous + json.dumps(record) + "\n", path)
+    kept = [line for line in previous.splitlines(keepends=True) if _record_epoch(line) < record["epoch"]]
+    with outputs.writing(path) as tmp:
+        tmp.write_text("".join(kept) + json.dumps(record) + "\n")
+
+
+def _record_epoch(line: str) -> float:
+    try:
+        return float(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return float("-inf")  # not a record: kept as it was
 
 
 def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
@@ -548,12 +561,14 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
                 "scaler": scaler.state_dict() if config.amp else None,
                 "config": config.to_dict(),
             }
-            # best.pt before last.pt: last.pt records this epoch's best_score, so were it written first, a crash
-            # between the two would leave an older best.pt that a resumed run would never replace.
-            if improved:
-                save_checkpoint(run / "best.pt", model, info, extra={"train_state": {**train_state, "optimizer": None}})
-            save_checkpoint(run / "last.pt", model, info, extra={"train_state": train_state})
-            _append_record(log_path, record)
+            # One set, renamed together once all are written (a stop is held back between the renames): best.pt
+            # beside a last.pt of another epoch would leave a run that neither resumes nor restarts right.
+            with atomic_outputs() as outputs:
+                if improved:
+                    best_state = {"train_state": {**train_state, "optimizer": None}}
+                    save_checkpoint(run / "best.pt", model, info, extra=best_state, outputs=outputs)
+                save_checkpoint(run / "last.pt", model, info, extra={"train_state": train_state}, outputs=outputs)
+                _append_record(log_path, record, outputs)
             organs = ", ".join(f"{LABELS[o]} {record[f'dsc_{LABELS[o]}']:.3f}" for o in ORGANS)
             log.info(
                 "epoch %d: loss %.4f, %.2f steps/s (data %.0f%%), val DSC %s; mean %.3f%s",

@@ -97,28 +97,30 @@ def test_weights_follow_from_the_seed_alone_and_the_callers_generators_are_untou
     assert not all(torch.equal(v, other[k]) for k, v in weights[0].items())
 
 
-def test_a_crash_between_the_epoch_checkpoints_never_leaves_a_best_older_than_last(phantom_data, tmp_path, monkeypatch):
+def test_an_epochs_checkpoints_and_log_record_land_together_or_not_at_all(phantom_data, tmp_path, monkeypatch):
     from flareseg.train import loop
 
     real_save, written = loop.save_checkpoint, []
 
-    def save_then_crash(path, *args, **kwargs):
-        if written:  # the epoch's second checkpoint write fails (disk full, killed...)
-            raise OSError(f"{path}: no space left on device")
+    def save_then_stop(path, *args, **kwargs):
+        if written:  # Ctrl-C while the epoch's second checkpoint is written
+            raise KeyboardInterrupt
         written.append(Path(path).name)
         return real_save(path, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
     run = tmp_path / "run"
-    run.mkdir()  # a folder the run did not create is kept when it fails, so what it wrote can be checked
     argv = ["--data", str(phantom_data), "--out", str(run), "--epochs", "1", "--steps-per-epoch", "1"]
-    with pytest.raises(OSError, match="no space left"):
-        train_main([*argv, "--val-cases", "1", *TINY])
-    # The first epoch always improves on "no best yet": best.pt comes first, and last.pt, which would
-    # record that best score for a resumed run, is not written ahead of it.
+    assert train_main([*argv, "--val-cases", "1", *TINY]) == 130
+    # best.pt was written, but not renamed into place without its last.pt: a best.pt alone was a run that
+    # --resume refused (no last.pt) and a new run refused too (a run is there).
     assert written == ["best.pt"]
+    assert not any((run / name).exists() for name in ("best.pt", "last.pt", "log.jsonl"))
+    assert not [p.name for p in run.iterdir() if ".part" in p.name]
+    monkeypatch.undo()
+    assert train_main(["--resume", str(run), "-q"]) == 0  # "no checkpoint yet": from epoch 1
+    assert [r["epoch"] for r in _log(run)] == [1]
     assert read_checkpoint(run / "best.pt")["train_state"]["best_epoch"] == 1
-    assert not (run / "last.pt").exists()
 
 
 def test_checkpoint_holds_what_inference_needs_and_refuses_mismatches(phantom_data, tmp_path):

@@ -545,12 +545,22 @@ def test_a_mask_without_an_image_is_an_error(data_a, tmp_path):
 
 
 def test_the_log_gains_whole_lines_only_and_a_half_line_left_by_a_crash_goes(tmp_path):
+    from flareseg.atomic import atomic_outputs
+
     path = tmp_path / "log.jsonl"
-    loop._append_record(path, {"epoch": 1})
-    loop._append_record(path, {"epoch": 2})
+
+    def append(record):
+        with atomic_outputs() as outputs:
+            loop._append_record(path, record, outputs)
+
+    append({"epoch": 1})
+    append({"epoch": 2})
     path.write_text(path.read_text() + '{"epoch": 3, "lo')  # an append cut short
-    loop._append_record(path, {"epoch": 3})
+    append({"epoch": 3})
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"epoch": e} for e in (1, 2, 3)]
+    # A run resumed from epoch 1's checkpoint does epoch 2 again: its record replaces the later ones.
+    append({"epoch": 2, "again": True})
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"epoch": 1}, {"epoch": 2, "again": True}]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl"]
 
 
