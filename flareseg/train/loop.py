@@ -371,11 +371,14 @@ def _check_resumable(run: Path, config: TrainConfig, train_cases: Sequence[Case]
 
 
 def _make_run_dir(run: Path, config: TrainConfig) -> None:
+    """The run folder, and its config.json if it has none yet (a run resumed keeps its own until its data are
+    checked: a resume refused for bad data must not leave the run pointing at them)."""
     try:
         run.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise FlareSegError(f"--out {run}: cannot create the run folder ({exc.strerror or exc})") from None
-    write_text_atomic(config.to_json() + "\n", run / "config.json")
+    if not (run / "config.json").exists():
+        write_text_atomic(config.to_json() + "\n", run / "config.json")
 
 
 def _dataset_statistics(run: Path, train_cases: Sequence[Case], resumed: NormalizationStats | None) -> None:
@@ -437,6 +440,7 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
         cache.build(train_cases)
         cache.build(val_cases, full_resolution=True)
         write_text_atomic(json.dumps(split, indent=2), run / "split.json")
+        write_text_atomic(config.to_json() + "\n", run / "config.json")  # every case read: the data are good
     d.barrier()
     info = ModelInfo(
         network=NetworkConfig(base_width=config.base_width), normalization=stats, slice_size=config.slice_size

@@ -382,7 +382,21 @@ def test_resume_refuses_settings_and_data_that_differ_from_the_run(data_a, data_
     ]
     assert train_main(["--resume", str(run), "--out", str(tmp_path / "other")]) == 2
     assert "a resumed run writes into its own folder" in capsys.readouterr().err
-    assert _files(run) == before
+    # The run's images (so its statistics pass), a mask with a label the data may not hold: refused when its
+    # slices are cached, and the run's config.json still names its own data.
+    bad = _copy(data_a, tmp_path / "bad")
+    mask = next((bad / "TrainingMask").iterdir())
+    img = nib.load(mask)
+    labels = np.asanyarray(img.dataobj).copy()
+    labels[0, 0, 0] = 7
+    nib.save(nib.Nifti1Image(labels, img.affine, img.header), mask)
+    assert train_main(["--resume", str(run), "--epochs", "2", "--data", str(bad)]) == 2
+    assert "outside 0..4" in capsys.readouterr().err
+    assert json.loads((run / "config.json").read_text())["data"] == json.loads(before["config.json"])["data"]
+    shutil.rmtree(run / "cache")  # rebuilt from the run's own data: what matters is that nothing else changed
+    assert {k: v for k, v in _files(run).items() if not k.startswith("cache")} == {
+        k: v for k, v in before.items() if not k.startswith("cache")
+    }
     # The same settings given again are no difference; a copy of the data (same files) is the same data.
     copy = _copy(data_a, tmp_path / "copy")
     argv = ["--resume", str(run), "--epochs", "2", "--width", "4", "--lr", "1e-3", "--data", str(copy), "-q"]
