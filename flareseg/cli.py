@@ -72,6 +72,14 @@ def run_command(
     except FlareSegError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
+    except MemoryError as exc:  # numpy's too-large array (a subclass), Python's own
+        print(f"{parser.prog}: error: {_out_of_memory(exc)}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if "can't allocate memory" not in str(exc):  # torch's CPU allocator says it in a plain RuntimeError
+            raise
+        print(f"{parser.prog}: error: {_out_of_memory(exc)}", file=sys.stderr)
+        return 2
     except BrokenPipeError as exc:
         if _stdout_gone():  # whoever read stdout has gone (`| head`): no traceback for that
             return 1
@@ -84,6 +92,16 @@ def run_command(
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _out_of_memory(exc: BaseException) -> str:
+    """One line for a host allocation that failed: what could not be allocated, and the way out."""
+    text = str(exc).strip()
+    what = text[text.find("can't allocate") :] if "can't allocate" in text else text.splitlines()[0] if text else ""
+    return (
+        f"out of memory ({what[:160] or type(exc).__name__}); lower the sizes, widths or batch sizes given, "
+        "or free memory"
+    )
 
 
 def _catch_sigterm() -> Any:

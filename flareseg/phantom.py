@@ -38,7 +38,7 @@ from flareseg.cli import (
 )
 from flareseg.errors import FlareSegError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("flareseg.phantom")  # not __main__ under python -m
 
 
 _AXIS_OF = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}

@@ -100,6 +100,39 @@ sys.exit(code)
     assert not any(tmp_path.iterdir())  # the half-written temporary file is gone
 
 
+def test_running_out_of_host_memory_is_one_line_and_other_runtime_errors_stay_tracebacks(capsys):
+    import argparse
+
+    import numpy as np
+
+    from flareseg.cli import add_common_arguments, run_command
+
+    parser = argparse.ArgumentParser(prog="flare-x")
+    add_common_arguments(parser)
+
+    def numpy_too_large(_args):
+        np.empty((1 << 44,), np.uint8)  # 16 TiB: numpy raises _ArrayMemoryError, a MemoryError
+
+    def torch_allocator(_args):  # what torch's CPU allocator raises, word for word
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+            "allocate 400000000000 bytes. Error code 12 (Cannot allocate memory)"
+        )
+
+    assert run_command(parser, numpy_too_large, []) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("flare-x: error: out of memory (Unable to allocate") and "batch sizes" in line
+    assert run_command(parser, torch_allocator, []) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("flare-x: error: out of memory (can't allocate memory: you tried to allocate 400000000000")
+
+    def a_bug(_args):
+        raise RuntimeError("an ordinary bug")
+
+    with pytest.raises(RuntimeError, match="an ordinary bug"):
+        run_command(parser, a_bug, [])
+
+
 def test_an_error_quoting_a_multi_line_message_is_still_one_line():
     from flareseg.errors import FlareSegError
 

@@ -15,7 +15,7 @@ from flareseg.errors import FlareSegError
 from flareseg.evaluate.scoring import evaluate_folders
 from flareseg.evaluate.tables import csv_text, summary_table
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("flareseg.evaluate.cli")  # not __main__ under python -m
 
 
 def build_parser() -> argparse.ArgumentParser:

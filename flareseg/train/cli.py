@@ -33,7 +33,7 @@ from flareseg.train.config import (
     locate_data,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("flareseg.train.cli")  # not __main__ under python -m or torchrun -m
 
 #: Options a resumed run may change: how it runs, not what it learns.
 RESUME_MAY_CHANGE = ("--epochs", "--device", "--workers", "--cudnn-benchmark")

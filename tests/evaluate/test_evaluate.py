@@ -240,3 +240,13 @@ def test_sigterm_to_the_process_group_ends_a_pooled_run_at_once(tmp_path):
         assert not out.exists()
         with pytest.raises(ProcessLookupError):  # no worker left behind in the group
             os.killpg(proc.pid, 0)
+
+
+def test_run_as_a_module_it_still_logs_as_flareseg(phantom_dirs, tmp_path):
+    """Under ``python -m`` (and ``torchrun -m``) a module's __name__ is __main__, outside the flareseg loggers."""
+    gt_dir, pred_dir = phantom_dirs
+    shutil.copy(gt_dir / "case_000.nii.gz", pred_dir / "case_000.nii.gz")
+    out = tmp_path / "r.csv"
+    argv = [sys.executable, "-m", "flareseg.evaluate.cli", "--pred", str(pred_dir), "--gt", str(gt_dir), "-o", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True, check=True)
+    assert f"INFO flareseg.evaluate.cli: wrote {out}" in done.stderr.splitlines()
