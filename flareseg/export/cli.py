@@ -42,20 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--calibration-slices",
         type=positive_int,
-        default=DEFAULT_CALIBRATION_SLICES,
         help=f"INT8: slices to calibrate on (default {DEFAULT_CALIBRATION_SLICES})",
     )
     p.add_argument(
         "--int8-min-agreement",
         type=_fraction,
-        default=DEFAULT_MIN_AGREEMENT,
         help=f"INT8: least fraction of held-out voxels labelled as fp32 PyTorch labels them "
         f"(default {DEFAULT_MIN_AGREEMENT})",
     )
     p.add_argument(
         "--quantizer",
         choices=("onnxruntime", "nncf"),
-        default=DEFAULT_QUANTIZER,
         help=f"INT8: the quantiser that writes the QDQ graph (default {DEFAULT_QUANTIZER}, chosen by measurement)",
     )
     p.add_argument(
@@ -98,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.name,
         help=f"file name stem, without path separators (default {d.name})",
     )
-    p.add_argument("--workspace-mib", type=positive_int, default=DEFAULT_WORKSPACE_MIB, help="TensorRT workspace limit")
+    p.add_argument(
+        "--workspace-mib", type=positive_int, help=f"TensorRT workspace limit (default {DEFAULT_WORKSPACE_MIB})"
+    )
     p.add_argument("--timing-cache", type=path_arg, help="TensorRT timing cache (default: beside the output)")
     p.add_argument(
         "--tf32",
@@ -109,7 +108,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Options that only a TensorRT engine build, or only the INT8 export, uses: refused without it.
+_FOR = {
+    "--engine": ("workspace_mib", "timing_cache", "tf32"),
+    "--int8": ("calibration_slices", "int8_min_agreement", "quantizer"),
+}
+
+
+def _check_options_used(args: argparse.Namespace) -> None:
+    """An option that would change nothing is refused (as flare-infer and flare-bench do), not silently ignored."""
+    for needed, names in _FOR.items():
+        given = [name for name in names if getattr(args, name) not in (None, False)]
+        if given and not getattr(args, needed.removeprefix("--")):
+            flag = "--" + given[0].replace("_", "-")
+            raise FlareSegError(f"{flag} is used only with {needed}: add {needed}, or drop {flag}")
+
+
 def _main(args: argparse.Namespace) -> int:
+    _check_options_used(args)
     if args.engine and args.argmax == "uint8":
         raise FlareSegError(
             "--engine cannot take --argmax uint8 (TensorRT converts to uint8 only from float types): "
@@ -126,9 +142,9 @@ def _main(args: argparse.Namespace) -> int:
         verify_slices=args.verify_slices,
         name=args.name,
         int8=args.int8,
-        int8_min_agreement=args.int8_min_agreement,
-        calibration_slices=args.calibration_slices,
-        quantizer=args.quantizer,
+        int8_min_agreement=DEFAULT_MIN_AGREEMENT if args.int8_min_agreement is None else args.int8_min_agreement,
+        calibration_slices=args.calibration_slices or DEFAULT_CALIBRATION_SLICES,
+        quantizer=args.quantizer or DEFAULT_QUANTIZER,
     )
     if args.engine:
         # Fail at once, before minutes of export, when TensorRT or a GPU is missing.
@@ -153,7 +169,10 @@ def _main(args: argparse.Namespace) -> int:
         # The engine comes from the fp16 ONNX with --fp16, else the fp32 one (never the CPU INT8 model).
         source = next(e for e in exported if e.metadata.precision == ("fp16" if args.fp16 else "fp32"))
         engine = build_engine(
-            source.path, workspace_mib=args.workspace_mib, timing_cache=args.timing_cache, tf32=args.tf32
+            source.path,
+            workspace_mib=args.workspace_mib or DEFAULT_WORKSPACE_MIB,
+            timing_cache=args.timing_cache,
+            tf32=args.tf32,
         )
         print(f"wrote {engine} (+ {engine.name}.json)")
     return 0

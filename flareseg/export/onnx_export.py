@@ -411,7 +411,7 @@ def export_onnx(
                 side.write_text(sidecar_text(meta.to_dict()))
             written.append(ExportedModel(path, meta))
     for model_written, (_, _, figures) in zip(written, verified, strict=True):
-        log.info("wrote %s: %s", model_written.path, _summary(figures))
+        log.debug("wrote %s: %s", model_written.path, _summary(figures))  # flare-export prints it (stdout)
     now = {p for w in written for p in (w.path, sidecar_path(w.path))}
     for stale in earlier:
         if stale not in now:

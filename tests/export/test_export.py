@@ -361,6 +361,31 @@ def test_an_interrupt_the_exporter_wraps_in_its_own_error_still_stops_the_comman
     assert not out.exists()
 
 
+def test_options_for_an_engine_or_int8_are_refused_without_it_and_results_are_said_once(
+    tiny_checkpoint, tmp_path, capsys, caplog
+):
+    out = tmp_path / "out"
+    for option, needed in (
+        (["--workspace-mib", "512"], "--engine"),
+        (["--timing-cache", str(tmp_path / "tc")], "--engine"),
+        (["--tf32"], "--engine"),
+        (["--calibration-slices", "8"], "--int8"),
+        (["--int8-min-agreement", "0.9"], "--int8"),
+        (["--quantizer", "nncf"], "--int8"),
+    ):
+        assert export_main([str(tiny_checkpoint), "-o", str(out), *option]) == 2
+        assert (
+            _one_line(capsys)
+            == f"flare-export: error: {option[0]} is used only with {needed}: add {needed}, or drop {option[0]}"
+        )
+    assert not out.exists()
+    with caplog.at_level("INFO", logger="flareseg"):
+        assert export_main([str(tiny_checkpoint), "-o", str(out), "--verify-slices", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("random slices") == 1  # on stdout, and not logged again
+    assert not [r for r in caplog.records if "random slices" in r.getMessage()]
+
+
 def test_non_finite_weights_are_refused_before_export(tiny_checkpoint, tmp_path, capsys):
     net, info, _ = load_model(tiny_checkpoint)
     with torch.no_grad():
