@@ -117,7 +117,8 @@ class CheckConfig:
         check_counts(slices=self.slices, base_width=self.base_width)
         size = check_slice_size(self.size)
         check_report_folder(self.out)
-        onnx_precision = check_model(self.model)
+        onnx_precision, model_size = check_model(self.model)
+        size = model_size or size  # a given model runs at its own slice size (the CLI refuses --size with it)
         backends, left_out = select_backends(self.backends, onnx_precision)
         check_input_volume(self.input, series=False)
         return CheckPlan(

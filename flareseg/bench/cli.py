@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int_list, help="batch sizes (default 1,2,4 on CPU; 1..32 on GPU)")
     p.add_argument("--slices", type=positive_int, help="slices of the phantom volume (default 8 on CPU, 64 on GPU)")
     p.add_argument("--input", type=path_arg, help="a CT volume to time instead of the phantom")
-    p.add_argument("--size", type=slice_size, default=(512, 512), help="slice size (default 512)")
+    p.add_argument(
+        "--size", type=slice_size, help="slice size of the random-weight network (default 512; not with --model)"
+    )
     p.add_argument("--repeats", type=positive_int, help="timed runs per batch size (default 3 on CPU, 20 on GPU)")
     p.add_argument("--warmup", type=non_negative_int, help="untimed runs first (default 1 on CPU, 5 on GPU)")
     p.add_argument(
@@ -66,6 +68,10 @@ def _refuse_ignored(args: argparse.Namespace) -> None:
     ignored = []
     if args.model is not None and args.width is not None:
         ignored.append("--width (the random-weight network's; --model's network has its own)")
+    if args.model is not None and args.size is not None:
+        ignored.append("--size (the random-weight network's; --model runs at its own slice size)")
+    if args.input is not None and args.slices is not None:
+        ignored.append("--slices (the phantom volume's; --input has its own slices)")
     if args.check:
         timing = {"--repeats": args.repeats is not None, "--warmup": args.warmup is not None}
         timing["--no-fresh-process"] = args.no_fresh_process
@@ -85,10 +91,11 @@ def _main(args: argparse.Namespace) -> int:
         "backends": args.backends,
         "input": args.input,
         "slices": args.slices,
-        "size": args.size,
     }
     if args.width is not None:
         common["base_width"] = args.width
+    if args.size is not None:
+        common["size"] = args.size
     if args.check:
         from flareseg.bench.check import CheckConfig, run_check, write_check
 

@@ -47,24 +47,26 @@ def phantom_volume(work: Path, size: tuple[int, int], slices: int, spacing: tupl
     return path
 
 
-def check_model(model: Path | None) -> str | None:
-    """Refuse a ``--model`` that cannot be used; the precision of an ONNX model given alone (its metadata's).
+def check_model(model: Path | None) -> tuple[str | None, tuple[int, int] | None]:
+    """Refuse a ``--model`` that cannot be used; the precision of an ONNX model given alone (its metadata's), and
+    the slice size the model runs at.
 
-    None for a checkpoint or for no model (random weights): every model is then exported here.
+    (None, None) for no model (random weights); a checkpoint has no precision of its own: every
+    model is then exported here.
     """
     if model is None:
-        return None
+        return None, None
     if model.is_dir():
         raise FlareSegError(f"{model}: is a folder; --model takes a checkpoint (.pt) or an ONNX model (.onnx)")
     if model.suffix == ".onnx":
         from flareseg.export.metadata import read_onnx_metadata
 
-        return read_onnx_metadata(model).precision
+        meta = read_onnx_metadata(model)
+        return meta.precision, meta.model.slice_size
     if model.suffix in (".pt", ".pth"):
         from flareseg.export.inputs import load_checked_model
 
-        load_checked_model(model)
-        return None
+        return None, load_checked_model(model)[1].slice_size
     if not model.exists():
         raise FlareSegError(f"{model}: model not found")
     raise FlareSegError(f"{model}: flare-bench takes a checkpoint (.pt) or an ONNX model (.onnx)")

@@ -149,6 +149,20 @@ def test_reduced_precision_gets_agreement_from_a_reference_run(trained_checkpoin
     assert row["agreement_with_fp32"] >= 0.99
 
 
+def test_a_given_model_is_planned_and_reported_at_its_own_slice_size(trained_checkpoint, tmp_path):
+    from flareseg.checkpoint import load_model
+
+    size = load_model(trained_checkpoint)[1].slice_size
+    assert size != (512, 512)  # the default the plan would otherwise report
+    from flareseg.bench import run as bench_run
+    from flareseg.bench.check import CheckConfig
+
+    check = CheckConfig(out=tmp_path / "c", model=trained_checkpoint, backends=("torch-cpu-fp32",)).resolved()
+    assert check.size == size
+    plan = BenchConfig(out=tmp_path / "r", model=trained_checkpoint, backends=("torch-cpu-fp32",)).resolved()
+    assert plan.size == size and bench_run.settings_section(plan)["slice_size"] == list(size)
+
+
 def test_machine_section_names_the_cpu_and_its_instruction_sets(report):
     _, data = report
     m = data["machine"]
@@ -571,6 +585,9 @@ def test_the_matmul_peak_leaves_the_global_generator_alone():
     ("argv", "words"),
     [
         (["--model", "m.pt", "--width", "16"], "--width (the random-weight network's; --model's network has its own)"),
+        (["--model", "m.pt", "--size", "64"], "--size (the random-weight network's; --model runs at its own slice"),
+        (["--input", "ct.nii.gz", "--slices", "6"], "--slices (the phantom volume's; --input has its own slices)"),
+        (["--check", "--input", "ct.nii.gz", "--slices", "6"], "--slices (the phantom volume's; --input has its own"),
         (["--check", "--repeats", "3"], "--repeats (--check does not time)"),
         (["--check", "--warmup", "2", "--no-fresh-process"], "--warmup (--check does not time); --no-fresh-process"),
     ],
