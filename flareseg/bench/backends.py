@@ -4,10 +4,12 @@ the models each needs, and the runner for each.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -17,6 +19,9 @@ from flareseg.network import NetworkConfig
 if TYPE_CHECKING:
     from flareseg.bench.check import CheckPlan
     from flareseg.bench.run import BenchPlan
+    from flareseg.export import Int8AgreementError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -240,6 +245,28 @@ def prepare_models(cfg: BenchPlan | CheckPlan, work: Path) -> dict[str, Path]:
             raise FlareSegError("tensorrt-fp16 needs an fp16 ONNX model to build its engine from")
         models["engine"] = build_engine(models["onnx-fp16"])
     return models
+
+
+PlanT = TypeVar("PlanT", "BenchPlan", "CheckPlan")
+
+
+def prepare_models_but_int8_below_agreement(
+    cfg: PlanT, work: Path
+) -> tuple[PlanT, dict[str, Path], Int8AgreementError | None]:
+    """:func:`prepare_models`; where the INT8 export misses its agreement (a trained model the phantom
+    calibration does not suit), the plan without its INT8 backends, their models, and that error.
+
+    The INT8 export verifies itself and writes nothing below its threshold: one backend
+    that cannot run, not a reason to stop measuring or checking the others.
+    """
+    from flareseg.export import Int8AgreementError
+
+    try:
+        return cfg, prepare_models(cfg, work), None
+    except Int8AgreementError as exc:
+        log.error("INT8 export: %s", exc)
+        rest = dataclasses.replace(cfg, backends=tuple(b for b in cfg.backends if ALL_BACKENDS[b].precision != "int8"))
+        return rest, prepare_models(rest, work), exc
 
 
 def model_file(backend: Backend, models: dict[str, Path]) -> Path:

@@ -36,7 +36,7 @@ from flareseg.bench.backends import (
     Backend,
     make_runner,
     onnx_reference,
-    prepare_models,
+    prepare_models_but_int8_below_agreement,
     run_precision,
     select_backends,
 )
@@ -252,27 +252,18 @@ def verdict(row: dict[str, Any], tol: Tolerance) -> str:
 
 
 def _prepare_models(cfg: CheckPlan, work: Path) -> tuple[dict[str, Path], dict[str, dict[str, Any]]]:
-    """The backends' models, and a FAIL row for each INT8 backend whose export missed its agreement.
-
-    The INT8 export verifies itself on held-out slices and writes nothing below its
-    threshold; for the check, that is the backend failing, not the check stopping.
-    """
-    from flareseg.export import Int8AgreementError
-
-    try:
-        return prepare_models(cfg, work), {}
-    except Int8AgreementError as exc:
-        int8 = [b for b in cfg.backends if ALL_BACKENDS[b].precision == "int8"]
-        log.error("INT8 export: %s", exc)
-        rest = tuple(b for b in cfg.backends if b not in int8)
-        row = {
-            "math": "int8",
-            "status": "FAIL",
-            "error": f"INT8 export: {exc}",
-            "held_out_agreement": exc.best_agreement,  # on the export's held-out slices, not the check's
-            "tolerance": tolerance_for("int8", "logits").describe(),
-        }
-        return prepare_models(dataclasses.replace(cfg, backends=rest), work), {b: dict(row) for b in int8}
+    """The backends' models, and a FAIL row for each INT8 backend whose export missed its agreement."""
+    rest, models, failed = prepare_models_but_int8_below_agreement(cfg, work)
+    if failed is None:
+        return models, {}
+    row = {
+        "math": "int8",
+        "status": "FAIL",
+        "error": f"INT8 export: {failed}",
+        "held_out_agreement": failed.best_agreement,  # on the export's held-out slices, not the check's
+        "tolerance": tolerance_for("int8", "logits").describe(),
+    }
+    return models, {b: dict(row) for b in cfg.backends if b not in rest.backends}
 
 
 def _run_backend(

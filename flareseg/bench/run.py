@@ -7,6 +7,7 @@ With no model given, the paper's full-width network is benchmarked with random w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -29,7 +30,7 @@ from flareseg.bench.backends import (
     Backend,
     fresh_process_args,
     make_runner,
-    prepare_models,
+    prepare_models_but_int8_below_agreement,
     run_precision,
     select_backends,
 )
@@ -198,7 +199,10 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
     # Arithmetic-rate peaks first, before any ONNX Runtime session exists: idle ORT worker
     # threads spin for a while and would steal the cores from the measurement.
     peaks = matmul_peaks(cfg)
-    models = prepare_models(cfg, work)
+    rest, models, failed = prepare_models_but_int8_below_agreement(cfg, work)
+    if failed is not None:  # reported as left out, and the other backends measured
+        gone = {b: f"its INT8 export was refused: {failed}" for b in cfg.backends if b not in rest.backends}
+        cfg = dataclasses.replace(rest, left_out={**cfg.left_out, **gone})
     report: dict[str, Any] = {
         "matmul_peak_flops": peaks,
         "machine": machine_section(),

@@ -163,6 +163,27 @@ def test_a_given_model_is_planned_and_reported_at_its_own_slice_size(trained_che
     assert plan.size == size and bench_run.settings_section(plan)["slice_size"] == list(size)
 
 
+def test_an_int8_export_below_its_agreement_leaves_int8_out_and_the_others_are_measured(
+    trained_checkpoint, tmp_path, monkeypatch
+):
+    """A test double for the quantiser's verdict: every float-layer set misses the threshold."""
+    from flareseg.export import Int8AgreementError, onnx_export
+
+    def below(*args, **kwargs):
+        raise Int8AgreementError("INT8 model agrees with fp32 PyTorch on 91.500% of held-out voxels", 0.915)
+
+    monkeypatch.setattr(onnx_export, "_quantize_verified", below)
+    argv = ["--model", str(trained_checkpoint), "--backends", "onnxruntime-cpu-fp32,onnxruntime-cpu-int8"]
+    argv += ["--batch", "1", "--repeats", "1", "--warmup", "0", "--no-fresh-process", "-o", str(tmp_path), "-q"]
+    assert bench_main(argv) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert list(report["backends"]) == ["onnxruntime-cpu-fp32"]
+    assert report["settings"]["backends"] == ["onnxruntime-cpu-fp32"]
+    assert report["settings"]["left_out"]["onnxruntime-cpu-int8"].startswith(
+        "its INT8 export was refused: INT8 model agrees with fp32 PyTorch on 91.500%"
+    )
+
+
 def test_machine_section_names_the_cpu_and_its_instruction_sets(report):
     _, data = report
     m = data["machine"]
@@ -376,8 +397,8 @@ def test_bad_arguments_are_one_line_and_leave_nothing(tmp_path, capsys, case, ch
     }[case]
     if case == "file-out":
         out.write_text("keep me")
-    size = [] if case == "size" else ["--size", "32"]
-    width = [] if "model" in case else ["--width", "4"]  # a model has its own width
+    size = [] if case == "size" or "model" in case else ["--size", "32"]  # a model has its own size and width
+    width = [] if "model" in case else ["--width", "4"]
     argv = [*(["--check"] if check else []), *argv, *width, *size, "-o", str(out), "-q"]
     assert bench_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -386,13 +407,14 @@ def test_bad_arguments_are_one_line_and_leave_nothing(tmp_path, capsys, case, ch
 
 
 def test_a_run_that_fails_removes_the_folders_it_made(tmp_path, monkeypatch, capsys):
+    from flareseg.bench import backends
     from flareseg.bench import run as bench_run
 
     def failing_export(cfg, work):
         (work / "random-weights.pt").write_bytes(b"half made")
         raise FlareSegError("the export failed")
 
-    monkeypatch.setattr(bench_run, "prepare_models", failing_export)
+    monkeypatch.setattr(backends, "prepare_models", failing_export)
     monkeypatch.setattr(bench_run, "matmul_peaks", lambda cfg: {})
     argv = ["--width", "4", "--size", "32", "--backends", "torch-cpu-fp32", "-q"]
     assert bench_main([*argv, "-o", str(tmp_path / "new")]) == 2
