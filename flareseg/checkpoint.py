@@ -206,8 +206,10 @@ def load_model(
     try:
         model = build_training_network(info.network, state=payload["state_dict"])
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise FlareSegError(f"{path}: weights do not fit the recorded network ({first})") from None
+        # torch: "Error(s) in loading state_dict for FlareUNet:", then one line per tensor; the first of those says it.
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        first = lines[1] if len(lines) > 1 and lines[0].endswith(":") else (lines or [""])[0]
+        raise FlareSegError(f"{path}: weights do not fit the recorded network ({first[:200]})") from None
     return model.eval(), info, payload
 
 

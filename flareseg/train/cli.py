@@ -91,7 +91,11 @@ _SETTINGS: tuple[tuple[str, str, Callable[[TrainConfig], Any]], ...] = (
 
 
 def _val_list(text: str) -> tuple[str, ...]:
-    return tuple(v for v in text.split(",") if v)
+    """argparse type: case names, comma-separated; none at all (``,``) would silently mean --val-cases."""
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected case names separated by commas, got {text!r}")
+    return names
 
 
 def _numbers(values: Sequence[float]) -> str:

@@ -215,7 +215,10 @@ def split_cases(
         val = [by_name[n] for n in val_list]
     else:
         if val_cases >= len(cases):
-            raise FlareSegError(f"{val_cases} validation cases requested but only {len(cases)} cases exist")
+            raise FlareSegError(
+                f"--val-cases {val_cases} leaves no training case: the data hold {len(cases)} case(s); "
+                f"hold out at most {len(cases) - 1}"
+            )
         order = list(cases)
         random.Random(seed).shuffle(order)
         val = sorted(order[:val_cases], key=lambda c: c.name)

@@ -162,7 +162,7 @@ def test_checkpoint_holds_what_inference_needs_and_refuses_mismatches(phantom_da
     with pytest.raises(FlareSegError, match="missing normalization"):
         load_model(tmp_path / "broken.pt")
     torch.save(dict(payload, network={**payload["network"], "base_width": 8}), tmp_path / "wide.pt")
-    with pytest.raises(FlareSegError, match="weights do not fit the recorded network"):
+    with pytest.raises(FlareSegError, match=r"weights do not fit the recorded network \(size mismatch for \w"):
         load_model(tmp_path / "wide.pt")
     wrong = dict(payload, network={**payload["network"], "num_classes": 3})
     torch.save(wrong, tmp_path / "wrong.pt")

@@ -214,6 +214,7 @@ def test_a_mask_of_another_shape_is_refused(data_a, data_b, tmp_path, capsys):
         ("--accumulate", "0"),
         ("--width", "0"),
         ("--workers", "-1"),
+        ("--val-list", ","),  # no names: not a silent --val-cases default
     ],
 )
 def test_bad_numbers_are_refused_as_arguments(data_a, tmp_path, capsys, option, value):
@@ -231,6 +232,7 @@ def test_out_of_range_settings_are_refused_in_one_line(data_a, tmp_path, capsys)
         ("--augment-prob", "1.5", "probability --augment-prob 1.5: expected a share in [0, 1]"),
         ("--scale", "1.2,0.8", "expected LOW,HIGH with LOW <= HIGH"),
         ("--size", "40", "slice size 40x40 must be positive multiples of 16"),
+        ("--val-cases", "3", "--val-cases 3 leaves no training case: the data hold 3 case(s); hold out at most 2"),
     ]:
         capsys.readouterr()
         try:
