@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from flareseg.atomic import check_writable_folder
 from flareseg.cli import (
     add_common_arguments,
     default_device,
@@ -171,9 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _new_config(args: argparse.Namespace) -> TrainConfig:
     if not args.data or not args.out:
         raise FlareSegError("--data and --out are required (or --resume RUN_DIR)")
+    if args.out.exists() and not args.out.is_dir():
+        raise FlareSegError(f"--out {args.out.resolve()}: exists and is not a folder")
+    # As typed, before resolving (which would create a broken link's target): a broken link on the way, a folder
+    # that cannot be written in.
+    check_writable_folder(args.out)
     out = args.out.resolve()  # "missing/../run" names an existing run that, as typed, does not exist
-    if out.exists() and not out.is_dir():
-        raise FlareSegError(f"--out {out}: exists and is not a folder")
     d = TrainConfig(data="", out="")
 
     def given(name: str, default: Any) -> Any:

@@ -455,9 +455,11 @@ def test_a_resumed_run_says_the_epoch_it_starts_with(data_a, tmp_path, caplog):
 def test_an_unusable_out_or_device_is_one_line(data_a, tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")  # resolving it would create "nowhere"
     cases = [
         (["--out", str(afile)], f"--out {afile}: exists and is not a folder"),
-        (["--out", "/proc/flareseg-test/run"], "--out /proc/flareseg-test/run: cannot create the run folder"),
+        (["--out", str(tmp_path / "link")], f"{tmp_path / 'link'}: a broken symbolic link is in the way"),
+        (["--out", "/proc/flareseg-test/run"], "/proc/flareseg-test/run: cannot create files in /proc"),
         (["--out", str(tmp_path / "r"), "--device", "cuda:99"], "--device cuda:99: "),
     ]
     for argv, words in cases:
@@ -471,7 +473,7 @@ def test_an_unusable_out_or_device_is_one_line(data_a, tmp_path, capsys):
         lines = _stderr_lines(capsys)
         assert stopped.value.code == 2 and len(lines) == 1, lines
         assert lines[0].startswith("flare-train: error: argument --device: expected cpu, cuda or cuda:N"), lines
-    assert afile.read_text() == "x" and not (tmp_path / "r").exists()
+    assert afile.read_text() == "x" and not (tmp_path / "r").exists() and not (tmp_path / "nowhere").exists()
 
 
 # 6. Zero never means the default; the default is one full pass.
