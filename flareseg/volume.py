@@ -730,7 +730,8 @@ def read_labels(path: str | os.PathLike[str], *, num_classes: int = NUM_CLASSES)
 def write_labels(labels: np.ndarray, geometry: VolumeGeometry, path: str | os.PathLike[str]) -> Path:
     """Write a canonical (Z, Y, X) label map as uint8 NIfTI on ``geometry``'s grid, atomically.
 
-    The output has the input's affine, qform/sform and orientation, and no intensity scaling.
+    The output has the input's affine, qform/sform and orientation, and no intensity scaling,
+    in the input's NIfTI format (NIfTI-2 in, NIfTI-2 out: its float64 affine kept exactly).
     """
     path = Path(path)
     if not path.name.endswith(NIFTI_SUFFIXES):
@@ -744,7 +745,8 @@ def write_labels(labels: np.ndarray, geometry: VolumeGeometry, path: str | os.Pa
     header.set_data_dtype(np.uint8)
     if len(header.get_data_shape()) == 4:
         header.set_data_shape(geometry.shape)
-    img = nib.Nifti1Image(data, geometry.affine, header=header)
+    image_type = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    img = image_type(data, geometry.affine, header=header)
     img.header.set_slope_inter(1.0, 0.0)
     img.header["cal_min"], img.header["cal_max"] = 0, 0
     img.header["descrip"] = b"flareseg label map"
@@ -768,4 +770,4 @@ def _save_gzip_isal(img: nib.Nifti1Image, path: Path, igzip: Any) -> None:
         open(path, "wb") as raw,
         igzip.IGzipFile(filename="", mode="wb", compresslevel=GZIP_LEVEL, fileobj=raw, mtime=0) as gz,
     ):
-        img.to_file_map(nib.Nifti1Image.make_file_map({"image": gz}))
+        img.to_file_map(type(img).make_file_map({"image": gz}))

@@ -255,6 +255,23 @@ def test_phantom_round_trips_voxel_exactly_in_every_orientation_with_either_gzip
         assert nib.aff2axcodes(written.affine) == axcodes
 
 
+def test_a_nifti_2_input_gets_a_nifti_2_label_map_on_its_exact_grid_without_warnings(tmp_path, gzip_backend, caplog):
+    ct, lab = make_phantom((40, 36, 20), axcodes=("L", "P", "S"), seed=1).to_nifti()
+    affine = ct.affine.copy()
+    affine[0, 3] += 1e-7  # beyond float32: a NIfTI-1 header would round it
+    two = nib.Nifti2Image(np.asanyarray(ct.dataobj), affine)
+    two.header.set_qform(affine, 1)
+    two.header.set_sform(affine, 2)
+    nib.save(two, tmp_path / "ct.nii.gz")
+    vol = read_ct(tmp_path / "ct.nii.gz")
+    with caplog.at_level("WARNING"):
+        out = write_labels(to_canonical(np.asanyarray(lab.dataobj), vol.geometry), vol.geometry, tmp_path / "p.nii.gz")
+    assert caplog.records == []  # nibabel said "sizeof_hdr should be 348" when a NIfTI-1 image took this header
+    written = nib.load(out)
+    assert isinstance(written, nib.Nifti2Image) and np.array_equal(written.affine, affine)
+    np.testing.assert_array_equal(np.asanyarray(written.dataobj), np.asanyarray(lab.dataobj))
+
+
 def test_read_returns_a_view_of_one_buffer_with_flips_as_negative_strides(tmp_path):
     path, _ = _phantom_file(tmp_path, ("L", "P", "S"))
     vol = read_ct(path)
