@@ -26,7 +26,7 @@ import numpy as np
 from nibabel.orientations import axcodes2ornt, inv_ornt_aff, ornt_transform
 from scipy import ndimage
 
-from flareseg.atomic import atomic_output, check_writable
+from flareseg.atomic import atomic_outputs, check_writable
 from flareseg.cli import (
     add_common_arguments,
     non_negative_int,
@@ -210,10 +210,11 @@ def write_phantom_cases(
             img, lab = make_phantom(seed=seed + i, **kwargs).to_nifti()
         except MemoryError:
             raise FlareSegError(f"a phantom of {kwargs.get('shape')} voxels needs more memory than there is") from None
-        for image, path in ((img, img_path), (lab, lab_path)):
-            check_writable(path)
-            with atomic_output(path, keep_suffix=".nii.gz") as tmp:
-                nib.save(image, tmp)
+        with atomic_outputs() as outputs:  # an image and its mask land together: never an image without a mask
+            for image, path in ((img, img_path), (lab, lab_path)):
+                check_writable(path)
+                with outputs.writing(path, keep_suffix=".nii.gz") as tmp:
+                    nib.save(image, tmp)
         written.append((img_path, lab_path))
     return written
 

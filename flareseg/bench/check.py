@@ -40,6 +40,7 @@ from flareseg.bench.backends import (
     run_precision,
     select_backends,
 )
+from flareseg.bench.inputs import clear_earlier_run
 from flareseg.errors import FlareSegError
 from flareseg.export import onnx_export
 from flareseg.export.int8 import DEFAULT_MIN_AGREEMENT
@@ -305,6 +306,7 @@ def run_check(config: CheckConfig) -> dict[str, Any]:
     from flareseg.bench.run import machine_section
 
     cfg = config.resolved()
+    clear_earlier_run(cfg.out, model_given=cfg.model is not None)  # after every check passed
     work = cfg.out / "models"
     work.mkdir(parents=True, exist_ok=True)
     ref_name = cfg.reference

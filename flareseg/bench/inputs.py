@@ -22,6 +22,22 @@ log = logging.getLogger(__name__)
 RUN_FOLDERS = ("models", "pred")
 
 
+def clear_earlier_run(out: Path, *, model_given: bool) -> None:
+    """Remove what an earlier flare-bench run left in the report folder that this run may not write again: its
+    label maps and timings in ``pred/`` (other backends), and its random-weight checkpoint when this run has a
+    ``--model``. Only names flare-bench itself writes; anything else there stays."""
+    from flareseg.bench.backends import ALL_BACKENDS
+
+    stems = {*ALL_BACKENDS, *(f"reference-{name}" for name in ALL_BACKENDS), "fresh-process"}
+    earlier = [out / "pred" / f"{stem}{suffix}" for stem in stems for suffix in (".nii.gz", ".timings.json")]
+    if model_given:
+        earlier.append(out / "models" / "random-weights.pt")
+    for path in earlier:
+        if path.is_file():
+            path.unlink()
+            log.debug("removed %s, of an earlier run", path)
+
+
 def check_report_folder(out: Path) -> None:
     """Refuse a report folder that is a file, or that could not be made or written."""
     if out.exists() and not out.is_dir():

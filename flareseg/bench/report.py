@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flareseg.atomic import atomic_output, write_text_atomic
+from flareseg.atomic import atomic_outputs
 
 
 def _mb(x: float | None) -> str:
@@ -300,12 +300,6 @@ def _figure(figsize: tuple[float, float]) -> Any:
     return Figure(figsize=figsize)
 
 
-def _save_png(fig: Any, path: Path) -> Path:
-    with atomic_output(path, keep_suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    return path
-
-
 def _title(report: dict[str, Any], what: str) -> str:
     m = report["machine"]
     size = "x".join(str(s) for s in report["settings"].get("slice_size", (512, 512)))
@@ -313,7 +307,8 @@ def _title(report: dict[str, Any], what: str) -> str:
     return f"flareseg {what}, {size} slices: {device} ({m['cpu_cores']} CPU cores)"
 
 
-def plot(report: dict[str, Any], path: Path) -> Path | None:
+def plot(report: dict[str, Any]) -> Any:
+    """Latency and throughput against the batch size, per backend; None without matplotlib."""
     fig = _figure((11, 4))
     if fig is None:
         return None
@@ -334,11 +329,12 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
     ax2.legend(fontsize=8)
     fig.suptitle(_title(report, "latency"), fontsize=10)
     fig.tight_layout()
-    return _save_png(fig, path)
+    return fig
 
 
-def plot_stages(report: dict[str, Any], path: Path) -> Path | None:
-    """A stacked bar per backend: seconds of each stage of the whole-volume run."""
+def plot_stages(report: dict[str, Any]) -> Any:
+    """A stacked bar per backend: seconds of each stage of the whole-volume run; None without results or
+    matplotlib."""
     results = report["volumes"]["results"]
     names = list(results)
     fig = _figure((9, 1.2 + 0.5 * len(names))) if results else None
@@ -358,17 +354,31 @@ def plot_stages(report: dict[str, Any], path: Path) -> Path | None:
     ax.legend(fontsize=8, ncol=len(stages), loc="lower center", bbox_to_anchor=(0.5, 1.0))
     fig.suptitle(_title(report, "whole volume by stage"), fontsize=10)
     fig.tight_layout()
-    return _save_png(fig, path)
+    return fig
 
 
 def write_report(report: dict[str, Any], out: Path, command: str) -> dict[str, Path]:
+    """report.json, report.md and the figures, as one set: all renamed into place once all are written, and a
+    figure this run did not draw (no whole-volume results, no matplotlib) removed rather than left from an
+    earlier run beside a report that does not match it."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "json": write_text_atomic(json.dumps({**report, "command": command}, indent=2) + "\n", out / "report.json"),
-        "markdown": write_text_atomic(markdown(report, command), out / "report.md"),
+    texts = {
+        "json": (out / "report.json", json.dumps({**report, "command": command}, indent=2) + "\n"),
+        "markdown": (out / "report.md", markdown(report, command)),
     }
-    for key, draw, name in (("plot", plot, "latency.png"), ("stages", plot_stages, "stages.png")):
-        png = draw(report, out / name)
-        if png:
-            paths[key] = png
+    figures = {"plot": (out / "latency.png", plot(report)), "stages": (out / "stages.png", plot_stages(report))}
+    paths: dict[str, Path] = {}
+    with atomic_outputs() as outputs:
+        for key, (path, text) in texts.items():
+            with outputs.writing(path) as tmp:
+                tmp.write_text(text)
+            paths[key] = path
+        for key, (path, fig) in figures.items():
+            if fig is not None:
+                with outputs.writing(path, keep_suffix=".png") as tmp:
+                    fig.savefig(tmp, dpi=90, format="png")
+                paths[key] = path
+    for path, fig in figures.values():
+        if fig is None:
+            path.unlink(missing_ok=True)
     return paths

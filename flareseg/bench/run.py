@@ -34,6 +34,7 @@ from flareseg.bench.backends import (
     run_precision,
     select_backends,
 )
+from flareseg.bench.inputs import clear_earlier_run
 from flareseg.errors import FlareSegError, gpu_memory_errors
 from flareseg.network import PAPER_PARAMETERS_REPORTED, build_deploy_network, count_parameters
 
@@ -193,6 +194,7 @@ def _volume(cfg: BenchPlan, work: Path) -> Path:
 def run_benchmark(config: BenchConfig) -> dict[str, Any]:
     """Every figure of the report, as a JSON-serialisable dictionary: one section function each."""
     cfg = config.resolved()
+    clear_earlier_run(cfg.out, model_given=cfg.model is not None)  # after every check passed
     work = cfg.out / "models"
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()

@@ -65,6 +65,26 @@ def test_report_schema_and_files(report):
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporary left
 
 
+def test_a_rerun_into_the_folder_leaves_nothing_of_the_earlier_run_the_new_report_does_not_describe(report, tmp_path):
+    from flareseg.bench.inputs import clear_earlier_run
+    from flareseg.bench.report import write_report
+
+    _, data = report
+    out = tmp_path / "again"
+    (out / "pred").mkdir(parents=True)
+    (out / "models").mkdir()
+    earlier = ["pred/openvino-cpu-int8.nii.gz", "pred/fresh-process.timings.json", "models/random-weights.pt"]
+    for name in [*earlier, "stages.png", "pred/mine.nii.gz", "models/flareseg_fp32.onnx"]:
+        (out / name).write_bytes(b"from before")
+    clear_earlier_run(out, model_given=True)
+    no_volumes = {**data, "volumes": {**data["volumes"], "results": {}}}
+    paths = write_report(no_volumes, out, "flare-bench ...")
+    assert set(paths) == {"json", "markdown", "plot"}
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    # Its own earlier names went; what it never writes stays.
+    assert left == ["latency.png", "models/flareseg_fp32.onnx", "pred/mine.nii.gz", "report.json", "report.md"]
+
+
 def test_every_requested_batch_size_is_measured(report):
     _, data = report
     for name in ("torch-cpu-fp32", "onnxruntime-cpu-fp32"):
