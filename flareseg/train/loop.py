@@ -221,7 +221,7 @@ def validate(
     runner = FunctionRunner(model, info, device=device)
     try:
         with torch.inference_mode(), runner:
-            for v in volumes:
+            for v in tqdm(volumes, desc="validation", unit="volume", leave=False, disable=progress_disabled()):
                 pred = keep_largest_components(infer_volume(np.asarray(v.stored), v.normalizer, runner, batch_size))
                 for organ in ORGANS:
                     per_organ[organ].append(dice(v.truth == organ, pred == organ))
@@ -529,9 +529,7 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
             scaler.update()
             losses.append(step_loss)
             elapsed = time.perf_counter() - t_epoch
-            bar.set_postfix(
-                loss=f"{step_loss:.4f}", steps_s=f"{(step + 1) / elapsed:.2f}", data=f"{100 * data_time / elapsed:.0f}%"
-            )
+            bar.set_postfix(loss=f"{step_loss:.4f}", data=f"{100 * data_time / elapsed:.0f}%")  # tqdm shows step/s
             bar.update()
         bar.close()
         train_time = time.perf_counter() - t_epoch

@@ -544,7 +544,9 @@ def test_no_progress_bar_when_stderr_is_not_a_terminal(data_a, tmp_path, capsys,
     terminal.isatty = lambda: True  # type: ignore[method-assign]
     monkeypatch.setattr(sys, "stderr", terminal)
     assert train_main([*argv, "--out", str(tmp_path / "tty")]) == 0
-    assert "caching slices" in terminal.getvalue() and "epoch 1/1" in terminal.getvalue()
+    shown = terminal.getvalue()
+    assert "caching slices" in shown and "epoch 1/1" in shown and "validation" in shown
+    assert "steps_s=" not in shown  # one rate: tqdm's own step/s
 
 
 # 9. Unpaired files are errors both ways.
