@@ -91,22 +91,33 @@ def clip_volume(volume: np.ndarray, percentiles: tuple[float, float] = DEFAULT_P
 def compute_stats(
     volumes: Iterable[np.ndarray], percentiles: tuple[float, float] = DEFAULT_PERCENTILES
 ) -> NormalizationStats:
+    """Mean and std over all voxels of all (clipped) volumes, given in Hounsfield units; see :func:`stored_stats`."""
+    return stored_stats(((volume, 1.0, 0.0) for volume in volumes), percentiles)
+
+
+def stored_stats(
+    volumes: Iterable[tuple[np.ndarray, float, float]], percentiles: tuple[float, float] = DEFAULT_PERCENTILES
+) -> NormalizationStats:
     """Mean and std over all voxels of all (clipped) volumes, streaming: one volume in memory at a time.
 
-    Each volume is clipped to its own percentiles (taken over the whole volume) and then
-    read in chunks of slices, so the float copies are of one chunk, not of the volume.
-    Sums are accumulated per chunk around that chunk's mean and merged with Chan et al.'s
-    parallel update, which stays accurate in float64 for billions of voxels.
+    Each volume comes as its stored values with the slope and intercept that make them
+    Hounsfield units, and is clipped to its own percentile bounds exactly as inference clips
+    it (:func:`volume_normalizer`: exact percentiles of the stored integers, the same float32
+    operations), then read in chunks of slices, so the float copies are of one chunk, not of
+    the volume. Sums are accumulated per chunk around that chunk's mean and merged with Chan
+    et al.'s parallel update, which stays accurate in float64 for billions of voxels.
     """
+    identity = NormalizationStats(mean=0.0, std=1.0, percentiles=percentiles)  # clipped values, not z-scored
     n_total, mean_total, m2_total, cases = 0, 0.0, 0.0, 0
-    for volume in volumes:
+    for volume, slope, inter in volumes:
         volume = np.asarray(volume)
-        lo, hi = clip_bounds(volume, percentiles)
+        if volume.size == 0:
+            raise FlareSegError("cannot take percentiles of an empty volume")
+        clip = volume_normalizer(volume, identity, slope, inter)
         slabs = volume.reshape(1, -1) if volume.ndim < 2 else volume
         rows = max(1, _STATS_CHUNK // max(1, slabs[0].size))
         for start in range(0, len(slabs), rows):
-            # Clipped in float32 as clip_volume does, then float64: the same values the statistics always used.
-            chunk = np.clip(slabs[start : start + rows], lo, hi, dtype=np.float32).astype(np.float64)
+            chunk = clip(slabs[start : start + rows]).astype(np.float64)  # (x - 0) / 1: the clipped float32 values
             n = chunk.size
             mean = float(chunk.mean())
             chunk -= mean  # in place: no further chunk-sized temporaries

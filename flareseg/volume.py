@@ -704,6 +704,17 @@ def check_not_label_map(hu: np.ndarray, path: str | os.PathLike[str], role: str)
         )
 
 
+def refuse_label_map(volume: Volume, path: str | os.PathLike[str], role: str) -> None:
+    """:func:`check_not_label_map` on a read volume: a float copy of it only where its range (a CT holds air
+    at about -1000 HU) leaves a label map possible."""
+    ends = (
+        float(volume.array.min()) * volume.slope + volume.inter,
+        float(volume.array.max()) * volume.slope + volume.inter,
+    )
+    if min(ends) >= 0 and max(ends) <= NUM_CLASSES - 1:
+        check_not_label_map(volume.hu(), path, role)
+
+
 def read_labels(path: str | os.PathLike[str], *, num_classes: int = NUM_CLASSES) -> tuple[np.ndarray, VolumeGeometry]:
     """Read a label map in the file's own voxel order as uint8, refusing values outside 0..num_classes-1."""
     path = Path(path)

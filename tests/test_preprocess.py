@@ -96,6 +96,29 @@ def test_stats_float_copies_are_of_a_chunk_not_of_the_volume(monkeypatch):
     assert stats.num_voxels == volume.size
 
 
+def test_stats_of_stored_values_clip_each_volume_as_inference_does():
+    """Independent reference: HU in float32 as the normaliser makes them, bounds from numpy's percentiles of
+    the stored values mapped to HU (linear interpolation commutes with the affine map), clipped in float32."""
+    from flareseg.preprocess import stored_stats
+
+    rng = np.random.default_rng(5)
+    volumes = [
+        (rng.integers(-1024, 3071, (6, 20, 24)).astype(np.int16), 1.0, 0.0),
+        (rng.integers(0, 4095, (5, 16, 16)).astype(np.uint16), 1.0, -1024.0),
+        (rng.integers(-2000, 6000, (4, 18, 10)).astype(np.int16), 0.5, -1000.25),
+        (rng.integers(-1000, 1000, (3, 8, 8)).astype(np.int16), -2.0, 10.0),  # a negative slope reverses the order
+    ]
+    clipped = []
+    for stored, slope, inter in volumes:
+        hu = stored.astype(np.float32) * np.float32(slope) + np.float32(inter)
+        lo, hi = sorted(float(v) * slope + inter for v in np.percentile(stored, (1.0, 99.0)))
+        clipped.append(np.clip(hu, np.float32(lo), np.float32(hi)).astype(np.float64).ravel())
+    every = np.concatenate(clipped)
+    stats = stored_stats(iter(volumes))
+    assert stats.mean == pytest.approx(every.mean(), rel=1e-12) and stats.std == pytest.approx(every.std(), rel=1e-12)
+    assert stats.num_voxels == every.size and stats.num_cases == 4
+
+
 def test_stats_json_round_trip_and_validation():
     stats = NormalizationStats(mean=12.5, std=210.0, num_voxels=10, num_cases=1)
     assert NormalizationStats.from_json(stats.to_json()) == stats

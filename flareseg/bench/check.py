@@ -180,11 +180,9 @@ def slice_indices(count: int) -> list[int]:
 
 def check_slices(volume: Path, stats: NormalizationStats) -> np.ndarray:
     """Up to :data:`MAX_CHECK_SLICES` evenly spaced slices of the volume, normalised as flare-infer does."""
-    from flareseg.preprocess import normalize_volume
-    from flareseg.volume import read_ct
+    from flareseg.export.inputs import read_ct_normalized
 
-    hu = read_ct(volume).hu()
-    return normalize_volume(hu, stats)[slice_indices(hu.shape[0])]
+    return read_ct_normalized(volume, stats, "--input", slice_indices)
 
 
 def run_slices(runner: Runner, slices: np.ndarray, batch: int) -> tuple[np.ndarray, float]:

@@ -7,6 +7,7 @@ seconds, not the minutes of an export, and leaves nothing behind.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from flareseg.checkpoint import ModelInfo, load_model
 from flareseg.errors import FlareSegError
 from flareseg.network import FlareUNet, non_finite_weights
+from flareseg.preprocess import NormalizationStats
 
 
 def check_finite_weights(net: torch.nn.Module, path: str | os.PathLike[str]) -> None:
@@ -30,13 +32,22 @@ def load_checked_model(path: str | os.PathLike[str]) -> tuple[FlareUNet, ModelIn
     return net, info
 
 
-def read_ct_hu(path: str | os.PathLike[str], role: str) -> np.ndarray:
-    """A CT volume in Hounsfield units (Z, Y, X), float32, refusing a label map."""
-    from flareseg.volume import check_not_label_map, read_ct
+def read_ct_normalized(
+    path: str | os.PathLike[str],
+    stats: NormalizationStats,
+    role: str,
+    indices: Callable[[int], Sequence[int]] | None = None,
+) -> np.ndarray:
+    """A CT volume's slices (Z, Y, X) normalised exactly as flare-infer normalises them, float32; a label map
+    refused. ``indices(number of slices)`` picks the slices (default: all); only those are converted."""
+    from flareseg.preprocess import volume_normalizer
+    from flareseg.volume import read_ct, refuse_label_map
 
     path = Path(path)
     if path.is_dir():
         raise FlareSegError(f"{path}: is a folder; {role} takes a CT NIfTI file")
-    hu = read_ct(path).hu()
-    check_not_label_map(hu, path, role)
-    return hu
+    volume = read_ct(path)
+    refuse_label_map(volume, path, role)
+    normalizer = volume_normalizer(volume.array, stats, volume.slope, volume.inter)
+    picked = volume.array if indices is None else volume.array[list(indices(volume.num_slices))]
+    return normalizer(picked)

@@ -115,7 +115,7 @@ def calibration_slices(
         source = "synthetic phantoms (2 x 192x192x48 at 2x2x5 mm)"
         pool = _slices_from(volumes, total)
     else:
-        from flareseg.export.inputs import read_ct_hu
+        from flareseg.export.inputs import read_ct_normalized
         from flareseg.volume import find_cases
 
         folder = Path(folder)
@@ -129,7 +129,7 @@ def calibration_slices(
         per_case = -(-total // len(chosen))
         slices: list[np.ndarray] = []
         for path in chosen:
-            volume = normalize_volume(read_ct_hu(path, "--calibration"), info.normalization)
+            volume = read_ct_normalized(path, info.normalization, "--calibration")
             # A case without usable slices adds none; cases may differ in in-plane size.
             slices.extend(_slices_from([volume], per_case))
         pool = _pool(slices)

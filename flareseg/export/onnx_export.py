@@ -28,7 +28,7 @@ from torch import nn
 from flareseg.atomic import atomic_outputs, check_writable_folder
 from flareseg.checkpoint import ModelInfo, check_slice_size, file_sha256, software_versions
 from flareseg.errors import FlareSegError, interrupts_kept
-from flareseg.export.inputs import load_checked_model, read_ct_hu
+from flareseg.export.inputs import load_checked_model, read_ct_normalized
 from flareseg.export.int8 import (
     DEFAULT_CALIBRATION_SLICES,
     DEFAULT_FLOAT_LADDER,
@@ -218,17 +218,19 @@ def verification_slices(
     info: ModelInfo, volume_path: str | os.PathLike[str] | None, count: int, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """(random slices, real normalised CT slices, description of the real source); both (N, H, W)."""
+
+    def spread(n: int) -> list[int]:
+        return np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(int)).tolist()
+
     if volume_path is not None:
-        volume = read_ct_hu(volume_path, "--verify-volume")
+        real = read_ct_normalized(volume_path, info.normalization, "--verify-volume", spread)
         source = str(volume_path)
     else:
         from flareseg.phantom import make_phantom
 
         volume = np.transpose(make_phantom((192, 192, 48), (2.0, 2.0, 5.0), seed=seed).image, (2, 1, 0))
-        volume = volume.astype(np.float32)
+        real = normalize_volume(volume.astype(np.float32), info.normalization)[spread(volume.shape[0])]
         source = "synthetic phantom (192x192x48 at 2x2x5 mm)"
-    idx = np.unique(np.linspace(0, volume.shape[0] - 1, min(count, volume.shape[0])).round().astype(int))
-    real = normalize_volume(volume, info.normalization)[idx]
     rng = np.random.default_rng(seed)
     random = rng.standard_normal((min(count, 4), *real.shape[1:])).astype(np.float32)
     return random, real, source

@@ -28,15 +28,15 @@ from tqdm import tqdm
 
 from flareseg.atomic import atomic_output, write_text_atomic
 from flareseg.errors import FlareSegError
-from flareseg.preprocess import NormalizationStats, compute_stats, network_batch, resize_labels, volume_normalizer
+from flareseg.preprocess import NormalizationStats, network_batch, resize_labels, stored_stats, volume_normalizer
 from flareseg.volume import (
     canonical_order,
     canonical_transform,
-    check_not_label_map,
     find_cases,
     nibabel_notes,
     read_ct,
     read_labels,
+    refuse_label_map,
     to_canonical,
 )
 
@@ -229,15 +229,18 @@ def split_cases(
 
 
 def dataset_stats(cases: Sequence[Case], percentiles: tuple[float, float] = (1.0, 99.0)) -> NormalizationStats:
-    """Statistics over all training voxels, streaming one volume at a time."""
+    """Statistics over all training voxels, streaming one volume at a time, each clipped as inference clips it.
 
-    def volumes() -> Iterator[np.ndarray]:
+    The stored values go in with their slope and intercept: no float copy of a whole volume is made.
+    """
+
+    def volumes() -> Iterator[tuple[np.ndarray, float, float]]:
         for case in tqdm(cases, desc="dataset statistics", unit="case", leave=False, disable=progress_disabled()):
-            hu = read_ct(case.image).hu()
-            check_not_label_map(hu, case.image, "TrainingImg/")  # a mask copied there would skew the statistics
-            yield hu
+            vol = read_ct(case.image)
+            refuse_label_map(vol, case.image, "TrainingImg/")  # a mask copied there would skew the statistics
+            yield vol.array, vol.slope, vol.inter
 
-    return compute_stats(volumes(), percentiles)
+    return stored_stats(volumes(), percentiles)
 
 
 def _save_npy(array: np.ndarray, path: Path) -> None:

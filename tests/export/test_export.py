@@ -475,6 +475,28 @@ def test_a_label_map_is_refused_as_verification_volume(tiny_checkpoint, tmp_path
     check_not_label_map(np.array([-1.0, 0.0, 4.0]), "x", "--verify-volume")
 
 
+def test_verification_and_calibration_slices_are_normalised_as_flare_infer_normalises_them(tmp_path):
+    """Independent reference, in flare-infer's float32 order: stored -> HU (scl_slope, scl_inter), clipped to
+    numpy's percentiles of the stored values mapped to HU, z-scored. Bit for bit, also where the slope is not 1."""
+    from flareseg.export.inputs import read_ct_normalized
+    from flareseg.phantom import make_phantom
+
+    image, labels = make_phantom((40, 36, 9), (8.0, 8.0, 8.0), seed=2).to_nifti()
+    stored = ((np.asarray(image.dataobj) + 1024) * 2).astype(np.uint16)  # HU = stored * 0.5 - 1024
+    ct = nib.Nifti1Image(stored, image.affine)
+    ct.header.set_slope_inter(0.5, -1024.0)
+    nib.save(ct, tmp_path / "ct.nii.gz")
+    got = read_ct_normalized(tmp_path / "ct.nii.gz", STATS, "--verify-volume", lambda n: [0, n // 2, n - 1])
+    canonical = np.transpose(stored, (2, 1, 0))[[0, 4, 8]]  # RAS phantom: slices along the third axis
+    hu = canonical.astype(np.float32) * np.float32(0.5) + np.float32(-1024.0)
+    lo, hi = (float(v) * 0.5 - 1024.0 for v in np.percentile(stored, (1.0, 99.0)))
+    expected = (np.clip(hu, np.float32(lo), np.float32(hi)) - np.float32(STATS.mean)) / np.float32(STATS.std)
+    assert got.dtype == np.float32 and np.array_equal(got, expected)
+    nib.save(labels, tmp_path / "mask.nii.gz")
+    with pytest.raises(FlareSegError, match="mask.nii.gz: looks like a label map"):
+        read_ct_normalized(tmp_path / "mask.nii.gz", STATS, "--calibration")
+
+
 def test_an_output_path_that_is_a_file_is_refused(tiny_checkpoint, tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("keep me")
