@@ -231,9 +231,14 @@ def non_negative_float(text: str) -> float:
     return _bounded(float, text, minimum=0)
 
 
+def is_device_name(text: str) -> bool:
+    """``cpu``, ``cuda`` or ``cuda:N`` (N without leading zeros: ``cuda:01`` is not a name torch prints)."""
+    return re.fullmatch(r"cpu|cuda(:(0|[1-9][0-9]*))?", text, flags=re.ASCII) is not None
+
+
 def device_name(text: str) -> str:
     """argparse type: ``cpu``, ``cuda`` or ``cuda:N`` (torch would parse others into a traceback later)."""
-    if re.fullmatch(r"cpu|cuda(:(0|[1-9][0-9]*))?", text, flags=re.ASCII):
+    if is_device_name(text):
         return text
     raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N (N = 0, 1, ...), got {text!r}")
 
@@ -252,7 +257,14 @@ def path_arg(text: str) -> Path:
     return Path(text)
 
 
-def _bounded(kind: type[int] | type[float], text: str, *, minimum: float | None = None) -> Any:
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    return float(_bounded(float, text, minimum=0, maximum=1))
+
+
+def _bounded(
+    kind: type[int] | type[float], text: str, *, minimum: float | None = None, maximum: float | None = None
+) -> Any:
     what = "an integer" if kind is int else "a number"
     try:
         value = kind(text)
@@ -260,6 +272,8 @@ def _bounded(kind: type[int] | type[float], text: str, *, minimum: float | None 
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    if maximum is not None and not (minimum or 0) <= value <= maximum:
+        raise argparse.ArgumentTypeError(f"expected {what} in [{minimum or 0:g}, {maximum:g}], got {text!r}")
     if minimum is not None and value < minimum:
         raise argparse.ArgumentTypeError(f"expected {what} >= {minimum:g}, got {text!r}")
     return value

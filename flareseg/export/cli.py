@@ -6,7 +6,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from flareseg.cli import add_common_arguments, batch_profile, path_arg, positive_int, run_command, slice_size
+from flareseg.cli import (
+    add_common_arguments,
+    batch_profile,
+    fraction,
+    path_arg,
+    positive_int,
+    run_command,
+    slice_size,
+)
 from flareseg.errors import FlareSegError
 from flareseg.export.int8 import DEFAULT_CALIBRATION_SLICES, DEFAULT_MIN_AGREEMENT, DEFAULT_QUANTIZER
 from flareseg.export.onnx_export import (
@@ -46,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--int8-min-agreement",
-        type=_fraction,
+        type=fraction,
         help=f"INT8: least fraction of held-out voxels labelled as fp32 PyTorch labels them "
         f"(default {DEFAULT_MIN_AGREEMENT})",
     )
@@ -176,17 +184,6 @@ def _main(args: argparse.Namespace) -> int:
         )
         print(f"wrote {engine} (+ {engine.name}.json)")
     return 0
-
-
-def _fraction(text: str) -> float:
-    """argparse type: a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,15 +6,13 @@ import dataclasses
 import json
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flareseg.cli import is_device_name
 from flareseg.errors import FlareSegError
 
-#: What ``--device`` may name; whether that device exists is checked when training starts.
-_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 #: The FLARE21 layout's image folder: how a data folder is recognised when it is searched for.
 _IMAGE_FOLDER = "TrainingImg"
 
@@ -120,7 +118,7 @@ class TrainConfig:
         if bad:
             raise FlareSegError(f"invalid training settings: {', '.join(bad)}")
         check_loss_weights(self.loss_weights)
-        if not _DEVICE.fullmatch(self.device):
+        if not is_device_name(self.device):  # whether that device exists is checked when training starts
             raise FlareSegError(f"--device {self.device}: expected cpu, cuda or cuda:N")
         if self.amp and not self.device.startswith("cuda"):
             raise FlareSegError("--amp (mixed precision) needs a CUDA device")

@@ -246,6 +246,7 @@ def test_bad_int8_options_are_refused(trained_checkpoint, tmp_path, capsys):
         ExportOptions(int8=True, quantizer="tflite")  # type: ignore[arg-type]
     with pytest.raises(SystemExit):
         export_main([str(trained_checkpoint), "-o", str(tmp_path), "--int8", "--int8-min-agreement", "99"])
+    assert "argument --int8-min-agreement: expected a number in [0, 1], got '99'" in capsys.readouterr().err
 
 
 def test_quantiser_preprocessing_advice_is_filtered_during_the_call_only(caplog):

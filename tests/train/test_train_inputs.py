@@ -259,6 +259,8 @@ def test_library_settings_refuse_non_finite_values():
         TrainConfig(data="d", out="o", loss_weights=(0.0, 0.0, 0.0, 0.0, 0.0))
     with pytest.raises(FlareSegError, match="steps_per_epoch=0"):
         TrainConfig(data="d", out="o", steps_per_epoch=0)
+    with pytest.raises(FlareSegError, match="--device cuda:01: expected cpu, cuda or cuda:N"):
+        TrainConfig(data="d", out="o", device="cuda:01")  # the command line's rule: one rule for both
     for bad in ((float("nan"), (0.8, 0.7, 0.6, 0.5)), (1.0, (0.8, float("inf"), 0.6, 0.5)), (0.0, (0.0,) * 4)):
         with pytest.raises(FlareSegError, match="loss weights must be finite, non-negative and not all 0"):
             LossWeights(final=bad[0], aux=bad[1])  # type: ignore[arg-type]
