@@ -174,11 +174,11 @@ def _check_backend_options(args: argparse.Namespace, backend: str) -> None:
             raise FlareSegError(f"{option} is for the {names} backend{plural}, not {backend}: drop it")
     if args.precision is not None and backend == "tensorrt":
         raise FlareSegError("--precision is fixed when the engine is built (flare-export --engine): drop it")
-    # Said before any work, even where every output exists already (the runner would say it only on loading).
-    if args.precision not in (None, "fp32") and backend == "onnxruntime":
-        raise FlareSegError("ONNX precision is fixed at export (flare-export --fp16); do not pass --precision")
-    if args.precision not in (None, "fp32", "bf16") and backend == "openvino":
-        raise FlareSegError(f"OpenVINO on the CPU runs fp32 or bf16, got {args.precision!r}")
+    if args.precision is not None:
+        from flareseg.runtime.runners import check_precision
+
+        # Said before any work, even where every output exists already (the runner would say it only on loading).
+        check_precision(backend, args.precision)
     if args.ort_provider not in (None, "cpu") and args.device == "cpu":
         raise FlareSegError(f"--ort-provider {args.ort_provider} runs on the GPU, --device cpu on the CPU: choose one")
     if args.ort_provider == "cpu" and args.device is not None and args.device != "cpu":

@@ -18,7 +18,7 @@ from flareseg.errors import FlareSegError
 from flareseg.runtime.runners.base import Backend, OrtProvider, Runner, TorchPrecision, cuda_device
 from flareseg.runtime.runners.function import FunctionRunner
 from flareseg.runtime.runners.onnxrt import DEFAULT_CPU_MEMORY, OnnxRuntimeRunner, OrtMemory
-from flareseg.runtime.runners.openvino import OpenVINORunner, PerformanceHint
+from flareseg.runtime.runners.openvino import OpenVINOPrecision, OpenVINORunner, PerformanceHint
 from flareseg.runtime.runners.pytorch import TorchRunner
 from flareseg.runtime.runners.tensorrt import TensorRTRunner
 
@@ -34,6 +34,7 @@ __all__ = [
     "TorchPrecision",
     "TorchRunner",
     "backend_for",
+    "check_precision",
     "cuda_device",
     "open_runner",
 ]
@@ -83,6 +84,15 @@ def _check_model_file(path: str | os.PathLike[str], backend: Backend | None = No
         raise FlareSegError(f"{model}: the {backend} backend runs {wanted} models, not a {suffix} file")
 
 
+def check_precision(backend: str, precision: str) -> None:
+    """Refuse a precision the backend cannot run: an ONNX model's is fixed at export; OpenVINO's CPU plugin
+    runs fp32 or bf16."""
+    if backend == "onnxruntime" and precision != "fp32":
+        raise FlareSegError("ONNX precision is fixed at export (flare-export --fp16); do not pass --precision")
+    if backend == "openvino" and precision not in ("fp32", "bf16"):
+        raise FlareSegError(f"OpenVINO on the CPU runs fp32 or bf16, got {precision!r}")
+
+
 def open_runner(
     model: str | os.PathLike[str],
     *,
@@ -115,10 +125,9 @@ def open_runner(
         return TorchRunner(
             model, device=device, precision=precision, channels_last=channels_last, cuda_graph_batch=cuda_graph_batch
         )
+    check_precision(backend, precision)
     if backend == "onnxruntime":
         dev = torch.device(device)
-        if precision != "fp32":
-            raise FlareSegError("ONNX precision is fixed at export (flare-export --fp16); do not pass --precision")
         provider: OrtProvider = ort_provider or ("cpu" if dev.type == "cpu" else "cuda")
         if provider != "cpu":  # the GPU providers read and write torch's CUDA tensors (no host round trip)
             try:
@@ -129,9 +138,8 @@ def open_runner(
     if backend == "openvino":
         if torch.device(device).type != "cpu":
             raise FlareSegError(f"the OpenVINO backend runs on the CPU, got device {device}")
-        if precision not in ("fp32", "bf16"):
-            raise FlareSegError(f"OpenVINO on the CPU runs fp32 or bf16, got {precision!r}")
-        return OpenVINORunner(model, precision=precision, threads=threads, hint=openvino_hint)
+        ov_precision: OpenVINOPrecision = "bf16" if precision == "bf16" else "fp32"  # checked above
+        return OpenVINORunner(model, precision=ov_precision, threads=threads, hint=openvino_hint)
     if backend == "tensorrt":
         return TensorRTRunner(model, device=device)
     raise FlareSegError(f"unknown backend {backend!r}")
