@@ -161,8 +161,13 @@ def write_seg(labels: np.ndarray, volume: Volume, path: str | os.PathLike[str]) 
     # labels back, and the numbering does not change from case to case with the organs found.
     frames = file_labels.transpose(2, 1, 0)  # (slice, row, column)
     described = list(ORGANS)
+    sources = [_referencable(ds) for ds in series.datasets]
+    if len(sources) == 1 and "SpacingBetweenSlices" not in sources[0]:
+        # One slice has no gap to measure (highdicom would write 1.0): the spacing the NIfTI output has.
+        sources[0] = copy.deepcopy(sources[0])
+        sources[0].SpacingBetweenSlices = float(volume.geometry.header.get_zooms()[2])
     seg = hd.seg.Segmentation(
-        source_images=[_referencable(ds) for ds in series.datasets],
+        source_images=sources,
         pixel_array=np.ascontiguousarray(frames),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[_description(label, label) for label in described],

@@ -477,6 +477,18 @@ def test_write_seg_for_a_series_stripped_of_type_2_patient_and_study_attributes(
     assert all(key not in pydicom.dcmread(f) for f in (tmp_path / "s").iterdir() for key in stripped)  # inputs
 
 
+def test_write_seg_of_one_slice_gives_the_spacing_the_nifti_output_has(tmp_path: Path) -> None:
+    files = write_series(tmp_path / "s", phantom("RAS"))
+    for path in files[1:]:
+        path.unlink()
+    vol = read_series(tmp_path / "s")
+    labels = np.zeros(vol.array.shape, np.uint8)
+    labels[0, 10:20, 10:20] = 1
+    seg = pydicom.dcmread(write_seg(labels, vol, tmp_path / "one.dcm"))
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SpacingBetweenSlices) == float(vol.geometry.header.get_zooms()[2]) == SPACING[2]
+
+
 def test_write_seg_empty_label_map(tmp_path: Path) -> None:
     write_series(tmp_path / "s", phantom("LPS"))
     vol = read_series(tmp_path / "s")
