@@ -285,8 +285,9 @@ def model_file(backend: Backend, models: dict[str, Path]) -> Path:
     return models[key]
 
 
-def fresh_process_args(backend: Backend, models: dict[str, Path]) -> list[str]:
-    """``flare-infer``'s arguments that run ``backend`` (model, backend, device, precision)."""
+def fresh_process_args(backend: Backend, models: dict[str, Path], threads: int | None = None) -> list[str]:
+    """``flare-infer``'s arguments that run ``backend`` (model, backend, device, precision; ``threads`` for a CPU
+    backend)."""
     if backend.kind == "openvino" and backend.precision == "bf16":
         raise FlareSegError(f"{backend.name}: flare-infer has no OpenVINO bf16 option to run it in a fresh process")
     path = str(model_file(backend, models))
@@ -299,10 +300,14 @@ def fresh_process_args(backend: Backend, models: dict[str, Path]) -> list[str]:
         args += ["--cuda-graph"] if backend.cuda_graph else []
     if backend.kind == "onnxruntime":
         args += ["--ort-provider", "cpu" if backend.device == "cpu" else "cuda"]
+    if threads is not None and backend.device == "cpu":
+        args += ["--threads", str(threads)]
     return args
 
 
-def make_runner(backend: Backend, models: dict[str, Path], batch: int) -> Any:
+def make_runner(backend: Backend, models: dict[str, Path], batch: int, *, threads: int | None = None) -> Any:
+    """The runner of ``backend``; ``threads`` for ONNX Runtime and OpenVINO sessions (PyTorch's are the
+    process's, set by the command)."""
     from flareseg.runtime.runners import OnnxRuntimeRunner, OpenVINORunner, TensorRTRunner, TorchRunner
 
     model = model_file(backend, models)
@@ -315,7 +320,7 @@ def make_runner(backend: Backend, models: dict[str, Path], batch: int) -> Any:
             cuda_graph_batch=batch if backend.cuda_graph else None,
         )
     if backend.kind == "onnxruntime":
-        return OnnxRuntimeRunner(model, provider="cpu" if backend.device == "cpu" else "cuda")
+        return OnnxRuntimeRunner(model, provider="cpu" if backend.device == "cpu" else "cuda", threads=threads)
     if backend.kind == "openvino":
-        return OpenVINORunner(model, precision="bf16" if backend.precision == "bf16" else "fp32")
+        return OpenVINORunner(model, precision="bf16" if backend.precision == "bf16" else "fp32", threads=threads)
     return TensorRTRunner(model)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--width", type=positive_int, help="base width of the random-weight network (default 64; not with --model)"
     )
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        help="CPU threads of the CPU backends, fresh process included (default: each runtime's own, every core); "
+        "on a shared machine, fewer threads than cores can time far steadier",
+    )
     p.add_argument("--no-fresh-process", action="store_true", help="skip the FLARE21-style fresh-process timing")
     p.add_argument(
         "--check",
@@ -74,6 +81,7 @@ def _refuse_ignored(args: argparse.Namespace) -> None:
         ignored.append("--slices (the phantom volume's; --input has its own slices)")
     if args.check:
         timing = {"--repeats": args.repeats is not None, "--warmup": args.warmup is not None}
+        timing["--threads"] = args.threads is not None
         timing["--no-fresh-process"] = args.no_fresh_process
         ignored += [f"{option} (--check does not time)" for option, given in timing.items() if given]
     if ignored:
@@ -112,15 +120,33 @@ def _main(args: argparse.Namespace) -> int:
             warmup=args.warmup,
             repeats=args.repeats,
             fresh_process=not args.no_fresh_process,
+            threads=args.threads,
             **common,
         )
         measure, write = functools.partial(run_benchmark, bench), write_report
-    with removed_on_failure(args.out):
+    with removed_on_failure(args.out), _torch_threads(args.threads):
         report = measure()
         paths = write(report, args.out, _command(args))
     print(paths["markdown"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0 if report.get("passed", True) else 1
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """--threads for PyTorch on the CPU: the process's intra-op threads, set at the command's edge for the run and
+    restored after it (ONNX Runtime and OpenVINO take it per session)."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

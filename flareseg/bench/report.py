@@ -279,6 +279,8 @@ def markdown(report: dict[str, Any], command: str) -> str:
             f"Model: an {settings['onnx_model_precision']} ONNX model (by its own metadata); every backend runs it "
             "as it is, so a backend's precision is the coarser of its own and the model's."
         )
+    if settings.get("threads"):
+        lines.append(f"CPU threads: {settings['threads']} (--threads), for every CPU backend and the fresh process.")
     if settings.get("left_out"):
         lines.append("Left out: " + "; ".join(f"{name} ({why})" for name, why in settings["left_out"].items()) + ".")
     lines += ["", "## Model", "", *_model_lines(report["model"])]

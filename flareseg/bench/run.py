@@ -73,6 +73,8 @@ class BenchConfig:
     repeats: int | None = None
     fresh_process: bool = True
     base_width: int = 64
+    #: CPU threads of the CPU backends (ONNX Runtime, OpenVINO, flare-infer's fresh process); None: their own.
+    threads: int | None = None
 
     def resolved(self) -> BenchPlan:
         """Defaults that fit the machine (a few minutes on a 2-core CPU, thorough on a GPU), every argument checked.
@@ -90,6 +92,7 @@ class BenchConfig:
             repeats=self.repeats,
             base_width=self.base_width,
             batches=self.batches,
+            threads=self.threads,
         )
         size = check_slice_size(self.size)
         check_report_folder(self.out)
@@ -110,6 +113,7 @@ class BenchConfig:
             repeats=self.repeats if self.repeats is not None else (20 if gpu else 3),
             fresh_process=self.fresh_process,
             base_width=self.base_width,
+            threads=self.threads,
             onnx_precision=onnx_precision,
             left_out=left_out,
             nvml=nvml_readable([ALL_BACKENDS[b].device for b in backends]),
@@ -131,6 +135,7 @@ class BenchPlan:
     repeats: int
     fresh_process: bool
     base_width: int
+    threads: int | None
     #: The precision of an ONNX model given alone (its metadata's), else None.
     onnx_precision: str | None
     #: Backends of this machine not run, with the reason for each.
@@ -146,6 +151,7 @@ def check_counts(
     repeats: int | None = None,
     base_width: int | None = None,
     batches: Sequence[int] | None = None,
+    threads: int | None = None,
 ) -> None:
     """Refuse counts out of range (None: the default, not checked here)."""
     for name, value, least in (
@@ -153,6 +159,7 @@ def check_counts(
         ("--warmup", warmup, 0),
         ("--repeats", repeats, 1),
         ("--width", base_width, 1),
+        ("--threads", threads, 1),
     ):
         if value is not None and value < least:
             raise FlareSegError(f"{name} must be at least {least}, got {value}")
@@ -275,6 +282,7 @@ def settings_section(cfg: BenchPlan) -> dict[str, Any]:
         "warmup": cfg.warmup,
         "repeats": cfg.repeats,
         "slice_size": list(cfg.size),
+        "threads": cfg.threads,
         "random_weights": cfg.model is None,
         "onnx_model_precision": cfg.onnx_precision,
         "left_out": dict(cfg.left_out),
@@ -356,7 +364,7 @@ def latency_section(
                 sampler = nvml_sampler(cuda and cfg.nvml)
                 oom = gpu_memory_errors(name, batch, "this batch does not fit this GPU")  # a row, as any failure
                 with oom, sampler if sampler else contextlib.nullcontext():
-                    runner = make_runner(b, models, batch)
+                    runner = make_runner(b, models, batch, threads=cfg.threads)
                     with runner:
                         dev = runner.device
                         shape = (batch, runner.input_channels, *runner.info.slice_size)
@@ -404,11 +412,13 @@ def segment_volume(
     precision: str | None = None,
     *,
     nvml: bool = False,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """One whole volume through flare-infer's pipeline in this process: stage times, memory (NVML on CUDA).
 
     ``precision``: what the run computes in, where not the backend's own (an ONNX model given alone).
     ``nvml``: sample the GPU's memory with NVML (on CUDA, where :func:`~flareseg.bench.measure.nvml_readable`).
+    ``threads``: the CPU threads of an ONNX Runtime or OpenVINO session (None: its own default).
     """
     from flareseg.bench.measure import nvml_sampler
     from flareseg.runtime.pipeline import segment_file
@@ -418,7 +428,7 @@ def segment_volume(
         _release_cuda_memory()
     sampler = nvml_sampler(cuda and nvml)
     with sampler if sampler else contextlib.nullcontext():
-        runner = make_runner(backend, models, batch)
+        runner = make_runner(backend, models, batch, threads=threads)
         with runner:
             timing = segment_file(runner, volume, out, batch_size=batch)
     row = timing.to_dict()
@@ -450,7 +460,7 @@ def _reference_volume(
             continue  # it would run the given fp16 or INT8 model: no fp32 reference
         out = cfg.out / "pred" / f"reference-{name}.nii.gz"
         try:
-            row = segment_volume(ALL_BACKENDS[name], models, 1, volume, out, nvml=cfg.nvml)
+            row = segment_volume(ALL_BACKENDS[name], models, 1, volume, out, nvml=cfg.nvml, threads=cfg.threads)
         except FlareSegError as exc:  # no model this reference can run (e.g. an ONNX model only)
             log.info("fp32 reference %s unavailable: %s", name, exc)
             continue
@@ -471,7 +481,8 @@ def volume_section(cfg: BenchPlan, models: dict[str, Path], latency: dict[str, A
         b = ALL_BACKENDS[name]
         out = cfg.out / "pred" / f"{name}.nii.gz"
         try:
-            row = segment_volume(b, models, batch, volume, out, run_precision(b, cfg.onnx_precision), nvml=cfg.nvml)
+            precision = run_precision(b, cfg.onnx_precision)
+            row = segment_volume(b, models, batch, volume, out, precision, nvml=cfg.nvml, threads=cfg.threads)
         except FlareSegError as exc:  # one backend's failure (the GPU's memory, say) is a line of the report
             log.warning("%s: whole volume failed: %s", name, exc)
             errors[name] = str(exc)
@@ -551,7 +562,7 @@ def fresh_process_section(
     b = ALL_BACKENDS[name]
     cuda = b.device == "cuda"
     batch = latency[name].get("best", {}).get("batch", 1)
-    cmd = [sys.executable, "-m", "flareseg.runtime.cli", *fresh_process_args(b, models), "-i", str(volume)]
+    cmd = [sys.executable, "-m", "flareseg.runtime.cli", *fresh_process_args(b, models, cfg.threads), "-i", str(volume)]
     cmd += ["-o", str(cfg.out / "pred" / "fresh-process.nii.gz"), "--batch-size", str(batch), "-q", "--overwrite"]
     bare_cmd = [sys.executable, "-c", "import torch; torch.zeros(1, device='cuda')" if cuda else "import torch"]
     before = _run_child(bare_cmd, nvml=cuda and cfg.nvml)

@@ -204,6 +204,33 @@ def test_an_int8_export_below_its_agreement_leaves_int8_out_and_the_others_are_m
     )
 
 
+def test_threads_reach_every_cpu_backend_and_the_fresh_process_and_are_restored(tmp_path, monkeypatch):
+    from flareseg.bench import backends
+    from flareseg.bench import run as bench_run
+
+    opened: list[tuple[str, int | None]] = []
+    real = backends.make_runner
+
+    def make_runner(backend, models, batch, *, threads=None):
+        opened.append((backend.name, threads))
+        runner = real(backend, models, batch, threads=threads)
+        if backend.kind == "torch":
+            opened.append(("torch threads", torch.get_num_threads()))
+        return runner
+
+    monkeypatch.setattr(bench_run, "make_runner", make_runner)
+    before = torch.get_num_threads()
+    argv = ["--width", "4", "--size", "32", "--backends", "torch-cpu-fp32,onnxruntime-cpu-fp32", "--batch", "1"]
+    argv += ["--repeats", "1", "--warmup", "0", "--slices", "2", "--threads", "1", "-o", str(tmp_path), "-q"]
+    assert bench_main(argv) == 0
+    assert torch.get_num_threads() == before  # set for the run only
+    assert set(opened) == {("torch-cpu-fp32", 1), ("torch threads", 1), ("onnxruntime-cpu-fp32", 1)}
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["settings"]["threads"] == 1
+    assert "--threads 1" in report["fresh_process"]["command"]
+    assert "CPU threads: 1 (--threads)" in (tmp_path / "report.md").read_text()
+
+
 def test_machine_section_names_the_cpu_and_its_instruction_sets(report):
     _, data = report
     m = data["machine"]
@@ -632,6 +659,7 @@ def test_the_matmul_peak_leaves_the_global_generator_alone():
         (["--check", "--input", "ct.nii.gz", "--slices", "6"], "--slices (the phantom volume's; --input has its own"),
         (["--check", "--repeats", "3"], "--repeats (--check does not time)"),
         (["--check", "--warmup", "2", "--no-fresh-process"], "--warmup (--check does not time); --no-fresh-process"),
+        (["--check", "--threads", "1"], "--threads (--check does not time)"),
     ],
 )
 def test_options_that_would_change_nothing_are_refused(tmp_path, capsys, argv, words):
