@@ -404,7 +404,17 @@ def _dataset_statistics(run: Path, train_cases: Sequence[Case], resumed: Normali
 
 def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, run: Path) -> TrainResult:
     cases = find_training_cases(config.data)
-    train_cases, val_cases = split_cases(cases, val_cases=config.val_cases, val_list=config.val_list, seed=config.seed)
+    try:
+        train_cases, val_cases = split_cases(
+            cases, val_cases=config.val_cases, val_list=config.val_list, seed=config.seed
+        )
+    except FlareSegError as exc:
+        if not resume:
+            raise
+        # The run's own split settings split its data once: data they cannot split are other data.
+        raise FlareSegError(
+            f"{config.data}: not the data run {run} was trained on ({exc}); start a new run with another --out"
+        ) from None
     check_headers(cases)
     split = {"train": [c.name for c in train_cases], "validation": [c.name for c in val_cases]}
     payload: dict[str, Any] = {}

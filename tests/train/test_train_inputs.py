@@ -386,6 +386,16 @@ def test_resume_refuses_settings_and_data_that_differ_from_the_run(data_a, data_
     ]
     assert train_main(["--resume", str(run), "--out", str(tmp_path / "other")]) == 2
     assert "a resumed run writes into its own folder" in capsys.readouterr().err
+    one = tmp_path / "one"  # a single case: the run's split (1 held out) cannot split it
+    for sub in ("TrainingImg", "TrainingMask"):
+        (one / sub).mkdir(parents=True)
+    shutil.copy2(data_a / "TrainingImg" / "train_000_0000.nii.gz", one / "TrainingImg")
+    shutil.copy2(data_a / "TrainingMask" / "train_000.nii.gz", one / "TrainingMask")
+    assert train_main(["--resume", str(run), "--epochs", "2", "--data", str(one)]) == 2
+    assert _stderr_lines(capsys) == [
+        f"flare-train: error: {one}: not the data run {run} was trained on (--val-cases 1 leaves no training case: "
+        "the data hold 1 case(s); hold out at most 0); start a new run with another --out"
+    ]
     # The run's images (so its statistics pass), a mask with a label the data may not hold: refused when its
     # slices are cached, and the run's config.json still names its own data.
     bad = _copy(data_a, tmp_path / "bad")
