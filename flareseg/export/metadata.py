@@ -156,9 +156,9 @@ def onnx_metadata_props(path: Path) -> dict[str, str]:
                 if number == _METADATA_PROPS_FIELD and isinstance(value, tuple):
                     entry = {n: v for n, v in _fields(data, *value) if isinstance(v, tuple)}
                     key, text = (bytes(data[slice(*entry.get(n, (0, 0)))]).decode() for n in (_KEY_FIELD, _VALUE_FIELD))
-                    props[key] = text
+                    props.setdefault(key, text)  # the first of a repeated key, as a loop over the props finds
             return props
-    except (ValueError, UnicodeDecodeError) as exc:  # a broken message, text that is not UTF-8
+    except (ValueError, IndexError, UnicodeDecodeError) as exc:  # a broken message, text that is not UTF-8
         raise FlareSegError(f"{path}: not an ONNX model ({exc})") from None
     except OSError as exc:
         raise FlareSegError(f"{path}: cannot read the model ({exc.strerror or exc})") from None
@@ -181,6 +181,8 @@ def _fields(data: Any, start: int, end: int) -> Iterator[tuple[int, int | tuple[
             yield number, 0
         elif wire == 2:
             length, i = _varint(data, i, end)
+            if i + length > end:  # checked before its bytes are read: a cut-short file loses its tail first
+                raise ValueError("a field runs past the end of its message (cut short?)")
             yield number, (i, i + length)
             i += length
         else:  # groups (3, 4) are not in ONNX's schema; 6 and 7 do not exist
