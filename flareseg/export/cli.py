@@ -126,7 +126,7 @@ _FOR = {
 def _check_options_used(args: argparse.Namespace) -> None:
     """An option that would change nothing is refused (as flare-infer and flare-bench do), not silently ignored."""
     for needed, names in _FOR.items():
-        given = [name for name in names if getattr(args, name) not in (None, False)]
+        given = [name for name in names if getattr(args, name) is not None and getattr(args, name) is not False]
         if given and not getattr(args, needed.removeprefix("--")):
             flag = "--" + given[0].replace("_", "-")
             raise FlareSegError(f"{flag} is used only with {needed}: add {needed}, or drop {flag}")

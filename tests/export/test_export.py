@@ -371,6 +371,7 @@ def test_options_for_an_engine_or_int8_are_refused_without_it_and_results_are_sa
         (["--tf32"], "--engine"),
         (["--calibration-slices", "8"], "--int8"),
         (["--int8-min-agreement", "0.9"], "--int8"),
+        (["--int8-min-agreement", "0"], "--int8"),  # 0 == False in Python: still given
         (["--quantizer", "nncf"], "--int8"),
     ):
         assert export_main([str(tiny_checkpoint), "-o", str(out), *option]) == 2
