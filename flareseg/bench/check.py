@@ -304,7 +304,7 @@ def run_check(config: CheckConfig) -> dict[str, Any]:
     from flareseg.bench.run import machine_section
 
     cfg = config.resolved()
-    clear_earlier_run(cfg.out, model_given=cfg.model is not None)  # after every check passed
+    clear_earlier_run(cfg.out, model=cfg.model, input=cfg.input)  # after every check passed
     work = cfg.out / "models"
     work.mkdir(parents=True, exist_ok=True)
     ref_name = cfg.reference

@@ -22,18 +22,20 @@ log = logging.getLogger(__name__)
 RUN_FOLDERS = ("models", "pred")
 
 
-def clear_earlier_run(out: Path, *, model_given: bool) -> None:
+def clear_earlier_run(out: Path, *, model: Path | None, input: Path | None) -> None:
     """Remove what an earlier flare-bench run left in the report folder that this run may not write again: its
     label maps and timings in ``pred/`` (other backends), and its random-weight checkpoint when this run has a
-    ``--model``. Only names flare-bench itself writes; anything else there stays."""
+    ``model``. Only names flare-bench itself writes; anything else there stays, and so do this run's own
+    ``model`` and ``input`` (an earlier run's random-weight checkpoint benchmarked again, say)."""
     from flareseg.bench.backends import ALL_BACKENDS
 
     stems = {*ALL_BACKENDS, *(f"reference-{name}" for name in ALL_BACKENDS), "fresh-process"}
     earlier = [out / "pred" / f"{stem}{suffix}" for stem in stems for suffix in (".nii.gz", ".timings.json")]
-    if model_given:
+    if model is not None:
         earlier.append(out / "models" / "random-weights.pt")
+    kept = {p.resolve() for p in (model, input) if p is not None}
     for path in earlier:
-        if path.is_file():
+        if path.is_file() and path.resolve() not in kept:
             path.unlink()
             log.debug("removed %s, of an earlier run", path)
 

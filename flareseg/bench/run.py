@@ -201,7 +201,7 @@ def _volume(cfg: BenchPlan, work: Path) -> Path:
 def run_benchmark(config: BenchConfig) -> dict[str, Any]:
     """Every figure of the report, as a JSON-serialisable dictionary: one section function each."""
     cfg = config.resolved()
-    clear_earlier_run(cfg.out, model_given=cfg.model is not None)  # after every check passed
+    clear_earlier_run(cfg.out, model=cfg.model, input=cfg.input)  # after every check passed
     work = cfg.out / "models"
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()

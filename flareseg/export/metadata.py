@@ -151,7 +151,7 @@ def onnx_metadata_props(path: Path) -> dict[str, str]:
         if path.stat().st_size == 0:
             raise FlareSegError(f"{path}: not an ONNX model (the file is empty)")
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            props = {}
+            props: dict[str, str] = {}
             for number, value in _fields(data, 0, len(data)):
                 if number == _METADATA_PROPS_FIELD and isinstance(value, tuple):
                     entry = {n: v for n, v in _fields(data, *value) if isinstance(v, tuple)}

@@ -76,7 +76,7 @@ def test_a_rerun_into_the_folder_leaves_nothing_of_the_earlier_run_the_new_repor
     earlier = ["pred/openvino-cpu-int8.nii.gz", "pred/fresh-process.timings.json", "models/random-weights.pt"]
     for name in [*earlier, "stages.png", "pred/mine.nii.gz", "models/flareseg_fp32.onnx"]:
         (out / name).write_bytes(b"from before")
-    clear_earlier_run(out, model_given=True)
+    clear_earlier_run(out, model=tmp_path / "given.pt", input=None)
     no_volumes = {**data, "volumes": {**data["volumes"], "results": {}}}
     paths = write_report(no_volumes, out, "flare-bench ...")
     assert set(paths) == {"json", "markdown", "plot"}
@@ -202,6 +202,11 @@ def test_an_int8_export_below_its_agreement_leaves_int8_out_and_the_others_are_m
     assert report["settings"]["left_out"]["onnxruntime-cpu-int8"].startswith(
         "its INT8 export was refused: INT8 model agrees with fp32 PyTorch on 91.500%"
     )
+    # INT8 alone: nothing left to measure, so the run fails rather than write an empty report.
+    argv[argv.index("--backends") + 1] = "onnxruntime-cpu-int8"
+    argv[argv.index("-o") + 1] = str(tmp_path / "int8-alone")
+    assert bench_main(argv) == 2
+    assert not (tmp_path / "int8-alone").exists()
 
 
 def test_threads_reach_every_cpu_backend_and_the_fresh_process_and_are_restored(tmp_path, monkeypatch):
@@ -229,6 +234,20 @@ def test_threads_reach_every_cpu_backend_and_the_fresh_process_and_are_restored(
     assert report["settings"]["threads"] == 1
     assert "--threads 1" in report["fresh_process"]["command"]
     assert "CPU threads: 1 (--threads)" in (tmp_path / "report.md").read_text()
+
+
+def test_a_rerun_keeps_the_model_and_input_it_is_given_even_under_an_earlier_runs_names(tmp_path):
+    from flareseg.bench.inputs import clear_earlier_run
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "pred").mkdir()
+    model, volume = tmp_path / "models" / "random-weights.pt", tmp_path / "pred" / "torch-cpu-fp32.nii.gz"
+    for path in (model, volume):
+        path.write_bytes(b"the user's")
+    clear_earlier_run(tmp_path, model=model, input=volume)
+    assert model.read_bytes() == volume.read_bytes() == b"the user's"
+    clear_earlier_run(tmp_path, model=tmp_path / "other.pt", input=None)
+    assert not model.exists() and not volume.exists()
 
 
 def test_machine_section_names_the_cpu_and_its_instruction_sets(report):
