@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +191,7 @@ def _side_by_side_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _volume_lines(report: dict[str, Any]) -> list[str]:
+def _volume_lines(report: dict[str, Any], figures: Collection[str] = ("stages.png",)) -> list[str]:
     volumes = report["volumes"]
     lines = ["", "## Whole volumes", "", f"Input: `{volumes['input']}`", ""]
     lines += [
@@ -215,9 +216,9 @@ def _volume_lines(report: dict[str, Any]) -> list[str]:
         "normalisation), infer (the network and its copies), postprocess (largest components), write; total is "
         "their sum, wall the case's time from read to written (less where stages overlap). GPU MB·s: "
         "FLARE22/23's memory figure, the area under the NVML used-memory curve above idle, by the trapezoid rule.",
-        "",
-        "![time per stage](stages.png)",
     ]
+    if "stages.png" in figures:
+        lines += ["", "![time per stage](stages.png)"]
     return lines
 
 
@@ -262,7 +263,8 @@ def _fresh_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def markdown(report: dict[str, Any], command: str) -> str:
+def markdown(report: dict[str, Any], command: str, figures: Collection[str] = ("latency.png", "stages.png")) -> str:
+    """report.md; ``figures``: the figure files drawn beside it (only those are linked)."""
     m = report["machine"]
     lines = [
         "# flare-bench report",
@@ -286,9 +288,11 @@ def markdown(report: dict[str, Any], command: str) -> str:
     lines += ["", "## Model", "", *_model_lines(report["model"])]
     lines += ["", "## Latency and throughput", "", *_latency_lines(report)]
     lines += _side_by_side_lines(report)
-    lines += _volume_lines(report)
+    lines += _volume_lines(report, figures)
     lines += _fresh_lines(report)
-    lines += ["", "![latency and throughput](latency.png)", "", f"Benchmark wall time: {report['bench_wall_s']:.0f} s."]
+    if "latency.png" in figures:
+        lines += ["", "![latency and throughput](latency.png)"]
+    lines += ["", f"Benchmark wall time: {report['bench_wall_s']:.0f} s."]
     return "\n".join(lines) + "\n"
 
 
@@ -364,11 +368,12 @@ def write_report(report: dict[str, Any], out: Path, command: str) -> dict[str, P
     figure this run did not draw (no whole-volume results, no matplotlib) removed rather than left from an
     earlier run beside a report that does not match it."""
     out.mkdir(parents=True, exist_ok=True)
+    figures = {"plot": (out / "latency.png", plot(report)), "stages": (out / "stages.png", plot_stages(report))}
+    drawn = [path.name for path, fig in figures.values() if fig is not None]
     texts = {
         "json": (out / "report.json", json.dumps({**report, "command": command}, indent=2) + "\n"),
-        "markdown": (out / "report.md", markdown(report, command)),
+        "markdown": (out / "report.md", markdown(report, command, drawn)),
     }
-    figures = {"plot": (out / "latency.png", plot(report)), "stages": (out / "stages.png", plot_stages(report))}
     paths: dict[str, Path] = {}
     with atomic_outputs() as outputs:
         for key, (path, text) in texts.items():

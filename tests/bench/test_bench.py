@@ -83,6 +83,8 @@ def test_a_rerun_into_the_folder_leaves_nothing_of_the_earlier_run_the_new_repor
     left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     # Its own earlier names went; what it never writes stays.
     assert left == ["latency.png", "models/flareseg_fp32.onnx", "pred/mine.nii.gz", "report.json", "report.md"]
+    md = (out / "report.md").read_text()
+    assert "(latency.png)" in md and "stages.png" not in md  # links only to the figures beside it
 
 
 def test_every_requested_batch_size_is_measured(report):
