@@ -119,7 +119,6 @@ class CheckConfig:
         size = check_slice_size(self.size)
         check_report_folder(self.out)
         onnx_precision, model_size = check_model(self.model)
-        size = model_size or size  # a given model runs at its own slice size (the CLI refuses --size with it)
         backends, left_out = select_backends(self.backends, onnx_precision)
         check_input_volume(self.input, series=False)
         return CheckPlan(
@@ -129,6 +128,7 @@ class CheckConfig:
             input=self.input,
             slices=self.slices if self.slices is not None else (32 if torch.cuda.is_available() else 8),
             size=size,
+            network_size=model_size or size,  # a given model runs at its own slice size
             batch=self.batch,
             base_width=self.base_width,
             onnx_precision=onnx_precision,
@@ -146,7 +146,10 @@ class CheckPlan:
     backends: tuple[str, ...]
     input: Path | None
     slices: int
+    #: The phantom volume's slice size (--size); the random-weight network's too.
     size: tuple[int, int]
+    #: The slice size the network runs at: a given model's own, else ``size``.
+    network_size: tuple[int, int]
     batch: int
     base_width: int
     #: The precision of an ONNX model given alone (its metadata's), else None.

@@ -39,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slices", type=positive_int, help="slices of the phantom volume (default 8 on CPU, 64 on GPU)")
     p.add_argument("--input", type=path_arg, help="a CT volume to time instead of the phantom")
     p.add_argument(
-        "--size", type=slice_size, help="slice size of the random-weight network (default 512; not with --model)"
+        "--size",
+        type=slice_size,
+        help="slice size of the phantom volume, and of the random-weight network (default 512; a --model runs at "
+        "its own)",
     )
     p.add_argument("--repeats", type=positive_int, help="timed runs per batch size (default 3 on CPU, 20 on GPU)")
     p.add_argument("--warmup", type=non_negative_int, help="untimed runs first (default 1 on CPU, 5 on GPU)")
@@ -75,8 +78,6 @@ def _refuse_ignored(args: argparse.Namespace) -> None:
     ignored = []
     if args.model is not None and args.width is not None:
         ignored.append("--width (the random-weight network's; --model's network has its own)")
-    if args.model is not None and args.size is not None:
-        ignored.append("--size (the random-weight network's; --model runs at its own slice size)")
     if args.input is not None and args.slices is not None:
         ignored.append("--slices (the phantom volume's; --input has its own slices)")
     if args.check:

@@ -97,7 +97,6 @@ class BenchConfig:
         size = check_slice_size(self.size)
         check_report_folder(self.out)
         onnx_precision, model_size = check_model(self.model)
-        size = model_size or size  # a given model runs at its own slice size (the CLI refuses --size with it)
         backends, left_out = select_backends(self.backends, onnx_precision)
         check_input_volume(self.input, series=True)
         gpu = torch.cuda.is_available()
@@ -109,6 +108,7 @@ class BenchConfig:
             slices=self.slices if self.slices is not None else (64 if gpu else 8),
             input=self.input,
             size=size,
+            network_size=model_size or size,  # a given model runs at its own slice size
             warmup=self.warmup if self.warmup is not None else (5 if gpu else 1),
             repeats=self.repeats if self.repeats is not None else (20 if gpu else 3),
             fresh_process=self.fresh_process,
@@ -130,7 +130,10 @@ class BenchPlan:
     batches: tuple[int, ...]
     slices: int
     input: Path | None
+    #: The phantom volume's slice size (--size); the random-weight network's too.
     size: tuple[int, int]
+    #: The slice size the network runs at: a given model's own, else ``size``.
+    network_size: tuple[int, int]
     warmup: int
     repeats: int
     fresh_process: bool
@@ -281,7 +284,8 @@ def settings_section(cfg: BenchPlan) -> dict[str, Any]:
         "volume_slices": cfg.slices,
         "warmup": cfg.warmup,
         "repeats": cfg.repeats,
-        "slice_size": list(cfg.size),
+        "slice_size": list(cfg.network_size),
+        "phantom_slice_size": None if cfg.input is not None else list(cfg.size),
         "threads": cfg.threads,
         "random_weights": cfg.model is None,
         "onnx_model_precision": cfg.onnx_precision,

@@ -171,7 +171,7 @@ def test_reduced_precision_gets_agreement_from_a_reference_run(trained_checkpoin
     assert row["agreement_with_fp32"] >= 0.99
 
 
-def test_a_given_model_is_planned_and_reported_at_its_own_slice_size(trained_checkpoint, tmp_path):
+def test_a_given_model_is_reported_at_its_own_slice_size_and_timed_on_a_ct_sized_phantom(trained_checkpoint, tmp_path):
     from flareseg.checkpoint import load_model
 
     size = load_model(trained_checkpoint)[1].slice_size
@@ -180,9 +180,11 @@ def test_a_given_model_is_planned_and_reported_at_its_own_slice_size(trained_che
     from flareseg.bench.check import CheckConfig
 
     check = CheckConfig(out=tmp_path / "c", model=trained_checkpoint, backends=("torch-cpu-fp32",)).resolved()
-    assert check.size == size
+    assert check.network_size == size and check.size == (512, 512)  # the phantom stays CT-sized
     plan = BenchConfig(out=tmp_path / "r", model=trained_checkpoint, backends=("torch-cpu-fp32",)).resolved()
-    assert plan.size == size and bench_run.settings_section(plan)["slice_size"] == list(size)
+    assert plan.network_size == size and plan.size == (512, 512)
+    settings = bench_run.settings_section(plan)
+    assert settings["slice_size"] == list(size) and settings["phantom_slice_size"] == [512, 512]
 
 
 def test_an_int8_export_below_its_agreement_leaves_int8_out_and_the_others_are_measured(
@@ -675,7 +677,6 @@ def test_the_matmul_peak_leaves_the_global_generator_alone():
     ("argv", "words"),
     [
         (["--model", "m.pt", "--width", "16"], "--width (the random-weight network's; --model's network has its own)"),
-        (["--model", "m.pt", "--size", "64"], "--size (the random-weight network's; --model runs at its own slice"),
         (["--input", "ct.nii.gz", "--slices", "6"], "--slices (the phantom volume's; --input has its own slices)"),
         (["--check", "--input", "ct.nii.gz", "--slices", "6"], "--slices (the phantom volume's; --input has its own"),
         (["--check", "--repeats", "3"], "--repeats (--check does not time)"),

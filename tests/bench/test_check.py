@@ -41,7 +41,7 @@ def _check(argv: list[str]) -> tuple[int, dict]:
 def cpu_check(trained_checkpoint, tmp_path_factory):
     """Every backend this machine has (the default), on a 6-slice 64 x 64 phantom."""
     out = tmp_path_factory.mktemp("check")
-    code, report = _check(["--model", str(trained_checkpoint), "--slices", "6", "-o", str(out)])
+    code, report = _check(["--model", str(trained_checkpoint), "--size", "64", "--slices", "6", "-o", str(out)])
     return out, code, report
 
 
@@ -105,7 +105,7 @@ def test_a_broken_backend_fails(cpu_check, trained_checkpoint, tmp_path, monkeyp
         return result
 
     monkeypatch.setattr(OnnxRuntimeRunner, "_infer", perturbed)
-    argv = ["--model", str(trained_checkpoint), "--backends", CPU_FP32, "--slices", "4"]
+    argv = ["--model", str(trained_checkpoint), "--backends", CPU_FP32, "--size", "64", "--slices", "4"]
     code, report = _check([*argv, "-o", str(tmp_path)])
     assert code == 1 and not report["passed"] and report["failed"] == ["onnxruntime-cpu-fp32"]
     ort = _row(report, "onnxruntime-cpu-fp32")
@@ -120,7 +120,7 @@ def test_a_broken_backend_fails(cpu_check, trained_checkpoint, tmp_path, monkeyp
 def test_onnx_model_is_checked_against_onnx_runtime_fp32(cpu_check, tmp_path):
     out, _, _ = cpu_check
     onnx_model = out / "models" / "bench_fp32.onnx"
-    argv = ["--model", str(onnx_model), "--backends", "onnxruntime-cpu-fp32", "--slices", "2"]
+    argv = ["--model", str(onnx_model), "--backends", "onnxruntime-cpu-fp32", "--size", "64", "--slices", "2"]
     code, report = _check([*argv, "-o", str(tmp_path)])
     assert code == 0 and report["reference"] == "onnxruntime-cpu-fp32"
     assert "PyTorch reference missing" in report["note"]
@@ -188,7 +188,7 @@ def test_an_int8_export_below_its_agreement_is_a_failed_row_not_a_stopped_check(
         raise Int8AgreementError("INT8 model agrees with fp32 PyTorch on 97.500% of held-out voxels", 0.975)
 
     monkeypatch.setattr(onnx_export, "_quantize_verified", below)
-    argv = ["--model", str(trained_checkpoint), "--backends", ",".join([CPU_FP32, *int8])]
+    argv = ["--model", str(trained_checkpoint), "--backends", ",".join([CPU_FP32, *int8]), "--size", "64"]
     code, report = _check([*argv, "--slices", "2", "-o", str(tmp_path)])
     assert code == 1 and sorted(report["failed"]) == sorted(int8)
     for name in int8:
@@ -244,7 +244,7 @@ def _onnx_variant(source: Path, dest: Path, precision: str, weights=None) -> Pat
 def test_an_onnx_model_with_nan_weights_fails_the_check(cpu_check, tmp_path):
     out, _, _ = cpu_check
     model = _onnx_variant(out / "models" / "bench_fp32.onnx", tmp_path / "nan.onnx", "fp32", weights=np.nan)
-    argv = ["--model", str(model), "--backends", "onnxruntime-cpu-fp32", "--slices", "2"]
+    argv = ["--model", str(model), "--backends", "onnxruntime-cpu-fp32", "--size", "64", "--slices", "2"]
     code, report = _check([*argv, "-o", str(tmp_path / "out")])
     assert code == 1 and report["failed"] == ["onnxruntime-cpu-fp32"] and not report["passed"]
     ref = _row(report, "onnxruntime-cpu-fp32")
@@ -255,7 +255,7 @@ def test_an_onnx_model_with_nan_weights_fails_the_check(cpu_check, tmp_path):
 def test_an_onnx_model_alone_leaves_out_what_it_cannot_run(cpu_check, tmp_path):
     """By default, backends needing a model an ONNX file cannot give (INT8, PyTorch) are left out, and said."""
     out, _, _ = cpu_check
-    argv = ["--model", str(out / "models" / "bench_fp32.onnx"), "--slices", "2"]
+    argv = ["--model", str(out / "models" / "bench_fp32.onnx"), "--size", "64", "--slices", "2"]
     code, report = _check([*argv, "-o", str(tmp_path)])
     assert code == 0 and report["passed"], report["rows"]
     names = {r["backend"] for r in report["rows"]}
@@ -271,7 +271,7 @@ def test_an_fp16_onnx_model_is_checked_as_fp16(cpu_check, tmp_path):
     out, _, _ = cpu_check
     model = _onnx_variant(out / "models" / "bench_fp32.onnx", tmp_path / "m_fp16.onnx", "fp16")
     backends = [b for b in ("onnxruntime-cpu-fp32", "openvino-cpu-fp32") if b in available_backends()]
-    argv = ["--model", str(model), "--backends", ",".join(backends), "--slices", "2"]
+    argv = ["--model", str(model), "--backends", ",".join(backends), "--size", "64", "--slices", "2"]
     code, report = _check([*argv, "-o", str(tmp_path / "out")])
     assert report["reference"] == "onnxruntime-cpu-fp32" and report["reference_precision"] == "fp16"
     assert "an ONNX model was given (fp16, by its own metadata)" in report["note"]
@@ -286,7 +286,7 @@ def test_an_fp16_onnx_model_is_checked_as_fp16(cpu_check, tmp_path):
 def test_flare_bench_reports_an_int8_model_as_int8(cpu_check, tmp_path):
     out, _, _ = cpu_check
     argv = ["--model", str(out / "models" / "bench_int8.onnx"), "--backends", "onnxruntime-cpu-fp32"]
-    argv += ["--batch", "1", "--repeats", "1", "--warmup", "0", "--slices", "2"]
+    argv += ["--batch", "1", "--repeats", "1", "--warmup", "0", "--slices", "2", "--size", "64"]
     assert bench_main([*argv, "--no-fresh-process", "-o", str(tmp_path), "-q"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["settings"]["onnx_model_precision"] == "int8"
