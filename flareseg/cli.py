@@ -7,6 +7,7 @@ library code never prints or exits.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -14,11 +15,13 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from flareseg.errors import FlareSegError
+
+log = logging.getLogger("flareseg.cli")
 
 #: The exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells report it.
 INTERRUPTED = 130
@@ -241,6 +244,31 @@ def device_name(text: str) -> str:
     if is_device_name(text):
         return text
     raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N (N = 0, 1, ...), got {text!r}")
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """``--threads`` for PyTorch on the CPU: the process's intra-op thread count, set at a command's edge for its
+    run (runners never change process-wide settings) and restored after it, for a program that calls ``main``.
+    None changes nothing."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    log.info("torch CPU threads: %d", threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def warn_threads_beyond_cores(threads: int | None) -> None:
+    cores = os.cpu_count() or 1
+    if threads is not None and threads > cores:
+        log.warning("--threads %d on %d CPU cores: threads beyond the cores only wait for each other", threads, cores)
 
 
 def default_device() -> str:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import shlex
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,8 @@ from flareseg.cli import (
     positive_int,
     run_command,
     slice_size,
+    torch_threads,
+    warn_threads_beyond_cores,
 )
 from flareseg.errors import FlareSegError
 
@@ -125,29 +126,13 @@ def _main(args: argparse.Namespace) -> int:
             **common,
         )
         measure, write = functools.partial(run_benchmark, bench), write_report
-    with removed_on_failure(args.out), _torch_threads(args.threads):
+    warn_threads_beyond_cores(args.threads)
+    with removed_on_failure(args.out), torch_threads(args.threads):
         report = measure()
         paths = write(report, args.out, _command(args))
     print(paths["markdown"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0 if report.get("passed", True) else 1
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    """--threads for PyTorch on the CPU: the process's intra-op threads, set at the command's edge for the run and
-    restored after it (ONNX Runtime and OpenVINO take it per session)."""
-    if threads is None:
-        yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

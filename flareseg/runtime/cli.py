@@ -9,7 +9,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -28,6 +28,8 @@ from flareseg.cli import (
     positive_int,
     run_command,
     say,
+    torch_threads,
+    warn_threads_beyond_cores,
 )
 from flareseg.errors import FlareSegError
 
@@ -185,30 +187,15 @@ def _check_backend_options(args: argparse.Namespace, backend: str) -> None:
         raise FlareSegError(f"--ort-provider cpu runs on the CPU, --device {args.device} on the GPU: choose one")
 
 
-@contextlib.contextmanager
-def _torch_threads(args: argparse.Namespace, backend: str, device: str) -> Iterator[None]:
-    """--threads for the torch backend: this process's intra-op thread count, set here at the command's edge
-    (the runners never change process-wide settings) and restored after, for a program that calls :func:`main`;
-    ONNX Runtime and OpenVINO take it per session."""
-    cores = os.cpu_count() or 1
-    if args.threads is not None and args.threads > cores:
-        log.warning(
-            "--threads %d on %d CPU cores: threads beyond the cores only wait for each other", args.threads, cores
-        )
+def _torch_threads(args: argparse.Namespace, backend: str, device: str) -> contextlib.AbstractContextManager[None]:
+    """--threads for the torch backend (:func:`flareseg.cli.torch_threads`); ONNX Runtime and OpenVINO take it per
+    session. Refused for torch on a GPU, where it would change nothing."""
+    warn_threads_beyond_cores(args.threads)
     if backend != "torch" or args.threads is None:
-        yield
-        return
+        return torch_threads(None)
     if device != "cpu":
         raise FlareSegError(f"--threads sets the CPU's threads; the torch backend runs on {device} here: drop it")
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    log.info("torch CPU threads: %d", args.threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return torch_threads(args.threads)
 
 
 def _default_device_for(backend: str, ort_provider: str | None) -> str:
