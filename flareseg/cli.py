@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from flareseg.errors import FlareSegError
+from flareseg.errors import FlareSegError, no_room
 
 log = logging.getLogger("flareseg.cli")
 
@@ -79,10 +79,17 @@ def run_command(
         print(f"{parser.prog}: error: {_out_of_memory(exc)}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
-        if "can't allocate memory" not in str(exc):  # torch's CPU allocator says it in a plain RuntimeError
-            raise
-        print(f"{parser.prog}: error: {_out_of_memory(exc)}", file=sys.stderr)
-        return 2
+        if "can't allocate memory" in str(exc):  # torch's CPU allocator says it in a plain RuntimeError
+            print(f"{parser.prog}: error: {_out_of_memory(exc)}", file=sys.stderr)
+            return 2
+        if _gpu_out_of_memory(exc):  # outside a case's inference (which says its batch): loading, warm-up, a graph
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            print(
+                f"{parser.prog}: error: the GPU ran out of memory ({first}); free it, or lower the batch size",
+                file=sys.stderr,
+            )
+            return 2
+        raise
     except BrokenPipeError as exc:
         if _stdout_gone():  # whoever read stdout has gone (`| head`): no traceback for that
             return 1
@@ -95,6 +102,13 @@ def run_command(
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _gpu_out_of_memory(exc: BaseException) -> bool:
+    """Whether an error is a GPU allocation failure; asked only where torch is loaded already."""
+    if "torch" not in sys.modules:
+        return False
+    return no_room(exc)
 
 
 def _out_of_memory(exc: BaseException) -> str:

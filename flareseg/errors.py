@@ -29,14 +29,23 @@ class FlareSegError(Exception):
 
 @contextlib.contextmanager
 def gpu_memory_errors(where: object, batch: int, way_out: str) -> Iterator[None]:
-    """A GPU running out of memory (foreseeable on a small or shared GPU) becomes one line with the way out."""
+    """A GPU running out of memory (foreseeable on a small or shared GPU) becomes one line with the way out.
+
+    The failed batch's cached blocks go back to the driver once its error (and the frames holding its tensors)
+    is gone, so that the next case of a folder, or another process, finds the memory free.
+    """
+    first: str | None = None
     try:
         yield
     except RuntimeError as exc:
         if not no_room(exc):
             raise
         first = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise FlareSegError(f"{where}: the GPU ran out of memory at batch size {batch} ({first}); {way_out}") from None
+    if first is not None:
+        import torch
+
+        torch.cuda.empty_cache()
+        raise FlareSegError(f"{where}: the GPU ran out of memory at batch size {batch} ({first}); {way_out}")
 
 
 @contextlib.contextmanager

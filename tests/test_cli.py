@@ -104,6 +104,7 @@ def test_running_out_of_host_memory_is_one_line_and_other_runtime_errors_stay_tr
     import argparse
 
     import numpy as np
+    import torch
 
     from flareseg.cli import add_common_arguments, run_command
 
@@ -126,11 +127,42 @@ def test_running_out_of_host_memory_is_one_line_and_other_runtime_errors_stay_tr
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("flare-x: error: out of memory (can't allocate memory: you tried to allocate 400000000000")
 
+    def gpu_full_while_loading(_args):  # torch's CUDA allocator, outside a case (a model's .to, a warm-up)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 1.5 GiB free)")
+
+    assert run_command(parser, gpu_full_while_loading, []) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (
+        "flare-x: error: the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; "
+        "1.5 GiB free)); free it, or lower the batch size"
+    )
+
     def a_bug(_args):
         raise RuntimeError("an ordinary bug")
 
     with pytest.raises(RuntimeError, match="an ordinary bug"):
         run_command(parser, a_bug, [])
+
+
+def test_a_batch_that_runs_out_of_gpu_memory_is_one_line_and_gives_the_cache_back(monkeypatch):
+    """torch.cuda.empty_cache is a test double here (no GPU): it records that the failed batch's blocks are freed
+    once its error is gone, for the next case of a folder."""
+    import torch
+
+    from flareseg.errors import FlareSegError, gpu_memory_errors
+
+    emptied: list[bool] = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    with pytest.raises(FlareSegError) as raised, gpu_memory_errors("case.nii.gz", 8, "lower --batch-size"):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+    assert str(raised.value) == (
+        "case.nii.gz: the GPU ran out of memory at batch size 8 (CUDA out of memory. Tried to allocate 1.00 GiB); "
+        "lower --batch-size"
+    )
+    assert emptied == [True]
+    with pytest.raises(RuntimeError, match="not memory"), gpu_memory_errors("case.nii.gz", 8, "lower --batch-size"):
+        raise RuntimeError("not memory")
+    assert emptied == [True]
 
 
 def test_an_error_quoting_a_multi_line_message_is_still_one_line():
