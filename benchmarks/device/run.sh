@@ -42,6 +42,8 @@ export PYTHONPATH="$SITE:$PWD"
     python3 -c "import sys, torch, numpy; print(sys.version, torch.__version__, torch.version.cuda, numpy.__version__)"
     python3 -c "import rapidgzip; print('rapidgzip', rapidgzip.__version__)"
 } >> "$ENV_TXT" 2>&1
+FIRST_RC=0
+failed() { if [ "$1" -ne 0 ] && [ "$FIRST_RC" -eq 0 ]; then FIRST_RC=$1; fi; }
 # What the runs need, said at once rather than as a failure minutes in; without it nothing else is worth running.
 PREFLIGHT="import scipy, packaging, nibabel, cc3d, isal, tqdm, pytest, torch, flareseg.runtime.cli"
 if [ "$DEVICE" = cuda ]; then
@@ -64,7 +66,7 @@ SIZE=(); [ "$DEVICE" = cpu ] && SIZE=(--slices 6 --size 64 --width 4 --cases 2)
 if step whole && [ "$WC_S" -ge 60 ]; then
     timeout -k 5 "$WC_S" python3 benchmarks/device/whole_case.py --out "$OUT/whole-case" --work "$WORK" \
         --device "$DEVICE" --budget $(( WC_S - 25 )) "${SIZE[@]}" > "$OUT/whole-case.log" 2>&1
-    echo "whole_case.py: rc $?, ${SECONDS} s into the run"; tail -25 "$OUT/whole-case.log"
+    RC=$?; failed "$RC"; echo "whole_case.py: rc $RC, ${SECONDS} s into the run"; tail -25 "$OUT/whole-case.log"
 elif step whole; then
     echo "whole_case.py: not run, ${WC_S} s left for it (END=$END)"
 fi
@@ -73,7 +75,7 @@ HOST_S=$(( HOST_S < END - SECONDS - 5 ? HOST_S : END - SECONDS - 5 ))
 if step host && [ "$HOST_S" -ge 10 ]; then
     timeout -k 5 "$HOST_S" python3 benchmarks/device/host_cpu.py --work "$WORK" --out "$OUT/host-cpu" \
         > "$OUT/host-cpu.log" 2>&1
-    echo "host_cpu.py: rc $?, ${SECONDS} s into the run"; tail -30 "$OUT/host-cpu.log"
+    RC=$?; failed "$RC"; echo "host_cpu.py: rc $RC, ${SECONDS} s into the run"; tail -30 "$OUT/host-cpu.log"
 fi
 # 3. The CUDA tests of the inferer, the memory planner, the runtime and the bench (they skip on CPU-only machines).
 PYTEST_S=$(( PYTEST_S < END - SECONDS - 5 ? PYTEST_S : END - SECONDS - 5 ))
@@ -83,7 +85,7 @@ if step pytest && [ "$PYTEST_S" -ge 10 ]; then
         tests/bench/test_bench.py::test_cuda_fp32_peak_uses_the_convolutions_math \
         tests/bench/test_bench.py::test_nvml_sampler_sees_an_allocation_above_idle -k "cuda or gpu or nvml" \
         > "$OUT/pytest-cuda.txt" 2>&1
-    echo "pytest: rc $?, ${SECONDS} s into the run"; tail -8 "$OUT/pytest-cuda.txt"
+    RC=$?; failed "$RC"; echo "pytest: rc $RC, ${SECONDS} s into the run"; tail -8 "$OUT/pytest-cuda.txt"
     grep -q "^SKIPPED" "$OUT/pytest-cuda.txt" && echo "WARNING: some CUDA tests skipped (see pytest-cuda.txt)"
 fi
 # 4. flare-bench, small, in what is left: its CUDA figures (TF32 peak, NVML per batch and volume, the fresh process
@@ -95,7 +97,7 @@ LEFT=$(( END - SECONDS - 5 ))
 if step bench && [ "$LEFT" -ge 20 ]; then
     timeout -k 5 "$LEFT" python3 -m flareseg.bench.cli -o "$WORK/bench" --backends "$BACKENDS" "${BENCH[@]}" -q \
         > "$WORK/bench.log" 2>&1
-    RC=$?
+    RC=$?; failed "$RC"
     { cat "$WORK/bench/report.md" 2>/dev/null || echo "no report (rc $RC)"; echo; echo "log:"; tail -40 "$WORK/bench.log"; } \
         > "$OUT/bench-report.md"
     echo "flare-bench: rc $RC, ${SECONDS} s into the run"
@@ -105,3 +107,5 @@ fi
 # A report rewrite cut short by a timeout leaves its temporary file: it would be a ninth file to bring back.
 find "$OUT" -name '.*.part*' -delete
 find "$OUT" -type f | sort
+# The call's status: the first step that failed (each step's own rc is in the lines above), else 0.
+exit "$FIRST_RC"

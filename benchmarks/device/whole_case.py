@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from flareseg.atomic import write_text_atomic  # noqa: E402
-from flareseg.bench.measure import NvmlSampler, label_map, voxel_agreement  # noqa: E402
+from flareseg.bench.measure import label_map, nvml_sampler, voxel_agreement  # noqa: E402
 
 SETTINGS: dict[str, list[str]] = {
     # fp32 first: every later run is compared with its labels. Then the raw labels host_cpu.py needs.
@@ -126,7 +126,7 @@ STDERR_LINES = 40
 def fresh(
     cmd: list[str], cuda: bool, env: dict[str, str] | None = None, timeout_s: float | None = None
 ) -> dict[str, Any]:
-    sampler = NvmlSampler() if cuda else None
+    sampler = nvml_sampler(cuda)  # None where NVML cannot read the GPU: the row then has no memory figures
     t = time.perf_counter()
     shown = " ".join([*(f"{k}={v}" for k, v in (env or {}).items()), *cmd])
     with sampler if sampler else contextlib.nullcontext():
@@ -224,15 +224,17 @@ def main() -> int:
         report["skipped_for_time"].append(name)
         return False
 
+    write_reports(report, out, args)  # the settings are on disk even if the first process hangs
     # A first, discarded process: the cold disk cache (CUDA, cuDNN and torch libraries) is paid here, not
-    # by whichever setting comes first.
-    cold = fresh_case([*infer, "-i", str(ct)], work / "pred-cold.nii.gz", [], cuda)
+    # by whichever setting comes first. The first flare-infer on a new GPU is the likeliest to hang: bounded.
+    cold = fresh_case([*infer, "-i", str(ct)], work / "pred-cold.nii.gz", [], cuda, None, 2 * PROCESS_MIN_S)
     report["cold_first_run"] = record(cold, counts=False)
+    print(f"cold first run: rc {cold.get('rc')}, {cold.get('wall_s', 0):.1f} s", flush=True)
     bare = "import torch; torch.zeros(1, device='cuda')" if cuda else "import torch"
-    report["bare_startup"] = record(fresh([sys.executable, "-c", bare], cuda))
+    report["bare_startup"] = record(fresh([sys.executable, "-c", bare], cuda, timeout_s=PROCESS_MIN_S))
     # The parts of the bare start-up: the interpreter alone, and torch's import without CUDA.
-    report["bare_python"] = record(fresh([sys.executable, "-c", "pass"], False))
-    report["bare_torch_import"] = record(fresh([sys.executable, "-c", "import torch"], False))
+    report["bare_python"] = record(fresh([sys.executable, "-c", "pass"], False, timeout_s=PROCESS_MIN_S))
+    report["bare_torch_import"] = record(fresh([sys.executable, "-c", "import torch"], False, timeout_s=PROCESS_MIN_S))
     folder = work / "folder"
     folder.mkdir()
     for i in range(args.cases):

@@ -220,6 +220,8 @@ class NvmlSampler:
         self.idle: int | None = None
         self.samples: list[int] = []
         self.times: list[float] = []
+        #: Readings NVML failed to give (a transient error): skipped, and counted in the summary.
+        self.failed_samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -228,8 +230,15 @@ class NvmlSampler:
         return int(info.total - info.free)
 
     def _sample(self) -> None:
-        self.times.append(time.perf_counter())
-        self.samples.append(self._used())
+        """One reading; a failed one is skipped and counted (in the sampling thread it would end the sampling)."""
+        t = time.perf_counter()
+        try:
+            used = self._used()
+        except self._nvml.NVMLError:
+            self.failed_samples += 1
+            return
+        self.times.append(t)
+        self.samples.append(used)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -237,7 +246,10 @@ class NvmlSampler:
             self._stop.wait(self.interval)
 
     def __enter__(self) -> NvmlSampler:
-        self.idle = self._used()
+        try:
+            self.idle = self._used()
+        except self._nvml.NVMLError:  # no idle level: the figures are then absolute, and the summary says so
+            self.failed_samples += 1
         self._thread.start()
         return self
 
@@ -264,6 +276,7 @@ class NvmlSampler:
             "nvml_peak_mb": max(0, max(self.samples) - idle) / MIB if self.samples else None,
             "nvml_area_mb_s": memory_time_area(self.times, self.samples, idle=idle),
             "nvml_samples": len(self.samples),
+            "nvml_failed_samples": self.failed_samples,
         }
 
 

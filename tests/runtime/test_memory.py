@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 import types
 
 import numpy as np
@@ -180,6 +181,29 @@ def test_memory_readings_come_from_the_gpu_cuda_runs_on(monkeypatch):
     with pytest.raises(FlareSegError, match="NVML cannot read GPU 7's memory: Invalid Argument"):
         NvmlSampler(0)
     assert fake.open == 0
+
+
+def test_a_reading_nvml_fails_to_give_is_skipped_and_counted_not_fatal(monkeypatch):
+    from flareseg.bench.measure import NvmlSampler
+
+    class Flaky(_FakeNvml):
+        calls = 0
+
+        def nvmlDeviceGetMemoryInfo(self, handle: int) -> types.SimpleNamespace:
+            Flaky.calls += 1
+            if Flaky.calls % 2 == 0:  # every other reading: a transient NVML error
+                raise self.NVMLError("GPU is lost")
+            return super().nvmlDeviceGetMemoryInfo(handle)
+
+    fake = Flaky(gpus=1)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with NvmlSampler(0, interval=0.005) as sampler:
+        time.sleep(0.1)
+    summary = sampler.summary()
+    assert summary["nvml_failed_samples"] >= 1 and summary["nvml_samples"] >= 1
+    assert summary["nvml_failed_samples"] + summary["nvml_samples"] + 1 == Flaky.calls  # + 1: the idle reading
+    assert len(sampler.times) == len(sampler.samples) and fake.open == 0
 
 
 def test_measuring_needs_a_cuda_runner_and_nvml_is_optional(monkeypatch):
