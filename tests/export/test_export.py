@@ -494,7 +494,7 @@ def test_verification_and_calibration_slices_are_normalised_as_flare_infer_norma
     expected = (np.clip(hu, np.float32(lo), np.float32(hi)) - np.float32(STATS.mean)) / np.float32(STATS.std)
     assert got.dtype == np.float32 and np.array_equal(got, expected)
     nib.save(labels, tmp_path / "mask.nii.gz")
-    with pytest.raises(FlareSegError, match="mask.nii.gz: looks like a label map"):
+    with pytest.raises(FlareSegError, match=r"mask\.nii\.gz: looks like a label map"):
         read_ct_normalized(tmp_path / "mask.nii.gz", STATS, "--calibration")
 
 
