@@ -165,6 +165,31 @@ def test_a_batch_that_runs_out_of_gpu_memory_is_one_line_and_gives_the_cache_bac
     assert emptied == [True]
 
 
+def test_ctrl_c_during_a_commands_imports_is_one_line_and_exit_130(monkeypatch, capsys):
+    """importlib.import_module is a test double here: it raises as Ctrl-C inside torch's import would."""
+    from pathlib import Path
+
+    import tomllib
+
+    from flareseg import commands
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert sorted(scripts) == ["flare-bench", "flare-eval", "flare-export", "flare-infer", "flare-train"]
+    for prog, target in scripts.items():
+        module, function = target.split(":")
+        assert module == "flareseg.commands" and callable(getattr(commands, function)), prog
+
+        def interrupted(name: str):
+            raise KeyboardInterrupt
+
+        with monkeypatch.context() as m:
+            m.setattr(commands.importlib, "import_module", interrupted)
+            with pytest.raises(SystemExit) as stopped:
+                getattr(commands, function)()
+        assert stopped.value.code == 130
+        assert capsys.readouterr().err == f"{prog}: interrupted\n"
+
+
 def test_an_error_quoting_a_multi_line_message_is_still_one_line():
     from flareseg.errors import FlareSegError
 

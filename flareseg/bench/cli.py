@@ -81,6 +81,8 @@ def _refuse_ignored(args: argparse.Namespace) -> None:
         ignored.append("--width (the random-weight network's; --model's network has its own)")
     if args.input is not None and args.slices is not None:
         ignored.append("--slices (the phantom volume's; --input has its own slices)")
+    if args.input is not None and args.model is not None and args.size is not None:
+        ignored.append("--size (the phantom's and the random-weight network's; --input and --model have their own)")
     if args.check:
         timing = {"--repeats": args.repeats is not None, "--warmup": args.warmup is not None}
         timing["--threads"] = args.threads is not None

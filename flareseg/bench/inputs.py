@@ -27,13 +27,20 @@ def clear_earlier_run(out: Path, *, model: Path | None, input: Path | None) -> N
     label maps and timings in ``pred/`` (other backends), and its random-weight checkpoint when this run has a
     ``model``. Only names flare-bench itself writes; anything else there stays, and so do this run's own
     ``model`` and ``input`` (an earlier run's random-weight checkpoint benchmarked again, say)."""
-    from flareseg.bench.backends import ALL_BACKENDS
+    from flareseg.bench.backends import ALL_BACKENDS, MODELS_NAME
 
     stems = {*ALL_BACKENDS, *(f"reference-{name}" for name in ALL_BACKENDS), "fresh-process"}
     earlier = [out / "pred" / f"{stem}{suffix}" for stem in stems for suffix in (".nii.gz", ".timings.json")]
+    # Its reports first go: they describe the files removed here, also if this run is stopped before it writes.
+    earlier += [out / name for name in ("report.json", "report.md", "latency.png", "stages.png")]
+    earlier += [out / name for name in ("check.json", "check.md")]
+    # Its exported set (this run exports its own again, or has none to keep).
+    if (out / "models").is_dir():
+        earlier += sorted((out / "models").glob(f"{MODELS_NAME}_*"))
     if model is not None:
         earlier.append(out / "models" / "random-weights.pt")
-    kept = {p.resolve() for p in (model, input) if p is not None}
+    given = [p for p in (model, input) if p is not None]
+    kept = {q.resolve() for p in given for q in (p, p.with_name(p.name + ".json"))}  # a given model's sidecar too
     for path in earlier:
         if path.is_file() and path.resolve() not in kept:
             path.unlink()

@@ -281,7 +281,7 @@ def settings_section(cfg: BenchPlan) -> dict[str, Any]:
     return {
         "backends": list(cfg.backends),
         "batches": list(cfg.batches),
-        "volume_slices": cfg.slices,
+        "volume_slices": None if cfg.input is not None else cfg.slices,  # the phantom's; --input has its own
         "warmup": cfg.warmup,
         "repeats": cfg.repeats,
         "slice_size": list(cfg.network_size),
@@ -292,8 +292,9 @@ def settings_section(cfg: BenchPlan) -> dict[str, Any]:
         "left_out": dict(cfg.left_out),
         "note": None
         if torch.cuda.is_available()
-        else f"CPU machine: {cfg.repeats} timed repeats per batch size and a {cfg.slices}-slice volume "
-        "keep the run to a few minutes",
+        else f"CPU machine: {cfg.repeats} timed repeats per batch size"
+        + ("" if cfg.input is not None else f" and a {cfg.slices}-slice volume")
+        + " keep the run to a few minutes",
     }
 
 

@@ -74,6 +74,7 @@ def test_a_rerun_into_the_folder_leaves_nothing_of_the_earlier_run_the_new_repor
     (out / "pred").mkdir(parents=True)
     (out / "models").mkdir()
     earlier = ["pred/openvino-cpu-int8.nii.gz", "pred/fresh-process.timings.json", "models/random-weights.pt"]
+    earlier += ["models/bench_fp32.onnx", "models/bench_fp32.onnx.json", "report.json", "check.md"]
     for name in [*earlier, "stages.png", "pred/mine.nii.gz", "models/flareseg_fp32.onnx"]:
         (out / name).write_bytes(b"from before")
     clear_earlier_run(out, model=tmp_path / "given.pt", input=None)
@@ -250,6 +251,12 @@ def test_a_rerun_keeps_the_model_and_input_it_is_given_even_under_an_earlier_run
         path.write_bytes(b"the user's")
     clear_earlier_run(tmp_path, model=model, input=volume)
     assert model.read_bytes() == volume.read_bytes() == b"the user's"
+    onnx_model = tmp_path / "models" / "bench_fp32.onnx"  # an earlier run's export, given as --model
+    for path in (onnx_model, onnx_model.with_name("bench_fp32.onnx.json"), tmp_path / "models" / "bench_fp16.onnx"):
+        path.write_bytes(b"exported")
+    clear_earlier_run(tmp_path, model=onnx_model, input=None)
+    assert onnx_model.exists() and onnx_model.with_name("bench_fp32.onnx.json").exists()
+    assert not (tmp_path / "models" / "bench_fp16.onnx").exists()
     clear_earlier_run(tmp_path, model=tmp_path / "other.pt", input=None)
     assert not model.exists() and not volume.exists()
 
@@ -492,9 +499,17 @@ def test_a_run_that_fails_removes_the_folders_it_made(tmp_path, monkeypatch, cap
     assert not (tmp_path / "new").exists()
     kept = tmp_path / "kept"
     kept.mkdir()
+    (kept / "notes.txt").write_text("the user's")
     (kept / "report.md").write_text("an earlier report")
     assert bench_main([*argv, "-o", str(kept)]) == 2
-    assert [p.name for p in kept.iterdir()] == ["report.md"]  # what was there stays; what the run made goes
+    # What the run made goes, and so does the earlier report, whose label maps a rerun removes as it starts (a
+    # report must not stand beside files it does not describe); what flare-bench never writes stays.
+    assert [p.name for p in kept.iterdir()] == ["notes.txt"]
+    (kept / "report.md").write_text("an earlier report")
+    assert bench_main([*argv, "--input", str(tmp_path / "absent.nii.gz"), "-o", str(kept)]) == 2  # refused first
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt", "report.md"]  # before any work: nothing removed
+    (kept / "report.md").unlink()
+    assert [p.name for p in kept.iterdir()] == ["notes.txt"]
 
 
 def test_backends_an_onnx_model_alone_can_run(monkeypatch):
@@ -678,6 +693,7 @@ def test_the_matmul_peak_leaves_the_global_generator_alone():
     [
         (["--model", "m.pt", "--width", "16"], "--width (the random-weight network's; --model's network has its own)"),
         (["--input", "ct.nii.gz", "--slices", "6"], "--slices (the phantom volume's; --input has its own slices)"),
+        (["--input", "ct.nii.gz", "--model", "m.pt", "--size", "64"], "--size (the phantom's and the random-weight"),
         (["--check", "--input", "ct.nii.gz", "--slices", "6"], "--slices (the phantom volume's; --input has its own"),
         (["--check", "--repeats", "3"], "--repeats (--check does not time)"),
         (["--check", "--warmup", "2", "--no-fresh-process"], "--warmup (--check does not time); --no-fresh-process"),
