@@ -95,7 +95,8 @@ def check_writable(path: Path) -> None:
     # The nearest thing on the way that is there at all: a broken link is there, but leads nowhere.
     there = next(p for p in (path.absolute(), *path.absolute().parents) if os.path.lexists(p))
     if there.is_symlink() and not there.exists():
-        raise FlareSegError(f"{path}: a broken symbolic link is in the way ({there})")
+        where = "" if there == path.absolute() else f" ({there})"  # the path itself: not said twice
+        raise FlareSegError(f"{path}: a broken symbolic link is in the way{where}")
     folder = there if there != path.absolute() else next(p for p in path.absolute().parents if p.exists())
     if not folder.is_dir():
         raise FlareSegError(f"{path}: cannot create its folder, {folder} is a file")

@@ -479,6 +479,8 @@ def test_an_unusable_out_or_device_is_one_line(data_a, tmp_path, capsys):
         assert train_main(["--data", str(data_a), *argv, "--epochs", "1", *QUICK]) == 2
         lines = _stderr_lines(capsys)
         assert len(lines) == 1 and lines[0].startswith(f"flare-train: error: {words}"), lines
+    assert train_main(["--data", str(data_a), "--out", str(tmp_path / "link"), "--epochs", "1", *QUICK]) == 2
+    assert _stderr_lines(capsys) == [f"flare-train: error: {tmp_path / 'link'}: a broken symbolic link is in the way"]
     for device in ("foo", "mps", "CUDA"):  # refused while parsing
         with pytest.raises(SystemExit) as stopped:
             train_main(["--data", str(data_a), "--out", str(tmp_path / "r"), "--device", device, *QUICK])
