@@ -704,14 +704,21 @@ def check_not_label_map(hu: np.ndarray, path: str | os.PathLike[str], role: str)
         )
 
 
-def refuse_label_map(volume: Volume, path: str | os.PathLike[str], role: str) -> None:
+def refuse_label_map(
+    volume: Volume, path: str | os.PathLike[str], role: str, hu_bounds: tuple[float, float] | None = None
+) -> None:
     """:func:`check_not_label_map` on a read volume: a float copy of it only where its range (a CT holds air
-    at about -1000 HU) leaves a label map possible."""
-    ends = (
-        float(volume.array.min()) * volume.slope + volume.inter,
-        float(volume.array.max()) * volume.slope + volume.inter,
-    )
-    if min(ends) >= 0 and max(ends) <= NUM_CLASSES - 1:
+    at about -1000 HU) leaves a label map possible.
+
+    ``hu_bounds``: two HU values of the volume known already, such as its normaliser's percentile bounds (a
+    label map's lie within 0..4 too); else its minimum and maximum are taken.
+    """
+    if hu_bounds is None:
+        hu_bounds = (
+            float(volume.array.min()) * volume.slope + volume.inter,
+            float(volume.array.max()) * volume.slope + volume.inter,
+        )
+    if min(hu_bounds) >= 0 and max(hu_bounds) <= NUM_CLASSES - 1:
         check_not_label_map(volume.hu(), path, role)
 
 

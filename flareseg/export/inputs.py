@@ -47,7 +47,7 @@ def read_ct_normalized(
     if path.is_dir():
         raise FlareSegError(f"{path}: is a folder; {role} takes a CT NIfTI file")
     volume = read_ct(path)
-    refuse_label_map(volume, path, role)
     normalizer = volume_normalizer(volume.array, stats, volume.slope, volume.inter)
+    refuse_label_map(volume, path, role, (normalizer.lo, normalizer.hi))
     picked = volume.array if indices is None else volume.array[list(indices(volume.num_slices))]
     return normalizer(picked)

@@ -31,7 +31,6 @@ import torch
 
 from flareseg.atomic import write_text_atomic
 from flareseg.errors import FlareSegError, gpu_memory_errors
-from flareseg.labels import NUM_CLASSES
 from flareseg.postprocess import StreamingPostprocessor, keep_largest_components
 from flareseg.preprocess import volume_normalizer
 from flareseg.runtime.inferer import InferenceTimes, infer_volume
@@ -48,7 +47,7 @@ from flareseg.runtime.jobs import (
 from flareseg.runtime.reading import Read, Reader, read_case
 from flareseg.runtime.runners import Runner
 from flareseg.runtime.startup import Timeline
-from flareseg.volume import Volume, VolumeGeometry, check_not_label_map, write_labels
+from flareseg.volume import Volume, VolumeGeometry, refuse_label_map, write_labels
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack from Python 3.11
@@ -209,8 +208,7 @@ def _infer_stage(
     t0 = time.perf_counter()
     stats = runner.info.normalization
     normalizer = volume_normalizer(volume.array, stats, volume.slope, volume.inter, read.histogram)
-    if normalizer.lo >= 0 and normalizer.hi <= NUM_CLASSES - 1:  # no air in the lowest 1 %: only then look closer
-        check_not_label_map(volume.hu(), timing.input, "flare-infer")
+    refuse_label_map(volume, timing.input, "flare-infer", (normalizer.lo, normalizer.hi))  # bounds at hand: no pass
     t1 = time.perf_counter()
     times = InferenceTimes()
     on_labels = streaming.add if streaming is not None else None
