@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from flareseg.atomic import write_text_atomic
+from flareseg.atomic import atomic_outputs
 from flareseg.bench.backends import (
     ALL_BACKENDS,
     Backend,
@@ -440,8 +440,14 @@ def markdown(report: dict[str, Any], command: str) -> str:
 
 
 def write_check(report: dict[str, Any], out: Path, command: str) -> dict[str, Path]:
+    """check.json and check.md, as one set (renamed into place together), as the timing report is written."""
     out.mkdir(parents=True, exist_ok=True)
-    return {
-        "json": write_text_atomic(json.dumps({**report, "command": command}, indent=2) + "\n", out / "check.json"),
-        "markdown": write_text_atomic(markdown(report, command), out / "check.md"),
+    texts = {
+        "json": (out / "check.json", json.dumps({**report, "command": command}, indent=2) + "\n"),
+        "markdown": (out / "check.md", markdown(report, command)),
     }
+    with atomic_outputs() as outputs:
+        for path, text in texts.values():
+            with outputs.writing(path) as tmp:
+                tmp.write_text(text)
+    return {key: path for key, (path, _) in texts.items()}
