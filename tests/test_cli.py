@@ -243,3 +243,16 @@ def test_a_program_that_embeds_a_command_keeps_its_own_log_handlers_as_they_were
         assert mine.filters == []
     finally:
         root.removeHandler(mine)
+
+
+def test_every_commands_help_imports_neither_torch_nor_onnx():
+    # --help, and an option refused while parsing, answer at once: the heavy libraries (seconds
+    # of import) come only with the work itself.
+    code = (
+        "import sys, importlib\n"
+        "for name in ('runtime', 'export', 'bench', 'train', 'evaluate'):\n"
+        "    importlib.import_module(f'flareseg.{name}.cli').build_parser().format_help()\n"
+        "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'openvino', 'tensorrt') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["[]"]

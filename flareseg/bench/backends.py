@@ -11,10 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
-
 from flareseg.errors import FlareSegError
-from flareseg.network import NetworkConfig
 
 if TYPE_CHECKING:
     from flareseg.bench.check import CheckPlan
@@ -70,6 +67,8 @@ def openvino_cpu_capabilities() -> tuple[str, ...] | None:
 
 def available_backends() -> list[str]:
     """The backends this machine can run."""
+    import torch  # here, so that ``flare-bench --help`` stays light
+
     names = ["torch-cpu-fp32", "onnxruntime-cpu-fp32", "onnxruntime-cpu-int8"]
     capabilities = openvino_cpu_capabilities()
     if capabilities is not None:
@@ -188,10 +187,12 @@ def prepare_models(cfg: BenchPlan | CheckPlan, work: Path) -> dict[str, Path]:
     slices and kept whatever its label agreement: its speed does not depend on the
     weights, and random weights have no labels worth agreeing on.
     """
+    import torch
+
     from flareseg.checkpoint import ModelInfo, save_checkpoint
     from flareseg.export import ExportOptions, export_onnx
-    from flareseg.export.int8 import DEFAULT_FLOAT_LADDER, DEFAULT_MIN_AGREEMENT
-    from flareseg.network import build_training_network
+    from flareseg.export.options import DEFAULT_FLOAT_LADDER, DEFAULT_MIN_AGREEMENT
+    from flareseg.network import NetworkConfig, build_training_network
     from flareseg.preprocess import NormalizationStats
 
     kinds = {ALL_BACKENDS[b].kind for b in cfg.backends}

@@ -43,7 +43,7 @@ from flareseg.bench.backends import (
 from flareseg.bench.inputs import clear_earlier_run
 from flareseg.errors import FlareSegError
 from flareseg.export import onnx_export
-from flareseg.export.int8 import DEFAULT_MIN_AGREEMENT
+from flareseg.export.options import DEFAULT_MIN_AGREEMENT
 
 if TYPE_CHECKING:
     from flareseg.preprocess import NormalizationStats

@@ -13,14 +13,15 @@ from flareseg.lazy import lazy_names
 
 if TYPE_CHECKING:
     from flareseg.export.metadata import ExportMetadata, read_onnx_metadata, read_sidecar, sidecar_path
-    from flareseg.export.onnx_export import ExportedModel, ExportOptions, Int8AgreementError, export_onnx
+    from flareseg.export.onnx_export import ExportedModel, Int8AgreementError, export_onnx
+    from flareseg.export.options import ExportOptions
 
 _WHERE = {
     "ExportMetadata": "flareseg.export.metadata",
     "read_onnx_metadata": "flareseg.export.metadata",
     "read_sidecar": "flareseg.export.metadata",
     "sidecar_path": "flareseg.export.metadata",
-    "ExportOptions": "flareseg.export.onnx_export",
+    "ExportOptions": "flareseg.export.options",
     "ExportedModel": "flareseg.export.onnx_export",
     "Int8AgreementError": "flareseg.export.onnx_export",
     "export_onnx": "flareseg.export.onnx_export",

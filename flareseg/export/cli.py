@@ -16,15 +16,15 @@ from flareseg.cli import (
     slice_size,
 )
 from flareseg.errors import FlareSegError
-from flareseg.export.int8 import DEFAULT_CALIBRATION_SLICES, DEFAULT_MIN_AGREEMENT, DEFAULT_QUANTIZER
-from flareseg.export.onnx_export import (
+from flareseg.export.options import (
+    DEFAULT_CALIBRATION_SLICES,
+    DEFAULT_MIN_AGREEMENT,
     DEFAULT_OPSET,
+    DEFAULT_QUANTIZER,
+    DEFAULT_WORKSPACE_MIB,
     MIN_OPSET,
     ExportOptions,
-    export_onnx,
-    verification_report,
 )
-from flareseg.export.tensorrt import DEFAULT_WORKSPACE_MIB
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +133,9 @@ def _check_options_used(args: argparse.Namespace) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
+    # Here, not at the top: the exporter brings torch and onnx, seconds that --help and a bad option need not wait.
+    from flareseg.export.onnx_export import export_onnx, verification_report
+
     _check_options_used(args)
     if args.engine and args.argmax == "uint8":
         raise FlareSegError(

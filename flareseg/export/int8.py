@@ -21,32 +21,23 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from flareseg.checkpoint import ModelInfo
 from flareseg.errors import FlareSegError
+from flareseg.export.options import (
+    DEFAULT_CALIBRATION_SLICES,
+    DEFAULT_HELD_OUT_SLICES,
+    FLOAT_LAYERS,
+    FloatLayer,
+    Quantizer,
+)
 from flareseg.preprocess import network_batch, normalize_volume
 
 log = logging.getLogger(__name__)
 
-Quantizer = Literal["onnxruntime", "nncf"]
-#: Picked by measurement (benchmarks/cpu_paths.md): speed on the target runtimes and label agreement.
-DEFAULT_QUANTIZER: Quantizer = "onnxruntime"
-#: Layers that may stay in float: the first convolution (raw intensities in), the last
-#: one (logits out, where argmax ties are decided) and the bilinear Resizes.
-FloatLayer = Literal["first-conv", "last-conv", "resize"]
-FLOAT_LAYERS: tuple[FloatLayer, ...] = ("first-conv", "last-conv", "resize")
-DEFAULT_MIN_AGREEMENT = 0.99
-DEFAULT_CALIBRATION_SLICES = 16
-DEFAULT_HELD_OUT_SLICES = 8
-#: Tried in order until one meets the agreement threshold: first the fastest graph that
-#: met it in our measurements, then everything sensitive kept in float.
-DEFAULT_FLOAT_LADDER: tuple[tuple[FloatLayer, ...], ...] = (
-    ("first-conv", "last-conv"),
-    ("first-conv", "last-conv", "resize"),
-)
 #: Operators of the deploy graph that the quantisation path knows.
 QUANTIZABLE_GRAPH_OPS = frozenset(
     {

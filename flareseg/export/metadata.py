@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 from flareseg.checkpoint import ModelInfo
 from flareseg.errors import FlareSegError
+from flareseg.export.options import OutputKind
 
-OutputKind = Literal["logits", "labels"]
 Precision = Literal["fp32", "fp16", "int8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 METADATA_KEY = "flareseg"

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,16 +29,7 @@ from flareseg.atomic import atomic_outputs, check_writable_folder
 from flareseg.checkpoint import ModelInfo, check_slice_size, file_sha256, software_versions
 from flareseg.errors import FlareSegError, interrupts_kept
 from flareseg.export.inputs import load_checked_model, read_ct_normalized
-from flareseg.export.int8 import (
-    DEFAULT_CALIBRATION_SLICES,
-    DEFAULT_FLOAT_LADDER,
-    DEFAULT_HELD_OUT_SLICES,
-    DEFAULT_MIN_AGREEMENT,
-    DEFAULT_QUANTIZER,
-    CalibrationSlices,
-    FloatLayer,
-    Quantizer,
-)
+from flareseg.export.int8 import CalibrationSlices
 from flareseg.export.metadata import (
     ExportMetadata,
     OutputKind,
@@ -47,6 +38,7 @@ from flareseg.export.metadata import (
     sidecar_path,
     sidecar_text,
 )
+from flareseg.export.options import ExportOptions, LabelDType
 from flareseg.network import FlareUNet, build_deploy_network
 from flareseg.preprocess import network_batch, normalize_volume
 
@@ -58,67 +50,6 @@ FP32_RELATIVE_TOLERANCE = 1e-4
 FP32_MIN_AGREEMENT = 0.999
 #: fp16 against fp32: fraction of voxels of real CT slices with the same label.
 FP16_MIN_AGREEMENT = 0.995
-DEFAULT_OPSET = 18
-#: The oldest opset exported (ONNX's Resize and the exporter's own lowering need 17 or later).
-MIN_OPSET = 17
-LabelDType = Literal["uint8", "int32"]
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    fp16: bool = False
-    fold_input: bool = True
-    output_kind: OutputKind = "logits"
-    label_dtype: LabelDType = "uint8"
-    batch_profile: tuple[int, int, int] = (1, 8, 32)
-    slice_size: tuple[int, int] | None = None  # None: the checkpoint's
-    opset: int = DEFAULT_OPSET
-    verify_slices: int = 8
-    name: str = "flareseg"
-    int8: bool = False
-    #: INT8: fraction of held-out voxels whose label must equal fp32 PyTorch's.
-    int8_min_agreement: float = DEFAULT_MIN_AGREEMENT
-    calibration_slices: int = DEFAULT_CALIBRATION_SLICES
-    held_out_slices: int = DEFAULT_HELD_OUT_SLICES
-    quantizer: Quantizer = DEFAULT_QUANTIZER
-    #: Float-layer sets tried in order until one meets the threshold (see flareseg.export.int8).
-    int8_float_ladder: tuple[tuple[FloatLayer, ...], ...] = DEFAULT_FLOAT_LADDER
-
-    def __post_init__(self) -> None:
-        lo, opt, hi = self.batch_profile
-        if not 1 <= lo <= opt <= hi:
-            raise FlareSegError(f"batch profile must satisfy 1 <= min <= opt <= max, got {lo},{opt},{hi}")
-        if not MIN_OPSET <= self.opset <= max_opset():
-            raise FlareSegError(
-                f"opset {self.opset} is not one the exporter writes: choose {MIN_OPSET} to {max_opset()} "
-                "(the newest this onnx package knows)"
-            )
-        if not self.name or any(sep in self.name for sep in ("/", "\\", os.sep, os.altsep or "/", "\0")):
-            raise FlareSegError(
-                f"name {self.name!r}: give a file name stem, not empty and without path separators "
-                "(the models are written inside the output folder)"
-            )
-        if self.output_kind not in ("logits", "labels"):
-            raise FlareSegError(f"output kind must be 'logits' or 'labels', got {self.output_kind!r}")
-        if self.label_dtype not in ("uint8", "int32"):
-            raise FlareSegError(f"label dtype must be 'uint8' or 'int32', got {self.label_dtype!r}")
-        if self.verify_slices < 1:
-            raise FlareSegError("at least one real slice is needed to verify an export")
-        if not 0.0 <= self.int8_min_agreement <= 1.0:
-            raise FlareSegError(f"INT8 minimum agreement must lie in [0, 1], got {self.int8_min_agreement}")
-        if self.quantizer not in ("onnxruntime", "nncf"):
-            raise FlareSegError(f"quantizer must be onnxruntime or nncf, got {self.quantizer!r}")
-        if self.int8 and (self.calibration_slices < 1 or self.held_out_slices < 1):
-            raise FlareSegError("INT8 needs at least one calibration slice and one held-out slice")
-        if not self.int8_float_ladder:
-            raise FlareSegError("INT8 needs at least one set of float layers to try (it may be empty)")
-
-
-def max_opset() -> int:
-    """The newest ONNX opset the installed onnx package defines; the exporter quietly writes 18 for any later one."""
-    import onnx
-
-    return int(onnx.defs.onnx_opset_version())
 
 
 def onnx_opset(model: Any) -> int:

@@ -38,6 +38,7 @@ from flareseg.export.metadata import (
     sidecar_path,
     sidecar_text,
 )
+from flareseg.export.options import DEFAULT_WORKSPACE_MIB
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ INSTALL_HINT = (
     "`pip install 'flareseg[gpu]'` (NVIDIA's tensorrt wheel fetches its libraries from NVIDIA at install time)"
 )
 SUPPORTED_MAJOR = (10, 11)
-DEFAULT_WORKSPACE_MIB = 4096
 REBUILD_HINT = "rebuild it here with `flare-export --engine`"
 
 

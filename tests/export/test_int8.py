@@ -17,6 +17,7 @@ from flareseg.checkpoint import ModelInfo, load_model
 from flareseg.errors import FlareSegError
 from flareseg.export import ExportOptions, export_onnx, read_onnx_metadata, read_sidecar
 from flareseg.export import int8 as int8_module
+from flareseg.export import options as export_options
 from flareseg.export.cli import main as export_main
 from flareseg.export.fp16 import convert_to_fp16
 from flareseg.network import NetworkConfig
@@ -94,17 +95,17 @@ def test_int8_graph_is_qdq_with_per_channel_symmetric_weights(exported):
 def test_int8_metadata_records_quantiser_calibration_and_agreement(exported):
     meta = exported[1].metadata
     quant = meta.quantization
-    assert quant["quantizer"].split()[0] == int8_module.DEFAULT_QUANTIZER
+    assert quant["quantizer"].split()[0] == export_options.DEFAULT_QUANTIZER
     assert quant["settings"]["weights"] == "int8 per-channel symmetric"
-    assert set(quant["float_layers"]) == set(int8_module.DEFAULT_FLOAT_LADDER[0])
+    assert set(quant["float_layers"]) == set(export_options.DEFAULT_FLOAT_LADDER[0])
     assert quant["calibration"] == {
         "source": "synthetic phantoms (2 x 192x192x48 at 2x2x5 mm)",
-        "slices": int8_module.DEFAULT_CALIBRATION_SLICES,
-        "held_out_slices": int8_module.DEFAULT_HELD_OUT_SLICES,
+        "slices": export_options.DEFAULT_CALIBRATION_SLICES,
+        "held_out_slices": export_options.DEFAULT_HELD_OUT_SLICES,
     }
     held = meta.verification["held_out"]
-    assert held["slices"] == int8_module.DEFAULT_HELD_OUT_SLICES
-    assert held["argmax_agreement"] >= int8_module.DEFAULT_MIN_AGREEMENT
+    assert held["slices"] == export_options.DEFAULT_HELD_OUT_SLICES
+    assert held["argmax_agreement"] >= export_options.DEFAULT_MIN_AGREEMENT
     assert quant["attempts"][-1]["held_out_agreement"] == held["argmax_agreement"]
 
 
@@ -269,7 +270,7 @@ def test_nncf_quantiser_writes_a_verified_qdq_model_that_agrees_like_the_default
     assert (fp32.path.name, int8.path.name) == ("flareseg_fp32.onnx", "flareseg_int8.onnx")
     quant = int8.metadata.quantization
     assert quant["quantizer"] == f"nncf {nncf.__version__}"
-    assert int8.metadata.verification["held_out"]["argmax_agreement"] >= int8_module.DEFAULT_MIN_AGREEMENT
+    assert int8.metadata.verification["held_out"]["argmax_agreement"] >= export_options.DEFAULT_MIN_AGREEMENT
     ops = [n.op_type for n in onnx.load(str(int8.path)).graph.node]
     assert ops.count("QuantizeLinear") >= 10 and ops.count("DequantizeLinear") >= 20
     info = load_model(trained_checkpoint)[1]
