@@ -64,6 +64,11 @@ def _evaluate_pair(args: tuple[Path, Path, float]) -> CaseResult:
     return evaluate_case(*args)
 
 
+def _some(cases: dict[str, Path], shown: int = 3) -> str:
+    names = sorted(cases)
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def evaluate_folders(
     pred_dir: str | os.PathLike[str],
     gt_dir: str | os.PathLike[str],
@@ -77,6 +82,11 @@ def evaluate_folders(
         raise FlareSegError(f"{gt_dir}: no NIfTI ground truth files")
     if not preds:  # a wrong folder would otherwise score every case 0 and exit 0
         raise FlareSegError(f"{pred_dir}: no NIfTI predictions (.nii or .nii.gz)")
+    if not set(preds) & set(gts):  # files named for other cases: every case would score 0, and exit 0
+        raise FlareSegError(
+            f"{pred_dir}: no prediction is named for a ground truth case in {gt_dir} "
+            f"(predictions: {_some(preds)}; ground truth: {_some(gts)})"
+        )
     ev = Evaluation(tolerance_mm=tolerance_mm)
     ev.missing = sorted(set(gts) - set(preds))
     ev.extra = sorted(set(preds) - set(gts))

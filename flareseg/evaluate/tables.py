@@ -10,6 +10,12 @@ from flareseg.evaluate.scoring import Evaluation
 from flareseg.labels import LABELS, ORGANS
 
 
+def tolerance_text(mm: float) -> str:
+    """The tolerance as scored: the shortest text that reads back as the same float (``1`` for 1.0, never -0)."""
+    text = repr(float(mm) + 0.0)  # + 0.0 turns -0.0 into 0.0
+    return text.removesuffix(".0")
+
+
 def csv_text(ev: Evaluation) -> str:
     """One row per case: status, DSC and NSD for each organ, and the NSD's tolerance."""
     buf = io.StringIO()
@@ -18,7 +24,7 @@ def csv_text(ev: Evaluation) -> str:
     writer.writerow(["case", "status", *organs, "nsd_tolerance_mm"])
     for r in ev.results:
         scores = [f"{r.scores[o][i]:.6f}" for o in ORGANS for i in (0, 1)]
-        writer.writerow([r.case, r.status, *scores, f"{ev.tolerance_mm:g}"])
+        writer.writerow([r.case, r.status, *scores, tolerance_text(ev.tolerance_mm)])
     return buf.getvalue()
 
 
@@ -31,11 +37,12 @@ def summary_table(ev: Evaluation) -> str:
         sd = statistics.pstdev(values) if len(values) > 1 else 0.0
         return f"{100 * statistics.fmean(values):6.2f} ± {100 * sd:5.2f}"
 
-    nsd_head = f"NSD (%) @ {ev.tolerance_mm:g} mm"
-    lines = [f"| organ    | {'DSC (%)':15s} | {nsd_head:15s} |", f"|----------|{'-' * 17}|{'-' * 17}|"]
+    nsd_head = f"NSD (%) @ {tolerance_text(ev.tolerance_mm)} mm"
+    w = max(15, len(nsd_head))  # a long tolerance widens its column rather than pushing the table out of line
+    lines = [f"| organ    | {'DSC (%)':15s} | {nsd_head:{w}s} |", f"|----------|{'-' * 17}|{'-' * (w + 2)}|"]
     for organ in ORGANS:
         dsc, nsd = cell(ev.organ_values(organ, 0)), cell(ev.organ_values(organ, 1))
-        lines.append(f"| {LABELS[organ]:8s} | {dsc:15s} | {nsd:15s} |")
+        lines.append(f"| {LABELS[organ]:8s} | {dsc:15s} | {nsd:{w}s} |")
     n_ok = sum(r.status == "ok" for r in ev.results)
     lines.append(f"\n{n_ok} cases scored, {len(ev.missing)} missing (scored 0), {len(ev.extra)} extra (not scored)")
     if ev.missing:

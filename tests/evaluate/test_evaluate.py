@@ -250,3 +250,32 @@ def test_run_as_a_module_it_still_logs_as_flareseg(phantom_dirs, tmp_path):
     argv = [sys.executable, "-m", "flareseg.evaluate.cli", "--pred", str(pred_dir), "--gt", str(gt_dir), "-o", str(out)]
     done = subprocess.run(argv, capture_output=True, text=True, check=True)
     assert f"INFO flareseg.evaluate.cli: wrote {out}" in done.stderr.splitlines()
+
+
+def test_predictions_named_for_no_ground_truth_case_are_an_error(phantom_dirs, tmp_path, capsys):
+    # A folder of the wrong cases would otherwise score every case 0 and exit 0.
+    gt_dir, pred_dir = phantom_dirs
+    shutil.copy(gt_dir / "case_000.nii.gz", pred_dir / "validation_002.nii.gz")
+    out = tmp_path / "r.csv"
+    _expect_cli_error(
+        ["--pred", str(pred_dir), "--gt", str(gt_dir), "-q", "-o", str(out)],
+        capsys,
+        str(pred_dir),
+        "no prediction is named for a ground truth case",
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("given", "written"), [("0.1234567", "0.1234567"), ("1", "1"), ("2.5", "2.5"), ("-0", "0"), ("1e-7", "1e-07")]
+)
+def test_the_tolerance_is_written_as_scored_not_rounded(phantom_dirs, tmp_path, capsys, given, written):
+    gt_dir, pred_dir = phantom_dirs
+    shutil.copy(gt_dir / "case_000.nii.gz", pred_dir / "case_000.nii.gz")
+    args = ["--pred", str(pred_dir), "--gt", str(gt_dir), "-q", "--tolerance", given, "-o", str(tmp_path / "r.csv")]
+    assert main(args) == 0
+    assert float(written) == float(given)
+    assert {r["nsd_tolerance_mm"] for r in _read_csv(tmp_path / "r.csv").values()} == {written}
+    table = capsys.readouterr().out.splitlines()[:6]
+    assert f"NSD (%) @ {written} mm" in table[0]
+    assert len({len(line) for line in table}) == 1  # the columns stay in line
