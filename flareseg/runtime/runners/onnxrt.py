@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -112,9 +113,29 @@ def session_options(ort: Any, *, memory: OrtMemory, threads: int | None) -> Any:
 
 
 def tensorrt_cache_dir(model: str | os.PathLike[str]) -> Path:
-    """Where the TensorRT provider keeps its engines and timing cache: a folder beside the model."""
+    """Where the TensorRT provider keeps its engines and timing cache: a folder beside the model, holding one
+    folder per model content (:func:`tensorrt_engine_cache`)."""
     p = Path(model)
     return p.with_name(p.name + ".ort-tensorrt-cache")
+
+
+def tensorrt_engine_cache(model: str | os.PathLike[str]) -> Path:
+    """The engine cache of this model's content, made if needed; the caches of earlier contents are removed.
+
+    ONNX Runtime names a cached engine after the model's file name, tensor names and
+    versions, never its weights: a model re-exported under the same name (new weights,
+    same graph) would silently run the old engine. A folder per content digest cannot.
+    """
+    from flareseg.checkpoint import file_sha256
+
+    root = tensorrt_cache_dir(model)
+    here = root / file_sha256(model)[:16]
+    here.mkdir(parents=True, exist_ok=True)
+    for old in root.iterdir():
+        if old != here and old.is_dir() and not old.is_symlink():
+            log.info("%s: removing the TensorRT engines of an earlier model of this name", old)
+            shutil.rmtree(old, ignore_errors=True)
+    return here
 
 
 def tensorrt_provider_options(
@@ -130,8 +151,8 @@ def tensorrt_provider_options(
 
     Explicit profile shapes over the model's whole batch range: without them the provider
     builds for the first shape it sees and rebuilds whenever a larger batch arrives. The
-    engine and timing caches (named by ONNX Runtime after the model, TensorRT version and
-    GPU) let later sessions load the engine instead of building it again.
+    engine and timing caches (one folder per model content: :func:`tensorrt_engine_cache`)
+    let later sessions load the engine instead of building it again.
     """
     lo, opt, hi = batch_profile
     if not 1 <= lo <= opt <= hi:
@@ -219,12 +240,15 @@ class OnnxRuntimeRunner(Runner):
         cuda = ("CUDAExecutionProvider", {"device_id": str(self.device_id)})
         if self.provider == "cuda":
             return [cuda]
-        cache_dir = tensorrt_cache_dir(self.path)
-        cache: Path | None = cache_dir
+        cache: Path | None
         try:
-            cache_dir.mkdir(exist_ok=True)
+            cache = tensorrt_engine_cache(self.path)
         except OSError as exc:
-            log.warning("%s: no TensorRT engine cache (%s); the engine is rebuilt for every session", cache_dir, exc)
+            log.warning(
+                "%s: no TensorRT engine cache (%s); the engine is rebuilt for every session",
+                tensorrt_cache_dir(self.path),
+                exc,
+            )
             cache = None
         trt = tensorrt_provider_options(
             input_name=self.meta.input_name,

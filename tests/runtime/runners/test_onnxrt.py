@@ -23,6 +23,7 @@ from flareseg.runtime.runners.onnxrt import (
     missing_provider_message,
     session_options,
     tensorrt_cache_dir,
+    tensorrt_engine_cache,
     tensorrt_provider_options,
 )
 
@@ -166,8 +167,22 @@ def test_tensorrt_provider_gets_its_options_from_the_model(tmp_path, monkeypatch
     assert trt[1]["trt_profile_min_shapes"] == "image:1x1x512x512"
     assert trt[1]["trt_profile_max_shapes"] == "image:32x1x512x512"
     assert trt[1]["trt_fp16_enable"] == "True" and trt[1]["device_id"] == "1"
-    assert trt[1]["trt_engine_cache_path"] == str(tensorrt_cache_dir(model)) and tensorrt_cache_dir(model).is_dir()
+    cache = Path(trt[1]["trt_engine_cache_path"])
+    assert cache.parent == tensorrt_cache_dir(model) and cache.is_dir() and trt[1]["trt_timing_cache_path"] == str(cache)
     assert (made["options"].enable_cpu_mem_arena, made["options"].enable_mem_pattern) == (True, True)  # defaults
+
+
+def test_a_model_replaced_under_its_name_never_meets_the_old_models_engines(tmp_path):
+    # ONNX Runtime keys its cached engines by file name, tensor names and versions, not the
+    # weights: a re-export with new weights must not find the old engine.
+    model = _metadata_only_onnx(tmp_path / "m.onnx")
+    first = tensorrt_engine_cache(model)
+    (first / "engine.trt").write_bytes(b"built for the old weights")
+    assert tensorrt_engine_cache(model) == first and (first / "engine.trt").exists()  # same content: kept
+    model.write_bytes(model.read_bytes() + b"\0")  # new content, same name
+    second = tensorrt_engine_cache(model)
+    assert second != first and second.parent == first.parent
+    assert sorted(p.name for p in tensorrt_cache_dir(model).iterdir()) == [second.name]  # the old engines removed
 
 
 def test_unwritable_cache_folder_runs_without_engine_cache(tmp_path, monkeypatch, caplog):
