@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=positive_int,
         help=f"slices per batch (default {CPU_BATCH} on the CPU, where larger batches only cost memory; "
-        f"{GPU_BATCH} on CUDA)",
+        f"{GPU_BATCH} on CUDA; a TensorRT engine's optimum batch, its profile's opt)",
     )
     p.add_argument("--device", type=device_name, help="cpu or cuda[:i] (default: cuda when a GPU is present, else cpu)")
     p.add_argument(
@@ -431,6 +431,8 @@ def _run(
         ort_memory=args.ort_memory or "lean",
     )
     timeline.mark("runner_opened")  # on CUDA this checked the device, which initialises the driver
+    if backend == "tensorrt" and args.batch_size is None:
+        batch_size = engine_batch(model_path)
     memory_plan: dict[str, object] | None = None
     if args.gpu_memory is not None:
         try:
@@ -557,6 +559,14 @@ def _save_timings(
         log.error("%s", exc)
         return False, "timings not written"
     return True, f"{label}: {path}"
+
+
+def engine_batch(engine: Path) -> int:
+    """A TensorRT engine's default batch: its profile's opt, the batch its kernels were tuned for and one the
+    engine always takes (a fixed default may lie outside its profile), read from its sidecar."""
+    from flareseg.export.metadata import ExportMetadata, read_sidecar
+
+    return ExportMetadata.from_dict(read_sidecar(engine), str(engine)).batch_profile[1]
 
 
 def _plan_gpu_batch(runner: Runner, args: argparse.Namespace, idle_mb: float | None) -> tuple[int, dict[str, object]]:

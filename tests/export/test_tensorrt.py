@@ -546,6 +546,20 @@ def test_runner_takes_its_batch_range_from_the_profile_and_refuses_outside_it(tr
         assert _events(trt, "execute") == []  # never runs with a stale shape
 
 
+@pytest.mark.parametrize("profile", [(1, 2, 4), (16, 16, 32), (2, 8, 8)])
+def test_flare_infers_default_batch_for_an_engine_is_its_profiles_opt(trt, tmp_path, profile):
+    # A fixed default (8) lay outside engines built with --batch 1,2,4 or 16,16,32: every case failed.
+    from flareseg.runtime.cli import engine_batch
+
+    engine = build_engine(_onnx(tmp_path / "m.onnx", batch=profile))
+    assert engine_batch(engine) == profile[1]
+    with _runner(trt, engine) as runner:
+        assert runner.min_batch <= engine_batch(engine) <= runner.max_batch
+    sidecar_path(engine).unlink()
+    with pytest.raises(FlareSegError, match="its sidecar m.engine.json is missing"):
+        engine_batch(engine)
+
+
 def test_one_output_buffer_at_profile_max_and_views_of_it(trt, tmp_path):
     engine = build_engine(_onnx(tmp_path / "m.onnx", batch=(1, 4, 8)))
     x = torch.randn(8, 1, *SIZE)
