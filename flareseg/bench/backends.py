@@ -244,7 +244,8 @@ def prepare_models(cfg: BenchPlan | CheckPlan, work: Path) -> dict[str, Path]:
 
         if "onnx-fp16" not in models:
             raise FlareSegError("tensorrt-fp16 needs an fp16 ONNX model to build its engine from")
-        models["engine"] = build_engine(models["onnx-fp16"])
+        # In the bench's own folder, never beside a given model, whose engine and timing cache the user may keep.
+        models["engine"] = build_engine(models["onnx-fp16"], work / f"{MODELS_NAME}_fp16.engine", timing_cache=work)
     return models
 
 

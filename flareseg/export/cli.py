@@ -106,7 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workspace-mib", type=positive_int, help=f"TensorRT workspace limit (default {DEFAULT_WORKSPACE_MIB})"
     )
-    p.add_argument("--timing-cache", type=path_arg, help="TensorRT timing cache (default: beside the output)")
+    p.add_argument(
+        "--timing-cache",
+        type=path_arg,
+        help="TensorRT timing cache: a file, or a folder to keep it in (default: beside the output)",
+    )
     p.add_argument(
         "--tf32",
         action="store_true",

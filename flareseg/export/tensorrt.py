@@ -234,7 +234,8 @@ def build_engine(
     """Build an engine from a flareseg ONNX (one profile over its batch range) and write it with its sidecar.
 
     The build runs on GPU ``device`` (None: torch's current one). The timing cache,
-    ``tensorrt-<version>-sm<cc>.timing-cache`` beside the ONNX unless given, is read if it
+    ``tensorrt-<version>-sm<cc>.timing-cache`` beside the ONNX unless given (a file, or a
+    folder to hold the file of that name), is read if it
     exists and written back afterwards, so rebuilding on the same kind of GPU takes seconds
     instead of minutes; one made by another TensorRT or GPU is set aside for an empty one.
 
@@ -252,7 +253,9 @@ def build_engine(
     check_engine_output(meta, onnx_path)
     version = str(trt.__version__)
     with on_gpu(device) as identity:
-        cache_path = Path(timing_cache) if timing_cache else onnx_path.parent / timing_cache_name(version, identity)
+        cache_path = Path(timing_cache) if timing_cache else onnx_path.parent
+        if cache_path.is_dir():
+            cache_path = cache_path / timing_cache_name(version, identity)
         shapes = profile_shapes(meta.batch_profile, meta.input_channels, meta.model.slice_size)
         log.info("building TensorRT %s engine for %s (profile %s)", version, identity.name, shapes)
         serialized, config = _build(trt, onnx_path, meta.input_name, shapes, workspace_mib, tf32, cache_path)

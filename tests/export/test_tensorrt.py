@@ -346,7 +346,9 @@ def trt(monkeypatch) -> Any:
     return fake
 
 
-def _onnx(path: Path, *, output_kind: str = "logits", label_dtype: str | None = None, batch=(2, 4, 8)) -> Path:
+def _onnx(
+    path: Path, *, output_kind: str = "logits", label_dtype: str | None = None, batch=(2, 4, 8), precision="fp32"
+) -> Path:
     """A file with flareseg export metadata (no graph: the fake parser does not read it)."""
     info = ModelInfo(NetworkConfig(base_width=4, in_channels=1), NormalizationStats(mean=-300.0, std=450.0), SIZE)
     meta = ExportMetadata(
@@ -354,7 +356,7 @@ def _onnx(path: Path, *, output_kind: str = "logits", label_dtype: str | None = 
         input_channels=1,
         output_kind=output_kind,  # type: ignore[arg-type]
         label_dtype=label_dtype,
-        precision="fp32",
+        precision=precision,  # type: ignore[arg-type]
         batch_profile=batch,
         source_checkpoint_sha256="0" * 64,
     )
@@ -546,6 +548,23 @@ def test_runner_takes_its_batch_range_from_the_profile_and_refuses_outside_it(tr
         assert _events(trt, "execute") == []  # never runs with a stale shape
 
 
+def test_flare_bench_builds_its_engine_in_its_own_folder_never_beside_the_given_model(trt, tmp_path):
+    from types import SimpleNamespace
+
+    from flareseg.bench.backends import prepare_models
+
+    given = _onnx(tmp_path / "deploy" / "m_fp16.onnx", precision="fp16")
+    (tmp_path / "deploy" / "m_fp16.engine").write_bytes(b"the user's own engine")
+    work = tmp_path / "bench" / "models"
+    work.mkdir(parents=True)
+    cfg = SimpleNamespace(model=given, backends=("tensorrt-fp16",), batches=(1, 8), base_width=4, size=SIZE)
+    models = prepare_models(cfg, work)  # type: ignore[arg-type]
+    assert models["engine"] == work / "bench_fp16.engine" and models["engine"].is_file()
+    assert sorted(p.name for p in (tmp_path / "deploy").iterdir()) == ["m_fp16.engine", "m_fp16.onnx"]
+    assert (tmp_path / "deploy" / "m_fp16.engine").read_bytes() == b"the user's own engine"
+    assert any(p.name.endswith(".timing-cache") for p in work.iterdir())
+
+
 @pytest.mark.parametrize("profile", [(1, 2, 4), (16, 16, 32), (2, 8, 8)])
 def test_flare_infers_default_batch_for_an_engine_is_its_profiles_opt(trt, tmp_path, profile):
     # A fixed default (8) lay outside engines built with --batch 1,2,4 or 16,16,32: every case failed.
@@ -556,7 +575,7 @@ def test_flare_infers_default_batch_for_an_engine_is_its_profiles_opt(trt, tmp_p
     with _runner(trt, engine) as runner:
         assert runner.min_batch <= engine_batch(engine) <= runner.max_batch
     sidecar_path(engine).unlink()
-    with pytest.raises(FlareSegError, match="its sidecar m.engine.json is missing"):
+    with pytest.raises(FlareSegError, match=r"its sidecar m\.engine\.json is missing"):
         engine_batch(engine)
 
 
