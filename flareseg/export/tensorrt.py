@@ -47,6 +47,11 @@ INSTALL_HINT = (
     "`pip install 'flareseg[gpu]'` (NVIDIA's tensorrt wheel fetches its libraries from NVIDIA at install time)"
 )
 SUPPORTED_MAJOR = (10, 11)
+#: flareseg's INT8 graph is for CPU runtimes: its activations are asymmetric uint8 (faster there).
+TENSORRT_NO_INT8 = (
+    "an INT8 model is for the CPU runtimes: its uint8 activations with zero points are not TensorRT's symmetric "
+    "INT8; use the fp16 or fp32 ONNX on the GPU"
+)
 REBUILD_HINT = "rebuild it here with `flare-export --engine`"
 
 
@@ -54,8 +59,15 @@ def import_tensorrt() -> Any:
     """The ``tensorrt`` module, or a clear error saying how to install it."""
     try:
         import tensorrt as trt
-    except ImportError:
+    except ModuleNotFoundError as exc:
+        if exc.name != "tensorrt":  # the package is there, a part of it is not
+            raise FlareSegError(f"TensorRT is installed but incomplete: {exc}") from None
         raise FlareSegError(INSTALL_HINT) from None
+    except ImportError as exc:  # e.g. libnvinfer or libcudart cannot be loaded: installing it again changes nothing
+        raise FlareSegError(
+            f"TensorRT is installed but could not load its libraries ({exc}); its CUDA build must suit this "
+            "machine's NVIDIA driver"
+        ) from None
     check_tensorrt_version(str(trt.__version__))
     return trt
 
@@ -96,8 +108,20 @@ def tensorrt_logger(trt: Any) -> Any:
 def _tensorrt_runtime(trt: Any) -> Any:
     logger = tensorrt_logger(trt)
     if _PerProcess.runtime is None:
-        _PerProcess.runtime = trt.Runtime(logger)
+        _PerProcess.runtime = started(trt.Runtime, logger)
     return _PerProcess.runtime
+
+
+def started(factory: Any, logger: Any) -> Any:
+    """``trt.Runtime(logger)`` or ``trt.Builder(logger)``; their bindings raise a bare TypeError ("factory function
+    returned nullptr") when TensorRT cannot start on the GPU: that becomes one line saying so."""
+    try:
+        return factory(logger)
+    except TypeError as exc:
+        raise FlareSegError(
+            f"TensorRT could not start its {getattr(factory, '__name__', 'runtime')} on this GPU ({exc}); the "
+            "TensorRT log above says why (often a driver too old for this TensorRT's CUDA build)"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -148,7 +172,9 @@ def timing_cache_name(tensorrt_version: str, device: DeviceIdentity) -> str:
 
 
 def check_engine_output(meta: ExportMetadata, source: str | os.PathLike[str]) -> None:
-    """Refuse to build an engine from an export whose in-graph argmax outputs uint8 labels."""
+    """Refuse to build an engine from an INT8 export, or one whose in-graph argmax outputs uint8 labels."""
+    if meta.precision == "int8":
+        raise FlareSegError(f"{source}: {TENSORRT_NO_INT8}")
     if meta.output_kind == "labels" and meta.label_dtype != "int32":
         raise FlareSegError(
             f"{source}: its in-graph argmax outputs {meta.label_dtype} labels, which TensorRT cannot produce "
@@ -290,7 +316,7 @@ def _build(
 ) -> tuple[Any, Any]:
     """The serialized engine and the builder config that made it (it holds the timing cache)."""
     logger = tensorrt_logger(trt)
-    builder = trt.Builder(logger)
+    builder = started(trt.Builder, logger)
     flags = 0
     strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     if strongly_typed is not None:

@@ -669,3 +669,71 @@ def test_runner_cuda_calls_on_a_real_gpu(trt, tmp_path):
         assert handles == {runner.stream.cuda_stream}
     assert all(e[1:] == (gpu, gpu, gpu) for e in _events(trt, "cuda current"))
     assert runner.context is None
+
+
+# --- TensorRT that is there but cannot start, and models it must not take ------------------------------------
+
+
+def _failing_import(monkeypatch, exc: ImportError) -> None:
+    import builtins
+
+    real = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "tensorrt":
+            raise exc
+        return real(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (ModuleNotFoundError("No module named 'tensorrt'", name="tensorrt"), r"^TensorRT is not installed; .*\[gpu\]"),
+        (
+            ModuleNotFoundError("No module named 'tensorrt_libs'", name="tensorrt_libs"),
+            r"^TensorRT is installed but incomplete: No module named 'tensorrt_libs'$",
+        ),
+        (
+            ImportError("libnvinfer.so.10: cannot open shared object file"),
+            r"^TensorRT is installed but could not load its libraries \(libnvinfer\.so\.10: cannot open.*driver$",
+        ),
+    ],
+)
+def test_tensorrt_that_cannot_be_imported_is_told_apart_from_tensorrt_not_installed(monkeypatch, exc, expected):
+    # "pip install" is the wrong advice for a TensorRT that is installed but cannot load its libraries.
+    _failing_import(monkeypatch, exc)
+    with pytest.raises(FlareSegError, match=expected):
+        trt_export.import_tensorrt()
+
+
+@pytest.mark.parametrize("what", ["Builder", "Runtime"])
+def test_tensorrt_that_cannot_start_on_the_gpu_is_one_line_not_a_type_error(trt, tmp_path, what):
+    # TensorRT's bindings raise TypeError ("factory function returned nullptr") when the object cannot be made.
+    def refuse(logger):
+        raise TypeError("pybind11::init(): factory function returned nullptr")
+
+    refuse.__name__ = what
+    setattr(trt, what, refuse)
+    onnx_path = _onnx(tmp_path / "m.onnx")
+    with pytest.raises(FlareSegError, match=rf"TensorRT could not start its {what} on this GPU \(pybind11.*driver"):
+        if what == "Builder":
+            build_engine(onnx_path)
+        else:
+            trt_export._PerProcess.runtime = None
+            trt_export._tensorrt_runtime(trt)
+
+
+def test_an_int8_model_is_refused_by_the_engine_build_and_by_onnx_runtimes_tensorrt_provider(trt, tmp_path):
+    # flareseg's INT8 graph has uint8 activations with zero points: TensorRT takes symmetric INT8 only.
+    model = _onnx(tmp_path / "m_int8.onnx", precision="int8")
+    with pytest.raises(FlareSegError, match=r"m_int8\.onnx: an INT8 model is for the CPU runtimes"):
+        build_engine(model)
+    assert _events(trt, "parse") == []
+
+    from flareseg.runtime.runners import OnnxRuntimeRunner
+
+    with pytest.raises(FlareSegError, match=r"m_int8\.onnx: an INT8 model is for the CPU runtimes"):
+        OnnxRuntimeRunner(model, provider="tensorrt").activate()

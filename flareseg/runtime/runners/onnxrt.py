@@ -177,6 +177,19 @@ def tensorrt_provider_options(
     return options
 
 
+def _preload_tensorrt() -> None:
+    """Load TensorRT's libraries through its Python package, where installed.
+
+    ONNX Runtime's TensorRT provider opens ``libnvinfer`` by name, and pip's tensorrt
+    wheel keeps it in its own folder, off the loader's path; a library already loaded
+    under that name is the one the loader then returns.
+    """
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        pass  # not installed, or not loadable: ONNX Runtime's own search decides, and the check after it says so
+
+
 class OnnxRuntimeRunner(Runner):
     """An exported ONNX model in ONNX Runtime; the requested provider must be the one that runs."""
 
@@ -217,6 +230,10 @@ class OnnxRuntimeRunner(Runner):
             self.meta.input_channels,
             self.meta.output_kind,
         )
+        if self.provider == "tensorrt" and self.meta.precision == "int8":
+            from flareseg.export.tensorrt import TENSORRT_NO_INT8
+
+            raise FlareSegError(f"{self.path}: {TENSORRT_NO_INT8}")
         wanted = _ORT_PROVIDERS[self.provider]
         available = ort.get_available_providers()
         if wanted not in available:
@@ -224,12 +241,20 @@ class OnnxRuntimeRunner(Runner):
         # The setting concerns host memory: GPU sessions keep ONNX Runtime's defaults.
         memory: OrtMemory = self.memory if self.provider == "cpu" else "ort-defaults"
         opts = session_options(ort, memory=memory, threads=self.threads)
+        if self.provider == "tensorrt":
+            _preload_tensorrt()
         self.session = ort.InferenceSession(str(self.path), opts, providers=self._providers(available))
         running = self.session.get_providers()
         if not running or running[0] != wanted:
+            where = (
+                "; pip's tensorrt wheel keeps libnvinfer in site-packages/tensorrt_libs, which may need to be on "
+                "LD_LIBRARY_PATH"
+                if self.provider == "tensorrt"
+                else ""
+            )
             raise FlareSegError(
                 f"{self.path}: ONNX Runtime runs {running[:1]} instead of the requested {wanted} "
-                "(onnxruntime-gpu could not load the provider's CUDA, cuDNN or TensorRT libraries)"
+                f"(onnxruntime-gpu could not load the provider's CUDA, cuDNN or TensorRT libraries{where})"
             )
         self._output_name = self.session.get_outputs()[0].name
         self._input_name = self.session.get_inputs()[0].name
