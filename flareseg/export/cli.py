@@ -34,8 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a flareseg checkpoint to ONNX (verified in ONNX Runtime against PyTorch) "
         "and optionally a TensorRT engine.",
     )
-    p.add_argument("checkpoint", type=path_arg, help="a flare-train checkpoint (.pt)")
-    p.add_argument("-o", "--out", type=path_arg, required=True, help="output folder")
+    p.add_argument(
+        "checkpoint",
+        type=path_arg,
+        help="a flare-train checkpoint (.pt); or an exported ONNX model, to build only its TensorRT engine (--engine)",
+    )
+    p.add_argument("-o", "--out", type=path_arg, help="output folder (for an ONNX model: default its own folder)")
     p.add_argument("--fp16", action="store_true", help="also write an fp16 ONNX (float32 inputs/outputs kept)")
     p.add_argument(
         "--int8",
@@ -73,7 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch",
         type=batch_profile,
-        default=profile,
         help=f"MIN,OPT,MAX batch sizes (default {','.join(map(str, profile))})",
     )
     p.add_argument("--size", type=slice_size, help="slice size H[,W] (default: the checkpoint's)")
@@ -89,18 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--verify-slices",
         type=positive_int,
-        default=d.verify_slices,
         help=f"real slices used for verification (default {d.verify_slices})",
     )
     p.add_argument(
         "--opset",
         type=int,
-        default=DEFAULT_OPSET,
         help=f"ONNX opset ({MIN_OPSET} to the newest the onnx package knows; default {DEFAULT_OPSET})",
     )
     p.add_argument(
         "--name",
-        default=d.name,
         help=f"file name stem, without path separators (default {d.name})",
     )
     p.add_argument(
@@ -136,26 +136,77 @@ def _check_options_used(args: argparse.Namespace) -> None:
             raise FlareSegError(f"{flag} is used only with {needed}: add {needed}, or drop {flag}")
 
 
+#: What only an export from a checkpoint uses: refused with an ONNX model, which is exported already.
+_EXPORT_ONLY = (
+    "fp16",
+    "int8",
+    "calibration",
+    "batch",
+    "size",
+    "three_channel",
+    "argmax",
+    "verify_volume",
+    "verify_slices",
+    "opset",
+    "name",
+)
+
+
+def _engine_from_onnx(args: argparse.Namespace) -> int:
+    """``flare-export MODEL.onnx --engine``: the engine of an exported model, e.g. on a GPU it was not built on."""
+    from flareseg.export.metadata import sidecar_path
+    from flareseg.export.tensorrt import build_engine, engine_path_for
+
+    given = [name for name in _EXPORT_ONLY if getattr(args, name) not in (None, False)]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise FlareSegError(
+            f"{flag} exports a checkpoint; {args.checkpoint} is exported already (give its checkpoint to change it)"
+        )
+    if not args.engine:
+        raise FlareSegError(
+            f"{args.checkpoint}: an ONNX model is exported already; add --engine to build its TensorRT engine"
+        )
+    out = args.out if args.out is not None else args.checkpoint.parent
+    engine = out / engine_path_for(args.checkpoint).name
+    if any(p.exists() or p.is_symlink() for p in (engine, sidecar_path(engine))) and not args.overwrite:
+        raise FlareSegError(f"{engine}: exists; --overwrite replaces it and its sidecar")
+    engine = build_engine(
+        args.checkpoint,
+        engine,
+        workspace_mib=args.workspace_mib or DEFAULT_WORKSPACE_MIB,
+        timing_cache=args.timing_cache,
+        tf32=args.tf32,
+    )
+    print(f"wrote {engine} (+ {engine.name}.json)")
+    return 0
+
+
 def _main(args: argparse.Namespace) -> int:
+    _check_options_used(args)
+    if args.checkpoint.suffix.lower() == ".onnx":
+        return _engine_from_onnx(args)
+    if args.out is None:
+        raise FlareSegError("-o/--out is required: the folder the models are written to")
     # Here, not at the top: the exporter brings torch and onnx, seconds that --help and a bad option need not wait.
     from flareseg.export.onnx_export import export_onnx, verification_report
 
-    _check_options_used(args)
     if args.engine and args.argmax == "uint8":
         raise FlareSegError(
             "--engine cannot take --argmax uint8 (TensorRT converts to uint8 only from float types): "
             "use --argmax int32, or no --argmax for logits"
         )
+    d = ExportOptions()
     options = ExportOptions(
         fp16=args.fp16,
         fold_input=not args.three_channel,
         output_kind="labels" if args.argmax else "logits",
         label_dtype=args.argmax or "uint8",
-        batch_profile=args.batch,
+        batch_profile=args.batch or d.batch_profile,
         slice_size=args.size,
-        opset=args.opset,
-        verify_slices=args.verify_slices,
-        name=args.name,
+        opset=args.opset if args.opset is not None else d.opset,
+        verify_slices=args.verify_slices or d.verify_slices,
+        name=args.name if args.name is not None else d.name,
         int8=args.int8,
         int8_min_agreement=DEFAULT_MIN_AGREEMENT if args.int8_min_agreement is None else args.int8_min_agreement,
         calibration_slices=args.calibration_slices or DEFAULT_CALIBRATION_SLICES,

@@ -52,7 +52,12 @@ TENSORRT_NO_INT8 = (
     "an INT8 model is for the CPU runtimes: its uint8 activations with zero points are not TensorRT's symmetric "
     "INT8; use the fp16 or fp32 ONNX on the GPU"
 )
-REBUILD_HINT = "rebuild it here with `flare-export --engine`"
+
+
+def rebuild_hint(engine_path: Path) -> str:
+    """How to build the engine again on this machine, from the ONNX model beside it (flare-export's layout)."""
+    onnx_path = engine_path.with_suffix(".onnx")
+    return f"rebuild it here from its ONNX model: `flare-export {onnx_path} --engine --overwrite`"
 
 
 def import_tensorrt() -> Any:
@@ -223,12 +228,12 @@ def check_engine_compatibility(
     if built.get("tensorrt_version") != tensorrt_version:
         raise FlareSegError(
             f"{engine_path}: built with TensorRT {built.get('tensorrt_version')}, this machine has TensorRT "
-            f"{tensorrt_version}; {REBUILD_HINT}"
+            f"{tensorrt_version}; {rebuild_hint(Path(engine_path))}"
         )
     if built.get("compute_capability") != device.compute_capability or built.get("gpu_name") != device.name:
         raise FlareSegError(
             f"{engine_path}: built for {built.get('gpu_name')} (compute capability {built.get('compute_capability')}), "
-            f"this GPU is {device.name} ({device.compute_capability}); {REBUILD_HINT}"
+            f"this GPU is {device.name} ({device.compute_capability}); {rebuild_hint(Path(engine_path))}"
         )
 
 
@@ -390,7 +395,7 @@ def load_engine(engine_path: str | os.PathLike[str], *, device: int | None = Non
         if recorded != hashlib.sha256(data).hexdigest():
             raise FlareSegError(
                 f"{engine_path}: its sidecar {sidecar_path(engine_path).name} describes another engine "
-                f"(SHA-256 differs); {REBUILD_HINT}"
+                f"(SHA-256 differs); {rebuild_hint(Path(engine_path))}"
             )
         engine = _tensorrt_runtime(trt).deserialize_cuda_engine(data)
     if engine is None:

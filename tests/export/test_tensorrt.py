@@ -737,3 +737,55 @@ def test_an_int8_model_is_refused_by_the_engine_build_and_by_onnx_runtimes_tenso
 
     with pytest.raises(FlareSegError, match=r"m_int8\.onnx: an INT8 model is for the CPU runtimes"):
         OnnxRuntimeRunner(model, provider="tensorrt").activate()
+
+
+# --- flare-export MODEL.onnx --engine: an engine for an exported model, e.g. on another GPU ---------------------
+
+
+def test_an_engine_built_elsewhere_is_rebuilt_here_with_the_command_its_refusal_names(trt, tmp_path, capsys):
+    from flareseg.export.cli import main as export_main
+
+    model = _onnx(tmp_path / "deploy" / "m_fp16.onnx", precision="fp16")
+    trt.gpu = 1
+    engine = build_engine(model, device=1)  # built on the L4; this machine's GPU 0 is an H100
+    with pytest.raises(FlareSegError) as refused:
+        _runner(trt, engine, gpu=0).activate()
+    command = str(refused.value).split("`")[1]
+    assert command == f"flare-export {model} --engine --overwrite"
+    trt.gpu = 0
+    assert export_main(command.split()[1:]) == 0  # the very command the refusal named
+    assert f"wrote {engine} (+ m_fp16.engine.json)" in capsys.readouterr().out
+    assert read_sidecar(engine)["engine"]["gpu_name"] == "NVIDIA H100 80GB HBM3"
+    with _runner(trt, engine, gpu=0) as runner:  # it now loads here
+        assert runner.max_batch == 8
+    assert sorted(p.name for p in model.parent.iterdir() if not p.name.endswith(".timing-cache")) == [
+        "m_fp16.engine",
+        "m_fp16.engine.json",
+        "m_fp16.onnx",
+    ]
+
+
+def test_an_onnx_model_takes_only_the_engines_options(trt, tmp_path, capsys):
+    from flareseg.export.cli import main as export_main
+
+    model = _onnx(tmp_path / "m.onnx")
+    refused = {
+        (str(model),): "an ONNX model is exported already; add --engine",
+        (str(model), "--engine", "--fp16"): "--fp16 exports a checkpoint; " + str(model) + " is exported already",
+        (str(model), "--engine", "--batch", "1,2,4"): "--batch exports a checkpoint",
+        (str(model), "--engine", "--opset", "18"): "--opset exports a checkpoint",
+        (str(model), "--tf32"): "--tf32 is used only with --engine",
+        (str(tmp_path / "m.pt"),): "-o/--out is required",
+    }
+    for argv, message in refused.items():
+        assert export_main(list(argv)) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("flare-export: error: ") and message in err and "\n" not in err, (argv, err)
+    assert _events(trt, "build") == []
+    out = tmp_path / "engines"
+    out.mkdir()
+    assert export_main([str(model), "--engine", "-o", str(out), "--tf32"]) == 0
+    assert read_sidecar(out / "m.engine")["engine"]["tf32"] is True
+    assert export_main([str(model), "--engine", "-o", str(out)]) == 2
+    assert "m.engine: exists; --overwrite replaces it and its sidecar" in capsys.readouterr().err
+    assert len(_events(trt, "build")) == 1
