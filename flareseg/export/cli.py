@@ -225,6 +225,7 @@ def _main(args: argparse.Namespace) -> int:
         verify_volume=args.verify_volume,
         calibration=args.calibration,
         overwrite=args.overwrite,
+        progress=not args.quiet,
     )
     print(verification_report(exported))
     for item in exported:

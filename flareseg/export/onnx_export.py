@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from flareseg.atomic import atomic_outputs, check_writable_folder
 from flareseg.checkpoint import ModelInfo, check_slice_size, file_sha256, software_versions
@@ -250,6 +251,7 @@ def export_onnx(
     verify_volume: str | os.PathLike[str] | None = None,
     calibration: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    progress: bool = True,
 ) -> list[ExportedModel]:
     """Export, verify and write ``{name}_fp32.onnx`` (and ``_fp16``, ``_int8`` with ``options.fp16``, ``.int8``).
 
@@ -257,6 +259,7 @@ def export_onnx(
     activation ranges (default: phantoms). Each model gets its metadata embedded and a
     ``.json`` sidecar beside it. Every model is verified before the first is written.
     Returns what was written, fp32 first. ``options`` default: :class:`ExportOptions`'s defaults.
+    ``progress``: a bar over the steps, on a terminal.
 
     A folder that holds an earlier export of the same name is refused before any work, unless
     ``overwrite``: the new set then replaces it, and the earlier set's other members (an fp16
@@ -293,56 +296,67 @@ def export_onnx(
         if options.int8
         else None
     )
-    deploy = build_deploy_network(net, fold_input=options.fold_input and info.network.in_channels > 1)
-    channels = deploy.config.in_channels
-    graph = _ExportGraph(deploy, options.output_kind, options.label_dtype).eval()
-    log.info("exporting %s (%s input channel(s), %s out)", checkpoint, channels, options.output_kind)
-    fp32 = _to_onnx(graph, channels, info.slice_size, options.batch_profile[2], options.opset)
-    if onnx_opset(fp32) != options.opset:  # the exporter falls back to its own opset rather than failing
-        raise FlareSegError(
-            f"opset {options.opset} was asked for, the exporter wrote {onnx_opset(fp32)}; nothing written"
+    # Minutes on a CPU at full width: a bar over the steps (on a terminal only; None lets tqdm ask).
+    steps = 3 + options.fp16 + (calib is not None)  # export, verify fp32, [verify fp16], [int8], write
+    with tqdm(total=steps, desc="flare-export", unit="step", disable=None if progress else True, leave=False) as bar:
+        deploy = build_deploy_network(net, fold_input=options.fold_input and info.network.in_channels > 1)
+        channels = deploy.config.in_channels
+        graph = _ExportGraph(deploy, options.output_kind, options.label_dtype).eval()
+        log.info("exporting %s (%s input channel(s), %s out)", checkpoint, channels, options.output_kind)
+        bar.set_postfix_str("export")
+        fp32 = _to_onnx(graph, channels, info.slice_size, options.batch_profile[2], options.opset)
+        if onnx_opset(fp32) != options.opset:  # the exporter falls back to its own opset rather than failing
+            raise FlareSegError(
+                f"opset {options.opset} was asked for, the exporter wrote {onnx_opset(fp32)}; nothing written"
+            )
+        slices = {"random": random, "real": real}
+        base = ExportMetadata(
+            model=info,
+            input_channels=channels,
+            output_kind=options.output_kind,
+            label_dtype=options.label_dtype if options.output_kind == "labels" else None,
+            precision="fp32",
+            batch_profile=options.batch_profile,
+            source_checkpoint_sha256=file_sha256(checkpoint),
+            versions=software_versions(),
         )
-    slices = {"random": random, "real": real}
-    base = ExportMetadata(
-        model=info,
-        input_channels=channels,
-        output_kind=options.output_kind,
-        label_dtype=options.label_dtype if options.output_kind == "labels" else None,
-        precision="fp32",
-        batch_profile=options.batch_profile,
-        source_checkpoint_sha256=file_sha256(checkpoint),
-        versions=software_versions(),
-    )
-    batch = max(1, min(options.batch_profile[1], 4))
-    reference = {"reference": "PyTorch fp32 training network (eval mode)"}
-    variants: list[tuple[Precision, Any]] = [("fp32", fp32)]
-    if options.fp16:
-        variants.append(("fp16", convert_to_fp16(fp32)))
-    verified: list[tuple[Any, ExportMetadata, dict[str, dict[str, float]]]] = []
-    for precision, model in variants:
-        figures = _verify(model, net, info, channels, options.output_kind, slices, batch)
-        _check(figures, precision, options.output_kind)
-        meta = dataclasses.replace(base, precision=precision, versions=_versions(base, model)).with_verification(
-            {**reference, "real_source": source, **figures}
-        )
-        verified.append((model, meta, figures))
-    if calib is not None:
-        int8, figures, quantization = _quantize_verified(fp32, net, info, channels, options, calib, batch)
-        meta = dataclasses.replace(
-            base, precision="int8", quantization=quantization, versions=_versions(base, int8)
-        ).with_verification({**reference, "held_out_source": calib.source, **figures})
-        verified.append((int8, meta, figures))
-    written = []
-    # Every model and sidecar goes to a synced temporary file first; the renames come only once all are written.
-    with atomic_outputs() as outputs:
-        for model, meta, _ in verified:
-            embed_in_onnx(model, meta)
-            path = out / f"{options.name}_{meta.precision}.onnx"
-            with outputs.writing(path) as tmp:
-                onnx.save(model, str(tmp))
-            with outputs.writing(sidecar_path(path)) as side:
-                side.write_text(sidecar_text(meta.to_dict()))
-            written.append(ExportedModel(path, meta))
+        batch = max(1, min(options.batch_profile[1], 4))
+        reference = {"reference": "PyTorch fp32 training network (eval mode)"}
+        variants: list[tuple[Precision, Any]] = [("fp32", fp32)]
+        if options.fp16:
+            variants.append(("fp16", convert_to_fp16(fp32)))
+        verified: list[tuple[Any, ExportMetadata, dict[str, dict[str, float]]]] = []
+        bar.update()
+        for precision, model in variants:
+            bar.set_postfix_str(f"verify {precision}")
+            figures = _verify(model, net, info, channels, options.output_kind, slices, batch)
+            _check(figures, precision, options.output_kind)
+            meta = dataclasses.replace(base, precision=precision, versions=_versions(base, model)).with_verification(
+                {**reference, "real_source": source, **figures}
+            )
+            verified.append((model, meta, figures))
+            bar.update()
+        if calib is not None:
+            bar.set_postfix_str("int8")
+            int8, figures, quantization = _quantize_verified(fp32, net, info, channels, options, calib, batch)
+            meta = dataclasses.replace(
+                base, precision="int8", quantization=quantization, versions=_versions(base, int8)
+            ).with_verification({**reference, "held_out_source": calib.source, **figures})
+            verified.append((int8, meta, figures))
+            bar.update()
+        bar.set_postfix_str("write")
+        written = []
+        # Every model and sidecar goes to a synced temporary file first; the renames come only once all are written.
+        with atomic_outputs() as outputs:
+            for model, meta, _ in verified:
+                embed_in_onnx(model, meta)
+                path = out / f"{options.name}_{meta.precision}.onnx"
+                with outputs.writing(path) as tmp:
+                    onnx.save(model, str(tmp))
+                with outputs.writing(sidecar_path(path)) as side:
+                    side.write_text(sidecar_text(meta.to_dict()))
+                written.append(ExportedModel(path, meta))
+        bar.update()
     for model_written, (_, _, figures) in zip(written, verified, strict=True):
         log.debug("wrote %s: %s", model_written.path, _summary(figures))  # flare-export prints it (stdout)
     now = {p for w in written for p in (w.path, sidecar_path(w.path))}

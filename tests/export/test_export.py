@@ -84,6 +84,39 @@ def test_fp16_onnx_keeps_float32_io_and_agrees_on_labels(exported, trained_check
     assert fp16.metadata.verification["real"]["argmax_agreement"] >= 0.995
 
 
+class _RecordingBar:
+    """Stands in for tqdm in the exporter: records the bar's total, steps and labels (our control flow)."""
+
+    made: list[_RecordingBar] = []
+
+    def __init__(self, total, disable, **_):
+        self.total, self.disable, self.done, self.labels = total, disable, 0, []
+        _RecordingBar.made.append(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n=1):
+        self.done += n
+
+    def set_postfix_str(self, text):
+        self.labels.append(text)
+
+
+@pytest.mark.parametrize(("fp16", "progress"), [(True, True), (False, False)])
+def test_the_export_shows_its_steps_on_a_bar(trained_checkpoint, tmp_path, monkeypatch, fp16, progress):
+    monkeypatch.setattr(onnx_export, "tqdm", _RecordingBar)
+    _RecordingBar.made.clear()
+    export_onnx(trained_checkpoint, tmp_path, ExportOptions(fp16=fp16, verify_slices=1), progress=progress)
+    (bar,) = _RecordingBar.made
+    expected = ["export", "verify fp32", *(["verify fp16"] if fp16 else []), "write"]
+    assert bar.labels == expected and bar.total == bar.done == len(expected)
+    assert bar.disable is (None if progress else True)  # None: shown on a terminal only
+
+
 def test_graph_has_one_input_one_output_and_no_auxiliary_heads(exported):
     model = onnx.load(str(exported[0].path))
     assert [i.name for i in model.graph.input] == ["image"]
