@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +35,36 @@ class CaseJob:
 
 
 def is_series_input(path: str | os.PathLike[str]) -> bool:
-    """A folder that directly holds the files of one DICOM series."""
+    """A folder that directly holds the files of one DICOM series.
+
+    One that holds NIfTI images beside its DICOM files is refused: taken for a series, its
+    NIfTI cases would be left out without a word; taken for a folder of cases, the series.
+    """
     path = Path(path)
     if not path.is_dir():
         return False
     from flareseg.dicom import is_series_dir
 
-    return is_series_dir(path)
+    if not is_series_dir(path):
+        return False
+    nifti = sorted(p.name for p in find_cases(path).values())
+    if nifti:
+        shown = ", ".join(nifti[:3]) + (f" and {len(nifti) - 3} more" if len(nifti) > 3 else "")
+        raise FlareSegError(
+            f"{path}: holds DICOM files and NIfTI images ({shown}) side by side; a folder is one DICOM series or a "
+            "folder of cases: move the DICOM files into a subfolder of their own (a series per subfolder)"
+        )
+    return True
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: through links, or another mount of the same folder (device and inode)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
 
 
 def input_case_name(path: str | os.PathLike[str]) -> str:
@@ -84,7 +108,7 @@ def check_output(job: CaseJob, *, folder_checked: bool = False) -> None:
         raise FlareSegError(f"{job.output}: output must end in .nii.gz or .nii{dicom}")
     if job.output_type == "dicom-seg" and not job.output.name.endswith(suffix):
         raise FlareSegError(f"{job.output}: DICOM SEG output must end in {suffix}")
-    if job.output.resolve() == job.input.resolve():
+    if same_file(job.output, job.input):
         raise FlareSegError(f"{job.output}: refusing to overwrite the input")
     if job.output.is_dir():
         raise FlareSegError(f"{job.output}: a folder is in the way of the output")
@@ -124,7 +148,7 @@ def check_output_folder(out: Path, inputs: Path | None = None, *, probe: bool = 
         )
     if inputs is not None:
         _refuse_inside_a_series(out, inputs)
-    if inputs is not None and out.exists() and out.resolve() == inputs.resolve():
+    if inputs is not None and out.exists() and same_file(out, inputs):
         raise FlareSegError(
             f"{out}: the output folder is the input folder, where its label maps would be taken for cases; "
             "choose another folder"
@@ -255,6 +279,15 @@ class PlannedCase:
         return CaseJob(self.case, self.input, self.output, self.output_type)
 
 
+def _file_key(path: Path) -> tuple[int, int] | None:
+    """A regular file's (device, inode), through links; None for anything else or nothing."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+
+
 def plan_folder(
     inputs: Sequence[Path], out_dir: Path, output_type: OutputType = "nifti", *, overwrite: bool = False
 ) -> Iterator[PlannedCase]:
@@ -269,6 +302,9 @@ def plan_folder(
     check_output_folder(out_dir)  # probed once here, for every output of the folder
     _check_seg_folder(out_dir, output_type)
     first_of: dict[str, Path] = {}  # case name -> its first input: a second one would replace its result
+    # An output that is a link to another case's input (or that file through another mount) would have the writer
+    # replace that input: every input file is known by device and inode.
+    input_files = {key: p for p in inputs if (key := _file_key(p)) is not None}
     for path in inputs:
         try:
             name = _named(path)
@@ -288,6 +324,9 @@ def plan_folder(
             continue
         try:
             check_output(CaseJob(name, path, output, output_type), folder_checked=True)
+            other = input_files.get(_file_key(output))
+            if other is not None:
+                raise FlareSegError(f"{output}: refusing to overwrite the input {other} (the output leads to it)")
         except FlareSegError as exc:
             yield PlannedCase(path, name, output, "failed", exc, output_type)
             continue

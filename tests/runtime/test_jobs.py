@@ -297,3 +297,52 @@ def test_a_result_named_beside_its_input_fails_alone_and_the_input_runs(tmp_path
     assert str(plan[2].error).startswith(f"{folder / 'ct.nii.gz'}: case ct again (first from {folder / 'ct_0000'}")
     with pytest.raises(FlareSegError, match=r"case ct appears twice \(ct.nii.gz, ct_0000.nii.gz\)"):
         find_cases(folder)  # flare-eval and training still refuse such a folder: which file is meant is unclear
+
+
+def test_an_output_that_leads_to_another_input_of_the_run_is_refused_even_with_overwrite(tmp_path):
+    # A link in the output folder to another case's CT: the writer would follow it and replace that CT.
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    cts = [inputs / f"c{i}_0000.nii.gz" for i in range(3)]
+    for ct in cts:
+        ct.write_bytes(b"a CT")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "c1.nii.gz").symlink_to(cts[2])
+    (out / "c0.nii.gz").hardlink_to(cts[0])  # its own input, another name for the same file
+    plan = {p.case: p for p in plan_folder(cts, out, overwrite=True)}
+    assert plan["c1"].status == "failed"
+    assert (
+        str(plan["c1"].error)
+        == f"{out / 'c1.nii.gz'}: refusing to overwrite the input {cts[2]} (the output leads to it)"
+    )
+    assert plan["c0"].status == "failed" and "refusing to overwrite the input" in str(plan["c0"].error)
+    assert plan["c2"].status == "run"
+    assert [p.status for p in plan_folder(cts, out)] == ["skipped", "skipped", "run"]  # without --overwrite: kept
+
+
+def test_a_folder_of_dicom_files_and_nifti_images_side_by_side_is_refused_naming_both(tmp_path):
+    # Taken for one series, its NIfTI cases were left out without a word.
+    from dicom_series import phantom, write_series
+
+    folder = tmp_path / "TestImg"
+    write_series(folder, phantom(), patient_id="P")
+    assert jobs.is_series_input(folder)
+    for i in range(4):
+        (folder / f"case_{i}_0000.nii.gz").write_bytes(b"a CT")
+    with pytest.raises(
+        FlareSegError,
+        match=r"TestImg: holds DICOM files and NIfTI images \(case_0_0000\.nii\.gz, "
+        r"case_1_0000\.nii\.gz, case_2_0000\.nii\.gz and 1 more\) side by side",
+    ):
+        jobs.is_series_input(folder)
+
+
+def test_same_file_sees_through_links_and_other_names_of_one_file(tmp_path):
+    a = tmp_path / "a.nii.gz"
+    a.write_bytes(b"x")
+    (tmp_path / "link.nii.gz").symlink_to(a)
+    (tmp_path / "hard.nii.gz").hardlink_to(a)  # as a second mount of the folder would show it: one inode
+    (tmp_path / "b.nii.gz").write_bytes(b"x")
+    assert jobs.same_file(tmp_path / "link.nii.gz", a) and jobs.same_file(tmp_path / "hard.nii.gz", a)
+    assert not jobs.same_file(tmp_path / "b.nii.gz", a) and not jobs.same_file(tmp_path / "none.nii.gz", a)
