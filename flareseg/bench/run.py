@@ -435,7 +435,7 @@ def segment_volume(
     with sampler if sampler else contextlib.nullcontext():
         runner = make_runner(backend, models, batch, threads=threads)
         with runner:
-            timing = segment_file(runner, volume, out, batch_size=batch)
+            timing = segment_file(runner, volume, out, overwrite=True, batch_size=batch)
     row = timing.to_dict()
     row["batch"] = batch
     row["precision"] = precision or backend.precision

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from flareseg.runtime.runners import (
         FunctionRunner,
         OnnxRuntimeRunner,
+        OpenVINORunner,
         Runner,
         TensorRTRunner,
         TorchRunner,
@@ -30,6 +31,7 @@ _WHERE = {
     "segment_folder": "flareseg.runtime.pipeline",
     "FunctionRunner": "flareseg.runtime.runners",
     "OnnxRuntimeRunner": "flareseg.runtime.runners",
+    "OpenVINORunner": "flareseg.runtime.runners",
     "Runner": "flareseg.runtime.runners",
     "TensorRTRunner": "flareseg.runtime.runners",
     "TorchRunner": "flareseg.runtime.runners",
@@ -40,6 +42,7 @@ __all__ = [
     "CaseTiming",
     "FunctionRunner",
     "OnnxRuntimeRunner",
+    "OpenVINORunner",
     "Runner",
     "TensorRTRunner",
     "TorchRunner",

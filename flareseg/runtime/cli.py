@@ -493,7 +493,15 @@ def _run(
             else:
                 # Said when written: an interrupt during the teardown after it still counts the case as done.
                 results = [
-                    segment_file(runner, inputs[0], target, output_type=args.output_type, on_case=report, **options)
+                    segment_file(
+                        runner,
+                        inputs[0],
+                        target,
+                        output_type=args.output_type,
+                        overwrite=True,  # a result already there was kept above unless --overwrite
+                        on_case=report,
+                        **options,
+                    )
                 ]
         context["runner"] = runner.describe() if runner.is_active else runner.name  # not loaded: nothing ran
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is done is on disk; say so, and keep its timings

@@ -324,7 +324,8 @@ def plan_folder(
             continue
         try:
             check_output(CaseJob(name, path, output, output_type), folder_checked=True)
-            other = input_files.get(_file_key(output))
+            key = _file_key(output)
+            other = input_files.get(key) if key is not None else None
             if other is not None:
                 raise FlareSegError(f"{output}: refusing to overwrite the input {other} (the output leads to it)")
         except FlareSegError as exc:

@@ -410,17 +410,22 @@ def segment_file(
     output_path: str | os.PathLike[str],
     *,
     output_type: OutputType = "nifti",
+    overwrite: bool = False,
     on_case: Callable[[CaseTiming], None] | None = None,
     **options: Unpack[RunOptions],
 ) -> CaseTiming:
     """Segment one CT volume (NIfTI file or DICOM series folder) and write its result atomically.
 
+    A file already at ``output_path`` is refused unless ``overwrite`` (as :func:`segment_folder`
+    keeps finished cases); the input itself is never replaced.
     Errors are raised as :class:`FlareSegError`; nothing is written for a failed case.
     ``on_case`` sees the case once its output is written, even if the run is then interrupted.
     ``options``: see :func:`run_cases`.
     """
     input_path, output_path = Path(input_path), Path(output_path)
     job = file_job(input_path, output_path, output_type)
+    if not overwrite and os.path.lexists(output_path):
+        raise FlareSegError(f"{output_path}: exists; overwrite=True replaces it")
     reset_peak_rss()
     (timing,) = run_cases(runner, [job], raise_errors=True, on_case=on_case, **options)
     return timing
@@ -428,7 +433,7 @@ def segment_file(
 
 def segment_folder(
     runner: Runner,
-    inputs: Sequence[Path],
+    inputs: Sequence[str | os.PathLike[str]],
     out_dir: str | os.PathLike[str],
     *,
     output_type: OutputType = "nifti",
@@ -443,7 +448,8 @@ def segment_folder(
     out = Path(out_dir)  # made by the first write: a run that fails to start leaves no empty folder
     results: dict[int, CaseTiming] = {}
     jobs: list[tuple[int, CaseJob]] = []
-    for i, planned in enumerate(plan_folder(inputs, out, output_type, overwrite=overwrite)):
+    paths = [Path(p) for p in inputs]
+    for i, planned in enumerate(plan_folder(paths, out, output_type, overwrite=overwrite)):
         if planned.status == "run":
             jobs.append((i, planned.job))
             continue

@@ -830,3 +830,19 @@ def test_a_part_without_a_series_of_its_own_is_not_refused_for_dicom_seg(trained
     argv = ["--model", str(trained_checkpoint), "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-q"]
     assert infer_main([*argv, "--output-type", "dicom-seg", "--num-parts", "2", "--part-id", "1"]) == 0
     assert "0 segmented, 0 skipped (already done), 0 failed of 0" in capsys.readouterr().out
+
+
+def test_the_api_keeps_an_existing_file_unless_told_and_takes_paths_as_text(trained_checkpoint, tmp_path):
+    from flareseg.runtime import open_runner, segment_file, segment_folder
+
+    (ct,) = _folder(tmp_path / "in", 1)
+    other = tmp_path / "other.nii.gz"
+    other.write_bytes(b"another patient's result")
+    with open_runner(trained_checkpoint) as runner:
+        with pytest.raises(FlareSegError, match=r"other\.nii\.gz: exists; overwrite=True replaces it"):
+            segment_file(runner, ct, other, batch_size=4)
+        assert other.read_bytes() == b"another patient's result"
+        assert segment_file(runner, str(ct), str(other), overwrite=True, batch_size=4).status == "ok"
+        (done,) = segment_folder(runner, [str(ct)], str(tmp_path / "out"), batch_size=4)  # text, not Path
+    assert nib.load(other).get_data_dtype() == np.uint8
+    assert done.status == "ok" and (tmp_path / "out" / "c0.nii.gz").is_file()
