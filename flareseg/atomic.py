@@ -131,6 +131,14 @@ def _probe(folder: Path, path: Path) -> None:
         ) from exc
 
 
+def _kind(path: Path) -> str:
+    """A file's kind by its name: its suffix, with the one before where the last is a compression's
+    (``.nii.gz`` and ``.tar.gz`` are different kinds)."""
+    suffixes = [s.lower() for s in path.suffixes]
+    compressed = bool(suffixes) and suffixes[-1] in (".gz", ".bz2", ".xz", ".zst")
+    return "".join(suffixes[-2:] if compressed else suffixes[-1:])
+
+
 def _replaceable(path: Path) -> Path:
     """The file the rename will replace: a link's target (the link stays), never a folder, pipe or device.
 
@@ -141,7 +149,7 @@ def _replaceable(path: Path) -> Path:
         target = Path(os.path.realpath(path))
         if not target.exists():
             raise FlareSegError(f"{path}: a link to {target}, which does not exist")
-        if target.suffix.lower() != path.suffix.lower():  # `results.csv` -> a label map, say: never replaced
+        if _kind(target) != _kind(path):  # `results.csv` -> a label map, say: never replaced
             raise FlareSegError(f"{path}: a link to {target}, a file of another kind; refusing to write through it")
         path = target
     if path.is_dir():

@@ -73,6 +73,27 @@ def test_a_link_to_a_file_of_another_kind_is_refused_before_any_work_and_at_the_
     assert label_map.read_bytes() == b"an input"
 
 
+@pytest.mark.parametrize(
+    ("target", "link", "refused"),
+    [
+        ("archive.tar.gz", "t.nii.gz", True),  # both end in .gz: a different kind all the same
+        ("old.nii", "t.nii.gz", True),
+        ("scan.v2.nii.gz", "t.nii.gz", False),  # a dot in the name is not part of the kind
+        ("OLD.NII.GZ", "t.nii.gz", False),
+    ],
+)
+def test_a_files_kind_is_its_whole_compressed_suffix(tmp_path, target, link, refused):
+    (tmp_path / target).write_bytes(b"kept")
+    (tmp_path / link).symlink_to(tmp_path / target)
+    if refused:
+        with pytest.raises(FlareSegError, match="a file of another kind"):
+            write_text_atomic("new", tmp_path / link)
+        assert (tmp_path / target).read_bytes() == b"kept"
+    else:
+        write_text_atomic("new", tmp_path / link)
+        assert (tmp_path / target).read_text() == "new"
+
+
 def test_a_link_to_nothing_is_refused(tmp_path):
     link = tmp_path / "r.csv"
     link.symlink_to(tmp_path / "gone" / "r.csv")
