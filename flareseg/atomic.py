@@ -27,6 +27,9 @@ def atomic_output(path: str | os.PathLike[str], *, keep_suffix: str = "") -> Ite
         yield tmp
 
 
+_NAME_MAX = 255  # bytes in a file name on Linux, macOS and Windows file systems alike
+
+
 class AtomicOutputs:
     """Files that belong together (models and their sidecars), each written to a temporary sibling with
     :meth:`writing` and flushed to disk at once; all are renamed into place only when the set is complete, so a
@@ -42,7 +45,11 @@ class AtomicOutputs:
         target = _replaceable(Path(path))
         with _naming(target):
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".part{keep_suffix}", dir=target.parent)
+            suffix = f".part{keep_suffix}"
+            # The temporary name holds the target's, cut where needed so that a legal name (255 bytes) stays legal.
+            room = _NAME_MAX - len(f"..{'x' * 8}{suffix}".encode())
+            prefix = target.name.encode()[:room].decode(errors="ignore")
+            fd, name = tempfile.mkstemp(prefix=f".{prefix}.", suffix=suffix, dir=target.parent)
             os.close(fd)
             tmp = Path(name)
             self._temps.append(tmp)

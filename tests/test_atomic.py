@@ -161,3 +161,12 @@ def test_a_set_is_renamed_into_place_only_when_every_member_is_written(tmp_path)
     assert (a.read_text(), b.read_text()) == ("new model", "new sidecar")
     assert oct(a.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]
+
+
+@pytest.mark.parametrize("length", [234, 255])
+def test_a_name_as_long_as_the_file_system_allows_is_written(tmp_path, length):
+    # The temporary name once added 22 characters to the target's: names of 234 and more failed.
+    target = tmp_path / ("é" * 10 + "c" * (length - 20 - 7) + ".nii.gz")
+    assert len(target.name.encode()) == length
+    write_text_atomic("labels", target)
+    assert target.read_text() == "labels" and [p.name for p in tmp_path.iterdir()] == [target.name]
