@@ -50,6 +50,8 @@ def test_an_argument_error_is_one_line_naming_the_argument(prog, capsys, tmp_pat
         (["--read-threads", "-1"], "argument --read-threads: expected an integer >= 0"),
         (["--part-id", "-1"], "argument --part-id: expected an integer >= 0"),
         (["--timings", ""], "argument --timings: an empty path"),
+        # the trailing / was dropped, and the output became a file of that name
+        (["-o", "pred/ct.nii.gz/"], "argument -o/--output: pred/ct.nii.gz/: ends in / (a folder) but is named like"),
     ],
 )
 def test_flare_infer_refuses_bad_values_while_parsing(argv, message, capsys):

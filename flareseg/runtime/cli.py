@@ -51,6 +51,18 @@ Listing = list[Path] | FlareSegError | None
 PLAN_SLICE = 512
 
 
+def output_arg(text: str) -> Path:
+    """argparse type of -o: a path; one that ends in a separator (a folder) but is named like a result file is
+    refused, since the separator is gone once it is a Path and the name alone would make it a file."""
+    path = path_arg(text)
+    if text.endswith(("/", os.sep)) and path.name.lower().endswith((".nii", ".nii.gz", ".dcm")):
+        raise argparse.ArgumentTypeError(
+            f"{text}: ends in {text[-1]} (a folder) but is named like a result file; drop the {text[-1]} to write "
+            "that file, or give the folder another name"
+        )
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flare-infer",
@@ -70,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-o",
         "--output",
-        type=path_arg,
+        type=output_arg,
         required=True,
         help="output folder (results get FLARE21 names), or for one input an output file name",
     )

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import nibabel as nib
 import numpy as np
@@ -87,7 +88,7 @@ def test_fp16_onnx_keeps_float32_io_and_agrees_on_labels(exported, trained_check
 class _RecordingBar:
     """Stands in for tqdm in the exporter: records the bar's total, steps and labels (our control flow)."""
 
-    made: list[_RecordingBar] = []
+    made: ClassVar[list[_RecordingBar]] = []
 
     def __init__(self, total, disable, **_):
         self.total, self.disable, self.done, self.labels = total, disable, 0, []
