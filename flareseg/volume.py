@@ -290,7 +290,11 @@ def _load_named(
         img = nib.load(path)
     except nib.filebasedimages.ImageFileError:
         raise FlareSegError(f"{path}: {_why_not_nifti(path)}") from None
-    except (EOFError, zlib.error, OSError, ValueError) as exc:
+    except OSError as exc:
+        if exc.errno is not None:  # the operating system's refusal (permission, I/O error): not the content's fault
+            raise FlareSegError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        raise FlareSegError(f"{path}: unreadable or truncated file ({exc})") from None
+    except (EOFError, zlib.error, ValueError) as exc:
         raise FlareSegError(f"{path}: unreadable or truncated file ({exc})") from None
     except (nib.spatialimages.HeaderDataError, OverflowError) as exc:  # a damaged field: datatype, dim, vox_offset
         raise FlareSegError(f"{path}: invalid NIfTI header ({exc})") from None
@@ -303,6 +307,9 @@ def _load_named(
         raise FlareSegError(f"{path}: expected a 3D volume, got shape {tuple(shape)}")
     if min(shape[:3]) < 1:
         raise FlareSegError(f"{path}: empty volume of shape {tuple(shape)}")
+    stored = np.dtype(img.get_data_dtype())
+    if stored.kind not in "iuf":  # complex or RGB: refused before a voxel is read (numpy would drop the imaginary part)
+        raise FlareSegError(f"{path}: unsupported voxel type {stored}: a CT or label map stores integers or reals")
     proxy = img.dataobj
     try:
         data = _stored_voxels(path, proxy, threads, on_voxels)
@@ -575,6 +582,18 @@ def _inflate_parallel(path: Path, offset: int, out: memoryview, threads: int) ->
     return True
 
 
+def _is_nifti_header(head: bytes) -> bool:
+    return head[344:348] in (b"n+1\0", b"ni1\0") or head[4:8] in (b"n+2\0", b"ni2\0")
+
+
+def _head(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(_NIFTI1_HEADER_BYTES)
+    except OSError:
+        return b""
+
+
 def _why_not_nifti(path: Path) -> str:
     """Tell a cut-off gzip stream or a too-short file from a file of another kind."""
     opener = gzip.open if path.name.endswith(".gz") else open
@@ -583,13 +602,21 @@ def _why_not_nifti(path: Path) -> str:
             head = f.read(_NIFTI1_HEADER_BYTES)
     except EOFError:
         return "truncated gzip stream (the file was cut off inside its header)"
-    except (OSError, zlib.error) as exc:
+    except gzip.BadGzipFile:
+        if _is_nifti_header(_head(path)):
+            return "an uncompressed NIfTI file named .gz: rename it to end in .nii"
+        return "not a NIfTI image (not a gzip file, as its .gz name says)"
+    except OSError as exc:
+        if exc.errno is not None:  # the operating system's refusal (permission, I/O error): not the content's fault
+            return f"cannot read ({exc.strerror or exc})"
+        return f"not a NIfTI image (unreadable: {exc})"
+    except zlib.error as exc:
         return f"not a NIfTI image (unreadable: {exc})"
     if head[:2] == b"\x1f\x8b" and opener is open:  # gzip's magic number
         return "a gzip file named without .gz: rename it to end in .nii.gz"
     if len(head) < _NIFTI1_HEADER_BYTES:
         return f"truncated: {len(head)} bytes, shorter than a NIfTI header"
-    if head[344:348] in (b"n+1\0", b"ni1\0") or head[4:8] in (b"n+2\0", b"ni2\0"):
+    if _is_nifti_header(head):
         # The header is there, so what nibabel tripped on is further on: most often the gzip
         # member holding the header, whose checksum only fails once it is read to its end.
         try:

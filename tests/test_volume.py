@@ -8,6 +8,7 @@ import logging
 import subprocess
 import sys
 import threading
+import warnings
 import zlib
 from pathlib import Path
 
@@ -656,3 +657,37 @@ def test_a_gzip_file_named_nii_and_scaling_beyond_float32_are_one_line_each(tmp_
     img = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.eye(4))
     img.header.set_slope_inter(1e38, 0)  # every stored value is 0: no intensity overflows
     assert read_ct(save(img, tmp_path / "zeros.nii.gz")).to_hu(np.array([0], np.int16)).tolist() == [0.0]
+
+
+def test_a_file_that_is_not_what_its_name_says_or_cannot_be_read_is_named_for_its_real_problem(tmp_path, monkeypatch):
+    plain = tmp_path / "plain.nii"
+    nib.save(nib.Nifti1Image(np.full((8, 8, 4), -1000, np.int16), np.eye(4)), plain)
+    named_gz = tmp_path / "a_0000.nii.gz"
+    named_gz.write_bytes(plain.read_bytes())  # uncompressed, named .nii.gz
+    with pytest.raises(FlareSegError, match=r"a_0000\.nii\.gz: an uncompressed NIfTI file named \.gz: rename it to end"):
+        read_ct(named_gz)
+    junk = tmp_path / "b_0000.nii.gz"
+    junk.write_bytes(b"hello world" * 40)
+    with pytest.raises(FlareSegError, match=r"b_0000\.nii\.gz: not a NIfTI image \(not a gzip file, as its \.gz name"):
+        read_ct(junk)
+    good = tmp_path / "c_0000.nii.gz"
+    nib.save(nib.load(plain), good)
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(good))
+
+    monkeypatch.setattr(nib, "load", refused)  # as for a file without read permission (root could read it here)
+    monkeypatch.setattr(gzip, "open", refused)
+    with pytest.raises(FlareSegError, match=r"c_0000\.nii\.gz: cannot read \(Permission denied\)$"):
+        read_ct(good)
+
+
+def test_complex_voxels_are_refused_in_one_line_before_they_are_read(tmp_path):
+    # numpy once cast them to real first, printing a ComplexWarning before the error.
+    path = tmp_path / "c_0000.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.complex64), np.eye(4)), path)
+    for read in (read_ct, volume_module.read_labels):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(FlareSegError, match=r"c_0000\.nii\.gz: unsupported voxel type complex64"):
+                read(path)
