@@ -175,7 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_backend_options(args: argparse.Namespace, backend: str) -> None:
     """Refuse an option the chosen backend would ignore, or one that contradicts --device."""
     belongs = {
-        "--channels-last": (args.channels_last is not None, ("torch",)),
+        "--no-channels-last" if args.channels_last is False else "--channels-last": (
+            args.channels_last is not None,
+            ("torch",),
+        ),
         "--threads": (args.threads is not None, ("onnxruntime", "openvino", "torch")),
         "--openvino-hint": (args.openvino_hint is not None, ("openvino",)),
         "--ort-provider": (args.ort_provider is not None, ("onnxruntime",)),

@@ -702,6 +702,7 @@ def test_options_the_backend_would_ignore_or_that_contradict_the_device_are_refu
         path.write_bytes(b"never loaded: the options are refused first")
     refused = {
         ("--model", str(onnx), "--channels-last"): "--channels-last is for the torch backend, not onnxruntime",
+        ("--model", str(onnx), "--no-channels-last"): "--no-channels-last is for the torch backend, not onnxruntime",
         ("--engine", str(engine), "--threads", "2"): "--threads is for the onnxruntime, openvino and torch "
         "backends, not tensorrt",
         ("--model", str(onnx), "--openvino-hint", "throughput"): "--openvino-hint is for the openvino backend",
