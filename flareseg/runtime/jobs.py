@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+
 from flareseg.atomic import check_writable, check_writable_folder
 from flareseg.errors import FlareSegError
 from flareseg.volume import NIFTI_SUFFIXES, case_id, find_cases
@@ -279,6 +281,40 @@ class PlannedCase:
         return CaseJob(self.case, self.input, self.output, self.output_type)
 
 
+def _unfinished(output: Path, output_type: str) -> str | None:
+    """Why a file at a case's output is no result (empty, a header that does not read, fewer bytes than its header
+    says), else None.
+
+    Our outputs are renamed into place whole, so such a file came from elsewhere (a copy cut
+    short, a placeholder). Only the header and the file's end are read, not the voxels: a
+    gzip stream's size is the one its trailer records (a single gzip member, as every
+    writer of label maps we know makes).
+    """
+    try:
+        size = output.stat().st_size
+        if size == 0:
+            return "is empty"
+        if output_type == "dicom-seg":
+            with open(output, "rb") as f:
+                return None if f.read(132)[128:] == b"DICM" else "is not a DICOM file"
+        import nibabel as nib
+
+        img = nib.load(output)
+        voxels = int(np.prod(img.shape)) * img.get_data_dtype().itemsize
+        needed = int(img.dataobj.offset) + voxels  # the proxy's offset: a loaded header may say 0
+        if output.name.endswith(".gz"):
+            with open(output, "rb") as f:
+                f.seek(-4, os.SEEK_END)
+                stream = int.from_bytes(f.read(4), "little")  # the inflated size, modulo 2**32
+            if stream != needed % 2**32:
+                return f"inflates to {stream:,} bytes where its header needs {needed % 2**32:,} (cut short?)"
+        elif size < needed:
+            return f"holds {size:,} bytes where its header needs {needed:,} (cut short?)"
+    except Exception as exc:  # nibabel and gzip raise many types for a damaged file
+        return f"is not a readable label map ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return None
+
+
 def _file_key(path: Path) -> tuple[int, int] | None:
     """A regular file's (device, inode), through links; None for anything else or nothing."""
     try:
@@ -320,7 +356,12 @@ def plan_folder(
             continue
         first_of[name] = path
         if output.is_file() and not overwrite:  # a folder in the way is refused below, not taken as done
-            yield PlannedCase(path, name, output, "skipped", None, output_type)
+            damage = _unfinished(output, output_type)
+            if damage is not None:  # not taken for a result: the case would be counted done without one
+                why = FlareSegError(f"{output}: exists but {damage}; remove it to redo the case")
+                yield PlannedCase(path, name, output, "failed", why, output_type)
+            else:
+                yield PlannedCase(path, name, output, "skipped", None, output_type)
             continue
         try:
             check_output(CaseJob(name, path, output, output_type), folder_checked=True)

@@ -12,6 +12,15 @@ from flareseg.runtime import jobs
 from flareseg.runtime.jobs import CaseJob, plan_folder
 
 
+def _done(path):
+    """A finished result at ``path``: a small label map, as the plan reads its header and size."""
+    import nibabel as nib
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 2), np.uint8), np.eye(4)), path)
+
+
 def _inputs(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -26,7 +35,7 @@ def _inputs(tmp_path):
 def test_the_plan_runs_skips_and_refuses_each_case_in_order(tmp_path):
     inputs, out = _inputs(tmp_path), tmp_path / "out"
     out.mkdir()
-    (out / "c1.nii.gz").write_bytes(b"done")  # finished: skipped
+    _done(out / "c1.nii.gz")  # finished: skipped
     (out / "c2.nii.gz").mkdir()  # a folder where the output goes: not done, and refused
     plan = list(plan_folder(inputs, out))
     assert [(p.case, p.status) for p in plan] == [
@@ -162,8 +171,7 @@ def test_two_inputs_of_one_case_name_run_once_and_the_second_fails(tmp_path):
     plan = list(plan_folder([first, second, tmp_path / "a" / "x_0000.nii.gz"], tmp_path / "out"))
     assert [p.status for p in plan] == ["run", "failed", "failed"]
     assert str(plan[1].error) == (f"{second}: case x again (first from {first}); its output would replace that one's")
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "x.nii.gz").write_bytes(b"done")
+    _done(tmp_path / "out" / "x.nii.gz")
     assert [p.status for p in plan_folder([first, second], tmp_path / "out")] == ["skipped", "failed"]
 
 
@@ -318,7 +326,9 @@ def test_an_output_that_leads_to_another_input_of_the_run_is_refused_even_with_o
     )
     assert plan["c0"].status == "failed" and "refusing to overwrite the input" in str(plan["c0"].error)
     assert plan["c2"].status == "run"
-    assert [p.status for p in plan_folder(cts, out)] == ["skipped", "skipped", "run"]  # without --overwrite: kept
+    # Without --overwrite they are kept, and taken for no result: the link leads to a CT, not a label map.
+    assert [p.status for p in plan_folder(cts, out)] == ["failed", "failed", "run"]
+    assert cts[2].read_bytes() == b"a CT"
 
 
 def test_a_folder_of_dicom_files_and_nifti_images_side_by_side_is_refused_naming_both(tmp_path):
@@ -346,3 +356,27 @@ def test_same_file_sees_through_links_and_other_names_of_one_file(tmp_path):
     (tmp_path / "b.nii.gz").write_bytes(b"x")
     assert jobs.same_file(tmp_path / "link.nii.gz", a) and jobs.same_file(tmp_path / "hard.nii.gz", a)
     assert not jobs.same_file(tmp_path / "b.nii.gz", a) and not jobs.same_file(tmp_path / "none.nii.gz", a)
+
+
+def test_a_file_at_an_output_that_is_no_result_fails_its_case_instead_of_passing_for_done(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    cts = [tmp_path / "in" / f"c{i}_0000.nii.gz" for i in range(5)]
+    cts[0].parent.mkdir()
+    for ct in cts:
+        ct.write_bytes(b"a CT")
+    out = tmp_path / "out"
+    out.mkdir()
+    labels = nib.Nifti1Image(np.random.default_rng(0).integers(0, 5, (40, 40, 20)).astype(np.uint8), np.eye(4))
+    nib.save(labels, out / "c0.nii.gz")  # a finished result
+    whole = (out / "c0.nii.gz").read_bytes()
+    (out / "c1.nii.gz").write_bytes(b"")  # a placeholder
+    (out / "c2.nii.gz").write_bytes(whole[:500])  # a copy cut short
+    (out / "c3.nii.gz").write_bytes(b"not a label map at all")
+    plan = {p.case: p for p in plan_folder(cts, out)}
+    assert [plan[c].status for c in ("c0", "c1", "c2", "c3", "c4")] == ["skipped", "failed", "failed", "failed", "run"]
+    assert str(plan["c1"].error) == f"{out / 'c1.nii.gz'}: exists but is empty; remove it to redo the case"
+    assert "exists but inflates to" in str(plan["c2"].error) and "(cut short?)" in str(plan["c2"].error)
+    assert "exists but is not a readable label map" in str(plan["c3"].error)
+    assert (out / "c1.nii.gz").read_bytes() == b""  # nothing of theirs is touched

@@ -133,7 +133,7 @@ def test_a_folder_with_nothing_to_run_never_loads_the_model(trained_checkpoint, 
     out = tmp_path / "out"
     out.mkdir()
     for name in ("c0.nii.gz", "c1.nii.gz"):
-        (out / name).write_bytes(b"done")
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 2), np.uint8), np.eye(4)), out / name)  # finished results
     runner = open_runner(trained_checkpoint)
     monkeypatch.setattr(runner, "_activate", lambda: pytest.fail("the model was loaded for no case"))
     results = segment_folder(runner, inputs, out, batch_size=4)
