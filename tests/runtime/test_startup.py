@@ -95,7 +95,9 @@ def test_the_first_read_starts_before_torch_is_imported(trained_checkpoint, tmp_
     if folder:
         inp, out = cases, tmp_path / "pred"
         out.mkdir()
-        (out / "a.nii.gz").write_bytes(b"done before")  # finished: skipped, so b is the first read
+        # finished: skipped, so b is the first read
+        nib.save(make_phantom((48, 48, 6), (8.0, 8.0, 10.0), seed=0).to_nifti()[1], out / "a.nii.gz")
+        done_before = (out / "a.nii.gz").read_bytes()
     else:
         inp, out = cases / "b_0000.nii.gz", tmp_path / "b.nii.gz"
     code = f"""
@@ -131,7 +133,7 @@ print(rc, [e for e, _ in sorted(events, key=lambda e: e[1])])
     assert result.strip().splitlines()[-1] == expected
     assert (out / "b.nii.gz" if folder else out).is_file()
     if folder:
-        assert (out / "a.nii.gz").read_bytes() == b"done before" and (out / "c.nii.gz").is_file()
+        assert (out / "a.nii.gz").read_bytes() == done_before and (out / "c.nii.gz").is_file()
 
 
 def test_nothing_is_read_ahead_without_a_nifti_case_to_run_or_when_the_inputs_are_in_error(tmp_path, monkeypatch):
@@ -156,9 +158,9 @@ def test_nothing_is_read_ahead_without_a_nifti_case_to_run_or_when_the_inputs_ar
         return first
 
     assert first() is None  # the first case to run is a series: read after the imports, as a series input is
-    (out / "A_20260101_s1.nii.gz").write_bytes(b"done")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 2), np.uint8), np.eye(4)), out / "A_20260101_s1.nii.gz")  # done
     assert first() == cases / "b_0000.nii.gz"
-    (out / "b.nii.gz").write_bytes(b"done")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 2), np.uint8), np.eye(4)), out / "b.nii.gz")  # done
     assert first() is None  # every case is done: nothing to read
     assert first("--overwrite") is None  # the series comes first again
     monkeypatch.setattr(jobs, "list_cases", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
