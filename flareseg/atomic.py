@@ -30,6 +30,19 @@ def atomic_output(path: str | os.PathLike[str], *, keep_suffix: str = "") -> Ite
 _NAME_MAX = 255  # bytes in a file name on Linux, macOS and Windows file systems alike
 
 
+def _cut(name: str, room: int) -> str:
+    """``name`` within ``room`` bytes as the file system stores it; a UTF-8 name is never cut inside a character
+    (a name that is not UTF-8, kept by Python as surrogate escapes, is cut by bytes)."""
+    encoded = os.fsencode(name)
+    if len(encoded) <= room:
+        return name
+    try:
+        encoded.decode("utf-8")
+    except UnicodeDecodeError:
+        return os.fsdecode(encoded[:room])
+    return encoded[:room].decode("utf-8", errors="ignore")
+
+
 class AtomicOutputs:
     """Files that belong together (models and their sidecars), each written to a temporary sibling with
     :meth:`writing` and flushed to disk at once; all are renamed into place only when the set is complete, so a
@@ -47,9 +60,8 @@ class AtomicOutputs:
             target.parent.mkdir(parents=True, exist_ok=True)
             suffix = f".part{keep_suffix}"
             # The temporary name holds the target's, cut where needed so that a legal name (255 bytes) stays legal.
-            room = _NAME_MAX - len(f"..{'x' * 8}{suffix}".encode())
-            prefix = target.name.encode()[:room].decode(errors="ignore")
-            fd, name = tempfile.mkstemp(prefix=f".{prefix}.", suffix=suffix, dir=target.parent)
+            room = _NAME_MAX - len(os.fsencode(f"..{'x' * 8}{suffix}"))
+            fd, name = tempfile.mkstemp(prefix=f".{_cut(target.name, room)}.", suffix=suffix, dir=target.parent)
             os.close(fd)
             tmp = Path(name)
             self._temps.append(tmp)

@@ -172,3 +172,15 @@ def test_a_name_as_long_as_the_file_system_allows_is_written(tmp_path, length):
         assert tmp.name.endswith(".nii.gz") and len(tmp.name.encode()) <= 255
         tmp.write_text("labels")
     assert target.read_text() == "labels" and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_a_name_that_is_not_utf8_is_written_short_or_long(tmp_path):
+    # Linux names are bytes: Python keeps the undecodable ones as surrogate escapes.
+    for raw in (b"caf\xe9.nii.gz", b"caf\xe9" * 60 + b".nii.gz"):
+        target = tmp_path / os.fsdecode(raw)
+        with atomic_output(target, keep_suffix=".nii.gz") as tmp:
+            tmp.write_text("labels")
+        assert target.read_text() == "labels"
+    assert sorted(os.fsencode(p.name) for p in tmp_path.iterdir()) == sorted(
+        [b"caf\xe9.nii.gz", b"caf\xe9" * 60 + b".nii.gz"]
+    )

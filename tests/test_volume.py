@@ -664,7 +664,7 @@ def test_a_file_that_is_not_what_its_name_says_or_cannot_be_read_is_named_for_it
     nib.save(nib.Nifti1Image(np.full((8, 8, 4), -1000, np.int16), np.eye(4)), plain)
     named_gz = tmp_path / "a_0000.nii.gz"
     named_gz.write_bytes(plain.read_bytes())  # uncompressed, named .nii.gz
-    with pytest.raises(FlareSegError, match=r"a_0000\.nii\.gz: an uncompressed NIfTI file named \.gz: rename it to end"):
+    with pytest.raises(FlareSegError, match=r"a_0000\.nii\.gz: an uncompressed NIfTI file named \.gz: rename it"):
         read_ct(named_gz)
     junk = tmp_path / "b_0000.nii.gz"
     junk.write_bytes(b"hello world" * 40)

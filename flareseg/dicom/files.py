@@ -73,12 +73,13 @@ def dicom_files(folder: str | os.PathLike[str]) -> tuple[list[Path], int]:
 
 
 def is_series_dir(path: str | os.PathLike[str]) -> bool:
-    """A folder that directly holds DICOM files (judged from its first few files)."""
+    """A folder that directly holds DICOM files (judged from its first few files that are not NIfTI: NIfTI
+    files sorting first must not hide the DICOM files after them)."""
     path = Path(path)
     if not path.is_dir():
         return False
     try:
-        candidates = _candidates(path)
+        candidates = [p for p in _candidates(path) if not is_nifti(p)]
     except FlareSegError:
         return False
     return any(is_dicom_file(p) for p in candidates[:PROBE_FILES])

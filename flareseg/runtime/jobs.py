@@ -53,8 +53,9 @@ def is_series_input(path: str | os.PathLike[str]) -> bool:
     if nifti:
         shown = ", ".join(nifti[:3]) + (f" and {len(nifti) - 3} more" if len(nifti) > 3 else "")
         raise FlareSegError(
-            f"{path}: holds DICOM files and NIfTI images ({shown}) side by side; a folder is one DICOM series or a "
-            "folder of cases: move the DICOM files into a subfolder of their own (a series per subfolder)"
+            f"{path}: holds DICOM files and NIfTI images ({shown}) side by side, so it is neither one series nor a "
+            "folder of cases: give a NIfTI file itself as the input, or move the DICOM files into a subfolder of "
+            "their own (a series per subfolder)"
         )
     return True
 
@@ -286,17 +287,19 @@ def _unfinished(output: Path, output_type: str) -> str | None:
     says), else None.
 
     Our outputs are renamed into place whole, so such a file came from elsewhere (a copy cut
-    short, a placeholder). Only the header and the file's end are read, not the voxels: a
-    gzip stream's size is the one its trailer records (a single gzip member, as every
-    writer of label maps we know makes).
+    short, a placeholder). Most results are judged from their header and their last bytes:
+    a single gzip member (what flareseg, nibabel and ITK write) records its inflated size
+    in its trailer. Where that size is not the header's (several members, padding after
+    the stream, or a file cut short), the stream is inflated to its end to tell which.
     """
     try:
         size = output.stat().st_size
         if size == 0:
             return "is empty"
         if output_type == "dicom-seg":
-            with open(output, "rb") as f:
-                return None if f.read(132)[128:] == b"DICM" else "is not a DICOM file"
+            from flareseg.dicom.files import is_dicom_file
+
+            return None if is_dicom_file(output) else "is not a DICOM file"
         import nibabel as nib
 
         img = nib.load(output)
@@ -307,12 +310,27 @@ def _unfinished(output: Path, output_type: str) -> str | None:
                 f.seek(-4, os.SEEK_END)
                 stream = int.from_bytes(f.read(4), "little")  # the inflated size, modulo 2**32
             if stream != needed % 2**32:
-                return f"inflates to {stream:,} bytes where its header needs {needed % 2**32:,} (cut short?)"
+                inflated = _inflated_size(output)
+                if inflated < needed:
+                    return f"inflates to {inflated:,} bytes where its header needs {needed:,} (cut short?)"
         elif size < needed:
             return f"holds {size:,} bytes where its header needs {needed:,} (cut short?)"
+    except EOFError:
+        return "is cut short (its gzip stream ends early)"
     except Exception as exc:  # nibabel and gzip raise many types for a damaged file
         return f"is not a readable label map ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     return None
+
+
+def _inflated_size(path: Path) -> int:
+    """The bytes a gzip file inflates to, every member counted (and zero padding after them skipped)."""
+    import gzip
+
+    total = 0
+    with gzip.open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            total += len(chunk)
+    return total
 
 
 def _file_key(path: Path) -> tuple[int, int] | None:
@@ -355,6 +373,12 @@ def plan_folder(
             yield PlannedCase(path, name, output, "failed", clash, output_type)
             continue
         first_of[name] = path
+        key = _file_key(output)
+        other = input_files.get(key) if key is not None else None
+        if other is not None:  # neither a result (with or without --overwrite) nor to be written through
+            why = FlareSegError(f"{output}: refusing to overwrite the input {other} (the output leads to it)")
+            yield PlannedCase(path, name, output, "failed", why, output_type)
+            continue
         if output.is_file() and not overwrite:  # a folder in the way is refused below, not taken as done
             damage = _unfinished(output, output_type)
             if damage is not None:  # not taken for a result: the case would be counted done without one
@@ -365,10 +389,6 @@ def plan_folder(
             continue
         try:
             check_output(CaseJob(name, path, output, output_type), folder_checked=True)
-            key = _file_key(output)
-            other = input_files.get(key) if key is not None else None
-            if other is not None:
-                raise FlareSegError(f"{output}: refusing to overwrite the input {other} (the output leads to it)")
         except FlareSegError as exc:
             yield PlannedCase(path, name, output, "failed", exc, output_type)
             continue

@@ -326,8 +326,10 @@ def test_an_output_that_leads_to_another_input_of_the_run_is_refused_even_with_o
     )
     assert plan["c0"].status == "failed" and "refusing to overwrite the input" in str(plan["c0"].error)
     assert plan["c2"].status == "run"
-    # Without --overwrite they are kept, and taken for no result: the link leads to a CT, not a label map.
-    assert [p.status for p in plan_folder(cts, out)] == ["failed", "failed", "run"]
+    # Without --overwrite they are kept, and not taken for results: a link to another case's CT is none.
+    kept = {p.case: p for p in plan_folder(cts, out)}
+    assert [kept[c].status for c in ("c0", "c1", "c2")] == ["failed", "failed", "run"]
+    assert str(kept["c1"].error) == str(plan["c1"].error)
     assert cts[2].read_bytes() == b"a CT"
 
 
@@ -346,6 +348,11 @@ def test_a_folder_of_dicom_files_and_nifti_images_side_by_side_is_refused_naming
         r"case_1_0000\.nii\.gz, case_2_0000\.nii\.gz and 1 more\) side by side",
     ):
         jobs.is_series_input(folder)
+    # NIfTI names that sort before the DICOM files (more of them than the probe reads) do not hide them.
+    for i in range(10):
+        (folder / f"0case_{i}_0000.nii.gz").write_bytes(b"a CT")
+    with pytest.raises(FlareSegError, match="give a NIfTI file itself as the input, or move the DICOM files"):
+        jobs.is_series_input(folder)
 
 
 def test_same_file_sees_through_links_and_other_names_of_one_file(tmp_path):
@@ -359,13 +366,16 @@ def test_same_file_sees_through_links_and_other_names_of_one_file(tmp_path):
 
 
 def test_a_file_at_an_output_that_is_no_result_fails_its_case_instead_of_passing_for_done(tmp_path):
+    import gzip
+
     import nibabel as nib
     import numpy as np
 
-    cts = [tmp_path / "in" / f"c{i}_0000.nii.gz" for i in range(5)]
+    cts = [tmp_path / "in" / f"c{i}_0000.nii.gz" for i in range(7)]
     cts[0].parent.mkdir()
     for ct in cts:
         ct.write_bytes(b"a CT")
+    cts = cts[:5]
     out = tmp_path / "out"
     out.mkdir()
     labels = nib.Nifti1Image(np.random.default_rng(0).integers(0, 5, (40, 40, 20)).astype(np.uint8), np.eye(4))
@@ -374,9 +384,15 @@ def test_a_file_at_an_output_that_is_no_result_fails_its_case_instead_of_passing
     (out / "c1.nii.gz").write_bytes(b"")  # a placeholder
     (out / "c2.nii.gz").write_bytes(whole[:500])  # a copy cut short
     (out / "c3.nii.gz").write_bytes(b"not a label map at all")
+    raw = gzip.decompress(whole)
+    # Valid results that other writers make: several gzip members, zero padding after the stream.
+    cts += [tmp_path / "in" / f"c{i}_0000.nii.gz" for i in (5, 6)]
+    (out / "c5.nii.gz").write_bytes(gzip.compress(raw[:2000]) + gzip.compress(raw[2000:]))
+    (out / "c6.nii.gz").write_bytes(whole + bytes(64))
     plan = {p.case: p for p in plan_folder(cts, out)}
-    assert [plan[c].status for c in ("c0", "c1", "c2", "c3", "c4")] == ["skipped", "failed", "failed", "failed", "run"]
+    statuses = [plan[c].status for c in ("c0", "c1", "c2", "c3", "c4", "c5", "c6")]
+    assert statuses == ["skipped", "failed", "failed", "failed", "run", "skipped", "skipped"]
     assert str(plan["c1"].error) == f"{out / 'c1.nii.gz'}: exists but is empty; remove it to redo the case"
-    assert "exists but inflates to" in str(plan["c2"].error) and "(cut short?)" in str(plan["c2"].error)
+    assert "exists but is cut short" in str(plan["c2"].error)
     assert "exists but is not a readable label map" in str(plan["c3"].error)
     assert (out / "c1.nii.gz").read_bytes() == b""  # nothing of theirs is touched
