@@ -303,6 +303,8 @@ def _unfinished(output: Path, output_type: str) -> str | None:
         import nibabel as nib
 
         img = nib.load(output)
+        if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+            return f"is not a NIfTI image (nibabel read it as {type(img).__name__})"
         voxels = int(np.prod(img.shape)) * img.get_data_dtype().itemsize
         needed = int(img.dataobj.offset) + voxels  # the proxy's offset: a loaded header may say 0
         if output.name.endswith(".gz"):
