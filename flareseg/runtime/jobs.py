@@ -306,7 +306,8 @@ def _unfinished(output: Path, output_type: str) -> str | None:
         if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
             return f"is not a NIfTI image (nibabel read it as {type(img).__name__})"
         voxels = int(np.prod(img.shape)) * img.get_data_dtype().itemsize
-        needed = int(img.dataobj.offset) + voxels  # the proxy's offset: a loaded header may say 0
+        # The proxy's offset: a header loaded from a .nii.gz may say 0.
+        needed = int(getattr(img.dataobj, "offset", img.header.get_data_offset())) + voxels
         if output.name.endswith(".gz"):
             with open(output, "rb") as f:
                 f.seek(-4, os.SEEK_END)
