@@ -34,6 +34,11 @@ from flareseg.export.options import (
     FloatLayer,
     Quantizer,
 )
+
+# Defined in flareseg.export.options since flare-export's parser needs them without torch; kept importable here.
+from flareseg.export.options import DEFAULT_FLOAT_LADDER as DEFAULT_FLOAT_LADDER
+from flareseg.export.options import DEFAULT_MIN_AGREEMENT as DEFAULT_MIN_AGREEMENT
+from flareseg.export.options import DEFAULT_QUANTIZER as DEFAULT_QUANTIZER
 from flareseg.preprocess import network_batch, normalize_volume
 
 log = logging.getLogger(__name__)

@@ -39,7 +39,10 @@ from flareseg.export.metadata import (
     sidecar_path,
     sidecar_text,
 )
+from flareseg.export.options import DEFAULT_OPSET as DEFAULT_OPSET  # importable here as before the move
+from flareseg.export.options import MIN_OPSET as MIN_OPSET
 from flareseg.export.options import ExportOptions, LabelDType
+from flareseg.export.options import max_opset as max_opset
 from flareseg.network import FlareUNet, build_deploy_network
 from flareseg.preprocess import network_batch, normalize_volume
 
