@@ -277,3 +277,12 @@ def test_nncf_quantiser_writes_a_verified_qdq_model_that_agrees_like_the_default
     slices = _phantom_slices(seed=7, stats=info.normalization)
     ref = _torch_labels(trained_checkpoint, slices)
     assert np.mean(_ort_labels(int8.path, slices) == ref) >= INDEPENDENT_MIN_AGREEMENT
+
+
+def test_the_defaults_stay_importable_where_they_were_before_they_moved_to_options():
+    from flareseg.export import onnx_export
+
+    for name in ("DEFAULT_QUANTIZER", "DEFAULT_MIN_AGREEMENT", "DEFAULT_FLOAT_LADDER", "DEFAULT_CALIBRATION_SLICES"):
+        assert getattr(int8_module, name) is getattr(export_options, name)
+    for name in ("DEFAULT_OPSET", "MIN_OPSET", "max_opset", "ExportOptions"):
+        assert getattr(onnx_export, name) is getattr(export_options, name)
