@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from flareseg.atomic import check_writable
 from flareseg.cli import (
     add_common_arguments,
     batch_profile,
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--timing-cache",
         type=path_arg,
-        help="TensorRT timing cache: a file, or a folder to keep it in (default: beside the output)",
+        help="TensorRT timing cache: a file, or a folder to keep it in (default: beside the ONNX model)",
     )
     p.add_argument(
         "--tf32",
@@ -149,6 +150,9 @@ _EXPORT_ONLY = (
     "verify_slices",
     "opset",
     "name",
+    "calibration_slices",
+    "int8_min_agreement",
+    "quantizer",
 )
 
 
@@ -157,7 +161,7 @@ def _engine_from_onnx(args: argparse.Namespace) -> int:
     from flareseg.export.metadata import sidecar_path
     from flareseg.export.tensorrt import build_engine, engine_path_for
 
-    given = [name for name in _EXPORT_ONLY if getattr(args, name) not in (None, False)]
+    given = [name for name in _EXPORT_ONLY if getattr(args, name) is not None and getattr(args, name) is not False]
     if given:
         flag = "--" + given[0].replace("_", "-")
         raise FlareSegError(
@@ -171,6 +175,8 @@ def _engine_from_onnx(args: argparse.Namespace) -> int:
     engine = out / engine_path_for(args.checkpoint).name
     if any(p.exists() or p.is_symlink() for p in (engine, sidecar_path(engine))) and not args.overwrite:
         raise FlareSegError(f"{engine}: exists; --overwrite replaces it and its sidecar")
+    for path in (engine, sidecar_path(engine)):  # before minutes of building, not after
+        check_writable(path)
     engine = build_engine(
         args.checkpoint,
         engine,
@@ -183,9 +189,9 @@ def _engine_from_onnx(args: argparse.Namespace) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    _check_options_used(args)
-    if args.checkpoint.suffix.lower() == ".onnx":
+    if args.checkpoint.suffix.lower() == ".onnx":  # its own checks first: the export's options do not apply
         return _engine_from_onnx(args)
+    _check_options_used(args)
     if args.out is None:
         raise FlareSegError("-o/--out is required: the folder the models are written to")
     # Here, not at the top: the exporter brings torch and onnx, seconds that --help and a bad option need not wait.

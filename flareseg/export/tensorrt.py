@@ -54,10 +54,20 @@ TENSORRT_NO_INT8 = (
 )
 
 
-def rebuild_hint(engine_path: Path) -> str:
-    """How to build the engine again on this machine, from the ONNX model beside it (flare-export's layout)."""
-    onnx_path = engine_path.with_suffix(".onnx")
-    return f"rebuild it here from its ONNX model: `flare-export {onnx_path} --engine --overwrite`"
+def rebuild_hint(engine_path: Path, sidecar: dict[str, Any]) -> str:
+    """How to build the engine again on this machine: from the ONNX model its sidecar names where that is still
+    there, else the one beside it (flare-export's layout), else the command's form."""
+    built = sidecar.get("engine")
+    recorded = built.get("source_onnx") if isinstance(built, dict) else None
+    beside = engine_path.with_suffix(".onnx")
+    for source in (Path(recorded) if isinstance(recorded, str) else None, beside):
+        if source is not None and source.is_file():
+            out = "" if source.parent.resolve() == engine_path.parent.resolve() else f" -o {engine_path.parent}"
+            return f"rebuild it here from its ONNX model: `flare-export {source} --engine{out} --overwrite`"
+    return (
+        "rebuild it here from the ONNX model it was built from: "
+        f"`flare-export MODEL.onnx --engine -o {engine_path.parent} --overwrite`"
+    )
 
 
 def import_tensorrt() -> Any:
@@ -197,6 +207,7 @@ def engine_sidecar(
     source_onnx_sha256: str,
     tf32: bool = False,
     engine_sha256: str | None = None,
+    source_onnx: str | None = None,
 ) -> dict[str, Any]:
     """The JSON written beside an engine: the ONNX's metadata plus what the engine is bound to."""
     data = meta.to_dict()
@@ -213,6 +224,7 @@ def engine_sidecar(
         # False: float32 layers compute in full fp32 (the TF32 builder flag is cleared).
         "tf32": tf32,
         "source_onnx_sha256": source_onnx_sha256,
+        "source_onnx": source_onnx,  # where it was, for the command that rebuilds the engine elsewhere
         "engine_sha256": engine_sha256,
     }
     return data
@@ -228,12 +240,12 @@ def check_engine_compatibility(
     if built.get("tensorrt_version") != tensorrt_version:
         raise FlareSegError(
             f"{engine_path}: built with TensorRT {built.get('tensorrt_version')}, this machine has TensorRT "
-            f"{tensorrt_version}; {rebuild_hint(Path(engine_path))}"
+            f"{tensorrt_version}; {rebuild_hint(Path(engine_path), sidecar)}"
         )
     if built.get("compute_capability") != device.compute_capability or built.get("gpu_name") != device.name:
         raise FlareSegError(
             f"{engine_path}: built for {built.get('gpu_name')} (compute capability {built.get('compute_capability')}), "
-            f"this GPU is {device.name} ({device.compute_capability}); {rebuild_hint(Path(engine_path))}"
+            f"this GPU is {device.name} ({device.compute_capability}); {rebuild_hint(Path(engine_path), sidecar)}"
         )
 
 
@@ -297,6 +309,7 @@ def build_engine(
         device=identity,
         workspace_mib=workspace_mib,
         source_onnx_sha256=file_sha256(onnx_path),
+        source_onnx=str(onnx_path.resolve()),
         tf32=tf32,
         engine_sha256=hashlib.sha256(engine).hexdigest(),
     )
@@ -395,7 +408,7 @@ def load_engine(engine_path: str | os.PathLike[str], *, device: int | None = Non
         if recorded != hashlib.sha256(data).hexdigest():
             raise FlareSegError(
                 f"{engine_path}: its sidecar {sidecar_path(engine_path).name} describes another engine "
-                f"(SHA-256 differs); {rebuild_hint(Path(engine_path))}"
+                f"(SHA-256 differs); {rebuild_hint(Path(engine_path), sidecar)}"
             )
         engine = _tensorrt_runtime(trt).deserialize_cuda_engine(data)
     if engine is None:

@@ -751,7 +751,7 @@ def test_an_engine_built_elsewhere_is_rebuilt_here_with_the_command_its_refusal_
     with pytest.raises(FlareSegError) as refused:
         _runner(trt, engine, gpu=0).activate()
     command = str(refused.value).split("`")[1]
-    assert command == f"flare-export {model} --engine --overwrite"
+    assert command == f"flare-export {model.resolve()} --engine --overwrite"  # the ONNX its sidecar names
     trt.gpu = 0
     assert export_main(command.split()[1:]) == 0  # the very command the refusal named
     assert f"wrote {engine} (+ m_fp16.engine.json)" in capsys.readouterr().out
@@ -765,6 +765,23 @@ def test_an_engine_built_elsewhere_is_rebuilt_here_with_the_command_its_refusal_
     ]
 
 
+def test_the_rebuild_command_names_the_onnx_model_where_it_is(trt, tmp_path):
+    # The engine was built into another folder than its ONNX model's: the command must not name a missing file.
+    model = _onnx(tmp_path / "deploy" / "m_fp16.onnx", precision="fp16")
+    trt.gpu = 1
+    engine = build_engine(model, tmp_path / "engines" / "m_fp16.engine", device=1)
+    with pytest.raises(FlareSegError) as refused:
+        _runner(trt, engine, gpu=0).activate()
+    assert str(refused.value).split("`")[1] == (
+        f"flare-export {model.resolve()} --engine -o {engine.parent} --overwrite"
+    )
+    model.unlink()  # gone: the command's form, saying what to give
+    with pytest.raises(
+        FlareSegError, match=r"from the ONNX model it was built from: `flare-export MODEL\.onnx --engine -o"
+    ):
+        _runner(trt, engine, gpu=0).activate()
+
+
 def test_an_onnx_model_takes_only_the_engines_options(trt, tmp_path, capsys):
     from flareseg.export.cli import main as export_main
 
@@ -774,7 +791,10 @@ def test_an_onnx_model_takes_only_the_engines_options(trt, tmp_path, capsys):
         (str(model), "--engine", "--fp16"): "--fp16 exports a checkpoint; " + str(model) + " is exported already",
         (str(model), "--engine", "--batch", "1,2,4"): "--batch exports a checkpoint",
         (str(model), "--engine", "--opset", "18"): "--opset exports a checkpoint",
-        (str(model), "--tf32"): "--tf32 is used only with --engine",
+        (str(model), "--engine", "--opset", "0"): "--opset exports a checkpoint",
+        (str(model), "--quantizer", "nncf"): "--quantizer exports a checkpoint",
+        (str(model), "--engine", "-o", str(tmp_path / "m.onnx" / "sub")): "cannot create its folder",
+        (str(model), "--tf32"): "an ONNX model is exported already; add --engine",
         (str(tmp_path / "m.pt"),): "-o/--out is required",
     }
     for argv, message in refused.items():
