@@ -53,12 +53,14 @@ PLAN_SLICE = 512
 
 def output_arg(text: str) -> Path:
     """argparse type of -o: a path; one that ends in a separator (a folder) but is named like a result file is
-    refused, since the separator is gone once it is a Path and the name alone would make it a file."""
+    refused unless that folder exists, since the separator is gone once it is a Path and the name alone would
+    make it a file."""
     path = path_arg(text)
-    if text.endswith(("/", os.sep)) and path.name.lower().endswith((".nii", ".nii.gz", ".dcm")):
+    named_like_a_file = path.name.lower().endswith((".nii", ".nii.gz", ".dcm"))
+    if text.endswith(("/", os.sep)) and named_like_a_file and not path.is_dir():
         raise argparse.ArgumentTypeError(
-            f"{text}: ends in {text[-1]} (a folder) but is named like a result file; drop the {text[-1]} to write "
-            "that file, or give the folder another name"
+            f"{text}: ends in {text[-1]} (a folder) but is named like a result file, and no such folder exists; "
+            f"give the folder another name (or, for one input, drop the {text[-1]} to name the file)"
         )
     return path
 
@@ -429,6 +431,11 @@ def _run(
     check_timings(timings_path, inputs)
     idle_mb = _check_memory_budget(args, backend, cuda, device)
     if target is not None and target.is_file() and not args.overwrite:
+        from flareseg.runtime.jobs import unfinished_result
+
+        damage = unfinished_result(target, args.output_type)
+        if damage is not None:  # as in a folder: no result, so not kept as one
+            raise FlareSegError(f"{target}: exists but {damage}; remove it to redo the case, or --overwrite")
         # As in a folder: a result already there is kept, never replaced unasked (it may be another file).
         kept = FolderSummary(cases=1, segmented=0, skipped=1, failed=0, wall_s=0.0)
         say(f"{_tally(kept, 1)}; {target} exists, kept (--overwrite to redo it)")

@@ -282,7 +282,7 @@ class PlannedCase:
         return CaseJob(self.case, self.input, self.output, self.output_type)
 
 
-def _unfinished(output: Path, output_type: str) -> str | None:
+def unfinished_result(output: Path, output_type: str) -> str | None:
     """Why a file at a case's output is no result (empty, a header that does not read, fewer bytes than its header
     says), else None.
 
@@ -383,7 +383,7 @@ def plan_folder(
             yield PlannedCase(path, name, output, "failed", why, output_type)
             continue
         if output.is_file() and not overwrite:  # a folder in the way is refused below, not taken as done
-            damage = _unfinished(output, output_type)
+            damage = unfinished_result(output, output_type)
             if damage is not None:  # not taken for a result: the case would be counted done without one
                 why = FlareSegError(f"{output}: exists but {damage}; remove it to redo the case")
                 yield PlannedCase(path, name, output, "failed", why, output_type)
@@ -414,4 +414,5 @@ __all__ = [
     "output_name",
     "output_suffix",
     "plan_folder",
+    "unfinished_result",
 ]

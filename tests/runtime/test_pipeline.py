@@ -847,3 +847,23 @@ def test_the_api_keeps_an_existing_file_unless_told_and_takes_paths_as_text(trai
         (done,) = segment_folder(runner, [str(ct)], str(tmp_path / "out"), batch_size=4)  # text, not Path
     assert nib.load(other).get_data_dtype() == np.uint8
     assert done.status == "ok" and (tmp_path / "out" / "c0.nii.gz").is_file()
+
+
+def test_a_single_cases_damaged_result_is_not_kept_as_done(trained_checkpoint, tmp_path, capsys):
+    (ct,) = _folder(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "c0.nii.gz").write_bytes(b"")  # a placeholder, not a result
+    argv = ["--model", str(trained_checkpoint), "-i", str(ct), "-o", str(out), "-q"]
+    assert infer_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == f"flare-infer: error: {out / 'c0.nii.gz'}: exists but is empty; remove it to redo the case, or --overwrite"
+    )
+    assert infer_main([*argv, "--overwrite"]) == 0 and nib.load(out / "c0.nii.gz").shape == (48, 48, 6)
+    # A folder that exists, named like a result file: -o with a trailing / writes into it.
+    named = tmp_path / "res.nii.gz"
+    named.mkdir()
+    assert infer_main(["--model", str(trained_checkpoint), "-i", str(ct), "-o", f"{named}/", "-q"]) == 0
+    assert (named / "c0.nii.gz").is_file()
