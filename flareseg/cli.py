@@ -49,6 +49,22 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class BarAwareHandler(logging.StreamHandler):
+    """Log lines that make room for a progress bar: written with ``tqdm.write``, which lifts the bars on the
+    stream, prints the line and draws them again, rather than the line landing on the bar's."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
 def run_command(
     parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int], argv: Sequence[str] | None = None
 ) -> int:
@@ -59,7 +75,9 @@ def run_command(
     # Our own messages at the chosen level; third-party libraries (onnxscript, torch) only warnings.
     root = logging.getLogger()
     theirs = [h for h in root.handlers if not getattr(h, "_flareseg", False)]  # an embedding program's: untouched
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    ours = BarAwareHandler(sys.stderr)
+    ours.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[ours])
     logging.getLogger("flareseg").setLevel(level)
     # nibabel logs a header fault it cannot fix at ERROR, then raises; pydicom's decoders log each
     # failure's traceback at ERROR, then raise. Our one-line error says it, naming the file.

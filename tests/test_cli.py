@@ -258,3 +258,30 @@ def test_every_commands_help_imports_neither_torch_nor_onnx():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["[]"]
+
+
+def test_a_log_line_during_a_progress_bar_gets_a_line_of_its_own():
+    # The export's INFO lines once landed on its bar's line ("...| 0/4 [...]INFO flareseg...").
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    from flareseg.cli import BarAwareHandler
+
+    stream = io.StringIO()
+    handler = BarAwareHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    log = logging.getLogger("flareseg.test_bar")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        with tqdm(total=4, desc="flare-export", file=stream, disable=False) as bar:
+            bar.update()
+            log.warning("exporting m.pt")
+            bar.update()
+    finally:
+        log.removeHandler(handler)
+        log.propagate = True
+    lines = stream.getvalue().replace("\r", "\n").splitlines()
+    assert "WARNING flareseg.test_bar: exporting m.pt" in lines  # whole, not glued to the bar

@@ -232,7 +232,9 @@ def prepare_models(cfg: BenchPlan | CheckPlan, work: Path) -> dict[str, Path]:
             int8_float_ladder=DEFAULT_FLOAT_LADDER[:1] if random_weights else DEFAULT_FLOAT_LADDER,
         )
         # Its own name: replacing an earlier flare-bench's set never touches a deploy set kept in the same folder.
-        exported = export_onnx(models["checkpoint"], work, options, overwrite=True)
+        # The export's bar goes with the info lines: `flare-bench -q` shows neither.
+        progress = logging.getLogger("flareseg").isEnabledFor(logging.INFO)
+        exported = export_onnx(models["checkpoint"], work, options, overwrite=True, progress=progress)
         for item in exported:
             models[f"onnx-{item.metadata.precision}"] = item.path
     if "torch" in kinds and "checkpoint" not in models:
