@@ -131,10 +131,14 @@ def tensorrt_engine_cache(model: str | os.PathLike[str]) -> Path:
     root = tensorrt_cache_dir(model)
     here = root / file_sha256(model)[:16]
     here.mkdir(parents=True, exist_ok=True)
-    for old in root.iterdir():
-        if old != here and old.is_dir() and not old.is_symlink():
-            log.info("%s: removing the TensorRT engines of an earlier model of this name", old)
+    for old in root.iterdir():  # other contents' folders, and engines the one-folder layout left at the top
+        if old == here:
+            continue
+        log.info("%s: removing the TensorRT engines of an earlier model of this name", old)
+        if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
     return here
 
 

@@ -177,7 +177,10 @@ def test_a_model_replaced_under_its_name_never_meets_the_old_models_engines(tmp_
     # ONNX Runtime keys its cached engines by file name, tensor names and versions, not the
     # weights: a re-export with new weights must not find the old engine.
     model = _metadata_only_onnx(tmp_path / "m.onnx")
+    tensorrt_cache_dir(model).mkdir()
+    (tensorrt_cache_dir(model) / "TensorrtExecutionProvider_old.engine").write_bytes(b"of the one-folder layout")
     first = tensorrt_engine_cache(model)
+    assert [p.name for p in tensorrt_cache_dir(model).iterdir()] == [first.name]  # the unkeyed engine removed
     (first / "engine.trt").write_bytes(b"built for the old weights")
     assert tensorrt_engine_cache(model) == first and (first / "engine.trt").exists()  # same content: kept
     model.write_bytes(model.read_bytes() + b"\0")  # new content, same name
