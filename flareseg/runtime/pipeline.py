@@ -260,7 +260,7 @@ def run_cases(
     runner: Runner,
     jobs: Sequence[CaseJob],
     *,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     postprocess: bool = True,
     raise_errors: bool = False,
     on_case: Callable[[CaseTiming], None] | None = None,
@@ -274,6 +274,8 @@ def run_cases(
 ) -> list[CaseTiming]:
     """Run ``jobs`` through the read / infer / write pipeline; timings in job order.
 
+    ``batch_size``: slices per batch; None: the runner's preferred batch (a TensorRT
+    engine's profile opt), else :data:`DEFAULT_BATCH`.
     The runner is activated here if it is not yet, after the first read has started,
     so that model loading overlaps it (and with ``warm_up``, one batch of zeros, so that
     the backend's first-batch set-up overlaps it too); the caller deactivates it. An
@@ -329,7 +331,7 @@ def run_cases(
                 mark("first_read")
             shape = read.volume.array.shape
             streaming = StreamingPostprocessor(shape) if postprocess and overlap_postprocess else None
-            labels = _infer_stage(runner, read, timing, batch_size, progress, options, streaming)
+            labels = _infer_stage(runner, read, timing, batch, progress, options, streaming)
             if i == 0:
                 mark("first_inferred")
         except Exception as exc:  # in a folder, any case's failure is that case's alone
@@ -348,8 +350,10 @@ def run_cases(
         upcoming: Future[Read] | None = reads.submit(jobs[0].input, jobs[0].output_type)
         runner.activate()  # no-op when already active; otherwise overlaps the first read
         mark("activated")
+        # Known once active (an engine's profile is read on loading); the stages below use it.
+        batch = batch_size if batch_size is not None else (runner.preferred_batch or DEFAULT_BATCH)
         if warm_up:
-            runner.warm_up(batch_size)
+            runner.warm_up(batch)
             mark("warmed_up")
         for i, job in enumerate(jobs):
             timing = CaseTiming.of(job)
@@ -387,13 +391,17 @@ def _done(value: tuple[float, float, float]) -> Future[tuple[float, float, float
     return fut
 
 
+#: Slices per batch where neither the caller nor the runner says (flare-infer's CUDA default).
+DEFAULT_BATCH = 8
+
+
 class RunOptions(TypedDict, total=False):
     """How cases run: the keyword options of :func:`run_cases`, which also documents them.
 
     :func:`segment_file` and :func:`segment_folder` pass them on unchanged.
     """
 
-    batch_size: int
+    batch_size: int | None
     postprocess: bool
     progress: Callable[[int], None] | None
     infer_options: dict[str, Any] | None

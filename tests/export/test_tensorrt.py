@@ -574,6 +574,7 @@ def test_flare_infers_default_batch_for_an_engine_is_its_profiles_opt(trt, tmp_p
     assert engine_batch(engine) == profile[1]
     with _runner(trt, engine) as runner:
         assert runner.min_batch <= engine_batch(engine) <= runner.max_batch
+        assert runner.preferred_batch == profile[1]  # the API's default batch for this runner
     sidecar_path(engine).unlink()
     with pytest.raises(FlareSegError, match=r"its sidecar m\.engine\.json is missing"):
         engine_batch(engine)

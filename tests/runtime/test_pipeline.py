@@ -867,3 +867,26 @@ def test_a_single_cases_damaged_result_is_not_kept_as_done(trained_checkpoint, t
     named.mkdir()
     assert infer_main(["--model", str(trained_checkpoint), "-i", str(ct), "-o", f"{named}/", "-q"]) == 0
     assert (named / "c0.nii.gz").is_file()
+
+
+# (None, None, 6): the default batch, 8, takes all 6 slices at once.
+@pytest.mark.parametrize(("preferred", "given", "expected"), [(3, None, 3), (None, None, 6), (3, 2, 2)])
+def test_without_a_batch_size_the_runner_chooses_its_preferred_batch(
+    trained_checkpoint, tmp_path, preferred, given, expected
+):
+    # An engine's profile opt (preferred_batch): the API's fixed default (8) lay outside some engines' profiles.
+    net, info, _ = load_model(trained_checkpoint)
+    sizes: list[int] = []
+
+    def fn(batch: torch.Tensor) -> torch.Tensor:
+        sizes.append(int(batch.shape[0]))
+        with torch.inference_mode():
+            return net(batch)
+
+    (ct,) = _folder(tmp_path / "in", 1)  # 6 slices
+    runner = FunctionRunner(fn, info)
+    runner.preferred_batch = preferred  # as a TensorRT runner sets it on activation
+    options = {} if given is None else {"batch_size": given}
+    with runner:
+        segment_file(runner, ct, tmp_path / "o.nii.gz", **options)
+    assert max(sizes) == expected and sum(sizes) == 6

@@ -40,6 +40,8 @@ class Runner(ABC):
     max_batch: int | None = None
     #: Smallest batch the model accepts (an engine's profile); None when any batch goes.
     min_batch: int | None = None
+    #: The batch the model was built for (an engine's profile opt), the default where none is given; None: any.
+    preferred_batch: int | None = None
 
     def __init__(self) -> None:
         self._active = False

@@ -84,6 +84,8 @@ class TensorRTRunner(Runner):
             self.min_batch, self.max_batch = _batch_range(
                 self.engine, self._in, (self.input_channels, *self.info.slice_size), self.path
             )
+            opt = self.meta.batch_profile[1]  # the sidecar's; kept inside the engine's own range
+            self.preferred_batch = min(max(opt, self.min_batch), self.max_batch)
             self.context = self.engine.create_execution_context()
             if self.context is None:
                 raise FlareSegError(f"{self.path}: TensorRT could not create an execution context (GPU memory?)")
