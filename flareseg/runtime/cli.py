@@ -579,12 +579,13 @@ def _save_timings(
 
     When nothing ran (every case already done), an earlier run's timings stay as they are.
     """
-    from flareseg.runtime.pipeline import write_timings
+    from flareseg.runtime.pipeline import earlier_cases, write_timings
 
     if summary.segmented == summary.failed == 0:
         return True, "no timings (nothing ran)"
     try:
-        write_timings(results, path, context, summary, startup)
+        # A resumed run keeps the measurements of the cases an earlier run did (they are skipped now).
+        write_timings(results, path, context, summary, startup, earlier=earlier_cases(path))
     except FlareSegError as exc:  # the label maps are written: say so, then what went wrong
         log.error("%s", exc)
         return False, "timings not written"

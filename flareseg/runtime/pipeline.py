@@ -20,7 +20,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -484,15 +484,47 @@ def summarize(results: Sequence[CaseTiming], wall_s: float) -> FolderSummary:
     )
 
 
+def earlier_cases(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """The measured cases of the timings file at ``path``, by case name (those it kept from runs before it too);
+    empty where there is no such file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    cases = data.get("cases") if isinstance(data, dict) else None
+    found: dict[str, dict[str, Any]] = {}
+    for case in cases if isinstance(cases, list) else []:
+        if not isinstance(case, dict) or not isinstance(case.get("case"), str):
+            continue
+        if case.get("status") == "ok":
+            found[case["case"]] = case
+        elif isinstance(case.get("earlier_run"), dict):
+            found[case["case"]] = case["earlier_run"]
+    return found
+
+
 def write_timings(
     results: Sequence[CaseTiming],
     path: str | os.PathLike[str],
     context: dict[str, Any],
     summary: FolderSummary | None = None,
     startup: dict[str, Any] | None = None,
+    earlier: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
-    """Per-case timings, the run's summary, its start-up timeline and context (runner, batch, machine) as JSON."""
-    data: dict[str, Any] = {"context": context, "cases": [r.to_dict() for r in results]}
+    """Per-case timings, the run's summary, its start-up timeline and context (runner, batch, machine) as JSON.
+
+    ``earlier``: measured cases of an earlier run (:func:`earlier_cases`); a case this run
+    skipped as done keeps its measurement under ``earlier_run``, so a resumed run's file
+    still holds every case's timings.
+    """
+    earlier = earlier or {}
+    cases = [
+        {**r.to_dict(), "earlier_run": dict(earlier[r.case])}
+        if r.status == "skipped" and r.case in earlier
+        else r.to_dict()
+        for r in results
+    ]
+    data: dict[str, Any] = {"context": context, "cases": cases}
     if summary is not None:
         data["summary"] = summary.to_dict()
     if startup is not None:
@@ -506,6 +538,7 @@ __all__ = [
     "CaseTiming",
     "FolderSummary",
     "RunOptions",
+    "earlier_cases",
     "list_cases",
     "list_inputs",
     "output_name",

@@ -682,6 +682,27 @@ def test_a_single_case_keeps_an_existing_output_unless_told_to_overwrite(trained
     assert nib.load(other).get_data_dtype() == np.uint8 and nib.load(other).shape == (48, 48, 6)
 
 
+def test_a_resumed_run_keeps_the_timings_of_the_cases_an_earlier_run_did(trained_checkpoint, tmp_path, capsys):
+    cts = _folder(tmp_path / "in", 3)
+    cts[2].rename(tmp_path / "later_0000.nii.gz")  # the third case arrives after the first run
+    out = tmp_path / "out"
+    argv = ["--model", str(trained_checkpoint), "-i", str(tmp_path / "in"), "-o", str(out), "-q"]
+    assert infer_main(argv) == 0
+    first = {c["case"]: c for c in json.loads((out / "timings.json").read_text())["cases"]}
+    (tmp_path / "later_0000.nii.gz").rename(cts[2])
+    assert infer_main(argv) == 0
+    cases = {c["case"]: c for c in json.loads((out / "timings.json").read_text())["cases"]}
+    assert [cases[c]["status"] for c in ("c0", "c1", "c2")] == ["skipped", "skipped", "ok"]
+    for c in ("c0", "c1"):  # measured by the first run, kept
+        assert cases[c]["earlier_run"] == first[c] and cases[c]["earlier_run"]["infer_s"] > 0
+    assert "earlier_run" not in cases["c2"] and cases["c2"]["infer_s"] > 0
+    # A third run that redoes c2 only keeps c0 and c1 from the first run still.
+    (out / "c2.nii.gz").unlink()
+    assert infer_main(argv) == 0
+    again = {c["case"]: c for c in json.loads((out / "timings.json").read_text())["cases"]}
+    assert again["c0"]["earlier_run"] == first["c0"] and again["c2"]["status"] == "ok"
+
+
 def test_a_rerun_with_nothing_to_do_keeps_the_timings_of_the_run_that_did_it(trained_checkpoint, tmp_path, capsys):
     _folder(tmp_path / "in", 2)
     out = tmp_path / "out"
