@@ -12,6 +12,7 @@ import contextlib
 import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 _STOP = {signal.SIGINT, signal.SIGTERM}
@@ -70,6 +71,24 @@ def loader_worker_signals(_worker_id: int = 0) -> None:
     killed would make the loader raise a worker-crash error over the stop; the training process unwinds and ends
     its loader, whose workers then exit (they also exit when the training process is gone)."""
     _worker_signals(sigterm=signal.SIG_IGN)
+    _parent_gone_quiet()
+
+
+def _parent_gone_quiet() -> None:
+    """In a loader worker: drop the traceback of multiprocessing's resource-sharing thread when the training
+    process, which fetches the batches' file descriptors from it, has gone (stopped by SIGTERM, say): the
+    connection resets, and the traceback would follow the command's one line on the shared stderr."""
+    import traceback
+
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        gone = args.exc_type is not None and issubclass(args.exc_type, ConnectionError | EOFError)
+        frames = traceback.extract_tb(args.exc_traceback) if gone else []
+        if not any(Path(f.filename).name == "resource_sharer.py" for f in frames):
+            previous(args)
+
+    threading.excepthook = hook
 
 
 def _worker_signals(sigterm: signal.Handlers) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -75,3 +77,23 @@ def test_a_cancelled_futures_error_of_the_pool_manager_thread_is_dropped_and_oth
     finally:
         threading.excepthook = before
     assert restored is not before and restored.__name__ == "<lambda>"  # our stand-in hook is back after the block
+
+
+def test_a_loader_worker_drops_the_resource_sharers_traceback_once_the_parent_is_gone():
+    # The training process stopped by SIGTERM: the worker's fd-sharing thread finds its connection reset, and its
+    # traceback once followed "flare-train: terminated". Any other thread error is still shown.
+    code = (
+        "import threading\n"
+        "from flareseg.workers import _parent_gone_quiet\n"
+        "_parent_gone_quiet()\n"
+        "sharer = compile('def _serve():\\n    raise ConnectionResetError(104, \"reset by peer\")\\n',\n"
+        "                 '/usr/lib/python3/multiprocessing/resource_sharer.py', 'exec')\n"
+        "ns = {}\n"
+        "exec(sharer, ns)\n"
+        "for target in (ns['_serve'], lambda: 1 / 0):\n"
+        "    t = threading.Thread(target=target)\n"
+        "    t.start()\n"
+        "    t.join()\n"
+    )
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert "ZeroDivisionError" in err and "ConnectionResetError" not in err and "resource_sharer" not in err

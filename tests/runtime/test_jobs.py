@@ -21,12 +21,18 @@ def _done(path):
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 2), np.uint8), np.eye(4)), path)
 
 
+def _cts(folder, n):
+    """``c0_0000.nii.gz``... in ``folder``: files the plan does not read."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"c{i}_0000.nii.gz" for i in range(n)]
+    for p in paths:
+        p.write_bytes(b"a CT, not read by the plan")
+    return paths
+
+
 def _inputs(tmp_path):
     folder = tmp_path / "in"
-    folder.mkdir()
-    paths = [folder / f"c{i}_0000.nii.gz" for i in range(4)]
-    for p in paths:
-        p.write_bytes(b"not read by the plan")
+    paths = _cts(folder, 4)
     empty_series = folder / "series"
     empty_series.mkdir()  # a folder input without DICOM files: its name cannot be read
     return [*paths, empty_series]
@@ -309,11 +315,7 @@ def test_a_result_named_beside_its_input_fails_alone_and_the_input_runs(tmp_path
 
 def test_an_output_that_leads_to_another_input_of_the_run_is_refused_even_with_overwrite(tmp_path):
     # A link in the output folder to another case's CT: the writer would follow it and replace that CT.
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    cts = [inputs / f"c{i}_0000.nii.gz" for i in range(3)]
-    for ct in cts:
-        ct.write_bytes(b"a CT")
+    cts = _cts(tmp_path / "in", 3)
     out = tmp_path / "out"
     out.mkdir()
     (out / "c1.nii.gz").symlink_to(cts[2])
@@ -330,7 +332,7 @@ def test_an_output_that_leads_to_another_input_of_the_run_is_refused_even_with_o
     kept = {p.case: p for p in plan_folder(cts, out)}
     assert [kept[c].status for c in ("c0", "c1", "c2")] == ["failed", "failed", "run"]
     assert str(kept["c1"].error) == str(plan["c1"].error)
-    assert cts[2].read_bytes() == b"a CT"
+    assert cts[2].read_bytes() == b"a CT, not read by the plan"
 
 
 def test_a_folder_of_dicom_files_and_nifti_images_side_by_side_is_refused_naming_both(tmp_path):
@@ -371,11 +373,7 @@ def test_a_file_at_an_output_that_is_no_result_fails_its_case_instead_of_passing
     import nibabel as nib
     import numpy as np
 
-    cts = [tmp_path / "in" / f"c{i}_0000.nii.gz" for i in range(7)]
-    cts[0].parent.mkdir()
-    for ct in cts:
-        ct.write_bytes(b"a CT")
-    cts = cts[:5]
+    cts = _cts(tmp_path / "in", 7)[:5]
     out = tmp_path / "out"
     out.mkdir()
     labels = nib.Nifti1Image(np.random.default_rng(0).integers(0, 5, (40, 40, 20)).astype(np.uint8), np.eye(4))

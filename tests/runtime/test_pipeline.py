@@ -663,10 +663,11 @@ def test_a_damaged_checkpoint_is_one_short_line_naming_the_problem(tmp_path, cap
 def test_a_single_case_keeps_an_existing_output_unless_told_to_overwrite(trained_checkpoint, tmp_path, capsys):
     (ct,) = _folder(tmp_path / "in", 1)
     other = tmp_path / "other_0000.nii.gz"
-    other.write_bytes(b"another patient's CT")
+    save(make_phantom((40, 40, 5), (8.0, 8.0, 10.0), seed=9).to_nifti()[0], other)  # another patient's CT
+    theirs = other.read_bytes()
     argv = ["--model", str(trained_checkpoint), "-i", str(ct), "-o", str(other), "-q"]
     assert infer_main(argv) == 0
-    assert other.read_bytes() == b"another patient's CT"
+    assert other.read_bytes() == theirs
     assert f"0 segmented, 1 skipped (already done), 0 failed of 1; {other} exists, kept" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "other_0000.nii.gz"]  # no timings either
     from flareseg.runtime import cli
