@@ -491,7 +491,7 @@ def _run(
     try:
         # The bar only on a terminal (None: tqdm asks): a log file or a pipe gets the per-case lines alone.
         with tqdm(desc="slices", unit="slice", disable=True if args.quiet else None, leave=False) as bar:
-            # Slices are counted as they are read, so the bar has no total; a folder's case count stands beside it.
+            # Slices are counted as inferred, cases read one by one: no total; a folder's case count stands beside it.
             if target is None:
                 bar.set_postfix_str(f"0/{len(inputs)} cases")
 

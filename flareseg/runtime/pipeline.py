@@ -316,6 +316,14 @@ def run_cases(
 
     writer = ThreadPoolExecutor(1, thread_name_prefix="flareseg-write")
 
+    def tick(slices: int) -> None:
+        """Progress of the case on the device; and the case before it, once written, is settled and said now,
+        not when this one's inference ends (its line and the case count once lagged a whole case behind)."""
+        if progress is not None:
+            progress(slices)
+        while writes and writes[0][1].done():
+            settle(*writes.popleft())
+
     def on_device(
         i: int, job: CaseJob, timing: CaseTiming, current: Future[Read]
     ) -> Future[tuple[float, float, float]]:
@@ -331,7 +339,7 @@ def run_cases(
                 mark("first_read")
             shape = read.volume.array.shape
             streaming = StreamingPostprocessor(shape) if postprocess and overlap_postprocess else None
-            labels = _infer_stage(runner, read, timing, batch, progress, options, streaming)
+            labels = _infer_stage(runner, read, timing, batch, tick, options, streaming)
             if i == 0:
                 mark("first_inferred")
         except Exception as exc:  # in a folder, any case's failure is that case's alone

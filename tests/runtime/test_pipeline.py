@@ -912,3 +912,25 @@ def test_without_a_batch_size_the_runner_chooses_its_preferred_batch(
     with runner:
         segment_file(runner, ct, tmp_path / "o.nii.gz", **options)
     assert max(sizes) == expected and sum(sizes) == 6
+
+
+def test_a_cases_line_comes_once_it_is_written_not_after_the_next_cases_inference(trained_checkpoint, tmp_path):
+    # The case line and the bar's case count once lagged a whole case behind the writes.
+    net, info, _ = load_model(trained_checkpoint)
+    events: list[str] = []
+    cts = _folder(tmp_path / "in", 2)
+
+    def fn(batch: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.3)  # a slow device: c0's write ends while c1 is still being inferred
+        events.append("batch")
+        with torch.inference_mode():
+            return net(batch)
+
+    with FunctionRunner(fn, info) as runner:
+        done = segment_folder(
+            runner, cts, tmp_path / "out", batch_size=1, on_case=lambda t: events.append(f"said {t.case}")
+        )
+    assert [t.status for t in done] == ["ok", "ok"]
+    c0 = events.index("said c0")
+    assert "batch" in events[c0 : events.index("said c1")]  # c0 said while c1 was still on the device
+    assert events.count("batch") == 12 and events[-1] == "said c1"
