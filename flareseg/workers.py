@@ -9,10 +9,14 @@ worker crash.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 _STOP = {signal.SIGINT, signal.SIGTERM}
@@ -77,18 +81,32 @@ def loader_worker_signals(_worker_id: int = 0) -> None:
 def _parent_gone_quiet() -> None:
     """In a loader worker: drop the traceback of multiprocessing's resource-sharing thread when the training
     process, which fetches the batches' file descriptors from it, has gone (stopped by SIGTERM, say): the
-    connection resets, and the traceback would follow the command's one line on the shared stderr."""
+    connection resets, and the traceback would follow the command's one line on the shared stderr. That thread
+    catches its errors itself and hands them to ``sys.excepthook``; with the parent still there, they are shown."""
     import traceback
 
-    previous = threading.excepthook
+    parent = os.getppid()
+    previous = sys.excepthook
 
-    def hook(args: threading.ExceptHookArgs) -> None:
-        gone = args.exc_type is not None and issubclass(args.exc_type, ConnectionError | EOFError)
-        frames = traceback.extract_tb(args.exc_traceback) if gone else []
-        if not any(Path(f.filename).name == "resource_sharer.py" for f in frames):
-            previous(args)
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        if issubclass(exc_type, ConnectionError | EOFError):
+            sharer = any(Path(f.filename).name == "resource_sharer.py" for f in traceback.extract_tb(tb))
+            if sharer and _parent_gone(parent):
+                return
+        previous(exc_type, exc, tb)
 
-    threading.excepthook = hook
+    sys.excepthook = hook
+
+
+def _parent_gone(parent: int, wait_s: float = 1.0) -> bool:
+    """Whether this process's parent has exited: it is re-parented then, a moment after the parent's sockets
+    closed (which is what reset the connection), hence the short wait."""
+    deadline = time.monotonic() + wait_s
+    while os.getppid() == parent:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def _worker_signals(sigterm: signal.Handlers) -> None:

@@ -359,7 +359,7 @@ def run_cases(
         runner.activate()  # no-op when already active; otherwise overlaps the first read
         mark("activated")
         # Known once active (an engine's profile is read on loading); the stages below use it.
-        batch = batch_size if batch_size is not None else (runner.preferred_batch or DEFAULT_BATCH)
+        batch = batch_size if batch_size is not None else default_batch(runner)
         if warm_up:
             runner.warm_up(batch)
             mark("warmed_up")
@@ -401,6 +401,15 @@ def _done(value: tuple[float, float, float]) -> Future[tuple[float, float, float
 
 #: Slices per batch where neither the caller nor the runner says (flare-infer's CUDA default).
 DEFAULT_BATCH = 8
+
+
+def default_batch(runner: Runner) -> int:
+    """The batch where the caller gives none: the runner's preferred one (an engine's profile opt, a CUDA graph's
+    batch), else :data:`DEFAULT_BATCH`; always within the batches the runner takes."""
+    batch = runner.preferred_batch or DEFAULT_BATCH
+    if runner.max_batch is not None:
+        batch = min(batch, runner.max_batch)
+    return max(batch, runner.min_batch or 1)
 
 
 class RunOptions(TypedDict, total=False):

@@ -934,3 +934,25 @@ def test_a_cases_line_comes_once_it_is_written_not_after_the_next_cases_inferenc
     c0 = events.index("said c0")
     assert "batch" in events[c0 : events.index("said c1")]  # c0 said while c1 was still on the device
     assert events.count("batch") == 12 and events[-1] == "said c1"
+
+
+def test_the_default_batch_stays_within_the_batches_a_runner_takes(trained_checkpoint, tmp_path):
+    from flareseg.runtime.pipeline import default_batch
+
+    net, info, _ = load_model(trained_checkpoint)
+    sizes: list[int] = []
+
+    def fn(batch: torch.Tensor) -> torch.Tensor:
+        sizes.append(int(batch.shape[0]))
+        with torch.inference_mode():
+            return net(batch)
+
+    runner = FunctionRunner(fn, info)
+    runner.max_batch = 4  # a model that takes at most 4 slices: the default 8 would be refused
+    assert default_batch(runner) == 4
+    (ct,) = _folder(tmp_path / "in", 1)
+    with runner:
+        assert segment_file(runner, ct, tmp_path / "o.nii.gz").status == "ok"
+    assert sizes == [4, 2]
+    runner.max_batch, runner.min_batch, runner.preferred_batch = None, 16, 3
+    assert default_batch(runner) == 16

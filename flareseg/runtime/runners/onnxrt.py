@@ -248,6 +248,8 @@ class OnnxRuntimeRunner(Runner):
         if self.provider == "tensorrt":
             _preload_tensorrt()
         self.session = ort.InferenceSession(str(self.path), opts, providers=self._providers(available))
+        if self.provider == "tensorrt":  # its engine is built over the model's profile, tuned at its opt
+            self.preferred_batch = self.meta.batch_profile[1]
         running = self.session.get_providers()
         if not running or running[0] != wanted:
             where = (

@@ -37,6 +37,7 @@ class TorchRunner(Runner):
         self.precision = precision
         self.channels_last = channels_last
         self.cuda_graph_batch = cuda_graph_batch
+        self.preferred_batch = cuda_graph_batch  # the batch the graph is captured at
         self.fold_input = fold_input
         self.output_kind = "logits"
         self._dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
