@@ -54,6 +54,8 @@ class BarAwareHandler(logging.StreamHandler):
     stream, prints the line and draws them again, rather than the line landing on the bar's."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is None:  # started with stderr closed: dropped, as a plain handler drops them (not stdout)
+            return
         try:
             from tqdm import tqdm
 

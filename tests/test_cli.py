@@ -285,3 +285,19 @@ def test_a_log_line_during_a_progress_bar_gets_a_line_of_its_own():
         log.propagate = True
     lines = stream.getvalue().replace("\r", "\n").splitlines()
     assert "WARNING flareseg.test_bar: exporting m.pt" in lines  # whole, not glued to the bar
+
+
+def test_with_stderr_closed_log_lines_are_dropped_not_sent_to_stdout():
+    import io
+    import logging
+
+    from flareseg.cli import BarAwareHandler
+
+    handler = BarAwareHandler(io.StringIO())
+    handler.stream = None  # as StreamHandler(sys.stderr) is made when a process starts with stderr closed
+    stdout = io.StringIO()
+    import contextlib
+
+    with contextlib.redirect_stdout(stdout):
+        handler.emit(logging.LogRecord("flareseg.x", logging.ERROR, __file__, 1, "a failed case", None, None))
+    assert stdout.getvalue() == ""
