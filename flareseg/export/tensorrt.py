@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from shlex import quote
 from typing import Any
 
 from flareseg.atomic import atomic_outputs, write_bytes_atomic
@@ -55,18 +56,25 @@ TENSORRT_NO_INT8 = (
 
 
 def rebuild_hint(engine_path: Path, sidecar: dict[str, Any]) -> str:
-    """How to build the engine again on this machine: from the ONNX model its sidecar names where that is still
-    there, else the one beside it (flare-export's layout), else the command's form."""
-    built = sidecar.get("engine")
-    recorded = built.get("source_onnx") if isinstance(built, dict) else None
-    beside = engine_path.with_suffix(".onnx")
-    for source in (Path(recorded) if isinstance(recorded, str) else None, beside):
-        if source is not None and source.is_file():
-            out = "" if source.parent.resolve() == engine_path.parent.resolve() else f" -o {engine_path.parent}"
-            return f"rebuild it here from its ONNX model: `flare-export {source} --engine{out} --overwrite`"
+    """How to build the engine again on this machine, as a command to paste: from the ONNX model it was built
+    from (the one beside it, flare-export's layout, or the one its sidecar names; either only while its SHA-256
+    is still the sidecar's), else the command's form."""
+    engine = sidecar.get("engine")
+    built: dict[str, Any] = engine if isinstance(engine, dict) else {}
+    recorded = built.get("source_onnx")
+    for source in (engine_path.with_suffix(".onnx"), Path(recorded) if isinstance(recorded, str) else None):
+        if source is not None and source.is_file() and file_sha256(source) == built.get("source_onnx_sha256"):
+            out = (
+                ""
+                if source.parent.resolve() == engine_path.parent.resolve()
+                else f" -o {quote(str(engine_path.parent))}"
+            )
+            named = "" if source.stem == engine_path.stem else f" (it writes {source.stem}.engine there)"
+            command = f"flare-export {quote(str(source))} --engine{out} --overwrite"
+            return f"rebuild it here from its ONNX model: `{command}`{named}"
     return (
         "rebuild it here from the ONNX model it was built from: "
-        f"`flare-export MODEL.onnx --engine -o {engine_path.parent} --overwrite`"
+        f"`flare-export MODEL.onnx --engine -o {quote(str(engine_path.parent))} --overwrite`"
     )
 
 

@@ -766,17 +766,32 @@ def test_an_engine_built_elsewhere_is_rebuilt_here_with_the_command_its_refusal_
     ]
 
 
-def test_the_rebuild_command_names_the_onnx_model_where_it_is(trt, tmp_path):
-    # The engine was built into another folder than its ONNX model's: the command must not name a missing file.
-    model = _onnx(tmp_path / "deploy" / "m_fp16.onnx", precision="fp16")
+def test_the_rebuild_command_names_the_onnx_model_where_it_is(trt, tmp_path, capsys):
+    # The engine was built into another folder than its ONNX model's, under another name, in folders with spaces:
+    # the command must name the file that is there, paste as it is printed, and say what it writes.
+    import shlex
+
+    from flareseg.export.cli import main as export_main
+
+    model = _onnx(tmp_path / "my models" / "m_fp16.onnx", precision="fp16")
     trt.gpu = 1
-    engine = build_engine(model, tmp_path / "engines" / "m_fp16.engine", device=1)
+    engine = build_engine(model, tmp_path / "deploy here" / "liver.engine", device=1)
     with pytest.raises(FlareSegError) as refused:
         _runner(trt, engine, gpu=0).activate()
-    assert str(refused.value).split("`")[1] == (
-        f"flare-export {model.resolve()} --engine -o {engine.parent} --overwrite"
-    )
-    model.unlink()  # gone: the command's form, saying what to give
+    command = str(refused.value).split("`")[1]
+    assert shlex.split(command) == [
+        "flare-export",
+        str(model.resolve()),
+        "--engine",
+        "-o",
+        str(engine.parent),
+        "--overwrite",
+    ]
+    assert str(refused.value).endswith("(it writes m_fp16.engine there)")
+    trt.gpu = 0
+    assert export_main(shlex.split(command)[1:]) == 0  # pasted as printed
+    assert (engine.parent / "m_fp16.engine").is_file()
+    model.write_bytes(model.read_bytes() + b"\0")  # re-exported since: not the model the engine came from
     with pytest.raises(
         FlareSegError, match=r"from the ONNX model it was built from: `flare-export MODEL\.onnx --engine -o"
     ):
