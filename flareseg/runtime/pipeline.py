@@ -502,19 +502,21 @@ def summarize(results: Sequence[CaseTiming], wall_s: float) -> FolderSummary:
 
 
 def earlier_cases(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
-    """The measured cases of the timings file at ``path``, by case name (those it kept from runs before it too);
-    empty where there is no such file."""
+    """The measured cases of the timings file at ``path``, by case name (those it kept from runs before it too),
+    each with the context of the run that measured it; empty where there is no such file."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    cases = data.get("cases") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return {}
+    cases, context = data.get("cases"), data.get("context")
     found: dict[str, dict[str, Any]] = {}
     for case in cases if isinstance(cases, list) else []:
         if not isinstance(case, dict) or not isinstance(case.get("case"), str):
             continue
         if case.get("status") == "ok":
-            found[case["case"]] = case
+            found[case["case"]] = {**case, "context": context}  # the model, batch and machine it ran with
         elif isinstance(case.get("earlier_run"), dict):
             found[case["case"]] = case["earlier_run"]
     return found
@@ -535,12 +537,13 @@ def write_timings(
     still holds every case's timings.
     """
     earlier = earlier or {}
-    cases = [
-        {**r.to_dict(), "earlier_run": dict(earlier[r.case])}
-        if r.status == "skipped" and r.case in earlier
-        else r.to_dict()
-        for r in results
-    ]
+
+    def kept(r: CaseTiming) -> Mapping[str, Any] | None:
+        """The earlier measurement of a case skipped now: the same input into the same output only."""
+        before = earlier.get(r.case) if r.status == "skipped" else None
+        return before if before and (before.get("input"), before.get("output")) == (r.input, r.output) else None
+
+    cases = [{**r.to_dict(), "earlier_run": dict(m)} if (m := kept(r)) else r.to_dict() for r in results]
     data: dict[str, Any] = {"context": context, "cases": cases}
     if summary is not None:
         data["summary"] = summary.to_dict()

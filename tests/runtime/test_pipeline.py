@@ -689,19 +689,30 @@ def test_a_resumed_run_keeps_the_timings_of_the_cases_an_earlier_run_did(trained
     out = tmp_path / "out"
     argv = ["--model", str(trained_checkpoint), "-i", str(tmp_path / "in"), "-o", str(out), "-q"]
     assert infer_main(argv) == 0
-    first = {c["case"]: c for c in json.loads((out / "timings.json").read_text())["cases"]}
+    first_file = json.loads((out / "timings.json").read_text())
+    first = {c["case"]: {**c, "context": first_file["context"]} for c in first_file["cases"]}
     (tmp_path / "later_0000.nii.gz").rename(cts[2])
     assert infer_main(argv) == 0
     cases = {c["case"]: c for c in json.loads((out / "timings.json").read_text())["cases"]}
     assert [cases[c]["status"] for c in ("c0", "c1", "c2")] == ["skipped", "skipped", "ok"]
-    for c in ("c0", "c1"):  # measured by the first run, kept
+    for c in ("c0", "c1"):  # measured by the first run, kept with the context they were measured in
         assert cases[c]["earlier_run"] == first[c] and cases[c]["earlier_run"]["infer_s"] > 0
+        assert cases[c]["earlier_run"]["context"]["model"] == str(trained_checkpoint)
     assert "earlier_run" not in cases["c2"] and cases["c2"]["infer_s"] > 0
     # A third run that redoes c2 only keeps c0 and c1 from the first run still.
     (out / "c2.nii.gz").unlink()
     assert infer_main(argv) == 0
     again = {c["case"]: c for c in json.loads((out / "timings.json").read_text())["cases"]}
     assert again["c0"]["earlier_run"] == first["c0"] and again["c2"]["status"] == "ok"
+    # Another input under a case's name (the folder changed): its earlier measurement is not this case's.
+    (tmp_path / "in2").mkdir()
+    for ct in cts:
+        ct.rename(tmp_path / "in2" / ct.name)
+    (out / "c1.nii.gz").unlink()
+    argv2 = ["--model", str(trained_checkpoint), "-i", str(tmp_path / "in2"), "-o", str(out), "-q"]
+    assert infer_main(argv2) == 0
+    last = {c["case"]: c for c in json.loads((out / "timings.json").read_text())["cases"]}
+    assert last["c0"]["status"] == "skipped" and "earlier_run" not in last["c0"]
 
 
 def test_a_rerun_with_nothing_to_do_keeps_the_timings_of_the_run_that_did_it(trained_checkpoint, tmp_path, capsys):
