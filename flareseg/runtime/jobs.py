@@ -297,9 +297,7 @@ def unfinished_result(output: Path, output_type: str) -> str | None:
         if size == 0:
             return "is empty"
         if output_type == "dicom-seg":
-            from flareseg.dicom.files import is_dicom_file
-
-            return None if is_dicom_file(output) else "is not a DICOM file"
+            return _unfinished_seg(output)
         import nibabel as nib
 
         img = nib.load(output)
@@ -321,8 +319,26 @@ def unfinished_result(output: Path, output_type: str) -> str | None:
     except EOFError:
         return "is cut short (its gzip stream ends early)"
     except Exception as exc:  # nibabel and gzip raise many types for a damaged file
-        return f"is not a readable label map ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        return f"is not a readable result ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     return None
+
+
+def _unfinished_seg(output: Path) -> str | None:
+    """Why a file at a DICOM SEG output is no result (not DICOM, not a SEG, fewer pixel bytes than its frames
+    need), else None. A SEG is read whole: its frames are packed bits, a few MB."""
+    import pydicom
+
+    from flareseg.dicom.files import is_dicom_file
+
+    if not is_dicom_file(output):
+        return "is not a DICOM file"
+    ds = pydicom.dcmread(output, force=True)
+    if ds.get("Modality") != "SEG":
+        return f"is not a DICOM SEG (Modality {ds.get('Modality')})"
+    frames, rows, columns = int(ds.get("NumberOfFrames", 1)), int(ds.Rows), int(ds.Columns)
+    needed = -(-frames * rows * columns * int(ds.BitsAllocated) // 8)
+    held = len(ds.get("PixelData", b""))
+    return None if held >= needed else f"holds {held:,} pixel bytes where its {frames} frames need {needed:,}"
 
 
 def _inflated_size(path: Path) -> int:

@@ -618,6 +618,19 @@ def test_cli_dicom_seg_output_matches_nifti_output(tmp_path: Path, trained_check
         expected = to_canonical(np.asanyarray(nifti.dataobj), vol.geometry)
         assert expected.any()
         np.testing.assert_array_equal(from_seg, expected)
+    # Resumed: finished SEG files are done; one cut short, or a CT slice in its place, is no result.
+    from flareseg.runtime.jobs import plan_folder
+
+    inputs = [tmp_path / "cases" / "one", tmp_path / "cases" / "two"]
+    assert [p.status for p in plan_folder(inputs, tmp_path / "seg", "dicom-seg")] == ["skipped", "skipped"]
+    whole = (tmp_path / "seg" / "P1_20260101_s1.dcm").read_bytes()
+    (tmp_path / "seg" / "P1_20260101_s1.dcm").write_bytes(whole[: len(whole) - 100])
+    other = pydicom.dcmread(tmp_path / "seg" / "P2_20260101_s1.dcm")
+    other.Modality = "OT"  # another kind of DICOM object under the SEG's name
+    other.save_as(tmp_path / "seg" / "P2_20260101_s1.dcm")
+    plan = list(plan_folder(inputs, tmp_path / "seg", "dicom-seg"))
+    assert [p.status for p in plan] == ["failed", "failed"]
+    assert "exists but" in str(plan[0].error) and "is not a DICOM SEG (Modality OT)" in str(plan[1].error)
 
 
 def test_cli_dicom_seg_refused_for_nifti_input(tmp_path: Path, trained_checkpoint: Path) -> None:

@@ -392,5 +392,5 @@ def test_a_file_at_an_output_that_is_no_result_fails_its_case_instead_of_passing
     assert statuses == ["skipped", "failed", "failed", "failed", "run", "skipped", "skipped"]
     assert str(plan["c1"].error) == f"{out / 'c1.nii.gz'}: exists but is empty; remove it to redo the case"
     assert "exists but is cut short" in str(plan["c2"].error)
-    assert "exists but is not a readable label map" in str(plan["c3"].error)
+    assert "exists but is not a readable result" in str(plan["c3"].error)
     assert (out / "c1.nii.gz").read_bytes() == b""  # nothing of theirs is touched
