@@ -902,13 +902,9 @@ def test_a_single_cases_damaged_result_is_not_kept_as_done(trained_checkpoint, t
     assert (named / "c0.nii.gz").is_file()
 
 
-# (None, None, 6): the default batch, 8, takes all 6 slices at once.
-@pytest.mark.parametrize(("preferred", "given", "expected"), [(3, None, 3), (None, None, 6), (3, 2, 2)])
-def test_without_a_batch_size_the_runner_chooses_its_preferred_batch(
-    trained_checkpoint, tmp_path, preferred, given, expected
-):
-    # An engine's profile opt (preferred_batch): the API's fixed default (8) lay outside some engines' profiles.
-    net, info, _ = load_model(trained_checkpoint)
+def _sizing_runner(checkpoint: Path) -> tuple[FunctionRunner, list[int]]:
+    """The trained network as a runner, and the list of the batch sizes it is given."""
+    net, info, _ = load_model(checkpoint)
     sizes: list[int] = []
 
     def fn(batch: torch.Tensor) -> torch.Tensor:
@@ -916,8 +912,17 @@ def test_without_a_batch_size_the_runner_chooses_its_preferred_batch(
         with torch.inference_mode():
             return net(batch)
 
+    return FunctionRunner(fn, info), sizes
+
+
+# (None, None, 6): the default batch, 8, takes all 6 slices at once.
+@pytest.mark.parametrize(("preferred", "given", "expected"), [(3, None, 3), (None, None, 6), (3, 2, 2)])
+def test_without_a_batch_size_the_runner_chooses_its_preferred_batch(
+    trained_checkpoint, tmp_path, preferred, given, expected
+):
+    # An engine's profile opt (preferred_batch): the API's fixed default (8) lay outside some engines' profiles.
+    runner, sizes = _sizing_runner(trained_checkpoint)
     (ct,) = _folder(tmp_path / "in", 1)  # 6 slices
-    runner = FunctionRunner(fn, info)
     runner.preferred_batch = preferred  # as a TensorRT runner sets it on activation
     options = {} if given is None else {"batch_size": given}
     with runner:
@@ -950,15 +955,7 @@ def test_a_cases_line_comes_once_it_is_written_not_after_the_next_cases_inferenc
 def test_the_default_batch_stays_within_the_batches_a_runner_takes(trained_checkpoint, tmp_path):
     from flareseg.runtime.pipeline import default_batch
 
-    net, info, _ = load_model(trained_checkpoint)
-    sizes: list[int] = []
-
-    def fn(batch: torch.Tensor) -> torch.Tensor:
-        sizes.append(int(batch.shape[0]))
-        with torch.inference_mode():
-            return net(batch)
-
-    runner = FunctionRunner(fn, info)
+    runner, sizes = _sizing_runner(trained_checkpoint)
     runner.max_batch = 4  # a model that takes at most 4 slices: the default 8 would be refused
     assert default_batch(runner) == 4
     (ct,) = _folder(tmp_path / "in", 1)
