@@ -6,7 +6,7 @@ Command-line entry points turn it into a one-line message and exit code 2.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 
 class FlareSegError(Exception):
@@ -80,3 +80,9 @@ def no_room(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(
         status in text for status in ("CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED", "CUDA out of memory")
     )
+
+
+def first_few(names: Sequence[str], shown: int = 3) -> str:
+    """Names for a one-line message: the first ``shown``, and how many more there are."""
+    rest = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {rest} more" if rest > 0 else "")

@@ -27,7 +27,7 @@ from pydicom.pixels import get_decoder
 from pydicom.pixels import pixel_array as decode_pixels
 
 from flareseg.dicom.files import DICOMDIR_SOP_CLASS, dicom_files, read_header
-from flareseg.errors import FlareSegError
+from flareseg.errors import FlareSegError, first_few
 from flareseg.volume import Volume, VolumeGeometry, to_canonical
 
 log = logging.getLogger(__name__)
@@ -125,8 +125,8 @@ def _check_one_series(folder: Path, headers: list[tuple[Path, Dataset]]) -> None
     if len(groups) > 1 and "" in groups:
         # Files of a series without its UID beside files with one: most often damaged or cut short.
         lacking = [path.name for path, ds in headers if not str(ds.get("SeriesInstanceUID", "") or "")]
-        shown = ", ".join(lacking[:3]) + (f" and {len(lacking) - 3} more" if len(lacking) > 3 else "")
-        raise _fail(folder, f"{shown}: no SeriesInstanceUID, unlike the other files (damaged or cut short?)")
+        why = "no SeriesInstanceUID, unlike the other files (damaged or cut short?)"
+        raise _fail(folder, f"{first_few(lacking)}: {why}")
     if len(groups) > 1:
         parts = [
             f"{uid} '{members[0].get('SeriesDescription', '') or ''}' "

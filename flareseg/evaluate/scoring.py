@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from flareseg.errors import FlareSegError
+from flareseg.errors import FlareSegError, first_few
 from flareseg.labels import ORGANS
 from flareseg.metrics import organ_scores
 from flareseg.volume import case_id, find_cases, read_labels
@@ -64,11 +64,6 @@ def _evaluate_pair(args: tuple[Path, Path, float]) -> CaseResult:
     return evaluate_case(*args)
 
 
-def _some(cases: dict[str, Path], shown: int = 3) -> str:
-    names = sorted(cases)
-    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
-
-
 def evaluate_folders(
     pred_dir: str | os.PathLike[str],
     gt_dir: str | os.PathLike[str],
@@ -85,7 +80,7 @@ def evaluate_folders(
     if not set(preds) & set(gts):  # files named for other cases: every case would score 0, and exit 0
         raise FlareSegError(
             f"{pred_dir}: no prediction is named for a ground truth case in {gt_dir} "
-            f"(predictions: {_some(preds)}; ground truth: {_some(gts)})"
+            f"(predictions: {first_few(sorted(preds))}; ground truth: {first_few(sorted(gts))})"
         )
     ev = Evaluation(tolerance_mm=tolerance_mm)
     ev.missing = sorted(set(gts) - set(preds))

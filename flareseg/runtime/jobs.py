@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 
 from flareseg.atomic import check_writable, check_writable_folder
-from flareseg.errors import FlareSegError
+from flareseg.errors import FlareSegError, first_few
 from flareseg.volume import NIFTI_SUFFIXES, case_id, find_cases
 
 OutputType = Literal["nifti", "dicom-seg"]
@@ -51,11 +51,10 @@ def is_series_input(path: str | os.PathLike[str]) -> bool:
         return False
     nifti = sorted(p.name for p in find_cases(path).values())
     if nifti:
-        shown = ", ".join(nifti[:3]) + (f" and {len(nifti) - 3} more" if len(nifti) > 3 else "")
         raise FlareSegError(
-            f"{path}: holds DICOM files and NIfTI images ({shown}) side by side, so it is neither one series nor a "
-            "folder of cases: give a NIfTI file itself as the input, or move the DICOM files into a subfolder of "
-            "their own (a series per subfolder)"
+            f"{path}: holds DICOM files and NIfTI images ({first_few(nifti)}) side by side, so it is neither one "
+            "series nor a folder of cases: give a NIfTI file itself as the input, or move the DICOM files into a "
+            "subfolder of their own (a series per subfolder)"
         )
     return True
 
