@@ -128,10 +128,15 @@ _FOR = {
 }
 
 
+def _given(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
+    """The options of ``names`` given on the command line (an unset one is None or False; 0 is given)."""
+    return [name for name in names if getattr(args, name) is not None and getattr(args, name) is not False]
+
+
 def _check_options_used(args: argparse.Namespace) -> None:
     """An option that would change nothing is refused (as flare-infer and flare-bench do), not silently ignored."""
     for needed, names in _FOR.items():
-        given = [name for name in names if getattr(args, name) is not None and getattr(args, name) is not False]
+        given = _given(args, names)
         if given and not getattr(args, needed.removeprefix("--")):
             flag = "--" + given[0].replace("_", "-")
             raise FlareSegError(f"{flag} is used only with {needed}: add {needed}, or drop {flag}")
@@ -161,7 +166,7 @@ def _engine_from_onnx(args: argparse.Namespace) -> int:
     from flareseg.export.metadata import sidecar_path
     from flareseg.export.tensorrt import build_engine, engine_path_for
 
-    given = [name for name in _EXPORT_ONLY if getattr(args, name) is not None and getattr(args, name) is not False]
+    given = _given(args, _EXPORT_ONLY)
     if given:
         flag = "--" + given[0].replace("_", "-")
         raise FlareSegError(

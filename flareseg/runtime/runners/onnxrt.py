@@ -237,10 +237,12 @@ class OnnxRuntimeRunner(Runner):
             self.meta.input_channels,
             self.meta.output_kind,
         )
-        if self.provider == "tensorrt" and self.meta.precision == "int8":
-            from flareseg.export.tensorrt import TENSORRT_NO_INT8
+        if self.provider == "tensorrt":
+            if self.meta.precision == "int8":
+                from flareseg.export.tensorrt import TENSORRT_NO_INT8
 
-            raise FlareSegError(f"{self.path}: {TENSORRT_NO_INT8}")
+                raise FlareSegError(f"{self.path}: {TENSORRT_NO_INT8}")
+            self.preferred_batch = self.meta.batch_profile[1]  # its engine is built over the profile, tuned at its opt
         wanted = _ORT_PROVIDERS[self.provider]
         available = ort.get_available_providers()
         if wanted not in available:
@@ -248,11 +250,7 @@ class OnnxRuntimeRunner(Runner):
         # The setting concerns host memory: GPU sessions keep ONNX Runtime's defaults.
         memory: OrtMemory = self.memory if self.provider == "cpu" else "ort-defaults"
         opts = session_options(ort, memory=memory, threads=self.threads)
-        if self.provider == "tensorrt":
-            _preload_tensorrt()
         self.session = ort.InferenceSession(str(self.path), opts, providers=self._providers(available))
-        if self.provider == "tensorrt":  # its engine is built over the model's profile, tuned at its opt
-            self.preferred_batch = self.meta.batch_profile[1]
         running = self.session.get_providers()
         if not running or running[0] != wanted:
             where = (
@@ -274,6 +272,7 @@ class OnnxRuntimeRunner(Runner):
         cuda = ("CUDAExecutionProvider", {"device_id": str(self.device_id)})
         if self.provider == "cuda":
             return [cuda]
+        _preload_tensorrt()
         cache: Path | None
         try:
             cache = tensorrt_engine_cache(self.path)
