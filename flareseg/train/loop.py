@@ -344,7 +344,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
             dist.destroy_process_group()
 
 
-def _check_resumable(run: Path, config: TrainConfig, train_cases: Sequence[Case], split: dict[str, Any]) -> None:
+def _check_resumable(run: Path, config: TrainConfig, train_cases: Sequence[Case], split: dict[str, list[str]]) -> None:
     """Refuse to resume on other data than the run was trained on (its statistics and split would not hold)."""
     stats_path = run / "stats.json"
     source = read_stats_file(stats_path)[1] if stats_path.is_file() else None
@@ -402,7 +402,8 @@ def _dataset_statistics(run: Path, train_cases: Sequence[Case], resumed: Normali
     write_stats_file(stats_path, dataset_stats(train_cases), key)
 
 
-def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, run: Path) -> TrainResult:
+def _split_for_run(config: TrainConfig, resume: bool, run: Path) -> tuple[list[Case], list[Case]]:
+    """The run's training and validation cases, their headers checked."""
     cases = find_training_cases(config.data)
     try:
         train_cases, val_cases = split_cases(
@@ -416,35 +417,48 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
             f"{config.data}: not the data run {run} was trained on ({exc}); start a new run with another --out"
         ) from None
     check_headers(cases)
-    split = {"train": [c.name for c in train_cases], "validation": [c.name for c in val_cases]}
-    payload: dict[str, Any] = {}
-    resumed: NormalizationStats | None = None
-    if resume:
-        payload = read_checkpoint(run / "last.pt")
-        state = payload.get("train_state")
-        if not isinstance(state, dict):
-            raise FlareSegError(f"{run / 'last.pt'}: no training state to resume from")
-        saved = ModelInfo.from_dict(payload, str(run / "last.pt"))
-        if saved.network.base_width != config.base_width or saved.slice_size != config.slice_size:
-            raise FlareSegError(
-                f"{run / 'last.pt'}: width {saved.network.base_width}, slices {saved.slice_size}; "
-                f"{run / 'config.json'} says width {config.base_width}, slices {config.slice_size}"
-            )
-        resumed = saved.normalization
-        done = int(state["epoch"]) + 1
-        if config.epochs < done:
-            raise FlareSegError(f"--epochs {config.epochs}: run {run} has already done {done} epochs")
-        if config.epochs == done:  # nothing to resume: say so, rather than "resuming at epoch N + 1"
-            log.info("%s: complete, all %d epochs done; --epochs N (more than %d) trains it further", run, done, done)
-            return TrainResult(run, float(state["best_score"]), int(state["best_epoch"]), [])
-        if d.main:
-            _check_resumable(run, config, train_cases, split)
-    stats_path = run / "stats.json"
+    return train_cases, val_cases
+
+
+def _split_names(cases: tuple[list[Case], list[Case]]) -> dict[str, list[str]]:
+    """The split as the run's split.json records it."""
+    return {"train": [c.name for c in cases[0]], "validation": [c.name for c in cases[1]]}
+
+
+def _checkpoint_to_resume(config: TrainConfig, run: Path) -> tuple[dict[str, Any], ModelInfo]:
+    """The run's last.pt, checked against its config; refused where ``--epochs`` asks for fewer than are done."""
+    payload = read_checkpoint(run / "last.pt")
+    state = payload.get("train_state")
+    if not isinstance(state, dict):
+        raise FlareSegError(f"{run / 'last.pt'}: no training state to resume from")
+    saved = ModelInfo.from_dict(payload, str(run / "last.pt"))
+    if saved.network.base_width != config.base_width or saved.slice_size != config.slice_size:
+        raise FlareSegError(
+            f"{run / 'last.pt'}: width {saved.network.base_width}, slices {saved.slice_size}; "
+            f"{run / 'config.json'} says width {config.base_width}, slices {config.slice_size}"
+        )
+    done = int(state["epoch"]) + 1
+    if config.epochs < done:
+        raise FlareSegError(f"--epochs {config.epochs}: run {run} has already done {done} epochs")
+    return payload, saved
+
+
+def _prepare_data(
+    config: TrainConfig,
+    d: _Dist,
+    run: Path,
+    cases: tuple[list[Case], list[Case]],
+    resumed: NormalizationStats | None,
+) -> tuple[ModelInfo, SliceCache]:
+    """The run folder with its statistics, slice cache, split and config (written by the main process), and the
+    model description they give."""
+    train_cases, val_cases = cases
+    split = _split_names(cases)
     if d.main:
         _make_run_dir(run, config)
         _dataset_statistics(run, train_cases, resumed)
     d.barrier()
-    stats = read_stats_file(stats_path)[0]
+    stats = read_stats_file(run / "stats.json")[0]
     cache = SliceCache(run / "cache", stats, config.slice_size)
     if d.main:
         cache.build(train_cases)
@@ -455,15 +469,133 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
     info = ModelInfo(
         network=NetworkConfig(base_width=config.base_width), normalization=stats, slice_size=config.slice_size
     )
+    return info, cache
 
+
+def _new_model(config: TrainConfig, info: ModelInfo, device: torch.device) -> nn.Module:
+    """The network with its initial weights, on ``device`` in the run's memory format."""
     # Module construction and He initialisation draw from torch's global generator: seed a fork of it, so the
     # weights follow from the seed alone and the caller's generator is left as it was.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_generator_seed(config.seed))
         model = build_training_network(info.network)
         _init_weights(model)
-    fmt = torch.channels_last if config.channels_last else torch.contiguous_format
-    model = model.to(device=device).to(memory_format=fmt)  # type: ignore[call-overload]
+    return model.to(device=device).to(memory_format=_memory_format(config))  # type: ignore[call-overload]
+
+
+def _memory_format(config: TrainConfig) -> torch.memory_format:
+    return torch.channels_last if config.channels_last else torch.contiguous_format
+
+
+@dataclass(frozen=True)
+class _Epochs:
+    """What every epoch of a run trains with."""
+
+    config: TrainConfig
+    d: _Dist
+    device: torch.device
+    info: ModelInfo
+    dataset: SliceDataset
+    steps: int
+    weights: LossWeights
+
+    @property
+    def global_batch(self) -> int:
+        return self.config.batch_size * self.config.accumulate * self.d.world
+
+
+def _train_epoch(
+    e: _Epochs, epoch: int, net: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+) -> dict[str, Any]:
+    """One epoch's steps; its log record's training part (the loss is the mean over all replicas)."""
+    config, d, device, steps, global_batch = e.config, e.d, e.device, e.steps, e.global_batch
+    fmt = _memory_format(config)
+    order = _global_order(len(e.dataset), steps, global_batch, _epoch_generator(config.seed, epoch, 0))
+    thetas = sample_affines(
+        steps * global_batch, config.slice_size, config.augment, _epoch_generator(config.seed, epoch, 1)
+    )
+    loader = torch.utils.data.DataLoader(
+        e.dataset,
+        batch_sampler=_StepSampler(order, steps, config, d),
+        num_workers=config.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        generator=_epoch_generator(config.seed, epoch, 2),  # its worker seeds; else drawn from the global one
+        worker_init_fn=loader_worker_signals,  # a stop signal is this process's to handle, not a worker crash
+    )
+    net.train()
+    t_epoch = time.perf_counter()
+    data_time, losses = 0.0, []
+    bar = tqdm(
+        total=steps,
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        unit="step",
+        disable=progress_disabled() if d.main else True,
+        leave=False,
+    )
+    with stop_signals_blocked():  # the loader forks its workers here: a stop during a fork would be lost
+        batches = iter(loader)
+    for step in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for micro in range(config.accumulate):
+            t0 = time.perf_counter()
+            images, labels = next(batches)
+            data_time += time.perf_counter() - t0
+            c = micro * d.world + d.rank
+            base = step * global_batch + c * config.batch_size
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            images, labels = augment_batch(images, labels, thetas[base : base + len(images)])
+            x = images[:, None].expand(-1, e.info.network.in_channels, -1, -1).contiguous(memory_format=fmt)
+            sync = contextlib.nullcontext() if micro == config.accumulate - 1 or d.world == 1 else net.no_sync()  # type: ignore[operator]
+            with sync, torch.autocast(device.type, dtype=torch.float16, enabled=config.amp):
+                logits, aux = net(x)
+                loss = deep_supervision_loss(logits.float(), [a.float() for a in aux], labels, e.weights)
+                scaler.scale(loss / config.accumulate).backward()
+            step_loss += float(loss.detach()) / config.accumulate
+        _check_loss(step_loss, epoch, step, steps, d, device)
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(step_loss)
+        elapsed = time.perf_counter() - t_epoch
+        bar.set_postfix(loss=f"{step_loss:.4f}", data=f"{100 * data_time / elapsed:.0f}%")  # tqdm shows step/s
+        bar.update()
+    bar.close()
+    train_time = time.perf_counter() - t_epoch
+    epoch_loss = torch.tensor(float(np.mean(losses)), dtype=torch.float64, device=device)
+    if d.world > 1:  # report the mean over all replicas' micro-batches, not rank 0's alone
+        dist.all_reduce(epoch_loss)
+        epoch_loss /= d.world
+    return {
+        "epoch": epoch + 1,
+        "loss": float(epoch_loss),
+        "steps": steps,
+        "steps_per_s": steps / train_time,
+        "data_time_fraction": data_time / train_time,
+        "train_time_s": train_time,
+    }
+
+
+def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, run: Path) -> TrainResult:
+    cases = _split_for_run(config, resume, run)
+    payload: dict[str, Any] = {}
+    resumed: NormalizationStats | None = None
+    if resume:
+        payload, saved = _checkpoint_to_resume(config, run)
+        state = payload["train_state"]
+        if config.epochs == int(state["epoch"]) + 1:  # nothing to resume: say so, rather than "resuming at N + 1"
+            log.info(
+                "%s: complete, all %d epochs done; --epochs N (more than %d) trains it further",
+                run, config.epochs, config.epochs,
+            )  # fmt: skip
+            return TrainResult(run, float(state["best_score"]), int(state["best_epoch"]), [])
+        if d.main:
+            _check_resumable(run, config, cases[0], _split_names(cases))
+        resumed = saved.normalization
+    info, cache = _prepare_data(config, d, run, cases, resumed)
+
+    model = _new_model(config, info, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp)
     start_epoch, best_score, best_epoch = 0, -1.0, -1
@@ -481,80 +613,16 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
     net: nn.Module = model
     if d.world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    weights = LossWeights(final=config.loss_weights[0], aux=tuple(config.loss_weights[1:]))  # type: ignore[arg-type]
-    dataset = SliceDataset(cache, train_cases)
+    dataset = SliceDataset(cache, cases[0])
     global_batch = config.batch_size * config.accumulate * d.world
     steps = config.steps_per_epoch if config.steps_per_epoch is not None else max(1, len(dataset) // global_batch)
+    weights = LossWeights(final=config.loss_weights[0], aux=tuple(config.loss_weights[1:]))  # type: ignore[arg-type]
+    epochs = _Epochs(config, d, device, info, dataset, steps, weights)
     history: list[dict[str, Any]] = []
-    log_path = run / "log.jsonl"
-    val_volumes = validation_volumes(cache, val_cases, stats) if d.main else []
+    val_volumes = validation_volumes(cache, cases[1], info.normalization) if d.main else []
 
     for epoch in range(start_epoch, config.epochs):
-        order = _global_order(len(dataset), steps, global_batch, _epoch_generator(config.seed, epoch, 0))
-        thetas = sample_affines(
-            steps * global_batch, config.slice_size, config.augment, _epoch_generator(config.seed, epoch, 1)
-        )
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=_StepSampler(order, steps, config, d),
-            num_workers=config.workers,
-            pin_memory=device.type == "cuda",
-            persistent_workers=False,
-            generator=_epoch_generator(config.seed, epoch, 2),  # its worker seeds; else drawn from the global one
-            worker_init_fn=loader_worker_signals,  # a stop signal is this process's to handle, not a worker crash
-        )
-        net.train()
-        t_epoch = time.perf_counter()
-        data_time, losses = 0.0, []
-        bar = tqdm(
-            total=steps,
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            unit="step",
-            disable=progress_disabled() if d.main else True,
-            leave=False,
-        )
-        with stop_signals_blocked():  # the loader forks its workers here: a stop during a fork would be lost
-            batches = iter(loader)
-        for step in range(steps):
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for micro in range(config.accumulate):
-                t0 = time.perf_counter()
-                images, labels = next(batches)
-                data_time += time.perf_counter() - t0
-                c = micro * d.world + d.rank
-                base = step * global_batch + c * config.batch_size
-                images = images.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                images, labels = augment_batch(images, labels, thetas[base : base + len(images)])
-                x = images[:, None].expand(-1, info.network.in_channels, -1, -1).contiguous(memory_format=fmt)
-                sync = contextlib.nullcontext() if micro == config.accumulate - 1 or d.world == 1 else net.no_sync()  # type: ignore[operator]
-                with sync, torch.autocast(device.type, dtype=torch.float16, enabled=config.amp):
-                    logits, aux = net(x)
-                    loss = deep_supervision_loss(logits.float(), [a.float() for a in aux], labels, weights)
-                    scaler.scale(loss / config.accumulate).backward()
-                step_loss += float(loss.detach()) / config.accumulate
-            _check_loss(step_loss, epoch, step, steps, d, device)
-            scaler.step(optimizer)
-            scaler.update()
-            losses.append(step_loss)
-            elapsed = time.perf_counter() - t_epoch
-            bar.set_postfix(loss=f"{step_loss:.4f}", data=f"{100 * data_time / elapsed:.0f}%")  # tqdm shows step/s
-            bar.update()
-        bar.close()
-        train_time = time.perf_counter() - t_epoch
-        epoch_loss = torch.tensor(float(np.mean(losses)), dtype=torch.float64, device=device)
-        if d.world > 1:  # report the mean over all replicas' micro-batches, not rank 0's alone
-            dist.all_reduce(epoch_loss)
-            epoch_loss /= d.world
-        record: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "loss": float(epoch_loss),
-            "steps": steps,
-            "steps_per_s": steps / train_time,
-            "data_time_fraction": data_time / train_time,
-            "train_time_s": train_time,
-        }
+        record = _train_epoch(epochs, epoch, net, optimizer, scaler)
         record["replica_divergence"] = replica_divergence(model, d)
         _check_weights(model, epoch)
         if d.main:
@@ -574,13 +642,15 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
                 "config": config.to_dict(),
             }
             # One set, renamed together once all are written (a stop is held back between the renames): best.pt
-            # beside a last.pt of another epoch would leave a run that neither resumes nor restarts right.
+            # beside a last.pt of another epoch would leave a run that neither resumes nor restarts right. The log
+            # goes first: killed between the renames, a record ahead of last.pt is replaced when the epoch is
+            # done again, while a last.pt ahead of the log would leave a record missing for good.
             with atomic_outputs() as outputs:
+                _append_record(run / "log.jsonl", record, outputs)
                 if improved:
                     best_state = {"train_state": {**train_state, "optimizer": None}}
                     save_checkpoint(run / "best.pt", model, info, extra=best_state, outputs=outputs)
                 save_checkpoint(run / "last.pt", model, info, extra={"train_state": train_state}, outputs=outputs)
-                _append_record(log_path, record, outputs)
             organs = ", ".join(f"{LABELS[o]} {record[f'dsc_{LABELS[o]}']:.3f}" for o in ORGANS)
             log.info(
                 "epoch %d: loss %.4f, %.2f steps/s (data %.0f%%), val DSC %s; mean %.3f%s",
