@@ -229,6 +229,8 @@ def volume_normalizer(
         at_low, at_high = histogram.percentiles(qs)
     else:
         at_low, at_high = clip_bounds(stored, qs)
+    if not (math.isfinite(at_low) and math.isfinite(at_high)):  # NaN would clip every voxel to NaN: no organ found
+        raise FlareSegError("the volume holds values that are not finite (NaN or infinity)")
     return SliceNormalizer(lo=at_low * slope + inter, hi=at_high * slope + inter, stats=stats, slope=slope, inter=inter)
 
 

@@ -287,7 +287,8 @@ def _load_named(
     if not path.is_file():
         raise FlareSegError(f"{path}: not a file")
     try:
-        img = nib.load(path)
+        # Read, not memory-mapped: a .nii cut short by another process mid-run would end the run with SIGBUS.
+        img = nib.load(path, mmap=False)
     except nib.filebasedimages.ImageFileError:
         raise FlareSegError(f"{path}: {_why_not_nifti(path)}") from None
     except OSError as exc:
@@ -365,7 +366,7 @@ def _stored_voxels(path: Path, proxy: Any, threads: int, on_voxels: VoxelsCallba
         raise FlareSegError(f"{path}: truncated or corrupt voxel data ({damage})") from None
     if data is not None:
         return data
-    # An uncompressed file (memory-mapped), or a proxy of another kind: nibabel reads it.
+    # An uncompressed file, or a proxy of another kind: nibabel reads it.
     try:
         data = proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else np.asarray(proxy)
     except (EOFError, zlib.error, OSError, ValueError, OverflowError) as exc:
@@ -642,10 +643,14 @@ def canonical_order(values: Sequence[_T], to_canonical: np.ndarray) -> tuple[_T,
     return (xyz[2], xyz[1], xyz[0])
 
 
-def _geometry(path: Path, img: nib.Nifti1Image) -> VolumeGeometry:
-    affine = np.asarray(img.affine, dtype=np.float64)
+def _check_affine(path: Path, affine: np.ndarray) -> None:
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise FlareSegError(f"{path}: the affine is singular or not finite")
+
+
+def _geometry(path: Path, img: nib.Nifti1Image) -> VolumeGeometry:
+    affine = np.asarray(img.affine, dtype=np.float64)
+    _check_affine(path, affine)
     if int(img.header["qform_code"]) == 0 and int(img.header["sform_code"]) == 0:
         # NIfTI's fallback gives voxel sizes but no orientation; the network expects RAS+ slices.
         log.warning(
@@ -660,6 +665,24 @@ def _geometry(path: Path, img: nib.Nifti1Image) -> VolumeGeometry:
         affine=affine,
         header=img.header.copy(),
         to_canonical=canonical_transform(affine),
+    )
+
+
+def grid_geometry(
+    path: Path, shape: tuple[int, int, int], affine: np.ndarray, dtype: np.dtype | None = None
+) -> VolumeGeometry:
+    """The geometry of a grid known by its shape and affine, not read from a NIfTI file (a DICOM series, an
+    array in memory), with the header a NIfTI file of it would hold (scanner-based qform and sform, mm)."""
+    _check_affine(path, affine)
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    if dtype is not None:
+        header.set_data_dtype(dtype)
+    header.set_qform(affine, code=1)
+    header.set_sform(affine, code=1)
+    header.set_xyzt_units("mm", "sec")
+    return VolumeGeometry(
+        path=path, shape=shape, affine=affine, header=header, to_canonical=canonical_transform(affine)
     )
 
 
@@ -709,13 +732,38 @@ def read_ct(path: str | os.PathLike[str], *, threads: int = 1, on_voxels: Voxels
     check_read_threads(threads)
     img, data, slope, inter = _load(path, threads, on_voxels)
     geometry = _geometry(path, img)
+    _check_voxels(path, data)
+    return Volume(to_canonical(data, geometry, contiguous=False), geometry, slope, inter)
+
+
+def _check_voxels(path: Path, data: np.ndarray) -> None:
     if data.dtype.kind not in "iuf":
         raise FlareSegError(f"{path}: unsupported voxel type {data.dtype}")
     if data.dtype.kind == "f":
         bad = data.size - int(np.count_nonzero(np.isfinite(data)))
         if bad:
             raise FlareSegError(f"{path}: {bad} voxels are not finite (NaN or infinity)")
-    return Volume(to_canonical(data, geometry, contiguous=False), geometry, slope, inter)
+
+
+def volume_from_array(array: np.ndarray, affine: np.ndarray, *, name: str = "array") -> Volume:
+    """A CT held in memory as a :class:`Volume`, checked as :func:`read_ct` checks a file.
+
+    ``array``: Hounsfield units (integers or floats) on the voxel axes ``(i, j, k)`` that
+    ``affine`` maps to RAS+ millimetres, as nibabel gives them (``img.get_fdata()`` or
+    ``np.asanyarray(img.dataobj)``, with ``img.affine``). It is viewed, not copied.
+    ``name`` stands for the file in error messages.
+    """
+    path = Path(name)
+    data = np.asarray(array)
+    if data.ndim != 3:
+        raise FlareSegError(f"{name}: expected a 3D volume (i, j, k), got shape {data.shape}")
+    matrix = np.asarray(affine, dtype=np.float64)
+    if matrix.shape != (4, 4):
+        raise FlareSegError(f"{name}: expected a 4 x 4 affine, got shape {matrix.shape}")
+    _check_voxels(path, data)
+    shape = (int(data.shape[0]), int(data.shape[1]), int(data.shape[2]))
+    geometry = grid_geometry(path, shape, matrix)
+    return Volume(to_canonical(data, geometry, contiguous=False), geometry)
 
 
 def check_not_label_map(hu: np.ndarray, path: str | os.PathLike[str], role: str) -> None:

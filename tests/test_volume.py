@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import mmap
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ from flareseg.errors import FlareSegError
 from flareseg.phantom import make_phantom
 from flareseg.volume import (
     NIFTI_SUFFIXES,
+    canonical_order,
     case_id,
     find_cases,
     from_canonical,
@@ -691,3 +693,54 @@ def test_complex_voxels_are_refused_in_one_line_before_they_are_read(tmp_path):
             warnings.simplefilter("error")
             with pytest.raises(FlareSegError, match=r"c_0000\.nii\.gz: unsupported voxel type complex64"):
                 read(path)
+
+
+def test_an_uncompressed_file_is_read_not_memory_mapped(tmp_path):
+    # A mapped .nii cut short by another process mid-run ended the whole run with SIGBUS.
+    img = make_phantom((20, 24, 6), (4.0, 3.0, 5.0), seed=1).to_nifti()[0]
+    vol = read_ct(save(img, tmp_path / "c_0000.nii"))
+    base = vol.array
+    while base is not None:
+        assert not isinstance(base, np.memmap | mmap.mmap)
+        base = getattr(base, "base", None)
+
+
+@pytest.mark.parametrize("axcodes", [("R", "A", "S"), ("L", "P", "S"), ("A", "S", "R")])
+def test_canonical_spacing_and_layout_keep_y_and_x_apart(tmp_path, axcodes):
+    # Every other fixture has equal x and y spacing on square slices, where swapping them goes unseen.
+    img = reorient(make_phantom((40, 56, 12), (0.7, 0.8, 2.5), seed=2).to_nifti()[0], axcodes)
+    vol = read_ct(save(img, tmp_path / "c_0000.nii.gz"))
+    assert vol.geometry.canonical_spacing == pytest.approx((2.5, 0.8, 0.7))
+    assert vol.array.shape == (12, 56, 40)
+    assert canonical_order(("x", "y", "z"), vol.geometry.to_canonical) == tuple(
+        ("x", "y", "z")[int(np.flatnonzero(vol.geometry.to_canonical[:, 0] == axis)[0])] for axis in (2, 1, 0)
+    )
+
+
+def test_label_maps_are_read_as_uint8_with_their_scaling_and_only_whole_classes(tmp_path):
+    stored = np.zeros((4, 5, 6), np.uint8)
+    stored[1, 1, 1], stored[2, 2, 2] = 3, 1
+    img = nib.Nifti1Image(stored, np.eye(4))
+    img.header.set_slope_inter(1.0, 1.0)  # stored 0..3 stand for 1..4
+    labels, _ = read_labels(save(img, tmp_path / "scaled.nii.gz"))
+    assert labels.dtype == np.uint8 and labels[1, 1, 1] == 4 and labels[0, 0, 0] == 1
+    fractional = np.zeros((4, 5, 6), np.float32)
+    fractional[0, 0, 0] = 1.5
+    with pytest.raises(FlareSegError, match="non-integer values"):
+        read_labels(save(nib.Nifti1Image(fractional, np.eye(4)), tmp_path / "probabilities.nii.gz"))
+    five = np.zeros((4, 5, 6), np.uint8)
+    five[0, 0, 0] = 5  # one past the last class
+    with pytest.raises(FlareSegError, match=r"labels \[5\] outside 0..4$"):
+        read_labels(save(nib.Nifti1Image(five, np.eye(4)), tmp_path / "five.nii.gz"))
+
+
+def test_the_input_is_not_overwritten_through_a_relative_path_or_a_dot_dot(tmp_path, monkeypatch):
+    path = save(nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.eye(4)), tmp_path / "ct.nii.gz")
+    (tmp_path / "sub").mkdir()
+    before = path.read_bytes()
+    vol = read_ct(path)
+    monkeypatch.chdir(tmp_path)
+    for other in (Path("ct.nii.gz"), tmp_path / "sub" / ".." / "ct.nii.gz"):
+        with pytest.raises(FlareSegError, match="refusing to overwrite the input"):
+            write_labels(np.zeros(vol.array.shape, np.uint8), vol.geometry, other)
+    assert path.read_bytes() == before

@@ -17,22 +17,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pydicom
 import pydicom.uid as dicom_uid
-from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+from nibabel.orientations import apply_orientation
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import get_decoder
 from pydicom.pixels import pixel_array as decode_pixels
 
 from flareseg.dicom.files import DICOMDIR_SOP_CLASS, dicom_files, read_header
 from flareseg.errors import FlareSegError, first_few
-from flareseg.volume import Volume, VolumeGeometry, to_canonical
+from flareseg.volume import Volume, grid_geometry, to_canonical
 
 log = logging.getLogger(__name__)
 
-_RAS = axcodes2ornt(("R", "A", "S"))
 
 #: ImageOrientationPatient components may differ this much between slices of one stack.
 ORIENTATION_TOLERANCE = 1e-3
@@ -264,22 +262,6 @@ def _affine(
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
-def _geometry(folder: Path, shape: tuple[int, int, int], affine: np.ndarray, dtype: np.dtype) -> VolumeGeometry:
-    header = nib.Nifti1Header()
-    header.set_data_shape(shape)
-    header.set_data_dtype(dtype)
-    header.set_qform(affine, code=1)  # scanner-based: DICOM positions
-    header.set_sform(affine, code=1)
-    header.set_xyzt_units("mm", "sec")
-    return VolumeGeometry(
-        path=folder,
-        shape=shape,
-        affine=affine,
-        header=header,
-        to_canonical=ornt_transform(io_orientation(affine), _RAS),
-    )
-
-
 def codec_problem(uid: str) -> str | None:
     """Why pixel data in transfer syntax ``uid`` cannot be decoded here (naming what to install), or None."""
     if not uid:
@@ -398,7 +380,7 @@ def read_series(folder: str | os.PathLike[str], *, threads: int | None = None) -
     if sample.shape != (rows, cols):
         raise _fail(folder, f"{ordered[0][0].name}: decoded pixels of shape {sample.shape}, expected {(rows, cols)}")
     dtype = np.dtype(np.float32) if per_slice else sample.dtype
-    geometry = _geometry(folder, (cols, rows, n), affine, dtype)
+    geometry = grid_geometry(folder, (cols, rows, n), affine, dtype)  # scanner-based: DICOM positions
 
     ornt = geometry.to_canonical
     axial = int(ornt[2, 0]) == 2  # file slices are canonical axial slices (possibly reversed)

@@ -13,7 +13,7 @@ from flareseg.lazy import lazy_names
 
 if TYPE_CHECKING:
     from flareseg.runtime.inferer import infer_volume
-    from flareseg.runtime.pipeline import CaseTiming, segment_file, segment_folder
+    from flareseg.runtime.pipeline import CaseTiming, list_inputs, segment_array, segment_file, segment_folder
     from flareseg.runtime.runners import (
         FunctionRunner,
         OnnxRuntimeRunner,
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 _WHERE = {
     "infer_volume": "flareseg.runtime.inferer",
     "CaseTiming": "flareseg.runtime.pipeline",
+    "list_inputs": "flareseg.runtime.pipeline",
+    "segment_array": "flareseg.runtime.pipeline",
     "segment_file": "flareseg.runtime.pipeline",
     "segment_folder": "flareseg.runtime.pipeline",
     "FunctionRunner": "flareseg.runtime.runners",
@@ -47,7 +49,9 @@ __all__ = [
     "TensorRTRunner",
     "TorchRunner",
     "infer_volume",
+    "list_inputs",
     "open_runner",
+    "segment_array",
     "segment_file",
     "segment_folder",
 ]

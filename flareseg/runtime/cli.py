@@ -525,7 +525,7 @@ def _run(
                         **options,
                     )
                 ]
-        context["runner"] = runner.describe() if runner.is_active else runner.name  # not loaded: nothing ran
+        context["runner"] = runner.describe()  # its name alone where it never loaded: nothing ran
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is done is on disk; say so, and keep its timings
         _keep_interrupted(reported, len(inputs), timings_path, {**context, "interrupted": True}, t_start)
         raise

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -103,8 +104,8 @@ def infer_volume(
     label map are final, in increasing ``stop``; on CUDA it runs while the device works
     on later batches (the pipeline post-processes there).
     """
-    if batch_size < 1:
-        raise FlareSegError(f"batch size must be positive, got {batch_size}")
+    if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise FlareSegError(f"batch size must be a positive integer, got {batch_size!r}")
     if runner.max_batch is not None and batch_size > runner.max_batch:
         raise FlareSegError(f"batch size {batch_size} exceeds the model's maximum batch {runner.max_batch}")
     min_batch = min_batch_of(runner)
@@ -112,6 +113,8 @@ def infer_volume(
         raise FlareSegError(f"batch size {batch_size} is below the model's minimum batch {min_batch}")
     if stored.ndim != 3:
         raise FlareSegError(f"expected a (Z, Y, X) volume, got shape {stored.shape}")
+    if stored.dtype.kind not in "iuf":
+        raise FlareSegError(f"expected a volume of integers or floats, got {stored.dtype}")
     times = times if times is not None else InferenceTimes()
     callbacks_before = times.on_labels_s  # the times may be reused: take off this call's share only
     labels = np.empty(stored.shape, dtype=np.uint8)

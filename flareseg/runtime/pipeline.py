@@ -21,7 +21,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -47,7 +47,7 @@ from flareseg.runtime.jobs import (
 from flareseg.runtime.reading import Read, Reader, read_case
 from flareseg.runtime.runners import Runner
 from flareseg.runtime.startup import Timeline
-from flareseg.volume import Volume, VolumeGeometry, refuse_label_map, write_labels
+from flareseg.volume import Volume, VolumeGeometry, from_canonical, refuse_label_map, volume_from_array, write_labels
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack from Python 3.11
@@ -316,13 +316,19 @@ def run_cases(
 
     writer = ThreadPoolExecutor(1, thread_name_prefix="flareseg-write")
 
+    def settle_first() -> None:
+        """Settle the oldest write once it has ended; a stop while waiting leaves it queued, so the handler
+        below still says a case written meanwhile (it used to be taken off the queue first, and lost)."""
+        wait((writes[0][1],))
+        settle(*writes.popleft())
+
     def tick(slices: int) -> None:
         """Progress of the case on the device; and the case before it, once written, is settled and said now,
         not when this one's inference ends (its line and the case count once lagged a whole case behind)."""
         if progress is not None:
             progress(slices)
         while writes and writes[0][1].done():
-            settle(*writes.popleft())
+            settle_first()
 
     def on_device(
         i: int, job: CaseJob, timing: CaseTiming, current: Future[Read]
@@ -373,9 +379,9 @@ def run_cases(
             del current  # its result is the case's voxels: let them go with the case
             # Keep at most one write in flight behind the device, so memory stays bounded.
             while len(writes) > 1 or (writes and writes[0][1].done()):
-                settle(*writes.popleft())
+                settle_first()
         while writes:
-            settle(*writes.popleft())
+            settle_first()
         mark("all_written")
     except BaseException:
         # Interrupted (Ctrl-C, SIGTERM) or stopped by a case's error: the cases already inferred are
@@ -443,7 +449,9 @@ def segment_file(
 
     A file already at ``output_path`` is refused unless ``overwrite`` (as :func:`segment_folder`
     keeps finished cases); the input itself is never replaced.
-    Errors are raised as :class:`FlareSegError`; nothing is written for a failed case.
+    Foreseen errors (the input, the output, the model, a setting) are raised as :class:`FlareSegError`, in one
+    line naming the file; a backend's own failure is raised as it is, with its traceback. Nothing is written for a
+    failed case.
     ``on_case`` sees the case once its output is written, even if the run is then interrupted.
     ``options``: see :func:`run_cases`.
     """
@@ -470,6 +478,11 @@ def segment_folder(
 
     ``options``: see :func:`run_cases`.
     """
+    if isinstance(inputs, str | os.PathLike):  # a str is a Sequence too: its characters would each be a "case"
+        raise FlareSegError(
+            f"segment_folder takes a list of inputs, got the path {os.fspath(inputs)!r}; "
+            "list_inputs(folder) lists a folder's cases"
+        )
     out = Path(out_dir)  # made by the first write: a run that fails to start leaves no empty folder
     results: dict[int, CaseTiming] = {}
     jobs: list[tuple[int, CaseJob]] = []
@@ -489,6 +502,35 @@ def segment_folder(
     ran = run_cases(runner, [job for _, job in jobs], on_case=on_case, **options)
     results.update({i: timing for (i, _), timing in zip(jobs, ran, strict=True)})
     return [results[i] for i in sorted(results)]
+
+
+def segment_array(
+    runner: Runner,
+    array: np.ndarray,
+    affine: np.ndarray,
+    *,
+    batch_size: int | None = None,
+    postprocess: bool = True,
+    name: str = "array",
+    infer_options: dict[str, Any] | None = None,
+) -> np.ndarray:
+    """Segment a CT held in memory; its uint8 label map on the same grid (same shape, same axes).
+
+    ``array``: Hounsfield units on the voxel axes that ``affine`` maps to RAS+ mm, as
+    nibabel gives a file's voxels and ``img.affine`` (see
+    :func:`~flareseg.volume.volume_from_array`); it is checked as a file would be (3D,
+    finite, not a label map). The labels are those :func:`segment_file` writes for a file
+    holding the same voxels and affine. The runner is activated here if it is not yet; the
+    caller deactivates it. ``name`` stands for the volume in error messages.
+    """
+    volume = volume_from_array(array, affine, name=name)
+    runner.activate()
+    batch = batch_size if batch_size is not None else default_batch(runner)
+    timing = CaseTiming(case=name, input=name, output="")
+    labels = _infer_stage(runner, Read(volume, None, 0.0, 0.0), timing, batch, None, infer_options or {})
+    if postprocess:
+        labels = keep_largest_components(labels, in_place=True)
+    return from_canonical(labels, volume.geometry).copy(order="K")  # the input's own memory layout
 
 
 def summarize(results: Sequence[CaseTiming], wall_s: float) -> FolderSummary:
@@ -564,6 +606,7 @@ __all__ = [
     "output_name",
     "read_case",
     "run_cases",
+    "segment_array",
     "segment_file",
     "segment_folder",
     "summarize",

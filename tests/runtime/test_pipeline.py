@@ -964,3 +964,28 @@ def test_the_default_batch_stays_within_the_batches_a_runner_takes(trained_check
     assert sizes == [4, 2]
     runner.max_batch, runner.min_batch, runner.preferred_batch = None, 16, 3
     assert default_batch(runner) == 16
+
+
+def test_ctrl_c_while_waiting_for_the_last_write_still_counts_the_case_written(
+    trained_checkpoint, tmp_path, monkeypatch, capsys
+):
+    """A real SIGINT, sent by the writer as it finishes, reaches the main thread waiting for that write."""
+    import os
+    import signal
+
+    (ct,) = _folder(tmp_path / "in", 1)
+    real = pipeline._finish_stage
+
+    def finish_stage(*args, **kwargs):
+        done = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)  # the main thread takes the interrupt while this write is still in flight
+        return done
+
+    monkeypatch.setattr(pipeline, "_finish_stage", finish_stage)
+    out = tmp_path / "out"
+    assert infer_main(["--model", str(trained_checkpoint), "-i", str(ct), "-o", str(out), "-q"]) == 130
+    printed = capsys.readouterr().out
+    assert (out / "c0.nii.gz").is_file() and "c0: 6 slices" in printed  # it was written, and said "0 segmented"
+    assert "interrupted: 1 segmented, 0 skipped (already done), 0 failed of 1" in printed
+    assert [c["case"] for c in json.loads((out / "c0.timings.json").read_text())["cases"]] == ["c0"]

@@ -5,11 +5,17 @@ scores ``(B, K, h, w)`` or labels ``(B, h, w)`` (an export with the argmax in th
 It is activated once (model loading, session or engine creation, warm-up), used for
 many batches, and deactivated. One module per backend implements it; heavy libraries
 (ONNX Runtime, TensorRT, OpenVINO) are imported on activation only.
+
+A runner may be shared between threads: activation, inference and deactivation take
+turns (one lock per runner), so a model is loaded once and never released under a batch
+in flight. The TensorRT runner and a CUDA-graph PyTorch runner return their own output
+buffer, valid until their next batch: give each thread its own runner of these.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from abc import ABC, abstractmethod
 from types import TracebackType
@@ -45,6 +51,8 @@ class Runner(ABC):
 
     def __init__(self) -> None:
         self._active = False
+        # Re-entrant: an activation runs batches (warm-up, graph capture) through infer().
+        self._lock = threading.RLock()
         #: Seconds the last activation took, and its parts where the backend times them.
         self.activate_s: float | None = None
         self.activation_steps: dict[str, float] = {}
@@ -58,24 +66,26 @@ class Runner(ABC):
         return type(self).__name__
 
     def activate(self) -> Runner:
-        if not self._active:
-            t = time.perf_counter()
-            self.activation_steps = {}
-            try:
-                self._activate()
-            except BaseException:
-                self._release_partial()
-                raise
-            self._active = True
-            self.activate_s = time.perf_counter() - t
+        with self._lock:  # two threads starting a shared runner load its model once
+            if not self._active:
+                t = time.perf_counter()
+                self.activation_steps = {}
+                try:
+                    self._activate()
+                except BaseException:
+                    self._release_partial()
+                    raise
+                self._active = True
+                self.activate_s = time.perf_counter() - t
         return self
 
     def deactivate(self) -> None:
-        if self._active:
-            try:
-                self._deactivate()
-            finally:  # what it released is gone even when releasing raised (a CUDA error)
-                self._active = False
+        with self._lock:  # waits for a batch in flight in another thread
+            if self._active:
+                try:
+                    self._deactivate()
+                finally:  # what it released is gone even when releasing raised (a CUDA error)
+                    self._active = False
 
     def _release_partial(self) -> None:
         """What an activation that failed half-way holds (a session, an engine) goes at once, not at exit."""
@@ -86,12 +96,18 @@ class Runner(ABC):
 
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
         """Scores (B, K, h, w) or labels (B, h, w) for a (B, C, h, w) float32 batch on ``self.device``."""
+        with self._lock:
+            return self._checked_infer(batch)
+
+    def _checked_infer(self, batch: torch.Tensor) -> torch.Tensor:
         if not self._active:
             raise FlareSegError(f"{self.name} must be activated before infer()")
         expected = (self.input_channels, *self.info.slice_size)
         if batch.dim() != 4 or tuple(batch.shape[1:]) != expected:
             shape = ", ".join(map(str, expected))
             raise FlareSegError(f"{self.name} expects batches of shape (B, {shape}), got {tuple(batch.shape)}")
+        if batch.shape[0] == 0:  # some backends return an empty tensor, others fail in their own words
+            raise FlareSegError(f"{self.name}: the batch is empty (shape {tuple(batch.shape)})")
         if self.max_batch is not None and batch.shape[0] > self.max_batch:
             raise FlareSegError(f"{self.name}: batch {batch.shape[0]} exceeds the model's maximum {self.max_batch}")
         if self.min_batch is not None and batch.shape[0] < self.min_batch:
@@ -136,11 +152,18 @@ class Runner(ABC):
         return None
 
     def describe(self) -> str:
+        """The backend in words (precision, device, threads) once active; before that, the runner's name."""
+        return self._describe() if self._active else self.name
+
+    def _describe(self) -> str:
         return self.name
 
 
 def cuda_device(device: str | torch.device) -> torch.device:
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):  # torch's message lists its ~20 device types; ours says what we take
+        raise FlareSegError(f"device must be cpu or cuda[:i], got {device!r}") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise FlareSegError(f"device {device} requested, but torch sees no CUDA GPU on this machine")

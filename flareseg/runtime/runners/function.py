@@ -30,7 +30,7 @@ class FunctionRunner(Runner):
         self.output_kind = output_kind
         self.device = torch.device(device)
 
-    def describe(self) -> str:
+    def _describe(self) -> str:
         return f"function ({self.device})"
 
     def _activate(self) -> None:

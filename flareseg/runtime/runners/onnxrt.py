@@ -222,7 +222,7 @@ class OnnxRuntimeRunner(Runner):
         self.device = torch.device("cpu") if provider == "cpu" else torch.device("cuda", device_id)
         self.device_id = device_id
 
-    def describe(self) -> str:
+    def _describe(self) -> str:
         threads = self.threads or "auto"
         memory = f", {self.memory} memory" if self.provider == "cpu" else ""
         return f"ONNX Runtime ({_ORT_PROVIDERS[self.provider]}, {self.meta.precision}, {threads} threads{memory})"

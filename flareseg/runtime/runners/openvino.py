@@ -83,7 +83,7 @@ class OpenVINORunner(Runner):
         #: The inference precision the compiled model reports (not only what was asked).
         self.inference_precision = _OV_PRECISION[precision]
 
-    def describe(self) -> str:
+    def _describe(self) -> str:
         threads = self.threads or "auto"
         return (
             f"OpenVINO {self._version} (CPU, {self.meta.precision} model, {self.inference_precision} inference "

@@ -44,7 +44,7 @@ class TorchRunner(Runner):
         #: A captured graph with its static input and output (--cuda-graph).
         self._graph: tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor] | None = None
 
-    def describe(self) -> str:
+    def _describe(self) -> str:
         extras = [self.precision, str(self.device)]
         if self.channels_last:
             extras.append("channels_last")

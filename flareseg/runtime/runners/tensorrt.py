@@ -66,7 +66,7 @@ class TensorRTRunner(Runner):
         self.stream: Any = None
         self._output = torch.empty(0)
 
-    def describe(self) -> str:
+    def _describe(self) -> str:
         return f"TensorRT ({self.meta.precision}, {self.device})"
 
     def _activate(self) -> None:
