@@ -17,7 +17,7 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import torch
 
@@ -125,9 +125,34 @@ def save_checkpoint(
         if clash:
             raise FlareSegError(f"checkpoint extra keys {sorted(clash)} clash with the format's own keys")
         payload.update(extra)
-    with atomic_output(path) if outputs is None else outputs.writing(path) as tmp:
-        torch.save(payload, tmp)
+    with atomic_output(path) if outputs is None else outputs.writing(path) as tmp, open(tmp, "wb") as f:
+        writer = _KeepWriteError(f)
+        try:
+            torch.save(payload, cast(BinaryIO, writer))  # torch needs write() alone
+        except RuntimeError:
+            if writer.error is not None:  # the disk's refusal, as an OSError: said in one line naming the file
+                raise writer.error from None
+            raise
     return path
+
+
+class _KeepWriteError:
+    """A file for ``torch.save`` that keeps its first write error: torch reports a full disk as an internal
+    ``RuntimeError`` ("unexpected pos"), not as the ``OSError`` that says what happened."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def checkpoint_file_problem(path: Path) -> str | None:

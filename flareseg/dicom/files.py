@@ -67,9 +67,40 @@ def is_dicom_file(path: str | os.PathLike[str]) -> bool:
 
 
 def dicom_files(folder: str | os.PathLike[str]) -> tuple[list[Path], int]:
-    """The DICOM files directly in ``folder`` (name order) and how many candidate files it holds."""
+    """The DICOM files directly in ``folder`` (name order) and how many candidate files it holds.
+
+    Other files are passed over (a text file, a thumbnail), except those that may be a
+    slice of the series lost: a file that cannot be read, an empty one, or one named
+    ``.dcm`` that is not DICOM. Those are refused, naming the file: leaving them out
+    silently would shorten the volume by a slice, or misreport a gap.
+    """
+    found = []
     candidates = _candidates(Path(folder))
-    return [p for p in candidates if is_dicom_file(p)], len(candidates)
+    for path in candidates:
+        if is_dicom_file(path):
+            found.append(path)
+            continue
+        problem = _lost_slice(path)
+        if problem is not None:
+            raise FlareSegError(
+                f"{path.parent}: {path.name}: {problem}; a slice lost? restore it, or remove it if it is none"
+            )
+    return found, len(candidates)
+
+
+def _lost_slice(path: Path) -> str | None:
+    """Why a file that is not DICOM may be a slice lost (unreadable, empty, named .dcm), or None."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.read(1)
+    except OSError as exc:
+        return f"cannot read the file ({exc.strerror or exc})"
+    if size == 0:
+        return "empty file"
+    if path.suffix.lower() == ".dcm":
+        return f"named .dcm but not DICOM ({size} bytes)"
+    return None
 
 
 def is_series_dir(path: str | os.PathLike[str]) -> bool:
@@ -175,12 +206,15 @@ def find_series(
     for sub in subfolders:
         if exclude is not None and sub.resolve() == exclude.resolve():
             continue
+        try:
+            listed = _candidates(sub)
+        except FlareSegError:  # a series, perhaps: a case that fails saying why, not one left out unsaid
+            if unnamed is None:
+                raise
+            cases[unnamed(sub)] = sub
+            continue
         if not is_series_dir(sub):
-            try:
-                nifti = any(is_nifti(p) for p in _candidates(sub))
-            except FlareSegError:  # a folder that cannot be listed: warned about as having no DICOM files
-                nifti = False
-            if nifti:
+            if any(is_nifti(p) for p in listed):
                 log.info("%s: ignored: NIfTI files (results of an earlier run?), not a DICOM series", sub)
             else:
                 log.warning("%s: ignored: no DICOM files directly in it (folders inside it are not searched)", sub)

@@ -267,6 +267,14 @@ def make_bad(kind: str, folder: Path) -> str:
         files = write_series(folder, ph)
         files[5].write_bytes(files[5].read_bytes()[:300])
         return f"{files[5].name}: no SeriesInstanceUID, unlike the other files (damaged or cut short?)"
+    if kind == "empty-slice":  # an end slice: left out, it would have shortened the volume without a word
+        files = write_series(folder, ph)
+        files[0].write_bytes(b"")
+        return f"{files[0].name}: empty file; a slice lost?"
+    if kind == "named-dcm":
+        write_series(folder, ph)
+        (folder / "x.dcm").write_text("hello")
+        return "x.dcm: named .dcm but not DICOM (5 bytes)"
     if kind == "missing-slice":
         files = write_series(folder, ph)
         files[6].unlink()
@@ -308,6 +316,8 @@ BAD_KINDS = [
     "no-dicom",
     "two-series",
     "cut-short",
+    "empty-slice",
+    "named-dcm",
     "missing-slice",
     "duplicated-slice",
     "uneven",
@@ -674,3 +684,25 @@ def test_cli_bad_series_exit_2(tmp_path: Path, trained_checkpoint: Path, capsys)
     err = capsys.readouterr().err
     assert f"{folder}: slice positions are not evenly spaced" in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.nii.gz"))
+
+
+def test_a_series_folder_that_cannot_be_listed_is_a_case_that_fails_not_one_left_out(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # As root, permissions do not stop a listing: a test double of the listing's failure drives our control flow.
+    write_series(tmp_path / "in" / "a", phantom("RAS"))
+    write_series(tmp_path / "in" / "b", phantom("RAS"), patient_id="PAT02")
+    listing = Path.iterdir
+
+    def iterdir(self: Path):
+        if self.name == "b":
+            raise PermissionError(13, "Permission denied", str(self))
+        return listing(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    found = find_series(tmp_path / "in", unnamed=lambda sub: f"{sub.name}/")
+    assert found == {"PAT01_20260101_s3": tmp_path / "in" / "a", "b/": tmp_path / "in" / "b"}
+    with pytest.raises(FlareSegError, match=r"in/b: cannot list the folder \(Permission denied\)"):
+        find_series(tmp_path / "in")
+    with pytest.raises(FlareSegError, match=r"in/b: cannot list the folder \(Permission denied\)"):
+        read_series(tmp_path / "in" / "b")

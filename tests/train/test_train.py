@@ -123,6 +123,25 @@ def test_an_epochs_checkpoints_and_log_record_land_together_or_not_at_all(phanto
     assert read_checkpoint(run / "best.pt")["train_state"]["best_epoch"] == 1
 
 
+def test_an_epochs_log_record_is_renamed_into_place_before_its_checkpoints(phantom_data, tmp_path, monkeypatch):
+    # Killed between the renames, a record ahead of last.pt is replaced when the epoch is done again; a last.pt
+    # ahead of the log left that epoch's record missing for good.
+    import os
+
+    real_replace, renamed = os.replace, []
+
+    def replace(src, dst):
+        renamed.append(Path(dst).name)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    run = tmp_path / "run"
+    argv = ["--data", str(phantom_data), "--out", str(run), "--epochs", "1", "--steps-per-epoch", "1"]
+    assert train_main([*argv, "--val-cases", "1", *TINY]) == 0
+    epoch_set = [name for name in renamed if name in ("log.jsonl", "best.pt", "last.pt")]
+    assert epoch_set == ["log.jsonl", "best.pt", "last.pt"]
+
+
 def test_checkpoint_holds_what_inference_needs_and_refuses_mismatches(phantom_data, tmp_path):
     run = tmp_path / "run"
     assert (
@@ -261,3 +280,22 @@ def test_two_process_torchrun_keeps_replicas_identical_and_equals_accumulation(p
     for key in compared:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
     np.testing.assert_allclose(_log(tmp_path / "ddp")[-1]["loss"], _log(tmp_path / "single")[-1]["loss"], rtol=1e-4)
+
+
+def test_the_defaults_are_the_papers_and_each_aux_weight_reaches_its_level(phantom_data, tmp_path, monkeypatch):
+    # Table 3: Adam at 1e-5; weights 1 for the final output, then 0.8..0.5 from the full-resolution level down.
+    config = TrainConfig(data="d", out="o")
+    assert (config.lr, config.loss_weights, config.batch_size) == (1e-5, (1.0, 0.8, 0.7, 0.6, 0.5), 4)
+    from flareseg.train import loop
+
+    seen = []
+    real = loop.deep_supervision_loss
+
+    def loss(logits, aux, labels, weights):
+        seen.append(weights)
+        return real(logits, aux, labels, weights)
+
+    monkeypatch.setattr(loop, "deep_supervision_loss", loss)
+    argv = ["--data", str(phantom_data), "--out", str(tmp_path / "run"), "--epochs", "1", "--steps-per-epoch", "1"]
+    assert train_main([*argv, "--val-cases", "1", "--loss-weights", "1,0.4,0.3,0.2,0.1", *TINY]) == 0
+    assert [(w.final, w.aux) for w in seen] == [(1.0, (0.4, 0.3, 0.2, 0.1))]
