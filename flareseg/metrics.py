@@ -122,7 +122,7 @@ def surface_distances(
 
 def normalized_surface_dice(gt: np.ndarray, pred: np.ndarray, spacing: Spacing, tolerance_mm: float = 1.0) -> float:
     """NSD of two masks (non-zero is inside) at ``tolerance_mm``; FLARE21's rules for empty masks."""
-    if tolerance_mm < 0:
+    if not tolerance_mm >= 0:  # NaN too: every distance would fail "<= NaN", and NSD be 0 silently
         raise FlareSegError(f"NSD tolerance must be non-negative, got {tolerance_mm}")
     _check_spacing(spacing)
     gt, pred = _masks(gt, pred)

@@ -149,3 +149,12 @@ def test_nsd_and_dice_agree_with_monai_surface_element_implementation(spacing, t
     assert normalized_surface_dice(gt, pred, spacing, tolerance) == pytest.approx(ref, abs=1e-6)
     ref_dice = metrics.compute_dice(onehot(pred), onehot(gt), include_background=False).item()
     assert dice(gt, pred) == pytest.approx(ref_dice, abs=1e-6)
+
+
+def test_a_negative_tolerance_is_refused_by_the_library_too():
+    mask = np.zeros((6, 6, 6), np.uint8)
+    mask[2:4, 2:4, 2:4] = 1
+    for bad in (-0.5, -1e-9, float("nan")):
+        with pytest.raises(FlareSegError, match="tolerance"):
+            normalized_surface_dice(mask, mask, (1.0, 1.0, 1.0), bad)
+    assert normalized_surface_dice(mask, mask, (1.0, 1.0, 1.0), 0.0) == 1.0

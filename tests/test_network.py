@@ -156,3 +156,17 @@ def test_config_round_trips_and_rejects_bad_values():
         NetworkConfig(base_width=0)
     with pytest.raises(FlareSegError, match="unknown network config keys"):
         NetworkConfig.from_dict({"width": 3})
+
+
+def test_aux_outputs_run_from_the_full_resolution_level_to_the_deepest():
+    # Each aux head sees only its own level's maps: perturbing one level's maps moves only its aux output. The
+    # loss weights (0.8 for level 1 ... 0.5 for level 4) follow this order; the shapes alone cannot tell it.
+    net = build_training_network(SMALL).train()
+    x = torch.randn(2, SMALL.in_channels, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, before = net(x)
+        for p in net.ds[3].parameters():  # the decoder's last level: full resolution
+            p.add_(0.5)
+        _, after = net(x)
+    moved = [not torch.equal(b, a) for b, a in zip(before, after, strict=True)]
+    assert moved == [True, False, False, False]

@@ -321,3 +321,23 @@ def test_in_place_filters_the_map_itself_with_the_same_result():
         out = streaming.finish(lab, in_place=True)
         assert out is lab
         np.testing.assert_array_equal(lab, keep_largest_components(base))
+
+
+@pytest.mark.parametrize("speck_label", [1, 2, 3, 4])
+def test_the_only_component_to_remove_is_removed_when_it_comes_first_in_raster_order(speck_label):
+    # A one-voxel speck at the origin is component 1 in raster order: a shortcut that skipped filtering whenever
+    # components 2.. all stayed would have kept it, on both paths.
+    lab = np.zeros((8, 12, 12), np.uint8)
+    lab[3:6, 2:6, 2:6] = 1
+    lab[3:6, 2:6, 7:11] = 2
+    lab[1:3, 7:11, 2:6] = 2
+    lab[5:8, 7:11, 7:11] = 3
+    lab[1:3, 7:11, 7:11] = 4
+    lab[0, 0, 0] = speck_label
+    expected = lab.copy()
+    expected[0, 0, 0] = 0
+    np.testing.assert_array_equal(keep_largest_components(lab), expected)
+    streaming = StreamingPostprocessor(lab.shape, slab_slices=2)
+    for stop in range(2, 9, 2):
+        streaming.add(lab, stop)
+    np.testing.assert_array_equal(streaming.finish(lab), expected)

@@ -249,3 +249,13 @@ def test_resize_labels_takes_the_label_under_each_pixel_centre():
     assert up.dtype == torch.uint8
     assert torch.equal(up, labels.repeat_interleave(2, 1).repeat_interleave(2, 2))
     assert torch.equal(resize_labels(labels.to(torch.int64), (3, 3)), labels)
+
+
+def test_percentiles_that_would_clip_every_volume_to_one_value_are_refused():
+    from flareseg.errors import FlareSegError
+    from flareseg.preprocess import NormalizationStats
+
+    for bad in ((50.0, 50.0), (99.0, 1.0), (-1.0, 99.0), (1.0, 101.0)):
+        with pytest.raises(FlareSegError, match="percentiles"):
+            NormalizationStats(mean=0.0, std=1.0, percentiles=bad)
+    assert NormalizationStats(mean=0.0, std=1.0, percentiles=(0.0, 100.0)).percentiles == (0.0, 100.0)

@@ -279,3 +279,52 @@ def test_the_tolerance_is_written_as_scored_not_rounded(phantom_dirs, tmp_path, 
     table = capsys.readouterr().out.splitlines()[:6]
     assert f"NSD (%) @ {written} mm" in table[0]
     assert len({len(line) for line in table}) == 1  # the columns stay in line
+
+
+def _shifted_box_pair(folder: Path, case: str, zooms: tuple[float, float, float], shift_axis: int) -> None:
+    """A liver box and its prediction shifted by 2 voxels along ``shift_axis``, on an anisotropic grid."""
+    gt = np.zeros((24, 20, 16), np.uint8)
+    gt[6:16, 5:14, 4:11] = 1
+    pred = np.roll(gt, 2, axis=shift_axis)
+    affine = np.diag([*zooms, 1.0])
+    (folder / "gt").mkdir(exist_ok=True)
+    (folder / "pred").mkdir(exist_ok=True)
+    save(nib.Nifti1Image(gt, affine), folder / "gt" / f"{case}.nii.gz")
+    save(nib.Nifti1Image(pred, affine), folder / "pred" / f"{case}.nii.gz")
+
+
+def test_scores_use_the_tolerance_given_and_the_spacing_of_each_axis(tmp_path):
+    # The CSV said --tolerance 2.5 whatever tolerance scored it, and reversed spacings went unseen: every other
+    # fixture scored at 1 mm on grids whose errors lay along one axis.
+    from flareseg.metrics import normalized_surface_dice
+
+    zooms = (0.8, 1.0, 5.0)
+    _shifted_box_pair(tmp_path, "case_001", zooms, shift_axis=2)  # 2 x 5 mm along the third axis
+    _shifted_box_pair(tmp_path, "case_000", zooms, shift_axis=0)  # 2 x 0.8 mm along the first
+    for tolerance in (1.0, 3.0, 12.0):
+        csv_path = tmp_path / f"r{tolerance}.csv"
+        argv = ["--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "-q", "-o", str(csv_path)]
+        assert main([*argv, "--tolerance", str(tolerance)]) == 0
+        rows = _read_csv(csv_path)
+        assert list(rows)[:2] == ["case_000", "case_001"]  # sorted by case, whatever order they were scored in
+        for case in ("case_000", "case_001"):
+            gt = np.asarray(nib.load(tmp_path / "gt" / f"{case}.nii.gz").dataobj)
+            pred = np.asarray(nib.load(tmp_path / "pred" / f"{case}.nii.gz").dataobj)
+            expected = normalized_surface_dice(gt, pred, zooms, tolerance)
+            assert float(rows[case]["liver_nsd"]) == pytest.approx(expected, abs=1e-4)
+    low, high = _read_csv(tmp_path / "r1.0.csv"), _read_csv(tmp_path / "r12.0.csv")
+    assert float(low["case_001"]["liver_nsd"]) < 0.9 < float(high["case_001"]["liver_nsd"])
+    # Scored with the spacings reversed, the same pair would have scored otherwise: the check above can fail.
+    gt = np.asarray(nib.load(tmp_path / "gt" / "case_000.nii.gz").dataobj)
+    pred = np.asarray(nib.load(tmp_path / "pred" / "case_000.nii.gz").dataobj)
+    assert abs(normalized_surface_dice(gt, pred, zooms[::-1], 1.0) - float(low["case_000"]["liver_nsd"])) > 0.05
+
+
+def test_a_prediction_shifted_by_a_hundredth_of_a_millimetre_is_refused(phantom_dirs, capsys):
+    gt_dir, pred_dir = phantom_dirs
+    img = nib.load(gt_dir / "case_000.nii.gz")
+    affine = img.affine.copy()
+    affine[0, 3] += 0.01
+    save(nib.Nifti1Image(np.asarray(img.dataobj), affine, img.header), pred_dir / "case_000.nii.gz")
+    assert main(["--pred", str(pred_dir), "--gt", str(gt_dir), "-q"]) == 2
+    assert "prediction affine differs from its ground truth's" in capsys.readouterr().err
