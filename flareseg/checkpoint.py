@@ -175,7 +175,7 @@ def checkpoint_file_problem(path: Path) -> str | None:
     except (OSError, EOFError, zipfile.LargeZipFile) as exc:
         return f"cannot read the checkpoint ({type(exc).__name__}: {exc})"
     if damaged is not None:
-        member = damaged.split("/", 1)[-1]  # torch.save puts every member under one folder named after the file
+        member = damaged.split("/", 1)[-1]  # every member sits under one folder ("archive" or the name)
         return f"damaged checkpoint (its member {member} fails its checksum)"
     return None
 

@@ -746,7 +746,8 @@ def _check_voxels(path: Path, data: np.ndarray) -> None:
 
 
 def volume_from_array(array: np.ndarray, affine: np.ndarray, *, name: str = "array") -> Volume:
-    """A CT held in memory as a :class:`Volume`, checked as :func:`read_ct` checks a file.
+    """A CT held in memory as a :class:`Volume`, checked as :func:`read_ct` checks a file (a trailing
+    singleton fourth axis is accepted, as in a file).
 
     ``array``: Hounsfield units (integers or floats) on the voxel axes ``(i, j, k)`` that
     ``affine`` maps to RAS+ millimetres, as nibabel gives them (``img.get_fdata()`` or
@@ -755,6 +756,8 @@ def volume_from_array(array: np.ndarray, affine: np.ndarray, *, name: str = "arr
     """
     path = Path(name)
     data = np.asarray(array)
+    if data.ndim == 4 and data.shape[3] == 1:  # a trailing singleton axis, as a file may have
+        data = data[..., 0]
     if data.ndim != 3:
         raise FlareSegError(f"{name}: expected a 3D volume (i, j, k), got shape {data.shape}")
     matrix = np.asarray(affine, dtype=np.float64)

@@ -69,10 +69,10 @@ def is_dicom_file(path: str | os.PathLike[str]) -> bool:
 def dicom_files(folder: str | os.PathLike[str]) -> tuple[list[Path], int]:
     """The DICOM files directly in ``folder`` (name order) and how many candidate files it holds.
 
-    Other files are passed over (a text file, a thumbnail), except those that may be a
-    slice of the series lost: a file that cannot be read, an empty one, or one named
-    ``.dcm`` that is not DICOM. Those are refused, naming the file: leaving them out
-    silently would shorten the volume by a slice, or misreport a gap.
+    Other files are passed over (a text file, a thumbnail, a lock file). A file named
+    ``.dcm`` that cannot be read, is empty or is not DICOM is refused, naming it: it is a
+    slice lost, and leaving it out would shorten the volume or misreport a gap. Another
+    file that cannot be read or is empty is passed over with a warning naming it.
     """
     found = []
     candidates = _candidates(Path(folder))
@@ -81,15 +81,18 @@ def dicom_files(folder: str | os.PathLike[str]) -> tuple[list[Path], int]:
             found.append(path)
             continue
         problem = _lost_slice(path)
-        if problem is not None:
+        if problem is None:
+            continue
+        if path.suffix.lower() == ".dcm":
             raise FlareSegError(
-                f"{path.parent}: {path.name}: {problem}; a slice lost? restore it, or remove it if it is none"
+                f"{path.parent}: {path.name!r}: {problem}; a slice lost? restore it, or remove it if it is none"
             )
+        log.warning("%s: skipped %r: %s (a slice lost?)", path.parent, path.name, problem)
     return found, len(candidates)
 
 
 def _lost_slice(path: Path) -> str | None:
-    """Why a file that is not DICOM may be a slice lost (unreadable, empty, named .dcm), or None."""
+    """Why a file that is not DICOM may be a slice lost (unreadable, empty, or named .dcm), or None."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -208,10 +211,8 @@ def find_series(
             continue
         try:
             listed = _candidates(sub)
-        except FlareSegError:  # a series, perhaps: a case that fails saying why, not one left out unsaid
-            if unnamed is None:
-                raise
-            cases[unnamed(sub)] = sub
+        except FlareSegError as exc:  # lost+found on a data disk, say: not taken for a series, but said why
+            log.warning("%s: ignored: %s", sub, str(exc).removeprefix(f"{sub}: "))
             continue
         if not is_series_dir(sub):
             if any(is_nifti(p) for p in listed):

@@ -530,7 +530,9 @@ def segment_array(
     labels = _infer_stage(runner, Read(volume, None, 0.0, 0.0), timing, batch, None, infer_options or {})
     if postprocess:
         labels = keep_largest_components(labels, in_place=True)
-    return from_canonical(labels, volume.geometry).copy(order="K")  # the input's own memory layout
+    out = np.empty_like(np.asarray(array), dtype=np.uint8)  # the input's memory layout, whatever it is
+    np.copyto(out[..., 0] if out.ndim == 4 else out, from_canonical(labels, volume.geometry))
+    return out
 
 
 def summarize(results: Sequence[CaseTiming], wall_s: float) -> FolderSummary:

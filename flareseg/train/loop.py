@@ -562,6 +562,8 @@ def _train_epoch(
         bar.set_postfix(loss=f"{step_loss:.4f}", data=f"{100 * data_time / elapsed:.0f}%")  # tqdm shows step/s
         bar.update()
     bar.close()
+    with stop_signals_blocked():  # the workers end here (a stop in their __del__ would be dropped), not in
+        del batches  # validation: they held their memory through it before the function split
     train_time = time.perf_counter() - t_epoch
     epoch_loss = torch.tensor(float(np.mean(losses)), dtype=torch.float64, device=device)
     if d.world > 1:  # report the mean over all replicas' micro-batches, not rank 0's alone

@@ -267,14 +267,15 @@ def make_bad(kind: str, folder: Path) -> str:
         files = write_series(folder, ph)
         files[5].write_bytes(files[5].read_bytes()[:300])
         return f"{files[5].name}: no SeriesInstanceUID, unlike the other files (damaged or cut short?)"
-    if kind == "empty-slice":  # an end slice: left out, it would have shortened the volume without a word
+    if kind == "empty-slice":  # left out, an end slice would have shortened the volume without a word
         files = write_series(folder, ph)
-        files[0].write_bytes(b"")
-        return f"{files[0].name}: empty file; a slice lost?"
+        lost = next(f for f in files if f.suffix == ".dcm")
+        lost.write_bytes(b"")
+        return f"{lost.name!r}: empty file; a slice lost?"
     if kind == "named-dcm":
         write_series(folder, ph)
         (folder / "x.dcm").write_text("hello")
-        return "x.dcm: named .dcm but not DICOM (5 bytes)"
+        return "'x.dcm': named .dcm but not DICOM (5 bytes)"
     if kind == "missing-slice":
         files = write_series(folder, ph)
         files[6].unlink()
@@ -686,9 +687,7 @@ def test_cli_bad_series_exit_2(tmp_path: Path, trained_checkpoint: Path, capsys)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.nii.gz"))
 
 
-def test_a_series_folder_that_cannot_be_listed_is_a_case_that_fails_not_one_left_out(
-    tmp_path: Path, monkeypatch
-) -> None:
+def test_a_subfolder_that_cannot_be_listed_is_left_out_saying_why(tmp_path: Path, monkeypatch, caplog) -> None:
     # As root, permissions do not stop a listing: a test double of the listing's failure drives our control flow.
     write_series(tmp_path / "in" / "a", phantom("RAS"))
     write_series(tmp_path / "in" / "b", phantom("RAS"), patient_id="PAT02")
@@ -700,9 +699,26 @@ def test_a_series_folder_that_cannot_be_listed_is_a_case_that_fails_not_one_left
         return listing(self)
 
     monkeypatch.setattr(Path, "iterdir", iterdir)
-    found = find_series(tmp_path / "in", unnamed=lambda sub: f"{sub.name}/")
-    assert found == {"PAT01_20260101_s3": tmp_path / "in" / "a", "b/": tmp_path / "in" / "b"}
-    with pytest.raises(FlareSegError, match=r"in/b: cannot list the folder \(Permission denied\)"):
-        find_series(tmp_path / "in")
+    with caplog.at_level("WARNING"):
+        found = find_series(tmp_path / "in", unnamed=lambda sub: f"{sub.name}/")
+    # Left out (lost+found on a data disk is such a folder), but said why: it used to read "no DICOM files".
+    assert found == {"PAT01_20260101_s3": tmp_path / "in" / "a"}
+    said = [r.getMessage() for r in caplog.records if r.name == "flareseg.dicom.files"]
+    assert said == [f"{tmp_path / 'in' / 'b'}: ignored: cannot list the folder (Permission denied)"]
     with pytest.raises(FlareSegError, match=r"in/b: cannot list the folder \(Permission denied\)"):
         read_series(tmp_path / "in" / "b")
+
+
+def test_an_empty_or_unreadable_file_not_named_dcm_is_skipped_with_a_warning(tmp_path: Path, caplog) -> None:
+    # A lock file, macOS's "Icon\r": not slices; refusing the series for them refused good series.
+    write_series(tmp_path / "s", phantom("RAS"))
+    (tmp_path / "s" / "LOCKFILE").write_bytes(b"")
+    (tmp_path / "s" / "Icon\r").write_bytes(b"")
+    with caplog.at_level("WARNING"):
+        vol = read_series(tmp_path / "s")
+    np.testing.assert_array_equal(vol.hu(), canonical_truth()[0].astype(np.float32))
+    said = sorted(r.getMessage() for r in caplog.records if r.name == "flareseg.dicom.files")
+    assert said == [
+        f"{tmp_path / 's'}: skipped 'Icon\\r': empty file (a slice lost?)",
+        f"{tmp_path / 's'}: skipped 'LOCKFILE': empty file (a slice lost?)",
+    ]

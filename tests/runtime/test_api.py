@@ -161,3 +161,16 @@ def test_a_volume_with_nan_gets_no_normaliser():
     volume[0, 0, 0] = np.nan
     with pytest.raises(FlareSegError, match="not finite"):
         volume_normalizer(volume, stats)
+
+
+def test_the_labels_come_back_in_the_inputs_memory_layout_and_shape(trained_checkpoint):
+    img = _phantom_image(False)
+    hu = np.asanyarray(img.dataobj).astype(np.float32)
+    with TorchRunner(trained_checkpoint) as runner:
+        fortran = segment_array(runner, np.asfortranarray(hu), img.affine, batch_size=4)
+        c_order = segment_array(runner, np.ascontiguousarray(hu), img.affine, batch_size=4)
+        singleton = segment_array(runner, hu[..., None], img.affine, batch_size=4)
+    assert fortran.flags.f_contiguous and c_order.flags.c_contiguous and singleton.shape == (*hu.shape, 1)
+    assert np.count_nonzero(fortran) > 100
+    np.testing.assert_array_equal(fortran, c_order)
+    np.testing.assert_array_equal(fortran, singleton[..., 0])
