@@ -184,3 +184,23 @@ def test_a_name_that_is_not_utf8_is_written_short_or_long(tmp_path):
     assert sorted(os.fsencode(p.name) for p in tmp_path.iterdir()) == sorted(
         [b"caf\xe9.nii.gz", b"caf\xe9" * 60 + b".nii.gz"]
     )
+
+
+def test_a_file_is_synced_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    # Renamed before its data reach the disk, an output can read back empty after a power loss.
+    events: list[tuple[str, object]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_text_atomic("labels", tmp_path / "out.txt")
+    (synced,) = [path for kind, path in events if kind == "fsync"]
+    assert events == [("fsync", synced), ("replace", synced)] and (tmp_path / "out.txt").read_text() == "labels"

@@ -299,3 +299,33 @@ def test_the_defaults_are_the_papers_and_each_aux_weight_reaches_its_level(phant
     argv = ["--data", str(phantom_data), "--out", str(tmp_path / "run"), "--epochs", "1", "--steps-per-epoch", "1"]
     assert train_main([*argv, "--val-cases", "1", "--loss-weights", "1,0.4,0.3,0.2,0.1", *TINY]) == 0
     assert [(w.final, w.aux) for w in seen] == [(1.0, (0.4, 0.3, 0.2, 0.1))]
+
+
+def _forward_px(theta: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward transforms (pixels, about the centre) and translations that ``sample_affines``' matrices undo."""
+    h, w = size
+    norm = torch.tensor([[2.0 / w, 0.0], [0.0, 2.0 / h]], dtype=torch.float64)
+    theta = theta.double()
+    inverse = torch.linalg.inv(norm) @ theta[:, :, :2] @ norm
+    forward = torch.linalg.inv(inverse)
+    shift = (torch.linalg.inv(norm) @ theta[:, :, 2:])[..., 0]
+    return forward, -(forward @ shift[..., None])[..., 0]
+
+
+def test_each_augmentation_draws_over_its_whole_range_and_no_further():
+    # The together-with-the-mask test alone let a one-sided rotation, no shear or a width-scaled y shift through.
+    g = torch.Generator().manual_seed(0)
+    size, n = (40, 64), 4000  # not square: x shifts scale with the width, y shifts with the height
+    none = {"rotation_deg": 0.0, "translation": 0.0, "scale": (1.0, 1.0), "shear_deg": 0.0}
+    forward, _ = _forward_px(sample_affines(n, size, AugmentConfig(**{**none, "rotation_deg": 30.0}), g), size)
+    angle = torch.rad2deg(torch.atan2(forward[:, 1, 0], forward[:, 0, 0]))
+    assert angle.abs().max() <= 30.0 + 1e-3 and angle.min() < -27 and angle.max() > 27
+    forward, _ = _forward_px(sample_affines(n, size, AugmentConfig(**{**none, "shear_deg": 20.0}), g), size)
+    shear = torch.rad2deg(torch.atan(forward[:, 0, 1]))
+    assert forward[:, 1, 0].abs().max() < 1e-5 and shear.abs().max() <= 20.0 + 1e-3 and shear.abs().max() > 18
+    forward, _ = _forward_px(sample_affines(n, size, AugmentConfig(**{**none, "scale": (0.8, 1.2)}), g), size)
+    scale = torch.linalg.det(forward).sqrt()
+    assert 0.8 - 1e-4 <= scale.min() < 0.82 and 1.18 < scale.max() <= 1.2 + 1e-4
+    _, shift = _forward_px(sample_affines(n, size, AugmentConfig(**{**none, "translation": 0.2}), g), size)
+    reach = shift.abs().amax(0)  # x, y in pixels
+    assert 0.19 * 64 < reach[0] <= 0.2 * 64 + 1e-3 and 0.19 * 40 < reach[1] <= 0.2 * 40 + 1e-3
