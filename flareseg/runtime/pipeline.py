@@ -518,10 +518,10 @@ def segment_array(
 
     ``array``: Hounsfield units on the voxel axes that ``affine`` maps to RAS+ mm, as
     nibabel gives a file's voxels and ``img.affine`` (see
-    :func:`~flareseg.volume.volume_from_array`); it is checked as a file would be (3D,
-    finite, not a label map). The labels are those :func:`segment_file` writes for a file
-    holding the same voxels and affine. The runner is activated here if it is not yet; the
-    caller deactivates it. ``name`` stands for the volume in error messages.
+    :func:`~flareseg.volume.volume_from_array`); it is checked as a file would be (3D or a
+    trailing singleton fourth axis, finite, not a label map). The labels are those
+    :func:`segment_file` writes for a file holding the same voxels and affine. The runner
+    is activated here if it is not yet; the caller deactivates it. ``name`` stands for the volume in error messages.
     """
     volume = volume_from_array(array, affine, name=name)
     runner.activate()

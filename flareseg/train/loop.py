@@ -132,6 +132,11 @@ def _global_order(n_slices: int, steps: int, global_batch: int, generator: torch
     return torch.cat([torch.randperm(n_slices, generator=generator) for _ in range(reps)])[:need]
 
 
+def _global_batch(cfg: TrainConfig, world: int) -> int:
+    """Slices per optimiser step over all replicas and micro-batches."""
+    return cfg.batch_size * cfg.accumulate * world
+
+
 class _StepSampler(torch.utils.data.Sampler[list[int]]):
     """Yields this rank's micro-batches: chunk c = micro * world + rank of each step's global batch."""
 
@@ -143,7 +148,7 @@ class _StepSampler(torch.utils.data.Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         b, world = self.cfg.batch_size, self.dist.world
-        global_batch = b * self.cfg.accumulate * world
+        global_batch = _global_batch(self.cfg, world)
         for step in range(self.steps):
             base = step * global_batch
             for micro in range(self.cfg.accumulate):
@@ -499,16 +504,13 @@ class _Epochs:
     steps: int
     weights: LossWeights
 
-    @property
-    def global_batch(self) -> int:
-        return self.config.batch_size * self.config.accumulate * self.d.world
-
 
 def _train_epoch(
     e: _Epochs, epoch: int, net: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
 ) -> dict[str, Any]:
     """One epoch's steps; its log record's training part (the loss is the mean over all replicas)."""
-    config, d, device, steps, global_batch = e.config, e.d, e.device, e.steps, e.global_batch
+    config, d, device, steps = e.config, e.d, e.device, e.steps
+    global_batch = _global_batch(config, d.world)
     fmt = _memory_format(config)
     order = _global_order(len(e.dataset), steps, global_batch, _epoch_generator(config.seed, epoch, 0))
     thetas = sample_affines(
@@ -616,8 +618,8 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
     if d.world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     dataset = SliceDataset(cache, cases[0])
-    global_batch = config.batch_size * config.accumulate * d.world
-    steps = config.steps_per_epoch if config.steps_per_epoch is not None else max(1, len(dataset) // global_batch)
+    whole = max(1, len(dataset) // _global_batch(config, d.world))
+    steps = config.steps_per_epoch if config.steps_per_epoch is not None else whole
     weights = LossWeights(final=config.loss_weights[0], aux=tuple(config.loss_weights[1:]))  # type: ignore[arg-type]
     epochs = _Epochs(config, d, device, info, dataset, steps, weights)
     history: list[dict[str, Any]] = []

@@ -161,9 +161,11 @@ class Runner(ABC):
 
 def cuda_device(device: str | torch.device) -> torch.device:
     try:
-        dev = torch.device(device)
+        dev: torch.device | None = torch.device(device)
     except (RuntimeError, TypeError):  # torch's message lists its ~20 device types; ours says what we take
-        raise FlareSegError(f"device must be cpu or cuda[:i], got {device!r}") from None
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise FlareSegError(f"device must be cpu or cuda[:i], got {device!r}")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise FlareSegError(f"device {device} requested, but torch sees no CUDA GPU on this machine")
@@ -171,6 +173,4 @@ def cuda_device(device: str | torch.device) -> torch.device:
             dev = torch.device("cuda", torch.cuda.current_device())
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise FlareSegError(f"device {device} requested, but only {torch.cuda.device_count()} CUDA GPU(s) exist")
-    elif dev.type != "cpu":
-        raise FlareSegError(f"device must be cpu or cuda[:i], got {device}")
     return dev
