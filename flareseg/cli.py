@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -27,19 +28,44 @@ log = logging.getLogger("flareseg.cli")
 INTERRUPTED = 130
 #: The exit code of a command stopped by SIGTERM (128 + SIGTERM), as shells report it.
 TERMINATED = 143
+#: The exit code of a command whose terminal closed (128 + SIGHUP): an ssh session dropped, a window closed.
+HUNG_UP = 129
+#: The exit codes of a command stopped from outside rather than ended by its work.
+STOPPED = (INTERRUPTED, TERMINATED, HUNG_UP)
+
+#: The signals that stop a command and unwind it as Ctrl-C does (SIGHUP where the platform has it).
+_STOPS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread so that it unwinds as Ctrl-C does.
+    """SIGTERM or SIGHUP, raised in the main thread so that it unwinds as Ctrl-C does.
 
-    A process manager's SIGTERM would otherwise end the process at once, leaving a write in
-    progress as a hidden ``.part`` file; unwinding lets the writer finish its file and
-    removes what was not finished.
+    A process manager's SIGTERM, or the hang-up of a closed terminal, would otherwise end the
+    process at once, leaving a write in progress as a hidden ``.part`` file; unwinding lets the
+    writer finish its file and removes what was not finished.
     """
 
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__()
+        self.signum = signum
 
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated()
+
+def _raise_terminated(signum: int, frame: object, terminals: Sequence[int] = ()) -> None:
+    if signum == getattr(signal, "SIGHUP", None):
+        _to_null(terminals)  # the terminal is gone: a line or a bar written to it would fail (EIO) mid-unwind
+    raise Terminated(signum)
+
+
+def _to_null(descriptors: Sequence[int]) -> None:
+    if not descriptors:
+        return
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        for fd in descriptors:
+            os.dup2(null, fd)
+        os.close(null)
+    except OSError:
+        pass
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +115,7 @@ def run_command(
         if handler not in theirs:  # the handler basicConfig made, now or in an earlier command
             handler.addFilter(_no_pydicom_errors)  # pydicom's child loggers' records reach only the handlers
             handler._flareseg = True  # type: ignore[attr-defined]
-    previous = _catch_sigterm()
+    previous = _catch_stops()
     try:
         return body(args)
     except FlareSegError as exc:
@@ -116,12 +142,14 @@ def run_command(
         _tell(f"{parser.prog}: error: {exc}")  # a pipe of some other kind: say so
         return 2
     except KeyboardInterrupt as exc:
-        stopped = isinstance(exc, Terminated)
-        _tell(f"{parser.prog}: {'terminated' if stopped else 'interrupted'}")
-        return TERMINATED if stopped else INTERRUPTED
+        if not isinstance(exc, Terminated):
+            _tell(f"{parser.prog}: interrupted")
+            return INTERRUPTED
+        _tell(f"{parser.prog}: {'hung up' if 128 + exc.signum == HUNG_UP else 'terminated'}")
+        return 128 + exc.signum
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
 
 
 def _gpu_out_of_memory(exc: BaseException) -> bool:
@@ -141,17 +169,26 @@ def _out_of_memory(exc: BaseException) -> str:
     )
 
 
-def _catch_sigterm() -> Any:
-    """Turn SIGTERM into :class:`Terminated` while a command runs; the handler it replaces, or None.
+def _catch_stops() -> dict[int, Any]:
+    """Turn SIGTERM and SIGHUP into :class:`Terminated` while a command runs; the handlers it replaces.
 
-    Only where SIGTERM still has its default action and from the main thread: a program
-    that embeds a command and handles SIGTERM itself keeps its own handler.
+    Only where a signal still has its default action and from the main thread: a program
+    that embeds a command and handles one itself keeps its own handler, and a command run
+    under ``nohup`` (SIGHUP ignored) runs on when its terminal closes.
+    On SIGHUP, standard output and error go to the null device if they were the terminal.
     """
     if threading.current_thread() is not threading.main_thread():
-        return None
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return None
-    return signal.signal(signal.SIGTERM, _raise_terminated)
+        return {}
+    terminals = [fd for fd in (1, 2) if _is_terminal(fd)]  # asked now: a hung-up terminal no longer says
+    handler = functools.partial(_raise_terminated, terminals=terminals)
+    return {stop: signal.signal(stop, handler) for stop in _STOPS if signal.getsignal(stop) is signal.SIG_DFL}
+
+
+def _is_terminal(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
 
 
 def _below_error(record: logging.LogRecord) -> bool:

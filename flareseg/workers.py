@@ -19,7 +19,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-_STOP = {signal.SIGINT, signal.SIGTERM}
+# SIGHUP (a closed terminal) where the platform has it: the commands unwind on it as on SIGTERM.
+_STOP = {signal.SIGINT, signal.SIGTERM} | ({signal.SIGHUP} if hasattr(signal, "SIGHUP") else set())
 
 
 def pool_worker_signals() -> None:
@@ -31,7 +32,8 @@ def pool_worker_signals() -> None:
 
 @contextlib.contextmanager
 def stop_signals_blocked() -> Iterator[None]:
-    """Ctrl-C and SIGTERM held back while worker processes are forked (or a set of files is renamed), then handled.
+    """Ctrl-C, SIGTERM and SIGHUP held back while worker processes are forked (or a set of files is renamed, or a write
+    handed over or waited for), then handled.
 
     A signal handled during a fork ran the command's handler inside the fork's own hooks, where
     its exception is dropped (the stop was lost), and one that reached a new worker before its
@@ -110,8 +112,11 @@ def _parent_gone(parent: int, wait_s: float = 1.0) -> bool:
 
 
 def _worker_signals(sigterm: signal.Handlers) -> None:
-    """Ctrl-C ignored (the parent's to handle), SIGTERM as given, and both let through again."""
+    """Ctrl-C and a closed terminal's SIGHUP ignored (the parent's to handle), SIGTERM as given, and all let
+    through again."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, sigterm)
     if hasattr(signal, "pthread_sigmask"):  # forked with both blocked (see stop_signals_blocked)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP)

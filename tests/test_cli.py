@@ -75,9 +75,11 @@ def test_empty_paths_are_refused_by_every_command(capsys):
         assert "an empty path (see " in capsys.readouterr().err
 
 
-def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_partial_file(tmp_path):
-    """A real SIGTERM, sent by the command to itself while an atomic write is open."""
-    code = f"""
+@pytest.mark.parametrize(("name", "code", "said"), [("SIGTERM", 143, "terminated"), ("SIGHUP", 129, "hung up")])
+def test_sigterm_and_sighup_unwind_like_ctrl_c_and_leave_no_partial_file(tmp_path, name, code, said):
+    """A real SIGTERM (a process manager) or SIGHUP (a closed terminal), sent by the command to itself while an
+    atomic write is open. Before, SIGHUP ended the process at once (129) with the ``.part`` file left."""
+    script = f"""
 import argparse, os, signal, sys
 from pathlib import Path
 from flareseg.atomic import atomic_output
@@ -86,20 +88,96 @@ from flareseg.cli import add_common_arguments, run_command
 def body(args):
     with atomic_output(Path({str(tmp_path / "out.bin")!r})) as tmp:
         tmp.write_bytes(b"half")
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.{name})
         signal.pause()  # not reached: the handler raises at once
     return 0
 
 parser = argparse.ArgumentParser(prog="demo")
 add_common_arguments(parser)
 code = run_command(parser, body, [])
-print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+print(signal.getsignal(signal.{name}) is signal.SIG_DFL)
 sys.exit(code)
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 143 and done.stderr.strip() == "demo: terminated"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr.strip()) == (code, f"demo: {said}")
     assert done.stdout == "True\n"  # the default action is back once the command returns
     assert not any(tmp_path.iterdir())  # the half-written temporary file is gone
+
+
+def test_under_nohup_a_hang_up_is_left_ignored_and_the_command_runs_on(tmp_path):
+    script = f"""
+import argparse, os, signal, sys
+from pathlib import Path
+from flareseg.atomic import atomic_output
+from flareseg.cli import add_common_arguments, run_command
+
+def body(args):
+    with atomic_output(Path({str(tmp_path / "out.bin")!r})) as tmp:
+        os.kill(os.getpid(), signal.SIGHUP)
+        tmp.write_bytes(b"whole")
+    return 0
+
+signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup leaves it
+parser = argparse.ArgumentParser(prog="demo")
+add_common_arguments(parser)
+sys.exit(run_command(parser, body, []))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert (tmp_path / "out.bin").read_bytes() == b"whole"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="opens a pseudo-terminal as a session's controlling terminal")
+def test_a_closed_terminal_stops_the_command_cleanly_though_its_output_went_to_that_terminal(tmp_path):
+    """A real hang-up: the command's controlling terminal (a pseudo-terminal, its stdout and stderr) is closed
+    while it writes a file and keeps writing lines to the terminal. Writing there after the hang-up fails (EIO);
+    the command must still unwind as on SIGTERM: exit 129, no ``.part`` file, the file not left half written."""
+    import os
+    import pty
+    import select
+
+    out, said = tmp_path / "out.bin", tmp_path / "code.txt"
+    script = f"""
+import argparse, fcntl, os, sys, termios, time
+from pathlib import Path
+from flareseg.atomic import atomic_output
+from flareseg.cli import add_common_arguments, run_command
+
+os.setsid()
+fcntl.ioctl(1, termios.TIOCSCTTY, 0)  # the pseudo-terminal becomes this session's controlling terminal
+
+def body(args):
+    try:
+        with atomic_output(Path({str(out)!r})) as tmp:
+            tmp.write_bytes(b"half")
+            print("ready", flush=True)
+            for _ in range(400):  # 20 s at most: the hang-up comes long before
+                print("working", file=sys.stderr, flush=True)
+                time.sleep(0.05)
+    finally:
+        print("what was done", flush=True)  # as flare-infer says the cases it finished, while it unwinds
+    return 0
+
+parser = argparse.ArgumentParser(prog="demo")
+add_common_arguments(parser)
+code = run_command(parser, body, [])
+Path({str(said)!r}).write_text(str(code))
+sys.exit(code)
+"""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    seen = b""
+    try:
+        while b"ready" not in seen:
+            ready, _, _ = select.select([master], [], [], 60)
+            assert ready, f"the command never started: {seen!r}"
+            seen += os.read(master, 4096)
+    finally:
+        os.close(master)  # the terminal closes: the kernel sends SIGHUP to the session
+    assert proc.wait(timeout=60) == 129
+    assert said.read_text() == "129"  # the command returned its code itself: it was not killed by the signal
+    assert not any(p.name != "code.txt" for p in tmp_path.iterdir())  # neither out.bin nor its .part
 
 
 def test_running_out_of_host_memory_is_one_line_and_other_runtime_errors_stay_tracebacks(capsys):

@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import numpy as np
 
 from flareseg.cli import (
-    INTERRUPTED,
-    TERMINATED,
+    STOPPED,
     add_common_arguments,
     default_device,
     device_name,
@@ -637,10 +636,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def entry() -> NoReturn:
     """The ``flare-infer`` command: :func:`main`, then an exit without the interpreter's teardown.
 
-    Not after Ctrl-C: a writer thread may still be finishing, and the usual exit waits for it.
+    Not after Ctrl-C (or SIGTERM, SIGHUP): a writer thread may still be finishing, and the usual exit waits for it.
     """
     code = main()
-    if code in (INTERRUPTED, TERMINATED):
+    if code in STOPPED:
         sys.exit(code)
     exit_now(code)
 

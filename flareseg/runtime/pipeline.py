@@ -48,6 +48,7 @@ from flareseg.runtime.reading import Read, Reader, read_case
 from flareseg.runtime.runners import Runner
 from flareseg.runtime.startup import Timeline
 from flareseg.volume import Volume, VolumeGeometry, from_canonical, refuse_label_map, volume_from_array, write_labels
+from flareseg.workers import stop_signals_blocked
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack from Python 3.11
@@ -330,10 +331,8 @@ def run_cases(
         while writes and writes[0][1].done():
             settle_first()
 
-    def on_device(
-        i: int, job: CaseJob, timing: CaseTiming, current: Future[Read]
-    ) -> Future[tuple[float, float, float]]:
-        """Case i's turn on the device; its post-processing and write go to the writer (its future is returned).
+    def on_device(i: int, job: CaseJob, timing: CaseTiming, current: Future[Read]) -> None:
+        """Case i's turn on the device; its post-processing and write go to the writer (queued in ``writes``).
 
         A function of its own, so that the case's voxels and labels are released when it returns.
         """
@@ -352,13 +351,18 @@ def run_cases(
             if raise_errors:
                 raise
             timing._log_failure(exc)
-            return _done((0.0, 0.0, 0.0))
+            writes.append((timing, _done((0.0, 0.0, 0.0))))
+            return
         # As if the read had ended as the run took it: its wait for the run is start-up, not the case's.
         started = taken - (read.read_s + read.histogram_s)
         geometry, source = read.volume.geometry, read.volume.source
         del read  # the stored voxels are not needed for writing: free them before the next case
         finish = streaming if streaming is not None else postprocess
-        return writer.submit(_finish_stage, labels, geometry, source, job, finish, started)
+        # A stop between handing the case over and queueing its future (the writer's thread starts on the
+        # first case, and may end its turn before the start returns) would leave a write running unseen: the
+        # stop below would not wait for it, nor say the case. The hand-over is held together.
+        with stop_signals_blocked():
+            writes.append((timing, writer.submit(_finish_stage, labels, geometry, source, job, finish, started)))
 
     try:
         upcoming: Future[Read] | None = reads.submit(jobs[0].input, jobs[0].output_type)
@@ -375,7 +379,7 @@ def run_cases(
             following = reads.submit(jobs[i + 1].input, jobs[i + 1].output_type) if i + 1 < len(jobs) else None
             current, upcoming = upcoming, following
             assert current is not None
-            writes.append((timing, on_device(i, job, timing, current)))
+            on_device(i, job, timing, current)
             del current  # its result is the case's voxels: let them go with the case
             # Keep at most one write in flight behind the device, so memory stays bounded.
             while len(writes) > 1 or (writes and writes[0][1].done()):
@@ -386,11 +390,14 @@ def run_cases(
     except BaseException:
         # Interrupted (Ctrl-C, SIGTERM) or stopped by a case's error: the cases already inferred are
         # written (at most two: bounded), then settled and said like the others before the run unwinds.
-        writer.shutdown(wait=True)
-        while writes:
-            timing, fut = writes.popleft()
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                settle(timing, fut)
+        # A second stop meanwhile waits for them too: it would break the wait, and the interpreter would
+        # then end with the writer mid-file (a .part file left, the case lost); it is raised once they are.
+        with stop_signals_blocked():
+            writer.shutdown(wait=True)
+            while writes:
+                timing, fut = writes.popleft()
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    settle(timing, fut)
         raise
     finally:
         if own_reader:

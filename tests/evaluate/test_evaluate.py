@@ -212,9 +212,15 @@ def _children(pid: int) -> list[str]:
 
 
 @pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(), reason="needs Linux /proc")
-def test_sigterm_to_the_process_group_ends_a_pooled_run_at_once(tmp_path):
+@pytest.mark.parametrize(
+    ("stop", "code", "said", "delays"),
+    [(signal.SIGTERM, 143, "terminated", (0.2, 0.8)), (signal.SIGHUP, 129, "hung up", (0.5,))],
+)
+def test_sigterm_or_sighup_to_the_process_group_ends_a_pooled_run(tmp_path, stop, code, said, delays):
     # A process manager (systemd, a pod, `timeout`) signals the whole group: the pool's workers too. Workers that
     # inherited the command's SIGTERM handler raised inside the pool's machinery, and the run could hang there.
+    # A closed terminal's SIGHUP reaches the group too: the workers leave it to the command, which stops as on
+    # Ctrl-C (before, it killed every process at once, with no line).
     gt, pred = tmp_path / "gt", tmp_path / "pred"
     gt.mkdir(), pred.mkdir()
     labels = make_phantom((96, 96, 48), (3.0, 3.0, 4.0), seed=1).to_nifti()[1]
@@ -222,21 +228,21 @@ def test_sigterm_to_the_process_group_ends_a_pooled_run_at_once(tmp_path):
         save(labels, gt / f"c{i:03d}.nii.gz")
         save(labels, pred / f"c{i:03d}.nii.gz")
     cmd = [sys.executable, "-m", "flareseg.evaluate", "--pred", str(pred), "--gt", str(gt), "--workers", "2"]
-    for delay in (0.2, 0.8):
+    for delay in delays:
         out = tmp_path / f"after-{delay}.csv"
         proc = subprocess.Popen([*cmd, "-o", str(out), "-q"], start_new_session=True, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
         while len(_children(proc.pid)) < 2 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)  # until the pool's two workers exist: then the signal reaches them too
         time.sleep(delay)
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, stop)
         try:
             _, err = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"flare-eval did not end within 60 s of SIGTERM, {delay} s into scoring")
+            pytest.fail(f"flare-eval did not end within 60 s of {stop.name}, {delay} s into scoring")
         # Only our line: the traceback CPython's pool manager thread can print for a cancelled case is dropped.
-        assert proc.returncode == 143 and err.decode().startswith("flare-eval: terminated"), err
+        assert proc.returncode == code and err.decode().startswith(f"flare-eval: {said}"), err
         assert not out.exists()
         with pytest.raises(ProcessLookupError):  # no worker left behind in the group
             os.killpg(proc.pid, 0)

@@ -989,3 +989,54 @@ def test_ctrl_c_while_waiting_for_the_last_write_still_counts_the_case_written(
     assert (out / "c0.nii.gz").is_file() and "c0: 6 slices" in printed  # it was written, and said "0 segmented"
     assert "interrupted: 1 segmented, 0 skipped (already done), 0 failed of 1" in printed
     assert [c["case"] for c in json.loads((out / "c0.timings.json").read_text())["cases"]] == ["c0"]
+
+
+def test_a_second_ctrl_c_while_the_last_case_is_written_still_writes_it_whole(
+    trained_checkpoint, tmp_path, monkeypatch, capsys
+):
+    """Two real SIGINTs while the writer has a case in hand: the run waits for that write, so the case is
+    on disk whole, said and counted, and no ``.part`` file is left; the stop still ends the run (130)."""
+    import os
+    import signal
+
+    (ct,) = _folder(tmp_path / "in", 1)
+    real = pipeline._finish_stage
+
+    def finish_stage(*args, **kwargs):
+        time.sleep(0.3)  # the main thread is waiting for this write
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: it unwinds, and waits for the write in the stop's handling
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C again, impatient: this one broke that wait
+        time.sleep(0.3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_finish_stage", finish_stage)
+    out = tmp_path / "out"
+    assert infer_main(["--model", str(trained_checkpoint), "-i", str(ct), "-o", str(out), "-q"]) == 130
+    assert sorted(p.name for p in out.iterdir()) == ["c0.nii.gz", "c0.timings.json"]  # no .part file beside
+    assert nib.load(out / "c0.nii.gz").shape == nib.load(ct).shape
+    assert "interrupted: 1 segmented, 0 skipped (already done), 0 failed of 1" in capsys.readouterr().out
+
+
+def test_a_ctrl_c_as_a_case_is_handed_to_the_writer_still_waits_for_it_and_counts_it(
+    trained_checkpoint, tmp_path, monkeypatch, capsys
+):
+    """A SIGINT inside the hand-over (a test double of the writer's pool sends it as the case is queued): the
+    case used to be written unseen, after the run had said "0 segmented" and returned."""
+    import os
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    class StoppedAtSubmit(ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):
+            fut = super().submit(fn, *args, **kwargs)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.3)  # the interrupt is taken here, before the future is returned
+            return fut
+
+    (ct,) = _folder(tmp_path / "in", 1)
+    monkeypatch.setattr(pipeline, "ThreadPoolExecutor", StoppedAtSubmit)
+    out = tmp_path / "out"
+    assert infer_main(["--model", str(trained_checkpoint), "-i", str(ct), "-o", str(out), "-q"]) == 130
+    assert sorted(p.name for p in out.iterdir()) == ["c0.nii.gz", "c0.timings.json"]
+    assert "interrupted: 1 segmented, 0 skipped (already done), 0 failed of 1" in capsys.readouterr().out
