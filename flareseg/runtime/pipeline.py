@@ -473,7 +473,7 @@ def segment_file(
 
 def segment_folder(
     runner: Runner,
-    inputs: Sequence[str | os.PathLike[str]],
+    inputs: Sequence[str | os.PathLike[str]] | Mapping[str, str | os.PathLike[str]],
     out_dir: str | os.PathLike[str],
     *,
     output_type: OutputType = "nifti",
@@ -483,6 +483,8 @@ def segment_folder(
 ) -> list[CaseTiming]:
     """Segment each input into ``out_dir`` (FLARE21 names); skip finished cases; go on after a failure.
 
+    ``inputs``: NIfTI files and DICOM series folders, or what :func:`list_inputs` gives for a folder (its
+    inputs by case name; the names are the inputs' own, so only the inputs are used).
     ``options``: see :func:`run_cases`.
     """
     if isinstance(inputs, str | os.PathLike):  # a str is a Sequence too: its characters would each be a "case"
@@ -493,7 +495,7 @@ def segment_folder(
     out = Path(out_dir)  # made by the first write: a run that fails to start leaves no empty folder
     results: dict[int, CaseTiming] = {}
     jobs: list[tuple[int, CaseJob]] = []
-    paths = [Path(p) for p in inputs]
+    paths = [Path(p) for p in (inputs.values() if isinstance(inputs, Mapping) else inputs)]
     for i, planned in enumerate(plan_folder(paths, out, output_type, overwrite=overwrite)):
         if planned.status == "run":
             jobs.append((i, planned.job))

@@ -86,6 +86,19 @@ def test_a_folder_given_as_one_path_is_refused_not_split_into_characters(trained
     assert done.status == "ok" and (tmp_path / "out" / "c.nii.gz").is_file()
 
 
+def test_a_folder_listed_by_list_inputs_is_taken_as_it_is_given(trained_checkpoint, tmp_path):
+    # As the README and the refusal above suggest: list_inputs gives case name -> input. Its keys were once
+    # taken for paths, and every case failed with "file not found".
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("b", "a"):
+        save(_phantom_image(False), folder / f"{name}_0000.nii.gz")
+    with TorchRunner(trained_checkpoint) as runner:
+        done = segment_folder(runner, list_inputs(folder), tmp_path / "out")
+    assert [(t.case, t.status) for t in done] == [("a", "ok"), ("b", "ok")]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == ["a.nii.gz", "b.nii.gz"]
+
+
 class _CountingRunner(FunctionRunner):
     """A test double: the trained network, counting activations, whose batches can be held up by an event."""
 
