@@ -51,6 +51,7 @@ class AtomicOutputs:
     def __init__(self) -> None:
         self._written: list[tuple[Path, Path]] = []  # (temporary, target), each on disk already
         self._temps: list[Path] = []
+        self._removed: list[Path] = []
 
     @contextmanager
     def writing(self, path: str | os.PathLike[str], *, keep_suffix: str = "") -> Iterator[Path]:
@@ -71,15 +72,23 @@ class AtomicOutputs:
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; outputs get ordinary permissions
         self._written.append((tmp, target))
 
+    def remove(self, path: str | os.PathLike[str]) -> None:
+        """Remove ``path`` when the set is renamed into place, right after the renames: a member of an earlier
+        set that this one does not replace (its fp16 model, say), which must not outlive the set it belonged to."""
+        self._removed.append(Path(path))
+
     def _commit(self) -> None:
         from flareseg.workers import stop_signals_blocked
 
         # Ctrl-C or SIGTERM between two renames would leave the set half new, half old (a checkpoint beside an
-        # older one, a model beside another's sidecar): they are held back until the last rename.
-        with stop_signals_blocked() if len(self._written) > 1 else nullcontext():
+        # older one, a model beside another's sidecar): they are held back until the last rename and removal.
+        with stop_signals_blocked() if len(self._written) + len(self._removed) > 1 else nullcontext():
             for tmp, target in self._written:
                 with _naming(target):
                     os.replace(tmp, target)
+            for gone in self._removed:
+                with _naming(gone):
+                    gone.unlink(missing_ok=True)
 
     def _discard(self) -> None:
         for tmp in self._temps:

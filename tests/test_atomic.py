@@ -50,6 +50,29 @@ def test_ctrl_c_between_the_renames_of_a_set_waits_for_the_last_one(tmp_path, mo
     assert [(tmp_path / n).read_text() for n in ("model.onnx", "model.onnx.json")] == ["new", "new"]
 
 
+def test_a_removal_goes_with_the_renames_and_a_failed_set_removes_nothing(tmp_path, monkeypatch):
+    (tmp_path / "old_fp16.onnx").write_text("old")
+    with pytest.raises(RuntimeError), atomic_outputs() as outputs:
+        outputs.remove(tmp_path / "old_fp16.onnx")
+        with outputs.writing(tmp_path / "model.onnx") as tmp:
+            tmp.write_text("new")
+        raise RuntimeError("no space left")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old_fp16.onnx"]  # the earlier set stays whole
+    real_replace = os.replace
+
+    def replace(src, dst):
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C at the rename: held back until the removal is done too
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt), atomic_outputs() as outputs:
+        outputs.remove(tmp_path / "old_fp16.onnx")
+        outputs.remove(tmp_path / "never_there.onnx")  # gone already: nothing to do
+        with outputs.writing(tmp_path / "model.onnx") as tmp:
+            tmp.write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
 def test_a_link_is_written_through_and_stays_a_link(tmp_path):
     target = tmp_path / "data" / "results.csv"
     target.parent.mkdir()

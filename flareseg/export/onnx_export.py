@@ -359,14 +359,17 @@ def export_onnx(
                 with outputs.writing(sidecar_path(path)) as side:
                     side.write_text(sidecar_text(meta.to_dict()))
                 written.append(ExportedModel(path, meta))
+            # The earlier set's members that this one does not replace go with the renames, not after them:
+            # a stop in between would leave the new fp32 model beside the old fp16 one, as if one set.
+            now = {p for w in written for p in (w.path, sidecar_path(w.path))}
+            stale = [p for p in earlier if p not in now]
+            for gone in stale:
+                outputs.remove(gone)
         bar.update()
     for model_written, (_, _, figures) in zip(written, verified, strict=True):
         log.debug("wrote %s: %s", model_written.path, _summary(figures))  # flare-export prints it (stdout)
-    now = {p for w in written for p in (w.path, sidecar_path(w.path))}
-    for stale in earlier:
-        if stale not in now:
-            stale.unlink(missing_ok=True)
-            log.info("removed %s: of the earlier export, not of this one", stale)
+    for gone in stale:
+        log.info("removed %s: of the earlier export, not of this one", gone)
     return written
 
 

@@ -648,3 +648,29 @@ def test_an_earlier_export_is_refused_unless_overwrite_which_replaces_the_whole_
         "other_fp32.onnx.json",
     ]
     assert read_onnx_metadata(out / "flareseg_fp32.onnx").batch_profile == (1, 2, 4)
+
+
+def test_a_ctrl_c_as_the_new_set_replaces_the_old_one_still_removes_the_old_sets_other_members(
+    tiny_checkpoint, tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C right after the first rename of an --overwrite: the old fp16 model was removed only after the renames,
+    so a stop there left the new fp32 model beside the old fp16 one, which looked like one set."""
+    import os
+    import signal
+
+    out = tmp_path / "deploy"
+    assert export_main([str(tiny_checkpoint), "-o", str(out), "--fp16", "--verify-slices", "1", "-q"]) == 0
+    real_replace, renamed = os.replace, []
+
+    def replace(src, dst):
+        if not renamed:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C right after the first rename
+        real_replace(src, dst)
+        renamed.append(Path(dst).name)
+
+    monkeypatch.setattr(os, "replace", replace)
+    argv = [str(tiny_checkpoint), "-o", str(out), "--verify-slices", "1", "--batch", "1,2,4", "--overwrite", "-q"]
+    assert export_main(argv) == 130
+    assert renamed == ["flareseg_fp32.onnx", "flareseg_fp32.onnx.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["flareseg_fp32.onnx", "flareseg_fp32.onnx.json"]
+    assert read_onnx_metadata(out / "flareseg_fp32.onnx").batch_profile == (1, 2, 4)  # the new one
