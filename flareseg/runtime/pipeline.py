@@ -209,7 +209,7 @@ def _infer_stage(
     t0 = time.perf_counter()
     stats = runner.info.normalization
     normalizer = volume_normalizer(volume.array, stats, volume.slope, volume.inter, read.histogram)
-    refuse_label_map(volume, timing.input, "flare-infer", (normalizer.lo, normalizer.hi))  # bounds at hand: no pass
+    refuse_label_map(volume, timing.input, "segmentation", (normalizer.lo, normalizer.hi))  # bounds at hand: no pass
     t1 = time.perf_counter()
     times = InferenceTimes()
     on_labels = streaming.add if streaming is not None else None

@@ -509,7 +509,7 @@ def test_write_seg_empty_label_map(tmp_path: Path) -> None:
     np.testing.assert_array_equal(read_seg(out, vol), empty)
 
 
-def test_write_seg_refusals_leave_nothing(tmp_path: Path) -> None:
+def test_write_seg_refusals_leave_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_series(tmp_path / "s", phantom("LPS"))
     vol = read_series(tmp_path / "s")
     out_dir = tmp_path / "out"
@@ -517,7 +517,18 @@ def test_write_seg_refusals_leave_nothing(tmp_path: Path) -> None:
         write_seg(np.zeros((3, 3, 3), np.uint8), vol, out_dir / "a.dcm")
     with pytest.raises(FlareSegError, match=r"labels \[7\] outside 0..4"):
         write_seg(np.full(vol.array.shape, 7, np.uint8), vol, out_dir / "a.dcm")
+    one_off = np.zeros(vol.array.shape, np.uint8)
+    one_off[1, 2, 3] = 5  # one voxel, the first label past the organs
+    with pytest.raises(FlareSegError, match=r"labels \[5\] outside 0..4$"):
+        write_seg(one_off, vol, out_dir / "a.dcm")
     assert not out_dir.exists() or not any(out_dir.iterdir())
+    # An input slice named by a relative path, from another working directory, is still that slice.
+    first = sorted((tmp_path / "s").iterdir())[0]
+    before = first.read_bytes()
+    monkeypatch.chdir(tmp_path / "s")
+    with pytest.raises(FlareSegError, match="refusing to overwrite an input slice"):
+        write_seg(np.zeros(vol.array.shape, np.uint8), vol, Path("..") / "s" / first.name)
+    assert first.read_bytes() == before
 
     p = phantom("RAS")
     nib.save(p.to_nifti()[0], tmp_path / "ct.nii.gz")

@@ -768,7 +768,7 @@ def test_a_label_map_given_as_input_is_refused_naming_it(trained_checkpoint, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         f"flare-infer: error: {mask}: looks like a label map, not a CT (every voxel is a class 0..4, none is air); "
-        "flare-infer takes CT images"
+        "segmentation takes CT images"  # the Python API says it too: not a command's name
     ]
     assert not (out / "b.nii.gz").exists()
     # In a folder, that case fails and the CT beside it is segmented.
