@@ -599,9 +599,13 @@ def test_the_log_gains_whole_lines_only_and_a_half_line_left_by_a_crash_goes(tmp
 
 
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
-def test_sigterm_to_the_process_group_with_loader_workers_stops_cleanly_and_keeps_the_run(data_a, tmp_path):
+@pytest.mark.parametrize(("stop", "code", "said"), [("SIGTERM", 143, "terminated"), ("SIGHUP", 129, "hung up")])
+def test_a_stop_to_the_process_group_with_loader_workers_stops_cleanly_and_keeps_the_run(
+    data_a, tmp_path, stop, code, said
+):
     # The DataLoader's workers get the group's SIGTERM too. Having inherited the command's handler, they died
     # raising it, and the loader turned that into a RuntimeError: a traceback, exit 1, the run folder removed.
+    # A closed terminal's SIGHUP reaches them too: they leave it to the training process, which stops as on SIGTERM.
     import signal
     import subprocess
     import time
@@ -614,13 +618,13 @@ def test_sigterm_to_the_process_group_with_loader_workers_stops_cleanly_and_keep
     while not (run / "split.json").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)  # the cache is built: the epoch and its loader workers start now
     time.sleep(2.0)
-    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, getattr(signal, stop))
     try:
         _, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("flare-train did not end within 60 s of SIGTERM")
-    assert proc.returncode == 143 and err.decode().strip().splitlines() == ["flare-train: terminated"], err
+        pytest.fail(f"flare-train did not end within 60 s of {stop}")
+    assert proc.returncode == code and err.decode().strip().splitlines() == [f"flare-train: {said}"], err
     assert (run / "stats.json").exists() and (run / "config.json").exists()  # kept, as after Ctrl-C
     deadline = time.monotonic() + 20  # the loader's workers exit once they see their parent gone (a watchdog)
     while time.monotonic() < deadline:
