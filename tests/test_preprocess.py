@@ -259,3 +259,12 @@ def test_percentiles_that_would_clip_every_volume_to_one_value_are_refused():
         with pytest.raises(FlareSegError, match="percentiles"):
             NormalizationStats(mean=0.0, std=1.0, percentiles=bad)
     assert NormalizationStats(mean=0.0, std=1.0, percentiles=(0.0, 100.0)).percentiles == (0.0, 100.0)
+
+
+def test_resizing_keeps_pixel_centres_where_the_label_resize_puts_them():
+    # Half-pixel (align_corners=False) geometry, as the labels' nearest-exact resize: [0, 1, 2, 3] halved samples
+    # between pixels 0-1 and 2-3. With corners aligned the images would move half a pixel against their labels.
+    row = torch.arange(4.0).view(1, 1, 1, 4)
+    assert resize_slices(row, (1, 2)).flatten().tolist() == [0.5, 2.5]
+    labels = torch.tensor([[[0, 1, 2, 3]]], dtype=torch.uint8)
+    assert resize_labels(labels, (1, 2)).flatten().tolist() == [1, 3]  # nearest-exact: pixels 1 and 3

@@ -297,6 +297,9 @@ def make_bad(kind: str, folder: Path) -> str:
         c, s = np.cos(np.radians(5)), np.sin(np.radians(5))
         write_series(folder, ph, edit=_set(4, ImageOrientationPatient=[c, s, 0.0, -s, c, 0.0]))
         return "slices are not parallel: ImageOrientationPatient differs"
+    if kind == "non-orthogonal":  # a row and column about 84 degrees apart: a sheared affine, had it passed
+        write_series(folder, ph, edit=_set(None, ImageOrientationPatient=[1.0, 0.0, 0.0, 0.1, 0.995, 0.0]))
+        return "ImageOrientationPatient [1.0, 0.0, 0.0, 0.1, 0.995, 0.0]: row and column are not orthogonal"
     if kind == "modality":
         write_series(folder, ph, modality="MR")
         return "modality MR, expected CT"
@@ -325,6 +328,7 @@ BAD_KINDS = [
     "spacing-drift",
     "gantry-tilt",
     "non-parallel",
+    "non-orthogonal",
     "modality",
     "rows",
     "pixel-spacing",

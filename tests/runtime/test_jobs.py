@@ -394,3 +394,27 @@ def test_a_file_at_an_output_that_is_no_result_fails_its_case_instead_of_passing
     assert "exists but is cut short" in str(plan["c2"].error)
     assert "exists but is not a readable result" in str(plan["c3"].error)
     assert (out / "c1.nii.gz").read_bytes() == b""  # nothing of theirs is touched
+
+
+def test_an_uncompressed_result_is_done_at_exactly_its_size_and_unfinished_one_byte_short(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from flareseg.runtime.jobs import unfinished_result
+
+    out = tmp_path / "c.nii"
+    nib.save(nib.Nifti1Image(np.ones((6, 5, 4), np.uint8), np.eye(4)), out)
+    assert out.stat().st_size == 352 + 120  # the header and offset, then the voxels: nothing after them
+    assert unfinished_result(out, "nifti") is None
+    out.write_bytes(out.read_bytes()[:-1])
+    assert unfinished_result(out, "nifti") == "holds 471 bytes where its header needs 472 (cut short?)"
+
+
+def test_a_case_written_onto_its_own_input_is_refused_before_any_work(tmp_path):
+    from flareseg.runtime.jobs import file_job
+
+    (ct,) = _cts(tmp_path / "in", 1)
+    with pytest.raises(FlareSegError, match=r"refusing to overwrite the input$"):
+        file_job(ct, ct)
+    with pytest.raises(FlareSegError, match=r"refusing to overwrite the input$"):
+        file_job(ct, tmp_path / "in" / ".." / "in" / ct.name)  # another name of the same file

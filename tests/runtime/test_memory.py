@@ -233,3 +233,11 @@ def test_allocation_failures_of_cudnn_and_cublas_count_as_no_room():
     assert no_room(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
     assert not no_room(RuntimeError("CUDA error: an illegal memory access was encountered"))
     assert not no_room(ValueError("CUDA out of memory"))  # not an error torch raises for it
+
+
+def test_stepping_down_takes_the_next_smaller_batch_not_the_smallest():
+    # Batch 4 fitted (950 MB) until batch 8's kernels were resident (1010 MB): the next smaller batch, 2, still
+    # fits with them, and it is the one taken; batch 1 would halve the throughput for nothing.
+    measure = _Growing({1: 500.0, 2: 600.0, 4: 950.0, 8: 1300.0})
+    plan = plan_batch(1000.0, 621.0, 40.0, measure, candidates=(1, 2, 4, 8))
+    assert measure.asked == [1, 2, 4, 8, 4, 2] and plan.batch == 2

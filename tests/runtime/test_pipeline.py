@@ -1040,3 +1040,39 @@ def test_a_ctrl_c_as_a_case_is_handed_to_the_writer_still_waits_for_it_and_count
     assert infer_main(["--model", str(trained_checkpoint), "-i", str(ct), "-o", str(out), "-q"]) == 130
     assert sorted(p.name for p in out.iterdir()) == ["c0.nii.gz", "c0.timings.json"]
     assert "interrupted: 1 segmented, 0 skipped (already done), 0 failed of 1" in capsys.readouterr().out
+
+
+def test_throughput_counts_the_cases_segmented_not_those_skipped_or_failed():
+    from flareseg.runtime.pipeline import CaseTiming, summarize
+
+    done = [
+        CaseTiming("a", "a_0000.nii.gz", "a.nii.gz"),
+        CaseTiming("b", "b_0000.nii.gz", "b.nii.gz", status="skipped"),
+        CaseTiming("c", "c_0000.nii.gz", "c.nii.gz", status="failed", error="c: cut short"),
+    ]
+    summary = summarize(done, 60.0)
+    assert (summary.cases, summary.segmented, summary.skipped, summary.failed) == (3, 1, 1, 1)
+    assert summary.cases_per_minute == 1.0  # a resumed run's skipped cases took no time: not "3 cases/min"
+    assert summarize(done[1:], 60.0).cases_per_minute is None
+
+
+def test_a_case_the_plan_refuses_carries_its_reason_and_a_dangling_link_is_not_written_through(tmp_path):
+    """Without a model: the plan's refusals and segment_file's check come before any inference."""
+    from flareseg.checkpoint import ModelInfo
+    from flareseg.network import NetworkConfig
+    from flareseg.preprocess import NormalizationStats
+
+    info = ModelInfo(NetworkConfig(base_width=4), NormalizationStats(mean=0.0, std=1.0), slice_size=(64, 64))
+    (first,) = _folder(tmp_path / "a", 1)
+    (second,) = _folder(tmp_path / "b", 1)  # another c0
+    runner = FunctionRunner(lambda batch: pytest.fail("nothing is inferred"), info)
+    (tmp_path / "out").mkdir()
+    save(make_phantom((48, 48, 6), (8.0, 8.0, 10.0), seed=1).to_nifti()[1], tmp_path / "out" / "c0.nii.gz")
+    done = segment_folder(runner, [first, second], tmp_path / "out")
+    assert [t.status for t in done] == ["skipped", "failed"]
+    assert done[1].error is not None and "case c0 again (first from" in done[1].error
+    (tmp_path / "out" / "c0.nii.gz").unlink()
+    (tmp_path / "out" / "c0.nii.gz").symlink_to(tmp_path / "nowhere.nii.gz")
+    with pytest.raises(FlareSegError, match=r"c0.nii.gz: a broken symbolic link is in the way$"):
+        segment_file(runner, first, tmp_path / "out" / "c0.nii.gz")
+    assert (tmp_path / "out" / "c0.nii.gz").is_symlink()

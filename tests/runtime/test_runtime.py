@@ -315,3 +315,42 @@ def test_a_precision_an_onnx_model_cannot_take_is_refused_even_with_nothing_to_d
     assert infer_main([*argv, "--backend", "openvino", "--precision", "fp16"]) == 2
     assert capsys.readouterr().err.strip().endswith("OpenVINO on the CPU runs fp32 or bf16, got 'fp16'")
     assert out.read_bytes() == b"an earlier result"
+
+
+def test_a_cuda_graph_runner_prefers_the_batch_its_graph_is_captured_at(trained_checkpoint, monkeypatch):
+    # Checked without a GPU: only the runner's construction is driven (a stand-in device), nothing runs on it.
+    from flareseg.runtime.pipeline import default_batch
+    from flareseg.runtime.runners import pytorch
+
+    monkeypatch.setattr(pytorch, "cuda_device", lambda device: torch.device("cuda", 0))
+    runner = TorchRunner(trained_checkpoint, device="cuda", cuda_graph_batch=4)
+    assert runner.preferred_batch == 4 and default_batch(runner) == 4  # the default 8 would not fit the graph
+    assert default_batch(TorchRunner(trained_checkpoint, device="cuda")) == 8
+
+
+def test_a_runner_refuses_a_batch_beyond_its_maximum_and_is_released_even_when_releasing_fails(
+    trained_checkpoint, tmp_path
+):
+    from flareseg.runtime.runners import backend_for
+
+    models = [tmp_path / f"m{suffix}" for suffix in (".pt", ".pth", ".PTH", ".onnx")]
+    for model in models:
+        model.write_bytes(b"a model")
+    assert [backend_for(model) for model in models] == ["torch", "torch", "torch", "onnxruntime"]
+    net, info, _ = load_model(trained_checkpoint)
+    runner = FunctionRunner(net, info)
+    runner.max_batch = 2
+    slices = torch.zeros(3, info.network.in_channels, *info.slice_size)
+    with runner, torch.inference_mode():
+        with pytest.raises(FlareSegError, match=r"batch 3 exceeds the model's maximum 2$"):
+            runner.infer(slices)
+        assert runner.infer(slices[:2]).shape[0] == 2
+
+    def failing_release() -> None:
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    runner.activate()
+    runner._deactivate = failing_release  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        runner.deactivate()
+    assert not runner.is_active  # what it held is gone: it does not claim to be active

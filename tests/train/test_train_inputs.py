@@ -255,6 +255,8 @@ def test_library_settings_refuse_non_finite_values():
         TrainConfig(data="d", out="o", lr=float("nan"))
     with pytest.raises(FlareSegError, match="loss weights must be 5 finite numbers"):
         TrainConfig(data="d", out="o", loss_weights=(1.0, float("nan"), 0.0, 0.0, 0.0))
+    with pytest.raises(FlareSegError, match=r"5 finite numbers >= 0 \(final,aux1..aux4\), got \(1.0, -0.8,"):
+        TrainConfig(data="d", out="o", loss_weights=(1.0, -0.8, 0.7, 0.6, 0.5))  # the CLI's parser is not the check
     with pytest.raises(FlareSegError, match="final output's loss weight must be > 0"):
         TrainConfig(data="d", out="o", loss_weights=(0.0, 0.0, 0.0, 0.0, 0.0))
     with pytest.raises(FlareSegError, match="steps_per_epoch=0"):
