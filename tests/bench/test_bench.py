@@ -294,6 +294,8 @@ def test_flare21_memory_rule():
     assert flare21_max_memory([5 * mb]) == 5
     assert flare21_max_memory([5 * mb], idle=9 * mb) == 0  # below idle counts as zero
     assert flare21_max_memory([]) is None
+    # 2 % of 120 samples is 2.4: the value held for at least 3 of them (rounded up), the 3rd largest.
+    assert flare21_max_memory([v * mb for v in range(1, 121)]) == 118
 
 
 def test_memory_time_area_by_the_trapezoid_rule():
@@ -323,7 +325,7 @@ def test_tensorrt_and_onnx_runtime_memory_is_not_read_from_torch():
     assert _allocator_figure(ALL_BACKENDS["torch-cpu-fp32"], None) == {}
 
 
-def test_tf32_switch_restores_the_global_setting():
+def test_tf32_switch_restores_the_global_setting(monkeypatch):
     before = torch.backends.cuda.matmul.allow_tf32
     with cuda_matmul_tf32(not before):
         assert torch.backends.cuda.matmul.allow_tf32 is (not before)
@@ -333,6 +335,15 @@ def test_tf32_switch_restores_the_global_setting():
     assert torch.backends.cuda.matmul.allow_tf32 is before
     assert convolution_math(torch.device("cpu"), "fp32") == "fp32"
     assert convolution_math(torch.device("cpu"), "int8", "openvino") == "int8"
+    # Which GPUs convolve fp32 in TF32, asked of a stand-in capability (no GPU here): Ampere (8.x) on, not Volta.
+    for capability, math in [((7, 0), "fp32"), ((8, 0), "tf32"), ((9, 0), "tf32")]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+        assert convolution_math(torch.device("cuda"), "fp32") == math
+        assert convolution_math(torch.device("cuda"), "fp32", "tensorrt") == math
+        assert convolution_math(torch.device("cuda"), "fp16") == "fp16"
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        assert convolution_math(torch.device("cuda"), "fp32") == "fp32"  # torch with cuDNN's TF32 off
     assert matmul_peak_flops(torch.device("cpu"), torch.float32, n=64, repeats=1) > 0
 
 
