@@ -1076,3 +1076,48 @@ def test_a_case_the_plan_refuses_carries_its_reason_and_a_dangling_link_is_not_w
     with pytest.raises(FlareSegError, match=r"c0.nii.gz: a broken symbolic link is in the way$"):
         segment_file(runner, first, tmp_path / "out" / "c0.nii.gz")
     assert (tmp_path / "out" / "c0.nii.gz").is_symlink()
+
+
+def test_at_most_one_case_waits_to_be_written_while_the_device_works(tmp_path, monkeypatch):
+    """Memory stays bounded by three volumes (the one read ahead, the one on the device, one written): with a slow
+    writer the device waits rather than queueing more labels behind it. The writer's pool is a counting test double.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flareseg.checkpoint import ModelInfo
+    from flareseg.network import NetworkConfig
+    from flareseg.preprocess import NormalizationStats
+
+    lock, counts, behind = threading.Lock(), {"handed": 0, "written": 0}, []
+
+    class Counting(ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):
+            def slow(*a, **k):
+                time.sleep(0.3)  # a slow disk
+                return fn(*a, **k)
+
+            fut = super().submit(slow, *args, **kwargs)
+            with lock:
+                counts["handed"] += 1
+            fut.add_done_callback(lambda _: _written())
+            return fut
+
+    def _written():
+        with lock:
+            counts["written"] += 1
+
+    def fn(batch: torch.Tensor) -> torch.Tensor:
+        with lock:
+            behind.append(counts["handed"] - counts["written"])
+        return torch.zeros(batch.shape[0], 5, *batch.shape[2:])
+
+    info = ModelInfo(NetworkConfig(base_width=4), NormalizationStats(mean=0.0, std=1.0), slice_size=(48, 48))
+    monkeypatch.setattr(pipeline, "ThreadPoolExecutor", Counting)
+    cts = _folder(tmp_path / "in", 5)
+    with FunctionRunner(fn, info) as runner:
+        done = segment_folder(runner, cts, tmp_path / "out", batch_size=6)
+    assert [t.status for t in done] == ["ok"] * 5 and len(behind) == 5
+    assert max(behind) == 1  # one case's write under way while the next is inferred, never two
+    for t in done:  # each case's total is its stages' sum; its wall time, from its read to its write, holds them
+        stages = (t.read_s, t.preprocess_s, t.infer_s, t.postprocess_s, t.write_s)
+        assert t.total_s == pytest.approx(sum(stages)) and t.write_s > 0 and t.wall_s >= t.total_s - 1e-3
