@@ -191,6 +191,13 @@ def test_results_and_folders_without_dicom_files_are_not_taken_for_series(tmp_pa
     ]
 
 
+def test_a_series_folder_whose_first_file_is_not_dicom_is_still_a_series(tmp_path: Path) -> None:
+    write_series(tmp_path / "s", phantom("LPS"))
+    (tmp_path / "s" / "00README.txt").write_text("exported by the PACS")  # sorts before every slice
+    assert is_series_dir(tmp_path / "s")
+    assert find_series(tmp_path) == {"PAT01_20260101_s3": tmp_path / "s"}
+
+
 def test_bare_dicom_files_count_as_series(tmp_path: Path) -> None:
     write_series(tmp_path / "s", phantom("LPS"), bare_files=SHAPE[2])
     assert is_series_dir(tmp_path / "s")
