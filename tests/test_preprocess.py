@@ -12,6 +12,7 @@ from flareseg.preprocess import (
     NormalizationStats,
     TensorNormalizer,
     clip_bounds,
+    clip_volume,
     compute_stats,
     network_batch,
     normalize_volume,
@@ -268,3 +269,12 @@ def test_resizing_keeps_pixel_centres_where_the_label_resize_puts_them():
     assert resize_slices(row, (1, 2)).flatten().tolist() == [0.5, 2.5]
     labels = torch.tensor([[[0, 1, 2, 3]]], dtype=torch.uint8)
     assert resize_labels(labels, (1, 2)).flatten().tolist() == [1, 3]  # nearest-exact: pixels 1 and 3
+
+
+def test_clip_volume_gives_a_float32_copy_within_the_volumes_own_percentiles():
+    volume = np.arange(-1000, 1000, dtype=np.int16).reshape(20, 10, 10)
+    clipped = clip_volume(volume)
+    lo, hi = np.percentile(volume, (1.0, 99.0))  # the spec's [1, 99] percentiles, numpy's linear interpolation
+    assert clipped.dtype == np.float32 and clipped.shape == volume.shape
+    assert (clipped.min(), clipped.max()) == (np.float32(lo), np.float32(hi))
+    assert volume.min() == -1000  # the input is left as it was

@@ -165,6 +165,9 @@ def test_find_series_and_case_names(tmp_path: Path) -> None:
     assert not is_series_dir(tmp_path / "notes") and not is_series_dir(tmp_path) and not is_series_dir(tmp_path / "x")
     assert series_case_name(tmp_path / "b") == "P_7_x_20260101_s4"
     assert series_case_name(tmp_path / "a") == "1.2.826.0.1.99"
+    write_series(tmp_path / "dot", ph, patient_id=".PAT", series_number=3)
+    assert series_case_name(tmp_path / "dot") == "PAT_20260101_s3"  # never a hidden output file
+    shutil.rmtree(tmp_path / "dot")
     assert find_series(tmp_path) == {"1.2.826.0.1.99": tmp_path / "a", "P_7_x_20260101_s4": tmp_path / "b"}
 
     write_series(tmp_path / "c", ph, patient_id="P 7/x", series_number=4)
@@ -552,6 +555,11 @@ def test_write_seg_refusals_leave_nothing(tmp_path: Path, monkeypatch: pytest.Mo
     write_series(anon, phantom("LPS"), edit=_set(None, StudyInstanceUID="", FrameOfReferenceUID=""))
     with pytest.raises(FlareSegError, match=r"has no StudyInstanceUID, FrameOfReferenceUID \(anonymised\?\)"):
         check_seg_writable(read_series(anon))
+
+    # One slice without its own UID (bare files: no file meta to take it from either).
+    write_series(tmp_path / "no-uid", phantom("LPS"), bare_files=SHAPE[2], edit=_set(4, SOPInstanceUID=""))
+    with pytest.raises(FlareSegError, match=r"the series has no SOPInstanceUID \(anonymised\?\)"):
+        check_seg_writable(read_series(tmp_path / "no-uid"))
 
 
 # --- the shared real series --------------------------------------------------------------------------------
