@@ -194,6 +194,15 @@ def test_results_and_folders_without_dicom_files_are_not_taken_for_series(tmp_pa
     ]
 
 
+def test_a_single_slice_takes_its_spacing_between_slices_before_its_thickness(tmp_path: Path) -> None:
+    # Overlapping reconstructions (5 mm slices every 2.5 mm): the spacing is the step, not the thickness.
+    files = write_series(tmp_path / "s", phantom("LPS"), edit=_set(None, SpacingBetweenSlices=2.5, SliceThickness=5.0))
+    for extra in files[1:]:
+        extra.unlink()
+    vol = read_series(tmp_path / "s")
+    assert vol.array.shape[0] == 1 and float(vol.geometry.header.get_zooms()[2]) == 2.5
+
+
 def test_a_series_folder_whose_first_file_is_not_dicom_is_still_a_series(tmp_path: Path) -> None:
     write_series(tmp_path / "s", phantom("LPS"))
     (tmp_path / "s" / "00README.txt").write_text("exported by the PACS")  # sorts before every slice
@@ -289,7 +298,8 @@ def make_bad(kind: str, folder: Path) -> str:
     if kind == "missing-slice":
         files = write_series(folder, ph)
         files[6].unlink()
-        return "not evenly spaced: gap of 12.00 mm"
+        gap = f"gap of 12.00 mm between {files[5].name} and {files[7].name}, expected 6.00 mm"
+        return f"not evenly spaced: {gap}: 1 missing slice(s)?"
     if kind == "duplicated-slice":
         files = write_series(folder, ph)
         shutil.copy(files[4], folder / "copy-of-slice")
