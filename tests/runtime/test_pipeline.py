@@ -1121,3 +1121,17 @@ def test_at_most_one_case_waits_to_be_written_while_the_device_works(tmp_path, m
     for t in done:  # each case's total is its stages' sum; its wall time, from its read to its write, holds them
         stages = (t.read_s, t.preprocess_s, t.infer_s, t.postprocess_s, t.write_s)
         assert t.total_s == pytest.approx(sum(stages)) and t.write_s > 0 and t.wall_s >= t.total_s - 1e-3
+
+
+def test_peak_rss_is_the_peak_not_the_memory_held_now():
+    from flareseg.runtime.pipeline import peak_rss_mb, reset_peak_rss
+
+    if not reset_peak_rss():
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident memory")
+    block = np.ones(200 * 2**20, np.uint8)  # 200 MiB, touched
+    held = peak_rss_mb()
+    del block  # numpy returns a block this large to the system at once
+    after = peak_rss_mb()
+    assert held is not None and after is not None and after >= held - 1  # the peak stays where it was
+    now = int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmRSS:")).split()[1]) / 1024
+    assert after - now > 150  # and it is not the resident size now
