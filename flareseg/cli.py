@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import logging
 import math
@@ -52,7 +53,9 @@ class Terminated(KeyboardInterrupt):
 
 def _raise_terminated(signum: int, frame: object, terminals: Sequence[int] = ()) -> None:
     if signum == getattr(signal, "SIGHUP", None):
-        _to_null(terminals)  # the terminal is gone: a line or a bar written to it would fail (EIO) mid-unwind
+        # Those that were a terminal and are no longer (a hung-up terminal no longer answers as one): a line or a
+        # bar written there would fail (EIO) mid-unwind. A `kill -HUP` with the terminal still open keeps it.
+        _to_null([fd for fd in terminals if not _is_terminal(fd)])
     raise Terminated(signum)
 
 
@@ -226,7 +229,10 @@ def _stdout_gone() -> bool:
         return False
     except BrokenPipeError:
         pass
-    except (OSError, ValueError):
+    except OSError as exc:
+        if exc.errno != errno.EIO:  # EIO: a terminal that hung up, gone as a pipe's reader is
+            return False
+    except ValueError:
         return False
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -249,6 +255,10 @@ def say(line: str, write: Callable[[str], None] | None = None) -> None:
         sys.stdout.flush()
     except BrokenPipeError:
         _stdout_gone()
+    except OSError as exc:
+        if exc.errno != errno.EIO:
+            raise
+        _stdout_gone()  # its terminal hung up (the SIGHUP that follows may still be held back)
 
 
 def exit_now(code: int) -> NoReturn:

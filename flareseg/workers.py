@@ -51,7 +51,10 @@ def stop_signals_blocked() -> Iterator[None]:
     blocked = False
     try:
         for stop in _STOP:  # one at a time, inside the try: a stop arriving meanwhile leaves nothing half done
-            handlers[stop] = signal.signal(stop, lambda number, _frame: noted.append(number))
+            # A handler set outside Python (a program embedding it) reads as None and could not be put back: that
+            # signal is only held back in the kernel, and its own handler takes it after the window.
+            if signal.getsignal(stop) is not None:
+                handlers[stop] = signal.signal(stop, lambda number, _frame: noted.append(number))
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP)
         blocked = True
         yield
@@ -60,7 +63,9 @@ def stop_signals_blocked() -> Iterator[None]:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # one held back in the kernel is noted now
         first: BaseException | None = None
         for stop, handler in handlers.items():
-            while True:  # signal.signal runs pending handlers first: a restored one may raise; restore the rest
+            # signal.signal runs pending handlers before it sets one: a handler restored already may raise there,
+            # and this one is then set again. Each signal is pending at most once, so a few tries always do.
+            for _ in range(len(_STOP) + 1):
                 try:
                     signal.signal(stop, handler)
                     break

@@ -379,3 +379,46 @@ def test_with_stderr_closed_log_lines_are_dropped_not_sent_to_stdout():
     with contextlib.redirect_stdout(stdout):
         handler.emit(logging.LogRecord("flareseg.x", logging.ERROR, __file__, 1, "a failed case", None, None))
     assert stdout.getvalue() == ""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="opens a pseudo-terminal as a session's controlling terminal")
+def test_result_lines_to_a_terminal_that_hung_up_are_dropped_not_raised(tmp_path):
+    """Under nohup (SIGHUP ignored) with stdout still on the terminal, or before a held-back SIGHUP is handled:
+    a result line to the hung-up terminal failed with EIO and ended the command with a traceback."""
+    import os
+    import pty
+    import select
+
+    said = tmp_path / "code.txt"
+    script = f"""
+import fcntl, os, signal, sys, termios, time
+from pathlib import Path
+from flareseg.cli import say
+
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
+os.setsid()
+fcntl.ioctl(1, termios.TIOCSCTTY, 0)
+print("ready", flush=True)
+for _ in range(200):  # until the terminal has hung up
+    time.sleep(0.05)
+    try:
+        os.tcgetattr(1) if hasattr(os, "tcgetattr") else termios.tcgetattr(1)
+    except (OSError, termios.error):
+        break
+for i in range(3):
+    say(f"case {{i}} done")
+Path({str(said)!r}).write_text("said")
+"""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    seen = b""
+    try:
+        while b"ready" not in seen:
+            ready, _, _ = select.select([master], [], [], 60)
+            assert ready, f"the script never started: {seen!r}"
+            seen += os.read(master, 4096)
+    finally:
+        os.close(master)
+    assert proc.wait(timeout=60) == 0
+    assert said.read_text() == "said"

@@ -97,3 +97,16 @@ def test_a_loader_worker_drops_the_resource_sharers_traceback_once_the_parent_is
     )
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
     assert ("resource_sharer" in err and "EOFError" in err) is not parent_gone, err
+
+
+def test_a_signal_whose_handler_was_set_outside_python_is_held_back_but_left_alone(monkeypatch):
+    """An embedding program's C handler reads as None and cannot be set back from Python: the window once spun on
+    restoring it, at full CPU, with SIGTERM's handler left swallowing stops. (A stand-in getsignal says None.)"""
+    real_getsignal, real_signal, swapped = signal.getsignal, signal.signal, []
+    monkeypatch.setattr(signal, "getsignal", lambda s: None if s == signal.SIGHUP else real_getsignal(s))
+    monkeypatch.setattr(signal, "signal", lambda s, h: swapped.append(s) or real_signal(s, h))
+    before = real_getsignal(signal.SIGTERM)
+    with stop_signals_blocked():
+        assert signal.SIGHUP in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # still held back in the kernel
+    assert signal.SIGHUP not in swapped and signal.SIGTERM in swapped
+    assert real_getsignal(signal.SIGTERM) is before

@@ -365,6 +365,9 @@ def run_cases(
             writes.append((timing, writer.submit(_finish_stage, labels, geometry, source, job, finish, started)))
 
     try:
+        # The writer's thread starts now, outside the hand-over's held-back window below: a thread inherits the
+        # signals blocked where it starts, and so would every thread or process it started.
+        writer.submit(int)
         upcoming: Future[Read] | None = reads.submit(jobs[0].input, jobs[0].output_type)
         runner.activate()  # no-op when already active; otherwise overlaps the first read
         mark("activated")

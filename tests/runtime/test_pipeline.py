@@ -1005,7 +1005,9 @@ def test_a_second_ctrl_c_while_the_last_case_is_written_still_writes_it_whole(
     def finish_stage(*args, **kwargs):
         time.sleep(0.3)  # the main thread is waiting for this write
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: it unwinds, and waits for the write in the stop's handling
-        time.sleep(0.3)
+        deadline = time.monotonic() + WAIT_S
+        while signal.getsignal(signal.SIGINT) is signal.default_int_handler and time.monotonic() < deadline:
+            time.sleep(0.01)  # until it is inside that handling (the handler only notes a stop there)
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C again, impatient: this one broke that wait
         time.sleep(0.3)
         return real(*args, **kwargs)
@@ -1030,6 +1032,8 @@ def test_a_ctrl_c_as_a_case_is_handed_to_the_writer_still_waits_for_it_and_count
     class StoppedAtSubmit(ThreadPoolExecutor):
         def submit(self, fn, /, *args, **kwargs):
             fut = super().submit(fn, *args, **kwargs)
+            if fn is not pipeline._finish_stage:  # the writer's start, or a read: not the hand-over
+                return fut
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.3)  # the interrupt is taken here, before the future is returned
             return fut
@@ -1092,6 +1096,9 @@ def test_at_most_one_case_waits_to_be_written_while_the_device_works(tmp_path, m
 
     class Counting(ThreadPoolExecutor):
         def submit(self, fn, /, *args, **kwargs):
+            if fn is not pipeline._finish_stage:  # the writer's start, or the reader's pool: not a case's write
+                return super().submit(fn, *args, **kwargs)
+
             def slow(*a, **k):
                 time.sleep(0.3)  # a slow disk
                 return fn(*a, **k)
@@ -1135,3 +1142,31 @@ def test_peak_rss_is_the_peak_not_the_memory_held_now():
     assert held is not None and after is not None and after >= held - 1  # the peak stays where it was
     now = int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmRSS:")).split()[1]) / 1024
     assert after - now > 150  # and it is not the resident size now
+
+
+@pytest.mark.skipif(not Path("/proc/thread-self/status").exists(), reason="reads a thread's signal mask in /proc")
+def test_the_writer_thread_takes_stops_as_any_thread_does(tmp_path, monkeypatch):
+    """Started inside the hand-over's held-back window, the writer (and all it started) kept Ctrl-C, SIGTERM and
+    SIGHUP blocked for life: a program it ran could not be stopped."""
+    import signal
+
+    from flareseg.checkpoint import ModelInfo
+    from flareseg.network import NetworkConfig
+    from flareseg.preprocess import NormalizationStats
+
+    masks: list[int] = []
+    real = pipeline._finish_stage
+
+    def finish_stage(*args, **kwargs):
+        status = Path("/proc/thread-self/status").read_text()
+        masks.append(int(next(ln for ln in status.splitlines() if ln.startswith("SigBlk:")).split()[1], 16))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_finish_stage", finish_stage)
+    info = ModelInfo(NetworkConfig(base_width=4), NormalizationStats(mean=0.0, std=1.0), slice_size=(48, 48))
+    fn = lambda batch: torch.zeros(batch.shape[0], 5, *batch.shape[2:])  # noqa: E731
+    with FunctionRunner(fn, info) as runner:
+        done = segment_folder(runner, _folder(tmp_path / "in", 2), tmp_path / "out")
+    assert [t.status for t in done] == ["ok", "ok"] and len(masks) == 2
+    stops = sum(1 << (s - 1) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+    assert all(mask & stops == 0 for mask in masks)
