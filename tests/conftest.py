@@ -158,3 +158,21 @@ def float_bits(values) -> list[int]:
 def numpy_percentiles(volume, qs) -> list[float]:
     """np.percentile with the linear method, as floats: what exact percentiles must equal."""
     return [float(v) for v in np.percentile(volume, qs, method="linear")]
+
+
+def ctrl_c_after_the_first_rename(monkeypatch) -> list[str]:
+    """A test double of ``os.replace`` that sends a real SIGINT right after the first rename starts; the names
+    renamed, in order, are returned (filled as the renames happen)."""
+    import os
+    import signal
+
+    real_replace, renamed = os.replace, []
+
+    def replace(src, dst):
+        if not renamed:
+            signal.raise_signal(signal.SIGINT)
+        real_replace(src, dst)
+        renamed.append(Path(dst).name)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return renamed

@@ -9,6 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from conftest import ctrl_c_after_the_first_rename
 
 from flareseg.atomic import (
     _umask,
@@ -31,17 +32,9 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
 
 
 def test_ctrl_c_between_the_renames_of_a_set_waits_for_the_last_one(tmp_path, monkeypatch):
-    real_replace, renamed = os.replace, []
-
-    def replace(src, dst):
-        if not renamed:
-            signal.raise_signal(signal.SIGINT)  # Ctrl-C right after the first rename
-        real_replace(src, dst)
-        renamed.append(Path(dst).name)
-
     for name in ("model.onnx", "model.onnx.json"):
         (tmp_path / name).write_text("old")
-    monkeypatch.setattr(os, "replace", replace)
+    renamed = ctrl_c_after_the_first_rename(monkeypatch)
     with pytest.raises(KeyboardInterrupt), atomic_outputs() as outputs:
         for name in ("model.onnx", "model.onnx.json"):
             with outputs.writing(tmp_path / name) as tmp:

@@ -132,9 +132,6 @@ def test_a_closed_terminal_stops_the_command_cleanly_though_its_output_went_to_t
     """A real hang-up: the command's controlling terminal (a pseudo-terminal, its stdout and stderr) is closed
     while it writes a file and keeps writing lines to the terminal. Writing there after the hang-up fails (EIO);
     the command must still unwind as on SIGTERM: exit 129, no ``.part`` file, the file not left half written."""
-    import os
-    import pty
-    import select
 
     out, said = tmp_path / "out.bin", tmp_path / "code.txt"
     script = f"""
@@ -164,18 +161,7 @@ code = run_command(parser, body, [])
 Path({str(said)!r}).write_text(str(code))
 sys.exit(code)
 """
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
-    os.close(slave)
-    seen = b""
-    try:
-        while b"ready" not in seen:
-            ready, _, _ = select.select([master], [], [], 60)
-            assert ready, f"the command never started: {seen!r}"
-            seen += os.read(master, 4096)
-    finally:
-        os.close(master)  # the terminal closes: the kernel sends SIGHUP to the session
-    assert proc.wait(timeout=60) == 129
+    assert _close_its_terminal_once_ready(script) == 129
     assert said.read_text() == "129"  # the command returned its code itself: it was not killed by the signal
     assert not any(p.name != "code.txt" for p in tmp_path.iterdir())  # neither out.bin nor its .part
 
@@ -385,9 +371,6 @@ def test_with_stderr_closed_log_lines_are_dropped_not_sent_to_stdout():
 def test_result_lines_to_a_terminal_that_hung_up_are_dropped_not_raised(tmp_path):
     """Under nohup (SIGHUP ignored) with stdout still on the terminal, or before a held-back SIGHUP is handled:
     a result line to the hung-up terminal failed with EIO and ended the command with a traceback."""
-    import os
-    import pty
-    import select
 
     said = tmp_path / "code.txt"
     script = f"""
@@ -402,13 +385,24 @@ print("ready", flush=True)
 for _ in range(200):  # until the terminal has hung up
     time.sleep(0.05)
     try:
-        os.tcgetattr(1) if hasattr(os, "tcgetattr") else termios.tcgetattr(1)
+        termios.tcgetattr(1)
     except (OSError, termios.error):
         break
 for i in range(3):
     say(f"case {{i}} done")
 Path({str(said)!r}).write_text("said")
 """
+    assert _close_its_terminal_once_ready(script) == 0
+    assert said.read_text() == "said"
+
+
+def _close_its_terminal_once_ready(script: str) -> int:
+    """Run ``script`` with a pseudo-terminal as stdout and stderr (it makes it its controlling terminal), close
+    the terminal once the script prints "ready" (the kernel then sends SIGHUP to its session); its exit code."""
+    import os
+    import pty
+    import select
+
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
     os.close(slave)
@@ -420,5 +414,4 @@ Path({str(said)!r}).write_text("said")
             seen += os.read(master, 4096)
     finally:
         os.close(master)
-    assert proc.wait(timeout=60) == 0
-    assert said.read_text() == "said"
+    return proc.wait(timeout=60)

@@ -655,20 +655,11 @@ def test_a_ctrl_c_as_the_new_set_replaces_the_old_one_still_removes_the_old_sets
 ):
     """Ctrl-C right after the first rename of an --overwrite: the old fp16 model was removed only after the renames,
     so a stop there left the new fp32 model beside the old fp16 one, which looked like one set."""
-    import os
-    import signal
+    from conftest import ctrl_c_after_the_first_rename
 
     out = tmp_path / "deploy"
     assert export_main([str(tiny_checkpoint), "-o", str(out), "--fp16", "--verify-slices", "1", "-q"]) == 0
-    real_replace, renamed = os.replace, []
-
-    def replace(src, dst):
-        if not renamed:
-            signal.raise_signal(signal.SIGINT)  # Ctrl-C right after the first rename
-        real_replace(src, dst)
-        renamed.append(Path(dst).name)
-
-    monkeypatch.setattr(os, "replace", replace)
+    renamed = ctrl_c_after_the_first_rename(monkeypatch)
     argv = [str(tiny_checkpoint), "-o", str(out), "--verify-slices", "1", "--batch", "1,2,4", "--overwrite", "-q"]
     assert export_main(argv) == 130
     assert renamed == ["flareseg_fp32.onnx", "flareseg_fp32.onnx.json"]
