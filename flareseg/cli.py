@@ -235,9 +235,7 @@ def _stdout_gone() -> bool:
     except ValueError:
         return False
     try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        _to_null([sys.stdout.fileno()])
     except (OSError, ValueError, AttributeError):  # no file descriptor behind this stdout
         pass
     return True

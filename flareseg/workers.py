@@ -119,9 +119,8 @@ def _parent_gone(parent: int, wait_s: float = 1.0) -> bool:
 def _worker_signals(sigterm: signal.Handlers) -> None:
     """Ctrl-C and a closed terminal's SIGHUP ignored (the parent's to handle), SIGTERM as given, and all let
     through again."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    for parents in _STOP - {signal.SIGTERM}:
+        signal.signal(parents, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, sigterm)
     if hasattr(signal, "pthread_sigmask"):  # forked with both blocked (see stop_signals_blocked)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP)

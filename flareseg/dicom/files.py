@@ -113,10 +113,15 @@ def is_series_dir(path: str | os.PathLike[str]) -> bool:
     if not path.is_dir():
         return False
     try:
-        candidates = [p for p in _candidates(path) if not is_nifti(p)]
+        listed = _candidates(path)
     except FlareSegError:
         return False
-    return any(is_dicom_file(p) for p in candidates[:PROBE_FILES])
+    return _holds_dicom(listed)
+
+
+def _holds_dicom(listed: list[Path]) -> bool:
+    """Whether a folder's listed files hold DICOM files, judged from its first few that are not NIfTI."""
+    return any(is_dicom_file(p) for p in [p for p in listed if not is_nifti(p)][:PROBE_FILES])
 
 
 def _sanitise(text: str) -> str:
@@ -214,7 +219,7 @@ def find_series(
         except FlareSegError as exc:  # lost+found on a data disk, say: not taken for a series, but said why
             log.warning("%s: ignored: %s", sub, str(exc).removeprefix(f"{sub}: "))
             continue
-        if not is_series_dir(sub):
+        if not _holds_dicom(listed):  # is_series_dir, on the listing at hand
             if any(is_nifti(p) for p in listed):
                 log.info("%s: ignored: NIfTI files (results of an earlier run?), not a DICOM series", sub)
             else:
