@@ -1,18 +1,30 @@
 """Atomic file output: write a temporary sibling, flush it to disk, then rename over the target.
 
 A reader (or a crash) never sees a half-written output, and a failed write leaves
-nothing behind.
+nothing behind. A process killed outright (``kill -9``, the OOM killer, a power cut) leaves its
+temporary file; the next write of the same target removes it (see :func:`_remove_stale`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from flareseg.errors import FlareSegError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, so no leftover can be told from a live write; none is removed
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -52,6 +64,7 @@ class AtomicOutputs:
         self._written: list[tuple[Path, Path]] = []  # (temporary, target), each on disk already
         self._temps: list[Path] = []
         self._removed: list[Path] = []
+        self._locks: list[int] = []  # descriptors holding each temporary file's lock until the set is renamed
 
     @contextmanager
     def writing(self, path: str | os.PathLike[str], *, keep_suffix: str = "") -> Iterator[Path]:
@@ -62,8 +75,11 @@ class AtomicOutputs:
             suffix = f".part{keep_suffix}"
             # The temporary name holds the target's, cut where needed so that a legal name (255 bytes) stays legal.
             room = _NAME_MAX - len(os.fsencode(f"..{'x' * 8}{suffix}"))
-            fd, name = tempfile.mkstemp(prefix=f".{_cut(target.name, room)}.", suffix=suffix, dir=target.parent)
-            os.close(fd)
+            prefix = f".{_cut(target.name, room)}."
+            _remove_stale(target.parent, prefix, suffix)
+            fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=target.parent)
+            self._locks.append(fd)
+            _lock(fd)
             tmp = Path(name)
             self._temps.append(tmp)
             yield tmp
@@ -91,8 +107,13 @@ class AtomicOutputs:
                     gone.unlink(missing_ok=True)
 
     def _discard(self) -> None:
-        for tmp in self._temps:
-            tmp.unlink(missing_ok=True)  # those renamed into place are no longer there
+        try:
+            for tmp in self._temps:
+                tmp.unlink(missing_ok=True)  # those renamed into place are no longer there
+        finally:  # after the unlinks: a temporary file still there is never seen unlocked while its set is live
+            for fd in self._locks:
+                os.close(fd)
+            self._locks.clear()
 
 
 @contextmanager
@@ -104,6 +125,59 @@ def atomic_outputs() -> Iterator[AtomicOutputs]:
         outputs._commit()
     finally:
         outputs._discard()
+
+
+# A temporary file younger than this is left alone even when unlocked: its writer may be between creating it and
+# locking it (microseconds apart, unless that process was stopped there).
+_STALE_AFTER_S = 5.0
+_MKSTEMP_RANDOM = "[a-z0-9_]{8}"  # the characters tempfile.mkstemp puts between prefix and suffix
+
+
+def _lock(fd: int) -> None:
+    """Hold an exclusive advisory lock on a temporary file for as long as its writer lives: the kernel drops it
+    when the process ends, however it ends, which is what tells a leftover from a write in progress."""
+    if fcntl is None:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # a file system without locks (some network mounts): its temporary files are never swept
+        pass
+
+
+def _remove_stale(folder: Path, prefix: str, suffix: str) -> None:
+    """Remove temporary files of the same target that no live process holds: what a process killed outright
+    (``kill -9``, the OOM killer, a power cut) left while writing it. Anything in doubt is left in place."""
+    if fcntl is None:
+        return
+    pattern = re.compile(re.escape(prefix) + _MKSTEMP_RANDOM + re.escape(suffix))
+    try:
+        names = [e.name for e in os.scandir(folder) if pattern.fullmatch(e.name)]
+    except OSError:
+        return  # not there yet, or not listable: the write itself will say what is wrong
+    for name in names:
+        path = folder / name
+        if _unheld(path):
+            log.info("removed %s, a partial file left by an interrupted write", path)
+
+
+def _unheld(path: Path) -> bool:
+    """Remove ``path`` if it is a regular file, not modified for a while, whose lock nobody holds; say if it was."""
+    try:
+        # O_NOFOLLOW: a link named like ours is not ours; O_NONBLOCK: nor is a pipe, which must not hang the open.
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or time.time() - info.st_mtime < _STALE_AFTER_S:
+            return False
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a live writer: BlockingIOError
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 @contextmanager

@@ -220,3 +220,119 @@ def test_a_file_is_synced_before_it_is_renamed_into_place(tmp_path, monkeypatch)
     write_text_atomic("labels", tmp_path / "out.txt")
     (synced,) = [path for kind, path in events if kind == "fsync"]
     assert events == [("fsync", synced), ("replace", synced)] and (tmp_path / "out.txt").read_text() == "labels"
+
+
+def _aged(path: Path, seconds: float = 60.0) -> Path:
+    """Set ``path``'s modification time ``seconds`` back, as a file a writer stopped touching a while ago."""
+    then = os.stat(path, follow_symlinks=False).st_mtime - seconds
+    os.utime(path, (then, then), follow_symlinks=False)
+    return path
+
+
+_WRITE_AND_HANG = """
+import sys, time
+from flareseg.atomic import atomic_output
+with atomic_output(sys.argv[1], keep_suffix=".nii.gz") as tmp:
+    tmp.write_bytes(b"half a label map")
+    print(tmp, flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals and advisory locks")
+def test_a_write_killed_outright_leaves_a_part_file_that_the_next_write_of_its_target_removes(tmp_path, caplog):
+    import subprocess
+    import sys
+
+    target = tmp_path / "case_0001.nii.gz"
+    writer = subprocess.Popen([sys.executable, "-c", _WRITE_AND_HANG, str(target)], stdout=subprocess.PIPE, text=True)
+    try:
+        part = Path(writer.stdout.readline().strip())
+        assert part.parent == tmp_path and part.name.endswith(".part.nii.gz")
+        _aged(part)
+        # Alive, the writer holds its file however old it looks: another write of the target leaves it alone.
+        with atomic_output(target, keep_suffix=".nii.gz") as tmp:
+            tmp.write_bytes(b"first")
+        assert part.read_bytes() == b"half a label map"
+        writer.kill()  # kill -9: nothing in the writer runs, its file stays behind
+        writer.wait(timeout=30)
+    finally:
+        writer.kill()
+        writer.wait(timeout=30)
+    assert part.exists()
+    caplog.set_level("INFO", logger="flareseg.atomic")
+    with atomic_output(target, keep_suffix=".nii.gz") as tmp:
+        tmp.write_bytes(b"second")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case_0001.nii.gz"]
+    assert target.read_bytes() == b"second"
+    assert [r.getMessage() for r in caplog.records] == [f"removed {part}, a partial file left by an interrupted write"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX named pipes and advisory locks")
+def test_only_an_old_unheld_file_named_as_the_targets_temporary_is_removed(tmp_path):
+    import fcntl
+
+    target = tmp_path / "case_0001.nii.gz"
+    ours = ".case_0001.nii.gz.{}.part.nii.gz"
+    stale = tmp_path / ours.format("k3x_9q0a")
+    stale.write_bytes(b"left by a killed run")
+    _aged(stale)
+    kept = {
+        # Too young: its writer may be between creating and locking it.
+        "fresh": tmp_path / ours.format("fresh000"),
+        # Held: a live writer's, in this process as much as in another.
+        "held": tmp_path / ours.format("held0000"),
+        # Another target's, another kind's, not mkstemp's name: not this write's business.
+        "other target": tmp_path / ".case_0002.nii.gz.abcdefgh.part.nii.gz",
+        "other kind": tmp_path / ".case_0001.nii.gz.abcdefgh.part",
+        "short random": tmp_path / ours.format("abc"),
+        "not hidden": tmp_path / ours.format("abcdefgh")[1:],
+    }
+    for path in kept.values():
+        path.write_bytes(b"x")
+        if path != kept["fresh"]:
+            _aged(path)
+    holder = os.open(kept["held"], os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    # Named like ours but not a file: a link (to an old unheld file, which must not be followed), a folder, a pipe.
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"someone's file")
+    _aged(victim)
+    kept["link"] = tmp_path / ours.format("link0000")
+    kept["link"].symlink_to(victim)
+    kept["folder"] = tmp_path / ours.format("folder00")
+    kept["folder"].mkdir()
+    kept["pipe"] = tmp_path / ours.format("pipe0000")
+    os.mkfifo(kept["pipe"])
+    for path in (kept["link"], kept["folder"], kept["pipe"]):
+        _aged(path)
+    try:
+        with atomic_output(target, keep_suffix=".nii.gz") as tmp:
+            tmp.write_bytes(b"labels")
+    finally:
+        os.close(holder)
+    assert not stale.exists()
+    assert {name for name, path in kept.items() if not os.path.lexists(path)} == set()
+    assert victim.read_bytes() == b"someone's file" and target.read_bytes() == b"labels"
+
+
+def test_a_temporary_file_is_locked_until_its_set_is_renamed_into_place(tmp_path):
+    import fcntl
+
+    def held(path: Path) -> bool:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    with atomic_outputs() as outputs:
+        with outputs.writing(tmp_path / "model.onnx") as first:
+            first.write_bytes(b"model")
+        with outputs.writing(tmp_path / "model.json") as second:
+            second.write_text("{}")
+            assert held(first) and held(second)  # the first, written already, waits for the second
+    assert not held(tmp_path / "model.onnx")  # renamed into place: the lock went with the set
