@@ -183,14 +183,30 @@ def test_on_labels_sees_final_slices_in_order(net, device_preprocess, slices):
     assert times.on_labels_s >= 0.01 * len(stops) and times.infer_s >= 0
 
 
-def test_reused_times_take_off_each_call_s_callbacks_once(net):
+@pytest.mark.parametrize("device_preprocess", [False, True])
+def test_callback_time_is_taken_off_infer_time_once_per_call_by_a_clock_that_only_callbacks_move(
+    net, monkeypatch, device_preprocess
+):
+    import types
+
+    import flareseg.runtime.inferer as inferer
+
+    now = [0.0]  # seconds on the inferer's clock: each callback takes 10, everything else none
+    monkeypatch.setattr(inferer, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     stored = _volume((8, 32, 48), seed=5)
     normalizer = volume_normalizer(stored, STATS)
     times = InferenceTimes()
+
+    def on_labels(labels: np.ndarray, stop: int) -> None:
+        now[0] += 10.0
+
     with FunctionRunner(_Recorder(net), _info(3)) as runner:
         for call in range(1, 4):
-            infer_volume(stored, normalizer, runner, 4, times=times, on_labels=lambda labels, stop: time.sleep(0.05))
-            assert times.on_labels_s >= 0.1 * call and times.infer_s > 0, (call, times)
+            infer_volume(
+                stored, normalizer, runner, 4, times=times, on_labels=on_labels, device_preprocess=device_preprocess
+            )
+            # Two batches a call: 20 s of callbacks each time, and not one of them in infer_s, on any call.
+            assert (times.on_labels_s, times.infer_s, times.normalize_s) == (20.0 * call, 0.0, 0.0), call
 
 
 def test_a_batch_size_below_the_runner_s_minimum_is_refused(net):
