@@ -216,6 +216,19 @@ def test_bare_dicom_files_count_as_series(tmp_path: Path) -> None:
     np.testing.assert_array_equal(read_series(tmp_path / "s").hu(), canonical_truth()[0].astype(np.float32))
 
 
+def test_files_with_file_meta_but_no_preamble_count_as_series_compressed_too(tmp_path: Path) -> None:
+    # pydicom writes these (preamble None, no Part 10 enforcement); the file meta still names the transfer
+    # syntax, so unlike a bare data set such a file may be compressed: here RLE, every slice.
+    files = write_series(tmp_path / "s", phantom("LPS"), syntax=RLELossless)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.preamble = None
+        ds.save_as(path, enforce_file_format=False)
+        assert path.read_bytes()[:2] == b"\x02\x00"  # starts with the file meta group, not 128 bytes and DICM
+    assert is_series_dir(tmp_path / "s")
+    np.testing.assert_array_equal(read_series(tmp_path / "s").hu(), canonical_truth()[0].astype(np.float32))
+
+
 # --- bad series: one-line errors naming the folder and the problem -----------------------------------------
 
 
@@ -304,6 +317,14 @@ def make_bad(kind: str, folder: Path) -> str:
         files = write_series(folder, ph)
         shutil.copy(files[4], folder / "copy-of-slice")
         return "duplicated slice"
+    if kind == "near-duplicate":  # 0.3 mm from another in a 6 mm series: a duplicate, not an uneven gap
+        files = write_series(folder, ph)
+        ds = pydicom.dcmread(files[4])
+        pos = [float(v) for v in ds.ImagePositionPatient]
+        ds.ImagePositionPatient = [pos[0], pos[1], pos[2] + 0.3]
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(folder / "nearly-slice-4")
+        return "duplicated slice: "
     if kind == "uneven":
         write_series(folder, ph, edit=_move(2.5))
         return "not evenly spaced"
@@ -344,6 +365,7 @@ BAD_KINDS = [
     "named-dcm",
     "missing-slice",
     "duplicated-slice",
+    "near-duplicate",
     "uneven",
     "spacing-drift",
     "gantry-tilt",
