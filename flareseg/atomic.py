@@ -27,15 +27,21 @@ except ImportError:  # Windows: no advisory locks, so no leftover can be told fr
 log = logging.getLogger(__name__)
 
 
+class OutputExistsError(FlareSegError):
+    """A file that must not be replaced appeared at a target while its content was being made (another run
+    wrote it meanwhile): the target is kept, this write is dropped."""
+
+
 @contextmanager
-def atomic_output(path: str | os.PathLike[str], *, keep_suffix: str = "") -> Iterator[Path]:
+def atomic_output(path: str | os.PathLike[str], *, keep_suffix: str = "", replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path``.
 
     ``keep_suffix`` ends the temporary name (nibabel picks gzip from ``.nii.gz``).
+    ``replace=False``: a file that appeared at ``path`` meanwhile is kept (:class:`OutputExistsError`).
     An operating-system error (no space left, no permission, a folder in the way) becomes
     a :class:`FlareSegError` naming ``path``.
     """
-    with atomic_outputs() as outputs, outputs.writing(path, keep_suffix=keep_suffix) as tmp:
+    with atomic_outputs() as outputs, outputs.writing(path, keep_suffix=keep_suffix, replace=replace) as tmp:
         yield tmp
 
 
@@ -61,14 +67,18 @@ class AtomicOutputs:
     failure (no space left) leaves the earlier set whole, never new files beside old ones."""
 
     def __init__(self) -> None:
-        self._written: list[tuple[Path, Path]] = []  # (temporary, target), each on disk already
+        self._written: list[tuple[Path, Path, bool]] = []  # (temporary, target, replace), each on disk already
         self._temps: list[Path] = []
         self._removed: list[Path] = []
         self._locks: list[int] = []  # descriptors holding each temporary file's lock until the set is renamed
 
     @contextmanager
-    def writing(self, path: str | os.PathLike[str], *, keep_suffix: str = "") -> Iterator[Path]:
-        """Yield the temporary path to write ``path``'s content to; errors name ``path``."""
+    def writing(self, path: str | os.PathLike[str], *, keep_suffix: str = "", replace: bool = True) -> Iterator[Path]:
+        """Yield the temporary path to write ``path``'s content to; errors name ``path``.
+
+        ``replace=False``: a file at ``path`` when the set is renamed into place (one that appeared meanwhile)
+        is kept, and the set fails with :class:`OutputExistsError`, none of it renamed into place.
+        """
         target = _replaceable(Path(path))
         with _naming(target):
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +96,7 @@ class AtomicOutputs:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; outputs get ordinary permissions
-        self._written.append((tmp, target))
+        self._written.append((tmp, target, replace))
 
     def remove(self, path: str | os.PathLike[str]) -> None:
         """Remove ``path`` when the set is renamed into place, right after the renames: a member of an earlier
@@ -99,9 +109,15 @@ class AtomicOutputs:
         # Ctrl-C or SIGTERM between two renames would leave the set half new, half old (a checkpoint beside an
         # older one, a model beside another's sidecar): they are held back until the last rename and removal.
         with stop_signals_blocked() if len(self._written) + len(self._removed) > 1 else nullcontext():
-            for tmp, target in self._written:
+            kept = [target for _, target, replace in self._written if not replace and os.path.lexists(target)]
+            if kept:  # before any rename: the set is all or nothing
+                raise OutputExistsError(f"{kept[0]}: written meanwhile by another run; kept, this one's dropped")
+            for tmp, target, replace in self._written:
                 with _naming(target):
-                    os.replace(tmp, target)
+                    if replace:
+                        os.replace(tmp, target)
+                    else:
+                        _rename_no_replace(tmp, target)
             for gone in self._removed:
                 with _naming(gone):
                     gone.unlink(missing_ok=True)
@@ -125,6 +141,22 @@ def atomic_outputs() -> Iterator[AtomicOutputs]:
         outputs._commit()
     finally:
         outputs._discard()
+
+
+def _rename_no_replace(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target`` unless a file is there, in one step: a hard link fails on an existing name,
+    where a check before ``os.replace`` would leave a moment for another run's file to appear and be replaced.
+    A file system without hard links gets that check, and that moment."""
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise OutputExistsError(f"{target}: written meanwhile by another run; kept, this one's dropped") from None
+    except OSError:  # EPERM, ENOTSUP: no hard links here (some network and FUSE file systems)
+        if os.path.lexists(target):
+            raise OutputExistsError(f"{target}: written meanwhile by another run; kept, this one's dropped") from None
+        os.replace(tmp, target)
+        return
+    os.unlink(tmp)
 
 
 # A temporary file younger than this is left alone even when unlocked: its writer may be between creating it and

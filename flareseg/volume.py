@@ -823,11 +823,14 @@ def read_labels(path: str | os.PathLike[str], *, num_classes: int = NUM_CLASSES)
     return np.asarray(data, dtype=np.uint8), geometry
 
 
-def write_labels(labels: np.ndarray, geometry: VolumeGeometry, path: str | os.PathLike[str]) -> Path:
+def write_labels(
+    labels: np.ndarray, geometry: VolumeGeometry, path: str | os.PathLike[str], *, replace: bool = True
+) -> Path:
     """Write a canonical (Z, Y, X) label map as uint8 NIfTI on ``geometry``'s grid, atomically.
 
     The output has the input's affine, qform/sform and orientation, and no intensity scaling,
     in the input's NIfTI format (NIfTI-2 in, NIfTI-2 out: its float64 affine kept exactly).
+    ``replace=False``: a file that appeared at ``path`` meanwhile is kept (:class:`~flareseg.atomic.OutputExistsError`).
     """
     path = Path(path)
     if not path.name.endswith(NIFTI_SUFFIXES):
@@ -847,7 +850,7 @@ def write_labels(labels: np.ndarray, geometry: VolumeGeometry, path: str | os.Pa
     img.header["cal_min"], img.header["cal_max"] = 0, 0
     img.header["descrip"] = b"flareseg label map"
     suffix = next(sfx for sfx in NIFTI_SUFFIXES if path.name.endswith(sfx))
-    with atomic_output(path, keep_suffix=suffix) as tmp:
+    with atomic_output(path, keep_suffix=suffix, replace=replace) as tmp:
         if suffix == ".nii.gz" and _igzip is not None:
             _save_gzip_isal(img, tmp, _igzip)
         else:

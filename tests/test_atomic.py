@@ -336,3 +336,48 @@ def test_a_temporary_file_is_locked_until_its_set_is_renamed_into_place(tmp_path
             second.write_text("{}")
             assert held(first) and held(second)  # the first, written already, waits for the second
     assert not held(tmp_path / "model.onnx")  # renamed into place: the lock went with the set
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_a_target_that_appears_meanwhile_is_kept_when_not_to_be_replaced(tmp_path, monkeypatch, hard_links):
+    from flareseg.atomic import OutputExistsError
+
+    if not hard_links:  # a file system without them (some network and FUSE mounts): a check before the rename
+
+        def no_link(src, dst):
+            raise PermissionError(1, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_link)
+    target, sidecar = tmp_path / "case.nii.gz", tmp_path / "case.json"
+    with pytest.raises(OutputExistsError, match=r"case.nii.gz: written meanwhile by another run; kept"):
+        with atomic_outputs() as outputs:
+            with outputs.writing(sidecar) as tmp:
+                tmp.write_text("ours")
+            with outputs.writing(target, keep_suffix=".nii.gz", replace=False) as tmp:
+                tmp.write_bytes(b"ours")
+                target.write_bytes(b"theirs")  # another run's result lands while ours is written
+    assert target.read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.nii.gz"]  # the set all or nothing: no sidecar
+    with atomic_output(tmp_path / "new.nii.gz", keep_suffix=".nii.gz", replace=False) as tmp:
+        tmp.write_bytes(b"ours")  # nothing there: written as ever
+    assert (tmp_path / "new.nii.gz").read_bytes() == b"ours"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.nii.gz", "new.nii.gz"]
+
+
+def test_a_target_that_appears_between_the_check_and_the_rename_is_still_kept(tmp_path, monkeypatch):
+    from flareseg import atomic
+    from flareseg.atomic import OutputExistsError
+
+    target = tmp_path / "case.nii.gz"
+    real_lexists = os.path.lexists
+
+    def lexists(path):  # the last look before the rename finds nothing; the file lands right after it
+        there = real_lexists(path)
+        if Path(path) == target and not there:
+            target.write_bytes(b"theirs")
+        return there
+
+    monkeypatch.setattr(atomic.os.path, "lexists", lexists)
+    with pytest.raises(OutputExistsError), atomic_output(target, replace=False) as tmp:
+        tmp.write_bytes(b"ours")
+    assert target.read_bytes() == b"theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["case.nii.gz"]

@@ -135,10 +135,11 @@ def _description(number: int, label: int) -> highdicom.seg.SegmentDescription:
     )
 
 
-def write_seg(labels: np.ndarray, volume: Volume, path: str | os.PathLike[str]) -> Path:
+def write_seg(labels: np.ndarray, volume: Volume, path: str | os.PathLike[str], *, replace: bool = True) -> Path:
     """Write a canonical (Z, Y, X) uint8 label map of ``volume`` as a DICOM SEG file, atomically.
 
     Only ``volume.geometry`` and ``volume.source`` are used (the CT voxels may already be released).
+    ``replace=False``: a file that appeared at ``path`` meanwhile is kept (:class:`~flareseg.atomic.OutputExistsError`).
 
     An empty label map (no organ found) still gives a valid SEG: all four organs are described,
     each with its empty frames (a SEG needs at least one segment and one frame).
@@ -184,7 +185,7 @@ def write_seg(labels: np.ndarray, volume: Volume, path: str | os.PathLike[str]) 
         series_description=SEG_SERIES_DESCRIPTION,
         omit_empty_frames=bool(present),
     )
-    with atomic_output(path, keep_suffix=".dcm") as tmp:
+    with atomic_output(path, keep_suffix=".dcm", replace=replace) as tmp:
         seg.save_as(tmp)
     log.debug("wrote %s (%d segments, %d frames)", path, len(described), int(seg.NumberOfFrames))
     return path

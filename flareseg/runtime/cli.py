@@ -519,7 +519,7 @@ def _run(
                         inputs[0],
                         target,
                         output_type=args.output_type,
-                        overwrite=True,  # a result already there was kept above unless --overwrite
+                        overwrite=args.overwrite,  # a result already there was kept above, unless --overwrite
                         on_case=report,
                         **options,
                     )

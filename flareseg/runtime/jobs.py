@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +29,14 @@ OUTPUT_SUFFIXES: dict[str, str] = {"nifti": ".nii.gz", "dicom-seg": ".dcm"}
 
 @dataclass(frozen=True)
 class CaseJob:
-    """One input and where its result goes."""
+    """One input and where its result goes; ``replace``: whether a file that appears there meanwhile (another
+    run's) is replaced, or kept and the case skipped."""
 
     case: str
     input: Path
     output: Path
     output_type: OutputType = "nifti"
+    replace: bool = True
 
 
 def is_series_input(path: str | os.PathLike[str]) -> bool:
@@ -247,9 +250,11 @@ def list_cases(
 ) -> list[Path]:
     """A folder's inputs (NIfTI files, DICOM series folders), sorted, then this part's share.
 
-    Part ``part_id`` of ``num_parts`` takes every ``num_parts``-th case name, starting at
-    ``part_id``: a second series of a name goes with the first, so that the part that runs
-    the first fails the second (two parts would otherwise each write that name).
+    Part ``part_id`` of ``num_parts`` takes the case names that :func:`part_of` gives it: a
+    case's part depends on its name alone, never on what else the folder held when the part
+    listed it, so a case that arrives (or leaves) while the parts start is in exactly one
+    part, not in none or two. A second series of a name goes with the first, so that the
+    part that runs the first fails the second (two parts would otherwise each write that name).
     ``exclude``: see :func:`list_inputs`.
     """
     if num_parts < 1 or not 0 <= part_id < num_parts:
@@ -257,10 +262,16 @@ def list_cases(
     groups: dict[str, list[Path]] = {}
     for key, path in list_inputs(folder, exclude=exclude).items():
         groups.setdefault(key.split("/", 1)[0], []).append(path)
-    cases = [path for group in list(groups.values())[part_id::num_parts] for path in group]
+    cases = [path for name, group in groups.items() if part_of(name, num_parts) == part_id for path in group]
     if not groups:
         raise FlareSegError(f"{folder}: no .nii or .nii.gz files and no DICOM series folders")
     return cases
+
+
+def part_of(case: str, num_parts: int) -> int:
+    """The part (of ``num_parts``) that runs ``case``: a stable hash of its name (CRC-32 of its UTF-8 bytes, the
+    same on every machine and Python), so parts share a folder by its names, equal on average."""
+    return zlib.crc32(case.encode("utf-8", "surrogateescape")) % num_parts
 
 
 @dataclass(frozen=True)
@@ -273,12 +284,13 @@ class PlannedCase:
     status: Literal["run", "skipped", "failed"]
     error: FlareSegError | None = None
     output_type: OutputType = "nifti"
+    replace: bool = True  # see CaseJob
 
     @property
     def job(self) -> CaseJob:
         if self.status != "run" or self.output is None:
             raise FlareSegError(f"{self.input}: case {self.case} is {self.status}, not run")
-        return CaseJob(self.case, self.input, self.output, self.output_type)
+        return CaseJob(self.case, self.input, self.output, self.output_type, self.replace)
 
 
 def unfinished_result(output: Path, output_type: str) -> str | None:
@@ -365,7 +377,8 @@ def plan_folder(
 ) -> Iterator[PlannedCase]:
     """Each input in order, lazily: run it into ``out_dir`` (FLARE21 name), skip it, or refuse it.
 
-    A case is skipped when its output exists (unless ``overwrite``). It fails at once when
+    A case is skipped when its output exists (unless ``overwrite``); one that appears while the case runs
+    (another run's) is kept too, the case then skipped (``CaseJob.replace``). It fails at once when
     its name cannot be read (a damaged series header), an earlier input has the same case
     name, or its output could never be written (:func:`check_output`); the others go on. An
     output folder that could not hold any result is refused as a whole (:func:`check_output_folder`).
@@ -410,7 +423,7 @@ def plan_folder(
         except FlareSegError as exc:
             yield PlannedCase(path, name, output, "failed", exc, output_type)
             continue
-        yield PlannedCase(path, name, output, "run", None, output_type)
+        yield PlannedCase(path, name, output, "run", None, output_type, replace=overwrite)
 
 
 __all__ = [
@@ -428,6 +441,7 @@ __all__ = [
     "list_inputs",
     "output_name",
     "output_suffix",
+    "part_of",
     "plan_folder",
     "unfinished_result",
 ]

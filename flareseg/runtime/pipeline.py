@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 import numpy as np
 import torch
 
-from flareseg.atomic import write_text_atomic
+from flareseg.atomic import OutputExistsError, write_text_atomic
 from flareseg.errors import FlareSegError, gpu_memory_errors
 from flareseg.postprocess import StreamingPostprocessor, keep_largest_components
 from flareseg.preprocess import volume_normalizer
@@ -174,9 +174,18 @@ def peak_rss_mb() -> float | None:
 
 
 def write_case(
-    labels: np.ndarray, geometry: VolumeGeometry, source: Any, path: Path, output_type: OutputType = "nifti"
+    labels: np.ndarray,
+    geometry: VolumeGeometry,
+    source: Any,
+    path: Path,
+    output_type: OutputType = "nifti",
+    *,
+    replace: bool = True,
 ) -> Path:
-    """Write canonical labels as NIfTI on the input's grid, or as DICOM SEG referencing the input series."""
+    """Write canonical labels as NIfTI on the input's grid, or as DICOM SEG referencing the input series.
+
+    ``replace=False``: a file that appeared at ``path`` meanwhile is kept (:class:`~flareseg.atomic.OutputExistsError`).
+    """
     if output_type == "dicom-seg":
         from flareseg.dicom import write_seg
 
@@ -186,8 +195,8 @@ def write_case(
                 "to reference); use --output-type nifti"
             )
         # The writer needs the grid and the series, not the voxels (already released).
-        return write_seg(labels, Volume(np.empty((0, 0, 0), np.int16), geometry, source=source), path)
-    return write_labels(labels, geometry, path)
+        return write_seg(labels, Volume(np.empty((0, 0, 0), np.int16), geometry, source=source), path, replace=replace)
+    return write_labels(labels, geometry, path, replace=replace)
 
 
 # --- the stages --------------------------------------------------------------------------
@@ -252,7 +261,7 @@ def _finish_stage(
     elif postprocess:
         labels = keep_largest_components(labels, in_place=True)
     t1 = time.perf_counter()
-    write_case(labels, geometry, source, job.output, job.output_type)
+    write_case(labels, geometry, source, job.output, job.output_type, replace=job.replace)
     t2 = time.perf_counter()
     return during_inference + (t1 - t0), t2 - t1, t2 - started
 
@@ -304,6 +313,9 @@ def run_cases(
     def settle(timing: CaseTiming, fut: Future[tuple[float, float, float]]) -> None:
         try:
             timing.postprocess_s, timing.write_s, timing.wall_s = fut.result()
+        except OutputExistsError as exc:  # another run wrote the case meanwhile: its file is kept, as planned ones are
+            log.warning("%s", exc)
+            timing.status, timing.error = "skipped", str(exc)
         except Exception as exc:  # in a folder, any case's failure is that case's alone
             if raise_errors:
                 raise
@@ -458,7 +470,8 @@ def segment_file(
     """Segment one CT volume (NIfTI file or DICOM series folder) and write its result atomically.
 
     A file already at ``output_path`` is refused unless ``overwrite`` (as :func:`segment_folder`
-    keeps finished cases); the input itself is never replaced.
+    keeps finished cases); one that appears there while the case runs (another run's) is kept too, and the
+    timing returned says ``skipped``. The input itself is never replaced.
     Foreseen errors (the input, the output, the model, a setting) are raised as :class:`FlareSegError`, in one
     line naming the file; a backend's own failure is raised as it is, with its traceback. Nothing is written for a
     failed case.
@@ -466,7 +479,7 @@ def segment_file(
     ``options``: see :func:`run_cases`.
     """
     input_path, output_path = Path(input_path), Path(output_path)
-    job = file_job(input_path, output_path, output_type)
+    job = dataclasses.replace(file_job(input_path, output_path, output_type), replace=overwrite)
     if not overwrite and os.path.lexists(output_path):
         raise FlareSegError(f"{output_path}: exists; overwrite=True replaces it")
     reset_peak_rss()

@@ -9,7 +9,7 @@ import pytest
 
 from flareseg.errors import FlareSegError
 from flareseg.runtime import jobs
-from flareseg.runtime.jobs import CaseJob, plan_folder
+from flareseg.runtime.jobs import CaseJob, input_case_name, part_of, plan_folder
 
 
 def _done(path):
@@ -270,12 +270,36 @@ def test_a_series_clash_stays_in_one_part_so_that_part_fails_it(tmp_path):
     folder = tmp_path / "in"
     for sub, number in (("a", 1), ("b", 1), ("c", 2), ("d", 3)):  # a and b: one name
         write_series(folder / sub, phantom(), patient_id="P", series_number=number)
-    parts = [list_cases(folder, num_parts=2, part_id=i) for i in (0, 1)]
-    assert parts == [[folder / "a", folder / "b", folder / "d"], [folder / "c"]]  # names 0 and 2 / name 1
-    plan = list(plan_folder(parts[0], tmp_path / "out"))
-    assert [(p.input.name, p.status) for p in plan] == [("a", "run"), ("b", "failed"), ("d", "run")]
-    # Without clashes, parts take every K-th case, as before.
-    assert list_cases(folder, num_parts=3, part_id=1) == [folder / "c"]
+    names = {sub: input_case_name(folder / sub) for sub in "abcd"}
+    assert names["a"] == names["b"] and len(set(names.values())) == 3
+    for k in (2, 3, 5):
+        parts = [list_cases(folder, num_parts=k, part_id=i) for i in range(k)]
+        assert sorted(p for part in parts for p in part) == [folder / sub for sub in "abcd"]  # each in one part
+        for sub in "abcd":
+            assert folder / sub in parts[part_of(names[sub], k)]
+        holder = parts[part_of(names["a"], k)]
+        plan = {p.input.name: p.status for p in plan_folder(holder, tmp_path / "out")}
+        assert (plan["a"], plan["b"]) == ("run", "failed")  # the part with both names fails the second
+
+
+def test_a_case_s_part_depends_on_its_name_alone_not_on_what_else_the_folder_holds(tmp_path):
+    # Parts started while cases arrive each list a different folder: by position in the listing, a case
+    # arriving between two starts shifted the later ones, and some cases ran in no part, each part exiting 0.
+    from flareseg.runtime.jobs import list_cases
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = [f"case_{i:03d}" for i in range(40)]
+    for name in names[1:]:
+        (folder / f"{name}_0000.nii.gz").write_bytes(b"")
+    first = list_cases(folder, num_parts=2, part_id=0)  # part 0 starts before case_000 arrives
+    (folder / "case_000_0000.nii.gz").write_bytes(b"")
+    second = list_cases(folder, num_parts=2, part_id=1)
+    assert part_of("case_000", 2) == 1  # so the part that listed it after it came runs it
+    assert sorted(p.name for p in first + second) == [f"{name}_0000.nii.gz" for name in names]  # each once
+    # The same parts on every machine, Python and flareseg version (CRC-32 of the name), so mixed runs agree.
+    assert [part_of(f"case_{i:03d}", 2) for i in range(6)] == [1, 1, 1, 1, 0, 0]
+    assert [part_of(f"case_{i:03d}", 3) for i in range(6)] == [0, 2, 2, 2, 1, 0]
 
 
 def test_a_results_folder_of_dicom_seg_inside_the_input_folder_takes_more_results(tmp_path):

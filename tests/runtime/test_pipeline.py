@@ -22,9 +22,11 @@ import pytest
 import torch
 from conftest import save
 
-from flareseg.checkpoint import load_model
+from flareseg.checkpoint import ModelInfo, load_model
 from flareseg.errors import FlareSegError
+from flareseg.network import NetworkConfig
 from flareseg.phantom import make_phantom
+from flareseg.preprocess import NormalizationStats
 from flareseg.runtime import pipeline, reading
 from flareseg.runtime.cli import main as infer_main
 from flareseg.runtime.pipeline import CaseJob, run_cases, segment_file, segment_folder
@@ -70,9 +72,9 @@ def test_reads_ahead_and_writes_behind_the_device(trained_checkpoint, tmp_path, 
         rec.record("read", Path(path).name.split("_")[0])
         return real_read(path, **kwargs)
 
-    def write_case(labels, geometry, source, path, output_type="nifti"):
+    def write_case(labels, geometry, source, path, output_type="nifti", **kwargs):
         rec.record("write", Path(path).name.split(".")[0])
-        return real_write(labels, geometry, source, path, output_type)
+        return real_write(labels, geometry, source, path, output_type, **kwargs)
 
     monkeypatch.setattr(reading, "read_case", read_case)
     monkeypatch.setattr(pipeline, "write_case", write_case)
@@ -184,10 +186,10 @@ def test_a_failed_write_fails_its_case_only(trained_checkpoint, tmp_path, monkey
     paths = _folder(tmp_path / "in", 3)
     real_write = pipeline.write_case
 
-    def write_case(labels, geometry, source, path, output_type="nifti"):
+    def write_case(labels, geometry, source, path, output_type="nifti", **kwargs):
         if Path(path).name.startswith("c1"):
             raise FlareSegError(f"{path}: disk full (simulated)")
-        return real_write(labels, geometry, source, path, output_type)
+        return real_write(labels, geometry, source, path, output_type, **kwargs)
 
     monkeypatch.setattr(pipeline, "write_case", write_case)
     with open_runner(trained_checkpoint) as runner:
@@ -197,6 +199,51 @@ def test_a_failed_write_fails_its_case_only(trained_checkpoint, tmp_path, monkey
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c0.nii.gz", "c2.nii.gz"]
     with open_runner(trained_checkpoint) as runner, pytest.raises(FlareSegError, match="disk full"):
         run_cases(runner, [CaseJob("c1", paths[1], tmp_path / "x" / "c1.nii.gz")], raise_errors=True)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_output_another_run_writes_meanwhile_is_kept_unless_overwrite(tmp_path, overwrite):
+    # Two runs on one folder (a cron job overlapping the last one): each plans c1 as to do, and the other's
+    # result lands while this one infers it. It used to be replaced, its provenance then wrong in the timings.
+    paths = _folder(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    theirs = save(make_phantom((48, 48, 6), (8.0, 8.0, 10.0), seed=99).to_nifti()[1], tmp_path / "theirs.nii.gz")
+    info = ModelInfo(
+        network=NetworkConfig(base_width=4, in_channels=3),
+        normalization=NormalizationStats(mean=-120.0, std=420.0),
+        slice_size=(32, 32),
+    )
+    calls: list[int] = []
+    landing = {"call": 1, "at": out / "c1.nii.gz"}  # the other run's result lands while this call infers
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        if len(calls) - 1 == landing["call"] and not landing["at"].exists():
+            out.mkdir(exist_ok=True)
+            landing["at"].write_bytes(theirs.read_bytes())
+        return torch.zeros((x.shape[0], 5, *x.shape[2:]))
+
+    real_infer = pipeline.infer_volume
+
+    def infer_volume(stored, *args, **kwargs):
+        calls.append(len(calls))
+        return real_infer(stored, *args, **kwargs)
+
+    def kept_theirs(path: Path) -> bool:
+        return np.array_equal(nib.load(path).get_fdata(), nib.load(theirs).get_fdata())
+
+    runner = FunctionRunner(model, info, input_channels=3)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline, "infer_volume", infer_volume)
+        results = segment_folder(runner, paths, out, batch_size=8, overwrite=overwrite)
+        assert [r.status for r in results] == ["ok", "ok" if overwrite else "skipped", "ok"]
+        assert sorted(p.name for p in out.iterdir()) == ["c0.nii.gz", "c1.nii.gz", "c2.nii.gz"]  # no .part file
+        assert kept_theirs(out / "c1.nii.gz") != overwrite  # else this run's labels: all background
+        kept = f"{out / 'c1.nii.gz'}: written meanwhile by another run; kept, this one's dropped"
+        assert results[1].error == (None if overwrite else kept)
+        # One file, its output named: the same.
+        landing.update(call=len(calls), at=out / "single.nii.gz")
+        single = segment_file(runner, paths[0], out / "single.nii.gz", batch_size=8, overwrite=overwrite)
+        assert single.status == ("ok" if overwrite else "skipped") and kept_theirs(out / "single.nii.gz") != overwrite
 
 
 def test_any_error_fails_its_case_only_and_keeps_its_traceback(trained_checkpoint, tmp_path, monkeypatch, caplog):
