@@ -169,7 +169,7 @@ def find_cases(folder: str | os.PathLike[str], *, keep_clashes: bool = False) ->
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise FlareSegError(f"{folder}: not a directory")
+        raise FlareSegError(f"{folder}: {'not a directory' if os.path.lexists(folder) else 'folder not found'}")
     cases: dict[str, Path] = {}
     try:
         listed = sorted(folder.iterdir())
@@ -659,6 +659,16 @@ def _geometry(path: Path, img: nib.Nifti1Image) -> VolumeGeometry:
             path,
             "".join(nib.aff2axcodes(affine)),
         )
+    elif int(img.header["qform_code"]) > 0 and int(img.header["sform_code"]) > 0:
+        qform, sform = (nib.aff2axcodes(a) for a in (img.header.get_qform(), img.header.get_sform()))
+        if qform != sform:  # a header edited by hand or by a tool that updated one of them
+            log.warning(
+                "%s: the qform (%s) and the sform (%s) disagree on the orientation; read with the sform, as "
+                "nibabel does (ITK-based tools may follow the qform): check that the labels lie on the organs",
+                path,
+                "".join(qform),
+                "".join(sform),
+            )
     return VolumeGeometry(
         path=path,
         shape=(int(img.shape[0]), int(img.shape[1]), int(img.shape[2])),

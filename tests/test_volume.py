@@ -154,6 +154,25 @@ def test_a_header_without_orientation_is_read_as_nifti_default_with_a_warning(tm
     assert not caplog.messages
 
 
+def test_a_qform_and_sform_that_disagree_on_the_orientation_are_read_by_the_sform_with_a_warning(tmp_path, caplog):
+    # ITK-based tools may follow the qform: the patient's right would then differ between them and us, unsaid.
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), None)
+    img.set_qform(np.diag([2.0, 2.0, 3.0, 1.0]), code=1)  # RAS
+    img.set_sform(np.diag([-2.0, 2.0, 3.0, 1.0]), code=2)  # LAS
+    path = save(img, tmp_path / "two-orientations.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="flareseg.volume"):
+        vol = read_ct(path)
+    assert vol.geometry.axcodes == ("L", "A", "S")
+    assert caplog.messages == [
+        f"{path}: the qform (RAS) and the sform (LAS) disagree on the orientation; read with the sform, as nibabel "
+        "does (ITK-based tools may follow the qform): check that the labels lie on the organs"
+    ]
+    caplog.clear()
+    img.set_sform(np.diag([2.5, 2.0, 3.0, 1.0]), code=2)  # other sizes, the same orientation: nothing to say
+    read_ct(save(img, tmp_path / "agree.nii.gz"))
+    assert not caplog.messages
+
+
 def test_nibabel_notes_of_another_thread_are_not_taken_for_this_files(tmp_path):
     notes = volume_module._NibabelNotes()
     logger = logging.getLogger("nibabel.global")

@@ -7,6 +7,7 @@ label maps written back as a DICOM Segmentation that references the series.
 """
 
 from flareseg.dicom.files import (
+    count_dicom_files,
     dicom_files,
     find_series,
     holds_image_series,
@@ -20,6 +21,7 @@ from flareseg.dicom.series import DicomSeries, read_series
 __all__ = [
     "DicomSeries",
     "check_seg_writable",
+    "count_dicom_files",
     "dicom_files",
     "find_series",
     "holds_image_series",

@@ -66,6 +66,12 @@ def is_dicom_file(path: str | os.PathLike[str]) -> bool:
     return "SOPClassUID" in ds or "Modality" in ds
 
 
+def count_dicom_files(folder: str | os.PathLike[str]) -> int:
+    """How many DICOM files ``folder`` directly holds, found as :func:`dicom_files` finds them but without a word
+    on the others (it says those when the series is read)."""
+    return sum(is_dicom_file(path) for path in _candidates(Path(folder)))
+
+
 def dicom_files(folder: str | os.PathLike[str]) -> tuple[list[Path], int]:
     """The DICOM files directly in ``folder`` (name order) and how many candidate files it holds.
 

@@ -429,16 +429,6 @@ def _run(
     timings_path = _timings_path(args, target)
     check_timings(timings_path, inputs)
     idle_mb = _check_memory_budget(args, backend, cuda, device)
-    if target is not None and target.is_file() and not args.overwrite:
-        from flareseg.runtime.jobs import unfinished_result
-
-        damage = unfinished_result(target, args.output_type)
-        if damage is not None:  # as in a folder: no result, so not kept as one
-            raise FlareSegError(f"{target}: exists but {damage}; remove it to redo the case, or --overwrite")
-        # As in a folder: a result already there is kept, never replaced unasked (it may be another file).
-        kept = FolderSummary(cases=1, segmented=0, skipped=1, failed=0, wall_s=0.0)
-        say(f"{_tally(kept, 1)}; {target} exists, kept (--overwrite to redo it)")
-        return 0
     runner = open_runner(
         model_path,
         backend=backend,
@@ -452,6 +442,20 @@ def _run(
         ort_memory=args.ort_memory or "lean",
     )
     timeline.mark("runner_opened")  # on CUDA this checked the device, which initialises the driver
+    # After the runner is made (not loaded): a device or precision this machine cannot run is refused even where
+    # the result is there already, as in a folder; a job that runs from cron would otherwise pass until a new case.
+    if target is not None and target.is_file() and not args.overwrite:
+        from flareseg.runtime.jobs import result_of_another_scan, unfinished_result
+
+        damage = unfinished_result(target, args.output_type) or result_of_another_scan(
+            target, inputs[0], args.output_type
+        )
+        if damage is not None:  # as in a folder: no result (or another scan's), so not kept as one
+            raise FlareSegError(f"{target}: exists but {damage}; remove it to redo the case, or --overwrite")
+        # As in a folder: a result already there is kept, never replaced unasked (it may be another file).
+        kept = FolderSummary(cases=1, segmented=0, skipped=1, failed=0, wall_s=0.0)
+        say(f"{_tally(kept, 1)}; {target} exists, kept (--overwrite to redo it)")
+        return 0
     if backend == "tensorrt" and args.batch_size is None:
         batch_size = engine_batch(model_path)
     memory_plan: dict[str, object] | None = None

@@ -15,7 +15,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -334,6 +334,58 @@ def unfinished_result(output: Path, output_type: str) -> str | None:
     return None
 
 
+# The largest difference between a result's affine and its input's that still counts as the same grid: NIfTI
+# stores the sform in float32, and flare-eval accepts predictions as far off.
+GRID_TOLERANCE_MM = 1e-3
+
+
+def result_of_another_scan(output: Path, input_path: Path, output_type: str) -> str | None:
+    """Why a finished result at ``output`` cannot be of ``input_path`` as it is now, else None: a scan sent
+    again or reconstructed again under its name, or a series that was still arriving when the result was made.
+
+    From headers and a listing only, so a resumed folder stays quick: a NIfTI input's shape and affine
+    against the result's; a DICOM series' number of DICOM files against the result's slices (a NIfTI
+    result: its third axis, the series' slices; a DICOM SEG: the instances it references). What cannot be
+    read here is left for the run to say (None).
+    """
+    try:
+        if input_path.is_dir():
+            from flareseg.dicom import count_dicom_files
+
+            slices = count_dicom_files(input_path)
+            held, what = _slices_of_result(output, output_type)
+            if held != slices:
+                return f"{what} {held} slices, where the series {input_path} now holds {slices}"
+            return None
+        import nibabel as nib
+
+        scan: Any = nib.load(input_path)
+        result: Any = nib.load(output)
+    except Exception:  # a damaged input or series: the run reads it and says what is wrong
+        return None
+    shape, grid = tuple(scan.shape[:3]), tuple(result.shape[:3])
+    if grid != shape:
+        size = lambda s: " x ".join(map(str, s))  # noqa: E731
+        return f"is a {size(grid)} grid, where its input {input_path} now is {size(shape)}"
+    apart = float(np.abs(np.asarray(result.affine) - np.asarray(scan.affine)).max())
+    if apart > GRID_TOLERANCE_MM:
+        return f"lies elsewhere than its input {input_path} (affines up to {apart:.3g} apart)"
+    return None
+
+
+def _slices_of_result(output: Path, output_type: str) -> tuple[int, str]:
+    """A result's slice count, and how to say it."""
+    if output_type == "dicom-seg":
+        import pydicom
+
+        ds = pydicom.dcmread(output, stop_before_pixels=True, force=True)
+        return len(ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence), "references"
+    import nibabel as nib
+
+    image: Any = nib.load(output)
+    return int(image.shape[2]), "holds"
+
+
 def _unfinished_seg(output: Path) -> str | None:
     """Why a file at a DICOM SEG output is no result (not DICOM, not a SEG, fewer pixel bytes than its frames
     need), else None. A SEG is read whole: its frames are packed bits, a few MB."""
@@ -377,8 +429,10 @@ def plan_folder(
 ) -> Iterator[PlannedCase]:
     """Each input in order, lazily: run it into ``out_dir`` (FLARE21 name), skip it, or refuse it.
 
-    A case is skipped when its output exists (unless ``overwrite``); one that appears while the case runs
-    (another run's) is kept too, the case then skipped (``CaseJob.replace``). It fails at once when
+    A case is skipped when its output exists (unless ``overwrite``) and is a whole result of the input as
+    it is now (:func:`unfinished_result`, :func:`result_of_another_scan`; else the case fails); one that
+    appears while the case runs (another run's) is kept too, the case then skipped (``CaseJob.replace``).
+    It fails at once when
     its name cannot be read (a damaged series header), an earlier input has the same case
     name, or its output could never be written (:func:`check_output`); the others go on. An
     output folder that could not hold any result is refused as a whole (:func:`check_output_folder`).
@@ -411,8 +465,9 @@ def plan_folder(
             yield PlannedCase(path, name, output, "failed", why, output_type)
             continue
         if output.is_file() and not overwrite:  # a folder in the way is refused below, not taken as done
-            damage = unfinished_result(output, output_type)
-            if damage is not None:  # not taken for a result: the case would be counted done without one
+            # Not taken for a result: the case would be counted done without one, or with another scan's.
+            damage = unfinished_result(output, output_type) or result_of_another_scan(output, path, output_type)
+            if damage is not None:
                 why = FlareSegError(f"{output}: exists but {damage}; remove it to redo the case")
                 yield PlannedCase(path, name, output, "failed", why, output_type)
             else:
@@ -443,5 +498,6 @@ __all__ = [
     "output_suffix",
     "part_of",
     "plan_folder",
+    "result_of_another_scan",
     "unfinished_result",
 ]

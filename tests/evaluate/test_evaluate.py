@@ -143,7 +143,9 @@ def test_ground_truth_labels_outside_range_name_the_file(phantom_dirs, capsys):
 
 
 def test_missing_folder_is_an_error(tmp_path, capsys):
-    _expect_cli_error(["--pred", str(tmp_path / "nope"), "--gt", str(tmp_path)], capsys, "nope", "not a directory")
+    _expect_cli_error(["--pred", str(tmp_path / "nope"), "--gt", str(tmp_path)], capsys, "nope: folder not found")
+    (tmp_path / "a-file").write_text("x")
+    _expect_cli_error(["--pred", str(tmp_path / "a-file"), "--gt", str(tmp_path)], capsys, "a-file: not a directory")
 
 
 @pytest.mark.parametrize("kind", [k for k in BAD_INPUT_KINDS if k != "missing"])

@@ -22,7 +22,7 @@ def _done(path):
 
 
 def _cts(folder, n):
-    """``c0_0000.nii.gz``... in ``folder``: files the plan does not read."""
+    """``c0_0000.nii.gz``... in ``folder``: not images (a done case's check of its input leaves those to the run)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"c{i}_0000.nii.gz" for i in range(n)]
     for p in paths:
@@ -51,7 +51,7 @@ def test_the_plan_runs_skips_and_refuses_each_case_in_order(tmp_path):
         ("c3", "run"),
         ("series", "failed"),
     ]
-    assert plan[0].job == CaseJob("c0", inputs[0], out / "c0.nii.gz")
+    assert plan[0].job == CaseJob("c0", inputs[0], out / "c0.nii.gz", replace=False)  # another run's result is kept
     assert str(plan[2].error) == f"{out / 'c2.nii.gz'}: a folder is in the way of the output"
     assert str(plan[4].error) == f"{inputs[4]}: no DICOM files" and plan[4].output is None
     again = list(plan_folder(inputs, out, overwrite=True))
@@ -442,3 +442,68 @@ def test_a_case_written_onto_its_own_input_is_refused_before_any_work(tmp_path):
         file_job(ct, ct)
     with pytest.raises(FlareSegError, match=r"refusing to overwrite the input$"):
         file_job(ct, tmp_path / "in" / ".." / "in" / ct.name)  # another name of the same file
+
+
+def test_a_result_of_another_version_of_its_scan_is_not_taken_for_done(tmp_path):
+    # A scan sent again, or reconstructed again, under its name: its old result was kept for good, being named right.
+    import nibabel as nib
+    import numpy as np
+
+    from flareseg.phantom import make_phantom
+    from flareseg.volume import read_ct, write_labels
+
+    def ct(shape, shift=0.0):
+        img = make_phantom(shape, (8.0, 8.0, 10.0), seed=3).to_nifti()[0]
+        if shift:
+            affine = img.affine.copy()
+            affine[0, 3] += shift
+            img = nib.Nifti1Image(np.asarray(img.dataobj), affine, img.header)
+        (tmp_path / "in").mkdir(exist_ok=True)
+        nib.save(img, tmp_path / "in" / "c0_0000.nii.gz")
+        return tmp_path / "in" / "c0_0000.nii.gz"
+
+    out = tmp_path / "out"
+    scan = ct((24, 24, 6))
+    vol = read_ct(scan)
+    write_labels(np.zeros(vol.array.shape, np.uint8), vol.geometry, out / "c0.nii.gz")
+    assert [p.status for p in plan_folder([scan], out)] == ["skipped"]  # its own result: done
+    ct((24, 24, 8))  # more slices now
+    (planned,) = plan_folder([scan], out)
+    assert planned.status == "failed" and str(planned.error) == (
+        f"{out / 'c0.nii.gz'}: exists but is a 24 x 24 x 6 grid, where its input {scan} now is 24 x 24 x 8; "
+        "remove it to redo the case"
+    )
+    ct((24, 24, 6), shift=5.0)  # the same grid, moved 5 mm
+    (planned,) = plan_folder([scan], out)
+    assert planned.status == "failed" and "lies elsewhere than its input" in str(planned.error)
+    assert "(affines up to 5 apart)" in str(planned.error)
+    assert [p.status for p in plan_folder([scan], out, overwrite=True)] == ["run"]
+
+
+@pytest.mark.parametrize("output_type", ["nifti", "dicom-seg"])
+def test_a_result_made_while_its_series_was_still_arriving_is_not_taken_for_done(tmp_path, output_type):
+    import numpy as np
+    from dicom_series import phantom, write_series
+
+    from flareseg.dicom import read_series, write_seg
+    from flareseg.volume import write_labels
+
+    series = tmp_path / "in" / "s1"
+    files = write_series(series, phantom())
+    out = tmp_path / "out"
+    out.mkdir()
+    (planned,) = plan_folder([series], out, output_type)
+    vol = read_series(series)
+    labels = np.zeros(vol.array.shape, np.uint8)
+    write_seg(labels, vol, planned.output) if output_type == "dicom-seg" else write_labels(
+        labels, vol.geometry, planned.output
+    )
+    (tmp_path / "in" / "s1" / "notes.txt").write_text("not a slice")  # clutter is not counted
+    assert [p.status for p in plan_folder([series], out, output_type)] == ["skipped"]
+    files[0].rename(tmp_path / "slice-held-back")  # as if the result had been made before it came
+    (planned,) = plan_folder([series], out, output_type)
+    said = "references" if output_type == "dicom-seg" else "holds"
+    assert planned.status == "failed" and str(planned.error) == (
+        f"{planned.output}: exists but {said} {len(files)} slices, where the series {series} now holds "
+        f"{len(files) - 1}; remove it to redo the case"
+    )

@@ -32,6 +32,7 @@ from flareseg.runtime.cli import main as infer_main
 from flareseg.runtime.pipeline import CaseJob, run_cases, segment_file, segment_folder
 from flareseg.runtime.runners import FunctionRunner, open_runner
 from flareseg.runtime.startup import Timeline
+from flareseg.volume import read_ct, write_labels
 
 WAIT_S = 20.0  # generous: the machine may be busy; a pipeline without overlap never sets the event at all
 
@@ -713,10 +714,24 @@ def test_a_single_case_keeps_an_existing_output_unless_told_to_overwrite(trained
     save(make_phantom((40, 40, 5), (8.0, 8.0, 10.0), seed=9).to_nifti()[0], other)  # another patient's CT
     theirs = other.read_bytes()
     argv = ["--model", str(trained_checkpoint), "-i", str(ct), "-o", str(other), "-q"]
-    assert infer_main(argv) == 0
+    assert infer_main(argv) == 2  # on another grid: no result of this CT, and not replaced unasked
     assert other.read_bytes() == theirs
-    assert f"0 segmented, 1 skipped (already done), 0 failed of 1; {other} exists, kept" in capsys.readouterr().out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "other_0000.nii.gz"]  # no timings either
+    assert capsys.readouterr().err == (
+        f"flare-infer: error: {other}: exists but is a 40 x 40 x 5 grid, where its input {ct} now is 48 x 48 x 6; "
+        "remove it to redo the case, or --overwrite\n"
+    )
+    done = tmp_path / "done.nii.gz"  # a result of this CT, on its grid: kept
+    vol = read_ct(ct)
+    write_labels(np.zeros(vol.array.shape, np.uint8), vol.geometry, done)
+    ours = done.read_bytes()
+    assert infer_main(["--model", str(trained_checkpoint), "-i", str(ct), "-o", str(done), "-q"]) == 0
+    assert done.read_bytes() == ours
+    assert f"0 segmented, 1 skipped (already done), 0 failed of 1; {done} exists, kept" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done.nii.gz", "in", "other_0000.nii.gz"]  # no timings
+    if not torch.cuda.is_available():  # what this machine cannot run is refused even with the result there
+        for extra, said in ((["--device", "cuda"], "sees no CUDA GPU"), (["--precision", "fp16"], "fp16 needs a CUDA")):
+            assert infer_main(["--model", str(trained_checkpoint), "-i", str(ct), "-o", str(done), *extra]) == 2
+            assert said in capsys.readouterr().err
     from flareseg.runtime import cli
 
     parse = cli.build_parser().parse_args
