@@ -12,8 +12,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from flareseg.errors import FlareSegError
-from flareseg.volume import is_nifti
+from flareseg.errors import FlareSegError, first_few
+from flareseg.volume import case_id, is_nifti
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,15 @@ def find_series(
             log.warning("%s: ignored: %s", sub, str(exc).removeprefix(f"{sub}: "))
             continue
         if not _holds_dicom(listed):  # is_series_dir, on the listing at hand
-            if any(is_nifti(p) for p in listed):
+            images = [p.name for p in listed if is_nifti(p) and case_id(p) != p.name.split(".")[0]]
+            if images:  # named as CT images (the _0000 channel tag), not as results: said as loudly as a tree
+                log.warning(
+                    "%s: ignored: CT images (%s) in a subfolder, which is not searched; give it as the input, or "
+                    "move them up",
+                    sub,
+                    first_few(images),
+                )
+            elif any(is_nifti(p) for p in listed):
                 log.info("%s: ignored: NIfTI files (results of an earlier run?), not a DICOM series", sub)
             else:
                 log.warning("%s: ignored: no DICOM files directly in it (folders inside it are not searched)", sub)

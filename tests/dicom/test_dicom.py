@@ -184,13 +184,32 @@ def test_results_and_folders_without_dicom_files_are_not_taken_for_series(tmp_pa
     labels[2:4, 10:20, 10:20] = 1
     write_seg(labels, vol, tmp_path / "in" / "earlier-run" / "PAT01_20260101_s3.dcm")  # -o in/earlier-run, last time
     write_seg(labels, vol, tmp_path / "in" / "this-run" / "PAT01_20260101_s3.dcm")
-    with caplog.at_level("WARNING"):
+    (tmp_path / "in" / "nifti-results").mkdir()
+    (tmp_path / "in" / "nifti-results" / "case_001.nii.gz").write_bytes(b"")  # an earlier run's label map
+    (tmp_path / "in" / "more-cts").mkdir()
+    (tmp_path / "in" / "more-cts" / "case_002_0000.nii.gz").write_bytes(b"")  # a CT, by its name: said louder
+    (tmp_path / "in" / "more-cts" / "case_002.nii.gz").write_bytes(b"")
+    with caplog.at_level("INFO"):
         found = find_series(tmp_path / "in", exclude=tmp_path / "in" / "this-run")
     assert found == {"PAT01_20260101_s3": tmp_path / "in" / "s"}
-    said = sorted(r.getMessage() for r in caplog.records if r.name == "flareseg.dicom.files")
+    said = sorted((r.levelname, r.getMessage()) for r in caplog.records if r.name == "flareseg.dicom.files")
     assert said == [
-        f"{tmp_path / 'in' / 'earlier-run'}: ignored: it holds DICOM SEG results, not an image series",
-        f"{tmp_path / 'in' / 'patient'}: ignored: no DICOM files directly in it (folders inside it are not searched)",
+        (
+            "INFO",
+            f"{tmp_path / 'in' / 'nifti-results'}: ignored: NIfTI files (results of an earlier run?), "
+            "not a DICOM series",
+        ),
+        ("WARNING", f"{tmp_path / 'in' / 'earlier-run'}: ignored: it holds DICOM SEG results, not an image series"),
+        (
+            "WARNING",
+            f"{tmp_path / 'in' / 'more-cts'}: ignored: CT images (case_002_0000.nii.gz) in a subfolder, which is not "
+            "searched; give it as the input, or move them up",
+        ),
+        (
+            "WARNING",
+            f"{tmp_path / 'in' / 'patient'}: ignored: no DICOM files directly in it "
+            "(folders inside it are not searched)",
+        ),
     ]
 
 
