@@ -344,10 +344,10 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def warn_threads_beyond_cores(threads: int | None) -> None:
+def warn_threads_beyond_cores(threads: int | None, option: str = "--threads") -> None:
     cores = os.cpu_count() or 1
     if threads is not None and threads > cores:
-        log.warning("--threads %d on %d CPU cores: threads beyond the cores only wait for each other", threads, cores)
+        log.warning("%s %d on %d CPU cores: threads beyond the cores only wait for each other", option, threads, cores)
 
 
 def default_device() -> str:

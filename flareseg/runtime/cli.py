@@ -340,6 +340,7 @@ def _main(args: argparse.Namespace) -> int:
     # The first case's read starts now, so that it overlaps torch's import, the device's
     # start-up and the model's loading.
     # Reader says a missing rapidgzip before any work; `restore` undoes the run's process-wide settings.
+    warn_threads_beyond_cores(args.read_threads, "--read-threads")
     with Reader(args.read_threads) as reader, contextlib.ExitStack() as restore:
         first, listed = _look_ahead(args)
         if first is not None:

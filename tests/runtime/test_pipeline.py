@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import importlib.metadata
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -580,7 +581,9 @@ def test_components_labelled_during_inference_are_counted_once(trained_checkpoin
     assert timing.total_s <= timing.wall_s + 0.5 * slept
 
 
-def test_read_threads_give_the_same_output_and_are_checked_before_any_work(trained_checkpoint, tmp_path, capsys):
+def test_read_threads_give_the_same_output_and_are_checked_before_any_work(
+    trained_checkpoint, tmp_path, capsys, caplog
+):
     pytest.importorskip("rapidgzip", reason="rapidgzip (the [dev] and [gpu] extras) is not installed")
     paths = _folder(tmp_path / "in", 2)
     base = ["--model", str(trained_checkpoint), "-i", str(tmp_path / "in"), "-q"]
@@ -591,6 +594,11 @@ def test_read_threads_give_the_same_output_and_are_checked_before_any_work(train
         one, every = (np.asarray(nib.load(tmp_path / k / name).dataobj) for k in ("one", "all"))
         np.testing.assert_array_equal(every, one)
     assert json.loads((tmp_path / "all" / "timings.json").read_text())["context"]["read_threads"] == 0
+    cores = os.cpu_count() or 1
+    caplog.clear()
+    assert infer_main([*base, "-o", str(tmp_path / "many"), "--read-threads", str(cores + 1)]) == 0
+    said = f"--read-threads {cores + 1} on {cores} CPU cores: threads beyond the cores only wait for each other"
+    assert said in caplog.messages
     with pytest.raises(SystemExit) as stopped:  # refused while parsing
         infer_main([*base, "-o", str(tmp_path / "bad"), "--read-threads", "-2"])
     assert stopped.value.code == 2 and "argument --read-threads: expected an integer >= 0" in capsys.readouterr().err
