@@ -7,15 +7,19 @@ temporary file; the next write of the same target removes it (see :func:`_remove
 
 from __future__ import annotations
 
+import errno
+import functools
 import logging
 import os
 import re
 import stat
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 from flareseg.errors import FlareSegError
 
@@ -88,8 +92,10 @@ class AtomicOutputs:
             prefix = f".{_cut(target.name, room)}."
             _remove_stale(target.parent, prefix, suffix)
             fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=target.parent)
-            self._locks.append(fd)
-            _lock(fd)
+            if _lock(fd):
+                self._locks.append(fd)
+            else:  # nothing to hold it by: closed now, as before (Windows cannot rename a file held open)
+                os.close(fd)
             tmp = Path(name)
             self._temps.append(tmp)
             yield tmp
@@ -111,7 +117,7 @@ class AtomicOutputs:
         with stop_signals_blocked() if len(self._written) + len(self._removed) > 1 else nullcontext():
             kept = [target for _, target, replace in self._written if not replace and os.path.lexists(target)]
             if kept:  # before any rename: the set is all or nothing
-                raise OutputExistsError(f"{kept[0]}: written meanwhile by another run; kept, this one's dropped")
+                raise _kept(kept[0])
             for tmp, target, replace in self._written:
                 with _naming(target):
                     if replace:
@@ -143,20 +149,72 @@ def atomic_outputs() -> Iterator[AtomicOutputs]:
         outputs._discard()
 
 
+def _kept(target: Path) -> OutputExistsError:
+    return OutputExistsError(f"{target}: written meanwhile by another run; kept, this one's dropped")
+
+
 def _rename_no_replace(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target`` unless a file is there, in one step: a hard link fails on an existing name,
-    where a check before ``os.replace`` would leave a moment for another run's file to appear and be replaced.
-    A file system without hard links gets that check, and that moment."""
+    """Rename ``tmp`` to ``target`` unless a file is there, in one step, where a check before ``os.replace`` would
+    leave a moment for another run's file to appear and be replaced: an exclusive rename (Linux), else a hard link
+    (which fails on an existing name; a folder's watcher then sees a file created, not moved in). A file system
+    with neither gets that check, and that moment."""
+    for exclusive in (_rename_exclusive, _link_exclusive):
+        try:
+            if exclusive(tmp, target):
+                return
+        except FileExistsError:
+            raise _kept(target) from None
+    if os.path.lexists(target):
+        raise _kept(target)
+    os.replace(tmp, target)
+
+
+def _rename_exclusive(tmp: Path, target: Path) -> bool:
+    """``renameat2(RENAME_NOREPLACE)``: a rename that fails on an existing name (FileExistsError), seen by a
+    folder's watcher as every other output's rename; False where the kernel, C library or file system has none."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    import ctypes
+
+    at_cwd, no_replace = -100, 1  # AT_FDCWD, RENAME_NOREPLACE (linux/fcntl.h, linux/fs.h)
+    if renameat2(at_cwd, os.fsencode(tmp), at_cwd, os.fsencode(target), no_replace) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.EEXIST:
+        raise FileExistsError(err, os.strerror(err), str(target))
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):  # not on this file system
+        return False
+    raise OSError(err, os.strerror(err), str(target))
+
+
+@functools.cache
+def _renameat2() -> Any:
+    """The C library's ``renameat2`` (glibc 2.28, musl 1.2.4), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _link_exclusive(tmp: Path, target: Path) -> bool:
+    """A hard link to ``tmp`` at ``target`` (FileExistsError if a file is there), then ``tmp`` unlinked; False
+    where the file system has no hard links (some network and FUSE file systems)."""
     try:
         os.link(tmp, target)
     except FileExistsError:
-        raise OutputExistsError(f"{target}: written meanwhile by another run; kept, this one's dropped") from None
-    except OSError:  # EPERM, ENOTSUP: no hard links here (some network and FUSE file systems)
-        if os.path.lexists(target):
-            raise OutputExistsError(f"{target}: written meanwhile by another run; kept, this one's dropped") from None
-        os.replace(tmp, target)
-        return
+        raise
+    except OSError:  # EPERM, ENOTSUP, EMLINK: no hard link to be had here
+        return False
     os.unlink(tmp)
+    return True
 
 
 # A temporary file younger than this is left alone even when unlocked: its writer may be between creating it and
@@ -165,15 +223,16 @@ _STALE_AFTER_S = 5.0
 _MKSTEMP_RANDOM = "[a-z0-9_]{8}"  # the characters tempfile.mkstemp puts between prefix and suffix
 
 
-def _lock(fd: int) -> None:
-    """Hold an exclusive advisory lock on a temporary file for as long as its writer lives: the kernel drops it
-    when the process ends, however it ends, which is what tells a leftover from a write in progress."""
+def _lock(fd: int) -> bool:
+    """Hold an exclusive advisory lock on a temporary file for as long as its writer lives (say if it is held):
+    the kernel drops it when the process ends, however it ends, which tells a leftover from a write in progress."""
     if fcntl is None:
-        return
+        return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:  # a file system without locks (some network mounts): its temporary files are never swept
-        pass
+        return False
+    return True
 
 
 def _remove_stale(folder: Path, prefix: str, suffix: str) -> None:

@@ -169,7 +169,9 @@ def find_cases(folder: str | os.PathLike[str], *, keep_clashes: bool = False) ->
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise FlareSegError(f"{folder}: {'not a directory' if os.path.lexists(folder) else 'folder not found'}")
+        if folder.is_symlink() and not folder.exists():
+            raise FlareSegError(f"{folder}: a broken symbolic link (to {os.readlink(folder)})")
+        raise FlareSegError(f"{folder}: {'not a directory' if folder.exists() else 'folder not found'}")
     cases: dict[str, Path] = {}
     try:
         listed = sorted(folder.iterdir())

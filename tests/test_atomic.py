@@ -338,16 +338,9 @@ def test_a_temporary_file_is_locked_until_its_set_is_renamed_into_place(tmp_path
     assert not held(tmp_path / "model.onnx")  # renamed into place: the lock went with the set
 
 
-@pytest.mark.parametrize("hard_links", [True, False])
-def test_a_target_that_appears_meanwhile_is_kept_when_not_to_be_replaced(tmp_path, monkeypatch, hard_links):
+def test_a_target_there_when_the_set_is_renamed_is_kept_and_the_set_dropped_whole(tmp_path):
     from flareseg.atomic import OutputExistsError
 
-    if not hard_links:  # a file system without them (some network and FUSE mounts): a check before the rename
-
-        def no_link(src, dst):
-            raise PermissionError(1, "Operation not permitted")
-
-        monkeypatch.setattr(os, "link", no_link)
     target, sidecar = tmp_path / "case.nii.gz", tmp_path / "case.json"
     with pytest.raises(OutputExistsError, match=r"case.nii.gz: written meanwhile by another run; kept"):
         with atomic_outputs() as outputs:
@@ -357,27 +350,83 @@ def test_a_target_that_appears_meanwhile_is_kept_when_not_to_be_replaced(tmp_pat
                 tmp.write_bytes(b"ours")
                 target.write_bytes(b"theirs")  # another run's result lands while ours is written
     assert target.read_bytes() == b"theirs"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.nii.gz"]  # the set all or nothing: no sidecar
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.nii.gz"]  # all or nothing: no sidecar either
     with atomic_output(tmp_path / "new.nii.gz", keep_suffix=".nii.gz", replace=False) as tmp:
         tmp.write_bytes(b"ours")  # nothing there: written as ever
     assert (tmp_path / "new.nii.gz").read_bytes() == b"ours"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["case.nii.gz", "new.nii.gz"]
 
 
-def test_a_target_that_appears_between_the_check_and_the_rename_is_still_kept(tmp_path, monkeypatch):
+@pytest.mark.parametrize("step", ["exclusive rename", "hard link"])
+def test_a_target_that_appears_at_the_last_moment_is_kept_by_the_step_that_renames(tmp_path, monkeypatch, step):
+    # The file lands after every check, right before the step that puts ours in place: only a step that fails on
+    # an existing name keeps it (a check followed by os.replace would replace it).
     from flareseg import atomic
     from flareseg.atomic import OutputExistsError
 
     target = tmp_path / "case.nii.gz"
-    real_lexists = os.path.lexists
+    real = atomic._rename_exclusive if step == "exclusive rename" else os.link
 
-    def lexists(path):  # the last look before the rename finds nothing; the file lands right after it
-        there = real_lexists(path)
-        if Path(path) == target and not there:
-            target.write_bytes(b"theirs")
-        return there
+    def landing_first(src, dst):
+        Path(dst).write_bytes(b"theirs")
+        return real(src, dst)
 
-    monkeypatch.setattr(atomic.os.path, "lexists", lexists)
+    if step == "exclusive rename":
+        if atomic._renameat2() is None:
+            pytest.skip("no renameat2 in this C library")
+        monkeypatch.setattr(atomic, "_rename_exclusive", landing_first)
+    else:
+        monkeypatch.setattr(atomic, "_rename_exclusive", lambda src, dst: False)  # as without renameat2
+        monkeypatch.setattr(atomic.os, "link", landing_first)
     with pytest.raises(OutputExistsError), atomic_output(target, replace=False) as tmp:
         tmp.write_bytes(b"ours")
     assert target.read_bytes() == b"theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["case.nii.gz"]
+
+
+def test_the_result_is_renamed_into_place_not_linked_where_the_kernel_can(tmp_path, monkeypatch):
+    # A folder's watcher (inotify MOVED_TO, as for every other output) must see the result moved in, not created.
+    from flareseg import atomic
+
+    renameat2 = atomic._renameat2()
+    if renameat2 is None or renameat2(-100, bytes(_touch(tmp_path / "a")), -100, bytes(tmp_path / "b"), 1) != 0:
+        pytest.skip("no exclusive rename here (C library or file system)")
+
+    def no_link(src, dst):
+        raise AssertionError("linked, not renamed")
+
+    monkeypatch.setattr(atomic.os, "link", no_link)
+    with atomic_output(tmp_path / "case.nii.gz", replace=False) as tmp:
+        tmp.write_bytes(b"ours")
+        inode = tmp.stat().st_ino
+    assert (tmp_path / "case.nii.gz").stat().st_ino == inode and (tmp_path / "case.nii.gz").read_bytes() == b"ours"
+
+
+def test_without_exclusive_rename_or_hard_links_a_check_keeps_what_is_there(tmp_path, monkeypatch):
+    from flareseg import atomic
+    from flareseg.atomic import OutputExistsError
+
+    monkeypatch.setattr(atomic, "_rename_exclusive", lambda src, dst: False)
+    monkeypatch.setattr(atomic, "_link_exclusive", lambda src, dst: False)
+    target = tmp_path / "case.nii.gz"
+    with atomic_output(target, replace=False) as tmp:
+        tmp.write_bytes(b"ours")
+    assert target.read_bytes() == b"ours"  # nothing there: renamed in by the fallback
+    real_lexists = os.path.lexists
+    looks: list[str] = []
+
+    def lexists(path):  # the set's own check passes; the file lands before the fallback's check
+        looks.append(str(path))
+        if len(looks) == 2:
+            Path(path).write_bytes(b"theirs")
+        return real_lexists(path)
+
+    target.unlink()
+    monkeypatch.setattr(atomic.os.path, "lexists", lexists)
+    with pytest.raises(OutputExistsError), atomic_output(target, replace=False) as tmp:
+        tmp.write_bytes(b"ours")
+    assert target.read_bytes() == b"theirs" and looks == [str(target)] * 2
+
+
+def _touch(path: Path) -> Path:
+    path.write_bytes(b"")
+    return path

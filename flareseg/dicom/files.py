@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from flareseg.errors import FlareSegError, first_few
-from flareseg.volume import case_id, is_nifti
+from flareseg.volume import NIFTI_SUFFIXES, is_nifti
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,25 @@ def is_dicom_file(path: str | os.PathLike[str]) -> bool:
 
 
 def count_dicom_files(folder: str | os.PathLike[str]) -> int:
-    """How many DICOM files ``folder`` directly holds, found as :func:`dicom_files` finds them but without a word
-    on the others (it says those when the series is read)."""
-    return sum(is_dicom_file(path) for path in _candidates(Path(folder)))
+    """How many DICOM image files ``folder`` directly holds: found as :func:`dicom_files` finds them (without a
+    word on the others: reading the series says those), a DICOMDIR under any name left out, as reading does."""
+    return sum(is_dicom_file(path) and not _is_dicomdir(path) for path in _candidates(Path(folder)))
+
+
+def _channel_tagged(path: Path) -> bool:
+    """A NIfTI file named as a CT image (``case_0000.nii.gz``: the ``_0000`` channel tag), not as a result."""
+    name = path.name
+    return name[: -len(next(s for s in NIFTI_SUFFIXES if name.endswith(s)))].endswith("_0000")
+
+
+def _is_dicomdir(path: Path) -> bool:
+    """Whether a DICOM file is a DICOMDIR (a media index) by its file meta, whatever its name; a bare data set
+    (no file meta) never is."""
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+    except Exception:  # no file meta, or damaged: not a DICOMDIR, and reading the series says the rest
+        return False
+    return bool(meta.get("MediaStorageSOPClassUID") == DICOMDIR_SOP_CLASS)
 
 
 def dicom_files(folder: str | os.PathLike[str]) -> tuple[list[Path], int]:
@@ -226,7 +242,7 @@ def find_series(
             log.warning("%s: ignored: %s", sub, str(exc).removeprefix(f"{sub}: "))
             continue
         if not _holds_dicom(listed):  # is_series_dir, on the listing at hand
-            images = [p.name for p in listed if is_nifti(p) and case_id(p) != p.name.split(".")[0]]
+            images = [p.name for p in listed if is_nifti(p) and _channel_tagged(p)]
             if images:  # named as CT images (the _0000 channel tag), not as results: said as loudly as a tree
                 log.warning(
                     "%s: ignored: CT images (%s) in a subfolder, which is not searched; give it as the input, or "

@@ -481,7 +481,7 @@ def segment_file(
     input_path, output_path = Path(input_path), Path(output_path)
     job = dataclasses.replace(file_job(input_path, output_path, output_type), replace=overwrite)
     if not overwrite and os.path.lexists(output_path):
-        raise FlareSegError(f"{output_path}: exists; overwrite=True replaces it")
+        raise OutputExistsError(f"{output_path}: exists, kept (overwrite=True replaces it; flare-infer: --overwrite)")
     reset_peak_rss()
     (timing,) = run_cases(runner, [job], raise_errors=True, on_case=on_case, **options)
     return timing

@@ -186,6 +186,7 @@ def test_results_and_folders_without_dicom_files_are_not_taken_for_series(tmp_pa
     write_seg(labels, vol, tmp_path / "in" / "this-run" / "PAT01_20260101_s3.dcm")
     (tmp_path / "in" / "nifti-results").mkdir()
     (tmp_path / "in" / "nifti-results" / "case_001.nii.gz").write_bytes(b"")  # an earlier run's label map
+    (tmp_path / "in" / "nifti-results" / "case.v2.nii").write_bytes(b"")  # a dot in a result's name: no image tag
     (tmp_path / "in" / "more-cts").mkdir()
     (tmp_path / "in" / "more-cts" / "case_002_0000.nii.gz").write_bytes(b"")  # a CT, by its name: said louder
     (tmp_path / "in" / "more-cts" / "case_002.nii.gz").write_bytes(b"")

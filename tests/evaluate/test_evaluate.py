@@ -146,6 +146,9 @@ def test_missing_folder_is_an_error(tmp_path, capsys):
     _expect_cli_error(["--pred", str(tmp_path / "nope"), "--gt", str(tmp_path)], capsys, "nope: folder not found")
     (tmp_path / "a-file").write_text("x")
     _expect_cli_error(["--pred", str(tmp_path / "a-file"), "--gt", str(tmp_path)], capsys, "a-file: not a directory")
+    (tmp_path / "gone").symlink_to(tmp_path / "moved-away")
+    gone = ["--pred", str(tmp_path / "gone"), "--gt", str(tmp_path)]
+    _expect_cli_error(gone, capsys, f"gone: a broken symbolic link (to {tmp_path / 'moved-away'})")
 
 
 @pytest.mark.parametrize("kind", [k for k in BAD_INPUT_KINDS if k != "missing"])

@@ -484,6 +484,8 @@ def test_a_result_of_another_version_of_its_scan_is_not_taken_for_done(tmp_path)
 def test_a_result_made_while_its_series_was_still_arriving_is_not_taken_for_done(tmp_path, output_type):
     import numpy as np
     from dicom_series import phantom, write_series
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     from flareseg.dicom import read_series, write_seg
     from flareseg.volume import write_labels
@@ -499,6 +501,13 @@ def test_a_result_made_while_its_series_was_still_arriving_is_not_taken_for_done
         labels, vol.geometry, planned.output
     )
     (tmp_path / "in" / "s1" / "notes.txt").write_text("not a slice")  # clutter is not counted
+    index = Dataset()  # nor a DICOMDIR under another name, which reading the series passes over too
+    index.file_meta = FileMetaDataset()
+    index.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    index.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    index.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    index.FileSetID = "DISC1"
+    index.save_as(series / "index.dcm", enforce_file_format=True)
     assert [p.status for p in plan_folder([series], out, output_type)] == ["skipped"]
     files[0].rename(tmp_path / "slice-held-back")  # as if the result had been made before it came
     (planned,) = plan_folder([series], out, output_type)

@@ -23,6 +23,7 @@ import pytest
 import torch
 from conftest import save
 
+from flareseg.atomic import OutputExistsError
 from flareseg.checkpoint import ModelInfo, load_model
 from flareseg.errors import FlareSegError
 from flareseg.network import NetworkConfig
@@ -943,7 +944,8 @@ def test_the_api_keeps_an_existing_file_unless_told_and_takes_paths_as_text(trai
     other = tmp_path / "other.nii.gz"
     other.write_bytes(b"another patient's result")
     with open_runner(trained_checkpoint) as runner:
-        with pytest.raises(FlareSegError, match=r"other\.nii\.gz: exists; overwrite=True replaces it"):
+        kept = r"other\.nii\.gz: exists, kept \(overwrite=True replaces it; flare-infer: --overwrite\)"
+        with pytest.raises(OutputExistsError, match=kept):
             segment_file(runner, ct, other, batch_size=4)
         assert other.read_bytes() == b"another patient's result"
         assert segment_file(runner, str(ct), str(other), overwrite=True, batch_size=4).status == "ok"
