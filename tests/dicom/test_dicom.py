@@ -190,7 +190,7 @@ def test_results_and_folders_without_dicom_files_are_not_taken_for_series(tmp_pa
     (tmp_path / "in" / "more-cts").mkdir()
     (tmp_path / "in" / "more-cts" / "case_002_0000.nii.gz").write_bytes(b"")  # a CT, by its name: said louder
     (tmp_path / "in" / "more-cts" / "case_002.nii.gz").write_bytes(b"")
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="flareseg.dicom.files"):  # a command run before may have set -q's level
         found = find_series(tmp_path / "in", exclude=tmp_path / "in" / "this-run")
     assert found == {"PAT01_20260101_s3": tmp_path / "in" / "s"}
     said = sorted((r.levelname, r.getMessage()) for r in caplog.records if r.name == "flareseg.dicom.files")

@@ -137,8 +137,9 @@ def test_a_folder_with_nothing_to_run_never_loads_the_model(trained_checkpoint, 
     inputs = _folder(tmp_path / "in", 2)
     out = tmp_path / "out"
     out.mkdir()
-    for name in ("c0.nii.gz", "c1.nii.gz"):
-        nib.save(nib.Nifti1Image(np.zeros((4, 4, 2), np.uint8), np.eye(4)), out / name)  # finished results
+    for ct, name in zip(inputs, ("c0.nii.gz", "c1.nii.gz"), strict=True):  # finished results, on their CTs' grids
+        vol = read_ct(ct)
+        write_labels(np.zeros(vol.array.shape, np.uint8), vol.geometry, out / name)
     runner = open_runner(trained_checkpoint)
     monkeypatch.setattr(runner, "_activate", lambda: pytest.fail("the model was loaded for no case"))
     results = segment_folder(runner, inputs, out, batch_size=4)
@@ -931,9 +932,12 @@ def test_threads_set_the_torch_cpu_thread_count_and_give_the_same_labels(
 def test_a_part_without_a_series_of_its_own_is_not_refused_for_dicom_seg(trained_checkpoint, tmp_path, capsys):
     from dicom_series import phantom, write_series
 
+    from flareseg.runtime.jobs import part_of
+
     write_series(tmp_path / "in" / "s1", phantom(), patient_id="P", series_number=1)
+    other = str(1 - part_of("P_20260101_s1", 2))  # the part the one series is not in
     argv = ["--model", str(trained_checkpoint), "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-q"]
-    assert infer_main([*argv, "--output-type", "dicom-seg", "--num-parts", "2", "--part-id", "1"]) == 0
+    assert infer_main([*argv, "--output-type", "dicom-seg", "--num-parts", "2", "--part-id", other]) == 0
     assert "0 segmented, 0 skipped (already done), 0 failed of 0" in capsys.readouterr().out
 
 
