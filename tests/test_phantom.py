@@ -106,3 +106,11 @@ def test_existing_cases_are_refused_before_anything_is_written_unless_overwrite(
     assert not (tmp_path / "TrainingImg" / "train_001_0000.nii.gz").exists()  # nothing of the run was written
     assert main([str(tmp_path), "--cases", "2", "--shape", "40,40,8", "--overwrite", "-q"]) == 0
     assert nib.load(tmp_path / "TrainingImg" / "train_000_0000.nii.gz").shape == (40, 40, 8)
+
+
+def test_each_case_of_a_phantom_folder_is_a_different_patient(tmp_path):
+    # A copy of one case under several names would have demos validate on a training case.
+    from flareseg.phantom import write_phantom_cases
+
+    (a, _), (b, _) = write_phantom_cases(tmp_path, 2, shape=(32, 32, 8), spacing=(8.0, 8.0, 10.0))
+    assert not np.array_equal(np.asarray(nib.load(a).dataobj), np.asarray(nib.load(b).dataobj))

@@ -763,3 +763,20 @@ def test_the_input_is_not_overwritten_through_a_relative_path_or_a_dot_dot(tmp_p
         with pytest.raises(FlareSegError, match="refusing to overwrite the input"):
             write_labels(np.zeros(vol.array.shape, np.uint8), vol.geometry, other)
     assert path.read_bytes() == before
+
+
+def test_a_volume_with_an_empty_axis_is_one_line_naming_it(tmp_path):
+    path = save(nib.Nifti1Image(np.zeros((4, 0, 6), np.int16), np.eye(4)), tmp_path / "empty.nii.gz")
+    for read in (read_ct, read_labels):
+        with pytest.raises(FlareSegError, match=r"empty.nii.gz: empty volume of shape \(4, 0, 6\)"):
+            read(path)
+
+
+def test_a_label_map_does_not_keep_the_ct_s_display_window(tmp_path):
+    # A viewer opens a file with its cal_min/cal_max: the CT's -1000..1000 would show labels 0..4 as one grey.
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.eye(4))
+    img.header["cal_min"], img.header["cal_max"] = -1000, 1000
+    vol = read_ct(save(img, tmp_path / "ct.nii.gz"))
+    write_labels(np.zeros(vol.array.shape, np.uint8), vol.geometry, tmp_path / "labels.nii.gz")
+    header = nib.load(tmp_path / "labels.nii.gz").header
+    assert (float(header["cal_min"]), float(header["cal_max"])) == (0.0, 0.0)

@@ -110,3 +110,12 @@ def test_a_signal_whose_handler_was_set_outside_python_is_held_back_but_left_alo
         assert signal.SIGHUP in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # still held back in the kernel
     assert signal.SIGHUP not in swapped and signal.SIGTERM in swapped
     assert real_getsignal(signal.SIGTERM) is before
+
+
+def test_a_parent_is_gone_once_this_process_is_re_parented_and_not_before():
+    import os
+
+    from flareseg.workers import _parent_gone
+
+    assert not _parent_gone(os.getppid(), wait_s=0.05)  # our parent is there: not gone, after the wait
+    assert _parent_gone(os.getppid() + 1 if os.getppid() != 1 else 2, wait_s=0.05)  # another pid than ours: gone

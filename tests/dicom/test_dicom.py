@@ -478,6 +478,29 @@ def test_read_series_missing_or_file(tmp_path: Path) -> None:
 # --- DICOM SEG ---------------------------------------------------------------------------------------------
 
 
+def test_a_seg_of_slices_that_are_not_square_holds_each_frame_as_its_slice_lies(tmp_path: Path) -> None:
+    # Square slices hide rows and columns swapped in both the writer and the reader: a round trip still agrees,
+    # while every viewer would show the organs transposed.
+    import highdicom as hd
+
+    ph = make_phantom((64, 40, 12), (5.0, 5.0, 6.0), ("L", "P", "S"), seed=3)
+    files = write_series(tmp_path / "s", ph)
+    vol = read_series(tmp_path / "s")
+    labels = ph.labels.transpose(2, 1, 0)[:, ::-1, ::-1]  # LPS storage (x: L, y: P) to canonical (Z, Y, X) RAS
+    labels = np.ascontiguousarray(labels).astype(np.uint8)
+    out = write_seg(labels, vol, tmp_path / "case.dcm")
+    np.testing.assert_array_equal(read_seg(out, vol), labels)
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(out))
+    for path in files:  # each CT file against its frame, both as pydicom lays out a slice: (Rows, Columns)
+        ct = pydicom.dcmread(path)
+        k = round((float(ct.ImagePositionPatient[2]) - float(ph.affine[2, 3])) / 6.0)
+        frame = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=[ct.SOPInstanceUID], combine_segments=True, skip_overlap_checks=True
+        )[0]
+        assert frame.shape == (ct.Rows, ct.Columns) == (40, 64)
+        np.testing.assert_array_equal(frame, ph.labels[:, :, k].T)
+
+
 def test_write_seg_round_trip_and_content(tmp_path: Path) -> None:
     files = write_series(tmp_path / "s", phantom("LAI"))
     vol = read_series(tmp_path / "s")

@@ -339,3 +339,15 @@ def test_a_prediction_shifted_by_a_hundredth_of_a_millimetre_is_refused(phantom_
     save(nib.Nifti1Image(np.asarray(img.dataobj), affine, img.header), pred_dir / "case_000.nii.gz")
     assert main(["--pred", str(pred_dir), "--gt", str(gt_dir), "-q"]) == 2
     assert "prediction affine differs from its ground truth's" in capsys.readouterr().err
+
+
+def test_the_summary_shows_each_metric_in_its_own_column_with_the_population_std():
+    # Two cases, DSC and NSD apart: a table filling NSD's column with DSC values, or the sample std, reads wrong.
+    from flareseg.evaluate.scoring import CaseResult, Evaluation
+    from flareseg.evaluate.tables import summary_table
+
+    scores = [{o: (1.0, 0.5) for o in (1, 2, 3, 4)}, {o: (0.0, 0.25) for o in (1, 2, 3, 4)}]
+    ev = Evaluation(results=[CaseResult(f"c{i}", s) for i, s in enumerate(scores)], tolerance_mm=2.0)
+    liver = next(line for line in summary_table(ev).splitlines() if line.startswith("| liver"))
+    cells = [c.strip() for c in liver.strip("|").split("|")]
+    assert cells == ["liver", "50.00 ± 50.00", "37.50 ± 12.50"]  # pstdev: the cases are the population
