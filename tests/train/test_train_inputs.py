@@ -691,3 +691,25 @@ def test_the_device_defaults_to_a_gpu_where_there_is_one_and_says_so(tmp_path, m
     assert config.device == "cpu" and "device:" not in caplog.text
     monkeypatch.undo()
     assert train_cli.default_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_best_pt_is_the_first_epoch_of_the_best_score_and_a_tie_does_not_replace_it(data_a, tmp_path, monkeypatch):
+    # flare-infer deploys best.pt: written every epoch, or on a tie, it would be a later and no better model.
+    from flareseg.checkpoint import read_checkpoint
+    from flareseg.labels import LABELS, ORGANS
+
+    scores = iter([0.5, 0.4, 0.5])
+
+    def validate(*args, **kwargs):
+        mean = next(scores)
+        return {**{f"dsc_{LABELS[o]}": mean for o in ORGANS}, "dsc_mean": mean}
+
+    monkeypatch.setattr(loop, "validate", validate)
+    run = tmp_path / "run"
+    assert train_main(["--data", str(data_a), "--out", str(run), "--epochs", "3", *QUICK]) == 0
+    best, last = read_checkpoint(run / "best.pt"), read_checkpoint(run / "last.pt")
+    assert (best["train_state"]["epoch"], best["train_state"]["best_epoch"]) == (0, 1)
+    assert (last["train_state"]["epoch"], last["train_state"]["best_epoch"]) == (2, 1)
+    assert any(not torch.equal(v, last["state_dict"][k]) for k, v in best["state_dict"].items())
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["best_dsc_mean"] for r in records] == [0.5, 0.5, 0.5]
