@@ -713,3 +713,13 @@ def test_best_pt_is_the_first_epoch_of_the_best_score_and_a_tie_does_not_replace
     assert any(not torch.equal(v, last["state_dict"][k]) for k, v in best["state_dict"].items())
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["best_dsc_mean"] for r in records] == [0.5, 0.5, 0.5]
+
+
+def test_each_epoch_draws_its_own_slice_order_and_augmentation():
+    # The epoch left out of the streams: every epoch the same slices in the same order, the same transforms.
+    order = [loop._global_order(500, 4, 8, loop._epoch_generator(0, epoch, 0)) for epoch in (0, 1)]
+    assert not torch.equal(order[0], order[1])
+    again = loop._global_order(500, 4, 8, loop._epoch_generator(0, 1, 0))
+    assert torch.equal(order[1], again)  # and the same epoch, the same order: a resumed run repeats it exactly
+    streams = [torch.rand(8, generator=loop._epoch_generator(0, 1, s)) for s in (0, 1)]
+    assert not torch.equal(streams[0], streams[1])  # order and augmentation are separate streams
