@@ -446,11 +446,9 @@ def _run(
     # After the runner is made (not loaded): a device or precision this machine cannot run is refused even where
     # the result is there already, as in a folder; a job that runs from cron would otherwise pass until a new case.
     if target is not None and target.is_file() and not args.overwrite:
-        from flareseg.runtime.jobs import result_of_another_scan, unfinished_result
+        from flareseg.runtime.jobs import why_not_kept
 
-        damage = unfinished_result(target, args.output_type) or result_of_another_scan(
-            target, inputs[0], args.output_type
-        )
+        damage = why_not_kept(target, inputs[0], args.output_type)
         if damage is not None:  # as in a folder: no result (or another scan's), so not kept as one
             raise FlareSegError(f"{target}: exists but {damage}; remove it to redo the case, or --overwrite")
         # As in a folder: a result already there is kept, never replaced unasked (it may be another file).

@@ -373,6 +373,12 @@ def result_of_another_scan(output: Path, input_path: Path, output_type: str) -> 
     return None
 
 
+def why_not_kept(output: Path, input_path: Path, output_type: str) -> str | None:
+    """Why a file at a case's output cannot be kept as the case's result, else None: no whole result
+    (:func:`unfinished_result`), or one of another version of its input (:func:`result_of_another_scan`)."""
+    return unfinished_result(output, output_type) or result_of_another_scan(output, input_path, output_type)
+
+
 def _slices_of_result(output: Path, output_type: str) -> tuple[int, str]:
     """A result's slice count, and how to say it."""
     if output_type == "dicom-seg":
@@ -466,7 +472,7 @@ def plan_folder(
             continue
         if output.is_file() and not overwrite:  # a folder in the way is refused below, not taken as done
             # Not taken for a result: the case would be counted done without one, or with another scan's.
-            damage = unfinished_result(output, output_type) or result_of_another_scan(output, path, output_type)
+            damage = why_not_kept(output, path, output_type)
             if damage is not None:
                 why = FlareSegError(f"{output}: exists but {damage}; remove it to redo the case")
                 yield PlannedCase(path, name, output, "failed", why, output_type)
@@ -500,4 +506,5 @@ __all__ = [
     "plan_folder",
     "result_of_another_scan",
     "unfinished_result",
+    "why_not_kept",
 ]
