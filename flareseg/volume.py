@@ -37,6 +37,7 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation
 from flareseg.atomic import atomic_output
 from flareseg.errors import FlareSegError
 from flareseg.labels import NUM_CLASSES
+from flareseg.provenance import DESCRIP_BYTES, PLAIN_DESCRIPTION
 
 
 def _import_isal() -> tuple[Any, Any]:
@@ -836,15 +837,24 @@ def read_labels(path: str | os.PathLike[str], *, num_classes: int = NUM_CLASSES)
 
 
 def write_labels(
-    labels: np.ndarray, geometry: VolumeGeometry, path: str | os.PathLike[str], *, replace: bool = True
+    labels: np.ndarray,
+    geometry: VolumeGeometry,
+    path: str | os.PathLike[str],
+    *,
+    replace: bool = True,
+    description: str = PLAIN_DESCRIPTION,
 ) -> Path:
     """Write a canonical (Z, Y, X) label map as uint8 NIfTI on ``geometry``'s grid, atomically.
 
     The output has the input's affine, qform/sform and orientation, and no intensity scaling,
     in the input's NIfTI format (NIfTI-2 in, NIfTI-2 out: its float64 affine kept exactly).
     ``replace=False``: a file that appeared at ``path`` meanwhile is kept (:class:`~flareseg.atomic.OutputExistsError`).
+    ``description``: the header's ``descrip``, at most 79 ASCII characters (what made the map: see
+    :class:`~flareseg.provenance.ModelStamp`).
     """
     path = Path(path)
+    if not description.isascii() or len(description) > DESCRIP_BYTES:
+        raise FlareSegError(f"a NIfTI description holds {DESCRIP_BYTES} ASCII characters at most, got {description!r}")
     if not path.name.endswith(NIFTI_SUFFIXES):
         raise FlareSegError(f"{path}: output must end in .nii or .nii.gz")
     if path.resolve() == geometry.path.resolve():
@@ -860,7 +870,7 @@ def write_labels(
     img = image_type(data, geometry.affine, header=header)
     img.header.set_slope_inter(1.0, 0.0)
     img.header["cal_min"], img.header["cal_max"] = 0, 0
-    img.header["descrip"] = b"flareseg label map"
+    img.header["descrip"] = description.encode("ascii")
     suffix = next(sfx for sfx in NIFTI_SUFFIXES if path.name.endswith(sfx))
     with atomic_output(path, keep_suffix=suffix, replace=replace) as tmp:
         if suffix == ".nii.gz" and _igzip is not None:

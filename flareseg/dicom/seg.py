@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -115,7 +116,7 @@ def check_seg_writable(volume: Volume) -> DicomSeries:
     return series
 
 
-def _description(number: int, label: int) -> highdicom.seg.SegmentDescription:
+def _description(number: int, label: int, model: Mapping[str, str] | None = None) -> highdicom.seg.SegmentDescription:
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -127,7 +128,10 @@ def _description(number: int, label: int) -> highdicom.seg.SegmentDescription:
         segmented_property_type=hd.sr.CodedConcept(value, "SCT", meaning),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name="flareseg", family=codes.cid7162.ArtificialIntelligence, version=__version__
+            name="flareseg",
+            family=codes.cid7162.ArtificialIntelligence,
+            version=__version__,
+            parameters=dict(model) if model else None,
         ),
         tracking_id=LABELS[label],
         tracking_uid=hd.UID(),
@@ -135,11 +139,20 @@ def _description(number: int, label: int) -> highdicom.seg.SegmentDescription:
     )
 
 
-def write_seg(labels: np.ndarray, volume: Volume, path: str | os.PathLike[str], *, replace: bool = True) -> Path:
+def write_seg(
+    labels: np.ndarray,
+    volume: Volume,
+    path: str | os.PathLike[str],
+    *,
+    replace: bool = True,
+    model: Mapping[str, str] | None = None,
+) -> Path:
     """Write a canonical (Z, Y, X) uint8 label map of ``volume`` as a DICOM SEG file, atomically.
 
     Only ``volume.geometry`` and ``volume.source`` are used (the CT voxels may already be released).
     ``replace=False``: a file that appeared at ``path`` meanwhile is kept (:class:`~flareseg.atomic.OutputExistsError`).
+    ``model``: what each segment's algorithm identification names as its parameters (the model file and its
+    digest: :meth:`~flareseg.provenance.ModelStamp.dicom_parameters`).
 
     An empty label map (no organ found) still gives a valid SEG: all four organs are described,
     each with its empty frames (a SEG needs at least one segment and one frame).
@@ -171,7 +184,7 @@ def write_seg(labels: np.ndarray, volume: Volume, path: str | os.PathLike[str], 
         source_images=sources,
         pixel_array=np.ascontiguousarray(frames),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[_description(label, label) for label in described],
+        segment_descriptions=[_description(label, label, model) for label in described],
         series_instance_uid=hd.UID(),
         series_number=SEG_SERIES_NUMBER,
         sop_instance_uid=hd.UID(),

@@ -528,7 +528,9 @@ def _run(
                     )
                 ]
         context["runner"] = runner.describe()  # its name alone where it never loaded: nothing ran
+        context["model_file"] = _stamp(runner)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is done is on disk; say so, and keep its timings
+        context["model_file"] = _stamp(runner)
         _keep_interrupted(reported, len(inputs), timings_path, {**context, "interrupted": True}, t_start)
         raise
     finally:
@@ -548,6 +550,16 @@ def _run(
     if failed:
         print("failed: " + ", ".join(r.case for r in failed), file=sys.stderr)
     return 1 if failed or not timings_written else 0
+
+
+def _stamp(runner: Runner) -> dict[str, Any] | None:
+    """The model file's name, size and SHA-256 for the timings, as the outputs name it; None if unreadable."""
+    try:
+        stamp = runner.stamp()
+    except FlareSegError as exc:  # each case written since failed with this, and said it
+        log.debug("%s", exc)
+        return None
+    return stamp.to_dict() if stamp is not None else None
 
 
 def _keep_interrupted(

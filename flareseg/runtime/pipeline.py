@@ -33,6 +33,7 @@ from flareseg.atomic import OutputExistsError, write_text_atomic
 from flareseg.errors import FlareSegError, gpu_memory_errors
 from flareseg.postprocess import StreamingPostprocessor, keep_largest_components
 from flareseg.preprocess import volume_normalizer
+from flareseg.provenance import PLAIN_DESCRIPTION, ModelStamp
 from flareseg.runtime.inferer import InferenceTimes, infer_volume
 from flareseg.runtime.jobs import (
     OUTPUT_SUFFIXES,
@@ -181,10 +182,12 @@ def write_case(
     output_type: OutputType = "nifti",
     *,
     replace: bool = True,
+    stamp: ModelStamp | None = None,
 ) -> Path:
     """Write canonical labels as NIfTI on the input's grid, or as DICOM SEG referencing the input series.
 
     ``replace=False``: a file that appeared at ``path`` meanwhile is kept (:class:`~flareseg.atomic.OutputExistsError`).
+    ``stamp``: the model that made the labels, named in the output (NIfTI ``descrip``, SEG algorithm parameters).
     """
     if output_type == "dicom-seg":
         from flareseg.dicom import write_seg
@@ -195,8 +198,10 @@ def write_case(
                 "to reference); use --output-type nifti"
             )
         # The writer needs the grid and the series, not the voxels (already released).
-        return write_seg(labels, Volume(np.empty((0, 0, 0), np.int16), geometry, source=source), path, replace=replace)
-    return write_labels(labels, geometry, path, replace=replace)
+        volume = Volume(np.empty((0, 0, 0), np.int16), geometry, source=source)
+        return write_seg(labels, volume, path, replace=replace, model=stamp.dicom_parameters() if stamp else None)
+    description = stamp.nifti_description() if stamp is not None else PLAIN_DESCRIPTION
+    return write_labels(labels, geometry, path, replace=replace, description=description)
 
 
 # --- the stages --------------------------------------------------------------------------
@@ -252,6 +257,7 @@ def _finish_stage(
     job: CaseJob,
     postprocess: bool | StreamingPostprocessor,
     started: float,
+    stamp: Callable[[], ModelStamp | None],
 ) -> tuple[float, float, float]:
     t0 = time.perf_counter()
     during_inference = 0.0
@@ -261,7 +267,7 @@ def _finish_stage(
     elif postprocess:
         labels = keep_largest_components(labels, in_place=True)
     t1 = time.perf_counter()
-    write_case(labels, geometry, source, job.output, job.output_type, replace=job.replace)
+    write_case(labels, geometry, source, job.output, job.output_type, replace=job.replace, stamp=stamp())
     t2 = time.perf_counter()
     return during_inference + (t1 - t0), t2 - t1, t2 - started
 
@@ -374,12 +380,16 @@ def run_cases(
         # first case, and may end its turn before the start returns) would leave a write running unseen: the
         # stop below would not wait for it, nor say the case. The hand-over is held together.
         with stop_signals_blocked():
-            writes.append((timing, writer.submit(_finish_stage, labels, geometry, source, job, finish, started)))
+            writes.append(
+                (timing, writer.submit(_finish_stage, labels, geometry, source, job, finish, started, runner.stamp))
+            )
 
     try:
         # The writer's thread starts now, outside the hand-over's held-back window below: a thread inherits the
-        # signals blocked where it starts, and so would every thread or process it started.
-        writer.submit(int)
+        # signals blocked where it starts, and so would every thread or process it started. Its first job hashes
+        # the model for the outputs' stamp, while the first case is read and inferred (an error there is the
+        # first write's to say).
+        writer.submit(runner.stamp)
         upcoming: Future[Read] | None = reads.submit(jobs[0].input, jobs[0].output_type)
         runner.activate()  # no-op when already active; otherwise overlaps the first read
         mark("activated")

@@ -8,6 +8,7 @@ independent NIfTI conversion (dicom2nifti).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import shutil
 import subprocess
@@ -734,6 +735,12 @@ def test_cli_dicom_seg_output_matches_nifti_output(tmp_path: Path, trained_check
         expected = to_canonical(np.asanyarray(nifti.dataobj), vol.geometry)
         assert expected.any()
         np.testing.assert_array_equal(from_seg, expected)
+        # Every segment names the model that made it, as the NIfTI header does.
+        digest = hashlib.sha256(trained_checkpoint.read_bytes()).hexdigest()
+        for segment in pydicom.dcmread(tmp_path / "seg" / f"{case}.dcm").SegmentSequence:
+            (algorithm,) = segment.SegmentationAlgorithmIdentificationSequence
+            assert algorithm.AlgorithmParameters == f"model={trained_checkpoint.name},model_sha256={digest}"
+        assert f"sha256:{digest[:16]} " in bytes(nifti.header["descrip"]).decode()
     # Resumed: finished SEG files are done; one cut short, or a CT slice in its place, is no result.
     from flareseg.runtime.jobs import plan_folder
 

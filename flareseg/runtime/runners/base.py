@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
+from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
@@ -26,6 +27,7 @@ import torch
 from flareseg.checkpoint import ModelInfo
 from flareseg.errors import FlareSegError
 from flareseg.export.metadata import OutputKind
+from flareseg.provenance import ModelStamp
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ class Runner(ABC):
     min_batch: int | None = None
     #: The batch the model was built for (an engine's profile opt), the default where none is given; None: any.
     preferred_batch: int | None = None
+    #: The model file the runner loads, which :meth:`stamp` hashes; None where there is none (a callable).
+    model_file: Path | None = None
 
     def __init__(self) -> None:
         self._active = False
@@ -56,6 +60,9 @@ class Runner(ABC):
         #: Seconds the last activation took, and its parts where the backend times them.
         self.activate_s: float | None = None
         self.activation_steps: dict[str, float] = {}
+        # Not the runner's lock: the writer's thread asks for the stamp while a batch holds that one.
+        self._stamp_lock = threading.Lock()
+        self._stamp: ModelStamp | None = None
 
     @property
     def is_active(self) -> bool:
@@ -150,6 +157,21 @@ class Runner(ABC):
 
     def _deactivate(self) -> None:
         return None
+
+    def stamp(self) -> ModelStamp | None:
+        """The model file's identity for the outputs (hashed on the first call only); None without a file."""
+        if self.model_file is None:
+            return None
+        with self._stamp_lock:
+            if self._stamp is None:
+                try:
+                    self._stamp = ModelStamp.of(self.model_file)
+                except OSError as exc:
+                    why = exc.strerror or str(exc)  # the path is said once, first
+                    raise FlareSegError(
+                        f"{self.model_file}: cannot read the model to name it in the outputs: {why}"
+                    ) from exc
+            return self._stamp
 
     def describe(self) -> str:
         """The backend in words (precision, device, threads) once active; before that, the runner's name."""

@@ -215,7 +215,7 @@ class OnnxRuntimeRunner(Runner):
         if threads is not None and threads < 1:
             raise FlareSegError(f"threads must be positive, got {threads}")
         cpu_memory_options(memory)  # validates
-        self.path = Path(model)
+        self.path = self.model_file = Path(model)
         self.provider = provider
         self.threads = threads
         self.memory = memory

@@ -73,7 +73,7 @@ class OpenVINORunner(Runner):
             raise FlareSegError(f"threads must be positive, got {threads}")
         if hint not in ("latency", "throughput"):
             raise FlareSegError(f"performance hint must be latency or throughput, got {hint!r}")
-        self.path = Path(model)
+        self.path = self.model_file = Path(model)
         self.precision = precision
         self.threads = threads
         self.hint = hint

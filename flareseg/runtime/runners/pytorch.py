@@ -28,7 +28,7 @@ class TorchRunner(Runner):
         super().__init__()
         if precision not in ("fp32", "fp16", "bf16"):
             raise FlareSegError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
-        self.checkpoint = Path(checkpoint)
+        self.checkpoint = self.model_file = Path(checkpoint)
         self.device = cuda_device(device)
         if precision == "fp16" and self.device.type == "cpu":
             raise FlareSegError("fp16 needs a CUDA device; on the CPU use fp32 (or bf16 where the CPU supports it)")

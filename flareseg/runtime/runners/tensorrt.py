@@ -53,7 +53,7 @@ class TensorRTRunner(Runner):
 
     def __init__(self, engine: str | os.PathLike[str], *, device: str | torch.device = "cuda") -> None:
         super().__init__()
-        self.path = Path(engine)
+        self.path = self.model_file = Path(engine)
         try:
             self.device = cuda_device(device)
         except FlareSegError as exc:

@@ -1,0 +1,143 @@
+"""Which model made a label map: the stamp in each output and in the timings, checked against hashlib."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from flareseg import __version__
+from flareseg.checkpoint import ModelInfo
+from flareseg.errors import FlareSegError
+from flareseg.network import NetworkConfig
+from flareseg.phantom import make_phantom
+from flareseg.preprocess import NormalizationStats
+from flareseg.provenance import DESCRIP_BYTES, PLAIN_DESCRIPTION, ModelStamp
+from flareseg.runtime.cli import main as infer_main
+from flareseg.runtime.pipeline import segment_file
+from flareseg.runtime.runners import FunctionRunner, open_runner
+from flareseg.volume import read_ct, write_labels
+
+
+def _descrip(path: Path) -> str:
+    return bytes(nib.load(path).header["descrip"]).rstrip(b"\0").decode("ascii")
+
+
+def _ct(path: Path, seed: int = 3) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(make_phantom((40, 40, 5), (8.0, 8.0, 10.0), seed=seed).to_nifti()[0], path)
+    return path
+
+
+def test_a_stamp_is_the_files_sha256_and_size(tmp_path):
+    model = tmp_path / "best.pt"
+    model.write_bytes(b"not really a model, but bytes to hash" * 1000)
+    stamp = ModelStamp.of(model)
+    assert stamp.sha256 == hashlib.sha256(model.read_bytes()).hexdigest()
+    assert (stamp.name, stamp.bytes) == ("best.pt", 37000)
+    text = stamp.nifti_description()
+    assert text == f"flareseg {__version__} sha256:{stamp.sha256[:16]} best.pt"
+    assert stamp.dicom_parameters() == {"model": "best.pt", "model_sha256": stamp.sha256}
+    odd = ModelStamp(name="a=1,b.onnx", bytes=1, sha256=stamp.sha256)
+    assert odd.dicom_parameters()["model"] == "a_1_b.onnx"  # DICOM stores them as name=value,...
+
+
+@pytest.mark.parametrize("name", ["m" * 200 + ".onnx", "modèle-ü.pt", "x.pt"])
+def test_a_long_or_non_ascii_name_is_shortened_never_the_digest(name):
+    stamp = ModelStamp(name=name, bytes=1, sha256="ab" * 32)
+    text = stamp.nifti_description()
+    assert text.isascii() and len(text) <= DESCRIP_BYTES
+    assert f"sha256:{'ab' * 8} " in text
+    assert text.endswith("...") == (len(name) > 40)
+
+
+def test_write_labels_refuses_a_description_the_header_cannot_hold(tmp_path):
+    ct = _ct(tmp_path / "ct.nii.gz")
+    vol = read_ct(ct)
+    labels = np.zeros(vol.array.shape, np.uint8)
+    for bad in ("x" * (DESCRIP_BYTES + 1), "café"):
+        with pytest.raises(FlareSegError, match="79 ASCII characters"):
+            write_labels(labels, vol.geometry, tmp_path / "out.nii.gz", description=bad)
+    assert not (tmp_path / "out.nii.gz").exists()
+    write_labels(labels, vol.geometry, tmp_path / "out.nii.gz", description="y" * DESCRIP_BYTES)
+    assert _descrip(tmp_path / "out.nii.gz") == "y" * DESCRIP_BYTES
+
+
+def test_the_outputs_and_timings_name_the_model_that_made_them(trained_checkpoint, tmp_path):
+    """A model retrained under the same name gives outputs that say so: the digest, not the path, tells them apart."""
+    cases = tmp_path / "in"
+    for i in range(2):
+        _ct(cases / f"c{i}_0000.nii.gz", seed=10 + i)
+    model = tmp_path / "models" / "best.pt"
+    model.parent.mkdir()
+    shutil.copy(trained_checkpoint, model)
+    first = hashlib.sha256(model.read_bytes()).hexdigest()
+    assert infer_main(["--model", str(model), "-i", str(cases), "-o", str(tmp_path / "a"), "-q"]) == 0
+    for i in range(2):
+        assert _descrip(tmp_path / "a" / f"c{i}.nii.gz") == f"flareseg {__version__} sha256:{first[:16]} best.pt"
+    context = json.loads((tmp_path / "a" / "timings.json").read_text())["context"]
+    assert context["model_file"] == {"name": "best.pt", "bytes": model.stat().st_size, "sha256": first}
+
+    # "Retrained": the same weights saved again with one changed, under the same name.
+    ckpt = torch.load(model, weights_only=True)
+    key = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point())
+    ckpt["state_dict"][key] = ckpt["state_dict"][key] + 1e-3
+    torch.save(ckpt, model)
+    second = hashlib.sha256(model.read_bytes()).hexdigest()
+    assert second != first
+    assert (
+        infer_main(["--model", str(model), "-i", str(cases / "c0_0000.nii.gz"), "-o", str(tmp_path / "b"), "-q"]) == 0
+    )
+    assert _descrip(tmp_path / "b" / "c0.nii.gz") == f"flareseg {__version__} sha256:{second[:16]} best.pt"
+    timings = json.loads((tmp_path / "b" / "c0.timings.json").read_text())
+    assert timings["context"]["model_file"]["sha256"] == second
+
+
+def test_the_model_is_hashed_once_per_runner_off_the_main_thread(trained_checkpoint, tmp_path, monkeypatch):
+    """The writer's thread hashes the model while the first case is inferred; later cases reuse the digest."""
+    import threading
+
+    calls: list[str] = []
+    real = ModelStamp.of.__func__  # type: ignore[attr-defined]
+
+    def counted(cls, path):
+        calls.append(threading.current_thread().name)
+        return real(cls, path)
+
+    monkeypatch.setattr(ModelStamp, "of", classmethod(counted))
+    with open_runner(trained_checkpoint) as runner:
+        for i in range(2):
+            ct = _ct(tmp_path / f"c{i}_0000.nii.gz", seed=i)
+            segment_file(runner, ct, tmp_path / "out" / f"c{i}.nii.gz", batch_size=4)
+    assert len(calls) == 1 and calls[0].startswith("flareseg-write")
+    expected = hashlib.sha256(trained_checkpoint.read_bytes()).hexdigest()[:16]
+    assert all(expected in _descrip(tmp_path / "out" / f"c{i}.nii.gz") for i in range(2))
+
+
+def test_a_runner_without_a_model_file_writes_the_plain_description(tmp_path):
+    info = ModelInfo(NetworkConfig(base_width=4, in_channels=3), NormalizationStats(mean=-120.0, std=420.0), (32, 32))
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((x.shape[0], 5, *x.shape[2:]))
+
+    runner = FunctionRunner(model, info)
+    assert runner.stamp() is None
+    with runner:
+        segment_file(runner, _ct(tmp_path / "c_0000.nii.gz"), tmp_path / "c.nii.gz")
+    assert _descrip(tmp_path / "c.nii.gz") == PLAIN_DESCRIPTION
+
+
+def test_a_model_gone_before_it_was_hashed_fails_the_case_in_one_line(trained_checkpoint, tmp_path):
+    model = tmp_path / "best.pt"
+    shutil.copy(trained_checkpoint, model)
+    with open_runner(model) as runner:
+        model.unlink()  # loaded, then removed: its outputs cannot name it
+        with pytest.raises(FlareSegError, match=r"best\.pt: cannot read the model to name it in the outputs"):
+            segment_file(runner, _ct(tmp_path / "c_0000.nii.gz"), tmp_path / "c.nii.gz")
+    assert not (tmp_path / "c.nii.gz").exists()
