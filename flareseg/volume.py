@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import nibabel as nib
 import numpy as np
@@ -161,12 +161,32 @@ def is_nifti(path: str | os.PathLike[str]) -> bool:
     return Path(path).name.endswith(NIFTI_SUFFIXES)
 
 
-def find_cases(folder: str | os.PathLike[str], *, keep_clashes: bool = False) -> dict[str, Path]:
+class IgnoredInput(NamedTuple):
+    """An entry of a folder that a listing left out although it looks like an input, and why."""
+
+    path: Path
+    why: str
+
+
+def say_ignored(
+    logger: logging.Logger, path: Path, why: str, into: list[IgnoredInput] | None, level: int = logging.WARNING
+) -> None:
+    """Say that a listing leaves ``path`` out, and why; a warning is also added to ``into`` (a run counts them)."""
+    logger.log(level, "%s: ignored: %s", path, why)
+    if into is not None and level >= logging.WARNING:
+        into.append(IgnoredInput(path, why))
+
+
+def find_cases(
+    folder: str | os.PathLike[str], *, keep_clashes: bool = False, ignored: list[IgnoredInput] | None = None
+) -> dict[str, Path]:
     """Case name -> NIfTI file of ``folder``, sorted by file name (not recursive; hidden files skipped).
 
     Two files with the same FLARE21 case name (``a_0000.nii.gz`` and ``a.nii``) are an error;
     with ``keep_clashes``, the second is listed as ``{name}/{file name}`` instead, the one
     with the ``_0000`` channel tag being the first (the other is likely a result beside it).
+    A file named as NIfTI in upper case, and a link to nothing, are left out with a warning,
+    and added to ``ignored``.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -183,11 +203,11 @@ def find_cases(folder: str | os.PathLike[str], *, keep_clashes: bool = False) ->
             continue
         if not is_nifti(path):
             if path.name.lower().endswith(NIFTI_SUFFIXES):  # said, not skipped silently: a case would go missing
-                log.warning("%s: ignored: a NIfTI file must end in .nii or .nii.gz, in lower case", path)
+                say_ignored(log, path, "a NIfTI file must end in .nii or .nii.gz, in lower case", ignored)
             continue
         if not path.is_file():
             if not path.exists():
-                log.warning("%s: ignored: a link to nothing", path)
+                say_ignored(log, path, "a link to nothing", ignored)
             continue
         name = case_id(path)
         if name in cases:

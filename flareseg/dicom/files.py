@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from flareseg.errors import FlareSegError, first_few
-from flareseg.volume import NIFTI_SUFFIXES, is_nifti
+from flareseg.volume import NIFTI_SUFFIXES, IgnoredInput, is_nifti, say_ignored
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +221,7 @@ def find_series(
     unnamed: Callable[[Path], str] | None = None,
     exclude: Path | None = None,
     keep_clashes: bool = False,
+    ignored: list[IgnoredInput] | None = None,
 ) -> dict[str, Path]:
     """Case name -> series folder for each immediate, non-hidden subfolder of ``folder`` that holds DICOM files.
 
@@ -230,7 +231,7 @@ def find_series(
     second of two series with one case name is listed as ``{name}/{subfolder name}`` instead of
     refused (a run then fails that one alone, naming the first). A subfolder without DICOM
     files (a patient/study/series tree, whose deeper folders are not searched) and one that
-    holds only DICOM SEG files (an earlier run's results) are left out, with a warning.
+    holds only DICOM SEG files (an earlier run's results) are left out, with a warning, and added to ``ignored``.
     ``exclude``: a subfolder left out silently (the run's own output folder).
     """
     folder = Path(folder)
@@ -247,24 +248,21 @@ def find_series(
         try:
             listed = _candidates(sub)
         except FlareSegError as exc:  # lost+found on a data disk, say: not taken for a series, but said why
-            log.warning("%s: ignored: %s", sub, str(exc).removeprefix(f"{sub}: "))
+            say_ignored(log, sub, str(exc).removeprefix(f"{sub}: "), ignored)
             continue
         if not _holds_dicom(listed):  # is_series_dir, on the listing at hand
             images = [p.name for p in listed if is_nifti(p) and _channel_tagged(p)]
             if images:  # named as CT images (the _0000 channel tag), not as results: said as loudly as a tree
-                log.warning(
-                    "%s: ignored: CT images (%s) in a subfolder, which is not searched; give it as the input, or "
-                    "move them up",
-                    sub,
-                    first_few(images),
-                )
-            elif any(is_nifti(p) for p in listed):
-                log.info("%s: ignored: NIfTI files (results of an earlier run?), not a DICOM series", sub)
+                why = f"CT images ({first_few(images)}) in a subfolder, which is not searched"
+                say_ignored(log, sub, why + "; give it as the input, or move them up", ignored)
+            elif any(is_nifti(p) for p in listed):  # an earlier run's output: said, not counted
+                why = "NIfTI files (results of an earlier run?), not a DICOM series"
+                say_ignored(log, sub, why, ignored, logging.INFO)
             else:
-                log.warning("%s: ignored: no DICOM files directly in it (folders inside it are not searched)", sub)
+                say_ignored(log, sub, "no DICOM files directly in it (folders inside it are not searched)", ignored)
             continue
         if _segmentations_only(sub):
-            log.warning("%s: ignored: it holds DICOM SEG results, not an image series", sub)
+            say_ignored(log, sub, "it holds DICOM SEG results, not an image series", ignored)
             continue
         try:
             name = series_case_name(sub)

@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypedDict
 
 import numpy as np
 
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from flareseg.runtime.reading import Reader
     from flareseg.runtime.runners import Runner
     from flareseg.runtime.startup import Timeline
+    from flareseg.volume import IgnoredInput
 
 log = logging.getLogger("flareseg.runtime.cli")
 
@@ -260,11 +261,13 @@ def _check_memory_budget(args: argparse.Namespace, backend: str, cuda: bool, dev
     return nvml_used_mb(torch.device(device))  # before our CUDA context exists
 
 
-def _plan_inputs(args: argparse.Namespace, listed: Listing = None) -> tuple[bool, list[Path], Path | None]:
+def _plan_inputs(
+    args: argparse.Namespace, listed: Listing = None, ignored: list[IgnoredInput] | None = None
+) -> tuple[bool, list[Path], Path | None]:
     """(folder mode, inputs, a single input's output file; None for a folder).
 
     ``listed``: the folder's cases, or why they could not be listed, when :func:`_look_ahead` has listed them
-    already (listing again would say its warnings twice).
+    already (listing again would say its warnings twice). ``ignored``: gets what a listing here leaves out.
     """
     from flareseg.runtime.jobs import OUTPUT_SUFFIXES, check_output_folder, is_series_input, list_cases
     from flareseg.volume import NIFTI_SUFFIXES, is_nifti
@@ -273,7 +276,7 @@ def _plan_inputs(args: argparse.Namespace, listed: Listing = None) -> tuple[bool
     if inp.is_dir() and not is_series_input(inp):
         check_output_folder(args.output, inp)
         if listed is None:
-            listed = list_cases(inp, **_part(args), exclude=args.output)
+            listed = list_cases(inp, **_part(args), exclude=args.output, ignored=ignored)
         elif isinstance(listed, FlareSegError):
             raise listed
         if args.output_type == "dicom-seg" and not _has_series(inp, listed, args):
@@ -309,7 +312,12 @@ def _has_series(folder: Path, listed: list[Path], args: argparse.Namespace) -> b
     return any(case.is_dir() for case in whole)
 
 
-def _part(args: argparse.Namespace) -> dict[str, int]:
+class _Part(TypedDict):
+    num_parts: int
+    part_id: int
+
+
+def _part(args: argparse.Namespace) -> _Part:
     """A folder run's share: ``--num-parts`` and ``--part-id`` come together (a forgotten ``--part-id`` would
     run part 0 on every machine, and leave the other parts undone)."""
     if (args.num_parts is None) != (args.part_id is None):
@@ -341,14 +349,15 @@ def _main(args: argparse.Namespace) -> int:
     # start-up and the model's loading.
     # Reader says a missing rapidgzip before any work; `restore` undoes the run's process-wide settings.
     warn_threads_beyond_cores(args.read_threads, "--read-threads")
+    ignored: list[IgnoredInput] = []  # what the folder's listing leaves out, with a warning: counted at the end
     with Reader(args.read_threads) as reader, contextlib.ExitStack() as restore:
-        first, listed = _look_ahead(args)
+        first, listed = _look_ahead(args, ignored)
         if first is not None:
             reader.prefetch(first, args.output_type)
-        return _run(args, timeline, reader, restore, listed)
+        return _run(args, timeline, reader, restore, listed, ignored)
 
 
-def _look_ahead(args: argparse.Namespace) -> tuple[Path | None, Listing]:
+def _look_ahead(args: argparse.Namespace, ignored: list[IgnoredInput]) -> tuple[Path | None, Listing]:
     """The input the run will read first, found without torch, and a folder's cases (or why not) if it listed them.
 
     The input: a NIfTI file, or a folder's first case to run. None when there is no NIfTI
@@ -371,7 +380,7 @@ def _look_ahead(args: argparse.Namespace) -> tuple[Path | None, Listing]:
             return None, None
         check_output_folder(args.output, inp, probe=False)  # the run refuses it again, in its usual order
         try:
-            cases = list_cases(inp, **_part(args), exclude=args.output)
+            cases = list_cases(inp, **_part(args), exclude=args.output, ignored=ignored)
         except FlareSegError as exc:
             return None, exc  # the run raises it after its own checks of the output
         plan = plan_folder(cases, args.output, args.output_type, overwrite=args.overwrite)
@@ -395,6 +404,7 @@ def _run(
     reader: Reader,
     restore: contextlib.ExitStack,
     listed: Listing = None,
+    ignored: list[IgnoredInput] | None = None,
 ) -> int:
     """The run; what it changes in the process (torch's thread count) is undone by ``restore`` when it ends."""
     from tqdm import tqdm
@@ -424,7 +434,8 @@ def _run(
     restore.enter_context(_torch_threads(args, backend, device))
     if args.overlap_postprocess and args.no_postprocess:
         raise FlareSegError("--overlap-postprocess and --no-postprocess contradict each other: choose one")
-    folder, inputs, target = _plan_inputs(args, listed)
+    ignored = ignored if ignored is not None else []
+    folder, inputs, target = _plan_inputs(args, listed, ignored)
     if target is not None:  # the output first, then the timings beside it
         file_job(inputs[0], target, args.output_type)
     timings_path = _timings_path(args, target)
@@ -486,6 +497,8 @@ def _run(
         "warm_up": args.warm_up,
         "overlap_postprocess": args.overlap_postprocess,
         "read_threads": args.read_threads,
+        # Entries that look like inputs but were left out (each said in a warning): a case that would go missing.
+        "ignored_inputs": [{"path": str(entry.path), "why": entry.why} for entry in ignored],
         "memory_plan": memory_plan,  # --gpu-memory: the batches measured, and the one chosen
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
     }
@@ -531,7 +544,7 @@ def _run(
         context["model_file"] = _stamp(runner)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is done is on disk; say so, and keep its timings
         context["model_file"] = _stamp(runner)
-        _keep_interrupted(reported, len(inputs), timings_path, {**context, "interrupted": True}, t_start)
+        _keep_interrupted(reported, len(inputs), timings_path, {**context, "interrupted": True}, t_start, len(ignored))
         raise
     finally:
         runner.deactivate()
@@ -546,7 +559,7 @@ def _run(
     timings_written, written = _save_timings(results, timings_path, context, summary, startup)
     failed = [r for r in results if r.status == "failed"]
     rate = f", {summary.cases_per_minute:.1f} cases/min" if folder and summary.cases_per_minute else ""
-    say(f"{_tally(summary, summary.cases)} in {summary.wall_s:.1f}s{rate}; {written}")
+    say(f"{_tally(summary, summary.cases, len(ignored))} in {summary.wall_s:.1f}s{rate}; {written}")
     if failed:
         print("failed: " + ", ".join(r.case for r in failed), file=sys.stderr)
     return 1 if failed or not timings_written else 0
@@ -563,21 +576,28 @@ def _stamp(runner: Runner) -> dict[str, Any] | None:
 
 
 def _keep_interrupted(
-    reported: list[CaseTiming], cases: int, timings_path: Path, context: dict[str, Any], t_start: float
+    reported: list[CaseTiming],
+    cases: int,
+    timings_path: Path,
+    context: dict[str, Any],
+    t_start: float,
+    ignored: int = 0,
 ) -> None:
     """The summary line and timings of the cases an interrupted run finished (they are on disk)."""
     from flareseg.runtime.pipeline import summarize
 
     summary = summarize(reported, time.perf_counter() - t_start)
     _, written = _save_timings(reported, timings_path, context, summary, label="timings so far")
-    say(f"interrupted: {_tally(summary, cases)}; {written}")
+    say(f"interrupted: {_tally(summary, cases, ignored)}; {written}")
 
 
-def _tally(summary: FolderSummary, cases: int) -> str:
-    """The counts of a run's last line."""
-    return (
-        f"{summary.segmented} segmented, {summary.skipped} skipped (already done), {summary.failed} failed of {cases}"
-    )
+def _tally(summary: FolderSummary, cases: int, ignored: int = 0) -> str:
+    """The counts of a run's last line; entries of the folder left out are said there too (a case may be missing)."""
+    done = f"{summary.segmented} segmented, {summary.skipped} skipped (already done)"
+    tally = f"{done}, {summary.failed} failed of {cases}"
+    if ignored:
+        tally += f" ({ignored} more {'entry' if ignored == 1 else 'entries'} of the folder ignored: see the warnings)"
+    return tally
 
 
 def _save_timings(

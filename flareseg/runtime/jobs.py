@@ -21,7 +21,7 @@ import numpy as np
 
 from flareseg.atomic import check_writable, check_writable_folder
 from flareseg.errors import FlareSegError, first_few
-from flareseg.volume import NIFTI_SUFFIXES, case_id, find_cases
+from flareseg.volume import NIFTI_SUFFIXES, IgnoredInput, case_id, find_cases
 
 OutputType = Literal["nifti", "dicom-seg"]
 OUTPUT_SUFFIXES: dict[str, str] = {"nifti": ".nii.gz", "dicom-seg": ".dcm"}
@@ -222,14 +222,18 @@ def _is_timings_file(path: Path) -> bool:
     return isinstance(data, dict) and isinstance(data.get("context"), dict) and isinstance(data.get("cases"), list)
 
 
-def list_inputs(folder: str | os.PathLike[str], *, exclude: Path | None = None) -> dict[str, Path]:
+def list_inputs(
+    folder: str | os.PathLike[str], *, exclude: Path | None = None, ignored: list[IgnoredInput] | None = None
+) -> dict[str, Path]:
     """Case name -> input of a folder: its NIfTI files and its DICOM series subfolders, sorted by name.
 
     ``exclude``: a subfolder that is not an input (the run's own output folder, whose DICOM
     SEG files would otherwise be taken for a series on the next run).
+    ``ignored``: gets the entries that look like inputs but are left out, each with a warning
+    (an upper-case ``.NII.GZ``, a broken link, a patient/study/series tree).
     """
     folder = Path(folder)
-    cases = dict(find_cases(folder, keep_clashes=True))
+    cases = dict(find_cases(folder, keep_clashes=True, ignored=ignored))
     if not any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir()):
         return cases  # no subfolders, so no series: pydicom need not be imported
     from flareseg.dicom import find_series
@@ -238,7 +242,8 @@ def list_inputs(folder: str | os.PathLike[str], *, exclude: Path | None = None) 
     # no case name has), a second input of a name (NIfTI file or series) as "name/file": the
     # plan then fails that case alone, and the others go on.
     unnamed = lambda sub: f"{sub.name}/"  # noqa: E731
-    for name, series in find_series(folder, unnamed=unnamed, exclude=exclude, keep_clashes=True).items():
+    listed = find_series(folder, unnamed=unnamed, exclude=exclude, keep_clashes=True, ignored=ignored)
+    for name, series in listed.items():
         if name in cases:
             raise FlareSegError(f"{folder}: case {name} appears twice ({cases[name].name}, {series.name}/)")
         cases[name] = series
@@ -246,7 +251,12 @@ def list_inputs(folder: str | os.PathLike[str], *, exclude: Path | None = None) 
 
 
 def list_cases(
-    folder: str | os.PathLike[str], *, num_parts: int = 1, part_id: int = 0, exclude: Path | None = None
+    folder: str | os.PathLike[str],
+    *,
+    num_parts: int = 1,
+    part_id: int = 0,
+    exclude: Path | None = None,
+    ignored: list[IgnoredInput] | None = None,
 ) -> list[Path]:
     """A folder's inputs (NIfTI files, DICOM series folders), sorted, then this part's share.
 
@@ -255,12 +265,12 @@ def list_cases(
     listed it, so a case that arrives (or leaves) while the parts start is in exactly one
     part, not in none or two. A second series of a name goes with the first, so that the
     part that runs the first fails the second (two parts would otherwise each write that name).
-    ``exclude``: see :func:`list_inputs`.
+    ``exclude``, ``ignored``: see :func:`list_inputs` (every part says, and counts, the folder's ignored entries).
     """
     if num_parts < 1 or not 0 <= part_id < num_parts:
         raise FlareSegError(f"part {part_id} of {num_parts} is not valid: need 0 <= part-id < num-parts")
     groups: dict[str, list[Path]] = {}
-    for key, path in list_inputs(folder, exclude=exclude).items():
+    for key, path in list_inputs(folder, exclude=exclude, ignored=ignored).items():
         groups.setdefault(key.split("/", 1)[0], []).append(path)
     cases = [path for name, group in groups.items() if part_of(name, num_parts) == part_id for path in group]
     if not groups:

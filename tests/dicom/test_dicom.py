@@ -45,7 +45,7 @@ from flareseg.dicom import (
 )
 from flareseg.errors import FlareSegError
 from flareseg.phantom import make_phantom
-from flareseg.volume import read_ct, write_labels
+from flareseg.volume import IgnoredInput, read_ct, write_labels
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -191,10 +191,15 @@ def test_results_and_folders_without_dicom_files_are_not_taken_for_series(tmp_pa
     (tmp_path / "in" / "more-cts").mkdir()
     (tmp_path / "in" / "more-cts" / "case_002_0000.nii.gz").write_bytes(b"")  # a CT, by its name: said louder
     (tmp_path / "in" / "more-cts" / "case_002.nii.gz").write_bytes(b"")
+    ignored: list[IgnoredInput] = []
     with caplog.at_level("INFO", logger="flareseg.dicom.files"):  # a command run before may have set -q's level
-        found = find_series(tmp_path / "in", exclude=tmp_path / "in" / "this-run")
+        found = find_series(tmp_path / "in", exclude=tmp_path / "in" / "this-run", ignored=ignored)
     assert found == {"PAT01_20260101_s3": tmp_path / "in" / "s"}
     said = sorted((r.levelname, r.getMessage()) for r in caplog.records if r.name == "flareseg.dicom.files")
+    # The warnings, and only they, are counted: an earlier run's NIfTI results are no input gone missing.
+    assert sorted(f"{entry.path}: ignored: {entry.why}" for entry in ignored) == [
+        message for level, message in said if level == "WARNING"
+    ]
     assert said == [
         (
             "INFO",

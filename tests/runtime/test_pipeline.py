@@ -1256,3 +1256,38 @@ def test_the_writer_thread_takes_stops_as_any_thread_does(tmp_path, monkeypatch)
     assert [t.status for t in done] == ["ok", "ok"] and len(masks) == 2
     stops = sum(1 << (s - 1) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
     assert all(mask & stops == 0 for mask in masks)
+
+
+def test_entries_left_out_of_a_folder_are_counted_in_the_last_line_and_the_timings(
+    trained_checkpoint, tmp_path, capsys, caplog
+):
+    """A case named in upper case, a broken link or a patient/study tree is no case run: the warning scrolls away,
+    the last line and timings.json (what a cron job's monitoring reads) keep it; the output folder is not counted."""
+    (ct,) = _folder(tmp_path / "in", 1)
+    (tmp_path / "in" / "upper_0000.NII.GZ").write_bytes(ct.read_bytes())
+    (tmp_path / "in" / "gone_0000.nii.gz").symlink_to(tmp_path / "nowhere.nii.gz")
+    (tmp_path / "in" / "patient" / "study").mkdir(parents=True)
+    (tmp_path / "in" / "notes.txt").write_text("not named as an input: not counted")
+    out = tmp_path / "in" / "results"  # inside the input folder: left out silently
+    argv = ["--model", str(trained_checkpoint), "-i", str(tmp_path / "in"), "-o", str(out)]
+    with caplog.at_level("WARNING", logger="flareseg"):
+        assert infer_main(argv) == 0
+    warned = sorted(r.getMessage() for r in caplog.records if ": ignored: " in r.getMessage())
+    expected = [
+        (tmp_path / "in" / "gone_0000.nii.gz", "a link to nothing"),
+        (tmp_path / "in" / "patient", "no DICOM files directly in it (folders inside it are not searched)"),
+        (tmp_path / "in" / "upper_0000.NII.GZ", "a NIfTI file must end in .nii or .nii.gz, in lower case"),
+    ]
+    assert warned == [f"{path}: ignored: {why}" for path, why in expected]  # each said once, though listed ahead
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("1 segmented, 0 skipped (already done), 0 failed of 1 (3 more entries of the folder ")
+    context = json.loads((out / "timings.json").read_text())["context"]
+    assert sorted((entry["path"], entry["why"]) for entry in context["ignored_inputs"]) == [
+        (str(path), why) for path, why in expected
+    ]
+    (tmp_path / "in" / "gone_0000.nii.gz").unlink()
+    (tmp_path / "in" / "upper_0000.NII.GZ").unlink()
+    assert infer_main(argv) == 0  # resumed: nothing runs, one entry still left out
+    assert "0 segmented, 1 skipped (already done), 0 failed of 1 (1 more entry of the folder ignored: see the " in (
+        capsys.readouterr().out
+    )
