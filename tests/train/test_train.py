@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -194,6 +195,9 @@ def test_split_is_seeded_and_explicit_lists_are_honoured(phantom_data):
     cases = find_training_cases(phantom_data)
     a, b = split_cases(cases, val_cases=1, seed=0), split_cases(cases, val_cases=1, seed=0)
     assert a == b and len(a[1]) == 1 and a[1][0] not in a[0]
+    # --seed draws another split (a split that ignored it would hold out the same case for every seed).
+    held_out = {split_cases(cases, val_cases=1, seed=seed)[1][0].name for seed in range(12)}
+    assert held_out == {c.name for c in cases}
     train_c, val_c = split_cases(cases, val_cases=0)
     assert val_c == train_c == cases  # 0: validate on the training cases
     assert [c.name for c in split_cases(cases, val_cases=1, val_list=["train_002"])[1]] == ["train_002"]
@@ -217,6 +221,34 @@ def test_cached_masks_take_the_label_under_each_pixel_centre_as_the_images_do(ph
     expected = truth[:, centre][:, :, centre]
     assert labels.shape == expected.shape and np.array_equal(labels, expected)
     assert len(np.unique(expected)) > 2  # organs present: the check is not of background alone
+
+
+def test_a_mask_rewritten_at_the_same_size_is_cached_again(tmp_path):
+    """Corrected labels saved over a mask (uncompressed: the same size) are trained on, not the cached old ones;
+    only the modification time tells the files apart."""
+    from flareseg.preprocess import NormalizationStats
+    from flareseg.train.data import SliceCache
+
+    root = tmp_path / "data"
+    write_phantom_cases(root, 1, shape=(32, 32, 4), spacing=(8.0, 8.0, 10.0))
+    for packed in list(root.rglob("*.nii.gz")):
+        nib.save(nib.load(packed), packed.with_name(packed.name.removesuffix(".gz")))
+        packed.unlink()
+    (case,) = find_training_cases(root)
+    cache = SliceCache(tmp_path / "cache", NormalizationStats(mean=0.0, std=100.0), (32, 32))
+    cache.build([case])
+    _, before = cache.slices(case)
+    assert (before == 1).any()
+    mask = nib.load(case.mask)
+    data = np.asanyarray(mask.dataobj).copy()
+    data[data == 1] = 3  # the liver relabelled spleen
+    size, mtime = case.mask.stat().st_size, case.mask.stat().st_mtime_ns
+    nib.save(nib.Nifti1Image(data, mask.affine, mask.header), case.mask)
+    os.utime(case.mask, ns=(mtime + 10**9, mtime + 10**9))  # a clock coarser than the rewrite cannot hide it
+    assert case.mask.stat().st_size == size
+    cache.build([case])
+    _, after = cache.slices(case)
+    assert not (after == 1).any() and np.array_equal(after == 3, (before == 1) | (before == 3))
 
 
 def test_augmentation_moves_image_and_mask_together():

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from flareseg.checkpoint import read_checkpoint
 from flareseg.errors import FlareSegError
 from flareseg.phantom import write_phantom_cases
 from flareseg.preprocess import NormalizationStats
@@ -529,6 +530,37 @@ def test_a_failed_run_leaves_no_output(data_a, tmp_path, capsys):
     detour = tmp_path / "missing" / ".." / "mine"
     assert train_main(["--data", str(data), "--out", str(detour), "--epochs", "1", *QUICK]) == 2
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and not (tmp_path / "missing").exists()
+
+
+def test_a_failed_runs_cleanup_stops_at_the_folders_it_made(data_a, tmp_path, capsys):
+    """An empty folder that was there before the run (a mount point, a project folder made ahead) is not the run's."""
+    data = _copy(data_a, tmp_path / "data")
+    image = data / "TrainingImg" / "train_002_0000.nii.gz"
+    image.write_bytes(image.read_bytes()[:-2000])  # found when the statistics read it: the run's folder is made
+    (tmp_path / "projects").mkdir()
+    run = tmp_path / "projects" / "runs" / "x1"
+    assert train_main(["--data", str(data), "--out", str(run), "--epochs", "1", *QUICK]) == 2
+    assert "truncated or corrupt voxel data" in capsys.readouterr().err
+    assert (tmp_path / "projects").is_dir() and not (tmp_path / "projects" / "runs").exists()
+
+
+def test_a_run_that_fails_after_an_epoch_keeps_it(data_a, tmp_path, capsys, monkeypatch):
+    """A failure in epoch 2 (a full disk, a bad batch) leaves epoch 1's checkpoint to resume from, not nothing."""
+    real = loop.validate
+    calls: list[int] = []
+
+    def validate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise FlareSegError("validation: the disk went away")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "validate", validate)
+    run = tmp_path / "runs" / "x1"
+    assert train_main(["--data", str(data_a), "--out", str(run), "--epochs", "2", *QUICK]) == 2
+    assert _stderr_lines(capsys) == ["flare-train: error: validation: the disk went away"]
+    assert read_checkpoint(run / "last.pt")["train_state"]["epoch"] == 0  # counted from 0: epoch 1 done
+    assert [json.loads(line)["epoch"] for line in (run / "log.jsonl").read_text().splitlines()] == [1]
 
 
 def test_running_out_of_gpu_memory_is_one_line_with_the_way_out(data_a, tmp_path, capsys, monkeypatch):
