@@ -563,6 +563,46 @@ def test_a_run_that_fails_after_an_epoch_keeps_it(data_a, tmp_path, capsys, monk
     assert [json.loads(line)["epoch"] for line in (run / "log.jsonl").read_text().splitlines()] == [1]
 
 
+def test_weights_gone_non_finite_stop_the_run_before_their_checkpoint(data_a, tmp_path, capsys, monkeypatch):
+    """A finite loss can still step to infinite weights: such an epoch is never saved over the last good one."""
+    real = loop._train_epoch
+
+    def train_epoch(e, epoch, net, *args):
+        record = real(e, epoch, net, *args)
+        if epoch == 1:
+            with torch.no_grad():
+                next(net.parameters()).view(-1)[0] = float("inf")
+        return record
+
+    monkeypatch.setattr(loop, "_train_epoch", train_epoch)
+    run = tmp_path / "run"
+    assert train_main(["--data", str(data_a), "--out", str(run), "--epochs", "3", *QUICK]) == 2
+    (line,) = _stderr_lines(capsys)
+    assert line.startswith("flare-train: error: epoch 2: 1 weight tensors hold non-finite values (")
+    assert "no checkpoint written for this epoch" in line
+    assert read_checkpoint(run / "last.pt")["train_state"]["epoch"] == 0  # epoch 1's, the last good one
+    best = read_checkpoint(run / "best.pt")["state_dict"]
+    assert all(torch.isfinite(v).all() for v in best.values() if v.is_floating_point())
+
+
+def test_resume_refuses_a_last_pt_of_another_width_than_its_config(data_a, tmp_path, capsys):
+    """A config.json edited by hand (or a last.pt copied from another run) would resume into another network."""
+    run = tmp_path / "run"
+    assert train_main(["--data", str(data_a), "--out", str(run), "--epochs", "1", *QUICK]) == 0
+    config = json.loads((run / "config.json").read_text())
+    config["base_width"] = 8
+    (run / "config.json").write_text(json.dumps(config))
+    before = (run / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert train_main(["--resume", str(run), "--epochs", "2", "-q"]) == 2
+    (line,) = _stderr_lines(capsys)
+    assert line == (
+        f"flare-train: error: {run / 'last.pt'}: width 4, slices (32, 32); {run / 'config.json'} says width 8, "
+        "slices (32, 32)"
+    )
+    assert (run / "last.pt").read_bytes() == before
+
+
 def test_running_out_of_gpu_memory_is_one_line_with_the_way_out(data_a, tmp_path, capsys, monkeypatch):
     def validate(*args, **kwargs):  # what a CUDA allocation failure raises, without a GPU
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB\nmore detail")
