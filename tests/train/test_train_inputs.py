@@ -503,6 +503,12 @@ def test_the_default_epoch_is_one_full_pass_over_the_training_slices(data_a, tmp
     record = json.loads((run / "log.jsonl").read_text())
     assert record["steps"] == 2 * 12 // 2  # two training cases of 12 slices, batches of 2
     assert json.loads((run / "config.json").read_text())["steps_per_epoch"] is None
+    # Fewer slices than one batch (a single small case, a large batch): one step, each slice drawn at least once.
+    run = tmp_path / "large-batch"
+    argv = ["--data", str(data_a), "--out", str(run), "--epochs", "1", *TINY, "--val-cases", "1", "-q"]
+    assert train_main([*argv, "--batch-size", "32"]) == 0
+    record = json.loads((run / "log.jsonl").read_text())
+    assert record["steps"] == 1 and np.isfinite(record["loss"])
 
 
 # 7. A failed run leaves nothing behind.
