@@ -5,7 +5,7 @@ pipeline, and the exit. With ``--baseline REV`` the same command also runs from 
 worktree of commit REV, alternating round by round with today's code, so that a change
 to the start-up or the exit is measured against what it replaced in the same run.
 
-    python benchmarks/startup.py --rounds 5 [--baseline d5c0499] [--ct lps300_0000.nii.gz] [--folder 2]
+    python benchmarks/startup.py --rounds 5 [--baseline d5c0499] [--ct lps300_0000.nii.gz] [--folder 2] [--width 64]
 
 ``--folder N`` runs each process on a folder of N cases (links to the same CT) instead of
 one file, with a fresh output folder each time.
@@ -31,8 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build_case(work: Path) -> tuple[Path, Path]:
-    """A width-4 random-weight checkpoint and a 6 x 64 x 64 phantom."""
+def build_case(work: Path, width: int = 4) -> tuple[Path, Path]:
+    """A random-weight checkpoint (width 4 unless told) and a 6 x 64 x 64 phantom."""
     code = f"""
 import sys; sys.path.insert(0, {str(ROOT)!r})
 import torch
@@ -44,7 +44,7 @@ from flareseg.preprocess import NormalizationStats
 import nibabel as nib
 work = Path({str(work)!r})
 torch.manual_seed(0)
-net = build_training_network(NetworkConfig(base_width=4)).eval()
+net = build_training_network(NetworkConfig(base_width={width})).eval()
 info = ModelInfo(network=net.config, normalization=NormalizationStats(-300.0, 450.0), slice_size=(64, 64))
 save_checkpoint(work / "tiny.pt", net, info)
 img, _ = make_phantom((64, 64, 6), (6.4, 6.4, 2.5), seed=0).to_nifti()
@@ -97,10 +97,13 @@ def main() -> int:
         "that the read, post-processing and write of a whole case are in the figures",
     )
     ap.add_argument("--folder", type=int, help="run on a folder of this many cases (links to the CT), not one file")
+    ap.add_argument(
+        "--width", type=int, default=4, help="the network's width (64: the paper's, an 83 MB checkpoint to load)"
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        ckpt, ct = build_case(work)
+        ckpt, ct = build_case(work, args.width)
         if args.ct is not None:
             ct = args.ct.resolve()
         inp = ct
@@ -144,7 +147,7 @@ def main() -> int:
     cpu = cpu_description()["cpu_model"]
     print(f"machine: {platform.machine()} {cpu}, {os.cpu_count()} cores; Python {platform.python_version()}")
     what = f"a folder of {args.folder} cases" if args.folder else "one case"
-    print(f"{what}: {ct.name}; {args.rounds} rounds, alternating; wall seconds of whole processes")
+    print(f"{what}: {ct.name}; width {args.width}; {args.rounds} rounds, alternating; wall seconds of whole processes")
     for name, values in times.items():
         median = statistics.median(values)
         extra = "" if name.startswith("bare") else f"  bare + {median - bare:.2f} s"

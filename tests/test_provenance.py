@@ -118,6 +118,10 @@ def test_the_model_is_hashed_once_per_runner_off_the_main_thread(trained_checkpo
     assert len(calls) == 1 and calls[0].startswith("flareseg-write")
     expected = hashlib.sha256(trained_checkpoint.read_bytes()).hexdigest()[:16]
     assert all(expected in _descrip(tmp_path / "out" / f"c{i}.nii.gz") for i in range(2))
+    # Released, then loaded again: the file is read again, so it is hashed again (it may hold another model now).
+    with runner:
+        segment_file(runner, tmp_path / "c0_0000.nii.gz", tmp_path / "again" / "c0.nii.gz", batch_size=4)
+    assert len(calls) == 2
 
 
 def test_a_runner_without_a_model_file_writes_the_plain_description(tmp_path):

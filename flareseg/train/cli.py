@@ -280,7 +280,8 @@ def _main(args: argparse.Namespace) -> int:
         result = train(_new_config(args))
     if result.best_epoch > 0:
         best = result.run_dir / "best.pt"
-        say(f"best mean validation DSC {result.best_score:.4f} at epoch {result.best_epoch}: {best}")
+        where = str(best) if best.exists() else f"{best} is missing (moved or removed since that epoch)"
+        say(f"best mean validation DSC {result.best_score:.4f} at epoch {result.best_epoch}: {where}")
     return 0
 
 

@@ -99,17 +99,32 @@ def case_key(case: Case) -> dict[str, Any]:
     return {"image": file_key(case.image), "mask": file_key(case.mask)}
 
 
-def describe_change(recorded: dict[str, Any], current: dict[str, Any], *, contents_only: bool = False) -> str | None:
-    """How the cases of :func:`stats_key` ``current`` differ from ``recorded``; None if they do not.
+def data_key(cases: Sequence[Case]) -> dict[str, Any]:
+    """What a run is trained and validated on: every case's image and mask (a run's ``data.json``)."""
+    return {"cases": [{"name": c.name, **case_key(c)} for c in sorted(cases, key=lambda c: c.name)]}
+
+
+def describe_change(
+    recorded: dict[str, Any],
+    current: dict[str, Any],
+    *,
+    contents_only: bool = False,
+    files: str = "training images",
+) -> str | None:
+    """How the cases of ``current`` (:func:`stats_key`, :func:`data_key`) differ from ``recorded``; None if they
+    do not. Each case's image, and its mask where the key holds it, are compared.
 
     ``contents_only``: compare names and sizes, not modification times (a copied or
-    touched dataset with the same files).
+    touched dataset with the same files). ``files``: what the key's cases are, in the message.
     """
 
     def table(key: dict[str, Any]) -> dict[str, tuple[Any, ...]]:
         fields = ("file", "size") if contents_only else ("file", "size", "mtime_ns")
         try:
-            return {c["name"]: tuple(c["image"].get(f) for f in fields) for c in key.get("cases", [])}
+            return {
+                c["name"]: tuple(tuple(c[kind].get(f) for f in fields) for kind in ("image", "mask") if kind in c)
+                for c in key.get("cases", [])
+            }
         except (AttributeError, KeyError, TypeError):  # a hand-edited or damaged record: nothing to trust
             return {}
 
@@ -120,7 +135,7 @@ def describe_change(recorded: dict[str, Any], current: dict[str, Any], *, conten
     changed = sorted(n for n in set(then) & set(now) if then[n] != now[n])
     parts = [f"{what} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
              for what, names in (("missing", gone), ("new", new), ("changed", changed)) if names]  # fmt: skip
-    return f"{len(then)} training images then, {len(now)} now; " + "; ".join(parts)
+    return f"{len(then)} {files} then, {len(now)} now; " + "; ".join(parts)
 
 
 def read_stats_file(path: Path) -> tuple[NormalizationStats, dict[str, Any] | None]:

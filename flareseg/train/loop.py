@@ -45,6 +45,7 @@ from flareseg.train.data import (
     SliceCache,
     SliceDataset,
     check_headers,
+    data_key,
     dataset_stats,
     describe_change,
     find_training_cases,
@@ -56,6 +57,11 @@ from flareseg.train.data import (
 )
 from flareseg.train.loss import LossWeights, deep_supervision_loss
 from flareseg.workers import loader_worker_signals, stop_signals_blocked
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; a second run into a folder is not refused there
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +271,35 @@ def _first_missing(path: Path) -> Path | None:
     return missing
 
 
+def _hold_run(run: Path) -> int | None:
+    """Make the run folder and hold an exclusive lock on it for the training's life; the descriptor holding it.
+
+    A second flare-train into the same folder (a job submitted twice, a --resume of a run still training) is
+    refused: it would write its config.json and split.json over this one's while this one's checkpoints and log
+    went on, and a later resume would mix them. The kernel drops the lock when the process ends, however it
+    ends. None where the file system has no locks (some network mounts): the run goes on without one.
+    """
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as exc:
+        raise FlareSegError(f"--out {run}: cannot create the run folder ({exc.strerror or exc})") from None
+    if fcntl is None:  # Windows
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FlareSegError(
+            f"--out {run}: another flare-train is training in this folder now; wait for it to end "
+            "(then --resume it), or choose another --out"
+        ) from None
+    except OSError as exc:  # no locks here: said, not refused
+        log.warning("%s: cannot lock the run folder (%s); a second run started into it would not be refused",
+                    run, exc.strerror or exc)  # fmt: skip
+    return fd
+
+
 def _remove_created(run: Path, created: Path) -> None:
     """Remove the run folder this run created, and the folders it created above it while they are empty.
 
@@ -330,7 +365,14 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
                 f"{run}: a run already exists there ({trained[0]}); use --resume {run} or another --out"
             )
     created = _first_missing(run) if not resume and d0.main else None
-    d, own_group = _init_distributed(config.device)
+    # Held before anything is written, by the main process only (the others write nothing into the folder).
+    # A run refused here removes nothing: the folder is the other run's, even where this one made it first.
+    held = _hold_run(run) if d0.main else None
+    try:
+        d, own_group = _init_distributed(config.device)
+    except BaseException:
+        _let_go(run, held, created)
+        raise
     previous_device = torch.cuda.current_device() if device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -339,18 +381,42 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
         with gpu_memory_errors("training", config.batch_size, way_out), _cudnn_benchmark(config.cudnn_benchmark):
             return _train(config, resume, d, device, run)
     except Exception:
-        if created is not None and not (run / "last.pt").exists():
-            _remove_created(run, created)
+        _let_go(run, held, created)
+        held = None
         raise
     finally:
+        if held is not None:
+            os.close(held)
         if previous_device is not None:  # the caller's current device, as it was
             torch.cuda.set_device(previous_device)
         if own_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _check_resumable(run: Path, config: TrainConfig, train_cases: Sequence[Case], split: dict[str, list[str]]) -> None:
-    """Refuse to resume on other data than the run was trained on (its statistics and split would not hold)."""
+def _let_go(run: Path, held: int | None, created: Path | None) -> None:
+    """After a failure: the folders this new run made go if it has no checkpoint yet, then the lock (removed
+    while still held, so that no run can start in a folder about to be removed)."""
+    if created is not None and not (run / "last.pt").exists():
+        _remove_created(run, created)
+    if held is not None:
+        os.close(held)
+
+
+def _check_resumable(run: Path, config: TrainConfig, cases: tuple[list[Case], list[Case]]) -> None:
+    """Refuse to resume on other data than the run was trained on (its statistics and split would not hold).
+
+    Every case's image and mask, training and validation, as ``data.json`` records them; the training images
+    alone (``stats.json``) for runs made before it. Names and sizes: a copy or a move of the data is taken.
+    """
+    train_cases, split = cases[0], _split_names(cases)
+    recorded = _read_record(run / "data.json")
+    if recorded is not None:
+        current = data_key([*cases[0], *cases[1]])
+        change = describe_change(recorded, current, contents_only=True, files="cases (images and masks)")
+        if change is not None:
+            raise FlareSegError(
+                f"{config.data}: not the data run {run} was trained on ({change}); start a new run with another --out"
+            )
     stats_path = run / "stats.json"
     source = read_stats_file(stats_path)[1] if stats_path.is_file() else None
     if source is not None:
@@ -362,17 +428,22 @@ def _check_resumable(run: Path, config: TrainConfig, train_cases: Sequence[Case]
         if describe_change(source, stats_key(train_cases)) is not None:
             log.warning("%s: some training files have new modification times; their slices are cached again", run)
         return
-    recorded = run / "split.json"  # runs made before stats.json named its source
-    if recorded.is_file():
-        try:
-            then = json.loads(recorded.read_text())
-        except (OSError, ValueError) as exc:
-            raise FlareSegError(f"{recorded}: unreadable ({exc})") from None
-        if then != split:
-            raise FlareSegError(
-                f"{config.data}: not the data run {run} was trained on (its split {recorded} names other cases); "
-                "start a new run with another --out"
-            )
+    then = _read_record(run / "split.json")  # runs made before stats.json named its source
+    if then is not None and then != split:
+        raise FlareSegError(
+            f"{config.data}: not the data run {run} was trained on (its split {run / 'split.json'} names other "
+            "cases); start a new run with another --out"
+        )
+
+
+def _read_record(path: Path) -> Any:
+    """A JSON record of the run; None where the run has none (made by an older version)."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FlareSegError(f"{path}: unreadable ({exc})") from None
 
 
 def _make_run_dir(run: Path, config: TrainConfig) -> None:
@@ -469,6 +540,7 @@ def _prepare_data(
         cache.build(train_cases)
         cache.build(val_cases, full_resolution=True)
         write_text_atomic(json.dumps(split, indent=2), run / "split.json")
+        write_text_atomic(json.dumps(data_key([*train_cases, *val_cases]), indent=1), run / "data.json")
         write_text_atomic(config.to_json() + "\n", run / "config.json")  # every case read: the data are good
     d.barrier()
     info = ModelInfo(
@@ -595,7 +667,7 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
             )  # fmt: skip
             return TrainResult(run, float(state["best_score"]), int(state["best_epoch"]), [])
         if d.main:
-            _check_resumable(run, config, cases[0], _split_names(cases))
+            _check_resumable(run, config, cases)
         resumed = saved.normalization
     info, cache = _prepare_data(config, d, run, cases, resumed)
 
@@ -614,6 +686,9 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
             log.info(
                 "resuming %s at epoch %d (best mean DSC %.4f at epoch %d)", run, start_epoch + 1, best_score, best_epoch
             )
+            if best_epoch > 0 and not (run / "best.pt").exists():
+                log.warning("%s: best.pt is missing (moved or removed?); only an epoch that beats mean DSC %.4f "
+                            "(epoch %d) writes it again", run, best_score, best_epoch)  # fmt: skip
     net: nn.Module = model
     if d.world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

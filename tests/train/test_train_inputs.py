@@ -384,9 +384,28 @@ def test_resume_refuses_settings_and_data_that_differ_from_the_run(data_a, data_
     ]
     assert train_main(["--resume", str(run), "--epochs", "2", "--data", str(data_b)]) == 2
     assert _stderr_lines(capsys) == [
-        f"flare-train: error: {data_b}: not the data run {run} was trained on (2 training images then, 2 now; "
-        "changed train_001, train_002); start a new run with another --out"
+        f"flare-train: error: {data_b}: not the data run {run} was trained on (3 cases (images and masks) then, 3 "
+        "now; changed train_000, train_001, train_002); start a new run with another --out"
     ]
+    # The run's own training images (its statistics hold), but other ground truth, or another validation image:
+    # the scores that chose best.pt would be compared across different truths.
+    split = json.loads((run / "split.json").read_text())
+    for kind, case in (("mask", split["train"][0]), ("image", split["validation"][0])):
+        other = _copy(data_a, tmp_path / f"other-{kind}")
+        path = (
+            other / "TrainingMask" / f"{case}.nii.gz"
+            if kind == "mask"
+            else other / "TrainingImg" / f"{case}_0000.nii.gz"
+        )
+        img = nib.load(path)
+        data = np.asanyarray(img.dataobj)
+        data = np.where(data == 1, 3, data).astype(data.dtype) if kind == "mask" else data[::-1].copy()
+        nib.save(nib.Nifti1Image(data, img.affine, img.header), path)
+        assert train_main(["--resume", str(run), "--epochs", "2", "--data", str(other)]) == 2
+        assert _stderr_lines(capsys) == [
+            f"flare-train: error: {other}: not the data run {run} was trained on (3 cases (images and masks) then, 3 "
+            f"now; changed {case}); start a new run with another --out"
+        ]
     assert train_main(["--resume", str(run), "--out", str(tmp_path / "other")]) == 2
     assert "a resumed run writes into its own folder" in capsys.readouterr().err
     one = tmp_path / "one"  # a single case: the run's split (1 held out) cannot split it
@@ -399,16 +418,18 @@ def test_resume_refuses_settings_and_data_that_differ_from_the_run(data_a, data_
         f"flare-train: error: {one}: not the data run {run} was trained on (--val-cases 1 leaves no training case: "
         "the data hold 1 case(s); hold out at most 0); start a new run with another --out"
     ]
-    # The run's images (so its statistics pass), a mask with a label the data may not hold: refused when its
-    # slices are cached, and the run's config.json still names its own data.
+    # A run made before data.json (its statistics name the training images only): a mask with a label the data
+    # may not hold is refused when its slices are cached, and the run's config.json still names its own data.
     bad = _copy(data_a, tmp_path / "bad")
     mask = next((bad / "TrainingMask").iterdir())
     img = nib.load(mask)
     labels = np.asanyarray(img.dataobj).copy()
     labels[0, 0, 0] = 7
     nib.save(nib.Nifti1Image(labels, img.affine, img.header), mask)
+    (run / "data.json").rename(tmp_path / "data.json")
     assert train_main(["--resume", str(run), "--epochs", "2", "--data", str(bad)]) == 2
     assert "outside 0..4" in capsys.readouterr().err
+    (tmp_path / "data.json").rename(run / "data.json")
     assert json.loads((run / "config.json").read_text())["data"] == json.loads(before["config.json"])["data"]
     shutil.rmtree(run / "cache")  # rebuilt from the run's own data: what matters is that nothing else changed
     assert {k: v for k, v in _files(run).items() if not k.startswith("cache")} == {
@@ -462,6 +483,34 @@ def test_a_resumed_run_says_the_epoch_it_starts_with(data_a, tmp_path, caplog):
     assert train_main(["--resume", str(run), "--epochs", "2"]) == 0
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resuming")]
     assert len(said) == 1 and " at epoch 2 " in said[0], said
+
+
+def test_a_resumed_run_whose_best_pt_was_moved_says_so_and_names_no_file_that_is_not_there(
+    data_a, tmp_path, capsys, caplog, monkeypatch
+):
+    """best.pt moved to a deploy folder, or a run copied without it: the last line must not name a missing file
+    (a script would export it), and the start says what brings it back."""
+    run = _trained(data_a, tmp_path / "run")
+    (run / "best.pt").unlink()
+    real = loop.validate
+
+    def validate(*args, **kwargs):  # no later epoch beats the first: best.pt stays missing
+        return {**real(*args, **kwargs), "dsc_mean": -1.0}
+
+    monkeypatch.setattr(loop, "validate", validate)
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING, logger="flareseg.train.loop"):
+        assert train_main(["--resume", str(run), "--epochs", "2"]) == 0
+    best = json.loads((run / "log.jsonl").read_text().splitlines()[0])["dsc_mean"]
+    assert [r.getMessage() for r in caplog.records if "best.pt" in r.getMessage()] == [
+        f"{run}: best.pt is missing (moved or removed?); only an epoch that beats mean DSC {best:.4f} (epoch 1) "
+        "writes it again"
+    ]
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"best mean validation DSC {best:.4f} at epoch 1: {run / 'best.pt'} is missing (moved or removed since that "
+        "epoch)"
+    )
+    assert not (run / "best.pt").exists()
 
 
 # 5. Errors of the environment: one line, no traceback.
@@ -607,6 +656,37 @@ def test_resume_refuses_a_last_pt_of_another_width_than_its_config(data_a, tmp_p
         "slices (32, 32)"
     )
     assert (run / "last.pt").read_bytes() == before
+
+
+def test_a_second_run_into_a_folder_still_training_is_refused(data_a, tmp_path, capsys, monkeypatch):
+    """A job submitted twice, or a --resume of a run still in training, would write its config.json and split.json
+    over this one's while this one's checkpoints went on: a later resume mixed the two. It is refused, and the
+    running run is untouched. The other run is a real second process, started while this one validates."""
+    import subprocess
+
+    run = tmp_path / "run"
+    other_runs: list[subprocess.CompletedProcess[str]] = []
+    real = loop.validate
+
+    def validate(*args, **kwargs):
+        if not other_runs:
+            for extra in (
+                ["--data", str(data_a), "--out", str(run), "--epochs", "2", "--seed", "7"],
+                ["--resume", str(run)],
+            ):
+                cmd = [sys.executable, "-m", "flareseg.train.cli", *extra, *(QUICK if "--data" in extra else ["-q"])]
+                other_runs.append(subprocess.run(cmd, capture_output=True, text=True, timeout=300))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "validate", validate)
+    assert train_main(["--data", str(data_a), "--out", str(run), "--epochs", "1", *QUICK]) == 0
+    refused = f"--out {run}: another flare-train is training in this folder now; wait for it to end (then --resume it)"
+    assert [other.returncode for other in other_runs] == [2, 2]
+    for other in other_runs:
+        assert other.stderr.strip().splitlines()[-1].startswith(f"flare-train: error: {refused}")
+    assert json.loads((run / "config.json").read_text())["seed"] == 0  # this run's, not the refused one's
+    assert [json.loads(line)["epoch"] for line in (run / "log.jsonl").read_text().splitlines()] == [1]
+    assert train_main(["--resume", str(run), "--epochs", "2", "-q"]) == 0  # ended: the lock went with it
 
 
 def test_running_out_of_gpu_memory_is_one_line_with_the_way_out(data_a, tmp_path, capsys, monkeypatch):

@@ -93,6 +93,8 @@ class Runner(ABC):
                     self._deactivate()
                 finally:  # what it released is gone even when releasing raised (a CUDA error)
                     self._active = False
+                    with self._stamp_lock:  # a later activation loads the file again, maybe another model by then
+                        self._stamp = None
 
     def _release_partial(self) -> None:
         """What an activation that failed half-way holds (a session, an engine) goes at once, not at exit."""
