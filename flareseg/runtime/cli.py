@@ -357,7 +357,7 @@ def _main(args: argparse.Namespace) -> int:
         return _run(args, timeline, reader, restore, listed, ignored)
 
 
-def _look_ahead(args: argparse.Namespace, ignored: list[IgnoredInput]) -> tuple[Path | None, Listing]:
+def _look_ahead(args: argparse.Namespace, ignored: list[IgnoredInput] | None = None) -> tuple[Path | None, Listing]:
     """The input the run will read first, found without torch, and a folder's cases (or why not) if it listed them.
 
     The input: a NIfTI file, or a folder's first case to run. None when there is no NIfTI
