@@ -285,6 +285,27 @@ def test_invalid_settings_are_refused():
         AugmentConfig(scale=(1.2, 0.8))
 
 
+def test_each_slice_of_a_step_gets_its_own_augmentation_across_micro_batches(phantom_data, tmp_path, monkeypatch):
+    """Accumulated micro-batches take their own rows of the step's transforms: sharing the first micro-batch's
+    rows would train on half as many distinct augmentations, and no longer equal the W-process run."""
+    from flareseg.train import loop
+
+    used: list[torch.Tensor] = []
+    real = loop.augment_batch
+
+    def augment(images, labels, thetas):
+        used.append(thetas.clone())
+        return real(images, labels, thetas)
+
+    monkeypatch.setattr(loop, "augment_batch", augment)
+    argv = ["--data", str(phantom_data), "--out", str(tmp_path / "run"), "--epochs", "1", *TINY]
+    argv += ["--steps-per-epoch", "3", "--accumulate", "2", "--val-cases", "1", "--augment-prob", "1"]
+    assert train_main(argv) == 0
+    rows = torch.cat(used).flatten(1)
+    assert len(used) == 3 * 2 and rows.shape[0] == 3 * 2 * 2
+    assert len(torch.unique(rows, dim=0)) == rows.shape[0]  # each slice of the epoch its own transform
+
+
 def test_two_process_torchrun_keeps_replicas_identical_and_equals_accumulation(phantom_data, tmp_path):
     common = ["--data", str(phantom_data), "--epochs", "1", "--steps-per-epoch", "3", "--val-cases", "1", *TINY]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
