@@ -181,6 +181,23 @@ def test_a_mask_on_another_grid_is_refused_before_anything_is_written(sample_dir
     assert not run.exists()
 
 
+@pytest.mark.parametrize(("shift_mm", "refused"), [(0.0004, False), (0.3, True), (2.0, True)])
+def test_a_mask_grid_is_taken_within_float32_rounding_and_refused_beyond(shift_mm, refused):
+    """A header's float32 rounding (well under a micrometre here) is the same grid; 0.3 mm off on a 0.8 mm grid
+    is a mask drawn on another reconstruction, whose organs would be trained over a third of a voxel off."""
+    from flareseg.train.data import Case, check_mask_grid
+
+    case = Case("c", Path("c_0000.nii.gz"), Path("c.nii.gz"))
+    image = np.diag([0.8, 0.8, 2.5, 1.0])
+    mask = image.copy()
+    mask[:3, 3] += shift_mm / np.sqrt(3)  # along the diagonal: every axis moves
+    if refused:
+        with pytest.raises(FlareSegError, match=r"c\.nii\.gz: mask voxels lie up to .* mm away"):
+            check_mask_grid(case, (64, 64, 20), image, (64, 64, 20), mask)
+    else:
+        check_mask_grid(case, (64, 64, 20), image, (64, 64, 20), mask)
+
+
 def test_a_mask_of_another_shape_is_refused(data_a, data_b, tmp_path, capsys):
     data = _copy(data_a, tmp_path / "data")
     shutil.copy2(data_b / "TrainingMask" / "train_001.nii.gz", data / "TrainingMask" / "train_001.nii.gz")
