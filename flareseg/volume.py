@@ -161,6 +161,16 @@ def is_nifti(path: str | os.PathLike[str]) -> bool:
     return Path(path).name.endswith(NIFTI_SUFFIXES)
 
 
+def require_folder(folder: str | os.PathLike[str]) -> Path:
+    """``folder`` as a Path, refused in one line where it is not a folder: missing, a file, or a broken link."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        if folder.is_symlink() and not folder.exists():
+            raise FlareSegError(f"{folder}: a broken symbolic link (to {os.readlink(folder)})")
+        raise FlareSegError(f"{folder}: {'not a directory' if folder.exists() else 'folder not found'}")
+    return folder
+
+
 class IgnoredInput(NamedTuple):
     """An entry of a folder that a listing left out although it looks like an input, and why."""
 
@@ -188,11 +198,7 @@ def find_cases(
     A file named as NIfTI in upper case, and a link to nothing, are left out with a warning,
     and added to ``ignored``.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        if folder.is_symlink() and not folder.exists():
-            raise FlareSegError(f"{folder}: a broken symbolic link (to {os.readlink(folder)})")
-        raise FlareSegError(f"{folder}: {'not a directory' if folder.exists() else 'folder not found'}")
+    folder = require_folder(folder)
     cases: dict[str, Path] = {}
     try:
         listed = sorted(folder.iterdir())

@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from flareseg.errors import FlareSegError, first_few
-from flareseg.volume import NIFTI_SUFFIXES, IgnoredInput, is_nifti, say_ignored
+from flareseg.volume import NIFTI_SUFFIXES, IgnoredInput, is_nifti, require_folder, say_ignored
 
 log = logging.getLogger(__name__)
 
@@ -234,9 +234,7 @@ def find_series(
     holds only DICOM SEG files (an earlier run's results) are left out, with a warning, and added to ``ignored``.
     ``exclude``: a subfolder left out silently (the run's own output folder).
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FlareSegError(f"{folder}: not a directory")
+    folder = require_folder(folder)
     cases: dict[str, Path] = {}
     try:
         subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))

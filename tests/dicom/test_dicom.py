@@ -174,6 +174,11 @@ def test_find_series_and_case_names(tmp_path: Path) -> None:
     write_series(tmp_path / "c", ph, patient_id="P 7/x", series_number=4)
     with pytest.raises(FlareSegError, match=r"case P_7_x_20260101_s4 appears twice \(b, c\)"):
         find_series(tmp_path)
+    # Not a folder: said as a folder of NIfTI files says it (it used to be "not a directory" for all three).
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    for path, said in (("absent", "folder not found"), ("notes/x.txt", "not a directory"), ("gone", "a broken sym")):
+        with pytest.raises(FlareSegError, match=f"^{tmp_path / path}: {said}"):
+            find_series(tmp_path / path)
 
 
 def test_results_and_folders_without_dicom_files_are_not_taken_for_series(tmp_path: Path, caplog) -> None:
