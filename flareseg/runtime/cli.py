@@ -409,8 +409,10 @@ def _run(
     """The run; what it changes in the process (torch's thread count) is undone by ``restore`` when it ends."""
     from tqdm import tqdm
 
+    from flareseg.atomic import OutputExistsError
     from flareseg.runtime.jobs import check_timings, file_job
     from flareseg.runtime.pipeline import (
+        CaseTiming,
         FolderSummary,
         RunOptions,
         segment_file,
@@ -529,8 +531,8 @@ def _run(
                 )
             else:
                 # Said when written: an interrupt during the teardown after it still counts the case as done.
-                results = [
-                    segment_file(
+                try:
+                    timing = segment_file(
                         runner,
                         inputs[0],
                         target,
@@ -539,7 +541,10 @@ def _run(
                         on_case=report,
                         **options,
                     )
-                ]
+                except OutputExistsError as exc:  # another run's result, written since the check above: kept
+                    log.warning("%s", exc)
+                    timing = CaseTiming(str(inputs[0].name), str(inputs[0]), str(target), "skipped", str(exc))
+                results = [timing]
         context["runner"] = runner.describe()  # its name alone where it never loaded: nothing ran
         context["model_file"] = _stamp(runner)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is done is on disk; say so, and keep its timings
@@ -566,7 +571,10 @@ def _run(
 
 
 def _stamp(runner: Runner) -> dict[str, Any] | None:
-    """The model file's name, size and SHA-256 for the timings, as the outputs name it; None if unreadable."""
+    """The model file's name, size and SHA-256 for the timings, as the outputs name it; None if unreadable, or
+    if the model never loaded (nothing ran: no timings are written, and the file need not be read)."""
+    if not runner.is_active:
+        return None
     try:
         stamp = runner.stamp()
     except FlareSegError as exc:  # each case written since failed with this, and said it

@@ -1291,3 +1291,26 @@ def test_entries_left_out_of_a_folder_are_counted_in_the_last_line_and_the_timin
     assert "0 segmented, 1 skipped (already done), 0 failed of 1 (1 more entry of the folder ignored: see the " in (
         capsys.readouterr().out
     )
+
+
+def test_a_result_written_by_another_run_while_the_model_loads_is_kept_with_exit_0(
+    trained_checkpoint, tmp_path, monkeypatch, capsys
+):
+    """Between the command's check of the output and the case's own (model loading, the memory plan), another
+    run writes the result: it is kept, and the command ends as if it had been there (it used to exit 2)."""
+    (ct,) = _folder(tmp_path / "in", 1)
+    out = tmp_path / "out" / "c0.nii.gz"
+    theirs = b"another run's result"
+    real = pipeline.file_job
+
+    def file_job(*args, **kwargs):  # a test double: the other run's file lands just before the case's check
+        out.parent.mkdir(exist_ok=True)
+        out.write_bytes(theirs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "file_job", file_job)
+    assert infer_main(["--model", str(trained_checkpoint), "-i", str(ct), "-o", str(out)]) == 0
+    assert out.read_bytes() == theirs
+    said = capsys.readouterr().out
+    assert "0 segmented, 1 skipped (already done), 0 failed of 1" in said and "no timings (nothing ran)" in said
+    assert sorted(p.name for p in out.parent.iterdir()) == ["c0.nii.gz"]  # no timings, no temporary file
