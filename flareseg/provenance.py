@@ -9,7 +9,9 @@ and the file's size.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,22 @@ from flareseg import __version__
 PLAIN_DESCRIPTION = "flareseg label map"
 #: The NIfTI-1/2 ``descrip`` field: 80 bytes, the last one the terminating zero.
 DESCRIP_BYTES = 79
+
+#: What tells one content of a file from another without reading it: device, inode, size, modification time.
+FileIdentity = tuple[int, int, int, int]
+
+
+def file_identity(path: str | os.PathLike[str]) -> FileIdentity:
+    """The identity of the file at ``path`` now (a file replaced, or rewritten in place, has another one)."""
+    return _identity(os.stat(path))
+
+
+def _identity(st: os.stat_result) -> FileIdentity:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class HashStopped(Exception):
+    """A model's hash given up on request: the run is stopping, and must not wait for it."""
 
 
 @dataclass(frozen=True)
@@ -33,10 +51,23 @@ class ModelStamp:
     @classmethod
     def of(cls, path: str | os.PathLike[str]) -> ModelStamp:
         """Hash the file (about 2 GB/s on one core; hashlib releases the GIL, so other threads run meanwhile)."""
-        from flareseg.checkpoint import file_sha256
+        return cls.read(path)[0]
 
+    @classmethod
+    def read(cls, path: str | os.PathLike[str], stop: threading.Event | None = None) -> tuple[ModelStamp, FileIdentity]:
+        """Hash the file, and say which file was hashed (the identity of the very descriptor read).
+
+        ``stop``: once set, the hash is given up at the next MiB (:class:`HashStopped`).
+        """
         path = Path(path)
-        return cls(name=path.name, bytes=path.stat().st_size, sha256=file_sha256(path))
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                if stop is not None and stop.is_set():
+                    raise HashStopped(str(path))
+                digest.update(chunk)
+        return cls(name=path.name, bytes=st.st_size, sha256=digest.hexdigest()), _identity(st)
 
     def nifti_description(self) -> str:
         """The ``descrip`` text, at most 79 ASCII bytes: the name is shortened to fit, never the digest."""
@@ -47,11 +78,12 @@ class ModelStamp:
 
     def dicom_parameters(self) -> dict[str, str]:
         """The algorithm parameters of a DICOM SEG's segments (stored as ``name=value,...``: the file name loses
-        any ``,`` and ``=``, which readers would split it at)."""
-        return {"model": self.name.replace(",", "_").replace("=", "_"), "model_sha256": self.sha256}
+        any ``,`` and ``=``, which readers would split it at, and is ASCII, as in the NIfTI header)."""
+        name = self.name.encode("ascii", "replace").decode("ascii")  # the series may declare no character set
+        return {"model": name.replace(",", "_").replace("=", "_"), "model_sha256": self.sha256}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-__all__ = ["DESCRIP_BYTES", "PLAIN_DESCRIPTION", "ModelStamp"]
+__all__ = ["DESCRIP_BYTES", "PLAIN_DESCRIPTION", "FileIdentity", "HashStopped", "ModelStamp", "file_identity"]

@@ -18,7 +18,7 @@ from flareseg.errors import FlareSegError
 from flareseg.network import NetworkConfig
 from flareseg.phantom import make_phantom
 from flareseg.preprocess import NormalizationStats
-from flareseg.provenance import DESCRIP_BYTES, PLAIN_DESCRIPTION, ModelStamp
+from flareseg.provenance import DESCRIP_BYTES, PLAIN_DESCRIPTION, HashStopped, ModelStamp
 from flareseg.runtime.cli import main as infer_main
 from flareseg.runtime.pipeline import segment_file
 from flareseg.runtime.runners import FunctionRunner, open_runner
@@ -48,13 +48,14 @@ def test_a_stamp_is_the_files_sha256_and_size(tmp_path):
     assert odd.dicom_parameters()["model"] == "a_1_b.onnx"  # DICOM stores them as name=value,...
 
 
-@pytest.mark.parametrize("name", ["m" * 200 + ".onnx", "modèle-ü.pt", "x.pt"])
+@pytest.mark.parametrize("name", ["m" * 200 + ".onnx", "modèle-ü.pt", "模型.pt", "x.pt"])
 def test_a_long_or_non_ascii_name_is_shortened_never_the_digest(name):
     stamp = ModelStamp(name=name, bytes=1, sha256="ab" * 32)
     text = stamp.nifti_description()
     assert text.isascii() and len(text) <= DESCRIP_BYTES
     assert f"sha256:{'ab' * 8} " in text
     assert text.endswith("...") == (len(name) > 40)
+    assert stamp.dicom_parameters()["model"].isascii()  # a series may declare no character set
 
 
 def test_write_labels_refuses_a_description_the_header_cannot_hold(tmp_path):
@@ -99,18 +100,19 @@ def test_the_outputs_and_timings_name_the_model_that_made_them(trained_checkpoin
     assert timings["context"]["model_file"]["sha256"] == second
 
 
-def test_the_model_is_hashed_once_per_runner_off_the_main_thread(trained_checkpoint, tmp_path, monkeypatch):
-    """The writer's thread hashes the model while the first case is inferred; later cases reuse the digest."""
+def test_the_model_is_hashed_once_per_content_off_the_main_thread(trained_checkpoint, tmp_path, monkeypatch):
+    """The writer's thread hashes the model while the first case is inferred; later cases, and a later activation
+    of the same file, reuse the digest (a stat tells the file is the one hashed)."""
     import threading
 
     calls: list[str] = []
-    real = ModelStamp.of.__func__  # type: ignore[attr-defined]
+    real = ModelStamp.read.__func__  # type: ignore[attr-defined]
 
-    def counted(cls, path):
+    def counted(cls, path, stop=None):
         calls.append(threading.current_thread().name)
-        return real(cls, path)
+        return real(cls, path, stop)
 
-    monkeypatch.setattr(ModelStamp, "of", classmethod(counted))
+    monkeypatch.setattr(ModelStamp, "read", classmethod(counted))
     with open_runner(trained_checkpoint) as runner:
         for i in range(2):
             ct = _ct(tmp_path / f"c{i}_0000.nii.gz", seed=i)
@@ -118,10 +120,46 @@ def test_the_model_is_hashed_once_per_runner_off_the_main_thread(trained_checkpo
     assert len(calls) == 1 and calls[0].startswith("flareseg-write")
     expected = hashlib.sha256(trained_checkpoint.read_bytes()).hexdigest()[:16]
     assert all(expected in _descrip(tmp_path / "out" / f"c{i}.nii.gz") for i in range(2))
-    # Released, then loaded again: the file is read again, so it is hashed again (it may hold another model now).
-    with runner:
+    with runner:  # released, then loaded again: the same file, not read twice
         segment_file(runner, tmp_path / "c0_0000.nii.gz", tmp_path / "again" / "c0.nii.gz", batch_size=4)
-    assert len(calls) == 2
+    assert len(calls) == 1
+
+
+def test_the_stamp_names_the_file_loaded_never_one_it_replaced(trained_checkpoint, tmp_path):
+    """A model still being copied fails to load, and is hashed as it was then; the whole file, loaded next, must
+    get its own digest. A file replaced after loading cannot name what made the outputs: the case fails."""
+    model = tmp_path / "best.pt"
+    whole = trained_checkpoint.read_bytes()
+    model.write_bytes(whole[: len(whole) // 2])  # still arriving
+    ct = _ct(tmp_path / "c_0000.nii.gz")
+    runner = open_runner(model)
+    with pytest.raises(FlareSegError):
+        segment_file(runner, ct, tmp_path / "first.nii.gz")
+    model.write_bytes(whole)
+    try:
+        segment_file(runner, ct, tmp_path / "second.nii.gz")
+        assert _descrip(tmp_path / "second.nii.gz").split()[2] == f"sha256:{hashlib.sha256(whole).hexdigest()[:16]}"
+        retrained = tmp_path / "retrained.pt"
+        retrained.write_bytes(whole + b"\0")  # another model, moved over the loaded one (a new inode)
+        retrained.replace(model)
+        with pytest.raises(FlareSegError, match=r"best\.pt: replaced since this run loaded it"):
+            segment_file(runner, ct, tmp_path / "third.nii.gz")
+    finally:
+        runner.deactivate()
+    assert not (tmp_path / "first.nii.gz").exists() and not (tmp_path / "third.nii.gz").exists()
+
+
+def test_a_stop_gives_up_the_models_hash_at_once(tmp_path):
+    """A stop waits for the writes in flight, not for a model hashed on a slow disk."""
+    import threading
+
+    model = tmp_path / "big.onnx"
+    model.write_bytes(b"\0" * (8 << 20))
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(HashStopped):
+        ModelStamp.read(model, stop)
+    assert ModelStamp.read(model)[0].sha256 == hashlib.sha256(model.read_bytes()).hexdigest()
 
 
 def test_a_runner_without_a_model_file_writes_the_plain_description(tmp_path):

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -334,6 +335,7 @@ def run_cases(
             on_case(timing)
 
     writer = ThreadPoolExecutor(1, thread_name_prefix="flareseg-write")
+    hashing = threading.Event()  # set: the model's hash, the writer's first job, is given up (the run stops)
 
     def settle_first() -> None:
         """Settle the oldest write once it has ended; a stop while waiting leaves it queued, so the handler
@@ -389,7 +391,7 @@ def run_cases(
         # signals blocked where it starts, and so would every thread or process it started. Its first job hashes
         # the model for the outputs' stamp, while the first case is read and inferred (an error there is the
         # first write's to say).
-        writer.submit(runner.stamp)
+        writer.submit(runner.stamp, hashing)
         upcoming: Future[Read] | None = reads.submit(jobs[0].input, jobs[0].output_type)
         runner.activate()  # no-op when already active; otherwise overlaps the first read
         mark("activated")
@@ -417,6 +419,7 @@ def run_cases(
         # written (at most two: bounded), then settled and said like the others before the run unwinds.
         # A second stop meanwhile waits for them too: it would break the wait, and the interpreter would
         # then end with the writer mid-file (a .part file left, the case lost); it is raised once they are.
+        hashing.set()  # a stop waits for the writes in flight, not for a hash on a slow disk
         with stop_signals_blocked():
             writer.shutdown(wait=True)
             while writes:

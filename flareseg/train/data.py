@@ -100,8 +100,24 @@ def case_key(case: Case) -> dict[str, Any]:
 
 
 def data_key(cases: Sequence[Case]) -> dict[str, Any]:
-    """What a run is trained and validated on: every case's image and mask (a run's ``data.json``)."""
-    return {"cases": [{"name": c.name, **case_key(c)} for c in sorted(cases, key=lambda c: c.name)]}
+    """What a run is trained and validated on: every case's image and mask (a run's ``data.json``).
+
+    A mask also by its SHA-256: masks are small (a few hundred KB compressed), and one relabelled
+    keeps its size where it is stored uncompressed; the images are known by name and size.
+    """
+    cases = sorted(cases, key=lambda c: c.name)
+    return {
+        "cases": [{"name": c.name, **case_key(c), "mask": {**file_key(c.mask), "sha256": _sha256(c)}} for c in cases]
+    }
+
+
+def _sha256(case: Case) -> str:
+    from flareseg.checkpoint import file_sha256
+
+    try:
+        return file_sha256(case.mask)
+    except OSError as exc:
+        raise FlareSegError(f"{case.mask}: cannot read ({exc.strerror or exc})") from None
 
 
 def describe_change(
@@ -119,7 +135,7 @@ def describe_change(
     """
 
     def table(key: dict[str, Any]) -> dict[str, tuple[Any, ...]]:
-        fields = ("file", "size") if contents_only else ("file", "size", "mtime_ns")
+        fields = ("file", "size", "sha256") if contents_only else ("file", "size", "sha256", "mtime_ns")
         try:
             return {
                 c["name"]: tuple(tuple(c[kind].get(f) for f in fields) for kind in ("image", "mask") if kind in c)

@@ -11,6 +11,7 @@ read nor changed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -271,30 +272,36 @@ def _first_missing(path: Path) -> Path | None:
     return missing
 
 
+#: The file a run's lock is held on, inside its folder.
+RUN_LOCK = ".lock"
+
+
 def _hold_run(run: Path) -> int | None:
-    """Make the run folder and hold an exclusive lock on it for the training's life; the descriptor holding it.
+    """Make the run folder and hold an exclusive lock for the training's life; the descriptor holding it.
 
     A second flare-train into the same folder (a job submitted twice, a --resume of a run still training) is
     refused: it would write its config.json and split.json over this one's while this one's checkpoints and log
-    went on, and a later resume would mix them. The kernel drops the lock when the process ends, however it
-    ends. None where the file system has no locks (some network mounts): the run goes on without one.
+    went on, and a later resume would mix them. A POSIX record lock on a file in the folder (``RUN/.lock``):
+    NFS's lock manager shares it between hosts (a lock on the folder itself would stay on one host), and
+    processes forked from this one (the DataLoader's workers) do not inherit it, so it goes the moment this
+    process ends, however it ends. None where the file system has no locks: the run goes on without one.
     """
     try:
         run.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        fd = os.open(run / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)  # write access: NFS locks need it
     except OSError as exc:
         raise FlareSegError(f"--out {run}: cannot create the run folder ({exc.strerror or exc})") from None
     if fcntl is None:  # Windows
         return fd
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise FlareSegError(
-            f"--out {run}: another flare-train is training in this folder now; wait for it to end "
-            "(then --resume it), or choose another --out"
-        ) from None
-    except OSError as exc:  # no locks here: said, not refused
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EAGAIN):
+            os.close(fd)
+            raise FlareSegError(
+                f"--out {run}: another flare-train is training in this folder now; wait for it to end "
+                "(then --resume it), or choose another --out"
+            ) from None
         log.warning("%s: cannot lock the run folder (%s); a second run started into it would not be refused",
                     run, exc.strerror or exc)  # fmt: skip
     return fd
@@ -406,7 +413,8 @@ def _check_resumable(run: Path, config: TrainConfig, cases: tuple[list[Case], li
     """Refuse to resume on other data than the run was trained on (its statistics and split would not hold).
 
     Every case's image and mask, training and validation, as ``data.json`` records them; the training images
-    alone (``stats.json``) for runs made before it. Names and sizes: a copy or a move of the data is taken.
+    alone (``stats.json``) for runs made before it. Names, sizes and the masks' contents: a copy or a move of
+    the data is taken (new modification times are said in a warning).
     """
     train_cases, split = cases[0], _split_names(cases)
     recorded = _read_record(run / "data.json")
@@ -417,6 +425,10 @@ def _check_resumable(run: Path, config: TrainConfig, cases: tuple[list[Case], li
             raise FlareSegError(
                 f"{config.data}: not the data run {run} was trained on ({change}); start a new run with another --out"
             )
+        if describe_change(recorded, current) is not None:
+            log.warning("%s: some images or masks have new modification times (same names, sizes and mask contents: "
+                        "a copy?); their slices are cached again", run)  # fmt: skip
+        return
     stats_path = run / "stats.json"
     source = read_stats_file(stats_path)[1] if stats_path.is_file() else None
     if source is not None:

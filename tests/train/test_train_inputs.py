@@ -458,6 +458,35 @@ def test_resume_refuses_settings_and_data_that_differ_from_the_run(data_a, data_
     assert train_main(argv) == 0
 
 
+def test_resume_knows_a_mask_relabelled_at_the_same_size_and_takes_a_touched_copy(data_a, tmp_path, capsys, caplog):
+    """Uncompressed masks keep their size when relabelled: the run's data.json knows each mask by its digest."""
+    data = tmp_path / "data"
+    for sub in ("TrainingImg", "TrainingMask"):
+        (data / sub).mkdir(parents=True)
+        for packed in (data_a / sub).iterdir():
+            nib.save(nib.load(packed), data / sub / packed.name.removesuffix(".gz"))
+    run = _trained(data, tmp_path / "run")
+    copy = _copy(data, tmp_path / "copy")
+    for path in copy.rglob("*.nii"):
+        os.utime(path, ns=(path.stat().st_mtime_ns + 10**9,) * 2)  # copied without keeping the times
+    validation = json.loads((run / "split.json").read_text())["validation"][0]
+    mask = data / "TrainingMask" / f"{validation}.nii"
+    img = nib.load(mask)
+    labels = np.asanyarray(img.dataobj)
+    size = mask.stat().st_size
+    nib.save(nib.Nifti1Image(np.where(labels == 1, 0, labels).astype(labels.dtype), img.affine, img.header), mask)
+    assert mask.stat().st_size == size
+    capsys.readouterr()
+    assert train_main(["--resume", str(run), "--epochs", "2", "-q"]) == 2
+    assert _stderr_lines(capsys) == [
+        f"flare-train: error: {data}: not the data run {run} was trained on (3 cases (images and masks) then, 3 now; "
+        f"changed {validation}); start a new run with another --out"
+    ]
+    with caplog.at_level(logging.WARNING, logger="flareseg.train.loop"):
+        assert train_main(["--resume", str(run), "--epochs", "2", "--data", str(copy), "-q"]) == 0
+    assert any("new modification times (same names, sizes and mask contents" in r.getMessage() for r in caplog.records)
+
+
 def test_a_damaged_config_is_refused_on_resume_in_one_line_naming_it(data_a, tmp_path, capsys):
     run = _trained(data_a, tmp_path / "run")
     config = run / "config.json"
@@ -704,6 +733,42 @@ def test_a_second_run_into_a_folder_still_training_is_refused(data_a, tmp_path, 
     assert json.loads((run / "config.json").read_text())["seed"] == 0  # this run's, not the refused one's
     assert [json.loads(line)["epoch"] for line in (run / "log.jsonl").read_text().splitlines()] == [1]
     assert train_main(["--resume", str(run), "--epochs", "2", "-q"]) == 0  # ended: the lock went with it
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forks, and /proc to see the worker alive")
+def test_the_run_lock_goes_with_its_process_not_with_the_workers_it_forked(tmp_path):
+    """Killed by the OOM killer, the trainer's forked DataLoader workers live on for a few seconds: an automatic
+    requeue must not be refused as "another flare-train" meanwhile. The lock is not inherited by forks."""
+    import signal
+    import subprocess
+    import time
+
+    run = tmp_path / "run"
+    code = f"""
+import os, signal, sys, time
+from pathlib import Path
+from flareseg.train.loop import _hold_run
+_hold_run(Path({str(run)!r}))
+child = os.fork()
+if child == 0:  # a loader worker: lives on after its parent (not on the pipe the test reads to its end)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    worker = int(proc.stdout.split()[0])
+    try:
+        assert proc.returncode == -signal.SIGKILL
+        assert Path(f"/proc/{worker}/status").read_text().split("State:")[1].split()[0] == "S"  # alive, asleep
+        fd = loop._hold_run(run)  # taken at once: the lock went with the trainer
+        os.close(fd)
+    finally:
+        os.kill(worker, signal.SIGKILL)
+        time.sleep(0.1)
 
 
 def test_running_out_of_gpu_memory_is_one_line_with_the_way_out(data_a, tmp_path, capsys, monkeypatch):

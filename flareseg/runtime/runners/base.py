@@ -27,9 +27,12 @@ import torch
 from flareseg.checkpoint import ModelInfo
 from flareseg.errors import FlareSegError
 from flareseg.export.metadata import OutputKind
-from flareseg.provenance import ModelStamp
+from flareseg.provenance import FileIdentity, ModelStamp, file_identity
 
 log = logging.getLogger(__name__)
+
+#: A model file that changed while it was loaded: no file can be said to be the one loaded.
+_REPLACED: FileIdentity = (-1, -1, -1, -1)
 
 Backend = Literal["torch", "onnxruntime", "tensorrt", "openvino"]
 TorchPrecision = Literal["fp32", "fp16", "bf16"]
@@ -62,7 +65,8 @@ class Runner(ABC):
         self.activation_steps: dict[str, float] = {}
         # Not the runner's lock: the writer's thread asks for the stamp while a batch holds that one.
         self._stamp_lock = threading.Lock()
-        self._stamp: ModelStamp | None = None
+        self._stamp: tuple[ModelStamp, FileIdentity] | None = None  # the digest, and the file it is of
+        self._loaded: FileIdentity | None = None  # the model file as the last activation found it
 
     @property
     def is_active(self) -> bool:
@@ -77,11 +81,15 @@ class Runner(ABC):
             if not self._active:
                 t = time.perf_counter()
                 self.activation_steps = {}
+                before = self._model_identity()
                 try:
                     self._activate()
                 except BaseException:
                     self._release_partial()
                     raise
+                after = self._model_identity()
+                # The stamp must name the file loaded: one replaced while loading cannot be named at all.
+                self._loaded = before if before == after else _REPLACED
                 self._active = True
                 self.activate_s = time.perf_counter() - t
         return self
@@ -93,8 +101,7 @@ class Runner(ABC):
                     self._deactivate()
                 finally:  # what it released is gone even when releasing raised (a CUDA error)
                     self._active = False
-                    with self._stamp_lock:  # a later activation loads the file again, maybe another model by then
-                        self._stamp = None
+                    self._loaded = None
 
     def _release_partial(self) -> None:
         """What an activation that failed half-way holds (a session, an engine) goes at once, not at exit."""
@@ -160,20 +167,39 @@ class Runner(ABC):
     def _deactivate(self) -> None:
         return None
 
-    def stamp(self) -> ModelStamp | None:
-        """The model file's identity for the outputs (hashed on the first call only); None without a file."""
+    def stamp(self, stop: threading.Event | None = None) -> ModelStamp | None:
+        """The model file's content for the outputs; None without a file.
+
+        Hashed once per content: a call costs a ``stat`` while the file is the one hashed. Once
+        the runner is active, the stamp is that of the file it loaded: a file replaced since (a
+        retrained ``best.pt`` saved over it) is refused, since the outputs would name a model
+        that did not make them. ``stop``: see :meth:`ModelStamp.read`.
+        """
         if self.model_file is None:
             return None
         with self._stamp_lock:
-            if self._stamp is None:
-                try:
-                    self._stamp = ModelStamp.of(self.model_file)
-                except OSError as exc:
-                    why = exc.strerror or str(exc)  # the path is said once, first
-                    raise FlareSegError(
-                        f"{self.model_file}: cannot read the model to name it in the outputs: {why}"
-                    ) from exc
-            return self._stamp
+            try:
+                now = file_identity(self.model_file)
+                if self._stamp is None or self._stamp[1] != now:
+                    self._stamp = ModelStamp.read(self.model_file, stop)
+            except OSError as exc:
+                why = exc.strerror or str(exc)  # the path is said once, first
+                raise FlareSegError(
+                    f"{self.model_file}: cannot read the model to name it in the outputs: {why}"
+                ) from exc
+            stamp, hashed = self._stamp
+            if self._loaded is not None and hashed != self._loaded:
+                raise FlareSegError(
+                    f"{self.model_file}: replaced since this run loaded it, so its outputs could not name the model "
+                    "that made them; run again"
+                )
+            return stamp
+
+    def _model_identity(self) -> FileIdentity | None:
+        try:
+            return file_identity(self.model_file) if self.model_file is not None else None
+        except OSError:  # the loader says what is wrong with it
+            return None
 
     def describe(self) -> str:
         """The backend in words (precision, device, threads) once active; before that, the runner's name."""
