@@ -183,3 +183,24 @@ def test_a_model_gone_before_it_was_hashed_fails_the_case_in_one_line(trained_ch
         with pytest.raises(FlareSegError, match=r"best\.pt: cannot read the model to name it in the outputs"):
             segment_file(runner, _ct(tmp_path / "c_0000.nii.gz"), tmp_path / "c.nii.gz")
     assert not (tmp_path / "c.nii.gz").exists()
+
+
+def test_a_run_that_stops_gives_up_the_hash_rather_than_waiting_for_it(trained_checkpoint, tmp_path, monkeypatch):
+    """The writer's first job hashes the model; a run that stops (here its model fails to load) sets the stop, so
+    a hash on a slow disk does not hold the stop up. The test double waits for the stop, and says if it came."""
+    stopped: list[bool] = []
+
+    def read(cls, path, stop=None):
+        stopped.append(stop is not None and stop.wait(20))
+        raise HashStopped(str(path))
+
+    monkeypatch.setattr(ModelStamp, "read", classmethod(read))
+    runner = open_runner(trained_checkpoint)
+
+    def fail() -> None:
+        raise FlareSegError("the model failed to load")
+
+    monkeypatch.setattr(runner, "_activate", fail)
+    with pytest.raises(FlareSegError, match="the model failed to load"):
+        segment_file(runner, _ct(tmp_path / "c_0000.nii.gz"), tmp_path / "c.nii.gz")
+    assert stopped == [True]
