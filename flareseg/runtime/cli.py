@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import logging
 import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypedDict
 
@@ -33,6 +34,7 @@ from flareseg.cli import (
 from flareseg.errors import FlareSegError
 
 if TYPE_CHECKING:
+    from flareseg.runtime.jobs import PlannedCase
     from flareseg.runtime.pipeline import CaseTiming, FolderSummary
     from flareseg.runtime.reading import Reader
     from flareseg.runtime.runners import Runner
@@ -351,20 +353,24 @@ def _main(args: argparse.Namespace) -> int:
     warn_threads_beyond_cores(args.read_threads, "--read-threads")
     ignored: list[IgnoredInput] = []  # what the folder's listing leaves out, with a warning: counted at the end
     with Reader(args.read_threads) as reader, contextlib.ExitStack() as restore:
-        first, listed = _look_ahead(args, ignored)
+        first, listed, plan = _look_ahead(args, ignored)
         if first is not None:
             reader.prefetch(first, args.output_type)
-        return _run(args, timeline, reader, restore, listed, ignored)
+        return _run(args, timeline, reader, restore, listed, ignored, plan)
 
 
-def _look_ahead(args: argparse.Namespace, ignored: list[IgnoredInput] | None = None) -> tuple[Path | None, Listing]:
-    """The input the run will read first, found without torch, and a folder's cases (or why not) if it listed them.
+def _look_ahead(
+    args: argparse.Namespace, ignored: list[IgnoredInput] | None = None
+) -> tuple[Path | None, Listing, Iterator[PlannedCase] | None]:
+    """The input the run will read first, found without torch; a folder's cases (or why not) if it listed them;
+    and the folder's plan if it made one.
 
     The input: a NIfTI file, or a folder's first case to run. None when there is no NIfTI
     file to read ahead (a DICOM series, whose parsing would hold the GIL against torch's
     import; every case done) or the inputs are in error: the run then says why, in its
     usual order. The listing is handed on, so that a folder of many series is not read twice
-    (nor its warnings said twice).
+    (nor its warnings said twice), and so is the plan, the cases it looked at first put back:
+    a resumed run checks each done case's result once, not once here and again to run.
     """
     from flareseg.runtime.jobs import check_output_folder, is_series_input, list_cases, plan_folder
     from flareseg.volume import is_nifti
@@ -372,22 +378,27 @@ def _look_ahead(args: argparse.Namespace, ignored: list[IgnoredInput] | None = N
     inp: Path = args.input
     if inp.is_file():
         if not is_nifti(inp) or (not args.overwrite and _kept_output(args, inp)):
-            return None, None  # not NIfTI, or a result already there that the run keeps: nothing to read
-        return inp, None
+            return None, None, None  # not NIfTI, or a result already there that the run keeps: nothing to read
+        return inp, None, None
     cases: Listing = None
     try:
         if not inp.is_dir() or is_series_input(inp):
-            return None, None
+            return None, None, None
         check_output_folder(args.output, inp, probe=False)  # the run refuses it again, in its usual order
         try:
             cases = list_cases(inp, **_part(args), exclude=args.output, ignored=ignored)
         except FlareSegError as exc:
-            return None, exc  # the run raises it after its own checks of the output
+            return None, exc, None  # the run raises it after its own checks of the output
         plan = plan_folder(cases, args.output, args.output_type, overwrite=args.overwrite)
-        first = next((planned.input for planned in plan if planned.status == "run"), None)
+        seen: list[PlannedCase] = []
+        for planned in plan:  # up to the first case to run: the rest is planned when the run takes it
+            seen.append(planned)
+            if planned.status == "run":
+                break
+        first = seen[-1].input if seen and seen[-1].status == "run" else None
     except (FlareSegError, OSError):
-        return None, cases
-    return (first if first is not None and first.is_file() else None), cases
+        return None, cases, None  # the run plans again, and says what went wrong in its usual order
+    return (first if first is not None and first.is_file() else None), cases, itertools.chain(seen, plan)
 
 
 def _kept_output(args: argparse.Namespace, inp: Path) -> bool:
@@ -405,6 +416,7 @@ def _run(
     restore: contextlib.ExitStack,
     listed: Listing = None,
     ignored: list[IgnoredInput] | None = None,
+    plan: Iterator[PlannedCase] | None = None,
 ) -> int:
     """The run; what it changes in the process (torch's thread count) is undone by ``restore`` when it ends."""
     from tqdm import tqdm
@@ -527,6 +539,7 @@ def _run(
                     output_type=args.output_type,
                     overwrite=args.overwrite,
                     on_case=report,
+                    planned=plan if listed is not None else None,  # made of the very listing the run takes
                     **options,
                 )
             else:

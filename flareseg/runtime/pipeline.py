@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +40,7 @@ from flareseg.runtime.jobs import (
     OUTPUT_SUFFIXES,
     CaseJob,
     OutputType,
+    PlannedCase,
     file_job,
     list_cases,
     list_inputs,
@@ -508,12 +509,15 @@ def segment_folder(
     output_type: OutputType = "nifti",
     overwrite: bool = False,
     on_case: Callable[[CaseTiming], None] | None = None,
+    planned: Iterable[PlannedCase] | None = None,
     **options: Unpack[RunOptions],
 ) -> list[CaseTiming]:
     """Segment each input into ``out_dir`` (FLARE21 names); skip finished cases; go on after a failure.
 
     ``inputs``: NIfTI files and DICOM series folders, or what :func:`list_inputs` gives for a folder (its
     inputs by case name; the names are the inputs' own, so only the inputs are used).
+    ``planned``: :func:`~flareseg.runtime.jobs.plan_folder` of these very inputs, output folder and options,
+    made moments ago (a resumed run's done cases are then not checked again); None: planned here.
     ``options``: see :func:`run_cases`.
     """
     if isinstance(inputs, str | os.PathLike):  # a str is a Sequence too: its characters would each be a "case"
@@ -525,15 +529,18 @@ def segment_folder(
     results: dict[int, CaseTiming] = {}
     jobs: list[tuple[int, CaseJob]] = []
     paths = [Path(p) for p in (inputs.values() if isinstance(inputs, Mapping) else inputs)]
-    for i, planned in enumerate(plan_folder(paths, out, output_type, overwrite=overwrite)):
-        if planned.status == "run":
-            jobs.append((i, planned.job))
+    plan = plan_folder(paths, out, output_type, overwrite=overwrite) if planned is None else planned
+    for i, (path, case) in enumerate(zip(paths, plan, strict=True)):
+        if case.input != path:
+            raise FlareSegError(f"segment_folder: the plan given is not of these inputs ({case.input}, {path})")
+        if case.status == "run":
+            jobs.append((i, case.job))
             continue
-        output = str(planned.output) if planned.output is not None else ""
-        results[i] = CaseTiming(case=planned.case, input=str(planned.input), output=output, status=planned.status)
-        if planned.error is not None:
-            log.error("%s", planned.error)
-            results[i]._failed(planned.error)
+        output = str(case.output) if case.output is not None else ""
+        results[i] = CaseTiming(case=case.case, input=str(case.input), output=output, status=case.status)
+        if case.error is not None:
+            log.error("%s", case.error)
+            results[i]._failed(case.error)
     for i in sorted(results):
         if on_case:
             on_case(results[i])

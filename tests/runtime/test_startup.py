@@ -151,7 +151,7 @@ def test_nothing_is_read_ahead_without_a_nifti_case_to_run_or_when_the_inputs_ar
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 2), np.int16), np.eye(4)), cases / "b_0000.nii.gz")
 
     def first(*extra: str):
-        first, listed = _look_ahead(
+        first, listed, _ = _look_ahead(
             build_parser().parse_args(["--model", "m.pt", "-i", str(cases), "-o", str(out), *extra])
         )
         assert listed in (None, [cases / "a_series", cases / "b_0000.nii.gz"])  # handed on to the run
