@@ -70,6 +70,9 @@ def test_rejects_bad_input():
         keep_largest_components(np.zeros((3, 3), np.uint8))
     with pytest.raises(FlareSegError, match="uint8"):
         keep_largest_components(np.zeros((3, 3, 3), np.int32))
+    for connectivity in (8, 4, 27):  # 2D neighbourhoods, or none cc3d knows: a one-line error, not cc3d's own
+        with pytest.raises(FlareSegError, match=rf"^connectivity must be 6, 18 or 26, got {connectivity}$"):
+            keep_largest_components(np.ones((3, 3, 3), np.uint8), connectivity=connectivity)  # type: ignore[arg-type]
 
 
 # --- equality with the one-pass implementation this module had before (issue 10) ----------
