@@ -9,6 +9,7 @@ and the file's size.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import threading
@@ -23,8 +24,9 @@ PLAIN_DESCRIPTION = "flareseg label map"
 #: The NIfTI-1/2 ``descrip`` field: 80 bytes, the last one the terminating zero.
 DESCRIP_BYTES = 79
 
-#: What tells one content of a file from another without reading it: device, inode, size, modification time.
-FileIdentity = tuple[int, int, int, int]
+#: What tells one content of a file from another without reading it: device, inode, size, modification time
+#: and change time (which a rewrite in place moves even where the modification time is put back).
+FileIdentity = tuple[int, int, int, int, int]
 
 
 def file_identity(path: str | os.PathLike[str]) -> FileIdentity:
@@ -33,7 +35,7 @@ def file_identity(path: str | os.PathLike[str]) -> FileIdentity:
 
 
 def _identity(st: os.stat_result) -> FileIdentity:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class HashStopped(Exception):
@@ -60,14 +62,17 @@ class ModelStamp:
         ``stop``: once set, the hash is given up at the next MiB (:class:`HashStopped`).
         """
         path = Path(path)
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                if stop is not None and stop.is_set():
-                    raise HashStopped(str(path))
-                digest.update(chunk)
-        return cls(name=path.name, bytes=st.st_size, sha256=digest.hexdigest()), _identity(st)
+        for _ in range(3):  # a file written while it is read is read again, once it holds still
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    if stop is not None and stop.is_set():
+                        raise HashStopped(str(path))
+                    digest.update(chunk)
+                if _identity(os.fstat(f.fileno())) == _identity(st):
+                    return cls(name=path.name, bytes=st.st_size, sha256=digest.hexdigest()), _identity(st)
+        raise OSError(errno.EBUSY, "it kept changing while it was read")
 
     def nifti_description(self) -> str:
         """The ``descrip`` text, at most 79 ASCII bytes: the name is shortened to fit, never the digest."""

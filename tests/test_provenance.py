@@ -127,7 +127,8 @@ def test_the_model_is_hashed_once_per_content_off_the_main_thread(trained_checkp
 
 def test_the_stamp_names_the_file_loaded_never_one_it_replaced(trained_checkpoint, tmp_path):
     """A model still being copied fails to load, and is hashed as it was then; the whole file, loaded next, must
-    get its own digest. A file replaced after loading cannot name what made the outputs: the case fails."""
+    get its own digest. A file replaced after loading and before any hash cannot name what made the outputs: the
+    case fails."""
     model = tmp_path / "best.pt"
     whole = trained_checkpoint.read_bytes()
     model.write_bytes(whole[: len(whole) // 2])  # still arriving
@@ -139,14 +140,51 @@ def test_the_stamp_names_the_file_loaded_never_one_it_replaced(trained_checkpoin
     try:
         segment_file(runner, ct, tmp_path / "second.nii.gz")
         assert _descrip(tmp_path / "second.nii.gz").split()[2] == f"sha256:{hashlib.sha256(whole).hexdigest()[:16]}"
-        retrained = tmp_path / "retrained.pt"
-        retrained.write_bytes(whole + b"\0")  # another model, moved over the loaded one (a new inode)
-        retrained.replace(model)
-        with pytest.raises(FlareSegError, match=r"best\.pt: replaced since this run loaded it"):
-            segment_file(runner, ct, tmp_path / "third.nii.gz")
     finally:
         runner.deactivate()
+    with open_runner(model) as loaded:  # loaded, not yet hashed
+        retrained = tmp_path / "retrained.pt"
+        retrained.write_bytes(whole + b"\0")  # another model, moved over the loaded one
+        retrained.replace(model)
+        with pytest.raises(FlareSegError, match=r"best\.pt: replaced since this run loaded it"):
+            segment_file(loaded, ct, tmp_path / "third.nii.gz")
     assert not (tmp_path / "first.nii.gz").exists() and not (tmp_path / "third.nii.gz").exists()
+
+
+def test_a_model_file_touched_or_relinked_after_its_loading_and_hashing_is_no_failure(trained_checkpoint, tmp_path):
+    """Once the loaded file is hashed, its stamp stands: a backup tool touching it, or a link repointed to the
+    next model, says nothing of the model this run loaded."""
+    import os
+
+    model = tmp_path / "models" / "v1.pt"
+    model.parent.mkdir()
+    model.write_bytes(trained_checkpoint.read_bytes())
+    link = tmp_path / "models" / "latest.pt"
+    link.symlink_to(model)
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()[:16]
+    with open_runner(link) as runner:
+        segment_file(runner, _ct(tmp_path / "a_0000.nii.gz"), tmp_path / "a.nii.gz")
+        os.utime(model, ns=(model.stat().st_mtime_ns + 10**9,) * 2)
+        segment_file(runner, _ct(tmp_path / "b_0000.nii.gz", seed=4), tmp_path / "b.nii.gz")
+        (tmp_path / "models" / "v2.pt").write_bytes(model.read_bytes() + b"\0")
+        link.unlink()
+        link.symlink_to(tmp_path / "models" / "v2.pt")
+        segment_file(runner, _ct(tmp_path / "c_0000.nii.gz", seed=5), tmp_path / "c.nii.gz")
+    assert [_descrip(tmp_path / f"{c}.nii.gz").split()[2] for c in "abc"] == [f"sha256:{digest}"] * 3
+
+
+def test_a_file_rewritten_in_place_with_its_old_times_put_back_is_hashed_again(tmp_path):
+    """rsync --inplace -t: same size, same modification time, other bytes; the change time tells."""
+    import os
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"x" * 4096)
+    first, identity = ModelStamp.read(model)
+    st = model.stat()
+    model.write_bytes(b"y" * 4096)
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))
+    second, again = ModelStamp.read(model)
+    assert second.sha256 != first.sha256 and again != identity
 
 
 def test_a_stop_gives_up_the_models_hash_at_once(tmp_path):
@@ -204,3 +242,24 @@ def test_a_run_that_stops_gives_up_the_hash_rather_than_waiting_for_it(trained_c
     with pytest.raises(FlareSegError, match="the model failed to load"):
         segment_file(runner, _ct(tmp_path / "c_0000.nii.gz"), tmp_path / "c.nii.gz")
     assert stopped == [True]
+
+
+def test_a_stopped_command_does_not_hash_the_model_to_say_its_timings(trained_checkpoint, tmp_path, monkeypatch):
+    """Ctrl-C during the first case: the writer's hash is given up, and the timings' stamp is not made then either
+    (a hash on a slow disk would hold the stop up). The test double waits for the stop, and says if it came."""
+    from flareseg.runtime import pipeline
+
+    asked: list[bool] = []
+
+    def read(cls, path, stop=None):
+        asked.append(stop is not None and stop.wait(20))
+        raise HashStopped(str(path))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ModelStamp, "read", classmethod(read))
+    monkeypatch.setattr(pipeline, "_infer_stage", interrupted)
+    argv = ["--model", str(trained_checkpoint), "-i", str(_ct(tmp_path / "c_0000.nii.gz")), "-o", str(tmp_path / "o")]
+    assert infer_main([*argv, "-q"]) == 130
+    assert asked and all(asked)

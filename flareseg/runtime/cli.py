@@ -9,6 +9,7 @@ import logging
 import os
 import platform
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -391,7 +392,7 @@ def _look_ahead(
             return None, exc, None  # the run raises it after its own checks of the output
         plan = plan_folder(cases, args.output, args.output_type, overwrite=args.overwrite)
         seen: list[PlannedCase] = []
-        for planned in plan:  # up to the first case to run: the rest is planned when the run takes it
+        for planned in plan:  # up to the first case to run: the run plans the rest before it starts
             seen.append(planned)
             if planned.status == "run":
                 break
@@ -561,7 +562,7 @@ def _run(
         context["runner"] = runner.describe()  # its name alone where it never loaded: nothing ran
         context["model_file"] = _stamp(runner)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is done is on disk; say so, and keep its timings
-        context["model_file"] = _stamp(runner)
+        context["model_file"] = _stamp(runner, hashed_only=True)  # a stop does not wait for a hash
         _keep_interrupted(reported, len(inputs), timings_path, {**context, "interrupted": True}, t_start, len(ignored))
         raise
     finally:
@@ -583,14 +584,20 @@ def _run(
     return 1 if failed or not timings_written else 0
 
 
-def _stamp(runner: Runner) -> dict[str, Any] | None:
+def _stamp(runner: Runner, *, hashed_only: bool = False) -> dict[str, Any] | None:
     """The model file's name, size and SHA-256 for the timings, as the outputs name it; None if unreadable, or
-    if the model never loaded (nothing ran: no timings are written, and the file need not be read)."""
+    if the model never loaded (nothing ran: no timings are written, and the file need not be read).
+    ``hashed_only``: None rather than a hash made now (a stop)."""
+    from flareseg.provenance import HashStopped
+
     if not runner.is_active:
         return None
+    stop = threading.Event()
+    if hashed_only:
+        stop.set()
     try:
-        stamp = runner.stamp()
-    except FlareSegError as exc:  # each case written since failed with this, and said it
+        stamp = runner.stamp(stop)
+    except (FlareSegError, HashStopped) as exc:  # FlareSegError: each case written since failed with it, and said it
         log.debug("%s", exc)
         return None
     return stamp.to_dict() if stamp is not None else None

@@ -120,6 +120,13 @@ def _sha256(case: Case) -> str:
         raise FlareSegError(f"{case.mask}: cannot read ({exc.strerror or exc})") from None
 
 
+def _holds_digests(key: dict[str, Any]) -> bool:
+    try:
+        return all("sha256" in c["mask"] for c in key.get("cases", []) if "mask" in c)
+    except (AttributeError, KeyError, TypeError):
+        return False
+
+
 def describe_change(
     recorded: dict[str, Any],
     current: dict[str, Any],
@@ -134,8 +141,11 @@ def describe_change(
     touched dataset with the same files). ``files``: what the key's cases are, in the message.
     """
 
+    # Masks by content where the record knows them so (data.json before it held digests: by name and size).
+    digests = ("sha256",) if _holds_digests(recorded) else ()
+    fields = ("file", "size", *digests, *(() if contents_only else ("mtime_ns",)))
+
     def table(key: dict[str, Any]) -> dict[str, tuple[Any, ...]]:
-        fields = ("file", "size", "sha256") if contents_only else ("file", "size", "sha256", "mtime_ns")
         try:
             return {
                 c["name"]: tuple(tuple(c[kind].get(f) for f in fields) for kind in ("image", "mask") if kind in c)

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -274,6 +275,11 @@ def _first_missing(path: Path) -> Path | None:
 
 #: The file a run's lock is held on, inside its folder.
 RUN_LOCK = ".lock"
+#: The run locks this process holds, by the lock file's device and inode. A POSIX lock does not stand
+#: between two holders in one process, and closing any descriptor of its file drops it: a second run in
+#: this process (threads, a notebook) is refused here, before it opens the file.
+_HELD_RUNS: dict[tuple[int, int], int] = {}
+_HELD_RUNS_LOCK = threading.Lock()
 
 
 def _hold_run(run: Path) -> int | None:
@@ -286,25 +292,45 @@ def _hold_run(run: Path) -> int | None:
     processes forked from this one (the DataLoader's workers) do not inherit it, so it goes the moment this
     process ends, however it ends. None where the file system has no locks: the run goes on without one.
     """
-    try:
-        run.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)  # write access: NFS locks need it
-    except OSError as exc:
-        raise FlareSegError(f"--out {run}: cannot create the run folder ({exc.strerror or exc})") from None
-    if fcntl is None:  # Windows
-        return fd
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno in (errno.EACCES, errno.EAGAIN):
-            os.close(fd)
-            raise FlareSegError(
-                f"--out {run}: another flare-train is training in this folder now; wait for it to end "
-                "(then --resume it), or choose another --out"
-            ) from None
-        log.warning("%s: cannot lock the run folder (%s); a second run started into it would not be refused",
-                    run, exc.strerror or exc)  # fmt: skip
+    busy = FlareSegError(
+        f"--out {run}: another flare-train is training in this folder now; wait for it to end "
+        "(then --resume it), or choose another --out"
+    )
+    with _HELD_RUNS_LOCK:
+        try:
+            st = os.stat(run / RUN_LOCK)
+            if (st.st_dev, st.st_ino) in _HELD_RUNS:
+                raise busy
+        except FileNotFoundError:
+            pass
+        except OSError:  # the open below says what is wrong
+            pass
+        try:
+            run.mkdir(parents=True, exist_ok=True)
+            fd = os.open(run / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)  # write access: NFS locks need it
+        except OSError as exc:
+            raise FlareSegError(f"--out {run}: cannot create the run folder ({exc.strerror or exc})") from None
+        if fcntl is not None:  # Windows has none
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EACCES, errno.EAGAIN):
+                    os.close(fd)
+                    raise busy from None
+                log.warning("%s: cannot lock the run folder (%s); a second run started into it would not be refused",
+                            run, exc.strerror or exc)  # fmt: skip
+        st = os.fstat(fd)
+        _HELD_RUNS[(st.st_dev, st.st_ino)] = fd
     return fd
+
+
+def _release_run(fd: int) -> None:
+    """Let go of a run's lock (:func:`_hold_run`)."""
+    with _HELD_RUNS_LOCK:
+        for key, held in list(_HELD_RUNS.items()):
+            if held == fd:
+                del _HELD_RUNS[key]
+        os.close(fd)
 
 
 def _remove_created(run: Path, created: Path) -> None:
@@ -393,7 +419,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
         raise
     finally:
         if held is not None:
-            os.close(held)
+            _release_run(held)
         if previous_device is not None:  # the caller's current device, as it was
             torch.cuda.set_device(previous_device)
         if own_group and dist.is_initialized():
@@ -403,10 +429,13 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
 def _let_go(run: Path, held: int | None, created: Path | None) -> None:
     """After a failure: the folders this new run made go if it has no checkpoint yet, then the lock (removed
     while still held, so that no run can start in a folder about to be removed)."""
+    if held is not None and fcntl is None:  # Windows removes no open file: let go first
+        _release_run(held)
+        held = None
     if created is not None and not (run / "last.pt").exists():
         _remove_created(run, created)
     if held is not None:
-        os.close(held)
+        _release_run(held)
 
 
 def _check_resumable(run: Path, config: TrainConfig, cases: tuple[list[Case], list[Case]]) -> None:

@@ -487,6 +487,17 @@ def test_resume_knows_a_mask_relabelled_at_the_same_size_and_takes_a_touched_cop
     assert any("new modification times (same names, sizes and mask contents" in r.getMessage() for r in caplog.records)
 
 
+def test_a_run_whose_data_json_holds_no_mask_digests_resumes(data_a, tmp_path, capsys):
+    """data.json as a version before the masks' digests wrote it: the same data are not taken for other data."""
+    run = _trained(data_a, tmp_path / "run")
+    record = json.loads((run / "data.json").read_text())
+    for case in record["cases"]:
+        del case["mask"]["sha256"]
+    (run / "data.json").write_text(json.dumps(record))
+    assert train_main(["--resume", str(run), "--epochs", "2", "-q"]) == 0
+    assert all("sha256" in c["mask"] for c in json.loads((run / "data.json").read_text())["cases"])
+
+
 def test_a_damaged_config_is_refused_on_resume_in_one_line_naming_it(data_a, tmp_path, capsys):
     run = _trained(data_a, tmp_path / "run")
     config = run / "config.json"
@@ -769,6 +780,26 @@ os.kill(os.getpid(), signal.SIGKILL)
     finally:
         os.kill(worker, signal.SIGKILL)
         time.sleep(0.1)
+
+
+def test_a_second_run_in_the_same_process_is_refused_and_leaves_the_first_ones_lock(tmp_path):
+    """A POSIX lock does not stand between two holders in one process, and closing any descriptor of its file
+    drops it: a second run in this process (threads, a notebook) must be refused before it opens the file."""
+    import subprocess
+
+    run = tmp_path / "run"
+    fd = loop._hold_run(run)
+    try:
+        with pytest.raises(FlareSegError, match="another flare-train is training in this folder now"):
+            loop._hold_run(run)
+        with pytest.raises(FlareSegError, match="another flare-train is training in this folder now"):
+            loop._hold_run(tmp_path / "." / "run")  # another name for the same folder
+        code = f"from pathlib import Path; from flareseg.train.loop import _hold_run; _hold_run(Path({str(run)!r}))"
+        other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert other.returncode == 1 and "another flare-train is training in this folder now" in other.stderr
+    finally:
+        loop._release_run(fd)
+    loop._release_run(loop._hold_run(run))  # let go: free again
 
 
 def test_running_out_of_gpu_memory_is_one_line_with_the_way_out(data_a, tmp_path, capsys, monkeypatch):

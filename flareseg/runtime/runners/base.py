@@ -32,7 +32,7 @@ from flareseg.provenance import FileIdentity, ModelStamp, file_identity
 log = logging.getLogger(__name__)
 
 #: A model file that changed while it was loaded: no file can be said to be the one loaded.
-_REPLACED: FileIdentity = (-1, -1, -1, -1)
+_REPLACED: FileIdentity = (-1, -1, -1, -1, -1)
 
 Backend = Literal["torch", "onnxruntime", "tensorrt", "openvino"]
 TorchPrecision = Literal["fp32", "fp16", "bf16"]
@@ -170,14 +170,17 @@ class Runner(ABC):
     def stamp(self, stop: threading.Event | None = None) -> ModelStamp | None:
         """The model file's content for the outputs; None without a file.
 
-        Hashed once per content: a call costs a ``stat`` while the file is the one hashed. Once
-        the runner is active, the stamp is that of the file it loaded: a file replaced since (a
-        retrained ``best.pt`` saved over it) is refused, since the outputs would name a model
-        that did not make them. ``stop``: see :meth:`ModelStamp.read`.
+        Hashed once per content. Once the runner is active, the stamp is that of the file it
+        loaded: hashed before or during loading, it stands whatever the path holds later (a
+        touched file, a repointed link); not hashed yet and replaced since (a retrained
+        ``best.pt`` saved over it), it is refused, since the outputs would name a model that
+        did not make them. ``stop``: see :meth:`ModelStamp.read`.
         """
         if self.model_file is None:
             return None
         with self._stamp_lock:
+            if self._stamp is not None and self._loaded is not None and self._stamp[1] == self._loaded:
+                return self._stamp[0]  # the file loaded, hashed: what the path holds now does not matter
             try:
                 now = file_identity(self.model_file)
                 if self._stamp is None or self._stamp[1] != now:
