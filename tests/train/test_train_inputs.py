@@ -792,8 +792,9 @@ def test_a_second_run_in_the_same_process_is_refused_and_leaves_the_first_ones_l
     try:
         with pytest.raises(FlareSegError, match="another flare-train is training in this folder now"):
             loop._hold_run(run)
+        (tmp_path / "alias").symlink_to(run)
         with pytest.raises(FlareSegError, match="another flare-train is training in this folder now"):
-            loop._hold_run(tmp_path / "." / "run")  # another name for the same folder
+            loop._hold_run(tmp_path / "alias")  # another name for the same folder
         code = f"from pathlib import Path; from flareseg.train.loop import _hold_run; _hold_run(Path({str(run)!r}))"
         other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert other.returncode == 1 and "another flare-train is training in this folder now" in other.stderr
