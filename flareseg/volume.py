@@ -220,7 +220,7 @@ def find_cases(
             if not keep_clashes:
                 raise FlareSegError(f"{folder}: case {name} appears twice ({cases[name].name}, {path.name})")
             first, second = cases[name], path
-            if _tagged(second) and not _tagged(first):
+            if channel_tagged(second) and not channel_tagged(first):
                 first, second = second, first
             cases[name], cases[f"{name}/{second.name}"] = first, second
             continue
@@ -228,8 +228,8 @@ def find_cases(
     return cases
 
 
-def _tagged(path: Path) -> bool:
-    """Whether a NIfTI file name carries FLARE21's ``_0000`` channel tag."""
+def channel_tagged(path: Path) -> bool:
+    """Whether a NIfTI file is named as a CT image, with FLARE21's ``_0000`` channel tag (a result has none)."""
     return any(path.name.endswith(f"_0000{suffix}") for suffix in NIFTI_SUFFIXES)
 
 

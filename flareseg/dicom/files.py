@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from flareseg.errors import FlareSegError, first_few
-from flareseg.volume import NIFTI_SUFFIXES, IgnoredInput, is_nifti, require_folder, say_ignored
+from flareseg.volume import IgnoredInput, channel_tagged, is_nifti, require_folder, say_ignored
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,6 @@ def count_dicom_files(folder: str | os.PathLike[str]) -> int:
     """How many DICOM image files ``folder`` directly holds: found as :func:`dicom_files` finds them (without a
     word on the others: reading the series says those), a DICOMDIR under any name left out, as reading does."""
     return sum(is_dicom_file(path) and not _is_dicomdir(path) for path in _candidates(Path(folder)))
-
-
-def _channel_tagged(path: Path) -> bool:
-    """A NIfTI file named as a CT image (``case_0000.nii.gz``: the ``_0000`` channel tag), not as a result."""
-    name = path.name
-    return name[: -len(next(s for s in NIFTI_SUFFIXES if name.endswith(s)))].endswith("_0000")
 
 
 def _is_dicomdir(path: Path) -> bool:
@@ -249,7 +243,7 @@ def find_series(
             say_ignored(log, sub, str(exc).removeprefix(f"{sub}: "), ignored)
             continue
         if not _holds_dicom(listed):  # is_series_dir, on the listing at hand
-            images = [p.name for p in listed if is_nifti(p) and _channel_tagged(p)]
+            images = [p.name for p in listed if is_nifti(p) and channel_tagged(p)]
             if images:  # named as CT images (the _0000 channel tag), not as results: said as loudly as a tree
                 why = f"CT images ({first_few(images)}) in a subfolder, which is not searched"
                 say_ignored(log, sub, why + "; give it as the input, or move them up", ignored)
