@@ -107,7 +107,10 @@ def data_key(cases: Sequence[Case]) -> dict[str, Any]:
     """
     cases = sorted(cases, key=lambda c: c.name)
     return {
-        "cases": [{"name": c.name, **case_key(c), "mask": {**file_key(c.mask), "sha256": _sha256(c)}} for c in cases]
+        "cases": [
+            {"name": c.name, "image": file_key(c.image), "mask": {**file_key(c.mask), "sha256": _sha256(c)}}
+            for c in cases
+        ]
     }
 
 

@@ -282,7 +282,7 @@ _HELD_RUNS: dict[tuple[int, int], int] = {}
 _HELD_RUNS_LOCK = threading.Lock()
 
 
-def _hold_run(run: Path) -> int | None:
+def _hold_run(run: Path) -> int:
     """Make the run folder and hold an exclusive lock for the training's life; the descriptor holding it.
 
     A second flare-train into the same folder (a job submitted twice, a --resume of a run still training) is
@@ -290,7 +290,7 @@ def _hold_run(run: Path) -> int | None:
     went on, and a later resume would mix them. A POSIX record lock on a file in the folder (``RUN/.lock``):
     NFS's lock manager shares it between hosts (a lock on the folder itself would stay on one host), and
     processes forked from this one (the DataLoader's workers) do not inherit it, so it goes the moment this
-    process ends, however it ends. None where the file system has no locks: the run goes on without one.
+    process ends, however it ends. Where the file system has no locks, a warning says the run goes on without one.
     """
     busy = FlareSegError(
         f"--out {run}: another flare-train is training in this folder now; wait for it to end "
@@ -299,12 +299,11 @@ def _hold_run(run: Path) -> int | None:
     with _HELD_RUNS_LOCK:
         try:
             st = os.stat(run / RUN_LOCK)
+        except OSError:  # none yet; or the open below says what is wrong
+            pass
+        else:
             if (st.st_dev, st.st_ino) in _HELD_RUNS:
                 raise busy
-        except FileNotFoundError:
-            pass
-        except OSError:  # the open below says what is wrong
-            pass
         try:
             run.mkdir(parents=True, exist_ok=True)
             fd = os.open(run / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)  # write access: NFS locks need it
@@ -327,9 +326,8 @@ def _hold_run(run: Path) -> int | None:
 def _release_run(fd: int) -> None:
     """Let go of a run's lock (:func:`_hold_run`)."""
     with _HELD_RUNS_LOCK:
-        for key, held in list(_HELD_RUNS.items()):
-            if held == fd:
-                del _HELD_RUNS[key]
+        st = os.fstat(fd)
+        _HELD_RUNS.pop((st.st_dev, st.st_ino), None)
         os.close(fd)
 
 
@@ -438,17 +436,19 @@ def _let_go(run: Path, held: int | None, created: Path | None) -> None:
         _release_run(held)
 
 
-def _check_resumable(run: Path, config: TrainConfig, cases: tuple[list[Case], list[Case]]) -> None:
+def _check_resumable(
+    run: Path, config: TrainConfig, cases: tuple[list[Case], list[Case]], current: dict[str, Any]
+) -> None:
     """Refuse to resume on other data than the run was trained on (its statistics and split would not hold).
 
-    Every case's image and mask, training and validation, as ``data.json`` records them; the training images
-    alone (``stats.json``) for runs made before it. Names, sizes and the masks' contents: a copy or a move of
-    the data is taken (new modification times are said in a warning).
+    Every case's image and mask, training and validation, as ``data.json`` records them (``current``: the
+    :func:`data_key` of ``cases`` now); the training images alone (``stats.json``) for runs made before it.
+    Names, sizes and the masks' contents: a copy or a move of the data is taken (new modification times are
+    said in a warning).
     """
     train_cases, split = cases[0], _split_names(cases)
     recorded = _read_record(run / "data.json")
     if recorded is not None:
-        current = data_key([*cases[0], *cases[1]])
         change = describe_change(recorded, current, contents_only=True, files="cases (images and masks)")
         if change is not None:
             raise FlareSegError(
@@ -566,9 +566,10 @@ def _prepare_data(
     run: Path,
     cases: tuple[list[Case], list[Case]],
     resumed: NormalizationStats | None,
+    data: dict[str, Any] | None = None,
 ) -> tuple[ModelInfo, SliceCache]:
-    """The run folder with its statistics, slice cache, split and config (written by the main process), and the
-    model description they give."""
+    """The run folder with its statistics, slice cache, split, data record and config (written by the main
+    process), and the model description they give. ``data``: the cases' :func:`data_key`, where taken already."""
     train_cases, val_cases = cases
     split = _split_names(cases)
     if d.main:
@@ -581,7 +582,8 @@ def _prepare_data(
         cache.build(train_cases)
         cache.build(val_cases, full_resolution=True)
         write_text_atomic(json.dumps(split, indent=2), run / "split.json")
-        write_text_atomic(json.dumps(data_key([*train_cases, *val_cases]), indent=1), run / "data.json")
+        data = data if data is not None else data_key([*train_cases, *val_cases])
+        write_text_atomic(json.dumps(data, indent=1), run / "data.json")
         write_text_atomic(config.to_json() + "\n", run / "config.json")  # every case read: the data are good
     d.barrier()
     info = ModelInfo(
@@ -698,6 +700,7 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
     cases = _split_for_run(config, resume, run)
     payload: dict[str, Any] = {}
     resumed: NormalizationStats | None = None
+    data: dict[str, Any] | None = None  # data.json's record of the cases, where a resume took it to check them
     if resume:
         payload, saved = _checkpoint_to_resume(config, run)
         state = payload["train_state"]
@@ -708,9 +711,10 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
             )  # fmt: skip
             return TrainResult(run, float(state["best_score"]), int(state["best_epoch"]), [])
         if d.main:
-            _check_resumable(run, config, cases)
+            data = data_key([*cases[0], *cases[1]])  # checked, then recorded again: each mask hashed once
+            _check_resumable(run, config, cases, data)
         resumed = saved.normalization
-    info, cache = _prepare_data(config, d, run, cases, resumed)
+    info, cache = _prepare_data(config, d, run, cases, resumed, data)
 
     model = _new_model(config, info, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
