@@ -51,13 +51,9 @@ class ModelStamp:
     sha256: str
 
     @classmethod
-    def of(cls, path: str | os.PathLike[str]) -> ModelStamp:
-        """Hash the file (about 2 GB/s on one core; hashlib releases the GIL, so other threads run meanwhile)."""
-        return cls.read(path)[0]
-
-    @classmethod
     def read(cls, path: str | os.PathLike[str], stop: threading.Event | None = None) -> tuple[ModelStamp, FileIdentity]:
-        """Hash the file, and say which file was hashed (the identity of the very descriptor read).
+        """Hash the file, and say which file was hashed (the identity of the very descriptor read). About 2 GB/s
+        on one core; hashlib releases the GIL, so other threads run meanwhile.
 
         ``stop``: once set, the hash is given up at the next MiB (:class:`HashStopped`).
         """
@@ -77,15 +73,19 @@ class ModelStamp:
     def nifti_description(self) -> str:
         """The ``descrip`` text, at most 79 ASCII bytes: the name is shortened to fit, never the digest."""
         head = f"flareseg {__version__} sha256:{self.sha256[:16]} "
-        name = self.name.encode("ascii", "replace").decode("ascii")
+        name = self._ascii_name
         room = DESCRIP_BYTES - len(head)
         return head + (name if len(name) <= room else name[: room - 3] + "...")
 
     def dicom_parameters(self) -> dict[str, str]:
         """The algorithm parameters of a DICOM SEG's segments (stored as ``name=value,...``: the file name loses
         any ``,`` and ``=``, which readers would split it at, and is ASCII, as in the NIfTI header)."""
-        name = self.name.encode("ascii", "replace").decode("ascii")  # the series may declare no character set
+        name = self._ascii_name  # the series may declare no character set
         return {"model": name.replace(",", "_").replace("=", "_"), "model_sha256": self.sha256}
+
+    @property
+    def _ascii_name(self) -> str:
+        return self.name.encode("ascii", "replace").decode("ascii")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -38,7 +38,7 @@ def _ct(path: Path, seed: int = 3) -> Path:
 def test_a_stamp_is_the_files_sha256_and_size(tmp_path):
     model = tmp_path / "best.pt"
     model.write_bytes(b"not really a model, but bytes to hash" * 1000)
-    stamp = ModelStamp.of(model)
+    stamp, _ = ModelStamp.read(model)
     assert stamp.sha256 == hashlib.sha256(model.read_bytes()).hexdigest()
     assert (stamp.name, stamp.bytes) == ("best.pt", 37000)
     text = stamp.nifti_description()
