@@ -356,28 +356,53 @@ def _load_named(
     inter = float(getattr(proxy, "inter", 0.0))
     if not (np.isfinite(slope) and np.isfinite(inter)) or slope == 0:
         raise FlareSegError(f"{path}: invalid intensity scaling scl_slope={slope}, scl_inter={inter}")
-    _check_scaled_range(path, data, slope, inter)
+    check_intensity_scaling(path, data, slope, inter)
     return img, data, slope, inter
 
 
-def _check_scaled_range(path: Path, data: np.ndarray, slope: float, inter: float) -> None:
-    """Refuse scaling that takes stored values beyond float32 (they would become infinite in HU)."""
+def check_intensity_scaling(
+    name: str | os.PathLike[str],
+    data: np.ndarray,
+    slope: float,
+    inter: float,
+    fields: tuple[str, str] = ("scl_slope", "scl_inter"),
+) -> None:
+    """Refuse a linear scaling whose float32 intensities (``data * slope + inter``, as :meth:`Volume.to_hu`
+    computes them) would be infinite, or so coarse that distinct stored values merge: an offset such as
+    3e38 turns every voxel into one intensity, and the network would segment noise without a word.
+
+    Integers must stay one ``slope`` apart; real-valued data must keep 4,096 levels (12 bits, a CT's depth)
+    across its range. ``fields`` names the header's two fields in the message. Where the stored type's own
+    bounds rule both problems out, no voxel is read.
+    """
     limit = float(np.finfo(np.float32).max)
-    if data.dtype.kind == "f" and data.dtype.itemsize <= 4 and abs(slope) <= 1 and inter == 0:
-        return  # float32 values scaled down stay float32 values: no pass over the voxels
+    size = abs(slope)
+    if data.dtype.kind == "f" and data.dtype.itemsize <= 4 and size <= 1 and inter == 0:
+        return  # float32 values scaled down stay float32 values, as finely resolved
     if data.dtype.kind in "iu":
         bounds = np.iinfo(data.dtype)
-        if max(abs(float(bounds.min)), float(bounds.max)) * abs(slope) + abs(inter) <= limit:
-            return  # no stored value of this type can overflow: no pass over the voxels
+        top = max(abs(float(bounds.min)), float(bounds.max)) * size + abs(inter)
+        # Without an offset, scaling keeps each value's relative precision: nothing merges that float32 kept apart.
+        if top <= limit and (inter == 0 or float(np.spacing(np.float32(top))) <= size):
+            return
     if data.size == 0:
         return
-    extreme = float(np.max(np.abs(np.array([data.min(), data.max()], dtype=np.float64))))  # NaN if a voxel is
-    if not np.isfinite(extreme):
+    lo, hi = float(data.min()), float(data.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
         return  # a non-finite voxel is refused by the reader with its own message
-    if extreme * abs(slope) + abs(inter) > limit:
+    top = max(abs(lo), abs(hi)) * size + abs(inter)
+    scaling = f"{fields[0]}={slope:g} and {fields[1]}={inter:g}"
+    if top > limit:
         raise FlareSegError(
-            f"{path}: scl_slope={slope:g} and scl_inter={inter:g} take stored values up to {extreme:g} beyond the "
-            "float32 range (non-finite intensities)"
+            f"{name}: {scaling} take stored values up to {max(abs(lo), abs(hi)):g} beyond the float32 range "
+            "(non-finite intensities)"
+        )
+    step = size if data.dtype.kind in "iu" else (hi - lo) * size / 4096
+    resolution = float(np.spacing(np.float32(top)))
+    if inter != 0 and step > 0 and resolution > step:
+        raise FlareSegError(
+            f"{name}: {scaling} put intensities near {top:g}, where float32 steps by {resolution:g}: stored "
+            f"values {step:g} apart would merge into one intensity"
         )
 
 

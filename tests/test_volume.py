@@ -680,6 +680,40 @@ def test_a_gzip_file_named_nii_and_scaling_beyond_float32_are_one_line_each(tmp_
     assert read_ct(save(img, tmp_path / "zeros.nii.gz")).to_hu(np.array([0], np.int16)).tolist() == [0.0]
 
 
+@pytest.mark.parametrize(
+    ("dtype", "slope", "inter", "merged"),
+    [
+        (np.int16, 1.0, 3e38, True),  # every voxel would be 3e38: one intensity, a segmentation of nothing
+        (np.int16, 1.0, 1e8, True),  # float32 steps by 8 there
+        (np.int16, 1.0, 1e7, False),  # steps by 1: each stored value keeps its own intensity
+        (np.int16, 1e-3, 1e5, True),  # steps by 0.0078 at 1e5: more than 1e-3
+        (np.int16, 1e-3, 1e3, False),
+        (np.int32, 1.0, 1e7, False),  # the type's bounds rule nothing out: the voxels' range decides
+        (np.int32, 1.0, 3e7, True),
+        (np.float32, 1.0, 1e9, True),  # a range of 2,000 at 1e9 (steps of 64) keeps 31 levels, not 4,096
+        (np.float32, 1.0, 1e5, False),
+        (np.float32, 2.0, 0.0, False),  # no offset: scaling keeps every value's relative precision
+    ],
+)
+def test_scaling_whose_float32_intensities_would_merge_stored_values_is_refused(tmp_path, dtype, slope, inter, merged):
+    data = np.linspace(-1000, 1000, 4 * 5 * 6).reshape(4, 5, 6).astype(dtype)
+    img = nib.Nifti1Image(data, np.eye(4))
+    img.header.set_slope_inter(slope, inter)
+    path = save(img, tmp_path / "ct.nii.gz")
+    if merged:
+        with pytest.raises(
+            FlareSegError,
+            match=r"ct\.nii\.gz: scl_slope=.* and scl_inter=.* put intensities near .*, "
+            r"where float32 steps by .*: stored values .* apart would merge into one intensity",
+        ):
+            read_ct(path)
+    else:
+        volume = read_ct(path)
+        stored = np.unique(volume.array)
+        assert len(np.unique(volume.to_hu(stored))) == len(stored)  # as many intensities as stored values
+        np.testing.assert_allclose(volume.to_hu(stored), stored * slope + inter, rtol=1e-6)
+
+
 def test_a_file_that_is_not_what_its_name_says_or_cannot_be_read_is_named_for_its_real_problem(tmp_path, monkeypatch):
     plain = tmp_path / "plain.nii"
     nib.save(nib.Nifti1Image(np.full((8, 8, 4), -1000, np.int16), np.eye(4)), plain)

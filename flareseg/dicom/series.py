@@ -27,9 +27,11 @@ from pydicom.pixels import pixel_array as decode_pixels
 
 from flareseg.dicom.files import DICOMDIR_SOP_CLASS, dicom_files, read_header
 from flareseg.errors import FlareSegError, first_few
-from flareseg.volume import Volume, grid_geometry, to_canonical
+from flareseg.volume import Volume, check_intensity_scaling, grid_geometry, to_canonical
 
 log = logging.getLogger(__name__)
+
+_RESCALE = ("RescaleSlope", "RescaleIntercept")  # how the scaling check names DICOM's fields
 
 
 #: ImageOrientationPatient components may differ this much between slices of one stack.
@@ -400,6 +402,7 @@ def read_series(folder: str | os.PathLike[str], *, threads: int | None = None) -
                 folder, f"{ordered[k][0].name}: decoded pixels of shape {pixels.shape}, expected {(rows, cols)}"
             )
         if per_slice:
+            check_intensity_scaling(ordered[k][0], pixels, float(slopes[k]), float(inters[k]), _RESCALE)
             pixels = pixels.astype(np.float32) * np.float32(slopes[k]) + np.float32(inters[k])
         if axial:
             out[z_of_k[k]] = apply_orientation(pixels.T, plane).T
@@ -425,5 +428,7 @@ def read_series(folder: str | os.PathLike[str], *, threads: int | None = None) -
         canonical_slices=canonical_slices,
     )
     slope, inter = (1.0, 0.0) if per_slice else (float(slopes[0]), float(inters[0]))
+    if not per_slice:
+        check_intensity_scaling(folder, array, slope, inter, _RESCALE)
     log.debug("read %s: %d slices of %dx%d, %s, plugin %r x%d", folder, n, rows, cols, dtype, plugin, workers)
     return Volume(array, geometry, slope, inter, source=source)

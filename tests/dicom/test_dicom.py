@@ -151,6 +151,31 @@ def test_uint16_and_per_slice_rescale(tmp_path: Path) -> None:
     np.testing.assert_array_equal(vol.hu(), canonical_truth()[0].astype(np.float32))
 
 
+@pytest.mark.parametrize(
+    ("every_slice", "slope", "inter", "problem"),
+    [
+        (True, 1.0, 1e8, r"near 1\.0000\de\+08, where float32 steps by 8: stored values 1 apart would merge"),
+        (False, 1.0, 3e38, r"near 3e\+38, where float32 steps by .*: stored values 1 apart would merge"),
+        (True, 1e36, 0.0, "take stored values up to .* beyond the float32 range"),
+        (False, 1e36, 0.0, "take stored values up to .* beyond the float32 range"),
+    ],
+)
+def test_rescaling_that_float32_cannot_hold_is_refused_naming_the_fields(
+    tmp_path: Path, every_slice: bool, slope: float, inter: float, problem: str
+) -> None:
+    """One RescaleSlope/RescaleIntercept for the series (stored values kept) or one slice's own (converted per
+    slice): both are checked, as a NIfTI file's scl_slope/scl_inter are."""
+
+    def rescale(k: int, ds: Dataset) -> None:
+        if every_slice or k == 5:
+            ds.RescaleSlope, ds.RescaleIntercept = slope, inter
+
+    files = write_series(tmp_path / "s", phantom("LPS"), unsigned=True, edit=rescale)
+    where = "s" if every_slice else files[5].name
+    with pytest.raises(FlareSegError, match=rf"{where}: RescaleSlope=.* and RescaleIntercept=.* {problem}"):
+        read_series(tmp_path / "s")
+
+
 # --- folders of series and case names ----------------------------------------------------------------------
 
 
