@@ -45,7 +45,7 @@ from flareseg.dicom import (
 )
 from flareseg.errors import FlareSegError
 from flareseg.phantom import make_phantom
-from flareseg.volume import IgnoredInput, read_ct, write_labels
+from flareseg.volume import IgnoredInput, from_canonical, read_ct, write_labels
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -535,6 +535,60 @@ def test_a_seg_of_slices_that_are_not_square_holds_each_frame_as_its_slice_lies(
         )[0]
         assert frame.shape == (ct.Rows, ct.Columns) == (40, 64)
         np.testing.assert_array_equal(frame, ph.labels[:, :, k].T)
+
+
+def test_a_seg_from_another_tool_is_read_by_its_codes_not_its_segment_numbers(tmp_path: Path) -> None:
+    """Another tool numbers segments its own way (here kidney 1, pancreas 2, liver 3, and no spleen): each
+    segment's SNOMED CT code, not its number, says which FLARE21 label it is; an organ flareseg does not
+    segment is refused, naming its segment and code."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    files = write_series(tmp_path / "s", phantom("LPS"))
+    vol = read_series(tmp_path / "s")
+    _, labels, _ = canonical_truth()
+    labels = np.where(labels == 3, 0, labels).astype(np.uint8)  # no spleen
+    theirs = {2: 1, 4: 2, 1: 3}  # FLARE21 label -> their segment number
+    numbered = np.zeros_like(labels)
+    for label, number in theirs.items():
+        numbered[labels == label] = number
+    per_file = from_canonical(numbered, vol.geometry).transpose(2, 1, 0)  # (slice, row, column) of each file
+    sources = [pydicom.dcmread(path) for path in vol.source.files]
+
+    def described(number: int, code: str, meaning: str) -> hd.seg.SegmentDescription:
+        return hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=meaning,
+            segmented_property_category=codes.SCT.AnatomicalStructure,
+            segmented_property_type=hd.sr.CodedConcept(code, "SCT", meaning),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+        )
+
+    def save(descriptions: list[hd.seg.SegmentDescription], name: str) -> Path:
+        seg = hd.seg.Segmentation(
+            source_images=sources,
+            pixel_array=np.ascontiguousarray(per_file),
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=hd.UID(),
+            series_number=5,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="another tool",
+            manufacturer_model_name="manual contours",
+            software_versions="1",
+            device_serial_number="1",
+        )
+        seg.save_as(tmp_path / name)
+        return tmp_path / name
+
+    kidney, pancreas, liver = ("64033007", "Kidney"), ("15776009", "Pancreas"), ("10200004", "Liver")
+    out = save([described(1, *kidney), described(2, *pancreas), described(3, *liver)], "theirs.dcm")
+    assert len(files) == vol.num_slices
+    np.testing.assert_array_equal(read_seg(out, vol), labels)
+    heart = save([described(1, *kidney), described(2, "80891009", "Heart"), described(3, *liver)], "heart.dcm")
+    with pytest.raises(FlareSegError, match=r"heart\.dcm: segment 2 has SNOMED CT code 80891009, not one of"):
+        read_seg(heart, vol)
 
 
 def test_write_seg_round_trip_and_content(tmp_path: Path) -> None:
