@@ -251,6 +251,41 @@ def test_a_mask_rewritten_at_the_same_size_is_cached_again(tmp_path):
     assert not (after == 1).any() and np.array_equal(after == 3, (before == 1) | (before == 3))
 
 
+def test_validation_volumes_stored_with_a_slope_and_offset_are_scored_in_hounsfield_units(tmp_path):
+    """A validation image stored as unsigned integers with scl_slope/scl_inter (as many scanners store CT) is
+    validated on the same intensities as its HU twin: the cache keeps the stored values and their scaling."""
+    from flareseg.preprocess import NormalizationStats
+    from flareseg.train.data import SliceCache
+    from flareseg.train.loop import validation_volumes
+
+    root = tmp_path / "data"
+    write_phantom_cases(root, 1, shape=(32, 32, 4), spacing=(8.0, 8.0, 10.0))
+    (case,) = find_training_cases(root)
+    twin_root = tmp_path / "scaled"
+    (twin_root / "TrainingImg").mkdir(parents=True)
+    (twin_root / "TrainingMask").mkdir()
+    (twin_root / "TrainingMask" / case.mask.name).write_bytes(case.mask.read_bytes())
+    image = nib.load(case.image)
+    hu = np.asanyarray(image.dataobj).astype(np.int32)
+    twin = nib.Nifti1Image(((hu + 1024) * 2).astype(np.uint16), image.affine)
+    twin.header.set_slope_inter(0.5, -1024.0)
+    nib.save(twin, twin_root / "TrainingImg" / case.image.name)
+    (scaled,) = find_training_cases(twin_root)
+
+    stats = NormalizationStats(mean=-300.0, std=400.0)
+    normalised = []
+    for name, one in (("plain", case), ("scaled", scaled)):
+        cache = SliceCache(tmp_path / name, stats, (32, 32))
+        cache.build([one], full_resolution=True)
+        (volume,) = validation_volumes(cache, [one], stats)
+        normalised.append((np.asarray(volume.stored), volume.normalizer(np.asarray(volume.stored)), volume.truth))
+    (plain_stored, plain, plain_truth), (scaled_stored, scaled_out, scaled_truth) = normalised
+    assert not np.array_equal(plain_stored, scaled_stored)  # the twin's stored values are not HU
+    assert np.array_equal(plain_truth, scaled_truth)
+    assert plain.std() > 0.1  # intensities that vary: the check is not of a constant
+    np.testing.assert_allclose(scaled_out, plain, rtol=0, atol=1e-5)
+
+
 def test_augmentation_moves_image_and_mask_together():
     g = torch.Generator().manual_seed(0)
     img = torch.zeros(6, 64, 64)
