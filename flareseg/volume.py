@@ -846,22 +846,31 @@ def check_not_label_map(hu: np.ndarray, path: str | os.PathLike[str], role: str)
         )
 
 
-def refuse_label_map(
+def check_ct_intensities(
     volume: Volume, path: str | os.PathLike[str], role: str, hu_bounds: tuple[float, float] | None = None
 ) -> None:
-    """:func:`check_not_label_map` on a read volume: a float copy of it only where its range (a CT holds air
-    at about -1000 HU) leaves a label map possible.
+    """Refuse a label map given as a CT (:func:`check_not_label_map`), and warn of intensities that are not
+    Hounsfield units: nothing below 0 HU, where a CT holds air (-1000 HU) and fat (-100 HU). That is a CT stored
+    as HU + 1024 without its ``scl_inter`` (or RescaleIntercept), or an MR image: the network segments it
+    without complaint, and wrongly. A float copy of the volume is made only where a label map is possible.
 
-    ``hu_bounds``: two HU values of the volume known already, such as its normaliser's percentile bounds (a
-    label map's lie within 0..4 too); else its minimum and maximum are taken.
+    ``hu_bounds``: two HU values bounding most of the volume, known already, such as its normaliser's
+    percentile bounds (a label map's lie within 0..4 too); else its minimum and maximum are taken.
     """
     if hu_bounds is None:
         hu_bounds = (
             float(volume.array.min()) * volume.slope + volume.inter,
             float(volume.array.max()) * volume.slope + volume.inter,
         )
-    if min(hu_bounds) >= 0 and max(hu_bounds) <= NUM_CLASSES - 1:
+    lo, hi = min(hu_bounds), max(hu_bounds)
+    if lo >= 0 and hi <= NUM_CLASSES - 1:
         check_not_label_map(volume.hu(), path, role)
+    if lo >= 0:
+        log.warning(
+            "%s: intensities from %g to %g HU, with no air (-1000 HU) or fat (-100 HU): not Hounsfield units? "
+            "(a CT stored as HU + 1024 without its intercept, or not a CT); its segmentation may be wrong",
+            path, lo, hi,
+        )  # fmt: skip
 
 
 def read_labels(path: str | os.PathLike[str], *, num_classes: int = NUM_CLASSES) -> tuple[np.ndarray, VolumeGeometry]:

@@ -41,13 +41,13 @@ def read_ct_normalized(
     """A CT volume's slices (Z, Y, X) normalised exactly as flare-infer normalises them, float32; a label map
     refused. ``indices(number of slices)`` picks the slices (default: all); only those are converted."""
     from flareseg.preprocess import volume_normalizer
-    from flareseg.volume import read_ct, refuse_label_map
+    from flareseg.volume import check_ct_intensities, read_ct
 
     path = Path(path)
     if path.is_dir():
         raise FlareSegError(f"{path}: is a folder; {role} takes a CT NIfTI file")
     volume = read_ct(path)
     normalizer = volume_normalizer(volume.array, stats, volume.slope, volume.inter)
-    refuse_label_map(volume, path, role, (normalizer.lo, normalizer.hi))
+    check_ct_intensities(volume, path, role, (normalizer.lo, normalizer.hi))
     picked = volume.array if indices is None else volume.array[list(indices(volume.num_slices))]
     return normalizer(picked)

@@ -50,7 +50,14 @@ from flareseg.runtime.jobs import (
 from flareseg.runtime.reading import Read, Reader, read_case
 from flareseg.runtime.runners import Runner
 from flareseg.runtime.startup import Timeline
-from flareseg.volume import Volume, VolumeGeometry, from_canonical, refuse_label_map, volume_from_array, write_labels
+from flareseg.volume import (
+    Volume,
+    VolumeGeometry,
+    check_ct_intensities,
+    from_canonical,
+    volume_from_array,
+    write_labels,
+)
 from flareseg.workers import stop_signals_blocked
 
 if TYPE_CHECKING:
@@ -225,7 +232,9 @@ def _infer_stage(
     t0 = time.perf_counter()
     stats = runner.info.normalization
     normalizer = volume_normalizer(volume.array, stats, volume.slope, volume.inter, read.histogram)
-    refuse_label_map(volume, timing.input, "segmentation", (normalizer.lo, normalizer.hi))  # bounds at hand: no pass
+    check_ct_intensities(
+        volume, timing.input, "segmentation", (normalizer.lo, normalizer.hi)
+    )  # bounds at hand: no pass
     t1 = time.perf_counter()
     times = InferenceTimes()
     on_labels = streaming.add if streaming is not None else None

@@ -32,11 +32,11 @@ from flareseg.preprocess import NormalizationStats, network_batch, resize_labels
 from flareseg.volume import (
     canonical_order,
     canonical_transform,
+    check_ct_intensities,
     find_cases,
     nibabel_notes,
     read_ct,
     read_labels,
-    refuse_label_map,
     to_canonical,
 )
 
@@ -281,7 +281,7 @@ def dataset_stats(cases: Sequence[Case], percentiles: tuple[float, float] = (1.0
     def volumes() -> Iterator[tuple[np.ndarray, float, float]]:
         for case in tqdm(cases, desc="dataset statistics", unit="case", leave=False, disable=progress_disabled()):
             vol = read_ct(case.image)
-            refuse_label_map(vol, case.image, "TrainingImg/")  # a mask copied there would skew the statistics
+            check_ct_intensities(vol, case.image, "TrainingImg/")  # a mask copied there would skew the statistics
             yield vol.array, vol.slope, vol.inter
 
     return stored_stats(volumes(), percentiles)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import importlib.metadata
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -846,6 +847,30 @@ def test_a_label_map_given_as_input_is_refused_naming_it(trained_checkpoint, tmp
     # In a folder, that case fails and the CT beside it is segmented.
     assert infer_main(["--model", str(trained_checkpoint), "-i", str(folder), "-o", str(out), "-q"]) == 1
     assert sorted(p.name for p in out.glob("*.nii.gz")) == ["a.nii.gz"]
+
+
+def test_a_ct_without_its_intercept_is_segmented_with_a_warning_naming_it(trained_checkpoint, tmp_path, caplog):
+    """HU + 1024 stored as unsigned integers: with scl_inter = -1024 it is the CT itself (the same labels, no
+    warning); without it, no voxel is below 0 HU, and the run says so, naming the file."""
+    ct_img, _ = make_phantom((48, 48, 6), (8.0, 8.0, 10.0), seed=3).to_nifti()
+    hu = np.asanyarray(ct_img.dataobj).astype(np.int32)
+    assert hu.min() <= -1000  # the phantom holds air
+    folder = tmp_path / "in"
+    folder.mkdir()
+    save(ct_img, folder / "hu_0000.nii.gz")
+    raw = nib.Nifti1Image((hu + 1024).astype(np.uint16), ct_img.affine)
+    raw.header.set_slope_inter(1.0, -1024.0)
+    save(raw, folder / "scaled_0000.nii.gz")
+    raw.header.set_slope_inter(1.0, 0.0)  # the intercept lost, as a careless conversion loses it
+    lost = save(raw, folder / "lost_0000.nii.gz")
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="flareseg.volume"):
+        assert infer_main(["--model", str(trained_checkpoint), "-i", str(folder), "-o", str(out), "-q"]) == 0
+    warned = [r.getMessage() for r in caplog.records if "Hounsfield" in r.getMessage()]
+    assert len(warned) == 1 and str(lost) in warned[0], warned
+    assert "with no air (-1000 HU) or fat (-100 HU): not Hounsfield units?" in warned[0]
+    labels = {name: np.asanyarray(nib.load(out / f"{name}.nii.gz").dataobj) for name in ("hu", "scaled")}
+    assert labels["hu"].any() and np.array_equal(labels["hu"], labels["scaled"])
 
 
 def test_run_options_that_would_lose_or_spoil_work_are_refused_before_any(trained_checkpoint, tmp_path, capsys):
