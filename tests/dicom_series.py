@@ -11,7 +11,13 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    generate_uid,
+)
 
 from flareseg.phantom import Phantom, make_phantom
 
@@ -80,7 +86,9 @@ def write_series(
         ds.PixelRepresentation = 0 if unsigned else 1
         ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = (-1024 if unsigned else 0), 1, "HU"
         ds.PixelData = pixels.tobytes()
-        if syntax != ExplicitVRLittleEndian:
+        if syntax == DeflatedExplicitVRLittleEndian:
+            ds.file_meta.TransferSyntaxUID = syntax  # the whole data set deflated as it is saved
+        elif syntax != ExplicitVRLittleEndian:
             plugin = "pylibjpeg" if syntax == JPEG2000Lossless else ""
             ds.compress(syntax, pixels, encoding_plugin=plugin)
         if edit is not None:
@@ -93,7 +101,9 @@ def write_series(
         path = folder / name
         ds = paths[k]
         if k < bare_files:
-            if ds.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian:
+            if ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian:
+                ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            elif ds.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian:
                 ds.decompress()  # a bare data set is implicit VR little endian: never compressed
             del ds.file_meta  # a bare data set: no preamble, no file meta (implicit VR little endian)
             ds.save_as(path, enforce_file_format=False, implicit_vr=True, little_endian=True)

@@ -71,9 +71,23 @@ _TYPE_2_COPIED: Final[tuple[str, ...]] = (
 )
 
 
-def _referencable(ds: Dataset) -> Dataset:
+def _thickness(ds: Dataset) -> float | None:
+    """The slice's SliceThickness in mm, or None where it is absent, empty (it is Type 2) or not a number."""
+    try:
+        value = float(ds.get("SliceThickness"))
+    except (TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) and value > 0 else None
+
+
+def _referencable(ds: Dataset, spacing: float | None = None) -> Dataset:
     """A header a SEG can be made from: SOPClassUID/SOPInstanceUID taken from the file meta when the data set lacks
-    them, and the Type 2 attributes it copies present (empty where the series has none)."""
+    them, and the Type 2 attributes it copies present (empty where the series has none).
+
+    ``spacing``: the slices' spacing in mm, given as the SliceThickness of a slice without one: the SEG's pixel
+    measures need a thickness, and highdicom wrote a SEG that neither it nor we could read back where it was
+    empty, and failed in a traceback where it was absent.
+    """
     meta = getattr(ds, "file_meta", None)
     uids = {
         key: meta.get(f"MediaStorage{key}", "")
@@ -85,7 +99,8 @@ def _referencable(ds: Dataset) -> Dataset:
     # One component ("ANONYMOUS") is a valid name that highdicom warns about on every write; with the trailing
     # caret the standard allows it is the same name, said unambiguously.
     single = bool(name) and "^" not in name and "=" not in name
-    if not uids and not absent and not single:
+    thickness = spacing if spacing is not None and _thickness(ds) is None else None
+    if not uids and not absent and not single and thickness is None:
         return ds
     out = copy.deepcopy(ds)  # the volume's own headers stay as read
     for key, value in uids.items():
@@ -94,6 +109,8 @@ def _referencable(ds: Dataset) -> Dataset:
         setattr(out, key, "")
     if single:
         out.PatientName = f"{name}^"
+    if thickness is not None:
+        out.SliceThickness = thickness
     return out
 
 
@@ -113,6 +130,14 @@ def check_seg_writable(volume: Volume) -> DicomSeries:
             f"{series.folder}: the series has no {', '.join(missing)} (anonymised?), so a DICOM SEG "
             "cannot reference it; use NIfTI output"
         )
+    seen: dict[str, Path] = {}
+    for path, uid in zip(series.files, series.sop_instance_uids, strict=True):
+        if uid in seen:  # a broken anonymiser: one instance at two positions, which no frame could reference
+            raise FlareSegError(
+                f"{series.folder}: {seen[uid].name} and {path.name} share the SOPInstanceUID {uid}, so a DICOM SEG "
+                "cannot tell their slices apart; use NIfTI output"
+            )
+        seen[uid] = path
     return series
 
 
@@ -175,11 +200,12 @@ def write_seg(
     # labels back, and the numbering does not change from case to case with the organs found.
     frames = file_labels.transpose(2, 1, 0)  # (slice, row, column)
     described = list(ORGANS)
-    sources = [_referencable(ds) for ds in series.datasets]
+    spacing = float(volume.geometry.header.get_zooms()[2])  # between the series' slices, as the NIfTI output has it
+    sources = [_referencable(ds, spacing) for ds in series.datasets]
     if len(sources) == 1 and "SpacingBetweenSlices" not in sources[0]:
         # One slice has no gap to measure (highdicom would write 1.0): the spacing the NIfTI output has.
         sources[0] = copy.deepcopy(sources[0])
-        sources[0].SpacingBetweenSlices = float(volume.geometry.header.get_zooms()[2])
+        sources[0].SpacingBetweenSlices = spacing
     seg = hd.seg.Segmentation(
         source_images=sources,
         pixel_array=np.ascontiguousarray(frames),

@@ -22,6 +22,7 @@ import pydicom
 import pydicom.uid as dicom_uid
 from nibabel.orientations import apply_orientation
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.pixels import pixel_array as decode_pixels
 
@@ -139,17 +140,55 @@ def _check_one_series(folder: Path, headers: list[tuple[Path, Dataset]]) -> None
         raise _fail(folder, f"modality {', '.join(modalities)}, expected CT")
 
 
+#: Decimal-string attributes read as numbers, with how many each holds and, for optional ones, their default.
+_NUMBERS: dict[str, tuple[int, float | None]] = {
+    "ImagePositionPatient": (3, None),
+    "ImageOrientationPatient": (6, None),
+    "PixelSpacing": (2, None),
+    "RescaleSlope": (1, 1.0),
+    "RescaleIntercept": (1, 0.0),
+}
+
+
+def header_numbers(folder: Path, path: Path, ds: Dataset, keyword: str) -> list[float]:
+    """The finite numbers of one of :data:`_NUMBERS`' attributes (its default where an optional one is absent or
+    empty); one line naming the file and the value otherwise: a damaged or hand-edited header (``abc``, five
+    orientation values, ``n/a``) would end the run in a traceback from deep inside numpy."""
+    count, default = _NUMBERS[keyword]
+    try:
+        value = ds.get(keyword)
+    except Exception as exc:  # pydicom converts a raw value on first access, and can raise then
+        raise _fail(folder, f"{path.name}: unreadable {keyword} ({exc})") from None
+    if value is None or value == "":
+        if default is None:
+            raise _fail(folder, f"{path.name} lacks {keyword} (not a CT image slice?)")
+        return [default]
+    items = list(value) if isinstance(value, list | tuple | MultiValue) else [value]
+    try:
+        numbers = [float(v) for v in items]
+    except (TypeError, ValueError):
+        numbers = []
+    if len(numbers) != count or not all(np.isfinite(numbers)):
+        shown = "\\".join(str(v) for v in items)
+        what = f"{count} finite numbers" if count > 1 else "a finite number"
+        raise _fail(folder, f"{path.name}: {keyword} is '{shown}', expected {what}")
+    return numbers
+
+
 def _require(folder: Path, headers: list[tuple[Path, Dataset]]) -> None:
     needed = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
     for path, ds in headers:
-        missing = [k for k in needed if ds.get(k) in (None, "")]
-        if missing:
-            raise _fail(folder, f"{path.name} lacks {', '.join(missing)} (not a CT image slice?)")
+        # Multi-frame first: an Enhanced CT keeps its geometry in functional groups, and would be said to lack it.
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         if frames > 1:
             raise _fail(folder, f"{path.name} is a multi-frame image ({frames} frames); expected single-frame slices")
+        missing = [k for k in needed if ds.get(k) in (None, "")]
+        if missing:
+            raise _fail(folder, f"{path.name} lacks {', '.join(missing)} (not a CT image slice?)")
         if int(ds.get("SamplesPerPixel", 1)) != 1:
             raise _fail(folder, f"{path.name} is not a greyscale image (SamplesPerPixel={ds.SamplesPerPixel})")
+        for keyword in _NUMBERS:
+            header_numbers(folder, path, ds, keyword)
 
 
 def _check_consistent(folder: Path, headers: list[tuple[Path, Dataset]], what: str, key: Callable) -> None:
@@ -311,18 +350,22 @@ def _decode_plan(syntaxes: set[str], threads: int | None) -> tuple[str, int]:
 
 def _decode(folder: Path, path: Path, header: Dataset, plugin: str) -> np.ndarray:
     try:
-        if _transfer_syntax(header):
+        syntax = _transfer_syntax(header)
+        if syntax and syntax != dicom_uid.DeflatedExplicitVRLittleEndian:
             return decode_pixels(path, decoding_plugin=plugin)
-        # A bare data set has no file meta: give pydicom the encoding it was parsed with.
+        # pixel_array(path) reads the pixel data's bytes where they lie in the file, and a deflated data set's
+        # lie compressed with the rest of it: dcmread inflates it. A bare data set has no file meta: give pydicom
+        # the encoding it was parsed with.
         ds = pydicom.dcmread(path, force=True)
-        implicit, little = ds.original_encoding
-        ds.file_meta = FileMetaDataset()
-        if implicit:
-            ds.file_meta.TransferSyntaxUID = dicom_uid.ImplicitVRLittleEndian
-        else:
-            ds.file_meta.TransferSyntaxUID = (
-                dicom_uid.ExplicitVRLittleEndian if little else dicom_uid.ExplicitVRBigEndian
-            )
+        if not syntax:
+            implicit, little = ds.original_encoding
+            ds.file_meta = FileMetaDataset()
+            if implicit:
+                ds.file_meta.TransferSyntaxUID = dicom_uid.ImplicitVRLittleEndian
+            else:
+                ds.file_meta.TransferSyntaxUID = (
+                    dicom_uid.ExplicitVRLittleEndian if little else dicom_uid.ExplicitVRBigEndian
+                )
         return ds.pixel_array
     except FlareSegError:
         raise
@@ -369,10 +412,11 @@ def read_series(folder: str | os.PathLike[str], *, threads: int | None = None) -
     ordered = [headers[int(i)] for i in order]
     rows, cols, n = int(first.Rows), int(first.Columns), len(ordered)
 
-    slopes = np.array([float(ds.get("RescaleSlope", 1.0) or 1.0) for _, ds in ordered])
-    inters = np.array([float(ds.get("RescaleIntercept", 0.0) or 0.0) for _, ds in ordered])
-    if not (np.all(np.isfinite(slopes)) and np.all(np.isfinite(inters))) or np.any(slopes == 0):
-        raise _fail(folder, "invalid RescaleSlope/RescaleIntercept")
+    slopes = np.array([header_numbers(folder, path, ds, "RescaleSlope")[0] for path, ds in ordered])
+    inters = np.array([header_numbers(folder, path, ds, "RescaleIntercept")[0] for path, ds in ordered])
+    if np.any(slopes == 0):
+        zero = ordered[int(np.flatnonzero(slopes == 0)[0])][0].name
+        raise _fail(folder, f"{zero}: RescaleSlope is 0, which would make every voxel one intensity")
     per_slice = bool(np.any(slopes != slopes[0]) or np.any(inters != inters[0]))
 
     origin = np.array([float(v) for v in ordered[0][1].ImagePositionPatient])

@@ -26,6 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
     MPEG2MPML,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     RLELossless,
@@ -79,6 +80,7 @@ SERIES_CASES = {
     "flipped-J2K-threads": ("LAI", JPEG2000Lossless, True, 2),
     "flipped-J2K-serial": ("LAI", JPEG2000Lossless, True, 1),
     "sagittal-explicit": ("PIL", ExplicitVRLittleEndian, False, None),
+    "deflated": ("LPS", DeflatedExplicitVRLittleEndian, True, None),  # inflated whole before its pixels are found
 }
 
 
@@ -173,6 +175,54 @@ def test_rescaling_that_float32_cannot_hold_is_refused_naming_the_fields(
     files = write_series(tmp_path / "s", phantom("LPS"), unsigned=True, edit=rescale)
     where = "s" if every_slice else files[5].name
     with pytest.raises(FlareSegError, match=rf"{where}: RescaleSlope=.* and RescaleIntercept=.* {problem}"):
+        read_series(tmp_path / "s")
+
+
+@pytest.mark.parametrize(
+    ("keyword", "raw", "said"),
+    [
+        ("ImagePositionPatient", "abc\\1\\2", "ImagePositionPatient is 'abc\\\\1\\\\2', expected 3 finite numbers"),
+        ("ImageOrientationPatient", "1\\0\\0\\0\\1", "ImageOrientationPatient is '1.*1', expected 6 finite numbers"),
+        ("PixelSpacing", "5", "PixelSpacing is '5', expected 2 finite numbers"),
+        ("PixelSpacing", "5\\x", "PixelSpacing is '5\\\\x', expected 2 finite numbers"),
+        ("RescaleIntercept", "n/a", "RescaleIntercept is 'n/a', expected a finite number"),
+        ("RescaleIntercept", "NaN", "RescaleIntercept is 'NaN', expected a finite number"),
+        ("RescaleSlope", "1\\1", "RescaleSlope is '1\\\\1', expected a finite number"),
+        ("RescaleSlope", "0", "RescaleSlope is 0, which would make every voxel one intensity"),
+    ],
+)
+def test_a_damaged_number_in_one_slice_s_header_is_one_line_naming_the_file(
+    tmp_path: Path, keyword: str, raw: str, said: str
+) -> None:
+    """A hand-edited or damaged decimal string (as written, unchecked) used to end the run in a numpy traceback;
+    a RescaleSlope of 0 was taken for 1."""
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.dataelem import RawDataElement
+
+    def damage(k: int, ds: Dataset) -> None:
+        if k == 4:
+            value = raw.encode() + (b" " if len(raw) % 2 else b"")
+            tag = tag_for_keyword(keyword)
+            ds[tag] = RawDataElement(pydicom.tag.Tag(tag), "DS", len(value), value, 0, False, True)
+
+    files = write_series(tmp_path / "s", phantom("LPS"), edit=damage)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's own note on the invalid value
+        with pytest.raises(FlareSegError, match=rf"s: {files[4].name}: {said}") as caught:
+            read_series(tmp_path / "s")
+    assert "\n" not in str(caught.value)
+
+
+def test_an_enhanced_multi_frame_ct_is_said_to_be_one(tmp_path: Path) -> None:
+    """Its geometry lives in functional groups: it was said to lack ImagePositionPatient, not to be multi-frame."""
+
+    def enhanced(k: int, ds: Dataset) -> None:
+        if k == 0:
+            del ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing
+            ds.NumberOfFrames = 12
+
+    files = write_series(tmp_path / "s", phantom("LPS"), edit=enhanced)
+    with pytest.raises(FlareSegError, match=rf"{files[0].name} is a multi-frame image \(12 frames\); expected single"):
         read_series(tmp_path / "s")
 
 
@@ -589,6 +639,45 @@ def test_a_seg_from_another_tool_is_read_by_its_codes_not_its_segment_numbers(tm
     heart = save([described(1, *kidney), described(2, "80891009", "Heart"), described(3, *liver)], "heart.dcm")
     with pytest.raises(FlareSegError, match=r"heart\.dcm: segment 2 has SNOMED CT code 80891009, not one of"):
         read_seg(heart, vol)
+
+
+@pytest.mark.parametrize("thickness", ["absent", "empty", "zero"])
+def test_a_series_without_a_slice_thickness_gets_a_seg_that_reads_back(tmp_path: Path, thickness: str) -> None:
+    """SliceThickness is Type 2: present and empty is valid, and de-identification may delete it. The SEG's
+    pixel measures need one: an empty one gave a SEG that neither highdicom nor read_seg could read, an absent
+    one a traceback after inference. The slices' spacing stands in for it."""
+    import highdicom as hd
+
+    def strip(k: int, ds: Dataset) -> None:
+        if thickness == "absent":
+            del ds.SliceThickness
+        else:
+            ds.SliceThickness = "" if thickness == "empty" else 0
+
+    write_series(tmp_path / "s", phantom("LPS"), edit=strip)
+    vol = read_series(tmp_path / "s")
+    _, labels, _ = canonical_truth()
+    out = write_seg(labels.astype(np.uint8), vol, tmp_path / "case.dcm")
+    np.testing.assert_array_equal(read_seg(out, vol), labels)
+    measures = hd.seg.segread(out).SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SliceThickness) == pytest.approx(SPACING[2])
+    assert all(pydicom.dcmread(p).get("SliceThickness", None) in (None, "", 0) for p in vol.source.files)  # inputs
+
+
+def test_a_series_whose_slices_share_a_sop_instance_uid_cannot_get_a_seg(tmp_path: Path) -> None:
+    """A broken anonymiser gave two slices one SOPInstanceUID: a SEG's frames could not say which slice each is
+    of; refused before inference, naming both files."""
+
+    def same_uid(k: int, ds: Dataset) -> None:
+        if k in (3, 7):
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.777"
+
+    files = write_series(tmp_path / "s", phantom("LPS"), edit=same_uid)
+    vol = read_series(tmp_path / "s")
+    names = sorted([files[3].name, files[7].name], key=[p.name for p in vol.source.files].index)
+    with pytest.raises(FlareSegError, match=rf"s: {names[0]} and {names[1]} share the SOPInstanceUID 1\.2\.826"):
+        check_seg_writable(vol)
+    assert not list(tmp_path.glob("*.dcm"))
 
 
 def test_write_seg_round_trip_and_content(tmp_path: Path) -> None:
