@@ -371,19 +371,22 @@ def check_intensity_scaling(
     computes them) would be infinite, or so coarse that distinct stored values merge: an offset such as
     3e38 turns every voxel into one intensity, and the network would segment noise without a word.
 
-    Integers must stay one ``slope`` apart; real-valued data must keep 4,096 levels (12 bits, a CT's depth)
-    across its range. ``fields`` names the header's two fields in the message. Where the stored type's own
-    bounds rule both problems out, no voxel is read.
+    Integers one apart must stay apart: float32's step at the largest intensity at most half of ``slope``
+    (the product and the sum are each rounded). Real-valued data with an offset must keep 4,096 levels (12 bits,
+    a CT's depth) across its range. ``fields`` names the header's two fields in the message. Where the stored
+    type's own bounds rule both problems out, no voxel is read.
     """
     limit = float(np.finfo(np.float32).max)
     size = abs(slope)
+    scaling = f"{fields[0]}={slope:g} and {fields[1]}={inter:g}"
+    if size < float(np.finfo(np.float32).tiny):  # 1e-50 is 0 in float32 (DICOM's decimal strings can say it)
+        raise FlareSegError(f"{name}: {scaling}: the slope is below float32's smallest normal number")
     if data.dtype.kind == "f" and data.dtype.itemsize <= 4 and size <= 1 and inter == 0:
         return  # float32 values scaled down stay float32 values, as finely resolved
     if data.dtype.kind in "iu":
         bounds = np.iinfo(data.dtype)
         top = max(abs(float(bounds.min)), float(bounds.max)) * size + abs(inter)
-        # Without an offset, scaling keeps each value's relative precision: nothing merges that float32 kept apart.
-        if top <= limit and (inter == 0 or float(np.spacing(np.float32(top))) <= size):
+        if top <= limit and float(np.spacing(np.float32(top))) <= size / 2:
             return
     if data.size == 0:
         return
@@ -391,15 +394,18 @@ def check_intensity_scaling(
     if not (np.isfinite(lo) and np.isfinite(hi)):
         return  # a non-finite voxel is refused by the reader with its own message
     top = max(abs(lo), abs(hi)) * size + abs(inter)
-    scaling = f"{fields[0]}={slope:g} and {fields[1]}={inter:g}"
     if top > limit:
         raise FlareSegError(
             f"{name}: {scaling} take stored values up to {max(abs(lo), abs(hi)):g} beyond the float32 range "
             "(non-finite intensities)"
         )
-    step = size if data.dtype.kind in "iu" else (hi - lo) * size / 4096
     resolution = float(np.spacing(np.float32(top)))
-    if inter != 0 and step > 0 and resolution > step:
+    if data.dtype.kind in "iu":
+        step, merged = size, resolution > size / 2
+    else:  # without an offset, scaling keeps each real value's relative precision
+        step = (hi - lo) * size / 4096
+        merged = inter != 0 and step > 0 and resolution > step
+    if merged:
         raise FlareSegError(
             f"{name}: {scaling} put intensities near {top:g}, where float32 steps by {resolution:g}: stored "
             f"values {step:g} apart would merge into one intensity"
@@ -846,16 +852,14 @@ def check_not_label_map(hu: np.ndarray, path: str | os.PathLike[str], role: str)
         )
 
 
-def check_ct_intensities(
+def refuse_label_map(
     volume: Volume, path: str | os.PathLike[str], role: str, hu_bounds: tuple[float, float] | None = None
-) -> None:
-    """Refuse a label map given as a CT (:func:`check_not_label_map`), and warn of intensities that are not
-    Hounsfield units: nothing below 0 HU, where a CT holds air (-1000 HU) and fat (-100 HU). That is a CT stored
-    as HU + 1024 without its ``scl_inter`` (or RescaleIntercept), or an MR image: the network segments it
-    without complaint, and wrongly. A float copy of the volume is made only where a label map is possible.
+) -> tuple[float, float]:
+    """:func:`check_not_label_map` on a read volume: a float copy of it only where its range (a CT holds air
+    at about -1000 HU) leaves a label map possible. Returns the bounds it judged by, lowest first.
 
-    ``hu_bounds``: two HU values bounding most of the volume, known already, such as its normaliser's
-    percentile bounds (a label map's lie within 0..4 too); else its minimum and maximum are taken.
+    ``hu_bounds``: two HU values of the volume known already, such as its normaliser's percentile bounds (a
+    label map's lie within 0..4 too); else its minimum and maximum are taken.
     """
     if hu_bounds is None:
         hu_bounds = (
@@ -865,11 +869,28 @@ def check_ct_intensities(
     lo, hi = min(hu_bounds), max(hu_bounds)
     if lo >= 0 and hi <= NUM_CLASSES - 1:
         check_not_label_map(volume.hu(), path, role)
+    return lo, hi
+
+
+def check_ct_intensities(
+    volume: Volume, path: str | os.PathLike[str], role: str, percentile_bounds: tuple[float, float] | None = None
+) -> None:
+    """Refuse a label map given as a CT (:func:`refuse_label_map`), and warn of intensities that are not
+    Hounsfield units: nothing below 0 HU, where a CT holds air (-1000 HU) and fat (-100 HU). That is a CT stored
+    as HU + 1024 without its ``scl_inter`` (or RescaleIntercept), or an MR image, or a crop too tight for the
+    network: each is segmented without complaint, and wrongly.
+
+    ``percentile_bounds``: the volume's clipping percentiles in HU (its normaliser's ``lo`` and ``hi``), where
+    they are known already; else its minimum and maximum are taken. A CT padded outside its scan circle (-2000
+    stored, say) and saved without its intercept is not caught: its low bounds lie on the padding.
+    """
+    lo, hi = refuse_label_map(volume, path, role, percentile_bounds)
     if lo >= 0:
         log.warning(
-            "%s: intensities from %g to %g HU, with no air (-1000 HU) or fat (-100 HU): not Hounsfield units? "
-            "(a CT stored as HU + 1024 without its intercept, or not a CT); its segmentation may be wrong",
-            path, lo, hi,
+            "%s: %s are %g and %g HU, with no air (-1000 HU) or fat (-100 HU) below: not Hounsfield units (a CT "
+            "stored as HU + 1024 without its intercept, or not a CT), or a crop too tight? Its segmentation may be "
+            "wrong",
+            path, "its minimum and maximum" if percentile_bounds is None else "its clipping percentiles", lo, hi,
         )  # fmt: skip
 
 

@@ -685,11 +685,13 @@ def test_a_gzip_file_named_nii_and_scaling_beyond_float32_are_one_line_each(tmp_
     [
         (np.int16, 1.0, 3e38, True),  # every voxel would be 3e38: one intensity, a segmentation of nothing
         (np.int16, 1.0, 1e8, True),  # float32 steps by 8 there
-        (np.int16, 1.0, 1e7, False),  # steps by 1: each stored value keeps its own intensity
+        (np.int16, 1.0, 1e7, True),  # steps by 1: two roundings of up to half a step each can merge neighbours
+        (np.int16, 1.0, 4e6, False),  # steps by 0.25: each stored value keeps its own intensity
         (np.int16, 1e-3, 1e5, True),  # steps by 0.0078 at 1e5: more than 1e-3
         (np.int16, 1e-3, 1e3, False),
-        (np.int32, 1.0, 1e7, False),  # the type's bounds rule nothing out: the voxels' range decides
+        (np.int32, 1.0, 4e6, False),  # the type's bounds rule nothing out: the voxels' range decides
         (np.int32, 1.0, 3e7, True),
+        (np.int32, 1.0, 0.0, False),  # values within +-1000: no offset, nothing merges
         (np.float32, 1.0, 1e9, True),  # a range of 2,000 at 1e9 (steps of 64) keeps 31 levels, not 4,096
         (np.float32, 1.0, 1e5, False),
         (np.float32, 2.0, 0.0, False),  # no offset: scaling keeps every value's relative precision
@@ -712,6 +714,24 @@ def test_scaling_whose_float32_intensities_would_merge_stored_values_is_refused(
         stored = np.unique(volume.array)
         assert len(np.unique(volume.to_hu(stored))) == len(stored)  # as many intensities as stored values
         np.testing.assert_allclose(volume.to_hu(stored), stored * slope + inter, rtol=1e-6)
+
+
+def test_integers_beyond_float32_s_exact_range_or_a_slope_float32_cannot_hold_are_refused(tmp_path):
+    """Without an offset too: int32 values near 2**25 step by 4 in float32, so 64 of them made 17 intensities;
+    and a slope below float32's smallest normal number (1e-50, which DICOM's decimal strings can say) is 0."""
+    from flareseg.volume import check_intensity_scaling
+
+    big = (2**25 + np.arange(64, dtype=np.int32)).reshape(4, 4, 4)
+    with pytest.raises(
+        FlareSegError,
+        match=r"big: scl_slope=1 and scl_inter=0 put intensities near 3\.35.*e\+07, "
+        r"where float32 steps by 4: stored values 1 apart would merge",
+    ):
+        check_intensity_scaling("big", big, 1.0, 0.0)
+    check_intensity_scaling("small", big - 2**25, 1.0, 0.0)  # the same count of values, near 0: kept apart
+    for data in (np.zeros((2, 2, 2), np.int16), np.zeros((2, 2, 2), np.float32)):
+        with pytest.raises(FlareSegError, match=r"tiny: scl_slope=1e-50 and scl_inter=0: the slope is below float32"):
+            check_intensity_scaling("tiny", data, 1e-50, 0.0)
 
 
 def test_a_file_that_is_not_what_its_name_says_or_cannot_be_read_is_named_for_its_real_problem(tmp_path, monkeypatch):

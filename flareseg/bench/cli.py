@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import logging
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,12 +131,41 @@ def _main(args: argparse.Namespace) -> int:
         )
         measure, write = functools.partial(run_benchmark, bench), write_report
     warn_threads_beyond_cores(args.threads)
-    with removed_on_failure(args.out), torch_threads(args.threads):
+    with removed_on_failure(args.out), torch_threads(args.threads), _each_file_warned_once():
         report = measure()
         paths = write(report, args.out, _command(args))
     print(paths["markdown"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0 if report.get("passed", True) else 1
+
+
+class _OncePerFile(logging.Filter):
+    """Passes the first record of each message and file, whatever its numbers: flare-bench reads its ``--input``
+    once per backend, and would say the same about it each time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        key = (str(record.msg), "\0".join(str(a) for a in args if not isinstance(a, int | float)))
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
+
+
+@contextlib.contextmanager
+def _each_file_warned_once() -> Iterator[None]:
+    """Within the block, the volume reader's notes on a file are said once (the filter is removed after it)."""
+    reader = logging.getLogger("flareseg.volume")
+    once = _OncePerFile()
+    reader.addFilter(once)
+    try:
+        yield
+    finally:
+        reader.removeFilter(once)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

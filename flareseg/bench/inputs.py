@@ -106,9 +106,9 @@ def check_input_volume(path: Path | None, *, series: bool) -> None:
     if path.is_dir() and not series:
         raise FlareSegError(f"{path}: is a folder; --input takes a CT NIfTI file here")
     from flareseg.runtime.reading import read_case
-    from flareseg.volume import check_ct_intensities
+    from flareseg.volume import refuse_label_map
 
-    check_ct_intensities(read_case(path), path, "--input")
+    refuse_label_map(read_case(path), path, "--input")  # what its intensities look like is said as it is run
 
 
 @contextmanager

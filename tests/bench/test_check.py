@@ -294,3 +294,28 @@ def test_flare_bench_reports_an_int8_model_as_int8(cpu_check, tmp_path):
     assert report["volumes"]["results"]["onnxruntime-cpu-fp32"]["precision"] == "int8"
     assert report["volumes"]["reference"] is None  # no fp32 run exists to agree with
     assert "| onnxruntime-cpu-fp32 | int8 |" in (tmp_path / "report.md").read_text()
+
+
+def test_what_the_input_s_intensities_look_like_is_said_once_however_many_backends_read_it(
+    trained_checkpoint, tmp_path, caplog
+):
+    """A CT without its intercept (HU + 1024) is read by the check's slices and by each backend's whole-volume
+    run: one warning, not one per read, and the filter is gone after the run."""
+    import logging
+
+    import nibabel as nib
+
+    from flareseg.phantom import make_phantom
+    from flareseg.volume import check_ct_intensities, read_ct
+
+    ct, _ = make_phantom((64, 64, 4), (6.0, 6.0, 8.0), seed=1).to_nifti()
+    raw = nib.Nifti1Image((np.asanyarray(ct.dataobj).astype(np.int32) + 1024).astype(np.uint16), ct.affine)
+    raw.header.set_slope_inter(1.0, 0.0)
+    nib.save(raw, tmp_path / "raw.nii.gz")
+    argv = ["--model", str(trained_checkpoint), "--backends", CPU_FP32, "--input", str(tmp_path / "raw.nii.gz")]
+    with caplog.at_level(logging.WARNING, logger="flareseg.volume"):
+        _check([*argv, "-o", str(tmp_path / "out")])
+        said = [r.getMessage() for r in caplog.records if "not Hounsfield units" in r.getMessage()]
+        assert len(said) == 1 and "raw.nii.gz: its clipping percentiles are " in said[0], said
+        check_ct_intensities(read_ct(tmp_path / "raw.nii.gz"), tmp_path / "raw.nii.gz", "x")  # after the run
+        assert len([r for r in caplog.records if "not Hounsfield units" in r.getMessage()]) == 2

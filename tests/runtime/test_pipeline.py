@@ -868,7 +868,8 @@ def test_a_ct_without_its_intercept_is_segmented_with_a_warning_naming_it(traine
         assert infer_main(["--model", str(trained_checkpoint), "-i", str(folder), "-o", str(out), "-q"]) == 0
     warned = [r.getMessage() for r in caplog.records if "Hounsfield" in r.getMessage()]
     assert len(warned) == 1 and str(lost) in warned[0], warned
-    assert "with no air (-1000 HU) or fat (-100 HU): not Hounsfield units?" in warned[0]
+    assert ": its clipping percentiles are " in warned[0]
+    assert "HU, with no air (-1000 HU) or fat (-100 HU) below: not Hounsfield units" in warned[0]
     labels = {name: np.asanyarray(nib.load(out / f"{name}.nii.gz").dataobj) for name in ("hu", "scaled")}
     assert labels["hu"].any() and np.array_equal(labels["hu"], labels["scaled"])
 
