@@ -899,11 +899,27 @@ def read_labels(path: str | os.PathLike[str], *, num_classes: int = NUM_CLASSES)
     path = Path(path)
     img, data, slope, inter = _load(path)
     geometry = _geometry(path, img)
+    # Half a stored step: how far a scaled integer type can put a class from its whole number.
+    quantum = abs(slope) / 2 if data.dtype.kind in "iu" and (slope != 1.0 or inter != 0.0) else 0.0
     if slope != 1.0 or inter != 0.0:
         data = data * slope + inter
     if np.issubdtype(data.dtype, np.floating):
-        if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
+        whole = np.round(data)
+        off = float(np.max(np.abs(data - whole))) if data.size else 0.0
+        if not np.isfinite(off):
+            raise FlareSegError(f"{path}: label map holds non-finite values")
+        # nibabel saves a float label map into uint8 with the slope 4/255, spreading classes over the type's range:
+        # 2 reads back as 1.992. Each value lies within half a stored step of its class, which such a step (below
+        # a quarter) leaves no doubt about; ITK would truncate it to 1.
+        if off > 0 and not (quantum < 0.25 and off <= quantum * (1 + 1e-6)):
             raise FlareSegError(f"{path}: label map holds non-integer values")
+        if off > 0:
+            log.warning(
+                "%s: its integer type's scaling (scl_slope=%g, scl_inter=%g) puts labels up to %.3g from whole "
+                "classes; read rounded to the nearest",
+                path, slope, inter, off,
+            )  # fmt: skip
+        data = whole
     lo, hi = data.min(), data.max()
     if lo < 0 or hi > num_classes - 1:
         found = np.unique(data)

@@ -560,6 +560,8 @@ def test_read_threads_are_refused_without_rapidgzip_or_out_of_range(tmp_path, mo
     monkeypatch.setitem(sys.modules, "rapidgzip", None)  # as if it were not installed
     with pytest.raises(FlareSegError, match=r"reading with 4 threads needs rapidgzip: pip install rapidgzip"):
         read_ct(path, threads=4)
+    with pytest.raises(FlareSegError, match=r"reading with all threads needs rapidgzip: pip install rapidgzip"):
+        read_ct(path, threads=0)  # 0 is "all cores": it needs rapidgzip too
     assert read_ct(path).array.shape == (20, 36, 40)  # one thread needs nothing more
 
 
@@ -801,10 +803,43 @@ def test_label_maps_are_read_as_uint8_with_their_scaling_and_only_whole_classes(
     fractional[0, 0, 0] = 1.5
     with pytest.raises(FlareSegError, match="non-integer values"):
         read_labels(save(nib.Nifti1Image(fractional, np.eye(4)), tmp_path / "probabilities.nii.gz"))
+    doubled = nib.Nifti1Image(np.where(stored == 3, 2, stored).astype(np.uint8), np.eye(4))
+    doubled.header.set_slope_inter(2.0, 0.0)  # stored 0, 1, 2 stand for 0, 2, 4: the slope is applied
+    labels, _ = read_labels(save(doubled, tmp_path / "doubled.nii.gz"))
+    assert labels[1, 1, 1] == 4 and labels[2, 2, 2] == 2 and labels[0, 0, 0] == 0
+    halves = nib.Nifti1Image(stored, np.eye(4))
+    halves.header.set_slope_inter(0.5, 0.0)  # 3 stands for 1.5: a step of half a class leaves it in doubt
+    with pytest.raises(FlareSegError, match=r"halves\.nii\.gz: label map holds non-integer values"):
+        read_labels(save(halves, tmp_path / "halves.nii.gz"))
     five = np.zeros((4, 5, 6), np.uint8)
     five[0, 0, 0] = 5  # one past the last class
     with pytest.raises(FlareSegError, match=r"labels \[5\] outside 0..4$"):
         read_labels(save(nib.Nifti1Image(five, np.eye(4)), tmp_path / "five.nii.gz"))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16])
+def test_a_float_label_map_saved_to_an_integer_type_reads_back_as_its_classes(tmp_path, dtype, caplog):
+    """nibabel saves float labels 0..4 into uint8 with scl_slope 4/255 (int16: 8e-5 and an offset), so 2 reads
+    back as 1.992; it was refused as holding non-integer values. Each is within half a stored step of its class:
+    read rounded, with a warning naming the file."""
+    truth = np.zeros((4, 5, 6), np.float32)
+    truth[0, 0, :5] = [0, 1, 2, 3, 4]
+    img = nib.Nifti1Image(truth, np.eye(4))
+    img.set_data_dtype(dtype)
+    path = save(img, tmp_path / "float_labels.nii.gz")
+    assert not np.array_equal(nib.load(path).get_fdata(), truth)  # the file really holds inexact classes
+    with caplog.at_level(logging.WARNING, logger="flareseg.volume"):
+        labels, _ = read_labels(path)
+    np.testing.assert_array_equal(labels, truth.astype(np.uint8))
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert said.startswith(f"{path}: its integer type's scaling (scl_slope=") and "rounded to the nearest" in said
+
+
+def test_one_non_finite_voxel_is_enough_to_refuse_a_ct(tmp_path):
+    data = np.zeros((4, 5, 6), np.float32)
+    data[1, 2, 3] = np.nan
+    with pytest.raises(FlareSegError, match=r"one_nan.nii.gz: 1 voxels are not finite \(NaN or infinity\)"):
+        read_ct(save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "one_nan.nii.gz"))
 
 
 def test_the_input_is_not_overwritten_through_a_relative_path_or_a_dot_dot(tmp_path, monkeypatch):

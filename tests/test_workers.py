@@ -119,3 +119,31 @@ def test_a_parent_is_gone_once_this_process_is_re_parented_and_not_before():
 
     assert not _parent_gone(os.getppid(), wait_s=0.05)  # our parent is there: not gone, after the wait
     assert _parent_gone(os.getppid() + 1 if os.getppid() != 1 else 2, wait_s=0.05)  # another pid than ours: gone
+
+
+def _signal_state() -> tuple[object, object, list[int]]:
+    """In a worker: SIGTERM's and SIGINT's dispositions, and the stop signals blocked in it."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    stops = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    return signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT), sorted(int(s) for s in blocked & stops)
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
+@pytest.mark.parametrize("kind", ["pool", "loader"])
+def test_workers_forked_in_the_window_take_their_own_signals_unblocked(kind):
+    """Forked while the stops are blocked (as flare-eval's pool and the DataLoader's workers are): a pool worker
+    dies of SIGTERM by default (a broken pool's shutdown relies on it), a loader worker ignores it (the trainer's
+    to handle); both ignore Ctrl-C, and neither keeps the parent's block, which would hold a SIGTERM forever."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from flareseg.workers import loader_worker_signals, pool_worker_signals
+
+    initializer = pool_worker_signals if kind == "pool" else loader_worker_signals
+    with stop_signals_blocked():
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"), initializer=initializer)
+        future = pool.submit(_signal_state)
+    with pool:
+        sigterm, sigint, blocked = future.result(timeout=60)
+    assert sigterm == (signal.SIG_DFL if kind == "pool" else signal.SIG_IGN)
+    assert sigint == signal.SIG_IGN and blocked == []

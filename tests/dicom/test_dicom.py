@@ -226,6 +226,20 @@ def test_an_enhanced_multi_frame_ct_is_said_to_be_one(tmp_path: Path) -> None:
         read_series(tmp_path / "s")
 
 
+def test_slices_that_differ_only_in_rescale_slope_are_each_scaled_by_their_own(tmp_path: Path) -> None:
+    """One intercept for all, and a slope of 0.5 on some slices: each slice takes its own slope."""
+
+    def halve(k: int, ds: Dataset) -> None:
+        if k % 3 == 1:
+            ds.PixelData = (ds.pixel_array.astype(np.int32) * 2).astype(np.uint16).tobytes()
+            ds.RescaleSlope = 0.5
+
+    write_series(tmp_path / "s", phantom("LPS"), unsigned=True, edit=halve)
+    vol = read_series(tmp_path / "s")
+    assert vol.array.dtype == np.float32 and (vol.slope, vol.inter) == (1.0, 0.0)
+    np.testing.assert_array_equal(vol.hu(), canonical_truth()[0].astype(np.float32))
+
+
 # --- folders of series and case names ----------------------------------------------------------------------
 
 
@@ -357,10 +371,16 @@ def _stretch_after(first: int, extra: float) -> Callable[[int, Dataset], None]:
     return edit
 
 
-def _tilt(k: int, ds: Dataset) -> None:
-    pos = [float(v) for v in ds.ImagePositionPatient]
-    ds.ImagePositionPatient = [pos[0], pos[1] + k * 6.0 * np.tan(np.radians(15)), pos[2]]
-    ds.GantryDetectorTilt = 15
+def _tilt_by(degrees: float) -> Callable[[int, Dataset], None]:
+    def edit(k: int, ds: Dataset) -> None:
+        pos = [float(v) for v in ds.ImagePositionPatient]
+        ds.ImagePositionPatient = [pos[0], pos[1] + k * 6.0 * np.tan(np.radians(degrees)), pos[2]]
+        ds.GantryDetectorTilt = degrees
+
+    return edit
+
+
+_tilt = _tilt_by(15)
 
 
 def _set(k_only: int | None, **values) -> Callable[[int, Dataset], None]:
@@ -440,6 +460,12 @@ def make_bad(kind: str, folder: Path) -> str:
     if kind == "gantry-tilt":
         write_series(folder, ph, edit=_tilt)
         return "gantry tilt or sheared stack of about 15.0 degrees, GantryDetectorTilt 15"
+    if kind == "small-tilt":  # 2 degrees drift 0.2 mm a slice, 2.3 mm over the series: labels would shift that far
+        write_series(folder, ph, edit=_tilt_by(2.0))
+        return "gantry tilt or sheared stack of about 2.0 degrees, GantryDetectorTilt 2"
+    if kind == "zero-pixel-spacing":
+        write_series(folder, ph, edit=_set(None, PixelSpacing=[0.0, 5.0]))
+        return "invalid PixelSpacing [0.0, 5.0]"
     if kind == "non-parallel":
         c, s = np.cos(np.radians(5)), np.sin(np.radians(5))
         write_series(folder, ph, edit=_set(4, ImageOrientationPatient=[c, s, 0.0, -s, c, 0.0]))
@@ -475,6 +501,8 @@ BAD_KINDS = [
     "uneven",
     "spacing-drift",
     "gantry-tilt",
+    "small-tilt",
+    "zero-pixel-spacing",
     "non-parallel",
     "non-orthogonal",
     "modality",

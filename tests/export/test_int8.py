@@ -286,3 +286,81 @@ def test_the_defaults_stay_importable_where_they_were_before_they_moved_to_optio
         assert getattr(int8_module, name) is getattr(export_options, name)
     for name in ("DEFAULT_OPSET", "MIN_OPSET", "max_opset", "ExportOptions"):
         assert getattr(onnx_export, name) is getattr(export_options, name)
+
+
+def _ladder_run(monkeypatch, agreements: list[float], min_agreement: float):
+    """_quantize_verified with the quantiser and the verification replaced by doubles that drive its ladder: the
+    n-th attempt "agrees" on agreements[n]. What is tested is our control flow, not quantisation."""
+    from flareseg.export import onnx_export
+
+    tried: list[tuple[str, ...]] = []
+    monkeypatch.setattr(
+        int8_module, "float_layer_nodes", lambda model, keep: {layer: [f"{layer}/Conv"] for layer in keep}
+    )
+    monkeypatch.setattr(int8_module, "quantize", lambda model, inputs, exclude, q: (("int8", tuple(exclude)), {}))
+    monkeypatch.setattr(int8_module, "quantizer_version", lambda q: "double 1")
+
+    def verify(model, *args):
+        tried.append(model[1])
+        return {"held_out": {"argmax_agreement": agreements[len(tried) - 1]}}
+
+    monkeypatch.setattr(onnx_export, "_verify", verify)
+    ladder = ((), ("first-conv",), ("first-conv", "last-conv"))
+    options = ExportOptions(int8=True, int8_min_agreement=min_agreement, int8_float_ladder=ladder)
+    info = ModelInfo(NetworkConfig(base_width=8), NormalizationStats(0.0, 100.0), (32, 32))
+    calib = int8_module.CalibrationSlices(np.zeros((2, 32, 32), np.float32), np.zeros((1, 32, 32), np.float32), "x")
+    return tried, lambda: onnx_export._quantize_verified(object(), None, info, 1, options, calib, 1)
+
+
+def test_the_float_layer_ladder_goes_on_until_an_attempt_agrees_enough_and_records_each(monkeypatch):
+    tried, run = _ladder_run(monkeypatch, [0.97, 0.95, 0.99], 0.99)
+    model, _, quantization = run()  # 0.99 meets ">= 99 %": the third attempt is taken
+    assert tried == [(), ("first-conv/Conv",), ("first-conv/Conv", "last-conv/Conv")]
+    assert model == ("int8", ("first-conv/Conv", "last-conv/Conv"))
+    assert quantization["float_layers"] == {"first-conv": ["first-conv/Conv"], "last-conv": ["last-conv/Conv"]}
+    assert [a["held_out_agreement"] for a in quantization["attempts"]] == [0.97, 0.95, 0.99]
+    assert quantization["min_agreement"] == 0.99
+
+
+def test_an_int8_export_that_never_agrees_enough_names_its_best_attempt(monkeypatch):
+    tried, run = _ladder_run(monkeypatch, [0.97, 0.95, 0.96], 0.99)
+    with pytest.raises(
+        FlareSegError,
+        match=r"agrees with fp32 PyTorch on 97\.000% of held-out .* expected >= 99\.00% "
+        r"\(tried float layers: none; first-conv; first-conv, last-conv\)",
+    ):
+        run()
+    assert len(tried) == 3
+
+
+def test_int8_min_agreement_zero_is_taken_not_replaced_by_the_default(tmp_path, monkeypatch):
+    from flareseg.export import onnx_export
+
+    checkpoint = tmp_path / "m.pt"
+    checkpoint.write_bytes(b"never read: the export is a double")
+
+    given = []
+
+    def stop(checkpoint, out, options, *args, **kwargs):  # a double: the options the command built, no export
+        given.append(options)
+        raise FlareSegError("stopped by the test")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", stop)
+    assert export_main([str(checkpoint), "-o", str(tmp_path / "o"), "--int8", "--int8-min-agreement", "0"]) == 2
+    assert given[0].int8_min_agreement == 0.0
+
+
+@pytest.mark.parametrize(("slices", "calibrated", "held"), [(1, None, None), (2, 1, 1), (3, 2, 1)])
+def test_a_calibration_folder_with_few_usable_slices_keeps_some_to_calibrate(tmp_path, slices, calibrated, held):
+    """At least one slice calibrates and one is held out; one usable slice cannot give both, and is refused."""
+    info = ModelInfo(NetworkConfig(base_width=8), NormalizationStats(0.0, 100.0), (32, 32))
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    noise = np.random.default_rng(0).integers(-1000, 1000, (32, 32, slices)).astype(np.int16)
+    nib.save(nib.Nifti1Image(noise, np.eye(4)), folder / "case_0000.nii.gz")
+    if calibrated is None:
+        with pytest.raises(FlareSegError, match=r"1 usable slice\(s\) to calibrate on .* INT8 needs at least 2"):
+            int8_module.calibration_slices(info, folder, count=16, held_out=8)
+        return
+    sets = int8_module.calibration_slices(info, folder, count=16, held_out=8)
+    assert (len(sets.calibration), len(sets.held_out)) == (calibrated, held)
