@@ -364,3 +364,25 @@ def test_a_calibration_folder_with_few_usable_slices_keeps_some_to_calibrate(tmp
         return
     sets = int8_module.calibration_slices(info, folder, count=16, held_out=8)
     assert (len(sets.calibration), len(sets.held_out)) == (calibrated, held)
+
+
+def test_calibration_cases_are_spread_over_a_large_folder_not_its_first_ones(tmp_path, monkeypatch):
+    """Of 20 cases, 8 calibrate, the first and last among them, evenly apart: a folder sorted by scanner or site
+    would otherwise calibrate on one of them. The reader is a double that records what it is asked for."""
+    from flareseg.export import inputs as export_inputs
+
+    info = ModelInfo(NetworkConfig(base_width=8), NormalizationStats(0.0, 100.0), (32, 32))
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    for k in range(20):
+        (folder / f"case_{k:02d}_0000.nii.gz").write_bytes(b"never read: the reader is a double")
+    read: list[str] = []
+    noise = np.random.default_rng(0).normal(size=(4, 32, 32)).astype(np.float32)
+
+    def reader(path, stats, role, indices=None):
+        read.append(Path(path).name.removesuffix("_0000.nii.gz"))
+        return noise
+
+    monkeypatch.setattr(export_inputs, "read_ct_normalized", reader)
+    int8_module.calibration_slices(info, folder, count=8, held_out=4)
+    assert read == [f"case_{k:02d}" for k in (0, 3, 5, 8, 11, 14, 16, 19)]
