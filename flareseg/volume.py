@@ -301,15 +301,19 @@ def nibabel_notes(path: Path, *, say: bool = True) -> Iterator[None]:
 
 
 def _load(
-    path: Path, threads: int = 1, on_voxels: VoxelsCallback | None = None
+    path: Path, threads: int = 1, on_voxels: VoxelsCallback | None = None, *, intensities: bool = True
 ) -> tuple[nib.Nifti1Image, np.ndarray, float, float]:
-    """Load a file: image, raw stored voxels, scl_slope and scl_inter; one-line errors."""
+    """Load a file: image, raw stored voxels, scl_slope and scl_inter; one-line errors.
+
+    ``intensities``: the voxels become float32 intensities, so their scaling is checked against float32
+    (:func:`check_intensity_scaling`); a label map's are scaled in float64 and judged by their classes.
+    """
     with nibabel_notes(path):
-        return _load_named(path, threads, on_voxels)
+        return _load_named(path, threads, on_voxels, intensities)
 
 
 def _load_named(
-    path: Path, threads: int, on_voxels: VoxelsCallback | None
+    path: Path, threads: int, on_voxels: VoxelsCallback | None, intensities: bool
 ) -> tuple[nib.Nifti1Image, np.ndarray, float, float]:
     if not path.exists():
         raise FlareSegError(f"{path}: file not found")
@@ -356,7 +360,8 @@ def _load_named(
     inter = float(getattr(proxy, "inter", 0.0))
     if not (np.isfinite(slope) and np.isfinite(inter)) or slope == 0:
         raise FlareSegError(f"{path}: invalid intensity scaling scl_slope={slope}, scl_inter={inter}")
-    check_intensity_scaling(path, data, slope, inter)
+    if intensities:
+        check_intensity_scaling(path, data, slope, inter)
     return img, data, slope, inter
 
 
@@ -839,13 +844,24 @@ def volume_from_array(array: np.ndarray, affine: np.ndarray, *, name: str = "arr
     return Volume(to_canonical(data, geometry, contiguous=False), geometry)
 
 
+#: How far from whole classes a label map's values may read: nibabel saves float labels into uint8 with the slope
+#: 4/255, and 2 reads back as 1.992 (see read_labels).
+_CLASS_TOLERANCE = 0.01
+
+
 def check_not_label_map(hu: np.ndarray, path: str | os.PathLike[str], role: str) -> None:
     """Refuse a label map given where a CT is expected: every value a class (0..4), none below -100 HU.
 
     A CT always holds air (about -1000 HU) around the body, so this never refuses one.
     """
     top = NUM_CLASSES - 1
-    if hu.size and float(hu.min()) >= 0 and float(hu.max()) <= top and np.array_equal(hu, np.round(hu)):
+    near = _CLASS_TOLERANCE
+    if (
+        hu.size
+        and float(hu.min()) >= -near
+        and float(hu.max()) <= top + near
+        and float(np.max(np.abs(hu - np.round(hu)))) <= near
+    ):
         raise FlareSegError(
             f"{path}: looks like a label map, not a CT (every voxel is a class 0..{top}, none is air); "
             f"{role} takes CT images"
@@ -867,7 +883,7 @@ def refuse_label_map(
             float(volume.array.max()) * volume.slope + volume.inter,
         )
     lo, hi = min(hu_bounds), max(hu_bounds)
-    if lo >= 0 and hi <= NUM_CLASSES - 1:
+    if lo >= -_CLASS_TOLERANCE and hi <= NUM_CLASSES - 1 + _CLASS_TOLERANCE:
         check_not_label_map(volume.hu(), path, role)
     return lo, hi
 
@@ -897,27 +913,30 @@ def check_ct_intensities(
 def read_labels(path: str | os.PathLike[str], *, num_classes: int = NUM_CLASSES) -> tuple[np.ndarray, VolumeGeometry]:
     """Read a label map in the file's own voxel order as uint8, refusing values outside 0..num_classes-1."""
     path = Path(path)
-    img, data, slope, inter = _load(path)
+    img, data, slope, inter = _load(path, intensities=False)
     geometry = _geometry(path, img)
-    # Half a stored step: how far a scaled integer type can put a class from its whole number.
+    # nibabel saves a float label map into uint8 with the slope 4/255, spreading classes over the type's range:
+    # 2 reads back as 1.992 (ITK would truncate it to 1). Such a value lies within half a stored step of its
+    # class, and a step below a tenth of a class leaves no doubt which; a coarser one (0.4: 1.2, 2.8) does.
     quantum = abs(slope) / 2 if data.dtype.kind in "iu" and (slope != 1.0 or inter != 0.0) else 0.0
     if slope != 1.0 or inter != 0.0:
         data = data * slope + inter
     if np.issubdtype(data.dtype, np.floating):
         whole = np.round(data)
-        off = float(np.max(np.abs(data - whole))) if data.size else 0.0
+        if data.size:
+            np.subtract(data, whole, out=data)  # the scaled copy is not needed past this: no third array
+            off = float(np.max(np.abs(data, out=data)))
+        else:
+            off = 0.0
         if not np.isfinite(off):
             raise FlareSegError(f"{path}: label map holds non-finite values")
-        # nibabel saves a float label map into uint8 with the slope 4/255, spreading classes over the type's range:
-        # 2 reads back as 1.992. Each value lies within half a stored step of its class, which such a step (below
-        # a quarter) leaves no doubt about; ITK would truncate it to 1.
-        if off > 0 and not (quantum < 0.25 and off <= quantum * (1 + 1e-6)):
+        # The header's slope and offset are float32: 1e-6 is their rounding, whatever the step (int32: 4 is 3.9999999).
+        if off > 1e-6 and not (quantum < 0.05 and off <= quantum * (1 + 1e-6)):
             raise FlareSegError(f"{path}: label map holds non-integer values")
         if off > 0:
             log.warning(
-                "%s: its integer type's scaling (scl_slope=%g, scl_inter=%g) puts labels up to %.3g from whole "
-                "classes; read rounded to the nearest",
-                path, slope, inter, off,
+                "%s: values up to %.3g from whole classes (scl_slope=%g, scl_inter=%g); read rounded to the nearest",
+                path, off, slope, inter,
             )  # fmt: skip
         data = whole
     lo, hi = data.min(), data.max()

@@ -25,6 +25,7 @@ from flareseg.volume import (
     NIFTI_SUFFIXES,
     canonical_order,
     case_id,
+    check_ct_intensities,
     find_cases,
     from_canonical,
     read_ct,
@@ -817,11 +818,12 @@ def test_label_maps_are_read_as_uint8_with_their_scaling_and_only_whole_classes(
         read_labels(save(nib.Nifti1Image(five, np.eye(4)), tmp_path / "five.nii.gz"))
 
 
-@pytest.mark.parametrize("dtype", [np.uint8, np.int16])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int32])
 def test_a_float_label_map_saved_to_an_integer_type_reads_back_as_its_classes(tmp_path, dtype, caplog):
-    """nibabel saves float labels 0..4 into uint8 with scl_slope 4/255 (int16: 8e-5 and an offset), so 2 reads
-    back as 1.992; it was refused as holding non-integer values. Each is within half a stored step of its class:
-    read rounded, with a warning naming the file."""
+    """nibabel saves float labels 0..4 into uint8 with scl_slope 4/255 (int16: 6e-5 and an offset), so 2 reads
+    back as 1.992; it was refused as holding non-integer values (int32: as intensities float32 would merge).
+    Each is within half a stored step of its class: read rounded, with a warning naming the file. Given as a
+    CT, it is still refused as a label map."""
     truth = np.zeros((4, 5, 6), np.float32)
     truth[0, 0, :5] = [0, 1, 2, 3, 4]
     img = nib.Nifti1Image(truth, np.eye(4))
@@ -832,7 +834,27 @@ def test_a_float_label_map_saved_to_an_integer_type_reads_back_as_its_classes(tm
         labels, _ = read_labels(path)
     np.testing.assert_array_equal(labels, truth.astype(np.uint8))
     (said,) = [r.getMessage() for r in caplog.records]
-    assert said.startswith(f"{path}: its integer type's scaling (scl_slope=") and "rounded to the nearest" in said
+    assert said.startswith(f"{path}: values up to ") and "from whole classes (scl_slope=" in said
+    assert said.endswith("; read rounded to the nearest")
+    if dtype != np.int32:  # an int32 map of slope 1e-9 is refused as a CT for its scaling, before its values
+        with pytest.raises(FlareSegError, match=r"float_labels\.nii\.gz: looks like a label map, not a CT"):
+            check_ct_intensities(read_ct(path), path, "segmentation")
+
+
+@pytest.mark.parametrize(
+    ("stored", "slope", "why"),
+    [
+        ([0, 3, 5, 7, 10], 0.4, "a step of 0.4 class: 1.2 and 2.8 are not one class or the next beyond doubt"),
+        ([0, 1, 255], 1 / 255, "code 1 is 0.004: within a class's tolerance, but not half a step of 1/255 from it"),
+    ],
+)
+def test_a_label_map_scaled_coarsely_or_off_its_steps_is_refused(tmp_path, stored, slope, why):
+    data = np.zeros((4, 5, 6), np.uint8)
+    data[0, 0, : len(stored)] = stored
+    img = nib.Nifti1Image(data, np.eye(4))
+    img.header.set_slope_inter(slope, 0.0)
+    with pytest.raises(FlareSegError, match=r"coarse\.nii\.gz: label map holds non-integer values"):
+        read_labels(save(img, tmp_path / "coarse.nii.gz"))
 
 
 def test_one_non_finite_voxel_is_enough_to_refuse_a_ct(tmp_path):

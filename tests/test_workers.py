@@ -131,7 +131,8 @@ def _signal_state() -> tuple[object, object, list[int]]:
 @pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
 @pytest.mark.parametrize("kind", ["pool", "loader"])
 def test_workers_forked_in_the_window_take_their_own_signals_unblocked(kind):
-    """Forked while the stops are blocked (as flare-eval's pool and the DataLoader's workers are): a pool worker
+    """Forked while the stops are blocked (as flare-eval's pool and the DataLoader's workers are where fork is the
+    start method, Linux's default up to Python 3.13; the test forks explicitly): a pool worker
     dies of SIGTERM by default (a broken pool's shutdown relies on it), a loader worker ignores it (the trainer's
     to handle); both ignore Ctrl-C, and neither keeps the parent's block, which would hold a SIGTERM forever."""
     import multiprocessing

@@ -159,7 +159,7 @@ def test_bad_prediction_file_fails_the_command_with_one_line(phantom_dirs, tmp_p
     shutil.copy(bad, target)
     out = tmp_path / "r.csv"
     if kind == "non-finite":
-        problem = "non-integer values"  # a label map's own wording
+        problem = "label map holds non-finite values"  # a label map's own wording
     _expect_cli_error(
         ["--pred", str(pred_dir), "--gt", str(gt_dir), "-o", str(out), "-q"], capsys, str(target), problem
     )
