@@ -708,6 +708,31 @@ def canonical_order(values: Sequence[_T], to_canonical: np.ndarray) -> tuple[_T,
     return (xyz[2], xyz[1], xyz[0])
 
 
+#: Voxel centres of two grids this close (mm) are the same grid: float32 headers round well below it.
+GRID_TOLERANCE_MM = 1e-3
+
+
+def canonical_grid(shape: Sequence[int], affine: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
+    """The (Z, Y, X) shape and the voxel-to-world affine of a file's voxels brought to canonical order."""
+    ornt = canonical_transform(affine)
+    zyx = canonical_order([int(n) for n in shape[:3]], ornt)
+    return zyx, np.asarray(affine, dtype=np.float64) @ nib.orientations.inv_ornt_aff(ornt, shape[:3])
+
+
+def grid_offset_mm(
+    shape: Sequence[int], affine: np.ndarray, other_shape: Sequence[int], other_affine: np.ndarray
+) -> float | None:
+    """How far (mm) the other grid's voxel centres lie from this one's at most, both brought to canonical voxel
+    order, so that the same grid stored in another orientation (flipped or permuted axes) is 0 away; None where
+    their shapes differ in any order. The farthest centre is a corner: the affines differ linearly."""
+    zyx, grid = canonical_grid(shape, affine)
+    other_zyx, other = canonical_grid(other_shape, other_affine)
+    if zyx != other_zyx:
+        return None
+    corners = np.array([[i, j, k, 1.0] for i in (0, zyx[2] - 1) for j in (0, zyx[1] - 1) for k in (0, zyx[0] - 1)])
+    return float(np.abs(corners @ (other - grid).T)[:, :3].max())
+
+
 def _check_affine(path: Path, affine: np.ndarray) -> None:
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise FlareSegError(f"{path}: the affine is singular or not finite")

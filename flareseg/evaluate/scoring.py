@@ -7,6 +7,7 @@ challenge did; an extra prediction (no ground truth) is reported and not scored.
 
 from __future__ import annotations
 
+import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -19,11 +20,23 @@ from tqdm import tqdm
 from flareseg.errors import FlareSegError, first_few
 from flareseg.labels import ORGANS
 from flareseg.metrics import organ_scores
-from flareseg.volume import case_id, find_cases, read_labels
+from flareseg.volume import (
+    GRID_TOLERANCE_MM,
+    VolumeGeometry,
+    case_id,
+    find_cases,
+    from_canonical,
+    grid_offset_mm,
+    read_labels,
+    to_canonical,
+)
 from flareseg.workers import cancelled_futures_quiet, pool_worker_signals, stop_signals_blocked
 
-#: Affines of a prediction and its ground truth may differ by this much (mm) from rounding.
-AFFINE_TOLERANCE_MM = 1e-3
+log = logging.getLogger(__name__)
+
+#: How far (mm) a prediction's voxel centres may lie from its ground truth's (float32 header rounding); public
+#: since the first release, now the volume module's grid tolerance.
+AFFINE_TOLERANCE_MM = GRID_TOLERANCE_MM
 
 
 @dataclass(frozen=True)
@@ -46,18 +59,43 @@ class Evaluation:
 
 
 def evaluate_case(gt_path: Path, pred_path: Path, tolerance_mm: float = 1.0) -> CaseResult:
-    """Score one prediction; spacing comes from the ground truth header."""
+    """Score one prediction; spacing comes from the ground truth header.
+
+    A prediction on the ground truth's grid stored in another voxel order (LPS where the ground truth is RAS,
+    permuted axes: what SimpleITK or a RAS-canonical pipeline writes) is brought onto the ground truth's voxels
+    first; any other grid is refused, saying how far its voxels lie.
+    """
     name = case_id(gt_path)
     gt, gt_geom = read_labels(gt_path)
     pred, pred_geom = read_labels(pred_path)
-    if gt.shape != pred.shape:
+    apart = grid_offset_mm(gt_geom.shape, gt_geom.affine, pred_geom.shape, pred_geom.affine)
+    if apart is None:
         raise FlareSegError(
-            f"{pred_path}: prediction of shape {pred.shape}, its ground truth {gt.shape} ({gt_path}); "
-            "predict on the ground truth's own grid"
+            f"{pred_path}: prediction of shape {pred.shape}, its ground truth {gt.shape} ({gt_path}), in any voxel "
+            "order; predict on the ground truth's own grid"
         )
-    if not np.allclose(gt_geom.affine, pred_geom.affine, atol=AFFINE_TOLERANCE_MM, rtol=0):
-        raise FlareSegError(f"{pred_path}: prediction affine differs from its ground truth's ({gt_path})")
+    if apart > GRID_TOLERANCE_MM:
+        raise FlareSegError(
+            f"{pred_path}: prediction voxels lie up to {apart:.3g} mm from its ground truth's ({gt_path}): another "
+            "grid (shift, spacing or rotation), not the same grid stored in another voxel order"
+        )
+    if not np.array_equal(pred_geom.to_canonical, gt_geom.to_canonical):
+        pred = np.ascontiguousarray(from_canonical(to_canonical(pred, pred_geom), gt_geom))
+    _say_spacing_disagreement(gt_path, gt_geom)
     return CaseResult(name, organ_scores(gt, pred, gt_geom.spacing, tolerance_mm=tolerance_mm))
+
+
+def _say_spacing_disagreement(path: Path, geometry: VolumeGeometry) -> None:
+    """Warn where the header's pixdim (the spacing NSD is measured with) and its affine's voxel sizes differ: an
+    sform written without pixdim (1, 1, 1) would measure surfaces in the wrong millimetres without a word."""
+    pixdim = np.asarray(geometry.spacing, dtype=np.float64)
+    sizes = np.linalg.norm(np.asarray(geometry.affine, dtype=np.float64)[:3, :3], axis=0)
+    if not np.allclose(pixdim, sizes, rtol=1e-4, atol=1e-5):
+        log.warning(
+            "%s: pixdim gives voxels of %s mm, its affine %s mm; NSD is measured with pixdim's, as the header's "
+            "spacing",
+            path, " x ".join(f"{v:.4g}" for v in pixdim), " x ".join(f"{v:.4g}" for v in sizes),
+        )  # fmt: skip
 
 
 def _evaluate_pair(args: tuple[Path, Path, float]) -> CaseResult:

@@ -344,11 +344,6 @@ def unfinished_result(output: Path, output_type: str) -> str | None:
     return None
 
 
-# The largest difference between a result's affine and its input's that still counts as the same grid: NIfTI
-# stores the sform in float32, and flare-eval accepts predictions as far off.
-GRID_TOLERANCE_MM = 1e-3
-
-
 def result_of_another_scan(output: Path, input_path: Path, output_type: str) -> str | None:
     """Why a finished result at ``output`` cannot be of ``input_path`` as it is now, else None: a scan sent
     again or reconstructed again under its name, or a series that was still arriving when the result was made.
@@ -377,9 +372,14 @@ def result_of_another_scan(output: Path, input_path: Path, output_type: str) -> 
     if grid != shape:
         size = lambda s: " x ".join(map(str, s))  # noqa: E731
         return f"is a {size(grid)} grid, where its input {input_path} now is {size(shape)}"
-    apart = float(np.abs(np.asarray(result.affine) - np.asarray(scan.affine)).max())
+    from flareseg.volume import GRID_TOLERANCE_MM, grid_offset_mm
+
+    # A result is written in its input's own voxel order, so its shape matched: only where its voxels lie is left.
+    apart = grid_offset_mm(shape, scan.affine, grid, result.affine)
+    if apart is None:  # the same shape, but its axes oriented otherwise: another grid
+        return f"lies elsewhere than its input {input_path} (its axes are oriented otherwise)"
     if apart > GRID_TOLERANCE_MM:
-        return f"lies elsewhere than its input {input_path} (affines up to {apart:.3g} apart)"
+        return f"lies elsewhere than its input {input_path} (voxel centres up to {apart:.3g} mm apart)"
     return None
 
 

@@ -23,17 +23,17 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-from nibabel.orientations import inv_ornt_aff
 from tqdm import tqdm
 
 from flareseg.atomic import atomic_output, write_text_atomic
 from flareseg.errors import FlareSegError
 from flareseg.preprocess import NormalizationStats, network_batch, resize_labels, stored_stats, volume_normalizer
 from flareseg.volume import (
-    canonical_order,
-    canonical_transform,
+    GRID_TOLERANCE_MM,
+    canonical_grid,
     check_ct_intensities,
     find_cases,
+    grid_offset_mm,
     nibabel_notes,
     read_ct,
     read_labels,
@@ -44,8 +44,6 @@ log = logging.getLogger(__name__)
 #: 2: keyed per case by its files (not only by statistics and size), masks brought onto the image's grid.
 #: 3: masks resized by their pixel centres (nearest-exact), as the images are (bilinear, half-pixel centres).
 CACHE_VERSION = 3
-#: How far (mm) a mask's voxel centres may lie from its image's: header rounding, as flare-eval allows.
-GRID_TOLERANCE_MM = 1e-3
 
 
 def progress_disabled() -> bool | None:
@@ -187,13 +185,6 @@ def write_stats_file(path: Path, stats: NormalizationStats, source: dict[str, An
     write_text_atomic(json.dumps({**stats.to_dict(), "source": source}, sort_keys=True), path)
 
 
-def canonical_grid(shape: Sequence[int], affine: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
-    """The (Z, Y, X) shape and the voxel-to-world affine of a file's voxels brought to canonical order."""
-    ornt = canonical_transform(affine)
-    zyx = canonical_order([int(n) for n in shape[:3]], ornt)
-    return zyx, np.asarray(affine, dtype=np.float64) @ inv_ornt_aff(ornt, shape[:3])
-
-
 def check_mask_grid(
     case: Case, image_shape: Sequence[int], image_affine: np.ndarray, mask_shape: Sequence[int], mask_affine: np.ndarray
 ) -> None:
@@ -204,17 +195,13 @@ def check_mask_grid(
     A different grid (shifted, other spacing, other shape, oblique) is refused: training
     would learn organs displaced from the anatomy.
     """
-    img_shape, img_aff = canonical_grid(image_shape, image_affine)
-    lab_shape, lab_aff = canonical_grid(mask_shape, mask_affine)
-    if img_shape != lab_shape:
+    moved = grid_offset_mm(image_shape, image_affine, mask_shape, mask_affine)
+    if moved is None:
+        img_shape, lab_shape = canonical_grid(image_shape, image_affine)[0], canonical_grid(mask_shape, mask_affine)[0]
         raise FlareSegError(
             f"{case.mask}: mask grid {'x'.join(map(str, lab_shape[::-1]))} differs from its image's "
             f"{'x'.join(map(str, img_shape[::-1]))} ({case.image.name})"
         )
-    # The farthest any voxel centre moves between the two grids: the affines' difference at the corners.
-    corners = np.array([[i, j, k, 1.0] for i in (0, lab_shape[2] - 1) for j in (0, lab_shape[1] - 1)
-                        for k in (0, lab_shape[0] - 1)])  # fmt: skip
-    moved = float(np.abs(corners @ (lab_aff - img_aff).T)[:, :3].max())
     if not moved <= GRID_TOLERANCE_MM:
         raise FlareSegError(
             f"{case.mask}: mask voxels lie up to {moved:.3g} mm away from its image's ({case.image.name}): "

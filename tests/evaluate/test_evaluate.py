@@ -14,7 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import BAD_INPUT_KINDS, bad_inputs, save
+from conftest import BAD_INPUT_KINDS, bad_inputs, reorient, save
 from scipy import ndimage
 
 from flareseg.evaluate import evaluate_folders
@@ -111,7 +111,7 @@ def test_shape_mismatch_names_both_files_and_writes_nothing(phantom_dirs, tmp_pa
         ["--pred", str(pred_dir), "--gt", str(gt_dir), "-o", str(out), "-q"],
         capsys,
         f"{pred_dir / 'case_000.nii.gz'}: prediction of shape (40, 40, 24), its ground truth (48, 40, 24) "
-        f"({gt_dir / 'case_000.nii.gz'})",
+        f"({gt_dir / 'case_000.nii.gz'}), in any voxel order",
     )
     assert not out.exists()
 
@@ -125,8 +125,8 @@ def test_affine_mismatch_names_both_files(phantom_dirs, capsys):
     _expect_cli_error(
         ["--pred", str(pred_dir), "--gt", str(gt_dir), "-q"],
         capsys,
-        f"{pred_dir / 'case_001.nii.gz'}: prediction affine differs from its ground truth's "
-        f"({gt_dir / 'case_001.nii.gz'})",
+        f"{pred_dir / 'case_001.nii.gz'}: prediction voxels lie up to 5 mm from its ground truth's "
+        f"({gt_dir / 'case_001.nii.gz'}): another grid (shift, spacing or rotation)",
     )
 
 
@@ -338,7 +338,78 @@ def test_a_prediction_shifted_by_a_hundredth_of_a_millimetre_is_refused(phantom_
     affine[0, 3] += 0.01
     save(nib.Nifti1Image(np.asarray(img.dataobj), affine, img.header), pred_dir / "case_000.nii.gz")
     assert main(["--pred", str(pred_dir), "--gt", str(gt_dir), "-q"]) == 2
-    assert "prediction affine differs from its ground truth's" in capsys.readouterr().err
+    assert "prediction voxels lie up to 0.01 mm from its ground truth's" in capsys.readouterr().err
+
+
+def _pair_on_an_anisotropic_grid(tmp_path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """A phantom ground truth on 3.5 x 3 x 5 mm voxels, and a prediction of it with the liver eroded and
+    the spleen moved two voxels: scores that a flip or a spacing on the wrong axis would change."""
+    _, gt = make_phantom((48, 40, 24), (3.5, 3.0, 5.0), seed=0).to_nifti()
+    labels = np.asarray(gt.dataobj).astype(np.uint8)
+    pred = labels.copy()
+    liver = pred == 1
+    pred[liver & ~ndimage.binary_erosion(liver)] = 0
+    pred[pred == 3] = 0
+    pred[np.roll(labels == 3, 2, axis=1)] = 3
+    (tmp_path / "gt").mkdir()
+    save(gt, tmp_path / "gt" / "case_000.nii.gz")
+    return gt, pred
+
+
+@pytest.mark.parametrize("axcodes", [("L", "P", "S"), ("S", "R", "A"), ("P", "I", "L")], ids="".join)
+def test_a_prediction_on_the_same_grid_stored_in_another_voxel_order_scores_as_if_it_were_not(tmp_path, axcodes):
+    """SimpleITK's DICOMOrient(img, "LPS") written as it is, or a RAS-canonical pipeline's output: the same voxels
+    of the world, in another order. It was refused as another grid (or another shape); it is brought onto the
+    ground truth's voxels and scores exactly what the same prediction stored as the ground truth scores."""
+    from flareseg.evaluate import evaluate_case
+
+    gt, pred = _pair_on_an_anisotropic_grid(tmp_path)
+    as_gt = save(nib.Nifti1Image(pred, gt.affine), tmp_path / "as_gt.nii.gz")
+    other = save(reorient(nib.Nifti1Image(pred, gt.affine), axcodes), tmp_path / "other.nii.gz")
+    assert nib.aff2axcodes(nib.load(other).affine) == axcodes
+    expected = evaluate_case(tmp_path / "gt" / "case_000.nii.gz", as_gt).scores
+    assert evaluate_case(tmp_path / "gt" / "case_000.nii.gz", other).scores == expected
+    assert 0.5 < expected[1][0] < 0.99 and expected[3][0] < 0.9  # the eroded liver and the moved spleen
+    assert expected[2] == (1.0, 1.0)  # the kidneys untouched: a flip would have moved them
+
+
+def test_a_spacing_off_by_a_micrometre_a_voxel_is_another_grid_however_small_each_entry(tmp_path, capsys):
+    """9e-4 mm a voxel passed a per-entry tolerance of 1e-3 mm, with the far edge 0.04 mm off (0.46 mm on a
+    512 grid): voxel centres are compared now."""
+    gt, pred = _pair_on_an_anisotropic_grid(tmp_path)
+    affine = gt.affine.copy()
+    affine[0, 0] += 9e-4
+    (tmp_path / "pred").mkdir()
+    save(nib.Nifti1Image(pred, affine), tmp_path / "pred" / "case_000.nii.gz")
+    assert main(["--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "-q"]) == 2
+    assert "prediction voxels lie up to 0.0423 mm from its ground truth's" in capsys.readouterr().err
+
+
+def test_a_ground_truth_whose_pixdim_and_affine_disagree_is_scored_with_a_warning(tmp_path, caplog):
+    """An sform of 3.5 x 3 x 5 mm voxels with pixdim 1 x 1 x 1: NSD is measured with pixdim's, as the header's
+    spacing, and the disagreement is said, naming the file and both."""
+    import logging
+
+    from flareseg.evaluate import evaluate_case
+
+    gt, pred = _pair_on_an_anisotropic_grid(tmp_path)
+    odd = nib.Nifti1Image(np.asarray(gt.dataobj), gt.affine)
+    odd.header.set_qform(None, code=0)
+    odd.header["pixdim"][1:4] = 1.0
+    path = save(odd, tmp_path / "odd.nii.gz")
+    assert nib.load(path).header.get_zooms() == (1.0, 1.0, 1.0)
+    prediction = save(nib.Nifti1Image(pred, gt.affine), tmp_path / "pred.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="flareseg.evaluate"):
+        evaluate_case(path, prediction)
+    (said,) = [r.getMessage() for r in caplog.records if r.name == "flareseg.evaluate.scoring"]
+    assert (
+        said == f"{path}: pixdim gives voxels of 1 x 1 x 1 mm, its affine 3.5 x 3 x 5 mm; NSD is measured with "
+        "pixdim's, as the header's spacing"
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flareseg.evaluate"):
+        evaluate_case(tmp_path / "gt" / "case_000.nii.gz", prediction)
+    assert not [r for r in caplog.records if r.name == "flareseg.evaluate.scoring"]
 
 
 def test_the_summary_shows_each_metric_in_its_own_column_with_the_population_std():

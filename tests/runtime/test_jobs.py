@@ -476,7 +476,7 @@ def test_a_result_of_another_version_of_its_scan_is_not_taken_for_done(tmp_path)
     ct((24, 24, 6), shift=5.0)  # the same grid, moved 5 mm
     (planned,) = plan_folder([scan], out)
     assert planned.status == "failed" and "lies elsewhere than its input" in str(planned.error)
-    assert "(affines up to 5 apart)" in str(planned.error)
+    assert "(voxel centres up to 5 mm apart)" in str(planned.error)
     assert [p.status for p in plan_folder([scan], out, overwrite=True)] == ["run"]
 
 
