@@ -722,15 +722,16 @@ def canonical_grid(shape: Sequence[int], affine: np.ndarray) -> tuple[tuple[int,
 def grid_offset_mm(
     shape: Sequence[int], affine: np.ndarray, other_shape: Sequence[int], other_affine: np.ndarray
 ) -> float | None:
-    """How far (mm) the other grid's voxel centres lie from this one's at most, both brought to canonical voxel
-    order, so that the same grid stored in another orientation (flipped or permuted axes) is 0 away; None where
-    their shapes differ in any order. The farthest centre is a corner: the affines differ linearly."""
+    """How far (mm, a distance) the other grid's voxel centres lie from this one's at most, both brought to
+    canonical voxel order, so that the same grid stored in another orientation (flipped or permuted axes) is 0
+    away; None where their shapes differ in any order. The farthest centre is a corner: the affines differ
+    linearly, and a distance is convex."""
     zyx, grid = canonical_grid(shape, affine)
     other_zyx, other = canonical_grid(other_shape, other_affine)
     if zyx != other_zyx:
         return None
     corners = np.array([[i, j, k, 1.0] for i in (0, zyx[2] - 1) for j in (0, zyx[1] - 1) for k in (0, zyx[0] - 1)])
-    return float(np.abs(corners @ (other - grid).T)[:, :3].max())
+    return float(np.linalg.norm((corners @ (other - grid).T)[:, :3], axis=1).max())
 
 
 def _check_affine(path: Path, affine: np.ndarray) -> None:

@@ -74,7 +74,7 @@ def evaluate_case(gt_path: Path, pred_path: Path, tolerance_mm: float = 1.0) -> 
             f"{pred_path}: prediction of shape {pred.shape}, its ground truth {gt.shape} ({gt_path}), in any voxel "
             "order; predict on the ground truth's own grid"
         )
-    if apart > GRID_TOLERANCE_MM:
+    if not apart <= GRID_TOLERANCE_MM:  # NaN too
         raise FlareSegError(
             f"{pred_path}: prediction voxels lie up to {apart:.3g} mm from its ground truth's ({gt_path}): another "
             "grid (shift, spacing or rotation), not the same grid stored in another voxel order"

@@ -372,13 +372,14 @@ def result_of_another_scan(output: Path, input_path: Path, output_type: str) -> 
     if grid != shape:
         size = lambda s: " x ".join(map(str, s))  # noqa: E731
         return f"is a {size(grid)} grid, where its input {input_path} now is {size(shape)}"
-    from flareseg.volume import GRID_TOLERANCE_MM, grid_offset_mm
+    from flareseg.volume import GRID_TOLERANCE_MM, canonical_transform, grid_offset_mm
 
-    # A result is written in its input's own voxel order, so its shape matched: only where its voxels lie is left.
+    # A result is written in its input's own voxel order: a result of the same grid in another order is not one,
+    # and a tool comparing arrays (FLARE21's scorer) would read its labels misplaced.
+    if not np.array_equal(canonical_transform(scan.affine), canonical_transform(result.affine)):
+        return f"lies elsewhere than its input {input_path} (its voxel axes are ordered or flipped otherwise)"
     apart = grid_offset_mm(shape, scan.affine, grid, result.affine)
-    if apart is None:  # the same shape, but its axes oriented otherwise: another grid
-        return f"lies elsewhere than its input {input_path} (its axes are oriented otherwise)"
-    if apart > GRID_TOLERANCE_MM:
+    if apart is None or not apart <= GRID_TOLERANCE_MM:
         return f"lies elsewhere than its input {input_path} (voxel centres up to {apart:.3g} mm apart)"
     return None
 

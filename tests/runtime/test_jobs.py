@@ -478,6 +478,32 @@ def test_a_result_of_another_version_of_its_scan_is_not_taken_for_done(tmp_path)
     assert planned.status == "failed" and "lies elsewhere than its input" in str(planned.error)
     assert "(voxel centres up to 5 mm apart)" in str(planned.error)
     assert [p.status for p in plan_folder([scan], out, overwrite=True)] == ["run"]
+    # The same world grid, the result's voxels stored in another order (LPS, square slices: the same shape): not
+    # a result flareseg wrote for it, and a scorer comparing arrays would read its labels flipped.
+    ct((24, 24, 6))
+    from conftest import reorient
+
+    own = nib.load(out / "c0.nii.gz")
+    nib.save(reorient(nib.Nifti1Image(np.asarray(own.dataobj), own.affine), ("L", "P", "S")), out / "c0.nii.gz")
+    (planned,) = plan_folder([scan], out)
+    assert planned.status == "failed" and "(its voxel axes are ordered or flipped otherwise)" in str(planned.error)
+
+
+def test_a_grid_s_offset_is_the_distance_its_voxel_centres_move():
+    """A (3, 4, 0) mm shift moves every voxel 5 mm, not 4; and any order of the same grid is 0 away."""
+    import numpy as np
+
+    from flareseg.volume import grid_offset_mm
+
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    moved = affine.copy()
+    moved[:3, 3] += (3.0, 4.0, 0.0)
+    assert grid_offset_mm((5, 6, 7), affine, (5, 6, 7), moved) == pytest.approx(5.0)
+    flipped = affine.copy()
+    flipped[0] = -flipped[0]  # axis 0 runs the other way, from the far end: the same voxel centres
+    flipped[0, 3] = 0.8 * 4
+    assert grid_offset_mm((5, 6, 7), affine, (5, 6, 7), flipped) == pytest.approx(0.0, abs=1e-12)
+    assert grid_offset_mm((5, 6, 7), affine, (6, 5, 7), affine) is None
 
 
 @pytest.mark.parametrize("output_type", ["nifti", "dicom-seg"])
