@@ -78,6 +78,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: How the commands' log lines read (worker processes started fresh take it too: flareseg.workers).
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
 class BarAwareHandler(logging.StreamHandler):
     """Log lines that make room for a progress bar: written with ``tqdm.write``, which lifts the bars on the
     stream, prints the line and draws them again, rather than the line landing on the bar's."""
@@ -107,7 +111,7 @@ def run_command(
     root = logging.getLogger()
     theirs = [h for h in root.handlers if not getattr(h, "_flareseg", False)]  # an embedding program's: untouched
     ours = BarAwareHandler(sys.stderr)
-    ours.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    ours.setFormatter(logging.Formatter(LOG_FORMAT))
     logging.basicConfig(level=logging.WARNING, handlers=[ours])
     logging.getLogger("flareseg").setLevel(level)
     # nibabel logs a header fault it cannot fix at ERROR, then raises; pydicom's decoders log each

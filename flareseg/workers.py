@@ -9,6 +9,7 @@ worker crash.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -23,11 +24,24 @@ from typing import Any
 _STOP = {signal.SIGINT, signal.SIGTERM} | ({signal.SIGHUP} if hasattr(signal, "SIGHUP") else set())
 
 
-def pool_worker_signals() -> None:
+def pool_worker_signals(log_level: int | None = None) -> None:
     """A process pool worker's initialiser. Ctrl-C is the parent's: it cancels the cases not started and lets the
     running ones end. SIGTERM ends the worker at once, by default, as the pool relies on when it stops the workers
-    of a broken pool (a worker that ignored it would hang the pool's shutdown)."""
+    of a broken pool (a worker that ignored it would hang the pool's shutdown).
+
+    ``log_level``: the parent's level for flareseg's loggers. A worker started fresh (the spawn or forkserver start
+    method: macOS, and Linux from Python 3.14) inherits no logging set-up, and its warnings would reach stderr as
+    bare messages, naming neither their level nor their logger; it gets the commands' format at that level. A forked
+    worker keeps the parent's handlers.
+    """
     _worker_signals(sigterm=signal.SIG_DFL)
+    if log_level is not None and not logging.getLogger().handlers:
+        from flareseg.cli import LOG_FORMAT
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logging.basicConfig(level=logging.WARNING, handlers=[handler])
+        logging.getLogger("flareseg").setLevel(log_level)
 
 
 @contextlib.contextmanager

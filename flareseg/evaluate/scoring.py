@@ -129,7 +129,8 @@ def evaluate_folders(
     with tqdm(total=len(jobs), desc="evaluating", unit="case", disable=None if progress else True) as bar:
         results: dict[str, CaseResult] = {}
         if workers > 1 and len(jobs) > 1:
-            with ProcessPoolExecutor(max_workers=workers, initializer=pool_worker_signals) as pool:
+            level = (logging.getLogger("flareseg").getEffectiveLevel(),)  # for workers started without our logging
+            with ProcessPoolExecutor(max_workers=workers, initializer=pool_worker_signals, initargs=level) as pool:
                 try:
                     with stop_signals_blocked():  # the workers are forked at the first submission
                         scored = pool.map(_evaluate_pair, jobs)

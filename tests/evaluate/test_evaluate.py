@@ -422,3 +422,31 @@ def test_the_summary_shows_each_metric_in_its_own_column_with_the_population_std
     liver = next(line for line in summary_table(ev).splitlines() if line.startswith("| liver"))
     cells = [c.strip() for c in liver.strip("|").split("|")]
     assert cells == ["liver", "50.00 ± 50.00", "37.50 ± 12.50"]  # pstdev: the cases are the population
+
+
+def test_workers_started_fresh_say_their_warnings_in_the_command_s_format(tmp_path):
+    """Under the spawn start method (macOS; forkserver, Linux's from Python 3.14, alike) a worker inherits no
+    logging set-up: its warnings reached stderr bare, naming neither level nor logger. Ground truth saved by
+    nibabel into uint8 (slope 4/255) is read with a warning, in each of two workers."""
+    truth = np.zeros((8, 8, 4), np.float32)
+    truth[2:5, 2:5, 1:3] = 1
+    truth[6, 6, 0] = 4
+    for folder in ("gt", "pred"):
+        (tmp_path / folder).mkdir()
+        for case in ("case_000", "case_001"):
+            img = nib.Nifti1Image(truth, np.eye(4))
+            if folder == "gt":
+                img.set_data_dtype(np.uint8)  # a slope of 4/255: 1 reads back as 1.0039
+            else:
+                img = nib.Nifti1Image(truth.astype(np.uint8), np.eye(4))
+            save(img, tmp_path / folder / f"{case}.nii.gz")
+    script = (
+        "import multiprocessing, sys; multiprocessing.set_start_method('spawn'); "
+        "from flareseg.evaluate.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    argv = ["--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--workers", "2", "-q"]
+    done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stderr.splitlines() if "read rounded to the nearest" in line]
+    assert len(said) == 2, done.stderr
+    assert all(line.startswith("WARNING flareseg.volume: ") for line in said), said
