@@ -200,7 +200,7 @@ def write_seg(
     # labels back, and the numbering does not change from case to case with the organs found.
     frames = file_labels.transpose(2, 1, 0)  # (slice, row, column)
     described = list(ORGANS)
-    spacing = float(volume.geometry.header.get_zooms()[2])  # between the series' slices, as the NIfTI output has it
+    spacing = volume.geometry.spacing[2]  # between the series' slices, as the NIfTI output has it
     sources = [_referencable(ds, spacing) for ds in series.datasets]
     if len(sources) == 1 and "SpacingBetweenSlices" not in sources[0]:
         # One slice has no gap to measure (highdicom would write 1.0): the spacing the NIfTI output has.
