@@ -188,15 +188,20 @@ def say_ignored(
 
 
 def find_cases(
-    folder: str | os.PathLike[str], *, keep_clashes: bool = False, ignored: list[IgnoredInput] | None = None
+    folder: str | os.PathLike[str],
+    *,
+    keep_clashes: bool = False,
+    ignored: list[IgnoredInput] | None = None,
+    series_folders: bool = False,
 ) -> dict[str, Path]:
     """Case name -> NIfTI file of ``folder``, sorted by file name (not recursive; hidden files skipped).
 
     Two files with the same FLARE21 case name (``a_0000.nii.gz`` and ``a.nii``) are an error;
     with ``keep_clashes``, the second is listed as ``{name}/{file name}`` instead, the one
     with the ``_0000`` channel tag being the first (the other is likely a result beside it).
-    A file named as NIfTI in upper case, and a link to nothing, are left out with a warning,
-    and added to ``ignored``.
+    A file named as NIfTI in upper case, a link to nothing, and a folder named as NIfTI are left out with a
+    warning, and added to ``ignored``; ``series_folders``: the caller lists folders itself (as DICOM series), so
+    they are not said here.
     """
     folder = require_folder(folder)
     cases: dict[str, Path] = {}
@@ -214,6 +219,8 @@ def find_cases(
         if not path.is_file():
             if not path.exists():
                 say_ignored(log, path, "a link to nothing", ignored)
+            elif path.is_dir() and not series_folders:
+                say_ignored(log, path, "a folder, not a NIfTI file", ignored)
             continue
         name = case_id(path)
         if name in cases:
@@ -329,9 +336,11 @@ def _load_named(
             raise FlareSegError(f"{path}: cannot read ({exc.strerror or exc})") from None
         raise FlareSegError(f"{path}: unreadable or truncated file ({exc})") from None
     except (EOFError, zlib.error, ValueError) as exc:
+        if str(exc).startswith("w2 should be positive"):  # the qform, the file's only orientation, is damaged
+            raise FlareSegError(f"{path}: invalid NIfTI header (quatern_b, c, d are not a rotation's)") from None
         raise FlareSegError(f"{path}: unreadable or truncated file ({exc})") from None
     except (nib.spatialimages.HeaderDataError, OverflowError) as exc:  # a damaged field: datatype, dim, vox_offset
-        raise FlareSegError(f"{path}: invalid NIfTI header ({exc})") from None
+        raise FlareSegError(f"{path}: invalid NIfTI header ({_dim0_fault(path) or exc})") from None
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise FlareSegError(f"{path}: not a NIfTI image (nibabel read it as {type(img).__name__})")
     shape = img.shape
@@ -474,7 +483,10 @@ def _check_file_size(path: Path, layout: _Layout) -> None:
     size, needed = path.stat().st_size, layout.offset + layout.nbytes
     if path.name.endswith(".gz"):
         if needed > _DEFLATE_MAX_RATIO * size + (1 << 20):
-            why = f"the header's grid needs {layout.nbytes:,} bytes, more than a {size:,}-byte gzip file can hold"
+            start = f" from byte {layout.offset:,} (vox_offset)" if layout.offset > 1 << 20 else ""
+            why = (
+                f"the header's grid needs {layout.nbytes:,} bytes{start}, more than a {size:,}-byte gzip file can hold"
+            )
             raise FlareSegError(f"{path}: truncated or corrupt voxel data ({why})")
     elif size < needed:
         why = f"the file holds {size:,} bytes; its header needs {needed:,}"
@@ -739,10 +751,47 @@ def _check_affine(path: Path, affine: np.ndarray) -> None:
         raise FlareSegError(f"{path}: the affine is singular or not finite")
 
 
+def _dim0_fault(path: Path) -> str | None:
+    """What is wrong with a header's dim[0], if anything: nibabel takes a dim[0] outside 1..7 for a header of the
+    other byte order, then names a field that only reads wrong in that order."""
+    try:
+        with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read(48)
+    except (OSError, EOFError, zlib.error):
+        return None
+    if len(raw) < 48:
+        return None
+    for order in "<>":
+        size = int(np.frombuffer(raw, f"{order}i4", 1)[0])
+        if size in (348, 540):  # NIfTI-1: dim is int16 from byte 40; NIfTI-2: int64 from byte 16
+            dim0 = int(
+                np.frombuffer(raw, f"{order}i2", 1, 40)[0]
+                if size == 348
+                else np.frombuffer(raw, f"{order}i8", 1, 16)[0]
+            )
+            return None if 1 <= dim0 <= 7 else f"dim[0] is {dim0}; it must be 1 to 7"
+    return None
+
+
+def _usable_qform(header: nib.Nifti1Header) -> np.ndarray | None:
+    """The header's qform, or None where its fields cannot make one (a NaN pixdim or offset, quatern_b, c, d
+    beyond a unit quaternion)."""
+    try:
+        with np.errstate(all="ignore"):
+            qform = np.asarray(header.get_qform(), dtype=np.float64)
+    except ValueError:  # nibabel: "w2 should be positive"
+        return None
+    if not np.all(np.isfinite(qform)) or abs(np.linalg.det(qform[:3, :3])) < 1e-12:
+        return None
+    return qform
+
+
 def _geometry(path: Path, img: nib.Nifti1Image) -> VolumeGeometry:
     affine = np.asarray(img.affine, dtype=np.float64)
     _check_affine(path, affine)
-    if int(img.header["qform_code"]) == 0 and int(img.header["sform_code"]) == 0:
+    header = img.header.copy()
+    qform_code, sform_code = int(header["qform_code"]), int(header["sform_code"])
+    if qform_code == 0 and sform_code == 0:
         # NIfTI's fallback gives voxel sizes but no orientation; the network expects RAS+ slices.
         log.warning(
             "%s: the header gives no orientation (qform_code and sform_code are 0); read as %s, "
@@ -750,21 +799,35 @@ def _geometry(path: Path, img: nib.Nifti1Image) -> VolumeGeometry:
             path,
             "".join(nib.aff2axcodes(affine)),
         )
-    elif int(img.header["qform_code"]) > 0 and int(img.header["sform_code"]) > 0:
-        qform, sform = (nib.aff2axcodes(a) for a in (img.header.get_qform(), img.header.get_sform()))
-        if qform != sform:  # a header edited by hand or by a tool that updated one of them
-            log.warning(
-                "%s: the qform (%s) and the sform (%s) disagree on the orientation; read with the sform, as "
-                "nibabel does (ITK-based tools may follow the qform): check that the labels lie on the organs",
-                path,
-                "".join(qform),
-                "".join(sform),
-            )
+    elif qform_code > 0 and sform_code > 0:
+        qform = _usable_qform(header)
+        if qform is None:
+            # Read with the sform alone; the outputs get a qform made from it, as ITK-based tools read the qform.
+            log.warning("%s: the qform is damaged (quatern_b, c, d or pixdim); read with the sform", path)
+            header.set_qform(affine, code=qform_code)
+        else:
+            codes = nib.aff2axcodes(qform), nib.aff2axcodes(affine)
+            if codes[0] != codes[1]:  # a header edited by hand or by a tool that updated one of them
+                log.warning(
+                    "%s: the qform (%s) and the sform (%s) disagree on the orientation; read with the sform, as "
+                    "nibabel does (ITK-based tools may follow the qform): check that the labels lie on the organs",
+                    path,
+                    "".join(codes[0]),
+                    "".join(codes[1]),
+                )
+    zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64)
+    if not np.all(np.isfinite(zooms) & (zooms > 0)):  # pixdim is the spacing NSD and DICOM SEG use
+        sizes = np.linalg.norm(affine[:3, :3], axis=0)
+        log.warning(
+            "%s: pixdim gives voxels of %s mm; read as the affine's, %s mm",
+            path, " x ".join(f"{v:.4g}" for v in zooms), " x ".join(f"{v:.4g}" for v in sizes),
+        )  # fmt: skip
+        header.set_zooms((*sizes, *header.get_zooms()[3:]))
     return VolumeGeometry(
         path=path,
         shape=(int(img.shape[0]), int(img.shape[1]), int(img.shape[2])),
         affine=affine,
-        header=img.header.copy(),
+        header=header,
         to_canonical=canonical_transform(affine),
     )
 
@@ -861,9 +924,14 @@ def volume_from_array(array: np.ndarray, affine: np.ndarray, *, name: str = "arr
         data = data[..., 0]
     if data.ndim != 3:
         raise FlareSegError(f"{name}: expected a 3D volume (i, j, k), got shape {data.shape}")
+    if min(data.shape) < 1:
+        raise FlareSegError(f"{name}: empty volume of shape {data.shape}")
     matrix = np.asarray(affine, dtype=np.float64)
     if matrix.shape != (4, 4):
         raise FlareSegError(f"{name}: expected a 4 x 4 affine, got shape {matrix.shape}")
+    _check_affine(path, matrix)
+    if not np.array_equal(matrix[3], [0.0, 0.0, 0.0, 1.0]):  # a projective row: no voxel-to-mm map of NIfTI's
+        raise FlareSegError(f"{name}: the affine's last row is {matrix[3].tolist()}; expected [0, 0, 0, 1]")
     _check_voxels(path, data)
     shape = (int(data.shape[0]), int(data.shape[1]), int(data.shape[2]))
     geometry = grid_geometry(path, shape, matrix)

@@ -31,3 +31,44 @@ def test_a_save_that_runs_out_of_disk_is_one_line_naming_the_file_and_leaves_not
     (line,) = run.stdout.splitlines()
     assert line.startswith(f"FlareSegError: {target}: ") and "File too large" in line
     assert list(tmp_path.iterdir()) == []
+
+
+def _tiny():
+    from flareseg.checkpoint import ModelInfo
+    from flareseg.network import NetworkConfig, build_training_network
+    from flareseg.preprocess import NormalizationStats
+
+    net = build_training_network(NetworkConfig(base_width=4))
+    return net, ModelInfo(network=net.config, normalization=NormalizationStats(mean=0.0, std=1.0), slice_size=(32, 32))
+
+
+def test_a_checkpoint_of_another_format_version_is_refused_naming_both(tmp_path):
+    import pytest
+    import torch
+
+    from flareseg.checkpoint import FORMAT_VERSION, read_checkpoint, save_checkpoint
+    from flareseg.errors import FlareSegError
+
+    save_checkpoint(tmp_path / "now.pt", *_tiny())
+    payload = torch.load(tmp_path / "now.pt", weights_only=True)
+    assert read_checkpoint(tmp_path / "now.pt")["format_version"] == FORMAT_VERSION
+    torch.save({**payload, "format_version": FORMAT_VERSION + 1}, tmp_path / "later.pt")
+    with pytest.raises(FlareSegError) as err:
+        read_checkpoint(tmp_path / "later.pt")
+    assert str(err.value) == (
+        f"{tmp_path / 'later.pt'}: checkpoint format version {FORMAT_VERSION + 1}, this flareseg reads {FORMAT_VERSION}"
+    )
+
+
+def test_extra_keys_cannot_replace_the_format_s_own_and_nothing_is_written(tmp_path):
+    import pytest
+
+    from flareseg.checkpoint import read_checkpoint, save_checkpoint
+    from flareseg.errors import FlareSegError
+
+    for key in ("state_dict", "normalization"):
+        with pytest.raises(FlareSegError, match=rf"extra keys \['{key}'\] clash with the format's own keys"):
+            save_checkpoint(tmp_path / "x.pt", *_tiny(), extra={key: 1})
+        assert not (tmp_path / "x.pt").exists()
+    save_checkpoint(tmp_path / "x.pt", *_tiny(), extra={"epoch": 3})
+    assert read_checkpoint(tmp_path / "x.pt")["epoch"] == 3

@@ -127,6 +127,10 @@ def test_stats_json_round_trip_and_validation():
         NormalizationStats(mean=0.0, std=0.0)
     with pytest.raises(FlareSegError, match="invalid normalisation statistics"):
         NormalizationStats.from_dict({"mean": 1.0})
+    with pytest.raises(FlareSegError, match="invalid normalisation statistics"):  # a stats.json edited by hand
+        NormalizationStats.from_dict({"mean": "abc", "std": 1.0, "percentiles": [1, 99]})
+    with pytest.raises(FlareSegError, match="invalid normalisation statistics JSON"):
+        NormalizationStats.from_json('{"mean": 1.0, "std"')
     with pytest.raises(FlareSegError):
         compute_stats([])
 

@@ -174,6 +174,77 @@ def test_a_qform_and_sform_that_disagree_on_the_orientation_are_read_by_the_sfor
     assert not caplog.messages
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [{"pixdim": [1.0, float("nan"), 2.0, 3.0, 1, 1, 1, 1]}, {"quatern_b": 2.0, "quatern_c": 2.0, "quatern_d": 2.0}],
+    ids=["nan-pixdim", "not-a-rotation"],
+)
+def test_a_damaged_qform_beside_an_sform_is_read_with_the_sform_and_mended_in_the_outputs(tmp_path, caplog, fields):
+    # nibabel fails to build such a qform (SVD did not converge; w2 should be positive): a traceback in every command.
+    sform = np.array([[-2.0, 0, 0, 10], [0, 2.0, 0, -20], [0, 0, 3.0, 5], [0, 0, 0, 1]])
+    img = nib.Nifti1Image(np.arange(120, dtype=np.int16).reshape(4, 5, 6), sform)
+    img.set_qform(sform, code=1)
+    img.set_sform(sform, code=1)
+    raw = bytearray(save(img, tmp_path / "good.nii").read_bytes())
+    header = nib.Nifti1Header.from_fileobj(io.BytesIO(bytes(raw)), check=False)
+    for key, value in fields.items():
+        header[key] = value
+    raw[: header.sizeof_hdr] = header.binaryblock
+    path = tmp_path / "damaged qform.nii"
+    path.write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING, logger="flareseg.volume"):
+        vol = read_ct(path)
+    assert caplog.messages == [f"{path}: the qform is damaged (quatern_b, c, d or pixdim); read with the sform"]
+    np.testing.assert_array_equal(vol.geometry.affine, sform)
+    assert vol.geometry.spacing == (2.0, 2.0, 3.0)
+    out = write_labels(np.zeros((6, 5, 4), np.uint8), vol.geometry, tmp_path / "labels.nii.gz")
+    written = nib.load(out).header
+    np.testing.assert_allclose(written.get_qform(), sform, atol=1e-6)  # what ITK-based tools read is whole again
+    np.testing.assert_allclose(written.get_sform(), sform)
+    assert written.get_zooms() == (2.0, 2.0, 3.0)
+
+
+def test_a_non_finite_pixdim_with_an_sform_alone_takes_the_affines_voxel_sizes(tmp_path, caplog):
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), affine)
+    img.set_qform(None, code=0)
+    img.set_sform(affine, code=1)
+    raw = bytearray(save(img, tmp_path / "x.nii").read_bytes())
+    header = nib.Nifti1Header.from_fileobj(io.BytesIO(bytes(raw)), check=False)
+    header["pixdim"] = [1.0, 0.8, float("inf"), 2.5, 1, 1, 1, 1]
+    raw[: header.sizeof_hdr] = header.binaryblock
+    path = tmp_path / "inf pixdim.nii"
+    path.write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING, logger="flareseg.volume"):
+        vol = read_ct(path)
+    assert caplog.messages == [
+        f"{path}: pixdim gives voxels of 0.8 x inf x 2.5 mm; read as the affine's, 0.8 x 0.8 x 2.5 mm"
+    ]
+    assert vol.geometry.spacing == pytest.approx((0.8, 0.8, 2.5))
+    written = nib.load(write_labels(np.zeros((6, 5, 4), np.uint8), vol.geometry, tmp_path / "l.nii.gz")).header
+    assert written.get_zooms() == pytest.approx((0.8, 0.8, 2.5))
+
+
+def test_a_qform_alone_that_is_not_a_rotation_is_named_as_such(tmp_path):
+    path = _header_patched(tmp_path, "q.nii", sform_code=0, qform_code=1, quatern_b=2.0, quatern_c=2.0, quatern_d=2.0)
+    with pytest.raises(FlareSegError) as err:
+        read_ct(path)
+    assert str(err.value) == f"{path}: invalid NIfTI header (quatern_b, c, d are not a rotation's)"
+
+
+@pytest.mark.parametrize("dim0", [-3, 8])
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_a_dim0_outside_one_to_seven_is_named(tmp_path, dim0, suffix):
+    # nibabel takes it for a header of the other byte order, and names a field read in that order.
+    raw = bytearray(save(nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.eye(4)), tmp_path / "x.nii").read_bytes())
+    raw[40:42] = np.int16(dim0).tobytes()
+    path = tmp_path / f"dim0{suffix}"
+    path.write_bytes(gzip.compress(bytes(raw)) if suffix == ".nii.gz" else bytes(raw))
+    with pytest.raises(FlareSegError) as err:
+        read_ct(path)
+    assert str(err.value) == f"{path}: invalid NIfTI header (dim[0] is {dim0}; it must be 1 to 7)"
+
+
 def test_nibabel_notes_of_another_thread_are_not_taken_for_this_files(tmp_path):
     notes = volume_module._NibabelNotes()
     logger = logging.getLogger("nibabel.global")
@@ -638,6 +709,16 @@ def test_a_header_claiming_a_huge_grid_fails_without_filling_it(tmp_path, suffix
     after = peak_rss_mb()
     assert before is not None and after is not None
     assert after - before < 256  # nibabel's second read would first zero a 1 GB bytearray
+
+
+def test_a_vox_offset_far_beyond_the_file_is_named_as_where_the_voxels_start(tmp_path):
+    path = save(nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), np.eye(4)), tmp_path / "offset.nii.gz")
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    raw[108:112] = np.array([1e12], "<f4").tobytes()  # vox_offset
+    path.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(FlareSegError) as err:
+        read_ct(path)
+    assert "the header's grid needs 512 bytes from byte 999,999,995,904 (vox_offset), more than a" in str(err.value)
 
 
 def test_a_cut_trailer_and_an_unreadable_disk_are_told_apart_from_a_damaged_stream(tmp_path, monkeypatch):

@@ -67,12 +67,20 @@ def openvino_cpu_capabilities() -> tuple[str, ...] | None:
 
 def available_backends() -> list[str]:
     """The backends this machine can run."""
+    return _machine_backends()[0]
+
+
+def _machine_backends() -> tuple[list[str], dict[str, str]]:
+    """The backends this machine can run, and those its runtimes have but its hardware cannot, with why."""
     import torch  # here, so that ``flare-bench --help`` stays light
 
     names = ["torch-cpu-fp32", "onnxruntime-cpu-fp32", "onnxruntime-cpu-int8"]
+    missing: dict[str, str] = {}
     capabilities = openvino_cpu_capabilities()
     if capabilities is not None:
         names += ["openvino-cpu-fp32", *(["openvino-cpu-bf16"] if "BF16" in capabilities else []), "openvino-cpu-int8"]
+        if "BF16" not in capabilities:
+            missing["openvino-cpu-bf16"] = "this CPU has no bf16 instructions (OpenVINO reports no BF16)"
     if torch.cuda.is_available():
         names += ["torch-cuda-fp32", "torch-cuda-bf16", "torch-cuda-fp16", "torch-cuda-fp16-graph"]
         import onnxruntime as ort
@@ -85,7 +93,7 @@ def available_backends() -> list[str]:
             names.append("tensorrt-fp16")
         except ImportError:
             pass
-    return names
+    return names, missing
 
 
 #: How coarse each arithmetic is: a run is as coarse as the coarser of its backend and its model.
@@ -145,8 +153,8 @@ def select_backends(
         if refused:
             raise FlareSegError(f"with an ONNX model ({onnx_precision}) alone: " + "; ".join(refused))
         return tuple(requested), {}
-    available = available_backends()
-    left_out: dict[str, str] = {}
+    available, missing = _machine_backends()
+    left_out: dict[str, str] = dict(missing)
     chosen: dict[tuple[str, str, bool], str] = {}
     for name in available:
         backend = ALL_BACKENDS[name]

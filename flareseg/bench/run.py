@@ -117,6 +117,7 @@ class BenchConfig:
             onnx_precision=onnx_precision,
             left_out=left_out,
             nvml=nvml_readable([ALL_BACKENDS[b].device for b in backends]),
+            defaulted=frozenset(n for n, v in (("repeats", self.repeats), ("slices", self.slices)) if v is None),
         )
 
 
@@ -145,6 +146,8 @@ class BenchPlan:
     left_out: Mapping[str, str]
     #: Whether NVML samples the GPU's memory during CUDA runs (:func:`~flareseg.bench.measure.nvml_readable`).
     nvml: bool
+    #: The settings that took this machine's default (not given): "repeats", "slices".
+    defaulted: frozenset[str] = frozenset()
 
 
 def check_counts(
@@ -290,12 +293,20 @@ def settings_section(cfg: BenchPlan) -> dict[str, Any]:
         "random_weights": cfg.model is None,
         "onnx_model_precision": cfg.onnx_precision,
         "left_out": dict(cfg.left_out),
-        "note": None
-        if torch.cuda.is_available()
-        else f"CPU machine: {cfg.repeats} timed repeats per batch size"
-        + ("" if cfg.input is not None else f" and a {cfg.slices}-slice volume")
-        + " keep the run to a few minutes",
+        "note": _cpu_defaults_note(cfg),
     }
+
+
+def _cpu_defaults_note(cfg: BenchPlan) -> str | None:
+    """What this CPU machine's defaults cut short (only those not given: the user's own need no excuse)."""
+    if torch.cuda.is_available():
+        return None
+    cut = []
+    if "repeats" in cfg.defaulted:
+        cut.append(f"{cfg.repeats} timed repeats per batch size")
+    if "slices" in cfg.defaulted and cfg.input is None:
+        cut.append(f"a {cfg.slices}-slice volume")
+    return f"CPU machine defaults ({'; '.join(cut)}) keep the run to a few minutes" if cut else None
 
 
 def model_section(models: dict[str, Path]) -> dict[str, Any]:

@@ -69,6 +69,12 @@ def evaluate_case(gt_path: Path, pred_path: Path, tolerance_mm: float = 1.0) -> 
     gt, gt_geom = read_labels(gt_path)
     pred, pred_geom = read_labels(pred_path)
     apart = grid_offset_mm(gt_geom.shape, gt_geom.affine, pred_geom.shape, pred_geom.affine)
+    if apart is None and sorted(pred.shape) == sorted(gt.shape):  # the same size, but rotated onto other axes
+        raise FlareSegError(
+            f"{pred_path}: prediction of shape {pred.shape} with voxel axes {''.join(pred_geom.axcodes)}, its ground "
+            f"truth {gt.shape} with {''.join(gt_geom.axcodes)} ({gt_path}): another grid, not the same grid stored "
+            "in another voxel order; predict on the ground truth's own grid"
+        )
     if apart is None:
         raise FlareSegError(
             f"{pred_path}: prediction of shape {pred.shape}, its ground truth {gt.shape} ({gt_path}), in any voxel "

@@ -367,9 +367,9 @@ def export_onnx(
                 outputs.remove(gone)
         bar.update()
     for model_written, (_, _, figures) in zip(written, verified, strict=True):
-        log.debug("wrote %s: %s", model_written.path, _summary(figures))  # flare-export prints it (stdout)
-    for gone in stale:
-        log.info("removed %s: of the earlier export, not of this one", gone)
+        log.debug("wrote %s: %s", model_written.path, _summary(figures, source))  # flare-export prints it (stdout)
+    for gone in stale:  # a user's file gone: said under -q too
+        log.warning("removed %s: of the earlier export, not of this one (--overwrite replaces the whole set)", gone)
     return written
 
 
@@ -437,9 +437,11 @@ def _quantize_verified(
     )
 
 
-def _summary(figures: dict[str, dict[str, float]]) -> str:
+def _summary(figures: dict[str, dict[str, float]], real_source: object = None) -> str:
     parts = []
     for name, f in figures.items():
+        if name == "real" and str(real_source).startswith("synthetic phantom"):  # no CT was given to verify on
+            name = "phantom"
         text = f"{name} slices: argmax agreement {100 * f['argmax_agreement']:.3f}%"
         if "max_abs_logit_diff" in f:
             text += f", max logit diff {f['max_abs_logit_diff']:.2e} ({f['max_rel_logit_diff']:.2e} relative)"
@@ -452,5 +454,6 @@ def verification_report(exported: list[ExportedModel]) -> str:
     lines = []
     for item in exported:
         v = {k: val for k, val in item.metadata.verification.items() if isinstance(val, dict)}
-        lines.append(f"{item.path.name} ({item.metadata.precision}): {_summary(v)}")
+        source = item.metadata.verification.get("real_source")
+        lines.append(f"{item.path.name} ({item.metadata.precision}): {_summary(v, source)}")
     return "\n".join(lines)

@@ -52,7 +52,7 @@ def is_series_input(path: str | os.PathLike[str]) -> bool:
 
     if not is_series_dir(path):
         return False
-    nifti = sorted(p.name for p in find_cases(path).values())
+    nifti = sorted(p.name for p in find_cases(path, series_folders=True).values())
     if nifti:
         raise FlareSegError(
             f"{path}: holds DICOM files and NIfTI images ({first_few(nifti)}) side by side, so it is neither one "
@@ -233,7 +233,7 @@ def list_inputs(
     (an upper-case ``.NII.GZ``, a broken link, a patient/study/series tree).
     """
     folder = Path(folder)
-    cases = dict(find_cases(folder, keep_clashes=True, ignored=ignored))
+    cases = dict(find_cases(folder, keep_clashes=True, ignored=ignored, series_folders=True))
     if not any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir()):
         return cases  # no subfolders, so no series: pydicom need not be imported
     from flareseg.dicom import find_series
@@ -376,7 +376,11 @@ def result_of_another_scan(output: Path, input_path: Path, output_type: str) -> 
 
     # A result is written in its input's own voxel order: a result of the same grid in another order is not one,
     # and a tool comparing arrays (FLARE21's scorer) would read its labels misplaced.
-    if not np.array_equal(canonical_transform(scan.affine), canonical_transform(result.affine)):
+    try:
+        order = canonical_transform(scan.affine), canonical_transform(result.affine)
+    except (ValueError, np.linalg.LinAlgError):  # an affine that is not finite, or singular
+        return "has an affine that places its voxels nowhere (not finite, or singular)"
+    if not np.array_equal(*order):
         return f"lies elsewhere than its input {input_path} (its voxel axes are ordered or flipped otherwise)"
     apart = grid_offset_mm(shape, scan.affine, grid, result.affine)
     if apart is None or not apart <= GRID_TOLERANCE_MM:

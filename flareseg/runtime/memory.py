@@ -139,15 +139,21 @@ def plan_batch(
             break
         chosen = max((b for b in usable if b < chosen), default=None)
     if chosen is None:
-        first = measured[0]
-        if math.isinf(first.device_mb):
+        smallest = [m for m in measured if m.batch == measured[0].batch]
+        last = smallest[-1]  # measured again after a larger batch: the figure that refused it
+        if math.isinf(last.device_mb):
             raise FlareSegError(
-                f"batch {first.batch} does not fit in the GPU's free memory (CUDA context {context_mb:.0f} MB, "
+                f"batch {last.batch} does not fit in the GPU's free memory (CUDA context {context_mb:.0f} MB, "
                 f"model {weights_mb:.0f} MB already there): free the GPU, or use a smaller model"
             )
+        grew = (
+            f" once batch {measured[1].batch}'s kernels were loaded, {smallest[0].device_mb:.0f} MB before"
+            if len(smallest) > 1
+            else ""
+        )
         raise FlareSegError(
-            f"GPU memory budget {budget_mb:.0f} MB is too small for even batch {first.batch}, which needs "
-            f"{first.device_mb:.0f} MB (CUDA context {context_mb:.0f} MB, model {weights_mb:.0f} MB); "
+            f"GPU memory budget {budget_mb:.0f} MB is too small for even batch {last.batch}, which needs "
+            f"{last.device_mb:.0f} MB{grew} (CUDA context {context_mb:.0f} MB, model {weights_mb:.0f} MB); "
             "raise --gpu-memory"
         )
     return MemoryPlan(chosen, float(budget_mb), float(context_mb), float(weights_mb), tuple(measured), idle_known)

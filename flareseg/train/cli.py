@@ -275,9 +275,15 @@ def _main(args: argparse.Namespace) -> int:
             raise FlareSegError(f"--resume {args.resume}: no last.pt to resume from (but {left[0]} is there)")
         if not resume:
             log.info("%s: no checkpoint yet (stopped in its first epoch); starting it from epoch 1", args.resume)
-        result = train(config, resume=resume)
     else:
-        result = train(_new_config(args))
+        config, resume = _new_config(args), False
+    try:
+        result = train(config, resume=resume)
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP: say how to go on, where an epoch was kept
+        run = Path(config.out)
+        if (run / "last.pt").exists():
+            log.warning("%s: stopped; `flare-train --resume %s` goes on after its last finished epoch", run, run)
+        raise
     if result.best_epoch > 0:
         best = result.run_dir / "best.pt"
         where = str(best) if best.exists() else f"{best} is missing (moved or removed since that epoch)"

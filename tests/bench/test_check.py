@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from flareseg.bench.backends import available_backends
+from flareseg.bench.backends import _machine_backends, available_backends
 from flareseg.bench.check import (
     INT8_MIN_AGREEMENT,
     Tolerance,
@@ -166,6 +166,13 @@ def test_compare_and_verdict_on_hand_made_outputs():
     int8 = tolerance_for("int8", "logits")
     assert verdict({"slice_agreement": 0.991, "volume_agreement": 0.995, "max_rel_logit_diff": 0.3}, int8) == "PASS"
     assert verdict({"slice_agreement": 0.989, "volume_agreement": 0.995}, int8) == "FAIL"
+    assert verdict({"slice_agreement": 0.99, "volume_agreement": 0.99}, int8) == "PASS"  # at the threshold: met
+    # A NaN in the winning class: numpy's argmax takes the NaN, so the labels still agree everywhere.
+    nan = ref.copy()
+    nan[0, 1, 0, 0] = np.nan
+    f = compare(ref, nan)
+    assert f["slice_agreement"] == 1.0 and f["finite"] is False
+    assert verdict({**f, "volume_agreement": 1.0}, fp32) == "FAIL"
 
 
 def test_slice_indices_are_spread_over_the_volume():
@@ -261,6 +268,7 @@ def test_an_onnx_model_alone_leaves_out_what_it_cannot_run(cpu_check, tmp_path):
     names = {r["backend"] for r in report["rows"]}
     assert not any(n.endswith("-int8") or n.startswith("torch") for n in names)
     expected_out = {n for n in available_backends() if n.endswith("-int8") or n.startswith("torch")}
+    expected_out |= set(_machine_backends()[1])  # openvino-cpu-bf16 on a CPU without bf16
     assert set(report["left_out"]) == expected_out
     assert all(r["status"] in ("PASS", "reference") for r in report["rows"])
     assert "Left out: torch-cpu-fp32 (needs the checkpoint, a .pt file)" in (tmp_path / "check.md").read_text()

@@ -207,6 +207,23 @@ def test_an_empty_prediction_folder_is_an_error_and_ignored_files_are_named(phan
     assert "case_001.NII.GZ: ignored: a NIfTI file must end in .nii or .nii.gz, in lower case" in caplog.text
     assert "case_002.nii.gz: ignored: a link to nothing" in caplog.text
     assert "2 missing (scored 0)" in capsys.readouterr().out
+    (gt_dir / "case_009.nii.gz").mkdir()  # a folder named as a case: its case would be missing from the scores unsaid
+    caplog.clear()
+    assert main(["--pred", str(pred_dir), "--gt", str(gt_dir), "-q"]) == 0
+    assert f"{gt_dir / 'case_009.nii.gz'}: ignored: a folder, not a NIfTI file" in caplog.messages
+
+
+def test_a_prediction_rotated_onto_other_axes_is_said_so_not_given_two_equal_shapes(phantom_dirs, capsys):
+    gt_dir, pred_dir = phantom_dirs
+    gt = nib.load(gt_dir / "case_000.nii.gz")
+    turn = np.array([[1.0, 0, 0, 0], [0, 0, -1, 0], [0, 1, 0, 0], [0, 0, 0, 1]])  # 90 degrees about x
+    save(nib.Nifti1Image(np.asanyarray(gt.dataobj), turn @ gt.affine), pred_dir / "case_000.nii.gz")
+    _expect_cli_error(
+        ["--pred", str(pred_dir), "--gt", str(gt_dir), "-q"],
+        capsys,
+        f"{pred_dir / 'case_000.nii.gz'}: prediction of shape (48, 40, 24) with voxel axes RSP, its ground truth "
+        f"(48, 40, 24) with RAS ({gt_dir / 'case_000.nii.gz'}): another grid",
+    )
 
 
 def _children(pid: int) -> list[str]:
@@ -422,6 +439,22 @@ def test_the_summary_shows_each_metric_in_its_own_column_with_the_population_std
     liver = next(line for line in summary_table(ev).splitlines() if line.startswith("| liver"))
     cells = [c.strip() for c in liver.strip("|").split("|")]
     assert cells == ["liver", "50.00 ± 50.00", "37.50 ± 12.50"]  # pstdev: the cases are the population
+    # Three cases, 1, 1 and 0: the mean (the paper's Table 4) is 66.67, a median would read 100.
+    scores = [{o: (1.0, 1.0) for o in (1, 2, 3, 4)}] * 2 + [{o: (0.0, 0.0) for o in (1, 2, 3, 4)}]
+    ev = Evaluation(results=[CaseResult(f"c{i}", s) for i, s in enumerate(scores)], tolerance_mm=1.0)
+    liver = next(line for line in summary_table(ev).splitlines() if line.startswith("| liver"))
+    assert [c.strip() for c in liver.strip("|").split("|")] == ["liver", "66.67 ± 47.14", "66.67 ± 47.14"]
+
+
+def test_the_default_nsd_tolerance_is_flare21_s_one_millimetre(phantom_dirs, tmp_path, capsys):
+    gt_dir, pred_dir = phantom_dirs
+    for case in ("case_001", "case_002"):  # case_000 missing: its row still comes first, rows in case order
+        shutil.copy(gt_dir / f"{case}.nii.gz", pred_dir / f"{case}.nii.gz")
+    assert main(["--pred", str(pred_dir), "--gt", str(gt_dir), "-o", str(tmp_path / "r.csv"), "-q"]) == 0
+    assert "NSD (%) @ 1 mm" in capsys.readouterr().out
+    rows = _read_csv(tmp_path / "r.csv")
+    assert list(rows) == ["case_000", "case_001", "case_002"]
+    assert {r["nsd_tolerance_mm"] for r in rows.values()} == {"1"}
 
 
 def test_workers_started_fresh_say_their_warnings_in_the_command_s_format(tmp_path):

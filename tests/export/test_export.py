@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -154,6 +155,9 @@ def test_three_channel_export_and_in_graph_argmax(trained_checkpoint, tmp_path):
     assert lab.dtype == np.int32 and lab.shape == (4, *TRAINED_SIZE)
     assert np.mean(lab == ref.argmax(1)) >= 0.999
     assert labels[0].metadata.output_kind == "labels" and labels[0].metadata.label_dtype == "int32"
+    # Read back from the model and its sidecar: a runner binds its output buffer by it (int32, not uint8).
+    assert read_onnx_metadata(labels[0].path).label_dtype == "int32"
+    assert read_sidecar(labels[0].path)["label_dtype"] == "int32"
 
 
 @pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
@@ -180,9 +184,25 @@ def test_failed_verification_writes_nothing(trained_checkpoint, tmp_path, monkey
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_each_precision_is_held_to_its_own_tolerance_on_its_own_slices():
+    def figures(rel: float, random: float, real: float) -> dict[str, dict[str, float]]:
+        common = {"max_abs_logit_diff": rel, "max_rel_logit_diff": rel}
+        return {"random": {**common, "argmax_agreement": random}, "real": {**common, "argmax_agreement": real}}
+
+    onnx_export._check(figures(0.9e-4, 1.0, 1.0), "fp32", "logits")
+    with pytest.raises(FlareSegError, match=r"fp32 ONNX differs from PyTorch on random slices: .* 2\.00e-04 > 1e-04"):
+        onnx_export._check(figures(2e-4, 1.0, 1.0), "fp32", "logits")
+    # fp16 is held to its agreement on the real slices (CT), not the random ones (noise, where classes tie).
+    onnx_export._check(figures(1e-2, 0.5, 0.996), "fp16", "logits")
+    with pytest.raises(FlareSegError, match=r"99\.400% of real-slice voxels, expected >= 99\.5%"):
+        onnx_export._check(figures(1e-2, 1.0, 0.994), "fp16", "logits")
+
+
 def test_cli_exports_and_engine_without_tensorrt_fails_at_once(trained_checkpoint, tmp_path, capsys):
     assert export_main([str(trained_checkpoint), "-o", str(tmp_path / "ok"), "--batch", "1,2,4", "-q"]) == 0
-    assert "flareseg_fp32.onnx (fp32): random slices: argmax agreement" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "flareseg_fp32.onnx (fp32): random slices: argmax agreement" in printed
+    assert "; phantom slices: argmax agreement" in printed and "real slices" not in printed  # no CT was given
     try:
         import tensorrt  # noqa: F401
     except ImportError:
@@ -502,6 +522,10 @@ def test_a_label_map_is_refused_as_verification_volume(tiny_checkpoint, tmp_path
     assert export_main([str(tiny_checkpoint), "-o", str(out), "--verify-volume", str(tmp_path / "mask.nii.gz")]) == 2
     assert "mask.nii.gz: looks like a label map, not a CT" in _one_line(capsys)
     assert not out.exists()
+    nib.save(image, tmp_path / "ct.nii.gz")  # a CT given: its slices are the real ones, as the line says
+    argv = [str(tiny_checkpoint), "-o", str(out), "--verify-volume", str(tmp_path / "ct.nii.gz"), "-q"]
+    assert export_main([*argv, "--verify-slices", "2"]) == 0
+    assert "; real slices: argmax agreement" in capsys.readouterr().out
     # The test itself: integers 0..4 are a label map, however stored; a CT (air at -1000 HU) never is.
     with pytest.raises(FlareSegError, match="looks like a label map"):
         check_not_label_map(np.asarray(labels.dataobj, np.float32), "m.nii.gz", "--verify-volume")
@@ -624,7 +648,9 @@ def test_embedded_metadata_that_is_not_a_json_object_is_refused_in_one_line(tmp_
         ExportMetadata.from_dict(json.loads(embedded), source=kind)
 
 
-def test_an_earlier_export_is_refused_unless_overwrite_which_replaces_the_whole_set(tiny_checkpoint, tmp_path, capsys):
+def test_an_earlier_export_is_refused_unless_overwrite_which_replaces_the_whole_set(
+    tiny_checkpoint, tmp_path, capsys, caplog
+):
     out = tmp_path / "deploy"
     assert export_main([str(tiny_checkpoint), "-o", str(out), "--fp16", "--verify-slices", "1", "-q"]) == 0
     (out / "flareseg_fp16.engine").write_bytes(b"an engine built from the earlier fp16 model")
@@ -640,7 +666,12 @@ def test_an_earlier_export_is_refused_unless_overwrite_which_replaces_the_whole_
     assert export_main([str(tiny_checkpoint), "-o", str(out), "--name", "other", "--verify-slices", "1", "-q"]) == 0
     # --overwrite: the new set (fp32 only) replaces the old one whole; its fp16 model and engine do not stay behind.
     argv = [str(tiny_checkpoint), "-o", str(out), "--verify-slices", "1", "--batch", "1,2,4", "--overwrite", "-q"]
-    assert export_main(argv) == 0
+    with caplog.at_level(logging.WARNING, logger="flareseg.export"):  # -q: files removed are still said
+        assert export_main(argv) == 0
+    assert {m for m in caplog.messages if m.startswith("removed")} == {
+        f"removed {out / name}: of the earlier export, not of this one (--overwrite replaces the whole set)"
+        for name in ("flareseg_fp16.engine", "flareseg_fp16.onnx", "flareseg_fp16.onnx.json")
+    }
     assert sorted(p.name for p in out.iterdir()) == [
         "flareseg_fp32.onnx",
         "flareseg_fp32.onnx.json",

@@ -66,6 +66,8 @@ def test_an_array_is_checked_as_a_file_is(trained_checkpoint):
         "3D volume": (hu[:, :, 0], img.affine),
         "4 x 4 affine": (hu, img.affine[:3, :3]),
         "singular": (hu, np.zeros((4, 4))),
+        "empty volume": (hu[:, :, :0], img.affine),
+        r"last row is \[1.0, 1.0, 1.0, 5.0\]": (hu, np.vstack([img.affine[:3], [1.0, 1.0, 1.0, 5.0]])),
         "unsupported voxel type": (hu > 0, img.affine),
         "label map": (np.asanyarray(make_phantom((48, 40, 7), (8.0, 9.0, 10.0), seed=5).labels), img.affine),
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -193,6 +194,15 @@ def test_a_timings_path_holding_another_file_is_refused_and_earlier_timings_are_
     earlier = tmp_path / "timings.json"
     earlier.write_text('{"context": {"model": "m.pt"}, "cases": []}')
     check_timings(earlier, [])
+    cases = [
+        {"case": f"case_{i:04d}", "read_s": 0.1, "total_s": 1.0, "output": f"pred/{i:04d}.nii.gz"} for i in range(500)
+    ]
+    earlier.write_text(json.dumps({"context": {"model": "m.pt"}, "cases": cases}))  # a run of 500 cases
+    check_timings(earlier, [])
+    with open(earlier, "r+b") as f:  # beyond any run's timings: not read
+        f.truncate(64 * 2**20 + 1)
+    with pytest.raises(FlareSegError, match="exists and is not a flare-infer timings file"):
+        check_timings(earlier, [])
     made = tmp_path / "made-by-mktemp.json"
     made.touch()
     check_timings(made, [])  # an empty file is there to be written
@@ -487,6 +497,19 @@ def test_a_result_of_another_version_of_its_scan_is_not_taken_for_done(tmp_path)
     nib.save(reorient(nib.Nifti1Image(np.asarray(own.dataobj), own.affine), ("L", "P", "S")), out / "c0.nii.gz")
     (planned,) = plan_folder([scan], out)
     assert planned.status == "failed" and "(its voxel axes are ordered or flipped otherwise)" in str(planned.error)
+    # A result whose affine is not finite, or singular (written by another tool, damaged): its case fails alone.
+    import gzip
+
+    whole = bytearray(gzip.decompress((out / "c0.nii.gz").read_bytes()))
+    for rows in (np.full(12, np.nan, "<f4"), np.zeros(12, "<f4")):
+        whole[252:256] = np.array([0, 1], "<i2").tobytes()  # qform_code 0, sform_code 1: the sform alone
+        whole[280:328] = rows.tobytes()  # srow_x, srow_y, srow_z
+        (out / "c0.nii.gz").write_bytes(gzip.compress(bytes(whole)))
+        (planned,) = plan_folder([scan], out)
+        assert planned.status == "failed" and str(planned.error) == (
+            f"{out / 'c0.nii.gz'}: exists but has an affine that places its voxels nowhere (not finite, or singular); "
+            "remove it to redo the case"
+        )
 
 
 def test_a_grid_s_offset_is_the_distance_its_voxel_centres_move():

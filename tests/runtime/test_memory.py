@@ -79,6 +79,11 @@ def test_the_chosen_batch_is_measured_again_and_steps_down_if_it_no_longer_fits(
     assert [(m.batch, m.device_mb) for m in plan.measured][-2:] == [(2, 1020.0), (1, 820.0)]
 
 
+def test_a_budget_of_exactly_the_context_and_weights_is_measured_not_refused():
+    plan = plan_batch(1000.0, 600.0, 400.0, lambda batch: 1000.0, candidates=(1,))
+    assert plan.batch == 1 and plan.predicted_mb == 1000.0  # a batch at exactly the budget fits
+
+
 def test_a_budget_below_the_context_names_the_context_cost():
     measure = _Measure(H200)
     with pytest.raises(FlareSegError, match=r"CUDA context 621 MB \+ model 40 MB = 661 MB"):
@@ -89,6 +94,17 @@ def test_a_budget_below_the_context_names_the_context_cost():
 def test_a_budget_too_small_for_batch_one_names_its_figure():
     with pytest.raises(FlareSegError, match="too small for even batch 1, which needs 973 MB"):
         plan_batch(900.0, context_mb=621.0, weights_mb=40.0, measure=_Measure(H200))
+
+
+def test_batch_one_refused_after_a_larger_batch_is_named_by_the_figure_that_refused_it():
+    measure = _Growing({1: 960.0, 2: 1300.0})  # 1 fits at first; with batch 2's kernels resident, 1020 MB
+    with pytest.raises(FlareSegError) as err:
+        plan_batch(1000.0, 621.0, 40.0, measure, candidates=(1, 2))
+    assert measure.asked == [1, 2, 1]
+    assert str(err.value) == (
+        "GPU memory budget 1000 MB is too small for even batch 1, which needs 1020 MB once batch 2's kernels were "
+        "loaded, 960 MB before (CUDA context 621 MB, model 40 MB); raise --gpu-memory"
+    )
 
 
 @pytest.mark.parametrize("budget", [0.0, -5.0, math.nan])

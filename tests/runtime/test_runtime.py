@@ -354,3 +354,14 @@ def test_a_runner_refuses_a_batch_beyond_its_maximum_and_is_released_even_when_r
     with pytest.raises(RuntimeError, match="illegal memory access"):
         runner.deactivate()
     assert not runner.is_active  # what it held is gone: it does not claim to be active
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_a_gpu_device_without_one_is_refused_as_the_user_wrote_it(tmp_path, device):
+    for backend, name in (("onnxruntime", "m.onnx"), ("torch", "m.pt")):
+        model = tmp_path / name
+        model.write_bytes(b"never read: the device is refused first")
+        with pytest.raises(FlareSegError) as err:
+            open_runner(model, backend=backend, device=device)
+        assert str(err.value).startswith(f"device {device} requested, but torch sees no CUDA GPU on this machine")

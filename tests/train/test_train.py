@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -122,6 +123,29 @@ def test_an_epochs_checkpoints_and_log_record_land_together_or_not_at_all(phanto
     assert train_main(["--resume", str(run), "-q"]) == 0  # "no checkpoint yet": from epoch 1
     assert [r["epoch"] for r in _log(run)] == [1]
     assert read_checkpoint(run / "best.pt")["train_state"]["best_epoch"] == 1
+
+
+def test_a_run_stopped_after_an_epoch_says_how_to_resume_it(phantom_data, tmp_path, monkeypatch, caplog):
+    from flareseg.train import loop
+
+    real_save, saves = loop.save_checkpoint, []
+
+    def save_then_stop(path, *args, **kwargs):
+        saves.append(Path(path).name)
+        if len(saves) > 2:  # epoch 1's best.pt and last.pt are kept; Ctrl-C at epoch 2's
+            raise KeyboardInterrupt
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
+    run = tmp_path / "run"
+    argv = ["--data", str(phantom_data), "--out", str(run), "--epochs", "2", "--steps-per-epoch", "1"]
+    with caplog.at_level(logging.WARNING, logger="flareseg.train"):
+        assert train_main([*argv, "--val-cases", "1", *TINY]) == 130
+    assert caplog.messages == [f"{run}: stopped; `flare-train --resume {run}` goes on after its last finished epoch"]
+    monkeypatch.undo()
+    caplog.clear()
+    assert train_main(["--resume", str(run), "-q"]) == 0
+    assert [r["epoch"] for r in _log(run)] == [1, 2] and not caplog.messages
 
 
 def test_an_epochs_log_record_is_renamed_into_place_before_its_checkpoints(phantom_data, tmp_path, monkeypatch):
@@ -349,8 +373,21 @@ def test_two_process_torchrun_keeps_replicas_identical_and_equals_accumulation(p
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert _log(tmp_path / "ddp")[-1]["replica_divergence"] == 0.0
-    # One process accumulating 2 micro-batches of 2 sees the same global batches.
-    assert train_main([*common, "--out", str(tmp_path / "single"), "--accumulate", "2"]) == 0
+    # One process accumulating 2 micro-batches of 2 sees the same global batches. It runs with one thread, as each
+    # rank does: with two, the convolutions sum in another order, and Adam made one weight of an Intel Xeon's run
+    # 1.6e-5 off (a gradient near zero, whose rounding noise its normalised step turns into a whole step).
+    single = [
+        sys.executable,
+        "-m",
+        "flareseg.train.cli",
+        *common,
+        "--out",
+        str(tmp_path / "single"),
+        "--accumulate",
+        "2",
+    ]
+    proc = subprocess.run(single, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     a = read_checkpoint(tmp_path / "ddp" / "last.pt")["state_dict"]
     b = read_checkpoint(tmp_path / "single" / "last.pt")["state_dict"]
 
@@ -374,6 +411,9 @@ def test_the_defaults_are_the_papers_and_each_aux_weight_reaches_its_level(phant
     # Table 3: Adam at 1e-5; weights 1 for the final output, then 0.8..0.5 from the full-resolution level down.
     config = TrainConfig(data="d", out="o")
     assert (config.lr, config.loss_weights, config.batch_size) == (1e-5, (1.0, 0.8, 0.7, 0.6, 0.5), 4)
+    # 100 epochs on 512 x 512 slices, 10 cases held out, rotation and shear of +-20 degrees, 20 % shifts, 0.8-1.2.
+    assert (config.epochs, config.slice_size, config.val_cases, config.base_width) == (100, (512, 512), 10, 64)
+    assert config.augment == AugmentConfig(20.0, 0.2, (0.8, 1.2), 20.0, 1.0)
     from flareseg.train import loop
 
     seen = []

@@ -131,7 +131,7 @@ def open_runner(
         provider: OrtProvider = ort_provider or ("cpu" if dev.type == "cpu" else "cuda")
         if provider != "cpu":  # the GPU providers read and write torch's CUDA tensors (no host round trip)
             try:
-                cuda_device(torch.device("cuda", dev.index or 0))
+                cuda_device(device if dev.type == "cuda" else torch.device("cuda", 0))  # said as it was given
             except FlareSegError as exc:
                 raise FlareSegError(f"{exc}; ONNX Runtime's {provider} provider needs a CUDA build of torch") from None
         return OnnxRuntimeRunner(model, provider=provider, threads=threads, device_id=dev.index or 0, memory=ort_memory)
