@@ -347,7 +347,12 @@ def _load_named(
     if len(shape) == 4 and shape[3] == 1:
         pass  # a trailing singleton 4th axis is a 3D volume
     elif len(shape) != 3:
-        raise FlareSegError(f"{path}: expected a 3D volume, got shape {tuple(shape)}")
+        fault = _dim0_fault(path)  # nibabel may have read dim[0] out of range as another byte order's, or as 0 axes
+        raise FlareSegError(
+            f"{path}: invalid NIfTI header ({fault})"
+            if fault
+            else f"{path}: expected a 3D volume, got shape {tuple(shape)}"
+        )
     if min(shape[:3]) < 1:
         raise FlareSegError(f"{path}: empty volume of shape {tuple(shape)}")
     stored = np.dtype(img.get_data_dtype())
@@ -803,7 +808,7 @@ def _geometry(path: Path, img: nib.Nifti1Image) -> VolumeGeometry:
         qform = _usable_qform(header)
         if qform is None:
             # Read with the sform alone; the outputs get a qform made from it, as ITK-based tools read the qform.
-            log.warning("%s: the qform is damaged (quatern_b, c, d or pixdim); read with the sform", path)
+            log.warning("%s: the qform is damaged (quatern_b, c, d, qoffset or pixdim); read with the sform", path)
             header.set_qform(affine, code=qform_code)
         else:
             codes = nib.aff2axcodes(qform), nib.aff2axcodes(affine)
@@ -822,7 +827,7 @@ def _geometry(path: Path, img: nib.Nifti1Image) -> VolumeGeometry:
             "%s: pixdim gives voxels of %s mm; read as the affine's, %s mm",
             path, " x ".join(f"{v:.4g}" for v in zooms), " x ".join(f"{v:.4g}" for v in sizes),
         )  # fmt: skip
-        header.set_zooms((*sizes, *header.get_zooms()[3:]))
+        header["pixdim"][1:4] = sizes  # the three spatial ones only: nibabel's set_zooms checks the others too
     return VolumeGeometry(
         path=path,
         shape=(int(img.shape[0]), int(img.shape[1]), int(img.shape[2])),

@@ -194,7 +194,9 @@ def test_a_damaged_qform_beside_an_sform_is_read_with_the_sform_and_mended_in_th
     path.write_bytes(bytes(raw))
     with caplog.at_level(logging.WARNING, logger="flareseg.volume"):
         vol = read_ct(path)
-    assert caplog.messages == [f"{path}: the qform is damaged (quatern_b, c, d or pixdim); read with the sform"]
+    assert caplog.messages == [
+        f"{path}: the qform is damaged (quatern_b, c, d, qoffset or pixdim); read with the sform"
+    ]
     np.testing.assert_array_equal(vol.geometry.affine, sform)
     assert vol.geometry.spacing == (2.0, 2.0, 3.0)
     out = write_labels(np.zeros((6, 5, 4), np.uint8), vol.geometry, tmp_path / "labels.nii.gz")
@@ -225,6 +227,22 @@ def test_a_non_finite_pixdim_with_an_sform_alone_takes_the_affines_voxel_sizes(t
     assert written.get_zooms() == pytest.approx((0.8, 0.8, 2.5))
 
 
+def test_a_non_finite_pixdim_of_a_4d_file_keeps_its_other_zooms(tmp_path, caplog):
+    # nibabel's set_zooms checks every zoom: a negative time step (which nibabel leaves) made the mend a traceback.
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    img = nib.Nifti1Image(np.zeros((4, 5, 6, 1), np.int16), affine)
+    img.set_qform(None, code=0)
+    raw = bytearray(save(img, tmp_path / "x.nii").read_bytes())
+    header = nib.Nifti1Header.from_fileobj(io.BytesIO(bytes(raw)), check=False)
+    header["pixdim"] = [1.0, 0.8, float("nan"), 2.5, -2.0, 1, 1, 1]
+    raw[: header.sizeof_hdr] = header.binaryblock
+    path = tmp_path / "4d.nii"
+    path.write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING, logger="flareseg.volume"):
+        vol = read_ct(path)
+    assert vol.geometry.spacing == pytest.approx((0.8, 0.8, 2.5)) and len(caplog.messages) == 1
+
+
 def test_a_qform_alone_that_is_not_a_rotation_is_named_as_such(tmp_path):
     path = _header_patched(tmp_path, "q.nii", sform_code=0, qform_code=1, quatern_b=2.0, quatern_c=2.0, quatern_d=2.0)
     with pytest.raises(FlareSegError) as err:
@@ -232,12 +250,18 @@ def test_a_qform_alone_that_is_not_a_rotation_is_named_as_such(tmp_path):
     assert str(err.value) == f"{path}: invalid NIfTI header (quatern_b, c, d are not a rotation's)"
 
 
-@pytest.mark.parametrize("dim0", [-3, 8])
+@pytest.mark.parametrize("dim0", [-3, 0, 8])
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
-def test_a_dim0_outside_one_to_seven_is_named(tmp_path, dim0, suffix):
-    # nibabel takes it for a header of the other byte order, and names a field read in that order.
-    raw = bytearray(save(nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.eye(4)), tmp_path / "x.nii").read_bytes())
-    raw[40:42] = np.int16(dim0).tobytes()
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_dim0_outside_one_to_seven_is_named(tmp_path, dim0, suffix, version):
+    # nibabel takes it for a header of the other byte order, and names a field read in that order (NIfTI-1), or
+    # reads the other order's dimensions (NIfTI-2), or none at all (0).
+    image = (nib.Nifti1Image if version == 1 else nib.Nifti2Image)(np.zeros((4, 5, 6), np.int16), np.eye(4))
+    raw = bytearray(save(image, tmp_path / "x.nii").read_bytes())
+    if version == 1:
+        raw[40:42] = np.int16(dim0).tobytes()
+    else:
+        raw[16:24] = np.int64(dim0).tobytes()
     path = tmp_path / f"dim0{suffix}"
     path.write_bytes(gzip.compress(bytes(raw)) if suffix == ".nii.gz" else bytes(raw))
     with pytest.raises(FlareSegError) as err:

@@ -80,7 +80,7 @@ def _machine_backends() -> tuple[list[str], dict[str, str]]:
     if capabilities is not None:
         names += ["openvino-cpu-fp32", *(["openvino-cpu-bf16"] if "BF16" in capabilities else []), "openvino-cpu-int8"]
         if "BF16" not in capabilities:
-            missing["openvino-cpu-bf16"] = "this CPU has no bf16 instructions (OpenVINO reports no BF16)"
+            missing["openvino-cpu-bf16"] = "OpenVINO finds no bf16 instructions on this CPU"
     if torch.cuda.is_available():
         names += ["torch-cuda-fp32", "torch-cuda-bf16", "torch-cuda-fp16", "torch-cuda-fp16-graph"]
         import onnxruntime as ort
@@ -131,8 +131,8 @@ def check_backends(names: Sequence[str]) -> None:
     unknown = [b for b in names if b not in ALL_BACKENDS]
     if unknown:
         raise FlareSegError(f"unknown backends {unknown}; known: {', '.join(ALL_BACKENDS)}")
-    available = available_backends()  # asks each library once (OpenVINO's Core(), ONNX Runtime's providers)
-    missing = [b for b in names if b not in available]
+    available, why = _machine_backends()  # asks each library once (OpenVINO's Core(), ONNX Runtime's providers)
+    missing = [f"{b} ({why[b]})" if b in why else b for b in names if b not in available]
     if missing:
         raise FlareSegError(f"backends not available on this machine: {', '.join(missing)}")
 

@@ -193,6 +193,7 @@ def _verify(
     output_kind: OutputKind,
     slices: dict[str, np.ndarray],
     batch: int,
+    source: object = None,
 ) -> dict[str, dict[str, float]]:
     """Run the ONNX model and the PyTorch reference on the same slices; figures per slice set."""
     session = _ort_session(model)
@@ -208,40 +209,50 @@ def _verify(
         ref = np.concatenate(refs)
         if not np.isfinite(ref).all():
             raise FlareSegError(
-                f"the PyTorch network's logits on the {name} slices are not finite (NaN or infinity); nothing written"
+                f"the PyTorch network's logits on the {_slices_name(name, source)} slices are not finite (NaN or "
+                "infinity); nothing written"
             )
         figures[name] = _compare(ref, np.concatenate(gots), output_kind)
         figures[name]["slices"] = float(len(data))
     return figures
 
 
-def _check_finite(figures: dict[str, dict[str, float]], precision: Precision) -> None:
+def _slices_name(name: str, source: object) -> str:
+    """A slice set as messages name it: the "real" set is a phantom's where no CT was given to verify on."""
+    return "phantom" if name == "real" and str(source).startswith("synthetic phantom") else name
+
+
+def _check_finite(figures: dict[str, dict[str, float]], precision: Precision, source: object = None) -> None:
     """Refuse non-finite logits: NaN compares as no difference at all, so every tolerance would pass."""
     for name, f in figures.items():
         if "max_abs_logit_diff" in f and not math.isfinite(f["max_abs_logit_diff"]):
             raise FlareSegError(
-                f"{precision} ONNX logits on the {name} slices are not finite (NaN or infinity) where PyTorch's are; "
-                "nothing written"
+                f"{precision} ONNX logits on the {_slices_name(name, source)} slices are not finite (NaN or "
+                "infinity) where PyTorch's are; nothing written"
             )
 
 
-def _check(figures: dict[str, dict[str, float]], precision: Precision, output_kind: OutputKind) -> None:
-    _check_finite(figures, precision)
+def _check(
+    figures: dict[str, dict[str, float]], precision: Precision, output_kind: OutputKind, source: object = None
+) -> None:
+    _check_finite(figures, precision, source)
     for name, f in figures.items():
         if precision == "fp32" and output_kind == "logits" and f["max_rel_logit_diff"] > FP32_RELATIVE_TOLERANCE:
             raise FlareSegError(
-                f"fp32 ONNX differs from PyTorch on {name} slices: relative logit difference "
+                f"fp32 ONNX differs from PyTorch on {_slices_name(name, source)} slices: relative logit difference "
                 f"{f['max_rel_logit_diff']:.2e} > {FP32_RELATIVE_TOLERANCE:.0e}"
             )
         if precision == "fp32" and output_kind == "labels" and f["argmax_agreement"] < FP32_MIN_AGREEMENT:
             raise FlareSegError(
-                f"fp32 ONNX labels agree with PyTorch on {100 * f['argmax_agreement']:.3f}% of {name} voxels, "
+                f"fp32 ONNX labels agree with PyTorch on {100 * f['argmax_agreement']:.3f}% of "
+                f"{_slices_name(name, source)} voxels, "
                 f"expected >= {100 * FP32_MIN_AGREEMENT:.1f}%"
             )
     real = figures["real"]
     if precision == "fp16" and real["argmax_agreement"] < FP16_MIN_AGREEMENT:
         raise FlareSegError(
-            f"fp16 ONNX agrees with fp32 PyTorch on {100 * real['argmax_agreement']:.3f}% of real-slice voxels, "
+            f"fp16 ONNX agrees with fp32 PyTorch on {100 * real['argmax_agreement']:.3f}% of "
+            f"{_slices_name('real', source)}-slice voxels, "
             f"expected >= {100 * FP16_MIN_AGREEMENT:.1f}%"
         )
 
@@ -332,8 +343,8 @@ def export_onnx(
         bar.update()
         for precision, model in variants:
             bar.set_postfix_str(f"verify {precision}")
-            figures = _verify(model, net, info, channels, options.output_kind, slices, batch)
-            _check(figures, precision, options.output_kind)
+            figures = _verify(model, net, info, channels, options.output_kind, slices, batch, source)
+            _check(figures, precision, options.output_kind, source)
             meta = dataclasses.replace(base, precision=precision, versions=_versions(base, model)).with_verification(
                 {**reference, "real_source": source, **figures}
             )
@@ -440,9 +451,7 @@ def _quantize_verified(
 def _summary(figures: dict[str, dict[str, float]], real_source: object = None) -> str:
     parts = []
     for name, f in figures.items():
-        if name == "real" and str(real_source).startswith("synthetic phantom"):  # no CT was given to verify on
-            name = "phantom"
-        text = f"{name} slices: argmax agreement {100 * f['argmax_agreement']:.3f}%"
+        text = f"{_slices_name(name, real_source)} slices: argmax agreement {100 * f['argmax_agreement']:.3f}%"
         if "max_abs_logit_diff" in f:
             text += f", max logit diff {f['max_abs_logit_diff']:.2e} ({f['max_rel_logit_diff']:.2e} relative)"
         parts.append(text)

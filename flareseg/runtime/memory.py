@@ -147,7 +147,7 @@ def plan_batch(
                 f"model {weights_mb:.0f} MB already there): free the GPU, or use a smaller model"
             )
         grew = (
-            f" once batch {measured[1].batch}'s kernels were loaded, {smallest[0].device_mb:.0f} MB before"
+            f" once batch {max(m.batch for m in measured)}'s kernels were loaded, {smallest[0].device_mb:.0f} MB before"
             if len(smallest) > 1
             else ""
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -281,8 +282,12 @@ def _main(args: argparse.Namespace) -> int:
         result = train(config, resume=resume)
     except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP: say how to go on, where an epoch was kept
         run = Path(config.out)
-        if (run / "last.pt").exists():
-            log.warning("%s: stopped; `flare-train --resume %s` goes on after its last finished epoch", run, run)
+        if os.environ.get("RANK", "0") == "0" and (run / "last.pt").exists():  # once, not by every torchrun rank
+            how = "" if int(os.environ.get("WORLD_SIZE", "1")) <= 1 else ", started by torchrun as this run was"
+            log.warning(
+                "%s: stopped; `flare-train --resume %s`%s goes on after its last finished epoch",
+                run, shlex.quote(str(run)), how,
+            )  # fmt: skip
         raise
     if result.best_epoch > 0:
         best = result.run_dir / "best.pt"

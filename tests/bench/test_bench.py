@@ -593,7 +593,12 @@ def test_openvino_bf16_on_a_cpu_without_it_is_left_out_and_said_so(monkeypatch):
     monkeypatch.setattr(backends, "openvino_cpu_capabilities", lambda: ["FP32", "INT8"])
     names, left = backends.select_backends(None, None)
     assert "openvino-cpu-bf16" not in names and {"openvino-cpu-fp32", "openvino-cpu-int8"} <= set(names)
-    assert left == {"openvino-cpu-bf16": "this CPU has no bf16 instructions (OpenVINO reports no BF16)"}
+    assert left == {"openvino-cpu-bf16": "OpenVINO finds no bf16 instructions on this CPU"}
+    with pytest.raises(FlareSegError) as err:  # asked for by name: the same reason
+        backends.select_backends(("openvino-cpu-bf16",), None)
+    assert str(err.value) == (
+        "backends not available on this machine: openvino-cpu-bf16 (OpenVINO finds no bf16 instructions on this CPU)"
+    )
     monkeypatch.setattr(backends, "openvino_cpu_capabilities", lambda: ["FP32", "BF16", "INT8"])
     names, left = backends.select_backends(None, None)
     assert "openvino-cpu-bf16" in names and left == {}

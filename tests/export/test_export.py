@@ -196,6 +196,9 @@ def test_each_precision_is_held_to_its_own_tolerance_on_its_own_slices():
     onnx_export._check(figures(1e-2, 0.5, 0.996), "fp16", "logits")
     with pytest.raises(FlareSegError, match=r"99\.400% of real-slice voxels, expected >= 99\.5%"):
         onnx_export._check(figures(1e-2, 1.0, 0.994), "fp16", "logits")
+    phantom = "synthetic phantom (192x192x48 at 2x2x5 mm)"  # no CT given: the messages say what was used
+    with pytest.raises(FlareSegError, match=r"99\.400% of phantom-slice voxels, expected >= 99\.5%"):
+        onnx_export._check(figures(1e-2, 1.0, 0.994), "fp16", "logits", phantom)
 
 
 def test_cli_exports_and_engine_without_tensorrt_fails_at_once(trained_checkpoint, tmp_path, capsys):

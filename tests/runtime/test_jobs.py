@@ -510,6 +510,13 @@ def test_a_result_of_another_version_of_its_scan_is_not_taken_for_done(tmp_path)
             f"{out / 'c0.nii.gz'}: exists but has an affine that places its voxels nowhere (not finite, or singular); "
             "remove it to redo the case"
         )
+    # The input's affine damaged, the result whole: not the result's fault (the run reads the input and says so).
+    write_labels(np.zeros(vol.array.shape, np.uint8), vol.geometry, out / "c0.nii.gz")
+    damaged = bytearray(gzip.decompress(scan.read_bytes()))
+    damaged[252:256] = np.array([0, 1], "<i2").tobytes()
+    damaged[280:328] = np.zeros(12, "<f4").tobytes()
+    scan.write_bytes(gzip.compress(bytes(damaged)))
+    assert jobs.result_of_another_scan(out / "c0.nii.gz", scan, "nifti") is None
 
 
 def test_a_grid_s_offset_is_the_distance_its_voxel_centres_move():

@@ -105,6 +105,9 @@ def test_batch_one_refused_after_a_larger_batch_is_named_by_the_figure_that_refu
         "GPU memory budget 1000 MB is too small for even batch 1, which needs 1020 MB once batch 2's kernels were "
         "loaded, 960 MB before (CUDA context 621 MB, model 40 MB); raise --gpu-memory"
     )
+    measure = _Growing({1: 900.0, 2: 960.0, 4: 1300.0})  # the kernels named are the largest batch's
+    with pytest.raises(FlareSegError, match=r"which needs 1020 MB once batch 4's kernels were loaded, 900 MB before"):
+        plan_batch(1000.0, 621.0, 40.0, measure, candidates=(1, 2, 4))
 
 
 @pytest.mark.parametrize("budget", [0.0, -5.0, math.nan])

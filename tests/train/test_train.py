@@ -137,11 +137,13 @@ def test_a_run_stopped_after_an_epoch_says_how_to_resume_it(phantom_data, tmp_pa
         return real_save(path, *args, **kwargs)
 
     monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
-    run = tmp_path / "run"
+    run = tmp_path / "my run"
     argv = ["--data", str(phantom_data), "--out", str(run), "--epochs", "2", "--steps-per-epoch", "1"]
     with caplog.at_level(logging.WARNING, logger="flareseg.train"):
         assert train_main([*argv, "--val-cases", "1", *TINY]) == 130
-    assert caplog.messages == [f"{run}: stopped; `flare-train --resume {run}` goes on after its last finished epoch"]
+    assert caplog.messages == [
+        f"{run}: stopped; `flare-train --resume '{run}'` goes on after its last finished epoch"  # pasted as it is
+    ]
     monkeypatch.undo()
     caplog.clear()
     assert train_main(["--resume", str(run), "-q"]) == 0
