@@ -175,7 +175,7 @@ def select_backends(
             left_out[kept] = f"would run the same model in the same runtime as {name}"
         chosen[key] = name
     names = [n for n in available if n in chosen.values()]
-    return tuple(names), left_out
+    return tuple(names), {n: left_out[n] for n in ALL_BACKENDS if n in left_out}  # in the table's order
 
 
 def onnx_reference(onnx_precision: str) -> str:
