@@ -119,9 +119,11 @@ def test_bad_input_gives_one_line_error_naming_the_file(tmp_path, kind):
     assert "\n" not in message
 
 
-def _header_patched(tmp_path, name, **fields):
-    """An uncompressed NIfTI whose header fields are set after nibabel wrote it (nibabel would repair them)."""
-    path = save(nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.eye(4)), tmp_path / name)
+def _header_patched(tmp_path, name, image=None, **fields):
+    """An uncompressed NIfTI (of ``image``, else a small RAS one) whose header fields are set after nibabel wrote
+    it (nibabel would repair them)."""
+    image = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.eye(4)) if image is None else image
+    path = save(image, tmp_path / name)
     raw = bytearray(path.read_bytes())
     header = nib.Nifti1Header.from_fileobj(io.BytesIO(bytes(raw)), check=False)
     for key, value in fields.items():
@@ -185,13 +187,7 @@ def test_a_damaged_qform_beside_an_sform_is_read_with_the_sform_and_mended_in_th
     img = nib.Nifti1Image(np.arange(120, dtype=np.int16).reshape(4, 5, 6), sform)
     img.set_qform(sform, code=1)
     img.set_sform(sform, code=1)
-    raw = bytearray(save(img, tmp_path / "good.nii").read_bytes())
-    header = nib.Nifti1Header.from_fileobj(io.BytesIO(bytes(raw)), check=False)
-    for key, value in fields.items():
-        header[key] = value
-    raw[: header.sizeof_hdr] = header.binaryblock
-    path = tmp_path / "damaged qform.nii"
-    path.write_bytes(bytes(raw))
+    path = _header_patched(tmp_path, "damaged qform.nii", img, **fields)
     with caplog.at_level(logging.WARNING, logger="flareseg.volume"):
         vol = read_ct(path)
     assert caplog.messages == [
@@ -211,12 +207,7 @@ def test_a_non_finite_pixdim_with_an_sform_alone_takes_the_affines_voxel_sizes(t
     img = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), affine)
     img.set_qform(None, code=0)
     img.set_sform(affine, code=1)
-    raw = bytearray(save(img, tmp_path / "x.nii").read_bytes())
-    header = nib.Nifti1Header.from_fileobj(io.BytesIO(bytes(raw)), check=False)
-    header["pixdim"] = [1.0, 0.8, float("inf"), 2.5, 1, 1, 1, 1]
-    raw[: header.sizeof_hdr] = header.binaryblock
-    path = tmp_path / "inf pixdim.nii"
-    path.write_bytes(bytes(raw))
+    path = _header_patched(tmp_path, "inf pixdim.nii", img, pixdim=[1.0, 0.8, float("inf"), 2.5, 1, 1, 1, 1])
     with caplog.at_level(logging.WARNING, logger="flareseg.volume"):
         vol = read_ct(path)
     assert caplog.messages == [
@@ -232,12 +223,7 @@ def test_a_non_finite_pixdim_of_a_4d_file_keeps_its_other_zooms(tmp_path, caplog
     affine = np.diag([0.8, 0.8, 2.5, 1.0])
     img = nib.Nifti1Image(np.zeros((4, 5, 6, 1), np.int16), affine)
     img.set_qform(None, code=0)
-    raw = bytearray(save(img, tmp_path / "x.nii").read_bytes())
-    header = nib.Nifti1Header.from_fileobj(io.BytesIO(bytes(raw)), check=False)
-    header["pixdim"] = [1.0, 0.8, float("nan"), 2.5, -2.0, 1, 1, 1]
-    raw[: header.sizeof_hdr] = header.binaryblock
-    path = tmp_path / "4d.nii"
-    path.write_bytes(bytes(raw))
+    path = _header_patched(tmp_path, "4d.nii", img, pixdim=[1.0, 0.8, float("nan"), 2.5, -2.0, 1, 1, 1])
     with caplog.at_level(logging.WARNING, logger="flareseg.volume"):
         vol = read_ct(path)
     assert vol.geometry.spacing == pytest.approx((0.8, 0.8, 2.5)) and len(caplog.messages) == 1
