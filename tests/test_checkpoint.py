@@ -72,3 +72,15 @@ def test_extra_keys_cannot_replace_the_format_s_own_and_nothing_is_written(tmp_p
         assert not (tmp_path / "x.pt").exists()
     save_checkpoint(tmp_path / "x.pt", *_tiny(), extra={"epoch": 3})
     assert read_checkpoint(tmp_path / "x.pt")["epoch"] == 3
+
+
+def test_a_slice_size_must_be_positive_multiples_of_sixteen():
+    import pytest
+
+    from flareseg.checkpoint import check_slice_size
+    from flareseg.errors import FlareSegError
+
+    assert check_slice_size((512, 384)) == (512, 384)
+    for size in ((0, 0), (-16, 16), (520, 512)):
+        with pytest.raises(FlareSegError, match=r"must be positive multiples of 16"):
+            check_slice_size(size)

@@ -632,6 +632,22 @@ def test_metadata_is_read_without_the_onnx_package_as_onnx_reads_it(tiny_checkpo
         assert str(err.value).startswith(f"{path}: {words}"), name
 
 
+def test_the_library_refuses_options_and_metadata_the_command_line_cannot_give():
+    """The parsers refuse these before the library sees them; a program calling the library gets the same lines."""
+    with pytest.raises(FlareSegError, match=r"batch profile must satisfy 1 <= min <= opt <= max, got 0,1,2"):
+        ExportOptions(batch_profile=(0, 1, 2))
+    with pytest.raises(FlareSegError, match="at least one real slice is needed to verify an export"):
+        ExportOptions(verify_slices=0)
+    assert ExportOptions().batch_profile == (1, 8, 32)  # the README's default profile
+    info = ModelInfo(
+        network=NetworkConfig(base_width=4), normalization=NormalizationStats(0.0, 1.0), slice_size=(32, 32)
+    )
+    meta = ExportMetadata(info, 1, "logits", None, "fp32", (1, 2, 4), "0" * 64)
+    assert ExportMetadata.from_dict(meta.to_dict()) == meta
+    with pytest.raises(FlareSegError, match=r"^m: malformed export metadata \(precision must be one of .*'fp8'\)$"):
+        ExportMetadata.from_dict({**meta.to_dict(), "precision": "fp8"}, source="m")
+
+
 @pytest.mark.parametrize(
     ("embedded", "kind"), [("[1, 2]", "list"), ("3", "int"), ('"flareseg"', "str"), ("null", "NoneType")]
 )

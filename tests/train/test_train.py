@@ -416,6 +416,8 @@ def test_the_defaults_are_the_papers_and_each_aux_weight_reaches_its_level(phant
     # 100 epochs on 512 x 512 slices, 10 cases held out, rotation and shear of +-20 degrees, 20 % shifts, 0.8-1.2.
     assert (config.epochs, config.slice_size, config.val_cases, config.base_width) == (100, (512, 512), 10, 64)
     assert config.augment == AugmentConfig(20.0, 0.2, (0.8, 1.2), 20.0, 1.0)
+    with pytest.raises(FlareSegError, match="shear"):  # the parser refuses it too; a program's own call the same
+        AugmentConfig(shear_deg=-1.0)
     from flareseg.train import loop
 
     seen = []
