@@ -751,8 +751,14 @@ def grid_offset_mm(
     return float(np.linalg.norm((corners @ (other - grid).T)[:, :3], axis=1).max())
 
 
+def places_voxels(affine: np.ndarray) -> bool:
+    """Whether an affine maps voxels to places at all: finite, and not singular."""
+    matrix = np.asarray(affine, dtype=np.float64)
+    return bool(np.all(np.isfinite(matrix)) and abs(np.linalg.det(matrix[:3, :3])) >= 1e-12)
+
+
 def _check_affine(path: Path, affine: np.ndarray) -> None:
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+    if not places_voxels(affine):
         raise FlareSegError(f"{path}: the affine is singular or not finite")
 
 
@@ -786,9 +792,7 @@ def _usable_qform(header: nib.Nifti1Header) -> np.ndarray | None:
             qform = np.asarray(header.get_qform(), dtype=np.float64)
     except ValueError:  # nibabel: "w2 should be positive"
         return None
-    if not np.all(np.isfinite(qform)) or abs(np.linalg.det(qform[:3, :3])) < 1e-12:
-        return None
-    return qform
+    return qform if places_voxels(qform) else None
 
 
 def _geometry(path: Path, img: nib.Nifti1Image) -> VolumeGeometry:
@@ -822,7 +826,7 @@ def _geometry(path: Path, img: nib.Nifti1Image) -> VolumeGeometry:
                 )
     zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64)
     if not np.all(np.isfinite(zooms) & (zooms > 0)):  # pixdim is the spacing NSD and DICOM SEG use
-        sizes = np.linalg.norm(affine[:3, :3], axis=0)
+        sizes = nib.affines.voxel_sizes(affine)
         log.warning(
             "%s: pixdim gives voxels of %s mm; read as the affine's, %s mm",
             path, " x ".join(f"{v:.4g}" for v in zooms), " x ".join(f"{v:.4g}" for v in sizes),

@@ -78,8 +78,9 @@ def _machine_backends() -> tuple[list[str], dict[str, str]]:
     missing: dict[str, str] = {}
     capabilities = openvino_cpu_capabilities()
     if capabilities is not None:
-        names += ["openvino-cpu-fp32", *(["openvino-cpu-bf16"] if "BF16" in capabilities else []), "openvino-cpu-int8"]
-        if "BF16" not in capabilities:
+        bf16 = "BF16" in capabilities
+        names += ["openvino-cpu-fp32", *(["openvino-cpu-bf16"] if bf16 else []), "openvino-cpu-int8"]
+        if not bf16:
             missing["openvino-cpu-bf16"] = "OpenVINO finds no bf16 instructions on this CPU"
     if torch.cuda.is_available():
         names += ["torch-cuda-fp32", "torch-cuda-bf16", "torch-cuda-fp16", "torch-cuda-fp16-graph"]

@@ -14,6 +14,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
@@ -95,7 +96,7 @@ def _say_spacing_disagreement(path: Path, geometry: VolumeGeometry) -> None:
     """Warn where the header's pixdim (the spacing NSD is measured with) and its affine's voxel sizes differ: an
     sform written without pixdim (1, 1, 1) would measure surfaces in the wrong millimetres without a word."""
     pixdim = np.asarray(geometry.spacing, dtype=np.float64)
-    sizes = np.linalg.norm(np.asarray(geometry.affine, dtype=np.float64)[:3, :3], axis=0)
+    sizes = nib.affines.voxel_sizes(np.asarray(geometry.affine, dtype=np.float64))
     if not np.allclose(pixdim, sizes, rtol=1e-4, atol=1e-5):
         log.warning(
             "%s: pixdim gives voxels of %s mm, its affine %s mm; NSD is measured with pixdim's, as the header's "

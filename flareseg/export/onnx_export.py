@@ -54,6 +54,8 @@ FP32_RELATIVE_TOLERANCE = 1e-4
 FP32_MIN_AGREEMENT = 0.999
 #: fp16 against fp32: fraction of voxels of real CT slices with the same label.
 FP16_MIN_AGREEMENT = 0.995
+#: How verification names the slices it drew from a phantom, where no CT was given (``real_source``).
+PHANTOM_SOURCE = "synthetic phantom"
 
 
 def onnx_opset(model: Any) -> int:
@@ -165,7 +167,7 @@ def verification_slices(
 
         volume = np.transpose(make_phantom((192, 192, 48), (2.0, 2.0, 5.0), seed=seed).image, (2, 1, 0))
         real = normalize_volume(volume.astype(np.float32), info.normalization)[spread(volume.shape[0])]
-        source = "synthetic phantom (192x192x48 at 2x2x5 mm)"
+        source = f"{PHANTOM_SOURCE} (192x192x48 at 2x2x5 mm)"
     rng = np.random.default_rng(seed)
     random = rng.standard_normal((min(count, 4), *real.shape[1:])).astype(np.float32)
     return random, real, source
@@ -219,7 +221,7 @@ def _verify(
 
 def _slices_name(name: str, source: object) -> str:
     """A slice set as messages name it: the "real" set is a phantom's where no CT was given to verify on."""
-    return "phantom" if name == "real" and str(source).startswith("synthetic phantom") else name
+    return "phantom" if name == "real" and str(source).startswith(PHANTOM_SOURCE) else name
 
 
 def _check_finite(figures: dict[str, dict[str, float]], precision: Precision, source: object = None) -> None:

@@ -372,21 +372,15 @@ def result_of_another_scan(output: Path, input_path: Path, output_type: str) -> 
     if grid != shape:
         size = lambda s: " x ".join(map(str, s))  # noqa: E731
         return f"is a {size(grid)} grid, where its input {input_path} now is {size(shape)}"
-    from flareseg.volume import GRID_TOLERANCE_MM, canonical_transform, grid_offset_mm
+    from flareseg.volume import GRID_TOLERANCE_MM, canonical_transform, grid_offset_mm, places_voxels
 
+    if not places_voxels(scan.affine):  # the input's: the run reads it and says so
+        return None
+    if not places_voxels(result.affine):
+        return "has an affine that places its voxels nowhere (not finite, or singular)"
     # A result is written in its input's own voxel order: a result of the same grid in another order is not one,
     # and a tool comparing arrays (FLARE21's scorer) would read its labels misplaced.
-    placed: list[np.ndarray | None] = []
-    for affine in (scan.affine, result.affine):
-        try:
-            placed.append(canonical_transform(affine))
-        except (ValueError, np.linalg.LinAlgError):  # an affine that is not finite, or singular
-            placed.append(None)
-    if placed[0] is None:  # the input's: the run reads it and says so
-        return None
-    if placed[1] is None:
-        return "has an affine that places its voxels nowhere (not finite, or singular)"
-    if not np.array_equal(placed[0], placed[1]):
+    if not np.array_equal(canonical_transform(scan.affine), canonical_transform(result.affine)):
         return f"lies elsewhere than its input {input_path} (its voxel axes are ordered or flipped otherwise)"
     apart = grid_offset_mm(shape, scan.affine, grid, result.affine)
     if apart is None or not apart <= GRID_TOLERANCE_MM:

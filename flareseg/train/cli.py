@@ -266,7 +266,7 @@ def _show(value: Any) -> str:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from flareseg.train.loop import train
+    from flareseg.train.loop import launch_place, train
 
     if args.resume:
         config = _resumed_config(args)
@@ -281,9 +281,9 @@ def _main(args: argparse.Namespace) -> int:
     try:
         result = train(config, resume=resume)
     except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP: say how to go on, where an epoch was kept
-        run = Path(config.out)
-        if os.environ.get("RANK", "0") == "0" and (run / "last.pt").exists():  # once, not by every torchrun rank
-            how = "" if int(os.environ.get("WORLD_SIZE", "1")) <= 1 else ", started by torchrun as this run was"
+        run, place = Path(config.out), launch_place()
+        if place.main and (run / "last.pt").exists():  # once, not by every torchrun rank
+            how = "" if place.world <= 1 else ", started by torchrun as this run was"
             log.warning(
                 "%s: stopped; `flare-train --resume %s`%s goes on after its last finished epoch",
                 run, shlex.quote(str(run)), how,

@@ -91,10 +91,18 @@ class _Dist:
             dist.barrier()
 
 
+def launch_place() -> _Dist:
+    """This process's place in a torchrun launch, as its environment gives it (rank 0 of 1 outside one)."""
+    return _Dist(
+        rank=int(os.environ.get("RANK", "0")),
+        world=int(os.environ.get("WORLD_SIZE", "1")),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    )
+
+
 def _init_distributed(device: str) -> tuple[_Dist, bool]:
     """The process group of a torchrun launch, and whether this call made it (only then is it ours to end)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if launch_place().world <= 1:
         return _Dist(), False
     made = not dist.is_initialized()
     if made:
@@ -375,11 +383,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     them, and its statistics and slice cache are reused by a rerun with the same data.
     """
     check_slice_size(config.slice_size)
-    d0 = _Dist(
-        rank=int(os.environ.get("RANK", "0")),
-        world=int(os.environ.get("WORLD_SIZE", "1")),
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-    )
+    d0 = launch_place()
     device = training_device(config.device, d0)
     # Resolved first: "missing/../mine" does not exist as typed, yet names an existing folder that a
     # failed run's cleanup would then remove.
