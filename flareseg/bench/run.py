@@ -533,6 +533,7 @@ def volume_section(cfg: BenchPlan, models: dict[str, Path], latency: dict[str, A
 def _run_child(cmd: Sequence[str], *, nvml: bool) -> dict[str, Any]:
     """Wall time, peak RSS and (on CUDA) NVML memory of one child process; a failure raises."""
     from flareseg.bench.measure import nvml_sampler
+    from flareseg.runtime.pipeline import maxrss_mb
 
     sampler = nvml_sampler(nvml)
     rss: float | None = None
@@ -544,7 +545,7 @@ def _run_child(cmd: Sequence[str], *, nvml: bool) -> dict[str, Any]:
                 if hasattr(os, "wait4"):  # the child's own resource usage (Unix)
                     _, status, usage = os.wait4(proc.pid, 0)
                     proc.returncode = os.waitstatus_to_exitcode(status)
-                    rss = usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+                    rss = maxrss_mb(usage)
                 else:
                     proc.wait()
             except BaseException:  # Ctrl-C or SIGTERM: the child must not write on into a folder being removed

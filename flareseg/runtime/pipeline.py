@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -163,6 +164,11 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def maxrss_mb(usage: Any) -> float:
+    """``ru_maxrss`` of a ``resource.struct_rusage`` in MiB: macOS counts it in bytes, Linux and the BSDs in KiB."""
+    return float(usage.ru_maxrss) / (2**20 if sys.platform == "darwin" else 1024)
+
+
 def peak_rss_mb() -> float | None:
     """Peak resident set size of this process in MiB (since start, or since :func:`reset_peak_rss`)."""
     try:
@@ -175,7 +181,7 @@ def peak_rss_mb() -> float | None:
     try:
         import resource
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return maxrss_mb(resource.getrusage(resource.RUSAGE_SELF))
     except (ImportError, OSError):
         return None
 

@@ -37,8 +37,10 @@ from flareseg.train.config import (
 
 log = logging.getLogger("flareseg.train.cli")  # not __main__ under python -m or torchrun -m
 
-#: Options a resumed run may change: how it runs, not what it learns.
+#: Options a resumed run may change: how it runs, not what it learns. --accumulate too, where it keeps the run's
+#: global batch on another number of processes (the training loop checks that against last.pt).
 RESUME_MAY_CHANGE = ("--epochs", "--device", "--workers", "--cudnn-benchmark")
+_MAY_CHANGE = f"only {', '.join(RESUME_MAY_CHANGE)} may change, and --accumulate to keep the global batch"
 
 
 def _floats(n: int, kind: Callable[[str], float], what: str) -> Callable[[str], tuple[float, ...]]:
@@ -75,7 +77,6 @@ _SETTINGS: tuple[tuple[str, str, Callable[[TrainConfig], Any]], ...] = (
     ("--width", "width", lambda c: c.base_width),
     ("--size", "size", lambda c: c.slice_size),
     ("--batch-size", "batch_size", lambda c: c.batch_size),
-    ("--accumulate", "accumulate", lambda c: c.accumulate),
     ("--lr", "lr", lambda c: c.lr),
     ("--loss-weights", "loss_weights", lambda c: c.loss_weights),
     ("--rotation", "rotation", lambda c: c.augment.rotation_deg),
@@ -121,9 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         type=path_arg,
         metavar="RUN_DIR",
-        help="continue a run where it stopped, in RUN_DIR; only "
-        + ", ".join(RESUME_MAY_CHANGE)
-        + " may differ from the run's settings",
+        help=f"continue a run where it stopped, in RUN_DIR ({_MAY_CHANGE} on another number of processes)",
     )
     p.add_argument("--epochs", type=positive_int, help=f"epochs (default {d.epochs}); with --resume, the new total")
     p.add_argument(
@@ -237,12 +236,12 @@ def _resumed_config(args: argparse.Namespace) -> TrainConfig:
     if differ:
         raise FlareSegError(
             f"--resume {run}: {'; '.join(differ)}: a resumed run keeps its settings "
-            f"(only {', '.join(RESUME_MAY_CHANGE)} may change)"
+            f"({_MAY_CHANGE})"
         )
     # The data: the folder given (checked to hold the run's data when training starts), else where the run recorded it.
     data = absolute(args.data) if args.data is not None else locate_data(config, run)
     changes: dict[str, Any] = {"data": data, "out": str(run)}
-    for name, field in (("epochs", "epochs"), ("device", "device"), ("workers", "workers")):
+    for name, field in (("epochs", "epochs"), ("device", "device"), ("workers", "workers"), ("accumulate", "accumulate")):
         if getattr(args, name) is not None:
             changes[field] = getattr(args, name)
     if args.cudnn_benchmark is not None:

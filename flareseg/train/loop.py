@@ -564,6 +564,37 @@ def _checkpoint_to_resume(config: TrainConfig, run: Path) -> tuple[dict[str, Any
     return payload, saved
 
 
+def _check_global_batch(run: Path, config: TrainConfig, state: dict[str, Any], world: int) -> None:
+    """Refuse a resume whose global batch (per-process batch x accumulation x processes) is not the run's: its
+    steps would differ from those of the run that stopped, and its result from one that never did. Another number
+    of processes is fine where ``--accumulate`` keeps the global batch; last.pt files that predate the record of
+    the process count keep their own accumulation."""
+    then = state.get("config") or {}
+    batch = int(then.get("batch_size", config.batch_size))
+    accumulate = int(then.get("accumulate", config.accumulate))
+    if "world" not in state:
+        if config.accumulate != accumulate:
+            raise FlareSegError(
+                f"--accumulate {config.accumulate}: {run / 'last.pt'} does not record how many processes trained it, "
+                f"so only its own --accumulate {accumulate} keeps its global batch"
+            )
+        return
+    processes = int(state["world"])
+    recorded, now = batch * accumulate * processes, _global_batch(config, world)
+    if now == recorded:
+        return
+    fix = (
+        f"--accumulate {recorded // (config.batch_size * world)} keeps it"
+        if recorded % (config.batch_size * world) == 0
+        else f"resume it on {processes} process{'es' if processes > 1 else ''}"
+    )
+    raise FlareSegError(
+        f"{run / 'last.pt'}: trained with a global batch of {recorded} slices ({processes} process"
+        f"{'es' if processes > 1 else ''} x batch {batch} x accumulate {accumulate}); this resume's would be {now} "
+        f"({world} x {config.batch_size} x {config.accumulate}): {fix}"
+    )
+
+
 def _prepare_data(
     config: TrainConfig,
     d: _Dist,
@@ -717,6 +748,7 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
         if d.main:
             data = data_key([*cases[0], *cases[1]])  # checked, then recorded again: each mask hashed once
             _check_resumable(run, config, cases, data)
+        _check_global_batch(run, config, state, d.world)
         resumed = saved.normalization
     info, cache = _prepare_data(config, d, run, cases, resumed, data)
 
@@ -768,6 +800,7 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if config.amp else None,
                 "config": config.to_dict(),
+                "world": d.world,  # with the config's batch and accumulation: the global batch a resume must keep
             }
             # One set, renamed together once all are written (a stop is held back between the renames): best.pt
             # beside a last.pt of another epoch would leave a run that neither resumes nor restarts right. The log

@@ -1256,6 +1256,17 @@ print(json.dumps([held, after, now]))
     assert after - now > 150  # and it is not the resident size now
 
 
+@pytest.mark.parametrize(("platform", "maxrss", "mib"), [("linux", 3 * 1024, 3.0), ("darwin", 3 * 2**20, 3.0)])
+def test_maxrss_is_read_in_each_platforms_unit(monkeypatch, platform, maxrss, mib):
+    # getrusage's ru_maxrss is KiB on Linux and bytes on macOS; the same 3 MiB must read as 3 on both.
+    from types import SimpleNamespace
+
+    from flareseg.runtime import pipeline
+
+    monkeypatch.setattr(pipeline.sys, "platform", platform)
+    assert pipeline.maxrss_mb(SimpleNamespace(ru_maxrss=maxrss)) == mib
+
+
 @pytest.mark.skipif(not Path("/proc/thread-self/status").exists(), reason="reads a thread's signal mask in /proc")
 def test_the_writer_thread_takes_stops_as_any_thread_does(tmp_path, monkeypatch):
     """Started inside the hand-over's held-back window, the writer (and all it started) kept Ctrl-C, SIGTERM and

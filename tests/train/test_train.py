@@ -408,6 +408,41 @@ def test_two_process_torchrun_keeps_replicas_identical_and_equals_accumulation(p
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
     np.testing.assert_allclose(_log(tmp_path / "ddp")[-1]["loss"], _log(tmp_path / "single")[-1]["loss"], rtol=1e-4)
 
+    # The DDP run resumed as one process: its global batch (2 processes x 2) needs --accumulate 2, which is
+    # then recorded. Left out, the resume is refused, naming it, rather than train on half the batch unsaid.
+    ddp = tmp_path / "ddp"
+    assert read_checkpoint(ddp / "last.pt")["train_state"]["world"] == 2
+    resume = [sys.executable, "-m", "flareseg.train.cli", "--resume", str(ddp), "--epochs", "2", "-q"]
+    proc = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"flare-train: error: {ddp / 'last.pt'}: trained with a global batch of 4 slices (2 processes x batch 2 x "
+        "accumulate 1); this resume's would be 2 (1 x 2 x 1): --accumulate 2 keeps it"
+    ]
+    assert len(_log(ddp)) == 1
+    proc = subprocess.run([*resume, "--accumulate", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(_log(ddp)) == 2 and json.loads((ddp / "config.json").read_text())["accumulate"] == 2
+    state = read_checkpoint(ddp / "last.pt")["train_state"]
+    assert (state["world"], state["config"]["accumulate"], state["epoch"]) == (1, 2, 1)
+
+
+def test_a_resume_keeps_the_global_batch_of_the_run():
+    from flareseg.train.loop import _check_global_batch
+
+    config = TrainConfig(data="d", out="o", batch_size=2, accumulate=3)
+    then = {"config": {"batch_size": 2, "accumulate": 3}}
+    _check_global_batch(Path("run"), config, {**then, "world": 1}, 1)  # the same: nothing to say
+    _check_global_batch(Path("run"), config.replace(accumulate=1), {**then, "world": 1}, 3)  # 3 x 2 x 1 = 1 x 2 x 3
+    with pytest.raises(FlareSegError, match=r"global batch of 6 slices \(1 process x batch 2 x accumulate 3\); this "
+                       r"resume's would be 12 \(2 x 2 x 3\): resume it on 1 process$"):  # fmt: skip
+        _check_global_batch(Path("run"), config, {**then, "world": 1}, 2)  # 6 slices over 2 x 2: no whole --accumulate
+    with pytest.raises(FlareSegError, match=r"would be 8 \(2 x 2 x 2\): --accumulate 3 keeps it$"):
+        _check_global_batch(Path("run"), config.replace(accumulate=2), {**then, "world": 2}, 2)
+    # A last.pt from before the process count was recorded: its own accumulation only.
+    _check_global_batch(Path("run"), config, then, 1)
+    with pytest.raises(FlareSegError, match=r"^--accumulate 1: run.last\.pt does not record how many processes "):
+        _check_global_batch(Path("run"), config.replace(accumulate=1), then, 1)
+
 
 def test_the_defaults_are_the_papers_and_each_aux_weight_reaches_its_level(phantom_data, tmp_path, monkeypatch):
     # Table 3: Adam at 1e-5; weights 1 for the final output, then 0.8..0.5 from the full-resolution level down.

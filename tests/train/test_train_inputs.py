@@ -397,7 +397,8 @@ def test_resume_refuses_settings_and_data_that_differ_from_the_run(data_a, data_
     assert train_main(["--resume", str(run), "--epochs", "2", "--width", "8", "--lr", "0.1"]) == 2
     assert _stderr_lines(capsys) == [
         f"flare-train: error: --resume {run}: --width 8 (the run has 4); --lr 0.1 (the run has 0.001): a resumed "
-        "run keeps its settings (only --epochs, --device, --workers, --cudnn-benchmark may change)"
+        "run keeps its settings (only --epochs, --device, --workers, --cudnn-benchmark may change, and --accumulate to "
+        "keep the global batch)"
     ]
     assert train_main(["--resume", str(run), "--epochs", "2", "--data", str(data_b)]) == 2
     assert _stderr_lines(capsys) == [
