@@ -234,16 +234,13 @@ def _resumed_config(args: argparse.Namespace) -> TrainConfig:
         if value is not None and value != recorded(config):
             differ.append(f"{option} {_show(value)} (the run has {_show(recorded(config))})")
     if differ:
-        raise FlareSegError(
-            f"--resume {run}: {'; '.join(differ)}: a resumed run keeps its settings "
-            f"({_MAY_CHANGE})"
-        )
+        raise FlareSegError(f"--resume {run}: {'; '.join(differ)}: a resumed run keeps its settings ({_MAY_CHANGE})")
     # The data: the folder given (checked to hold the run's data when training starts), else where the run recorded it.
     data = absolute(args.data) if args.data is not None else locate_data(config, run)
     changes: dict[str, Any] = {"data": data, "out": str(run)}
-    for name, field in (("epochs", "epochs"), ("device", "device"), ("workers", "workers"), ("accumulate", "accumulate")):
+    for name in ("epochs", "device", "workers", "accumulate"):  # the option's name is the config's field
         if getattr(args, name) is not None:
-            changes[field] = getattr(args, name)
+            changes[name] = getattr(args, name)
     if args.cudnn_benchmark is not None:
         changes["cudnn_benchmark"] = args.cudnn_benchmark
     return config.replace(**changes)
