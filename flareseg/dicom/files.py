@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 
 #: How many files :func:`is_series_dir` looks at before deciding.
 PROBE_FILES = 8
+#: Suffixes of files that a series folder may hold beside its slices and that are never DICOM (thumbnails, notes,
+#: reports): not counted among the files probed, which they would otherwise hide the slices from.
+_OTHER_FORMATS = frozenset(
+    ".jpg .jpeg .png .gif .bmp .tif .tiff .webp .txt .md .csv .json .xml .html .htm .pdf .log .ini .zip .db".split()
+)
 #: Media Storage SOP Class of a DICOMDIR (an index of a disc, not an image).
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 #: SOP Class of a DICOM Segmentation (what ``--output-type dicom-seg`` writes).
@@ -131,8 +136,8 @@ def _lost_slice(path: Path) -> str | None:
 
 
 def is_series_dir(path: str | os.PathLike[str]) -> bool:
-    """A folder that directly holds DICOM files (judged from its first few files that are not NIfTI: NIfTI
-    files sorting first must not hide the DICOM files after them)."""
+    """A folder that directly holds DICOM files (judged from its first few files that are not NIfTI or of another
+    known format: see :func:`_probed`)."""
     path = Path(path)
     if not path.is_dir():
         return False
@@ -143,9 +148,15 @@ def is_series_dir(path: str | os.PathLike[str]) -> bool:
     return _holds_dicom(listed)
 
 
+def _probed(listed: list[Path]) -> list[Path]:
+    """The files a folder is judged by: its first few that are neither NIfTI nor of another known format (NIfTI
+    files or thumbnails sorting first must not hide the DICOM files after them)."""
+    return [p for p in listed if not is_nifti(p) and p.suffix.lower() not in _OTHER_FORMATS][:PROBE_FILES]
+
+
 def _holds_dicom(listed: list[Path]) -> bool:
-    """Whether a folder's listed files hold DICOM files, judged from its first few that are not NIfTI."""
-    return any(is_dicom_file(p) for p in [p for p in listed if not is_nifti(p)][:PROBE_FILES])
+    """Whether a folder's listed files hold DICOM files, judged from :func:`_probed`'s."""
+    return any(is_dicom_file(p) for p in _probed(listed))
 
 
 def _sanitise(text: str) -> str:
@@ -177,21 +188,26 @@ def read_header(path: Path) -> Dataset:
     return pydicom.dcmread(path, stop_before_pixels=True, force=not has_preamble(path))
 
 
+def first_dicom_file(folder: str | os.PathLike[str]) -> Path | None:
+    """The first DICOM file of a folder in name order that is not a DICOMDIR (under any name), or None."""
+    return next((p for p in _candidates(Path(folder)) if is_dicom_file(p) and not _is_dicomdir(p)), None)
+
+
 def series_case_name(folder: str | os.PathLike[str]) -> str:
     """The case name of a series folder, from its first DICOM file (see :func:`case_name_of`)."""
     folder = Path(folder)
-    for path in _candidates(folder):
-        if is_dicom_file(path):
-            try:
-                return case_name_of(read_header(path), folder)
-            except Exception as exc:  # a damaged header: pydicom raises from many layers
-                raise FlareSegError(f"{folder}: unreadable DICOM file {path.name} ({exc})") from None
-    raise FlareSegError(f"{folder}: no DICOM files")
+    path = first_dicom_file(folder)
+    if path is None:
+        raise FlareSegError(f"{folder}: no DICOM files")
+    try:
+        return case_name_of(read_header(path), folder)
+    except Exception as exc:  # a damaged header: pydicom raises from many layers
+        raise FlareSegError(f"{folder}: unreadable DICOM file {path.name} ({exc})") from None
 
 
 def _segmentations_only(folder: Path) -> bool:
     """Whether the first DICOM files of a folder are all DICOM SEG objects (results, not images)."""
-    probed = [p for p in _candidates(folder)[:PROBE_FILES] if is_dicom_file(p)]
+    probed = [p for p in _probed(_candidates(folder)) if is_dicom_file(p)]  # as is_series_dir judges the folder
     for path in probed:
         try:
             ds = pydicom.dcmread(

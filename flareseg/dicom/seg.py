@@ -11,12 +11,14 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from flareseg import __version__
 from flareseg.atomic import atomic_output
@@ -80,6 +82,53 @@ def _thickness(ds: Dataset) -> float | None:
     return value if np.isfinite(value) and value > 0 else None
 
 
+def _date_or_time(value: str, kind: type) -> str | None:
+    """``value`` as a DICOM DA or TM (``kind``) highdicom accepts: as it is, or with the separators of the old
+    ACR-NEMA forms (2022-12-08, 12:30:00) dropped; None where neither parses (00000000, 20221308)."""
+    for text in (value, value.replace("-", "").replace(".", "") if kind.__name__ == "DA" else value.replace(":", "")):
+        try:
+            kind(text)
+        except (TypeError, ValueError, OverflowError):
+            continue
+        return text
+    return None
+
+
+_DATES: Final[tuple[str, ...]] = ("PatientBirthDate", "StudyDate", "StudyTime")
+
+
+def _seg_values(ds: Dataset) -> tuple[dict[str, Any], list[str]]:
+    """Patient and study values copied into a SEG that highdicom refuses, as the SEG writes them instead: a date
+    or time in an old form rewritten, an impossible one left empty (they are Type 2), a PatientSex other than M, F
+    or O left empty (``U`` is common, and not DICOM's), and a character set whose first value, the default
+    repertoire, is empty (``\\ISO 2022 IR 87``) given that repertoire's name. With what each change was, to say so."""
+    from pydicom.valuerep import DA, TM
+
+    with warnings.catch_warnings():  # pydicom warns of an invalid value as it reads it: said here, once, with more
+        warnings.simplefilter("ignore")
+        values = {key: str(ds.get(key, "") or "").strip() for key in ("PatientSex", *_DATES)}
+    fixed: dict[str, Any] = {}
+    said: list[str] = []
+    sex = values["PatientSex"]
+    if sex and sex not in ("M", "F", "O"):
+        fixed["PatientSex"] = ""
+        said.append(f"PatientSex '{sex}' (not M, F or O) left empty")
+    for key, kind in zip(_DATES, (DA, DA, TM), strict=True):
+        value = values[key]
+        if not value:
+            continue
+        usable = _date_or_time(value, kind)
+        if usable != value:
+            fixed[key] = usable or ""
+            change = f"written {usable}" if usable else "(not a valid date or time) left empty"
+            said.append(f"{key} '{value}' {change}")
+    charset = ds.get("SpecificCharacterSet")
+    if isinstance(charset, list | tuple | MultiValue) and len(charset) > 1 and not charset[0]:
+        # PS3.3 C.12.1.1.2: an empty first value is the default repertoire, which with code extensions is named so.
+        fixed["SpecificCharacterSet"] = ["ISO 2022 IR 6", *charset[1:]]
+    return fixed, said
+
+
 def _referencable(ds: Dataset, spacing: float | None = None) -> Dataset:
     """A header a SEG can be made from: SOPClassUID/SOPInstanceUID taken from the file meta when the data set lacks
     them, and the Type 2 attributes it copies present (empty where the series has none).
@@ -100,9 +149,12 @@ def _referencable(ds: Dataset, spacing: float | None = None) -> Dataset:
     # caret the standard allows it is the same name, said unambiguously.
     single = bool(name) and "^" not in name and "=" not in name
     thickness = spacing if spacing is not None and _thickness(ds) is None else None
-    if not uids and not absent and not single and thickness is None:
+    fixed = _seg_values(ds)[0]
+    if not uids and not absent and not single and thickness is None and not fixed:
         return ds
     out = copy.deepcopy(ds)  # the volume's own headers stay as read
+    for key, value in fixed.items():
+        setattr(out, key, value)
     for key, value in uids.items():
         setattr(out, key, value)
     for key in absent:
@@ -115,7 +167,20 @@ def _referencable(ds: Dataset, spacing: float | None = None) -> Dataset:
 
 
 def check_seg_writable(volume: Volume) -> DicomSeries:
-    """Refuse, before any work is done, a volume whose series a DICOM SEG cannot reference."""
+    """Refuse, before any work is done, a volume whose series a DICOM SEG cannot reference or whose headers
+    highdicom refuses (tried on a one-frame SEG of its first slice); say which of its values the SEG changes."""
+    series = _referenced_series(volume)
+    said = _seg_values(series.datasets[0])[1]
+    if said:
+        log.warning("%s: the DICOM SEG cannot copy the series' values as they are: %s", series.folder, "; ".join(said))
+    first = _referencable(series.datasets[0], volume.geometry.spacing[2])
+    rows, columns = int(first.Rows), int(first.Columns)
+    _segmentation(series.folder, [first], np.zeros((1, rows, columns), np.uint8), present=False, model=None)
+    return series
+
+
+def _referenced_series(volume: Volume) -> DicomSeries:
+    """The volume's series, refused where a SEG could not reference its slices (UIDs missing or shared)."""
     series = _series_of(volume, "DICOM SEG output")
     first = _referencable(series.datasets[0])
     missing = [
@@ -164,6 +229,38 @@ def _description(number: int, label: int, model: Mapping[str, str] | None = None
     )
 
 
+def _segmentation(
+    folder: Path, sources: list[Dataset], frames: np.ndarray, *, present: bool, model: Mapping[str, str] | None
+) -> highdicom.seg.Segmentation:
+    """The SEG of ``frames`` (slice, row, column) over ``sources``, every organ described; a header highdicom
+    refuses in one line naming the series (``present``: some organ was found, so empty frames are left out)."""
+    import highdicom as hd
+
+    try:
+        return hd.seg.Segmentation(
+            source_images=sources,
+            pixel_array=frames,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=[_description(label, label, model) for label in ORGANS],
+            series_instance_uid=hd.UID(),
+            series_number=SEG_SERIES_NUMBER,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="flareseg",
+            manufacturer_model_name="flareseg FLARE21 2D U-Net",
+            software_versions=__version__,
+            device_serial_number="0",
+            content_label="ORGANS",
+            content_description="Liver, kidneys, spleen and pancreas",
+            series_description=SEG_SERIES_DESCRIPTION,
+            omit_empty_frames=present,
+        )
+    except (ValueError, TypeError, AttributeError) as exc:  # highdicom's checks of the headers it copies
+        raise FlareSegError(
+            f"{folder}: highdicom cannot make a DICOM SEG from this series' headers ({exc}); use NIfTI output"
+        ) from None
+
+
 def write_seg(
     labels: np.ndarray,
     volume: Volume,
@@ -182,9 +279,7 @@ def write_seg(
     An empty label map (no organ found) still gives a valid SEG: all four organs are described,
     each with its empty frames (a SEG needs at least one segment and one frame).
     """
-    import highdicom as hd
-
-    series = check_seg_writable(volume)
+    series = _referenced_series(volume)  # its headers were tried, and their changes said, before inference
     path = Path(path)
     if labels.dtype != np.uint8:
         raise FlareSegError(f"label map must be uint8, got {labels.dtype}")
@@ -199,34 +294,16 @@ def write_seg(
     # Segment number = FLARE21 label, for every organ: a reader that combines the segments by number gets the
     # labels back, and the numbering does not change from case to case with the organs found.
     frames = file_labels.transpose(2, 1, 0)  # (slice, row, column)
-    described = list(ORGANS)
     spacing = volume.geometry.spacing[2]  # between the series' slices, as the NIfTI output has it
     sources = [_referencable(ds, spacing) for ds in series.datasets]
     if len(sources) == 1 and "SpacingBetweenSlices" not in sources[0]:
         # One slice has no gap to measure (highdicom would write 1.0): the spacing the NIfTI output has.
         sources[0] = copy.deepcopy(sources[0])
         sources[0].SpacingBetweenSlices = spacing
-    seg = hd.seg.Segmentation(
-        source_images=sources,
-        pixel_array=np.ascontiguousarray(frames),
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[_description(label, label, model) for label in described],
-        series_instance_uid=hd.UID(),
-        series_number=SEG_SERIES_NUMBER,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="flareseg",
-        manufacturer_model_name="flareseg FLARE21 2D U-Net",
-        software_versions=__version__,
-        device_serial_number="0",
-        content_label="ORGANS",
-        content_description="Liver, kidneys, spleen and pancreas",
-        series_description=SEG_SERIES_DESCRIPTION,
-        omit_empty_frames=bool(present),
-    )
+    seg = _segmentation(series.folder, sources, np.ascontiguousarray(frames), present=bool(present), model=model)
     with atomic_output(path, keep_suffix=".dcm", replace=replace) as tmp:
         seg.save_as(tmp)
-    log.debug("wrote %s (%d segments, %d frames)", path, len(described), int(seg.NumberOfFrames))
+    log.debug("wrote %s (%d segments, %d frames)", path, len(ORGANS), int(seg.NumberOfFrames))
     return path
 
 

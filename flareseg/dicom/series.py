@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import numpy as np
 import pydicom
@@ -26,7 +27,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.pixels import pixel_array as decode_pixels
 
-from flareseg.dicom.files import DICOMDIR_SOP_CLASS, dicom_files, read_header
+from flareseg.dicom.files import DICOMDIR_SOP_CLASS, dicom_files, first_dicom_file, read_header
 from flareseg.errors import FlareSegError, first_few
 from flareseg.volume import Volume, check_intensity_scaling, grid_geometry, to_canonical
 
@@ -175,20 +176,51 @@ def header_numbers(folder: Path, path: Path, ds: Dataset, keyword: str) -> list[
     return numbers
 
 
+#: Enhanced and Legacy Converted Enhanced CT Image Storage: multi-frame, their geometry in functional groups.
+_ENHANCED_CT: Final[frozenset[str]] = frozenset({"1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"})
+
+
+def _count(folder: Path, path: Path, ds: Dataset, keyword: str) -> int:
+    """An integer attribute that defaults to 1 (NumberOfFrames, SamplesPerPixel), or one line naming a damaged one."""
+    try:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return 1
+        return int(value)
+    except (TypeError, ValueError):  # pydicom converts the raw value on first access, and can raise then
+        raw = ds.get_item(keyword)
+        shown = raw.value.decode(errors="replace") if isinstance(raw.value, bytes) else raw.value
+        raise _fail(folder, f"{path.name}: {keyword} is '{shown}', expected a whole number") from None
+
+
 def _require(folder: Path, headers: list[tuple[Path, Dataset]]) -> None:
     needed = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
     for path, ds in headers:
-        # Multi-frame first: an Enhanced CT keeps its geometry in functional groups, and would be said to lack it.
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        if frames > 1:
+        # Multi-frame first: an Enhanced CT keeps its geometry in functional groups, and would be said to lack it,
+        # even with one frame.
+        frames = _count(folder, path, ds, "NumberOfFrames")
+        if frames > 1 or str(ds.get("SOPClassUID", "") or "") in _ENHANCED_CT:
             raise _fail(folder, f"{path.name} is a multi-frame image ({frames} frames); expected single-frame slices")
         missing = [k for k in needed if ds.get(k) in (None, "")]
         if missing:
             raise _fail(folder, f"{path.name} lacks {', '.join(missing)} (not a CT image slice?)")
-        if int(ds.get("SamplesPerPixel", 1)) != 1:
+        if _count(folder, path, ds, "SamplesPerPixel") != 1:
             raise _fail(folder, f"{path.name} is not a greyscale image (SamplesPerPixel={ds.SamplesPerPixel})")
         for keyword in _NUMBERS:
             header_numbers(folder, path, ds, keyword)
+    # Positions are comparable only within one frame of reference, and a series lies in one study.
+    for keyword in ("FrameOfReferenceUID", "StudyInstanceUID"):
+        _check_consistent(folder, headers, keyword, lambda ds, k=keyword: str(ds.get(k, "") or "") or "(none)")
+    # CT's rescale is Type 1: one slice without it beside slices with it would be read ~1024 HU off unsaid.
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        lacking = [path.name for path, ds in headers if ds.get(keyword) in (None, "")]
+        if lacking and len(lacking) < len(headers):
+            raise _fail(folder, f"{first_few(lacking)}: no {keyword}, unlike the other slices (damaged?)")
+    if all(ds.get("RescaleIntercept") in (None, "") for _, ds in headers):
+        log.warning(
+            "%s: no RescaleSlope/RescaleIntercept in any slice; its stored values are read as Hounsfield units",
+            folder,
+        )  # fmt: skip
 
 
 def _check_consistent(folder: Path, headers: list[tuple[Path, Dataset]], what: str, key: Callable) -> None:
@@ -247,9 +279,7 @@ def _slice_order(
             f"degrees{tag}); tilted series are not supported",
         )
     if len(s) < 2:
-        ds = headers[0][1]
-        fallback = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 1.0
-        return order, float(fallback)
+        return order, _single_slice_thickness(folder, headers[0][0], headers[0][1])
     gaps = np.diff(s)
     # Duplicates are judged against the typical (median positive) gap: against the largest one, a run of
     # missing slices would make every ordinary gap look like a duplicate.
@@ -289,6 +319,66 @@ def _slice_order(
             f"spacing of {spacing:.2f} mm puts it (the spacing changes along the series)",
         )
     return order, spacing
+
+
+def _single_slice_thickness(folder: Path, path: Path, ds: Dataset) -> float:
+    """One slice has no neighbour to measure its spacing from: SpacingBetweenSlices, else SliceThickness (their
+    size where negative), else 1 mm, said where it is not the header's value as it stands."""
+    for keyword in ("SpacingBetweenSlices", "SliceThickness"):
+        try:
+            value = float(ds.get(keyword))
+        except (TypeError, ValueError):
+            continue
+        if np.isfinite(value) and value != 0:
+            if value < 0:
+                log.warning("%s: %s of %s is %g; its size, %g mm, taken", folder, keyword, path.name, value, -value)
+            return abs(value)
+    log.warning("%s: one slice, without a SpacingBetweenSlices or SliceThickness above 0: taken as 1 mm thick", folder)
+    return 1.0
+
+
+def result_off_series(folder: str | os.PathLike[str], shape: Sequence[int], affine: np.ndarray) -> str | None:
+    """Why a NIfTI result of ``shape`` and (RAS) ``affine`` cannot have been made from the series in ``folder`` as
+    it is now, judged from one slice's header (a resumed folder stays quick): its size, pixel spacing and
+    orientation against the result's in-plane axes, and its position against the result's slices, with the
+    tolerances the series reader allows. None where it fits, or where the header cannot be read (the run says).
+    """
+    folder = Path(folder)
+    path = first_dicom_file(folder)
+    if path is None:
+        return None
+    try:
+        ds = read_header(path)
+        iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+        position = np.array([float(v) for v in ds.ImagePositionPatient])
+        spacing = [float(v) for v in ds.PixelSpacing]
+        rows, columns = int(ds.Rows), int(ds.Columns)
+    except Exception:  # absent or damaged: reading the series says what is wrong
+        return None
+    if tuple(shape[:2]) != (columns, rows):
+        return (
+            f"is {shape[0]} x {shape[1]} in-plane, where the slices of the series {folder} now are {columns} x {rows}"
+        )
+    row, col = iop[:3], iop[3:]
+    if iop.size != 6 or len(spacing) != 2 or min(np.linalg.norm(row), np.linalg.norm(col)) < 1e-3:
+        return None
+    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+    expected = _affine(row, col, np.cross(row, col), (*spacing, 1.0), position)
+    pixel = min(spacing)
+    if not np.allclose(expected[:3, :2], affine[:3, :2], rtol=0, atol=ORIENTATION_TOLERANCE * pixel):
+        return f"has other pixel spacing or orientation than the series {folder} now has"
+    # The slice's corner in the result's voxels: (0, 0, k), k whole, as far as the series reader's tolerances go.
+    try:
+        i, j, k = np.linalg.solve(affine[:3, :3], expected[:3, 3] - affine[:3, 3])
+    except np.linalg.LinAlgError:
+        return None
+    if (
+        max(abs(i), abs(j)) > TILT_TOLERANCE_PIXELS
+        or abs(k - round(k)) > SPACING_TOLERANCE
+        or not -0.5 < k < shape[2] - 0.5
+    ):
+        return f"has no slice where {path.name} of the series {folder} now lies (a scan sent or reconstructed again?)"
+    return None
 
 
 def _affine(
@@ -331,8 +421,8 @@ def _transfer_syntax(ds: Dataset) -> str:
 def _decode_plan(syntaxes: set[str], threads: int | None) -> tuple[str, int]:
     """(pydicom decoding plugin, threads). Threads only where the codec releases the GIL.
 
-    pylibjpeg-openjpeg (pydicom's first choice for JPEG 2000) decodes holding the GIL, so
-    threads do not overlap; Pillow's JPEG 2000 decoder releases it and gives the same
+    pydicom's own choice for JPEG 2000 (GDCM where python-gdcm is installed, else pylibjpeg-openjpeg) is taken
+    serially: pylibjpeg-openjpeg decodes holding the GIL, so threads do not overlap; Pillow's JPEG 2000 decoder releases it and gives the same
     values for lossless data (benchmarks/dicom_read.md).
     """
     if threads is None:

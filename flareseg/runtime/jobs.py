@@ -48,18 +48,30 @@ def is_series_input(path: str | os.PathLike[str]) -> bool:
     path = Path(path)
     if not path.is_dir():
         return False
-    from flareseg.dicom import is_series_dir
+    from flareseg.dicom import holds_image_series, is_series_dir
 
     if not is_series_dir(path):
         return False
     nifti = sorted(p.name for p in find_cases(path, series_folders=True).values())
-    if nifti:
+    # Series subfolders beside DICOM files: a stray slice copied to the top of a folder of series would make
+    # the whole run one case of one slice, every series left out unsaid.
+    series = [] if nifti else sorted(p.name for p in _subfolders(path) if holds_image_series(p))
+    if nifti or series:
+        beside = f"NIfTI images ({first_few(nifti)})" if nifti else f"series folders ({first_few(series)})"
         raise FlareSegError(
-            f"{path}: holds DICOM files and NIfTI images ({first_few(nifti)}) side by side, so it is neither one "
-            "series nor a folder of cases: give a NIfTI file itself as the input, or move the DICOM files into a "
-            "subfolder of their own (a series per subfolder)"
+            f"{path}: holds DICOM files and {beside} side by side, so it is neither one series nor a folder of "
+            "cases: give a NIfTI file itself as the input, or move the DICOM files into a subfolder of their own "
+            "(a series per subfolder)"
         )
     return True
+
+
+def _subfolders(path: Path) -> list[Path]:
+    """Immediate, non-hidden subfolders (none where the folder cannot be listed: reading it says why)."""
+    try:
+        return [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    except OSError:
+        return []
 
 
 def same_file(a: Path, b: Path) -> bool:
@@ -123,7 +135,7 @@ def check_output(job: CaseJob, *, folder_checked: bool = False) -> None:
             "be read as one series; write it to another folder"
         )
     if not folder_checked:  # else made once for all the folder's cases (a probe file each would be waste)
-        _check_seg_folder(job.output.parent, job.output_type)
+        _check_not_in_a_series(job.output.parent, job.output_type)
         check_writable(job.output)
     if job.output_type == "dicom-seg" and not job.input.is_dir():
         raise FlareSegError(
@@ -170,11 +182,13 @@ def _holds_image_series(folder: Path) -> bool:
     return holds_image_series(folder)
 
 
-def _check_seg_folder(folder: Path, output_type: str) -> None:
-    """A DICOM SEG written among another series' images would spoil that series (results folders are fine)."""
-    if output_type == "dicom-seg" and _holds_image_series(folder):
+def _check_not_in_a_series(folder: Path, output_type: str) -> None:
+    """A result written among a series' images would spoil that series: a SEG would join it, and a NIfTI file (or
+    the timings beside it) beside DICOM files makes the folder neither one series nor a folder of cases."""
+    if _holds_image_series(folder):
+        what = "DICOM SEG output" if output_type == "dicom-seg" else "a NIfTI label map"
         raise FlareSegError(
-            f"{folder}: DICOM SEG output here would join the DICOM series in it, which could then no longer be "
+            f"{folder}: {what} here would join the DICOM series in it, which could then no longer be "
             "read as one series; write it to another folder"
         )
 
@@ -361,7 +375,7 @@ def result_of_another_scan(output: Path, input_path: Path, output_type: str) -> 
             held, what = _slices_of_result(output, output_type)
             if held != slices:
                 return f"{what} {held} slices, where the series {input_path} now holds {slices}"
-            return None
+            return _series_changed(output, input_path, output_type)
         import nibabel as nib
 
         scan: Any = nib.load(input_path)
@@ -392,6 +406,29 @@ def why_not_kept(output: Path, input_path: Path, output_type: str) -> str | None
     """Why a file at a case's output cannot be kept as the case's result, else None: no whole result
     (:func:`unfinished_result`), or one of another version of its input (:func:`result_of_another_scan`)."""
     return unfinished_result(output, output_type) or result_of_another_scan(output, input_path, output_type)
+
+
+def _series_changed(output: Path, series: Path, output_type: str) -> str | None:
+    """Why a result with as many slices as the series in ``series`` is not of that series as it is now: a SEG
+    references another SeriesInstanceUID; a NIfTI result's grid does not hold the series' slices."""
+    from flareseg.dicom.files import first_dicom_file, read_header
+
+    if output_type == "dicom-seg":
+        import pydicom
+
+        referenced = str(pydicom.dcmread(output, stop_before_pixels=True, force=True).ReferencedSeriesSequence[0]
+                         .get("SeriesInstanceUID", ""))  # fmt: skip
+        first = first_dicom_file(series)
+        uid = str(read_header(first).get("SeriesInstanceUID", "") or "") if first is not None else ""
+        if referenced and uid and referenced != uid:
+            return f"references the series {referenced}, where {series} now holds the series {uid}"
+        return None
+    import nibabel as nib
+
+    from flareseg.dicom.series import result_off_series
+
+    image: Any = nib.load(output)
+    return result_off_series(series, image.shape[:3], image.affine)
 
 
 def _slices_of_result(output: Path, output_type: str) -> tuple[int, str]:
@@ -460,7 +497,7 @@ def plan_folder(
     """
     suffix = output_suffix(output_type)
     check_output_folder(out_dir)  # probed once here, for every output of the folder
-    _check_seg_folder(out_dir, output_type)
+    _check_not_in_a_series(out_dir, output_type)
     first_of: dict[str, Path] = {}  # case name -> its first input: a second one would replace its result
     # An output that is a link to another case's input (or that file through another mount) would have the writer
     # replace that input: every input file is known by device and inode.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -1040,3 +1041,157 @@ def test_an_empty_or_unreadable_file_not_named_dcm_is_skipped_with_a_warning(tmp
         f"{tmp_path / 's'}: skipped 'Icon\\r': empty file (a slice lost?)",
         f"{tmp_path / 's'}: skipped 'LOCKFILE': empty file (a slice lost?)",
     ]
+
+
+def test_a_seg_is_made_of_header_values_highdicom_refuses_saying_what_it_changed(tmp_path: Path, caplog) -> None:
+    """PatientSex U, a zero birth date, old ACR-NEMA dates and times and a Japanese character set's empty first
+    value are common in hospital data: highdicom refused each in a traceback after inference."""
+    values = {
+        "PatientSex": "U",
+        "PatientBirthDate": "00000000",
+        "StudyDate": "2022-12-08",
+        "StudyTime": "12:30:00",
+        "SpecificCharacterSet": ["", "ISO 2022 IR 87"],
+    }
+    files = write_series(tmp_path / "s", phantom("LPS"), edit=_set(None, **values))
+    before = [f.read_bytes() for f in files]
+    vol = read_series(tmp_path / "s")
+    with caplog.at_level(logging.WARNING, logger="flareseg.dicom.seg"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # pydicom's own warnings of the values are not passed on: said once, here
+        check_seg_writable(vol)
+    assert [r.getMessage() for r in caplog.records if r.name == "flareseg.dicom.seg"] == [
+        f"{tmp_path / 's'}: the DICOM SEG cannot copy the series' values as they are: PatientSex 'U' (not M, F or O) "
+        "left empty; PatientBirthDate '00000000' (not a valid date or time) left empty; StudyDate '2022-12-08' "
+        "written 20221208; StudyTime '12:30:00' written 123000"
+    ]
+    _, labels, _ = canonical_truth()
+    out = write_seg(labels, vol, tmp_path / "case.dcm")
+    np.testing.assert_array_equal(read_seg(out, vol), labels)
+    seg = pydicom.dcmread(out)
+    assert (seg.PatientSex, seg.PatientBirthDate, seg.StudyDate, seg.StudyTime) == ("", "", "20221208", "123000")
+    assert list(seg.SpecificCharacterSet) == ["ISO 2022 IR 6", "ISO 2022 IR 87"]  # PS3.3 C.12.1.1.2's name for ""
+    assert [f.read_bytes() for f in files] == before  # the inputs as they were
+
+
+def test_a_header_highdicom_refuses_otherwise_is_refused_before_inference_in_one_line(tmp_path: Path) -> None:
+    write_series(tmp_path / "s", phantom("LPS"), edit=_set(None, SpecificCharacterSet="ISO_IR 999"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's warning of the unknown character set
+        vol = read_series(tmp_path / "s")
+        with pytest.raises(FlareSegError) as info:
+            check_seg_writable(vol)
+    assert str(info.value) == (
+        f"{tmp_path / 's'}: highdicom cannot make a DICOM SEG from this series' headers ('ISO_IR 999' is not a valid "
+        "SpecificCharacterSetValues); use NIfTI output"
+    )
+
+
+@pytest.mark.parametrize("keyword", ["FrameOfReferenceUID", "StudyInstanceUID"])
+def test_slices_of_two_frames_of_reference_or_studies_are_not_one_volume(tmp_path: Path, keyword: str) -> None:
+    # Positions in two frames of reference cannot share one affine; the NIfTI output took them as one.
+    files = write_series(tmp_path / "s", phantom("LPS"), edit=_set(5, **{keyword: "1.2.3.4.6"}))
+    common = str(pydicom.dcmread(files[0]).get(keyword))
+    with pytest.raises(FlareSegError) as info:
+        read_series(tmp_path / "s")
+    assert str(info.value) == (
+        f"{tmp_path / 's'}: inconsistent {keyword} between slices: {common} in 11 files, 1.2.3.4.6 in 1 files "
+        f"(e.g. {files[5].name})"
+    )
+
+
+def test_a_rescale_missing_from_some_slices_is_refused_and_from_all_is_said(tmp_path: Path, caplog) -> None:
+    def lose(keyword: str, only: int | None) -> Callable[[int, Dataset], None]:
+        def edit(k: int, ds: Dataset) -> None:
+            if only is None or k == only:
+                delattr(ds, keyword)
+
+        return edit
+
+    files = write_series(tmp_path / "one", phantom("LPS"), edit=lose("RescaleIntercept", 3))
+    with pytest.raises(FlareSegError) as info:  # read as intercept 0, that slice was 1024 HU above its neighbours
+        read_series(tmp_path / "one")
+    assert (
+        str(info.value)
+        == f"{tmp_path / 'one'}: {files[3].name}: no RescaleIntercept, unlike the other slices (damaged?)"
+    )
+    write_series(tmp_path / "all", phantom("LPS"), edit=lose("RescaleIntercept", None))
+    with caplog.at_level(logging.WARNING, logger="flareseg.dicom.series"):
+        read_series(tmp_path / "all")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'all'}: no RescaleSlope/RescaleIntercept in any slice; its stored values are read as "
+        "Hounsfield units"
+    ]
+
+
+def test_a_damaged_frame_count_is_one_line(tmp_path: Path) -> None:
+    # pydicom checks an IS value as it is set: the damaged one is patched into the written file's bytes.
+    files = write_series(tmp_path / "s", phantom("LPS"), edit=_set(2, NumberOfFrames="99999"))
+    files[2].write_bytes(files[2].read_bytes().replace(b"99999", b"abcde"))
+    with pytest.raises(FlareSegError) as info:
+        read_series(tmp_path / "s")
+    assert str(info.value) == f"{tmp_path / 's'}: {files[2].name}: NumberOfFrames is 'abcde', expected a whole number"
+
+
+def test_an_enhanced_ct_of_one_frame_is_said_to_be_multi_frame(tmp_path: Path) -> None:
+    def enhanced(k: int, ds: Dataset) -> None:
+        if k == 0:
+            del ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing
+            ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT Image Storage
+            ds.NumberOfFrames = 1
+
+    files = write_series(tmp_path / "s", phantom("LPS"), edit=enhanced)
+    with pytest.raises(FlareSegError, match=rf"{files[0].name} is a multi-frame image \(1 frames\); expected single"):
+        read_series(tmp_path / "s")
+
+
+@pytest.mark.parametrize(
+    ("values", "thickness", "said"),
+    [
+        ({"SliceThickness": -3.0}, 3.0, "SliceThickness of {name} is -3; its size, 3 mm, taken"),
+        ({"SpacingBetweenSlices": -2.0, "SliceThickness": 5.0}, 2.0, "SpacingBetweenSlices of {name} is -2; its "
+         "size, 2 mm, taken"),
+        ({"SliceThickness": 0.0}, 1.0, "one slice, without a SpacingBetweenSlices or SliceThickness above 0: taken "
+         "as 1 mm thick"),
+    ],
+)  # fmt: skip
+def test_a_single_slice_s_thickness_is_its_size_and_said(tmp_path: Path, caplog, values, thickness, said) -> None:
+    # A negative thickness flipped the output's slice axis (L, P, I); 0 became 1 mm unsaid.
+    files = write_series(tmp_path / "s", phantom("LPS"), edit=_set(None, **values))
+    whole = nib.aff2axcodes(read_series(tmp_path / "s").geometry.affine)  # the axes its positions give the series
+    for extra in files[1:]:
+        extra.unlink()
+    with caplog.at_level(logging.WARNING, logger="flareseg.dicom.series"):
+        vol = read_series(tmp_path / "s")
+    assert float(vol.geometry.header.get_zooms()[2]) == thickness
+    assert nib.aff2axcodes(vol.geometry.affine) == whole
+    assert [r.getMessage() for r in caplog.records] == [f"{tmp_path / 's'}: " + said.format(name=files[0].name)]
+
+
+def test_thumbnails_sorting_first_or_a_dicomdir_under_another_name_do_not_hide_or_name_a_series(tmp_path: Path) -> None:
+    write_series(tmp_path / "s", phantom("LPS"), patient_id="P1")
+    for i in range(9):  # more than the files probed
+        (tmp_path / "s" / f"00_thumb{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 a thumbnail")
+    assert is_series_dir(tmp_path / "s")
+    assert find_series(tmp_path) == {"P1_20260101_s3": tmp_path / "s"}
+    # A DICOMDIR copied under a name that sorts first: no slice, so not what the case is named from.
+    index = Dataset()
+    index.file_meta = pydicom.dataset.FileMetaDataset()
+    index.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    index.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    index.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    index.save_as(tmp_path / "s" / "000index.dcm", enforce_file_format=True)
+    assert series_case_name(tmp_path / "s") == "P1_20260101_s3"
+    assert read_series(tmp_path / "s").array.shape[0] == SHAPE[2]
+
+
+def test_a_folder_of_seg_results_behind_nifti_files_is_not_an_image_series(tmp_path: Path) -> None:
+    from flareseg.dicom import holds_image_series
+
+    write_series(tmp_path / "s", phantom("LPS"))
+    vol = read_series(tmp_path / "s")
+    results = tmp_path / "results"
+    results.mkdir()
+    write_seg(np.zeros(vol.array.shape, np.uint8), vol, results / "p9.dcm")
+    for i in range(8):  # as many NIfTI files sorting first as the probe reads: it read no DICOM file, and said True
+        nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.uint8), np.eye(4)), results / f"case_{i:03d}.nii.gz")
+    assert is_series_dir(results) and not holds_image_series(results)

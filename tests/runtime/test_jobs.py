@@ -229,7 +229,11 @@ def test_an_output_folder_inside_an_input_series_or_named_like_a_file_is_refused
         check_output(CaseJob("P_s1", folder / "s1", folder / "s2" / "P_s1.dcm", "dicom-seg"))
     with pytest.raises(FlareSegError, match="DICOM SEG output here would join the DICOM series in it"):
         list(plan_folder([folder / "s1"], folder / "s2", "dicom-seg"))  # checked once for the folder's cases
-    check_output(CaseJob("P_s1", folder / "s1", folder / "s2" / "P_s1.nii.gz"))  # NIfTI files are never read as DICOM
+    # A NIfTI label map too: beside DICOM files it would make s2 neither one series nor a folder of cases.
+    with pytest.raises(FlareSegError, match=rf"^{folder / 's2'}: a NIfTI label map here would join the DICOM series"):
+        check_output(CaseJob("P_s1", folder / "s1", folder / "s2" / "P_s1.nii.gz"))
+    with pytest.raises(FlareSegError, match="a NIfTI label map here would join the DICOM series in it"):
+        list(plan_folder([folder / "s1"], folder / "s2", "nifti"))
     assert not (tmp_path / "pred.nii.gz").exists() and not (folder / "pred").exists()
 
 
@@ -389,6 +393,30 @@ def test_a_folder_of_dicom_files_and_nifti_images_side_by_side_is_refused_naming
         (folder / f"0case_{i}_0000.nii.gz").write_bytes(b"a CT")
     with pytest.raises(FlareSegError, match="give a NIfTI file itself as the input, or move the DICOM files"):
         jobs.is_series_input(folder)
+
+
+def test_a_stray_slice_beside_series_folders_is_refused_not_taken_for_a_series_of_one(tmp_path):
+    # One DICOM file copied to the top of a folder of series made the whole run one case of one slice.
+    import shutil
+
+    from dicom_series import phantom, write_series
+
+    folder = tmp_path / "series"
+    write_series(folder / "a", phantom(), patient_id="A")
+    files = write_series(folder / "b", phantom(), patient_id="B")
+    assert not jobs.is_series_input(folder)
+    shutil.copy(files[0], folder / "stray.dcm")
+    with pytest.raises(FlareSegError) as info:
+        jobs.is_series_input(folder)
+    assert str(info.value) == (
+        f"{folder}: holds DICOM files and series folders (a, b) side by side, so it is neither one series nor a "
+        "folder of cases: give a NIfTI file itself as the input, or move the DICOM files into a subfolder of their "
+        "own (a series per subfolder)"
+    )
+    shutil.rmtree(folder / "a")
+    shutil.rmtree(folder / "b")
+    (folder / "results").mkdir()  # a folder without a series beside the files: the files are one series
+    assert jobs.is_series_input(folder)
 
 
 def test_same_file_sees_through_links_and_other_names_of_one_file(tmp_path):
@@ -572,3 +600,54 @@ def test_a_result_made_while_its_series_was_still_arriving_is_not_taken_for_done
         f"{planned.output}: exists but {said} {len(files)} slices, where the series {series} now holds "
         f"{len(files) - 1}; remove it to redo the case"
     )
+
+
+@pytest.mark.parametrize("output_type", ["nifti", "dicom-seg"])
+def test_a_series_sent_again_with_as_many_slices_is_not_taken_for_the_one_its_result_was_made_of(tmp_path, output_type):
+    # A scan reconstructed again under its name (new UIDs, another field of view) with the same slice count: the
+    # resumed run kept the old result, judged by the count alone.
+    import numpy as np
+    from dicom_series import phantom, write_series
+
+    from flareseg.dicom import read_series, write_seg
+    from flareseg.volume import write_labels
+
+    series, out = tmp_path / "in" / "s1", tmp_path / "out"
+    files = write_series(series, phantom())
+    out.mkdir()
+    (planned,) = plan_folder([series], out, output_type)
+    vol = read_series(series)
+    labels = np.zeros(vol.array.shape, np.uint8)
+    if output_type == "dicom-seg":
+        write_seg(labels, vol, planned.output)
+    else:
+        write_labels(labels, vol.geometry, planned.output)
+    assert [p.status for p in plan_folder([series], out, output_type)] == ["skipped"]
+
+    def again(k, ds):  # the same patient, study and series number: the same case name
+        ds.PixelSpacing = [float(v) * 0.9 for v in ds.PixelSpacing]
+
+    for path in files:
+        path.unlink()
+    write_series(series, phantom(), edit=again)
+    (planned,) = plan_folder([series], out, output_type)
+    assert planned.status == "failed"
+    if output_type == "dicom-seg":
+        now = read_series(series).source.datasets[0].SeriesInstanceUID
+        old = vol.source.datasets[0].SeriesInstanceUID
+        said = f"references the series {old}, where {series} now holds the series {now}"
+    else:
+        said = f"has other pixel spacing or orientation than the series {series} now has"
+    assert str(planned.error) == f"{planned.output}: exists but {said}; remove it to redo the case"
+    if output_type == "nifti":  # moved 5 mm along the slices (another field of view): no slice of it lies there
+        for path in sorted(series.iterdir()):
+            path.unlink()
+
+        def moved(k, ds):
+            x, y, z = ds.ImagePositionPatient
+            ds.ImagePositionPatient = [x, y, float(z) + 5]
+
+        write_series(series, phantom(), edit=moved)
+        (planned,) = plan_folder([series], out, output_type)
+        assert planned.status == "failed" and "has no slice where " in str(planned.error)
+        assert f"of the series {series} now lies (a scan sent or reconstructed again?)" in str(planned.error)
