@@ -422,8 +422,8 @@ def _decode_plan(syntaxes: set[str], threads: int | None) -> tuple[str, int]:
     """(pydicom decoding plugin, threads). Threads only where the codec releases the GIL.
 
     pydicom's own choice for JPEG 2000 (GDCM where python-gdcm is installed, else pylibjpeg-openjpeg) is taken
-    serially: pylibjpeg-openjpeg decodes holding the GIL, so threads do not overlap; Pillow's JPEG 2000 decoder releases it and gives the same
-    values for lossless data (benchmarks/dicom_read.md).
+    serially: pylibjpeg-openjpeg decodes holding the GIL, so threads do not overlap; Pillow's JPEG 2000 decoder
+    releases it and gives the same values for lossless data (benchmarks/dicom_read.md).
     """
     if threads is None:
         # sched_getaffinity (the cores this process may use) exists on Linux only.
