@@ -50,7 +50,7 @@ class AugmentConfig:
                 0 <= self.translation < 1,
             ),
             ("scale range --scale", self.scale, "LOW,HIGH with 0 < LOW <= HIGH", 0 < low <= high),
-            ("shear --shear", self.shear_deg, "degrees >= 0", self.shear_deg >= 0),
+            ("shear --shear", self.shear_deg, "degrees in [0, 90)", 0 <= self.shear_deg < 90),  # tan(90) is none
             ("probability --augment-prob", self.probability, "a share in [0, 1]", 0 <= self.probability <= 1),
         )
         for what, value, expected, ok in checks:

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from flareseg.atomic import atomic_output, write_text_atomic
-from flareseg.errors import FlareSegError
+from flareseg.errors import FlareSegError, first_few
 from flareseg.preprocess import NormalizationStats, network_batch, resize_labels, stored_stats, volume_normalizer
 from flareseg.volume import (
     GRID_TOLERANCE_MM,
@@ -62,6 +62,9 @@ def find_training_cases(data_dir: str | Path) -> list[Case]:
     """Pairs of ``TrainingImg/{case}_0000.nii.gz`` and ``TrainingMask/{case}.nii.gz``; an unpaired file is an error."""
     root = Path(data_dir)
     img_dir, mask_dir = root / "TrainingImg", root / "TrainingMask"
+    if not root.is_dir():
+        raise FlareSegError(f"{root}: {'not a folder' if root.exists() else 'no such folder'} (expected the FLARE21 "
+                            "layout TrainingImg/, TrainingMask/)")  # fmt: skip
     for d in (img_dir, mask_dir):
         if not d.is_dir():
             raise FlareSegError(f"{root}: missing {d.name}/ (expected the FLARE21 layout TrainingImg/, TrainingMask/)")
@@ -240,9 +243,14 @@ def split_cases(
     """
     by_name = {c.name: c for c in cases}
     if val_list:
+        twice = sorted({n for n in val_list if val_list.count(n) > 1})
+        if twice:  # validated twice, it would count double in the mean DSC that chooses best.pt
+            raise FlareSegError(f"--val-list names {', '.join(twice)} more than once")
         missing = [n for n in val_list if n not in by_name]
         if missing:
-            raise FlareSegError(f"validation cases not found: {', '.join(missing)}")
+            raise FlareSegError(
+                f"--val-list: no case {', '.join(missing)} in the data (its cases: {first_few(sorted(by_name))})"
+            )
         val = [by_name[n] for n in val_list]
     else:
         if val_cases >= len(cases):
@@ -255,7 +263,9 @@ def split_cases(
         val = sorted(order[:val_cases], key=lambda c: c.name)
     train = [c for c in cases if c not in val]
     if not train:
-        raise FlareSegError("no training cases left after the validation split")
+        raise FlareSegError(
+            f"--val-list holds all {len(cases)} cases of the data, which leaves none to train on; hold out fewer"
+        )
     return train, (val or list(train))
 
 
@@ -336,15 +346,22 @@ class SliceCache:
         if not manifest["cases"]:
             self._clear()
         kinds = ("slices", "labels", "stored", "truth", "scale") if full_resolution else ("slices", "labels")
-        todo = []
+        todo, damaged = [], []
         for case in cases:
             paths = self._paths(case)
-            if manifest["cases"].get(case.name) != case_key(case) or not all(paths[k].exists() for k in kinds):
+            if manifest["cases"].get(case.name) != case_key(case):
                 todo.append(case)
+            elif not all(_whole(paths[k]) for k in kinds):
+                todo.append(case)
+                if any(paths[k].exists() for k in kinds):
+                    damaged.append(case.name)
         stale = [c.name for c in todo if manifest["cases"].get(c.name, case_key(c)) != case_key(c)]
         if stale:
             log.info("slice cache: %d cases changed since they were cached (%s); caching them again", len(stale),
                      ", ".join(stale[:3]) + (" ..." if len(stale) > 3 else ""))  # fmt: skip
+        if damaged:  # cut short by a full disk or a copy, say: the cache is the run's own, and made again
+            log.warning("slice cache: files of %d cases are missing or cut short (%s); caching them again",
+                        len(damaged), ", ".join(damaged[:3]) + (" ..." if len(damaged) > 3 else ""))  # fmt: skip
         for case in tqdm(todo, desc="caching slices", unit="case", leave=False, disable=progress_disabled()):
             key = case_key(case)  # taken before reading: a file changed meanwhile is built again next time
             if manifest["cases"].pop(case.name, None) is not None:
@@ -383,6 +400,19 @@ class SliceCache:
         p = self._paths(case)
         scale = json.loads(p["scale"].read_text())
         return np.load(p["stored"], mmap_mode="r"), np.load(p["truth"], mmap_mode="r"), scale["slope"], scale["inter"]
+
+
+def _whole(path: Path) -> bool:
+    """Whether a cached file is all there: an array whose file holds what its header says (mapping one cut short
+    fails), a JSON file that parses."""
+    try:
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        else:
+            np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError):
+        return False
+    return True
 
 
 class SliceDataset(torch.utils.data.Dataset):

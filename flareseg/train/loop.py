@@ -19,10 +19,10 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from flareseg.checkpoint import ModelInfo, check_slice_size, read_checkpoint, sa
 from flareseg.errors import FlareSegError, gpu_memory_errors
 from flareseg.labels import LABELS, ORGANS
 from flareseg.metrics import dice
-from flareseg.network import NetworkConfig, build_training_network, non_finite_weights
+from flareseg.network import SIZE_MULTIPLE, NetworkConfig, build_training_network, non_finite_weights
 from flareseg.postprocess import keep_largest_components
 from flareseg.preprocess import NormalizationStats, SliceNormalizer, volume_normalizer
 from flareseg.runtime.inferer import infer_volume
@@ -66,6 +66,7 @@ except ImportError:  # Windows: no advisory locks; a second run into a folder is
     fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -89,6 +90,26 @@ class _Dist:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+    def on_main(self, work: Callable[[], _T]) -> _T | None:
+        """``work()`` on the main process alone (its result there, None elsewhere); then every process learns
+        whether it failed, and a failure is raised on each, in its one line: the others would wait at the next
+        collective, and end in its traceback when the main process left."""
+        failure: Exception | None = None
+        result: _T | None = None
+        if self.main:
+            try:
+                result = work()
+            except Exception as exc:
+                failure = exc
+        if self.world > 1:
+            said = [None if failure is None else str(failure) or type(failure).__name__]
+            dist.broadcast_object_list(said, src=0)
+            if not self.main and said[0] is not None:
+                raise FlareSegError(f"{said[0]} (on the main process)")
+        if failure is not None:
+            raise failure
+        return result
 
 
 def launch_place() -> _Dist:
@@ -382,7 +403,14 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     first checkpoint removes the folders it created; an interrupted one (Ctrl-C) keeps
     them, and its statistics and slice cache are reused by a rerun with the same data.
     """
-    check_slice_size(config.slice_size)
+    h, w = check_slice_size(config.slice_size)
+    if config.batch_size * (h // SIZE_MULTIPLE) * (w // SIZE_MULTIPLE) < 2:
+        # Found at the first step otherwise, in a traceback from deep in torch, after the statistics and cache.
+        raise FlareSegError(
+            f"--size {h}x{w} with --batch-size {config.batch_size}: the network's bottleneck is "
+            f"{h // SIZE_MULTIPLE}x{w // SIZE_MULTIPLE}, and its BatchNorm needs 2 values a channel in training; "
+            "give --batch-size 2 or more, or a larger --size"
+        )
     d0 = launch_place()
     device = training_device(config.device, d0)
     # Resolved first: "missing/../mine" does not exist as typed, yet names an existing folder that a
@@ -393,16 +421,16 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     data = Path(config.data).resolve()
     if run == data or any(run.is_relative_to(data / sub) for sub in ("TrainingImg", "TrainingMask")):
         raise FlareSegError(f"--out {run}: inside the training data {data}; give the run a folder of its own")
-    if not resume:
-        trained = [name for name in RUN_OUTPUTS if (run / name).exists()]
-        if trained:
-            raise FlareSegError(
-                f"{run}: a run already exists there ({trained[0]}); use --resume {run} or another --out"
-            )
     created = _first_missing(run) if not resume and d0.main else None
     # Held before anything is written, by the main process only (the others write nothing into the folder).
     # A run refused here removes nothing: the folder is the other run's, even where this one made it first.
+    # Held before the check for a trained run too: a job submitted twice is told that the first one is training,
+    # not to --resume a run still under way.
     held = _hold_run(run) if d0.main else None
+    trained = [name for name in RUN_OUTPUTS if (run / name).exists()] if not resume else []
+    if trained:
+        _let_go(run, held, created)
+        raise FlareSegError(f"{run}: a run already exists there ({trained[0]}); use --resume {run} or another --out")
     try:
         d, own_group = _init_distributed(config.device)
     except BaseException:
@@ -546,12 +574,43 @@ def _split_names(cases: tuple[list[Case], list[Case]]) -> dict[str, list[str]]:
     return {"train": [c.name for c in cases[0]], "validation": [c.name for c in cases[1]]}
 
 
+#: Settings a last.pt's record may differ from config.json in: where the run is, and how it runs (a resume may
+#: change those), and the accumulation (checked as the global batch).
+_MAY_DIFFER = frozenset({"data", "out", "epochs", "device", "workers", "cudnn_benchmark", "accumulate"})
+
+
+def _recorded_config(record: Any) -> dict[str, Any] | None:
+    """A last.pt's record of its run's settings, in today's form (older forms read as config.json's are); None
+    where there is none, or it is not one this version reads."""
+    if not isinstance(record, dict):
+        return None
+    try:
+        return TrainConfig.from_dict(record).to_dict()
+    except FlareSegError:
+        return None
+
+
 def _checkpoint_to_resume(config: TrainConfig, run: Path) -> tuple[dict[str, Any], ModelInfo]:
     """The run's last.pt, checked against its config; refused where ``--epochs`` asks for fewer than are done."""
     payload = read_checkpoint(run / "last.pt")
     state = payload.get("train_state")
     if not isinstance(state, dict):
         raise FlareSegError(f"{run / 'last.pt'}: no training state to resume from")
+    if not isinstance(state.get("optimizer"), dict):
+        raise FlareSegError(
+            f"{run / 'last.pt'}: holds no optimiser state (a copy of best.pt, which keeps the weights alone?), so the "
+            "run cannot go on where it stopped; put the run's own last.pt back, or train anew into another --out"
+        )
+    then = _recorded_config(state.get("config"))
+    if then is not None:  # a last.pt of another run, copied in, would go on with its statistics and weights
+        now = config.to_dict()
+        differ = [key for key in sorted(set(then) & set(now) - _MAY_DIFFER) if then[key] != now[key]]
+        if differ:
+            shown = "; ".join(f"{key} {then[key]!r} (the run has {now[key]!r})" for key in differ[:3])
+            raise FlareSegError(
+                f"{run / 'last.pt'}: saved by a run of other settings than {run / 'config.json'} ({shown}): "
+                "not this run's checkpoint?"
+            )
     saved = ModelInfo.from_dict(payload, str(run / "last.pt"))
     if saved.network.base_width != config.base_width or saved.slice_size != config.slice_size:
         raise FlareSegError(
@@ -607,20 +666,24 @@ def _prepare_data(
     process), and the model description they give. ``data``: the cases' :func:`data_key`, where taken already."""
     train_cases, val_cases = cases
     split = _split_names(cases)
-    if d.main:
+
+    def statistics() -> None:
         _make_run_dir(run, config)
         _dataset_statistics(run, train_cases, resumed)
-    d.barrier()
+
+    d.on_main(statistics)  # a failure on the main process (a bad case) is every process's, in its one line
     stats = read_stats_file(run / "stats.json")[0]
     cache = SliceCache(run / "cache", stats, config.slice_size)
-    if d.main:
+
+    def cached() -> None:
         cache.build(train_cases)
         cache.build(val_cases, full_resolution=True)
         write_text_atomic(json.dumps(split, indent=2), run / "split.json")
-        data = data if data is not None else data_key([*train_cases, *val_cases])
-        write_text_atomic(json.dumps(data, indent=1), run / "data.json")
+        key = data if data is not None else data_key([*train_cases, *val_cases])
+        write_text_atomic(json.dumps(key, indent=1), run / "data.json")
         write_text_atomic(config.to_json() + "\n", run / "config.json")  # every case read: the data are good
-    d.barrier()
+
+    d.on_main(cached)
     info = ModelInfo(
         network=NetworkConfig(base_width=config.base_width), normalization=stats, slice_size=config.slice_size
     )
@@ -745,9 +808,13 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
                 run, config.epochs, config.epochs,
             )  # fmt: skip
             return TrainResult(run, float(state["best_score"]), int(state["best_epoch"]), [])
-        if d.main:
-            data = data_key([*cases[0], *cases[1]])  # checked, then recorded again: each mask hashed once
-            _check_resumable(run, config, cases, data)
+
+        def check() -> dict[str, Any]:
+            key = data_key([*cases[0], *cases[1]])  # checked, then recorded again: each mask hashed once
+            _check_resumable(run, config, cases, key)
+            return key
+
+        data = d.on_main(check)
         _check_global_batch(run, config, state, d.world)
         resumed = saved.normalization
     info, cache = _prepare_data(config, d, run, cases, resumed, data)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -227,8 +228,19 @@ def test_split_is_seeded_and_explicit_lists_are_honoured(phantom_data):
     train_c, val_c = split_cases(cases, val_cases=0)
     assert val_c == train_c == cases  # 0: validate on the training cases
     assert [c.name for c in split_cases(cases, val_cases=1, val_list=["train_002"])[1]] == ["train_002"]
-    with pytest.raises(FlareSegError, match="validation cases not found: nope"):
+    names = ", ".join(c.name for c in cases[:3]) + (f" and {len(cases) - 3} more" if len(cases) > 3 else "")
+    with pytest.raises(FlareSegError) as info:
         split_cases(cases, val_cases=1, val_list=["nope"])
+    assert str(info.value) == f"--val-list: no case nope in the data (its cases: {names})"
+    # Named twice, a case counted double in the mean DSC that chooses best.pt; all of them left none to train on.
+    with pytest.raises(FlareSegError, match=r"^--val-list names train_002 more than once$"):
+        split_cases(cases, val_cases=1, val_list=["train_002", "train_001", "train_002"])
+    with pytest.raises(FlareSegError, match=rf"^--val-list holds all {len(cases)} cases of the data, which leaves"):
+        split_cases(cases, val_cases=1, val_list=[c.name for c in cases])
+    a_file = next((phantom_data / "TrainingImg").iterdir())
+    for given, said in ((phantom_data / "nowhere", "no such folder"), (a_file, "not a folder")):  # not "missing ..."
+        with pytest.raises(FlareSegError, match=rf"^{re.escape(str(given))}: {said} \(expected the FLARE21 layout"):
+            find_training_cases(given)
 
 
 def test_cached_masks_take_the_label_under_each_pixel_centre_as_the_images_do(phantom_data, tmp_path):
@@ -426,6 +438,30 @@ def test_two_process_torchrun_keeps_replicas_identical_and_equals_accumulation(p
     assert (state["world"], state["config"]["accumulate"], state["epoch"]) == (1, 2, 1)
 
 
+def test_a_bad_case_the_main_process_of_a_torchrun_job_finds_is_each_process_s_one_line(tmp_path):
+    # Found while rank 0 alone cached the slices, it left rank 1 waiting at a barrier, to end in gloo's
+    # "Connection closed by peer" traceback, which torchrun named as the first failure.
+    data = tmp_path / "data"
+    write_phantom_cases(data, 3, shape=(32, 32, 8), spacing=(8.0, 8.0, 10.0))
+    mask = data / "TrainingMask" / "train_001.nii.gz"
+    image = nib.load(mask)
+    labels = np.asarray(image.dataobj).copy()
+    labels[0, 0, 0] = 7
+    nib.save(nib.Nifti1Image(labels, image.affine, image.header), mask)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518"]
+    cmd += ["-m", "flareseg.train.cli", "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1"]
+    cmd += ["--steps-per-epoch", "2", "--val-list", "train_000", *TINY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    said = f"{mask}: labels [7] outside 0..4"
+    errors = sorted(line for line in proc.stderr.splitlines() if line.startswith("flare-train: error:"))
+    assert proc.returncode != 0 and errors == [
+        f"flare-train: error: {said}",
+        f"flare-train: error: {said} (on the main process)",
+    ]
+    assert "Connection closed" not in proc.stderr and "RuntimeError" not in proc.stderr
+
+
 def test_a_resume_keeps_the_global_batch_of_the_run():
     from flareseg.train.loop import _check_global_batch
 
@@ -453,6 +489,8 @@ def test_the_defaults_are_the_papers_and_each_aux_weight_reaches_its_level(phant
     assert config.augment == AugmentConfig(20.0, 0.2, (0.8, 1.2), 20.0, 1.0)
     with pytest.raises(FlareSegError, match="shear"):  # the parser refuses it too; a program's own call the same
         AugmentConfig(shear_deg=-1.0)
+    with pytest.raises(FlareSegError, match=r"shear --shear 90: expected degrees in \[0, 90\), finite"):
+        AugmentConfig(shear_deg=90.0)  # tan(90 degrees) is none: at 89.99 a corner moved 86,905 pixels
     from flareseg.train import loop
 
     seen = []

@@ -996,3 +996,70 @@ def test_each_epoch_draws_its_own_slice_order_and_augmentation():
     assert torch.equal(order[1], again)  # and the same epoch, the same order: a resumed run repeats it exactly
     streams = [torch.rand(8, generator=loop._epoch_generator(0, 1, s)) for s in (0, 1)]
     assert not torch.equal(streams[0], streams[1])  # order and augmentation are separate streams
+
+
+def test_a_job_submitted_twice_is_told_the_first_is_training_not_to_resume_it(data_a, tmp_path):
+    # The check for a trained run came before the lock: the second job was told to --resume a run under way.
+    run = _trained(data_a, tmp_path / "run")
+    again = ["--data", str(data_a), "--out", str(run), "--epochs", "2", *QUICK]
+    fd = loop._hold_run(run)  # the first job, training on after its first epoch
+    try:
+        with pytest.raises(FlareSegError, match="another flare-train is training in this folder now"):
+            train_main_raw(again)
+    finally:
+        loop._release_run(fd)
+    with pytest.raises(FlareSegError, match=r"a run already exists there \(last\.pt\); use --resume"):
+        train_main_raw(again)
+
+
+def test_a_resume_from_a_copy_of_best_pt_or_of_another_runs_last_pt_is_refused(data_a, tmp_path, capsys):
+    run = _trained(data_a, tmp_path / "run")
+    other = tmp_path / "other"
+    assert train_main(["--data", str(data_a), "--out", str(other), "--epochs", "1", "--seed", "7", *QUICK]) == 0
+    # best.pt copied over a damaged last.pt: it keeps no optimiser state, which ended the resume in a traceback.
+    shutil.copy(run / "best.pt", run / "last.pt")
+    before = _files(run)
+    capsys.readouterr()
+    assert train_main(["--resume", str(run), "--epochs", "2"]) == 2
+    assert _stderr_lines(capsys) == [
+        f"flare-train: error: {run / 'last.pt'}: holds no optimiser state (a copy of best.pt, which keeps the "
+        "weights alone?), so the run cannot go on where it stopped; put the run's own last.pt back, or train anew "
+        "into another --out"
+    ]
+    assert _files(run) == before  # refused before config.json, stats.json, split.json and data.json were rewritten
+    # Another run's last.pt: it went on with that run's statistics and weights, and rewrote this run's records.
+    shutil.copy(other / "last.pt", run / "last.pt")
+    before = _files(run)
+    assert train_main(["--resume", str(run), "--epochs", "2"]) == 2
+    assert _stderr_lines(capsys) == [
+        f"flare-train: error: {run / 'last.pt'}: saved by a run of other settings than {run / 'config.json'} "
+        "(seed 7 (the run has 0)): not this run's checkpoint?"
+    ]
+    assert _files(run) == before  # nothing rewritten
+
+
+def test_a_cache_file_cut_short_is_made_again(data_a, tmp_path, caplog):
+    # A full disk or a copy cut a cached array short: the resume ended in a traceback from np.load's mapping.
+    run = _trained(data_a, tmp_path / "run")
+    victim = sorted((run / "cache").glob("*.slices.npy"))[0]
+    whole = np.load(victim)
+    victim.write_bytes(victim.read_bytes()[:1000])
+    with caplog.at_level(logging.WARNING, logger="flareseg.train.data"):
+        assert train_main(["--resume", str(run), "--epochs", "2", "-q"]) == 0
+    case = victim.name.split(".")[0]
+    assert [r.getMessage() for r in caplog.records if r.name == "flareseg.train.data"] == [
+        f"slice cache: files of 1 cases are missing or cut short ({case}); caching them again"
+    ]
+    np.testing.assert_array_equal(np.load(victim), whole)
+
+
+def test_a_one_pixel_bottleneck_with_one_slice_a_batch_is_refused_before_any_work(data_a, tmp_path):
+    # BatchNorm at a 1x1 bottleneck needs two slices: found at the first step, in a traceback, after the cache.
+    argv = ["--data", str(data_a), "--out", str(tmp_path / "r"), "--size", "16", "--batch-size", "1"]
+    with pytest.raises(FlareSegError) as info:
+        train_main_raw([*argv, "--width", "4", "--epochs", "1", "--workers", "0", "-q"])
+    assert str(info.value) == (
+        "--size 16x16 with --batch-size 1: the network's bottleneck is 1x1, and its BatchNorm needs 2 values a "
+        "channel in training; give --batch-size 2 or more, or a larger --size"
+    )
+    assert not (tmp_path / "r").exists()
