@@ -156,7 +156,7 @@ def _probed(listed: list[Path]) -> list[Path]:
 
 def _holds_dicom(listed: list[Path]) -> bool:
     """Whether a folder's listed files hold DICOM files, judged from :func:`_probed`'s."""
-    return any(is_dicom_file(p) for p in _probed(listed))
+    return any(is_dicom_file(p) and not _is_dicomdir(p) for p in _probed(listed))  # a DICOMDIR under any name
 
 
 def _sanitise(text: str) -> str:

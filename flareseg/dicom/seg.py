@@ -85,7 +85,8 @@ def _thickness(ds: Dataset) -> float | None:
 def _date_or_time(value: str, kind: type) -> str | None:
     """``value`` as a DICOM DA or TM (``kind``) highdicom accepts: as it is, or with the separators of the old
     ACR-NEMA forms (2022-12-08, 12:30:00) dropped; None where neither parses (00000000, 20221308)."""
-    for text in (value, value.replace("-", "").replace(".", "") if kind.__name__ == "DA" else value.replace(":", "")):
+    bare = value.replace("-", "").replace(".", "") if kind.__name__ == "DA" else value.replace(":", "")
+    for text in dict.fromkeys((bare, value)):  # the bare form first: pydicom reads 1950.01.02, but DICOM's is 19500102
         try:
             kind(text)
         except (TypeError, ValueError, OverflowError):
@@ -126,6 +127,8 @@ def _seg_values(ds: Dataset) -> tuple[dict[str, Any], list[str]]:
     if isinstance(charset, list | tuple | MultiValue) and len(charset) > 1 and not charset[0]:
         # PS3.3 C.12.1.1.2: an empty first value is the default repertoire, which with code extensions is named so.
         fixed["SpecificCharacterSet"] = ["ISO 2022 IR 6", *charset[1:]]
+        given, written = "\\".join(charset), "\\".join(fixed["SpecificCharacterSet"])
+        said.append(f"SpecificCharacterSet '{given}' written '{written}'")
     return fixed, said
 
 
@@ -168,14 +171,17 @@ def _referencable(ds: Dataset, spacing: float | None = None) -> Dataset:
 
 def check_seg_writable(volume: Volume) -> DicomSeries:
     """Refuse, before any work is done, a volume whose series a DICOM SEG cannot reference or whose headers
-    highdicom refuses (tried on a one-frame SEG of its first slice); say which of its values the SEG changes."""
+    highdicom refuses (tried on a SEG of one marked voxel); say which of its values the SEG changes."""
     series = _referenced_series(volume)
     said = _seg_values(series.datasets[0])[1]
     if said:
         log.warning("%s: the DICOM SEG cannot copy the series' values as they are: %s", series.folder, "; ".join(said))
-    first = _referencable(series.datasets[0], volume.geometry.spacing[2])
-    rows, columns = int(first.Rows), int(first.Columns)
-    _segmentation(series.folder, [first], np.zeros((1, rows, columns), np.uint8), present=False, model=None)
+    # Tried on every slice's header (what highdicom compares across them, orientation say, is checked too), with
+    # one voxel marked so that a single frame is encoded; the zeros' pages are never touched.
+    sources = [_referencable(ds, volume.geometry.spacing[2]) for ds in series.datasets]
+    frames = np.zeros((len(sources), int(sources[0].Rows), int(sources[0].Columns)), np.uint8)
+    frames[0, 0, 0] = 1
+    _segmentation(series.folder, sources, frames, present=True, model=None)
     return series
 
 

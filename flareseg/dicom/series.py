@@ -199,7 +199,10 @@ def _require(folder: Path, headers: list[tuple[Path, Dataset]]) -> None:
         # Multi-frame first: an Enhanced CT keeps its geometry in functional groups, and would be said to lack it,
         # even with one frame.
         frames = _count(folder, path, ds, "NumberOfFrames")
-        if frames > 1 or str(ds.get("SOPClassUID", "") or "") in _ENHANCED_CT:
+        if str(ds.get("SOPClassUID", "") or "") in _ENHANCED_CT:
+            many = f"{frames} frame{'s' if frames != 1 else ''}"
+            raise _fail(folder, f"{path.name} is an Enhanced CT image ({many}); expected single-frame slices")
+        if frames > 1:
             raise _fail(folder, f"{path.name} is a multi-frame image ({frames} frames); expected single-frame slices")
         missing = [k for k in needed if ds.get(k) in (None, "")]
         if missing:
@@ -216,11 +219,10 @@ def _require(folder: Path, headers: list[tuple[Path, Dataset]]) -> None:
         lacking = [path.name for path, ds in headers if ds.get(keyword) in (None, "")]
         if lacking and len(lacking) < len(headers):
             raise _fail(folder, f"{first_few(lacking)}: no {keyword}, unlike the other slices (damaged?)")
-    if all(ds.get("RescaleIntercept") in (None, "") for _, ds in headers):
-        log.warning(
-            "%s: no RescaleSlope/RescaleIntercept in any slice; its stored values are read as Hounsfield units",
-            folder,
-        )  # fmt: skip
+    absent = [k for k in _RESCALE if all(ds.get(k) in (None, "") for _, ds in headers)]
+    if absent:
+        taken = ", ".join(f"{k} {_NUMBERS[k][1]:g}" for k in absent)
+        log.warning("%s: no %s in any slice (Type 1 for CT); taken as %s", folder, " or ".join(absent), taken)
 
 
 def _check_consistent(folder: Path, headers: list[tuple[Path, Dataset]], what: str, key: Callable) -> None:

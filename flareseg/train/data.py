@@ -353,7 +353,7 @@ class SliceCache:
                 todo.append(case)
             elif not all(_whole(paths[k]) for k in kinds):
                 todo.append(case)
-                if any(paths[k].exists() for k in kinds):
+                if any(paths[k].exists() and not _whole(paths[k]) for k in kinds):  # not kinds never made (yet)
                     damaged.append(case.name)
         stale = [c.name for c in todo if manifest["cases"].get(c.name, case_key(c)) != case_key(c)]
         if stale:

@@ -601,6 +601,12 @@ def _checkpoint_to_resume(config: TrainConfig, run: Path) -> tuple[dict[str, Any
             f"{run / 'last.pt'}: holds no optimiser state (a copy of best.pt, which keeps the weights alone?), so the "
             "run cannot go on where it stopped; put the run's own last.pt back, or train anew into another --out"
         )
+    saved = ModelInfo.from_dict(payload, str(run / "last.pt"))
+    if saved.network.base_width != config.base_width or saved.slice_size != config.slice_size:
+        raise FlareSegError(
+            f"{run / 'last.pt'}: width {saved.network.base_width}, slices {saved.slice_size}; "
+            f"{run / 'config.json'} says width {config.base_width}, slices {config.slice_size}"
+        )
     then = _recorded_config(state.get("config"))
     if then is not None:  # a last.pt of another run, copied in, would go on with its statistics and weights
         now = config.to_dict()
@@ -611,12 +617,6 @@ def _checkpoint_to_resume(config: TrainConfig, run: Path) -> tuple[dict[str, Any
                 f"{run / 'last.pt'}: saved by a run of other settings than {run / 'config.json'} ({shown}): "
                 "not this run's checkpoint?"
             )
-    saved = ModelInfo.from_dict(payload, str(run / "last.pt"))
-    if saved.network.base_width != config.base_width or saved.slice_size != config.slice_size:
-        raise FlareSegError(
-            f"{run / 'last.pt'}: width {saved.network.base_width}, slices {saved.slice_size}; "
-            f"{run / 'config.json'} says width {config.base_width}, slices {config.slice_size}"
-        )
     done = int(state["epoch"]) + 1
     if config.epochs < done:
         raise FlareSegError(f"--epochs {config.epochs}: run {run} has already done {done} epochs")
@@ -814,8 +814,8 @@ def _train(config: TrainConfig, resume: bool, d: _Dist, device: torch.device, ru
             _check_resumable(run, config, cases, key)
             return key
 
+        _check_global_batch(run, config, state, d.world)  # before every mask is hashed: it reads a header alone
         data = d.on_main(check)
-        _check_global_batch(run, config, state, d.world)
         resumed = saved.normalization
     info, cache = _prepare_data(config, d, run, cases, resumed, data)
 

@@ -1062,7 +1062,8 @@ def test_a_seg_is_made_of_header_values_highdicom_refuses_saying_what_it_changed
     assert [r.getMessage() for r in caplog.records if r.name == "flareseg.dicom.seg"] == [
         f"{tmp_path / 's'}: the DICOM SEG cannot copy the series' values as they are: PatientSex 'U' (not M, F or O) "
         "left empty; PatientBirthDate '00000000' (not a valid date or time) left empty; StudyDate '2022-12-08' "
-        "written 20221208; StudyTime '12:30:00' written 123000"
+        "written 20221208; StudyTime '12:30:00' written 123000; SpecificCharacterSet '\\ISO 2022 IR 87' written "
+        "'ISO 2022 IR 6\\ISO 2022 IR 87'"
     ]
     _, labels, _ = canonical_truth()
     out = write_seg(labels, vol, tmp_path / "case.dcm")
@@ -1071,9 +1072,26 @@ def test_a_seg_is_made_of_header_values_highdicom_refuses_saying_what_it_changed
     assert (seg.PatientSex, seg.PatientBirthDate, seg.StudyDate, seg.StudyTime) == ("", "", "20221208", "123000")
     assert list(seg.SpecificCharacterSet) == ["ISO 2022 IR 6", "ISO 2022 IR 87"]  # PS3.3 C.12.1.1.2's name for ""
     assert [f.read_bytes() for f in files] == before  # the inputs as they were
+    from pydicom.valuerep import DA
+
+    from flareseg.dicom.seg import _date_or_time
+
+    assert _date_or_time("1950.01.02", DA) == "19500102"  # pydicom reads the dotted form; DICOM's has no dots
 
 
 def test_a_header_highdicom_refuses_otherwise_is_refused_before_inference_in_one_line(tmp_path: Path) -> None:
+    # Orientations 5e-4 apart, which the series reader allows and highdicom does not: tried on every slice's header.
+    def tilted(k: int, ds: Dataset) -> None:
+        if k % 2:
+            ds.ImageOrientationPatient = [
+                v + (5e-4 if i == 1 else 0.0) for i, v in enumerate(ds.ImageOrientationPatient)
+            ]
+
+    write_series(tmp_path / "iop", phantom("LPS"), edit=tilted)
+    with pytest.raises(
+        FlareSegError, match=r"highdicom cannot make a DICOM SEG .*shared orientation.*use NIfTI output$"
+    ):
+        check_seg_writable(read_series(tmp_path / "iop"))
     write_series(tmp_path / "s", phantom("LPS"), edit=_set(None, SpecificCharacterSet="ISO_IR 999"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom's warning of the unknown character set
@@ -1118,8 +1136,7 @@ def test_a_rescale_missing_from_some_slices_is_refused_and_from_all_is_said(tmp_
     with caplog.at_level(logging.WARNING, logger="flareseg.dicom.series"):
         read_series(tmp_path / "all")
     assert [r.getMessage() for r in caplog.records] == [
-        f"{tmp_path / 'all'}: no RescaleSlope/RescaleIntercept in any slice; its stored values are read as "
-        "Hounsfield units"
+        f"{tmp_path / 'all'}: no RescaleIntercept in any slice (Type 1 for CT); taken as RescaleIntercept 0"
     ]
 
 
@@ -1140,7 +1157,7 @@ def test_an_enhanced_ct_of_one_frame_is_said_to_be_multi_frame(tmp_path: Path) -
             ds.NumberOfFrames = 1
 
     files = write_series(tmp_path / "s", phantom("LPS"), edit=enhanced)
-    with pytest.raises(FlareSegError, match=rf"{files[0].name} is a multi-frame image \(1 frames\); expected single"):
+    with pytest.raises(FlareSegError, match=rf"{files[0].name} is an Enhanced CT image \(1 frame\); expected single"):
         read_series(tmp_path / "s")
 
 

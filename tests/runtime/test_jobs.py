@@ -413,6 +413,19 @@ def test_a_stray_slice_beside_series_folders_is_refused_not_taken_for_a_series_o
         "folder of cases: give a NIfTI file itself as the input, or move the DICOM files into a subfolder of their "
         "own (a series per subfolder)"
     )
+    # A DICOMDIR under another name at the top is no slice: the folder is a folder of series.
+    (folder / "stray.dcm").unlink()
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    index = Dataset()
+    index.file_meta = FileMetaDataset()
+    index.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    index.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    index.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    index.save_as(folder / "DICOMDIR.dcm", enforce_file_format=True)
+    assert not jobs.is_series_input(folder)
+    shutil.copy(files[0], folder / "stray.dcm")
     shutil.rmtree(folder / "a")
     shutil.rmtree(folder / "b")
     (folder / "results").mkdir()  # a folder without a series beside the files: the files are one series

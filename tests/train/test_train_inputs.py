@@ -1051,6 +1051,12 @@ def test_a_cache_file_cut_short_is_made_again(data_a, tmp_path, caplog):
         f"slice cache: files of 1 cases are missing or cut short ({case}); caching them again"
     ]
     np.testing.assert_array_equal(np.load(victim), whole)
+    # Validated on its training case (--val-cases 0), a new run's full-resolution files were never made: not "cut".
+    caplog.clear()
+    argv = ["--data", str(data_a), "--out", str(tmp_path / "v0"), "--epochs", "1", *TINY, "--steps-per-epoch", "1"]
+    with caplog.at_level(logging.WARNING, logger="flareseg.train.data"):
+        assert train_main([*argv, "--val-cases", "0", "-q"]) == 0
+    assert [r.getMessage() for r in caplog.records if r.name == "flareseg.train.data"] == []
 
 
 def test_a_one_pixel_bottleneck_with_one_slice_a_batch_is_refused_before_any_work(data_a, tmp_path):
