@@ -270,8 +270,6 @@ def _main(args: argparse.Namespace) -> int:
         left = [name for name in RUN_OUTPUTS if (args.resume / name).exists()]
         if not resume and left:
             raise FlareSegError(f"--resume {args.resume}: no last.pt to resume from (but {left[0]} is there)")
-        if not resume:
-            log.info("%s: no checkpoint yet (stopped in its first epoch); starting it from epoch 1", args.resume)
     else:
         config, resume = _new_config(args), False
     try:

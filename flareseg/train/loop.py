@@ -431,6 +431,8 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     if trained:
         _let_go(run, held, created)
         raise FlareSegError(f"{run}: a run already exists there ({trained[0]}); use --resume {run} or another --out")
+    if not resume and d0.main and (run / "config.json").is_file():  # said once the folder is this run's alone
+        log.info("%s: no checkpoint yet (stopped in its first epoch); starting it from epoch 1", run)
     try:
         d, own_group = _init_distributed(config.device)
     except BaseException:

@@ -100,7 +100,7 @@ def test_weights_follow_from_the_seed_alone_and_the_callers_generators_are_untou
     assert not all(torch.equal(v, other[k]) for k, v in weights[0].items())
 
 
-def test_an_epochs_checkpoints_and_log_record_land_together_or_not_at_all(phantom_data, tmp_path, monkeypatch):
+def test_an_epochs_checkpoints_and_log_record_land_together_or_not_at_all(phantom_data, tmp_path, monkeypatch, caplog):
     from flareseg.train import loop
 
     real_save, written = loop.save_checkpoint, []
@@ -121,7 +121,19 @@ def test_an_epochs_checkpoints_and_log_record_land_together_or_not_at_all(phanto
     assert not any((run / name).exists() for name in ("best.pt", "last.pt", "log.jsonl"))
     assert not [p.name for p in run.iterdir() if ".part" in p.name]
     monkeypatch.undo()
-    assert train_main(["--resume", str(run), "-q"]) == 0  # "no checkpoint yet": from epoch 1
+    # "No checkpoint yet" is said once the run's lock is held: to a --resume refused because another flare-train
+    # trains there, it said "starting it from epoch 1" and then refused.
+    said = f"{run}: no checkpoint yet (stopped in its first epoch); starting it from epoch 1"
+    fd = loop._hold_run(run)
+    try:
+        with caplog.at_level(logging.INFO, logger="flareseg.train.loop"):
+            assert train_main(["--resume", str(run)]) == 2
+        assert said not in [r.getMessage() for r in caplog.records]
+    finally:
+        loop._release_run(fd)
+    with caplog.at_level(logging.INFO, logger="flareseg.train.loop"):
+        assert train_main(["--resume", str(run)]) == 0
+    assert said in [r.getMessage() for r in caplog.records]
     assert [r["epoch"] for r in _log(run)] == [1]
     assert read_checkpoint(run / "best.pt")["train_state"]["best_epoch"] == 1
 
