@@ -126,21 +126,18 @@ def run_command(
     try:
         return body(args)
     except FlareSegError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        _tell(f"{parser.prog}: error: {exc}")
         return 2
     except MemoryError as exc:  # numpy's too-large array (a subclass), Python's own
-        print(f"{parser.prog}: error: {_out_of_memory(exc)}", file=sys.stderr)
+        _tell(f"{parser.prog}: error: {_out_of_memory(exc)}")
         return 2
     except RuntimeError as exc:
         if "can't allocate memory" in str(exc):  # torch's CPU allocator says it in a plain RuntimeError
-            print(f"{parser.prog}: error: {_out_of_memory(exc)}", file=sys.stderr)
+            _tell(f"{parser.prog}: error: {_out_of_memory(exc)}")
             return 2
         if _gpu_out_of_memory(exc):  # outside a case's inference (which says its batch): loading, warm-up, a graph
             first = (str(exc).strip().splitlines() or [""])[0][:160]
-            print(
-                f"{parser.prog}: error: the GPU ran out of memory ({first}); free it, or lower the batch size",
-                file=sys.stderr,
-            )
+            _tell(f"{parser.prog}: error: the GPU ran out of memory ({first}); free it, or lower the batch size")
             return 2
         raise
     except BrokenPipeError as exc:
@@ -217,9 +214,11 @@ def _one_line_error(parser: argparse.ArgumentParser) -> Callable[[str], NoReturn
 
 
 def _tell(line: str) -> None:
-    """A line on stderr, if anything still reads it."""
+    """A line on stderr, if anything still reads it: in one write, so that processes sharing the stream (torchrun's
+    ranks) cannot interleave their lines (print writes the text and its newline apart)."""
     try:
-        print(line, file=sys.stderr)
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
     except (OSError, ValueError, AttributeError):  # stderr closed or gone
         pass
 

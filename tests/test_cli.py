@@ -418,3 +418,33 @@ def _close_its_terminal_once_ready(script: str) -> int:
     finally:
         os.close(master)
     return proc.wait(timeout=60)
+
+
+def test_an_error_line_is_one_write_so_processes_sharing_stderr_cannot_split_it(monkeypatch):
+    # torchrun's ranks share one stderr: print wrote the text and its newline apart, and another rank's line landed
+    # between them ("...outside 0..4flare-train: error: ...").
+    import argparse
+    import io
+
+    from flareseg.cli import add_common_arguments, run_command
+    from flareseg.errors import FlareSegError
+
+    class Writes(io.StringIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[str] = []
+
+        def write(self, s: str) -> int:
+            self.calls.append(s)
+            return super().write(s)
+
+    stream = Writes()
+    monkeypatch.setattr(sys, "stderr", stream)
+    parser = argparse.ArgumentParser(prog="flare-x")
+    add_common_arguments(parser)
+
+    def body(_: argparse.Namespace) -> int:
+        raise FlareSegError("case.nii.gz: labels [7] outside 0..4")
+
+    assert run_command(parser, body, []) == 2
+    assert stream.calls == ["flare-x: error: case.nii.gz: labels [7] outside 0..4\n"]
