@@ -215,11 +215,13 @@ def _require(folder: Path, headers: list[tuple[Path, Dataset]]) -> None:
     for keyword in ("FrameOfReferenceUID", "StudyInstanceUID"):
         _check_consistent(folder, headers, keyword, lambda ds, k=keyword: str(ds.get(k, "") or "") or "(none)")
     # CT's rescale is Type 1: one slice without it beside slices with it would be read ~1024 HU off unsaid.
-    for keyword in ("RescaleSlope", "RescaleIntercept"):
+    absent = []  # missing from every slice: taken as the default, and said
+    for keyword in _RESCALE:
         lacking = [path.name for path, ds in headers if ds.get(keyword) in (None, "")]
-        if lacking and len(lacking) < len(headers):
+        if len(lacking) == len(headers):
+            absent.append(keyword)
+        elif lacking:
             raise _fail(folder, f"{first_few(lacking)}: no {keyword}, unlike the other slices (damaged?)")
-    absent = [k for k in _RESCALE if all(ds.get(k) in (None, "") for _, ds in headers)]
     if absent:
         taken = ", ".join(f"{k} {_NUMBERS[k][1]:g}" for k in absent)
         log.warning("%s: no %s in any slice (Type 1 for CT); taken as %s", folder, " or ".join(absent), taken)

@@ -363,19 +363,12 @@ def result_of_another_scan(output: Path, input_path: Path, output_type: str) -> 
     again or reconstructed again under its name, or a series that was still arriving when the result was made.
 
     From headers and a listing only, so a resumed folder stays quick: a NIfTI input's shape and affine
-    against the result's; a DICOM series' number of DICOM files against the result's slices (a NIfTI
-    result: its third axis, the series' slices; a DICOM SEG: the instances it references). What cannot be
-    read here is left for the run to say (None).
+    against the result's; a DICOM series as :func:`_another_series` judges it. What cannot be read here is left
+    for the run to say (None).
     """
     try:
         if input_path.is_dir():
-            from flareseg.dicom import count_dicom_files
-
-            slices = count_dicom_files(input_path)
-            held, what = _slices_of_result(output, output_type)
-            if held != slices:
-                return f"{what} {held} slices, where the series {input_path} now holds {slices}"
-            return _series_changed(output, input_path, output_type)
+            return _another_series(output, input_path, output_type)
         import nibabel as nib
 
         scan: Any = nib.load(input_path)
@@ -408,40 +401,35 @@ def why_not_kept(output: Path, input_path: Path, output_type: str) -> str | None
     return unfinished_result(output, output_type) or result_of_another_scan(output, input_path, output_type)
 
 
-def _series_changed(output: Path, series: Path, output_type: str) -> str | None:
-    """Why a result with as many slices as the series in ``series`` is not of that series as it is now: a SEG
-    references another SeriesInstanceUID; a NIfTI result's grid does not hold the series' slices."""
+def _another_series(output: Path, series: Path, output_type: str) -> str | None:
+    """Why a result is not of the series in ``series`` as it is now, from the result's header (read once) and one
+    slice's: its slice count against the series' DICOM files (a NIfTI result's third axis, the instances a SEG
+    references); then a SEG's referenced SeriesInstanceUID, or a NIfTI result's grid against the slice."""
+    from flareseg.dicom import count_dicom_files
     from flareseg.dicom.files import first_dicom_file, read_header
 
+    slices = count_dicom_files(series)
     if output_type == "dicom-seg":
         import pydicom
 
-        referenced = str(pydicom.dcmread(output, stop_before_pixels=True, force=True).ReferencedSeriesSequence[0]
-                         .get("SeriesInstanceUID", ""))  # fmt: skip
+        referenced = pydicom.dcmread(output, stop_before_pixels=True, force=True).ReferencedSeriesSequence[0]
+        held = len(referenced.ReferencedInstanceSequence)
+        if held != slices:
+            return f"references {held} slices, where the series {series} now holds {slices}"
+        then = str(referenced.get("SeriesInstanceUID", "") or "")
         first = first_dicom_file(series)
         uid = str(read_header(first).get("SeriesInstanceUID", "") or "") if first is not None else ""
-        if referenced and uid and referenced != uid:
-            return f"references the series {referenced}, where {series} now holds the series {uid}"
+        if then and uid and then != uid:
+            return f"references the series {then}, where {series} now holds the series {uid}"
         return None
     import nibabel as nib
 
     from flareseg.dicom.series import result_off_series
 
     image: Any = nib.load(output)
+    if image.shape[2] != slices:
+        return f"holds {image.shape[2]} slices, where the series {series} now holds {slices}"
     return result_off_series(series, image.shape[:3], image.affine)
-
-
-def _slices_of_result(output: Path, output_type: str) -> tuple[int, str]:
-    """A result's slice count, and how to say it."""
-    if output_type == "dicom-seg":
-        import pydicom
-
-        ds = pydicom.dcmread(output, stop_before_pixels=True, force=True)
-        return len(ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence), "references"
-    import nibabel as nib
-
-    image: Any = nib.load(output)
-    return int(image.shape[2]), "holds"
 
 
 def _unfinished_seg(output: Path) -> str | None:
