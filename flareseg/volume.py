@@ -328,7 +328,9 @@ def _load_named(
         raise FlareSegError(f"{path}: not a file")
     try:
         # Read, not memory-mapped: a .nii cut short by another process mid-run would end the run with SIGBUS.
-        img = nib.load(path, mmap=False)
+        # numpy's floating-point warnings off: nibabel builds an inf pixdim's affine, which is refused by name below.
+        with np.errstate(all="ignore"):
+            img = nib.load(path, mmap=False)
     except nib.filebasedimages.ImageFileError:
         raise FlareSegError(f"{path}: {_why_not_nifti(path)}") from None
     except OSError as exc:
@@ -338,16 +340,18 @@ def _load_named(
     except (EOFError, zlib.error, ValueError) as exc:
         if str(exc).startswith("w2 should be positive"):  # the qform, the file's only orientation, is damaged
             raise FlareSegError(f"{path}: invalid NIfTI header (quatern_b, c, d are not a rotation's)") from None
+        if isinstance(exc, ValueError) and (fault := _header_fault(path)):
+            raise FlareSegError(f"{path}: invalid NIfTI header ({fault})") from None
         raise FlareSegError(f"{path}: unreadable or truncated file ({exc})") from None
     except (nib.spatialimages.HeaderDataError, OverflowError) as exc:  # a damaged field: datatype, dim, vox_offset
-        raise FlareSegError(f"{path}: invalid NIfTI header ({_dim0_fault(path) or exc})") from None
+        raise FlareSegError(f"{path}: invalid NIfTI header ({_header_fault(path) or exc})") from None
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise FlareSegError(f"{path}: not a NIfTI image (nibabel read it as {type(img).__name__})")
     shape = img.shape
     if len(shape) == 4 and shape[3] == 1:
         pass  # a trailing singleton 4th axis is a 3D volume
     elif len(shape) != 3:
-        fault = _dim0_fault(path)  # nibabel may have read dim[0] out of range as another byte order's, or as 0 axes
+        fault = _header_fault(path)  # nibabel may have read dim[0] out of range as another byte order's, or as 0 axes
         raise FlareSegError(
             f"{path}: invalid NIfTI header ({fault})"
             if fault
@@ -359,6 +363,9 @@ def _load_named(
     if stored.kind not in "iuf":  # complex or RGB: refused before a voxel is read (numpy would drop the imaginary part)
         raise FlareSegError(f"{path}: unsupported voxel type {stored}: a CT or label map stores integers or reals")
     proxy = img.dataobj
+    offset, first = getattr(proxy, "offset", None), getattr(img.header, "single_vox_offset", None)
+    if isinstance(offset, int) and isinstance(first, int) and (fault := _offset_fault(offset, first)):
+        raise FlareSegError(f"{path}: invalid NIfTI header ({fault})")
     try:
         data = _stored_voxels(path, proxy, threads, on_voxels)
     except MemoryError:  # a header whose grid cannot be allocated, whichever reader tried
@@ -762,26 +769,40 @@ def _check_affine(path: Path, affine: np.ndarray) -> None:
         raise FlareSegError(f"{path}: the affine is singular or not finite")
 
 
-def _dim0_fault(path: Path) -> str | None:
-    """What is wrong with a header's dim[0], if anything: nibabel takes a dim[0] outside 1..7 for a header of the
-    other byte order, then names a field that only reads wrong in that order."""
+def _header_fault(path: Path) -> str | None:
+    """What is wrong with a header's dim[0] or vox_offset, if anything, read from its raw bytes.
+
+    nibabel takes a dim[0] outside 1..7 for a header of the other byte order, then names a field that only reads
+    wrong in that order; a NaN vox_offset fails in its integer conversion, a message that names no field.
+    """
     try:
         with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as f:
-            raw = f.read(48)
+            raw = f.read(176)
     except (OSError, EOFError, zlib.error):
         return None
-    if len(raw) < 48:
+    if len(raw) < 176:
         return None
     for order in "<>":
         size = int(np.frombuffer(raw, f"{order}i4", 1)[0])
-        if size in (348, 540):  # NIfTI-1: dim is int16 from byte 40; NIfTI-2: int64 from byte 16
-            dim0 = int(
-                np.frombuffer(raw, f"{order}i2", 1, 40)[0]
-                if size == 348
-                else np.frombuffer(raw, f"{order}i8", 1, 16)[0]
-            )
-            return None if 1 <= dim0 <= 7 else f"dim[0] is {dim0}; it must be 1 to 7"
+        if size not in (348, 540):
+            continue
+        # NIfTI-1: dim is int16 from byte 40, vox_offset float32 at 108; NIfTI-2: int64 from 16, int64 at 168.
+        one = size == 348
+        dim0 = int(np.frombuffer(raw, f"{order}i2" if one else f"{order}i8", 1, 40 if one else 16)[0])
+        if not 1 <= dim0 <= 7:
+            return f"dim[0] is {dim0}; it must be 1 to 7"
+        offset = float(np.frombuffer(raw, f"{order}f4" if one else f"{order}i8", 1, 108 if one else 168)[0])
+        return _offset_fault(offset, 352 if one else 544)
     return None
+
+
+def _offset_fault(offset: float, first: int) -> str | None:
+    """A single-file NIfTI's voxels start after its header (352 bytes, 544 for NIfTI-2, more with extensions).
+
+    nibabel reads a vox_offset of 0 as it stands, with the header's own bytes taken as the first voxels."""
+    if np.isfinite(offset) and offset >= first:
+        return None
+    return f"vox_offset is {offset:g}; a single-file NIfTI's voxels start at byte {first} or later"
 
 
 def _usable_qform(header: nib.Nifti1Header) -> np.ndarray | None:
@@ -915,7 +936,8 @@ def _check_voxels(path: Path, data: np.ndarray) -> None:
     if data.dtype.kind == "f":
         bad = data.size - int(np.count_nonzero(np.isfinite(data)))
         if bad:
-            raise FlareSegError(f"{path}: {bad} voxels are not finite (NaN or infinity)")
+            voxels = "1 voxel is" if bad == 1 else f"{bad} voxels are"
+            raise FlareSegError(f"{path}: {voxels} not finite (NaN or infinity)")
 
 
 def volume_from_array(array: np.ndarray, affine: np.ndarray, *, name: str = "array") -> Volume:

@@ -65,6 +65,8 @@ BAD_INPUT_KINDS = [
     "bad-datatype",
     "header-member-crc",
     "huge-grid",
+    "voxels-at-byte-0",
+    "nan-vox-offset",
 ]
 
 
@@ -94,6 +96,8 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     first[-8] ^= 0x5A  # ...whose CRC is wrong
     (tmp_path / "in9.nii.gz").write_bytes(bytes(first) + gzip.compress(raw[352:]))
     (tmp_path / "in10.nii.gz").write_bytes(gzip.compress(patched(42, (30000, 30000, 4000))))  # 7 TB of voxels
+    for name, offset in (("in11.nii.gz", 0.0), ("in12.nii.gz", np.nan)):  # vox_offset, a float32 at byte 108
+        (tmp_path / name).write_bytes(gzip.compress(raw[:108] + np.array(offset, "<f4").tobytes() + raw[112:]))
     return {
         "missing": (tmp_path / "absent.nii.gz", "file not found"),
         "truncated-header": (tmp_path / "in1.nii.gz", "truncated gzip stream"),
@@ -106,6 +110,9 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "bad-datatype": (tmp_path / "in8.nii.gz", "invalid NIfTI header (data code 0 not supported)"),
         "header-member-crc": (tmp_path / "in9.nii.gz", "corrupt gzip stream (CRC check failed"),
         "huge-grid": (tmp_path / "in10.nii.gz", "the header's grid needs 7,200,000,000,000 bytes, more than a"),
+        # nibabel reads a vox_offset of 0 as it stands: the header's bytes would become the first voxels
+        "voxels-at-byte-0": (tmp_path / "in11.nii.gz", "invalid NIfTI header (vox_offset is 0; a single-file NIfTI"),
+        "nan-vox-offset": (tmp_path / "in12.nii.gz", "invalid NIfTI header (vox_offset is nan; a single-file NIfTI"),
     }
 
 

@@ -236,6 +236,37 @@ def test_a_qform_alone_that_is_not_a_rotation_is_named_as_such(tmp_path):
     assert str(err.value) == f"{path}: invalid NIfTI header (quatern_b, c, d are not a rotation's)"
 
 
+def test_a_qform_alone_with_an_infinite_pixdim_is_one_line_without_numpys_warning(tmp_path):
+    path = _header_patched(tmp_path, "q.nii", sform_code=0, qform_code=1, pixdim=[1.0, np.inf, 1, 1, 1, 1, 1, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nibabel's np.dot of the inf pixdim warned before our line
+        with pytest.raises(FlareSegError) as err:
+            read_ct(path)
+    assert str(err.value) == f"{path}: the affine is singular or not finite"
+
+
+@pytest.mark.parametrize("offset", [0, 100])
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_vox_offset_inside_the_header_is_refused(tmp_path, offset, version):
+    # nibabel reads a 0 as it stands, with the header's bytes as the first voxels, and refuses 1 to 351 in words
+    # of its own; both are the one line that names the field.
+    image = (nib.Nifti1Image if version == 1 else nib.Nifti2Image)(np.zeros((4, 5, 6), np.int16), np.eye(4))
+    path = save(image, tmp_path / "a.nii")
+    header_type = nib.Nifti1Header if version == 1 else nib.Nifti2Header
+    raw = bytearray(path.read_bytes())
+    header = header_type.from_fileobj(io.BytesIO(bytes(raw)), check=False)
+    header["vox_offset"] = offset
+    raw[: header.sizeof_hdr] = header.binaryblock
+    path.write_bytes(bytes(raw))
+    first = 352 if version == 1 else 544
+    with pytest.raises(FlareSegError) as err:
+        read_ct(path)
+    assert str(err.value) == (
+        f"{path}: invalid NIfTI header (vox_offset is {offset}; a single-file NIfTI's voxels start at byte {first} "
+        "or later)"
+    )
+
+
 @pytest.mark.parametrize("dim0", [-3, 0, 8])
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
 @pytest.mark.parametrize("version", [1, 2])
@@ -951,7 +982,7 @@ def test_a_label_map_scaled_coarsely_or_off_its_steps_is_refused(tmp_path, store
 def test_one_non_finite_voxel_is_enough_to_refuse_a_ct(tmp_path):
     data = np.zeros((4, 5, 6), np.float32)
     data[1, 2, 3] = np.nan
-    with pytest.raises(FlareSegError, match=r"one_nan.nii.gz: 1 voxels are not finite \(NaN or infinity\)"):
+    with pytest.raises(FlareSegError, match=r"one_nan.nii.gz: 1 voxel is not finite \(NaN or infinity\)"):
         read_ct(save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "one_nan.nii.gz"))
 
 
