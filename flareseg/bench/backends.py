@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,8 +128,17 @@ def cannot_run(backend: Backend, onnx_precision: str | None) -> str | None:
     return None
 
 
+def named_twice(option: str, values: Sequence[object]) -> None:
+    """Refuse a value named twice: a backend or batch size would be timed twice, the second run's figures
+    replacing the first's."""
+    twice = [str(v) for v in dict.fromkeys(values) if values.count(v) > 1]
+    if twice:
+        raise FlareSegError(f"{option} names {', '.join(twice)} more than once")
+
+
 def check_backends(names: Sequence[str]) -> None:
-    """Refuse unknown backends and backends this machine cannot run."""
+    """Refuse unknown backends, backends named twice and backends this machine cannot run."""
+    named_twice("--backends", names)
     unknown = [b for b in names if b not in ALL_BACKENDS]
     if unknown:
         raise FlareSegError(f"unknown backends {unknown}; known: {', '.join(ALL_BACKENDS)}")
@@ -151,6 +161,12 @@ def select_backends(
     if requested is not None:
         check_backends(requested)
         refused = [f"{b} {why}" for b in requested if (why := cannot_run(ALL_BACKENDS[b], onnx_precision))]
+        if onnx_precision is not None:
+            named: dict[tuple[str, str, bool], str] = {}
+            for b in requested:
+                other = named.setdefault(_runtime_of(ALL_BACKENDS[b]), b)
+                if other != b:
+                    refused.append(f"{b} would run the same model in the same runtime as {other}")
         if refused:
             raise FlareSegError(f"with an ONNX model ({onnx_precision}) alone: " + "; ".join(refused))
         return tuple(requested), {}
@@ -166,8 +182,7 @@ def select_backends(
         if onnx_precision is None:
             chosen[(name, "", False)] = name
             continue
-        # One ONNX model: what tells these backends apart is the runtime, its device and OpenVINO's bf16.
-        key = (backend.kind, backend.device, backend.kind == "openvino" and backend.precision == "bf16")
+        key = _runtime_of(backend)
         kept = chosen.get(key)
         if kept is not None and ALL_BACKENDS[kept].precision == onnx_precision:
             left_out[name] = f"would run the same model in the same runtime as {kept}"
@@ -177,6 +192,11 @@ def select_backends(
         chosen[key] = name
     names = [n for n in available if n in chosen.values()]
     return tuple(names), {n: left_out[n] for n in ALL_BACKENDS if n in left_out}  # in the table's order
+
+
+def _runtime_of(backend: Backend) -> tuple[str, str, bool]:
+    """What tells backends apart that all run one ONNX model: the runtime, its device and OpenVINO's bf16."""
+    return backend.kind, backend.device, backend.kind == "openvino" and backend.precision == "bf16"
 
 
 def onnx_reference(onnx_precision: str) -> str:
@@ -305,7 +325,7 @@ def fresh_process_args(backend: Backend, models: dict[str, Path], threads: int |
     backend)."""
     if backend.kind == "openvino" and backend.precision == "bf16":
         raise FlareSegError(f"{backend.name}: flare-infer has no OpenVINO bf16 option to run it in a fresh process")
-    path = str(model_file(backend, models))
+    path = os.path.abspath(model_file(backend, models))  # the fresh process runs in a folder of its own
     if backend.kind == "tensorrt":
         return ["--engine", path]
     args = ["--model", path, "--backend", backend.kind, "--device", backend.device]

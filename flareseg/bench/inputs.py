@@ -7,6 +7,7 @@ fails removes the folders it made, so no half-made report folder is taken for a 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shutil
 from collections.abc import Iterator
@@ -115,11 +116,14 @@ def check_input_volume(path: Path | None, *, series: bool) -> None:
 def removed_on_failure(out: Path) -> Iterator[None]:
     """Remove, if the block raises, what the block made: the report folder, or the run folders inside it.
 
-    Folders that were there before stay, with what they held.
+    Folders that were there before stay, with what they held. Missing parents of the report folder, made for it,
+    go too while they are empty (another run may have put its report beside this one).
     """
     out = out.resolve()  # "missing/../mine" names an existing folder that, as typed, does not exist
+    parents: list[Path] = []
     if not out.exists():
         made = [out]
+        parents = list(itertools.takewhile(lambda p: not p.exists(), out.parents))
     elif out.is_dir():
         made = [out / name for name in RUN_FOLDERS if not (out / name).exists()]
     else:
@@ -130,8 +134,13 @@ def removed_on_failure(out: Path) -> Iterator[None]:
         for path in made:
             try:
                 shutil.rmtree(path)
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):  # never made, or -o runs through a file
                 pass
             except OSError as exc:  # a folder that cannot go is left, and said
                 log.warning("could not remove %s after the failure: %s", path, exc)
+        for parent in parents:  # deepest first
+            try:
+                parent.rmdir()
+            except OSError:  # not empty, or never made
+                break
         raise

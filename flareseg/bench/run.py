@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import json
 import logging
 import os
 import platform
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ from flareseg.bench.backends import (
     Backend,
     fresh_process_args,
     make_runner,
+    named_twice,
     prepare_models_but_int8_below_agreement,
     run_precision,
     select_backends,
@@ -161,7 +163,7 @@ def check_counts(
 ) -> None:
     """Refuse counts out of range (None: the default, not checked here)."""
     for name, value, least in (
-        ("--slices", slices, 1),
+        ("--slices", slices, 2),  # the phantom volume's: one slice has no extent along the slice axis
         ("--warmup", warmup, 0),
         ("--repeats", repeats, 1),
         ("--width", base_width, 1),
@@ -171,6 +173,8 @@ def check_counts(
             raise FlareSegError(f"{name} must be at least {least}, got {value}")
     if batches is not None and (not batches or min(batches) < 1):
         raise FlareSegError(f"--batch takes positive batch sizes, got {','.join(map(str, batches)) or 'none'}")
+    if batches is not None:
+        named_twice("--batch", batches)
 
 
 def _bare_session_run(runner: OnnxRuntimeRunner, inputs: Sequence[torch.Tensor], cfg: BenchPlan) -> dict[str, Any]:
@@ -305,7 +309,7 @@ def _cpu_defaults_note(cfg: BenchPlan) -> str | None:
     if "repeats" in cfg.defaulted:
         cut.append(f"{cfg.repeats} timed repeats per batch size")
     if "slices" in cfg.defaulted and cfg.input is None:
-        cut.append(f"a {cfg.slices}-slice volume")
+        cut.append(f"a volume of {cfg.slices} slices")
     return f"CPU machine defaults ({'; '.join(cut)}) keep the run to a few minutes" if cut else None
 
 
@@ -323,6 +327,7 @@ def model_section(models: dict[str, Path]) -> dict[str, Any]:
     net.eval()
     return {
         "network": net.config.to_dict(),
+        "slice_size": list(info.slice_size),  # the FLOPs' (the paper's: 512 x 512)
         "parameters_training": count_parameters(net),
         "parameters_deploy": count_parameters(deploy),
         "parameters_paper_reported": PAPER_PARAMETERS_REPORTED,
@@ -530,22 +535,43 @@ def volume_section(cfg: BenchPlan, models: dict[str, Path], latency: dict[str, A
     return section
 
 
-def _run_child(cmd: Sequence[str], *, nvml: bool) -> dict[str, Any]:
-    """Wall time, peak RSS and (on CUDA) NVML memory of one child process; a failure raises."""
+# Appended to a bare start-up's code: the child's own peak RSS in KiB, where /proc says it. On Linux the
+# ru_maxrss that wait4 returns carries the spawning process's high-water mark across the fork and exec, so
+# a small child of a large flare-bench would report flare-bench's peak.
+_PRINT_OWN_PEAK = """
+try:
+    with open('/proc/self/status') as status:
+        print(next(int(line.split()[1]) for line in status if line.startswith('VmHWM:')))
+except (OSError, StopIteration, ValueError, IndexError):
+    pass
+"""
+
+
+def _run_child(
+    cmd: Sequence[str], *, nvml: bool, own_peak: Callable[[str], float | None] | None = None
+) -> dict[str, Any]:
+    """Wall time, peak RSS and (on CUDA) NVML memory of one child process; a failure raises.
+
+    ``own_peak``: the child's peak RSS in MiB from what it printed (or wrote), None where it said none. Without
+    one, or where it says none, the peak is the kernel's ru_maxrss, but not on Linux, where that figure is at least
+    this process's own peak (see ``_PRINT_OWN_PEAK``). The child runs in an empty folder: ``python -m`` and ``-c``
+    put the working folder first on the import path, and a checkout named ``flareseg`` (or ``torch``) there
+    would be imported instead of the installed package.
+    """
     from flareseg.bench.measure import nvml_sampler
     from flareseg.runtime.pipeline import maxrss_mb
 
     sampler = nvml_sampler(nvml)
     rss: float | None = None
-    with tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryDirectory() as empty:
         with sampler if sampler else contextlib.nullcontext():
             t = time.perf_counter()
-            proc = subprocess.Popen(list(cmd), stdout=subprocess.DEVNULL, stderr=err)
+            proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, cwd=empty)
             try:
                 if hasattr(os, "wait4"):  # the child's own resource usage (Unix)
                     _, status, usage = os.wait4(proc.pid, 0)
                     proc.returncode = os.waitstatus_to_exitcode(status)
-                    rss = maxrss_mb(usage)
+                    rss = None if sys.platform.startswith("linux") else maxrss_mb(usage)
                 else:
                     proc.wait()
             except BaseException:  # Ctrl-C or SIGTERM: the child must not write on into a folder being removed
@@ -557,10 +583,27 @@ def _run_child(cmd: Sequence[str], *, nvml: bool) -> dict[str, Any]:
             err.seek(0)
             last = err.read().decode(errors="replace").strip().splitlines()[-1:]
             raise FlareSegError(f"{shlex.join(cmd)} failed with exit code {proc.returncode}: {' '.join(last)}")
-    row: dict[str, Any] = {"command": shlex.join(cmd), "wall_s": wall, "peak_rss_mb": rss}
+        out.seek(0)
+        said = own_peak(out.read().decode(errors="replace")) if own_peak else None
+    row: dict[str, Any] = {"command": shlex.join(cmd), "wall_s": wall, "peak_rss_mb": rss if said is None else said}
     if sampler:
         row.update(sampler.summary())
     return row
+
+
+def _printed_peak(stdout: str) -> float | None:
+    """The peak RSS that ``_PRINT_OWN_PEAK`` printed, in MiB."""
+    lines = stdout.split()
+    return int(lines[-1]) / 1024 if lines and lines[-1].isdigit() else None
+
+
+def _recorded_peak(timings: Path) -> float | None:
+    """The peak RSS that a fresh flare-infer recorded for its case in its timings file, in MiB."""
+    try:
+        value = json.loads(timings.read_text())["cases"][0]["peak_rss_mb"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+    return float(value) if isinstance(value, int | float) else None
 
 
 def fresh_process_section(
@@ -579,14 +622,18 @@ def fresh_process_section(
     b = ALL_BACKENDS[name]
     cuda = b.device == "cuda"
     batch = latency[name].get("best", {}).get("batch", 1)
-    cmd = [sys.executable, "-m", "flareseg.runtime.cli", *fresh_process_args(b, models, cfg.threads), "-i", str(volume)]
-    cmd += ["-o", str(cfg.out / "pred" / "fresh-process.nii.gz"), "--batch-size", str(batch), "-q", "--overwrite"]
-    bare_cmd = [sys.executable, "-c", "import torch; torch.zeros(1, device='cuda')" if cuda else "import torch"]
-    before = _run_child(bare_cmd, nvml=cuda and cfg.nvml)
-    case = _run_child(cmd, nvml=cuda and cfg.nvml)
-    after = _run_child(bare_cmd, nvml=cuda and cfg.nvml)
+    output = Path(os.path.abspath(cfg.out / "pred" / "fresh-process.nii.gz"))  # the child runs in another folder
+    cmd = [sys.executable, "-m", "flareseg.runtime.cli", *fresh_process_args(b, models, cfg.threads)]
+    cmd += ["-i", os.path.abspath(volume), "-o", str(output), "--batch-size", str(batch), "-q", "--overwrite"]
+    bare_code = "import torch; torch.zeros(1, device='cuda')" if cuda else "import torch"
+    bare_cmd = [sys.executable, "-c", bare_code + "\n" + _PRINT_OWN_PEAK]
+    nvml = cuda and cfg.nvml
+    before = _run_child(bare_cmd, nvml=nvml, own_peak=_printed_peak)
+    case = _run_child(cmd, nvml=nvml, own_peak=lambda _: _recorded_peak(output.with_name("fresh-process.timings.json")))
+    after = _run_child(bare_cmd, nvml=nvml, own_peak=_printed_peak)
     bare_s = statistics.median([before["wall_s"], after["wall_s"]])
-    bare: dict[str, Any] = {"command": before["command"], "wall_s": [before["wall_s"], after["wall_s"]]}
+    shown = shlex.join([sys.executable, "-c", bare_code])  # what is timed; the lines that print its peak are not
+    bare: dict[str, Any] = {"command": shown, "wall_s": [before["wall_s"], after["wall_s"]]}
     bare["median_s"] = bare_s
     bare["peak_rss_mb"] = before["peak_rss_mb"]
     if cuda:  # what a CUDA context (and torch's smallest block) costs on this GPU, above idle

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -118,6 +119,36 @@ def test_parameters_and_flops_are_exact(report):
     assert model["flops_training_fvcore"] == train_ref
     assert model["flops_deploy_fvcore"] == deploy_ref
     assert model["flops_paper"] == 208_095_739_904 and model["flops_nnunet_paper"] == 590_861_472_000
+    assert model["slice_size"] == [64, 64]
+
+
+def test_the_gap_to_the_papers_flops_is_said_only_for_the_papers_network_on_its_slices():
+    from flareseg.bench.report import _model_lines
+    from flareseg.bench.run import ONE_FULL_RES_CONV_FLOPS, PAPER_PARAMETERS_REPORTED
+
+    paper = {
+        "network": {"base_width": 64},
+        "parameters_training": 20_735_897,
+        "parameters_encoder": PAPER_PARAMETERS_REPORTED - 20_735_897,
+        "parameters_paper_reported": PAPER_PARAMETERS_REPORTED,
+        "parameters_deploy": 20_731_845,
+        "flops_training_fvcore": PAPER_FLOPS - ONE_FULL_RES_CONV_FLOPS,
+        "flops_deploy_fvcore": 1,
+        "flops_paper": PAPER_FLOPS,
+        "flops_nnunet_paper": 590_861_472_000,
+        "flops_paper_minus_training": ONE_FULL_RES_CONV_FLOPS,
+        "one_full_resolution_conv_flops": ONE_FULL_RES_CONV_FLOPS,
+        "identity_upsample_flops": 16 * 512 * 512 * 4,
+        "slice_size": [512, 512],
+    }
+    text = "\n".join(_model_lines(paper))
+    assert "exceed fvcore's count" in text and "exactly one 3x3, 64->64 convolution" in text
+    assert "| FLOPs, fvcore, training graph, 512 x 512 |" in text
+    smaller = {**paper, "slice_size": [128, 128], "flops_paper_minus_training": 195_694_784_512}
+    narrower = {**paper, "parameters_training": 132_977, "flops_paper_minus_training": 207_902_058_496}
+    for model, size in ((smaller, "128 x 128"), (narrower, "512 x 512")):
+        text = "\n".join(_model_lines(model))
+        assert "exceed" not in text and f"network's on 512 x 512 slices; these are on {size}." in text
 
 
 def test_volume_and_fresh_process_timings(report):
@@ -132,9 +163,14 @@ def test_volume_and_fresh_process_timings(report):
     fresh = data["fresh_process"]
     assert fresh["backend"] == "onnxruntime-cpu-fp32" and fresh["wall_s"] > 0
     assert "flareseg.runtime.cli" in fresh["command"] and "--device cpu" in fresh["command"]
-    assert fresh["peak_rss_mb"] > 0
     bare = fresh["bare_start"]
     assert bare["command"].endswith("-c 'import torch'") and len(bare["wall_s"]) == 2
+    if sys.platform.startswith("linux"):  # the children's own peaks, not this process's (see the test below)
+        timings = json.loads((out / "pred" / "fresh-process.timings.json").read_text())
+        assert fresh["peak_rss_mb"] == timings["cases"][0]["peak_rss_mb"]
+        assert 0 < bare["peak_rss_mb"] < fresh["peak_rss_mb"]
+    else:
+        assert fresh["peak_rss_mb"] > 0
     assert bare["median_s"] == pytest.approx(sum(bare["wall_s"]) / 2)
     assert fresh["minus_bare_start_s"] == pytest.approx(fresh["wall_s"] - bare["median_s"])
     md = (out / "report.md").read_text()
@@ -474,6 +510,12 @@ def test_unavailable_backend_is_refused(tmp_path, capsys):
     assert "not available on this machine: torch-cuda-fp16" in capsys.readouterr().err
 
 
+def test_flops_of_a_slice_whose_bottleneck_is_one_value_are_counted():
+    # Training-mode BatchNorm refuses one such slice; two are counted and halved. FLOPs are linear in the pixels.
+    net = build_training_network(NetworkConfig(base_width=2)).train()
+    assert 2 * count_flops(net, 3, (16, 16)) == count_flops(net, 3, (16, 32))
+
+
 @pytest.mark.slow
 def test_full_width_flops_against_the_paper():
     net = build_training_network()
@@ -504,8 +546,12 @@ def test_the_config_refuses_counts_that_once_meant_the_default(tmp_path):
     for field, value in (("slices", 0), ("repeats", 0), ("warmup", -1), ("base_width", 0)):
         with pytest.raises(FlareSegError, match="must be at least"):
             BenchConfig(out=tmp_path, **{field: value}).resolved()
-    with pytest.raises(FlareSegError, match="--slices must be at least 1, got 0"):
+    with pytest.raises(FlareSegError, match=r"^--batch names 2, 1 more than once$"):  # timed twice, one row kept
+        BenchConfig(out=tmp_path, batches=(2, 1, 2, 4, 1)).resolved()
+    with pytest.raises(FlareSegError, match="--slices must be at least 2, got 0"):
         CheckConfig(out=tmp_path, slices=0).resolved()
+    with pytest.raises(FlareSegError, match="--slices must be at least 2, got 1"):  # the phantom needs two
+        BenchConfig(out=tmp_path, slices=1).resolved()
     cfg = BenchConfig(out=tmp_path, warmup=0, backends=("torch-cpu-fp32",)).resolved()
     assert cfg.warmup == 0 and cfg.repeats == (20 if torch.cuda.is_available() else 3)  # None: the default
 
@@ -581,7 +627,7 @@ def test_the_cpu_defaults_note_names_only_the_defaults_taken(tmp_path):
 
     assert (
         note()
-        == "CPU machine defaults (3 timed repeats per batch size; a 8-slice volume) keep the run to a few minutes"
+        == "CPU machine defaults (3 timed repeats per batch size; a volume of 8 slices) keep the run to a few minutes"
     )
     assert note(slices=4) == "CPU machine defaults (3 timed repeats per batch size) keep the run to a few minutes"
     assert note(slices=4, repeats=2) is None  # the user's own settings: nothing to excuse
@@ -625,6 +671,20 @@ def test_backends_an_onnx_model_alone_can_run(monkeypatch):
     assert names == ("onnxruntime-cpu-fp32", "openvino-cpu-fp32", "openvino-cpu-bf16")
     with pytest.raises(FlareSegError, match=r"with an ONNX model \(fp32\) alone: onnxruntime-cpu-int8 needs an int8"):
         backends.select_backends(("onnxruntime-cpu-fp32", "onnxruntime-cpu-int8"), "fp32")
+    # Asked for by name, two that would run the same model in the same runtime are refused as well: their rows
+    # would show a speed-up of the model over itself.
+    with pytest.raises(FlareSegError) as err:
+        backends.select_backends(("onnxruntime-cpu-fp32", "onnxruntime-cpu-int8", "openvino-cpu-int8"), "int8")
+    assert str(err.value) == (
+        "with an ONNX model (int8) alone: onnxruntime-cpu-int8 would run the same model in the same runtime as "
+        "onnxruntime-cpu-fp32"
+    )
+    assert backends.select_backends(("onnxruntime-cpu-int8", "openvino-cpu-bf16"), "int8")[0] == (
+        "onnxruntime-cpu-int8",
+        "openvino-cpu-bf16",
+    )
+    with pytest.raises(FlareSegError, match=r"^--backends names torch-cpu-fp32 more than once$"):
+        backends.select_backends(("torch-cpu-fp32", "onnxruntime-cpu-fp32", "torch-cpu-fp32"), None)
     # The precision a run computes in: the coarser of its backend's and its model's.
     b = ALL_BACKENDS
     assert backends.run_precision(b["onnxruntime-cpu-fp32"], "int8") == "int8"
@@ -654,6 +714,29 @@ def test_a_failed_run_removes_only_what_it_made_even_through_a_detour(tmp_path):
         (fresh / "models").mkdir(parents=True)
         raise RuntimeError("the run failed")
     assert not fresh.exists()
+    # Parents made for the report go while empty; one that another run's report landed in stays, with it.
+    deep = tmp_path / "a" / "b" / "report"
+    with pytest.raises(RuntimeError), removed_on_failure(deep):
+        (deep / "models").mkdir(parents=True)
+        raise RuntimeError("the run failed")
+    assert not (tmp_path / "a").exists()
+    beside = tmp_path / "c" / "other-report"
+    with pytest.raises(RuntimeError), removed_on_failure(tmp_path / "c" / "d" / "report"):
+        (tmp_path / "c" / "d" / "report").mkdir(parents=True)
+        beside.mkdir()
+        raise RuntimeError("the run failed")
+    assert beside.is_dir() and not (tmp_path / "c" / "d").exists()
+
+
+def test_a_report_folder_through_a_file_is_refused_without_a_warning_about_removing_it(tmp_path, capsys, caplog):
+    (tmp_path / "afile").write_text("keep me")
+    out = tmp_path / "afile" / "report"
+    with caplog.at_level(logging.WARNING):
+        assert bench_main(["--width", "4", "--size", "32", "-o", str(out), "-q"]) == 2
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("flareseg")] == []
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(out) in err[0], err
+    assert (tmp_path / "afile").read_text() == "keep me"
 
 
 def test_a_batch_that_runs_out_of_gpu_memory_is_a_row_of_the_report(trained_checkpoint, tmp_path, monkeypatch):
@@ -736,6 +819,31 @@ def test_an_interrupted_fresh_process_run_leaves_no_child_behind(tmp_path):
     pid = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):  # killed and reaped, not left sleeping
         os.kill(pid, 0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the child's peak comes from /proc on Linux")
+def test_a_childs_peak_rss_is_its_own_not_the_high_water_mark_of_the_process_that_started_it():
+    from flareseg.bench.run import _PRINT_OWN_PEAK, _printed_peak, _run_child
+    from flareseg.runtime.pipeline import peak_rss_mb
+
+    big = np.ones(400 * 2**20 // 8)  # 400 MiB touched: wait4's ru_maxrss would hand this peak on to the child
+    del big
+    assert peak_rss_mb() > 400
+    row = _run_child([sys.executable, "-c", "pass\n" + _PRINT_OWN_PEAK], nvml=False, own_peak=_printed_peak)
+    assert 0 < row["peak_rss_mb"] < 100  # a bare interpreter: about 10 MiB
+    said_nothing = _run_child([sys.executable, "-c", "pass"], nvml=False, own_peak=_printed_peak)
+    assert said_nothing["peak_rss_mb"] is None  # unknown, rather than this process's figure
+
+
+def test_a_child_imports_the_installed_package_not_a_checkout_in_the_working_folder(tmp_path, monkeypatch):
+    from flareseg.bench.run import _run_child
+
+    shadow = tmp_path / "flareseg"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('a checkout in the working folder was imported')\n")
+    monkeypatch.chdir(tmp_path)  # python -m puts the working folder first on the import path
+    row = _run_child([sys.executable, "-m", "flareseg.runtime.cli", "--help"], nvml=False)
+    assert row["wall_s"] > 0
 
 
 def test_a_gpu_whose_memory_nvml_cannot_read_gives_no_figures_but_the_run_goes_on(monkeypatch, caplog):
