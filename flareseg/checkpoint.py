@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import operator
 import os
+import pickle
 import platform
 import zipfile
 from collections.abc import Mapping
@@ -199,6 +200,12 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
+        if isinstance(exc, pickle.UnpicklingError) and str(exc).startswith("Weights only load failed"):
+            # torch's own text is a page of advice on loading code from untrusted files, cut short here
+            raise FlareSegError(
+                f"{path}: holds pickled Python objects (a whole model saved with torch.save?), not a flareseg "
+                "checkpoint's weights"
+            ) from None
         first = (str(exc).strip().splitlines() or [""])[0][:120]
         raise FlareSegError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {first})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

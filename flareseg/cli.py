@@ -262,6 +262,18 @@ def say(line: str, write: Callable[[str], None] | None = None) -> None:
         _stdout_gone()  # its terminal hung up (the SIGHUP that follows may still be held back)
 
 
+def end_command(code: int) -> NoReturn:
+    """End a command that returned ``code``: at once (:func:`exit_now`), but the usual way after Ctrl-C, SIGTERM or
+    SIGHUP, which waits for a worker still finishing an atomic write.
+
+    Skipping the teardown also closes the second or so in which a Ctrl-C, after the last file was written, would
+    interrupt the interpreter's exit handlers with a traceback.
+    """
+    if code in STOPPED:
+        sys.exit(code)
+    exit_now(code)
+
+
 def exit_now(code: int) -> NoReturn:
     """End the process with ``code``, skipping the interpreter's teardown.
 

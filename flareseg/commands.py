@@ -33,7 +33,7 @@ def flare_train() -> NoReturn:
 
 
 def flare_export() -> NoReturn:
-    _run("flare-export", "flareseg.export.cli")
+    _run("flare-export", "flareseg.export.cli", "entry")
 
 
 def flare_eval() -> NoReturn:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import os
 import threading
 import zlib
@@ -777,7 +778,7 @@ def _header_fault(path: Path) -> str | None:
     """
     try:
         with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as f:
-            raw = f.read(176)
+            raw = f.read(348)
     except (OSError, EOFError, zlib.error):
         return None
     if len(raw) < 176:
@@ -786,11 +787,15 @@ def _header_fault(path: Path) -> str | None:
         size = int(np.frombuffer(raw, f"{order}i4", 1)[0])
         if size not in (348, 540):
             continue
-        # NIfTI-1: dim is int16 from byte 40, vox_offset float32 at 108; NIfTI-2: int64 from 16, int64 at 168.
+        # NIfTI-1: dim is int16 from byte 40, vox_offset float32 at 108, magic at 344; NIfTI-2: int64 from 16,
+        # int64 at 168, magic at 4.
         one = size == 348
         dim0 = int(np.frombuffer(raw, f"{order}i2" if one else f"{order}i8", 1, 40 if one else 16)[0])
         if not 1 <= dim0 <= 7:
             return f"dim[0] is {dim0}; it must be 1 to 7"
+        magic = raw[344:348] if one else raw[4:8]
+        if magic != (b"n+1\0" if one else b"n+2\0"):
+            return None  # a header of a .hdr/.img pair, whose voxels start at 0 in the other file
         offset = float(np.frombuffer(raw, f"{order}f4" if one else f"{order}i8", 1, 108 if one else 168)[0])
         return _offset_fault(offset, 352 if one else 544)
     return None
@@ -800,7 +805,7 @@ def _offset_fault(offset: float, first: int) -> str | None:
     """A single-file NIfTI's voxels start after its header (352 bytes, 544 for NIfTI-2, more with extensions).
 
     nibabel reads a vox_offset of 0 as it stands, with the header's own bytes taken as the first voxels."""
-    if np.isfinite(offset) and offset >= first:
+    if math.isfinite(offset) and offset >= first:  # math: nibabel's offset is a Python int, of any size
         return None
     return f"vox_offset is {offset:g}; a single-file NIfTI's voxels start at byte {first} or later"
 

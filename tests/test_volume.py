@@ -267,6 +267,24 @@ def test_a_vox_offset_inside_the_header_is_refused(tmp_path, offset, version):
     )
 
 
+def test_a_vox_offset_beyond_any_file_or_a_pair_headers_other_fault_is_named_as_before(tmp_path):
+    # 1e20 does not fit numpy's integers (nibabel holds it as a Python int); a .hdr's offset of 0 is its own.
+    path = save(nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.eye(4)), tmp_path / "far.nii")
+    raw = bytearray(path.read_bytes())
+    raw[108:112] = np.array(1e20, "<f4").tobytes()
+    path.write_bytes(bytes(raw))
+    with pytest.raises(FlareSegError, match=r"far\.nii: truncated or corrupt voxel data \(the file holds"):
+        read_ct(path)
+    pair = tmp_path / "p.hdr"
+    nib.save(nib.Nifti1Pair(np.zeros((4, 5, 6), np.int16), np.eye(4)), pair)
+    raw = bytearray(pair.read_bytes())
+    raw[70:72] = b"\0\0"  # datatype 0
+    pair.write_bytes(bytes(raw))
+    with pytest.raises(FlareSegError) as err:
+        read_ct(pair)
+    assert str(err.value) == f"{pair}: invalid NIfTI header (data code 0 not supported)"
+
+
 @pytest.mark.parametrize("dim0", [-3, 0, 8])
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
 @pytest.mark.parametrize("version", [1, 2])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -325,7 +324,8 @@ def fresh_process_args(backend: Backend, models: dict[str, Path], threads: int |
     backend)."""
     if backend.kind == "openvino" and backend.precision == "bf16":
         raise FlareSegError(f"{backend.name}: flare-infer has no OpenVINO bf16 option to run it in a fresh process")
-    path = os.path.abspath(model_file(backend, models))  # the fresh process runs in a folder of its own
+    # Absolute, as typed: the fresh process runs in a folder of its own (abspath would take "link/.." as text).
+    path = str(Path(model_file(backend, models)).absolute())
     if backend.kind == "tensorrt":
         return ["--engine", path]
     args = ["--model", path, "--backend", backend.kind, "--device", backend.device]

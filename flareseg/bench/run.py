@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+import flareseg
 from flareseg.bench.backends import (
     ALL_BACKENDS,
     Backend,
@@ -566,7 +567,7 @@ def _run_child(
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryDirectory() as empty:
         with sampler if sampler else contextlib.nullcontext():
             t = time.perf_counter()
-            proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, cwd=empty)
+            proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, cwd=empty, env=_child_environment())
             try:
                 if hasattr(os, "wait4"):  # the child's own resource usage (Unix)
                     _, status, usage = os.wait4(proc.pid, 0)
@@ -589,6 +590,23 @@ def _run_child(
     if sampler:
         row.update(sampler.summary())
     return row
+
+
+def _child_environment() -> dict[str, str]:
+    """This process's environment, for a child run in another folder that must import the flareseg this one runs.
+
+    Relative ``PYTHONPATH`` entries are made absolute, and a flareseg imported from the working folder (``python
+    -m`` in a checkout) is put first on the child's path; an installed one the child finds as this process did.
+    """
+    env = dict(os.environ)
+    cwd = Path.cwd()
+    entries = [str(cwd / entry) for entry in env.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    root = Path(flareseg.__file__).resolve().parent.parent
+    if root == cwd.resolve():
+        entries.insert(0, str(root))
+    if entries:
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(entries))
+    return env
 
 
 def _printed_peak(stdout: str) -> float | None:
@@ -622,9 +640,9 @@ def fresh_process_section(
     b = ALL_BACKENDS[name]
     cuda = b.device == "cuda"
     batch = latency[name].get("best", {}).get("batch", 1)
-    output = Path(os.path.abspath(cfg.out / "pred" / "fresh-process.nii.gz"))  # the child runs in another folder
+    output = (cfg.out / "pred" / "fresh-process.nii.gz").absolute()  # the child runs in another folder
     cmd = [sys.executable, "-m", "flareseg.runtime.cli", *fresh_process_args(b, models, cfg.threads)]
-    cmd += ["-i", os.path.abspath(volume), "-o", str(output), "--batch-size", str(batch), "-q", "--overwrite"]
+    cmd += ["-i", str(Path(volume).absolute()), "-o", str(output), "--batch-size", str(batch), "-q", "--overwrite"]
     bare_code = "import torch; torch.zeros(1, device='cuda')" if cuda else "import torch"
     bare_cmd = [sys.executable, "-c", bare_code + "\n" + _PRINT_OWN_PEAK]
     nvml = cuda and cfg.nvml

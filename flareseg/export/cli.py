@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from flareseg.atomic import check_writable
 from flareseg.cli import (
     add_common_arguments,
     batch_profile,
+    end_command,
     fraction,
     path_arg,
     positive_int,
@@ -224,9 +225,12 @@ def _main(args: argparse.Namespace) -> int:
         quantizer=args.quantizer or DEFAULT_QUANTIZER,
     )
     if args.engine:
-        # Fail at once, before minutes of export, when TensorRT or a GPU is missing.
+        # Fail at once, before minutes of export, when TensorRT or a GPU is missing (a checkpoint that is not
+        # there, or not one, is said first: no GPU machine mends it).
+        from flareseg.export.inputs import load_checked_model
         from flareseg.export.tensorrt import DeviceIdentity, import_tensorrt
 
+        load_checked_model(args.checkpoint)  # loaded again by the export: a second or so, at full width
         import_tensorrt()
         DeviceIdentity.current()
     exported = export_onnx(
@@ -260,5 +264,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(build_parser(), _main, argv)
 
 
+def entry() -> NoReturn:
+    """The ``flare-export`` command: :func:`main`, then an exit without the interpreter's teardown (its files are
+    written and synced by then; torch's exit handlers took a second, in which a Ctrl-C printed a traceback)."""
+    end_command(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -115,6 +115,8 @@ def calibration_slices(
         from flareseg.volume import find_cases
 
         folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise FlareSegError(f"{folder}: is a file; --calibration takes a folder of CT NIfTI files")
         if not folder.is_dir():
             raise FlareSegError(f"{folder}: calibration folder not found (expected a folder of CT NIfTI files)")
         cases = list(find_cases(folder).values())

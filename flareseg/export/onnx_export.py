@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from flareseg.atomic import atomic_outputs, check_writable_folder
+from flareseg.atomic import OutputExistsError, atomic_outputs, check_writable_folder
 from flareseg.checkpoint import ModelInfo, check_slice_size, file_sha256, software_versions
 from flareseg.errors import FlareSegError, interrupts_kept
 from flareseg.export.inputs import load_checked_model, read_ct_normalized
@@ -219,9 +219,57 @@ def _verify(
     return figures
 
 
+def _check_fp16_range(
+    graph: nn.Module, info: ModelInfo, channels: int, slices: dict[str, np.ndarray], batch: int, source: object = None
+) -> None:
+    """Refuse an fp16 export whose activations leave float16's range on the verification slices.
+
+    ONNX Runtime's CPU provider runs an fp16 model's operators in float32 (it casts around them, and drops the casts
+    between them), so its check never sees a value that fp16 arithmetic (a GPU, TensorRT) turns into infinity. The
+    fp32 graph's activations are measured on the same slices instead, as the ONNX file holds them: a BatchNorm folded
+    into the convolution before it, and a negative overflow ahead of a ReLU harmless (it ends at 0).
+    """
+    limit = float(np.finfo(np.float16).max)
+    leaves = [(name, m) for name, m in graph.named_modules() if not list(m.children())]
+    largest: dict[str, tuple[float, str]] = {}
+    current = [""]
+
+    def measure(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            value = float(output.detach().abs().max()) if output.numel() else 0.0
+            if value > largest.get(name, (-1.0, ""))[0]:
+                largest[name] = (value, current[0])
+
+        return hook
+
+    handles = []
+    for (name, module), (_, after) in zip(leaves, [*leaves[1:], ("", None)], strict=True):
+        if isinstance(module, nn.Conv2d) and isinstance(after, nn.BatchNorm2d):
+            continue  # folded: the BatchNorm's output is the one stored
+        if isinstance(module, nn.BatchNorm2d) and isinstance(after, nn.ReLU):
+            continue  # the ReLU's output holds what can overflow upwards
+        handles.append(module.register_forward_hook(measure(name)))
+    try:
+        for set_name, data in slices.items():
+            current[0] = set_name
+            for start in range(0, len(data), batch):
+                with torch.inference_mode():
+                    graph(network_batch(data[start : start + batch], info.slice_size, channels))
+    finally:
+        for handle in handles:
+            handle.remove()
+    name, (value, set_name) = max(largest.items(), key=lambda item: item[1][0])
+    if not value < limit:  # NaN too
+        raise FlareSegError(
+            f"fp16: the network's {name} output reaches {value:.4g} on the {_slices_name(set_name, source)} slices, "
+            f"beyond float16's largest value ({limit:.0f}): fp16 arithmetic (a GPU, TensorRT) would make it infinite; "
+            "export without --fp16; nothing written"
+        )
+
+
 def _slices_name(name: str, source: object) -> str:
     """A slice set as messages name it: the "real" set is a phantom's where no CT was given to verify on."""
-    return "phantom" if name == "real" and str(source).startswith(PHANTOM_SOURCE) else name
+    return "phantom" if name == "real" and str(source).startswith(PHANTOM_SOURCE) else name.replace("_", "-")
 
 
 def _check_finite(figures: dict[str, dict[str, float]], precision: Precision, source: object = None) -> None:
@@ -345,6 +393,8 @@ def export_onnx(
         bar.update()
         for precision, model in variants:
             bar.set_postfix_str(f"verify {precision}")
+            if precision == "fp16":
+                _check_fp16_range(graph, info, channels, slices, batch, source)
             figures = _verify(model, net, info, channels, options.output_kind, slices, batch, source)
             _check(figures, precision, options.output_kind, source)
             meta = dataclasses.replace(base, precision=precision, versions=_versions(base, model)).with_verification(
@@ -367,15 +417,20 @@ def export_onnx(
             for model, meta, _ in verified:
                 embed_in_onnx(model, meta)
                 path = out / f"{options.name}_{meta.precision}.onnx"
-                with outputs.writing(path) as tmp:
+                # Without overwrite, a set another export wrote meanwhile (a job submitted twice) is kept whole,
+                # and this one dropped: the folder never holds one export's fp32 beside another's fp16.
+                with outputs.writing(path, replace=overwrite) as tmp:
                     onnx.save(model, str(tmp))
-                with outputs.writing(sidecar_path(path)) as side:
+                with outputs.writing(sidecar_path(path), replace=overwrite) as side:
                     side.write_text(sidecar_text(meta.to_dict()))
                 written.append(ExportedModel(path, meta))
             # The earlier set's members that this one does not replace go with the renames, not after them:
-            # a stop in between would leave the new fp32 model beside the old fp16 one, as if one set.
+            # a stop in between would leave the new fp32 model beside the old fp16 one, as if one set. Listed now,
+            # not at the start: an overwriting export that ended meanwhile may have left an fp16 this one lacks.
             now = {p for w in written for p in (w.path, sidecar_path(w.path))}
-            stale = [p for p in earlier if p not in now]
+            stale = [p for p in export_set(out, options.name) if os.path.lexists(p) and p not in now]
+            if stale and not overwrite:  # another export's engine or fp16, say, written meanwhile: never removed
+                raise OutputExistsError(f"{stale[0]}: written meanwhile by another run; kept, this one's dropped")
             for gone in stale:
                 outputs.remove(gone)
         bar.update()

@@ -299,9 +299,9 @@ def build_engine(
     onnx_path = Path(onnx_path)
     engine_path = Path(engine_path) if engine_path else engine_path_for(onnx_path)
     _refuse_overwriting_inputs(onnx_path, engine_path, timing_cache)
-    trt = import_tensorrt()
-    meta = read_onnx_metadata(onnx_path)
+    meta = read_onnx_metadata(onnx_path)  # a model TensorRT cannot take is said before TensorRT is asked for
     check_engine_output(meta, onnx_path)
+    trt = import_tensorrt()
     version = str(trt.__version__)
     with on_gpu(device) as identity:
         cache_path = Path(timing_cache) if timing_cache else onnx_path.parent

@@ -18,11 +18,10 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypedDict
 import numpy as np
 
 from flareseg.cli import (
-    STOPPED,
     add_common_arguments,
     default_device,
     device_name,
-    exit_now,
+    end_command,
     non_negative_int,
     path_arg,
     positive_float,
@@ -701,10 +700,7 @@ def entry() -> NoReturn:
 
     Not after Ctrl-C (or SIGTERM, SIGHUP): a writer thread may still be finishing, and the usual exit waits for it.
     """
-    code = main()
-    if code in STOPPED:
-        sys.exit(code)
-    exit_now(code)
+    end_command(main())
 
 
 if __name__ == "__main__":

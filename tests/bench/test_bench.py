@@ -498,6 +498,10 @@ def test_each_backend_runs_its_own_model_in_a_fresh_process(tmp_path):
         fresh_process_args(ALL_BACKENDS["openvino-cpu-bf16"], models)
     with pytest.raises(FlareSegError, match="needs the engine model"):
         model_file(ALL_BACKENDS["tensorrt-fp16"], {"onnx-fp16": tmp_path / "b.onnx"})
+    # Made absolute for a child in another folder, but as typed: "link/.." goes through the link, as here.
+    relative = {"checkpoint": Path("link") / ".." / "m.pt"}
+    args = fresh_process_args(ALL_BACKENDS["torch-cpu-fp32"], relative)
+    assert args[args.index("--model") + 1] == str(Path.cwd() / "link" / ".." / "m.pt")
     assert _end_to_end_backend(["openvino-cpu-bf16", "openvino-cpu-int8"]) == "openvino-cpu-int8"
     assert _end_to_end_backend(["openvino-cpu-bf16"]) is None
     assert _end_to_end_backend(["onnxruntime-cuda-fp16", "tensorrt-fp16"]) == "tensorrt-fp16"
@@ -844,6 +848,26 @@ def test_a_child_imports_the_installed_package_not_a_checkout_in_the_working_fol
     monkeypatch.chdir(tmp_path)  # python -m puts the working folder first on the import path
     row = _run_child([sys.executable, "-m", "flareseg.runtime.cli", "--help"], nvml=False)
     assert row["wall_s"] > 0
+
+
+def test_a_child_imports_the_flareseg_of_a_checkout_this_process_imported_from_the_working_folder(
+    tmp_path, monkeypatch
+):
+    """``python -m flareseg.bench.cli`` in a checkout imports the checkout; the child, run in an empty folder, must
+    too (a stand-in checkout here, with this process's flareseg pointed at it: our control flow only)."""
+    import flareseg
+    from flareseg.bench.run import _run_child
+
+    checkout = tmp_path / "checkout"
+    (checkout / "flareseg").mkdir(parents=True)
+    (checkout / "flareseg" / "__init__.py").write_text("WHICH = 'the checkout'\n")
+    monkeypatch.setattr(flareseg, "__file__", str(checkout / "flareseg" / "__init__.py"))
+    monkeypatch.chdir(checkout)
+    monkeypatch.setenv("PYTHONPATH", "extra")  # relative: made absolute for the child
+    said: list[str] = []
+    child = [sys.executable, "-c", "import flareseg, sys; print(flareseg.WHICH, sys.path[1:3])"]
+    _run_child(child, nvml=False, own_peak=lambda out: said.append(out.strip()))
+    assert said[0].startswith("the checkout") and str(checkout / "extra") in said[0]
 
 
 def test_a_gpu_whose_memory_nvml_cannot_read_gives_no_figures_but_the_run_goes_on(monkeypatch, caplog):

@@ -368,26 +368,126 @@ def _damaged_checkpoints(tiny: Path, folder: Path) -> dict[str, tuple[Path, str]
     (folder / "flipped.pt").write_bytes(bytes(flipped))
     (folder / "empty.pt").write_bytes(b"")
     (folder / "notes.pt").write_text("hello")
+    torch.save(torch.nn.Linear(2, 2), folder / "module.pt")  # a whole model, pickled: torch's reply is a page
     return {
         "folder": (folder / "run", "is a folder, not a checkpoint file; give the .pt file (it holds best.pt)"),
         "truncated": (folder / "cut.pt", "truncated or damaged checkpoint (its zip archive is incomplete)"),
         "flipped-byte": (folder / "flipped.pt", "damaged checkpoint (its member data/"),
         "empty": (folder / "empty.pt", "the checkpoint file is empty"),
         "not-a-zip": (folder / "notes.pt", "not a flareseg checkpoint (not a torch.save zip archive)"),
+        "pickled-module": (
+            folder / "module.pt",
+            "holds pickled Python objects (a whole model saved with torch.save?), not a flareseg checkpoint's weights",
+        ),
     }
 
 
-@pytest.mark.parametrize("kind", ["folder", "truncated", "flipped-byte", "empty", "not-a-zip"])
-def test_unreadable_checkpoints_are_refused_in_one_line(tiny_checkpoint, tmp_path, capsys, kind):
+CHECKPOINT_FAULTS = ["folder", "truncated", "flipped-byte", "empty", "not-a-zip", "pickled-module"]
+
+
+@pytest.mark.parametrize("engine", [[], ["--engine"]], ids=["onnx", "engine"])
+@pytest.mark.parametrize("kind", CHECKPOINT_FAULTS)
+def test_unreadable_checkpoints_are_refused_in_one_line(tiny_checkpoint, tmp_path, capsys, kind, engine):
+    # With --engine too: the checkpoint is said before TensorRT is asked for (no GPU machine would mend it).
     path, words = _damaged_checkpoints(tiny_checkpoint, tmp_path)[kind]
     out = tmp_path / "out"
-    assert export_main([str(path), "-o", str(out), "-q"]) == 2
+    assert export_main([str(path), "-o", str(out), "-q", *engine]) == 2
     line = _one_line(capsys)
     assert line.startswith(f"flare-export: error: {path}: {words}")
-    assert len(line) - len(str(path)) < 120 and not out.exists()  # short and whole, not a cut-off torch message
+    assert len(line) - len(str(path)) < 140 and not out.exists()  # short and whole, not a cut-off torch message
 
 
-@pytest.mark.parametrize("kind", ["folder", "truncated", "flipped-byte", "empty", "not-a-zip"])
+def test_an_onnx_model_an_engine_cannot_be_built_from_is_said_before_tensorrt_is_asked_for(exported, tmp_path, capsys):
+    junk = tmp_path / "junk.onnx"
+    junk.write_text("not a model")
+    assert export_main([str(junk), "--engine", "-q"]) == 2
+    assert _one_line(capsys).startswith(f"flare-export: error: {junk}: ")
+    assert "TensorRT" not in capsys.readouterr().err
+    assert export_main([str(tmp_path / "absent.onnx"), "--engine", "-q"]) == 2
+    line = _one_line(capsys)
+    assert "absent.onnx" in line and "TensorRT is not installed" not in line
+
+
+def test_an_fp16_export_whose_activations_overflow_float16_is_refused(tmp_path, capsys):
+    """ONNX Runtime's CPU provider computes an fp16 model in float32: its check alone let logits of 1e5 through,
+    which fp16 arithmetic on a GPU makes infinite. The weights themselves stay within float16's range here."""
+    torch.manual_seed(0)
+    net = build_training_network(NetworkConfig(base_width=4)).eval()
+    last = net.head[3]
+    with torch.no_grad():
+        last.weight.mul_(1.5e6)
+        last.bias.mul_(1.5e6)
+    assert max(last.weight.abs().max(), last.bias.abs().max()) < np.finfo(np.float16).max
+    huge = save_checkpoint(tmp_path / "huge.pt", net, ModelInfo(net.config, STATS, slice_size=(32, 32)))
+    out = tmp_path / "out"
+    assert export_main([str(huge), "-o", str(out), "--fp16", "--verify-slices", "2", "-q"]) == 2
+    line = _one_line(capsys)
+    assert line.startswith("flare-export: error: fp16: the network's net.head.3 output reaches ")
+    assert "beyond float16's largest value (65504)" in line and not out.exists()
+    assert export_main([str(huge), "-o", str(out), "--verify-slices", "2", "-q"]) == 0  # fp32 holds it
+
+
+def test_the_command_ends_without_teardown_and_loses_nothing(tiny_checkpoint, tmp_path):
+    """flare-export ends with os._exit once its files are written (torch's exit handlers took a second, in which a
+    Ctrl-C printed a traceback): its lines on stdout and its files must all be there."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "deploy"
+    cmd = [sys.executable, "-m", "flareseg.export.cli", str(tiny_checkpoint), "-o", str(out), "--fp16"]
+    done = subprocess.run([*cmd, "--verify-slices", "1", "-q"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-2:] == [
+        f"wrote {out / 'flareseg_fp32.onnx'} (+ flareseg_fp32.onnx.json)",
+        f"wrote {out / 'flareseg_fp16.onnx'} (+ flareseg_fp16.onnx.json)",
+    ]
+    for precision in ("fp32", "fp16"):
+        assert read_onnx_metadata(out / f"flareseg_{precision}.onnx").precision == precision
+
+
+def test_an_export_written_meanwhile_into_the_same_folder_is_kept_whole(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """A job submitted twice: the second export into the folder found it empty, then the first (here a double run
+    from inside the second's verification: our control flow only) wrote its set. The second must not replace part
+    of it: the folder held one export's fp32 model beside the other's fp16."""
+    import hashlib
+
+    from flareseg.export import onnx_export
+
+    out = tmp_path / "deploy"
+    other = tmp_path / "other.pt"
+    torch.manual_seed(1)
+    net = build_training_network(NetworkConfig(base_width=4)).eval()
+    save_checkpoint(other, net, ModelInfo(net.config, STATS, slice_size=(32, 32)))
+    real_check, calls = onnx_export._check, []
+
+    def first_job_lands(*args, **kwargs):
+        if not calls:
+            calls.append(1)
+            assert export_main([str(other), "-o", str(out), "--fp16", "--verify-slices", "1", "-q"]) == 0
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "_check", first_job_lands)
+    assert export_main([str(tiny_checkpoint), "-o", str(out), "--verify-slices", "1", "-q"]) == 2
+    line = _one_line(capsys)
+    assert line.startswith("flare-export: error: ") and "written meanwhile by another run; kept, this one's" in line
+    digest = hashlib.sha256(other.read_bytes()).hexdigest()
+    assert sorted(p.name for p in out.iterdir()) == [
+        "flareseg_fp16.onnx",
+        "flareseg_fp16.onnx.json",
+        "flareseg_fp32.onnx",
+        "flareseg_fp32.onnx.json",
+    ]
+    for precision in ("fp32", "fp16"):
+        assert read_onnx_metadata(out / f"flareseg_{precision}.onnx").source_checkpoint_sha256 == digest
+    # With --overwrite the later export replaces the set whole, the fp16 it does not make included.
+    argv = [str(tiny_checkpoint), "-o", str(out), "--verify-slices", "1", "--overwrite", "-q"]
+    assert export_main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["flareseg_fp32.onnx", "flareseg_fp32.onnx.json"]
+    mine = hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
+    assert read_onnx_metadata(out / "flareseg_fp32.onnx").source_checkpoint_sha256 == mine
+
+
+@pytest.mark.parametrize("kind", CHECKPOINT_FAULTS)
 def test_every_reader_of_a_checkpoint_refuses_a_damaged_one(tiny_checkpoint, tmp_path, kind):
     """load_model and read_checkpoint serve flare-infer, flare-bench and flare-train --resume: the same words there."""
     path, words = _damaged_checkpoints(tiny_checkpoint, tmp_path)[kind]

@@ -187,6 +187,12 @@ def test_calibration_folder_without_nifti_is_refused_before_export(trained_check
     assert not out.exists()
     assert export_main([str(trained_checkpoint), "-o", str(out), "--int8", "--calibration", str(tmp_path / "no")]) == 2
     assert "calibration folder not found" in _one_line_error(capsys)
+    (tmp_path / "one.nii.gz").write_bytes(b"a file, where a folder was asked for")
+    assert (
+        export_main([str(trained_checkpoint), "-o", str(out), "--int8", "--calibration", str(tmp_path / "one.nii.gz")])
+        == 2
+    )
+    assert _one_line_error(capsys).endswith("one.nii.gz: is a file; --calibration takes a folder of CT NIfTI files")
     assert export_main([str(trained_checkpoint), "-o", str(out), "--calibration", str(empty)]) == 2
     assert "only used by the INT8 export" in _one_line_error(capsys)
     assert not out.exists()

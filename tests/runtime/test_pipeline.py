@@ -517,11 +517,14 @@ def test_postprocessing_during_inference_writes_the_same_labels(trained_checkpoi
     assert "contradict" in capsys.readouterr().err
 
 
-def test_an_interrupted_command_exits_the_usual_way(monkeypatch):
+@pytest.mark.parametrize("module", ["flareseg.runtime.cli", "flareseg.export.cli"])
+def test_an_interrupted_command_exits_the_usual_way(monkeypatch, module):
     # After Ctrl-C a writer may still be finishing an atomic write: only a normal exit waits for it.
-    from flareseg import cli as common
-    from flareseg.runtime import cli
+    import importlib
 
+    from flareseg import cli as common
+
+    cli = importlib.import_module(module)
     exits: list[tuple[str, int]] = []
 
     def fast_exit(code: int) -> None:
