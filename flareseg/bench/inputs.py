@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 
 #: What a run writes inside its report folder, besides the report files themselves.
 RUN_FOLDERS = ("models", "pred")
+#: The name of a phantom volume it writes (:func:`phantom_volume`).
+_PHANTOM = re.compile(r"phantom_[0-9]+_0000\.nii\.gz")
 
 
 def clear_earlier_run(out: Path, *, model: Path | None, input: Path | None) -> None:
@@ -35,9 +38,11 @@ def clear_earlier_run(out: Path, *, model: Path | None, input: Path | None) -> N
     # Its reports first go: they describe the files removed here, also if this run is stopped before it writes.
     earlier += [out / name for name in ("report.json", "report.md", "latency.png", "stages.png")]
     earlier += [out / name for name in ("check.json", "check.md")]
-    # Its exported set (this run exports its own again, or has none to keep).
+    # Its exported set (this run exports its own again, or has none to keep), and its phantom volumes (one per
+    # --slices: a rerun with another count would leave the old one beside the new).
     if (out / "models").is_dir():
         earlier += sorted((out / "models").glob(f"{MODELS_NAME}_*"))
+        earlier += sorted(p for p in (out / "models").glob("phantom_*_0000.nii.gz") if _PHANTOM.fullmatch(p.name))
     if model is not None:
         earlier.append(out / "models" / "random-weights.pt")
     given = [p for p in (model, input) if p is not None]

@@ -78,7 +78,14 @@ def test_a_rerun_into_the_folder_leaves_nothing_of_the_earlier_run_the_new_repor
     (out / "models").mkdir()
     earlier = ["pred/openvino-cpu-int8.nii.gz", "pred/fresh-process.timings.json", "models/random-weights.pt"]
     earlier += ["models/bench_fp32.onnx", "models/bench_fp32.onnx.json", "report.json", "check.md"]
-    for name in [*earlier, "stages.png", "pred/mine.nii.gz", "models/flareseg_fp32.onnx"]:
+    earlier += ["models/phantom_8_0000.nii.gz"]  # a run with another --slices
+    for name in [
+        *earlier,
+        "stages.png",
+        "pred/mine.nii.gz",
+        "models/flareseg_fp32.onnx",
+        "models/phantom_x_0000.nii.gz",
+    ]:
         (out / name).write_bytes(b"from before")
     clear_earlier_run(out, model=tmp_path / "given.pt", input=None)
     no_volumes = {**data, "volumes": {**data["volumes"], "results": {}}}
@@ -86,7 +93,14 @@ def test_a_rerun_into_the_folder_leaves_nothing_of_the_earlier_run_the_new_repor
     assert set(paths) == {"json", "markdown", "plot"}
     left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     # Its own earlier names went; what it never writes stays.
-    assert left == ["latency.png", "models/flareseg_fp32.onnx", "pred/mine.nii.gz", "report.json", "report.md"]
+    assert left == [
+        "latency.png",
+        "models/flareseg_fp32.onnx",
+        "models/phantom_x_0000.nii.gz",
+        "pred/mine.nii.gz",
+        "report.json",
+        "report.md",
+    ]
     md = (out / "report.md").read_text()
     assert "(latency.png)" in md and "stages.png" not in md  # links only to the figures beside it
 
