@@ -218,7 +218,8 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     # Arithmetic-rate peaks first, before any ONNX Runtime session exists: idle ORT worker
     # threads spin for a while and would steal the cores from the measurement.
-    peaks = matmul_peaks(cfg)
+    # An ONNX model alone has no FLOP count (that needs its checkpoint), so no fraction of a peak to measure for.
+    peaks = matmul_peaks(cfg) if cfg.onnx_precision is None else {}
     rest, models, failed = prepare_models_but_int8_below_agreement(cfg, work)
     if failed is not None:  # reported as left out, and the other backends measured
         gone = {b: f"its INT8 export was refused: {failed}" for b in cfg.backends if b not in rest.backends}

@@ -964,3 +964,26 @@ def test_a_deploy_set_kept_in_the_reports_models_folder_is_left_alone(tmp_path):
         models = prepare_models(cfg, work)
         assert models["onnx-fp32"] == work / "bench_fp32.onnx"
     assert {name: (work / name).read_bytes() for name in mine} == mine
+
+
+def test_no_matrix_product_peak_is_measured_for_an_onnx_model_alone(report, tmp_path, monkeypatch):
+    """Its FLOPs need the checkpoint, so no fraction of a peak can be given: the seconds of measuring it are saved.
+    The run is stopped right after (a test double ends it: our control flow only)."""
+    from flareseg.bench import run as bench_run
+
+    models = report[0] / "models"  # the report's own export, and the checkpoint it came from
+    measured: list[str] = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(cfg, work):
+        raise Stop
+
+    monkeypatch.setattr(bench_run, "matmul_peaks", lambda cfg: measured.append(cfg.model.name) or {})
+    monkeypatch.setattr(bench_run, "prepare_models_but_int8_below_agreement", stop)
+    for model in (models / "bench_fp32.onnx", models / "random-weights.pt"):
+        cfg = BenchConfig(out=tmp_path / "report", model=model, backends=("onnxruntime-cpu-fp32",))
+        with pytest.raises(Stop):
+            bench_run.run_benchmark(cfg)
+    assert measured == ["random-weights.pt"]
