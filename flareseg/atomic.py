@@ -91,7 +91,8 @@ class AtomicOutputs:
             room = _NAME_MAX - len(os.fsencode(f"..{'x' * 8}{suffix}"))
             prefix = f".{_cut(target.name, room)}."
             _remove_stale(target.parent, prefix, suffix)
-            fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=target.parent)
+            # realpath: mkstemp takes "link/.." as text (abspath), where the kernel goes through the link.
+            fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=os.path.realpath(target.parent))
             if _lock(fd):
                 self._locks.append(fd)
             else:  # nothing to hold it by: closed now, as before (Windows cannot rename a file held open)
@@ -311,7 +312,7 @@ def _probe(folder: Path, path: Path) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):  # also false on a read-only file system
         raise FlareSegError(f"{path}: cannot write in {folder} (permission denied or read-only)")
     try:
-        fd, name = tempfile.mkstemp(prefix=".flareseg-probe.", dir=folder)
+        fd, name = tempfile.mkstemp(prefix=".flareseg-probe.", dir=os.path.realpath(folder))  # as in writing()
     except OSError as exc:
         raise FlareSegError(f"{path}: cannot create files in {folder} ({exc.strerror or exc})") from exc
     os.close(fd)

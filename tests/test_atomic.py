@@ -78,6 +78,19 @@ def test_a_link_is_written_through_and_stays_a_link(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["results.csv"]
 
 
+def test_a_path_whose_dot_dot_follows_a_link_is_written_where_the_kernel_puts_it(tmp_path, monkeypatch):
+    # "link/.." is the link target's parent, where tempfile took it as text for the temporary file (abspath).
+    (tmp_path / "other" / "sub").mkdir(parents=True)
+    (tmp_path / "other" / "out").mkdir()  # there, and not beside the link
+    (tmp_path / "link").symlink_to(tmp_path / "other" / "sub")
+    monkeypatch.chdir(tmp_path)
+    out = Path("link") / ".." / "out" / "r.csv"
+    check_writable_folder(out.parent)
+    write_text_atomic("new", out)
+    assert (tmp_path / "other" / "out" / "r.csv").read_text() == "new"
+    assert sorted(p.name for p in (tmp_path / "other" / "out").iterdir()) == ["r.csv"]
+
+
 def test_a_link_to_a_file_of_another_kind_is_refused_before_any_work_and_at_the_write(tmp_path):
     label_map = tmp_path / "case.nii.gz"
     label_map.write_bytes(b"an input")
