@@ -118,7 +118,7 @@ class AtomicOutputs:
         with stop_signals_blocked() if len(self._written) + len(self._removed) > 1 else nullcontext():
             kept = [target for _, target, replace in self._written if not replace and os.path.lexists(target)]
             if kept:  # before any rename: the set is all or nothing
-                raise _kept(kept[0])
+                raise written_meanwhile(kept[0])
             for tmp, target, replace in self._written:
                 with _naming(target):
                     if replace:
@@ -150,7 +150,8 @@ def atomic_outputs() -> Iterator[AtomicOutputs]:
         outputs._discard()
 
 
-def _kept(target: Path) -> OutputExistsError:
+def written_meanwhile(target: Path) -> OutputExistsError:
+    """The error of a set dropped because another run wrote ``target`` meanwhile (kept)."""
     return OutputExistsError(f"{target}: written meanwhile by another run; kept, this one's dropped")
 
 
@@ -164,9 +165,9 @@ def _rename_no_replace(tmp: Path, target: Path) -> None:
             if exclusive(tmp, target):
                 return
         except FileExistsError:
-            raise _kept(target) from None
+            raise written_meanwhile(target) from None
     if os.path.lexists(target):
-        raise _kept(target)
+        raise written_meanwhile(target)
     os.replace(tmp, target)
 
 

@@ -781,7 +781,7 @@ def _header_fault(path: Path) -> str | None:
             raw = f.read(348)
     except (OSError, EOFError, zlib.error):
         return None
-    if len(raw) < 176:
+    if len(raw) < 48:  # dim[0] needs 48 bytes; vox_offset 176, and the file's magic (NIfTI-1) all 348
         return None
     for order in "<>":
         size = int(np.frombuffer(raw, f"{order}i4", 1)[0])
@@ -794,8 +794,8 @@ def _header_fault(path: Path) -> str | None:
         if not 1 <= dim0 <= 7:
             return f"dim[0] is {dim0}; it must be 1 to 7"
         magic = raw[344:348] if one else raw[4:8]
-        if magic != (b"n+1\0" if one else b"n+2\0"):
-            return None  # a header of a .hdr/.img pair, whose voxels start at 0 in the other file
+        if magic != (b"n+1\0" if one else b"n+2\0") or len(raw) < 176:
+            return None  # a header of a .hdr/.img pair, whose voxels start at 0 in the other file; or cut short
         offset = float(np.frombuffer(raw, f"{order}f4" if one else f"{order}i8", 1, 108 if one else 168)[0])
         return _offset_fault(offset, 352 if one else 544)
     return None

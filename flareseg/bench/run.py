@@ -641,14 +641,16 @@ def fresh_process_section(
     b = ALL_BACKENDS[name]
     cuda = b.device == "cuda"
     batch = latency[name].get("best", {}).get("batch", 1)
-    output = (cfg.out / "pred" / "fresh-process.nii.gz").absolute()  # the child runs in another folder
+    pred = (cfg.out / "pred").absolute()  # the child runs in another folder
+    timings = pred / "fresh-process.timings.json"  # where it records its own peak RSS
     cmd = [sys.executable, "-m", "flareseg.runtime.cli", *fresh_process_args(b, models, cfg.threads)]
-    cmd += ["-i", str(Path(volume).absolute()), "-o", str(output), "--batch-size", str(batch), "-q", "--overwrite"]
+    cmd += ["-i", str(Path(volume).absolute()), "-o", str(pred / "fresh-process.nii.gz"), "--timings", str(timings)]
+    cmd += ["--batch-size", str(batch), "-q", "--overwrite"]
     bare_code = "import torch; torch.zeros(1, device='cuda')" if cuda else "import torch"
     bare_cmd = [sys.executable, "-c", bare_code + "\n" + _PRINT_OWN_PEAK]
     nvml = cuda and cfg.nvml
     before = _run_child(bare_cmd, nvml=nvml, own_peak=_printed_peak)
-    case = _run_child(cmd, nvml=nvml, own_peak=lambda _: _recorded_peak(output.with_name("fresh-process.timings.json")))
+    case = _run_child(cmd, nvml=nvml, own_peak=lambda _: _recorded_peak(timings))
     after = _run_child(bare_cmd, nvml=nvml, own_peak=_printed_peak)
     bare_s = statistics.median([before["wall_s"], after["wall_s"]])
     shown = shlex.join([sys.executable, "-c", bare_code])  # what is timed; the lines that print its peak are not

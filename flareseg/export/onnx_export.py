@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from flareseg.atomic import OutputExistsError, atomic_outputs, check_writable_folder
+from flareseg.atomic import atomic_outputs, check_writable_folder, written_meanwhile
 from flareseg.checkpoint import ModelInfo, check_slice_size, file_sha256, software_versions
 from flareseg.errors import FlareSegError, interrupts_kept
 from flareseg.export.inputs import load_checked_model, read_ct_normalized
@@ -430,7 +430,7 @@ def export_onnx(
             now = {p for w in written for p in (w.path, sidecar_path(w.path))}
             stale = [p for p in export_set(out, options.name) if os.path.lexists(p) and p not in now]
             if stale and not overwrite:  # another export's engine or fp16, say, written meanwhile: never removed
-                raise OutputExistsError(f"{stale[0]}: written meanwhile by another run; kept, this one's dropped")
+                raise written_meanwhile(stale[0])
             for gone in stale:
                 outputs.remove(gone)
         bar.update()
