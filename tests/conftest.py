@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -116,6 +120,94 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     }
 
 
+def _export_key(args: tuple[Any, ...], kwargs: dict[str, Any], keep: list[object]) -> str | None:
+    """What an export's result depends on, hashed; None for a call this cannot key (then it runs afresh).
+
+    Every attribute of every submodule, private ones included: its class, the class's forward function, parameters
+    and buffers (non-persistent ones too, with their device), hooks; and every argument, example values included.
+    Functions are keyed by identity, and ``keep`` holds each one so that its id is not reused meanwhile. Not seen:
+    a module-level function that forward calls, patched by a test; such a test must not rely on this cache.
+    """
+    import torch
+
+    if len(args) != 2 or not isinstance(args[0], torch.nn.Module) or not isinstance(args[1], tuple):
+        return None
+    h = hashlib.sha256()
+
+    def add(value: object) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach()
+            h.update(f"tensor {t.dtype} {tuple(t.shape)} {t.device}".encode())
+            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 too
+        elif isinstance(value, torch.nn.Module):
+            h.update(b"module")  # its own entries are hashed as a submodule
+        elif isinstance(value, type):
+            h.update(f"type {value!r}".encode())  # an export Dim's repr holds its name and range
+        elif isinstance(value, dict):
+            h.update(f"dict {len(value)}".encode())
+            for key, item in value.items():
+                add(key)
+                add(item)
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            h.update(f"{type(value).__name__} {len(value)}".encode())
+            for item in sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value:
+                add(item)
+        elif callable(value):
+            h.update(f"callable {id(value)}".encode())
+            keep.append(value)
+        else:
+            h.update(f"{type(value).__qualname__} {value!r}".encode())
+
+    for name, sub in args[0].named_modules():
+        cls = type(sub)
+        h.update(f"{name}|{cls.__module__}.{cls.__qualname__}".encode())
+        add(cls.forward)
+        for key, value in sorted(vars(sub).items()):
+            h.update(key.encode())
+            add(value)
+    for value in args[1]:
+        if not isinstance(value, torch.Tensor):
+            return None
+        add(value)
+    for key, value in sorted(kwargs.items()):
+        h.update(key.encode())
+        add(value)
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def reuse_identical_exports() -> Iterator[None]:
+    """torch's ONNX exporter takes 4 to 6 s a call whatever the network's size, and the suite exports the same
+    small networks with the same arguments again and again (about 40 exports, a quarter of its time). A call
+    keyed the same as an earlier one in this session (see _export_key) gets that call's real ONNX model back, as a
+    fresh ONNXProgram: the first export of each module and arguments is torch's, never a stand-in. A test that
+    replaces torch.onnx.export sees its own double, not this. FLARESEG_TEST_FRESH_EXPORTS=1 exports every time.
+    """
+    if os.environ.get("FLARESEG_TEST_FRESH_EXPORTS") == "1":
+        yield
+        return
+    import onnx
+    import onnx_ir
+    import torch.onnx
+
+    real, done, keep = torch.onnx.export, {}, []
+
+    def export(*args: Any, **kwargs: Any) -> Any:
+        key = _export_key(args, kwargs, keep)
+        if key is not None and key in done:
+            return torch.onnx.ONNXProgram(onnx_ir.serde.deserialize_model(onnx.load_from_string(done[key])), None)
+        program = real(*args, **kwargs)
+        if key is not None and program is not None:
+            done[key] = program.model_proto.SerializeToString()
+        return program
+
+    torch.onnx.export = export
+    try:
+        yield
+    finally:
+        torch.onnx.export = real
+
+
 TRAINED_SIZE = (64, 64)
 
 
@@ -155,6 +247,32 @@ def trained_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("trained") / "small.pt"
     save_checkpoint(path, net.eval(), ModelInfo(network=net.config, normalization=stats, slice_size=TRAINED_SIZE))
     return path
+
+
+@pytest.fixture(scope="session")
+def int8_export(trained_checkpoint, tmp_path_factory) -> list:
+    """trained_checkpoint exported with --int8 (fp32 and INT8 models, verified); read, never changed, by tests."""
+    from flareseg.export import ExportOptions, export_onnx
+
+    out = tmp_path_factory.mktemp("int8")
+    return export_onnx(trained_checkpoint, out, ExportOptions(int8=True, batch_profile=(1, 2, 8)))
+
+
+@pytest.fixture(scope="module")  # module: made before the module-scoped reports that use it
+def smaller_matmul_peak() -> Iterator[None]:
+    """flare-bench measures the CPU's peak on 4096 x 4096 products: 7 s of each in-process run here, while its
+    tests hold the figure to be positive and to reach the report. The real measurement still runs, on 1024 x 1024
+    products (0.2 s); a call that names its size gets that size."""
+    from flareseg.bench import measure
+
+    real = measure.matmul_peak_flops
+
+    def smaller(device: Any, dtype: Any, *, tf32: bool = False, n: int | None = None, repeats: int = 5) -> float:
+        return real(device, dtype, tf32=tf32, n=n or 1024, repeats=repeats)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(measure, "matmul_peak_flops", smaller)
+        yield
 
 
 def float_bits(values) -> list[int]:

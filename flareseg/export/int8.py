@@ -18,7 +18,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,18 +97,10 @@ def calibration_slices(
         raise FlareSegError(f"INT8 needs at least one calibration and one held-out slice, got {count} and {held_out}")
     total = count + held_out
     if folder is None:
-        from flareseg.phantom import make_phantom
+        from flareseg.export.inputs import PHANTOM_DESCRIPTION, phantom_ct
 
-        volumes = [
-            normalize_volume(
-                np.transpose(make_phantom((192, 192, 48), (2.0, 2.0, 5.0), seed=seed + k).image, (2, 1, 0)).astype(
-                    np.float32
-                ),
-                info.normalization,
-            )
-            for k in range(2)
-        ]
-        source = "synthetic phantoms (2 x 192x192x48 at 2x2x5 mm)"
+        volumes = [normalize_volume(phantom_ct(seed + k), info.normalization) for k in range(2)]
+        source = f"synthetic phantoms (2 x {PHANTOM_DESCRIPTION})"
         pool = _slices_from(volumes, total)
     else:
         from flareseg.export.inputs import read_ct_normalized
@@ -137,12 +129,24 @@ def calibration_slices(
             f"{folder or 'phantom'}: {len(pool)} usable slice(s) to calibrate on (constant slices are skipped); "
             "INT8 needs at least 2 (one to calibrate, one held out)"
         )
-    # Held-out slices evenly spread over the pool (so both sets span the body); the rest calibrate.
-    n_held = min(held_out, len(pool) // 2)
+    # Held-out slices evenly spread over the pool (so both sets span the body); the rest calibrate. A pool short of
+    # both counts gives the held-out set what calibration leaves, and at least half of the pool.
+    n_held = min(held_out, max(len(pool) - count, len(pool) // 2))
     mask = np.zeros(len(pool), bool)
     mask[((np.arange(n_held) + 0.5) * len(pool) / n_held).astype(int)] = True
     held = pool[mask]
     calib = pool[~mask][:count]
+    if len(calib) < count or len(held) < held_out:
+        log.warning(
+            "INT8: %d calibration and %d held-out slice(s) from %s, fewer than the %d and %d asked (constant slices "
+            "are skipped): the agreement is measured on those %d",
+            len(calib),
+            len(held),
+            source,
+            count,
+            held_out,
+            len(held),
+        )
     return CalibrationSlices(calibration=calib, held_out=held, source=source)
 
 
@@ -232,6 +236,19 @@ def _without_preprocessing_advice() -> Iterator[None]:
         root.removeFilter(advice)
 
 
+@contextmanager
+def quiet_logger(name: str) -> Iterator[None]:
+    """Raise a library logger's level for a block, then restore it (the exporter and NNCF report what is not
+    actionable here)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def quantizer_version(quantizer: Quantizer) -> str:
     if quantizer == "nncf":
         return f"nncf {import_nncf().__version__}"
@@ -268,14 +285,17 @@ def quantize(
             }
             scope = nncf.IgnoredScope(names=list(exclude)) if exclude else None
             kwargs: dict[str, Any] = {"ignored_scope": scope} if scope else {}
-            quantized = nncf.quantize(
-                model,
-                nncf.Dataset(feeds),
-                preset=nncf.QuantizationPreset.PERFORMANCE,
-                subset_size=len(feeds),
-                fast_bias_correction=True,
-                **kwargs,
-            )
+            # NNCF logs on stdout and draws its own progress bars there, where scripts read the command's result
+            # lines; the export's bar already shows this step.
+            with quiet_logger("nncf"), open(os.devnull, "w") as devnull, redirect_stdout(devnull):
+                quantized = nncf.quantize(
+                    model,
+                    nncf.Dataset(feeds),
+                    preset=nncf.QuantizationPreset.PERFORMANCE,
+                    subset_size=len(feeds),
+                    fast_bias_correction=True,
+                    **kwargs,
+                )
         elif quantizer == "onnxruntime":
             from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 

@@ -15,8 +15,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,8 @@ from tqdm import tqdm
 from flareseg.atomic import atomic_outputs, check_writable_folder, written_meanwhile
 from flareseg.checkpoint import ModelInfo, check_slice_size, file_sha256, software_versions
 from flareseg.errors import FlareSegError, interrupts_kept
-from flareseg.export.inputs import load_checked_model, read_ct_normalized
-from flareseg.export.int8 import CalibrationSlices
+from flareseg.export.inputs import PHANTOM_DESCRIPTION, load_checked_model, phantom_ct, read_ct_normalized
+from flareseg.export.int8 import CalibrationSlices, quiet_logger
 from flareseg.export.metadata import (
     ExportMetadata,
     OutputKind,
@@ -101,8 +100,8 @@ def _to_onnx(module: nn.Module, channels: int, size: tuple[int, int], max_batch:
     with (
         interrupts_kept(),
         warnings.catch_warnings(),
-        _quiet_logger("torch.onnx"),
-        _quiet_logger("onnxscript.version_converter"),
+        quiet_logger("torch.onnx"),
+        quiet_logger("onnxscript.version_converter"),
     ):
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not actionable here
         program = torch.onnx.export(
@@ -121,18 +120,6 @@ def _to_onnx(module: nn.Module, channels: int, size: tuple[int, int], max_batch:
     model = program.model_proto
     onnx.checker.check_model(model, full_check=True)
     return model
-
-
-@contextmanager
-def _quiet_logger(name: str) -> Iterator[None]:
-    """Raise a library logger's level for a block, then restore it (it reports optional torchvision ops)."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _ort_session(model: Any) -> Any:
@@ -163,11 +150,9 @@ def verification_slices(
         real = read_ct_normalized(volume_path, info.normalization, "--verify-volume", spread)
         source = str(volume_path)
     else:
-        from flareseg.phantom import make_phantom
-
-        volume = np.transpose(make_phantom((192, 192, 48), (2.0, 2.0, 5.0), seed=seed).image, (2, 1, 0))
-        real = normalize_volume(volume.astype(np.float32), info.normalization)[spread(volume.shape[0])]
-        source = f"{PHANTOM_SOURCE} (192x192x48 at 2x2x5 mm)"
+        volume = phantom_ct(seed)
+        real = normalize_volume(volume, info.normalization)[spread(volume.shape[0])]
+        source = f"{PHANTOM_SOURCE} ({PHANTOM_DESCRIPTION})"
     rng = np.random.default_rng(seed)
     random = rng.standard_normal((min(count, 4), *real.shape[1:])).astype(np.float32)
     return random, real, source
@@ -187,33 +172,44 @@ def _compare(ref_logits: np.ndarray, got: np.ndarray, output_kind: OutputKind) -
     }
 
 
+class _Reference:
+    """The PyTorch network's logits on each slice set, computed once however many models are held to them
+    (fp32, fp16 and each INT8 attempt): at full width each forward pass costs seconds on a CPU."""
+
+    def __init__(self, net: FlareUNet, info: ModelInfo, batch: int, source: object = None) -> None:
+        self.net, self.info, self.batch, self.source = net, info, batch, source
+        self._logits: dict[str, np.ndarray] = {}
+
+    def logits(self, name: str, data: np.ndarray) -> np.ndarray:
+        if name not in self._logits:
+            refs = []
+            for start in range(0, len(data), self.batch):
+                x = network_batch(data[start : start + self.batch], self.info.slice_size, self.info.network.in_channels)
+                with torch.inference_mode():
+                    refs.append(self.net(x).numpy())
+            ref = np.concatenate(refs)
+            if not np.isfinite(ref).all():
+                raise FlareSegError(
+                    f"the PyTorch network's logits on the {_slices_name(name, self.source)} slices are not finite "
+                    "(NaN or infinity); nothing written"
+                )
+            self._logits[name] = ref
+        return self._logits[name]
+
+
 def _verify(
-    model: Any,
-    reference: FlareUNet,
-    info: ModelInfo,
-    channels: int,
-    output_kind: OutputKind,
-    slices: dict[str, np.ndarray],
-    batch: int,
-    source: object = None,
+    model: Any, reference: _Reference, channels: int, output_kind: OutputKind, slices: dict[str, np.ndarray]
 ) -> dict[str, dict[str, float]]:
-    """Run the ONNX model and the PyTorch reference on the same slices; figures per slice set."""
+    """Run the ONNX model on the slices the PyTorch reference ran on; figures per slice set."""
     session = _ort_session(model)
     figures: dict[str, dict[str, float]] = {}
     for name, data in slices.items():
-        refs, gots = [], []
-        for start in range(0, len(data), batch):
-            chunk = data[start : start + batch]
-            with torch.inference_mode():
-                refs.append(reference(network_batch(chunk, info.slice_size, info.network.in_channels)).numpy())
-            x = network_batch(chunk, info.slice_size, channels).numpy()
-            gots.append(session.run(None, {"image": x})[0])
-        ref = np.concatenate(refs)
-        if not np.isfinite(ref).all():
-            raise FlareSegError(
-                f"the PyTorch network's logits on the {_slices_name(name, source)} slices are not finite (NaN or "
-                "infinity); nothing written"
-            )
+        ref = reference.logits(name, data)
+        batch, size = reference.batch, reference.info.slice_size
+        gots = [
+            session.run(None, {"image": network_batch(data[start : start + batch], size, channels).numpy()})[0]
+            for start in range(0, len(data), batch)
+        ]
         figures[name] = _compare(ref, np.concatenate(gots), output_kind)
         figures[name]["slices"] = float(len(data))
     return figures
@@ -386,6 +382,7 @@ def export_onnx(
         )
         batch = max(1, min(options.batch_profile[1], 4))
         reference = {"reference": "PyTorch fp32 training network (eval mode)"}
+        logits = _Reference(net, info, batch, source)
         variants: list[tuple[Precision, Any]] = [("fp32", fp32)]
         if options.fp16:
             variants.append(("fp16", convert_to_fp16(fp32)))
@@ -395,7 +392,7 @@ def export_onnx(
             bar.set_postfix_str(f"verify {precision}")
             if precision == "fp16":
                 _check_fp16_range(graph, info, channels, slices, batch, source)
-            figures = _verify(model, net, info, channels, options.output_kind, slices, batch, source)
+            figures = _verify(model, logits, channels, options.output_kind, slices)
             _check(figures, precision, options.output_kind, source)
             meta = dataclasses.replace(base, precision=precision, versions=_versions(base, model)).with_verification(
                 {**reference, "real_source": source, **figures}
@@ -404,7 +401,7 @@ def export_onnx(
             bar.update()
         if calib is not None:
             bar.set_postfix_str("int8")
-            int8, figures, quantization = _quantize_verified(fp32, net, info, channels, options, calib, batch)
+            int8, figures, quantization = _quantize_verified(fp32, logits, channels, options, calib)
             meta = dataclasses.replace(
                 base, precision="int8", quantization=quantization, versions=_versions(base, int8)
             ).with_verification({**reference, "held_out_source": calib.source, **figures})
@@ -455,13 +452,7 @@ def _versions(base: ExportMetadata, model: Any) -> dict[str, str]:
 
 
 def _quantize_verified(
-    fp32: Any,
-    reference: FlareUNet,
-    info: ModelInfo,
-    channels: int,
-    options: ExportOptions,
-    calib: CalibrationSlices,
-    batch: int,
+    fp32: Any, reference: _Reference, channels: int, options: ExportOptions, calib: CalibrationSlices
 ) -> tuple[Any, dict[str, dict[str, float]], dict[str, Any]]:
     """Quantise with each float-layer set of the ladder until the held-out agreement meets the threshold.
 
@@ -469,6 +460,7 @@ def _quantize_verified(
     """
     from flareseg.export.int8 import float_layer_nodes, network_inputs, quantize, quantizer_version
 
+    info = reference.info
     inputs = network_inputs(calib.calibration, info, channels)
     held = {"held_out": network_inputs(calib.held_out, info, 1)[:, 0]}
     attempts: list[dict[str, Any]] = []
@@ -477,7 +469,7 @@ def _quantize_verified(
         exclude = [name for names in nodes.values() for name in names]
         log.info("quantising to INT8 with %s (float: %s)", options.quantizer, ", ".join(keep) or "none")
         model, settings = quantize(fp32, inputs, exclude, options.quantizer)
-        figures = _verify(model, reference, info, channels, options.output_kind, held, batch)
+        figures = _verify(model, reference, channels, options.output_kind, held)
         _check_finite(figures, "int8")
         agreement = figures["held_out"]["argmax_agreement"]
         attempts.append({"float_layers": list(keep), "held_out_agreement": agreement})

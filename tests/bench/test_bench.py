@@ -44,6 +44,8 @@ from flareseg.network import NetworkConfig, build_deploy_network, build_training
 from flareseg.runtime.cli import build_parser
 from flareseg.volume import read_labels
 
+pytestmark = pytest.mark.usefixtures("smaller_matmul_peak")  # see tests/conftest.py
+
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):

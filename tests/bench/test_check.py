@@ -27,6 +27,8 @@ from flareseg.bench.cli import main as bench_main
 from flareseg.export.onnx_export import FP16_MIN_AGREEMENT, FP32_MIN_AGREEMENT, FP32_RELATIVE_TOLERANCE
 from flareseg.volume import read_labels
 
+pytestmark = pytest.mark.usefixtures("smaller_matmul_peak")  # see tests/conftest.py
+
 CPU_FP32 = "torch-cpu-fp32,onnxruntime-cpu-fp32"
 
 

@@ -569,14 +569,40 @@ def test_non_finite_logits_fail_the_verification(tiny_checkpoint, monkeypatch):
     net, info, _ = load_model(tiny_checkpoint)
     monkeypatch.setattr(onnx_export, "_ort_session", lambda model: _NaNSession())
     slices = {"real": _slices(2, (32, 32))}
-    figures = onnx_export._verify(None, net, info, 1, "logits", slices, 2)
+    figures = onnx_export._verify(None, onnx_export._Reference(net, info, 2), 1, "logits", slices)
     for precision in ("fp32", "fp16"):
         with pytest.raises(FlareSegError, match=f"{precision} ONNX logits on the real slices are not finite"):
             onnx_export._check(figures, precision, "logits")
     with torch.no_grad():
         net.head[3].bias.fill_(float("nan"))  # the reference itself: nothing can be compared with it
     with pytest.raises(FlareSegError, match="PyTorch network's logits on the real slices are not finite"):
-        onnx_export._verify(None, net, info, 1, "logits", slices, 2)
+        onnx_export._verify(None, onnx_export._Reference(net, info, 2), 1, "logits", slices)
+
+
+def test_the_pytorch_reference_runs_once_per_slice_set_however_many_models_are_verified(tiny_checkpoint, tmp_path):
+    """fp32 and fp16 are both held to the same PyTorch logits: at full width each forward pass costs seconds."""
+    net, info, _ = load_model(tiny_checkpoint)
+    seen: list[int] = []
+    net.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[0]))
+    reference = onnx_export._Reference(net, info, 2)
+    slices = {"random": _slices(3, (32, 32)), "real": _slices(2, (32, 32), seed=2)}
+    first = {name: reference.logits(name, data).copy() for name, data in slices.items()}
+    assert seen == [2, 1, 2]  # three batches of at most 2: random's 3 slices, then real's 2
+    for name, data in slices.items():
+        np.testing.assert_array_equal(reference.logits(name, data), first[name])
+    assert seen == [2, 1, 2]  # asked again: no forward pass
+    # The whole export: the training network's forward runs once per batch of each set, fp16 included.
+    calls: list[int] = []
+    real_forward = onnx_export.FlareUNet.forward
+
+    def counted(self, x):
+        calls.append(x.shape[0])
+        return real_forward(self, x)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(onnx_export.FlareUNet, "forward", counted)
+        export_onnx(tiny_checkpoint, tmp_path / "out", ExportOptions(fp16=True, verify_slices=3))
+    assert sum(calls) == 3 + 3  # random's 3 and the phantom's 3, once each
 
 
 def test_opsets_the_exporter_does_not_write_are_refused(tiny_checkpoint, tmp_path, capsys):
@@ -657,6 +683,33 @@ def test_verification_and_calibration_slices_are_normalised_as_flare_infer_norma
     nib.save(labels, tmp_path / "mask.nii.gz")
     with pytest.raises(FlareSegError, match=r"mask\.nii\.gz: looks like a label map"):
         read_ct_normalized(tmp_path / "mask.nii.gz", STATS, "--calibration")
+
+
+def test_the_stand_in_phantom_is_made_once_per_seed_and_is_the_phantom(monkeypatch):
+    """Verification (seed 0) and INT8 calibration (seeds 0 and 1) without a CT: 1.3 s a phantom, made again by each
+    export of a run (flare-bench's several) before it was kept."""
+    from flareseg import phantom
+    from flareseg.export import int8
+    from flareseg.export.inputs import phantom_ct
+
+    made, real = [], phantom.make_phantom
+
+    def counted(*args, **kwargs):
+        made.append(kwargs["seed"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(phantom, "make_phantom", counted)
+    phantom_ct.cache_clear()
+    info = ModelInfo(NetworkConfig(base_width=4), STATS, slice_size=(32, 32))
+    for _ in range(2):
+        onnx_export.verification_slices(info, None, 2)
+        int8.calibration_slices(info, None, count=2, held_out=1)
+    assert made == [0, 1]
+    volume = phantom_ct(0)
+    expected = np.transpose(real((192, 192, 48), (2.0, 2.0, 5.0), seed=0).image, (2, 1, 0)).astype(np.float32)
+    assert volume.dtype == np.float32 and np.array_equal(volume, expected)
+    with pytest.raises(ValueError, match="read-only"):
+        volume[0, 0, 0] = 1.0  # shared by every caller: none may change it
 
 
 def test_an_output_path_that_is_a_file_is_refused(tiny_checkpoint, tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import nibabel as nib
@@ -47,9 +48,8 @@ def _torch_labels(checkpoint: Path, slices: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def exported(trained_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("int8")
-    return export_onnx(trained_checkpoint, out, ExportOptions(int8=True, batch_profile=(1, 2, 8)))
+def exported(int8_export):
+    return int8_export
 
 
 def test_int8_export_is_written_beside_fp32_and_readable(exported):
@@ -275,12 +275,14 @@ def test_quantiser_preprocessing_advice_is_filtered_during_the_call_only(caplog)
 NNCF_TEST_MIN_AGREEMENT = 0.93
 
 
-def test_nncf_quantiser_writes_a_verified_qdq_model_held_to_the_agreement_asked(trained_checkpoint, tmp_path):
+def test_nncf_quantiser_writes_a_verified_qdq_model_held_to_the_agreement_asked(trained_checkpoint, tmp_path, capfd):
     nncf = pytest.importorskip("nncf", reason="NNCF (the [dev] extra) is not installed")
     options = ExportOptions(
         int8=True, batch_profile=(1, 2, 8), quantizer="nncf", int8_min_agreement=NNCF_TEST_MIN_AGREEMENT
     )
     fp32, int8 = export_onnx(trained_checkpoint, tmp_path, options)
+    # NNCF's log lines and progress bars went to stdout, among the command's result lines that scripts read.
+    assert capfd.readouterr().out == ""
     assert (fp32.path.name, int8.path.name) == ("flareseg_fp32.onnx", "flareseg_int8.onnx")
     quant = int8.metadata.quantization
     assert quant["quantizer"] == f"nncf {nncf.__version__}" and quant["min_agreement"] == NNCF_TEST_MIN_AGREEMENT
@@ -324,7 +326,8 @@ def _ladder_run(monkeypatch, agreements: list[float], min_agreement: float):
     options = ExportOptions(int8=True, int8_min_agreement=min_agreement, int8_float_ladder=ladder)
     info = ModelInfo(NetworkConfig(base_width=8), NormalizationStats(0.0, 100.0), (32, 32))
     calib = int8_module.CalibrationSlices(np.zeros((2, 32, 32), np.float32), np.zeros((1, 32, 32), np.float32), "x")
-    return tried, lambda: onnx_export._quantize_verified(object(), None, info, 1, options, calib, 1)
+    reference = onnx_export._Reference(None, info, 1)  # the verification double never asks it for logits
+    return tried, lambda: onnx_export._quantize_verified(object(), reference, 1, options, calib)
 
 
 def test_the_float_layer_ladder_goes_on_until_an_attempt_agrees_enough_and_records_each(monkeypatch):
@@ -366,7 +369,9 @@ def test_int8_min_agreement_zero_is_taken_not_replaced_by_the_default(tmp_path, 
 
 
 @pytest.mark.parametrize(("slices", "calibrated", "held"), [(1, None, None), (2, 1, 1), (3, 2, 1)])
-def test_a_calibration_folder_with_few_usable_slices_keeps_some_to_calibrate(tmp_path, slices, calibrated, held):
+def test_a_calibration_folder_with_few_usable_slices_keeps_some_to_calibrate(
+    tmp_path, caplog, slices, calibrated, held
+):
     """At least one slice calibrates and one is held out; one usable slice cannot give both, and is refused."""
     info = ModelInfo(NetworkConfig(base_width=8), NormalizationStats(0.0, 100.0), (32, 32))
     folder = tmp_path / "cases"
@@ -377,8 +382,34 @@ def test_a_calibration_folder_with_few_usable_slices_keeps_some_to_calibrate(tmp
         with pytest.raises(FlareSegError, match=r"1 usable slice\(s\) to calibrate on .* INT8 needs at least 2"):
             int8_module.calibration_slices(info, folder, count=16, held_out=8)
         return
-    sets = int8_module.calibration_slices(info, folder, count=16, held_out=8)
+    with caplog.at_level(logging.WARNING, logger="flareseg.export.int8"):
+        sets = int8_module.calibration_slices(info, folder, count=16, held_out=8)
     assert (len(sets.calibration), len(sets.held_out)) == (calibrated, held)
+    # Said, not only recorded in the metadata: the agreement printed rests on these few slices.
+    [record] = [r for r in caplog.records if r.name == "flareseg.export.int8"]
+    assert record.getMessage() == (
+        f"INT8: {calibrated} calibration and {held} held-out slice(s) from 1 case(s) of {folder}, fewer than the 16 "
+        f"and 8 asked (constant slices are skipped): the agreement is measured on those {held}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("count", "held_out", "calibrated", "held"), [(3, 8, 3, 8), (16, 8, 12, 8), (2, 20, 2, 18), (16, 20, 10, 10)]
+)
+def test_the_held_out_set_gets_the_slices_calibration_leaves(tmp_path, caplog, count, held_out, calibrated, held):
+    """Fewer calibration slices than held-out ones halved the held-out set (5 of 8 on a 112-slice case). A case of
+    20 usable slices: what calibration leaves is held out, and at least half of them where both sets fall short."""
+    info = ModelInfo(NetworkConfig(base_width=8), NormalizationStats(0.0, 100.0), (32, 32))
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    noise = np.random.default_rng(0).integers(-1000, 1000, (32, 32, 20)).astype(np.int16)
+    nib.save(nib.Nifti1Image(noise, np.eye(4)), folder / "case_0000.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="flareseg.export.int8"):
+        sets = int8_module.calibration_slices(info, folder, count=count, held_out=held_out)
+    assert (len(sets.calibration), len(sets.held_out)) == (calibrated, held)
+    assert not {s.tobytes() for s in sets.calibration} & {s.tobytes() for s in sets.held_out}
+    warned = [r for r in caplog.records if r.name == "flareseg.export.int8"]
+    assert len(warned) == (calibrated < count or held < held_out)
 
 
 def test_calibration_cases_are_spread_over_a_large_folder_not_its_first_ones(tmp_path, monkeypatch):

@@ -42,7 +42,7 @@ def _log(run: Path) -> list[dict]:
 def test_short_training_on_the_real_sample_learns(sample_dir, tmp_path):
     """Data, augmentation, loss and optimiser together: the training case is learnt."""
     run = tmp_path / "run"
-    argv = ["--data", str(sample_dir), "--out", str(run), "--width", "8", "--size", "96", "--epochs", "6"]
+    argv = ["--data", str(sample_dir), "--out", str(run), "--width", "8", "--size", "64", "--epochs", "6"]
     argv += ["--steps-per-epoch", "50", "--batch-size", "8", "--lr", "3e-3", "--val-cases", "0", "--workers", "0"]
     argv += ["--rotation", "10", "--translation", "0.05", "--scale", "0.9,1.1", "--shear", "5", "-q"]
     assert train_main(argv) == 0

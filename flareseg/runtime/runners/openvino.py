@@ -1,13 +1,15 @@
 """Exported ONNX models (fp32 or INT8) in OpenVINO's CPU runtime, f32 or bf16 inference precision.
 
 OpenVINO is optional (``pip install 'flareseg[openvino]'``) and imported on activation
-only. The model is compiled once per batch size it is given, with a static shape, at
+only. The model is compiled for each batch size it is given, with a static shape, at
 that size's first batch (the pipeline's warm-up): on the CPU plugin a static shape lets
 it pick its kernels and memory layout ahead of time, which is faster than a dynamic batch
 axis (measured in benchmarks/cpu_paths.md). A run at batch B compiles B and, where a
-volume's slice count leaves a shorter last batch, that size too; nothing else. Settings are the
-compiled model's own (threads, performance hint, inference precision); nothing global
-is changed.
+volume's slice count leaves a shorter last batch, that size too. Two compiled models are
+kept at most, the largest batch's and the latest other's: each holds its own buffers, and
+a folder's cases leave up to B - 1 different last batches (kept all, a full-width network
+at 256 x 256 grew from 1.1 to 3.9 GB over them). Settings are the compiled model's own
+(threads, performance hint, inference precision); nothing global is changed.
 """
 
 from __future__ import annotations
@@ -82,12 +84,17 @@ class OpenVINORunner(Runner):
         self._requests: dict[int, Any] = {}
         #: The inference precision the compiled model reports (not only what was asked).
         self.inference_precision = _OV_PRECISION[precision]
+        #: The threads the compiled model reports (OpenVINO caps a count beyond the cores); None before compiling.
+        self.threads_used: int | None = None
 
     def _describe(self) -> str:
-        threads = self.threads or "auto"
+        used = self.threads_used or self.threads
+        threads = f"{used} threads" if used else "auto threads"
+        if self.threads and used != self.threads:
+            threads += f" ({self.threads} asked)"
         return (
             f"OpenVINO {self._version} (CPU, {self.meta.precision} model, {self.inference_precision} inference "
-            f"precision, {threads} threads, {self.hint.upper()} hint)"
+            f"precision, {threads}, {self.hint.upper()} hint)"
         )
 
     def _activate(self) -> None:
@@ -121,6 +128,9 @@ class OpenVINORunner(Runner):
     def _compile(self, batch: int) -> Any:
         compiled = self._compiled.get(batch)
         if compiled is None:
+            largest = max([batch, *self._compiled])
+            for size in [size for size in self._compiled if size != largest]:  # see the module's docstring
+                del self._requests[size], self._compiled[size]
             model = self._model.clone()
             model.reshape({model.input(0).get_any_name(): [batch, self.input_channels, *self.info.slice_size]})
             try:
@@ -129,6 +139,8 @@ class OpenVINORunner(Runner):
                 raise FlareSegError(f"{self.path}: OpenVINO could not compile the model ({_first_line(exc)})") from None
             used = compiled.get_property("INFERENCE_PRECISION_HINT")  # an openvino.Type: "f32", "bf16"
             self.inference_precision = used.to_string() if hasattr(used, "to_string") else str(used)
+            # The plugin caps a thread count beyond the cores it may use: say what it runs with.
+            self.threads_used = int(compiled.get_property("INFERENCE_NUM_THREADS"))
             log.debug("compiled %s for batch %d (%s)", self.path, batch, self.inference_precision)
             self._compiled[batch] = compiled
             self._requests[batch] = compiled.create_infer_request()

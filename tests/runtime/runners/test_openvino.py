@@ -13,7 +13,6 @@ from conftest import TRAINED_SIZE
 from flareseg.bench import backends as bench_backends
 from flareseg.checkpoint import load_model
 from flareseg.errors import FlareSegError
-from flareseg.export import ExportOptions, export_onnx
 from flareseg.phantom import make_phantom
 from flareseg.preprocess import network_batch, normalize_volume
 from flareseg.runtime.runners import OnnxRuntimeRunner, OpenVINORunner, open_runner
@@ -47,10 +46,8 @@ def _bf16_supported() -> bool:
 
 
 @pytest.fixture(scope="module")
-def models(trained_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ov")
-    exported = export_onnx(trained_checkpoint, out, ExportOptions(int8=True, batch_profile=(1, 2, 8)))
-    return {e.metadata.precision: e.path for e in exported}
+def models(int8_export):
+    return {e.metadata.precision: e.path for e in int8_export}
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +119,42 @@ def test_fp32_is_stated_as_f32_and_batches_of_any_size_run(models, slices):
         assert runner.infer(slices[:5]).shape == (5, 5, *TRAINED_SIZE)
         text = runner.describe()
     assert "int8 model, f32 inference precision" in text and "THROUGHPUT" in text
+
+
+@needs_openvino
+def test_a_folder_s_last_batches_keep_two_compiled_models_at_most(models, slices):
+    """Each case of a folder may end in another short batch: kept all, the compiled models (each with its own
+    buffers) grew 3.5x over a run. The full batch's stays compiled; a short size compiled again runs the same."""
+    runner = OpenVINORunner(models["fp32"])
+    with runner:
+        first = runner.infer(slices[:3])
+        full = runner._compile(4)
+        outputs = {}
+        for size in (4, 3, 4, 1, 2, 4, 3, 1):  # a full batch, then one case's short last batch, in turn
+            out = runner.infer(slices[:size])
+            assert len(runner._compiled) <= 2 and runner._compiled[4] is full
+            assert sorted(runner._requests) == sorted(runner._compiled)
+            outputs.setdefault(size, out)
+            torch.testing.assert_close(out, outputs[size], rtol=0, atol=0)
+        torch.testing.assert_close(first, outputs[3], rtol=0, atol=0)
+
+
+@needs_openvino
+def test_the_threads_described_are_those_the_compiled_model_runs_with(models, slices):
+    """OpenVINO caps a thread count beyond the cores it may use: the description says so, not only what was asked."""
+    import os
+
+    asked = 4 * (os.cpu_count() or 1)
+    runner = OpenVINORunner(models["fp32"], threads=asked)
+    with runner:
+        runner.infer(slices[:1])
+        used = runner.threads_used
+        text = runner.describe()
+    assert used is not None and 1 <= used < asked
+    assert f", {used} threads ({asked} asked), LATENCY hint" in text
+    with OpenVINORunner(models["fp32"], threads=1) as runner:
+        runner.infer(slices[:1])
+        assert ", 1 threads, LATENCY hint" in runner.describe()
 
 
 @needs_openvino
