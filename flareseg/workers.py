@@ -18,7 +18,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 # SIGHUP (a closed terminal) where the platform has it: the commands unwind on it as on SIGTERM.
 _STOP = {signal.SIGINT, signal.SIGTERM} | ({signal.SIGHUP} if hasattr(signal, "SIGHUP") else set())
@@ -61,20 +60,20 @@ def stop_signals_blocked() -> Iterator[None]:
         yield
         return
     noted: list[int] = []
-    handlers: dict[signal.Signals, Any] = {}
-    blocked = False
+    # What is changed is read first, and put back whatever happens: an exception raised between a change and its
+    # bookkeeping (another signal's Python handler runs right after a call returns) left the stops blocked, or a
+    # noting handler in place, for the rest of the process. A handler set outside Python (a program embedding it)
+    # reads as None and could not be put back: that signal is only held back in the kernel, and its own handler
+    # takes it after the window.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    handlers = {stop: handler for stop in _STOP if (handler := signal.getsignal(stop)) is not None}
     try:
-        for stop in _STOP:  # one at a time, inside the try: a stop arriving meanwhile leaves nothing half done
-            # A handler set outside Python (a program embedding it) reads as None and could not be put back: that
-            # signal is only held back in the kernel, and its own handler takes it after the window.
-            if signal.getsignal(stop) is not None:
-                handlers[stop] = signal.signal(stop, lambda number, _frame: noted.append(number))
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP)
-        blocked = True
+        for stop in handlers:
+            signal.signal(stop, lambda number, _frame: noted.append(number))
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP)
         yield
     finally:
-        if blocked:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # one held back in the kernel is noted now
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one held back in the kernel is noted now
         first: BaseException | None = None
         for stop, handler in handlers.items():
             # signal.signal runs pending handlers before it sets one: a handler restored already may raise there,

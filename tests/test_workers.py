@@ -35,6 +35,37 @@ def test_a_stop_during_the_window_is_handled_once_it_is_over(other_thread):
     assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # and the mask as it was
 
 
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
+@pytest.mark.parametrize("where", ["after the block", "after a handler"])
+def test_an_exception_as_the_window_opens_leaves_the_signals_as_they_were(monkeypatch, where):
+    """A double of the two calls that open the window: each makes the real change, then raises as another signal's
+    Python handler would right after the call returned (a timer's, say). The stops stayed blocked for the rest of the
+    process, or a handler that only notes them stayed in place: every later Ctrl-C was lost."""
+    real_sigmask, real_signal = signal.pthread_sigmask, signal.signal
+
+    def sigmask(how, mask):
+        previous = real_sigmask(how, mask)
+        if where == "after the block" and how == signal.SIG_BLOCK and signal.SIGINT in set(mask):
+            raise KeyboardInterrupt
+        return previous
+
+    def set_handler(number, handler):
+        previous = real_signal(number, handler)
+        if where == "after a handler" and handler is not signal.default_int_handler and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        return previous
+
+    monkeypatch.setattr(signal, "pthread_sigmask", sigmask)
+    monkeypatch.setattr(signal, "signal", set_handler)
+    with pytest.raises(KeyboardInterrupt), stop_signals_blocked():
+        pytest.fail("the window opened")  # the exception came first
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with pytest.raises(KeyboardInterrupt):  # and a Ctrl-C is one again
+        signal.raise_signal(signal.SIGINT)
+
+
 def test_outside_the_main_thread_it_changes_nothing():
     seen: list[object] = []
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, redirect_stdout
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ QUANTIZABLE_GRAPH_OPS = frozenset(
     }
 )
 _MAX_CALIBRATION_CASES = 8
+_NNCF_CALL = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -249,6 +251,25 @@ def quiet_logger(name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
+@contextmanager
+def _nncf_quiet() -> Iterator[None]:
+    """NNCF logs on stdout and draws progress bars on rich's shared console (stdout too), among the command's
+    result lines that scripts read; the export's own bar shows this step. Both are quiet for the call only, and
+    nothing else's stdout is touched (a service may export from one thread while others write). One NNCF call at a
+    time in a process: two that overlapped would each restore what the other set."""
+    import rich
+
+    with _NNCF_CALL:
+        console = rich.get_console()
+        quiet = console.quiet
+        console.quiet = True
+        try:
+            with quiet_logger("nncf"):
+                yield
+        finally:
+            console.quiet = quiet
+
+
 def quantizer_version(quantizer: Quantizer) -> str:
     if quantizer == "nncf":
         return f"nncf {import_nncf().__version__}"
@@ -285,9 +306,7 @@ def quantize(
             }
             scope = nncf.IgnoredScope(names=list(exclude)) if exclude else None
             kwargs: dict[str, Any] = {"ignored_scope": scope} if scope else {}
-            # NNCF logs on stdout and draws its own progress bars there, where scripts read the command's result
-            # lines; the export's bar already shows this step.
-            with quiet_logger("nncf"), open(os.devnull, "w") as devnull, redirect_stdout(devnull):
+            with _nncf_quiet():
                 quantized = nncf.quantize(
                     model,
                     nncf.Dataset(feeds),

@@ -296,6 +296,43 @@ def test_nncf_quantiser_writes_a_verified_qdq_model_held_to_the_agreement_asked(
     assert np.mean(_ort_labels(int8.path, slices) == ref) >= NNCF_TEST_MIN_AGREEMENT - 0.02  # slices it never saw
 
 
+def test_nncf_calls_in_threads_leave_the_process_s_stdout_and_settings_as_they_were(exported, capfd):
+    """A service may quantise in threads while others write: NNCF is quieted without touching sys.stdout (swapped
+    for /dev/null, it swallowed every thread's lines, and two overlapping calls left it a closed file)."""
+    pytest.importorskip("nncf", reason="NNCF (the [dev] extra) is not installed")
+    import threading
+
+    import rich
+
+    fp32 = exported[0]
+    model = onnx.load(str(fp32.path))
+    info = fp32.metadata.model
+    inputs = int8_module.network_inputs(_phantom_slices(3, info.normalization)[:3], info, fp32.metadata.input_channels)
+    level, errors = logging.getLogger("nncf").level, []
+
+    def quantise() -> None:
+        try:
+            int8_module.quantize(model, inputs, [], "nncf")
+        except BaseException as exc:  # reported below: a thread's exception would otherwise be lost
+            errors.append(exc)
+
+    threads = [threading.Thread(target=quantise) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    lines = 0
+    while any(thread.is_alive() for thread in threads):
+        print(f"service line {lines}", flush=True)
+        lines += 1
+        threads[0].join(0.02)
+    for thread in threads:
+        thread.join()
+    print("after", flush=True)
+    assert errors == []
+    out = capfd.readouterr().out
+    assert out == "".join(f"service line {i}\n" for i in range(lines)) + "after\n"
+    assert rich.get_console().quiet is False and logging.getLogger("nncf").level == level
+
+
 def test_the_defaults_stay_importable_where_they_were_before_they_moved_to_options():
     from flareseg.export import onnx_export
 

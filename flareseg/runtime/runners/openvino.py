@@ -8,7 +8,7 @@ axis (measured in benchmarks/cpu_paths.md). A run at batch B compiles B and, whe
 volume's slice count leaves a shorter last batch, that size too. Two compiled models are
 kept at most, the largest batch's and the latest other's: each holds its own buffers, and
 a folder's cases leave up to B - 1 different last batches (kept all, a full-width network
-at 256 x 256 grew from 1.1 to 3.9 GB over them). Settings are the compiled model's own
+at 256 x 256 grew from 1.9 to 4.6 GB over them). Settings are the compiled model's own
 (threads, performance hint, inference precision); nothing global is changed.
 """
 

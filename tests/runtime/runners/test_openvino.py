@@ -124,7 +124,7 @@ def test_fp32_is_stated_as_f32_and_batches_of_any_size_run(models, slices):
 @needs_openvino
 def test_a_folder_s_last_batches_keep_two_compiled_models_at_most(models, slices):
     """Each case of a folder may end in another short batch: kept all, the compiled models (each with its own
-    buffers) grew 3.5x over a run. The full batch's stays compiled; a short size compiled again runs the same."""
+    buffers) grew 2.5x over a run. The full batch's stays compiled; a short size compiled again runs the same."""
     runner = OpenVINORunner(models["fp32"])
     with runner:
         first = runner.infer(slices[:3])
