@@ -176,6 +176,23 @@ def _export_key(args: tuple[Any, ...], kwargs: dict[str, Any], keep: list[object
 
 
 @pytest.fixture(scope="session", autouse=True)
+def ctrl_c_raises() -> Iterator[None]:
+    """The Ctrl-C tests need Python's own SIGINT handler. A suite started with ``&`` from a script (a non-interactive
+    shell) inherits SIGINT ignored, and Python then leaves it ignored: each of those tests failed there, their
+    Ctrl-C never arriving. The commands themselves rightly leave an ignored SIGINT ignored."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def reuse_identical_exports() -> Iterator[None]:
     """torch's ONNX exporter takes 4 to 6 s a call whatever the network's size, and the suite exports the same
     small networks with the same arguments again and again (about 40 exports, a quarter of its time). A call
