@@ -21,7 +21,7 @@ from flareseg.preprocess import NormalizationStats
 
 #: The stand-in CT that exports verify and calibrate on where the user names none.
 PHANTOM_SHAPE, PHANTOM_SPACING = (192, 192, 48), (2.0, 2.0, 5.0)
-PHANTOM_DESCRIPTION = "192x192x48 at 2x2x5 mm"
+PHANTOM_DESCRIPTION = f"{'x'.join(map(str, PHANTOM_SHAPE))} at {'x'.join(f'{s:g}' for s in PHANTOM_SPACING)} mm"
 
 
 @functools.lru_cache(maxsize=4)

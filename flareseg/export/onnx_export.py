@@ -202,10 +202,10 @@ def _verify(
 ) -> dict[str, dict[str, float]]:
     """Run the ONNX model on the slices the PyTorch reference ran on; figures per slice set."""
     session = _ort_session(model)
+    batch, size = reference.batch, reference.info.slice_size
     figures: dict[str, dict[str, float]] = {}
     for name, data in slices.items():
         ref = reference.logits(name, data)
-        batch, size = reference.batch, reference.info.slice_size
         gots = [
             session.run(None, {"image": network_batch(data[start : start + batch], size, channels).numpy()})[0]
             for start in range(0, len(data), batch)
