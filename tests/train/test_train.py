@@ -391,10 +391,18 @@ def test_each_slice_of_a_step_gets_its_own_augmentation_across_micro_batches(pha
     assert len(torch.unique(rows, dim=0)) == rows.shape[0]  # each slice of the epoch its own transform
 
 
+def _torchrun(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+    """A two-process torchrun command and its environment: one thread per process, a free port (--standalone: a
+    fixed one failed when another run of the suite held it), and torchelastic's folders in the test's own."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(temp)}
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], env
+
+
 def test_two_process_torchrun_keeps_replicas_identical_and_equals_accumulation(phantom_data, tmp_path):
     common = ["--data", str(phantom_data), "--epochs", "1", "--steps-per-epoch", "3", "--val-cases", "1", *TINY]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517"]
+    cmd, env = _torchrun(tmp_path)
     cmd += ["-m", "flareseg.train.cli", *common, "--out", str(tmp_path / "ddp")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -460,10 +468,9 @@ def test_a_bad_case_the_main_process_of_a_torchrun_job_finds_is_each_process_s_o
     labels = np.asarray(image.dataobj).copy()
     labels[0, 0, 0] = 7
     nib.save(nib.Nifti1Image(labels, image.affine, image.header), mask)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518"]
+    cmd, env = _torchrun(tmp_path)
     cmd += ["-m", "flareseg.train.cli", "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1"]
     cmd += ["--steps-per-epoch", "2", "--val-list", "train_000", *TINY]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     said = f"{mask}: labels [7] outside 0..4"
     # Each rank's line is one write (print wrote the text and its newline apart, and the ranks' lines interleaved
