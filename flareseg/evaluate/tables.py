@@ -44,7 +44,8 @@ def summary_table(ev: Evaluation) -> str:
         dsc, nsd = cell(ev.organ_values(organ, 0)), cell(ev.organ_values(organ, 1))
         lines.append(f"| {LABELS[organ]:8s} | {dsc:15s} | {nsd:{w}s} |")
     n_ok = sum(r.status == "ok" for r in ev.results)
-    lines.append(f"\n{n_ok} cases scored, {len(ev.missing)} missing (scored 0), {len(ev.extra)} extra (not scored)")
+    scored = f"{n_ok} case{'' if n_ok == 1 else 's'} scored"
+    lines.append(f"\n{scored}, {len(ev.missing)} missing (scored 0), {len(ev.extra)} extra (not scored)")
     if ev.missing:
         lines.append("missing predictions: " + ", ".join(ev.missing))
     if ev.extra:

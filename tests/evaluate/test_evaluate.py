@@ -142,6 +142,18 @@ def test_ground_truth_labels_outside_range_name_the_file(phantom_dirs, capsys):
     )
 
 
+def test_prediction_labels_outside_range_name_the_file(phantom_dirs, capsys):
+    # A FLARE22 13-organ map is refused, not scored on its first four labels (the challenge's script ignored the rest).
+    gt_dir, pred_dir = phantom_dirs
+    pred = nib.load(gt_dir / "case_001.nii.gz")
+    lab = np.asarray(pred.dataobj).copy()
+    lab[lab == 2] = 13
+    save(nib.Nifti1Image(lab, pred.affine), pred_dir / "case_001.nii.gz")
+    _expect_cli_error(
+        ["--pred", str(pred_dir), "--gt", str(gt_dir), "-q"], capsys, "case_001.nii.gz", "labels [13] outside 0..4"
+    )
+
+
 def test_missing_folder_is_an_error(tmp_path, capsys):
     _expect_cli_error(["--pred", str(tmp_path / "nope"), "--gt", str(tmp_path)], capsys, "nope: folder not found")
     (tmp_path / "a-file").write_text("x")
@@ -444,6 +456,8 @@ def test_the_summary_shows_each_metric_in_its_own_column_with_the_population_std
     ev = Evaluation(results=[CaseResult(f"c{i}", s) for i, s in enumerate(scores)], tolerance_mm=1.0)
     liver = next(line for line in summary_table(ev).splitlines() if line.startswith("| liver"))
     assert [c.strip() for c in liver.strip("|").split("|")] == ["liver", "66.67 ± 47.14", "66.67 ± 47.14"]
+    assert "\n3 cases scored, 0 missing" in summary_table(ev)
+    assert "\n1 case scored, 0 missing" in summary_table(Evaluation(results=ev.results[:1], tolerance_mm=1.0))
 
 
 def test_the_default_nsd_tolerance_is_flare21_s_one_millimetre(phantom_dirs, tmp_path, capsys):
