@@ -1054,7 +1054,8 @@ def read_labels(path: str | os.PathLike[str], *, num_classes: int = NUM_CLASSES)
     if np.issubdtype(data.dtype, np.floating):
         whole = np.round(data)
         if data.size:
-            np.subtract(data, whole, out=data)  # the scaled copy is not needed past this: no third array
+            with np.errstate(invalid="ignore"):  # inf - inf: the NaN is refused below, in our words, not numpy's
+                np.subtract(data, whole, out=data)  # the scaled copy is not needed past this: no third array
             off = float(np.max(np.abs(data, out=data)))
         else:
             off = 0.0
