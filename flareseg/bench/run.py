@@ -269,6 +269,7 @@ def matmul_peaks(cfg: BenchPlan) -> dict[str, float]:
         if key in peaks or math not in dtypes or (b.device == "cpu" and math != "fp32"):
             continue
         peaks[key] = matmul_peak_flops(torch.device(b.device), dtypes[math], tf32=math == "tf32")
+        log.info("matrix-product peak %s: %.1f GFLOP/s", key, peaks[key] / 1e9)
     return peaks
 
 
@@ -515,6 +516,13 @@ def volume_section(cfg: BenchPlan, models: dict[str, Path], latency: dict[str, A
         row["slices_times_per_slice_s"] = row["slices"] * per_slice
         row["volume_overhead"] = row["total_s"] / row["slices_times_per_slice_s"] - 1.0
         results[name] = row
+        # Each figure as it is measured: a run cut short (a timeout) keeps them in its log, not only in the report.
+        gpu = row.get("nvml_flare21_max_mb")
+        log.info(
+            "%s whole volume, %d slices at batch %d: %.2f s (%s)%s", name, row["slices"], batch, row["total_s"],
+            ", ".join(f"{stage} {row[f'{stage}_s']:.2f}" for stage in STAGES),
+            "" if gpu is None else f"; GPU {gpu:,.0f} MB above idle (NVML)",
+        )  # fmt: skip
     section: dict[str, Any] = {
         "input": str(volume),
         "stages": list(STAGES),
@@ -659,6 +667,8 @@ def fresh_process_section(
     bare["peak_rss_mb"] = before["peak_rss_mb"]
     if cuda:  # what a CUDA context (and torch's smallest block) costs on this GPU, above idle
         bare["nvml_flare21_max_mb"] = before.get("nvml_flare21_max_mb")  # None where NVML cannot be read
+    log.info("fresh process, %s: %.2f s; bare start-up %.2f s (%+.2f s)", name, case["wall_s"], bare_s,
+             case["wall_s"] - bare_s)  # fmt: skip
     return {
         "backend": name,
         **case,

@@ -97,6 +97,11 @@ class CaseTiming:
     wall_s: float = 0.0
     #: From the start of inference to the first labels back on the host (first-batch set-up shows here).
     first_labels_s: float | None = None
+    #: The slice loop, from its first normalisation to its last labels on the host: ``slices / slice_loop_s`` is the
+    #: rate inference delivers. On CUDA the host normalises batch i+1 while the device runs batch i; the stages split
+    #: this time (the normalisation under ``preprocess_s``, the rest under ``infer_s``), so ``infer_s`` leaves out
+    #: device time the normalisation overlapped and is no measure of the network's speed.
+    slice_loop_s: float = 0.0
     #: The process's peak host RSS when the case was written: in a folder, its peak so far
     #: (cases overlap: one read, one on the device, one written), not the case's alone.
     peak_rss_mb: float | None = None
@@ -263,6 +268,7 @@ def _infer_stage(
     timing.preprocess_s = read.histogram_s + (t1 - t0) + times.normalize_s
     # Components labelled during inference (on_labels) count as post-processing, not inference.
     timing.infer_s = (t2 - t1) - times.normalize_s - times.on_labels_s
+    timing.slice_loop_s = (t2 - t1) - times.on_labels_s
     timing.first_labels_s = times.first_labels_s
     return labels
 
