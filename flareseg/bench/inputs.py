@@ -24,20 +24,81 @@ log = logging.getLogger(__name__)
 RUN_FOLDERS = ("models", "pred")
 #: The name of a phantom volume it writes (:func:`phantom_volume`).
 _PHANTOM = re.compile(r"phantom_[0-9]+_0000\.nii\.gz")
+#: The files a run writes at the top of its report folder: names anyone may use, so an earlier one is removed
+#: only when it is recognisably flare-bench's (:func:`written_by_flare_bench`).
+REPORT_FILES = ("report.json", "report.md", "latency.png", "stages.png", "check.json", "check.md")
+#: The PNG text chunk's value that marks flare-bench's figures (keyword ``Software``).
+FIGURE_SOFTWARE = "flare-bench"
+
+
+def _png_software(path: Path) -> str | None:
+    """The value of a PNG's ``Software`` text chunk (matplotlib writes it), or None. Reads chunk headers only."""
+    with open(path, "rb") as f:
+        if f.read(8) != b"\x89PNG\r\n\x1a\n":
+            return None
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            size, kind = int.from_bytes(head[:4], "big"), head[4:]
+            if kind == b"IDAT":  # matplotlib writes its text chunks before the image data
+                return None
+            if kind == b"tEXt" and size < 65536:
+                keyword, _, value = f.read(size).partition(b"\0")
+                if keyword == b"Software":
+                    return value.decode("latin-1")
+                f.seek(4, 1)
+            else:
+                f.seek(size + 4, 1)
+
+
+def written_by_flare_bench(path: Path) -> bool:
+    """Whether ``path``, one of :data:`REPORT_FILES`, is recognisably an earlier flare-bench run's: a report whose
+    heading or keys are flare-bench's, or a figure marked as its own or linked from such a report beside it."""
+    import json
+
+    try:
+        if path.suffix == ".md":
+            with open(path, encoding="utf-8", errors="replace") as f:
+                return f.readline().startswith("# flare-bench")
+        if path.suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            timed, checked = {"machine", "settings", "backends"}, {"machine", "tolerances", "rows"}
+            return isinstance(data, dict) and (timed <= data.keys() or checked <= data.keys())
+        if (_png_software(path) or "").startswith(FIGURE_SOFTWARE):
+            return True
+        # A figure of a run from before the mark: its report beside it links it.
+        report = path.with_name("report.md")
+        return (
+            report.is_file()
+            and written_by_flare_bench(report)
+            and f"]({path.name})" in report.read_text(encoding="utf-8", errors="replace")
+        )
+    except (OSError, ValueError):
+        return False
 
 
 def clear_earlier_run(out: Path, *, model: Path | None, input: Path | None) -> None:
     """Remove what an earlier flare-bench run left in the report folder that this run may not write again: its
     label maps and timings in ``pred/`` (other backends), and its random-weight checkpoint when this run has a
     ``model``. Only names flare-bench itself writes; anything else there stays, and so do this run's own
-    ``model`` and ``input`` (an earlier run's random-weight checkpoint benchmarked again, say)."""
+    ``model`` and ``input`` (an earlier run's random-weight checkpoint benchmarked again, say). A report or
+    figure under one of :data:`REPORT_FILES` that flare-bench did not write is refused (FlareSegError)."""
     from flareseg.bench.backends import ALL_BACKENDS, MODELS_NAME
 
     stems = {*ALL_BACKENDS, *(f"reference-{name}" for name in ALL_BACKENDS), "fresh-process"}
     earlier = [out / "pred" / f"{stem}{suffix}" for stem in stems for suffix in (".nii.gz", ".timings.json")]
     # Its reports first go: they describe the files removed here, also if this run is stopped before it writes.
-    earlier += [out / name for name in ("report.json", "report.md", "latency.png", "stages.png")]
-    earlier += [out / name for name in ("check.json", "check.md")]
+    # Under these common names a file flare-bench did not write is refused, before anything is removed.
+    reports = [out / name for name in REPORT_FILES if (out / name).is_file()]
+    foreign = [p for p in reports if not written_by_flare_bench(p)]
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise FlareSegError(
+            f"{foreign[0]}{more}: not an earlier flare-bench report, and this run would replace it; move it or "
+            "choose another -o"
+        )
+    earlier += reports
     # Its exported set (this run exports its own again, or has none to keep), and its phantom volumes (one per
     # --slices: a rerun with another count would leave the old one beside the new).
     if (out / "models").is_dir():

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from flareseg.atomic import atomic_outputs
+from flareseg.bench.inputs import FIGURE_SOFTWARE
 
 
 def _mb(x: float | None) -> str:
@@ -391,7 +392,8 @@ def write_report(report: dict[str, Any], out: Path, command: str) -> dict[str, P
         for key, (path, fig) in figures.items():
             if fig is not None:
                 with outputs.writing(path, keep_suffix=".png") as tmp:
-                    fig.savefig(tmp, dpi=90, format="png")
+                    # Marked, so that a rerun into the folder can tell it from a figure of the user's.
+                    fig.savefig(tmp, dpi=90, format="png", metadata={"Software": FIGURE_SOFTWARE})
                 paths[key] = path
     for path, fig in figures.values():
         if fig is None:

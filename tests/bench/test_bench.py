@@ -79,16 +79,15 @@ def test_a_rerun_into_the_folder_leaves_nothing_of_the_earlier_run_the_new_repor
     (out / "pred").mkdir(parents=True)
     (out / "models").mkdir()
     earlier = ["pred/openvino-cpu-int8.nii.gz", "pred/fresh-process.timings.json", "models/random-weights.pt"]
-    earlier += ["models/bench_fp32.onnx", "models/bench_fp32.onnx.json", "report.json", "check.md"]
+    earlier += ["models/bench_fp32.onnx", "models/bench_fp32.onnx.json"]
     earlier += ["models/phantom_8_0000.nii.gz"]  # a run with another --slices
-    for name in [
-        *earlier,
-        "stages.png",
-        "pred/mine.nii.gz",
-        "models/flareseg_fp32.onnx",
-        "models/phantom_x_0000.nii.gz",
-    ]:
+    for name in [*earlier, "pred/mine.nii.gz", "models/flareseg_fp32.onnx", "models/phantom_x_0000.nii.gz"]:
         (out / name).write_bytes(b"from before")
+    # The earlier reports, as flare-bench wrote them: a figure from before the mark is known by its report's link.
+    (out / "report.json").write_text(json.dumps({"machine": {}, "settings": {}, "backends": {}}))
+    (out / "report.md").write_text("# flare-bench report\n\n![time per stage](stages.png)\n")
+    (out / "check.md").write_text("# flare-bench --check\n")
+    (out / "stages.png").write_bytes(b"from before")
     clear_earlier_run(out, model=tmp_path / "given.pt", input=None)
     no_volumes = {**data, "volumes": {**data["volumes"], "results": {}}}
     paths = write_report(no_volumes, out, "flare-bench ...")
@@ -297,6 +296,44 @@ def test_threads_reach_every_cpu_backend_and_the_fresh_process_and_are_restored(
     assert report["settings"]["threads"] == 1
     assert "--threads 1" in report["fresh_process"]["command"]
     assert "CPU threads: 1 (--threads)" in (tmp_path / "report.md").read_text()
+
+
+def test_a_users_file_under_a_report_s_name_is_refused_not_replaced(report, tmp_path, capsys):
+    # A report folder named -o . or a notes folder held the user's report.md: a run deleted or overwrote it.
+    from flareseg.bench.inputs import written_by_flare_bench
+
+    out, _ = report
+    assert all(written_by_flare_bench(out / name) for name in ("report.json", "report.md", "latency.png"))
+    argv = ["--width", "4", "--size", "32", "--backends", "torch-cpu-fp32", "--no-fresh-process", "-q"]
+    png = tmp_path / "png"
+    png.mkdir()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    Figure().savefig(png / "stages.png")  # matplotlib's own mark, no report linking it
+    users = {
+        tmp_path / "md" / "report.md": b"ward notes\n",
+        tmp_path / "json" / "check.json": b'{"machine": "mine"}',
+        png / "stages.png": (png / "stages.png").read_bytes(),
+    }
+    for path, data in users.items():
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(data)
+        assert bench_main([*argv, "-o", str(path.parent)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (
+            f"flare-bench: error: {path}: not an earlier flare-bench report, and this run would replace it; move it "
+            "or choose another -o"
+        )
+        assert [p.name for p in path.parent.iterdir()] == [path.name] and path.read_bytes() == data
+    (png / "report.md").write_text("# flare-bench report\n")  # a report beside it that does not link it
+    (png / "latency.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    check = ["--check", "--width", "4", "--size", "32", "--backends", "torch-cpu-fp32", "-q", "-o", str(png)]
+    assert bench_main(check) == 2
+    assert f"{png / 'latency.png'} (and 1 more): not an earlier flare-bench report" in capsys.readouterr().err
+    assert sorted(p.name for p in png.iterdir()) == ["latency.png", "report.md", "stages.png"]
 
 
 def test_a_rerun_keeps_the_model_and_input_it_is_given_even_under_an_earlier_runs_names(tmp_path):
@@ -626,12 +663,12 @@ def test_a_run_that_fails_removes_the_folders_it_made(tmp_path, monkeypatch, cap
     kept = tmp_path / "kept"
     kept.mkdir()
     (kept / "notes.txt").write_text("the user's")
-    (kept / "report.md").write_text("an earlier report")
+    (kept / "report.md").write_text("# flare-bench report\n")
     assert bench_main([*argv, "-o", str(kept)]) == 2
     # What the run made goes, and so does the earlier report, whose label maps a rerun removes as it starts (a
     # report must not stand beside files it does not describe); what flare-bench never writes stays.
     assert [p.name for p in kept.iterdir()] == ["notes.txt"]
-    (kept / "report.md").write_text("an earlier report")
+    (kept / "report.md").write_text("# flare-bench report\n")
     assert bench_main([*argv, "--input", str(tmp_path / "absent.nii.gz"), "-o", str(kept)]) == 2  # refused first
     assert sorted(p.name for p in kept.iterdir()) == ["notes.txt", "report.md"]  # before any work: nothing removed
     (kept / "report.md").unlink()
