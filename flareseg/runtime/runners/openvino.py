@@ -48,12 +48,16 @@ def cpu_capabilities(core: Any) -> tuple[str, ...]:
     return tuple(str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
-def check_precision_supported(precision: OpenVINOPrecision, capabilities: tuple[str, ...]) -> None:
+def check_precision_supported(
+    precision: OpenVINOPrecision, capabilities: tuple[str, ...], model_precision: str = "fp32"
+) -> None:
     """Refuse a precision the CPU has no instructions for (bf16 needs AVX-512 BF16 or AMX)."""
     if precision == "bf16" and "BF16" not in capabilities:
+        # An INT8 model's float layers were to run in bf16: fp32 is its way here, not "the INT8 model" it is.
+        other = "" if model_precision == "int8" else " or the INT8 model"
         raise FlareSegError(
             "bf16 inference needs a CPU with bf16 instructions (AVX-512 BF16 or AMX); OpenVINO reports this CPU's "
-            f"capabilities as {', '.join(capabilities) or 'none'}; use fp32 or the INT8 model"
+            f"capabilities as {', '.join(capabilities) or 'none'}; use --precision fp32{other}"
         )
 
 
@@ -109,7 +113,7 @@ class OpenVINORunner(Runner):
         )
         self._version = str(ov.get_version()).split("-")[0]
         self.core = ov.Core()
-        check_precision_supported(self.precision, cpu_capabilities(self.core))
+        check_precision_supported(self.precision, cpu_capabilities(self.core), self.meta.precision)
         try:
             self._model = self.core.read_model(str(self.path))
         except RuntimeError as exc:

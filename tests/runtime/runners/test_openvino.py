@@ -167,6 +167,10 @@ def test_bf16_on_a_cpu_without_it_is_one_line_error(models, monkeypatch):
     message = str(info.value)
     assert "\n" not in message and "bf16 inference needs a CPU with bf16 instructions" in message
     assert "FP32, INT8" in message and not runner.is_active
+    assert message.endswith("; use --precision fp32 or the INT8 model")
+    # An INT8 model asked for bf16 float layers: it is the INT8 model already.
+    with pytest.raises(FlareSegError, match=r"; use --precision fp32$"):
+        OpenVINORunner(models["int8"], precision="bf16").activate()
 
 
 def test_missing_openvino_is_one_line_error_naming_the_extra(tmp_path, monkeypatch):
