@@ -430,6 +430,7 @@ def _run(
         segment_file,
         segment_folder,
         summarize,
+        warn_kept_of_other_models,
     )
     from flareseg.runtime.runners import Backend, TorchPrecision, backend_for, open_runner
 
@@ -477,6 +478,7 @@ def _run(
         if damage is not None:  # as in a folder: no result (or another scan's), so not kept as one
             raise FlareSegError(f"{target}: exists but {damage}; remove it to redo the case, or --overwrite")
         # As in a folder: a result already there is kept, never replaced unasked (it may be another file).
+        warn_kept_of_other_models(runner, [(target.name, target, args.output_type)])
         kept = FolderSummary(cases=1, segmented=0, skipped=1, failed=0, wall_s=0.0)
         say(f"{_tally(kept, 1)}; {target} exists, kept (--overwrite to redo it)")
         return 0

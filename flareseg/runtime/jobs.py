@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import zlib
 from collections.abc import Iterator, Sequence
@@ -395,6 +396,32 @@ def result_of_another_scan(output: Path, input_path: Path, output_type: str) -> 
     return None
 
 
+def result_model(output: Path, output_type: str) -> tuple[str, str] | None:
+    """The model a result names as the one that made it: (its SHA-256, or the first 16 hex digits a NIfTI header
+    holds; the model file's name), from the header alone. None where it names none (no flareseg result, or one made
+    by a callable without a model file) or cannot be read."""
+    try:
+        if output_type == "dicom-seg":
+            import pydicom
+
+            seg = pydicom.dcmread(output, stop_before_pixels=True, force=True)
+            algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+            params = dict(p.partition("=")[::2] for p in str(algorithm.get("AlgorithmParameters", "")).split(","))
+            digest = params.get("model_sha256", "")
+            return (digest, params.get("model", "")) if re.fullmatch("[0-9a-f]{64}", digest) else None
+        import nibabel as nib
+
+        img: Any = nib.load(output)
+        text = bytes(img.header["descrip"].item()).decode("ascii", "replace")
+    except Exception:  # a result that reads at all was judged whole already; this is only its label
+        return None
+    # ModelStamp.nifti_description: "flareseg VERSION sha256:DIGEST16 NAME"
+    words = text.split(" ", 3)
+    if len(words) == 4 and words[0] == "flareseg" and re.fullmatch("sha256:[0-9a-f]{16}", words[2]):
+        return words[2].removeprefix("sha256:"), words[3]
+    return None
+
+
 def why_not_kept(output: Path, input_path: Path, output_type: str) -> str | None:
     """Why a file at a case's output cannot be kept as the case's result, else None: no whole result
     (:func:`unfinished_result`), or one of another version of its input (:func:`result_of_another_scan`)."""
@@ -544,6 +571,7 @@ __all__ = [
     "output_suffix",
     "part_of",
     "plan_folder",
+    "result_model",
     "result_of_another_scan",
     "unfinished_result",
     "why_not_kept",

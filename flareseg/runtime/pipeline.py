@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from flareseg.atomic import OutputExistsError, write_text_atomic
-from flareseg.errors import FlareSegError, gpu_memory_errors
+from flareseg.errors import FlareSegError, first_few, gpu_memory_errors
 from flareseg.postprocess import StreamingPostprocessor, keep_largest_components
 from flareseg.preprocess import volume_normalizer
 from flareseg.provenance import PLAIN_DESCRIPTION, ModelStamp
@@ -47,6 +47,7 @@ from flareseg.runtime.jobs import (
     list_inputs,
     output_name,
     plan_folder,
+    result_model,
 )
 from flareseg.runtime.reading import Read, Reader, read_case
 from flareseg.runtime.runners import Runner
@@ -522,6 +523,40 @@ def segment_file(
     return timing
 
 
+def warn_kept_of_other_models(runner: Runner, kept: Sequence[tuple[str, Path, OutputType]]) -> None:
+    """Say which results kept from an earlier run (case, output, type) name another model than the runner's, or
+    none: a model retrained and run over its folder again would otherwise leave the old one's results standing
+    beside the new, unsaid. They are kept all the same (a resume never replaces unasked)."""
+    if not kept or runner.model_file is None:
+        return
+    try:
+        stamp = runner.stamp()
+    except FlareSegError:  # the run says it where it matters, for the outputs it writes
+        return
+    if stamp is None:
+        return
+    other: list[str] = []
+    unnamed: list[str] = []
+    for case, output, output_type in kept:
+        made = result_model(output, output_type)
+        if made is None:
+            unnamed.append(case)
+        elif not stamp.sha256.startswith(made[0]):
+            other.append(f"{case} ({made[1]}, sha256:{made[0][:16]})")
+    this = f"{stamp.name} (sha256:{stamp.sha256[:16]})"
+    if other:
+        log.warning(
+            "%d result%s kept from an earlier run, made by another model than %s: %s; --overwrite redoes them",
+            len(other), "" if len(other) == 1 else "s", this, first_few(other),
+        )  # fmt: skip
+    if unnamed:
+        log.warning(
+            "%d result%s kept from an earlier run name no flareseg model (another tool's, or copied in?): %s; "
+            "--overwrite redoes them",
+            len(unnamed), "" if len(unnamed) == 1 else "s", first_few(unnamed),
+        )  # fmt: skip
+
+
 def segment_folder(
     runner: Runner,
     inputs: Sequence[str | os.PathLike[str]] | Mapping[str, str | os.PathLike[str]],
@@ -551,7 +586,9 @@ def segment_folder(
     jobs: list[tuple[int, CaseJob]] = []
     paths = [Path(p) for p in (inputs.values() if isinstance(inputs, Mapping) else inputs)]
     plan = plan_folder(paths, out, output_type, overwrite=overwrite) if planned is None else planned
+    plan_cases: list[PlannedCase] = []
     for i, (path, case) in enumerate(zip(paths, plan, strict=True)):
+        plan_cases.append(case)
         if case.input != path:
             raise FlareSegError(f"segment_folder: the plan given is not of these inputs ({case.input}, {path})")
         if case.status == "run":
@@ -567,6 +604,9 @@ def segment_folder(
             on_case(results[i])
     ran = run_cases(runner, [job for _, job in jobs], on_case=on_case, **options)
     results.update({i: timing for (i, _), timing in zip(jobs, ran, strict=True)})
+    # Said after the run, beside its tally: the model is hashed by then, and the first case did not wait for it.
+    kept = [(c.case, c.output, c.output_type) for c in plan_cases if c.status == "skipped" and c.output is not None]
+    warn_kept_of_other_models(runner, kept)
     return [results[i] for i in sorted(results)]
 
 
@@ -678,6 +718,7 @@ __all__ = [
     "segment_file",
     "segment_folder",
     "summarize",
+    "warn_kept_of_other_models",
     "write_case",
     "write_timings",
 ]

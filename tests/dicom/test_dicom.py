@@ -948,6 +948,11 @@ def test_cli_dicom_seg_output_matches_nifti_output(tmp_path: Path, trained_check
             (algorithm,) = segment.SegmentationAlgorithmIdentificationSequence
             assert algorithm.AlgorithmParameters == f"model={trained_checkpoint.name},model_sha256={digest}"
         assert f"sha256:{digest[:16]} " in bytes(nifti.header["descrip"]).decode()
+        # What a resume reads back of each, to say which kept results another model made.
+        from flareseg.runtime.jobs import result_model
+
+        assert result_model(tmp_path / "seg" / f"{case}.dcm", "dicom-seg") == (digest, trained_checkpoint.name)
+        assert result_model(tmp_path / "nii" / f"{case}.nii.gz", "nifti") == (digest[:16], trained_checkpoint.name)
     # Resumed: finished SEG files are done; one cut short, or a CT slice in its place, is no result.
     from flareseg.runtime.jobs import plan_folder
 

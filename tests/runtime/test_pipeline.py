@@ -30,6 +30,7 @@ from flareseg.errors import FlareSegError
 from flareseg.network import NetworkConfig
 from flareseg.phantom import make_phantom
 from flareseg.preprocess import NormalizationStats
+from flareseg.provenance import ModelStamp
 from flareseg.runtime import pipeline, reading
 from flareseg.runtime.cli import main as infer_main
 from flareseg.runtime.pipeline import CaseJob, run_cases, segment_file, segment_folder
@@ -1384,3 +1385,46 @@ def test_a_resumed_folder_checks_each_done_result_once(trained_checkpoint, tmp_p
     assert [c["status"] for c in timings["cases"]] == ["skipped", "ok", "skipped"]
     with open_runner(trained_checkpoint) as runner, pytest.raises(FlareSegError, match="not of these inputs"):
         segment_folder(runner, paths[::-1], out, planned=jobs.plan_folder(paths, out))
+
+
+def test_a_resume_says_which_kept_results_another_model_or_no_model_made(trained_checkpoint, tmp_path, caplog, capsys):
+    # A model retrained and run over its folder again kept the old model's results unsaid, and a copy of the ground
+    # truth in the output folder was taken for done (found by a README walkthrough).
+    paths = _folder(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    with open_runner(trained_checkpoint) as runner:
+        segment_folder(runner, paths, out, batch_size=4)
+        digest = runner.stamp().sha256
+    # c1's result stands in for a file of another tool: the same grid and labels, no model named.
+    written = nib.load(out / "c1.nii.gz")
+    copied = nib.Nifti1Image(np.asarray(written.dataobj), written.affine)
+    nib.save(copied, out / "c1.nii.gz")
+    other = tmp_path / "retrained.pt"
+    other.write_bytes(trained_checkpoint.read_bytes() + b"\0")  # never loaded: every case is kept
+    caplog.set_level(logging.WARNING, logger="flareseg")
+
+    def said() -> list[str]:
+        lines = [r.getMessage() for r in caplog.records if r.name == "flareseg.runtime.pipeline"]
+        caplog.clear()
+        return lines
+
+    timings = segment_folder(open_runner(other), paths, out)
+    assert [t.status for t in timings] == ["skipped"] * 3
+    assert said() == [
+        f"2 results kept from an earlier run, made by another model than retrained.pt (sha256:"
+        f"{ModelStamp.read(other)[0].sha256[:16]}): c0 ({trained_checkpoint.name}, sha256:{digest[:16]}), c2 "
+        f"({trained_checkpoint.name}, sha256:{digest[:16]}); --overwrite redoes them",
+        "1 result kept from an earlier run name no flareseg model (another tool's, or copied in?): c1; --overwrite "
+        "redoes them",
+    ]
+    # The model that made them: nothing to say of those, only of the copy.
+    segment_folder(open_runner(trained_checkpoint), paths, out)
+    assert said() == [
+        "1 result kept from an earlier run name no flareseg model (another tool's, or copied in?): c1; --overwrite "
+        "redoes them"
+    ]
+    # A single file kept by flare-infer says it too.
+    argv = ["--model", str(other), "-i", str(paths[0]), "-o", str(out / "c0.nii.gz")]
+    assert infer_main(argv) == 0
+    assert said()[0].startswith("1 result kept from an earlier run, made by another model than retrained.pt")
+    assert "c0.nii.gz exists, kept" in capsys.readouterr().out
