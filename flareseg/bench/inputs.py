@@ -27,6 +27,8 @@ _PHANTOM = re.compile(r"phantom_[0-9]+_0000\.nii\.gz")
 #: The files a run writes at the top of its report folder: names anyone may use, so an earlier one is removed
 #: only when it is recognisably flare-bench's (:func:`written_by_flare_bench`).
 REPORT_FILES = ("report.json", "report.md", "latency.png", "stages.png", "check.json", "check.md")
+#: The first line of each markdown report (flareseg.bench.report.markdown, flareseg.bench.check).
+_HEADINGS = {"report.md": "# flare-bench report", "check.md": "# flare-bench --check"}
 #: The PNG text chunk's value that marks flare-bench's figures (keyword ``Software``).
 FIGURE_SOFTWARE = "flare-bench"
 
@@ -58,13 +60,17 @@ def written_by_flare_bench(path: Path) -> bool:
     import json
 
     try:
-        if path.suffix == ".md":
+        if path.suffix == ".md":  # its heading, the whole line: a user's "# flare-bench notes" is not one
             with open(path, encoding="utf-8", errors="replace") as f:
-                return f.readline().startswith("# flare-bench")
+                return f.readline(64).rstrip("\n") == _HEADINGS[path.name]
         if path.suffix == ".json":
             data = json.loads(path.read_text(encoding="utf-8"))
-            timed, checked = {"machine", "settings", "backends"}, {"machine", "tolerances", "rows"}
-            return isinstance(data, dict) and (timed <= data.keys() or checked <= data.keys())
+            keys = {"machine", "settings", "backends"} if path.name == "report.json" else {"machine", "rows"}
+            return (
+                isinstance(data, dict)
+                and keys <= data.keys()
+                and str(data.get("command", "")).startswith("flare-bench ")  # every run writes its command
+            )
         if (_png_software(path) or "").startswith(FIGURE_SOFTWARE):
             return True
         # A figure of a run from before the mark: its report beside it links it.
@@ -90,6 +96,10 @@ def clear_earlier_run(out: Path, *, model: Path | None, input: Path | None) -> N
     earlier = [out / "pred" / f"{stem}{suffix}" for stem in stems for suffix in (".nii.gz", ".timings.json")]
     # Its reports first go: they describe the files removed here, also if this run is stopped before it writes.
     # Under these common names a file flare-bench did not write is refused, before anything is removed.
+    in_the_way = [out / name for name in REPORT_FILES if (out / name).exists() and not (out / name).is_file()]
+    if in_the_way:  # said now, not after the whole run, when its report could not be written there
+        where = f"{in_the_way[0]}: not a file, where this run writes its report"
+        raise FlareSegError(f"{where}; move it or choose another -o")
     reports = [out / name for name in REPORT_FILES if (out / name).is_file()]
     foreign = [p for p in reports if not written_by_flare_bench(p)]
     if foreign:

@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -396,29 +396,44 @@ def result_of_another_scan(output: Path, input_path: Path, output_type: str) -> 
     return None
 
 
-def result_model(output: Path, output_type: str) -> tuple[str, str] | None:
-    """The model a result names as the one that made it: (its SHA-256, or the first 16 hex digits a NIfTI header
-    holds; the model file's name), from the header alone. None where it names none (no flareseg result, or one made
-    by a callable without a model file) or cannot be read."""
+class MadeBy(NamedTuple):
+    """The model a result names: its SHA-256 (or the first 16 hex digits a NIfTI header holds) and file name;
+    both None for a result flareseg made without naming one (an earlier version, or a callable runner)."""
+
+    sha256: str | None
+    name: str | None
+
+
+def result_model(output: Path, output_type: str) -> MadeBy | None:
+    """The model a result names as the one that made it, from the header alone; None where the result is not
+    flareseg's (another tool's, a copy of the ground truth) or cannot be read."""
+    from flareseg.provenance import PLAIN_DESCRIPTION
+
     try:
         if output_type == "dicom-seg":
             import pydicom
 
             seg = pydicom.dcmread(output, stop_before_pixels=True, force=True)
             algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+            if str(algorithm.get("AlgorithmName", "")) != "flareseg":
+                return None
             params = dict(p.partition("=")[::2] for p in str(algorithm.get("AlgorithmParameters", "")).split(","))
             digest = params.get("model_sha256", "")
-            return (digest, params.get("model", "")) if re.fullmatch("[0-9a-f]{64}", digest) else None
+            if re.fullmatch("[0-9a-f]{64}", digest):
+                return MadeBy(digest, params.get("model", ""))
+            return MadeBy(None, None)
         import nibabel as nib
 
         img: Any = nib.load(output)
         text = bytes(img.header["descrip"].item()).decode("ascii", "replace")
     except Exception:  # a result that reads at all was judged whole already; this is only its label
         return None
+    if text == PLAIN_DESCRIPTION:
+        return MadeBy(None, None)
     # ModelStamp.nifti_description: "flareseg VERSION sha256:DIGEST16 NAME"
     words = text.split(" ", 3)
     if len(words) == 4 and words[0] == "flareseg" and re.fullmatch("sha256:[0-9a-f]{16}", words[2]):
-        return words[2].removeprefix("sha256:"), words[3]
+        return MadeBy(words[2].removeprefix("sha256:"), words[3])
     return None
 
 
@@ -557,6 +572,7 @@ def plan_folder(
 __all__ = [
     "OUTPUT_SUFFIXES",
     "CaseJob",
+    "MadeBy",
     "OutputType",
     "PlannedCase",
     "check_output",

@@ -98,10 +98,11 @@ class CaseTiming:
     wall_s: float = 0.0
     #: From the start of inference to the first labels back on the host (first-batch set-up shows here).
     first_labels_s: float | None = None
-    #: The slice loop, from its first normalisation to its last labels on the host: ``slices / slice_loop_s`` is the
-    #: rate inference delivers. On CUDA the host normalises batch i+1 while the device runs batch i; the stages split
-    #: this time (the normalisation under ``preprocess_s``, the rest under ``infer_s``), so ``infer_s`` leaves out
-    #: device time the normalisation overlapped and is no measure of the network's speed.
+    #: The slice loop's wall time, from its first normalisation to its last labels on the host, with whatever ran in
+    #: it (components labelled slab by slab too): ``slices / slice_loop_s`` is the rate the loop delivers. On CUDA
+    #: the host normalises batch i+1 (and labels the components of batch i-1) while the device runs batch i; the
+    #: stages split the loop (normalisation under ``preprocess_s``, the components under ``postprocess_s``, the rest
+    #: under ``infer_s``), so ``infer_s`` leaves out device time that host work hid, and is no measure of speed.
     slice_loop_s: float = 0.0
     #: The process's peak host RSS when the case was written: in a folder, its peak so far
     #: (cases overlap: one read, one on the device, one written), not the case's alone.
@@ -269,7 +270,7 @@ def _infer_stage(
     timing.preprocess_s = read.histogram_s + (t1 - t0) + times.normalize_s
     # Components labelled during inference (on_labels) count as post-processing, not inference.
     timing.infer_s = (t2 - t1) - times.normalize_s - times.on_labels_s
-    timing.slice_loop_s = (t2 - t1) - times.on_labels_s
+    timing.slice_loop_s = t2 - t1
     timing.first_labels_s = times.first_labels_s
     return labels
 
@@ -535,26 +536,58 @@ def warn_kept_of_other_models(runner: Runner, kept: Sequence[tuple[str, Path, Ou
         return
     if stamp is None:
         return
+    ours = [stamp.sha256]
     other: list[str] = []
+    unstamped: list[str] = []
     unnamed: list[str] = []
     for case, output, output_type in kept:
         made = result_model(output, output_type)
         if made is None:
             unnamed.append(case)
-        elif not stamp.sha256.startswith(made[0]):
-            other.append(f"{case} ({made[1]}, sha256:{made[0][:16]})")
-    this = f"{stamp.name} (sha256:{stamp.sha256[:16]})"
+        elif made.sha256 is None:
+            unstamped.append(case)
+        else:
+            if len(ours) == 1:  # an export's checkpoint made the same network's results: read once, when needed
+                ours += _exported_from(runner.model_file)
+            if not any(digest.startswith(made.sha256) for digest in ours):
+                other.append(f"{case} ({made.name}, sha256:{made.sha256[:16]})")
+
+    def results(cases: list[str]) -> str:
+        return f"{len(cases)} result{'' if len(cases) == 1 else 's'} kept from an earlier run"
+
     if other:
+        this = f"{stamp.name} (sha256:{stamp.sha256[:16]})"
         log.warning(
-            "%d result%s kept from an earlier run, made by another model than %s: %s; --overwrite redoes them",
-            len(other), "" if len(other) == 1 else "s", this, first_few(other),
+            "%s, made by another model than %s: %s; --overwrite redoes them", results(other), this, first_few(other)
+        )
+    if unstamped:
+        log.warning(
+            "%s, made by flareseg without naming its model (an earlier version, or a callable runner): %s; "
+            "--overwrite redoes them",
+            results(unstamped), first_few(unstamped),
         )  # fmt: skip
     if unnamed:
         log.warning(
-            "%d result%s kept from an earlier run name no flareseg model (another tool's, or copied in?): %s; "
-            "--overwrite redoes them",
-            len(unnamed), "" if len(unnamed) == 1 else "s", first_few(unnamed),
+            "%s, not made by flareseg (another tool's, or copied in?): %s; --overwrite redoes them",
+            results(unnamed), first_few(unnamed),
         )  # fmt: skip
+
+
+def _exported_from(model: Path) -> list[str]:
+    """The SHA-256s of what an exported model was made from (its checkpoint; an engine's ONNX too), from its
+    metadata; none for a checkpoint or an export whose metadata does not read."""
+    from flareseg.export.metadata import read_onnx_metadata, read_sidecar
+
+    try:
+        if model.suffix == ".onnx":
+            return [read_onnx_metadata(model).source_checkpoint_sha256]
+        if model.suffix == ".engine":
+            data = read_sidecar(model)
+            sources = [data.get("source_checkpoint_sha256"), (data.get("engine") or {}).get("source_onnx_sha256")]
+            return [str(digest) for digest in sources if digest]
+    except (FlareSegError, AttributeError):
+        pass
+    return []
 
 
 def segment_folder(

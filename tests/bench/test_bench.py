@@ -84,7 +84,8 @@ def test_a_rerun_into_the_folder_leaves_nothing_of_the_earlier_run_the_new_repor
     for name in [*earlier, "pred/mine.nii.gz", "models/flareseg_fp32.onnx", "models/phantom_x_0000.nii.gz"]:
         (out / name).write_bytes(b"from before")
     # The earlier reports, as flare-bench wrote them: a figure from before the mark is known by its report's link.
-    (out / "report.json").write_text(json.dumps({"machine": {}, "settings": {}, "backends": {}}))
+    earlier_json = {"machine": {}, "settings": {}, "backends": {}, "command": "flare-bench -o again"}
+    (out / "report.json").write_text(json.dumps(earlier_json))
     (out / "report.md").write_text("# flare-bench report\n\n![time per stage](stages.png)\n")
     (out / "check.md").write_text("# flare-bench --check\n")
     (out / "stages.png").write_bytes(b"from before")
@@ -315,7 +316,11 @@ def test_a_users_file_under_a_report_s_name_is_refused_not_replaced(report, tmp_
     Figure().savefig(png / "stages.png")  # matplotlib's own mark, no report linking it
     users = {
         tmp_path / "md" / "report.md": b"ward notes\n",
+        # Notes on flare-bench itself, under its heading's first words: the whole line is its heading.
+        tmp_path / "notes" / "report.md": b"# flare-bench runs on our H100 (my notes)\n",
         tmp_path / "json" / "check.json": b'{"machine": "mine"}',
+        # Its keys, but no flare-bench command.
+        tmp_path / "keys" / "report.json": b'{"machine": 1, "settings": 2, "backends": 3, "command": "mine"}',
         png / "stages.png": (png / "stages.png").read_bytes(),
     }
     for path, data in users.items():
@@ -330,6 +335,14 @@ def test_a_users_file_under_a_report_s_name_is_refused_not_replaced(report, tmp_
         assert [p.name for p in path.parent.iterdir()] == [path.name] and path.read_bytes() == data
     (png / "report.md").write_text("# flare-bench report\n")  # a report beside it that does not link it
     (png / "latency.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (tmp_path / "folder" / "check.md").mkdir(parents=True)  # refused before the run, not after it at the write
+    folder = ["--check", "--width", "4", "--size", "32", "--backends", "torch-cpu-fp32", "-q"]
+    assert bench_main([*folder, "-o", str(tmp_path / "folder")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"flare-bench: error: {tmp_path / 'folder' / 'check.md'}: not a file, where this run writes its report; move "
+        "it or choose another -o"
+    )
+    assert [p.name for p in (tmp_path / "folder").iterdir()] == ["check.md"]
     check = ["--check", "--width", "4", "--size", "32", "--backends", "torch-cpu-fp32", "-q", "-o", str(png)]
     assert bench_main(check) == 2
     assert f"{png / 'latency.png'} (and 1 more): not an earlier flare-bench report" in capsys.readouterr().err

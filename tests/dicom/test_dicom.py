@@ -953,6 +953,16 @@ def test_cli_dicom_seg_output_matches_nifti_output(tmp_path: Path, trained_check
 
         assert result_model(tmp_path / "seg" / f"{case}.dcm", "dicom-seg") == (digest, trained_checkpoint.name)
         assert result_model(tmp_path / "nii" / f"{case}.nii.gz", "nifti") == (digest[:16], trained_checkpoint.name)
+    # A SEG of flareseg's that names no model (a callable runner's), and one of another tool's.
+    seg = pydicom.dcmread(tmp_path / "seg" / "P1_20260101_s1.dcm")
+    for segment in seg.SegmentSequence:
+        del segment.SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
+    seg.save_as(tmp_path / "plain.dcm")
+    assert result_model(tmp_path / "plain.dcm", "dicom-seg") == (None, None)
+    for segment in seg.SegmentSequence:
+        segment.SegmentationAlgorithmIdentificationSequence[0].AlgorithmName = "another"
+    seg.save_as(tmp_path / "another.dcm")
+    assert result_model(tmp_path / "another.dcm", "dicom-seg") is None
     # Resumed: finished SEG files are done; one cut short, or a CT slice in its place, is no result.
     from flareseg.runtime.jobs import plan_folder
 

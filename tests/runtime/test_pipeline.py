@@ -30,7 +30,7 @@ from flareseg.errors import FlareSegError
 from flareseg.network import NetworkConfig
 from flareseg.phantom import make_phantom
 from flareseg.preprocess import NormalizationStats
-from flareseg.provenance import ModelStamp
+from flareseg.provenance import PLAIN_DESCRIPTION, ModelStamp
 from flareseg.runtime import pipeline, reading
 from flareseg.runtime.cli import main as infer_main
 from flareseg.runtime.pipeline import CaseJob, run_cases, segment_file, segment_folder
@@ -1387,18 +1387,23 @@ def test_a_resumed_folder_checks_each_done_result_once(trained_checkpoint, tmp_p
         segment_folder(runner, paths[::-1], out, planned=jobs.plan_folder(paths, out))
 
 
-def test_a_resume_says_which_kept_results_another_model_or_no_model_made(trained_checkpoint, tmp_path, caplog, capsys):
+def test_a_resume_says_which_kept_results_another_model_or_no_model_made(
+    trained_checkpoint, int8_export, tmp_path, caplog, capsys
+):
     # A model retrained and run over its folder again kept the old model's results unsaid, and a copy of the ground
     # truth in the output folder was taken for done (found by a README walkthrough).
-    paths = _folder(tmp_path / "in", 3)
+    paths = _folder(tmp_path / "in", 4)
     out = tmp_path / "out"
     with open_runner(trained_checkpoint) as runner:
         segment_folder(runner, paths, out, batch_size=4)
         digest = runner.stamp().sha256
-    # c1's result stands in for a file of another tool: the same grid and labels, no model named.
-    written = nib.load(out / "c1.nii.gz")
-    copied = nib.Nifti1Image(np.asarray(written.dataobj), written.affine)
-    nib.save(copied, out / "c1.nii.gz")
+    # c1 as flareseg wrote it before its outputs named the model (and a callable runner still does); c2 as another
+    # tool's file or a copy of the ground truth: the same grid and labels, no description.
+    for case, description in (("c1", PLAIN_DESCRIPTION), ("c2", "")):
+        written = nib.load(out / f"{case}.nii.gz")
+        copied = nib.Nifti1Image(np.asarray(written.dataobj), written.affine)
+        copied.header["descrip"] = description.encode()
+        nib.save(copied, out / f"{case}.nii.gz")
     other = tmp_path / "retrained.pt"
     other.write_bytes(trained_checkpoint.read_bytes() + b"\0")  # never loaded: every case is kept
     caplog.set_level(logging.WARNING, logger="flareseg")
@@ -1408,21 +1413,26 @@ def test_a_resume_says_which_kept_results_another_model_or_no_model_made(trained
         caplog.clear()
         return lines
 
-    timings = segment_folder(open_runner(other), paths, out)
-    assert [t.status for t in timings] == ["skipped"] * 3
-    assert said() == [
-        f"2 results kept from an earlier run, made by another model than retrained.pt (sha256:"
-        f"{ModelStamp.read(other)[0].sha256[:16]}): c0 ({trained_checkpoint.name}, sha256:{digest[:16]}), c2 "
-        f"({trained_checkpoint.name}, sha256:{digest[:16]}); --overwrite redoes them",
-        "1 result kept from an earlier run name no flareseg model (another tool's, or copied in?): c1; --overwrite "
+    kept = f"{trained_checkpoint.name}, sha256:{digest[:16]}"
+    copies = [
+        "1 result kept from an earlier run, made by flareseg without naming its model (an earlier version, or a "
+        "callable runner): c1; --overwrite redoes them",
+        "1 result kept from an earlier run, not made by flareseg (another tool's, or copied in?): c2; --overwrite "
         "redoes them",
     ]
-    # The model that made them: nothing to say of those, only of the copy.
-    segment_folder(open_runner(trained_checkpoint), paths, out)
+    timings = segment_folder(open_runner(other), paths, out)
+    assert [t.status for t in timings] == ["skipped"] * 4
     assert said() == [
-        "1 result kept from an earlier run name no flareseg model (another tool's, or copied in?): c1; --overwrite "
-        "redoes them"
+        f"2 results kept from an earlier run, made by another model than retrained.pt (sha256:"
+        f"{ModelStamp.read(other)[0].sha256[:16]}): c0 ({kept}), c3 ({kept}); --overwrite redoes them",
+        *copies,
     ]
+    # The model that made them, or its export: nothing to say of those, only of the copies.
+    segment_folder(open_runner(trained_checkpoint), paths, out)
+    assert said() == copies
+    exported = next(m.path for m in int8_export if m.metadata.precision == "fp32")
+    segment_folder(open_runner(exported), paths, out)
+    assert said() == copies
     # A single file kept by flare-infer says it too.
     argv = ["--model", str(other), "-i", str(paths[0]), "-o", str(out / "c0.nii.gz")]
     assert infer_main(argv) == 0
