@@ -191,7 +191,8 @@ def check_slices(volume: Path, stats: NormalizationStats) -> np.ndarray:
 def run_slices(runner: Runner, slices: np.ndarray, batch: int) -> tuple[np.ndarray, float]:
     """The runner's outputs on the slices (logits or labels, on the host) and its seconds per slice.
 
-    The first batch runs once untimed (lazy initialisation: graph compilation, cuDNN's choice of algorithms).
+    The first batch, and a shorter last one, run once untimed (lazy initialisation, per input shape: graph
+    compilation, oneDNN's primitives, cuDNN's choice of algorithms).
     """
     from flareseg.preprocess import network_batch
     from flareseg.runtime.inferer import min_batch_of, run_padded
@@ -204,7 +205,8 @@ def run_slices(runner: Runner, slices: np.ndarray, batch: int) -> tuple[np.ndarr
     ]
     outputs = []
     with torch.inference_mode():
-        run_padded(runner, batches[0], min_batch)
+        for x in {tuple(b.shape): b for b in (batches[0], batches[-1])}.values():
+            run_padded(runner, x, min_batch)
         if cuda:
             torch.cuda.synchronize(runner.device)
         t = time.perf_counter()

@@ -329,3 +329,25 @@ def test_what_the_input_s_intensities_look_like_is_said_once_however_many_backen
         assert len(said) == 1 and "raw.nii.gz: its clipping percentiles are " in said[0], said
         check_ct_intensities(read_ct(tmp_path / "raw.nii.gz"), tmp_path / "raw.nii.gz", "x")  # after the run
         assert len([r for r in caplog.records if "not Hounsfield units" in r.getMessage()]) == 2
+
+
+@pytest.mark.parametrize(("slices", "shapes"), [(6, [4, 2, 4, 2]), (8, [4, 4, 4])])
+def test_the_timed_pass_follows_an_untimed_one_of_each_batch_shape(slices, shapes):
+    # A short last batch is a new shape, set up on its first call (oneDNN's primitives, cuDNN's algorithms): that
+    # set-up was timed as inference.
+    from flareseg.bench.check import run_slices
+    from flareseg.checkpoint import ModelInfo
+    from flareseg.network import NetworkConfig
+    from flareseg.preprocess import NormalizationStats
+    from flareseg.runtime.runners import FunctionRunner
+
+    seen: list[int] = []
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.shape[0])
+        return torch.zeros((x.shape[0], 5, *x.shape[2:]))
+
+    info = ModelInfo(NetworkConfig(base_width=4), NormalizationStats(mean=0.0, std=1.0), (16, 16))
+    with FunctionRunner(model, info) as runner:
+        outputs, per_slice = run_slices(runner, np.zeros((slices, 16, 16), np.float32), 4)
+    assert seen == shapes and outputs.shape == (slices, 5, 16, 16) and per_slice > 0
