@@ -60,25 +60,29 @@ def written_by_flare_bench(path: Path) -> bool:
     import json
 
     try:
+        # utf-8-sig: a report a user opened and saved again may have gained a byte-order mark.
         if path.suffix == ".md":  # its heading, the whole line: a user's "# flare-bench notes" is not one
-            with open(path, encoding="utf-8", errors="replace") as f:
+            with open(path, encoding="utf-8-sig", errors="replace") as f:
                 return f.readline(64).rstrip("\n") == _HEADINGS[path.name]
         if path.suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            keys = {"machine", "settings", "backends"} if path.name == "report.json" else {"machine", "rows"}
-            return (
-                isinstance(data, dict)
-                and keys <= data.keys()
-                and str(data.get("command", "")).startswith("flare-bench ")  # every run writes its command
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
+            report = path.name == "report.json"
+            keys = {"machine", "settings", "backends"} if report else {"machine", "rows"}
+            if not isinstance(data, dict) or not keys <= data.keys():
+                return False
+            # Every run writes its command; a report.json of the device kit's own sections does not, and is known
+            # by the report.md written with it.
+            return str(data.get("command", "")).startswith("flare-bench ") or (
+                report and written_by_flare_bench(path.with_name("report.md"))
             )
         if (_png_software(path) or "").startswith(FIGURE_SOFTWARE):
             return True
         # A figure of a run from before the mark: its report beside it links it.
-        report = path.with_name("report.md")
+        markdown = path.with_name("report.md")
         return (
-            report.is_file()
-            and written_by_flare_bench(report)
-            and f"]({path.name})" in report.read_text(encoding="utf-8", errors="replace")
+            markdown.is_file()
+            and written_by_flare_bench(markdown)
+            and f"]({path.name})" in markdown.read_text(encoding="utf-8-sig", errors="replace")
         )
     except (OSError, ValueError):
         return False

@@ -555,22 +555,21 @@ def warn_kept_of_other_models(runner: Runner, kept: Sequence[tuple[str, Path, Ou
     def results(cases: list[str]) -> str:
         return f"{len(cases)} result{'' if len(cases) == 1 else 's'} kept from an earlier run"
 
+    def redo(cases: list[str]) -> str:
+        return f"{first_few(cases)}; --overwrite redoes {'it' if len(cases) == 1 else 'them'}"
+
     if other:
+        # A result names its model file only: an export of the same checkpoint, the other way round than
+        # _exported_from sees, is another file, and said as one.
         this = f"{stamp.name} (sha256:{stamp.sha256[:16]})"
-        log.warning(
-            "%s, made by another model than %s: %s; --overwrite redoes them", results(other), this, first_few(other)
-        )
+        log.warning("%s, made by another model file than %s: %s", results(other), this, redo(other))
     if unstamped:
         log.warning(
-            "%s, made by flareseg without naming its model (an earlier version, or a callable runner): %s; "
-            "--overwrite redoes them",
-            results(unstamped), first_few(unstamped),
+            "%s, made by flareseg without naming its model (an earlier version, or a callable runner): %s",
+            results(unstamped), redo(unstamped),
         )  # fmt: skip
     if unnamed:
-        log.warning(
-            "%s, not made by flareseg (another tool's, or copied in?): %s; --overwrite redoes them",
-            results(unnamed), first_few(unnamed),
-        )  # fmt: skip
+        log.warning("%s, not made by flareseg (another tool's, or copied in?): %s", results(unnamed), redo(unnamed))
 
 
 def _exported_from(model: Path) -> list[str]:
@@ -581,7 +580,7 @@ def _exported_from(model: Path) -> list[str]:
     try:
         if model.suffix == ".onnx":
             return [read_onnx_metadata(model).source_checkpoint_sha256]
-        if model.suffix == ".engine":
+        if model.suffix in (".engine", ".plan"):  # TensorRT's two names (runners.backend_for)
             data = read_sidecar(model)
             sources = [data.get("source_checkpoint_sha256"), (data.get("engine") or {}).get("source_onnx_sha256")]
             return [str(digest) for digest in sources if digest]

@@ -349,6 +349,18 @@ def test_a_users_file_under_a_report_s_name_is_refused_not_replaced(report, tmp_
     assert sorted(p.name for p in png.iterdir()) == ["latency.png", "report.md", "stages.png"]
 
 
+def test_every_report_recorded_in_the_repository_is_known_as_flare_bench_s(tmp_path):
+    # The device kit's own sections wrote a report.json whose command is not flare-bench's: known by its report.md.
+    from flareseg.bench.inputs import REPORT_FILES, written_by_flare_bench
+
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    recorded = [p for p in results.rglob("*") if p.name in REPORT_FILES]
+    assert len(recorded) >= 10 and [p for p in recorded if not written_by_flare_bench(p)] == []
+    # Opened and saved again by a user, with a byte-order mark: still its heading.
+    (tmp_path / "report.md").write_bytes(b"\xef\xbb\xbf# flare-bench report\r\n\nedited\r\n")
+    assert written_by_flare_bench(tmp_path / "report.md")
+
+
 def test_a_rerun_keeps_the_model_and_input_it_is_given_even_under_an_earlier_runs_names(tmp_path):
     from flareseg.bench.inputs import clear_earlier_run
 

@@ -1416,18 +1416,19 @@ def test_a_resume_says_which_kept_results_another_model_or_no_model_made(
     kept = f"{trained_checkpoint.name}, sha256:{digest[:16]}"
     copies = [
         "1 result kept from an earlier run, made by flareseg without naming its model (an earlier version, or a "
-        "callable runner): c1; --overwrite redoes them",
+        "callable runner): c1; --overwrite redoes it",
         "1 result kept from an earlier run, not made by flareseg (another tool's, or copied in?): c2; --overwrite "
-        "redoes them",
+        "redoes it",
     ]
     timings = segment_folder(open_runner(other), paths, out)
     assert [t.status for t in timings] == ["skipped"] * 4
     assert said() == [
-        f"2 results kept from an earlier run, made by another model than retrained.pt (sha256:"
+        f"2 results kept from an earlier run, made by another model file than retrained.pt (sha256:"
         f"{ModelStamp.read(other)[0].sha256[:16]}): c0 ({kept}), c3 ({kept}); --overwrite redoes them",
         *copies,
     ]
-    # The model that made them, or its export: nothing to say of those, only of the copies.
+    # The model that made them, or an export of it: nothing to say of those, only of the copies. (The other way
+    # round, a result names only its own file: the checkpoint it came from is not in it.)
     segment_folder(open_runner(trained_checkpoint), paths, out)
     assert said() == copies
     exported = next(m.path for m in int8_export if m.metadata.precision == "fp32")
@@ -1436,5 +1437,5 @@ def test_a_resume_says_which_kept_results_another_model_or_no_model_made(
     # A single file kept by flare-infer says it too.
     argv = ["--model", str(other), "-i", str(paths[0]), "-o", str(out / "c0.nii.gz")]
     assert infer_main(argv) == 0
-    assert said()[0].startswith("1 result kept from an earlier run, made by another model than retrained.pt")
+    assert said()[0].startswith("1 result kept from an earlier run, made by another model file than retrained.pt")
     assert "c0.nii.gz exists, kept" in capsys.readouterr().out
