@@ -111,13 +111,14 @@ def _main(args: argparse.Namespace) -> int:
     if args.size is not None:
         common["size"] = args.size
     if args.check:
-        from flareseg.bench.check import CheckConfig, run_check, write_check
+        from flareseg.bench.check import CheckConfig, markdown, run_check, write_check
 
         if args.batch is not None and len(args.batch) != 1:
             raise FlareSegError(f"--check runs one batch size, got --batch {','.join(map(str, args.batch))}")
         check = CheckConfig(batch=args.batch[0] if args.batch else 2, **common)
-        measure, write = functools.partial(run_check, check), write_check
+        measure, write, text = functools.partial(run_check, check), write_check, markdown
     else:
+        from flareseg.bench.report import markdown as report_markdown
         from flareseg.bench.report import write_report
         from flareseg.bench.run import BenchConfig, run_benchmark
 
@@ -130,10 +131,15 @@ def _main(args: argparse.Namespace) -> int:
             **common,
         )
         measure, write = functools.partial(run_benchmark, bench), write_report
+        text = functools.partial(report_markdown, figures=())
     warn_threads_beyond_cores(args.threads)
     with removed_on_failure(args.out), torch_threads(args.threads), _each_file_warned_once():
         report = measure()
-        paths = write(report, args.out, _command(args))
+        try:
+            paths = write(report, args.out, _command(args))
+        except FlareSegError:  # a full disk, say: the figures measured are not lost with the folder
+            print(text(report, _command(args)))
+            raise
     print(paths["markdown"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0 if report.get("passed", True) else 1

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from flareseg.atomic import check_writable_folder
@@ -27,6 +29,11 @@ _PHANTOM = re.compile(r"phantom_[0-9]+_0000\.nii\.gz")
 #: The files a run writes at the top of its report folder: names anyone may use, so an earlier one is removed
 #: only when it is recognisably flare-bench's (:func:`written_by_flare_bench`).
 REPORT_FILES = ("report.json", "report.md", "latency.png", "stages.png", "check.json", "check.md")
+#: Where a run in :func:`removed_on_failure` sets aside an earlier run's files, inside the report folder (a rename:
+#: no copy, no space): put back if the run fails, removed once its report is written.
+SET_ASIDE = ".flare-bench-earlier"
+#: The files set aside by the run in progress (where each was, where it is), or None outside removed_on_failure.
+_set_aside: ContextVar[list[tuple[Path, Path]] | None] = ContextVar("flare_bench_set_aside", default=None)
 #: The first line of each markdown report (flareseg.bench.report.markdown, flareseg.bench.check).
 _HEADINGS = {"report.md": "# flare-bench report", "check.md": "# flare-bench --check"}
 #: The PNG text chunk's value that marks flare-bench's figures (keyword ``Software``).
@@ -90,11 +97,23 @@ def written_by_flare_bench(path: Path) -> bool:
 
 def clear_earlier_run(out: Path, *, model: Path | None, input: Path | None) -> None:
     """Remove what an earlier flare-bench run left in the report folder that this run may not write again: its
-    label maps and timings in ``pred/`` (other backends), and its random-weight checkpoint when this run has a
-    ``model``. Only names flare-bench itself writes; anything else there stays, and so do this run's own
+    label maps and timings in ``pred/`` (other backends), and its random-weight checkpoint (this run writes its
+    own, or has a ``model``). Only names flare-bench itself writes; anything else there stays, and so do this run's own
     ``model`` and ``input`` (an earlier run's random-weight checkpoint benchmarked again, say). A report or
-    figure under one of :data:`REPORT_FILES` that flare-bench did not write is refused (FlareSegError)."""
+    figure under one of :data:`REPORT_FILES` that flare-bench did not write is refused (FlareSegError).
+
+    Within :func:`removed_on_failure` the files are set aside (:data:`SET_ASIDE`) rather than removed, so that a
+    run that fails (a full disk, a Ctrl-C) leaves the earlier report as it was.
+    """
     from flareseg.bench.backends import ALL_BACKENDS, MODELS_NAME
+
+    moved = _set_aside.get()
+    aside = out / SET_ASIDE
+    if moved is not None and aside.exists():
+        raise FlareSegError(
+            f"{aside}: an earlier report, set aside by a run that was killed before it ended; move its files back "
+            "into the folder, or remove it"
+        )
 
     stems = {*ALL_BACKENDS, *(f"reference-{name}" for name in ALL_BACKENDS), "fresh-process"}
     earlier = [out / "pred" / f"{stem}{suffix}" for stem in stems for suffix in (".nii.gz", ".timings.json")]
@@ -118,14 +137,29 @@ def clear_earlier_run(out: Path, *, model: Path | None, input: Path | None) -> N
     if (out / "models").is_dir():
         earlier += sorted((out / "models").glob(f"{MODELS_NAME}_*"))
         earlier += sorted(p for p in (out / "models").glob("phantom_*_0000.nii.gz") if _PHANTOM.fullmatch(p.name))
-    if model is not None:
-        earlier.append(out / "models" / "random-weights.pt")
+    earlier.append(out / "models" / "random-weights.pt")  # this run writes its own, or has a --model
     given = [p for p in (model, input) if p is not None]
     kept = {q.resolve() for p in given for q in (p, p.with_name(p.name + ".json"))}  # a given model's sidecar too
     for path in earlier:
         if path.is_file() and path.resolve() not in kept:
-            path.unlink()
-            log.debug("removed %s, of an earlier run", path)
+            if moved is None:
+                path.unlink()
+                log.debug("removed %s, of an earlier run", path)
+                continue
+            there = aside / path.relative_to(out)
+            there.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, there)
+            moved.append((path, there))
+            log.debug("set aside %s, of an earlier run", path)
+
+
+def _put_back(moved: list[tuple[Path, Path]]) -> None:
+    """An earlier run's files, set aside, back where they were (in place of what the failed run wrote there)."""
+    for path, there in reversed(moved):
+        try:
+            os.replace(there, path)
+        except OSError as exc:  # left where it is, and said: never lost
+            log.warning("could not put %s back from %s: %s", path, there, exc)
 
 
 def check_report_folder(out: Path) -> None:
@@ -194,7 +228,8 @@ def check_input_volume(path: Path | None, *, series: bool) -> None:
 
 @contextmanager
 def removed_on_failure(out: Path) -> Iterator[None]:
-    """Remove, if the block raises, what the block made: the report folder, or the run folders inside it.
+    """Remove, if the block raises, what the block made: the report folder, or the run folders inside it; and
+    put back the earlier run's files that :func:`clear_earlier_run` set aside in it (removed if it succeeds).
 
     Folders that were there before stay, with what they held. Missing parents of the report folder, made for it,
     go too while they are empty (another run may have put its report beside this one).
@@ -208,9 +243,16 @@ def removed_on_failure(out: Path) -> Iterator[None]:
         made = [out / name for name in RUN_FOLDERS if not (out / name).exists()]
     else:
         made = []  # a file in the way: the run is refused before it writes anything
+    token = _set_aside.set([])
     try:
         yield
     except BaseException:
+        moved = _set_aside.get() or []
+        _put_back(moved)
+        for aside in _aside_folders(moved):
+            shutil.rmtree(aside, ignore_errors=True)  # empty now, but for what could not go back
+            if aside.exists():
+                log.warning("the earlier report's files that could not be put back are in %s", aside)
         for path in made:
             try:
                 shutil.rmtree(path)
@@ -224,3 +266,15 @@ def removed_on_failure(out: Path) -> Iterator[None]:
             except OSError:  # not empty, or never made
                 break
         raise
+    else:
+        for aside in _aside_folders(_set_aside.get() or []):  # the new report is written: the earlier one's go
+            try:
+                shutil.rmtree(aside)
+            except OSError as exc:
+                log.warning("could not remove %s, the earlier report's files: %s", aside, exc)
+    finally:
+        _set_aside.reset(token)
+
+
+def _aside_folders(moved: list[tuple[Path, Path]]) -> set[Path]:
+    return {next(p for p in there.parents if p.name == SET_ASIDE) for _, there in moved}

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -689,11 +690,15 @@ def test_a_run_that_fails_removes_the_folders_it_made(tmp_path, monkeypatch, cap
     kept.mkdir()
     (kept / "notes.txt").write_text("the user's")
     (kept / "report.md").write_text("# flare-bench report\n")
+    (kept / "pred").mkdir()
+    (kept / "pred" / "torch-cpu-fp32.nii.gz").write_bytes(b"its labels")
     assert bench_main([*argv, "-o", str(kept)]) == 2
-    # What the run made goes, and so does the earlier report, whose label maps a rerun removes as it starts (a
-    # report must not stand beside files it does not describe); what flare-bench never writes stays.
-    assert [p.name for p in kept.iterdir()] == ["notes.txt"]
-    (kept / "report.md").write_text("# flare-bench report\n")
+    # What the run made goes; the earlier report and its label maps, set aside as the run started, are put back as
+    # they were (a full disk or a Ctrl-C lost both reports), and so is what flare-bench never writes.
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt", "pred", "report.md"]
+    assert (kept / "report.md").read_text() == "# flare-bench report\n"
+    assert (kept / "pred" / "torch-cpu-fp32.nii.gz").read_bytes() == b"its labels"
+    shutil.rmtree(kept / "pred")
     assert bench_main([*argv, "--input", str(tmp_path / "absent.nii.gz"), "-o", str(kept)]) == 2  # refused first
     assert sorted(p.name for p in kept.iterdir()) == ["notes.txt", "report.md"]  # before any work: nothing removed
     (kept / "report.md").unlink()
@@ -778,6 +783,42 @@ def test_backends_an_onnx_model_alone_can_run(monkeypatch):
     assert backends.onnx_reference("fp16") == backends.onnx_reference("fp32") == "onnxruntime-cpu-fp32"
     given = {"onnx": Path("m.onnx"), "onnx-int8": Path("m.onnx")}
     assert model_file(b["openvino-cpu-bf16"], given) == Path("m.onnx")  # a float runtime runs it as it is
+
+
+def test_a_rerun_whose_report_cannot_be_written_keeps_the_earlier_one_and_prints_its_own(
+    report, tmp_path, monkeypatch, capsys
+):
+    # A full disk at the write lost both reports: the earlier one removed as the run began, the new one with the
+    # folder, and with it every figure measured.
+    import flareseg.bench.report as bench_report
+    from flareseg.bench.inputs import SET_ASIDE
+
+    earlier, _ = report
+    out = tmp_path / "again"
+    shutil.copytree(earlier, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert {Path("report.md"), Path("pred/torch-cpu-fp32.nii.gz")} <= before.keys()
+
+    def full_disk(report, out, command):
+        (out / "report.md").write_text("half")  # the new run's files where the earlier ones were
+        raise FlareSegError(f"{out / 'latency.png'}: cannot write (No space left on device)")
+
+    monkeypatch.setattr(bench_report, "write_report", full_disk)
+    argv = ["--width", "4", "--size", "32", "--backends", "torch-cpu-fp32", "--batch", "1", "--slices", "2"]
+    argv += ["--repeats", "1", "--no-fresh-process", "-q", "-o", str(out)]
+    assert bench_main(argv) == 2
+    printed = capsys.readouterr()
+    assert printed.err.strip().endswith("latency.png: cannot write (No space left on device)")
+    assert printed.out.startswith("# flare-bench report") and "| torch-cpu-fp32 | 1 |" in printed.out
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert {k: after.get(k) for k in before} == before and not (out / SET_ASIDE).exists()
+    assert sorted(map(str, after.keys() - before.keys())) == ["models/phantom_2_0000.nii.gz"]
+    # A run killed before it ended leaves the earlier files set aside: the next one says so, and touches nothing.
+    (out / SET_ASIDE).mkdir()
+    monkeypatch.undo()
+    assert bench_main(argv) == 2
+    assert f"{out / SET_ASIDE}: an earlier report, set aside by a run that was killed" in capsys.readouterr().err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == after
 
 
 def test_a_failed_run_removes_only_what_it_made_even_through_a_detour(tmp_path):
