@@ -51,10 +51,15 @@ def _main(args: argparse.Namespace) -> int:
     ev = evaluate_folders(
         args.pred, args.gt, tolerance_mm=args.tolerance, workers=args.workers, progress=not args.quiet
     )
+    print(summary_table(ev))  # first: a CSV that cannot be written (a full disk) loses none of the scores
     if args.output:
-        write_text_atomic(csv_text(ev), args.output)
+        text = csv_text(ev)
+        try:
+            write_text_atomic(text, args.output)
+        except FlareSegError:
+            print(text, end="")  # the per-case rows, which the table does not hold
+            raise
         log.info("wrote %s", args.output)
-    print(summary_table(ev))
     return 0
 
 

@@ -17,6 +17,7 @@ import pytest
 from conftest import BAD_INPUT_KINDS, bad_inputs, reorient, save
 from scipy import ndimage
 
+from flareseg.errors import FlareSegError
 from flareseg.evaluate import evaluate_folders
 from flareseg.evaluate.cli import main
 from flareseg.metrics import dice
@@ -193,6 +194,26 @@ def test_the_csv_can_never_replace_an_input_and_is_checked_before_scoring(phanto
     _expect_cli_error([*base, "-o", str(link)], capsys, "a file of another kind; refusing to write through it")
     assert (gt_dir / "case_000.nii.gz").read_bytes() == before
     assert sorted(p.name for p in pred_dir.iterdir()) == ["case_000.nii.gz"]
+
+
+def test_a_csv_that_cannot_be_written_loses_none_of_the_scores(phantom_dirs, tmp_path, capsys, monkeypatch):
+    # A full disk at the CSV threw away every score (NSD on real data takes minutes) and printed no table.
+    from flareseg.evaluate import cli
+
+    gt_dir, pred_dir = phantom_dirs
+    shutil.copy(gt_dir / "case_000.nii.gz", pred_dir / "case_000.nii.gz")
+    out = tmp_path / "r.csv"
+
+    def full_disk(text, path):
+        raise FlareSegError(f"{path}: cannot write (No space left on device)")
+
+    monkeypatch.setattr(cli, "write_text_atomic", full_disk)
+    assert main(["--pred", str(pred_dir), "--gt", str(gt_dir), "-o", str(out), "-q"]) == 2
+    printed = capsys.readouterr()
+    assert printed.err.strip() == f"flare-eval: error: {out}: cannot write (No space left on device)"
+    assert "| liver    |  33.33 ± 47.14" in printed.out and "1 case scored, 2 missing" in printed.out
+    assert "case,status,liver_dsc" in printed.out and "case_000,ok,1.000000,1.000000" in printed.out
+    assert not out.exists()
 
 
 def test_numbers_are_checked_and_the_tolerance_is_recorded(phantom_dirs, tmp_path, capsys):
