@@ -80,9 +80,30 @@ def run_padded(runner: Runner, batch: torch.Tensor, min_batch: int | None) -> to
     """``runner.infer(batch)``, padding a batch below ``min_batch`` with zero slices and dropping their outputs."""
     n = int(batch.shape[0])
     if min_batch is None or n >= min_batch:
-        return runner.infer(batch)
+        return checked_output(runner, runner.infer(batch), batch)
     padding = batch.new_zeros((min_batch - n, *batch.shape[1:]))
-    return runner.infer(torch.cat([batch, padding]))[:n]
+    padded = torch.cat([batch, padding])
+    return checked_output(runner, runner.infer(padded), padded)[:n]
+
+
+def checked_output(runner: Runner, out: object, batch: torch.Tensor) -> torch.Tensor:
+    """A runner's output, refused in one line unless it is what its ``output_kind`` promises for ``batch``: scores
+    (B, classes, h, w) or labels (B, h, w), at the batch's slice size. Shapes only, so no device sync: a callable
+    (FunctionRunner) returning a tuple, a numpy array or another class count would otherwise fail deep inside,
+    or be resized into a wrong label map without a word."""
+    name = type(runner).__name__
+    if not isinstance(out, torch.Tensor):
+        hint = " (a network in training mode returns one per output level: call .eval())"
+        hint = hint if isinstance(out, tuple) else ""
+        raise FlareSegError(f"{name} returned a {type(out).__name__}, expected a torch.Tensor{hint}")
+    n, size, classes = int(batch.shape[0]), tuple(batch.shape[-2:]), runner.info.network.num_classes
+    if runner.output_kind == "labels":
+        expected, ok = f"labels ({n}, {size[0]}, {size[1]})", out.ndim == 3
+    else:
+        expected, ok = f"scores ({n}, {classes}, {size[0]}, {size[1]})", out.ndim == 4 and out.shape[1] == classes
+    if not ok or out.shape[0] != n or tuple(out.shape[-2:]) != size:
+        raise FlareSegError(f"{name} returned shape {tuple(out.shape)} for a batch of {n}; expected {expected}")
+    return out
 
 
 def infer_volume(
@@ -126,6 +147,11 @@ def infer_volume(
     else:
         _infer_cpu(stored, normalizer, runner, batch_size, done, times)
     times.infer_s -= times.on_labels_s - callbacks_before
+    classes = runner.info.network.num_classes
+    if runner.output_kind == "labels" and labels.size and int(labels.max()) >= classes:  # argmax of scores cannot
+        found = np.unique(labels)
+        raise FlareSegError(f"{type(runner).__name__} returned labels {found[found >= classes].tolist()}, outside 0.."
+                            f"{classes - 1}")  # fmt: skip
     return labels
 
 

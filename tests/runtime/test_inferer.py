@@ -307,3 +307,45 @@ def test_label_outputs_are_resized_by_pixel_centres():
     rows = np.floor((np.arange(48) + 0.5) * 32 / 48).astype(int)
     cols = np.floor((np.arange(40) + 0.5) * 32 / 40).astype(int)
     assert got.dtype == torch.uint8 and np.array_equal(got.numpy(), labels.numpy()[:, rows][:, :, cols])
+
+
+def test_a_runner_s_output_that_is_not_what_it_promises_is_one_line_not_a_label_map():
+    # A callable's output was never checked: labels 7..10 were written as a label map, 3 classes of 5 or another
+    # slice size were resized into one without a word, and a tuple (a network left in training mode) or a numpy
+    # array ended in an AttributeError deep in the inferer.
+    ct = np.full((3, 40, 48), -200, np.int16)
+    normalizer = volume_normalizer(ct, STATS)
+
+    def run(fn, output_kind="logits"):
+        with FunctionRunner(fn, _info(1), output_kind=output_kind) as runner:
+            return infer_volume(ct, normalizer, runner, 2)
+
+    scores = lambda x, c=5: torch.zeros((x.shape[0], c, *x.shape[2:]))  # noqa: E731
+    assert run(scores).shape == (3, 40, 48)  # what it promises: through
+    cases = {
+        "training mode": (lambda x: (scores(x), scores(x)), "logits", "FunctionRunner returned a tuple, expected a "
+                          "torch.Tensor (a network in training mode returns one per output level: call .eval())"),
+        "numpy": (lambda x: scores(x).numpy(), "logits", "FunctionRunner returned a ndarray, expected a torch.Tensor"),
+        "classes": (lambda x: scores(x, 3), "logits", "FunctionRunner returned shape (2, 3, 64, 64) for a batch of 2; "
+                    "expected scores (2, 5, 64, 64)"),
+        "size": (lambda x: scores(x)[..., :10], "logits", "FunctionRunner returned shape (2, 5, 64, 10) for a batch "
+                 "of 2; expected scores (2, 5, 64, 64)"),
+        "batch": (lambda x: scores(x)[:1], "logits", "FunctionRunner returned shape (1, 5, 64, 64) for a batch of 2; "
+                  "expected scores (2, 5, 64, 64)"),
+        "labels as scores": (lambda x: scores(x), "labels", "FunctionRunner returned shape (2, 5, 64, 64) for a "
+                             "batch of 2; expected labels (2, 64, 64)"),
+        "label range": (lambda x: torch.full((x.shape[0], *x.shape[2:]), 7, dtype=torch.uint8), "labels",
+                        "FunctionRunner returned labels [7], outside 0..4"),
+    }  # fmt: skip
+    for what, (fn, kind, message) in cases.items():
+        with pytest.raises(FlareSegError) as info:
+            run(fn, kind)
+        assert str(info.value) == message, what
+    with pytest.raises(FlareSegError, match=r"^output_kind must be 'logits' or 'labels', got 'probs'$"):
+        FunctionRunner(scores, _info(1), output_kind="probs")  # type: ignore[arg-type]
+    with pytest.raises(FlareSegError, match=r"^FunctionRunner needs the model's ModelInfo, got NoneType$"):
+        FunctionRunner(scores, None)  # type: ignore[arg-type]
+    # A device string of no backend's is the same line everywhere (was torch's RuntimeError listing its 20 kinds).
+    for device in ("gpu", "cuda:x", ""):
+        with pytest.raises(FlareSegError, match=r"^device must be cpu or cuda\[:i\], got "):
+            FunctionRunner(scores, _info(1), device=device)

@@ -365,3 +365,12 @@ def test_a_gpu_device_without_one_is_refused_as_the_user_wrote_it(tmp_path, devi
         with pytest.raises(FlareSegError) as err:
             open_runner(model, backend=backend, device=device)
         assert str(err.value).startswith(f"device {device} requested, but torch sees no CUDA GPU on this machine")
+
+
+def test_a_device_string_of_no_backend_s_is_one_line_for_every_backend(trained_checkpoint, int8_export):
+    # ONNX Runtime and OpenVINO passed the string to torch.device, whose RuntimeError listed its 20 device kinds.
+    onnx = next(m.path for m in int8_export if m.metadata.precision == "fp32")
+    for model, backend in ((trained_checkpoint, None), (onnx, None), (onnx, "openvino")):
+        for device in ("gpu", "cuda:x", ""):
+            with pytest.raises(FlareSegError, match=rf"^device must be cpu or cuda\[:i\], got '{device}'$"):
+                open_runner(model, backend=backend, device=device)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from flareseg.errors import FlareSegError
-from flareseg.runtime.runners.base import Backend, OrtProvider, Runner, TorchPrecision, cuda_device
+from flareseg.runtime.runners.base import Backend, OrtProvider, Runner, TorchPrecision, cuda_device, parse_device
 from flareseg.runtime.runners.function import FunctionRunner
 from flareseg.runtime.runners.onnxrt import DEFAULT_CPU_MEMORY, OnnxRuntimeRunner, OrtMemory
 from flareseg.runtime.runners.openvino import OpenVINOPrecision, OpenVINORunner, PerformanceHint
@@ -127,7 +127,7 @@ def open_runner(
         )
     check_precision(backend, precision)
     if backend == "onnxruntime":
-        dev = torch.device(device)
+        dev = parse_device(device)
         provider: OrtProvider = ort_provider or ("cpu" if dev.type == "cpu" else "cuda")
         if provider != "cpu":  # the GPU providers read and write torch's CUDA tensors (no host round trip)
             try:
@@ -136,7 +136,7 @@ def open_runner(
                 raise FlareSegError(f"{exc}; ONNX Runtime's {provider} provider needs a CUDA build of torch") from None
         return OnnxRuntimeRunner(model, provider=provider, threads=threads, device_id=dev.index or 0, memory=ort_memory)
     if backend == "openvino":
-        if torch.device(device).type != "cpu":
+        if parse_device(device).type != "cpu":
             raise FlareSegError(f"the OpenVINO backend runs on the CPU, got device {device}")
         ov_precision: OpenVINOPrecision = "bf16" if precision == "bf16" else "fp32"  # checked above
         return OpenVINORunner(model, precision=ov_precision, threads=threads, hint=openvino_hint)

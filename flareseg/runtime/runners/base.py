@@ -212,13 +212,19 @@ class Runner(ABC):
         return self.name
 
 
-def cuda_device(device: str | torch.device) -> torch.device:
+def parse_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device of ours (cpu, cuda, cuda:i); anything else is a one-line FlareSegError."""
     try:
         dev: torch.device | None = torch.device(device)
     except (RuntimeError, TypeError):  # torch's message lists its ~20 device types; ours says what we take
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda"):
         raise FlareSegError(f"device must be cpu or cuda[:i], got {device!r}")
+    return dev
+
+
+def cuda_device(device: str | torch.device) -> torch.device:
+    dev = parse_device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise FlareSegError(f"device {device} requested, but torch sees no CUDA GPU on this machine")

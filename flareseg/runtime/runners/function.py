@@ -7,8 +7,9 @@ from collections.abc import Callable
 import torch
 
 from flareseg.checkpoint import ModelInfo
+from flareseg.errors import FlareSegError
 from flareseg.export.metadata import OutputKind
-from flareseg.runtime.runners.base import Runner
+from flareseg.runtime.runners.base import Runner, parse_device
 
 
 class FunctionRunner(Runner):
@@ -24,11 +25,15 @@ class FunctionRunner(Runner):
         device: str | torch.device = "cpu",
     ) -> None:
         super().__init__()
+        if not isinstance(info, ModelInfo):  # what shapes the slices and the outputs' check
+            raise FlareSegError(f"FunctionRunner needs the model's ModelInfo, got {type(info).__name__}")
+        if output_kind not in ("logits", "labels"):
+            raise FlareSegError(f"output_kind must be 'logits' or 'labels', got {output_kind!r}")
         self.fn = fn
         self.info = info
         self.input_channels = input_channels or info.network.in_channels
         self.output_kind = output_kind
-        self.device = torch.device(device)
+        self.device = parse_device(device)
 
     def _describe(self) -> str:
         return f"function ({self.device})"
