@@ -112,6 +112,10 @@ def open_runner(
     provider otherwise, unless ``ort_provider`` names one (``tensorrt`` included). With
     ``backend="openvino"`` an ONNX model (fp32 or INT8) runs on OpenVINO's CPU plugin, in
     fp32 or, with ``precision="bf16"``, bf16 where the CPU has the instructions.
+
+    ``threads``: the CPU threads of an ONNX Runtime or OpenVINO session. PyTorch's are the process's
+    (``torch.set_num_threads``), which no runner changes as a side effect; ``flare-infer --threads`` sets them
+    for its run.
     """
     if backend is None:
         backend = backend_for(model)  # checks the file; its suffix fits the backend it names

@@ -20,7 +20,7 @@ import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Literal, Self
 
 import torch
 
@@ -76,7 +76,7 @@ class Runner(ABC):
     def name(self) -> str:
         return type(self).__name__
 
-    def activate(self) -> Runner:
+    def activate(self) -> Self:
         with self._lock:  # two threads starting a shared runner load its model once
             if not self._active:
                 t = time.perf_counter()
@@ -150,7 +150,7 @@ class Runner(ABC):
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t
 
-    def __enter__(self) -> Runner:
+    def __enter__(self) -> Self:
         return self.activate()
 
     def __exit__(
