@@ -356,9 +356,21 @@ def _replaceable(path: Path) -> Path:
 
 def _cannot_write(path: Path, exc: OSError) -> FlareSegError:
     why = exc.strerror or str(exc)
+    if exc.errno is None and _disk_full(path.parent):
+        # numpy's tofile says only "N requested and M written", with no errno: the full disk is the likely cause
+        why = f"{os.strerror(errno.ENOSPC)}: {why}"
     if exc.filename is not None and Path(exc.filename) != path and not Path(exc.filename).name.startswith("."):
         why += f": {exc.filename}"  # the folder in the way, say; our own temporary name would only confuse
     return FlareSegError(f"{path}: cannot write ({why})")
+
+
+def _disk_full(folder: Path) -> bool:
+    """Whether ``folder``'s file system has (next to) no room left: under 1 MiB free, or nothing to a user."""
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):  # gone, or Windows: nothing to add
+        return False
+    return st.f_bavail * st.f_frsize < 2**20
 
 
 def write_text_atomic(text: str, path: str | os.PathLike[str]) -> Path:

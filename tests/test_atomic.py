@@ -443,3 +443,25 @@ def test_without_exclusive_rename_or_hard_links_a_check_keeps_what_is_there(tmp_
 def _touch(path: Path) -> Path:
     path.write_bytes(b"")
     return path
+
+
+def test_a_short_write_on_a_full_disk_says_so(tmp_path, monkeypatch):
+    # numpy's tofile (the training cache's np.save) raises a bare "N requested and M written", with no errno: the
+    # line named the file but not the full disk.
+    import types
+
+    import numpy as np
+
+    from flareseg import atomic
+
+    def short_write(path: Path) -> None:
+        with atomic.atomic_output(path, keep_suffix=".npy") as tmp:  # as the cache writes (np.save adds .npy)
+            np.save(tmp, np.zeros(4))
+            raise OSError("36864 requested and 16256 written")  # what tofile raised on the full disk
+
+    with pytest.raises(FlareSegError, match=r"x\.npy: cannot write \(36864 requested and 16256 written\)$"):
+        short_write(tmp_path / "x.npy")  # room left: not blamed on the disk
+    monkeypatch.setattr(atomic.os, "statvfs", lambda folder: types.SimpleNamespace(f_bavail=3, f_frsize=4096))
+    with pytest.raises(FlareSegError, match=r"x\.npy: cannot write \(No space left on device: 36864 requested and"):
+        short_write(tmp_path / "x.npy")
+    assert list(tmp_path.iterdir()) == []

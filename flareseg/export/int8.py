@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
@@ -238,6 +239,24 @@ def _without_preprocessing_advice() -> Iterator[None]:
         root.removeFilter(advice)
 
 
+def _temp_folder_full(model: Any) -> str:
+    """What to add to a failed ONNX Runtime quantisation whose temporary folder had no room for its copies of the
+    model: its shape inference cuts its file short on a full disk without a word, and the load after it then
+    reports a corrupt model."""
+    folder = tempfile.gettempdir()
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    needed = 3 * model.ByteSize()  # the model saved, shape-inferred and quantised there
+    if free >= needed:
+        return ""
+    return (
+        f" (the temporary folder {folder} has {free / 2**20:.1f} MB free, and the quantiser writes about "
+        f"{needed / 2**20:.1f} MB there: free space, or set TMPDIR)"
+    )
+
+
 @contextmanager
 def quiet_logger(name: str) -> Iterator[None]:
     """Raise a library logger's level for a block, then restore it (the exporter and NNCF report what is not
@@ -357,6 +376,7 @@ def quantize(
         text = str(exc).strip().splitlines()
         raise FlareSegError(
             f"cannot quantise this model to INT8 with {quantizer}: {type(exc).__name__}: {text[0] if text else ''}"
+            + (_temp_folder_full(model) if quantizer == "onnxruntime" else "")
         ) from None
     if not any(n.op_type == "QuantizeLinear" for n in quantized.graph.node):
         raise FlareSegError(f"cannot quantise this model to INT8: {quantizer} quantised no layer")

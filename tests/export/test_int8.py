@@ -246,6 +246,36 @@ def test_models_that_cannot_be_quantised_are_refused(exported):
         int8_module.float_layer_nodes(fp32, ["middle-conv"])  # type: ignore[list-item]
 
 
+def test_a_quantisation_whose_temporary_folder_is_full_says_where(exported, tmp_path, monkeypatch):
+    # ONNX Runtime's shape inference cut its copy short on a full TMPDIR without a word, and the load after it
+    # said "DecodeError: ... Wire format was corrupt": the user was told the model is corrupt.
+    import collections
+
+    import onnxruntime.quantization
+
+    fp32 = onnx.load(str(exported[0].path))
+    inputs = np.zeros((1, 1, *TRAINED_SIZE), np.float32)
+
+    def cut_short(model_input, model_output, *args, **kwargs):
+        Path(model_output).write_bytes(Path(model_input).read_bytes()[:100])  # what the full disk left
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_static", cut_short)
+    monkeypatch.setattr(int8_module.tempfile, "gettempdir", lambda: str(tmp_path))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(int8_module.shutil, "disk_usage", lambda folder: usage(10**9, 10**9, 300 * 1024))
+    with pytest.raises(FlareSegError) as info:
+        int8_module.quantize(fp32, inputs, [], "onnxruntime")
+    needed = 3 * fp32.ByteSize() / 2**20
+    assert str(info.value).startswith("cannot quantise this model to INT8 with onnxruntime: DecodeError")
+    assert str(info.value).endswith(
+        f" (the temporary folder {tmp_path} has 0.3 MB free, and the quantiser writes about {needed:.1f} MB there: "
+        "free space, or set TMPDIR)"
+    )
+    monkeypatch.setattr(int8_module.shutil, "disk_usage", lambda folder: usage(10**12, 0, 10**12))
+    with pytest.raises(FlareSegError, match=r"DecodeError: [^(]*$"):  # room enough: nothing said of the folder
+        int8_module.quantize(fp32, inputs, [], "onnxruntime")
+
+
 def test_bad_int8_options_are_refused(trained_checkpoint, tmp_path, capsys):
     with pytest.raises(FlareSegError, match=r"minimum agreement must lie in \[0, 1\]"):
         ExportOptions(int8=True, int8_min_agreement=1.5)
