@@ -7,6 +7,7 @@ fails removes the folders it made, so no half-made report folder is taken for a 
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -15,6 +16,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flareseg.atomic import check_writable_folder
@@ -32,8 +34,20 @@ REPORT_FILES = ("report.json", "report.md", "latency.png", "stages.png", "check.
 #: Where a run in :func:`removed_on_failure` sets aside an earlier run's files, inside the report folder (a rename:
 #: no copy, no space): put back if the run fails, removed once its report is written.
 SET_ASIDE = ".flare-bench-earlier"
-#: The files set aside by the run in progress (where each was, where it is), or None outside removed_on_failure.
-_set_aside: ContextVar[list[tuple[Path, Path]] | None] = ContextVar("flare_bench_set_aside", default=None)
+
+
+@dataclass
+class _Aside:
+    """What the run in progress set aside: (where each file was, where it is); and, once it has cleared its report
+    folder, that folder and the files it keeps (its --model and --input), to remove what it wrote if it fails."""
+
+    moved: list[tuple[Path, Path]] = field(default_factory=list)
+    out: Path | None = None
+    kept: set[Path] = field(default_factory=set)
+
+
+#: The run in progress's :class:`_Aside`, or None outside removed_on_failure.
+_set_aside: ContextVar[_Aside | None] = ContextVar("flare_bench_set_aside", default=None)
 #: The first line of each markdown report (flareseg.bench.report.markdown, flareseg.bench.check).
 _HEADINGS = {"report.md": "# flare-bench report", "check.md": "# flare-bench --check"}
 #: The PNG text chunk's value that marks flare-bench's figures (keyword ``Software``).
@@ -105,18 +119,16 @@ def clear_earlier_run(out: Path, *, model: Path | None, input: Path | None) -> N
     Within :func:`removed_on_failure` the files are set aside (:data:`SET_ASIDE`) rather than removed, so that a
     run that fails (a full disk, a Ctrl-C) leaves the earlier report as it was.
     """
-    from flareseg.bench.backends import ALL_BACKENDS, MODELS_NAME
-
-    moved = _set_aside.get()
+    state = _set_aside.get()
     aside = out / SET_ASIDE
-    if moved is not None and aside.exists():
-        raise FlareSegError(
-            f"{aside}: an earlier report, set aside by a run that was killed before it ended; move its files back "
-            "into the folder, or remove it"
-        )
-
-    stems = {*ALL_BACKENDS, *(f"reference-{name}" for name in ALL_BACKENDS), "fresh-process"}
-    earlier = [out / "pred" / f"{stem}{suffix}" for stem in stems for suffix in (".nii.gz", ".timings.json")]
+    if state is not None and aside.exists():
+        if any(p.is_file() or p.is_symlink() for p in aside.rglob("*")):
+            raise FlareSegError(
+                f"{aside}: an earlier report set aside, by a flare-bench run writing here now or one killed before "
+                "it ended; once none runs, move its files back into the folder, or remove it"
+            )
+        _remove_empty(aside)  # folders only: what a run stopped before its first move left
+    earlier = _run_files(out)
     # Its reports first go: they describe the files removed here, also if this run is stopped before it writes.
     # Under these common names a file flare-bench did not write is refused, before anything is removed.
     in_the_way = [out / name for name in REPORT_FILES if (out / name).exists() and not (out / name).is_file()]
@@ -132,25 +144,41 @@ def clear_earlier_run(out: Path, *, model: Path | None, input: Path | None) -> N
             "choose another -o"
         )
     earlier += reports
-    # Its exported set (this run exports its own again, or has none to keep), and its phantom volumes (one per
-    # --slices: a rerun with another count would leave the old one beside the new).
-    if (out / "models").is_dir():
-        earlier += sorted((out / "models").glob(f"{MODELS_NAME}_*"))
-        earlier += sorted(p for p in (out / "models").glob("phantom_*_0000.nii.gz") if _PHANTOM.fullmatch(p.name))
-    earlier.append(out / "models" / "random-weights.pt")  # this run writes its own, or has a --model
     given = [p for p in (model, input) if p is not None]
     kept = {q.resolve() for p in given for q in (p, p.with_name(p.name + ".json"))}  # a given model's sidecar too
+    if state is not None:
+        state.out, state.kept = out, kept
     for path in earlier:
         if path.is_file() and path.resolve() not in kept:
-            if moved is None:
-                path.unlink()
-                log.debug("removed %s, of an earlier run", path)
-                continue
-            there = aside / path.relative_to(out)
-            there.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, there)
-            moved.append((path, there))
-            log.debug("set aside %s, of an earlier run", path)
+            if state is not None:
+                there = aside / path.relative_to(out)
+                there.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.replace(path, there)
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:
+                        raise
+                    # pred/ or models/ a link to another file system: no rename there, so removed as before
+                else:
+                    state.moved.append((path, there))
+                    log.debug("set aside %s, of an earlier run", path)
+                    continue
+            path.unlink()
+            log.debug("removed %s, of an earlier run", path)
+
+
+def _run_files(out: Path) -> list[Path]:
+    """The files of ``out`` under names a run writes besides its report: label maps and timings in ``pred/``, its
+    exported set, its phantom volumes (one per --slices) and its random-weight checkpoint."""
+    from flareseg.bench.backends import ALL_BACKENDS, MODELS_NAME
+
+    stems = {*ALL_BACKENDS, *(f"reference-{name}" for name in ALL_BACKENDS), "fresh-process"}
+    files = [out / "pred" / f"{stem}{suffix}" for stem in stems for suffix in (".nii.gz", ".timings.json")]
+    if (out / "models").is_dir():
+        files += sorted((out / "models").glob(f"{MODELS_NAME}_*"))
+        files += sorted(p for p in (out / "models").glob("phantom_*_0000.nii.gz") if _PHANTOM.fullmatch(p.name))
+    files.append(out / "models" / "random-weights.pt")  # a run writes its own, or has a --model
+    return files
 
 
 def _put_back(moved: list[tuple[Path, Path]]) -> None:
@@ -243,16 +271,18 @@ def removed_on_failure(out: Path) -> Iterator[None]:
         made = [out / name for name in RUN_FOLDERS if not (out / name).exists()]
     else:
         made = []  # a file in the way: the run is refused before it writes anything
-    token = _set_aside.set([])
+    state = _Aside()
+    token = _set_aside.set(state)
     try:
         yield
     except BaseException:
-        moved = _set_aside.get() or []
-        _put_back(moved)
-        for aside in _aside_folders(moved):
-            shutil.rmtree(aside, ignore_errors=True)  # empty now, but for what could not go back
-            if aside.exists():
-                log.warning("the earlier report's files that could not be put back are in %s", aside)
+        if state.out is not None:  # what the failed run wrote under its names goes, before the earlier files return
+            for path in [*_run_files(state.out), *(state.out / name for name in REPORT_FILES)]:
+                if path.is_file() and path.resolve() not in state.kept:
+                    path.unlink(missing_ok=True)
+        _put_back(state.moved)
+        if state.out is not None and not _remove_empty(state.out / SET_ASIDE):
+            log.warning("the earlier report's files that could not be put back are in %s", state.out / SET_ASIDE)
         for path in made:
             try:
                 shutil.rmtree(path)
@@ -267,7 +297,8 @@ def removed_on_failure(out: Path) -> Iterator[None]:
                 break
         raise
     else:
-        for aside in _aside_folders(_set_aside.get() or []):  # the new report is written: the earlier one's go
+        aside = state.out / SET_ASIDE if state.out is not None else None
+        if aside is not None and aside.exists():  # the new report is written: the earlier one's files go
             try:
                 shutil.rmtree(aside)
             except OSError as exc:
@@ -276,5 +307,17 @@ def removed_on_failure(out: Path) -> Iterator[None]:
         _set_aside.reset(token)
 
 
-def _aside_folders(moved: list[tuple[Path, Path]]) -> set[Path]:
-    return {next(p for p in there.parents if p.name == SET_ASIDE) for _, there in moved}
+def _remove_empty(folder: Path) -> bool:
+    """Remove ``folder`` and the folders in it, deepest first, as long as they hold no file; whether it is gone."""
+    if not folder.exists():
+        return True
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir() and not p.is_symlink()), reverse=True):
+        try:
+            sub.rmdir()
+        except OSError:  # holds a file: kept
+            pass
+    try:
+        folder.rmdir()
+    except OSError:
+        return False
+    return True

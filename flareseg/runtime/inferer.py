@@ -65,6 +65,8 @@ class InferenceTimes:
 def scores_to_labels(out: torch.Tensor, size: tuple[int, int], output_kind: str) -> torch.Tensor:
     """Runner output -> (B, H, W) uint8 labels at the slice's own size, on the output's device."""
     if output_kind == "labels":
+        if out.dtype != torch.uint8:  # out of uint8's range (a callable's int32 259) would wrap into a class: 255
+            out = torch.where((out < 0) | (out > 255), 255, out)  # is then refused with the rest, no sync here
         return resize_labels(out, size)
     scores = out if out.dtype in (torch.float32, torch.float16) else out.float()
     return resize_scores_to_labels(scores, size)

@@ -810,15 +810,49 @@ def test_a_rerun_whose_report_cannot_be_written_keeps_the_earlier_one_and_prints
     printed = capsys.readouterr()
     assert printed.err.strip().endswith("latency.png: cannot write (No space left on device)")
     assert printed.out.startswith("# flare-bench report") and "| torch-cpu-fp32 | 1 |" in printed.out
+    # The earlier run's files as they were, and none of the failed run's under flare-bench's names (its phantom).
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    assert {k: after.get(k) for k in before} == before and not (out / SET_ASIDE).exists()
-    assert sorted(map(str, after.keys() - before.keys())) == ["models/phantom_2_0000.nii.gz"]
+    assert after == before and not (out / SET_ASIDE).exists()
     # A run killed before it ended leaves the earlier files set aside: the next one says so, and touches nothing.
-    (out / SET_ASIDE).mkdir()
+    (out / SET_ASIDE / "pred").mkdir(parents=True)
+    (out / SET_ASIDE / "pred" / "torch-cpu-fp32.nii.gz").write_bytes(b"set aside")
     monkeypatch.undo()
     assert bench_main(argv) == 2
-    assert f"{out / SET_ASIDE}: an earlier report, set aside by a run that was killed" in capsys.readouterr().err
-    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == after
+    assert capsys.readouterr().err.strip() == (
+        f"flare-bench: error: {out / SET_ASIDE}: an earlier report set aside, by a flare-bench run writing here now "
+        "or one killed before it ended; once none runs, move its files back into the folder, or remove it"
+    )
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == {
+        **before,
+        Path(SET_ASIDE) / "pred" / "torch-cpu-fp32.nii.gz": b"set aside",
+    }
+    # One stopped before its first move left folders only: taken away without a word.
+    (out / SET_ASIDE / "pred" / "torch-cpu-fp32.nii.gz").unlink()
+    assert bench_main(argv) == 0 and not (out / SET_ASIDE).exists()
+
+
+def test_an_earlier_run_s_files_on_another_file_system_are_removed_as_before(report, tmp_path, monkeypatch):
+    # pred/ a link to another file system: no rename can set its files aside (EXDEV, a traceback), so they go.
+    import errno
+
+    from flareseg.bench import inputs
+
+    earlier, _ = report
+    out = tmp_path / "again"
+    shutil.copytree(earlier, out)
+    real = os.replace
+
+    def across(src, dst):
+        if "pred" in Path(src).parts:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real(src, dst)
+
+    monkeypatch.setattr(inputs.os, "replace", across)
+    with inputs.removed_on_failure(out):
+        inputs.clear_earlier_run(out, model=None, input=None)
+        assert sorted(p.name for p in (out / "pred").iterdir()) == []  # removed
+        assert (out / inputs.SET_ASIDE / "report.md").is_file()  # set aside
+    assert not (out / inputs.SET_ASIDE).exists()
 
 
 def test_a_failed_run_removes_only_what_it_made_even_through_a_detour(tmp_path):

@@ -336,6 +336,11 @@ def test_a_runner_s_output_that_is_not_what_it_promises_is_one_line_not_a_label_
                              "batch of 2; expected labels (2, 64, 64)"),
         "label range": (lambda x: torch.full((x.shape[0], *x.shape[2:]), 7, dtype=torch.uint8), "labels",
                         "FunctionRunner returned labels [7], outside 0..4"),
+        # int32 259 wrapped to 3 in the cast to uint8, a class: beyond uint8 it is said as 255
+        "int32 beyond uint8": (lambda x: torch.full((x.shape[0], *x.shape[2:]), 259, dtype=torch.int32), "labels",
+                               "FunctionRunner returned labels [255], outside 0..4"),
+        "negative": (lambda x: torch.full((x.shape[0], *x.shape[2:]), -1, dtype=torch.int32), "labels",
+                     "FunctionRunner returned labels [255], outside 0..4"),
     }  # fmt: skip
     for what, (fn, kind, message) in cases.items():
         with pytest.raises(FlareSegError) as info:

@@ -20,7 +20,7 @@ import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -28,6 +28,9 @@ from flareseg.checkpoint import ModelInfo
 from flareseg.errors import FlareSegError
 from flareseg.export.metadata import OutputKind
 from flareseg.provenance import FileIdentity, ModelStamp, file_identity
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11's; the annotations are never evaluated at run time
+    from typing_extensions import Self
 
 log = logging.getLogger(__name__)
 
