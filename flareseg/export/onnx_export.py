@@ -10,12 +10,14 @@ failure writes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import logging
 import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -409,8 +411,9 @@ def export_onnx(
             bar.update()
         bar.set_postfix_str("write")
         written = []
+        made = list(itertools.takewhile(lambda p: not p.exists(), [out, *out.parents]))  # by the first write
         # Every model and sidecar goes to a synced temporary file first; the renames come only once all are written.
-        with atomic_outputs() as outputs:
+        with _folders_removed_on_failure(made), atomic_outputs() as outputs:
             for model, meta, _ in verified:
                 embed_in_onnx(model, meta)
                 path = out / f"{options.name}_{meta.precision}.onnx"
@@ -436,6 +439,21 @@ def export_onnx(
     for gone in stale:  # a user's file gone: said under -q too
         log.warning("removed %s: of the earlier export, not of this one (--overwrite replaces the whole set)", gone)
     return written
+
+
+@contextlib.contextmanager
+def _folders_removed_on_failure(made: list[Path]) -> Iterator[None]:
+    """On an error (a full disk at the write), remove the folders in ``made`` (deepest first) that the block made
+    for its files and that hold nothing: a failed export leaves no empty output folder."""
+    try:
+        yield
+    except BaseException:
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (another run's files), or never made
+                break
+        raise
 
 
 def export_set(out: Path, name: str) -> list[Path]:

@@ -743,6 +743,11 @@ def test_a_write_that_fails_midway_leaves_the_earlier_set_whole(tiny_checkpoint,
         export_onnx(tiny_checkpoint, out, options, overwrite=True)
     assert calls == ["fp32", "fp16"]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new fp32 beside old fp16, no temporaries
+    # Into a folder it had to make (two levels): the full disk leaves neither behind, empty (a disk-full review).
+    calls.clear()
+    with pytest.raises(FlareSegError, match=r"cannot write \(No space left on device\)"):
+        export_onnx(tiny_checkpoint, tmp_path / "new" / "deploy", ExportOptions(fp16=True, verify_slices=1))
+    assert calls == ["fp32", "fp16"] and sorted(p.name for p in tmp_path.iterdir()) == ["deploy"]
 
 
 def test_metadata_is_read_without_the_onnx_package_as_onnx_reads_it(tiny_checkpoint, tmp_path):
