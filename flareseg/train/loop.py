@@ -335,9 +335,12 @@ def _hold_run(run: Path) -> int:
                 raise busy
         try:
             run.mkdir(parents=True, exist_ok=True)
-            fd = os.open(run / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)  # write access: NFS locks need it
         except OSError as exc:
             raise FlareSegError(f"--out {run}: cannot create the run folder ({exc.strerror or exc})") from None
+        try:
+            fd = os.open(run / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)  # write access: NFS locks need it
+        except OSError as exc:  # the folder is there (a --resume, say), on a read-only file system perhaps
+            raise FlareSegError(f"{run / RUN_LOCK}: cannot open the run's lock file ({exc.strerror or exc})") from None
         if fcntl is not None:  # Windows has none
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -1069,3 +1070,16 @@ def test_a_one_pixel_bottleneck_with_one_slice_a_batch_is_refused_before_any_wor
         "channel in training; give --batch-size 2 or more, or a larger --size"
     )
     assert not (tmp_path / "r").exists()
+
+
+def test_a_run_folder_whose_lock_cannot_be_opened_names_the_lock_not_the_folder(tmp_path, capsys):
+    # On a read-only file system a --resume said "--out RUN: cannot create the run folder": the folder was there,
+    # and the user had given --resume; the lock file was what could not be opened. A folder in its place stands in
+    # for the read-only file system here (root writes anywhere else).
+    from flareseg.train import loop
+
+    run = tmp_path / "run"
+    (run / loop.RUN_LOCK).mkdir(parents=True)
+    with pytest.raises(FlareSegError, match=rf"^{re.escape(str(run / loop.RUN_LOCK))}: cannot open the run's lock "
+                       r"file \(Is a directory\)$"):  # fmt: skip
+        loop._hold_run(run)
