@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import logging
 import os
 import re
@@ -16,7 +17,7 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -296,6 +297,21 @@ def check_writable(path: Path) -> None:
     if not folder.is_dir():
         raise FlareSegError(f"{path}: cannot create its folder, {folder} is a file")
     _probe(folder, path)
+
+
+def missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its parents that do not exist yet, deepest first: what a write into it would make."""
+    return list(itertools.takewhile(lambda p: not p.exists(), [folder, *folder.parents]))
+
+
+def remove_empty_folders(folders: Iterable[Path]) -> None:
+    """Remove ``folders`` in turn (deepest first) while each is empty: the first that holds anything (another
+    run's files, say), or is gone, ends it."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def check_writable_folder(folder: Path) -> None:

@@ -8,7 +8,6 @@ fails removes the folders it made, so no half-made report folder is taken for a 
 from __future__ import annotations
 
 import errno
-import itertools
 import logging
 import os
 import re
@@ -19,7 +18,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flareseg.atomic import check_writable_folder
+from flareseg.atomic import check_writable_folder, missing_folders, remove_empty_folders
 from flareseg.errors import FlareSegError
 
 log = logging.getLogger(__name__)
@@ -266,7 +265,7 @@ def removed_on_failure(out: Path) -> Iterator[None]:
     parents: list[Path] = []
     if not out.exists():
         made = [out]
-        parents = list(itertools.takewhile(lambda p: not p.exists(), out.parents))
+        parents = missing_folders(out.parent)
     elif out.is_dir():
         made = [out / name for name in RUN_FOLDERS if not (out / name).exists()]
     else:
@@ -290,11 +289,7 @@ def removed_on_failure(out: Path) -> Iterator[None]:
                 pass
             except OSError as exc:  # a folder that cannot go is left, and said
                 log.warning("could not remove %s after the failure: %s", path, exc)
-        for parent in parents:  # deepest first
-            try:
-                parent.rmdir()
-            except OSError:  # not empty, or never made
-                break
+        remove_empty_folders(parents)
         raise
     else:
         aside = state.out / SET_ASIDE if state.out is not None else None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import logging
 import math
 import os
@@ -27,7 +26,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from flareseg.atomic import atomic_outputs, check_writable_folder, written_meanwhile
+from flareseg.atomic import (
+    atomic_outputs,
+    check_writable_folder,
+    missing_folders,
+    remove_empty_folders,
+    written_meanwhile,
+)
 from flareseg.checkpoint import ModelInfo, check_slice_size, file_sha256, software_versions
 from flareseg.errors import FlareSegError, interrupts_kept
 from flareseg.export.inputs import PHANTOM_DESCRIPTION, load_checked_model, phantom_ct, read_ct_normalized
@@ -411,7 +416,7 @@ def export_onnx(
             bar.update()
         bar.set_postfix_str("write")
         written = []
-        made = list(itertools.takewhile(lambda p: not p.exists(), [out, *out.parents]))  # by the first write
+        made = missing_folders(out)  # by the first write
         # Every model and sidecar goes to a synced temporary file first; the renames come only once all are written.
         with _folders_removed_on_failure(made), atomic_outputs() as outputs:
             for model, meta, _ in verified:
@@ -448,11 +453,7 @@ def _folders_removed_on_failure(made: list[Path]) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        for folder in made:
-            try:
-                folder.rmdir()
-            except OSError:  # not empty (another run's files), or never made
-                break
+        remove_empty_folders(made)
         raise
 
 

@@ -536,7 +536,7 @@ def warn_kept_of_other_models(runner: Runner, kept: Sequence[tuple[str, Path, Ou
         return
     if stamp is None:
         return
-    ours = [stamp.sha256]
+    exported: list[str] | None = None  # what the runner's export was made from: read once, if ever needed
     other: list[str] = []
     unstamped: list[str] = []
     unnamed: list[str] = []
@@ -547,9 +547,9 @@ def warn_kept_of_other_models(runner: Runner, kept: Sequence[tuple[str, Path, Ou
         elif made.sha256 is None:
             unstamped.append(case)
         else:
-            if len(ours) == 1:  # an export's checkpoint made the same network's results: read once, when needed
-                ours += _exported_from(runner.model_file)
-            if not any(digest.startswith(made.sha256) for digest in ours):
+            if exported is None:  # an export's checkpoint made the same network's results
+                exported = _exported_from(runner.model_file)
+            if not any(digest.startswith(made.sha256) for digest in (stamp.sha256, *exported)):
                 other.append(f"{case} ({made.name}, sha256:{made.sha256[:16]})")
 
     def results(cases: list[str]) -> str:
@@ -576,11 +576,13 @@ def _exported_from(model: Path) -> list[str]:
     """The SHA-256s of what an exported model was made from (its checkpoint; an engine's ONNX too), from its
     metadata; none for a checkpoint or an export whose metadata does not read."""
     from flareseg.export.metadata import read_onnx_metadata, read_sidecar
+    from flareseg.runtime.runners import backend_for
 
     try:
-        if model.suffix == ".onnx":
+        backend = backend_for(model)  # by its suffix, as the run chose its runner
+        if backend == "onnxruntime":
             return [read_onnx_metadata(model).source_checkpoint_sha256]
-        if model.suffix in (".engine", ".plan"):  # TensorRT's two names (runners.backend_for)
+        if backend == "tensorrt":
             data = read_sidecar(model)
             sources = [data.get("source_checkpoint_sha256"), (data.get("engine") or {}).get("source_onnx_sha256")]
             return [str(digest) for digest in sources if digest]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from flareseg.atomic import AtomicOutputs, atomic_outputs, write_text_atomic
+from flareseg.atomic import AtomicOutputs, atomic_outputs, remove_empty_folders, write_text_atomic
 from flareseg.checkpoint import ModelInfo, check_slice_size, read_checkpoint, save_checkpoint
 from flareseg.errors import FlareSegError, gpu_memory_errors
 from flareseg.labels import LABELS, ORGANS
@@ -369,13 +370,7 @@ def _remove_created(run: Path, created: Path) -> None:
     Only emptied ones go: another run may have started in a folder this one created.
     """
     shutil.rmtree(run, ignore_errors=True)
-    for folder in run.parents:
-        if folder == created.parent:
-            break
-        try:
-            folder.rmdir()
-        except OSError:  # not empty: someone else's now
-            break
+    remove_empty_folders(itertools.takewhile(lambda folder: folder != created.parent, run.parents))
 
 
 def _append_record(path: Path, record: dict[str, Any], outputs: AtomicOutputs) -> None:
