@@ -37,6 +37,15 @@ class OutputExistsError(FlareSegError):
     wrote it meanwhile): the target is kept, this write is dropped."""
 
 
+class NoMoreWritesError(FlareSegError):
+    """The file system under an output takes no more writes: it is full, over quota, or read-only. Later writes
+    there would fail alike, so a folder run stops writing there (see :func:`~flareseg.runtime.pipeline.run_cases`)."""
+
+
+#: The errors that say a whole file system refuses writes, not this one file.
+_NO_MORE_WRITES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike[str], *, keep_suffix: str = "", replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path``.
@@ -372,12 +381,13 @@ def _replaceable(path: Path) -> Path:
 
 def _cannot_write(path: Path, exc: OSError) -> FlareSegError:
     why = exc.strerror or str(exc)
+    full = exc.errno in _NO_MORE_WRITES
     if exc.errno is None and _disk_full(path.parent):
         # numpy's tofile says only "N requested and M written", with no errno: the full disk is the likely cause
-        why = f"{os.strerror(errno.ENOSPC)}: {why}"
+        why, full = f"{os.strerror(errno.ENOSPC)}: {why}", True
     if exc.filename is not None and Path(exc.filename) != path and not Path(exc.filename).name.startswith("."):
         why += f": {exc.filename}"  # the folder in the way, say; our own temporary name would only confuse
-    return FlareSegError(f"{path}: cannot write ({why})")
+    return (NoMoreWritesError if full else FlareSegError)(f"{path}: cannot write ({why})")
 
 
 def _disk_full(folder: Path) -> bool:

@@ -459,9 +459,30 @@ def test_a_short_write_on_a_full_disk_says_so(tmp_path, monkeypatch):
             np.save(tmp, np.zeros(4))
             raise OSError("36864 requested and 16256 written")  # what tofile raised on the full disk
 
-    with pytest.raises(FlareSegError, match=r"x\.npy: cannot write \(36864 requested and 16256 written\)$"):
+    with pytest.raises(FlareSegError, match=r"x\.npy: cannot write \(36864 requested and 16256 written\)$") as room:
         short_write(tmp_path / "x.npy")  # room left: not blamed on the disk
+    assert not isinstance(room.value, atomic.NoMoreWritesError)
     monkeypatch.setattr(atomic.os, "statvfs", lambda folder: types.SimpleNamespace(f_bavail=3, f_frsize=4096))
-    with pytest.raises(FlareSegError, match=r"x\.npy: cannot write \(No space left on device: 36864 requested and"):
+    with pytest.raises(
+        atomic.NoMoreWritesError, match=r"x\.npy: cannot write \(No space left on device: 36864 requested"
+    ):
         short_write(tmp_path / "x.npy")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("code", "whole_file_system"),
+    [("ENOSPC", True), ("EDQUOT", True), ("EROFS", True), ("EACCES", False), ("EIO", False)],
+)
+def test_a_file_system_that_takes_no_more_writes_is_told_from_a_failed_write(tmp_path, code, whole_file_system):
+    # A folder run stops writing to a file system that is full, over quota or read-only (each case left would
+    # fail alike); a write refused for its own reasons (a permission, a disk fault) fails its case alone.
+    import errno
+
+    from flareseg import atomic
+
+    with pytest.raises(FlareSegError, match=rf"^{re.escape(str(tmp_path / 'x.nii'))}: cannot write \(") as failed:
+        with atomic.atomic_output(tmp_path / "x.nii"):
+            raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+    assert isinstance(failed.value, atomic.NoMoreWritesError) == whole_file_system
     assert list(tmp_path.iterdir()) == []

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 import numpy as np
 import torch
 
-from flareseg.atomic import OutputExistsError, write_text_atomic
+from flareseg.atomic import NoMoreWritesError, OutputExistsError, write_text_atomic
 from flareseg.errors import FlareSegError, first_few, gpu_memory_errors
 from flareseg.postprocess import StreamingPostprocessor, keep_largest_components
 from flareseg.preprocess import volume_normalizer
@@ -322,7 +322,9 @@ def run_cases(
     the backend's first-batch set-up overlaps it too); the caller deactivates it. An
     error marks its case failed and the others go on (one foreseen, a
     :class:`FlareSegError`, is logged in one line; any other with its traceback), or is
-    raised with ``raise_errors``. ``on_case`` sees each case when its output is written.
+    raised with ``raise_errors``. A write that finds its file system taking no more writes
+    (:class:`~flareseg.atomic.NoMoreWritesError`: full, over quota, read-only) fails the cases left for that file
+    system untried, without reading them. ``on_case`` sees each case when its output is written (or fails).
     ``timeline`` gets the points the run reaches (activated, first read, ...).
     ``overlap_postprocess``: label components slab by slab while later slices are
     inferred (:class:`~flareseg.postprocess.StreamingPostprocessor`, same result), so only
@@ -351,6 +353,8 @@ def run_cases(
             if raise_errors:
                 raise
             timing._log_failure(exc)
+            if isinstance(exc, NoMoreWritesError):  # the cases left for that file system would fail alike
+                full.setdefault(_file_system(Path(timing.output)), timing.case)
         else:
             timing.total_s = timing.read_s + timing.preprocess_s + timing.infer_s + timing.postprocess_s
             timing.total_s += timing.write_s
@@ -359,6 +363,17 @@ def run_cases(
             on_case(timing)
 
     writer = ThreadPoolExecutor(1, thread_name_prefix="flareseg-write")
+    # File systems that took no more writes (full, over quota, read-only), with the case whose write said so: the
+    # cases left there are not read nor inferred, which would take minutes each to end in the same error.
+    full: dict[int, str] = {}
+    said: set[int] = set()
+
+    def untried(job: CaseJob) -> bool:
+        return bool(full) and _file_system(job.output) in full
+
+    def read_ahead(i: int) -> Future[Read] | None:
+        return reads.submit(jobs[i].input, jobs[i].output_type) if i < len(jobs) and not untried(jobs[i]) else None
+
     hashing = threading.Event()  # set: the model's hash, the writer's first job, is given up (the run stops)
 
     def settle_first() -> None:
@@ -416,7 +431,7 @@ def run_cases(
         # the model for the outputs' stamp, while the first case is read and inferred (an error there is the
         # first write's to say).
         writer.submit(runner.stamp, hashing)
-        upcoming: Future[Read] | None = reads.submit(jobs[0].input, jobs[0].output_type)
+        upcoming = read_ahead(0)
         runner.activate()  # no-op when already active; otherwise overlaps the first read
         mark("activated")
         # Known once active (an engine's profile is read on loading); the stages below use it.
@@ -427,8 +442,14 @@ def run_cases(
         for i, job in enumerate(jobs):
             timing = CaseTiming.of(job)
             results.append(timing)
-            following = reads.submit(jobs[i + 1].input, jobs[i + 1].output_type) if i + 1 < len(jobs) else None
-            current, upcoming = upcoming, following
+            if untried(job):
+                _not_tried(timing, job, jobs[i:], full, said)
+                if on_case:
+                    on_case(timing)
+                upcoming = None  # a read begun before the write failed is not waited for
+                continue
+            current = upcoming if upcoming is not None else read_ahead(i)
+            upcoming = read_ahead(i + 1)
             assert current is not None
             on_device(i, job, timing, current)
             del current  # its result is the case's voxels: let them go with the case
@@ -456,6 +477,35 @@ def run_cases(
             reads.close()
         writer.shutdown(wait=True, cancel_futures=True)
     return results
+
+
+def _file_system(path: Path) -> int:
+    """The device of the file system that ``path`` would be written on (its nearest existing folder)."""
+    for folder in path.absolute().parents:
+        try:
+            return os.stat(folder).st_dev
+        except OSError:  # not made yet, or unreadable: its parent's
+            continue
+    return -1
+
+
+def _not_tried(
+    timing: CaseTiming, job: CaseJob, left: Sequence[CaseJob], full: Mapping[int, str], said: set[int]
+) -> None:
+    """Mark ``job`` failed untried, its output's file system having taken no more writes. The first such case says
+    it once for all those ``left`` there; each case's own line then says only that it was not tried."""
+    where = _file_system(job.output)
+    if where not in said:
+        said.add(where)
+        n = sum(_file_system(j.output) == where for j in left)
+        log.error(
+            "%s: no more writes there since case %s's failed; %s left for it not tried (free room and run again: "
+            "finished cases are kept)",
+            job.output.parent,
+            full[where],
+            f"{n} case{'' if n == 1 else 's'}",
+        )
+    timing._failed(FlareSegError(f"not tried: {job.output.parent} takes no more writes"))
 
 
 def _done(value: tuple[float, float, float]) -> Future[tuple[float, float, float]]:

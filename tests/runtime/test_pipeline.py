@@ -24,7 +24,7 @@ import pytest
 import torch
 from conftest import save
 
-from flareseg.atomic import OutputExistsError
+from flareseg.atomic import NoMoreWritesError, OutputExistsError
 from flareseg.checkpoint import ModelInfo, load_model
 from flareseg.errors import FlareSegError
 from flareseg.network import NetworkConfig
@@ -274,29 +274,91 @@ def test_any_error_fails_its_case_only_and_keeps_its_traceback(trained_checkpoin
         run_cases(runner, [CaseJob("c1", paths[1], tmp_path / "x" / "c1.nii.gz")], raise_errors=True)
 
 
-def test_a_full_disk_fails_its_case_naming_the_output_and_leaves_no_part_file(
-    trained_checkpoint, tmp_path, monkeypatch
-):
+def test_a_full_disk_stops_the_cases_left_for_it_untried(trained_checkpoint, tmp_path, monkeypatch, caplog):
+    # Once the output's disk is full, each case left would be read and inferred (minutes on a CPU) only for its
+    # write to fail alike; they are now failed untried, said once, and a later run (room made) does them.
     from flareseg import volume
 
-    if volume._igzip is None:
-        pytest.skip("ISA-L (isal) is not installed: the writer under test is nibabel's")
-    paths = _folder(tmp_path / "in", 3)
-    real_save = volume._save_gzip_isal
-
-    def save_gzip(img, path, igzip):
-        if Path(path).name.startswith(".c1.nii.gz."):  # the temporary of case c1's output
-            Path(path).write_bytes(b"half a file")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(img, path, igzip)
-
-    monkeypatch.setattr(volume, "_save_gzip_isal", save_gzip)
+    paths = _folder(tmp_path / "in", 5)
     out = tmp_path / "out"
+    full = {"now": False}
+    real_save, real_isal, real_read = volume.nib.save, volume._save_gzip_isal, reading.read_stage
+    read: list[str] = []
+
+    def failing(real):
+        def save(img, path, *args):
+            if Path(path).name.startswith(".c1.nii.gz."):
+                full["now"] = True
+            if full["now"]:
+                Path(path).write_bytes(b"half a file")
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(img, path, *args)
+
+        return save
+
+    def read_stage(path, *args):
+        read.append(Path(path).name)
+        return real_read(path, *args)
+
+    monkeypatch.setattr(volume.nib, "save", failing(real_save))
+    monkeypatch.setattr(volume, "_save_gzip_isal", failing(real_isal))
+    monkeypatch.setattr(reading, "read_stage", read_stage)
     with open_runner(trained_checkpoint) as runner:
         results = segment_folder(runner, paths, out, batch_size=4)
-    assert [r.status for r in results] == ["ok", "failed", "ok"]
+    assert [r.status for r in results] == ["ok"] + ["failed"] * 4
     assert results[1].error == f"{out / 'c1.nii.gz'}: cannot write (No space left on device)"
-    assert sorted(p.name for p in out.iterdir()) == ["c0.nii.gz", "c2.nii.gz"]  # no temporary left behind
+    # c2 was on the device, or about to be, when c1's write failed: it is tried or not, as the threads ran.
+    assert results[2].error in (
+        f"{out / 'c2.nii.gz'}: cannot write (No space left on device)",
+        f"not tried: {out} takes no more writes",
+    )
+    assert [r.error for r in results[3:]] == [f"not tried: {out} takes no more writes"] * 2
+    assert [r.slices for r in results[3:]] == [0, 0] and read[:3] == [
+        "c0_0000.nii.gz",
+        "c1_0000.nii.gz",
+        "c2_0000.nii.gz",
+    ]
+    assert len(read) <= 4  # c3's read may have begun before c1's write failed; c4's never does
+    said = [r.getMessage() for r in caplog.records if r.name == pipeline.log.name and "not tried" in r.getMessage()]
+    left = 2 if results[2].slices else 3
+    assert said == [
+        (
+            f"{out}: no more writes there since case c1's failed; {left} cases left for it not tried "
+            "(free room and run again: finished cases are kept)"
+        )
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["c0.nii.gz"]  # no temporary file left
+    # Room made: the run again does exactly the cases left.
+    full["now"] = False
+    monkeypatch.setattr(volume.nib, "save", real_save)
+    monkeypatch.setattr(volume, "_save_gzip_isal", real_isal)
+    with open_runner(trained_checkpoint) as runner:
+        again = segment_folder(runner, paths, out, batch_size=4)
+    assert [r.status for r in again] == ["skipped"] + ["ok"] * 4
+
+
+def test_a_full_disk_stops_only_the_cases_written_there(trained_checkpoint, tmp_path, monkeypatch):
+    # run_cases takes outputs anywhere (the API): a full file system stops the cases bound for it, not the others.
+    paths = _folder(tmp_path / "in", 4)
+    real_write = pipeline.write_case
+    devices = {str(tmp_path / "a"): 1, str(tmp_path / "b"): 2}
+
+    def write_case(labels, geometry, source, path, output_type="nifti", **kwargs):
+        if Path(path).parent.name == "a":
+            raise NoMoreWritesError(f"{path}: cannot write (No space left on device)")
+        return real_write(labels, geometry, source, path, output_type, **kwargs)
+
+    monkeypatch.setattr(pipeline, "write_case", write_case)
+    monkeypatch.setattr(pipeline, "_file_system", lambda path: devices[str(Path(path).parent)])
+    jobs = [CaseJob(f"c{i}", p, tmp_path / "ab"[i % 2] / f"c{i}.nii.gz") for i, p in enumerate(paths)]
+    with open_runner(trained_checkpoint) as runner:
+        results = run_cases(runner, jobs, batch_size=4)
+    assert [r.status for r in results] == ["failed", "ok", "failed", "ok"]
+    assert results[2].error in (
+        f"{tmp_path / 'a' / 'c2.nii.gz'}: cannot write (No space left on device)",
+        f"not tried: {tmp_path / 'a'} takes no more writes",
+    )
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["c1.nii.gz", "c3.nii.gz"]
 
 
 def test_outputs_that_could_never_be_written_are_refused_before_any_work(trained_checkpoint, tmp_path, capsys):
