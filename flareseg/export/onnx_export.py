@@ -49,6 +49,7 @@ from flareseg.export.options import DEFAULT_OPSET as DEFAULT_OPSET  # importable
 from flareseg.export.options import MIN_OPSET as MIN_OPSET
 from flareseg.export.options import ExportOptions, LabelDType
 from flareseg.export.options import max_opset as max_opset
+from flareseg.labels import LABELS, ORGANS
 from flareseg.network import FlareUNet, build_deploy_network
 from flareseg.preprocess import network_batch, normalize_volume
 
@@ -165,17 +166,38 @@ def verification_slices(
     return random, real, source
 
 
-def _compare(ref_logits: np.ndarray, got: np.ndarray, output_kind: OutputKind) -> dict[str, float]:
+def _compare(
+    ref_logits: np.ndarray, got: np.ndarray, output_kind: OutputKind, organs: bool = False
+) -> dict[str, float]:
+    """How ``got`` (logits, or labels) matches the reference logits; ``organs``: each organ's Dice too."""
     ref_labels = ref_logits.argmax(axis=1)
+    figures: dict[str, float] = {}
     if output_kind == "labels":
-        return {"argmax_agreement": float(np.mean(got.astype(np.int64) == ref_labels))}
-    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, which _check_finite refuses
-        diff = float(np.max(np.abs(got - ref_logits)))
-    scale = float(np.max(np.abs(ref_logits))) or 1.0
+        got_labels = got.astype(np.int64)
+    else:
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, which _check_finite refuses
+            diff = float(np.max(np.abs(got - ref_logits)))
+        scale = float(np.max(np.abs(ref_logits))) or 1.0
+        figures.update(max_abs_logit_diff=diff, max_rel_logit_diff=diff / scale)
+        got_labels = got.argmax(axis=1)
+    figures["argmax_agreement"] = float(np.mean(got_labels == ref_labels))
+    if organs:
+        figures.update(organ_dice(ref_labels, got_labels))
+    return figures
+
+
+def organ_dice(reference: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """``dice_<organ>`` of ``labels`` against ``reference``, for each organ either holds.
+
+    Voxel agreement is mostly background (about nine voxels in ten of an abdominal slice): 99 % of them can hide
+    a pancreas a quarter wrong. These say what a lower precision does to each organ.
+    """
+    from flareseg.metrics import dice  # scipy: for the export's checks alone, not on import
+
     return {
-        "max_abs_logit_diff": diff,
-        "max_rel_logit_diff": diff / scale,
-        "argmax_agreement": float(np.mean(got.argmax(axis=1) == ref_labels)),
+        f"dice_{LABELS[organ]}": dice(reference == organ, labels == organ)
+        for organ in ORGANS
+        if np.any(reference == organ) or np.any(labels == organ)
     }
 
 
@@ -217,7 +239,8 @@ def _verify(
             session.run(None, {"image": network_batch(data[start : start + batch], size, channels).numpy()})[0]
             for start in range(0, len(data), batch)
         ]
-        figures[name] = _compare(ref, np.concatenate(gots), output_kind)
+        # Organs are there to be scored on real CT slices only: random ones hold noise.
+        figures[name] = _compare(ref, np.concatenate(gots), output_kind, organs=name != "random")
         figures[name]["slices"] = float(len(data))
     return figures
 
@@ -522,6 +545,9 @@ def _summary(figures: dict[str, dict[str, float]], real_source: object = None) -
         text = f"{_slices_name(name, real_source)} slices: argmax agreement {100 * f['argmax_agreement']:.3f}%"
         if "max_abs_logit_diff" in f:
             text += f", max logit diff {f['max_abs_logit_diff']:.2e} ({f['max_rel_logit_diff']:.2e} relative)"
+        dice = [f"{LABELS[o]} {f[f'dice_{LABELS[o]}']:.3f}" for o in ORGANS if f"dice_{LABELS[o]}" in f]
+        if dice:
+            text += ", organ Dice " + ", ".join(dice)
         parts.append(text)
     return "; ".join(parts)
 

@@ -68,6 +68,28 @@ def test_fp32_onnx_matches_pytorch_and_records_its_verification(exported, traine
     real = fp32.metadata.verification["real"]
     assert real["max_rel_logit_diff"] <= 1e-4 and real["argmax_agreement"] >= 0.999
     assert "phantom" in fp32.metadata.verification["real_source"]
+    # Each organ the model finds on the real slices has its Dice against PyTorch; random slices have none.
+    organs = {k: v for k, v in real.items() if k.startswith("dice_")}
+    assert len(organs) >= 2 and min(organs.values()) >= 0.99
+    assert not any(k.startswith("dice_") for k in fp32.metadata.verification["random"])
+    line = onnx_export.verification_report([fp32])
+    assert line.count("organ Dice") == 1 and line.endswith(", ".join(f"{k[5:]} {v:.3f}" for k, v in organs.items()))
+
+
+def test_organ_dice_is_each_organs_overlap_and_leaves_out_organs_neither_holds():
+    reference = np.zeros((2, 4, 5), np.int64)
+    labels = np.zeros_like(reference)
+    reference[0, :2, :2] = 1  # liver: 4 voxels, 2 of them labelled so, and 1 more
+    labels[0, :1, :2] = 1
+    labels[1, 3, 4] = 1
+    reference[1, 0, :] = 4  # pancreas: 5 voxels, all found
+    labels[1, 0, :] = 4
+    labels[0, 3, 0] = 3  # spleen where there is none
+    assert onnx_export.organ_dice(reference, labels) == {
+        "dice_liver": 2 * 2 / (4 + 3),
+        "dice_spleen": 0.0,
+        "dice_pancreas": 1.0,
+    }  # kidneys: in neither, so no figure
 
 
 def test_fp16_onnx_keeps_float32_io_and_agrees_on_labels(exported, trained_checkpoint, sample_ct):
