@@ -52,6 +52,7 @@ class InferenceTimes:
     is after the second batch is queued); on a fresh runner the backend's first-batch
     set-up (cuDNN, TensorRT) shows here.
     ``on_labels_s``: time in the caller's ``on_labels`` callback, not counted in ``infer_s``.
+    ``nonfinite_slices``: slices whose scores held NaN or infinity (their argmax is no label to trust).
     """
 
     normalize_s: float = 0.0
@@ -60,6 +61,7 @@ class InferenceTimes:
     on_labels_s: float = 0.0
     batches: int = 0
     batch_sizes: list[int] = field(default_factory=list)
+    nonfinite_slices: int = 0
 
 
 def scores_to_labels(out: torch.Tensor, size: tuple[int, int], output_kind: str) -> torch.Tensor:
@@ -148,6 +150,7 @@ def infer_volume(
         _infer_cuda(stored, normalizer, runner, batch_size, done, times)
     else:
         _infer_cpu(stored, normalizer, runner, batch_size, done, times)
+    done.count_nonfinite()
     times.infer_s -= times.on_labels_s - callbacks_before
     classes = runner.info.network.num_classes
     if runner.output_kind == "labels" and labels.size and int(labels.max()) >= classes:  # argmax of scores cannot
@@ -173,6 +176,20 @@ class _Done:
     ) -> None:
         self.labels, self.progress, self.on_labels, self.times = labels, progress, on_labels, times
         self.started = time.perf_counter()
+        self.nonfinite: torch.Tensor | None = None  # a count kept on the scores' device: no sync per batch
+
+    def scores(self, out: torch.Tensor) -> torch.Tensor:
+        """Count the batch's slices whose scores hold NaN or infinity (a model overflowing in fp16, say: argmax
+        would turn them into labels without a word); ``out`` passes through."""
+        if out.is_floating_point():
+            bad = (~torch.isfinite(out)).flatten(1).any(dim=1).sum()
+            self.nonfinite = bad if self.nonfinite is None else self.nonfinite + bad
+        return out
+
+    def count_nonfinite(self) -> None:
+        """The slices counted by :meth:`scores`, into the times (one read of the device's count, at the end)."""
+        if self.nonfinite is not None:
+            self.times.nonfinite_slices += int(self.nonfinite)
 
     def start(self) -> float:
         """The loop starts now (its buffers are allocated): the first labels' time counts from here."""
@@ -224,7 +241,7 @@ def _infer_cpu(
         t1 = time.perf_counter()
         with torch.inference_mode():
             out = run_padded(runner, network_batch(x, net_size, channels), min_batch)
-            done.labels[start:stop] = scores_to_labels(out, size, runner.output_kind).numpy()
+            done.labels[start:stop] = scores_to_labels(done.scores(out), size, runner.output_kind).numpy()
         t2 = time.perf_counter()
         times.normalize_s += t1 - t0
         times.infer_s += t2 - t1
@@ -297,7 +314,7 @@ def _infer_cuda(
             compute.wait_event(slot.uploaded)
             with torch.inference_mode():
                 out = run_padded(runner, network_batch(slot.dev_in[:n], net_size, channels), min_batch)
-                lab = scores_to_labels(out, size, runner.output_kind)
+                lab = scores_to_labels(done.scores(out), size, runner.output_kind)
                 del out  # else the scores stay alive through the next batch's forward (the planner counts one batch)
             slot.computed.record(compute)
             with torch.cuda.stream(copy):
@@ -438,7 +455,7 @@ def _infer_staged(
             with torch.inference_mode():
                 x = prepare.network_batch(slot.dev_in[:n], net_size, channels)
                 out = run_padded(runner, x, min_batch)
-                lab = scores_to_labels(out, size, runner.output_kind)
+                lab = scores_to_labels(done.scores(out), size, runner.output_kind)
                 del x, out  # else they stay alive through the next batch's forward (the planner counts one batch)
             slot.computed.record(streams.compute)
             with streams.on_copy():

@@ -108,6 +108,8 @@ class CaseTiming:
     #: (cases overlap: one read, one on the device, one written), not the case's alone.
     peak_rss_mb: float | None = None
     peak_gpu_allocated_mb: float | None = None
+    #: Slices whose scores from the model held NaN or infinity (warned of): their labels are no result.
+    nonfinite_slices: int = 0
 
     @classmethod
     def of(cls, job: CaseJob) -> CaseTiming:
@@ -272,6 +274,15 @@ def _infer_stage(
     timing.infer_s = (t2 - t1) - times.normalize_s - times.on_labels_s
     timing.slice_loop_s = t2 - t1
     timing.first_labels_s = times.first_labels_s
+    timing.nonfinite_slices = times.nonfinite_slices
+    if times.nonfinite_slices:
+        log.warning(
+            "%s: the model gave NaN or infinite scores on %d of %d slices; their labels are not to be trusted "
+            "(a model that overflows in fp16, or a damaged one)",
+            timing.input,
+            times.nonfinite_slices,
+            timing.slices,
+        )
     return labels
 
 

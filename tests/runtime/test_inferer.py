@@ -354,3 +354,32 @@ def test_a_runner_s_output_that_is_not_what_it_promises_is_one_line_not_a_label_
     for device in ("gpu", "cuda:x", ""):
         with pytest.raises(FlareSegError, match=r"^device must be cpu or cuda\[:i\], got "):
             FunctionRunner(scores, _info(1), device=device)
+
+
+@pytest.mark.parametrize("device_preprocess", [False, True])
+def test_slices_with_nan_or_infinite_scores_are_counted(device_preprocess):
+    # argmax turns NaN (a model overflowing in fp16) into a label without a word; such slices are now counted.
+    ct = np.full((7, 40, 48), -200, np.int16)
+    normalizer = volume_normalizer(ct, STATS)
+    calls: list[int] = []
+
+    def scores(x):
+        out = torch.zeros((x.shape[0], 5, *x.shape[2:]))
+        out[0, 2, 5, 5] = torch.nan  # the first slice of each batch
+        if len(calls) == 1:
+            out[-1, 0, 0, 0] = torch.inf  # and the last of the second
+        calls.append(x.shape[0])
+        return out
+
+    times = InferenceTimes(nonfinite_slices=1)  # times may hold another volume's: added to
+    with FunctionRunner(scores, _info(1)) as runner:
+        infer_volume(ct, normalizer, runner, 3, times=times, device_preprocess=device_preprocess)
+        assert calls == [3, 3, 1] and times.nonfinite_slices == 1 + 4
+        fine = InferenceTimes()
+        infer_volume(ct, normalizer, runner, 7, times=fine)
+    assert fine.nonfinite_slices == 1  # one batch: its first slice alone
+    labels = InferenceTimes()
+    with FunctionRunner(lambda x: torch.zeros((x.shape[0], *x.shape[2:]), dtype=torch.uint8), _info(1),
+                        output_kind="labels") as runner:  # fmt: skip
+        infer_volume(ct, normalizer, runner, 3, times=labels)
+    assert labels.nonfinite_slices == 0

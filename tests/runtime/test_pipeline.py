@@ -1501,3 +1501,29 @@ def test_a_resume_says_which_kept_results_another_model_or_no_model_made(
     assert infer_main(argv) == 0
     assert said()[0].startswith("1 result kept from an earlier run, made by another model file than retrained.pt")
     assert "c0.nii.gz exists, kept" in capsys.readouterr().out
+
+
+def test_a_case_with_nan_scores_is_warned_of_and_counted_in_its_timings(tmp_path, caplog):
+    (ct,) = _folder(tmp_path / "in", 1)
+    info = ModelInfo(
+        network=NetworkConfig(base_width=4, in_channels=3),
+        normalization=NormalizationStats(mean=-120.0, std=420.0),
+        slice_size=(32, 32),
+    )
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros((x.shape[0], 5, *x.shape[2:]))
+        out[:2, 3] = torch.nan  # the first two slices of each batch: all spleen, by argmax
+        return out
+
+    with caplog.at_level(logging.WARNING), FunctionRunner(model, info, input_channels=3) as runner:
+        timing = segment_file(runner, ct, tmp_path / "out" / "c0.nii.gz", batch_size=4, postprocess=False)
+    slices = timing.slices
+    expected = 2 * (slices // 4) + min(slices % 4, 2)
+    assert timing.status == "ok" and timing.nonfinite_slices == expected > 0
+    (said,) = [r.getMessage() for r in caplog.records if r.name == pipeline.log.name and r.levelname == "WARNING"]
+    assert said == (
+        f"{ct}: the model gave NaN or infinite scores on {expected} of {slices} slices; their labels are not to be "
+        "trusted (a model that overflows in fp16, or a damaged one)"
+    )
+    assert timing.to_dict()["nonfinite_slices"] == expected  # in the timings file, beside the case's figures
