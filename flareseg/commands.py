@@ -12,11 +12,13 @@ import sys
 from typing import NoReturn
 
 from flareseg.cli import INTERRUPTED
+from flareseg.errors import interrupts_kept
 
 
 def _run(prog: str, module: str, function: str = "main") -> NoReturn:
     try:
-        command = getattr(importlib.import_module(module), function)
+        with interrupts_kept():  # an extension module (torch's) reports an interrupt in its set-up as an ImportError
+            command = getattr(importlib.import_module(module), function)
         code = command()
     except KeyboardInterrupt:  # during the imports, or before the command's own handling (its parser's imports)
         print(f"{prog}: interrupted", file=sys.stderr)

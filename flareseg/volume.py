@@ -36,7 +36,7 @@ import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
 from flareseg.atomic import atomic_output
-from flareseg.errors import FlareSegError
+from flareseg.errors import FlareSegError, interrupts_kept
 from flareseg.labels import NUM_CLASSES
 from flareseg.provenance import DESCRIP_BYTES, PLAIN_DESCRIPTION
 
@@ -44,7 +44,8 @@ from flareseg.provenance import DESCRIP_BYTES, PLAIN_DESCRIPTION
 def _import_isal() -> tuple[Any, Any]:
     """ISA-L's gzip file and zlib-like modules, or (None, None): the standard library then does the same, slower."""
     try:
-        from isal import igzip, isal_zlib
+        with interrupts_kept():  # a stop during the import is a stop, not a fallback to the slower zlib
+            from isal import igzip, isal_zlib
     except ImportError:  # a declared dependency; a test hides it to check the fallback
         return None, None
     return igzip, isal_zlib
@@ -251,7 +252,8 @@ def check_read_threads(threads: int) -> None:
         raise FlareSegError(f"read threads must be 0 (all cores) to {MAX_READ_THREADS}, got {threads}")
     if threads != 1:
         try:
-            import rapidgzip  # noqa: F401
+            with interrupts_kept():
+                import rapidgzip  # noqa: F401
         except ImportError:
             raise FlareSegError(
                 f"reading with {threads or 'all'} threads needs rapidgzip: pip install rapidgzip "

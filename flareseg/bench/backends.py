@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from flareseg.errors import FlareSegError
+from flareseg.errors import FlareSegError, interrupts_kept
 
 if TYPE_CHECKING:
     from flareseg.bench.check import CheckPlan
@@ -57,7 +57,8 @@ ALL_BACKENDS = {
 def openvino_cpu_capabilities() -> tuple[str, ...] | None:
     """OpenVINO's CPU capabilities (``FP32``, ``BF16``, ``INT8``...), or None without OpenVINO."""
     try:
-        import openvino as ov
+        with interrupts_kept():
+            import openvino as ov
     except ImportError:
         return None
     from flareseg.runtime.runners.openvino import cpu_capabilities
@@ -89,7 +90,8 @@ def _machine_backends() -> tuple[list[str], dict[str, str]]:
         if "CUDAExecutionProvider" in ort.get_available_providers():
             names += ["onnxruntime-cuda-fp32", "onnxruntime-cuda-fp16"]
         try:
-            import tensorrt  # noqa: F401
+            with interrupts_kept():
+                import tensorrt  # noqa: F401
 
             names.append("tensorrt-fp16")
         except ImportError:

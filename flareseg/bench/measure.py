@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flareseg.errors import FlareSegError
+from flareseg.errors import FlareSegError, interrupts_kept
 from flareseg.network import SIZE_MULTIPLE
 from flareseg.runtime.memory import nvml_index
 
@@ -48,7 +48,8 @@ def count_flops(model: nn.Module, channels: int, size: tuple[int, int]) -> int:
     BatchNorm refuses a batch whose bottleneck holds one value a channel. Others are counted alone, at half the time.
     """
     try:
-        from fvcore.nn import FlopCountAnalysis
+        with interrupts_kept():
+            from fvcore.nn import FlopCountAnalysis
     except ImportError:
         raise FlareSegError("FLOP counting needs fvcore: pip install fvcore") from None
     slices = 2 if model.training and (size[0] // SIZE_MULTIPLE) * (size[1] // SIZE_MULTIPLE) < 2 else 1
@@ -208,7 +209,8 @@ class NvmlSampler:
     def __init__(self, device_index: int = 0, interval: float = 0.1) -> None:
         """``device_index``: the CUDA device's (NVML's own numbering may differ, see :func:`nvml_index`)."""
         try:
-            import pynvml
+            with interrupts_kept():
+                import pynvml
         except ImportError:
             raise FlareSegError("NVML memory sampling needs nvidia-ml-py: pip install 'flareseg[gpu]'") from None
         self._nvml = pynvml

@@ -9,6 +9,7 @@ from typing import Any
 
 from flareseg.atomic import atomic_outputs
 from flareseg.bench.inputs import FIGURE_SOFTWARE
+from flareseg.errors import interrupts_kept
 
 
 def _mb(x: float | None) -> str:
@@ -309,7 +310,8 @@ def _figure(figsize: tuple[float, float]) -> Any:
     """A figure of matplotlib's object interface, or None without matplotlib. Not pyplot: that would choose a
     backend for the whole process and keep every figure in its global list."""
     try:
-        from matplotlib.figure import Figure
+        with interrupts_kept():
+            from matplotlib.figure import Figure
     except ImportError:
         return None
     return Figure(figsize=figsize)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from flareseg.checkpoint import ModelInfo
-from flareseg.errors import FlareSegError
+from flareseg.errors import FlareSegError, interrupts_kept
 from flareseg.export.options import (
     DEFAULT_CALIBRATION_SLICES,
     DEFAULT_HELD_OUT_SLICES,
@@ -299,7 +299,8 @@ def quantizer_version(quantizer: Quantizer) -> str:
 
 def import_nncf() -> Any:
     try:
-        import nncf
+        with interrupts_kept():
+            import nncf
     except ImportError:
         raise FlareSegError("NNCF is not installed: `pip install nncf` (or use --quantizer onnxruntime)") from None
     return nncf

@@ -31,7 +31,7 @@ from typing import Any
 
 from flareseg.atomic import atomic_outputs, write_bytes_atomic
 from flareseg.checkpoint import file_sha256
-from flareseg.errors import FlareSegError
+from flareseg.errors import FlareSegError, interrupts_kept
 from flareseg.export.metadata import (
     ExportMetadata,
     read_onnx_metadata,
@@ -81,7 +81,8 @@ def rebuild_hint(engine_path: Path, sidecar: dict[str, Any]) -> str:
 def import_tensorrt() -> Any:
     """The ``tensorrt`` module, or a clear error saying how to install it."""
     try:
-        import tensorrt as trt
+        with interrupts_kept():  # an interrupt in its initialisation comes as an ImportError: it stays one
+            import tensorrt as trt
     except ModuleNotFoundError as exc:
         if exc.name != "tensorrt":  # the package is there, a part of it is not
             raise FlareSegError(f"TensorRT is installed but incomplete: {exc}") from None

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flareseg.errors import FlareSegError, no_room
+from flareseg.errors import FlareSegError, interrupts_kept, no_room
 from flareseg.preprocess import network_batch
 from flareseg.runtime.inferer import min_batch_of, run_padded, scores_to_labels, staged_buffer_bytes, upload_dtype
 from flareseg.runtime.runners import Runner
@@ -188,7 +188,8 @@ def nvml_used_mb(device: torch.device) -> float | None:
     NVML needs no CUDA context, so it can read the idle figure before torch creates one.
     """
     try:
-        import pynvml  # nvidia-ml-py
+        with interrupts_kept():
+            import pynvml  # nvidia-ml-py
     except ImportError:
         return None
     try:

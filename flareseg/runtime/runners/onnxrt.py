@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from flareseg.errors import FlareSegError
+from flareseg.errors import FlareSegError, interrupts_kept
 from flareseg.runtime.runners.base import OrtProvider, Runner
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,8 @@ _MEMORY_OPTIONS: dict[str, dict[str, bool]] = {
 def import_onnxruntime() -> Any:
     """The ``onnxruntime`` module, or a clear error saying which package to install."""
     try:
-        import onnxruntime as ort
+        with interrupts_kept():  # an interrupt in its initialisation comes as an ImportError: it stays one
+            import onnxruntime as ort
     except ImportError:
         raise FlareSegError(
             "ONNX Runtime is not installed: `pip install 'flareseg[cpu]'` for the CPU build, "
@@ -192,7 +193,8 @@ def _preload_tensorrt() -> None:
     under that name is the one the loader then returns.
     """
     try:
-        import tensorrt  # noqa: F401
+        with interrupts_kept():
+            import tensorrt  # noqa: F401
     except ImportError:
         pass  # not installed, or not loadable: ONNX Runtime's own search decides, and the check after it says so
 

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from flareseg.errors import FlareSegError
+from flareseg.errors import FlareSegError, interrupts_kept
 from flareseg.runtime.runners.base import Runner
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,8 @@ _OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 def import_openvino() -> Any:
     """The ``openvino`` module, or a clear error saying how to install it."""
     try:
-        import openvino as ov
+        with interrupts_kept():  # an interrupt in its initialisation comes as an ImportError: it stays one
+            import openvino as ov
     except ImportError:
         raise FlareSegError(INSTALL_HINT) from None
     return ov
