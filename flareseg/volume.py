@@ -201,9 +201,9 @@ def find_cases(
     Two files with the same FLARE21 case name (``a_0000.nii.gz`` and ``a.nii``) are an error;
     with ``keep_clashes``, the second is listed as ``{name}/{file name}`` instead, the one
     with the ``_0000`` channel tag being the first (the other is likely a result beside it).
-    A file named as NIfTI in upper case, a link to nothing, and a folder named as NIfTI are left out with a
-    warning, and added to ``ignored``; ``series_folders``: the caller lists folders itself (as DICOM series), so
-    they are not said here.
+    A file named as NIfTI in upper case, a link to nothing, a folder named as NIfTI and anything else not a regular
+    file (a named pipe) are left out with a warning, and added to ``ignored``; ``series_folders``: the caller lists
+    folders itself (as DICOM series), so they are not said here.
     """
     folder = require_folder(folder)
     cases: dict[str, Path] = {}
@@ -221,8 +221,11 @@ def find_cases(
         if not path.is_file():
             if not path.exists():
                 say_ignored(log, path, "a link to nothing", ignored)
-            elif path.is_dir() and not series_folders:
-                say_ignored(log, path, "a folder, not a NIfTI file", ignored)
+            elif path.is_dir():
+                if not series_folders:
+                    say_ignored(log, path, "a folder, not a NIfTI file", ignored)
+            else:  # a named pipe, a socket, a device: reading one could block the run, or never end
+                say_ignored(log, path, "not a regular file (a named pipe, a socket or a device)", ignored)
             continue
         name = case_id(path)
         if name in cases:

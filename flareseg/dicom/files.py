@@ -7,6 +7,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -225,6 +226,18 @@ def holds_image_series(folder: str | os.PathLike[str]) -> bool:
     return is_series_dir(folder) and not _segmentations_only(Path(folder))
 
 
+def _stored_as_image(path: Path) -> bool:
+    """Whether a NIfTI file's header stores more than 8 bits a voxel (a CT, not a label map); False where it does
+    not read (a damaged file is no input to report as missed)."""
+    import nibabel as nib
+
+    try:
+        img: Any = nib.load(path)
+        return bool(img.get_data_dtype().itemsize > 1)
+    except Exception:  # nibabel and gzip raise many types for a damaged header
+        return False
+
+
 def find_series(
     folder: str | os.PathLike[str],
     *,
@@ -260,10 +273,16 @@ def find_series(
             continue
         if not _holds_dicom(listed):  # is_series_dir, on the listing at hand
             images = [p.name for p in listed if is_nifti(p) and channel_tagged(p)]
+            untagged = [p for p in listed if is_nifti(p) and not channel_tagged(p)]
+            # Hospital exports seldom carry the _0000 tag: a label map is stored in 8 bits, a CT is not.
+            scans = [p.name for p in untagged[:3] if _stored_as_image(p)]
             if images:  # named as CT images (the _0000 channel tag), not as results: said as loudly as a tree
                 why = f"CT images ({first_few(images)}) in a subfolder, which is not searched"
                 say_ignored(log, sub, why + "; give it as the input, or move them up", ignored)
-            elif any(is_nifti(p) for p in listed):  # an earlier run's output: said, not counted
+            elif scans:
+                why = f"NIfTI images stored as more than 8 bits, not label maps ({first_few(scans)}), in a subfolder"
+                say_ignored(log, sub, why + ", which is not searched; give it as the input, or move them up", ignored)
+            elif untagged:  # an earlier run's output: said, not counted
                 why = "NIfTI files (results of an earlier run?), not a DICOM series"
                 say_ignored(log, sub, why, ignored, logging.INFO)
             else:

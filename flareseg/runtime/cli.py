@@ -427,10 +427,12 @@ def _run(
         CaseTiming,
         FolderSummary,
         RunOptions,
+        earlier_cases,
         segment_file,
         segment_folder,
         summarize,
         warn_kept_of_other_models,
+        warn_kept_of_other_postprocessing,
     )
     from flareseg.runtime.runners import Backend, TorchPrecision, backend_for, open_runner
 
@@ -449,6 +451,7 @@ def _run(
     restore.enter_context(_torch_threads(args, backend, device))
     if args.overlap_postprocess and args.no_postprocess:
         raise FlareSegError("--overlap-postprocess and --no-postprocess contradict each other: choose one")
+    postprocess = not args.no_postprocess
     ignored = ignored if ignored is not None else []
     folder, inputs, target = _plan_inputs(args, listed, ignored)
     if target is not None:  # the output first, then the timings beside it
@@ -479,6 +482,7 @@ def _run(
             raise FlareSegError(f"{target}: exists but {damage}; remove it to redo the case, or --overwrite")
         # As in a folder: a result already there is kept, never replaced unasked (it may be another file).
         warn_kept_of_other_models(runner, [(target.name, target, args.output_type)])
+        warn_kept_of_other_postprocessing([(target.name, str(target))], earlier_cases(timings_path), postprocess)
         kept = FolderSummary(cases=1, segmented=0, skipped=1, failed=0, wall_s=0.0)
         say(f"{_tally(kept, 1)}; {target} exists, kept (--overwrite to redo it)")
         return 0
@@ -496,7 +500,7 @@ def _run(
         log.info("--overlap-postprocess on the CPU: the same labels and less memory, but no time saved")
     options: RunOptions = {
         "batch_size": batch_size,
-        "postprocess": not args.no_postprocess,
+        "postprocess": postprocess,
         "infer_options": {"device_preprocess": args.device_preprocess},
         "warm_up": args.warm_up,
         "timeline": timeline,
@@ -507,7 +511,7 @@ def _run(
     context: dict[str, Any] = {
         "model": str(model_path),
         "batch_size": batch_size,
-        "postprocess": not args.no_postprocess,
+        "postprocess": postprocess,
         "output_type": args.output_type,
         "device_preprocess": args.device_preprocess,
         "warm_up": args.warm_up,
@@ -544,6 +548,8 @@ def _run(
                     planned=plan if listed is not None else None,  # made of the very listing the run takes
                     **options,
                 )
+                done = [(r.case, r.output) for r in results if r.status == "skipped"]
+                warn_kept_of_other_postprocessing(done, earlier_cases(timings_path), postprocess)
             else:
                 # Said when written: an interrupt during the teardown after it still counts the case as done.
                 try:

@@ -613,12 +613,7 @@ def warn_kept_of_other_models(runner: Runner, kept: Sequence[tuple[str, Path, Ou
             if not any(digest.startswith(made.sha256) for digest in (stamp.sha256, *exported)):
                 other.append(f"{case} ({made.name}, sha256:{made.sha256[:16]})")
 
-    def results(cases: list[str]) -> str:
-        return f"{len(cases)} result{'' if len(cases) == 1 else 's'} kept from an earlier run"
-
-    def redo(cases: list[str]) -> str:
-        return f"{first_few(cases)}; --overwrite redoes {'it' if len(cases) == 1 else 'them'}"
-
+    results, redo = _kept_results, _redo
     if other:
         # A result names its model file only: an export of the same checkpoint, the other way round than
         # _exported_from sees, is another file, and said as one.
@@ -631,6 +626,36 @@ def warn_kept_of_other_models(runner: Runner, kept: Sequence[tuple[str, Path, Ou
         )  # fmt: skip
     if unnamed:
         log.warning("%s, not made by flareseg (another tool's, or copied in?): %s", results(unnamed), redo(unnamed))
+
+
+def _kept_results(cases: Sequence[str]) -> str:
+    return f"{len(cases)} result{'' if len(cases) == 1 else 's'} kept from an earlier run"
+
+
+def _redo(cases: Sequence[str]) -> str:
+    return f"{first_few(cases)}; --overwrite redoes {'it' if len(cases) == 1 else 'them'}"
+
+
+def warn_kept_of_other_postprocessing(
+    kept: Sequence[tuple[str, str]], earlier: Mapping[str, Mapping[str, Any]], postprocess: bool
+) -> None:
+    """Say which results kept from an earlier run (case, output) were made with the other post-processing setting
+    than this run's, as the timings of the run that made them record it (``earlier``: :func:`earlier_cases`): a
+    folder resumed with or without ``--no-postprocess`` would otherwise hold both kinds of label map, unsaid.
+    A result whose run's timings are gone is not judged."""
+    by_output = {str(m.get("output")): m for m in earlier.values()}
+    otherwise = []
+    for case, output in kept:
+        context = by_output.get(output, {}).get("context")
+        made = context.get("postprocess") if isinstance(context, Mapping) else None
+        if isinstance(made, bool) and made != postprocess:
+            otherwise.append(case)
+    if otherwise:
+        then, now = ("without", "post-processes") if postprocess else ("with", "does not (--no-postprocess)")
+        log.warning(
+            "%s, made %s post-processing (its run's timings say), where this run %s: %s",
+            _kept_results(otherwise), then, now, _redo(otherwise),
+        )  # fmt: skip
 
 
 def _exported_from(model: Path) -> list[str]:
@@ -814,6 +839,7 @@ __all__ = [
     "segment_folder",
     "summarize",
     "warn_kept_of_other_models",
+    "warn_kept_of_other_postprocessing",
     "write_case",
     "write_timings",
 ]

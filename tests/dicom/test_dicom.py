@@ -286,6 +286,12 @@ def test_results_and_folders_without_dicom_files_are_not_taken_for_series(tmp_pa
     (tmp_path / "in" / "more-cts").mkdir()
     (tmp_path / "in" / "more-cts" / "case_002_0000.nii.gz").write_bytes(b"")  # a CT, by its name: said louder
     (tmp_path / "in" / "more-cts" / "case_002.nii.gz").write_bytes(b"")
+    # A hospital export's CTs carry no _0000 tag: told from label maps by their 8-bit storage (folder review).
+    (tmp_path / "in" / "untagged-cts").mkdir()
+    ct = nib.Nifti1Image(np.zeros((4, 4, 2), np.int16), np.eye(4))
+    nib.save(ct, tmp_path / "in" / "untagged-cts" / "ctB.nii.gz")
+    label_map = nib.Nifti1Image(np.zeros((4, 4, 2), np.uint8), np.eye(4))
+    nib.save(label_map, tmp_path / "in" / "nifti-results" / "case_003.nii.gz")  # a result: still not counted
     ignored: list[IgnoredInput] = []
     with caplog.at_level("INFO", logger="flareseg.dicom.files"):  # a command run before may have set -q's level
         found = find_series(tmp_path / "in", exclude=tmp_path / "in" / "this-run", ignored=ignored)
@@ -311,6 +317,11 @@ def test_results_and_folders_without_dicom_files_are_not_taken_for_series(tmp_pa
             "WARNING",
             f"{tmp_path / 'in' / 'patient'}: ignored: no DICOM files directly in it "
             "(folders inside it are not searched)",
+        ),
+        (
+            "WARNING",
+            f"{tmp_path / 'in' / 'untagged-cts'}: ignored: NIfTI images stored as more than 8 bits, not label maps "
+            "(ctB.nii.gz), in a subfolder, which is not searched; give it as the input, or move them up",
         ),
     ]
 

@@ -1373,6 +1373,7 @@ def test_entries_left_out_of_a_folder_are_counted_in_the_last_line_and_the_timin
     (tmp_path / "in" / "gone_0000.nii.gz").symlink_to(tmp_path / "nowhere.nii.gz")
     (tmp_path / "in" / "patient" / "study").mkdir(parents=True)
     (tmp_path / "in" / "notes.txt").write_text("not named as an input: not counted")
+    os.mkfifo(tmp_path / "in" / "pipe_0000.nii.gz")  # was skipped without a word (folder review)
     out = tmp_path / "in" / "results"  # inside the input folder: left out silently
     argv = ["--model", str(trained_checkpoint), "-i", str(tmp_path / "in"), "-o", str(out)]
     with caplog.at_level("WARNING", logger="flareseg"):
@@ -1381,17 +1382,19 @@ def test_entries_left_out_of_a_folder_are_counted_in_the_last_line_and_the_timin
     expected = [
         (tmp_path / "in" / "gone_0000.nii.gz", "a link to nothing"),
         (tmp_path / "in" / "patient", "no DICOM files directly in it (folders inside it are not searched)"),
+        (tmp_path / "in" / "pipe_0000.nii.gz", "not a regular file (a named pipe, a socket or a device)"),
         (tmp_path / "in" / "upper_0000.NII.GZ", "a NIfTI file must end in .nii or .nii.gz, in lower case"),
     ]
     assert warned == [f"{path}: ignored: {why}" for path, why in expected]  # each said once, though listed ahead
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("1 segmented, 0 skipped (already done), 0 failed of 1 (3 more entries of the folder ")
+    assert last.startswith("1 segmented, 0 skipped (already done), 0 failed of 1 (4 more entries of the folder ")
     context = json.loads((out / "timings.json").read_text())["context"]
     assert sorted((entry["path"], entry["why"]) for entry in context["ignored_inputs"]) == [
         (str(path), why) for path, why in expected
     ]
     (tmp_path / "in" / "gone_0000.nii.gz").unlink()
     (tmp_path / "in" / "upper_0000.NII.GZ").unlink()
+    (tmp_path / "in" / "pipe_0000.nii.gz").unlink()
     assert infer_main(argv) == 0  # resumed: nothing runs, one entry still left out
     assert "0 segmented, 1 skipped (already done), 0 failed of 1 (1 more entry of the folder ignored: see the " in (
         capsys.readouterr().out
@@ -1527,3 +1530,43 @@ def test_a_case_with_nan_scores_is_warned_of_and_counted_in_its_timings(tmp_path
         "trusted (a model that overflows in fp16, or a damaged one)"
     )
     assert timing.to_dict()["nonfinite_slices"] == expected  # in the timings file, beside the case's figures
+
+
+def test_a_resume_says_which_kept_results_were_made_with_the_other_post_processing(
+    trained_checkpoint, tmp_path, caplog
+):
+    # A folder begun with --no-postprocess and resumed without it (or the other way round) held both kinds of label
+    # map, unsaid (folder review). The setting of a kept result's run is read from that run's timings.
+    paths = _folder(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    base = ["--model", str(trained_checkpoint), "-i", str(paths[0].parent), "-o", str(out), "-q"]
+    caplog.set_level(logging.WARNING, logger="flareseg")
+
+    def said() -> list[str]:
+        lines = [r.getMessage() for r in caplog.records if r.name == pipeline.log.name]
+        caplog.clear()
+        return lines
+
+    assert infer_main([*base, "--no-postprocess"]) == 0
+    (out / "c2.nii.gz").unlink()
+    assert infer_main(base) == 0  # c2 post-processed now; c0 and c1 kept as they were
+    assert said() == [
+        "2 results kept from an earlier run, made without post-processing (its run's timings say), where this run "
+        "post-processes: c0, c1; --overwrite redoes them"
+    ]
+    (out / "c1.nii.gz").unlink()
+    assert infer_main([*base, "--no-postprocess"]) == 0  # c2 (kept) was post-processed, c0 was not: like this run
+    assert said() == [
+        "1 result kept from an earlier run, made with post-processing (its run's timings say), where this run does "
+        "not (--no-postprocess): c2; --overwrite redoes it"
+    ]
+    assert infer_main([*base, "--overwrite", "--no-postprocess"]) == 0 and said() == []  # redone: one setting
+    assert infer_main([*base, "--no-postprocess"]) == 0 and said() == []
+    # One file: its own timings beside it.
+    single = ["--model", str(trained_checkpoint), "-i", str(paths[0]), "-o", str(tmp_path / "one.nii.gz"), "-q"]
+    assert infer_main(single) == 0 and infer_main(single) == 0 and said() == []
+    assert infer_main([*single, "--no-postprocess"]) == 0
+    assert said() == [
+        "1 result kept from an earlier run, made with post-processing (its run's timings say), where this run does "
+        "not (--no-postprocess): one.nii.gz; --overwrite redoes it"
+    ]
