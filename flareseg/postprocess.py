@@ -65,14 +65,20 @@ def keep_largest_components(
         return out
     # Each component's label if it stays, else 0; background (component 0, label 0) stays 0.
     new_label = np.where(keep, component_label, np.uint8(0))
-    new_values = np.empty_like(values)
+    # The crop is this call's own copy, or the map itself where the box is all of it: the new labels go into it
+    # where it may be written (no second box-sized array: 77 MiB of a 600-slice map's peak), into a new array else.
+    writable = in_place or not np.may_share_memory(crop, labels)
+    # A box mostly foreground takes its new labels over its own voxels (a view of the crop, no longer read); the
+    # foreground gathered from a sparse one is a small array of its own.
+    new_values = values if writable and mask is None else np.empty_like(values)
     for piece, piece_ids in _intp_pieces(ids, n):
         np.take(new_label, piece_ids, out=new_values[piece])
     if mask is None:
-        out[box] = new_values.reshape(crop.shape, order="F" if fortran else "C")
+        result = crop if writable else new_values.reshape(crop.shape, order="F" if fortran else "C")
     else:
-        result = crop.copy(order="K")
+        result = crop if writable else crop.copy(order="K")
         result.ravel(order="K")[mask] = new_values  # a view: the crop is contiguous
+    if not np.may_share_memory(result, out):  # else it is the map's own box, written in place already
         out[box] = result
     return out
 

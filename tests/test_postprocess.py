@@ -204,6 +204,23 @@ def test_whole_and_gathered_boxes_agree_in_any_number_of_pieces(monkeypatch, den
             np.testing.assert_array_equal(keep_largest_components(view), _reference(view, COMPONENTS_KEPT))
 
 
+@pytest.mark.parametrize("dense_fraction", [0.0, 2.0])  # every box dense / every box sparse
+def test_a_copy_leaves_the_map_as_it_was_where_its_box_is_the_whole_map(monkeypatch, dense_fraction):
+    # The new labels are written over the crop where it is this call's own (no second box-sized array); where the
+    # box is the whole map the crop is the map itself, which only in_place may change.
+    monkeypatch.setattr(postprocess, "_DENSE_FRACTION", dense_fraction)
+    for seed, density in ((0, 0.9), (1, 0.4), (2, 0.03)):
+        base = _random_labels(seed, shape=(11, 13, 17), density=density)
+        for view in (np.array(base), np.asfortranarray(base), np.array(base)[:, ::-1, 2:], np.array(base)[2:9]):
+            before = view.copy(order="K")  # its memory order: ties are decided by it
+            out = keep_largest_components(view)
+            np.testing.assert_array_equal(view, before)  # untouched
+            np.testing.assert_array_equal(out, _reference(before, COMPONENTS_KEPT))
+            assert not np.shares_memory(out, view)
+            assert keep_largest_components(view, in_place=True) is view
+            np.testing.assert_array_equal(view, out)
+
+
 def test_only_a_mostly_empty_box_gathers_its_foreground(monkeypatch):
     gathered: list[int] = []
     real = postprocess._intp_pieces
