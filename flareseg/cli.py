@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from flareseg.errors import FlareSegError, no_room
+from flareseg.errors import FlareSegError, interrupts_kept, no_room
 
 log = logging.getLogger("flareseg.cli")
 
@@ -124,7 +124,8 @@ def run_command(
             handler._flareseg = True  # type: ignore[attr-defined]
     previous = _catch_stops()
     try:
-        return body(args)
+        with interrupts_kept(ImportError):  # a stop in a lazy import's set-up (torch's, ONNX Runtime's) is a stop
+            return body(args)
     except FlareSegError as exc:
         _tell(f"{parser.prog}: error: {exc}")
         return 2

@@ -17,7 +17,7 @@ from flareseg.errors import interrupts_kept
 
 def _run(prog: str, module: str, function: str = "main") -> NoReturn:
     try:
-        with interrupts_kept():  # an extension module (torch's) reports an interrupt in its set-up as an ImportError
+        with interrupts_kept(ImportError):  # torch reports an interrupt in its set-up as an ImportError
             command = getattr(importlib.import_module(module), function)
         code = command()
     except KeyboardInterrupt:  # during the imports, or before the command's own handling (its parser's imports)

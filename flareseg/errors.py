@@ -49,16 +49,20 @@ def gpu_memory_errors(where: object, batch: int, way_out: str) -> Iterator[None]
 
 
 @contextlib.contextmanager
-def interrupts_kept() -> Iterator[None]:
+def interrupts_kept(wrapped_in: type[Exception] = Exception) -> Iterator[None]:
     """Ctrl-C or SIGTERM that a library wrapped in an error of its own unwinds as itself.
 
     torch.onnx.export catches everything while it traces: an interrupt that lands in one of
     its lazy imports comes out as a TorchExportError (with a second error from the
     half-imported module) instead of the KeyboardInterrupt the command turns into exit 130.
+    An extension module (torch, ONNX Runtime, OpenVINO) reports one in its set-up as
+    ``ImportError("initialization failed")``. ``wrapped_in``: the errors looked into (a
+    command's edge looks into ImportError only: an error of our own raised while a stop
+    was being handled stays that error).
     """
     try:
         yield
-    except Exception as exc:
+    except wrapped_in as exc:
         seen: set[int] = set()
         cause: BaseException | None = exc
         while cause is not None and id(cause) not in seen:

@@ -260,6 +260,37 @@ def test_ctrl_c_during_a_commands_imports_is_one_line_and_exit_130(monkeypatch, 
             assert capsys.readouterr().err == f"{prog}: interrupted\n"
 
 
+def test_a_stop_in_a_lazy_imports_set_up_is_a_stop_and_an_error_while_stopping_stays_an_error(capsys):
+    # torch is imported inside each command's body (flare-infer's pipeline, flare-export's exporter): a stop in its
+    # set-up came as ImportError("initialization failed") and ended in a traceback (diff review). An error of our
+    # own raised while a stop was handled (a write that failed meanwhile) is that error, as before.
+    import argparse
+
+    from flareseg.cli import add_common_arguments, run_command
+    from flareseg.errors import FlareSegError
+
+    def stopped_in_an_import(args):
+        raise ImportError("initialization failed") from KeyboardInterrupt()
+
+    def failed_while_stopping(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise FlareSegError("out/timings.json: cannot write (No space left on device)") from None
+
+    def missing(args):
+        raise ImportError("No module named 'cc3d'")
+
+    parser = argparse.ArgumentParser(prog="demo")
+    add_common_arguments(parser)
+    assert run_command(parser, stopped_in_an_import, []) == 130
+    assert capsys.readouterr().err == "demo: interrupted\n"
+    assert run_command(parser, failed_while_stopping, []) == 2
+    assert capsys.readouterr().err == "demo: error: out/timings.json: cannot write (No space left on device)\n"
+    with pytest.raises(ImportError, match="cc3d"):  # a real missing module is not taken for a stop
+        run_command(parser, missing, [])
+
+
 def test_an_error_quoting_a_multi_line_message_is_still_one_line():
     from flareseg.errors import FlareSegError
 
