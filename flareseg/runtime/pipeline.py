@@ -367,6 +367,10 @@ def run_cases(
             if isinstance(exc, NoMoreWritesError):  # the cases left for that file system would fail alike
                 full.setdefault(_file_system(Path(timing.output)), timing.case)
         else:
+            if full:  # a write there went through after all (room was made): its cases are tried again
+                where = _file_system(Path(timing.output))
+                full.pop(where, None)
+                said.discard(where)
             timing.total_s = timing.read_s + timing.preprocess_s + timing.infer_s + timing.postprocess_s
             timing.total_s += timing.write_s
             timing.peak_rss_mb = peak_rss_mb()
@@ -376,8 +380,8 @@ def run_cases(
     writer = ThreadPoolExecutor(1, thread_name_prefix="flareseg-write")
     # File systems that took no more writes (full, over quota, read-only), with the case whose write said so: the
     # cases left there are not read nor inferred, which would take minutes each to end in the same error.
-    full: dict[int, str] = {}
-    said: set[int] = set()
+    full: dict[tuple[int, bool], str] = {}
+    said: set[tuple[int, bool]] = set()
 
     def untried(job: CaseJob) -> bool:
         return bool(full) and _file_system(job.output) in full
@@ -453,6 +457,9 @@ def run_cases(
         for i, job in enumerate(jobs):
             timing = CaseTiming.of(job)
             results.append(timing)
+            if full:  # the write still in flight may yet go through, or fail there too: known before judging
+                while writes:
+                    settle_first()
             if untried(job):
                 _not_tried(timing, job, jobs[i:], full, said)
                 if on_case:
@@ -490,18 +497,29 @@ def run_cases(
     return results
 
 
-def _file_system(path: Path) -> int:
-    """The device of the file system that ``path`` would be written on (its nearest existing folder)."""
-    for folder in path.absolute().parents:
+def _file_system(path: Path) -> tuple[int, bool]:
+    """Which file system a write to ``path`` lands on: the device of the folder it is written in (links followed,
+    as the write follows them; the nearest folder there, where it is yet to be made), and whether that mount is
+    read-only (a read-only bind mount shares its device with the writable one)."""
+    for folder in Path(os.path.realpath(path)).parents:
         try:
-            return os.stat(folder).st_dev
+            device = os.stat(folder).st_dev
         except OSError:  # not made yet, or unreadable: its parent's
             continue
-    return -1
+        try:
+            read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+        except (OSError, AttributeError):  # Windows has no statvfs
+            read_only = False
+        return device, read_only
+    return -1, False
 
 
 def _not_tried(
-    timing: CaseTiming, job: CaseJob, left: Sequence[CaseJob], full: Mapping[int, str], said: set[int]
+    timing: CaseTiming,
+    job: CaseJob,
+    left: Sequence[CaseJob],
+    full: Mapping[tuple[int, bool], str],
+    said: set[tuple[int, bool]],
 ) -> None:
     """Mark ``job`` failed untried, its output's file system having taken no more writes. The first such case says
     it once for all those ``left`` there; each case's own line then says only that it was not tried."""

@@ -337,6 +337,44 @@ def test_a_full_disk_stops_the_cases_left_for_it_untried(trained_checkpoint, tmp
     assert [r.status for r in again] == ["skipped"] + ["ok"] * 4
 
 
+def test_a_write_that_goes_through_after_a_full_disk_lets_the_cases_left_run(trained_checkpoint, tmp_path, monkeypatch):
+    # Room made meanwhile (another job cleaned up): the case written after the failure lifts the stop, and the
+    # cases left are judged only once that write is known (diff review: they were failed untried before it).
+    from flareseg import volume
+
+    paths = _folder(tmp_path / "in", 5)
+    real_save, real_isal = volume.nib.save, volume._save_gzip_isal
+
+    def failing(real):
+        def save(img, path, *args):
+            if Path(path).name.startswith(".c1.nii.gz."):
+                time.sleep(0.3)  # still in flight when c2 is taken: c2 is tried
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(img, path, *args)
+
+        return save
+
+    monkeypatch.setattr(volume.nib, "save", failing(real_save))
+    monkeypatch.setattr(volume, "_save_gzip_isal", failing(real_isal))
+    with open_runner(trained_checkpoint) as runner:
+        results = segment_folder(runner, paths, tmp_path / "out", batch_size=4)
+    assert [r.status for r in results] == ["ok", "failed", "ok", "ok", "ok"]
+
+
+def test_the_file_system_of_an_output_is_the_one_its_write_lands_on(tmp_path):
+    # A link at an output is followed by the write (--overwrite): its target's file system is the one that fills.
+    import tempfile
+
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on a file system other than the temporary folder's")
+    (tmp_path / "out").mkdir()
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as there:
+        (tmp_path / "out" / "c0.nii.gz").symlink_to(Path(there) / "c0.nii.gz")
+        assert pipeline._file_system(tmp_path / "out" / "c0.nii.gz")[0] == os.stat(there).st_dev
+    assert pipeline._file_system(tmp_path / "out" / "not" / "made" / "yet.nii.gz")[0] == os.stat(tmp_path).st_dev
+    assert pipeline._file_system(tmp_path / "out" / "c1.nii.gz")[1] is False  # a writable mount
+
+
 def test_a_full_disk_stops_only_the_cases_written_there(trained_checkpoint, tmp_path, monkeypatch):
     # run_cases takes outputs anywhere (the API): a full file system stops the cases bound for it, not the others.
     paths = _folder(tmp_path / "in", 4)
