@@ -482,7 +482,8 @@ def _run(
             raise FlareSegError(f"{target}: exists but {damage}; remove it to redo the case, or --overwrite")
         # As in a folder: a result already there is kept, never replaced unasked (it may be another file).
         warn_kept_of_other_models(runner, [(target.name, target, args.output_type)])
-        warn_kept_of_other_postprocessing([(target.name, str(target))], earlier_cases(timings_path), postprocess)
+        kept_file = CaseTiming(target.name, str(inputs[0]), str(target), "skipped")
+        warn_kept_of_other_postprocessing([kept_file], earlier_cases(timings_path).values(), postprocess)
         kept = FolderSummary(cases=1, segmented=0, skipped=1, failed=0, wall_s=0.0)
         say(f"{_tally(kept, 1)}; {target} exists, kept (--overwrite to redo it)")
         return 0
@@ -512,6 +513,7 @@ def _run(
         "model": str(model_path),
         "batch_size": batch_size,
         "postprocess": postprocess,
+        "cwd": os.getcwd(),  # what the inputs' and outputs' relative paths below are relative to
         "output_type": args.output_type,
         "device_preprocess": args.device_preprocess,
         "warm_up": args.warm_up,
@@ -548,8 +550,11 @@ def _run(
                     planned=plan if listed is not None else None,  # made of the very listing the run takes
                     **options,
                 )
-                done = [(r.case, r.output) for r in results if r.status == "skipped"]
-                warn_kept_of_other_postprocessing(done, earlier_cases(timings_path), postprocess)
+                done = [r for r in results if r.status == "skipped"]
+                # This run's timings, and those of the parts run into the same folder (--num-parts).
+                sources = dict.fromkeys([timings_path, *sorted(Path(args.output).glob("timings*.json"))])
+                earlier = [entry for source in sources for entry in earlier_cases(source).values()]
+                warn_kept_of_other_postprocessing(done, earlier, postprocess)
             else:
                 # Said when written: an interrupt during the teardown after it still counts the case as done.
                 try:

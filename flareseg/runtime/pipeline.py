@@ -655,19 +655,34 @@ def _redo(cases: Sequence[str]) -> str:
 
 
 def warn_kept_of_other_postprocessing(
-    kept: Sequence[tuple[str, str]], earlier: Mapping[str, Mapping[str, Any]], postprocess: bool
+    kept: Sequence[CaseTiming], earlier: Iterable[Mapping[str, Any]], postprocess: bool
 ) -> None:
-    """Say which results kept from an earlier run (case, output) were made with the other post-processing setting
-    than this run's, as the timings of the run that made them record it (``earlier``: :func:`earlier_cases`): a
-    folder resumed with or without ``--no-postprocess`` would otherwise hold both kinds of label map, unsaid.
-    A result whose run's timings are gone is not judged."""
-    by_output = {str(m.get("output")): m for m in earlier.values()}
+    """Say which results kept from an earlier run were made with the other post-processing setting than this
+    run's, as the timings of the run that made them record it (``earlier``: :func:`earlier_cases`' entries, of one
+    timings file or several): a folder resumed with or without ``--no-postprocess`` would otherwise hold both
+    kinds of label map, unsaid. An earlier case is that result where it took the same input to the same output,
+    paths resolved against the folder each run started in; a result whose run's timings are gone is not judged."""
+
+    def place(paths: tuple[object, object], cwd: object) -> tuple[str, str] | None:
+        where = cwd if isinstance(cwd, str) else os.getcwd()  # timings written before runs recorded their folder
+        if not all(isinstance(p, str) and p for p in paths):
+            return None
+        found, made = (os.path.realpath(os.path.join(where, str(path))) for path in paths)
+        return found, made
+
+    made_by: dict[tuple[str, str] | None, bool] = {}
+    for entry in earlier:
+        context = entry.get("context")
+        context = context if isinstance(context, Mapping) else {}
+        setting = context.get("postprocess")
+        if isinstance(setting, bool):
+            made_by.setdefault(place((entry.get("input"), entry.get("output")), context.get("cwd")), setting)
+    made_by.pop(None, None)
     otherwise = []
-    for case, output in kept:
-        context = by_output.get(output, {}).get("context")
-        made = context.get("postprocess") if isinstance(context, Mapping) else None
-        if isinstance(made, bool) and made != postprocess:
-            otherwise.append(case)
+    for r in kept:
+        setting = made_by.get(place((r.input, r.output), None))
+        if setting is not None and setting != postprocess:
+            otherwise.append(r.case)
     if otherwise:
         then, now = ("without", "post-processes") if postprocess else ("with", "does not (--no-postprocess)")
         log.warning(

@@ -1608,3 +1608,40 @@ def test_a_resume_says_which_kept_results_were_made_with_the_other_post_processi
         "1 result kept from an earlier run, made with post-processing (its run's timings say), where this run does "
         "not (--no-postprocess): one.nii.gz; --overwrite redoes it"
     ]
+
+
+def test_the_post_processing_of_kept_results_is_read_across_path_spellings_and_parts(
+    trained_checkpoint, tmp_path, caplog, monkeypatch
+):
+    # Relative paths one run, absolute the next, and a folder run in parts before a whole run: the kept results'
+    # setting was missed (diff review). Timings record the folder a run started in; the parts' files are read too.
+    _folder(tmp_path / "in", 3)
+    model = ["--model", str(trained_checkpoint), "-q"]
+    caplog.set_level(logging.WARNING, logger="flareseg")
+
+    def said() -> list[str]:
+        lines = [r.getMessage() for r in caplog.records if r.name == pipeline.log.name]
+        caplog.clear()
+        return lines
+
+    monkeypatch.chdir(tmp_path)
+    assert infer_main([*model, "-i", "in", "-o", "rel", "--no-postprocess"]) == 0
+    (tmp_path / "rel" / "c2.nii.gz").unlink()
+    monkeypatch.chdir(tmp_path / "in")  # elsewhere, absolute paths: the same cases
+    assert infer_main([*model, "-i", str(tmp_path / "in"), "-o", str(tmp_path / "rel")]) == 0
+    assert said() == [
+        "2 results kept from an earlier run, made without post-processing (its run's timings say), where this run "
+        "post-processes: c0, c1; --overwrite redoes them"
+    ]
+    _folder(tmp_path / "in5", 5)  # c0..c3 fall in part 1 of 2, c4 in part 0 (CRC-32 of the names)
+    parts = ["-i", str(tmp_path / "in5"), "-o", str(tmp_path / "parts")]
+    assert infer_main([*model, *parts, "--num-parts", "2", "--part-id", "0", "--no-postprocess"]) == 0
+    assert infer_main([*model, *parts, "--num-parts", "2", "--part-id", "1"]) == 0
+    assert said() == []
+    part0 = json.loads((tmp_path / "parts" / "timings-part0of2.json").read_text())["cases"]
+    assert [c["case"] for c in part0] == ["c4"]
+    assert infer_main([*model, *parts]) == 0  # the whole folder: every case kept, part 0's made without
+    assert said() == [
+        "1 result kept from an earlier run, made without post-processing (its run's timings say), where this run "
+        "post-processes: c4; --overwrite redoes it"
+    ]
