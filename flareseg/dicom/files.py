@@ -274,14 +274,15 @@ def find_series(
         if not _holds_dicom(listed):  # is_series_dir, on the listing at hand
             images = [p.name for p in listed if is_nifti(p) and channel_tagged(p)]
             untagged = [p for p in listed if is_nifti(p) and not channel_tagged(p)]
-            # Hospital exports seldom carry the _0000 tag: a label map is stored in 8 bits, a CT is not.
-            scans = [p.name for p in untagged[:3] if _stored_as_image(p)]
-            if images:  # named as CT images (the _0000 channel tag), not as results: said as loudly as a tree
-                why = f"CT images ({first_few(images)}) in a subfolder, which is not searched"
-                say_ignored(log, sub, why + "; give it as the input, or move them up", ignored)
-            elif scans:
-                why = f"NIfTI images stored as more than 8 bits, not label maps ({first_few(scans)}), in a subfolder"
-                say_ignored(log, sub, why + ", which is not searched; give it as the input, or move them up", ignored)
+            # Hospital exports seldom carry the _0000 tag: a label map is mostly stored in 8 bits, a CT is not. The
+            # first three files are judged by their headers, and only where no file is named as a CT already.
+            scans = [] if images else [p.name for p in untagged[:3] if _stored_as_image(p)]
+            if images or scans:  # named as CT images (the _0000 tag) or stored as ones: said as loudly as a tree
+                what = f"CT images ({first_few(images)})" if images else (
+                    f"NIfTI images stored in more than 8 bits a voxel ({first_few(scans)}: CTs, or wide label maps?)"
+                )  # fmt: skip
+                why = f"{what} in a subfolder, which is not searched; give it as the input, or move them up"
+                say_ignored(log, sub, why, ignored)
             elif untagged:  # an earlier run's output: said, not counted
                 why = "NIfTI files (results of an earlier run?), not a DICOM series"
                 say_ignored(log, sub, why, ignored, logging.INFO)

@@ -320,8 +320,9 @@ def test_results_and_folders_without_dicom_files_are_not_taken_for_series(tmp_pa
         ),
         (
             "WARNING",
-            f"{tmp_path / 'in' / 'untagged-cts'}: ignored: NIfTI images stored as more than 8 bits, not label maps "
-            "(ctB.nii.gz), in a subfolder, which is not searched; give it as the input, or move them up",
+            f"{tmp_path / 'in' / 'untagged-cts'}: ignored: NIfTI images stored in more than 8 bits a voxel "
+            "(ctB.nii.gz: CTs, or wide label maps?) in a subfolder, which is not searched; give it as the input, or "
+            "move them up",
         ),
     ]
 
