@@ -63,14 +63,22 @@ def interrupts_kept(wrapped_in: type[Exception] = Exception) -> Iterator[None]:
     try:
         yield
     except wrapped_in as exc:
-        seen: set[int] = set()
-        cause: BaseException | None = exc
-        while cause is not None and id(cause) not in seen:
-            if isinstance(cause, KeyboardInterrupt):
-                raise cause from None
-            seen.add(id(cause))
-            cause = cause.__cause__ or cause.__context__
+        stop = wrapped_interrupt(exc)
+        if stop is not None:
+            raise stop from None
         raise
+
+
+def wrapped_interrupt(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM among an error's causes (see :func:`interrupts_kept`), or None."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def no_room(exc: BaseException) -> bool:

@@ -226,6 +226,12 @@ def holds_image_series(folder: str | os.PathLike[str]) -> bool:
     return is_series_dir(folder) and not _segmentations_only(Path(folder))
 
 
+def _unjudged(untagged: list[Path]) -> str:
+    """The words for the files beyond the first three, whose headers are not read."""
+    rest = len(untagged) - 3
+    return f", and {rest} more file{'' if rest == 1 else 's'} not judged" if rest > 0 else ""
+
+
 def _stored_as_image(path: Path) -> bool:
     """Whether a NIfTI file's header stores more than 8 bits a voxel (a CT, not a label map); False where it does
     not read (a damaged file is no input to report as missed)."""
@@ -279,7 +285,8 @@ def find_series(
             scans = [] if images else [p.name for p in untagged[:3] if _stored_as_image(p)]
             if images or scans:  # named as CT images (the _0000 tag) or stored as ones: said as loudly as a tree
                 what = f"CT images ({first_few(images)})" if images else (
-                    f"NIfTI images stored in more than 8 bits a voxel ({first_few(scans)}: CTs, or wide label maps?)"
+                    f"NIfTI images stored in more than 8 bits a voxel ({', '.join(scans)}{_unjudged(untagged)}: CTs, "
+                    "or wide label maps?)"
                 )  # fmt: skip
                 why = f"{what} in a subfolder, which is not searched; give it as the input, or move them up"
                 say_ignored(log, sub, why, ignored)

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import itertools
 import logging
+import math
 import os
 import platform
 import sys
@@ -427,7 +428,6 @@ def _run(
         CaseTiming,
         FolderSummary,
         RunOptions,
-        earlier_cases,
         segment_file,
         segment_folder,
         summarize,
@@ -483,7 +483,7 @@ def _run(
         # As in a folder: a result already there is kept, never replaced unasked (it may be another file).
         warn_kept_of_other_models(runner, [(target.name, target, args.output_type)])
         kept_file = CaseTiming(target.name, str(inputs[0]), str(target), "skipped")
-        warn_kept_of_other_postprocessing([kept_file], earlier_cases(timings_path).values(), postprocess)
+        warn_kept_of_other_postprocessing([kept_file], _timings_beside(timings_path, target.parent), postprocess)
         kept = FolderSummary(cases=1, segmented=0, skipped=1, failed=0, wall_s=0.0)
         say(f"{_tally(kept, 1)}; {target} exists, kept (--overwrite to redo it)")
         return 0
@@ -551,10 +551,7 @@ def _run(
                     **options,
                 )
                 done = [r for r in results if r.status == "skipped"]
-                # This run's timings, and those of the parts run into the same folder (--num-parts).
-                sources = dict.fromkeys([timings_path, *sorted(Path(args.output).glob("timings*.json"))])
-                earlier = [entry for source in sources for entry in earlier_cases(source).values()]
-                warn_kept_of_other_postprocessing(done, earlier, postprocess)
+                warn_kept_of_other_postprocessing(done, _timings_beside(timings_path, Path(args.output)), postprocess)
             else:
                 # Said when written: an interrupt during the teardown after it still counts the case as done.
                 try:
@@ -692,6 +689,23 @@ def _plan_gpu_batch(runner: Runner, args: argparse.Namespace, idle_mb: float | N
     )
     log.info("%s", plan.line())
     return plan.batch, plan.to_dict()
+
+
+def _timings_beside(timings: Path, folder: Path) -> list[dict[str, Any]]:
+    """The measured cases of a run's timings file and of the others in its output folder (a folder run's parts',
+    single cases' ``NAME.timings.json``), the newest file first: where they disagree on a result, the run that
+    wrote it last is right."""
+    from flareseg.runtime.pipeline import earlier_cases
+
+    found = {timings, *folder.glob("timings*.json"), *folder.glob("*.timings.json")}
+
+    def age(path: Path) -> float:
+        try:
+            return -path.stat().st_mtime
+        except OSError:  # gone meanwhile, or not there yet (this run's own, on its first run)
+            return math.inf
+
+    return [entry for path in sorted(found, key=age) for entry in earlier_cases(path).values()]
 
 
 def _timings_path(args: argparse.Namespace, target: Path | None) -> Path:

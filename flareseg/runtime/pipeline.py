@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from flareseg.atomic import NoMoreWritesError, OutputExistsError, write_text_atomic
-from flareseg.errors import FlareSegError, first_few, gpu_memory_errors
+from flareseg.errors import FlareSegError, first_few, gpu_memory_errors, wrapped_interrupt
 from flareseg.postprocess import StreamingPostprocessor, keep_largest_components
 from flareseg.preprocess import volume_normalizer
 from flareseg.provenance import PLAIN_DESCRIPTION, ModelStamp
@@ -424,6 +424,8 @@ def run_cases(
         except Exception as exc:  # in a folder, any case's failure is that case's alone
             if raise_errors:
                 raise
+            if isinstance(exc, ImportError) and (stop := wrapped_interrupt(exc)) is not None:
+                raise stop from None  # a stop in a lazy import's set-up (a backend's, on its first batch) is a stop
             timing._log_failure(exc)
             writes.append((timing, _done((0.0, 0.0, 0.0))))
             return
@@ -658,16 +660,20 @@ def warn_kept_of_other_postprocessing(
     kept: Sequence[CaseTiming], earlier: Iterable[Mapping[str, Any]], postprocess: bool
 ) -> None:
     """Say which results kept from an earlier run were made with the other post-processing setting than this
-    run's, as the timings of the run that made them record it (``earlier``: :func:`earlier_cases`' entries, of one
-    timings file or several): a folder resumed with or without ``--no-postprocess`` would otherwise hold both
-    kinds of label map, unsaid. An earlier case is that result where it took the same input to the same output,
-    paths resolved against the folder each run started in; a result whose run's timings are gone is not judged."""
+    run's, as the timings of the run that made them record it: a folder resumed with or without
+    ``--no-postprocess`` would otherwise hold both kinds of label map, unsaid. ``earlier``: :func:`earlier_cases`'
+    entries, of one timings file or several, the newest first (a result's first entry is taken). An earlier case
+    is that result where it took the same input to the same output, paths resolved against the folder each run
+    started in; a result whose run's timings are gone is not judged."""
 
     def place(paths: tuple[object, object], cwd: object) -> tuple[str, str] | None:
         where = cwd if isinstance(cwd, str) else os.getcwd()  # timings written before runs recorded their folder
         if not all(isinstance(p, str) and p for p in paths):
             return None
-        found, made = (os.path.realpath(os.path.join(where, str(path))) for path in paths)
+        try:
+            found, made = (os.path.realpath(os.path.join(where, str(path))) for path in paths)
+        except ValueError:  # a damaged file's path (a NUL byte): no result of this run's
+            return None
         return found, made
 
     made_by: dict[tuple[str, str] | None, bool] = {}

@@ -289,7 +289,8 @@ def test_results_and_folders_without_dicom_files_are_not_taken_for_series(tmp_pa
     # A hospital export's CTs carry no _0000 tag: told from label maps by their 8-bit storage (folder review).
     (tmp_path / "in" / "untagged-cts").mkdir()
     ct = nib.Nifti1Image(np.zeros((4, 4, 2), np.int16), np.eye(4))
-    nib.save(ct, tmp_path / "in" / "untagged-cts" / "ctB.nii.gz")
+    for name in ("ctB", "ctC", "ctD", "ctE"):
+        nib.save(ct, tmp_path / "in" / "untagged-cts" / f"{name}.nii.gz")
     label_map = nib.Nifti1Image(np.zeros((4, 4, 2), np.uint8), np.eye(4))
     nib.save(label_map, tmp_path / "in" / "nifti-results" / "case_003.nii.gz")  # a result: still not counted
     ignored: list[IgnoredInput] = []
@@ -321,8 +322,8 @@ def test_results_and_folders_without_dicom_files_are_not_taken_for_series(tmp_pa
         (
             "WARNING",
             f"{tmp_path / 'in' / 'untagged-cts'}: ignored: NIfTI images stored in more than 8 bits a voxel "
-            "(ctB.nii.gz: CTs, or wide label maps?) in a subfolder, which is not searched; give it as the input, or "
-            "move them up",
+            "(ctB.nii.gz, ctC.nii.gz, ctD.nii.gz, and 1 more file not judged: CTs, or wide label maps?) in a "
+            "subfolder, which is not searched; give it as the input, or move them up",
         ),
     ]
 

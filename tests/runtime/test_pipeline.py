@@ -1645,3 +1645,52 @@ def test_the_post_processing_of_kept_results_is_read_across_path_spellings_and_p
         "1 result kept from an earlier run, made without post-processing (its run's timings say), where this run "
         "post-processes: c4; --overwrite redoes it"
     ]
+
+
+def test_the_newest_timings_beside_a_result_say_how_it_was_made_and_a_damaged_one_is_passed_over(
+    trained_checkpoint, tmp_path, caplog
+):
+    # A single case redone without post-processing into a folder's output: its own NAME.timings.json is newer
+    # than the folder's timings.json, and right (second diff review). A damaged timings file (a NUL in a path)
+    # crashed the run after its cases were written.
+    paths = _folder(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    model = ["--model", str(trained_checkpoint), "-q"]
+    caplog.set_level(logging.WARNING, logger="flareseg")
+    assert infer_main([*model, "-i", str(paths[0].parent), "-o", str(out)]) == 0
+    one = ["-i", str(paths[1]), "-o", str(out / "c1.nii.gz")]
+    assert infer_main([*model, *one, "--overwrite", "--no-postprocess"]) == 0
+    damaged = json.loads((out / "timings.json").read_text())
+    damaged["cases"][0]["input"] = "in/c0\0_0000.nii.gz"
+    (out / "timings-old.json").write_text(json.dumps(damaged))
+    os.utime(out / "timings-old.json", (1e9, 1e9))  # an old copy: the newer files are right where they differ
+    (out / "c2.nii.gz").unlink()
+    caplog.clear()
+    assert infer_main([*model, "-i", str(paths[0].parent), "-o", str(out)]) == 0
+    assert [r.getMessage() for r in caplog.records if r.name == pipeline.log.name] == [
+        "1 result kept from an earlier run, made without post-processing (its run's timings say), where this run "
+        "post-processes: c1; --overwrite redoes it"
+    ]
+    assert [c["status"] for c in json.loads((out / "timings.json").read_text())["cases"]] == [
+        "skipped",
+        "skipped",
+        "ok",
+    ]
+
+
+def test_a_stop_wrapped_in_an_import_error_during_a_case_stops_the_run(trained_checkpoint, tmp_path, monkeypatch):
+    # A backend's lazy import on its first batch, interrupted, comes as ImportError("initialization failed"): it
+    # failed that case and the run went on (second diff review).
+    paths = _folder(tmp_path / "in", 3)
+    real_infer = pipeline._infer_stage
+
+    def infer_stage(runner, read, timing, *args):
+        if timing.case == "c1":
+            raise ImportError("initialization failed") from KeyboardInterrupt()
+        return real_infer(runner, read, timing, *args)
+
+    monkeypatch.setattr(pipeline, "_infer_stage", infer_stage)
+    seen: list[str] = []
+    with open_runner(trained_checkpoint) as runner, pytest.raises(KeyboardInterrupt):
+        segment_folder(runner, paths, tmp_path / "out", batch_size=4, on_case=lambda t: seen.append(t.case))
+    assert seen == ["c0"] and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c0.nii.gz"]
