@@ -228,9 +228,10 @@ def _main(args: argparse.Namespace) -> int:
         # Fail at once, before minutes of export, when TensorRT or a GPU is missing (a checkpoint that is not
         # there, or not one, is said first: no GPU machine mends it).
         from flareseg.export.inputs import load_checked_model
-        from flareseg.export.tensorrt import DeviceIdentity, import_tensorrt
+        from flareseg.export.tensorrt import DeviceIdentity, check_timing_cache, import_tensorrt
 
         load_checked_model(args.checkpoint)  # loaded again by the export: a second or so, at full width
+        check_timing_cache(args.timing_cache)
         import_tensorrt()
         DeviceIdentity.current()
     exported = export_onnx(

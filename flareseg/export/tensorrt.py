@@ -263,15 +263,41 @@ def engine_path_for(onnx_path: str | os.PathLike[str]) -> Path:
     return p.with_suffix(".engine")
 
 
+#: A timing cache is replaced after each build: a path named as one of these kinds is some other file (a model,
+#: the engine, a sidecar, results), which a mistyped --timing-cache would destroy.
+_NOT_A_CACHE = (".onnx", ".json", ".engine", ".plan", ".pt", ".pth", ".nii", ".nii.gz", ".dcm", ".csv", ".md", ".png")
+TIMING_CACHE_SUFFIX = ".timing-cache"
+
+
 def _refuse_overwriting_inputs(onnx_path: Path, engine_path: Path, timing_cache: str | os.PathLike[str] | None) -> None:
-    """Refuse, before any work, an engine (or its sidecar) or timing cache that would replace the ONNX input."""
+    """Refuse, before any work, an engine (or its sidecar) or timing cache that would replace the ONNX input, and
+    a timing cache that would replace the engine, its sidecar or a file named as another kind."""
     inputs = {onnx_path.resolve(), sidecar_path(onnx_path).resolve()}
     outputs = [("engine", engine_path), ("engine's sidecar", sidecar_path(engine_path))]
-    if timing_cache is not None:
-        outputs.append(("timing cache", Path(timing_cache)))
+    cache = Path(timing_cache) if timing_cache is not None and not Path(timing_cache).is_dir() else None
+    if cache is not None:
+        outputs.append(("timing cache", cache))
     for what, path in outputs:
         if path.resolve() in inputs:
             raise FlareSegError(f"{path}: the {what} would replace the input {onnx_path} or its sidecar")
+    if cache is None:
+        return
+    if cache.resolve() in {engine_path.resolve(), sidecar_path(engine_path).resolve()}:
+        raise FlareSegError(f"{cache}: the timing cache would replace the engine it is built with, or its sidecar")
+    check_timing_cache(cache)
+
+
+def check_timing_cache(path: str | os.PathLike[str] | None) -> None:
+    """Refuse a --timing-cache file named as another kind of file (a model, a sidecar, results): the cache is
+    replaced after each build. Before any work: flare-export checks it before the minutes of its ONNX export."""
+    if path is None or Path(path).is_dir():
+        return
+    kind = next((suffix for suffix in _NOT_A_CACHE if Path(path).name.lower().endswith(suffix)), None)
+    if kind is not None:
+        raise FlareSegError(
+            f"{path}: named as a {kind} file, not a timing cache (which is replaced after each build); give a "
+            f"name ending in {TIMING_CACHE_SUFFIX}, or a folder"
+        )
 
 
 def build_engine(
@@ -377,6 +403,11 @@ def _attach_timing_cache(config: Any, cache_path: Path) -> bool:
         cache = config.create_timing_cache(saved)
         if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
             return True
+        if not cache_path.name.endswith(TIMING_CACHE_SUFFIX):  # another file under a name of the user's: kept
+            raise FlareSegError(
+                f"{cache_path}: not a timing cache this TensorRT can read, and not named *{TIMING_CACHE_SUFFIX}, so "
+                f"not replaced; give another --timing-cache (a folder, or a name ending in {TIMING_CACHE_SUFFIX})"
+            )
         log.warning(
             "%s: timing cache made by another TensorRT version or GPU, or unreadable; timing from scratch "
             "(it is replaced after the build)",

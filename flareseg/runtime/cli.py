@@ -196,6 +196,10 @@ def _check_backend_options(args: argparse.Namespace, backend: str) -> None:
             raise FlareSegError(f"{option} is for the {names} backend{plural}, not {backend}: drop it")
     if args.precision is not None and backend == "tensorrt":
         raise FlareSegError("--precision is fixed when the engine is built (flare-export --engine): drop it")
+    if args.precision is not None and backend == "onnxruntime":  # fp32 too: an fp16 or INT8 model ran as it is
+        raise FlareSegError("ONNX precision is fixed at export (flare-export --fp16, --int8): drop --precision")
+    if args.engine is not None and args.backend not in (None, "tensorrt"):
+        raise FlareSegError(f"--backend {args.backend} contradicts --engine (a TensorRT engine): drop one")
     if args.precision is not None:
         from flareseg.runtime.runners import check_precision
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import types
 from contextlib import contextmanager
@@ -453,6 +454,34 @@ def test_unreadable_cache_and_none_returns_do_not_stop_the_build(trt, tmp_path, 
     trt.fail = {"serialize"}
     build_engine(model)
     assert not cache.exists()
+
+
+def test_a_timing_cache_path_that_names_another_file_is_refused_and_the_file_kept(trt, tmp_path):
+    # The cache is replaced after each build: a mistyped --timing-cache replaced a model, the engine or a results
+    # CSV with 16 bytes of cache, and the export said "wrote" (flags review).
+    model = _onnx(tmp_path / "m.onnx")
+    other = _onnx(tmp_path / "other_fp32.onnx")
+    (tmp_path / "scores.csv").write_text("case,organ,dsc\n")
+    notes = tmp_path / "notes"
+    notes.write_bytes(b"my notes, not a cache")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    refused = {
+        other: r"named as a \.onnx file, not a timing cache",
+        tmp_path / "m.engine": r"the timing cache would replace the engine it is built with, or its sidecar",
+        tmp_path / "m.engine.json": r"the timing cache would replace the engine it is built with, or its sidecar",
+        tmp_path / "scores.csv": r"named as a \.csv file",
+        notes: r"not a timing cache this TensorRT can read, and not named \*\.timing-cache, so not replaced",
+    }
+    for cache, said in refused.items():
+        with pytest.raises(FlareSegError, match=f"^{re.escape(str(cache))}: {said}"):
+            build_engine(model, timing_cache=cache)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, nothing replaced
+    # A name of the user's that holds a cache this TensorRT reads is used and written back, as before.
+    mine = tmp_path / "mine.bin"
+    build_engine(model, timing_cache=tmp_path / "fresh.timing-cache")
+    mine.write_bytes((tmp_path / "fresh.timing-cache").read_bytes())
+    build_engine(model, timing_cache=mine, engine_path=tmp_path / "again.engine")
+    assert mine.read_bytes().endswith(b"|2")
 
 
 def test_a_failed_build_writes_nothing(trt, tmp_path):

@@ -307,10 +307,17 @@ def test_a_precision_an_onnx_model_cannot_take_is_refused_even_with_nothing_to_d
     out = tmp_path / "c0.nii.gz"
     out.write_bytes(b"an earlier result")  # kept: no case would run
     argv = ["--model", str(onnx_models["fp32"]), "-i", str(ct), "-o", str(out), "-q"]
-    assert infer_main([*argv, "--precision", "bf16"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [
-        "flare-infer: error: ONNX precision is fixed at export (flare-export --fp16); do not pass --precision"
+    # fp32 too: an fp16 or INT8 model ran as it was, the option ignored (flags review).
+    for precision in ("bf16", "fp32"):
+        assert infer_main([*argv, "--precision", precision]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [
+            "flare-infer: error: ONNX precision is fixed at export (flare-export --fp16, --int8): drop --precision"
+        ]
+    engine = ["--engine", str(tmp_path / "m.engine"), "-i", str(ct), "-o", str(out), "-q"]
+    assert infer_main([*engine, "--backend", "openvino"]) == 2  # was dropped: TensorRT ran
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "flare-infer: error: --backend openvino contradicts --engine (a TensorRT engine): drop one"
     ]
     assert infer_main([*argv, "--backend", "openvino", "--precision", "fp16"]) == 2
     assert capsys.readouterr().err.strip().endswith("OpenVINO on the CPU runs fp32 or bf16, got 'fp16'")
