@@ -79,6 +79,8 @@ class ExportOptions:
                 f"name {self.name!r}: give a file name stem, not empty and without path separators "
                 "(the models are written inside the output folder)"
             )
+        if self.name.startswith("."):  # "." and ".." gave hidden files (._fp32.onnx, an AppleDouble name)
+            raise FlareSegError(f"name {self.name!r}: a stem starting with '.' gives hidden files; give a plain name")
         if self.output_kind not in ("logits", "labels"):
             raise FlareSegError(f"output kind must be 'logits' or 'labels', got {self.output_kind!r}")
         if self.label_dtype not in ("uint8", "int32"):

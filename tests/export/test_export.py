@@ -664,6 +664,17 @@ def test_names_that_are_not_a_file_stem_are_refused(tiny_checkpoint, tmp_path, c
     assert not out.exists() and not list(tmp_path.glob("*.onnx"))
 
 
+@pytest.mark.parametrize("name", [".", "..", ".hidden"])
+def test_names_that_would_give_hidden_files_are_refused(tiny_checkpoint, tmp_path, capsys, name):
+    # "." wrote ._fp32.onnx, a hidden file (and an AppleDouble name): the folder looked empty (flags review).
+    out = tmp_path / "out"
+    assert export_main([str(tiny_checkpoint), "-o", str(out), f"--name={name}", "-q"]) == 2
+    assert _one_line(capsys) == (
+        f"flare-export: error: name {name!r}: a stem starting with '.' gives hidden files; give a plain name"
+    )
+    assert not out.exists()
+
+
 def test_a_label_map_is_refused_as_verification_volume(tiny_checkpoint, tmp_path, capsys):
     from flareseg.phantom import make_phantom
 

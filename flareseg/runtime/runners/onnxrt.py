@@ -225,9 +225,9 @@ class OnnxRuntimeRunner(Runner):
         self.device_id = device_id
 
     def _describe(self) -> str:
-        threads = self.threads or "auto"
+        threads = "1 thread" if self.threads == 1 else f"{self.threads or 'auto'} threads"
         memory = f", {self.memory} memory" if self.provider == "cpu" else ""
-        return f"ONNX Runtime ({_ORT_PROVIDERS[self.provider]}, {self.meta.precision}, {threads} threads{memory})"
+        return f"ONNX Runtime ({_ORT_PROVIDERS[self.provider]}, {self.meta.precision}, {threads}{memory})"
 
     def _activate(self) -> None:
         from flareseg.export.metadata import read_onnx_metadata

@@ -94,7 +94,7 @@ class OpenVINORunner(Runner):
 
     def _describe(self) -> str:
         used = self.threads_used or self.threads
-        threads = f"{used} threads" if used else "auto threads"
+        threads = f"{used} thread{'' if used == 1 else 's'}" if used else "auto threads"
         if self.threads and used != self.threads:
             threads += f" ({self.threads} asked)"
         return (

@@ -108,7 +108,7 @@ def test_bf16_runs_in_bf16_and_agrees_with_fp32(models, slices, reference_labels
     assert runner.inference_precision == "bf16"
     assert float((labels == reference_labels).float().mean()) >= REDUCED_MIN_AGREEMENT
     with runner:
-        assert "bf16 inference precision, 1 threads" in runner.describe()
+        assert "bf16 inference precision, 1 thread" in runner.describe()
 
 
 @needs_openvino
@@ -154,7 +154,7 @@ def test_the_threads_described_are_those_the_compiled_model_runs_with(models, sl
     assert f", {used} threads ({asked} asked), LATENCY hint" in text
     with OpenVINORunner(models["fp32"], threads=1) as runner:
         runner.infer(slices[:1])
-        assert ", 1 threads, LATENCY hint" in runner.describe()
+        assert ", 1 thread, LATENCY hint" in runner.describe()
 
 
 @needs_openvino
