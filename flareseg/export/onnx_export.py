@@ -380,6 +380,11 @@ def export_onnx(
         info = dataclasses.replace(info, slice_size=check_slice_size(options.slice_size))
     # The verification volume is read first too: a bad one fails before minutes of export.
     random, real, source = verification_slices(info, verify_volume, options.verify_slices)
+    if len(real) < options.verify_slices:  # the figures printed rest on these: said, as INT8's slice counts are
+        log.warning(
+            "%s holds %d slices, fewer than the %d asked (--verify-slices): the export is verified on those",
+            source, len(real), options.verify_slices,
+        )  # fmt: skip
     # Calibration data is read first: a folder without usable slices fails before minutes of export.
     calib = (
         calibration_slices(info, calibration, count=options.calibration_slices, held_out=options.held_out_slices)

@@ -675,6 +675,19 @@ def test_names_that_would_give_hidden_files_are_refused(tiny_checkpoint, tmp_pat
     assert not out.exists()
 
 
+def test_fewer_verification_slices_than_asked_are_said(tiny_checkpoint, tmp_path, caplog):
+    # --verify-slices 100000 on a 6-slice volume verified on 6 without a word (flags review).
+    from flareseg.phantom import make_phantom
+
+    ct = tmp_path / "ct.nii.gz"
+    nib.save(make_phantom((40, 40, 6), (8.0, 8.0, 10.0), seed=3).to_nifti()[0], ct)
+    with caplog.at_level(logging.WARNING, logger="flareseg"):
+        (fp32,) = export_onnx(tiny_checkpoint, tmp_path / "out", ExportOptions(verify_slices=100), verify_volume=ct)
+    assert fp32.metadata.verification["real"]["slices"] == 6
+    said = [r.getMessage() for r in caplog.records if r.name == onnx_export.log.name]
+    assert said == [f"{ct} holds 6 slices, fewer than the 100 asked (--verify-slices): the export is verified on those"]
+
+
 def test_a_label_map_is_refused_as_verification_volume(tiny_checkpoint, tmp_path, capsys):
     from flareseg.phantom import make_phantom
 
