@@ -446,7 +446,9 @@ def _close_its_terminal_once_ready(script: str) -> int:
     os.close(slave)
     seen = b""
     try:
-        while b"ready" not in seen:
+        # The whole line, alone: under load the script's print of it once met the terminal closed (EIO), its
+        # test not begun (a partial line, or "ready" inside another line: "already").
+        while b"\nready\n" not in b"\n" + seen.replace(b"\r\n", b"\n"):
             ready, _, _ = select.select([master], [], [], 60)
             assert ready, f"the script never started: {seen!r}"
             seen += os.read(master, 4096)
