@@ -315,7 +315,8 @@ def build_engine(
     ``tensorrt-<version>-sm<cc>.timing-cache`` beside the ONNX unless given (a file, or a
     folder to hold the file of that name), is read if it
     exists and written back afterwards, so rebuilding on the same kind of GPU takes seconds
-    instead of minutes; one made by another TensorRT or GPU is set aside for an empty one.
+    instead of minutes; one made by another TensorRT or GPU is set aside for an empty one. A file that is no cache
+    at all is refused unless named ``*.timing-cache`` (see :func:`check_timing_cache` for names refused at once).
 
     The engine and its sidecar are written to synced temporary files and renamed into
     place one right after the other, then the timing cache: a build that fails or is
@@ -403,7 +404,9 @@ def _attach_timing_cache(config: Any, cache_path: Path) -> bool:
         cache = config.create_timing_cache(saved)
         if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
             return True
-        if not cache_path.name.endswith(TIMING_CACHE_SUFFIX):  # another file under a name of the user's: kept
+        # Read as a cache, but of another TensorRT or GPU: replaced. Not read at all: some other file, unless it
+        # is named as a cache.
+        if cache is None and not cache_path.name.lower().endswith(TIMING_CACHE_SUFFIX):
             raise FlareSegError(
                 f"{cache_path}: not a timing cache this TensorRT can read, and not named *{TIMING_CACHE_SUFFIX}, so "
                 f"not replaced; give another --timing-cache (a folder, or a name ending in {TIMING_CACHE_SUFFIX})"

@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_backend_options(args: argparse.Namespace, backend: str) -> None:
     """Refuse an option the chosen backend would ignore, or one that contradicts --device."""
+    if args.engine is not None and args.backend not in (None, "tensorrt"):  # first: the options below follow it
+        raise FlareSegError(f"--backend {args.backend} contradicts --engine (a TensorRT engine): drop one")
     belongs = {
         "--no-channels-last" if args.channels_last is False else "--channels-last": (
             args.channels_last is not None,
@@ -198,8 +200,6 @@ def _check_backend_options(args: argparse.Namespace, backend: str) -> None:
         raise FlareSegError("--precision is fixed when the engine is built (flare-export --engine): drop it")
     if args.precision is not None and backend == "onnxruntime":  # fp32 too: an fp16 or INT8 model ran as it is
         raise FlareSegError("ONNX precision is fixed at export (flare-export --fp16, --int8): drop --precision")
-    if args.engine is not None and args.backend not in (None, "tensorrt"):
-        raise FlareSegError(f"--backend {args.backend} contradicts --engine (a TensorRT engine): drop one")
     if args.precision is not None:
         from flareseg.runtime.runners import check_precision
 
@@ -518,6 +518,7 @@ def _run(
         "batch_size": batch_size,
         "postprocess": postprocess,
         "cwd": os.getcwd(),  # what the inputs' and outputs' relative paths below are relative to
+        "started_unix_s": round(time.time(), 3),  # kept with each case carried into later timings: which is newest
         "output_type": args.output_type,
         "device_preprocess": args.device_preprocess,
         "warm_up": args.warm_up,
@@ -697,19 +698,24 @@ def _plan_gpu_batch(runner: Runner, args: argparse.Namespace, idle_mb: float | N
 
 def _timings_beside(timings: Path, folder: Path) -> list[dict[str, Any]]:
     """The measured cases of a run's timings file and of the others in its output folder (a folder run's parts',
-    single cases' ``NAME.timings.json``), the newest file first: where they disagree on a result, the run that
-    wrote it last is right."""
+    single cases' ``NAME.timings.json``), the newest measurement first: where they disagree on a result, the run
+    that made it last is right. A case carried into a later file (a resumed run's ``earlier_run``) keeps its own
+    run's start; timings written before runs recorded it count from their file's time."""
     from flareseg.runtime.pipeline import earlier_cases
 
     found = {timings, *folder.glob("timings*.json"), *folder.glob("*.timings.json")}
-
-    def age(path: Path) -> float:
+    dated: list[tuple[float, dict[str, Any]]] = []
+    for path in found:
         try:
-            return -path.stat().st_mtime
+            written = path.stat().st_mtime
         except OSError:  # gone meanwhile, or not there yet (this run's own, on its first run)
-            return math.inf
-
-    return [entry for path in sorted(found, key=age) for entry in earlier_cases(path).values()]
+            continue
+        for entry in earlier_cases(path).values():
+            context = entry.get("context")
+            started = context.get("started_unix_s") if isinstance(context, dict) else None
+            known = isinstance(started, int | float) and not isinstance(started, bool) and math.isfinite(started)
+            dated.append((float(started) if known and started is not None else written, entry))
+    return [entry for _, entry in sorted(dated, key=lambda pair: -pair[0])]
 
 
 def _timings_path(args: argparse.Namespace, target: Path | None) -> Path:

@@ -476,6 +476,12 @@ def test_a_timing_cache_path_that_names_another_file_is_refused_and_the_file_kep
         with pytest.raises(FlareSegError, match=f"^{re.escape(str(cache))}: {said}"):
             build_engine(model, timing_cache=cache)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, nothing replaced
+    # A cache of another GPU under a name of the user's (trtexec's timing.cache) is a cache: replaced, as before;
+    # so is anything under a cache's name, in any case.
+    for name in ("timing.cache", "NOTES.TIMING-CACHE"):
+        (tmp_path / name).write_bytes(f"{VERSION}/sm89|7".encode() if name == "timing.cache" else b"not a cache")
+        build_engine(model, timing_cache=tmp_path / name, engine_path=tmp_path / f"{name}.engine")
+        assert (tmp_path / name).read_bytes() == f"{VERSION}/sm90|1".encode()
     # A name of the user's that holds a cache this TensorRT reads is used and written back, as before.
     mine = tmp_path / "mine.bin"
     build_engine(model, timing_cache=tmp_path / "fresh.timing-cache")

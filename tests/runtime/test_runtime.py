@@ -315,10 +315,11 @@ def test_a_precision_an_onnx_model_cannot_take_is_refused_even_with_nothing_to_d
             "flare-infer: error: ONNX precision is fixed at export (flare-export --fp16, --int8): drop --precision"
         ]
     engine = ["--engine", str(tmp_path / "m.engine"), "-i", str(ct), "-o", str(out), "-q"]
-    assert infer_main([*engine, "--backend", "openvino"]) == 2  # was dropped: TensorRT ran
-    assert capsys.readouterr().err.strip().splitlines() == [
-        "flare-infer: error: --backend openvino contradicts --engine (a TensorRT engine): drop one"
-    ]
+    for extra in ([], ["--threads", "2"]):  # said first: not "--threads is for ... not tensorrt: drop it"
+        assert infer_main([*engine, "--backend", "openvino", *extra]) == 2  # was dropped: TensorRT ran
+        assert capsys.readouterr().err.strip().splitlines() == [
+            "flare-infer: error: --backend openvino contradicts --engine (a TensorRT engine): drop one"
+        ]
     assert infer_main([*argv, "--backend", "openvino", "--precision", "fp16"]) == 2
     assert capsys.readouterr().err.strip().endswith("OpenVINO on the CPU runs fp32 or bf16, got 'fp16'")
     assert out.read_bytes() == b"an earlier result"
