@@ -52,7 +52,8 @@ class InferenceTimes:
     is after the second batch is queued); on a fresh runner the backend's first-batch
     set-up (cuDNN, TensorRT) shows here.
     ``on_labels_s``: time in the caller's ``on_labels`` callback, not counted in ``infer_s``.
-    ``nonfinite_slices``: slices whose scores held NaN or infinity (their argmax is no label to trust).
+    ``nonfinite_slices``: slices whose scores held NaN or infinity (their argmax is no label to trust); counted
+    on the CPU and in the staged loop (``device_preprocess``), not yet in the default CUDA loop.
     """
 
     normalize_s: float = 0.0
@@ -314,7 +315,9 @@ def _infer_cuda(
             compute.wait_event(slot.uploaded)
             with torch.inference_mode():
                 out = run_padded(runner, network_batch(slot.dev_in[:n], net_size, channels), min_batch)
-                lab = scores_to_labels(done.scores(out), size, runner.output_kind)
+                # Not counted here (done.scores): the default CUDA path keeps to what has run on a GPU, and the
+                # count's bool copy of the scores would add to the memory its batch plan measured.
+                lab = scores_to_labels(out, size, runner.output_kind)
                 del out  # else the scores stay alive through the next batch's forward (the planner counts one batch)
             slot.computed.record(compute)
             with torch.cuda.stream(copy):
