@@ -192,7 +192,7 @@ def profile_shapes(
 
 def timing_cache_name(tensorrt_version: str, device: DeviceIdentity) -> str:
     """``tensorrt-10.9.0.34-sm90.timing-cache``: a timing cache serves one TensorRT version and GPU architecture."""
-    return f"tensorrt-{tensorrt_version}-sm{device.compute_capability.replace('.', '')}.timing-cache"
+    return f"tensorrt-{tensorrt_version}-sm{device.compute_capability.replace('.', '')}{TIMING_CACHE_SUFFIX}"
 
 
 def check_engine_output(meta: ExportMetadata, source: str | os.PathLike[str]) -> None:

@@ -633,19 +633,19 @@ def warn_kept_of_other_models(runner: Runner, kept: Sequence[tuple[str, Path, Ou
             if not any(digest.startswith(made.sha256) for digest in (stamp.sha256, *exported)):
                 other.append(f"{case} ({made.name}, sha256:{made.sha256[:16]})")
 
-    results, redo = _kept_results, _redo
     if other:
         # A result names its model file only: an export of the same checkpoint, the other way round than
         # _exported_from sees, is another file, and said as one.
         this = f"{stamp.name} (sha256:{stamp.sha256[:16]})"
-        log.warning("%s, made by another model file than %s: %s", results(other), this, redo(other))
+        log.warning("%s, made by another model file than %s: %s", _kept_results(other), this, _redo(other))
     if unstamped:
         log.warning(
             "%s, made by flareseg without naming its model (an earlier version, or a callable runner): %s",
-            results(unstamped), redo(unstamped),
+            _kept_results(unstamped), _redo(unstamped),
         )  # fmt: skip
     if unnamed:
-        log.warning("%s, not made by flareseg (another tool's, or copied in?): %s", results(unnamed), redo(unnamed))
+        what = "not made by flareseg (another tool's, or copied in?)"
+        log.warning("%s, %s: %s", _kept_results(unnamed), what, _redo(unnamed))
 
 
 def _kept_results(cases: Sequence[str]) -> str:
@@ -676,17 +676,18 @@ def warn_kept_of_other_postprocessing(
             return None
         return found, made
 
-    made_by: dict[tuple[str, str] | None, bool] = {}
+    made_by: dict[tuple[str, str], bool] = {}
     for entry in earlier:
         context = entry.get("context")
         context = context if isinstance(context, Mapping) else {}
         setting = context.get("postprocess")
-        if isinstance(setting, bool):
-            made_by.setdefault(place((entry.get("input"), entry.get("output")), context.get("cwd")), setting)
-    made_by.pop(None, None)
+        at = place((entry.get("input"), entry.get("output")), context.get("cwd"))
+        if isinstance(setting, bool) and at is not None:
+            made_by.setdefault(at, setting)
     otherwise = []
     for r in kept:
-        setting = made_by.get(place((r.input, r.output), None))
+        at = place((r.input, r.output), None)
+        setting = made_by.get(at) if at is not None else None
         if setting is not None and setting != postprocess:
             otherwise.append(r.case)
     if otherwise:
