@@ -181,12 +181,8 @@ def checkpoint_file_problem(path: Path) -> str | None:
     return None
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load and validate a checkpoint's dictionary (weights on the CPU).
-
-    The archive's checksums are checked first (one pass over the file, which torch.load
-    then reads from the page cache): torch.load itself reads past a flipped byte in the weights.
-    """
+def check_checkpoint_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a Path, where it names a file; a folder or a missing path is a one-line FlareSegError."""
     path = Path(path)
     if path.is_dir():
         inside = sorted(p.name for p in path.glob("*.pt"))
@@ -194,6 +190,16 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise FlareSegError(f"{path}: is a folder, not a checkpoint file; give the .pt file{hint}")
     if not path.is_file():
         raise FlareSegError(f"{path}: checkpoint not found")
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load and validate a checkpoint's dictionary (weights on the CPU).
+
+    The archive's checksums are checked first (one pass over the file, which torch.load
+    then reads from the page cache): torch.load itself reads past a flipped byte in the weights.
+    """
+    path = check_checkpoint_path(path)
     problem = checkpoint_file_problem(path)
     if problem is not None:
         raise FlareSegError(f"{path}: {problem}")

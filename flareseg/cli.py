@@ -418,7 +418,12 @@ def batch_profile(text: str) -> tuple[int, int, int]:
     values = int_list(text)
     if len(values) != 3:
         raise argparse.ArgumentTypeError(f"expected MIN,OPT,MAX, got {text!r}")
-    return (values[0], values[1], values[2])
+    from flareseg.export.options import check_batch_profile
+
+    try:  # here, so that argparse names the option
+        return check_batch_profile((values[0], values[1], values[2]))
+    except FlareSegError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def slice_size(text: str) -> tuple[int, int]:
@@ -426,4 +431,10 @@ def slice_size(text: str) -> tuple[int, int]:
     values = int_list(text)
     if len(values) not in (1, 2):
         raise argparse.ArgumentTypeError(f"expected H or H,W, got {text!r}")
-    return (values[0], values[-1])
+    # torch comes with the check; every command with --size imports it for its work anyway.
+    from flareseg.checkpoint import check_slice_size
+
+    try:  # here, so that argparse names the option
+        return check_slice_size((values[0], values[-1]))
+    except FlareSegError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

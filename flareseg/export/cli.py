@@ -199,6 +199,9 @@ def _main(args: argparse.Namespace) -> int:
         return _engine_from_onnx(args)
     _check_options_used(args)
     if args.out is None:
+        from flareseg.checkpoint import check_checkpoint_path
+
+        check_checkpoint_path(args.checkpoint)  # a wrong input is said first: mending -o alone would not do
         raise FlareSegError("-o/--out is required: the folder the models are written to")
     # Here, not at the top: the exporter brings torch and onnx, seconds that --help and a bad option need not wait.
     from flareseg.export.onnx_export import export_onnx, verification_report

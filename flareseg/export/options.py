@@ -44,6 +44,14 @@ def max_opset() -> int:
     return int(onnx.defs.onnx_opset_version())
 
 
+def check_batch_profile(profile: tuple[int, int, int]) -> tuple[int, int, int]:
+    """A batch profile (min, opt, max) that ONNX Runtime's and TensorRT's builders accept, or a FlareSegError."""
+    lo, opt, hi = profile
+    if not 1 <= lo <= opt <= hi:
+        raise FlareSegError(f"batch profile must satisfy 1 <= min <= opt <= max, got {lo},{opt},{hi}")
+    return lo, opt, hi
+
+
 @dataclass(frozen=True)
 class ExportOptions:
     fp16: bool = False
@@ -65,9 +73,7 @@ class ExportOptions:
     int8_float_ladder: tuple[tuple[FloatLayer, ...], ...] = DEFAULT_FLOAT_LADDER
 
     def __post_init__(self) -> None:
-        lo, opt, hi = self.batch_profile
-        if not 1 <= lo <= opt <= hi:
-            raise FlareSegError(f"batch profile must satisfy 1 <= min <= opt <= max, got {lo},{opt},{hi}")
+        check_batch_profile(self.batch_profile)
         # onnx >= 1.16 (a dependency) knows opset 21, so only a newer one than the default needs onnx imported.
         if self.opset < MIN_OPSET or (self.opset > DEFAULT_OPSET and self.opset > max_opset()):
             raise FlareSegError(

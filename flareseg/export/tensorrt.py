@@ -39,7 +39,7 @@ from flareseg.export.metadata import (
     sidecar_path,
     sidecar_text,
 )
-from flareseg.export.options import DEFAULT_WORKSPACE_MIB
+from flareseg.export.options import DEFAULT_WORKSPACE_MIB, check_batch_profile
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +184,7 @@ def profile_shapes(
     batch_profile: tuple[int, int, int], channels: int, size: tuple[int, int]
 ) -> dict[str, tuple[int, int, int, int]]:
     """The optimisation profile's min/opt/max input shapes (batch varies; channels and size are fixed)."""
-    lo, opt, hi = batch_profile
-    if not 1 <= lo <= opt <= hi:
-        raise FlareSegError(f"batch profile must satisfy 1 <= min <= opt <= max, got {lo},{opt},{hi}")
+    lo, opt, hi = check_batch_profile(batch_profile)
     return {name: (b, channels, size[0], size[1]) for name, b in (("min", lo), ("opt", opt), ("max", hi))}
 
 

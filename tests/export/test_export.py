@@ -243,8 +243,14 @@ def test_cli_exports_and_engine_without_tensorrt_fails_at_once(trained_checkpoin
 def test_cli_rejects_bad_arguments(trained_checkpoint, tmp_path, capsys):
     assert export_main([str(tmp_path / "missing.pt"), "-o", str(tmp_path)]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
-    assert export_main([str(trained_checkpoint), "-o", str(tmp_path), "--size", "100"]) == 2
-    assert "multiples of 16" in capsys.readouterr().err
+    # Refused while the options are read, so that the message names the option.
+    for option, value, words in [
+        ("--size", "100", "argument --size: slice size 100x100 must be positive multiples of 16"),
+        ("--batch", "4,2,8", "argument --batch: batch profile must satisfy 1 <= min <= opt <= max, got 4,2,8"),
+    ]:
+        with pytest.raises(SystemExit) as exited:
+            export_main([str(trained_checkpoint), "-o", str(tmp_path), option, value])
+        assert exited.value.code == 2 and words in capsys.readouterr().err
     with pytest.raises(SystemExit):
         export_main([str(trained_checkpoint), "-o", str(tmp_path), "--batch", "4,2"])
 

@@ -846,8 +846,12 @@ def test_an_onnx_model_takes_only_the_engines_options(trt, tmp_path, capsys):
         (str(model), "--quantizer", "nncf"): "--quantizer exports a checkpoint",
         (str(model), "--engine", "-o", str(tmp_path / "m.onnx" / "sub")): "cannot create its folder",
         (str(model), "--tf32"): "an ONNX model is exported already; add --engine",
-        (str(tmp_path / "m.pt"),): "-o/--out is required",
+        (str(tmp_path / "m.pt"),): "m.pt: checkpoint not found",  # said before the missing -o: both need mending
+        (str(tmp_path / "folder"), "--engine"): "folder: is a folder, not a checkpoint file",
+        (str(tmp_path / "c.pt"),): "-o/--out is required",
     }
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "c.pt").write_bytes(b"checked when it is read, after -o")
     for argv, message in refused.items():
         assert export_main(list(argv)) == 2, argv
         err = capsys.readouterr().err.strip()

@@ -296,7 +296,7 @@ def test_open_runner_gives_an_engine_the_gpu_by_default(tmp_path):
     if torch.cuda.is_available():
         assert isinstance(open_runner(engine), TensorRTRunner)
     else:  # asked for the GPU, which is missing here: not refused as "an engine on the CPU"
-        with pytest.raises(FlareSegError, match="a TensorRT engine runs on a CUDA GPU; device cuda requested"):
+        with pytest.raises(FlareSegError, match="runs on a CUDA GPU; device cuda: torch sees no CUDA GPU"):
             open_runner(engine)
     with pytest.raises(FlareSegError, match="a TensorRT engine runs on a CUDA GPU, not on the CPU"):
         open_runner(engine, device="cpu")
@@ -372,7 +372,7 @@ def test_a_gpu_device_without_one_is_refused_as_the_user_wrote_it(tmp_path, devi
         model.write_bytes(b"never read: the device is refused first")
         with pytest.raises(FlareSegError) as err:
             open_runner(model, backend=backend, device=device)
-        assert str(err.value).startswith(f"device {device} requested, but torch sees no CUDA GPU on this machine")
+        assert str(err.value).startswith(f"device {device}: torch sees no CUDA GPU on this machine")
 
 
 def test_a_device_string_of_no_backend_s_is_one_line_for_every_backend(trained_checkpoint, int8_export):

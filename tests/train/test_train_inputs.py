@@ -250,7 +250,7 @@ def test_out_of_range_settings_are_refused_in_one_line(data_a, tmp_path, capsys)
         ("--translation", "1", "shift --translation 1: expected a fraction of the slice size in [0, 1)"),
         ("--augment-prob", "1.5", "probability --augment-prob 1.5: expected a share in [0, 1]"),
         ("--scale", "1.2,0.8", "expected LOW,HIGH with LOW <= HIGH"),
-        ("--size", "40", "slice size 40x40 must be positive multiples of 16"),
+        ("--size", "40", "argument --size: slice size 40x40 must be positive multiples of 16"),
         ("--val-cases", "3", "--val-cases 3 leaves no training case: the data hold 3 case(s); hold out at most 2"),
     ]:
         capsys.readouterr()

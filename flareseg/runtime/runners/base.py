@@ -230,9 +230,9 @@ def cuda_device(device: str | torch.device) -> torch.device:
     dev = parse_device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise FlareSegError(f"device {device} requested, but torch sees no CUDA GPU on this machine")
+            raise FlareSegError(f"device {device}: torch sees no CUDA GPU on this machine")
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise FlareSegError(f"device {device} requested, but only {torch.cuda.device_count()} CUDA GPU(s) exist")
+            raise FlareSegError(f"device {device}: only {torch.cuda.device_count()} CUDA GPU(s) exist here")
     return dev

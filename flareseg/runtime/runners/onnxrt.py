@@ -162,9 +162,9 @@ def tensorrt_provider_options(
     engine and timing caches (one folder per model content: :func:`tensorrt_engine_cache`)
     let later sessions load the engine instead of building it again.
     """
-    lo, opt, hi = batch_profile
-    if not 1 <= lo <= opt <= hi:
-        raise FlareSegError(f"batch profile must satisfy 1 <= min <= opt <= max, got {lo},{opt},{hi}")
+    from flareseg.export.options import check_batch_profile
+
+    lo, opt, hi = check_batch_profile(batch_profile)
     dims = "x".join(str(d) for d in input_shape)
     options = {
         "device_id": str(device_id),
