@@ -72,7 +72,9 @@ def _to_null(descriptors: Sequence[int]) -> None:
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="debug lines too (-vv: other libraries' info lines too)"
+    )
     parser.add_argument(
         "-q", "--quiet", action="store_true", help="no progress bars or info lines: results, warnings and errors only"
     )
@@ -106,7 +108,7 @@ def run_command(
     """Parse ``argv``, configure logging, run ``body`` and map errors to exit codes."""
     parser.error = _one_line_error(parser)  # type: ignore[method-assign,assignment]
     args = parser.parse_args(argv)
-    level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
+    level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose else logging.INFO)
     # Our own messages at the chosen level; third-party libraries (onnxscript, torch) only warnings.
     root = logging.getLogger()
     theirs = [h for h in root.handlers if not getattr(h, "_flareseg", False)]  # an embedding program's: untouched
@@ -114,6 +116,8 @@ def run_command(
     ours.setFormatter(logging.Formatter(LOG_FORMAT))
     logging.basicConfig(level=logging.WARNING, handlers=[ours])
     logging.getLogger("flareseg").setLevel(level)
+    if args.verbose > 1 and not args.quiet:
+        root.setLevel(logging.INFO)
     # nibabel logs a header fault it cannot fix at ERROR, then raises; pydicom's decoders log each
     # failure's traceback at ERROR, then raise. Our one-line error says it, naming the file.
     # (Filters are added once per process: the same function each time.)

@@ -485,3 +485,53 @@ def test_an_error_line_is_one_write_so_processes_sharing_stderr_cannot_split_it(
 
     assert run_command(parser, body, []) == 2
     assert stream.calls == ["flare-x: error: case.nii.gz: labels [7] outside 0..4\n"]
+
+
+def test_each_verbosity_shows_what_its_help_says():
+    # -v once did nothing (the default already showed info lines; only -vv changed the level).
+    script = """
+import argparse, logging, sys
+from flareseg.cli import add_common_arguments, run_command
+
+def body(args):
+    logging.getLogger("flareseg.demo").debug("ours-debug")
+    logging.getLogger("flareseg.demo").info("ours-info")
+    logging.getLogger("somelib").info("theirs-info")
+    logging.getLogger("somelib").warning("theirs-warning")
+    return 0
+
+parser = argparse.ArgumentParser(prog="demo")
+add_common_arguments(parser)
+sys.exit(run_command(parser, body, sys.argv[1:]))
+"""
+    expected = {
+        ("-q",): ["theirs-warning"],
+        (): ["ours-info", "theirs-warning"],
+        ("-v",): ["ours-debug", "ours-info", "theirs-warning"],
+        ("-vv",): ["ours-debug", "ours-info", "theirs-info", "theirs-warning"],
+    }
+    for argv, lines in expected.items():
+        done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        shown = [line.rsplit(": ", 1)[-1] for line in done.stderr.splitlines()]
+        assert shown == lines, (argv, done.stderr)
+
+
+@pytest.mark.parametrize("code", [129, 130, 143])
+def test_a_stopped_command_ends_after_a_worker_finishes_its_write(tmp_path, code):
+    # A stopped command must not skip the teardown that waits for a worker still finishing an atomic write.
+    script = """
+import sys, threading, time
+from pathlib import Path
+from flareseg.cli import end_command
+
+def write():
+    time.sleep(0.5)
+    Path(sys.argv[1]).write_text("whole")
+
+threading.Thread(target=write).start()
+end_command(int(sys.argv[2]))
+"""
+    out = tmp_path / "written.txt"
+    done = subprocess.run([sys.executable, "-c", script, str(out), str(code)], capture_output=True, timeout=60)
+    assert done.returncode == code and out.read_text() == "whole"

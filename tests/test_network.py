@@ -136,6 +136,8 @@ def test_loss_weights_are_applied():
     torch.testing.assert_close(deep_supervision_loss(logits, aux, target), expected)
     only_level2 = LossWeights(final=0.0, aux=(0.0, 1.0, 0.0, 0.0))
     torch.testing.assert_close(deep_supervision_loss(logits, aux, target, only_level2), ce(aux[1], target))
+    with pytest.raises(FlareSegError, match="expected 4 auxiliary outputs, got 3"):  # said, not zip's ValueError
+        deep_supervision_loss(logits, aux[:3], target)
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 40, 32), (1, 3, 32, 24)])

@@ -79,6 +79,25 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(phantom_data, tmp
     assert steps == {6}
 
 
+def test_each_epoch_draws_its_own_augmentations_at_the_size_asked(phantom_data, tmp_path, monkeypatch):
+    # Seeding every epoch's stream with the first epoch's number still trained, resumed and repeated exactly.
+    from flareseg.train import loop
+
+    seen = []
+
+    def recording(images, labels, thetas):
+        seen.append((tuple(images.shape[-2:]), thetas.clone()))
+        return augment_batch(images, labels, thetas)
+
+    monkeypatch.setattr(loop, "augment_batch", recording)
+    run = tmp_path / "run"
+    argv = ["--data", str(phantom_data), "--out", str(run), "--epochs", "2", "--steps-per-epoch", "1"]
+    assert train_main([*argv, "--val-cases", "1", *TINY, "--size", "32,48", "--augment-prob", "1"]) == 0
+    assert [shape for shape, _ in seen] == [(32, 48), (32, 48)]  # not square: H,W kept apart
+    assert json.loads((run / "config.json").read_text())["slice_size"] == [32, 48]
+    assert not torch.allclose(seen[0][1], seen[1][1])
+
+
 def test_weights_follow_from_the_seed_alone_and_the_callers_generators_are_untouched(phantom_data, tmp_path):
     import random
 
@@ -550,10 +569,13 @@ def test_each_augmentation_draws_over_its_whole_range_and_no_further():
     assert angle.abs().max() <= 30.0 + 1e-3 and angle.min() < -27 and angle.max() > 27
     forward, _ = _forward_px(sample_affines(n, size, AugmentConfig(**{**none, "shear_deg": 20.0}), g), size)
     shear = torch.rad2deg(torch.atan(forward[:, 0, 1]))
-    assert forward[:, 1, 0].abs().max() < 1e-5 and shear.abs().max() <= 20.0 + 1e-3 and shear.abs().max() > 18
+    assert forward[:, 1, 0].abs().max() < 1e-5 and shear.abs().max() <= 20.0 + 1e-3
+    assert shear.min() < -18 and shear.max() > 18  # both ways: a one-sided draw biases every run
     forward, _ = _forward_px(sample_affines(n, size, AugmentConfig(**{**none, "scale": (0.8, 1.2)}), g), size)
     scale = torch.linalg.det(forward).sqrt()
     assert 0.8 - 1e-4 <= scale.min() < 0.82 and 1.18 < scale.max() <= 1.2 + 1e-4
     _, shift = _forward_px(sample_affines(n, size, AugmentConfig(**{**none, "translation": 0.2}), g), size)
     reach = shift.abs().amax(0)  # x, y in pixels
     assert 0.19 * 64 < reach[0] <= 0.2 * 64 + 1e-3 and 0.19 * 40 < reach[1] <= 0.2 * 40 + 1e-3
+    low, high = shift.amin(0), shift.amax(0)  # each axis both ways
+    assert low[0] < -0.19 * 64 and high[0] > 0.19 * 64 and low[1] < -0.19 * 40 and high[1] > 0.19 * 40
