@@ -361,3 +361,23 @@ def test_the_only_component_to_remove_is_removed_when_it_comes_first_in_raster_o
     for stop in range(2, 9, 2):
         streaming.add(lab, stop)
     np.testing.assert_array_equal(streaming.finish(lab), expected)
+
+
+def test_the_box_spans_every_slab_in_y_and_x(monkeypatch):
+    # A box taken from the last slab alone kept every speck outside it; the slab test filled both corners.
+    monkeypatch.setattr(postprocess, "_SLAB_BYTES", 1)  # one slice a slab
+    labels = np.zeros((6, 8, 8), np.uint8)
+    labels[0, 0, 0] = 1  # a liver speck in the first slab, at the low y/x corner
+    labels[3:6, 4:8, 4:8] = 1  # the liver, in later slabs only
+    out = keep_largest_components(labels)
+    assert out[0, 0, 0] == 0 and out[3:6, 4:8, 4:8].all() and int(out.sum()) == 48
+
+
+def test_streaming_removes_the_only_component_of_the_first_slab():
+    labels = np.zeros((4, 4, 4), np.uint8)
+    labels[0, 0, 0] = 1
+    labels[2:4, 2:4, 2:4] = 1
+    streaming = StreamingPostprocessor(labels.shape, slab_slices=2)
+    streaming.add(labels, 4)
+    out = streaming.finish(labels)
+    assert out[0, 0, 0] == 0 and out[2:4, 2:4, 2:4].all() and int(out.sum()) == 8

@@ -342,6 +342,28 @@ def test_a_series_folder_whose_first_file_is_not_dicom_is_still_a_series(tmp_pat
     (tmp_path / "s" / "00README.txt").write_text("exported by the PACS")  # sorts before every slice
     assert is_series_dir(tmp_path / "s")
     assert find_series(tmp_path) == {"PAT01_20260101_s3": tmp_path / "s"}
+    for name in ("01-LOCK", "02-VERSION"):  # no suffix and not DICOM: each probed, and more files after them
+        (tmp_path / "s" / name).write_text("x")
+    assert is_series_dir(tmp_path / "s")
+
+
+def test_a_kept_result_is_matched_to_a_non_square_series_and_refused_a_slice_past_either_end(tmp_path: Path) -> None:
+    # A resumed folder run judges each kept result by the series' first file; every other series here is square.
+    from flareseg.dicom.files import first_dicom_file
+    from flareseg.dicom.series import result_off_series
+
+    write_series(tmp_path / "wide", make_phantom((64, 48, 12), (5.0, 5.0, 6.0), ("R", "A", "S"), seed=3))
+    wide = read_series(tmp_path / "wide").geometry
+    assert result_off_series(tmp_path / "wide", wide.shape, wide.affine) is None
+    write_series(tmp_path / "s", make_phantom((32, 32, 8), (5.0, 5.0, 6.0), ("R", "A", "S"), seed=3))
+    vol = read_series(tmp_path / "s")
+    g, files = vol.geometry, list(vol.source.files)
+    k0, n = files.index(first_dicom_file(tmp_path / "s")), g.shape[2]
+    assert result_off_series(tmp_path / "s", g.shape, g.affine) is None
+    for k_new in (n, -1):  # the first file's slice lands one slice outside the result, at either end
+        shifted = g.affine.copy()
+        shifted[:3, 3] += (k0 - k_new) * g.affine[:3, 2]
+        assert result_off_series(tmp_path / "s", g.shape, shifted) is not None, k_new
 
 
 def test_bare_dicom_files_count_as_series(tmp_path: Path) -> None:
@@ -569,7 +591,8 @@ def test_decode_threads_without_sched_getaffinity_follow_the_cpu_count(monkeypat
     if "pillow" not in get_decoder(JPEG2000Lossless).available_plugins:
         pytest.skip("Pillow's JPEG 2000 decoder is not available")
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # as on macOS and Windows
-    for cores, plan in ((6, ("pillow", 6)), (64, ("pillow", series.MAX_DECODE_THREADS)), (2, ("", 1)), (None, ("", 1))):
+    plans = {6: ("pillow", 6), 64: ("pillow", series.MAX_DECODE_THREADS), 4: ("pillow", 4), 3: ("", 1), 2: ("", 1)}
+    for cores, plan in [*plans.items(), (None, ("", 1))]:
         monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
         assert series._decode_plan({JPEG2000Lossless}, None) == plan, cores
 

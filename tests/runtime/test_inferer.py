@@ -383,3 +383,39 @@ def test_slices_with_nan_or_infinite_scores_are_counted(device_preprocess):
                         output_kind="labels") as runner:  # fmt: skip
         infer_volume(ct, normalizer, runner, 3, times=labels)
     assert labels.nonfinite_slices == 0
+
+
+_INFO = ModelInfo(network=NetworkConfig(base_width=4, in_channels=1), normalization=STATS, slice_size=(64, 64))
+_CT = np.full((3, 40, 48), -200, np.int16)
+
+
+@pytest.mark.parametrize("label", [5, -254], ids=["the-class-count", "wraps-into-class-2"])
+def test_labels_outside_the_classes_are_refused_at_the_edges(label):
+    # 5 is one past 0..4; int32 -254 becomes 2 in uint8, a class, where -1 (255) was the only negative tested.
+    dtype = torch.uint8 if label >= 0 else torch.int32
+    fn = lambda x: torch.full((x.shape[0], *x.shape[2:]), label, dtype=dtype)  # noqa: E731
+    with FunctionRunner(fn, _INFO, output_kind="labels") as runner:
+        with pytest.raises(FlareSegError, match=r"outside 0\.\.4"):
+            infer_volume(_CT, volume_normalizer(_CT, STATS), runner, 2)
+
+
+def test_non_finite_scores_are_counted_by_slice_not_by_value():
+    def fn(x):
+        out = torch.zeros((x.shape[0], 5, *x.shape[2:]))
+        out[0, :, :3, :3] = torch.nan  # 45 values of one slice
+        return out
+
+    times = InferenceTimes()
+    with FunctionRunner(fn, _INFO) as runner:
+        infer_volume(_CT, volume_normalizer(_CT, STATS), runner, 3, times=times)
+    assert times.nonfinite_slices == 1
+
+
+def test_a_batch_one_above_the_runners_maximum_is_refused_for_a_short_volume_too():
+    class AtMostFour(FunctionRunner):
+        max_batch = 4
+
+    fn = lambda x: torch.zeros((x.shape[0], 5, *x.shape[2:]))  # noqa: E731
+    with AtMostFour(fn, _INFO) as runner:
+        with pytest.raises(FlareSegError, match="batch size 5 exceeds the model's maximum batch 4"):
+            infer_volume(_CT, volume_normalizer(_CT, STATS), runner, 5)  # 3 slices: one batch of 3
