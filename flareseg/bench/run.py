@@ -445,7 +445,7 @@ def segment_volume(
     ``threads``: the CPU threads of an ONNX Runtime or OpenVINO session (None: its own default).
     """
     from flareseg.bench.measure import nvml_sampler
-    from flareseg.runtime.pipeline import segment_file
+    from flareseg.runtime.pipeline import reset_peak_rss, segment_file
 
     cuda = backend.device == "cuda"
     if cuda:
@@ -454,6 +454,7 @@ def segment_volume(
     with sampler if sampler else contextlib.nullcontext():
         runner = make_runner(backend, models, batch, threads=threads)
         with runner:
+            reset_peak_rss()  # the volume's peak, not an earlier measurement's
             timing = segment_file(runner, volume, out, overwrite=True, batch_size=batch)
     row = timing.to_dict()
     row["batch"] = batch

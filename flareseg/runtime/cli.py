@@ -432,6 +432,7 @@ def _run(
         CaseTiming,
         FolderSummary,
         RunOptions,
+        reset_peak_rss,
         segment_file,
         segment_folder,
         summarize,
@@ -559,6 +560,7 @@ def _run(
                 warn_kept_of_other_postprocessing(done, _timings_beside(timings_path, Path(args.output)), postprocess)
             else:
                 # Said when written: an interrupt during the teardown after it still counts the case as done.
+                reset_peak_rss()  # the case's peak in timings: this process's own counter, the command's to reset
                 try:
                     timing = segment_file(
                         runner,

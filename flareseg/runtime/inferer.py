@@ -103,6 +103,8 @@ def checked_output(runner: Runner, out: object, batch: torch.Tensor) -> torch.Te
         raise FlareSegError(f"{name} returned a {type(out).__name__}, expected a torch.Tensor{hint}")
     n, size, classes = int(batch.shape[0]), tuple(batch.shape[-2:]), runner.info.network.num_classes
     if runner.output_kind == "labels":
+        if out.is_floating_point() or out.is_complex() or out.dtype == torch.bool:  # 1.5 would become class 1
+            raise FlareSegError(f"{name} returned labels of type {out.dtype}, expected an integer type")
         expected, ok = f"labels ({n}, {size[0]}, {size[1]})", out.ndim == 3
     else:
         expected, ok = f"scores ({n}, {classes}, {size[0]}, {size[1]})", out.ndim == 4 and out.shape[1] == classes
@@ -156,8 +158,9 @@ def infer_volume(
     classes = runner.info.network.num_classes
     if runner.output_kind == "labels" and labels.size and int(labels.max()) >= classes:  # argmax of scores cannot
         found = np.unique(labels)
+        wide = " (255: or a value outside 0..255, which the check sees as 255)" if found[-1] == 255 else ""
         raise FlareSegError(f"{type(runner).__name__} returned labels {found[found >= classes].tolist()}, outside 0.."
-                            f"{classes - 1}")  # fmt: skip
+                            f"{classes - 1}{wide}")  # fmt: skip
     return labels
 
 

@@ -104,8 +104,10 @@ class CaseTiming:
     #: stages split the loop (normalisation under ``preprocess_s``, the components under ``postprocess_s``, the rest
     #: under ``infer_s``), so ``infer_s`` leaves out device time that host work hid, and is no measure of speed.
     slice_loop_s: float = 0.0
-    #: The process's peak host RSS when the case was written: in a folder, its peak so far
-    #: (cases overlap: one read, one on the device, one written), not the case's alone.
+    #: The process's peak host RSS when the case was written: its peak so far (since it started, or since the
+    #: command reset the kernel's counter: flare-infer for a file, flare-bench), not the case's alone. In a folder
+    #: cases overlap (one read, one on the device, one written). The library never resets it: a process-wide
+    #: counter that a service may watch itself.
     peak_rss_mb: float | None = None
     peak_gpu_allocated_mb: float | None = None
     #: Slices whose scores from the model held NaN or infinity (warned of): their labels are no result.
@@ -600,7 +602,6 @@ def segment_file(
     job = dataclasses.replace(file_job(input_path, output_path, output_type), replace=overwrite)
     if not overwrite and os.path.lexists(output_path):
         raise OutputExistsError(f"{output_path}: exists, kept (overwrite=True replaces it; flare-infer: --overwrite)")
-    reset_peak_rss()
     (timing,) = run_cases(runner, [job], raise_errors=True, on_case=on_case, **options)
     return timing
 

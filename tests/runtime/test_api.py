@@ -12,8 +12,9 @@ import pytest
 import torch
 from conftest import reorient, save
 
-from flareseg.checkpoint import load_model
+from flareseg.checkpoint import ModelInfo, load_model
 from flareseg.errors import FlareSegError
+from flareseg.network import NetworkConfig
 from flareseg.phantom import make_phantom
 from flareseg.preprocess import NormalizationStats, volume_normalizer
 from flareseg.runtime import (
@@ -27,6 +28,7 @@ from flareseg.runtime import (
     segment_folder,
 )
 from flareseg.runtime.inferer import infer_volume
+from flareseg.runtime.pipeline import peak_rss_mb
 
 WAIT_S = 20.0
 
@@ -148,8 +150,11 @@ def test_deactivating_waits_for_a_batch_in_flight_in_another_thread(trained_chec
     worker.join(WAIT_S)
     stopper.join(WAIT_S)
     assert out and out[0].shape == (2, 5, 64, 64) and not runner.is_active
-    with pytest.raises(FlareSegError, match="must be activated"):
+    # A service's other thread whose `with` ended: said so, not "must be activated" to a caller who had activated it.
+    with pytest.raises(FlareSegError, match=r"was deactivated \(a `with` block's end, another thread's too\)"):
         runner.infer(torch.zeros(2, 3, 64, 64))
+    with pytest.raises(FlareSegError, match="must be activated before infer"):
+        _CountingRunner(trained_checkpoint).infer(torch.zeros(2, 3, 64, 64))
 
 
 def test_misuse_of_a_runner_is_a_one_line_project_error(trained_checkpoint, tmp_path):
@@ -189,3 +194,32 @@ def test_the_labels_come_back_in_the_inputs_memory_layout_and_shape(trained_chec
     assert np.count_nonzero(fortran) > 100
     np.testing.assert_array_equal(fortran, c_order)
     np.testing.assert_array_equal(fortran, singleton[..., 0])
+
+
+_INFO = ModelInfo(network=NetworkConfig(base_width=4, in_channels=1), normalization=NormalizationStats(0.0, 1.0),
+                  slice_size=(64, 64))  # fmt: skip
+
+
+@pytest.mark.skipif(peak_rss_mb() is None, reason="needs Linux's /proc/self/status (VmHWM)")
+def test_a_segmentation_leaves_the_process_peak_rss_counter_alone(tmp_path):
+    # segment_file reset the kernel's counter on each call, lowering the peak a service watches of itself.
+    ct = save(_phantom_image(False), tmp_path / "c_0000.nii.gz")
+    bump = np.ones(200 * 2**20, np.uint8)  # 200 MiB, touched
+    del bump
+    before = peak_rss_mb()
+    with FunctionRunner(lambda x: torch.zeros((x.shape[0], 5, *x.shape[2:])), _INFO) as runner:
+        timing = segment_file(runner, ct, tmp_path / "c.nii.gz")
+        segment_array(runner, np.asanyarray(nib.load(ct).dataobj), nib.load(ct).affine)
+    assert peak_rss_mb() >= before and timing.peak_rss_mb >= before
+
+
+def test_labels_a_callable_returns_must_be_integers_and_are_said_as_refused():
+    volume, affine = np.full((48, 40, 3), -200, np.int16), np.diag([8.0, 9.0, 10.0, 1.0])
+    for value, dtype, words in [
+        (1.5, torch.float32, r"returned labels of type torch\.float32, expected an integer type"),  # was class 1
+        (-1, torch.int64, r"returned labels \[255\], outside 0\.\.4 \(255: or a value outside 0\.\.255"),
+    ]:
+        fn = lambda x, value=value, dtype=dtype: torch.full((x.shape[0], *x.shape[2:]), value, dtype=dtype)  # noqa: E731
+        with FunctionRunner(fn, _INFO, output_kind="labels") as runner:
+            with pytest.raises(FlareSegError, match=words):
+                segment_array(runner, volume, affine)

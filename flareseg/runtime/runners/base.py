@@ -61,6 +61,7 @@ class Runner(ABC):
 
     def __init__(self) -> None:
         self._active = False
+        self._deactivated = False  # once active, then deactivated: said apart from never activated
         # Re-entrant: an activation runs batches (warm-up, graph capture) through infer().
         self._lock = threading.RLock()
         #: Seconds the last activation took, and its parts where the backend times them.
@@ -104,6 +105,7 @@ class Runner(ABC):
                     self._deactivate()
                 finally:  # what it released is gone even when releasing raised (a CUDA error)
                     self._active = False
+                    self._deactivated = True
                     self._loaded = None
 
     def _release_partial(self) -> None:
@@ -119,6 +121,11 @@ class Runner(ABC):
             return self._checked_infer(batch)
 
     def _checked_infer(self, batch: torch.Tensor) -> torch.Tensor:
+        if not self._active and self._deactivated:  # a thread's `with` block ended while another's call went on
+            raise FlareSegError(
+                f"{self.name} was deactivated (a `with` block's end, another thread's too) and must be activated "
+                "again before infer(); a runner shared between threads must stay active until all are done"
+            )
         if not self._active:
             raise FlareSegError(f"{self.name} must be activated before infer()")
         expected = (self.input_channels, *self.info.slice_size)
