@@ -116,7 +116,8 @@ def run_command(
     ours.setFormatter(logging.Formatter(LOG_FORMAT))
     logging.basicConfig(level=logging.WARNING, handlers=[ours])
     logging.getLogger("flareseg").setLevel(level)
-    if args.verbose > 1 and not args.quiet:
+    root_level = root.level  # -vv's change is the command's alone: a program calling main() gets it back
+    if args.verbose > 1 and not args.quiet and root_level > logging.INFO:  # NOTSET (0) lets everything through
         root.setLevel(logging.INFO)
     # nibabel logs a header fault it cannot fix at ERROR, then raises; pydicom's decoders log each
     # failure's traceback at ERROR, then raise. Our one-line error says it, naming the file.
@@ -159,6 +160,7 @@ def run_command(
     finally:
         for stop, handler in previous.items():
             signal.signal(stop, handler)
+        root.setLevel(root_level)
 
 
 def _gpu_out_of_memory(exc: BaseException) -> bool:

@@ -337,12 +337,17 @@ def test_a_program_that_embeds_a_command_keeps_its_own_log_handlers_as_they_were
     mine = logging.StreamHandler()
     root = logging.getLogger()
     root.addHandler(mine)
+    level = root.level
     try:
         parser = argparse.ArgumentParser(prog="demo")
         add_common_arguments(parser)
         assert run_command(parser, lambda args: 0, []) == 0
         assert mine.filters == []
+        root.setLevel(logging.ERROR)
+        assert run_command(parser, lambda args: 0, ["-vv"]) == 0
+        assert root.level == logging.ERROR  # -vv's info lines were the command's alone
     finally:
+        root.setLevel(level)
         root.removeHandler(mine)
 
 
