@@ -103,13 +103,13 @@ def checked_output(runner: Runner, out: object, batch: torch.Tensor) -> torch.Te
         raise FlareSegError(f"{name} returned a {type(out).__name__}, expected a torch.Tensor{hint}")
     n, size, classes = int(batch.shape[0]), tuple(batch.shape[-2:]), runner.info.network.num_classes
     if runner.output_kind == "labels":
-        if out.is_floating_point() or out.is_complex() or out.dtype == torch.bool:  # 1.5 would become class 1
-            raise FlareSegError(f"{name} returned labels of type {out.dtype}, expected an integer type")
         expected, ok = f"labels ({n}, {size[0]}, {size[1]})", out.ndim == 3
     else:
         expected, ok = f"scores ({n}, {classes}, {size[0]}, {size[1]})", out.ndim == 4 and out.shape[1] == classes
     if not ok or out.shape[0] != n or tuple(out.shape[-2:]) != size:
         raise FlareSegError(f"{name} returned shape {tuple(out.shape)} for a batch of {n}; expected {expected}")
+    if runner.output_kind == "labels" and (out.is_floating_point() or out.is_complex() or out.dtype == torch.bool):
+        raise FlareSegError(f"{name} returned labels of type {out.dtype}, expected an integer type")  # 1.5: class 1
     return out
 
 

@@ -322,6 +322,7 @@ def test_a_runner_s_output_that_is_not_what_it_promises_is_one_line_not_a_label_
 
     scores = lambda x, c=5: torch.zeros((x.shape[0], c, *x.shape[2:]))  # noqa: E731
     assert run(scores).shape == (3, 40, 48)  # what it promises: through
+    wide = " (255: or a value outside 0..255, which the check sees as 255)"
     cases = {
         "training mode": (lambda x: (scores(x), scores(x)), "logits", "FunctionRunner returned a tuple, expected a "
                           "torch.Tensor (a network in training mode returns one per output level: call .eval())"),
@@ -336,11 +337,13 @@ def test_a_runner_s_output_that_is_not_what_it_promises_is_one_line_not_a_label_
                              "batch of 2; expected labels (2, 64, 64)"),
         "label range": (lambda x: torch.full((x.shape[0], *x.shape[2:]), 7, dtype=torch.uint8), "labels",
                         "FunctionRunner returned labels [7], outside 0..4"),
+        "float labels": (lambda x: torch.full((x.shape[0], *x.shape[2:]), 1.5), "labels",
+                         "FunctionRunner returned labels of type torch.float32, expected an integer type"),
         # int32 259 wrapped to 3 in the cast to uint8, a class: beyond uint8 it is said as 255
         "int32 beyond uint8": (lambda x: torch.full((x.shape[0], *x.shape[2:]), 259, dtype=torch.int32), "labels",
-                               "FunctionRunner returned labels [255], outside 0..4"),
+                               "FunctionRunner returned labels [255], outside 0..4" + wide),
         "negative": (lambda x: torch.full((x.shape[0], *x.shape[2:]), -1, dtype=torch.int32), "labels",
-                     "FunctionRunner returned labels [255], outside 0..4"),
+                     "FunctionRunner returned labels [255], outside 0..4" + wide),
     }  # fmt: skip
     for what, (fn, kind, message) in cases.items():
         with pytest.raises(FlareSegError) as info:
