@@ -10,7 +10,6 @@ Saving is atomic: a crash during a save never corrupts the previous checkpoint.
 from __future__ import annotations
 
 import hashlib
-import operator
 import os
 import pickle
 import platform
@@ -25,8 +24,9 @@ import torch
 from flareseg.atomic import AtomicOutputs, atomic_output
 from flareseg.errors import FlareSegError
 from flareseg.labels import LABELS
-from flareseg.network import SIZE_MULTIPLE, FlareUNet, NetworkConfig, build_training_network
+from flareseg.network import FlareUNet, NetworkConfig, build_training_network
 from flareseg.preprocess import NormalizationStats
+from flareseg.shapes import check_slice_size
 
 FORMAT = "flareseg-checkpoint"
 FORMAT_VERSION = 1
@@ -44,16 +44,6 @@ def software_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
-
-
-def check_slice_size(size: tuple[int, int]) -> tuple[int, int]:
-    try:  # operator.index: integers only (numpy's too), never a float or a string
-        h, w = (operator.index(v) for v in size)
-    except (TypeError, ValueError):
-        raise FlareSegError(f"slice size {size!r}: expected two integers, height and width") from None
-    if h < SIZE_MULTIPLE or w < SIZE_MULTIPLE or h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
-        raise FlareSegError(f"slice size {h}x{w} must be positive multiples of {SIZE_MULTIPLE}")
-    return h, w
 
 
 @dataclass(frozen=True)

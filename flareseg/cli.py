@@ -437,8 +437,7 @@ def slice_size(text: str) -> tuple[int, int]:
     values = int_list(text)
     if len(values) not in (1, 2):
         raise argparse.ArgumentTypeError(f"expected H or H,W, got {text!r}")
-    # torch comes with the check; every command with --size imports it for its work anyway.
-    from flareseg.checkpoint import check_slice_size
+    from flareseg.shapes import check_slice_size
 
     try:  # here, so that argparse names the option
         return check_slice_size((values[0], values[-1]))

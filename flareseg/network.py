@@ -25,9 +25,8 @@ from torch import Tensor, nn
 
 from flareseg.errors import FlareSegError
 from flareseg.labels import NUM_CLASSES
+from flareseg.shapes import SIZE_MULTIPLE
 
-#: Total down-sampling of the encoder: slice sizes must be multiples of this.
-SIZE_MULTIPLE = 16
 #: Parameters of the paper's network, and what the paper printed (see README).
 PAPER_PARAMETERS_REPORTED = 30_146_777
 

@@ -77,8 +77,8 @@ def test_extra_keys_cannot_replace_the_format_s_own_and_nothing_is_written(tmp_p
 def test_a_slice_size_must_be_positive_multiples_of_sixteen():
     import pytest
 
-    from flareseg.checkpoint import check_slice_size
     from flareseg.errors import FlareSegError
+    from flareseg.shapes import check_slice_size
 
     assert check_slice_size((512, 384)) == (512, 384)
     for size in ((0, 0), (-16, 16), (520, 512)):

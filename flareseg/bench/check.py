@@ -111,7 +111,7 @@ class CheckConfig:
         from flareseg.bench.inputs import check_input_volume, check_model, check_report_folder
         from flareseg.bench.measure import nvml_readable
         from flareseg.bench.run import check_counts
-        from flareseg.checkpoint import check_slice_size
+        from flareseg.shapes import check_slice_size
 
         if self.batch < 1:
             raise FlareSegError(f"batch must be positive, got {self.batch}")

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from flareseg.errors import FlareSegError, interrupts_kept
-from flareseg.network import SIZE_MULTIPLE
 from flareseg.runtime.memory import nvml_index
+from flareseg.shapes import SIZE_MULTIPLE
 
 log = logging.getLogger(__name__)
 

@@ -87,7 +87,7 @@ class BenchConfig:
         """
         from flareseg.bench.inputs import check_input_volume, check_model, check_report_folder
         from flareseg.bench.measure import nvml_readable
-        from flareseg.checkpoint import check_slice_size
+        from flareseg.shapes import check_slice_size
 
         check_counts(
             slices=self.slices,

@@ -33,7 +33,7 @@ from flareseg.atomic import (
     remove_empty_folders,
     written_meanwhile,
 )
-from flareseg.checkpoint import ModelInfo, check_slice_size, file_sha256, software_versions
+from flareseg.checkpoint import ModelInfo, file_sha256, software_versions
 from flareseg.errors import FlareSegError, interrupts_kept
 from flareseg.export.inputs import PHANTOM_DESCRIPTION, load_checked_model, phantom_ct, read_ct_normalized
 from flareseg.export.int8 import CalibrationSlices, quiet_logger
@@ -52,6 +52,7 @@ from flareseg.export.options import max_opset as max_opset
 from flareseg.labels import LABELS, ORGANS
 from flareseg.network import FlareUNet, build_deploy_network
 from flareseg.preprocess import network_batch, normalize_volume
+from flareseg.shapes import check_slice_size
 
 log = logging.getLogger(__name__)
 

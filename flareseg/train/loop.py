@@ -32,15 +32,16 @@ from torch import nn
 from tqdm import tqdm
 
 from flareseg.atomic import AtomicOutputs, atomic_outputs, remove_empty_folders, write_text_atomic
-from flareseg.checkpoint import ModelInfo, check_slice_size, read_checkpoint, save_checkpoint
+from flareseg.checkpoint import ModelInfo, read_checkpoint, save_checkpoint
 from flareseg.errors import FlareSegError, gpu_memory_errors
 from flareseg.labels import LABELS, ORGANS
 from flareseg.metrics import dice
-from flareseg.network import SIZE_MULTIPLE, NetworkConfig, build_training_network, non_finite_weights
+from flareseg.network import NetworkConfig, build_training_network, non_finite_weights
 from flareseg.postprocess import keep_largest_components
 from flareseg.preprocess import NormalizationStats, SliceNormalizer, volume_normalizer
 from flareseg.runtime.inferer import infer_volume
 from flareseg.runtime.runners import FunctionRunner
+from flareseg.shapes import SIZE_MULTIPLE, check_slice_size
 from flareseg.train.augment import augment_batch, sample_affines
 from flareseg.train.config import RUN_OUTPUTS, TrainConfig
 from flareseg.train.data import (
