@@ -26,6 +26,7 @@ from flareseg.volume import (
     canonical_order,
     case_id,
     check_ct_intensities,
+    check_not_label_map,
     find_cases,
     from_canonical,
     read_ct,
@@ -1031,3 +1032,14 @@ def test_a_label_map_does_not_keep_the_ct_s_display_window(tmp_path):
     write_labels(np.zeros(vol.array.shape, np.uint8), vol.geometry, tmp_path / "labels.nii.gz")
     header = nib.load(tmp_path / "labels.nii.gz").header
     assert (float(header["cal_min"]), float(header["cal_max"])) == (0.0, 0.0)
+
+
+def test_a_label_map_is_told_by_every_value_being_a_class_0_to_4():
+    # The bounds were pinned only from outside (an export test, through percentile bounds): one class too many,
+    # or a value a little off a class, is no label map; values within rounding of 0..4 are.
+    for values in ([0.0, 4.0], [0.0, 1.0, 4.005], [-0.005, 2.0]):
+        with pytest.raises(FlareSegError, match=r"x\.nii\.gz: looks like a label map, not a CT"):
+            check_not_label_map(np.array(values), "x.nii.gz", "-i")
+    for values in ([0.0, 5.0], [0.0, 4.02], [-0.02, 2.0], [0.0, 1.5], [-1000.0, 0.0, 4.0]):
+        check_not_label_map(np.array(values), "x.nii.gz", "-i")  # not refused
+    check_not_label_map(np.array([], np.float32), "x.nii.gz", "-i")  # nothing to judge
