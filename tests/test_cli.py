@@ -540,3 +540,26 @@ end_command(int(sys.argv[2]))
     out = tmp_path / "written.txt"
     done = subprocess.run([sys.executable, "-c", script, str(out), str(code)], capture_output=True, timeout=60)
     assert done.returncode == code and out.read_text() == "whole"
+
+
+def test_a_command_ended_by_its_stdout_reader_leaving_exits_1_without_a_traceback(monkeypatch, capsys):
+    import argparse
+
+    from flareseg import cli
+    from flareseg.cli import add_common_arguments, run_command
+
+    parser = argparse.ArgumentParser(prog="demo")
+    add_common_arguments(parser)
+    monkeypatch.setattr(cli, "_stdout_gone", lambda: True)
+
+    def body(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    assert run_command(parser, body, []) == 1  # its work was not finished: not 0
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_the_bounds_of_counts_and_numbers_are_inclusive():
+    from flareseg.cli import non_negative_float, non_negative_int, positive_int
+
+    assert (positive_int("1"), non_negative_int("0"), non_negative_float("0")) == (1, 0, 0.0)

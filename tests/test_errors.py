@@ -73,3 +73,18 @@ def test_a_missing_package_is_still_said_as_such(monkeypatch, what):
     _failing_import(monkeypatch, module, None)
     with pytest.raises(FlareSegError, match=r"(not installed|needs \w+)"):
         load()
+
+
+def test_an_interrupt_an_error_was_raised_while_handling_is_found_too():
+    # Implicit chaining (no `from`): the stop is the error's __context__ only.
+    from flareseg.errors import wrapped_interrupt
+
+    stop = KeyboardInterrupt()
+    try:
+        try:
+            raise stop
+        except KeyboardInterrupt:
+            raise ImportError("initialization failed")  # noqa: B904
+    except ImportError as exc:
+        assert exc.__cause__ is None and exc.__context__ is stop
+        assert wrapped_interrupt(exc) is stop

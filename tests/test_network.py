@@ -172,3 +172,26 @@ def test_aux_outputs_run_from_the_full_resolution_level_to_the_deepest():
         _, after = net(x)
     moved = [not torch.equal(b, a) for b, a in zip(before, after, strict=True)]
     assert moved == [True, False, False, False]
+
+
+def test_each_deep_supervision_map_is_upsampled_bilinearly_without_aligned_corners():
+    # SPEC: bilinear, align_corners=False; nearest or aligned corners changed every checkpoint's output unnoticed.
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    net = build_training_network(NetworkConfig(base_width=4)).eval()
+    maps, head_input = [], []
+    hooks = [ds.register_forward_hook(lambda m, i, o: maps.append(o)) for ds in net.ds]
+    hooks.append(net.head.register_forward_hook(lambda m, i, o: head_input.append(i[0])))
+    with torch.no_grad():
+        net(torch.randn(1, 3, 64, 64))
+    for hook in hooks:
+        hook.remove()
+    assert any(m.shape[-2:] != (64, 64) for m in maps)
+    upsampled = [F.interpolate(m, size=(64, 64), mode="bilinear", align_corners=False) for m in maps]
+    torch.testing.assert_close(head_input[0], torch.cat(upsampled, dim=1))
+
+
+def test_a_network_of_one_class_is_refused():
+    with pytest.raises(FlareSegError, match="at least 2"):
+        NetworkConfig(num_classes=1)

@@ -499,3 +499,26 @@ def test_calibration_cases_are_spread_over_a_large_folder_not_its_first_ones(tmp
     monkeypatch.setattr(export_inputs, "read_ct_normalized", reader)
     int8_module.calibration_slices(info, folder, count=8, held_out=4)
     assert read == [f"case_{k:02d}" for k in (0, 3, 5, 8, 11, 14, 16, 19)]
+
+
+def test_a_quantiser_that_quantised_nothing_is_refused_not_shipped_as_int8(monkeypatch):
+    # An fp32 graph handed back unchanged would otherwise be written, named and described as INT8.
+    import shutil
+
+    import onnxruntime.quantization as ortq
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((2, 1, 3, 3), np.float32), "conv.weight")
+    conv = helper.make_node("Conv", ["image", "conv.weight"], ["out"], pads=[1, 1, 1, 1])
+    graph = helper.make_graph(
+        [conv],
+        "g",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 2, 8, 8])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    monkeypatch.setattr(ortq, "quantize_static", lambda src, dst, *a, **k: shutil.copy(src, dst))
+    slices = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    with pytest.raises(FlareSegError, match="onnxruntime quantised no layer"):
+        int8_module.quantize(model, slices, [], "onnxruntime")

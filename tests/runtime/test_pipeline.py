@@ -7,6 +7,7 @@ that does not overlap its stages times out and fails, instead of merely running 
 
 from __future__ import annotations
 
+import argparse
 import errno
 import importlib.metadata
 import json
@@ -923,6 +924,8 @@ def test_options_the_backend_would_ignore_or_that_contradict_the_device_are_refu
         "onnxruntime backend, not openvino",
         ("--model", str(onnx), "--device", "cpu", "--ort-provider", "cuda"): "--ort-provider cuda runs on the GPU, "
         "--device cpu on the CPU: choose one",
+        ("--model", str(onnx), "--device", "cuda", "--ort-provider", "cpu"): "--ort-provider cpu runs on the CPU, "
+        "--device cuda on the GPU: choose one",
         ("--engine", str(engine), "--device", "cpu"): "a TensorRT engine runs on a CUDA GPU, not on the CPU",
         ("--engine", str(engine), "--precision", "fp16"): "--precision is fixed when the engine is built",
         ("--engine", str(onnx)): "the tensorrt backend runs .engine or .plan models, not a .onnx file",
@@ -1694,3 +1697,22 @@ def test_a_stop_wrapped_in_an_import_error_during_a_case_stops_the_run(trained_c
     with open_runner(trained_checkpoint) as runner, pytest.raises(KeyboardInterrupt):
         segment_folder(runner, paths, tmp_path / "out", batch_size=4, on_case=lambda t: seen.append(t.case))
     assert seen == ["c0"] and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c0.nii.gz"]
+
+
+def test_one_part_of_one_is_the_whole_folder_and_its_timings_are_timings_json(tmp_path):
+    from flareseg.runtime.cli import _timings_path
+
+    whole = argparse.Namespace(timings=None, output=tmp_path, num_parts=1, part_id=0)
+    assert _timings_path(whole, None) == tmp_path / "timings.json"
+    part = argparse.Namespace(timings=None, output=tmp_path, num_parts=3, part_id=2)
+    assert _timings_path(part, None) == tmp_path / "timings-part2of3.json"
+
+
+def test_the_cpu_default_batch_is_the_one_help_states(trained_checkpoint, tmp_path):
+    from flareseg.runtime.cli import CPU_BATCH
+
+    _folder(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    assert infer_main(["--model", str(trained_checkpoint), "--device", "cpu", "-i", str(tmp_path / "in"), "-o",
+                       str(out), "-q"]) == 0  # fmt: skip
+    assert CPU_BATCH == 2 and json.loads((out / "timings.json").read_text())["context"]["batch_size"] == 2

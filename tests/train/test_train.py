@@ -579,3 +579,71 @@ def test_each_augmentation_draws_over_its_whole_range_and_no_further():
     assert 0.19 * 64 < reach[0] <= 0.2 * 64 + 1e-3 and 0.19 * 40 < reach[1] <= 0.2 * 40 + 1e-3
     low, high = shift.amin(0), shift.amax(0)  # each axis both ways
     assert low[0] < -0.19 * 64 and high[0] > 0.19 * 64 and low[1] < -0.19 * 40 and high[1] > 0.19 * 40
+
+
+def _validation_scores(monkeypatch, prediction: np.ndarray, truth: np.ndarray) -> dict:
+    """loop.validate over one volume whose network's labels are ``prediction`` (the inference is replaced)."""
+    from flareseg.checkpoint import ModelInfo
+    from flareseg.network import NetworkConfig, build_training_network
+    from flareseg.preprocess import NormalizationStats
+    from flareseg.train import loop
+
+    monkeypatch.setattr(loop, "infer_volume", lambda *a, **k: prediction.copy())
+    net = build_training_network(NetworkConfig(base_width=4))
+    info = ModelInfo(network=net.config, normalization=NormalizationStats(mean=0.0, std=1.0), slice_size=(32, 32))
+    volume = loop.ValidationVolume(np.zeros_like(truth, dtype=np.int16), truth, None)
+    return loop.validate(net, [volume], info, torch.device("cpu"), 2)
+
+
+def _four_organs() -> np.ndarray:
+    truth = np.zeros((8, 32, 32), np.uint8)
+    for organ, (a, b) in zip((1, 2, 3, 4), ((2, 8), (10, 16), (18, 24), (26, 31)), strict=True):
+        truth[2:6, a:b, 2:12] = organ
+    return truth
+
+
+def test_validation_scores_the_labels_flare_infer_would_write(monkeypatch):
+    # The score that picks best.pt: after each organ's largest component is kept, as in flare-infer.
+    truth = _four_organs()
+    prediction = truth.copy()
+    prediction[1, 20:22, 25:27] = 1  # an island of liver apart from its body: post-processing removes it
+    assert _validation_scores(monkeypatch, prediction, truth)["dsc_mean"] == 1.0
+
+
+def test_the_validation_mean_is_over_all_four_organs(monkeypatch):
+    truth = _four_organs()
+    prediction = np.where(truth == 4, 0, truth).astype(np.uint8)  # the pancreas missed
+    scores = _validation_scores(monkeypatch, prediction, truth)
+    assert scores["dsc_pancreas"] == 0.0 and scores["dsc_liver"] == scores["dsc_kidneys"] == 1.0
+    assert scores["dsc_mean"] == 0.75
+
+
+def test_the_training_statistics_clip_each_volume_to_its_1_and_99_percentiles(tmp_path):
+    from flareseg.phantom import make_phantom
+    from flareseg.train.data import Case, dataset_stats
+
+    image, mask = make_phantom((64, 64, 16), (6.0, 6.0, 8.0), seed=5).to_nifti()
+    nib.save(image, tmp_path / "a_0000.nii.gz")
+    nib.save(mask, tmp_path / "a.nii.gz")
+    stats = dataset_stats([Case("a", tmp_path / "a_0000.nii.gz", tmp_path / "a.nii.gz")])
+    hu = np.asarray(nib.load(tmp_path / "a_0000.nii.gz").get_fdata(), dtype=np.float64)
+    clipped = np.clip(hu, *np.percentile(hu, [1.0, 99.0]))
+    assert tuple(stats.percentiles) == (1.0, 99.0)  # SPEC: clipped to [1, 99] percentiles
+    assert stats.mean == pytest.approx(clipped.mean(), rel=1e-4, abs=1e-3)
+    assert stats.std == pytest.approx(clipped.std(), rel=1e-4, abs=1e-3)
+
+
+def test_the_default_epoch_is_one_pass_in_steps_of_batch_times_accumulate(phantom_data, tmp_path):
+    run = tmp_path / "run"
+    argv = ["--data", str(phantom_data), "--out", str(run), "--epochs", "1", "--val-cases", "1", *TINY]
+    assert train_main([*argv, "--accumulate", "2"]) == 0
+    assert _log(run)[0]["steps"] == 2 * 12 // (2 * 2)  # two training cases of 12 slices, 2 x 2 slices a step
+
+
+def test_an_epochs_slice_order_has_exactly_the_slices_its_steps_take():
+    from flareseg.train.loop import _global_order
+
+    for n_slices, steps, batch in [(24, 2, 2), (24, 1, 32), (24, 5, 7)]:
+        order = _global_order(n_slices, steps, batch, torch.Generator().manual_seed(0))
+        assert len(order) == steps * batch and set(order.tolist()) <= set(range(n_slices))
+    assert set(_global_order(24, 1, 32, torch.Generator().manual_seed(0)).tolist()) == set(range(24))

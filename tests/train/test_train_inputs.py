@@ -303,7 +303,8 @@ def test_a_non_finite_loss_stops_the_run_in_one_line(data_a, tmp_path, capsys):
     assert not run.exists()  # a new run that never reached a checkpoint leaves nothing
 
 
-def test_a_non_finite_loss_never_replaces_a_good_checkpoint(data_a, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("poison", ["nan", "inf"])  # an isnan check let inf through to the epoch's weight check
+def test_a_non_finite_loss_never_replaces_a_good_checkpoint(data_a, tmp_path, monkeypatch, capsys, poison):
     run = tmp_path / "run"
     assert train_main(["--data", str(data_a), "--out", str(run), "--epochs", "1", *QUICK]) == 0
     good = {name: (run / name).read_bytes() for name in ("last.pt", "best.pt", "log.jsonl")}
@@ -313,13 +314,13 @@ def test_a_non_finite_loss_never_replaces_a_good_checkpoint(data_a, tmp_path, mo
     def poisoned(*args: object, **kwargs: object) -> torch.Tensor:
         calls.append(1)
         loss = real(*args, **kwargs)  # type: ignore[arg-type]
-        return loss * float("nan") if len(calls) == 2 else loss
+        return loss * float(poison) if len(calls) == 2 else loss
 
     monkeypatch.setattr(loop, "deep_supervision_loss", poisoned)
     capsys.readouterr()
     assert train_main(["--resume", str(run), "--epochs", "2", "-q"]) == 2
     assert _stderr_lines(capsys) == [
-        "flare-train: error: epoch 2, step 2/2: the training loss is nan (not finite); stopped, "
+        f"flare-train: error: epoch 2, step 2/2: the training loss is {poison} (not finite); stopped, "
         "no checkpoint written for this epoch (try a new run with a lower --lr)"
     ]
     assert {name: (run / name).read_bytes() for name in good} == good
