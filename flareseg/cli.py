@@ -19,11 +19,12 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from flareseg.errors import FlareSegError, interrupts_kept, no_room
 
 log = logging.getLogger("flareseg.cli")
+_T = TypeVar("_T")
 
 #: The exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells report it.
 INTERRUPTED = 130
@@ -426,10 +427,7 @@ def batch_profile(text: str) -> tuple[int, int, int]:
         raise argparse.ArgumentTypeError(f"expected MIN,OPT,MAX, got {text!r}")
     from flareseg.export.options import check_batch_profile
 
-    try:  # here, so that argparse names the option
-        return check_batch_profile((values[0], values[1], values[2]))
-    except FlareSegError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return _checked_here(check_batch_profile, (values[0], values[1], values[2]))
 
 
 def slice_size(text: str) -> tuple[int, int]:
@@ -439,7 +437,12 @@ def slice_size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected H or H,W, got {text!r}")
     from flareseg.shapes import check_slice_size
 
-    try:  # here, so that argparse names the option
-        return check_slice_size((values[0], values[-1]))
+    return _checked_here(check_slice_size, (values[0], values[-1]))
+
+
+def _checked_here(check: Callable[[_T], _T], value: _T) -> _T:
+    """A library check run as the options are read, so that argparse names the option in its refusal."""
+    try:
+        return check(value)
     except FlareSegError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
