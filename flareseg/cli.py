@@ -129,9 +129,11 @@ def run_command(
             handler.addFilter(_no_pydicom_errors)  # pydicom's child loggers' records reach only the handlers
             handler._flareseg = True  # type: ignore[attr-defined]
     previous = _catch_stops()
+    _STDOUT_LOST.clear()
     try:
         with interrupts_kept(ImportError):  # a stop in a lazy import's set-up (torch's, ONNX Runtime's) is a stop
-            return body(args)
+            code = body(args)
+        return 2 if code == 0 and _STDOUT_LOST.is_set() else code  # said when it happened
     except FlareSegError as exc:
         _tell(f"{parser.prog}: error: {exc}")
         return 2
@@ -255,7 +257,9 @@ def _stdout_gone() -> bool:
 def say(line: str, write: Callable[[str], None] | None = None) -> None:
     """A result line on stdout (through ``write``, else print); once stdout's reader has gone, silently nothing.
 
-    A run piped into ``head`` must not lose the cases still to come for want of a reader.
+    A run piped into ``head`` must not lose the cases still to come for want of a reader. A stdout that refuses
+    writes (a log file on a full disk) is said once on stderr and goes to the null device too: the work goes on
+    (its results are files), and the command's exit code is 2 at its end (:data:`_STDOUT_LOST`).
     """
     if sys.stdout is None:  # started with stdout closed
         return
@@ -265,9 +269,21 @@ def say(line: str, write: Callable[[str], None] | None = None) -> None:
     except BrokenPipeError:
         _stdout_gone()
     except OSError as exc:
-        if exc.errno != errno.EIO:
-            raise
-        _stdout_gone()  # its terminal hung up (the SIGHUP that follows may still be held back)
+        if exc.errno == errno.EIO:
+            _stdout_gone()  # its terminal hung up (the SIGHUP that follows may still be held back)
+            return
+        if not _STDOUT_LOST.is_set():
+            _STDOUT_LOST.set()
+            why = exc.strerror or exc
+            log.error("stdout: cannot write (%s): its lines are lost from here on, the work goes on", why)
+        try:
+            _to_null([sys.stdout.fileno()])  # what is still buffered for it is then dropped, not retried
+        except (OSError, ValueError, AttributeError):  # no file descriptor behind this stdout
+            pass
+
+
+#: Set by :func:`say` once stdout refused a write; the command running then ends with exit code 2.
+_STDOUT_LOST = threading.Event()
 
 
 def end_command(code: int) -> NoReturn:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -557,6 +558,30 @@ def test_a_command_ended_by_its_stdout_reader_leaving_exits_1_without_a_tracebac
 
     assert run_command(parser, body, []) == 1  # its work was not finished: not 0
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full (a device whose writes fail)")
+def test_a_stdout_that_refuses_writes_is_said_once_and_the_work_goes_on_to_exit_2(tmp_path):
+    # A log file on a full disk: each case's line raised, and flare-infer's run ended in a traceback after one case.
+    script = (
+        "import argparse, pathlib, sys\n"
+        "from flareseg.cli import add_common_arguments, run_command, say\n"
+        "parser = argparse.ArgumentParser(prog='demo')\n"
+        "add_common_arguments(parser)\n"
+        "def body(args):\n"
+        "    for i in range(3):\n"
+        "        say(f'case {i} done')\n"
+        "    pathlib.Path(sys.argv[1]).write_text('all cases')\n"
+        "    return 0\n"
+        "sys.exit(run_command(parser, body, []))\n"
+    )
+    out = tmp_path / "work.txt"
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-c", script, str(out)], stdout=full, stderr=subprocess.PIPE, timeout=60)
+    said = done.stderr.decode().splitlines()
+    assert done.returncode == 2 and out.read_text() == "all cases"
+    lost = "stdout: cannot write (No space left on device): its lines are lost from here on, the work goes on"
+    assert said == [f"ERROR flareseg.cli: {lost}"]
 
 
 def test_the_bounds_of_counts_and_numbers_are_inclusive():

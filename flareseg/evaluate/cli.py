@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from flareseg.atomic import check_writable, write_text_atomic
-from flareseg.cli import add_common_arguments, non_negative_float, path_arg, positive_int, run_command
+from flareseg.cli import add_common_arguments, non_negative_float, path_arg, positive_int, run_command, say
 from flareseg.errors import FlareSegError
 from flareseg.evaluate.scoring import evaluate_folders
 from flareseg.evaluate.tables import csv_text, summary_table
@@ -51,15 +51,17 @@ def _main(args: argparse.Namespace) -> int:
     ev = evaluate_folders(
         args.pred, args.gt, tolerance_mm=args.tolerance, workers=args.workers, progress=not args.quiet
     )
-    print(summary_table(ev))  # first: a CSV that cannot be written (a full disk) loses none of the scores
-    if args.output:
+    table = summary_table(ev)
+    if args.output:  # first: a stdout that cannot be written (a full disk, a reader gone) loses no file
         text = csv_text(ev)
         try:
             write_text_atomic(text, args.output)
-        except FlareSegError:
-            print(text, end="")  # the per-case rows, which the table does not hold
+        except FlareSegError:  # a CSV that cannot be written loses none of the scores: they go to stdout
+            say(table)
+            say(text.rstrip("\n"))  # the per-case rows, which the table does not hold
             raise
         log.info("wrote %s", args.output)
+    say(table)
     return 0
 
 

@@ -216,6 +216,25 @@ def test_a_csv_that_cannot_be_written_loses_none_of_the_scores(phantom_dirs, tmp
     assert not out.exists()
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full (a device whose writes fail)")
+@pytest.mark.parametrize("with_csv", [True, False])
+def test_a_stdout_that_cannot_be_written_loses_no_csv_and_exits_2(phantom_dirs, tmp_path, with_csv):
+    # The table was printed first, so stdout on a full disk ended the command (a traceback, exit 1) before the CSV.
+    gt_dir, pred_dir = phantom_dirs
+    shutil.copy(gt_dir / "case_000.nii.gz", pred_dir / "case_000.nii.gz")
+    out = tmp_path / "r.csv"
+    argv = [sys.executable, "-m", "flareseg.evaluate.cli", "--pred", str(pred_dir), "--gt", str(gt_dir), "-q"]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([*argv, *(["-o", str(out)] if with_csv else [])], stdout=full, stderr=subprocess.PIPE)
+    said = done.stderr.decode().splitlines()
+    assert done.returncode == 2
+    lost = "stdout: cannot write (No space left on device): its lines are lost from here on, the work goes on"
+    assert said == [f"ERROR flareseg.cli: {lost}"]
+    assert out.exists() == with_csv
+    if with_csv:
+        assert "case_000,ok,1.000000,1.000000" in out.read_text()
+
+
 def test_numbers_are_checked_and_the_tolerance_is_recorded(phantom_dirs, tmp_path, capsys):
     gt_dir, pred_dir = phantom_dirs
     shutil.copy(gt_dir / "case_000.nii.gz", pred_dir / "case_000.nii.gz")
