@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +23,10 @@ Precision = Literal["fp32", "fp16", "int8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 METADATA_KEY = "flareseg"
 SIDECAR_SUFFIX = ".json"
+#: The sidecar's record of its ONNX file's own SHA-256, which the embedded copy cannot hold (it is part of the file).
+FILE_SHA256_KEY = "file_sha256"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -205,6 +210,33 @@ def _varint(data: Any, i: int, end: int) -> tuple[int, int]:
 
 def sidecar_text(data: Mapping[str, Any]) -> str:
     return json.dumps(dict(data), indent=2, sort_keys=True) + "\n"
+
+
+def recorded_file_sha256(artifact: str | os.PathLike[str]) -> str | None:
+    """The SHA-256 of an ONNX model as its export wrote it, from its sidecar; None without a sidecar, or one that
+    records none (an export older than the record). An unreadable sidecar is said in a warning, and gives None."""
+    if not sidecar_path(artifact).is_file():
+        return None
+    try:
+        data = read_sidecar(artifact)
+    except FlareSegError as exc:
+        log.warning("%s; the model's content is not checked against it", exc)
+        return None
+    recorded = data.get(FILE_SHA256_KEY)
+    return recorded if isinstance(recorded, str) else None
+
+
+def check_file_sha256(artifact: str | os.PathLike[str], actual: str, recorded: str | None) -> None:
+    """Refuse an ONNX model whose SHA-256 is not the one its sidecar recorded at export.
+
+    ONNX files carry no checksum: a copy damaged in place, same length, runs and gives wrong labels.
+    """
+    if recorded is not None and actual != recorded:
+        raise FlareSegError(
+            f"{artifact}: its SHA-256 is {actual[:16]}..., where its sidecar {sidecar_path(artifact).name} recorded "
+            f"{recorded[:16]}... at export: the file was damaged or changed since, or the sidecar is another "
+            "export's; copy or export the model again"
+        )
 
 
 def read_sidecar(artifact: str | os.PathLike[str]) -> dict[str, Any]:

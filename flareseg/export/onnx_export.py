@@ -38,6 +38,7 @@ from flareseg.errors import FlareSegError, interrupts_kept
 from flareseg.export.inputs import PHANTOM_DESCRIPTION, load_checked_model, phantom_ct, read_ct_normalized
 from flareseg.export.int8 import CalibrationSlices, quiet_logger
 from flareseg.export.metadata import (
+    FILE_SHA256_KEY,
     ExportMetadata,
     OutputKind,
     Precision,
@@ -455,8 +456,9 @@ def export_onnx(
                 # and this one dropped: the folder never holds one export's fp32 beside another's fp16.
                 with outputs.writing(path, replace=overwrite) as tmp:
                     onnx.save(model, str(tmp))
+                    digest = file_sha256(tmp)  # of the bytes written, checked by every load (ONNX has no checksum)
                 with outputs.writing(sidecar_path(path), replace=overwrite) as side:
-                    side.write_text(sidecar_text(meta.to_dict()))
+                    side.write_text(sidecar_text({**meta.to_dict(), FILE_SHA256_KEY: digest}))
                 written.append(ExportedModel(path, meta))
             # The earlier set's members that this one does not replace go with the renames, not after them:
             # a stop in between would leave the new fp32 model beside the old fp16 one, as if one set. Listed now,

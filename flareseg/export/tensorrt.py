@@ -34,8 +34,10 @@ from flareseg.checkpoint import file_sha256
 from flareseg.errors import FlareSegError, interrupts_kept
 from flareseg.export.metadata import (
     ExportMetadata,
+    check_file_sha256,
     read_onnx_metadata,
     read_sidecar,
+    recorded_file_sha256,
     sidecar_path,
     sidecar_text,
 )
@@ -327,6 +329,8 @@ def build_engine(
     _refuse_overwriting_inputs(onnx_path, engine_path, timing_cache)
     meta = read_onnx_metadata(onnx_path)  # a model TensorRT cannot take is said before TensorRT is asked for
     check_engine_output(meta, onnx_path)
+    onnx_sha256 = file_sha256(onnx_path)  # the engine's record of its source, and a damaged copy refused
+    check_file_sha256(onnx_path, onnx_sha256, recorded_file_sha256(onnx_path))
     trt = import_tensorrt()
     version = str(trt.__version__)
     with on_gpu(device) as identity:
@@ -342,7 +346,7 @@ def build_engine(
         tensorrt_version=version,
         device=identity,
         workspace_mib=workspace_mib,
-        source_onnx_sha256=file_sha256(onnx_path),
+        source_onnx_sha256=onnx_sha256,
         source_onnx=str(onnx_path.resolve()),
         tf32=tf32,
         engine_sha256=hashlib.sha256(engine).hexdigest(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import subprocess
@@ -157,7 +158,10 @@ def test_metadata_round_trips_between_onnx_sidecar_and_export(exported, trained_
     for item in exported:
         embedded = read_onnx_metadata(item.path)
         assert embedded == item.metadata
-        assert read_sidecar(item.path) == json.loads(json.dumps(item.metadata.to_dict()))
+        sidecar = read_sidecar(item.path)
+        # and what the embedded copy cannot hold, being part of the file: the file's own SHA-256, checked at load
+        assert sidecar.pop("file_sha256") == hashlib.sha256(item.path.read_bytes()).hexdigest()
+        assert sidecar == json.loads(json.dumps(item.metadata.to_dict()))
         assert embedded.model.normalization == load_model(trained_checkpoint)[1].normalization
         assert embedded.model.slice_size == TRAINED_SIZE and embedded.input_channels == 1
         assert dict(embedded.model.labels) == {0: "background", 1: "liver", 2: "kidneys", 3: "spleen", 4: "pancreas"}

@@ -864,3 +864,13 @@ def test_an_onnx_model_takes_only_the_engines_options(trt, tmp_path, capsys):
     assert export_main([str(model), "--engine", "-o", str(out)]) == 2
     assert "m.engine: exists; --overwrite replaces it and its sidecar" in capsys.readouterr().err
     assert len(_events(trt, "build")) == 1
+
+
+def test_an_onnx_damaged_since_its_export_is_refused_before_tensorrt_is_asked_for(tmp_path, monkeypatch):
+    # The engine would be built from the damaged graph and keep its wrong weights; no TensorRT needed to refuse it.
+    model = _onnx(tmp_path / "m.onnx")
+    sidecar_path(model).write_text(json.dumps({"file_sha256": "0" * 64}))
+    monkeypatch.setattr(trt_export, "import_tensorrt", lambda: pytest.fail("TensorRT was asked for"))
+    pattern = r"m.onnx: its SHA-256 is [0-9a-f]{16}\.\.\., where its sidecar m.onnx.json recorded 0000000000000000"
+    with pytest.raises(FlareSegError, match=pattern):
+        build_engine(model)

@@ -26,7 +26,7 @@ import torch
 
 from flareseg.checkpoint import ModelInfo
 from flareseg.errors import FlareSegError
-from flareseg.export.metadata import OutputKind
+from flareseg.export.metadata import OutputKind, check_file_sha256, recorded_file_sha256
 from flareseg.provenance import FileIdentity, ModelStamp, file_identity
 
 if TYPE_CHECKING:  # typing.Self is Python 3.11's; the annotations are never evaluated at run time
@@ -207,6 +207,18 @@ class Runner(ABC):
                     "that made them; run again"
                 )
             return stamp
+
+    def _check_exported_file(self) -> None:
+        """Hash an ONNX model whose sidecar records its SHA-256, before it loads, and refuse it if the two differ:
+        a copy damaged in place (same length) would run and give wrong labels. The hash is the outputs' stamp."""
+        if self.model_file is None or (recorded := recorded_file_sha256(self.model_file)) is None:
+            return
+        with self._stamp_lock:
+            try:
+                self._stamp = ModelStamp.read(self.model_file)
+            except OSError as exc:
+                raise FlareSegError(f"{self.model_file}: cannot read ({exc.strerror or exc})") from exc
+            check_file_sha256(self.model_file, self._stamp[0].sha256, recorded)
 
     def _model_identity(self) -> FileIdentity | None:
         try:

@@ -234,6 +234,7 @@ class OnnxRuntimeRunner(Runner):
 
         ort = import_onnxruntime()
         self.meta = read_onnx_metadata(self.path)
+        self._check_exported_file()
         self.info, self.input_channels, self.output_kind = (
             self.meta.model,
             self.meta.input_channels,

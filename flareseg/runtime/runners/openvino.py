@@ -107,6 +107,7 @@ class OpenVINORunner(Runner):
 
         ov = import_openvino()
         self.meta = read_onnx_metadata(self.path)
+        self._check_exported_file()
         self.info, self.input_channels, self.output_kind = (
             self.meta.model,
             self.meta.input_channels,

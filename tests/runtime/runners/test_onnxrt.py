@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import logging
+import shutil
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -15,7 +18,7 @@ import flareseg.runtime.runners.onnxrt as onnxrt
 from flareseg.checkpoint import ModelInfo, save_checkpoint
 from flareseg.errors import FlareSegError
 from flareseg.export import ExportOptions, export_onnx
-from flareseg.export.metadata import ExportMetadata, embed_in_onnx
+from flareseg.export.metadata import ExportMetadata, embed_in_onnx, sidecar_path
 from flareseg.network import NetworkConfig, build_training_network
 from flareseg.preprocess import NormalizationStats
 from flareseg.runtime.runners import OnnxRuntimeRunner
@@ -293,3 +296,61 @@ def test_a_session_on_the_wrong_provider_is_released_with_the_error(small_onnx, 
     with pytest.raises(FlareSegError, match=r"runs \['AzureExecutionProvider'\] instead of the requested CPU"):
         runner.activate()
     assert released == ["session"] and runner.session is None and not runner.is_active
+
+
+def _copy_with_sidecar(model: Path, folder: Path) -> Path:
+    folder.mkdir()
+    shutil.copy(model, folder / model.name)
+    shutil.copy(sidecar_path(model), sidecar_path(folder / model.name))
+    return folder / model.name
+
+
+def test_a_model_damaged_in_place_is_refused_before_it_loads(small_onnx, tmp_path):
+    # ONNX files carry no checksum: a byte flipped in a weight ran, and gave wrong labels with exit 0 (exportF review).
+    copy = _copy_with_sidecar(small_onnx, tmp_path / "copy")
+    data = bytearray(copy.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same length: within the weights, which make up most of the file
+    copy.write_bytes(bytes(data))
+    pattern = r"copy/flareseg_fp32.onnx: its SHA-256 is [0-9a-f]{16}\.\.\., where its sidecar flareseg_fp32.onnx.json"
+    with pytest.raises(FlareSegError, match=pattern):
+        OnnxRuntimeRunner(copy).activate()
+    with pytest.raises(FlareSegError, match="sidecar is another export's"):  # a sound model beside another's sidecar
+        shutil.copy(small_onnx, copy)
+        sidecar = sidecar_path(copy)
+        sidecar.write_text(sidecar.read_text().replace('"file_sha256": "', '"file_sha256": "0'))
+        OnnxRuntimeRunner(copy).activate()
+
+
+def test_a_sound_model_is_hashed_once_its_hash_is_the_outputs_stamp(small_onnx, tmp_path, monkeypatch):
+    from flareseg.provenance import ModelStamp
+
+    copy = _copy_with_sidecar(small_onnx, tmp_path / "copy")
+    reads: list[object] = []
+    real = ModelStamp.read.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(ModelStamp, "read", classmethod(lambda cls, *a, **k: reads.append(a) or real(cls, *a, **k)))
+    with OnnxRuntimeRunner(copy) as runner:
+        assert len(reads) == 1  # hashed while loading, checked against the sidecar
+        stamp = runner.stamp()
+    assert len(reads) == 1 and stamp is not None  # not hashed again for the outputs
+    assert stamp.sha256 == hashlib.sha256(copy.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("sidecar", ["missing", "older export", "unreadable"])
+def test_a_model_whose_sidecar_records_no_hash_runs_unchecked(small_onnx, tmp_path, caplog, sidecar):
+    copy = _copy_with_sidecar(small_onnx, tmp_path / "copy")
+    side = sidecar_path(copy)
+    if sidecar == "missing":
+        side.unlink()
+    elif sidecar == "older export":
+        side.write_text(side.read_text().replace('"file_sha256"', '"not_a_record"'))
+    else:
+        side.write_text("{ cut short")
+    with caplog.at_level(logging.WARNING, logger="flareseg"), OnnxRuntimeRunner(copy) as runner:
+        out = runner.infer(torch.zeros(1, 1, *SIZE))
+    assert tuple(out.shape) == (1, 5, *SIZE)
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("flareseg")]
+    if sidecar == "unreadable":
+        why = "Expecting property name enclosed in double quotes: line 1 column 3 (char 2)"
+        assert said == [f"{side}: unreadable sidecar ({why}); the model's content is not checked against it"]
+    else:
+        assert said == []

@@ -209,3 +209,19 @@ def test_bench_table_lists_and_builds_the_cpu_paths(trained_checkpoint, tmp_path
         labels = _run(runner, slices).argmax(1)
         assert float((labels == reference_labels).float().mean()) >= REDUCED_MIN_AGREEMENT
     assert isinstance(runner, OpenVINORunner)
+
+
+@needs_openvino
+def test_a_model_damaged_in_place_is_refused_before_openvino_reads_it(models, tmp_path):
+    import shutil
+
+    from flareseg.export.metadata import sidecar_path
+
+    copy = tmp_path / models["fp32"].name
+    shutil.copy(models["fp32"], copy)
+    shutil.copy(sidecar_path(models["fp32"]), sidecar_path(copy))
+    data = bytearray(copy.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same length, within the weights: it would run, with other labels
+    copy.write_bytes(bytes(data))
+    with pytest.raises(FlareSegError, match=r"its SHA-256 is [0-9a-f]{16}\.\.\., where its sidecar"):
+        OpenVINORunner(copy).activate()
