@@ -45,6 +45,8 @@ class ExportMetadata:
     input_name: str = "image"
     #: INT8 only: quantiser and its settings, the layers kept in float, the calibration data.
     quantization: Mapping[str, Any] = field(default_factory=dict)
+    #: The checkpoint's own slice size, where the export was made at another (``--size``).
+    trained_slice_size: tuple[int, int] | None = None
 
     @property
     def output_name(self) -> str:
@@ -65,6 +67,7 @@ class ExportMetadata:
             "verification": dict(self.verification),
             # Only quantised models carry the key, so fp32/fp16 metadata is unchanged.
             **({"quantization": dict(self.quantization)} if self.quantization else {}),
+            **({"trained_slice_size": list(self.trained_slice_size)} if self.trained_slice_size else {}),
         }
 
     def to_json(self) -> str:
@@ -91,6 +94,7 @@ class ExportMetadata:
                 versions=dict(data.get("versions", {})),
                 verification=dict(data.get("verification", {})),
                 quantization=dict(data.get("quantization", {})),
+                trained_slice_size=_size_or_none(data.get("trained_slice_size")),
             )
         except KeyError as exc:
             raise FlareSegError(f"{source}: export metadata lacks {exc}") from None
@@ -99,6 +103,13 @@ class ExportMetadata:
 
     def with_verification(self, figures: Mapping[str, Any]) -> ExportMetadata:
         return dataclasses.replace(self, verification=dict(figures))
+
+
+def _size_or_none(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    h, w = (int(v) for v in value)
+    return h, w
 
 
 def _choice(value: Any, allowed: tuple[str, ...], name: str) -> Any:

@@ -378,8 +378,17 @@ def export_onnx(
             "set, or choose another -o or --name"
         )
     net, info = load_checked_model(checkpoint)
+    trained = info.slice_size
     if options.slice_size is not None:
         info = dataclasses.replace(info, slice_size=check_slice_size(options.slice_size))
+    resized = trained if info.slice_size != trained else None
+    if resized is not None:  # the verification runs PyTorch at the new size too: it cannot see what this costs
+        log.warning(
+            "%s was trained on %dx%d slices and is exported for %dx%d: slices are resized to that, so the network "
+            "sees organs at another scale than in training (the verification compares with PyTorch at the same "
+            "size and cannot show it); score its labels with flare-eval before deploying it",
+            checkpoint, *trained, *info.slice_size,
+        )  # fmt: skip
     # The verification volume is read first too: a bad one fails before minutes of export.
     random, real, source = verification_slices(info, verify_volume, options.verify_slices)
     if len(real) < options.verify_slices:  # the figures printed rest on these: said, as INT8's slice counts are
@@ -416,6 +425,7 @@ def export_onnx(
             batch_profile=options.batch_profile,
             source_checkpoint_sha256=file_sha256(checkpoint),
             versions=software_versions(),
+            trained_slice_size=resized,
         )
         batch = max(1, min(options.batch_profile[1], 4))
         reference = {"reference": "PyTorch fp32 training network (eval mode)"}
