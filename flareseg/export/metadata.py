@@ -10,7 +10,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -221,6 +221,19 @@ def _varint(data: Any, i: int, end: int) -> tuple[int, int]:
 
 def sidecar_text(data: Mapping[str, Any]) -> str:
     return json.dumps(dict(data), indent=2, sort_keys=True) + "\n"
+
+
+def check_graph_input(artifact: str | os.PathLike[str], meta: ExportMetadata, dims: Sequence[int | None]) -> None:
+    """Refuse a graph whose declared input (None for a dynamic axis) is not the (batch, channels, H, W) of its
+    metadata: the runners size every batch from the metadata, so the first would fail inside the runtime."""
+    h, w = meta.model.slice_size
+    expected = (None, meta.input_channels, h, w)
+    if len(dims) != 4 or any(d is not None and e is not None and d != e for d, e in zip(dims, expected, strict=True)):
+        shown = " x ".join("N" if d is None else str(d) for d in dims)
+        raise FlareSegError(
+            f"{artifact}: the graph takes {shown} input, where its flareseg metadata says N x {meta.input_channels} "
+            f"x {h} x {w}: the metadata was edited or carried over from another model; export it again"
+        )
 
 
 def recorded_file_sha256(artifact: str | os.PathLike[str]) -> str | None:

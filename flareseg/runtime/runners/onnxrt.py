@@ -230,7 +230,7 @@ class OnnxRuntimeRunner(Runner):
         return f"ONNX Runtime ({_ORT_PROVIDERS[self.provider]}, {self.meta.precision}, {threads}{memory})"
 
     def _activate(self) -> None:
-        from flareseg.export.metadata import read_onnx_metadata
+        from flareseg.export.metadata import check_graph_input, read_onnx_metadata
 
         ort = import_onnxruntime()
         self.meta = read_onnx_metadata(self.path)
@@ -267,7 +267,9 @@ class OnnxRuntimeRunner(Runner):
                 f"(onnxruntime-gpu could not load the provider's CUDA, cuDNN or TensorRT libraries{where})"
             )
         self._output_name = self.session.get_outputs()[0].name
-        self._input_name = self.session.get_inputs()[0].name
+        declared = self.session.get_inputs()[0]
+        self._input_name = declared.name
+        check_graph_input(self.path, self.meta, [d if isinstance(d, int) else None for d in declared.shape])
 
     def _providers(self, available: Sequence[str]) -> list[Any]:
         if self.provider == "cpu":

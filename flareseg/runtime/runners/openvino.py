@@ -103,7 +103,7 @@ class OpenVINORunner(Runner):
         )
 
     def _activate(self) -> None:
-        from flareseg.export.metadata import read_onnx_metadata
+        from flareseg.export.metadata import check_graph_input, read_onnx_metadata
 
         ov = import_openvino()
         self.meta = read_onnx_metadata(self.path)
@@ -120,6 +120,8 @@ class OpenVINORunner(Runner):
             self._model = self.core.read_model(str(self.path))
         except RuntimeError as exc:
             raise FlareSegError(f"{self.path}: OpenVINO could not read the model ({_first_line(exc)})") from None
+        declared = self._model.inputs[0].get_partial_shape()
+        check_graph_input(self.path, self.meta, [d.get_length() if d.is_static else None for d in declared])
 
     def _config(self) -> dict[str, Any]:
         config: dict[str, Any] = {

@@ -74,7 +74,7 @@ class RecordingSession:
         return self._providers
 
     def get_inputs(self) -> list[Any]:
-        return [type("Arg", (), {"name": "image"})()]
+        return [type("Arg", (), {"name": "image", "shape": ["batch", 1, 512, 512]})()]  # as _metadata_only_onnx says
 
     def get_outputs(self) -> list[Any]:
         return [type("Arg", (), {"name": "logits"})()]
@@ -354,3 +354,25 @@ def test_a_model_whose_sidecar_records_no_hash_runs_unchecked(small_onnx, tmp_pa
         assert said == [f"{side}: unreadable sidecar ({why}); the model's content is not checked against it"]
     else:
         assert said == []
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_a_graph_whose_metadata_says_another_input_size_is_refused_at_load(small_onnx, tmp_path, backend):
+    # Tools that rewrite a graph may keep metadata_props: the first batch then failed inside the runtime, with a
+    # 55-line traceback (exportF review).
+    import dataclasses
+
+    from flareseg.export.metadata import read_onnx_metadata
+    from flareseg.runtime.runners import open_runner
+
+    if backend == "openvino":
+        pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install openvino)")
+    meta = read_onnx_metadata(small_onnx)
+    other = dataclasses.replace(meta, model=dataclasses.replace(meta.model, slice_size=(96, 96)))
+    model = onnx.load(str(small_onnx))
+    embed_in_onnx(model, other)
+    path = tmp_path / "edited.onnx"  # no sidecar: its SHA-256 is not there to catch the edit
+    onnx.save(model, str(path))
+    said = r"edited.onnx: the graph takes N x 1 x 64 x 64 input, where its flareseg metadata says N x 1 x 96 x 96"
+    with pytest.raises(FlareSegError, match=said):
+        open_runner(path, backend=backend).activate()
