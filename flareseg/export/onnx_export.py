@@ -318,20 +318,20 @@ def _check(
         if precision == "fp32" and output_kind == "logits" and f["max_rel_logit_diff"] > FP32_RELATIVE_TOLERANCE:
             raise FlareSegError(
                 f"fp32 ONNX differs from PyTorch on {_slices_name(name, source)} slices: relative logit difference "
-                f"{f['max_rel_logit_diff']:.2e} > {FP32_RELATIVE_TOLERANCE:.0e}"
+                f"{f['max_rel_logit_diff']:.2e} > {FP32_RELATIVE_TOLERANCE:.0e}; nothing written"
             )
         if precision == "fp32" and output_kind == "labels" and f["argmax_agreement"] < FP32_MIN_AGREEMENT:
             raise FlareSegError(
                 f"fp32 ONNX labels agree with PyTorch on {100 * f['argmax_agreement']:.3f}% of "
                 f"{_slices_name(name, source)} voxels, "
-                f"expected >= {100 * FP32_MIN_AGREEMENT:.1f}%"
+                f"expected >= {100 * FP32_MIN_AGREEMENT:.1f}%; nothing written"
             )
     real = figures["real"]
     if precision == "fp16" and real["argmax_agreement"] < FP16_MIN_AGREEMENT:
         raise FlareSegError(
             f"fp16 ONNX agrees with fp32 PyTorch on {100 * real['argmax_agreement']:.3f}% of "
             f"{_slices_name('real', source)}-slice voxels, "
-            f"expected >= {100 * FP16_MIN_AGREEMENT:.1f}%"
+            f"expected >= {100 * FP16_MIN_AGREEMENT:.1f}%; nothing written"
         )
 
 

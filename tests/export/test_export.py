@@ -204,7 +204,7 @@ def test_full_width_network_exports_and_verifies(tmp_path, fp16):
 
 def test_failed_verification_writes_nothing(trained_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_export, "FP16_MIN_AGREEMENT", 1.01)  # unreachable: verification must fail
-    with pytest.raises(FlareSegError, match="fp16 ONNX agrees with fp32 PyTorch on"):
+    with pytest.raises(FlareSegError, match=r"fp16 ONNX agrees with fp32 PyTorch on .*; nothing written$"):
         export_onnx(trained_checkpoint, tmp_path / "out", ExportOptions(fp16=True))
     # Every requested model is verified before the first is written: a failed fp16 check leaves no fp32 either.
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
@@ -216,7 +216,7 @@ def test_each_precision_is_held_to_its_own_tolerance_on_its_own_slices():
         return {"random": {**common, "argmax_agreement": random}, "real": {**common, "argmax_agreement": real}}
 
     onnx_export._check(figures(0.9e-4, 1.0, 1.0), "fp32", "logits")
-    with pytest.raises(FlareSegError, match=r"fp32 ONNX differs from PyTorch on random slices: .* 2\.00e-04 > 1e-04"):
+    with pytest.raises(FlareSegError, match=r"on random slices: .* 2\.00e-04 > 1e-04; nothing written$"):
         onnx_export._check(figures(2e-4, 1.0, 1.0), "fp32", "logits")
     # fp16 is held to its agreement on the real slices (CT), not the random ones (noise, where classes tie).
     onnx_export._check(figures(1e-2, 0.5, 0.996), "fp16", "logits")
