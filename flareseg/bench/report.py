@@ -16,6 +16,20 @@ def _mb(x: float | None) -> str:
     return "n/a" if x is None else f"{x:,.0f}"
 
 
+def _rss(row: dict[str, Any]) -> str:
+    """A peak RSS with the part the backend added in brackets (absent from reports written before it was kept)."""
+    added = row.get("rss_added_mb")
+    return _mb(row.get("peak_rss_mb")) + ("" if added is None else f" (+{added:,.0f})")
+
+
+#: What the peak RSS columns hold.
+RSS_NOTE = (
+    "peak RSS MB: this process's peak, flare-bench's own memory (networks, exports, counts) included; in brackets, "
+    "the part above the RSS just before the runner was made, which the backend, its model and its batches (or "
+    "volume) added. The fresh-process run below gives one backend's whole figure alone."
+)
+
+
 def _g(x: float | None, unit: float = 1e9, digits: int = 1) -> str:
     return "n/a" if x is None else f"{x / unit:,.{digits}f}"
 
@@ -74,7 +88,10 @@ def _model_lines(model: dict[str, Any]) -> list[str]:
             f"included) by {model['flops_paper_minus_training']:,}" + _flops_gap(model)
         )
     else:  # another width, or another slice size: a gap would measure nothing
-        flops = f"The paper's FLOPs are the full-width network's on 512 x 512 slices; these are on {h} x {w}."
+        differs = [] if paper_network else [f"width {model['network']['base_width']}"]
+        differs += [] if (h, w) == (512, 512) else [f"{h} x {w} slices"]
+        ours = " and ".join(differs)
+        flops = f"The paper's FLOPs are the full-width network's on 512 x 512 slices; these are for {ours}."
     return [
         "| | ours (measured) | paper |",
         "|---|---|---|",
@@ -114,7 +131,7 @@ def _latency_lines(report: dict[str, Any]) -> list[str]:
                 f"{1000 * r['slice_p90_s']:.1f}",
                 f"{r['slices_per_s']:.2f}",
                 percent(r.get("fraction_of_matmul_peak"), 1),
-                _mb(r.get("peak_rss_mb")),
+                _rss(r),
                 _allocated(r, "peak_allocated_mb"),
                 _mb(r.get("nvml_flare21_max_mb")),
             ]
@@ -124,6 +141,8 @@ def _latency_lines(report: dict[str, Any]) -> list[str]:
         "GPU MB: whole-device memory sampled by NVML every 0.1 s, above the reading taken just before the "
         "runner was created, by FLARE21's rule (the largest value held for 2 % of the samples). peak alloc: "
         "torch's allocator, which sees only what torch allocates (n/a for ONNX Runtime and TensorRT).",
+        "",
+        RSS_NOTE,
     ]
     peaks = report.get("matmul_peak_flops", {})
     if peaks:
@@ -177,7 +196,8 @@ def _side_by_side_lines(report: dict[str, Any]) -> list[str]:
         "## Backends side by side",
         "",
         f"Each at its best batch; speed against {base}; agreement: voxels of the whole volume's labels equal to "
-        f"those of the fp32 reference ({ref or 'none run'}) on the same volume.",
+        f"those of the fp32 reference ({ref or 'none run'}) on the same volume. Peak RSS as in the latency table: "
+        "in brackets, what the backend added to flare-bench's own memory.",
         "",
         f"| backend | precision | best batch | slices/s | x {base} | peak RSS MB (latency) | peak RSS MB (volume) "
         "| GPU MB (NVML, volume) | agreement with fp32 (%) |",
@@ -192,8 +212,8 @@ def _side_by_side_lines(report: dict[str, Any]) -> list[str]:
             str(best["batch"]),
             f"{best['slices_per_s']:.2f}",
             f"{best['slices_per_s'] / base_rate:.2f}",
-            _mb(best.get("peak_rss_mb")),
-            _mb(vol.get("peak_rss_mb")),
+            _rss(best),
+            _rss(vol),
             _mb(vol.get("nvml_flare21_max_mb")),
             agreement,
         ]
@@ -268,8 +288,10 @@ def _fresh_lines(report: dict[str, Any]) -> list[str]:
                 f"The CUDA context alone holds {bare['nvml_flare21_max_mb']:,.0f} MB on this GPU (NVML, above idle)."
             )
     if fresh.get("peak_rss_mb") is not None:
-        lines.append(f"Peak RSS of the fresh process: {fresh['peak_rss_mb']:,.0f} MB.")
-    lines.append("Memory figures are above the idle reading taken before the process started (MB = 2^20 bytes).")
+        lines.append(f"Peak RSS of the fresh process: {fresh['peak_rss_mb']:,.0f} MB (all of it: the process's own).")
+    if mem is not None:
+        lines.append("GPU memory figures are above the idle reading taken before the process started.")
+    lines.append("MB = 2^20 bytes.")
     return lines
 
 
@@ -321,7 +343,11 @@ def _title(report: dict[str, Any], what: str) -> str:
     m = report["machine"]
     size = "x".join(str(s) for s in report["settings"].get("slice_size", (512, 512)))
     device = m["gpu"] or m.get("cpu_model") or m["processor"]
-    return f"flareseg {what}, {size} slices: {device} ({m['cpu_cores']} CPU cores)"
+    settings, network = report["settings"], report.get("model", {}).get("network", {})
+    width = f"width {network['base_width']}, " if "base_width" in network else ""
+    n = settings.get("threads")
+    threads = f", {n} thread{'' if n == 1 else 's'}" if n else ""
+    return f"flareseg {what}, {width}{size} slices: {device} ({m['cpu_cores']} CPU cores{threads})"
 
 
 def plot(report: dict[str, Any]) -> Any:

@@ -326,6 +326,8 @@ def model_section(models: dict[str, Path]) -> dict[str, Any]:
     net, info, _ = load_model(models["checkpoint"])
     deploy = build_deploy_network(net, fold_input=True)
     train_flops = count_flops(net.train(), net.config.in_channels, info.slice_size)
+    encoder = sum(p.numel() for p in net.encoder.parameters())
+    paper_network = count_parameters(net) + encoder == PAPER_PARAMETERS_REPORTED and info.slice_size == (512, 512)
     deploy_flops = count_flops(deploy, 1, info.slice_size)
     net.eval()
     return {
@@ -334,15 +336,25 @@ def model_section(models: dict[str, Path]) -> dict[str, Any]:
         "parameters_training": count_parameters(net),
         "parameters_deploy": count_parameters(deploy),
         "parameters_paper_reported": PAPER_PARAMETERS_REPORTED,
-        "parameters_encoder": sum(p.numel() for p in net.encoder.parameters()),
+        "parameters_encoder": encoder,
         "flops_training_fvcore": train_flops,
         "flops_deploy_fvcore": deploy_flops,
         "flops_paper": PAPER_FLOPS,
         "flops_nnunet_paper": NNUNET_FLOPS,
-        "flops_paper_minus_training": PAPER_FLOPS - train_flops,
+        # The gap to the paper's count means something for the paper's network on its slices only.
+        "flops_paper_minus_training": PAPER_FLOPS - train_flops if paper_network else None,
+        "flops_convention": "flops_*: fvcore's count, one multiply-add as one flop; the FLOP/s rates "
+        "(achieved_flops, matmul_peak_flops) count two",
         "one_full_resolution_conv_flops": ONE_FULL_RES_CONV_FLOPS,
         "identity_upsample_flops": IDENTITY_UPSAMPLE_FLOPS,
     }
+
+
+def _rss_figures(peak: float | None, before: float | None) -> dict[str, float | None]:
+    """This process's peak RSS, and the part of it above the RSS before the runner was made: what the backend, its
+    model and its batches (or volume) added to flare-bench's own memory."""
+    added = peak - before if peak is not None and before is not None else None
+    return {"peak_rss_mb": peak, "rss_before_mb": before, "rss_added_mb": added}
 
 
 def _release_cuda_memory() -> None:
@@ -368,7 +380,7 @@ def latency_section(
 ) -> dict[str, Any]:
     """Latency and throughput against batch size, per backend; on CUDA, NVML memory per batch size."""
     from flareseg.bench.measure import nvml_sampler, time_batches
-    from flareseg.runtime.pipeline import peak_rss_mb, reset_peak_rss
+    from flareseg.runtime.pipeline import current_rss_mb, peak_rss_mb, reset_peak_rss
 
     results: dict[str, Any] = {}
     for name in cfg.backends:
@@ -381,6 +393,7 @@ def latency_section(
         for batch in cfg.batches:
             runner, inputs = None, []  # the previous batch's device tensors go before the idle reading
             reset_peak_rss()
+            before = current_rss_mb()  # this process's own memory (networks, exports): not the backend's
             if cuda:
                 _release_cuda_memory()
                 torch.cuda.reset_peak_memory_stats()
@@ -404,7 +417,7 @@ def latency_section(
                 entry["batches"].append({"batch": batch, "error": str(exc)})
                 continue
             row = stats.to_dict()
-            row["peak_rss_mb"] = peak_rss_mb()
+            row.update(_rss_figures(peak_rss_mb(), before))
             row.update(_allocator_figure(b, torch.cuda.max_memory_allocated() / 2**20 if cuda else None))
             if sampler:
                 row.update(sampler.summary())
@@ -445,11 +458,12 @@ def segment_volume(
     ``threads``: the CPU threads of an ONNX Runtime or OpenVINO session (None: its own default).
     """
     from flareseg.bench.measure import nvml_sampler
-    from flareseg.runtime.pipeline import reset_peak_rss, segment_file
+    from flareseg.runtime.pipeline import current_rss_mb, reset_peak_rss, segment_file
 
     cuda = backend.device == "cuda"
     if cuda:
         _release_cuda_memory()
+    before = current_rss_mb()  # this process's own memory, before the backend's model is loaded
     sampler = nvml_sampler(cuda and nvml)
     with sampler if sampler else contextlib.nullcontext():
         runner = make_runner(backend, models, batch, threads=threads)
@@ -457,6 +471,7 @@ def segment_volume(
             reset_peak_rss()  # the volume's peak, not an earlier measurement's
             timing = segment_file(runner, volume, out, overwrite=True, batch_size=batch)
     row = timing.to_dict()
+    row.update(_rss_figures(timing.peak_rss_mb, before))
     row["batch"] = batch
     row["precision"] = precision or backend.precision
     allocator = _allocator_figure(backend, timing.peak_gpu_allocated_mb)

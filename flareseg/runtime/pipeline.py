@@ -180,6 +180,18 @@ def maxrss_mb(usage: Any) -> float:
     return float(usage.ru_maxrss) / (2**20 if sys.platform == "darwin" else 1024)
 
 
+def current_rss_mb() -> float | None:
+    """Resident set size of this process now, in MiB (Linux); None where unreadable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def peak_rss_mb() -> float | None:
     """Peak resident set size of this process in MiB (since start, or since :func:`reset_peak_rss`)."""
     try:

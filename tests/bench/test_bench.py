@@ -71,6 +71,29 @@ def test_report_schema_and_files(report):
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporary left
 
 
+def test_peak_rss_is_said_with_the_part_the_backend_added_to_flare_bench_s_own_memory(report):
+    # The peak alone was mostly flare-bench's own memory: ONNX Runtime's 1,580 MB at full width held 1,070 MB that
+    # were resident before its runner existed (benchF review).
+    out, data = report
+    rows = [r for entry in data["backends"].values() for r in entry["batches"]]
+    rows += list(data["volumes"]["results"].values())
+    assert len(rows) == 6  # two backends at two batches, and their two volumes
+    for r in rows:
+        assert r["rss_before_mb"] > 100  # torch, the networks, the exports: already resident
+        assert r["rss_added_mb"] == pytest.approx(r["peak_rss_mb"] - r["rss_before_mb"]) and r["rss_added_mb"] >= 0
+    md = (out / "report.md").read_text()
+    row = next(r for r in data["backends"]["torch-cpu-fp32"]["batches"] if r["batch"] == 3)
+    assert f"| {row['peak_rss_mb']:,.0f} (+{row['rss_added_mb']:,.0f}) |" in md
+    assert "in brackets, the part above the RSS just before the runner was made" in md
+    # Not "above the idle reading" on a CPU: that was said of every figure, the whole peak RSS among them.
+    assert "above the idle reading taken before the process started" not in md and "MB = 2^20 bytes." in md
+    # The width-4 model on 64 x 64 slices: no gap to the paper's FLOPs in the JSON either; the counts say their unit.
+    assert (
+        data["model"]["flops_paper_minus_training"] is None
+        and "one multiply-add as one flop" in (data["model"]["flops_convention"])
+    )
+
+
 def test_a_rerun_into_the_folder_leaves_nothing_of_the_earlier_run_the_new_report_does_not_describe(report, tmp_path):
     from flareseg.bench.inputs import clear_earlier_run
     from flareseg.bench.report import write_report
@@ -162,10 +185,12 @@ def test_the_gap_to_the_papers_flops_is_said_only_for_the_papers_network_on_its_
     assert "exceed fvcore's count" in text and "exactly one 3x3, 64->64 convolution" in text
     assert "| FLOPs, fvcore, training graph, 512 x 512 |" in text
     smaller = {**paper, "slice_size": [128, 128], "flops_paper_minus_training": 195_694_784_512}
-    narrower = {**paper, "parameters_training": 132_977, "flops_paper_minus_training": 207_902_058_496}
-    for model, size in ((smaller, "128 x 128"), (narrower, "512 x 512")):
-        text = "\n".join(_model_lines(model))
-        assert "exceed" not in text and f"network's on 512 x 512 slices; these are on {size}." in text
+    narrower = {**paper, "network": {"base_width": 8}, "parameters_training": 132_977}
+    both = {**narrower, "slice_size": [128, 128]}
+    # Which of the two differs is said: "these are on 512 x 512" once gave the size as the reason for another width.
+    for model, ours in ((smaller, "128 x 128 slices"), (narrower, "width 8"), (both, "width 8 and 128 x 128 slices")):
+        text = "\n".join(_model_lines({**model, "flops_paper_minus_training": None}))
+        assert "exceed" not in text and f"network's on 512 x 512 slices; these are for {ours}." in text
 
 
 def test_volume_and_fresh_process_timings(report):
@@ -1130,3 +1155,15 @@ def test_no_matrix_product_peak_is_measured_for_an_onnx_model_alone(report, tmp_
         with pytest.raises(Stop):
             bench_run.run_benchmark(cfg)
     assert measured == ["random-weights.pt"]
+
+
+def test_a_figure_s_title_names_the_width_and_threads_it_was_measured_with():
+    # A width-8 plot and a width-64 one had the same title (benchF review).
+    from flareseg.bench.report import _title
+
+    machine = {"gpu": None, "cpu_model": "Intel Xeon", "processor": "x86_64", "cpu_cores": 2}
+    report = {"machine": machine, "settings": {"slice_size": [256, 256], "threads": 1}}
+    assert _title({**report, "model": {"network": {"base_width": 8}}}, "latency") == (
+        "flareseg latency, width 8, 256x256 slices: Intel Xeon (2 CPU cores, 1 thread)"
+    )
+    assert _title(report, "latency") == "flareseg latency, 256x256 slices: Intel Xeon (2 CPU cores, 1 thread)"
