@@ -95,6 +95,7 @@ def surface_distances(
     Distances are in mm (inf when the other mask is empty); both masks must be non-empty
     for meaningful distances. Work is confined to the bounding box of the union.
     """
+    _check_spacing(spacing, gt)
     gt, pred = _masks(gt, pred)
     union = gt | pred
     if not union.any():
@@ -124,7 +125,7 @@ def normalized_surface_dice(gt: np.ndarray, pred: np.ndarray, spacing: Spacing, 
     """NSD of two masks (non-zero is inside) at ``tolerance_mm``; FLARE21's rules for empty masks."""
     if not tolerance_mm >= 0:  # NaN too: every distance would fail "<= NaN", and NSD be 0 silently
         raise FlareSegError(f"NSD tolerance must be non-negative, got {tolerance_mm}")
-    _check_spacing(spacing)
+    _check_spacing(spacing, gt)
     gt, pred = _masks(gt, pred)
     g_any, p_any = bool(gt.any()), bool(pred.any())
     if not g_any and not p_any:
@@ -166,6 +167,8 @@ def _masks(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(gt, dtype=bool), np.asarray(pred, dtype=bool)
 
 
-def _check_spacing(spacing: Sequence[float]) -> None:
+def _check_spacing(spacing: Sequence[float], mask: np.ndarray) -> None:
     if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
         raise FlareSegError(f"voxel spacing must be three positive numbers, got {tuple(spacing)}")
+    if np.ndim(mask) != 3:
+        raise FlareSegError(f"surface distances need 3-D masks, got shape {np.shape(mask)}")

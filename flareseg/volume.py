@@ -300,7 +300,7 @@ _NIBABEL_NOTES = _NibabelNotes()
 
 
 @contextmanager
-def nibabel_notes(path: Path, *, say: bool = True) -> Iterator[None]:
+def nibabel_notes(path: Path, *, say: bool = True) -> Iterator[list[str]]:
     """nibabel's notes on ``path``'s header as our warnings, each naming the file once.
 
     ``say=False`` drops them, for a header glance whose file is read in full later.
@@ -308,7 +308,7 @@ def nibabel_notes(path: Path, *, say: bool = True) -> Iterator[None]:
     # Added on the first read, once (the same instance), and inert outside this block.
     logging.getLogger("nibabel.global").addFilter(_NIBABEL_NOTES)
     with _NIBABEL_NOTES.collecting() as messages:
-        yield
+        yield messages  # the block may take a note it says better itself
     for message in dict.fromkeys(messages) if say else ():
         log.warning("%s: %s", path, message)
 
@@ -321,8 +321,27 @@ def _load(
     ``intensities``: the voxels become float32 intensities, so their scaling is checked against float32
     (:func:`check_intensity_scaling`); a label map's are scaled in float64 and judged by their classes.
     """
-    with nibabel_notes(path):
-        return _load_named(path, threads, on_voxels, intensities)
+    with nibabel_notes(path) as notes:
+        loaded = _load_named(path, threads, on_voxels, intensities)
+        if _ZERO_PIXDIM in notes:  # nibabel made them 1 mm: they are read as the affine's instead, as NaN ones are
+            _put_back_zero_pixdims(path, loaded[0])
+            notes.remove(_ZERO_PIXDIM)  # said by the geometry's own warning, with the sizes read
+        return loaded
+
+
+#: nibabel's note on a header whose voxel size is 0 along some axis, which it sets to 1.
+_ZERO_PIXDIM = "pixdim[1,2,3] should be non-zero; setting 0 dims to 1"
+
+
+def _put_back_zero_pixdims(path: Path, img: nib.Nifti1Image) -> None:
+    """The zero voxel sizes nibabel set to 1 as it read the header, read again from the header's own bytes."""
+    try:
+        with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as f:
+            raw = type(img.header).from_fileobj(f, check=False)
+    except (OSError, EOFError, zlib.error, ValueError):  # read once already: left as nibabel made it
+        return
+    zero = np.asarray(raw["pixdim"][1:4]) == 0
+    img.header["pixdim"][1:4][zero] = 0
 
 
 def _load_named(
@@ -1079,10 +1098,12 @@ def read_labels(path: str | os.PathLike[str], *, num_classes: int = NUM_CLASSES)
     if lo < 0 or hi > num_classes - 1:
         found = np.unique(data)
         bad = found[(found < 0) | (found > num_classes - 1)]
+        # Scaled values are floats: whole ones are said as the labels they stand for (6, not 6.0).
+        said = [int(v) if float(v).is_integer() else v for v in bad.tolist()]
         if len(bad) <= 8:
-            shown = f"labels {bad.tolist()}"
+            shown = f"labels {said}"
         else:  # a CT given by mistake has thousands: the range says it, a list would be kilobytes long
-            shown = f"{len(bad)} label values from {bad[0]} to {bad[-1]}"
+            shown = f"{len(bad)} label values from {said[0]} to {said[-1]}"
         hint = "; is it a CT image, not a label map?" if len(found) > 64 else ""
         raise FlareSegError(f"{path}: {shown} outside 0..{num_classes - 1}{hint}")
     return np.asarray(data, dtype=np.uint8), geometry

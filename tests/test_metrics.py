@@ -158,3 +158,12 @@ def test_a_negative_tolerance_is_refused_by_the_library_too():
         with pytest.raises(FlareSegError, match="tolerance"):
             normalized_surface_dice(mask, mask, (1.0, 1.0, 1.0), bad)
     assert normalized_surface_dice(mask, mask, (1.0, 1.0, 1.0), 0.0) == 1.0
+
+
+def test_surface_metrics_of_masks_that_are_not_3d_are_refused_in_words():
+    # A raw IndexError came out of the area table's lookup (evalF review).
+    flat = np.ones((3, 3), bool)
+    with pytest.raises(FlareSegError, match=r"surface distances need 3-D masks, got shape \(3, 3\)"):
+        normalized_surface_dice(flat, flat, (1.0, 1.0, 1.0))
+    with pytest.raises(FlareSegError, match=r"need 3-D masks, got shape \(3, 3\)"):
+        surface_distances(flat, flat, (1.0, 1.0, 1.0))

@@ -219,6 +219,37 @@ def test_a_non_finite_pixdim_with_an_sform_alone_takes_the_affines_voxel_sizes(t
     assert written.get_zooms() == pytest.approx((0.8, 0.8, 2.5))
 
 
+@pytest.mark.parametrize("name", ["zero pixdim.nii", "zero pixdim.nii.gz"])
+def test_a_zero_pixdim_beside_an_sform_takes_the_affines_voxel_sizes_as_a_nan_one_does(tmp_path, caplog, name):
+    # nibabel sets a zero voxel size to 1 as it reads: NSD was then scored with 1 x 3 x 3 mm voxels where the
+    # sform says 3 x 3 x 3 (liver NSD 0.94 against 0.56), while a NaN one took the affine's (evalF review).
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), affine)
+    img.set_qform(None, code=0)
+    img.set_sform(affine, code=1)
+    path = _header_patched(tmp_path, "zero pixdim.nii", img, pixdim=[1.0, 0.0, 3.0, 3.0, 1, 1, 1, 1])
+    if name.endswith(".gz"):
+        path = path.rename(tmp_path / name)
+        path.write_bytes(gzip.compress(path.read_bytes()))
+    with caplog.at_level(logging.WARNING):
+        vol = read_ct(path)
+    said = [r.getMessage() for r in caplog.records if r.name.startswith(("flareseg", "nibabel"))]
+    assert said == [f"{path}: pixdim gives voxels of 0 x 3 x 3 mm; read as the affine's, 3 x 3 x 3 mm"]
+    assert vol.geometry.spacing == pytest.approx((3.0, 3.0, 3.0))
+    written = nib.load(write_labels(np.zeros((6, 5, 4), np.uint8), vol.geometry, tmp_path / "l.nii.gz")).header
+    assert written.get_zooms() == pytest.approx((3.0, 3.0, 3.0))
+
+
+def test_a_zero_pixdim_with_a_qform_alone_is_read_as_nibabel_repairs_it(tmp_path, caplog):
+    # Its affine is made from the pixdim, so nibabel's 1 mm is all there is: read so, and said.
+    path = _header_patched(tmp_path, "q.nii", sform_code=0, qform_code=1, pixdim=[1.0, 0.0, 3.0, 3.0, 1, 1, 1, 1])
+    with caplog.at_level(logging.WARNING):
+        vol = read_ct(path)
+    said = [r.getMessage() for r in caplog.records if r.name.startswith(("flareseg", "nibabel"))]
+    assert said == [f"{path}: pixdim gives voxels of 0 x 3 x 3 mm; read as the affine's, 1 x 3 x 3 mm"]
+    assert vol.geometry.spacing == pytest.approx((1.0, 3.0, 3.0))
+
+
 def test_a_non_finite_pixdim_of_a_4d_file_keeps_its_other_zooms(tmp_path, caplog):
     # nibabel's set_zooms checks every zoom: a negative time step (which nibabel leaves) made the mend a traceback.
     affine = np.diag([0.8, 0.8, 2.5, 1.0])
@@ -331,6 +362,12 @@ def test_label_values_outside_range_are_refused(tmp_path):
     data[0, 0, 0] = 7
     path = save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "bad_labels.nii.gz")
     with pytest.raises(FlareSegError, match=r"bad_labels.nii.gz: labels \[7\] outside 0..4$"):
+        read_labels(path)
+    # Scaled labels are said as the labels they stand for: a slope of 2 made them [6.0, 8.0] (evalF review).
+    scaled = nib.Nifti1Image(np.array([[[0, 3, 4]]], np.uint8), np.eye(4))
+    scaled.header.set_slope_inter(2.0, 0.0)
+    path = save(scaled, tmp_path / "scaled.nii.gz")
+    with pytest.raises(FlareSegError, match=r"scaled.nii.gz: labels \[6, 8\] outside 0..4$"):
         read_labels(path)
     # A CT given as a label map: its thousands of values are summed up, not listed.
     ct = np.arange(-1000, 1400, dtype=np.int16).reshape(4, 20, 30)
