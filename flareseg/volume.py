@@ -323,14 +323,16 @@ def _load(
     """
     with nibabel_notes(path) as notes:
         loaded = _load_named(path, threads, on_voxels, intensities)
-        if _ZERO_PIXDIM in notes:  # nibabel made them 1 mm: they are read as the affine's instead, as NaN ones are
+        # nibabel made a zero voxel size 1 mm: it is read as the affine's instead, as a NaN one is.
+        if any(_ZERO_PIXDIM_FIX in note for note in notes):  # alone, or with a negative one's fix in one note
             _put_back_zero_pixdims(path, loaded[0])
-            notes.remove(_ZERO_PIXDIM)  # said by the geometry's own warning, with the sizes read
+            notes[:] = [n for n in notes if n != _ZERO_PIXDIM]  # alone: said by the geometry's own warning
         return loaded
 
 
-#: nibabel's note on a header whose voxel size is 0 along some axis, which it sets to 1.
+#: nibabel's note on a header whose voxel size is 0 along some axis (and nothing else), and its fix of it.
 _ZERO_PIXDIM = "pixdim[1,2,3] should be non-zero; setting 0 dims to 1"
+_ZERO_PIXDIM_FIX = "setting 0 dims to 1"
 
 
 def _put_back_zero_pixdims(path: Path, img: nib.Nifti1Image) -> None:

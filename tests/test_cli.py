@@ -584,6 +584,23 @@ def test_a_stdout_that_refuses_writes_is_said_once_and_the_work_goes_on_to_exit_
     assert said == [f"ERROR flareseg.cli: {lost}"]
 
 
+def test_every_command_writes_its_results_through_say():
+    # say() keeps a command going when its stdout's reader leaves or its stdout refuses writes; a bare print() to
+    # stdout ended flare-export and flare-bench in a traceback on a full disk (diff review).
+    import ast
+
+    import flareseg
+
+    package = Path(flareseg.__file__).parent
+    bare = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print":
+                if not any(k.arg == "file" for k in node.keywords):
+                    bare.append(f"{path.relative_to(package)}:{node.lineno}")
+    assert bare == []  # say()'s own `(write or print)(line)` is the one print to stdout
+
+
 def test_the_bounds_of_counts_and_numbers_are_inclusive():
     from flareseg.cli import non_negative_float, non_negative_int, positive_int
 

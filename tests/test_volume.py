@@ -240,6 +240,24 @@ def test_a_zero_pixdim_beside_an_sform_takes_the_affines_voxel_sizes_as_a_nan_on
     assert written.get_zooms() == pytest.approx((3.0, 3.0, 3.0))
 
 
+def test_a_zero_pixdim_beside_a_negative_one_is_read_as_the_affines_too(tmp_path, caplog):
+    # nibabel says both fixes in one note: the zero's fix was looked for as a note of its own (diff review).
+    affine = np.diag([6.0, 6.0, 8.0, 1.0])
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), affine)
+    img.set_qform(None, code=0)
+    img.set_sform(affine, code=1)
+    path = _header_patched(tmp_path, "zn.nii", img, pixdim=[1.0, 0.0, -6.0, 8.0, 1, 1, 1, 1])
+    with caplog.at_level(logging.WARNING):
+        vol = read_ct(path)
+    said = [r.getMessage() for r in caplog.records if r.name.startswith(("flareseg", "nibabel"))]
+    assert said == [
+        f"{path}: pixdim[1,2,3] should be non-zero and pixdim[1,2,3] should be positive; setting 0 dims to 1 and "
+        "setting to abs of pixdim values",
+        f"{path}: pixdim gives voxels of 0 x 6 x 8 mm; read as the affine's, 6 x 6 x 8 mm",
+    ]
+    assert vol.geometry.spacing == pytest.approx((6.0, 6.0, 8.0))
+
+
 def test_a_zero_pixdim_with_a_qform_alone_is_read_as_nibabel_repairs_it(tmp_path, caplog):
     # Its affine is made from the pixdim, so nibabel's 1 mm is all there is: read so, and said.
     path = _header_patched(tmp_path, "q.nii", sform_code=0, qform_code=1, pixdim=[1.0, 0.0, 3.0, 3.0, 1, 1, 1, 1])

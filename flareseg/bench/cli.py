@@ -19,6 +19,7 @@ from flareseg.cli import (
     path_arg,
     positive_int,
     run_command,
+    say,
     slice_size,
     torch_threads,
     warn_threads_beyond_cores,
@@ -138,10 +139,10 @@ def _main(args: argparse.Namespace) -> int:
         try:
             paths = write(report, args.out, _command(args))
         except FlareSegError:  # a full disk, say: the figures measured are not lost with the folder
-            print(text(report, _command(args)))
+            say(text(report, _command(args)))
             raise
-    print(paths["markdown"].read_text())
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    say(paths["markdown"].read_text())
+    say("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0 if report.get("passed", True) else 1
 
 

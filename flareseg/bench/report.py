@@ -25,8 +25,9 @@ def _rss(row: dict[str, Any]) -> str:
 #: What the peak RSS columns hold.
 RSS_NOTE = (
     "peak RSS MB: this process's peak, flare-bench's own memory (networks, exports, counts) included; in brackets, "
-    "the part above the RSS just before the runner was made, which the backend, its model and its batches (or "
-    "volume) added. The fresh-process run below gives one backend's whole figure alone."
+    "its growth above the RSS just before the runner was made: a lower bound on what the backend needs, which "
+    "depends on what ran before it (memory an earlier runner freed is used again). The fresh-process run below "
+    "gives one backend's whole figure alone."
 )
 
 
@@ -197,7 +198,7 @@ def _side_by_side_lines(report: dict[str, Any]) -> list[str]:
         "",
         f"Each at its best batch; speed against {base}; agreement: voxels of the whole volume's labels equal to "
         f"those of the fp32 reference ({ref or 'none run'}) on the same volume. Peak RSS as in the latency table: "
-        "in brackets, what the backend added to flare-bench's own memory.",
+        "in brackets, its growth above flare-bench's own memory when the runner was made.",
         "",
         f"| backend | precision | best batch | slices/s | x {base} | peak RSS MB (latency) | peak RSS MB (volume) "
         "| GPU MB (NVML, volume) | agreement with fp32 (%) |",

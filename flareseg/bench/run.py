@@ -351,8 +351,8 @@ def model_section(models: dict[str, Path]) -> dict[str, Any]:
 
 
 def _rss_figures(peak: float | None, before: float | None) -> dict[str, float | None]:
-    """This process's peak RSS, and the part of it above the RSS before the runner was made: what the backend, its
-    model and its batches (or volume) added to flare-bench's own memory."""
+    """This process's peak RSS, and its growth above the RSS before the runner was made: a lower bound on what the
+    backend, its model and its batches (or volume) need, since memory an earlier runner freed is used again."""
     added = peak - before if peak is not None and before is not None else None
     return {"peak_rss_mb": peak, "rss_before_mb": before, "rss_added_mb": added}
 

@@ -15,6 +15,7 @@ from flareseg.cli import (
     path_arg,
     positive_int,
     run_command,
+    say,
     slice_size,
 )
 from flareseg.errors import FlareSegError
@@ -190,7 +191,7 @@ def _engine_from_onnx(args: argparse.Namespace) -> int:
         timing_cache=args.timing_cache,
         tf32=args.tf32,
     )
-    print(f"wrote {engine} (+ {engine.name}.json)")
+    say(f"wrote {engine} (+ {engine.name}.json)")
     return 0
 
 
@@ -246,9 +247,9 @@ def _main(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
     )
-    print(verification_report(exported))
+    say(verification_report(exported))
     for item in exported:
-        print(f"wrote {item.path} (+ {item.path.name}.json)")
+        say(f"wrote {item.path} (+ {item.path.name}.json)")
     if args.engine:
         from flareseg.export.tensorrt import build_engine
 
@@ -260,7 +261,7 @@ def _main(args: argparse.Namespace) -> int:
             timing_cache=args.timing_cache,
             tf32=args.tf32,
         )
-        print(f"wrote {engine} (+ {engine.name}.json)")
+        say(f"wrote {engine} (+ {engine.name}.json)")
     return 0
 
 

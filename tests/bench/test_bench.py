@@ -84,7 +84,7 @@ def test_peak_rss_is_said_with_the_part_the_backend_added_to_flare_bench_s_own_m
     md = (out / "report.md").read_text()
     row = next(r for r in data["backends"]["torch-cpu-fp32"]["batches"] if r["batch"] == 3)
     assert f"| {row['peak_rss_mb']:,.0f} (+{row['rss_added_mb']:,.0f}) |" in md
-    assert "in brackets, the part above the RSS just before the runner was made" in md
+    assert "in brackets, its growth above the RSS just before the runner was made: a lower bound" in md
     # Not "above the idle reading" on a CPU: that was said of every figure, the whole peak RSS among them.
     assert "above the idle reading taken before the process started" not in md and "MB = 2^20 bytes." in md
     # The width-4 model on 64 x 64 slices: no gap to the paper's FLOPs in the JSON either; the counts say their unit.

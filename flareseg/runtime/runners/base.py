@@ -213,12 +213,9 @@ class Runner(ABC):
         a copy damaged in place (same length) would run and give wrong labels. The hash is the outputs' stamp."""
         if self.model_file is None or (recorded := recorded_file_sha256(self.model_file)) is None:
             return
-        with self._stamp_lock:
-            try:
-                self._stamp = ModelStamp.read(self.model_file)
-            except OSError as exc:
-                raise FlareSegError(f"{self.model_file}: cannot read ({exc.strerror or exc})") from exc
-            check_file_sha256(self.model_file, self._stamp[0].sha256, recorded)
+        stamp = self.stamp()  # the writer's thread may have hashed this very file already (a run asks it first)
+        if stamp is not None:
+            check_file_sha256(self.model_file, stamp.sha256, recorded)
 
     def _model_identity(self) -> FileIdentity | None:
         try:

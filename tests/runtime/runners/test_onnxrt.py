@@ -321,15 +321,21 @@ def test_a_model_damaged_in_place_is_refused_before_it_loads(small_onnx, tmp_pat
         OnnxRuntimeRunner(copy).activate()
 
 
-def test_a_sound_model_is_hashed_once_its_hash_is_the_outputs_stamp(small_onnx, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stamped_first", [False, True])
+def test_a_sound_model_is_hashed_once_its_hash_is_the_outputs_stamp(small_onnx, tmp_path, monkeypatch, stamped_first):
+    # A run asks the writer's thread for the stamp before it activates the runner: the check at activation then
+    # hashed the file a second time (diff review).
     from flareseg.provenance import ModelStamp
 
     copy = _copy_with_sidecar(small_onnx, tmp_path / "copy")
     reads: list[object] = []
     real = ModelStamp.read.__func__  # type: ignore[attr-defined]
     monkeypatch.setattr(ModelStamp, "read", classmethod(lambda cls, *a, **k: reads.append(a) or real(cls, *a, **k)))
-    with OnnxRuntimeRunner(copy) as runner:
-        assert len(reads) == 1  # hashed while loading, checked against the sidecar
+    runner = OnnxRuntimeRunner(copy)
+    if stamped_first:
+        runner.stamp()
+    with runner:
+        assert len(reads) == 1  # hashed once, before loading, and checked against the sidecar
         stamp = runner.stamp()
     assert len(reads) == 1 and stamp is not None  # not hashed again for the outputs
     assert stamp.sha256 == hashlib.sha256(copy.read_bytes()).hexdigest()
