@@ -182,10 +182,15 @@ def maxrss_mb(usage: Any) -> float:
 
 def current_rss_mb() -> float | None:
     """Resident set size of this process now, in MiB (Linux); None where unreadable."""
+    return _status_mb("VmRSS:")
+
+
+def _status_mb(field: str) -> float | None:
+    """A memory figure of this process from ``/proc/self/status`` (kB there), in MiB; None where unreadable."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field):
                     return int(line.split()[1]) / 1024
     except (OSError, ValueError, IndexError):
         pass
@@ -194,13 +199,9 @@ def current_rss_mb() -> float | None:
 
 def peak_rss_mb() -> float | None:
     """Peak resident set size of this process in MiB (since start, or since :func:`reset_peak_rss`)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    peak = _status_mb("VmHWM:")
+    if peak is not None:
+        return peak
     try:
         import resource
 
