@@ -954,3 +954,42 @@ def test_an_export_at_another_size_than_training_is_warned_of_and_records_the_tr
     assert not [r for r in caplog.records if r.name.startswith("flareseg")]
     assert read_onnx_metadata(same.path).trained_slice_size is None
     assert "trained_slice_size" not in read_sidecar(same.path)
+
+
+def test_an_argmax_export_is_held_to_the_fp32_tolerance_where_its_labels_are_decisive():
+    # Overall label agreement (>= 99.9 %) passed a graph whose liver logit was 0.08 off; the logits check refuses
+    # 0.002 (exportF review). Where PyTorch's best class leads by more than two tolerances, no rounding within the
+    # tolerance can change the label, so any change there is refused.
+    ref = np.zeros((1, 5, 2, 2), np.float32)
+    ref[0, 0] = [[10.0, 10.0], [10.0, 1.0]]  # background wins by far, but at the last voxel
+    ref[0, 1] = [[0.0, 0.0], [0.0, 1.0 + 1e-5]]  # where liver leads by a hair: a near-tie
+    labels = ref.argmax(axis=1)
+    tie_flipped = labels.copy()
+    tie_flipped[0, 1, 1] = 0
+    figures = onnx_export._compare(ref, tie_flipped, "labels")
+    assert figures["decisive_voxels"] == 0.75 and figures["decisive_agreement"] == 1.0
+    decisive_flipped = labels.copy()
+    decisive_flipped[0, 0, 0] = 1
+    figures = onnx_export._compare(ref, decisive_flipped, "labels")
+    assert figures["decisive_agreement"] == pytest.approx(2 / 3) and figures["argmax_agreement"] == 0.75
+    both = {"random": figures, "real": figures}
+    with pytest.raises(FlareSegError, match=r"on random slices where no rounding within the fp32 tolerance \(1e-04\) "
+                       r"could change them: agreement there 66\.667%, expected 100%; nothing written$"):  # fmt: skip
+        onnx_export._check(both, "fp32", "labels")
+    # fp16 is held to its agreement on the real slices alone: its rounding is beyond the fp32 tolerance.
+    onnx_export._check({"random": figures, "real": {**figures, "argmax_agreement": 0.996}}, "fp16", "labels")
+
+
+def test_an_argmax_export_whose_graph_is_slightly_off_is_refused(trained_checkpoint, tmp_path, monkeypatch):
+    real = onnx_export.build_deploy_network
+
+    def liver_biased(*args, **kwargs):
+        deploy = real(*args, **kwargs)
+        with torch.no_grad():
+            deploy.head[-1].bias[1] += 0.08
+        return deploy
+
+    monkeypatch.setattr(onnx_export, "build_deploy_network", liver_biased)
+    options = ExportOptions(output_kind="labels", label_dtype="uint8", verify_slices=2)
+    with pytest.raises(FlareSegError, match="where no rounding within the fp32 tolerance"):
+        export_onnx(trained_checkpoint, tmp_path / "out", options)
