@@ -240,6 +240,7 @@ def recorded_file_sha256(artifact: str | os.PathLike[str]) -> str | None:
     """The SHA-256 of an ONNX model as its export wrote it, from its sidecar; None without a sidecar, or one that
     records none (an export older than the record). An unreadable sidecar is said in a warning, and gives None."""
     if not sidecar_path(artifact).is_file():
+        log.debug("%s: no sidecar %s beside it: its SHA-256 is not checked", artifact, sidecar_path(artifact).name)
         return None
     try:
         data = read_sidecar(artifact)

@@ -660,7 +660,7 @@ def _save_timings(
     from flareseg.runtime.pipeline import earlier_cases, write_timings
 
     if summary.segmented == summary.failed == 0:
-        return True, "no timings (nothing ran)"
+        return True, "no timings (no case ran to its end)"
     try:
         # A resumed run keeps the measurements of the cases an earlier run did (they are skipped now).
         write_timings(results, path, context, summary, startup, earlier=earlier_cases(path))

@@ -986,7 +986,7 @@ def test_an_argmax_export_whose_graph_is_slightly_off_is_refused(trained_checkpo
     def liver_biased(*args, **kwargs):
         deploy = real(*args, **kwargs)
         with torch.no_grad():
-            deploy.head[-1].bias[1] += 0.08
+            deploy.head[-1].bias[1] += 0.02  # overall agreement stays above 99.9 %
         return deploy
 
     monkeypatch.setattr(onnx_export, "build_deploy_network", liver_biased)

@@ -351,10 +351,12 @@ def test_a_model_whose_sidecar_records_no_hash_runs_unchecked(small_onnx, tmp_pa
         side.write_text(side.read_text().replace('"file_sha256"', '"not_a_record"'))
     else:
         side.write_text("{ cut short")
-    with caplog.at_level(logging.WARNING, logger="flareseg"), OnnxRuntimeRunner(copy) as runner:
+    with caplog.at_level(logging.DEBUG, logger="flareseg"), OnnxRuntimeRunner(copy) as runner:
         out = runner.infer(torch.zeros(1, 1, *SIZE))
     assert tuple(out.shape) == (1, 5, *SIZE)
-    said = [r.getMessage() for r in caplog.records if r.name.startswith("flareseg")]
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("flareseg") and r.levelno >= logging.WARNING]
+    unchecked = f"{copy}: no sidecar flareseg_fp32.onnx.json beside it: its SHA-256 is not checked"
+    assert (unchecked in caplog.messages) == (sidecar == "missing")  # said under -v
     if sidecar == "unreadable":
         why = "Expecting property name enclosed in double quotes: line 1 column 3 (char 2)"
         assert said == [f"{side}: unreadable sidecar ({why}); the model's content is not checked against it"]
