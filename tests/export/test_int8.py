@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -57,7 +58,9 @@ def test_int8_export_is_written_beside_fp32_and_readable(exported):
     int8 = exported[1]
     embedded = read_onnx_metadata(int8.path)
     assert embedded.precision == "int8"
-    assert read_sidecar(int8.path) == json.loads(embedded.to_json()) == int8.metadata.to_dict()
+    sidecar = read_sidecar(int8.path)
+    assert sidecar.pop("file_sha256") == hashlib.sha256(int8.path.read_bytes()).hexdigest()  # the file as written
+    assert sidecar == json.loads(embedded.to_json()) == int8.metadata.to_dict()
     # fp32 metadata keeps its old shape: no quantization key.
     assert "quantization" not in read_sidecar(exported[0].path)
 
