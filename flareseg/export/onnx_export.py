@@ -178,7 +178,7 @@ def _compare(
         got_labels = got.astype(np.int64)
         # Where PyTorch's best class leads the next by more than two fp32 tolerances, no rounding within the
         # tolerance can change the label: a graph that does differs beyond it (agreement overall is as blunt as
-        # 99.9 % of voxels, which a bias of 0.08 on one class's logit passed).
+        # 99.9 % of voxels, which lets a bias of 0.08 on one class's logit through).
         top2 = np.partition(ref_logits, -2, axis=1)[:, -2:]
         scale = float(np.max(np.abs(ref_logits))) or 1.0
         decisive = (top2[:, 1] - top2[:, 0]) > 2 * FP32_RELATIVE_TOLERANCE * scale
