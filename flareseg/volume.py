@@ -330,9 +330,9 @@ def _load(
         return loaded
 
 
-#: nibabel's note on a header whose voxel size is 0 along some axis (and nothing else), and its fix of it.
-_ZERO_PIXDIM = "pixdim[1,2,3] should be non-zero; setting 0 dims to 1"
+#: nibabel's fix of a header whose voxel size is 0 along some axis, and its note where that is all it fixed.
 _ZERO_PIXDIM_FIX = "setting 0 dims to 1"
+_ZERO_PIXDIM = f"pixdim[1,2,3] should be non-zero; {_ZERO_PIXDIM_FIX}"
 
 
 def _put_back_zero_pixdims(path: Path, img: nib.Nifti1Image) -> None:

@@ -78,19 +78,26 @@ def machine_line(m: dict[str, Any]) -> str:
     return f"Machine: {cpu}{isa}, {m['cpu_cores']} CPU cores, GPU: {m['gpu'] or 'none'}; {m['platform']}"
 
 
+def differs_from_paper(model: dict[str, Any]) -> list[str]:
+    """How a report's model section differs from the paper's network on its 512 x 512 slices (empty: it does not),
+    where a gap to the paper's FLOPs would measure nothing."""
+    h, w = model.get("slice_size", (512, 512))
+    paper_network = model["parameters_training"] + model["parameters_encoder"] == model["parameters_paper_reported"]
+    differs = [] if paper_network else [f"width {model['network']['base_width']}"]
+    return differs + ([] if (h, w) == (512, 512) else [f"{h} x {w} slices"])
+
+
 def _model_lines(model: dict[str, Any]) -> list[str]:
     if "parameters_training" not in model:
         return [model.get("note", "")]
     h, w = model.get("slice_size", (512, 512))
-    paper_network = model["parameters_training"] + model["parameters_encoder"] == model["parameters_paper_reported"]
-    if paper_network and (h, w) == (512, 512):
+    differs = differs_from_paper(model)
+    if not differs:
         flops = (
             f"The paper's FLOPs exceed fvcore's count of the training graph (train mode, auxiliary heads "
             f"included) by {model['flops_paper_minus_training']:,}" + _flops_gap(model)
         )
-    else:  # another width, or another slice size: a gap would measure nothing
-        differs = [] if paper_network else [f"width {model['network']['base_width']}"]
-        differs += [] if (h, w) == (512, 512) else [f"{h} x {w} slices"]
+    else:
         ours = " and ".join(differs)
         flops = f"The paper's FLOPs are the full-width network's on 512 x 512 slices; these are for {ours}."
     return [

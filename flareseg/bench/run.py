@@ -325,29 +325,31 @@ def model_section(models: dict[str, Path]) -> dict[str, Any]:
         return {"note": "ONNX model given: parameters and FLOPs need the checkpoint"}
     net, info, _ = load_model(models["checkpoint"])
     deploy = build_deploy_network(net, fold_input=True)
+    from flareseg.bench.report import differs_from_paper
+
     train_flops = count_flops(net.train(), net.config.in_channels, info.slice_size)
-    encoder = sum(p.numel() for p in net.encoder.parameters())
-    paper_network = count_parameters(net) + encoder == PAPER_PARAMETERS_REPORTED and info.slice_size == (512, 512)
     deploy_flops = count_flops(deploy, 1, info.slice_size)
     net.eval()
-    return {
+    model = {
         "network": net.config.to_dict(),
         "slice_size": list(info.slice_size),  # the FLOPs' (the paper's: 512 x 512)
         "parameters_training": count_parameters(net),
         "parameters_deploy": count_parameters(deploy),
         "parameters_paper_reported": PAPER_PARAMETERS_REPORTED,
-        "parameters_encoder": encoder,
+        "parameters_encoder": sum(p.numel() for p in net.encoder.parameters()),
         "flops_training_fvcore": train_flops,
         "flops_deploy_fvcore": deploy_flops,
         "flops_paper": PAPER_FLOPS,
         "flops_nnunet_paper": NNUNET_FLOPS,
-        # The gap to the paper's count means something for the paper's network on its slices only.
-        "flops_paper_minus_training": PAPER_FLOPS - train_flops if paper_network else None,
+        "flops_paper_minus_training": PAPER_FLOPS - train_flops,
         "flops_convention": "flops_*: fvcore's count, one multiply-add as one flop; the FLOP/s rates "
         "(achieved_flops, matmul_peak_flops) count two",
         "one_full_resolution_conv_flops": ONE_FULL_RES_CONV_FLOPS,
         "identity_upsample_flops": IDENTITY_UPSAMPLE_FLOPS,
     }
+    if differs_from_paper(model):  # the gap to the paper's count means something for its network and slices only
+        model["flops_paper_minus_training"] = None
+    return model
 
 
 def _rss_figures(peak: float | None, before: float | None) -> dict[str, float | None]:

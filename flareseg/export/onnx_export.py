@@ -173,6 +173,7 @@ def _compare(
 ) -> dict[str, float]:
     """How ``got`` (logits, or labels) matches the reference logits; ``organs``: each organ's Dice too."""
     ref_labels = ref_logits.argmax(axis=1)
+    scale = float(np.max(np.abs(ref_logits))) or 1.0
     figures: dict[str, float] = {}
     if output_kind == "labels":
         got_labels = got.astype(np.int64)
@@ -180,7 +181,6 @@ def _compare(
         # tolerance can change the label: a graph that does differs beyond it (agreement overall is as blunt as
         # 99.9 % of voxels, which lets a bias of 0.08 on one class's logit through).
         top2 = np.partition(ref_logits, -2, axis=1)[:, -2:]
-        scale = float(np.max(np.abs(ref_logits))) or 1.0
         decisive = (top2[:, 1] - top2[:, 0]) > 2 * FP32_RELATIVE_TOLERANCE * scale
         figures["decisive_voxels"] = float(np.mean(decisive))
         figures["decisive_agreement"] = (
@@ -189,7 +189,6 @@ def _compare(
     else:
         with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, which _check_finite refuses
             diff = float(np.max(np.abs(got - ref_logits)))
-        scale = float(np.max(np.abs(ref_logits))) or 1.0
         figures.update(max_abs_logit_diff=diff, max_rel_logit_diff=diff / scale)
         got_labels = got.argmax(axis=1)
     figures["argmax_agreement"] = float(np.mean(got_labels == ref_labels))
