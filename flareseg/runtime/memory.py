@@ -175,10 +175,11 @@ def nvml_index(cuda_index: int | None) -> int:
         return index
     try:
         return int(mapping(index))
-    except (RuntimeError, ValueError) as exc:
+    except (RuntimeError, ValueError, IndexError) as exc:  # IndexError: a variable that shows no GPU at all
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        why = "it shows no GPU" if isinstance(exc, IndexError) else str(exc)
         raise FlareSegError(
-            f"cannot tell which GPU NVML should read for cuda:{index} (CUDA_VISIBLE_DEVICES={visible!r}): {exc}"
+            f"cannot tell which GPU NVML should read for cuda:{index} (CUDA_VISIBLE_DEVICES={visible!r}): {why}"
         ) from None
 
 

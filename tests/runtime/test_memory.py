@@ -158,6 +158,10 @@ def test_nvml_reads_the_gpu_that_cuda_visible_devices_makes_cuda_0(monkeypatch):
     assert [nvml_index(i) for i in (None, 0, 1)] == [3, 3, 1]
     with pytest.raises(FlareSegError, match=r"cuda:2 \(CUDA_VISIBLE_DEVICES='3,1'\)"):
         nvml_index(2)
+    # An empty variable hides every GPU: torch's mapping fails on it with an IndexError (a traceback once).
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(FlareSegError, match=r"cuda:0 \(CUDA_VISIBLE_DEVICES=''\): it shows no GPU$"):
+        nvml_index(0)
 
 
 class _FakeNvml(types.ModuleType):

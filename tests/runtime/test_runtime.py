@@ -234,7 +234,10 @@ def test_phantom_is_segmented_on_a_fresh_clone(trained_checkpoint, tmp_path):
 def test_cuda_paths_match_the_cpu(trained_checkpoint, sample_ct, tmp_path, kw):
     cpu = _segment(trained_checkpoint, sample_ct, tmp_path / "cpu.nii.gz")
     gpu = _segment(trained_checkpoint, sample_ct, tmp_path / "gpu.nii.gz", device="cuda", **kw)
-    assert np.mean(gpu == cpu) >= (0.999 if kw["precision"] == "fp32" else 0.995)
+    # bf16 keeps 8 bits of mantissa in every activation: the same checkpoint and sample in bf16 on this CPU
+    # agreed 0.989 with fp32 (cudaR review), below fp16's 0.995 and its 11 bits.
+    floor = {"fp32": 0.999, "fp16": 0.995, "bf16": 0.98}[kw["precision"]]
+    assert np.mean(gpu == cpu) >= floor
 
 
 @needs_cuda
