@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -582,6 +585,65 @@ def test_a_stdout_that_refuses_writes_is_said_once_and_the_work_goes_on_to_exit_
     assert done.returncode == 2 and out.read_text() == "all cases"
     lost = "stdout: cannot write (No space left on device): its lines are lost from here on, the work goes on"
     assert said == [f"ERROR flareseg.cli: {lost}"]
+
+
+class _RefusingStdout:
+    """A stdout whose first write fails (a full disk) and whose later ones succeed where it has a descriptor (room
+    was made) and fail where it has none: it drives say()'s handling, it is no terminal."""
+
+    def __init__(self, fd: int | None = None) -> None:
+        self.fd, self.failed = fd, False
+
+    def write(self, text: str) -> int:
+        if not self.failed or self.fd is None:
+            self.failed = True
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return os.write(self.fd, text.encode())
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        if self.fd is None:
+            raise ValueError("no descriptor")
+        return self.fd
+
+
+def _say_three_lines(monkeypatch, stdout) -> int:
+    import argparse
+
+    from flareseg.cli import add_common_arguments, run_command, say
+
+    parser = argparse.ArgumentParser(prog="demo")
+    add_common_arguments(parser)
+
+    def body(args) -> int:
+        for i in range(3):
+            say(f"case {i} done")
+        return 0
+
+    with monkeypatch.context() as m:
+        m.setattr(sys, "stdout", stdout)
+        return run_command(parser, body, [])
+
+
+def test_a_lost_stdout_is_said_once_its_later_lines_go_nowhere_and_the_next_command_is_not_marked(
+    monkeypatch, tmp_path, caplog, capsys
+):
+    # mutF review: /dev/full cannot tell these apart, since its writes fail every time.
+    with caplog.at_level(logging.ERROR, logger="flareseg.cli"):
+        assert _say_three_lines(monkeypatch, _RefusingStdout()) == 2  # no descriptor to send to /dev/null
+    assert sum("stdout: cannot write" in r.getMessage() for r in caplog.records if r.name == "flareseg.cli") == 1
+    log = tmp_path / "log.txt"
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT)
+    try:
+        assert _say_three_lines(monkeypatch, _RefusingStdout(fd)) == 2
+    finally:
+        os.close(fd)
+    assert log.read_text() == ""  # not 'case 1 done' and 'case 2 done' after a lost 'case 0 done'
+    capsys.readouterr()
+    assert _say_three_lines(monkeypatch, sys.stdout) == 0  # a writable stdout again: this command lost nothing
+    assert capsys.readouterr().out.splitlines() == ["case 0 done", "case 1 done", "case 2 done"]
 
 
 def test_every_command_writes_its_results_through_say():

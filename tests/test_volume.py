@@ -387,6 +387,11 @@ def test_label_values_outside_range_are_refused(tmp_path):
     path = save(scaled, tmp_path / "scaled.nii.gz")
     with pytest.raises(FlareSegError, match=r"scaled.nii.gz: labels \[6, 8\] outside 0..4$"):
         read_labels(path)
+    many = nib.Nifti1Image(np.arange(20, dtype=np.uint8).reshape(1, 4, 5), np.eye(4))
+    many.header.set_slope_inter(2.0, 0.0)  # 0, 2, ..., 38: 17 of them outside, summed up as whole labels too
+    path = save(many, tmp_path / "many.nii.gz")
+    with pytest.raises(FlareSegError, match=r"many.nii.gz: 17 label values from 6 to 38 outside 0..4$"):
+        read_labels(path)
     # A CT given as a label map: its thousands of values are summed up, not listed.
     ct = np.arange(-1000, 1400, dtype=np.int16).reshape(4, 20, 30)
     path = save(nib.Nifti1Image(ct, np.eye(4)), tmp_path / "a_ct.nii.gz")

@@ -1167,3 +1167,13 @@ def test_a_figure_s_title_names_the_width_and_threads_it_was_measured_with():
         "flareseg latency, width 8, 256x256 slices: Intel Xeon (2 CPU cores, 1 thread)"
     )
     assert _title(report, "latency") == "flareseg latency, 256x256 slices: Intel Xeon (2 CPU cores, 1 thread)"
+
+
+def test_a_slice_size_that_differs_from_the_papers_in_one_axis_is_said():
+    from flareseg.bench.report import differs_from_paper
+
+    model = {"network": {"base_width": 64}, "parameters_training": 1, "parameters_encoder": 2}
+    model["parameters_paper_reported"] = 3
+    assert differs_from_paper({**model, "slice_size": [512, 512]}) == []
+    assert differs_from_paper({**model, "slice_size": [512, 256]}) == ["512 x 256 slices"]
+    assert differs_from_paper({**model, "slice_size": [256, 512]}) == ["256 x 512 slices"]
