@@ -84,3 +84,23 @@ def test_a_slice_size_must_be_positive_multiples_of_sixteen():
     for size in ((0, 0), (-16, 16), (520, 512)):
         with pytest.raises(FlareSegError, match=r"must be positive multiples of 16"):
             check_slice_size(size)
+    for size in ((64.0, 64), ("64", 64), (64,)):  # integers only, and two of them
+        with pytest.raises(FlareSegError, match=r"^slice size .*: expected two integers, height and width$"):
+            check_slice_size(size)
+
+
+def test_a_checkpoint_without_weights_or_with_malformed_model_information_is_refused_in_one_line(tmp_path):
+    import pytest
+    import torch
+
+    from flareseg.checkpoint import ModelInfo, read_checkpoint, save_checkpoint
+    from flareseg.errors import FlareSegError
+
+    save_checkpoint(tmp_path / "whole.pt", *_tiny())
+    payload = torch.load(tmp_path / "whole.pt", weights_only=True)
+    torch.save({k: v for k, v in payload.items() if k != "state_dict"}, tmp_path / "empty.pt")
+    with pytest.raises(FlareSegError, match=r"empty.pt: checkpoint has no weights$"):
+        read_checkpoint(tmp_path / "empty.pt")
+    info = _tiny()[1].to_dict()
+    with pytest.raises(FlareSegError, match=r"^m.pt: malformed model information \(invalid literal for int"):
+        ModelInfo.from_dict({**info, "slice_size": ["tall", 64]}, source="m.pt")

@@ -1103,3 +1103,10 @@ def test_a_label_map_is_told_by_every_value_being_a_class_0_to_4():
     for values in ([0.0, 5.0], [0.0, 4.02], [-0.02, 2.0], [0.0, 1.5], [-1000.0, 0.0, 4.0]):
         check_not_label_map(np.array(values), "x.nii.gz", "-i")  # not refused
     check_not_label_map(np.array([], np.float32), "x.nii.gz", "-i")  # nothing to judge
+
+
+def test_a_label_map_other_than_uint8_is_refused_and_nothing_is_written(tmp_path):
+    vol = read_ct(save(nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.eye(4)), tmp_path / "ct.nii.gz"))
+    with pytest.raises(FlareSegError, match=r"^label map must be uint8, got int64$"):
+        write_labels(np.zeros(vol.array.shape, np.int64), vol.geometry, tmp_path / "out.nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]
