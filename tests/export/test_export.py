@@ -251,12 +251,14 @@ def test_cli_rejects_bad_arguments(trained_checkpoint, tmp_path, capsys):
     for option, value, words in [
         ("--size", "100", "argument --size: slice size 100x100 must be positive multiples of 16"),
         ("--batch", "4,2,8", "argument --batch: batch profile must satisfy 1 <= min <= opt <= max, got 4,2,8"),
+        ("--batch", "4,2", "argument --batch: expected MIN,OPT,MAX, got '4,2'"),
+        ("--batch", "1,x,3", "argument --batch: expected comma-separated integers, got '1,x,3'"),
+        ("--batch", "0,2,3", "argument --batch: expected positive integers, got '0,2,3'"),
+        ("--size", "64,64,64", "argument --size: expected H or H,W, got '64,64,64'"),
     ]:
         with pytest.raises(SystemExit) as exited:
             export_main([str(trained_checkpoint), "-o", str(tmp_path), option, value])
         assert exited.value.code == 2 and words in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        export_main([str(trained_checkpoint), "-o", str(tmp_path), "--batch", "4,2"])
 
 
 # --- TensorRT logic that does not need TensorRT ----------------------------------------

@@ -578,6 +578,17 @@ def test_the_command_exits_without_teardown_and_loses_nothing(trained_checkpoint
     assert scripts.get("flare-infer") == "flareseg.commands:flare_infer"  # which runs flareseg.runtime.cli's entry
 
 
+def test_an_input_file_of_another_format_is_one_line_and_nothing_is_written(trained_checkpoint, tmp_path, capsys):
+    scan = tmp_path / "scan.mha"  # MetaImage: read by ITK, not here
+    scan.write_bytes(b"ObjectType = Image\nNDims = 3\n")
+    argv = ["--model", str(trained_checkpoint), "-i", str(scan), "-o", str(tmp_path / "out.nii.gz"), "-q"]
+    assert infer_main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"flare-infer: error: {scan}: not a .nii or .nii.gz file, nor a folder holding a DICOM series"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.mha"]
+
+
 def test_a_folder_run_on_a_terminal_shows_its_case_count_beside_the_slices(trained_checkpoint, tmp_path, monkeypatch):
     import io
 

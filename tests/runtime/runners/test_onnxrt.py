@@ -264,6 +264,14 @@ def test_provider_that_fails_to_load_is_refused(tmp_path, monkeypatch):
         OnnxRuntimeRunner(model, provider="cuda").activate()
 
 
+def test_an_unknown_provider_or_thread_count_is_refused_by_the_library(tmp_path):
+    model = _metadata_only_onnx(tmp_path / "m.onnx")
+    with pytest.raises(FlareSegError, match=r"^ONNX Runtime provider must be one of \['cpu', .*\], got 'rocm'$"):
+        OnnxRuntimeRunner(model, provider="rocm")  # type: ignore[arg-type]
+    with pytest.raises(FlareSegError, match=r"^threads must be positive, got 0$"):
+        OnnxRuntimeRunner(model, threads=0)
+
+
 def test_gpu_providers_and_cuda_graphs_are_refused_where_they_cannot_run(tmp_path, monkeypatch):
     model = _metadata_only_onnx(tmp_path / "m.onnx")
     from flareseg.runtime.runners import open_runner

@@ -193,6 +193,11 @@ def test_open_runner_refuses_what_openvino_cannot_do(tmp_path):
         open_runner(model, backend="openvino", device="cuda")
     with pytest.raises(FlareSegError, match="threads must be positive"):
         OpenVINORunner(model, threads=0)
+    # What the command line's choices keep out, the library says in words too.
+    with pytest.raises(FlareSegError, match=r"^OpenVINO inference precision must be fp32 or bf16, got 'int8'$"):
+        OpenVINORunner(model, precision="int8")  # type: ignore[arg-type]
+    with pytest.raises(FlareSegError, match=r"^performance hint must be latency or throughput, got 'fast'$"):
+        OpenVINORunner(model, hint="fast")  # type: ignore[arg-type]
 
 
 @needs_openvino
