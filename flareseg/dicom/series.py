@@ -99,9 +99,15 @@ def _fail(folder: Path, problem: str) -> FlareSegError:
     return FlareSegError(f"{folder}: {problem}")
 
 
+#: A disc's index without its images, as a CD export copied in part: its slices lie in folders of their own.
+_ONLY_DICOMDIR = "no DICOM image files, only a DICOMDIR (a disc's index): give the folder that holds the slices"
+
+
 def _headers(folder: Path) -> list[tuple[Path, Dataset]]:
     files, n_candidates = dicom_files(folder)
     if n_candidates == 0:
+        if any(p.name.upper() == "DICOMDIR" for p in folder.iterdir()):  # listed once already: it lists again
+            raise _fail(folder, _ONLY_DICOMDIR)
         raise _fail(folder, "empty folder: no files (expected the DICOM files of one CT series)")
     if not files:
         raise _fail(folder, f"no DICOM files among its {n_candidates} files")
@@ -116,7 +122,7 @@ def _headers(folder: Path) -> list[tuple[Path, Dataset]]:
             continue
         out.append((path, ds))
     if not out:
-        raise _fail(folder, "no DICOM image files (only a DICOMDIR)")
+        raise _fail(folder, _ONLY_DICOMDIR)
     return out
 
 

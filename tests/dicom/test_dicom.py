@@ -521,6 +521,30 @@ def make_bad(kind: str, folder: Path) -> str:
     if kind == "no-decoder":
         write_series(folder, ph, edit=_mpeg2)
         return "cannot be decoded: pydicom has no decoder for it"
+    if kind == "no-position":  # a localiser or a secondary capture among the slices
+        files = write_series(folder, ph)
+        ds = pydicom.dcmread(files[7])
+        del ds.ImagePositionPatient
+        ds.save_as(files[7])
+        return f"{files[7].name} lacks ImagePositionPatient (not a CT image slice?)"
+    if kind == "colour":  # a screenshot saved into the series
+        files = write_series(folder, ph, edit=_set(2, SamplesPerPixel=3))
+        return f"{files[2].name} is not a greyscale image (SamplesPerPixel=3)"
+    if kind == "zero-direction":
+        write_series(folder, ph, edit=_set(None, ImageOrientationPatient=[0.0, 0.0, 0.0, 0.0, 1.0, 0.0]))
+        return "ImageOrientationPatient [0.0, 0.0, 0.0, 0.0, 1.0, 0.0] has a zero direction"
+    if kind in ("dicomdir-only", "dicomdir-renamed"):  # the index of a CD export, copied without its image folders
+        folder.mkdir(parents=True)
+        meta = pydicom.dataset.FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
+        meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        index = Dataset()
+        index.file_meta = meta
+        index.FileSetID = "EXPORT"
+        name = "DICOMDIR" if kind == "dicomdir-only" else "index"  # an index is known by its SOP class too
+        index.save_as(folder / name, enforce_file_format=True)  # was said to be an empty folder
+        return "no DICOM image files, only a DICOMDIR (a disc's index): give the folder that holds the slices"
     raise AssertionError(kind)
 
 
@@ -545,6 +569,11 @@ BAD_KINDS = [
     "rows",
     "pixel-spacing",
     "no-decoder",
+    "no-position",
+    "colour",
+    "zero-direction",
+    "dicomdir-only",
+    "dicomdir-renamed",
 ]
 
 
