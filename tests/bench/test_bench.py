@@ -671,7 +671,9 @@ def _bad_volume(tmp_path):
 
 
 @pytest.mark.parametrize("check", [False, True], ids=["bench", "check"])
-@pytest.mark.parametrize("case", ["size", "missing-model", "folder-model", "bad-input", "label-map-input", "file-out"])
+@pytest.mark.parametrize(
+    "case", ["size", "missing-model", "folder-model", "text-model", "bad-input", "label-map-input", "file-out"]
+)
 def test_bad_arguments_are_one_line_and_leave_nothing(tmp_path, capsys, case, check):
     from flareseg.phantom import make_phantom
 
@@ -682,12 +684,14 @@ def test_bad_arguments_are_one_line_and_leave_nothing(tmp_path, capsys, case, ch
         "size": (["--size", "40"], "argument --size: slice size 40x40 must be positive multiples of 16"),
         "missing-model": (["--model", str(tmp_path / "absent.pt")], "absent.pt: checkpoint not found"),
         "folder-model": (["--model", str(tmp_path)], "is a folder; --model takes a checkpoint (.pt) or an ONNX"),
+        "text-model": (["--model", str(tmp_path / "model.txt")], "model.txt: flare-bench takes a checkpoint (.pt) or"),
         "bad-input": (["--input", str(_bad_volume(tmp_path))], "bad.nii.gz: "),
         "label-map-input": (["--input", str(tmp_path / "mask.nii.gz")], "mask.nii.gz: looks like a label map"),
         "file-out": ([], "out: exists and is not a folder (-o names the report folder)"),
     }[case]
     if case == "file-out":
         out.write_text("keep me")
+    (tmp_path / "model.txt").write_text("not a model")
     size = [] if case == "size" or "model" in case else ["--size", "32"]  # a model has its own size and width
     width = [] if "model" in case else ["--width", "4"]
     argv = [*(["--check"] if check else []), *argv, *width, *size, "-o", str(out), "-q"]

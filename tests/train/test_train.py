@@ -249,7 +249,7 @@ def test_checkpoint_holds_what_inference_needs_and_refuses_mismatches(phantom_da
     assert train_main(["--data", str(phantom_data), "--out", str(run), "--epochs", "1", *TINY]) == 2
 
 
-def test_split_is_seeded_and_explicit_lists_are_honoured(phantom_data):
+def test_split_is_seeded_and_explicit_lists_are_honoured(phantom_data, tmp_path):
     cases = find_training_cases(phantom_data)
     a, b = split_cases(cases, val_cases=1, seed=0), split_cases(cases, val_cases=1, seed=0)
     assert a == b and len(a[1]) == 1 and a[1][0] not in a[0]
@@ -272,6 +272,25 @@ def test_split_is_seeded_and_explicit_lists_are_honoured(phantom_data):
     for given, said in ((phantom_data / "nowhere", "no such folder"), (a_file, "not a folder")):  # not "missing ..."
         with pytest.raises(FlareSegError, match=rf"^{re.escape(str(given))}: {said} \(expected the FLARE21 layout"):
             find_training_cases(given)
+    (tmp_path / "half" / "TrainingImg").mkdir(parents=True)
+    with pytest.raises(FlareSegError, match=r"half: missing TrainingMask/ \(expected the FLARE21 layout"):
+        find_training_cases(tmp_path / "half")
+    (tmp_path / "half" / "TrainingMask").mkdir()
+    with pytest.raises(FlareSegError, match=r"half/TrainingImg: no training cases$"):
+        find_training_cases(tmp_path / "half")
+
+
+def test_a_damaged_statistics_file_is_one_line_naming_it(tmp_path):
+    from flareseg.train.data import read_stats_file
+
+    path = tmp_path / "stats.json"
+    for text, said in (("{", "unreadable statistics"), ("[1, 2]", "not dataset statistics (expected a JSON object)")):
+        path.write_text(text)
+        with pytest.raises(FlareSegError, match=rf"^{re.escape(str(path))}: {re.escape(said)}"):
+            read_stats_file(path)
+    path.write_text('{"mean": 1.0}')  # a key missing: the statistics' own refusal, with the file's name before it
+    with pytest.raises(FlareSegError, match=rf"^{re.escape(str(path))}: "):
+        read_stats_file(path)
 
 
 def test_cached_masks_take_the_label_under_each_pixel_centre_as_the_images_do(phantom_data, tmp_path):
