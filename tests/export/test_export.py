@@ -22,7 +22,7 @@ from flareseg.checkpoint import ModelInfo, load_model, read_checkpoint, save_che
 from flareseg.errors import FlareSegError
 from flareseg.export import ExportOptions, export_onnx, onnx_export, read_onnx_metadata, read_sidecar
 from flareseg.export.cli import main as export_main
-from flareseg.export.metadata import ExportMetadata, check_graph_input
+from flareseg.export.metadata import ExportMetadata
 from flareseg.export.tensorrt import (
     DeviceIdentity,
     check_engine_compatibility,
@@ -1002,26 +1002,6 @@ def test_the_decisive_margin_is_two_tolerances_of_the_logits_scale():
     figures = onnx_export._compare(tied, tied.argmax(axis=1), "labels")
     assert figures["decisive_voxels"] == 0.0 and figures["decisive_agreement"] == 1.0
     onnx_export._check({"random": figures, "real": figures}, "fp32", "labels")
-
-
-def test_the_graph_input_is_checked_height_first_and_of_rank_four():
-    # mutF review: only square models were checked, so swapped axes went unseen; and a 5-D input whose first four
-    # axes agree ended in zip's ValueError where the rank check was missing.
-    net = NetworkConfig(base_width=4)
-    meta = ExportMetadata(
-        model=ModelInfo(net, NormalizationStats(mean=-300.0, std=450.0), (64, 96)),
-        input_channels=1,
-        output_kind="logits",
-        label_dtype=None,
-        precision="fp32",
-        batch_profile=(1, 2, 4),
-        source_checkpoint_sha256="0" * 64,
-    )
-    check_graph_input("m.onnx", meta, [None, 1, 64, 96])  # its own input: accepted
-    with pytest.raises(FlareSegError, match=r"m.onnx: the graph takes N x 1 x 96 x 64 input, .* says N x 1 x 64 x 96"):
-        check_graph_input("m.onnx", meta, [None, 1, 96, 64])
-    with pytest.raises(FlareSegError, match=r"m.onnx: the graph takes N x 1 x 64 x 96 x 1 input"):
-        check_graph_input("m.onnx", meta, [None, 1, 64, 96, 1])
 
 
 def test_an_argmax_export_whose_graph_is_slightly_off_is_refused(trained_checkpoint, tmp_path, monkeypatch):

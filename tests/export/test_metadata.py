@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +12,14 @@ from onnx import TensorProto, helper
 
 from flareseg.checkpoint import ModelInfo
 from flareseg.errors import FlareSegError
-from flareseg.export.metadata import METADATA_KEY, ExportMetadata, read_onnx_metadata, read_sidecar, sidecar_path
+from flareseg.export.metadata import (
+    METADATA_KEY,
+    ExportMetadata,
+    check_graph_input,
+    read_onnx_metadata,
+    read_sidecar,
+    sidecar_path,
+)
 from flareseg.network import NetworkConfig
 from flareseg.preprocess import NormalizationStats
 
@@ -66,3 +74,14 @@ def test_a_sidecar_that_is_not_a_json_object_is_refused_naming_it(tmp_path):
     sidecar_path(model).write_text("[1, 2]")
     with pytest.raises(FlareSegError, match=r"m\.onnx\.json: sidecar is not a JSON object$"):
         read_sidecar(model)
+
+
+def test_the_graph_input_is_checked_height_first_and_of_rank_four():
+    # mutF review: only square models were checked, so swapped axes went unseen; and a 5-D input whose first four
+    # axes agree ended in zip's ValueError where the rank check was missing.
+    meta = dataclasses.replace(_metadata(), model=dataclasses.replace(_metadata().model, slice_size=(64, 96)))
+    check_graph_input("m.onnx", meta, [None, 1, 64, 96])  # its own input: accepted
+    with pytest.raises(FlareSegError, match=r"m.onnx: the graph takes N x 1 x 96 x 64 input, .* says N x 1 x 64 x 96"):
+        check_graph_input("m.onnx", meta, [None, 1, 96, 64])
+    with pytest.raises(FlareSegError, match=r"m.onnx: the graph takes N x 1 x 64 x 96 x 1 input"):
+        check_graph_input("m.onnx", meta, [None, 1, 64, 96, 1])
