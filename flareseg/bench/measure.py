@@ -142,14 +142,24 @@ def convolution_math(device: torch.device, precision: str, kind: str = "torch") 
 
 
 def matmul_peak_flops(
-    device: torch.device, dtype: torch.dtype, *, tf32: bool = False, n: int | None = None, repeats: int = 5
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    tf32: bool = False,
+    n: int | None = None,
+    repeats: int | None = None,
 ) -> float:
-    """Dense matrix-product rate (FLOP/s, multiply and add counted apart) measured on ``device`` now.
+    """Dense matrix-product rate (FLOP/s, multiply and add counted apart) measured on ``device`` now: the best of
+    ``repeats`` products of two ``n`` x ``n`` matrices.
 
     ``tf32``: on CUDA, float32 products in TF32 for this measurement only (the global setting is restored).
+    On a CPU the best of many small products: on the shared 2-core machine, five of 4096 x 4096 read 193-300
+    GFLOP/s from run to run (the backends' fractions of that peak then reached 113 %), thirty of 2048 x 2048
+    302.6-302.9 GFLOP/s, in 2 s.
     """
-    if n is None:
-        n = 8192 if device.type == "cuda" else 4096
+    cuda = device.type == "cuda"
+    n = n if n is not None else (8192 if cuda else 2048)
+    repeats = repeats if repeats is not None else (5 if cuda else 30)
     # Drawn on the device from a generator of its own: the caller's global generators are left as they were.
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, generator=gen).to(dtype)

@@ -160,6 +160,12 @@ def _latency_lines(report: dict[str, Any]) -> list[str]:
             + ", ".join(f"{k} {_g(v, 1e9)} GFLOP/s" for k, v in peaks.items())
             + ".",
         ]
+        rows = [r for entry in report["backends"].values() for r in entry["batches"]]
+        if any((r.get("fraction_of_matmul_peak") or 0) > 1 for r in rows):
+            lines.append(
+                "Above 100 %: the backend ran faster than the matrix products measured in this run, which then ran "
+                "slow (a busy machine?); those fractions overstate how near it is to the device's limit."
+            )
         if any(k.endswith("-tf32") for k in peaks):
             lines.append(
                 "CUDA fp32 backends run their convolutions in TF32 (the default of cuDNN, ONNX Runtime's CUDA "
