@@ -111,6 +111,8 @@ def _model_lines(model: dict[str, Any]) -> list[str]:
         "",
         _params_note(model),
         flops,
+        f"The deploy graph counts {model['flops_training_fvcore'] - model['flops_deploy_fvcore']:,} fewer than the "
+        "training graph: export removes the auxiliary heads and folds the three input channels into one.",
         "fvcore counts one multiply-add as one flop; the arithmetic rates below count two.",
     ]
 

@@ -200,6 +200,10 @@ def test_the_gap_to_the_papers_flops_is_said_only_for_the_papers_network_on_its_
     text = "\n".join(_model_lines(paper))
     assert "exceed fvcore's count" in text and "exactly one 3x3, 64->64 convolution" in text
     assert "| FLOPs, fvcore, training graph, 512 x 512 |" in text
+    # SPEC: both graphs' counts "and the difference" (specR review).
+    assert (
+        f"The deploy graph counts {PAPER_FLOPS - ONE_FULL_RES_CONV_FLOPS - 1:,} fewer than the training graph" in text
+    )
     smaller = {**paper, "slice_size": [128, 128], "flops_paper_minus_training": 195_694_784_512}
     narrower = {**paper, "network": {"base_width": 8}, "parameters_training": 132_977}
     both = {**narrower, "slice_size": [128, 128]}
