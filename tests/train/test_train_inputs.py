@@ -343,6 +343,34 @@ def _trained(data: Path, run: Path) -> Path:
     return run
 
 
+def test_a_resume_of_no_run_or_back_in_epochs_or_without_last_pt_is_one_line(data_a, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "config.json").write_text("[1, 2]")
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "config.json").write_text('{"epochs": ')
+    cases = [
+        ([], "--data and --out are required (or --resume RUN_DIR)"),
+        (["--resume", str(empty)], f"{empty}: no config.json, not a flare-train run directory"),
+        (["--resume", str(tmp_path / "list")], "config.json: not a training config (expected a JSON object)"),
+        (["--resume", str(tmp_path / "cut")], "config.json: unreadable config ("),
+    ]
+    run = tmp_path / "run"
+    assert train_main(["--data", str(data_a), "--out", str(run), "--epochs", "2", *QUICK]) == 0
+    cases.append((["--resume", str(run), "--epochs", "1"], f"--epochs 1: run {run} has already done 2 epochs"))
+    for argv, said in cases:
+        capsys.readouterr()
+        assert train_main([*argv, "-q"]) == 2, argv
+        lines = _stderr_lines(capsys)
+        assert len(lines) == 1 and said in lines[0], (argv, lines)
+    (run / "last.pt").unlink()  # best.pt, the weights alone, is no state to go on from
+    assert train_main(["--resume", str(run), "--epochs", "3", "-q"]) == 2
+    assert _stderr_lines(capsys) == [
+        f"flare-train: error: --resume {run}: no last.pt to resume from (but best.pt is there)"
+    ]
+
+
 def test_resume_writes_into_the_folder_given_after_a_copy_or_a_move(data_a, tmp_path, monkeypatch):
     original = _trained(data_a, tmp_path / "runs" / "t1")
     before = _files(original)
