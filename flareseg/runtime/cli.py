@@ -33,6 +33,7 @@ from flareseg.cli import (
     warn_threads_beyond_cores,
 )
 from flareseg.errors import FlareSegError
+from flareseg.runtime.defaults import CPU_BATCH, GPU_BATCH, device_batch
 
 if TYPE_CHECKING:
     from flareseg.runtime.jobs import PlannedCase
@@ -44,10 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flareseg.runtime.cli")
 
-#: Default batch sizes. On a 2-core CPU the full-width network is fastest at batch 2
-#: (benchmarks/results/cpu-2core), and each extra slice costs 0.4-1 GB of working memory.
-CPU_BATCH = 2
-GPU_BATCH = 8
 #: A folder's cases as listed ahead of the run, or why they could not be; None if not listed.
 Listing = list[Path] | FlareSegError | None
 #: The slice size --gpu-memory plans for, at least (CT slices are 512 x 512 on nearly every scanner).
@@ -452,7 +449,7 @@ def _run(
     # models carry their precision, so --precision is PyTorch's alone.
     precision: TorchPrecision = args.precision or ("fp16" if cuda and backend == "torch" else "fp32")
     channels_last = args.channels_last if args.channels_last is not None else (cuda and precision != "fp32")
-    batch_size = args.batch_size if args.batch_size is not None else (GPU_BATCH if cuda else CPU_BATCH)
+    batch_size = args.batch_size if args.batch_size is not None else device_batch("cuda" if cuda else "cpu")
     restore.enter_context(_torch_threads(args, backend, device))
     if args.overlap_postprocess and args.no_postprocess:
         raise FlareSegError("--overlap-postprocess and --no-postprocess contradict each other: choose one")

@@ -36,6 +36,7 @@ from flareseg.errors import FlareSegError, first_few, gpu_memory_errors, wrapped
 from flareseg.postprocess import StreamingPostprocessor, keep_largest_components
 from flareseg.preprocess import volume_normalizer
 from flareseg.provenance import PLAIN_DESCRIPTION, ModelStamp
+from flareseg.runtime.defaults import device_batch
 from flareseg.runtime.inferer import InferenceTimes, infer_volume
 from flareseg.runtime.jobs import (
     OUTPUT_SUFFIXES,
@@ -342,7 +343,7 @@ def run_cases(
     """Run ``jobs`` through the read / infer / write pipeline; timings in job order.
 
     ``batch_size``: slices per batch; None: the runner's preferred batch (a TensorRT
-    engine's profile opt), else :data:`DEFAULT_BATCH`.
+    engine's profile opt), else :func:`default_batch`'s for its device (2 on the CPU, 8 on CUDA).
     The runner is activated here if it is not yet, after the first read has started,
     so that model loading overlaps it (and with ``warm_up``, one batch of zeros, so that
     the backend's first-batch set-up overlaps it too); the caller deactivates it. An
@@ -560,14 +561,11 @@ def _done(value: tuple[float, float, float]) -> Future[tuple[float, float, float
     return fut
 
 
-#: Slices per batch where neither the caller nor the runner says (flare-infer's CUDA default).
-DEFAULT_BATCH = 8
-
-
 def default_batch(runner: Runner) -> int:
     """The batch where the caller gives none: the runner's preferred one (an engine's profile opt, a CUDA graph's
-    batch), else :data:`DEFAULT_BATCH`; always within the batches the runner takes."""
-    batch = runner.preferred_batch or DEFAULT_BATCH
+    batch), else flare-infer's default for the runner's device (:func:`~flareseg.runtime.defaults.device_batch`: 2
+    on the CPU, 8 on CUDA); always within the batches the runner takes."""
+    batch = runner.preferred_batch or device_batch(runner.device.type)
     if runner.max_batch is not None:
         batch = min(batch, runner.max_batch)
     return max(batch, runner.min_batch or 1)

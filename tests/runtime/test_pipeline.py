@@ -1137,8 +1137,8 @@ def _sizing_runner(checkpoint: Path) -> tuple[FunctionRunner, list[int]]:
     return FunctionRunner(fn, info), sizes
 
 
-# (None, None, 6): the default batch, 8, takes all 6 slices at once.
-@pytest.mark.parametrize(("preferred", "given", "expected"), [(3, None, 3), (None, None, 6), (3, 2, 2)])
+# (None, None, 2): the CPU default batch, 2, as flare-infer's.
+@pytest.mark.parametrize(("preferred", "given", "expected"), [(3, None, 3), (None, None, 2), (3, 2, 2)])
 def test_without_a_batch_size_the_runner_chooses_its_preferred_batch(
     trained_checkpoint, tmp_path, preferred, given, expected
 ):
@@ -1178,7 +1178,8 @@ def test_the_default_batch_stays_within_the_batches_a_runner_takes(trained_check
     from flareseg.runtime.pipeline import default_batch
 
     runner, sizes = _sizing_runner(trained_checkpoint)
-    runner.max_batch = 4  # a model that takes at most 4 slices: the default 8 would be refused
+    assert default_batch(runner) == 2  # flare-infer's CPU default: the API gave a CPU service batch 8 (e2eR review)
+    runner.max_batch, runner.preferred_batch = 4, 8  # a model that takes at most 4 slices: its 8 would be refused
     assert default_batch(runner) == 4
     (ct,) = _folder(tmp_path / "in", 1)
     with runner:
@@ -1723,7 +1724,7 @@ def test_one_part_of_one_is_the_whole_folder_and_its_timings_are_timings_json(tm
 
 
 def test_the_cpu_default_batch_is_the_one_help_states(trained_checkpoint, tmp_path):
-    from flareseg.runtime.cli import CPU_BATCH
+    from flareseg.runtime.defaults import CPU_BATCH
 
     _folder(tmp_path / "in", 1)
     out = tmp_path / "out"
