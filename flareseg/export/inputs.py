@@ -56,14 +56,22 @@ def read_ct_normalized(
     indices: Callable[[int], Sequence[int]] | None = None,
 ) -> np.ndarray:
     """A CT volume's slices (Z, Y, X) normalised exactly as flare-infer normalises them, float32; a label map
-    refused. ``indices(number of slices)`` picks the slices (default: all); only those are converted."""
+    refused. ``path``: a NIfTI file, or a folder holding one DICOM series (as flare-infer reads them).
+    ``indices(number of slices)`` picks the slices (default: all); only those are converted."""
     from flareseg.preprocess import volume_normalizer
     from flareseg.volume import check_ct_intensities, read_ct
 
     path = Path(path)
     if path.is_dir():
-        raise FlareSegError(f"{path}: is a folder; {role} takes a CT NIfTI file")
-    volume = read_ct(path)
+        from flareseg.dicom import is_series_dir, read_series
+
+        if not is_series_dir(path):
+            raise FlareSegError(
+                f"{path}: a folder without DICOM files; {role} takes a CT NIfTI file or a series folder"
+            )
+        volume = read_series(path)
+    else:
+        volume = read_ct(path)
     normalizer = volume_normalizer(volume.array, stats, volume.slope, volume.inter)
     check_ct_intensities(volume, path, role, (normalizer.lo, normalizer.hi))
     picked = volume.array if indices is None else volume.array[list(indices(volume.num_slices))]

@@ -90,7 +90,8 @@ def calibration_slices(
     held_out: int = DEFAULT_HELD_OUT_SLICES,
     seed: int = 0,
 ) -> CalibrationSlices:
-    """Calibration and held-out slices from the NIfTI cases of ``folder``, or from phantoms when None.
+    """Calibration and held-out slices from the cases of ``folder`` (NIfTI files, or else DICOM series: one in the
+    folder itself, or one per subfolder), or from phantoms when None.
 
     Slices are taken evenly through each volume and dealt alternately to the two sets, so
     that both cover the whole body while no slice is in both. With a folder, at most
@@ -111,12 +112,14 @@ def calibration_slices(
 
         folder = Path(folder)
         if folder.exists() and not folder.is_dir():
-            raise FlareSegError(f"{folder}: is a file; --calibration takes a folder of CT NIfTI files")
+            raise FlareSegError(f"{folder}: is a file; --calibration takes a folder of CT NIfTI files or DICOM series")
         if not folder.is_dir():
-            raise FlareSegError(f"{folder}: calibration folder not found (expected a folder of CT NIfTI files)")
-        cases = list(find_cases(folder).values())
+            raise FlareSegError(f"{folder}: calibration folder not found (expected CT NIfTI files or DICOM series)")
+        cases = list(find_cases(folder).values()) or _series_cases(folder)
         if not cases:
-            raise FlareSegError(f"{folder}: no NIfTI files (.nii or .nii.gz) to calibrate on")
+            raise FlareSegError(
+                f"{folder}: no NIfTI files (.nii or .nii.gz) nor DICOM series (in it or its subfolders) to calibrate on"
+            )
         spread = np.linspace(0, len(cases) - 1, _MAX_CALIBRATION_CASES).round().astype(int)
         chosen = [cases[i] for i in np.unique(spread)]
         per_case = -(-total // len(chosen))
@@ -151,6 +154,14 @@ def calibration_slices(
             len(held),
         )
     return CalibrationSlices(calibration=calib, held_out=held, source=source)
+
+
+def _series_cases(folder: Path) -> list[Path]:
+    """The DICOM series to calibrate on where ``folder`` holds no NIfTI file: itself, or its subfolders' series."""
+    from flareseg.dicom import find_series, is_series_dir
+
+    # Names that clash matter to outputs only: calibration writes none.
+    return [folder] if is_series_dir(folder) else list(find_series(folder, keep_clashes=True).values())
 
 
 def _slices_from(volumes: Sequence[np.ndarray], count: int) -> np.ndarray:

@@ -136,6 +136,32 @@ def test_calibration_and_held_out_slices_are_disjoint_and_come_from_the_folder(t
     assert not flat_c & {s.tobytes() for s in sets.held_out}
 
 
+def test_dicom_series_calibrate_and_verify_as_their_nifti_does(trained_checkpoint, tmp_path):
+    # A DICOM-only site could neither calibrate nor verify an export on its own scans (e2eR review).
+    from dicom_series import phantom, write_series
+
+    from flareseg.export.inputs import read_ct_normalized
+
+    info = load_model(trained_checkpoint)[1]
+    ph = phantom("LPS")
+    write_series(tmp_path / "series" / "s1", ph)
+    write_series(tmp_path / "series" / "s2", ph, seed=1)
+    nifti = tmp_path / "ct.nii.gz"
+    nib.save(ph.to_nifti()[0], nifti)
+    from_series = read_ct_normalized(tmp_path / "series" / "s1", info.normalization, "--verify-volume")
+    from_nifti = read_ct_normalized(nifti, info.normalization, "--verify-volume")
+    np.testing.assert_allclose(from_series, from_nifti, rtol=0, atol=1e-5)
+    one = int8_module.calibration_slices(info, tmp_path / "series" / "s1", count=6, held_out=2)
+    assert one.source == f"1 case(s) of {tmp_path / 'series' / 's1'}" and len(one.calibration) == 6
+    both = int8_module.calibration_slices(info, tmp_path / "series", count=6, held_out=2)
+    assert both.source == f"2 case(s) of {tmp_path / 'series'}" and len(both.held_out) == 2
+    (tmp_path / "none").mkdir()
+    with pytest.raises(FlareSegError, match=r"none: a folder without DICOM files; --verify-volume takes a CT NIfTI"):
+        read_ct_normalized(tmp_path / "none", info.normalization, "--verify-volume")
+    with pytest.raises(FlareSegError, match=r"none: no NIfTI files \(.nii or .nii.gz\) nor DICOM series"):
+        int8_module.calibration_slices(info, tmp_path / "none")
+
+
 def test_calibration_folder_with_mixed_in_plane_sizes_and_a_flat_case(tmp_path):
     # Cases of different sizes (also width only) and one with no usable slice pool together.
     info = ModelInfo(
@@ -195,7 +221,9 @@ def test_calibration_folder_without_nifti_is_refused_before_export(trained_check
         export_main([str(trained_checkpoint), "-o", str(out), "--int8", "--calibration", str(tmp_path / "one.nii.gz")])
         == 2
     )
-    assert _one_line_error(capsys).endswith("one.nii.gz: is a file; --calibration takes a folder of CT NIfTI files")
+    assert _one_line_error(capsys).endswith(
+        "one.nii.gz: is a file; --calibration takes a folder of CT NIfTI files or DICOM series"
+    )
     assert export_main([str(trained_checkpoint), "-o", str(out), "--calibration", str(empty)]) == 2
     assert "only used by the INT8 export" in _one_line_error(capsys)
     assert not out.exists()
