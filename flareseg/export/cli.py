@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--calibration",
         type=path_arg,
-        help="INT8: folder of CT NIfTI files (e.g. TrainingImg) to calibrate on (default: synthetic phantoms)",
+        help="INT8: folder of CT NIfTI files (e.g. TrainingImg) or DICOM series to calibrate on (default: synthetic "
+        "phantoms)",
     )
     p.add_argument(
         "--calibration-slices",
@@ -90,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="put the argmax in the graph and output labels of this type instead of logits",
     )
     p.add_argument(
-        "--verify-volume", type=path_arg, help="CT volume whose slices verify the export (default: a phantom)"
+        "--verify-volume",
+        type=path_arg,
+        help="CT volume (NIfTI file or DICOM series folder) whose slices verify the export (default: a phantom)",
     )
     p.add_argument(
         "--verify-slices",
