@@ -120,7 +120,7 @@ class CheckConfig:
         check_report_folder(self.out)
         onnx_precision, model_size = check_model(self.model)
         backends, left_out = select_backends(self.backends, onnx_precision)
-        check_input_volume(self.input, series=False)
+        check_input_volume(self.input)
         return CheckPlan(
             out=self.out,
             model=self.model,

@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch", type=int_list, help="batch sizes (default 1,2,4 on CPU; 1..32 on GPU)")
     p.add_argument("--slices", type=positive_int, help="slices of the phantom volume (default 8 on CPU, 64 on GPU)")
-    p.add_argument("--input", type=path_arg, help="a CT volume to time instead of the phantom")
+    p.add_argument(
+        "--input", type=path_arg, help="a CT volume (NIfTI file or DICOM series folder) to time instead of the phantom"
+    )
     p.add_argument(
         "--size",
         type=slice_size,

@@ -239,14 +239,13 @@ def check_model(model: Path | None) -> tuple[str | None, tuple[int, int] | None]
     raise FlareSegError(f"{model}: flare-bench takes a checkpoint (.pt) or an ONNX model (.onnx)")
 
 
-def check_input_volume(path: Path | None, *, series: bool) -> None:
-    """Read ``--input`` once, so that a bad volume is refused before any export (``series``: a DICOM folder too)."""
+def check_input_volume(path: Path | None) -> None:
+    """Read ``--input`` (a NIfTI file or a DICOM series folder) once, so that a bad volume is refused before any
+    export."""
     if path is None:
         return
     if not path.exists():
         raise FlareSegError(f"{path}: input volume not found")
-    if path.is_dir() and not series:
-        raise FlareSegError(f"{path}: is a folder; --input takes a CT NIfTI file here")
     from flareseg.runtime.reading import read_case
     from flareseg.volume import refuse_label_map
 

@@ -153,9 +153,9 @@ def matmul_peak_flops(
     ``repeats`` products of two ``n`` x ``n`` matrices.
 
     ``tf32``: on CUDA, float32 products in TF32 for this measurement only (the global setting is restored).
-    On a CPU the best of many small products: on the shared 2-core machine, five of 4096 x 4096 read 193-300
-    GFLOP/s from run to run (the backends' fractions of that peak then reached 113 %), thirty of 2048 x 2048
-    302.6-302.9 GFLOP/s, in 2 s.
+    On a CPU the best of many small products: on the shared 2-core Intel Xeon, five of 4096 x 4096 read 221-300
+    GFLOP/s from run to run, thirty of 2048 x 2048 302.6-302.9 when the machine was quiet (233-243 under load), in
+    2 s; a recorded report's backends reached 113 % of a five-product peak.
     """
     cuda = device.type == "cuda"
     n = n if n is not None else (8192 if cuda else 2048)

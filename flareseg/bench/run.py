@@ -101,7 +101,7 @@ class BenchConfig:
         check_report_folder(self.out)
         onnx_precision, model_size = check_model(self.model)
         backends, left_out = select_backends(self.backends, onnx_precision)
-        check_input_volume(self.input, series=True)
+        check_input_volume(self.input)
         gpu = torch.cuda.is_available()
         return BenchPlan(
             out=self.out,

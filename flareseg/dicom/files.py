@@ -189,6 +189,20 @@ def read_header(path: Path) -> Dataset:
     return pydicom.dcmread(path, stop_before_pixels=True, force=not has_preamble(path))
 
 
+#: A disc's index without its images, as a CD export copied in part: its slices lie in folders of their own.
+ONLY_DICOMDIR = "no DICOM image files, only a DICOMDIR (a disc's index): give the folder that holds the slices"
+
+
+def only_dicomdir(folder: str | os.PathLike[str]) -> bool:
+    """Whether ``folder`` holds a file named DICOMDIR and no DICOM image file beside it."""
+    folder = Path(folder)
+    try:
+        indexed = any(p.name.upper() == "DICOMDIR" for p in folder.iterdir())
+    except OSError:  # the caller's own listing says what is wrong
+        return False
+    return indexed and first_dicom_file(folder) is None
+
+
 def first_dicom_file(folder: str | os.PathLike[str]) -> Path | None:
     """The first DICOM file of a folder in name order that is not a DICOMDIR (under any name), or None."""
     return next((p for p in _candidates(Path(folder)) if is_dicom_file(p) and not _is_dicomdir(p)), None)
@@ -199,7 +213,7 @@ def series_case_name(folder: str | os.PathLike[str]) -> str:
     folder = Path(folder)
     path = first_dicom_file(folder)
     if path is None:
-        raise FlareSegError(f"{folder}: no DICOM files")
+        raise FlareSegError(f"{folder}: {ONLY_DICOMDIR if only_dicomdir(folder) else 'no DICOM files'}")
     try:
         return case_name_of(read_header(path), folder)
     except Exception as exc:  # a damaged header: pydicom raises from many layers

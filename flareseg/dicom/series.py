@@ -27,7 +27,14 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.pixels import pixel_array as decode_pixels
 
-from flareseg.dicom.files import DICOMDIR_SOP_CLASS, dicom_files, first_dicom_file, read_header
+from flareseg.dicom.files import (
+    DICOMDIR_SOP_CLASS,
+    ONLY_DICOMDIR,
+    dicom_files,
+    first_dicom_file,
+    only_dicomdir,
+    read_header,
+)
 from flareseg.errors import FlareSegError, first_few
 from flareseg.volume import Volume, check_intensity_scaling, grid_geometry, to_canonical
 
@@ -99,15 +106,13 @@ def _fail(folder: Path, problem: str) -> FlareSegError:
     return FlareSegError(f"{folder}: {problem}")
 
 
-#: A disc's index without its images, as a CD export copied in part: its slices lie in folders of their own.
-_ONLY_DICOMDIR = "no DICOM image files, only a DICOMDIR (a disc's index): give the folder that holds the slices"
-
-
 def _headers(folder: Path) -> list[tuple[Path, Dataset]]:
     files, n_candidates = dicom_files(folder)
     if n_candidates == 0:
-        if any(p.name.upper() == "DICOMDIR" for p in folder.iterdir()):  # listed once already: it lists again
-            raise _fail(folder, _ONLY_DICOMDIR)
+        if only_dicomdir(folder):
+            raise _fail(folder, ONLY_DICOMDIR)
+        if any(p.is_dir() for p in folder.iterdir()):  # listed once already: it lists again
+            raise _fail(folder, "no files in it, only folders: give the folder that holds one series' slices")
         raise _fail(folder, "empty folder: no files (expected the DICOM files of one CT series)")
     if not files:
         raise _fail(folder, f"no DICOM files among its {n_candidates} files")
@@ -122,7 +127,7 @@ def _headers(folder: Path) -> list[tuple[Path, Dataset]]:
             continue
         out.append((path, ds))
     if not out:
-        raise _fail(folder, _ONLY_DICOMDIR)
+        raise _fail(folder, ONLY_DICOMDIR)
     return out
 
 

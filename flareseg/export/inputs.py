@@ -58,20 +58,15 @@ def read_ct_normalized(
     """A CT volume's slices (Z, Y, X) normalised exactly as flare-infer normalises them, float32; a label map
     refused. ``path``: a NIfTI file, or a folder holding one DICOM series (as flare-infer reads them).
     ``indices(number of slices)`` picks the slices (default: all); only those are converted."""
+    from flareseg.dicom import is_dicom_file
     from flareseg.preprocess import volume_normalizer
-    from flareseg.volume import check_ct_intensities, read_ct
+    from flareseg.runtime.reading import read_case
+    from flareseg.volume import check_ct_intensities
 
     path = Path(path)
-    if path.is_dir():
-        from flareseg.dicom import is_series_dir, read_series
-
-        if not is_series_dir(path):
-            raise FlareSegError(
-                f"{path}: a folder without DICOM files; {role} takes a CT NIfTI file or a series folder"
-            )
-        volume = read_series(path)
-    else:
-        volume = read_ct(path)
+    if path.is_file() and is_dicom_file(path):
+        raise FlareSegError(f"{path}: one DICOM file; {role} takes the folder that holds the series' slices")
+    volume = read_case(path)  # as flare-infer reads it
     normalizer = volume_normalizer(volume.array, stats, volume.slope, volume.inter)
     check_ct_intensities(volume, path, role, (normalizer.lo, normalizer.hi))
     picked = volume.array if indices is None else volume.array[list(indices(volume.num_slices))]

@@ -115,7 +115,12 @@ def calibration_slices(
             raise FlareSegError(f"{folder}: is a file; --calibration takes a folder of CT NIfTI files or DICOM series")
         if not folder.is_dir():
             raise FlareSegError(f"{folder}: calibration folder not found (expected CT NIfTI files or DICOM series)")
-        cases = list(find_cases(folder).values()) or _series_cases(folder)
+        cases = list(find_cases(folder).values())
+        kind = "case(s)"
+        if not cases:
+            cases, kind = _series_cases(folder), "DICOM series"
+        elif _holds_series(folder):  # flare-infer would segment both kinds: say which one calibrates
+            log.warning("%s: calibrating on its NIfTI files; the DICOM series beside them are left out", folder)
         if not cases:
             raise FlareSegError(
                 f"{folder}: no NIfTI files (.nii or .nii.gz) nor DICOM series (in it or its subfolders) to calibrate on"
@@ -129,7 +134,7 @@ def calibration_slices(
             # A case without usable slices adds none; cases may differ in in-plane size.
             slices.extend(_slices_from([volume], per_case))
         pool = _pool(slices)
-        source = f"{len(chosen)} case(s) of {folder}"
+        source = f"{len(chosen)} {kind} of {folder}"
     if len(pool) < 2:
         raise FlareSegError(
             f"{folder or 'phantom'}: {len(pool)} usable slice(s) to calibrate on (constant slices are skipped); "
@@ -154,6 +159,16 @@ def calibration_slices(
             len(held),
         )
     return CalibrationSlices(calibration=calib, held_out=held, source=source)
+
+
+def _holds_series(folder: Path) -> bool:
+    """Whether ``folder`` or one of its subfolders holds a DICOM series (judged by a look at their first files)."""
+    from flareseg.dicom import is_series_dir
+
+    try:
+        return is_series_dir(folder) or any(sub.is_dir() and is_series_dir(sub) for sub in folder.iterdir())
+    except OSError:  # the calibration reads what it can, and says the rest
+        return False
 
 
 def _series_cases(folder: Path) -> list[Path]:

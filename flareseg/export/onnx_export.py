@@ -362,7 +362,7 @@ def export_onnx(
 ) -> list[ExportedModel]:
     """Export, verify and write ``{name}_fp32.onnx`` (and ``_fp16``, ``_int8`` with ``options.fp16``, ``.int8``).
 
-    ``calibration`` is a folder of CT NIfTI files whose slices calibrate the INT8
+    ``calibration`` is a folder of CT NIfTI files (or DICOM series) whose slices calibrate the INT8
     activation ranges (default: phantoms). Each model gets its metadata embedded and a
     ``.json`` sidecar beside it. Every model is verified before the first is written.
     Returns what was written, fp32 first. ``options`` default: :class:`ExportOptions`'s defaults.

@@ -289,6 +289,10 @@ def list_cases(
         groups.setdefault(key.split("/", 1)[0], []).append(path)
     cases = [path for name, group in groups.items() if part_of(name, num_parts) == part_id for path in group]
     if not groups:
+        from flareseg.dicom.files import ONLY_DICOMDIR, only_dicomdir
+
+        if only_dicomdir(folder):
+            raise FlareSegError(f"{folder}: {ONLY_DICOMDIR}")
         raise FlareSegError(f"{folder}: no .nii or .nii.gz files and no DICOM series folders")
     return cases
 

@@ -577,6 +577,18 @@ BAD_KINDS = [
 ]
 
 
+def test_a_disc_index_without_its_images_is_said_so_wherever_it_is_given(tmp_path: Path) -> None:
+    # Each reader said something else of it: "empty folder", "no DICOM files", "no .nii or .nii.gz files" (diff8).
+    from flareseg.runtime.jobs import list_cases
+
+    folder = tmp_path / "cd"
+    said = make_bad("dicomdir-only", folder)
+    for read in (read_series, series_case_name, list_cases):
+        with pytest.raises(FlareSegError) as info:
+            read(folder)
+        assert str(info.value) == f"{folder}: {said}", read
+
+
 @pytest.mark.parametrize("kind", BAD_KINDS)
 def test_bad_series_one_line_error(tmp_path: Path, kind: str) -> None:
     folder = tmp_path / f"series-{kind}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -136,7 +137,7 @@ def test_calibration_and_held_out_slices_are_disjoint_and_come_from_the_folder(t
     assert not flat_c & {s.tobytes() for s in sets.held_out}
 
 
-def test_dicom_series_calibrate_and_verify_as_their_nifti_does(trained_checkpoint, tmp_path):
+def test_dicom_series_calibrate_and_verify_as_their_nifti_does(trained_checkpoint, tmp_path, caplog):
     # A DICOM-only site could neither calibrate nor verify an export on its own scans (e2eR review).
     from dicom_series import phantom, write_series
 
@@ -152,12 +153,29 @@ def test_dicom_series_calibrate_and_verify_as_their_nifti_does(trained_checkpoin
     from_nifti = read_ct_normalized(nifti, info.normalization, "--verify-volume")
     np.testing.assert_allclose(from_series, from_nifti, rtol=0, atol=1e-5)
     one = int8_module.calibration_slices(info, tmp_path / "series" / "s1", count=6, held_out=2)
-    assert one.source == f"1 case(s) of {tmp_path / 'series' / 's1'}" and len(one.calibration) == 6
+    assert one.source == f"1 DICOM series of {tmp_path / 'series' / 's1'}" and len(one.calibration) == 6
     both = int8_module.calibration_slices(info, tmp_path / "series", count=6, held_out=2)
-    assert both.source == f"2 case(s) of {tmp_path / 'series'}" and len(both.held_out) == 2
+    assert both.source == f"2 DICOM series of {tmp_path / 'series'}" and len(both.held_out) == 2
+    # A folder of series is no series: flare-infer's reader says which folder to give.
+    with pytest.raises(FlareSegError, match=r"series: no files in it, only folders: give the folder that holds one"):
+        read_ct_normalized(tmp_path / "series", info.normalization, "--verify-volume")
+    # NIfTI files beside series: they calibrate, and the series left out are said.
+    shutil.copy(nifti, tmp_path / "series" / "ct_0000.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="flareseg.export.int8"):
+        mixed = int8_module.calibration_slices(info, tmp_path / "series", count=6, held_out=2)
+    assert mixed.source == f"1 case(s) of {tmp_path / 'series'}"
+    assert [r.getMessage() for r in caplog.records if r.name == "flareseg.export.int8"] == [
+        f"{tmp_path / 'series'}: calibrating on its NIfTI files; the DICOM series beside them are left out"
+    ]
+    # What flare-infer's reader says of a folder that is no series, and of one file of a series.
     (tmp_path / "none").mkdir()
-    with pytest.raises(FlareSegError, match=r"none: a folder without DICOM files; --verify-volume takes a CT NIfTI"):
+    with pytest.raises(FlareSegError, match=r"none: empty folder: no files"):
         read_ct_normalized(tmp_path / "none", info.normalization, "--verify-volume")
+    one_file = next(p for p in (tmp_path / "series" / "s1").iterdir())
+    with pytest.raises(
+        FlareSegError, match=r": one DICOM file; --verify-volume takes the folder that holds the series"
+    ):
+        read_ct_normalized(one_file, info.normalization, "--verify-volume")
     with pytest.raises(FlareSegError, match=r"none: no NIfTI files \(.nii or .nii.gz\) nor DICOM series"):
         int8_module.calibration_slices(info, tmp_path / "none")
 
