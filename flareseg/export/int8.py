@@ -162,11 +162,12 @@ def calibration_slices(
 
 
 def _holds_series(folder: Path) -> bool:
-    """Whether ``folder`` or one of its subfolders holds a DICOM series (judged by a look at their first files)."""
-    from flareseg.dicom import is_series_dir
+    """Whether ``folder`` or one of its subfolders holds a DICOM image series (judged by a look at their first
+    files; DICOM SEG results are none, as flare-infer's folder listing passes them over)."""
+    from flareseg.dicom import holds_image_series
 
     try:
-        return is_series_dir(folder) or any(sub.is_dir() and is_series_dir(sub) for sub in folder.iterdir())
+        return holds_image_series(folder) or any(sub.is_dir() and holds_image_series(sub) for sub in folder.iterdir())
     except OSError:  # the calibration reads what it can, and says the rest
         return False
 

@@ -159,6 +159,16 @@ def test_dicom_series_calibrate_and_verify_as_their_nifti_does(trained_checkpoin
     # A folder of series is no series: flare-infer's reader says which folder to give.
     with pytest.raises(FlareSegError, match=r"series: no files in it, only folders: give the folder that holds one"):
         read_ct_normalized(tmp_path / "series", info.normalization, "--verify-volume")
+    # NIfTI files beside DICOM SEG results: nothing is left out, nothing said (flare-infer passes SEGs over too).
+    from flareseg.dicom import read_series, write_seg
+
+    (tmp_path / "results").mkdir()
+    shutil.copy(nifti, tmp_path / "results" / "ct_0000.nii.gz")
+    series = read_series(tmp_path / "series" / "s1")
+    write_seg(np.zeros(series.array.shape, np.uint8), series, tmp_path / "results" / "seg" / "s1.dcm")
+    with caplog.at_level(logging.WARNING, logger="flareseg.export.int8"):
+        int8_module.calibration_slices(info, tmp_path / "results", count=6, held_out=2)
+    assert not [r for r in caplog.records if r.name == "flareseg.export.int8"]
     # NIfTI files beside series: they calibrate, and the series left out are said.
     shutil.copy(nifti, tmp_path / "series" / "ct_0000.nii.gz")
     with caplog.at_level(logging.WARNING, logger="flareseg.export.int8"):
