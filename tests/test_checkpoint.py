@@ -81,7 +81,7 @@ def test_a_slice_size_must_be_positive_multiples_of_sixteen():
     from flareseg.shapes import check_slice_size
 
     assert check_slice_size((512, 384)) == (512, 384)
-    for size in ((0, 0), (-16, 16), (520, 512)):
+    for size in ((0, 0), (-16, 16), (520, 512), (512, 520)):  # each axis checked
         with pytest.raises(FlareSegError, match=r"must be positive multiples of 16"):
             check_slice_size(size)
     for size in ((64.0, 64), ("64", 64), (64,)):  # integers only, and two of them

@@ -86,6 +86,20 @@ def test_exact_percentiles_on_views_without_copying_the_volume():
     assert ordered.flags.c_contiguous and np.shares_memory(ordered, base)
 
 
+def test_a_crop_that_is_not_contiguous_is_copied_a_slab_at_a_time():
+    """A crop of a larger volume must be copied to be counted: a slice at a time, not the whole crop at once."""
+    import tracemalloc
+
+    crop = np.zeros((100, 512, 512), np.int16)[:, 50:450, 50:450]
+    tracemalloc.start()
+    try:
+        assert exact_percentiles(crop, (1.0, 99.0)) == (0.0, 0.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < crop.nbytes / 2, f"{peak / 2**20:.1f} MiB copied for a {crop.nbytes / 2**20:.1f} MiB crop"
+
+
 def test_numpy_wraps_where_adjacent_values_overflow_the_dtype_and_exact_percentiles_do_not():
     vol = np.array([-32768, 32767], np.int16).reshape(2, 1, 1)
     with np.errstate(over="ignore"):

@@ -306,6 +306,8 @@ def test_streaming_refuses_maps_it_cannot_follow():
         streaming.add(np.asfortranarray(np.zeros((4, 5, 6), np.uint8)), 1)
     with pytest.raises(FlareSegError, match="outside the map's 4 slices"):
         streaming.add(np.zeros((4, 5, 6), np.uint8), 5)
+    with pytest.raises(FlareSegError, match="slice -1 is outside the map's 4 slices"):
+        streaming.add(np.zeros((4, 5, 6), np.uint8), -1)
     with pytest.raises(FlareSegError, match="uint8"):
         streaming.finish(np.zeros((4, 5, 6), np.int16))
     with pytest.raises(FlareSegError, match="slab_slices"):

@@ -159,6 +159,20 @@ def test_resize_is_bilinear_and_scores_are_resized_before_argmax():
     labels = resize_scores_to_labels(scores, (1, 8))
     assert labels.dtype == torch.uint8
     assert labels[0, 0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    # Liver beside pancreas: resizing the labels themselves would put kidney and spleen (2, 3) between them.
+    scores = torch.zeros(1, 5, 1, 4)
+    scores[0, 1, 0, :2] = 1.0
+    scores[0, 4, 0, 2:] = 1.0
+    assert resize_scores_to_labels(scores, (1, 8))[0, 0].tolist() == [1, 1, 1, 1, 4, 4, 4, 4]
+
+
+def test_volume_normalizer_refuses_a_volume_with_nan():
+    """The readers refuse NaN themselves; the public normaliser, called on an array, must too (a NaN turns every
+    normalised voxel into NaN, and the network then finds no organ)."""
+    volume = np.linspace(-1000, 1000, 256, dtype=np.float32).reshape(4, 8, 8)
+    volume[0, 0, 0] = np.nan
+    with pytest.raises(FlareSegError, match="not finite"):
+        volume_normalizer(volume, NormalizationStats(mean=0.0, std=100.0))
 
 
 @pytest.mark.parametrize("percentiles", [(1.0, 99.0), (5.0, 99.0), (0.0, 42.5)])

@@ -295,6 +295,15 @@ def test_a_qform_alone_with_an_infinite_pixdim_is_one_line_without_numpys_warnin
     assert str(err.value) == f"{path}: the affine is singular or not finite"
 
 
+def test_an_affine_with_voxels_of_nearly_no_volume_places_none():
+    """Voxels of 10 nm a side (a determinant of 1e-15) are a damaged header, not a scan; 1 micrometre ones pass."""
+    from flareseg.volume import places_voxels
+
+    assert not places_voxels(np.diag([1e-5, 1e-5, 1e-5, 1.0]))
+    assert places_voxels(np.diag([1e-3, 1e-3, 1e-3, 1.0]))
+    assert not places_voxels(np.diag([1.0, np.nan, 1.0, 1.0]))
+
+
 @pytest.mark.parametrize("offset", [0, 100])
 @pytest.mark.parametrize("version", [1, 2])
 def test_a_vox_offset_inside_the_header_is_refused(tmp_path, offset, version):

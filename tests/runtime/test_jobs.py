@@ -575,6 +575,12 @@ def test_a_grid_s_offset_is_the_distance_its_voxel_centres_move():
     flipped[0, 3] = 0.8 * 4
     assert grid_offset_mm((5, 6, 7), affine, (5, 6, 7), flipped) == pytest.approx(0.0, abs=1e-12)
     assert grid_offset_mm((5, 6, 7), affine, (6, 5, 7), affine) is None
+    # Same origin, another spacing along one axis: the far end of that axis moves (n - 1) x the difference, a
+    # grid that only the far corners tell apart (a prediction on 3 mm slices against a 2.5 mm ground truth).
+    for axis, n in enumerate((5, 6, 7)):
+        stretched = affine.copy()
+        stretched[axis, axis] += 0.5
+        assert grid_offset_mm((5, 6, 7), affine, (5, 6, 7), stretched) == pytest.approx(0.5 * (n - 1)), axis
 
 
 @pytest.mark.parametrize("output_type", ["nifti", "dicom-seg"])
