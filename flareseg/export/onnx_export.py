@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -373,25 +374,14 @@ def export_onnx(
     model this export does not make, an engine built from the old models) are removed, so
     that the folder never mixes two exports.
     """
-    import onnx
-
     options = options if options is not None else ExportOptions()
 
-    from flareseg.export.fp16 import convert_to_fp16
     from flareseg.export.int8 import calibration_slices
 
     if calibration is not None and not options.int8:
         raise FlareSegError("a calibration folder is only used by the INT8 export (add --int8)")
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FlareSegError(f"{out}: exists and is not a folder (-o names the output folder)")
-    check_writable_folder(out)
-    earlier = [p for p in export_set(out, options.name) if os.path.lexists(p)]
-    if earlier and not overwrite:
-        raise FlareSegError(
-            f"{out}: holds an earlier export named {options.name} ({earlier[0].name}); --overwrite replaces that "
-            "set, or choose another -o or --name"
-        )
+    _check_destination(out, options.name, overwrite)
     net, info = load_checked_model(checkpoint)
     trained = info.slice_size
     if options.slice_size is not None:
@@ -421,19 +411,9 @@ def export_onnx(
     steps = 3 + options.fp16 + (calib is not None)  # export, verify fp32, [verify fp16], [int8], write
     with tqdm(total=steps, desc="flare-export", unit="step", disable=None if progress else True, leave=False) as bar:
         deploy = build_deploy_network(net, fold_input=options.fold_input and info.network.in_channels > 1)
-        channels = deploy.config.in_channels
-        graph = _ExportGraph(deploy, options.output_kind, options.label_dtype).eval()
-        log.info("exporting %s (%s input channel(s), %s out)", checkpoint, channels, options.output_kind)
-        bar.set_postfix_str("export")
-        fp32 = _to_onnx(graph, channels, info.slice_size, options.batch_profile[2], options.opset)
-        if onnx_opset(fp32) != options.opset:  # the exporter falls back to its own opset rather than failing
-            raise FlareSegError(
-                f"opset {options.opset} was asked for, the exporter wrote {onnx_opset(fp32)}; nothing written"
-            )
-        slices = {"random": random, "real": real}
         base = ExportMetadata(
             model=info,
-            input_channels=channels,
+            input_channels=deploy.config.in_channels,
             output_kind=options.output_kind,
             label_dtype=options.label_dtype if options.output_kind == "labels" else None,
             precision="fp32",
@@ -442,64 +422,117 @@ def export_onnx(
             versions=software_versions(),
             trained_slice_size=resized,
         )
-        batch = max(1, min(options.batch_profile[1], 4))
-        reference = {"reference": "PyTorch fp32 training network (eval mode)"}
-        logits = _Reference(net, info, batch, source)
-        variants: list[tuple[Precision, Any]] = [("fp32", fp32)]
-        if options.fp16:
-            variants.append(("fp16", convert_to_fp16(fp32)))
-        verified: list[tuple[Any, ExportMetadata, dict[str, dict[str, float]]]] = []
-        bar.update()
-        for precision, model in variants:
-            bar.set_postfix_str(f"verify {precision}")
-            if precision == "fp16":
-                _check_fp16_range(graph, info, channels, slices, batch, source)
-            figures = _verify(model, logits, channels, options.output_kind, slices)
-            _check(figures, precision, options.output_kind, source)
-            meta = dataclasses.replace(base, precision=precision, versions=_versions(base, model)).with_verification(
-                {**reference, "real_source": source, **figures}
-            )
-            verified.append((model, meta, figures))
-            bar.update()
-        if calib is not None:
-            bar.set_postfix_str("int8")
-            int8, figures, quantization = _quantize_verified(fp32, logits, channels, options, calib)
-            meta = dataclasses.replace(
-                base, precision="int8", quantization=quantization, versions=_versions(base, int8)
-            ).with_verification({**reference, "held_out_source": calib.source, **figures})
-            verified.append((int8, meta, figures))
-            bar.update()
+        log.info("exporting %s (%s input channel(s), %s out)", checkpoint, base.input_channels, options.output_kind)
+        slices = {"random": random, "real": real}
+        verified = _verified_models(net, deploy, base, options, slices, source, calib, bar)
         bar.set_postfix_str("write")
-        written = []
-        made = missing_folders(out)  # by the first write
-        # Every model and sidecar goes to a synced temporary file first; the renames come only once all are written.
-        with _folders_removed_on_failure(made), atomic_outputs() as outputs:
-            for model, meta, _ in verified:
-                embed_in_onnx(model, meta)
-                path = out / f"{options.name}_{meta.precision}.onnx"
-                # Without overwrite, a set another export wrote meanwhile (a job submitted twice) is kept whole,
-                # and this one dropped: the folder never holds one export's fp32 beside another's fp16.
-                with outputs.writing(path, replace=overwrite) as tmp:
-                    onnx.save(model, str(tmp))
-                    digest = file_sha256(tmp)  # of the bytes written, checked by every load (ONNX has no checksum)
-                with outputs.writing(sidecar_path(path), replace=overwrite) as side:
-                    side.write_text(sidecar_text({**meta.to_dict(), FILE_SHA256_KEY: digest}))
-                written.append(ExportedModel(path, meta))
-            # The earlier set's members that this one does not replace go with the renames, not after them:
-            # a stop in between would leave the new fp32 model beside the old fp16 one, as if one set. Listed now,
-            # not at the start: an overwriting export that ended meanwhile may have left an fp16 this one lacks.
-            now = {p for w in written for p in (w.path, sidecar_path(w.path))}
-            stale = [p for p in export_set(out, options.name) if os.path.lexists(p) and p not in now]
-            if stale and not overwrite:  # another export's engine or fp16, say, written meanwhile: never removed
-                raise written_meanwhile(stale[0])
-            for gone in stale:
-                outputs.remove(gone)
+        written, stale = _write_set(out, options.name, verified, overwrite)
         bar.update()
     for model_written, (_, _, figures) in zip(written, verified, strict=True):
         log.debug("wrote %s: %s", model_written.path, _summary(figures, source))  # flare-export prints it (stdout)
     for gone in stale:  # a user's file gone: said under -q too
         log.warning("removed %s: of the earlier export, not of this one (--overwrite replaces the whole set)", gone)
     return written
+
+
+_Verified = tuple[Any, ExportMetadata, dict[str, dict[str, float]]]  # an ONNX model, its metadata, its figures
+
+
+def _check_destination(out: Path, name: str, overwrite: bool) -> None:
+    """Refuse an output folder that cannot take the export, or that holds an earlier one unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise FlareSegError(f"{out}: exists and is not a folder (-o names the output folder)")
+    check_writable_folder(out)
+    earlier = [p for p in export_set(out, name) if os.path.lexists(p)]
+    if earlier and not overwrite:
+        raise FlareSegError(
+            f"{out}: holds an earlier export named {name} ({earlier[0].name}); --overwrite replaces that "
+            "set, or choose another -o or --name"
+        )
+
+
+def _verified_models(
+    net: FlareUNet,
+    deploy: nn.Module,
+    base: ExportMetadata,
+    options: ExportOptions,
+    slices: dict[str, np.ndarray],
+    source: str,
+    calib: CalibrationSlices | None,
+    bar: Any,
+) -> list[_Verified]:
+    """Export ``deploy`` (``net``'s deploy network), make the fp16 and INT8 variants asked for, and verify each
+    against PyTorch (raising where one falls short); ``bar`` advances a step per model."""
+    from flareseg.export.fp16 import convert_to_fp16
+
+    info, channels = base.model, base.input_channels
+    graph = _ExportGraph(deploy, options.output_kind, options.label_dtype).eval()
+    bar.set_postfix_str("export")
+    fp32 = _to_onnx(graph, channels, info.slice_size, options.batch_profile[2], options.opset)
+    if onnx_opset(fp32) != options.opset:  # the exporter falls back to its own opset rather than failing
+        written = onnx_opset(fp32)
+        raise FlareSegError(f"opset {options.opset} was asked for, the exporter wrote {written}; nothing written")
+    batch = max(1, min(options.batch_profile[1], 4))
+    reference = {"reference": "PyTorch fp32 training network (eval mode)"}
+    logits = _Reference(net, info, batch, source)
+    variants: list[tuple[Precision, Any]] = [("fp32", fp32)]
+    if options.fp16:
+        variants.append(("fp16", convert_to_fp16(fp32)))
+    verified: list[_Verified] = []
+    bar.update()
+    for precision, model in variants:
+        bar.set_postfix_str(f"verify {precision}")
+        if precision == "fp16":
+            _check_fp16_range(graph, info, channels, slices, batch, source)
+        figures = _verify(model, logits, channels, options.output_kind, slices)
+        _check(figures, precision, options.output_kind, source)
+        meta = dataclasses.replace(base, precision=precision, versions=_versions(base, model)).with_verification(
+            {**reference, "real_source": source, **figures}
+        )
+        verified.append((model, meta, figures))
+        bar.update()
+    if calib is not None:
+        bar.set_postfix_str("int8")
+        int8, figures, quantization = _quantize_verified(fp32, logits, channels, options, calib)
+        meta = dataclasses.replace(
+            base, precision="int8", quantization=quantization, versions=_versions(base, int8)
+        ).with_verification({**reference, "held_out_source": calib.source, **figures})
+        verified.append((int8, meta, figures))
+        bar.update()
+    return verified
+
+
+def _write_set(
+    out: Path, name: str, verified: list[_Verified], overwrite: bool
+) -> tuple[list[ExportedModel], list[Path]]:
+    """Write the verified models and their sidecars as one set; what was written, and the earlier set's members
+    removed (``overwrite``)."""
+    written = []
+    made = missing_folders(out)  # by the first write
+    # Every model and sidecar goes to a synced temporary file first; the renames come only once all are written.
+    with _folders_removed_on_failure(made), atomic_outputs() as outputs:
+        for model, meta, _ in verified:
+            embed_in_onnx(model, meta)
+            path = out / f"{name}_{meta.precision}.onnx"
+            data = model.SerializeToString()
+            # Without overwrite, a set another export wrote meanwhile (a job submitted twice) is kept whole,
+            # and this one dropped: the folder never holds one export's fp32 beside another's fp16.
+            with outputs.writing(path, replace=overwrite) as tmp:
+                tmp.write_bytes(data)
+            digest = hashlib.sha256(data).hexdigest()  # of the bytes written, checked by every load (ONNX has none)
+            with outputs.writing(sidecar_path(path), replace=overwrite) as side:
+                side.write_text(sidecar_text({**meta.to_dict(), FILE_SHA256_KEY: digest}))
+            written.append(ExportedModel(path, meta))
+        # The earlier set's members that this one does not replace go with the renames, not after them:
+        # a stop in between would leave the new fp32 model beside the old fp16 one, as if one set. Listed now,
+        # not at the start: an overwriting export that ended meanwhile may have left an fp16 this one lacks.
+        now = {p for w in written for p in (w.path, sidecar_path(w.path))}
+        stale = [p for p in export_set(out, name) if os.path.lexists(p) and p not in now]
+        if stale and not overwrite:  # another export's engine or fp16, say, written meanwhile: never removed
+            raise written_meanwhile(stale[0])
+        for gone in stale:
+            outputs.remove(gone)
+    return written, stale
 
 
 @contextlib.contextmanager

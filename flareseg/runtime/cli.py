@@ -12,7 +12,8 @@ import platform
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypedDict
 
@@ -37,9 +38,9 @@ from flareseg.runtime.defaults import CPU_BATCH, GPU_BATCH, device_batch
 
 if TYPE_CHECKING:
     from flareseg.runtime.jobs import PlannedCase
-    from flareseg.runtime.pipeline import CaseTiming, FolderSummary
+    from flareseg.runtime.pipeline import CaseTiming, FolderSummary, RunOptions
     from flareseg.runtime.reading import Reader
-    from flareseg.runtime.runners import Runner
+    from flareseg.runtime.runners import Backend, Runner, TorchPrecision
     from flareseg.runtime.startup import Timeline
     from flareseg.volume import IgnoredInput
 
@@ -411,6 +412,46 @@ def _kept_output(args: argparse.Namespace, inp: Path) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class _Choices:
+    """What a run's options come to once defaults are filled in for the backend and the machine."""
+
+    model: Path
+    backend: Backend
+    device: str
+    cuda: bool  # the device is a GPU (TensorRT's always is)
+    precision: TorchPrecision
+    channels_last: bool
+    batch_size: int
+    postprocess: bool
+
+
+def _choose(args: argparse.Namespace) -> _Choices:
+    """Fill in what the options leave out, and refuse those that contradict each other or the backend."""
+    from flareseg.runtime.runners import backend_for
+
+    model: Path = args.engine or args.model
+    backend: Backend = "tensorrt" if args.engine else (args.backend or backend_for(model))
+    _check_backend_options(args, backend)
+    if args.overlap_postprocess and args.no_postprocess:
+        raise FlareSegError("--overlap-postprocess and --no-postprocess contradict each other: choose one")
+    device: str = args.device or ("cuda" if backend == "tensorrt" else _default_device_for(backend, args.ort_provider))
+    cuda = device.startswith("cuda") or backend == "tensorrt"
+    # PyTorch on CUDA defaults to fp16 + channels_last (the path measured on the H200); exported
+    # models carry their precision, so --precision is PyTorch's alone.
+    precision: TorchPrecision = args.precision or ("fp16" if cuda and backend == "torch" else "fp32")
+    return _Choices(
+        model=model,
+        backend=backend,
+        device=device,
+        cuda=cuda,
+        precision=precision,
+        channels_last=args.channels_last if args.channels_last is not None else (cuda and precision != "fp32"),
+        batch_size=args.batch_size if args.batch_size is not None else device_batch("cuda" if cuda else "cpu"),
+        postprocess=not args.no_postprocess,
+    )
+
+
 def _run(
     args: argparse.Namespace,
     timeline: Timeline,
@@ -421,53 +462,28 @@ def _run(
     plan: Iterator[PlannedCase] | None = None,
 ) -> int:
     """The run; what it changes in the process (torch's thread count) is undone by ``restore`` when it ends."""
-    from tqdm import tqdm
-
-    from flareseg.atomic import OutputExistsError
     from flareseg.runtime.jobs import check_timings, file_job
-    from flareseg.runtime.pipeline import (
-        CaseTiming,
-        FolderSummary,
-        RunOptions,
-        reset_peak_rss,
-        segment_file,
-        segment_folder,
-        summarize,
-        warn_kept_of_other_models,
-        warn_kept_of_other_postprocessing,
-    )
-    from flareseg.runtime.runners import Backend, TorchPrecision, backend_for, open_runner
+    from flareseg.runtime.pipeline import summarize
+    from flareseg.runtime.runners import open_runner
 
     timeline.mark("imports")  # the pipeline's and the runners' imports (torch among them)
     t_start = time.perf_counter()
-    model_path: Path = args.engine or args.model
-    backend: Backend = "tensorrt" if args.engine else (args.backend or backend_for(model_path))
-    _check_backend_options(args, backend)
-    device: str = args.device or ("cuda" if backend == "tensorrt" else _default_device_for(backend, args.ort_provider))
-    cuda = device.startswith("cuda") or backend == "tensorrt"
-    # PyTorch on CUDA defaults to fp16 + channels_last (the path measured on the H200); exported
-    # models carry their precision, so --precision is PyTorch's alone.
-    precision: TorchPrecision = args.precision or ("fp16" if cuda and backend == "torch" else "fp32")
-    channels_last = args.channels_last if args.channels_last is not None else (cuda and precision != "fp32")
-    batch_size = args.batch_size if args.batch_size is not None else device_batch("cuda" if cuda else "cpu")
-    restore.enter_context(_torch_threads(args, backend, device))
-    if args.overlap_postprocess and args.no_postprocess:
-        raise FlareSegError("--overlap-postprocess and --no-postprocess contradict each other: choose one")
-    postprocess = not args.no_postprocess
+    chosen = _choose(args)
+    restore.enter_context(_torch_threads(args, chosen.backend, chosen.device))
     ignored = ignored if ignored is not None else []
     folder, inputs, target = _plan_inputs(args, listed, ignored)
     if target is not None:  # the output first, then the timings beside it
         file_job(inputs[0], target, args.output_type)
     timings_path = _timings_path(args, target)
     check_timings(timings_path, inputs)
-    idle_mb = _check_memory_budget(args, backend, cuda, device)
+    idle_mb = _check_memory_budget(args, chosen.backend, chosen.cuda, chosen.device)
     runner = open_runner(
-        model_path,
-        backend=backend,
-        device=device,
-        precision=precision,
-        channels_last=channels_last,
-        cuda_graph_batch=batch_size if args.cuda_graph else None,
+        chosen.model,
+        backend=chosen.backend,
+        device=chosen.device,
+        precision=chosen.precision,
+        channels_last=chosen.channels_last,
+        cuda_graph_batch=chosen.batch_size if args.cuda_graph else None,
         threads=args.threads,
         ort_provider=args.ort_provider,
         openvino_hint=args.openvino_hint or "latency",
@@ -477,20 +493,11 @@ def _run(
     # After the runner is made (not loaded): a device or precision this machine cannot run is refused even where
     # the result is there already, as in a folder; a job that runs from cron would otherwise pass until a new case.
     if target is not None and target.is_file() and not args.overwrite:
-        from flareseg.runtime.jobs import why_not_kept
-
-        damage = why_not_kept(target, inputs[0], args.output_type)
-        if damage is not None:  # as in a folder: no result (or another scan's), so not kept as one
-            raise FlareSegError(f"{target}: exists but {damage}; remove it to redo the case, or --overwrite")
-        # As in a folder: a result already there is kept, never replaced unasked (it may be another file).
-        warn_kept_of_other_models(runner, [(target.name, target, args.output_type)])
-        kept_file = CaseTiming(target.name, str(inputs[0]), str(target), "skipped")
-        warn_kept_of_other_postprocessing([kept_file], _timings_beside(timings_path, target.parent), postprocess)
-        kept = FolderSummary(cases=1, segmented=0, skipped=1, failed=0, wall_s=0.0)
-        say(f"{_tally(kept, 1)}; {target} exists, kept (--overwrite to redo it)")
+        _keep_result(args, runner, inputs[0], target, timings_path, chosen.postprocess)
         return 0
-    if backend == "tensorrt" and args.batch_size is None:
-        batch_size = engine_batch(model_path)
+    batch_size = chosen.batch_size
+    if chosen.backend == "tensorrt" and args.batch_size is None:
+        batch_size = engine_batch(chosen.model)
     memory_plan: dict[str, object] | None = None
     if args.gpu_memory is not None:
         try:
@@ -503,75 +510,24 @@ def _run(
         log.info("--overlap-postprocess on the CPU: the same labels and less memory, but no time saved")
     options: RunOptions = {
         "batch_size": batch_size,
-        "postprocess": postprocess,
+        "postprocess": chosen.postprocess,
         "infer_options": {"device_preprocess": args.device_preprocess},
         "warm_up": args.warm_up,
         "timeline": timeline,
         "overlap_postprocess": args.overlap_postprocess,
         "reader": reader,  # it reads with --read-threads
     }
-    results: list[CaseTiming] = []
-    context: dict[str, Any] = {
-        "model": str(model_path),
-        "batch_size": batch_size,
-        "postprocess": postprocess,
-        "cwd": os.getcwd(),  # what the inputs' and outputs' relative paths below are relative to
-        "started_unix_s": round(time.time(), 3),  # kept with each case carried into later timings: which is newest
-        "output_type": args.output_type,
-        "device_preprocess": args.device_preprocess,
-        "warm_up": args.warm_up,
-        "overlap_postprocess": args.overlap_postprocess,
-        "read_threads": args.read_threads,
-        # Entries that look like inputs but were left out (each said in a warning): a case that would go missing.
-        "ignored_inputs": [{"path": str(entry.path), "why": entry.why} for entry in ignored],
-        "memory_plan": memory_plan,  # --gpu-memory: the batches measured, and the one chosen
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
-    }
+    context = _run_context(args, chosen.model, batch_size, chosen.postprocess, ignored, memory_plan)
     reported: list[CaseTiming] = []
     try:
-        # The bar only on a terminal (None: tqdm asks): a log file or a pipe gets the per-case lines alone.
-        with tqdm(desc="slices", unit="slice", disable=True if args.quiet else None, leave=False) as bar:
-            # Slices are counted as inferred, cases read one by one: no total; a folder's case count stands beside it.
-            if target is None:
-                bar.set_postfix_str(f"0/{len(inputs)} cases")
+        results = _segment(args, runner, inputs, target, listed, plan, options, reported.append)
+        if target is None:
+            from flareseg.runtime.pipeline import warn_kept_of_other_postprocessing
 
-            def report(t: CaseTiming) -> None:
-                reported.append(t)
-                say(t.line(), lambda line: tqdm.write(line, file=sys.stdout))
-                if target is None:
-                    bar.set_postfix_str(f"{len(reported)}/{len(inputs)} cases")
-
-            options["progress"] = bar.update
-            if target is None:  # a folder of cases
-                results = segment_folder(
-                    runner,
-                    inputs,
-                    args.output,
-                    output_type=args.output_type,
-                    overwrite=args.overwrite,
-                    on_case=report,
-                    planned=plan if listed is not None else None,  # made of the very listing the run takes
-                    **options,
-                )
-                done = [r for r in results if r.status == "skipped"]
-                warn_kept_of_other_postprocessing(done, _timings_beside(timings_path, Path(args.output)), postprocess)
-            else:
-                # Said when written: an interrupt during the teardown after it still counts the case as done.
-                reset_peak_rss()  # the case's peak in timings: this process's own counter, the command's to reset
-                try:
-                    timing = segment_file(
-                        runner,
-                        inputs[0],
-                        target,
-                        output_type=args.output_type,
-                        overwrite=args.overwrite,  # a result already there was kept above, unless --overwrite
-                        on_case=report,
-                        **options,
-                    )
-                except OutputExistsError as exc:  # another run's result, written since the check above: kept
-                    log.warning("%s", exc)
-                    timing = CaseTiming(str(inputs[0].name), str(inputs[0]), str(target), "skipped", str(exc))
-                results = [timing]
+            done = [r for r in results if r.status == "skipped"]
+            warn_kept_of_other_postprocessing(
+                done, _timings_beside(timings_path, Path(args.output)), chosen.postprocess
+            )
         context["runner"] = runner.describe()  # its name alone where it never loaded: nothing ran
         context["model_file"] = _stamp(runner)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is done is on disk; say so, and keep its timings
@@ -595,6 +551,118 @@ def _run(
     if failed:
         print("failed: " + ", ".join(r.case for r in failed), file=sys.stderr)
     return 1 if failed or not timings_written else 0
+
+
+def _keep_result(
+    args: argparse.Namespace, runner: Runner, inp: Path, target: Path, timings_path: Path, postprocess: bool
+) -> None:
+    """A single input whose result is there already: kept, as in a folder, never replaced unasked (it may be
+    another file); refused where it is no result (or another scan's)."""
+    from flareseg.runtime.jobs import why_not_kept
+    from flareseg.runtime.pipeline import (
+        CaseTiming,
+        FolderSummary,
+        warn_kept_of_other_models,
+        warn_kept_of_other_postprocessing,
+    )
+
+    damage = why_not_kept(target, inp, args.output_type)
+    if damage is not None:
+        raise FlareSegError(f"{target}: exists but {damage}; remove it to redo the case, or --overwrite")
+    warn_kept_of_other_models(runner, [(target.name, target, args.output_type)])
+    kept_file = CaseTiming(target.name, str(inp), str(target), "skipped")
+    warn_kept_of_other_postprocessing([kept_file], _timings_beside(timings_path, target.parent), postprocess)
+    kept = FolderSummary(cases=1, segmented=0, skipped=1, failed=0, wall_s=0.0)
+    say(f"{_tally(kept, 1)}; {target} exists, kept (--overwrite to redo it)")
+
+
+def _run_context(
+    args: argparse.Namespace,
+    model: Path,
+    batch_size: int,
+    postprocess: bool,
+    ignored: Sequence[IgnoredInput],
+    memory_plan: dict[str, object] | None,
+) -> dict[str, Any]:
+    """How the run was made, for its timings (the runner and the model file's stamp are added once it ran)."""
+    return {
+        "model": str(model),
+        "batch_size": batch_size,
+        "postprocess": postprocess,
+        "cwd": os.getcwd(),  # what the inputs' and outputs' relative paths below are relative to
+        "started_unix_s": round(time.time(), 3),  # kept with each case carried into later timings: which is newest
+        "output_type": args.output_type,
+        "device_preprocess": args.device_preprocess,
+        "warm_up": args.warm_up,
+        "overlap_postprocess": args.overlap_postprocess,
+        "read_threads": args.read_threads,
+        # Entries that look like inputs but were left out (each said in a warning): a case that would go missing.
+        "ignored_inputs": [{"path": str(entry.path), "why": entry.why} for entry in ignored],
+        "memory_plan": memory_plan,  # --gpu-memory: the batches measured, and the one chosen
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
+    }
+
+
+def _segment(
+    args: argparse.Namespace,
+    runner: Runner,
+    inputs: list[Path],
+    target: Path | None,
+    listed: Listing,
+    plan: Iterator[PlannedCase] | None,
+    options: RunOptions,
+    on_written: Callable[[CaseTiming], None],
+) -> list[CaseTiming]:
+    """Segment the folder's cases (``target`` None) or the one input into ``target``, with a progress bar on a
+    terminal and a line per case; ``on_written`` sees each case once it is said."""
+    from tqdm import tqdm
+
+    from flareseg.atomic import OutputExistsError
+    from flareseg.runtime.pipeline import CaseTiming, reset_peak_rss, segment_file, segment_folder
+
+    said = 0
+    # The bar only on a terminal (None: tqdm asks): a log file or a pipe gets the per-case lines alone.
+    with tqdm(desc="slices", unit="slice", disable=True if args.quiet else None, leave=False) as bar:
+        # Slices are counted as inferred, cases read one by one: no total; a folder's case count stands beside it.
+        if target is None:
+            bar.set_postfix_str(f"0/{len(inputs)} cases")
+
+        def report(t: CaseTiming) -> None:
+            nonlocal said
+            said += 1
+            on_written(t)
+            say(t.line(), lambda line: tqdm.write(line, file=sys.stdout))
+            if target is None:
+                bar.set_postfix_str(f"{said}/{len(inputs)} cases")
+
+        options = {**options, "progress": bar.update}
+        if target is None:  # a folder of cases
+            return segment_folder(
+                runner,
+                inputs,
+                args.output,
+                output_type=args.output_type,
+                overwrite=args.overwrite,
+                on_case=report,
+                planned=plan if listed is not None else None,  # made of the very listing the run takes
+                **options,
+            )
+        # Said when written: an interrupt during the teardown after it still counts the case as done.
+        reset_peak_rss()  # the case's peak in timings: this process's own counter, the command's to reset
+        try:
+            timing = segment_file(
+                runner,
+                inputs[0],
+                target,
+                output_type=args.output_type,
+                overwrite=args.overwrite,  # a result already there was kept above, unless --overwrite
+                on_case=report,
+                **options,
+            )
+        except OutputExistsError as exc:  # another run's result, written since the check above: kept
+            log.warning("%s", exc)
+            timing = CaseTiming(str(inputs[0].name), str(inputs[0]), str(target), "skipped", str(exc))
+        return [timing]
 
 
 def _stamp(runner: Runner, *, hashed_only: bool = False) -> dict[str, Any] | None:

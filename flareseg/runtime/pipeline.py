@@ -365,63 +365,163 @@ def run_cases(
         return []  # nothing to run (every case done or refused): the model is not loaded for nothing
     own_reader = reader is None
     reads = reader if reader is not None else Reader(read_threads)
-    mark = timeline.mark if timeline is not None else (lambda name: None)
-    options = infer_options or {}
-    results: list[CaseTiming] = []
-    writes: deque[tuple[CaseTiming, Future[tuple[float, float, float]]]] = deque()
+    run = _CaseRun(
+        runner,
+        jobs,
+        postprocess=postprocess,
+        raise_errors=raise_errors,
+        on_case=on_case,
+        progress=progress,
+        infer_options=infer_options or {},
+        timeline=timeline,
+        overlap_postprocess=overlap_postprocess,
+    )
+    try:
+        return run.run(reads, batch_size, warm_up)
+    finally:
+        if own_reader:
+            reads.close()
 
-    def settle(timing: CaseTiming, fut: Future[tuple[float, float, float]]) -> None:
+
+_Write = Future[tuple[float, float, float]]  # a case's post-processing and write: (postprocess_s, write_s, wall_s)
+
+
+class _CaseRun:
+    """One :func:`run_cases` call: its cases' timings, the writes in flight behind the device, and the file systems
+    that took no more writes. The caller owns the reader and the runner's deactivation."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        jobs: Sequence[CaseJob],
+        *,
+        postprocess: bool,
+        raise_errors: bool,
+        on_case: Callable[[CaseTiming], None] | None,
+        progress: Callable[[int], None] | None,
+        infer_options: dict[str, Any],
+        timeline: Timeline | None,
+        overlap_postprocess: bool,
+    ) -> None:
+        self.runner, self.jobs = runner, jobs
+        self.postprocess, self.overlap_postprocess = postprocess, overlap_postprocess
+        self.raise_errors, self.on_case, self.progress = raise_errors, on_case, progress
+        self.infer_options = infer_options
+        self.mark: Callable[[str], None] = timeline.mark if timeline is not None else (lambda name: None)
+        self.results: list[CaseTiming] = []
+        self.writes: deque[tuple[CaseTiming, _Write]] = deque()
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="flareseg-write")
+        # File systems that took no more writes (full, over quota, read-only), with the case whose write said so: the
+        # cases left there are not read nor inferred, which would take minutes each to end in the same error.
+        self.full: dict[tuple[int, bool], str] = {}
+        self.said: set[tuple[int, bool]] = set()
+        self.hashing = threading.Event()  # set: the model's hash, the writer's first job, is given up (the run stops)
+        self.batch = 0  # known once the runner is active
+
+    def run(self, reads: Reader, batch_size: int | None, warm_up: bool) -> list[CaseTiming]:
+        try:
+            # The writer's thread starts now, outside the hand-over's held-back window (see _on_device): a thread
+            # inherits the signals blocked where it starts, and so would every thread or process it started. Its
+            # first job hashes the model for the outputs' stamp, while the first case is read and inferred (an
+            # error there is the first write's to say).
+            self.writer.submit(self.runner.stamp, self.hashing)
+            upcoming = self._read_ahead(reads, 0)
+            self.runner.activate()  # no-op when already active; otherwise overlaps the first read
+            self.mark("activated")
+            # Known once active (an engine's profile is read on loading); the stages below use it.
+            self.batch = batch_size if batch_size is not None else default_batch(self.runner)
+            if warm_up:
+                self.runner.warm_up(self.batch)
+                self.mark("warmed_up")
+            for i, job in enumerate(self.jobs):
+                timing = CaseTiming.of(job)
+                self.results.append(timing)
+                if self.full:  # the write still in flight may yet go through, or fail there too: known before judging
+                    while self.writes:
+                        self._settle_first()
+                if self._untried(job):
+                    _not_tried(timing, job, self.jobs[i:], self.full, self.said)
+                    if self.on_case:
+                        self.on_case(timing)
+                    upcoming = None  # a read begun before the write failed is not waited for
+                    continue
+                current = upcoming if upcoming is not None else self._read_ahead(reads, i)
+                upcoming = self._read_ahead(reads, i + 1)
+                assert current is not None
+                self._on_device(i, job, timing, current)
+                del current  # its result is the case's voxels: let them go with the case
+                # Keep at most one write in flight behind the device, so memory stays bounded.
+                while len(self.writes) > 1 or (self.writes and self.writes[0][1].done()):
+                    self._settle_first()
+            while self.writes:
+                self._settle_first()
+            self.mark("all_written")
+        except BaseException:
+            self._stop()
+            raise
+        finally:
+            self.writer.shutdown(wait=True, cancel_futures=True)
+        return self.results
+
+    def _stop(self) -> None:
+        """Interrupted (Ctrl-C, SIGTERM) or stopped by a case's error: the cases already inferred are written (at
+        most two: bounded), then settled and said like the others before the run unwinds. A second stop meanwhile
+        waits for them too: it would break the wait, and the interpreter would then end with the writer mid-file
+        (a .part file left, the case lost); it is raised once they are."""
+        self.hashing.set()  # a stop waits for the writes in flight, not for a hash on a slow disk
+        with stop_signals_blocked():
+            self.writer.shutdown(wait=True)
+            while self.writes:
+                timing, fut = self.writes.popleft()
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    self._settle(timing, fut)
+
+    def _untried(self, job: CaseJob) -> bool:
+        return bool(self.full) and _file_system(job.output) in self.full
+
+    def _read_ahead(self, reads: Reader, i: int) -> Future[Read] | None:
+        if i >= len(self.jobs) or self._untried(self.jobs[i]):
+            return None
+        return reads.submit(self.jobs[i].input, self.jobs[i].output_type)
+
+    def _settle(self, timing: CaseTiming, fut: _Write) -> None:
         try:
             timing.postprocess_s, timing.write_s, timing.wall_s = fut.result()
         except OutputExistsError as exc:  # another run wrote the case meanwhile: its file is kept, as planned ones are
             log.warning("%s", exc)
             timing.status, timing.error = "skipped", str(exc)
         except Exception as exc:  # in a folder, any case's failure is that case's alone
-            if raise_errors:
+            if self.raise_errors:
                 raise
             timing._log_failure(exc)
             if isinstance(exc, NoMoreWritesError):  # the cases left for that file system would fail alike
-                full.setdefault(_file_system(Path(timing.output)), timing.case)
+                self.full.setdefault(_file_system(Path(timing.output)), timing.case)
         else:
-            if full:  # a write there went through after all (room was made): its cases are tried again
+            if self.full:  # a write there went through after all (room was made): its cases are tried again
                 where = _file_system(Path(timing.output))
-                full.pop(where, None)
-                said.discard(where)
+                self.full.pop(where, None)
+                self.said.discard(where)
             timing.total_s = timing.read_s + timing.preprocess_s + timing.infer_s + timing.postprocess_s
             timing.total_s += timing.write_s
             timing.peak_rss_mb = peak_rss_mb()
-        if on_case:
-            on_case(timing)
+        if self.on_case:
+            self.on_case(timing)
 
-    writer = ThreadPoolExecutor(1, thread_name_prefix="flareseg-write")
-    # File systems that took no more writes (full, over quota, read-only), with the case whose write said so: the
-    # cases left there are not read nor inferred, which would take minutes each to end in the same error.
-    full: dict[tuple[int, bool], str] = {}
-    said: set[tuple[int, bool]] = set()
+    def _settle_first(self) -> None:
+        """Settle the oldest write once it has ended; a stop while waiting leaves it queued, so :meth:`_stop` still
+        says a case written meanwhile (it used to be taken off the queue first, and lost)."""
+        wait((self.writes[0][1],))
+        self._settle(*self.writes.popleft())
 
-    def untried(job: CaseJob) -> bool:
-        return bool(full) and _file_system(job.output) in full
-
-    def read_ahead(i: int) -> Future[Read] | None:
-        return reads.submit(jobs[i].input, jobs[i].output_type) if i < len(jobs) and not untried(jobs[i]) else None
-
-    hashing = threading.Event()  # set: the model's hash, the writer's first job, is given up (the run stops)
-
-    def settle_first() -> None:
-        """Settle the oldest write once it has ended; a stop while waiting leaves it queued, so the handler
-        below still says a case written meanwhile (it used to be taken off the queue first, and lost)."""
-        wait((writes[0][1],))
-        settle(*writes.popleft())
-
-    def tick(slices: int) -> None:
+    def _tick(self, slices: int) -> None:
         """Progress of the case on the device; and the case before it, once written, is settled and said now,
         not when this one's inference ends (its line and the case count once lagged a whole case behind)."""
-        if progress is not None:
-            progress(slices)
-        while writes and writes[0][1].done():
-            settle_first()
+        if self.progress is not None:
+            self.progress(slices)
+        while self.writes and self.writes[0][1].done():
+            self._settle_first()
 
-    def on_device(i: int, job: CaseJob, timing: CaseTiming, current: Future[Read]) -> None:
+    def _on_device(self, i: int, job: CaseJob, timing: CaseTiming, current: Future[Read]) -> None:
         """Case i's turn on the device; its post-processing and write go to the writer (queued in ``writes``).
 
         A function of its own, so that the case's voxels and labels are released when it returns.
@@ -431,88 +531,31 @@ def run_cases(
             taken = time.perf_counter()
             timing.read_s = read.read_s
             if i == 0:
-                mark("first_read")
+                self.mark("first_read")
             shape = read.volume.array.shape
-            streaming = StreamingPostprocessor(shape) if postprocess and overlap_postprocess else None
-            labels = _infer_stage(runner, read, timing, batch, tick, options, streaming)
+            streaming = StreamingPostprocessor(shape) if self.postprocess and self.overlap_postprocess else None
+            labels = _infer_stage(self.runner, read, timing, self.batch, self._tick, self.infer_options, streaming)
             if i == 0:
-                mark("first_inferred")
+                self.mark("first_inferred")
         except Exception as exc:  # in a folder, any case's failure is that case's alone
-            if raise_errors:
+            if self.raise_errors:
                 raise
             if isinstance(exc, ImportError) and (stop := wrapped_interrupt(exc)) is not None:
                 raise stop from None  # a stop in a lazy import's set-up (a backend's, on its first batch) is a stop
             timing._log_failure(exc)
-            writes.append((timing, _done((0.0, 0.0, 0.0))))
+            self.writes.append((timing, _done((0.0, 0.0, 0.0))))
             return
         # As if the read had ended as the run took it: its wait for the run is start-up, not the case's.
         started = taken - (read.read_s + read.histogram_s)
         geometry, source = read.volume.geometry, read.volume.source
         del read  # the stored voxels are not needed for writing: free them before the next case
-        finish = streaming if streaming is not None else postprocess
+        finish = streaming if streaming is not None else self.postprocess
         # A stop between handing the case over and queueing its future (the writer's thread starts on the
         # first case, and may end its turn before the start returns) would leave a write running unseen: the
-        # stop below would not wait for it, nor say the case. The hand-over is held together.
+        # stop would not wait for it, nor say the case. The hand-over is held together.
         with stop_signals_blocked():
-            writes.append(
-                (timing, writer.submit(_finish_stage, labels, geometry, source, job, finish, started, runner.stamp))
-            )
-
-    try:
-        # The writer's thread starts now, outside the hand-over's held-back window below: a thread inherits the
-        # signals blocked where it starts, and so would every thread or process it started. Its first job hashes
-        # the model for the outputs' stamp, while the first case is read and inferred (an error there is the
-        # first write's to say).
-        writer.submit(runner.stamp, hashing)
-        upcoming = read_ahead(0)
-        runner.activate()  # no-op when already active; otherwise overlaps the first read
-        mark("activated")
-        # Known once active (an engine's profile is read on loading); the stages below use it.
-        batch = batch_size if batch_size is not None else default_batch(runner)
-        if warm_up:
-            runner.warm_up(batch)
-            mark("warmed_up")
-        for i, job in enumerate(jobs):
-            timing = CaseTiming.of(job)
-            results.append(timing)
-            if full:  # the write still in flight may yet go through, or fail there too: known before judging
-                while writes:
-                    settle_first()
-            if untried(job):
-                _not_tried(timing, job, jobs[i:], full, said)
-                if on_case:
-                    on_case(timing)
-                upcoming = None  # a read begun before the write failed is not waited for
-                continue
-            current = upcoming if upcoming is not None else read_ahead(i)
-            upcoming = read_ahead(i + 1)
-            assert current is not None
-            on_device(i, job, timing, current)
-            del current  # its result is the case's voxels: let them go with the case
-            # Keep at most one write in flight behind the device, so memory stays bounded.
-            while len(writes) > 1 or (writes and writes[0][1].done()):
-                settle_first()
-        while writes:
-            settle_first()
-        mark("all_written")
-    except BaseException:
-        # Interrupted (Ctrl-C, SIGTERM) or stopped by a case's error: the cases already inferred are
-        # written (at most two: bounded), then settled and said like the others before the run unwinds.
-        # A second stop meanwhile waits for them too: it would break the wait, and the interpreter would
-        # then end with the writer mid-file (a .part file left, the case lost); it is raised once they are.
-        hashing.set()  # a stop waits for the writes in flight, not for a hash on a slow disk
-        with stop_signals_blocked():
-            writer.shutdown(wait=True)
-            while writes:
-                timing, fut = writes.popleft()
-                if fut.done() and not fut.cancelled() and fut.exception() is None:
-                    settle(timing, fut)
-        raise
-    finally:
-        if own_reader:
-            reads.close()
-        writer.shutdown(wait=True, cancel_futures=True)
-    return results
+            fut = self.writer.submit(_finish_stage, labels, geometry, source, job, finish, started, self.runner.stamp)
+            self.writes.append((timing, fut))
 
 
 def _file_system(path: Path) -> tuple[int, bool]:
@@ -555,8 +598,8 @@ def _not_tried(
     timing._failed(FlareSegError(f"not tried: {job.output.parent} takes no more writes"))
 
 
-def _done(value: tuple[float, float, float]) -> Future[tuple[float, float, float]]:
-    fut: Future[tuple[float, float, float]] = Future()
+def _done(value: tuple[float, float, float]) -> _Write:
+    fut: _Write = Future()
     fut.set_result(value)
     return fut
 
