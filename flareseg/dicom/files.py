@@ -230,9 +230,14 @@ def _segmentations_only(folder: Path) -> bool:
             )
         except Exception:  # a damaged file: the series reader says what is wrong
             return False
-        if str(ds.get("Modality", "")) != "SEG" and str(ds.get("SOPClassUID", "")) != SEG_SOP_CLASS:
+        if not is_segmentation(ds):
             return False
     return bool(probed)
+
+
+def is_segmentation(ds: Dataset) -> bool:
+    """Whether a data set is a DICOM SEG object (a segmentation result, ours or another tool's), not an image."""
+    return str(ds.get("Modality", "")) == "SEG" or str(ds.get("SOPClassUID", "")) == SEG_SOP_CLASS
 
 
 def holds_image_series(folder: str | os.PathLike[str]) -> bool:

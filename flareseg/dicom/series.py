@@ -32,6 +32,7 @@ from flareseg.dicom.files import (
     ONLY_DICOMDIR,
     dicom_files,
     first_dicom_file,
+    is_segmentation,
     only_dicomdir,
     read_header,
 )
@@ -132,6 +133,13 @@ def _headers(folder: Path) -> list[tuple[Path, Dataset]]:
 
 
 def _check_one_series(folder: Path, headers: list[tuple[Path, Dataset]]) -> None:
+    if all(is_segmentation(ds) for _, ds in headers):  # results given back as the input: said as such
+        n = len(headers)
+        raise _fail(
+            folder,
+            f"holds DICOM SEG objects ({n} file{'' if n == 1 else 's'}: segmentation results), not a CT series: "
+            "give the folder of the CT's slices",
+        )
     groups: dict[str, list[Dataset]] = {}
     for _, ds in headers:
         groups.setdefault(str(ds.get("SeriesInstanceUID", "") or ""), []).append(ds)

@@ -1293,6 +1293,24 @@ def test_thumbnails_sorting_first_or_a_dicomdir_under_another_name_do_not_hide_o
     assert read_series(tmp_path / "s").array.shape[0] == SHAPE[2]
 
 
+@pytest.mark.parametrize("count", [1, 2])
+def test_a_folder_of_seg_results_given_as_the_ct_says_so(tmp_path: Path, count: int) -> None:
+    """Results given back as the input: not "modality SEG" nor "2 series in one folder" (each SEG is a series)."""
+    write_series(tmp_path / "s", phantom("LPS"))
+    vol = read_series(tmp_path / "s")
+    results = tmp_path / "results"
+    results.mkdir()
+    for i in range(count):
+        write_seg(np.zeros(vol.array.shape, np.uint8), vol, results / f"p{i}.dcm")
+    files = "1 file" if count == 1 else "2 files"
+    with pytest.raises(FlareSegError) as err:
+        read_series(results)
+    assert str(err.value) == (
+        f"{results}: holds DICOM SEG objects ({files}: segmentation results), not a CT series: give the folder of "
+        "the CT's slices"
+    )
+
+
 def test_a_folder_of_seg_results_behind_nifti_files_is_not_an_image_series(tmp_path: Path) -> None:
     from flareseg.dicom import holds_image_series
 
