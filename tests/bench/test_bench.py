@@ -102,11 +102,18 @@ def test_fractions_above_the_measured_matmul_peak_are_said_to_overstate(report):
 
     _, data = report
     note = "Above 100 %: the backend ran faster than the matrix products measured in this run"
-    assert all(r["fraction_of_matmul_peak"] < 1 for e in data["backends"].values() for r in e["batches"])
-    assert note not in markdown(data, "flare-bench")
-    over = copy.deepcopy(data)
-    next(iter(over["backends"].values()))["batches"][0]["fraction_of_matmul_peak"] = 1.1
-    text = markdown(over, "flare-bench")
+    # The fractions are set, not measured: a busy machine may measure its peak low (the note's very case).
+    figures = copy.deepcopy(data)
+    rows = [r for e in figures["backends"].values() for r in e["batches"]]
+    assert len(figures["backends"]) > 1 and len(rows) > len(figures["backends"])
+    for row in rows:
+        row["fraction_of_matmul_peak"] = 0.5
+    assert note not in markdown(figures, "flare-bench")
+    last = list(figures["backends"].values())[-1]["batches"][-1]  # any row says it, not only the first
+    last["fraction_of_matmul_peak"] = 1.0  # at the peak: not above it
+    assert note not in markdown(figures, "flare-bench")
+    last["fraction_of_matmul_peak"] = 1.1
+    text = markdown(figures, "flare-bench")
     assert note in text and "| 110.0 |" in text
 
 
@@ -488,6 +495,20 @@ def test_matmul_peak_counts_a_multiply_and_an_add_per_term(monkeypatch):
     clock = iter(range(100))
     monkeypatch.setattr("flareseg.bench.measure.time.perf_counter", lambda: float(next(clock)))  # 1 s per product
     assert matmul_peak_flops(torch.device("cpu"), torch.float32, n=4, repeats=1) == 2 * 4**3
+
+
+def test_the_cpu_peak_is_the_best_of_thirty_products_of_2048_squared(monkeypatch):
+    """Five 4096 x 4096 products read the shared 2-core machine's peak from 221 to 300 GFLOP/s (a report showed
+    113 % of it); thirty of 2048 x 2048 agree within 0.1 %. The default must stay that (its tests pass sizes)."""
+    shapes = []
+
+    def counting(a, b):  # counts the products instead of making them
+        shapes.append((tuple(a.shape), tuple(b.shape)))
+        return a
+
+    monkeypatch.setattr(torch, "matmul", counting)
+    assert matmul_peak_flops(torch.device("cpu"), torch.float32) > 0
+    assert shapes == [((2048, 2048), (2048, 2048))] * 31  # one warm-up, then the thirty timed
 
 
 def test_nvml_figures_are_above_the_idle_reading():

@@ -587,6 +587,19 @@ def test_a_disc_index_without_its_images_is_said_so_wherever_it_is_given(tmp_pat
         with pytest.raises(FlareSegError) as info:
             read(folder)
         assert str(info.value) == f"{folder}: {said}", read
+    # Named in lower case (a disc copied from another file system): the same.
+    (folder / "DICOMDIR").rename(folder / "dicomdir")
+    for read in (read_series, series_case_name, list_cases):
+        with pytest.raises(FlareSegError) as info:
+            read(folder)
+        assert str(info.value) == f"{folder}: {said}", read
+    # Beside the slices it indexes, it is no reason to refuse them: the series is read, and not said to be missing.
+    from flareseg.dicom.files import only_dicomdir
+
+    write_series(tmp_path / "series", phantom("LPS"))
+    shutil.copy(folder / "dicomdir", tmp_path / "series" / "DICOMDIR")
+    assert only_dicomdir(folder) and not only_dicomdir(tmp_path / "series")
+    assert read_series(tmp_path / "series").array.shape[0] == SHAPE[2]
 
 
 @pytest.mark.parametrize("kind", BAD_KINDS)

@@ -177,6 +177,16 @@ def test_dicom_series_calibrate_and_verify_as_their_nifti_does(trained_checkpoin
     assert [r.getMessage() for r in caplog.records if r.name == "flareseg.export.int8"] == [
         f"{tmp_path / 'series'}: calibrating on its NIfTI files; the DICOM series beside them are left out"
     ]
+    # The series' slices in the folder itself, beside a NIfTI file: left out, and said alike.
+    caplog.clear()
+    shutil.copy(nifti, tmp_path / "series" / "s1" / "ct_0000.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="flareseg.export.int8"):
+        inside = int8_module.calibration_slices(info, tmp_path / "series" / "s1", count=6, held_out=2)
+    assert inside.source == f"1 case(s) of {tmp_path / 'series' / 's1'}"
+    assert [r.getMessage() for r in caplog.records if r.name == "flareseg.export.int8"] == [
+        f"{tmp_path / 'series' / 's1'}: calibrating on its NIfTI files; the DICOM series beside them are left out"
+    ]
+    (tmp_path / "series" / "s1" / "ct_0000.nii.gz").unlink()
     # What flare-infer's reader says of a folder that is no series, and of one file of a series.
     (tmp_path / "none").mkdir()
     with pytest.raises(FlareSegError, match=r"none: empty folder: no files"):

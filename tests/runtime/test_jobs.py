@@ -430,6 +430,44 @@ def test_a_stray_slice_beside_series_folders_is_refused_not_taken_for_a_series_o
     shutil.rmtree(folder / "b")
     (folder / "results").mkdir()  # a folder without a series beside the files: the files are one series
     assert jobs.is_series_input(folder)
+    # A hidden copy of a series (a file system's .snapshot) is no series folder beside the files either.
+    write_series(folder / ".snapshot", phantom(), patient_id="A")
+    assert jobs.is_series_input(folder)
+
+
+def test_a_nifti_case_and_a_series_of_the_same_name_are_refused_naming_both(tmp_path):
+    """Either one left out would be a case gone missing without a word."""
+    import nibabel as nib
+    import numpy as np
+    from dicom_series import phantom, write_series
+
+    folder = tmp_path / "in"
+    write_series(folder / "s1", phantom(), patient_id="PAT01")
+    name = input_case_name(folder / "s1")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 2), np.int16), np.eye(4)), folder / f"{name}_0000.nii.gz")
+    with pytest.raises(FlareSegError) as info:
+        jobs.list_inputs(folder)
+    assert str(info.value).startswith(f"{folder}: case {name} appears twice ({name}_0000.nii.gz, s1/)")
+
+
+def test_a_result_names_its_model_only_in_flareseg_s_own_words(tmp_path):
+    """Another tool's description that happens to hold a sha256 is no flareseg stamp: the result is not ours."""
+    import nibabel as nib
+    import numpy as np
+
+    from flareseg.provenance import PLAIN_DESCRIPTION
+
+    image = nib.Nifti1Image(np.zeros((4, 4, 2), np.uint8), np.eye(4))
+    said = {
+        "flareseg 0.1.0 sha256:0123456789abcdef model.pt": ("0123456789abcdef", "model.pt"),
+        "nnunet 2.1 sha256:0123456789abcdef model.pth": None,
+        "flareseg 0.1.0 sha256:0123 model.pt": None,
+        PLAIN_DESCRIPTION: (None, None),
+    }
+    for i, (description, made_by) in enumerate(said.items()):
+        image.header["descrip"] = description.encode()
+        nib.save(image, tmp_path / f"r{i}.nii.gz")
+        assert jobs.result_model(tmp_path / f"r{i}.nii.gz", "nifti") == made_by, description
 
 
 def test_same_file_sees_through_links_and_other_names_of_one_file(tmp_path):

@@ -328,6 +328,28 @@ def test_a_precision_an_onnx_model_cannot_take_is_refused_even_with_nothing_to_d
     assert out.read_bytes() == b"an earlier result"
 
 
+def test_flare_infer_fills_in_the_defaults_of_each_device(tmp_path):
+    """What --help and the README promise: on CUDA, PyTorch runs fp16 + channels_last at batch 8; on the CPU, fp32
+    at batch 2; exported models keep their own precision. Chosen without touching a GPU."""
+    from flareseg.runtime.cli import _choose, build_parser
+
+    for name in ("m.pt", "m.onnx"):
+        (tmp_path / name).write_bytes(b"not read to choose")
+
+    def chosen(model: str, *options: str):
+        given = ["-i", str(tmp_path / "ct.nii.gz"), "-o", str(tmp_path / "out"), "--model", str(tmp_path / model)]
+        args = build_parser().parse_args([*given, *options])
+        c = _choose(args)
+        return c.backend, c.device, c.precision, c.channels_last, c.batch_size
+
+    assert chosen("m.pt", "--device", "cuda") == ("torch", "cuda", "fp16", True, 8)
+    assert chosen("m.pt", "--device", "cuda:1", "--precision", "fp32") == ("torch", "cuda:1", "fp32", False, 8)
+    assert chosen("m.pt", "--device", "cpu") == ("torch", "cpu", "fp32", False, 2)
+    assert chosen("m.pt", "--device", "cuda", "--batch-size", "3", "--no-channels-last")[3:] == (False, 3)
+    assert chosen("m.onnx", "--device", "cuda") == ("onnxruntime", "cuda", "fp32", False, 8)
+    assert chosen("m.onnx", "--device", "cpu") == ("onnxruntime", "cpu", "fp32", False, 2)
+
+
 def test_a_cuda_graph_runner_prefers_the_batch_its_graph_is_captured_at(trained_checkpoint, monkeypatch):
     # Checked without a GPU: only the runner's construction is driven (a stand-in device), nothing runs on it.
     from flareseg.runtime.pipeline import default_batch
