@@ -12,7 +12,6 @@ import functools
 import itertools
 import logging
 import os
-import re
 import stat
 import sys
 import tempfile
@@ -85,6 +84,10 @@ class AtomicOutputs:
         self._temps: list[Path] = []
         self._removed: list[Path] = []
         self._locks: list[int] = []  # descriptors holding each temporary file's lock until the set is renamed
+        # Folders the writes made for their files (deepest first), removed again if empty when the set fails: a
+        # failed write (a full disk) leaves no empty output folder behind, one per failed request in a service.
+        self._made: list[Path] = []
+        self._committed = False
 
     @contextmanager
     def writing(self, path: str | os.PathLike[str], *, keep_suffix: str = "", replace: bool = True) -> Iterator[Path]:
@@ -95,7 +98,9 @@ class AtomicOutputs:
         """
         target = _replaceable(Path(path))
         with _naming(target):
+            made = missing_folders(target.parent)
             target.parent.mkdir(parents=True, exist_ok=True)
+            self._made[:0] = made  # a later write's folders may lie inside an earlier one's: theirs go first
             suffix = f".part{keep_suffix}"
             # The temporary name holds the target's, cut where needed so that a legal name (255 bytes) stays legal.
             room = _NAME_MAX - len(os.fsencode(f"..{'x' * 8}{suffix}"))
@@ -138,6 +143,7 @@ class AtomicOutputs:
             for gone in self._removed:
                 with _naming(gone):
                     gone.unlink(missing_ok=True)
+        self._committed = True
 
     def _discard(self) -> None:
         try:
@@ -147,6 +153,8 @@ class AtomicOutputs:
             for fd in self._locks:
                 os.close(fd)
             self._locks.clear()
+            if not self._committed:
+                remove_empty_folders(self._made)
 
 
 @contextmanager
@@ -232,7 +240,9 @@ def _link_exclusive(tmp: Path, target: Path) -> bool:
 # A temporary file younger than this is left alone even when unlocked: its writer may be between creating it and
 # locking it (microseconds apart, unless that process was stopped there).
 _STALE_AFTER_S = 5.0
-_MKSTEMP_RANDOM = "[a-z0-9_]{8}"  # the characters tempfile.mkstemp puts between prefix and suffix
+#: The characters tempfile.mkstemp puts between prefix and suffix, and how many.
+_MKSTEMP_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
+_MKSTEMP_LENGTH = 8
 
 
 def _lock(fd: int) -> bool:
@@ -252,9 +262,19 @@ def _remove_stale(folder: Path, prefix: str, suffix: str) -> None:
     (``kill -9``, the OOM killer, a power cut) left while writing it. Anything in doubt is left in place."""
     if fcntl is None:
         return
-    pattern = re.compile(re.escape(prefix) + _MKSTEMP_RANDOM + re.escape(suffix))
+    # Compared as strings, not by a pattern compiled per target: a service writing many names would fill re's cache.
+    length = len(prefix) + _MKSTEMP_LENGTH + len(suffix)
+
+    def ours(name: str) -> bool:
+        return (
+            len(name) == length
+            and name.startswith(prefix)
+            and name.endswith(suffix)
+            and _MKSTEMP_CHARACTERS.issuperset(name[len(prefix) : len(prefix) + _MKSTEMP_LENGTH])
+        )
+
     try:
-        names = [e.name for e in os.scandir(folder) if pattern.fullmatch(e.name)]
+        names = [e.name for e in os.scandir(folder) if ours(e.name)]
     except OSError:
         return  # not there yet, or not listable: the write itself will say what is wrong
     for name in names:

@@ -31,6 +31,30 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert out.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["r.csv"]
 
 
+def test_a_failed_write_leaves_no_folder_it_made_and_keeps_those_that_were_there(tmp_path):
+    """A service whose disk filled was left an empty output folder per failed request (a review)."""
+    with pytest.raises(RuntimeError), atomic_output(tmp_path / "new" / "deeper" / "r.csv") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("no space left")
+    assert list(tmp_path.iterdir()) == []
+    # A set of two, each into folders of its own: all go, the deepest first.
+    with pytest.raises(RuntimeError), atomic_outputs() as outputs:
+        for name in ("a/x/model.onnx", "a/y/model.onnx.json", "a/x/z/more.json"):
+            with outputs.writing(tmp_path / name) as tmp:
+                tmp.write_text("new")
+        raise RuntimeError("no space left")
+    assert list(tmp_path.iterdir()) == []
+    # A folder that was there stays, so does one that holds another's file by then; a written file's folders stay.
+    (tmp_path / "was").mkdir()
+    with pytest.raises(RuntimeError), atomic_output(tmp_path / "was" / "made" / "r.csv") as tmp:
+        (tmp_path / "was" / "made" / "another run's.csv").write_text("theirs")
+        raise RuntimeError("no space left")
+    assert sorted(p.name for p in (tmp_path / "was" / "made").iterdir()) == ["another run's.csv"]
+    with atomic_output(tmp_path / "ok" / "r.csv") as tmp:
+        tmp.write_text("whole")
+    assert (tmp_path / "ok" / "r.csv").read_text() == "whole"
+
+
 def test_ctrl_c_between_the_renames_of_a_set_waits_for_the_last_one(tmp_path, monkeypatch):
     for name in ("model.onnx", "model.onnx.json"):
         (tmp_path / name).write_text("old")

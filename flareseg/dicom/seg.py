@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -98,6 +97,18 @@ def _date_or_time(value: str, kind: type) -> str | None:
 _DATES: Final[tuple[str, ...]] = ("PatientBirthDate", "StudyDate", "StudyTime")
 
 
+def _stored_text(ds: Dataset, key: str) -> str:
+    """A short text value as the file stores it, padding stripped. Not converted: pydicom's conversion warns of an
+    invalid value (said by the SEG writer, once, with more), and silencing that would mean changing the process's
+    warning filters, which a writer thread cannot do safely (``warnings.catch_warnings`` is not thread-safe: two
+    overlapping ones left a service ignoring every warning)."""
+    element = ds.get_item(key)
+    value = element.value if element is not None else None
+    if isinstance(value, bytes):  # read from a file and not yet converted: CS, DA and TM are ASCII
+        return value.decode("ascii", "replace").strip(" \x00")
+    return str(value or "").strip()
+
+
 def _seg_values(ds: Dataset) -> tuple[dict[str, Any], list[str]]:
     """Patient and study values copied into a SEG that highdicom refuses, as the SEG writes them instead: a date
     or time in an old form rewritten, an impossible one left empty (they are Type 2), a PatientSex other than M, F
@@ -105,9 +116,7 @@ def _seg_values(ds: Dataset) -> tuple[dict[str, Any], list[str]]:
     repertoire, is empty (``\\ISO 2022 IR 87``) given that repertoire's name. With what each change was, to say so."""
     from pydicom.valuerep import DA, TM
 
-    with warnings.catch_warnings():  # pydicom warns of an invalid value as it reads it: said here, once, with more
-        warnings.simplefilter("ignore")
-        values = {key: str(ds.get(key, "") or "").strip() for key in ("PatientSex", *_DATES)}
+    values = {key: _stored_text(ds, key) for key in ("PatientSex", *_DATES)}
     fixed: dict[str, Any] = {}
     said: list[str] = []
     sex = values["PatientSex"]

@@ -133,12 +133,19 @@ def _headers(folder: Path) -> list[tuple[Path, Dataset]]:
 
 
 def _check_one_series(folder: Path, headers: list[tuple[Path, Dataset]]) -> None:
-    if all(is_segmentation(ds) for _, ds in headers):  # results given back as the input: said as such
+    segs = [path.name for path, ds in headers if is_segmentation(ds)]
+    if len(segs) == len(headers):  # results given back as the input: said as such
         n = len(headers)
         raise _fail(
             folder,
             f"holds DICOM SEG objects ({n} file{'' if n == 1 else 's'}: segmentation results), not a CT series: "
             "give the folder of the CT's slices",
+        )
+    if segs:  # a result saved among the slices: each SEG is a series of its own, so it was "2 series in one folder"
+        raise _fail(
+            folder,
+            f"DICOM SEG objects among the CT's slices ({first_few(segs)}: segmentation results): move them out of "
+            "the series' folder",
         )
     groups: dict[str, list[Dataset]] = {}
     for _, ds in headers:

@@ -10,14 +10,13 @@ failure writes nothing.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import logging
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,6 @@ from tqdm import tqdm
 from flareseg.atomic import (
     atomic_outputs,
     check_writable_folder,
-    missing_folders,
-    remove_empty_folders,
     written_meanwhile,
 )
 from flareseg.checkpoint import ModelInfo, file_sha256, software_versions
@@ -129,8 +126,27 @@ def _to_onnx(module: nn.Module, channels: int, size: tuple[int, int], max_batch:
     if program is None:
         raise FlareSegError("torch.onnx.export returned no program")
     model = program.model_proto
+    _drop_exporter_notes(model)
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def _drop_exporter_notes(model: Any) -> None:
+    """Remove the notes the exporter leaves on each node (the Python stack that made it, with this install's file
+    paths and line numbers, its FX node, its module scope): no runtime reads them, and they made each install's
+    export of one checkpoint differ, and named the exporting machine's folders in a file sent elsewhere."""
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            del node.metadata_props[:]
+            for attribute in node.attribute:  # the branches of an If, a Loop's body
+                if attribute.HasField("g"):
+                    graphs.append(attribute.g)
+                graphs.extend(attribute.graphs)
+    for function in model.functions:
+        for node in function.node:
+            del node.metadata_props[:]
 
 
 def _ort_session(model: Any) -> Any:
@@ -459,10 +475,10 @@ def _verified_models(
     slices: dict[str, np.ndarray],
     source: str,
     calib: CalibrationSlices | None,
-    bar: Any,
+    bar: tqdm,
 ) -> list[_Verified]:
     """Export ``deploy`` (``net``'s deploy network), make the fp16 and INT8 variants asked for, and verify each
-    against PyTorch (raising where one falls short); ``bar`` advances a step per model."""
+    against PyTorch (raising where one falls short); ``bar`` advances a step for the export and one per model."""
     from flareseg.export.fp16 import convert_to_fp16
 
     info, channels = base.model, base.input_channels
@@ -470,8 +486,8 @@ def _verified_models(
     bar.set_postfix_str("export")
     fp32 = _to_onnx(graph, channels, info.slice_size, options.batch_profile[2], options.opset)
     if onnx_opset(fp32) != options.opset:  # the exporter falls back to its own opset rather than failing
-        written = onnx_opset(fp32)
-        raise FlareSegError(f"opset {options.opset} was asked for, the exporter wrote {written}; nothing written")
+        got = onnx_opset(fp32)
+        raise FlareSegError(f"opset {options.opset} was asked for, the exporter wrote {got}; nothing written")
     batch = max(1, min(options.batch_profile[1], 4))
     reference = {"reference": "PyTorch fp32 training network (eval mode)"}
     logits = _Reference(net, info, batch, source)
@@ -508,9 +524,9 @@ def _write_set(
     """Write the verified models and their sidecars as one set; what was written, and the earlier set's members
     removed (``overwrite``)."""
     written = []
-    made = missing_folders(out)  # by the first write
-    # Every model and sidecar goes to a synced temporary file first; the renames come only once all are written.
-    with _folders_removed_on_failure(made), atomic_outputs() as outputs:
+    # Every model and sidecar goes to a synced temporary file first; the renames come only once all are written
+    # (and a failed set leaves no folder it made).
+    with atomic_outputs() as outputs:
         for model, meta, _ in verified:
             embed_in_onnx(model, meta)
             path = out / f"{name}_{meta.precision}.onnx"
@@ -533,17 +549,6 @@ def _write_set(
         for gone in stale:
             outputs.remove(gone)
     return written, stale
-
-
-@contextlib.contextmanager
-def _folders_removed_on_failure(made: list[Path]) -> Iterator[None]:
-    """On an error (a full disk at the write), remove the folders in ``made`` (deepest first) that the block made
-    for its files and that hold nothing: a failed export leaves no empty output folder."""
-    try:
-        yield
-    except BaseException:
-        remove_empty_folders(made)
-        raise
 
 
 def export_set(out: Path, name: str) -> list[Path]:

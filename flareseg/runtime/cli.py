@@ -37,7 +37,7 @@ from flareseg.errors import FlareSegError
 from flareseg.runtime.defaults import CPU_BATCH, GPU_BATCH, device_batch
 
 if TYPE_CHECKING:
-    from flareseg.runtime.jobs import PlannedCase
+    from flareseg.runtime.jobs import OutputType, PlannedCase
     from flareseg.runtime.pipeline import CaseTiming, FolderSummary, RunOptions
     from flareseg.runtime.reading import Reader
     from flareseg.runtime.runners import Backend, Runner, TorchPrecision
@@ -422,6 +422,7 @@ class _Choices:
     cuda: bool  # the device is a GPU (TensorRT's always is)
     precision: TorchPrecision
     channels_last: bool
+    #: The device's default batch, or --batch-size; a TensorRT engine's profile or --gpu-memory may yet replace it.
     batch_size: int
     postprocess: bool
 
@@ -493,7 +494,7 @@ def _run(
     # After the runner is made (not loaded): a device or precision this machine cannot run is refused even where
     # the result is there already, as in a folder; a job that runs from cron would otherwise pass until a new case.
     if target is not None and target.is_file() and not args.overwrite:
-        _keep_result(args, runner, inputs[0], target, timings_path, chosen.postprocess)
+        _keep_result(runner, inputs[0], target, args.output_type, timings_path, chosen.postprocess)
         return 0
     batch_size = chosen.batch_size
     if chosen.backend == "tensorrt" and args.batch_size is None:
@@ -520,7 +521,8 @@ def _run(
     context = _run_context(args, chosen.model, batch_size, chosen.postprocess, ignored, memory_plan)
     reported: list[CaseTiming] = []
     try:
-        results = _segment(args, runner, inputs, target, listed, plan, options, reported.append)
+        planned = plan if listed is not None else None  # made of the very listing the run takes
+        results = _segment(args, runner, inputs, target, planned, options, reported.append)
         if target is None:
             from flareseg.runtime.pipeline import warn_kept_of_other_postprocessing
 
@@ -554,7 +556,7 @@ def _run(
 
 
 def _keep_result(
-    args: argparse.Namespace, runner: Runner, inp: Path, target: Path, timings_path: Path, postprocess: bool
+    runner: Runner, inp: Path, target: Path, output_type: OutputType, timings_path: Path, postprocess: bool
 ) -> None:
     """A single input whose result is there already: kept, as in a folder, never replaced unasked (it may be
     another file); refused where it is no result (or another scan's)."""
@@ -566,10 +568,10 @@ def _keep_result(
         warn_kept_of_other_postprocessing,
     )
 
-    damage = why_not_kept(target, inp, args.output_type)
+    damage = why_not_kept(target, inp, output_type)
     if damage is not None:
         raise FlareSegError(f"{target}: exists but {damage}; remove it to redo the case, or --overwrite")
-    warn_kept_of_other_models(runner, [(target.name, target, args.output_type)])
+    warn_kept_of_other_models(runner, [(target.name, target, output_type)])
     kept_file = CaseTiming(target.name, str(inp), str(target), "skipped")
     warn_kept_of_other_postprocessing([kept_file], _timings_beside(timings_path, target.parent), postprocess)
     kept = FolderSummary(cases=1, segmented=0, skipped=1, failed=0, wall_s=0.0)
@@ -608,13 +610,13 @@ def _segment(
     runner: Runner,
     inputs: list[Path],
     target: Path | None,
-    listed: Listing,
-    plan: Iterator[PlannedCase] | None,
+    planned: Iterator[PlannedCase] | None,
     options: RunOptions,
     on_written: Callable[[CaseTiming], None],
 ) -> list[CaseTiming]:
     """Segment the folder's cases (``target`` None) or the one input into ``target``, with a progress bar on a
-    terminal and a line per case; ``on_written`` sees each case once it is said."""
+    terminal and a line per case; ``on_written`` sees each case just before its line is said (a stop during the
+    line still counts it as done)."""
     from tqdm import tqdm
 
     from flareseg.atomic import OutputExistsError
@@ -644,7 +646,7 @@ def _segment(
                 output_type=args.output_type,
                 overwrite=args.overwrite,
                 on_case=report,
-                planned=plan if listed is not None else None,  # made of the very listing the run takes
+                planned=planned,
                 **options,
             )
         # Said when written: an interrupt during the teardown after it still counts the case as done.

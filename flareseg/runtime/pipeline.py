@@ -550,9 +550,9 @@ class _CaseRun:
         geometry, source = read.volume.geometry, read.volume.source
         del read  # the stored voxels are not needed for writing: free them before the next case
         finish = streaming if streaming is not None else self.postprocess
-        # A stop between handing the case over and queueing its future (the writer's thread starts on the
-        # first case, and may end its turn before the start returns) would leave a write running unseen: the
-        # stop would not wait for it, nor say the case. The hand-over is held together.
+        # A stop between handing the case over and queueing its future (the writer may end the job before the
+        # submit returns) would leave a write running unseen: the stop would not wait for it, nor say the case.
+        # The hand-over is held together.
         with stop_signals_blocked():
             fut = self.writer.submit(_finish_stage, labels, geometry, source, job, finish, started, self.runner.stamp)
             self.writes.append((timing, fut))

@@ -1184,6 +1184,32 @@ def test_a_seg_is_made_of_header_values_highdicom_refuses_saying_what_it_changed
     assert _date_or_time("1950.01.02", DA) == "19500102"  # pydicom reads the dotted form; DICOM's has no dots
 
 
+def test_reading_a_series_values_for_a_seg_leaves_the_warning_filters_alone_in_threads(tmp_path: Path) -> None:
+    """The SEG writer read these values inside warnings.catch_warnings, which swaps the process-wide filters: two
+    writer threads (two runners, as the README advises) that overlapped left a service ignoring every warning."""
+    import threading
+
+    from flareseg.dicom.seg import _seg_values
+
+    values = {"PatientSex": "U", "PatientBirthDate": "00000000", "StudyDate": "2022-12-08", "StudyTime": "12:30:00"}
+    files = write_series(tmp_path / "s", phantom("LPS"), edit=_set(None, **values))
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files[:2]]
+    before, interval = list(warnings.filters), sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch often: overlaps that would take hours of a service come at once
+    try:
+        threads = [threading.Thread(target=lambda ds=ds: [_seg_values(ds) for _ in range(5000)]) for ds in headers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert warnings.filters == before
+    fixed, said = _seg_values(headers[0])
+    assert fixed == {"PatientSex": "", "PatientBirthDate": "", "StudyDate": "20221208", "StudyTime": "123000"}
+    assert len(said) == 4
+
+
 def test_a_header_highdicom_refuses_otherwise_is_refused_before_inference_in_one_line(tmp_path: Path) -> None:
     # Orientations 5e-4 apart, which the series reader allows and highdicom does not: tried on every slice's header.
     def tilted(k: int, ds: Dataset) -> None:
@@ -1321,6 +1347,14 @@ def test_a_folder_of_seg_results_given_as_the_ct_says_so(tmp_path: Path, count: 
     assert str(err.value) == (
         f"{results}: holds DICOM SEG objects ({files}: segmentation results), not a CT series: give the folder of "
         "the CT's slices"
+    )
+    # Saved among the CT's slices: the SEG files are named, not "2 series in one folder".
+    shutil.copy(results / "p0.dcm", tmp_path / "s" / "result.dcm")
+    with pytest.raises(FlareSegError) as err:
+        read_series(tmp_path / "s")
+    assert str(err.value) == (
+        f"{tmp_path / 's'}: DICOM SEG objects among the CT's slices (result.dcm: segmentation results): move them "
+        "out of the series' folder"
     )
 
 

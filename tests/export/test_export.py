@@ -154,6 +154,18 @@ def test_graph_has_one_input_one_output_and_no_auxiliary_heads(exported):
     assert "BatchNormalization" not in ops  # folded into the convolutions
 
 
+def test_an_exported_model_names_none_of_the_exporting_machine_s_files(exported, int8_export):
+    """The exporter noted on each node the Python stack that made it: this install's paths and line numbers, so
+    that two installs' exports of one checkpoint differed (a review). No runtime reads the notes; none is kept."""
+    import flareseg
+
+    install = str(Path(flareseg.__file__).resolve().parent.parent).encode()
+    for item in [*exported, *int8_export]:
+        model = onnx.load(str(item.path))
+        assert not [n.name for n in model.graph.node if n.metadata_props], item.path.name
+        assert install not in item.path.read_bytes() and b"stack_trace" not in item.path.read_bytes(), item.path.name
+
+
 def test_metadata_round_trips_between_onnx_sidecar_and_export(exported, trained_checkpoint):
     for item in exported:
         embedded = read_onnx_metadata(item.path)
