@@ -53,6 +53,54 @@ def test_a_failed_write_leaves_no_folder_it_made_and_keeps_those_that_were_there
     with atomic_output(tmp_path / "ok" / "r.csv") as tmp:
         tmp.write_text("whole")
     assert (tmp_path / "ok" / "r.csv").read_text() == "whole"
+    # Sibling folders of one set: one holding another's file keeps only itself.
+    with pytest.raises(RuntimeError), atomic_outputs() as outputs:
+        for name in ("one/model.onnx", "two/model.onnx.json"):
+            with outputs.writing(tmp_path / "set" / name) as tmp:
+                tmp.write_text("new")
+        (tmp_path / "set" / "two" / "theirs").write_text("another run's")
+        raise RuntimeError("no space left")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "set").rglob("*")) == [
+        "set/two",
+        "set/two/theirs",
+    ]
+
+
+def test_a_folder_made_halfway_by_a_failed_mkdir_is_removed(tmp_path, monkeypatch):
+    """mkdir(parents=True) that runs out of room at the third level has made the first two."""
+    import errno
+
+    real_mkdir = Path.mkdir
+
+    def full(self, mode=0o777, parents=False, exist_ok=False):
+        if self.name == "b":
+            real_mkdir(self.parent, parents=True, exist_ok=True)
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real_mkdir(self, mode, parents, exist_ok)
+
+    monkeypatch.setattr(Path, "mkdir", full)
+    with pytest.raises(FlareSegError, match="No space left on device"), atomic_output(tmp_path / "new/a/b/r.csv"):
+        pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_removed_under_a_write_is_made_again(tmp_path, monkeypatch):
+    """Another writer's failed set removes the empty folder it made between our mkdir and our temporary file (its
+    first write into a new folder beside ours): our write makes the folder again, and goes through."""
+    import flareseg.atomic as atomic
+
+    real, seen = atomic._remove_stale, []
+
+    def meanwhile(folder, prefix, suffix):  # drives the interleaving a race would, at the one point it matters
+        seen.append(folder)
+        if len(seen) == 1:
+            folder.rmdir()
+        real(folder, prefix, suffix)
+
+    monkeypatch.setattr(atomic, "_remove_stale", meanwhile)
+    with atomic_output(tmp_path / "new" / "r.csv") as tmp:
+        tmp.write_text("whole")
+    assert (tmp_path / "new" / "r.csv").read_text() == "whole" and len(seen) == 2
 
 
 def test_ctrl_c_between_the_renames_of_a_set_waits_for_the_last_one(tmp_path, monkeypatch):

@@ -104,8 +104,10 @@ def _stored_text(ds: Dataset, key: str) -> str:
     overlapping ones left a service ignoring every warning)."""
     element = ds.get_item(key)
     value = element.value if element is not None else None
-    if isinstance(value, bytes):  # read from a file and not yet converted: CS, DA and TM are ASCII
-        return value.decode("ascii", "replace").strip(" \x00")
+    if isinstance(value, bytes):  # read from a file, not yet converted; latin-1 shows any stray byte as a character
+        return value.decode("latin-1").strip(" \x00")
+    if isinstance(value, MultiValue):  # converted already (read before): shown as stored, backslash-separated
+        return "\\".join(str(v).strip() for v in value)
     return str(value or "").strip()
 
 

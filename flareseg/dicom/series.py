@@ -132,8 +132,14 @@ def _headers(folder: Path) -> list[tuple[Path, Dataset]]:
     return out
 
 
+def _series_uid(ds: Dataset) -> str:
+    return str(ds.get("SeriesInstanceUID", "") or "")
+
+
 def _check_one_series(folder: Path, headers: list[tuple[Path, Dataset]]) -> None:
-    segs = [path.name for path, ds in headers if is_segmentation(ds)]
+    images = {_series_uid(ds) for _, ds in headers if not is_segmentation(ds)}
+    # A SEG of the images' own series UID is no result saved beside them (a mislabelled slice): the checks below.
+    segs = [path.name for path, ds in headers if is_segmentation(ds) and _series_uid(ds) not in images]
     if len(segs) == len(headers):  # results given back as the input: said as such
         n = len(headers)
         raise _fail(
@@ -149,10 +155,10 @@ def _check_one_series(folder: Path, headers: list[tuple[Path, Dataset]]) -> None
         )
     groups: dict[str, list[Dataset]] = {}
     for _, ds in headers:
-        groups.setdefault(str(ds.get("SeriesInstanceUID", "") or ""), []).append(ds)
+        groups.setdefault(_series_uid(ds), []).append(ds)
     if len(groups) > 1 and "" in groups:
         # Files of a series without its UID beside files with one: most often damaged or cut short.
-        lacking = [path.name for path, ds in headers if not str(ds.get("SeriesInstanceUID", "") or "")]
+        lacking = [path.name for path, ds in headers if not _series_uid(ds)]
         why = "no SeriesInstanceUID, unlike the other files (damaged or cut short?)"
         raise _fail(folder, f"{first_few(lacking)}: {why}")
     if len(groups) > 1:

@@ -1210,6 +1210,21 @@ def test_reading_a_series_values_for_a_seg_leaves_the_warning_filters_alone_in_t
     assert len(said) == 4
 
 
+def test_values_a_seg_changes_are_said_as_the_file_stores_them_read_before_or_not(tmp_path: Path) -> None:
+    """Several values, and a byte outside ASCII, are said in DICOM's form whether or not pydicom converted them."""
+    from flareseg.dicom.seg import _seg_values
+
+    files = write_series(tmp_path / "s", phantom("LPS"), edit=_set(0, PatientSex=["M", "F"]))
+    raw = pydicom.dcmread(files[0], stop_before_pixels=True)
+    converted = pydicom.dcmread(files[0], stop_before_pixels=True)
+    assert list(converted.PatientSex) == ["M", "F"]  # converted now, by this access
+    for ds in (raw, converted):
+        assert _seg_values(ds) == ({"PatientSex": ""}, ["PatientSex 'M\\F' (not M, F or O) left empty"])
+    raw = pydicom.dcmread(files[0], stop_before_pixels=True)
+    raw["PatientSex"] = pydicom.dataelem.RawDataElement(pydicom.tag.Tag("PatientSex"), "CS", 2, b"\xe9 ", 0, True, True)
+    assert _seg_values(raw)[1] == ["PatientSex '\xe9' (not M, F or O) left empty"]
+
+
 def test_a_header_highdicom_refuses_otherwise_is_refused_before_inference_in_one_line(tmp_path: Path) -> None:
     # Orientations 5e-4 apart, which the series reader allows and highdicom does not: tried on every slice's header.
     def tilted(k: int, ds: Dataset) -> None:
@@ -1356,6 +1371,11 @@ def test_a_folder_of_seg_results_given_as_the_ct_says_so(tmp_path: Path, count: 
         f"{tmp_path / 's'}: DICOM SEG objects among the CT's slices (result.dcm: segmentation results): move them "
         "out of the series' folder"
     )
+    # A slice of the CT's own series that calls itself SEG (a mislabelled SOP class) is no result saved there.
+    from flareseg.dicom.files import SEG_SOP_CLASS
+
+    write_series(tmp_path / "mislabelled", phantom("LPS"), edit=_set(2, SOPClassUID=SEG_SOP_CLASS))
+    assert read_series(tmp_path / "mislabelled").array.shape[0] == SHAPE[2]
 
 
 def test_a_folder_of_seg_results_behind_nifti_files_is_not_an_image_series(tmp_path: Path) -> None:
