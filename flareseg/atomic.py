@@ -84,10 +84,6 @@ class AtomicOutputs:
         self._temps: list[Path] = []
         self._removed: list[Path] = []
         self._locks: list[int] = []  # descriptors holding each temporary file's lock until the set is renamed
-        # The folders each write made for its file (deepest first), removed again if empty when the set fails: a
-        # failed write (a full disk) leaves no empty output folder behind, one per failed request in a service.
-        self._made: list[list[Path]] = []
-        self._committed = False
 
     @contextmanager
     def writing(self, path: str | os.PathLike[str], *, keep_suffix: str = "", replace: bool = True) -> Iterator[Path]:
@@ -98,11 +94,14 @@ class AtomicOutputs:
         """
         target = _replaceable(Path(path))
         with _naming(target):
+            target.parent.mkdir(parents=True, exist_ok=True)
             suffix = f".part{keep_suffix}"
             # The temporary name holds the target's, cut where needed so that a legal name (255 bytes) stays legal.
             room = _NAME_MAX - len(os.fsencode(f"..{'x' * 8}{suffix}"))
             prefix = f".{_cut(target.name, room)}."
-            fd, name = self._temporary(target.parent, prefix, suffix)
+            _remove_stale(target.parent, prefix, suffix)
+            # realpath: mkstemp takes "link/.." as text (abspath), where the kernel goes through the link.
+            fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=os.path.realpath(target.parent))
             if _lock(fd):
                 self._locks.append(fd)
             else:  # nothing to hold it by: closed now, as before (Windows cannot rename a file held open)
@@ -114,23 +113,6 @@ class AtomicOutputs:
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; outputs get ordinary permissions
         self._written.append((tmp, target, replace))
-
-    def _temporary(self, folder: Path, prefix: str, suffix: str) -> tuple[int, str]:
-        """A new temporary file in ``folder``, made with the folders on its way (recorded, to be removed again
-        if the set fails). Another writer's failed set may remove an empty folder between our mkdir and our file
-        (its first writes into a new folder, beside ours): the folder is then made again, not our write failed."""
-        for attempt in range(3):
-            made = missing_folders(folder)
-            self._made.append(made)  # before mkdir: one that stops halfway (no space) has made some of them
-            folder.mkdir(parents=True, exist_ok=True)
-            _remove_stale(folder, prefix, suffix)
-            try:
-                # realpath: mkstemp takes "link/.." as text (abspath), where the kernel goes through the link.
-                return tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=os.path.realpath(folder))
-            except FileNotFoundError:
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
 
     def remove(self, path: str | os.PathLike[str]) -> None:
         """Remove ``path`` when the set is renamed into place, right after the renames: a member of an earlier
@@ -155,7 +137,6 @@ class AtomicOutputs:
             for gone in self._removed:
                 with _naming(gone):
                     gone.unlink(missing_ok=True)
-        self._committed = True
 
     def _discard(self) -> None:
         try:
@@ -165,9 +146,6 @@ class AtomicOutputs:
             for fd in self._locks:
                 os.close(fd)
             self._locks.clear()
-            if not self._committed:
-                for made in reversed(self._made):  # a later write's folders may lie inside an earlier one's
-                    remove_empty_folders(made)
 
 
 @contextmanager
@@ -348,12 +326,10 @@ def missing_folders(folder: Path) -> list[Path]:
 
 def remove_empty_folders(folders: Iterable[Path]) -> None:
     """Remove ``folders`` in turn (deepest first) while each is empty: the first that holds anything (another
-    run's files, say) ends it; one gone already is passed over."""
+    run's files, say), or is gone, ends it."""
     for folder in folders:
         try:
             folder.rmdir()
-        except FileNotFoundError:  # gone already (removed with another write's folders): its parents may be empty
-            continue
         except OSError:
             break
 

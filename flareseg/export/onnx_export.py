@@ -10,13 +10,14 @@ failure writes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from tqdm import tqdm
 from flareseg.atomic import (
     atomic_outputs,
     check_writable_folder,
+    missing_folders,
+    remove_empty_folders,
     written_meanwhile,
 )
 from flareseg.checkpoint import ModelInfo, file_sha256, software_versions
@@ -524,9 +527,9 @@ def _write_set(
     """Write the verified models and their sidecars as one set; what was written, and the earlier set's members
     removed (``overwrite``)."""
     written = []
-    # Every model and sidecar goes to a synced temporary file first; the renames come only once all are written
-    # (and a failed set leaves no folder it made).
-    with atomic_outputs() as outputs:
+    made = missing_folders(out)  # by the first write
+    # Every model and sidecar goes to a synced temporary file first; the renames come only once all are written.
+    with _folders_removed_on_failure(made), atomic_outputs() as outputs:
         for model, meta, _ in verified:
             embed_in_onnx(model, meta)
             path = out / f"{name}_{meta.precision}.onnx"
@@ -549,6 +552,17 @@ def _write_set(
         for gone in stale:
             outputs.remove(gone)
     return written, stale
+
+
+@contextlib.contextmanager
+def _folders_removed_on_failure(made: list[Path]) -> Iterator[None]:
+    """On an error (a full disk at the write), remove the folders in ``made`` (deepest first) that the block made
+    for its files and that hold nothing: a failed export leaves no empty output folder."""
+    try:
+        yield
+    except BaseException:
+        remove_empty_folders(made)
+        raise
 
 
 def export_set(out: Path, name: str) -> list[Path]:
