@@ -1223,6 +1223,11 @@ def test_values_a_seg_changes_are_said_as_the_file_stores_them_read_before_or_no
     raw = pydicom.dcmread(files[0], stop_before_pixels=True)
     raw["PatientSex"] = pydicom.dataelem.RawDataElement(pydicom.tag.Tag("PatientSex"), "CS", 2, b"\xe9 ", 0, True, True)
     assert _seg_values(raw)[1] == ["PatientSex '\xe9' (not M, F or O) left empty"]
+    # NUL padding (a common non-conformance) and spaces set by an API caller are padding, not the value.
+    raw["PatientSex"] = pydicom.dataelem.RawDataElement(pydicom.tag.Tag("PatientSex"), "CS", 2, b"M\x00", 0, True, True)
+    assert _seg_values(raw) == ({}, [])
+    converted.PatientSex = " M "
+    assert _seg_values(converted) == ({}, [])
 
 
 def test_a_header_highdicom_refuses_otherwise_is_refused_before_inference_in_one_line(tmp_path: Path) -> None:
@@ -1371,6 +1376,14 @@ def test_a_folder_of_seg_results_given_as_the_ct_says_so(tmp_path: Path, count: 
         f"{tmp_path / 's'}: DICOM SEG objects among the CT's slices (result.dcm: segmentation results): move them "
         "out of the series' folder"
     )
+    # Either mark alone says SEG: Modality, or the SOP class.
+    for i, (key, other) in enumerate((("Modality", "OT"), ("SOPClassUID", "1.2.840.10008.5.1.4.1.1.7"))):
+        seg = pydicom.dcmread(results / "p0.dcm")
+        setattr(seg, key, other)
+        (tmp_path / f"one-mark-{i}").mkdir()
+        seg.save_as(tmp_path / f"one-mark-{i}" / "p.dcm")
+        with pytest.raises(FlareSegError, match="holds DICOM SEG objects"):
+            read_series(tmp_path / f"one-mark-{i}")
     # A slice of the CT's own series that calls itself SEG (a mislabelled SOP class) is no result saved there.
     from flareseg.dicom.files import SEG_SOP_CLASS
 

@@ -166,6 +166,29 @@ def test_an_exported_model_names_none_of_the_exporting_machine_s_files(exported,
         assert install not in item.path.read_bytes() and b"stack_trace" not in item.path.read_bytes(), item.path.name
 
 
+def test_the_exporter_s_notes_go_from_branches_and_functions_too():
+    """The deploy graph has neither, so the test above cannot see them: a graph made for it has both."""
+    from onnx import TensorProto, helper
+
+    def noted(node):
+        helper.set_metadata_props(node, {"pkg.torch.onnx.stack_trace": 'File "/home/someone/flareseg/x.py"'})
+        return node
+
+    def branch(name):
+        out = helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [1])
+        return helper.make_graph([noted(helper.make_node("Identity", ["x"], [f"{name}_y"]))], name, [], [out])
+
+    cond = helper.make_tensor_value_info("cond", TensorProto.BOOL, [])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    choose = noted(helper.make_node("If", ["cond"], ["y"], then_branch=branch("a"), else_branch=branch("b")))
+    function = helper.make_function("local", "f", ["x"], ["y"], [noted(helper.make_node("Identity", ["x"], ["y"]))], [])
+    model = helper.make_model(helper.make_graph([choose], "g", [cond, x], [y]), functions=[function])
+    assert model.SerializeToString().count(b"stack_trace") == 4
+    onnx_export._drop_exporter_notes(model)
+    assert b"stack_trace" not in model.SerializeToString()
+
+
 def test_metadata_round_trips_between_onnx_sidecar_and_export(exported, trained_checkpoint):
     for item in exported:
         embedded = read_onnx_metadata(item.path)

@@ -348,6 +348,19 @@ def test_flare_infer_fills_in_the_defaults_of_each_device(tmp_path):
     assert chosen("m.pt", "--device", "cuda", "--batch-size", "3", "--no-channels-last")[3:] == (False, 3)
     assert chosen("m.onnx", "--device", "cuda") == ("onnxruntime", "cuda", "fp32", False, 8)
     assert chosen("m.onnx", "--device", "cpu") == ("onnxruntime", "cpu", "fp32", False, 2)
+    # A TensorRT engine runs on the GPU without being told; contradictions are refused before any default.
+    (tmp_path / "m.engine").write_bytes(b"not read to choose")
+    engine = ["-i", str(tmp_path / "ct.nii.gz"), "-o", str(tmp_path / "out"), "--engine", str(tmp_path / "m.engine")]
+    c = _choose(build_parser().parse_args(engine))
+    assert (c.backend, c.device, c.cuda) == ("tensorrt", "cuda", True)
+    for wrong, said in (("--backend openvino", "contradicts --engine"), ("--threads 2", "--threads is for")):
+        with pytest.raises(FlareSegError, match=said):
+            _choose(build_parser().parse_args([*engine, *wrong.split()]))
+    given = ["-i", str(tmp_path / "ct.nii.gz"), "-o", str(tmp_path / "out"), "--model", str(tmp_path / "m.pt")]
+    with pytest.raises(FlareSegError, match="contradict each other"):
+        _choose(build_parser().parse_args([*given, "--overlap-postprocess", "--no-postprocess"]))
+    assert not _choose(build_parser().parse_args([*given, "--no-postprocess"])).postprocess
+    assert _choose(build_parser().parse_args(given)).postprocess
 
 
 def test_a_cuda_graph_runner_prefers_the_batch_its_graph_is_captured_at(trained_checkpoint, monkeypatch):
