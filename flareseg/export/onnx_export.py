@@ -138,18 +138,14 @@ def _drop_exporter_notes(model: Any) -> None:
     """Remove the notes the exporter leaves on each node (the Python stack that made it, with this install's file
     paths and line numbers, its FX node, its module scope): no runtime reads them, and they made each install's
     export of one checkpoint differ, and named the exporting machine's folders in a file sent elsewhere."""
-    graphs = [model.graph]
-    while graphs:
-        graph = graphs.pop()
-        for node in graph.node:
+    pending = [model.graph.node, *(function.node for function in model.functions)]
+    while pending:
+        for node in pending.pop():
             del node.metadata_props[:]
             for attribute in node.attribute:  # the branches of an If, a Loop's body
                 if attribute.HasField("g"):
-                    graphs.append(attribute.g)
-                graphs.extend(attribute.graphs)
-    for function in model.functions:
-        for node in function.node:
-            del node.metadata_props[:]
+                    pending.append(attribute.g.node)
+                pending.extend(graph.node for graph in attribute.graphs)
 
 
 def _ort_session(model: Any) -> Any:
@@ -488,8 +484,8 @@ def _verified_models(
     graph = _ExportGraph(deploy, options.output_kind, options.label_dtype).eval()
     bar.set_postfix_str("export")
     fp32 = _to_onnx(graph, channels, info.slice_size, options.batch_profile[2], options.opset)
-    if onnx_opset(fp32) != options.opset:  # the exporter falls back to its own opset rather than failing
-        got = onnx_opset(fp32)
+    got = onnx_opset(fp32)
+    if got != options.opset:  # the exporter falls back to its own opset rather than failing
         raise FlareSegError(f"opset {options.opset} was asked for, the exporter wrote {got}; nothing written")
     batch = max(1, min(options.batch_profile[1], 4))
     reference = {"reference": "PyTorch fp32 training network (eval mode)"}

@@ -12,7 +12,7 @@ import platform
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypedDict
@@ -522,7 +522,7 @@ def _run(
     reported: list[CaseTiming] = []
     try:
         planned = plan if listed is not None else None  # made of the very listing the run takes
-        results = _segment(args, runner, inputs, target, planned, options, reported.append)
+        results = _segment(args, runner, inputs, target, planned, options, reported)
         if target is None:
             from flareseg.runtime.pipeline import warn_kept_of_other_postprocessing
 
@@ -612,17 +612,16 @@ def _segment(
     target: Path | None,
     planned: Iterator[PlannedCase] | None,
     options: RunOptions,
-    on_written: Callable[[CaseTiming], None],
+    reported: list[CaseTiming],
 ) -> list[CaseTiming]:
     """Segment the folder's cases (``target`` None) or the one input into ``target``, with a progress bar on a
-    terminal and a line per case; ``on_written`` sees each case just before its line is said (a stop during the
+    terminal and a line per case; each case goes into ``reported`` just before its line is said (a stop during the
     line still counts it as done)."""
     from tqdm import tqdm
 
     from flareseg.atomic import OutputExistsError
     from flareseg.runtime.pipeline import CaseTiming, reset_peak_rss, segment_file, segment_folder
 
-    said = 0
     # The bar only on a terminal (None: tqdm asks): a log file or a pipe gets the per-case lines alone.
     with tqdm(desc="slices", unit="slice", disable=True if args.quiet else None, leave=False) as bar:
         # Slices are counted as inferred, cases read one by one: no total; a folder's case count stands beside it.
@@ -630,12 +629,10 @@ def _segment(
             bar.set_postfix_str(f"0/{len(inputs)} cases")
 
         def report(t: CaseTiming) -> None:
-            nonlocal said
-            said += 1
-            on_written(t)
+            reported.append(t)
             say(t.line(), lambda line: tqdm.write(line, file=sys.stdout))
             if target is None:
-                bar.set_postfix_str(f"{said}/{len(inputs)} cases")
+                bar.set_postfix_str(f"{len(reported)}/{len(inputs)} cases")
 
         options = {**options, "progress": bar.update}
         if target is None:  # a folder of cases
