@@ -146,20 +146,21 @@ class _KeepWriteError:
         self.f.flush()
 
 
-def checkpoint_file_problem(path: Path) -> str | None:
-    """What is wrong with ``path`` as a ``torch.save`` zip archive, its members' checksums included; None if nothing.
+def checkpoint_file_problem(f: BinaryIO) -> str | None:
+    """What is wrong with the open file ``f`` as a ``torch.save`` zip archive, its members' checksums included;
+    None if nothing.
 
     torch.load reports a cut-short file as a long internal error, and reads past a flipped
     byte in the weights without noticing; the archive's own checks say both plainly.
     """
     try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
+        f.seek(0)
+        magic = f.read(4)
         if not magic:
             return "the checkpoint file is empty"
         if magic != b"PK\x03\x04":  # flare-train's torch.save always writes a zip archive
             return "not a flareseg checkpoint (not a torch.save zip archive)"
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(f) as archive:
             damaged = archive.testzip()
     except zipfile.BadZipFile:
         return "truncated or damaged checkpoint (its zip archive is incomplete)"
@@ -184,17 +185,48 @@ def check_checkpoint_path(path: str | os.PathLike[str]) -> Path:
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load and validate a checkpoint's dictionary (weights on the CPU).
+    """Load and validate a checkpoint's dictionary (weights on the CPU)."""
+    return _read_checkpoint(path)[0]
 
-    The archive's checksums are checked first (one pass over the file, which torch.load
-    then reads from the page cache): torch.load itself reads past a flipped byte in the weights.
+
+def _read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
+    """The checkpoint's validated dictionary, and the SHA-256 of the very bytes it was loaded from.
+
+    One open file serves the three passes (archive checksums, hash, torch.load), so all three
+    see one file even if the path is replaced meanwhile (flare-train saving a new ``best.pt``);
+    the second and third read it from the page cache. The checksums come first: torch.load
+    itself reads past a flipped byte in the weights.
     """
     path = check_checkpoint_path(path)
-    problem = checkpoint_file_problem(path)
-    if problem is not None:
-        raise FlareSegError(f"{path}: {problem}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        f = open(path, "rb")
+    except OSError as exc:
+        raise FlareSegError(f"{path}: cannot read the checkpoint: {exc.strerror or exc}") from None
+    with f:
+        problem = checkpoint_file_problem(f)
+        if problem is not None:
+            raise FlareSegError(f"{path}: {problem}")
+        try:
+            sha256 = _sha256_of(f)
+        except OSError as exc:
+            raise FlareSegError(f"{path}: cannot read the checkpoint: {exc.strerror or exc}") from None
+        f.seek(0)
+        payload = _torch_load(path, f)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise FlareSegError(f"{path}: not a flareseg checkpoint")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise FlareSegError(
+            f"{path}: checkpoint format version {payload.get('format_version')}, this flareseg reads {FORMAT_VERSION}"
+        )
+    if "state_dict" not in payload:
+        raise FlareSegError(f"{path}: checkpoint has no weights")
+    return payload, sha256
+
+
+def _torch_load(path: Path, f: BinaryIO) -> Any:
+    """``torch.load`` of weights only from ``f``; its many errors as one line naming ``path``."""
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
         if isinstance(exc, pickle.UnpicklingError) and str(exc).startswith("Weights only load failed"):
             # torch's own text is a page of advice on loading code from untrusted files, cut short here
@@ -204,25 +236,17 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             ) from None
         first = (str(exc).strip().splitlines() or [""])[0][:120]
         raise FlareSegError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {first})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise FlareSegError(f"{path}: not a flareseg checkpoint")
-    if payload.get("format_version") != FORMAT_VERSION:
-        raise FlareSegError(
-            f"{path}: checkpoint format version {payload.get('format_version')}, this flareseg reads {FORMAT_VERSION}"
-        )
-    if "state_dict" not in payload:
-        raise FlareSegError(f"{path}: checkpoint has no weights")
-    return payload
 
 
 def load_model(
     path: str | os.PathLike[str], *, expect: NetworkConfig | None = None
-) -> tuple[FlareUNet, ModelInfo, dict[str, Any]]:
-    """The training network with the checkpoint's weights (eval mode), its info, and the raw payload.
+) -> tuple[FlareUNet, ModelInfo, str]:
+    """The training network with the checkpoint's weights (eval mode), its info, and the SHA-256 of the
+    bytes they were loaded from (what an export records as its source, whatever the path holds later).
 
     ``expect`` refuses a checkpoint whose network differs (classes, width, channels).
     """
-    payload = read_checkpoint(path)
+    payload, sha256 = _read_checkpoint(path)
     info = ModelInfo.from_dict(payload, source=str(path))
     if expect is not None and expect != info.network:
         diffs = [
@@ -238,12 +262,18 @@ def load_model(
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
         first = lines[1] if len(lines) > 1 and lines[0].endswith(":") else (lines or [""])[0]
         raise FlareSegError(f"{path}: weights do not fit the recorded network ({first[:200]})") from None
-    return model.eval(), info, payload
+    return model.eval(), info, sha256
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+        return _sha256_of(f)
+
+
+def _sha256_of(f: BinaryIO) -> str:
+    """The SHA-256 (hex) of ``f`` from its start."""
+    f.seek(0)
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        digest.update(chunk)
     return digest.hexdigest()

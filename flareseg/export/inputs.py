@@ -42,11 +42,12 @@ def check_finite_weights(net: torch.nn.Module, path: str | os.PathLike[str]) -> 
         raise FlareSegError(f"{path}: {bad} weight(s) of {name} are not finite (NaN or infinity)")
 
 
-def load_checked_model(path: str | os.PathLike[str]) -> tuple[FlareUNet, ModelInfo]:
-    """The checkpoint's network (eval mode) and its ModelInfo, its weights checked finite."""
-    net, info, _ = load_model(path)
+def load_checked_model(path: str | os.PathLike[str]) -> tuple[FlareUNet, ModelInfo, str]:
+    """The checkpoint's network (eval mode), its ModelInfo and the SHA-256 of the bytes loaded, its weights
+    checked finite."""
+    net, info, sha256 = load_model(path)
     check_finite_weights(net, path)
-    return net, info
+    return net, info, sha256
 
 
 def read_ct_normalized(

@@ -34,7 +34,7 @@ from flareseg.atomic import (
     remove_empty_folders,
     written_meanwhile,
 )
-from flareseg.checkpoint import ModelInfo, file_sha256, software_versions
+from flareseg.checkpoint import ModelInfo, software_versions
 from flareseg.errors import FlareSegError, interrupts_kept
 from flareseg.export.inputs import PHANTOM_DESCRIPTION, load_checked_model, phantom_ct, read_ct_normalized
 from flareseg.export.int8 import CalibrationSlices, quiet_logger
@@ -397,7 +397,7 @@ def export_onnx(
         raise FlareSegError("a calibration folder is only used by the INT8 export (add --int8)")
     out = Path(out_dir)
     _check_destination(out, options.name, overwrite)
-    net, info = load_checked_model(checkpoint)
+    net, info, checkpoint_sha256 = load_checked_model(checkpoint)
     trained = info.slice_size
     if options.slice_size is not None:
         info = dataclasses.replace(info, slice_size=check_slice_size(options.slice_size))
@@ -433,7 +433,7 @@ def export_onnx(
             label_dtype=options.label_dtype if options.output_kind == "labels" else None,
             precision="fp32",
             batch_profile=options.batch_profile,
-            source_checkpoint_sha256=file_sha256(checkpoint),
+            source_checkpoint_sha256=checkpoint_sha256,  # of the bytes loaded, not of what the path holds now
             versions=software_versions(),
             trained_slice_size=resized,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -1052,3 +1053,28 @@ def test_an_argmax_export_whose_graph_is_slightly_off_is_refused(trained_checkpo
     options = ExportOptions(output_kind="labels", label_dtype="uint8", verify_slices=2)
     with pytest.raises(FlareSegError, match="where no rounding within the fp32 tolerance"):
         export_onnx(trained_checkpoint, tmp_path / "out", options)
+
+
+def test_the_export_records_the_checkpoint_it_loaded_though_the_path_is_replaced_meanwhile(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
+    """flare-train saves a better best.pt over the old one (a rename) while an export of it runs: the export's
+    record of its source is the file its weights came from, not the one the path holds by the end."""
+    run = tmp_path / "run"
+    run.mkdir()
+    best = run / "best.pt"
+    best.write_bytes(tiny_checkpoint.read_bytes())
+    loaded = hashlib.sha256(best.read_bytes()).hexdigest()
+    torch.manual_seed(1)
+    net = build_training_network(NetworkConfig(base_width=4)).eval()
+    newer = save_checkpoint(tmp_path / "newer.pt", net, ModelInfo(net.config, STATS, slice_size=(32, 32)))
+    real_slices = onnx_export.verification_slices
+
+    def training_saves_meanwhile(*args, **kwargs):  # called after the weights are loaded
+        os.replace(newer, best)
+        return real_slices(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "verification_slices", training_saves_meanwhile)
+    written = export_onnx(best, tmp_path / "deploy", ExportOptions(verify_slices=1))
+    assert not newer.exists() and hashlib.sha256(best.read_bytes()).hexdigest() != loaded
+    assert read_onnx_metadata(written[0].path).source_checkpoint_sha256 == loaded
