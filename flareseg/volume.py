@@ -335,10 +335,15 @@ _ZERO_PIXDIM_FIX = "setting 0 dims to 1"
 _ZERO_PIXDIM = f"pixdim[1,2,3] should be non-zero; {_ZERO_PIXDIM_FIX}"
 
 
+def _gzipped(path: Path) -> bool:
+    """Whether ``path`` names a gzip file; by its suffix in any case (CT.NII.GZ), as nibabel opens it."""
+    return path.name.lower().endswith(".gz")
+
+
 def _put_back_zero_pixdims(path: Path, img: nib.Nifti1Image) -> None:
     """The zero voxel sizes nibabel set to 1 as it read the header, read again from the header's own bytes."""
     try:
-        with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as f:
+        with (gzip.open if _gzipped(path) else open)(path, "rb") as f:
             raw = type(img.header).from_fileobj(f, check=False)
     except (OSError, EOFError, zlib.error, ValueError):  # read once already: left as nibabel made it
         return
@@ -511,7 +516,8 @@ class _Layout:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return math.prod(int(n) for n in self.shape) * self.dtype.itemsize  # Python's ints: a damaged header's
+        # grid can pass int64 (NIfTI-2 holds 64-bit dims), which np.prod wraps to 0 or below without a word
 
 
 def _check_file_size(path: Path, layout: _Layout) -> None:
@@ -520,7 +526,7 @@ def _check_file_size(path: Path, layout: _Layout) -> None:
     An uncompressed file must hold the grid; a gzip one cannot pack it beyond deflate's best ratio.
     """
     size, needed = path.stat().st_size, layout.offset + layout.nbytes
-    if path.name.endswith(".gz"):
+    if _gzipped(path):
         if needed > _DEFLATE_MAX_RATIO * size + (1 << 20):
             start = f" from byte {layout.offset:,} (vox_offset)" if layout.offset > 1 << 20 else ""
             why = (
@@ -563,7 +569,7 @@ def _inflate_voxels(
     (rapidgzip's parallel reads hand over nothing). After a :class:`_DamagedStream` it
     has seen only part of them.
     """
-    if not path.name.endswith(".gz"):
+    if not _gzipped(path):
         return None
     shape, dtype, offset, order = layout.shape, layout.dtype, layout.offset, layout.order
     buffer = np.empty(layout.nbytes, dtype=np.uint8)
@@ -713,7 +719,7 @@ def _head(path: Path) -> bytes:
 
 def _why_not_nifti(path: Path) -> str:
     """Tell a cut-off gzip stream or a too-short file from a file of another kind."""
-    opener = gzip.open if path.name.endswith(".gz") else open
+    opener = gzip.open if _gzipped(path) else open
     try:
         with opener(path, "rb") as f:
             head = f.read(_NIFTI1_HEADER_BYTES)
@@ -803,7 +809,7 @@ def _header_fault(path: Path) -> str | None:
     wrong in that order; a NaN vox_offset fails in its integer conversion, a message that names no field.
     """
     try:
-        with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as f:
+        with (gzip.open if _gzipped(path) else open)(path, "rb") as f:
             raw = f.read(348)
     except (OSError, EOFError, zlib.error):
         return None

@@ -363,6 +363,34 @@ def test_a_dim0_outside_one_to_seven_is_named(tmp_path, dim0, suffix, version):
     assert str(err.value) == f"{path}: invalid NIfTI header (dim[0] is {dim0}; it must be 1 to 7)"
 
 
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("dims", [(2**21, 2**21, 2**21), (2**40, 2**40, 8), (3 * 2**20, 2**21, 2**21)])
+def test_a_nifti2_grid_past_int64_is_a_one_line_error(tmp_path, suffix, dims):
+    # The grid's byte count wrapped in int64 to 0 or below, so the size check passed and numpy failed unnamed.
+    raw = bytearray(save(nib.Nifti2Image(np.zeros((8, 8, 8), np.int16), np.eye(4)), tmp_path / "x.nii").read_bytes())
+    raw[24:48] = np.array(dims, "<i8").tobytes()  # dim[1..3]
+    path = tmp_path / f"huge{suffix}"
+    path.write_bytes(gzip.compress(bytes(raw)) if suffix == ".nii.gz" else bytes(raw))
+    needed = dims[0] * dims[1] * dims[2] * 2
+    with pytest.raises(FlareSegError) as err:
+        read_ct(path)
+    tail = (
+        f"the header's grid needs {needed:,} bytes, more than a {path.stat().st_size:,}-byte gzip file can hold"
+        if suffix == ".nii.gz"
+        else f"the file holds {path.stat().st_size:,} bytes; its header needs {needed + 544:,}"
+    )
+    assert str(err.value) == f"{path}: truncated or corrupt voxel data ({tail})"
+
+
+def test_a_gzip_file_suffixed_in_capitals_reads_as_in_lower_case(tmp_path):
+    # nibabel opens CT.NII.GZ as gzip; flareseg sized it as an uncompressed file and called it truncated.
+    img = make_phantom((48, 32, 16), (1.0, 1.0, 2.0), seed=2).to_nifti()[0]
+    lower = save(img, tmp_path / "ct.nii.gz")
+    upper = tmp_path / "CT.NII.GZ"
+    upper.write_bytes(lower.read_bytes())
+    np.testing.assert_array_equal(read_ct(upper).hu(), read_ct(lower).hu())
+
+
 def test_nibabel_notes_of_another_thread_are_not_taken_for_this_files(tmp_path):
     notes = volume_module._NibabelNotes()
     logger = logging.getLogger("nibabel.global")

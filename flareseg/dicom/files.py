@@ -101,8 +101,9 @@ def dicom_files(folder: str | os.PathLike[str]) -> tuple[list[Path], int]:
 
     Other files are passed over (a text file, a thumbnail, a lock file). A file named
     ``.dcm`` that cannot be read, is empty or is not DICOM is refused, naming it: it is a
-    slice lost, and leaving it out would shorten the volume or misreport a gap. Another
-    file that cannot be read or is empty is passed over with a warning naming it.
+    slice lost, and leaving it out would shorten the volume or misreport a gap; so is any file whose first
+    bytes are all zeros (an interrupted copy of a slice, whatever its name). Another file that cannot be read
+    or is empty is passed over with a warning naming it.
     """
     found = []
     candidates = _candidates(Path(folder))
@@ -110,10 +111,11 @@ def dicom_files(folder: str | os.PathLike[str]) -> tuple[list[Path], int]:
         if is_dicom_file(path):
             found.append(path)
             continue
-        problem = _lost_slice(path)
-        if problem is None:
+        lost = _lost_slice(path)
+        if lost is None:
             continue
-        if path.suffix.lower() == ".dcm":
+        problem, surely = lost
+        if surely:
             raise FlareSegError(
                 f"{path.parent}: {path.name!r}: {problem}; a slice lost? restore it, or remove it if it is none"
             )
@@ -121,18 +123,22 @@ def dicom_files(folder: str | os.PathLike[str]) -> tuple[list[Path], int]:
     return found, len(candidates)
 
 
-def _lost_slice(path: Path) -> str | None:
-    """Why a file that is not DICOM may be a slice lost (unreadable, empty, or named .dcm), or None."""
+def _lost_slice(path: Path) -> tuple[str, bool] | None:
+    """Why a file that is not DICOM may be a slice lost, and whether it surely is one (named .dcm, or zero bytes
+    where the header would be: an interrupted copy leaves a slice so, and other files rarely start so); None if it
+    is no slice."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            f.read(1)
+            head = f.read(132)
     except OSError as exc:
-        return f"cannot read the file ({exc.strerror or exc})"
+        return f"cannot read the file ({exc.strerror or exc})", path.suffix.lower() == ".dcm"
     if size == 0:
-        return "empty file"
+        return "empty file", path.suffix.lower() == ".dcm"
     if path.suffix.lower() == ".dcm":
-        return f"named .dcm but not DICOM ({size} bytes)"
+        return f"named .dcm but not DICOM ({size} bytes)", True
+    if not any(head):
+        return f"zero bytes where a DICOM header would be ({size} bytes; an interrupted copy?)", True
     return None
 
 

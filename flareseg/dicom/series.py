@@ -136,6 +136,11 @@ def _series_uid(ds: Dataset) -> str:
     return str(ds.get("SeriesInstanceUID", "") or "")
 
 
+def _both_at(a: float, b: float) -> str:
+    """Two positions in words: "both at 5.00 mm", or "at 5.00 and 5.20 mm" where they differ."""
+    return f"both at {a:.2f} mm" if f"{a:.2f}" == f"{b:.2f}" else f"at {a:.2f} and {b:.2f} mm"
+
+
 def _check_one_series(folder: Path, headers: list[tuple[Path, Dataset]]) -> None:
     images = {_series_uid(ds) for _, ds in headers if not is_segmentation(ds)}
     # A SEG of the images' own series UID is no result saved beside them (a mislabelled slice): the checks below.
@@ -168,9 +173,12 @@ def _check_one_series(folder: Path, headers: list[tuple[Path, Dataset]]) -> None
             for uid, members in sorted(groups.items())
         ]
         raise _fail(folder, f"{len(groups)} series in one folder, expected one: " + "; ".join(parts))
-    modalities = sorted({str(ds.get("Modality", "") or "(none)") for _, ds in headers})
-    if modalities != ["CT"]:
-        raise _fail(folder, f"modality {', '.join(modalities)}, expected CT")
+    modality = {path.name: str(ds.get("Modality", "") or "(none)") for path, ds in headers}
+    others = sorted(name for name, value in modality.items() if value != "CT")
+    if others:
+        found = ", ".join(sorted(set(modality.values())))
+        odd = f" ({first_few(others)}: {modality[others[0]]})" if len(others) < len(modality) else ""
+        raise _fail(folder, f"modality {found}, expected CT{odd}")
 
 
 #: Decimal-string attributes read as numbers, with how many each holds and, for optional ones, their default.
@@ -326,7 +334,8 @@ def _slice_order(
         k = int(dup[0])
         raise _fail(
             folder,
-            f"duplicated slice: {names[order[k]]} and {names[order[k + 1]]} are both at {s[k]:.2f} mm along the normal",
+            f"duplicated slice: {names[order[k]]} and {names[order[k + 1]]} are {_both_at(s[k], s[k + 1])} along the "
+            "normal",
         )
     step = float(np.median(gaps))
     bad = np.flatnonzero(np.abs(gaps - step) > max(0.01, SPACING_TOLERANCE * step))

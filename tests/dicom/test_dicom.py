@@ -466,6 +466,12 @@ def make_bad(kind: str, folder: Path) -> str:
         lost = next(f for f in files if f.suffix == ".dcm")
         lost.write_bytes(b"")
         return f"{lost.name!r}: empty file; a slice lost?"
+    if kind in ("zero-filled-slice", "cut-in-preamble"):  # an interrupted copy: an end slice went without a word
+        files = write_series(folder, ph)
+        lost = next(f for f in files if f.suffix != ".dcm")  # a name like IM0000: no suffix said it was a slice
+        size = 100 if kind == "cut-in-preamble" else lost.stat().st_size
+        lost.write_bytes(bytes(size) if kind == "zero-filled-slice" else lost.read_bytes()[:size])
+        return f"{lost.name!r}: zero bytes where a DICOM header would be ({size} bytes; an interrupted copy?); a slice"
     if kind == "named-dcm":
         write_series(folder, ph)
         (folder / "x.dcm").write_text("hello")
@@ -486,7 +492,7 @@ def make_bad(kind: str, folder: Path) -> str:
         ds.ImagePositionPatient = [pos[0], pos[1], pos[2] + 0.3]
         ds.SOPInstanceUID = pydicom.uid.generate_uid()
         ds.save_as(folder / "nearly-slice-4")
-        return "duplicated slice: "
+        return f"duplicated slice: {files[4].name} and nearly-slice-4 are at -9.00 and -8.70 mm"  # was "both at"
     if kind == "uneven":
         write_series(folder, ph, edit=_move(2.5))
         return "not evenly spaced"
@@ -512,6 +518,9 @@ def make_bad(kind: str, folder: Path) -> str:
     if kind == "modality":
         write_series(folder, ph, modality="MR")
         return "modality MR, expected CT"
+    if kind == "modality-one":  # which file is the odd one was not said
+        files = write_series(folder, ph, edit=_set(3, Modality="OT"))
+        return f"modality CT, OT, expected CT ({files[3].name}: OT)"
     if kind == "rows":
         write_series(folder, ph, edit=_shrink)
         return "inconsistent slice size (Rows x Columns) between slices: 64x64 in 11 files, 32x64 in 1 files"
@@ -555,6 +564,8 @@ BAD_KINDS = [
     "cut-short",
     "empty-slice",
     "named-dcm",
+    "zero-filled-slice",
+    "cut-in-preamble",
     "missing-slice",
     "duplicated-slice",
     "near-duplicate",
@@ -566,6 +577,7 @@ BAD_KINDS = [
     "non-parallel",
     "non-orthogonal",
     "modality",
+    "modality-one",
     "rows",
     "pixel-spacing",
     "no-decoder",
