@@ -1127,7 +1127,8 @@ def write_labels(
 ) -> Path:
     """Write a canonical (Z, Y, X) label map as uint8 NIfTI on ``geometry``'s grid, atomically.
 
-    The output has the input's affine, qform/sform and orientation, and no intensity scaling,
+    The output has the input's affine, qform/sform and orientation, and no intensity scaling, intent,
+    ``aux_file`` or header extensions (those describe the CT's values, not the labels),
     in the input's NIfTI format (NIfTI-2 in, NIfTI-2 out: its float64 affine kept exactly).
     ``replace=False``: a file that appeared at ``path`` meanwhile is kept (:class:`~flareseg.atomic.OutputExistsError`).
     ``description``: the header's ``descrip``, at most 79 ASCII characters (what made the map: see
@@ -1143,7 +1144,10 @@ def write_labels(
     if labels.dtype != np.uint8:
         raise FlareSegError(f"label map must be uint8, got {labels.dtype}")
     data = from_canonical(labels, geometry)
-    header = geometry.header.copy()
+    header = geometry.header.copy()  # the grid, its qform/sform and units; not what describes the CT's values:
+    header.set_intent("none", (), name="")  # a statistic's or a vector's intent does not describe labels,
+    header["aux_file"] = b""
+    header.extensions.clear()  # nor do the CT's extensions (AFNI's attributes, a comment naming the patient)
     header.set_data_dtype(np.uint8)
     if len(header.get_data_shape()) == 4:
         header.set_data_shape(geometry.shape)

@@ -219,6 +219,26 @@ def test_a_non_finite_pixdim_with_an_sform_alone_takes_the_affines_voxel_sizes(t
     assert written.get_zooms() == pytest.approx((0.8, 0.8, 2.5))
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_label_map_takes_the_ct_s_grid_not_what_describes_its_values(tmp_path, version):
+    # It inherited the CT's intent (a "t test" statistic), aux_file and extensions, a comment naming the patient
+    # among them (niftiV).
+    img = (nib.Nifti1Image if version == 1 else nib.Nifti2Image)(
+        np.zeros((4, 5, 6), np.int16), np.diag([0.8, 0.7, 2.5, 1.0])
+    )
+    img.header.set_intent("t test", (12,), name="tstat")
+    img.header["aux_file"] = b"lut.txt"
+    img.header["xyzt_units"] = 10  # mm and s: the grid's own, kept
+    img.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"PatientName=DOE^JOHN"))
+    vol = read_ct(save(img, tmp_path / "ct.nii.gz"))
+    written = nib.load(write_labels(np.ones((6, 5, 4), np.uint8), vol.geometry, tmp_path / "l.nii.gz")).header
+    assert written.get_intent() == ("none", (), "") and written["aux_file"] == b""
+    assert len(written.extensions) == 0 and b"DOE" not in gzip.decompress((tmp_path / "l.nii.gz").read_bytes())
+    assert written.get_xyzt_units() == ("mm", "sec")
+    np.testing.assert_allclose(written.get_best_affine(), img.affine, atol=1e-6)  # float32 in NIfTI-1
+    assert len(vol.geometry.header.extensions) == 1  # the CT's header, as read, is left as it was
+
+
 @pytest.mark.parametrize("name", ["zero pixdim.nii", "zero pixdim.nii.gz"])
 def test_a_zero_pixdim_beside_an_sform_takes_the_affines_voxel_sizes_as_a_nan_one_does(tmp_path, caplog, name):
     # nibabel sets a zero voxel size to 1 as it reads: NSD was then scored with 1 x 3 x 3 mm voxels where the
