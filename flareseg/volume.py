@@ -855,9 +855,17 @@ def _usable_qform(header: nib.Nifti1Header) -> np.ndarray | None:
 
 def _geometry(path: Path, img: nib.Nifti1Image) -> VolumeGeometry:
     affine = np.asarray(img.affine, dtype=np.float64)
-    _check_affine(path, affine)
     header = img.header.copy()
     qform_code, sform_code = int(header["qform_code"]), int(header["sform_code"])
+    if sform_code > 0 and not places_voxels(affine):
+        qform = _usable_qform(header) if qform_code > 0 else None
+        if qform is None:
+            raise FlareSegError(f"{path}: the sform (sform_code {sform_code}) is singular or not finite")
+        # As a damaged qform gives way to the sform below; the outputs get an sform made from the qform.
+        log.warning("%s: the sform is damaged (singular or not finite); read with the qform", path)
+        affine = qform
+        header.set_sform(affine, code=sform_code)
+    _check_affine(path, affine)
     if qform_code == 0 and sform_code == 0:
         # NIfTI's fallback gives voxel sizes but no orientation; the network expects RAS+ slices.
         log.warning(

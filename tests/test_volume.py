@@ -315,6 +315,30 @@ def test_a_qform_alone_with_an_infinite_pixdim_is_one_line_without_numpys_warnin
     assert str(err.value) == f"{path}: the affine is singular or not finite"
 
 
+@pytest.mark.parametrize("srow", [0.0, float("nan")])
+def test_a_damaged_sform_gives_way_to_a_good_qform_as_a_damaged_qform_does_to_the_sform(tmp_path, caplog, srow):
+    # It was refused as "the affine is singular or not finite", naming neither form (niftiV).
+    affine = np.diag([0.8, 0.7, 2.5, 1.0])
+    affine[:3, 3] = (-10.0, 20.0, 5.0)
+    img = nib.Nifti1Image(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    good = read_ct(save(img, tmp_path / "good.nii"))
+    path = _header_patched(tmp_path, "sform.nii", img, srow_x=[srow] * 4, srow_y=[srow] * 4, srow_z=[srow] * 4)
+    with caplog.at_level(logging.WARNING, logger="flareseg.volume"):
+        vol = read_ct(path)
+    assert caplog.messages == [f"{path}: the sform is damaged (singular or not finite); read with the qform"]
+    np.testing.assert_allclose(vol.geometry.affine, affine, atol=1e-6)
+    np.testing.assert_array_equal(vol.hu(), good.hu())
+    out = nib.load(write_labels(np.zeros(vol.array.shape, np.uint8), vol.geometry, tmp_path / "l.nii.gz")).header
+    np.testing.assert_allclose(out.get_sform(), affine, atol=1e-6)  # made from the qform: ITK and nibabel agree
+    # Without a qform to fall back on, the line says which form is broken.
+    path = _header_patched(tmp_path, "alone.nii", img, qform_code=0, srow_x=[srow] * 4)
+    with pytest.raises(FlareSegError) as err:
+        read_ct(path)
+    assert str(err.value) == f"{path}: the sform (sform_code 1) is singular or not finite"
+
+
 def test_an_affine_with_voxels_of_nearly_no_volume_places_none():
     """Voxels of 10 nm a side (a determinant of 1e-15) are a damaged header, not a scan; 1 micrometre ones pass."""
     from flareseg.volume import places_voxels
