@@ -746,7 +746,9 @@ def _why_not_nifti(path: Path) -> str:
             with opener(path, "rb") as f:
                 while f.read(_READ_CHUNK):
                     pass
-        except (EOFError, OSError, zlib.error) as exc:
+        except EOFError:  # the stream stops before its end marker: cut short, not garbled
+            return "truncated gzip stream (the file ends before the stream does: cut short?)"
+        except (OSError, zlib.error) as exc:
             return f"corrupt gzip stream ({exc})"
         return "a NIfTI header that nibabel cannot read"
     return "not a NIfTI image (no NIfTI header found)"

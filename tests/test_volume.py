@@ -426,6 +426,19 @@ def test_a_nifti2_grid_past_int64_is_a_one_line_error(tmp_path, suffix, dims):
     assert str(err.value) == f"{path}: truncated or corrupt voxel data ({tail})"
 
 
+def test_a_gzip_file_cut_just_past_its_header_is_said_to_be_cut_short(tmp_path):
+    # It was "corrupt gzip stream (Compressed file ended before the end-of-stream marker was reached)".
+    rng = np.random.default_rng(0)
+    path = save(
+        nib.Nifti1Image(rng.integers(-1024, 3000, (48, 32, 16)).astype(np.int16), np.eye(4)), tmp_path / "c.nii.gz"
+    )
+    path.write_bytes(path.read_bytes()[:300])
+    assert len(gzip.GzipFile(fileobj=io.BytesIO(path.read_bytes())).read(352)) == 352  # the header is all there
+    with pytest.raises(FlareSegError) as err:
+        read_ct(path)
+    assert str(err.value) == f"{path}: truncated gzip stream (the file ends before the stream does: cut short?)"
+
+
 def test_a_gzip_file_suffixed_in_capitals_reads_as_in_lower_case(tmp_path):
     # nibabel opens CT.NII.GZ as gzip; flareseg sized it as an uncompressed file and called it truncated.
     img = make_phantom((48, 32, 16), (1.0, 1.0, 2.0), seed=2).to_nifti()[0]
