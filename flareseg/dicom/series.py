@@ -136,6 +136,12 @@ def _series_uid(ds: Dataset) -> str:
     return str(ds.get("SeriesInstanceUID", "") or "")
 
 
+def _is_localizer(ds: Dataset) -> bool:
+    value = ds.get("ImageType", None)
+    values = [value] if isinstance(value, str) else list(value or [])
+    return any(str(v).strip().upper() == "LOCALIZER" for v in values)
+
+
 def _both_at(a: float, b: float) -> str:
     """Two positions in words: "both at 5.00 mm", or "at 5.00 and 5.20 mm" where they differ."""
     return f"both at {a:.2f} mm" if f"{a:.2f}" == f"{b:.2f}" else f"at {a:.2f} and {b:.2f} mm"
@@ -157,6 +163,15 @@ def _check_one_series(folder: Path, headers: list[tuple[Path, Dataset]]) -> None
             folder,
             f"DICOM SEG objects among the CT's slices ({first_few(segs)}: segmentation results): move them out of "
             "the series' folder",
+        )
+    # A flat export puts the scout beside the slices, in a series of its own ("2 series in one folder") or in theirs
+    # ("inconsistent slice size"): true, but neither said which file to move.
+    scouts = [path.name for path, ds in headers if _is_localizer(ds)]
+    if scouts and len(scouts) < len(headers):
+        raise _fail(
+            folder,
+            f"localizer image(s) among the CT's slices ({first_few(scouts)}: ImageType LOCALIZER, a scout, not a "
+            "slice): move them out of the series' folder",
         )
     groups: dict[str, list[Dataset]] = {}
     for _, ds in headers:

@@ -518,6 +518,12 @@ def make_bad(kind: str, folder: Path) -> str:
     if kind == "modality":
         write_series(folder, ph, modality="MR")
         return "modality MR, expected CT"
+    if kind in ("localizer", "localizer-own-series"):  # a flat export's scout: "2 series", or "inconsistent size"
+        scout = {"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}
+        if kind == "localizer-own-series":
+            scout["SeriesInstanceUID"] = "1.2.3.99"
+        files = write_series(folder, ph, edit=_set(3, **scout))
+        return f"localizer image(s) among the CT's slices ({files[3].name}: ImageType LOCALIZER, a scout, not a slice)"
     if kind == "modality-one":  # which file is the odd one was not said
         files = write_series(folder, ph, edit=_set(3, Modality="OT"))
         return f"modality CT, OT, expected CT ({files[3].name}: OT)"
@@ -578,6 +584,8 @@ BAD_KINDS = [
     "non-orthogonal",
     "modality",
     "modality-one",
+    "localizer",
+    "localizer-own-series",
     "rows",
     "pixel-spacing",
     "no-decoder",
