@@ -516,8 +516,9 @@ class _Layout:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(int(n) for n in self.shape) * self.dtype.itemsize  # Python's ints: a damaged header's
-        # grid can pass int64 (NIfTI-2 holds 64-bit dims), which np.prod wraps to 0 or below without a word
+        # Python's ints: a damaged NIfTI-2 header's 64-bit dims can multiply past int64, which np.prod wraps to 0
+        # or below without a word (the size checks then passed)
+        return math.prod(int(n) for n in self.shape) * self.dtype.itemsize
 
 
 def _check_file_size(path: Path, layout: _Layout) -> None:
