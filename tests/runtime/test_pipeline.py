@@ -400,6 +400,38 @@ def test_a_full_disk_stops_only_the_cases_written_there(trained_checkpoint, tmp_
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["c1.nii.gz", "c3.nii.gz"]
 
 
+def test_a_read_begun_for_a_case_left_untried_is_not_handed_to_the_next(trained_checkpoint, tmp_path, monkeypatch):
+    # c2's read is begun while c0's write is still failing; c2 is then left untried (its disk is full), and c3 must
+    # get its own voxels, not the read begun for c2 (mutJ: that hand-over was untested).
+    paths = _folder(tmp_path / "in", 3)
+    paths.append(
+        save(make_phantom((48, 48, 9), (8.0, 8.0, 10.0), seed=40).to_nifti()[0], tmp_path / "in" / "c3.nii.gz")
+    )
+    real_write = pipeline.write_case
+    devices = {str(tmp_path / "a"): 1, str(tmp_path / "b"): 2}
+
+    def write_case(labels, geometry, source, path, output_type="nifti", **kwargs):
+        if Path(path).parent.name == "a":
+            time.sleep(0.5)  # still failing when c2's read is begun
+            raise NoMoreWritesError(f"{path}: cannot write (No space left on device)")
+        return real_write(labels, geometry, source, path, output_type, **kwargs)
+
+    monkeypatch.setattr(pipeline, "write_case", write_case)
+    monkeypatch.setattr(pipeline, "_file_system", lambda path: devices[str(Path(path).parent)])
+    jobs = [CaseJob(f"c{i}", p, tmp_path / "ab"[i % 2] / f"c{i}.nii.gz") for i, p in enumerate(paths)]
+    read: list[str] = []
+    real_read = reading.read_stage
+    monkeypatch.setattr(reading, "read_stage", lambda path, *a: read.append(Path(path).name) or real_read(path, *a))
+    with open_runner(trained_checkpoint) as runner:
+        results = run_cases(runner, jobs, batch_size=4)
+        alone = run_cases(runner, [CaseJob("c3", paths[3], tmp_path / "alone" / "c3.nii.gz")], batch_size=4)
+    assert [r.status for r in results] == ["failed", "ok", "failed", "ok"] and alone[0].status == "ok"
+    assert results[2].error == f"not tried: {tmp_path / 'a'} takes no more writes" and "c2_0000.nii.gz" in read
+    got, expected = nib.load(tmp_path / "b" / "c3.nii.gz"), nib.load(tmp_path / "alone" / "c3.nii.gz")
+    assert got.shape == (48, 48, 9) and results[3].slices == 9
+    np.testing.assert_array_equal(np.asanyarray(got.dataobj), np.asanyarray(expected.dataobj))
+
+
 def test_outputs_that_could_never_be_written_are_refused_before_any_work(trained_checkpoint, tmp_path, capsys):
     paths = _folder(tmp_path / "in", 2)
     (tmp_path / "afile").write_text("x")
