@@ -233,12 +233,8 @@ def write_case(
     if output_type == "dicom-seg":
         from flareseg.dicom import write_seg
 
-        if source is None:
-            raise FlareSegError(
-                f"{geometry.path}: DICOM SEG output needs a DICOM series as input (a NIfTI file has no series "
-                "to reference); use --output-type nifti"
-            )
-        # The writer needs the grid and the series, not the voxels (already released).
+        # The writer needs the grid and the series, not the voxels (already released); it refuses a source that is
+        # no DICOM series (the plan refuses such a case before any work).
         volume = Volume(np.empty((0, 0, 0), np.int16), geometry, source=source)
         return write_seg(labels, volume, path, replace=replace, model=stamp.dicom_parameters() if stamp else None)
     description = stamp.nifti_description() if stamp is not None else PLAIN_DESCRIPTION

@@ -1078,3 +1078,59 @@ def test_the_export_records_the_checkpoint_it_loaded_though_the_path_is_replaced
     written = export_onnx(best, tmp_path / "deploy", ExportOptions(verify_slices=1))
     assert not newer.exists() and hashlib.sha256(best.read_bytes()).hexdigest() != loaded
     assert read_onnx_metadata(written[0].path).source_checkpoint_sha256 == loaded
+
+
+# --- mutJ: the export's destination and its set ------------------------------------------------------------
+
+
+def _no_export(monkeypatch) -> None:
+    """Any export work at all fails the test: the refusals below come before it."""
+    monkeypatch.setattr(onnx_export, "_verified_models", lambda *a, **k: pytest.fail("the export ran"))
+
+
+def test_a_destination_that_cannot_take_the_export_is_refused_before_any_work(tiny_checkpoint, tmp_path, monkeypatch):
+    _no_export(monkeypatch)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FlareSegError, match=r"cannot create its folder, .*afile is a file"):
+        export_onnx(tiny_checkpoint, tmp_path / "afile" / "deploy", ExportOptions(verify_slices=1))
+    # A dangling link named as a member of the set is an earlier export's member too (its target gone).
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "flareseg_fp32.onnx").symlink_to(tmp_path / "gone.onnx")
+    with pytest.raises(FlareSegError, match=r"holds an earlier export named flareseg \(flareseg_fp32\.onnx\)"):
+        export_onnx(tiny_checkpoint, tmp_path / "out", ExportOptions(verify_slices=1))
+
+
+def test_overwrite_removes_an_earlier_member_that_is_a_dangling_link(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "flareseg_fp16.onnx").symlink_to(tmp_path / "gone.onnx")
+    export_onnx(tiny_checkpoint, out, ExportOptions(verify_slices=1), overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["flareseg_fp32.onnx", "flareseg_fp32.onnx.json"]
+
+
+def test_a_ctrl_c_in_the_write_leaves_no_folder_the_export_made(tiny_checkpoint, tmp_path, monkeypatch):
+    def sidecar_text(data):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_export, "sidecar_text", sidecar_text)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(tiny_checkpoint, tmp_path / "new" / "deploy", ExportOptions(verify_slices=1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("stray", ["flareseg_fp32.onnx", "flareseg_fp32.onnx.json"])
+def test_one_file_of_a_pair_written_meanwhile_is_kept(tiny_checkpoint, tmp_path, monkeypatch, stray):
+    # A model without its sidecar, or the reverse, lands while this export verifies: kept, and this set dropped.
+    out = tmp_path / "out"
+    real = onnx_export._verified_models
+
+    def verified(*args, **kwargs):
+        models = real(*args, **kwargs)
+        out.mkdir(exist_ok=True)
+        (out / stray).write_bytes(b"another run's")
+        return models
+
+    monkeypatch.setattr(onnx_export, "_verified_models", verified)
+    with pytest.raises(FlareSegError, match=rf"{stray}: written meanwhile by another run; kept"):
+        export_onnx(tiny_checkpoint, out, ExportOptions(verify_slices=1))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {stray: b"another run's"}

@@ -1763,3 +1763,121 @@ def test_the_cpu_default_batch_is_the_one_help_states(trained_checkpoint, tmp_pa
     assert infer_main(["--model", str(trained_checkpoint), "--device", "cpu", "-i", str(tmp_path / "in"), "-o",
                        str(out), "-q"]) == 0  # fmt: skip
     assert CPU_BATCH == 2 and json.loads((out / "timings.json").read_text())["context"]["batch_size"] == 2
+
+
+# --- mutJ: what no test held the pipeline to ----------------------------------------------------------------
+
+
+def _two_blob_runner() -> FunctionRunner:
+    """Labels of liver in two blobs on every slice, one small: post-processing keeps the large one only."""
+    info = ModelInfo(NetworkConfig(base_width=4, in_channels=1), NormalizationStats(0.0, 1.0), slice_size=(48, 48))
+
+    def labels(x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros((x.shape[0], 48, 48), dtype=torch.uint8)
+        out[:, 2:6, 2:6] = 1
+        out[:, 20:40, 20:40] = 1
+        return out
+
+    return FunctionRunner(labels, info, output_kind="labels")
+
+
+def test_no_post_processing_asked_is_none_done_though_overlapping_it_is_asked_too(tmp_path):
+    # Only flare-infer refuses the pair; through the API, overlap_postprocess alone must not switch it back on.
+    (ct,) = _folder(tmp_path / "in", 1)
+    with _two_blob_runner() as runner:
+        for name, options in {
+            "plain": {"postprocess": False},
+            "both": {"postprocess": False, "overlap_postprocess": True},
+            "kept": {"postprocess": True},
+        }.items():
+            segment_file(runner, ct, tmp_path / f"{name}.nii.gz", batch_size=2, **options)
+    plain, both, kept = (np.asanyarray(nib.load(tmp_path / f"{n}.nii.gz").dataobj) for n in ("plain", "both", "kept"))
+    assert np.count_nonzero(kept) == 20 * 20 * 6 and np.count_nonzero(plain) == (16 + 400) * 6
+    np.testing.assert_array_equal(both, plain)
+
+
+def test_a_dicom_seg_written_meanwhile_is_kept_unless_replacing(tmp_path):
+    from dicom_series import phantom, write_series
+
+    from flareseg.dicom import read_series
+
+    write_series(tmp_path / "series", phantom("LPS"))
+    volume = read_series(tmp_path / "series")
+    labels = np.zeros(volume.array.shape, np.uint8)
+    out = tmp_path / "seg.dcm"
+    out.write_bytes(b"another run's SEG")
+    with pytest.raises(OutputExistsError):
+        pipeline.write_case(labels, volume.geometry, volume.source, out, "dicom-seg", replace=False)
+    assert out.read_bytes() == b"another run's SEG"
+    pipeline.write_case(labels, volume.geometry, volume.source, out, "dicom-seg", replace=True)
+    assert out.read_bytes()[128:132] == b"DICM"
+    with pytest.raises(FlareSegError, match=r"DICOM SEG output needs a DICOM series as input"):
+        pipeline.write_case(labels, volume.geometry, None, tmp_path / "none.dcm", "dicom-seg")
+    assert not (tmp_path / "none.dcm").exists()
+
+
+def test_a_case_that_fails_before_its_write_is_still_seen_by_on_case(tmp_path):
+    paths = _folder(tmp_path / "in", 3)
+    paths[1].write_bytes(paths[1].read_bytes()[:200])  # cut short: fails in its read
+    seen: list[pipeline.CaseTiming] = []
+    with _two_blob_runner() as runner:
+        results = segment_folder(runner, paths, tmp_path / "out", batch_size=2, on_case=seen.append)
+    assert [r.status for r in results] == ["ok", "failed", "ok"]
+    assert [(t.case, t.status) for t in seen] == [("c0", "ok"), ("c1", "failed"), ("c2", "ok")]
+
+
+def test_cases_left_for_a_full_disk_are_not_even_read(tmp_path, monkeypatch):
+    # c0's write (disk a) fails slowly; by c2's turn it is known, and c3 (disk a) is not read ahead (minutes each).
+    paths = _folder(tmp_path / "in", 5)
+    real_write, real_read = pipeline.write_case, reading.read_stage
+    devices = {str(tmp_path / "a"): 1, str(tmp_path / "b"): 2}
+    read: list[str] = []
+
+    def write_case(labels, geometry, source, path, output_type="nifti", **kwargs):
+        if Path(path).parent.name == "a":
+            time.sleep(0.3)
+            raise NoMoreWritesError(f"{path}: cannot write (No space left on device)")
+        return real_write(labels, geometry, source, path, output_type, **kwargs)
+
+    monkeypatch.setattr(pipeline, "write_case", write_case)
+    monkeypatch.setattr(pipeline, "_file_system", lambda path: devices[str(Path(path).parent)])
+    monkeypatch.setattr(reading, "read_stage", lambda path, *a: read.append(Path(path).name) or real_read(path, *a))
+    jobs = [CaseJob(f"c{i}", p, tmp_path / "abbab"[i] / f"c{i}.nii.gz") for i, p in enumerate(paths)]
+    with _two_blob_runner() as runner:
+        results = run_cases(runner, jobs, batch_size=2)
+    assert [r.status for r in results] == ["failed", "ok", "ok", "failed", "ok"]
+    assert results[3].error == f"not tried: {tmp_path / 'a'} takes no more writes"
+    assert "c3_0000.nii.gz" not in read and len(read) == 4
+
+
+def test_the_slices_progress_and_the_reader_thread_ends_with_the_run(tmp_path):
+    paths = _folder(tmp_path / "in", 2)
+    calls: list[int] = []
+    before = {t.name for t in threading.enumerate() if t.name.startswith("flareseg-read")}
+    with _two_blob_runner() as runner:
+        segment_folder(runner, paths, tmp_path / "out", batch_size=4, progress=calls.append)
+    assert sum(calls) == 12 and len(calls) >= 4  # 6 slices per case, by batch
+    after = {t.name for t in threading.enumerate() if t.name.startswith("flareseg-read") and t.is_alive()}
+    assert after <= before  # no reader thread left per run (a service would gather them)
+
+
+def test_timings_of_an_earlier_run_are_kept_for_its_skipped_cases_only(tmp_path):
+    from flareseg.runtime.pipeline import CaseTiming, earlier_cases, summarize, write_timings
+
+    path = tmp_path / "timings.json"
+    for text in ("[1, 2]\n", "3\n", '"x"\n'):  # valid JSON, not a timings file: ignored, not a crash
+        path.write_text(text)
+        assert earlier_cases(path) == {}
+    earlier = {c: {"case": c, "input": f"{c}_0000.nii.gz", "output": f"{c}.nii.gz", "infer_s": 9.0} for c in "abcd"}
+    now = [
+        CaseTiming("a", "a_0000.nii.gz", "a.nii.gz", status="skipped"),
+        CaseTiming("b", "b_0000.nii.gz", "b.nii.gz"),  # measured again now
+        CaseTiming("c", "c_0000.nii.gz", "c.nii.gz", status="failed", error="c: cut short"),
+        CaseTiming("d", "d_0000.nii.gz", "d.dcm", status="skipped"),  # another output: not its measurement
+    ]
+    write_timings(now, path, {}, earlier=earlier)
+    cases = {c["case"]: c for c in json.loads(path.read_text())["cases"]}
+    assert cases["a"]["earlier_run"]["infer_s"] == 9.0
+    assert all("earlier_run" not in cases[c] for c in "bcd")
+    # A failure first is counted as one failed, wherever it is.
+    assert summarize(now[2:3] + now[:2], 1.0).failed == 1
