@@ -1826,7 +1826,7 @@ def test_a_case_that_fails_before_its_write_is_still_seen_by_on_case(tmp_path):
     assert [(t.case, t.status) for t in seen] == [("c0", "ok"), ("c1", "failed"), ("c2", "ok")]
 
 
-def test_cases_left_for_a_full_disk_are_not_even_read(tmp_path, monkeypatch):
+def test_cases_left_for_a_full_disk_are_not_even_read(tmp_path, monkeypatch, caplog):
     # c0's write (disk a) fails slowly; by c2's turn it is known, and c3 (disk a) is not read ahead (minutes each).
     paths = _folder(tmp_path / "in", 5)
     real_write, real_read = pipeline.write_case, reading.read_stage
@@ -1843,9 +1843,14 @@ def test_cases_left_for_a_full_disk_are_not_even_read(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "_file_system", lambda path: devices[str(Path(path).parent)])
     monkeypatch.setattr(reading, "read_stage", lambda path, *a: read.append(Path(path).name) or real_read(path, *a))
     jobs = [CaseJob(f"c{i}", p, tmp_path / "abbab"[i] / f"c{i}.nii.gz") for i, p in enumerate(paths)]
-    with _two_blob_runner() as runner:
+    with _two_blob_runner() as runner, caplog.at_level(logging.ERROR, logger=pipeline.log.name):
         results = run_cases(runner, jobs, batch_size=2)
     assert [r.status for r in results] == ["failed", "ok", "ok", "failed", "ok"]
+    said = [r.getMessage() for r in caplog.records if r.name == pipeline.log.name and "not tried" in r.getMessage()]
+    assert said == [  # c3 alone is left for disk a: c4 goes to b
+        f"{tmp_path / 'a'}: no more writes there since case c0's failed; 1 case left for it not tried (free room "
+        "and run again: finished cases are kept)"
+    ]
     assert results[3].error == f"not tried: {tmp_path / 'a'} takes no more writes"
     assert "c3_0000.nii.gz" not in read and len(read) == 4
 
@@ -1881,3 +1886,17 @@ def test_timings_of_an_earlier_run_are_kept_for_its_skipped_cases_only(tmp_path)
     assert all("earlier_run" not in cases[c] for c in "bcd")
     # A failure first is counted as one failed, wherever it is.
     assert summarize(now[2:3] + now[:2], 1.0).failed == 1
+
+
+def test_a_case_s_wall_time_counts_its_read(tmp_path, monkeypatch):
+    (ct,) = _folder(tmp_path / "in", 1)
+    real_read = reading.read_case
+
+    def slow_read(path, *args, **kwargs):
+        time.sleep(0.5)  # a large volume's read, here in time only
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(reading, "read_case", slow_read)
+    with _two_blob_runner() as runner:
+        timing = segment_file(runner, ct, tmp_path / "c0.nii.gz", batch_size=2)
+    assert timing.read_s >= 0.5 and timing.wall_s >= timing.read_s + timing.infer_s + timing.write_s - 0.01
