@@ -184,8 +184,12 @@ def test_the_exporter_s_notes_go_from_branches_and_functions_too():
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
     choose = noted(helper.make_node("If", ["cond"], ["y"], then_branch=branch("a"), else_branch=branch("b")))
     function = helper.make_function("local", "f", ["x"], ["y"], [noted(helper.make_node("Identity", ["x"], ["y"]))], [])
-    model = helper.make_model(helper.make_graph([choose], "g", [cond, x], [y]), functions=[function])
-    assert model.SerializeToString().count(b"stack_trace") == 4
+    # A GRAPHS attribute (a list of bodies, as a custom op may hold): no default-domain op has one, but a walk
+    # must not depend on that.
+    bodies = helper.make_node("Bodies", ["x"], ["z"], domain="custom")
+    bodies.attribute.append(helper.make_attribute("bodies", [branch("c"), branch("d")]))
+    model = helper.make_model(helper.make_graph([choose, bodies], "g", [cond, x], [y]), functions=[function])
+    assert model.SerializeToString().count(b"stack_trace") == 6
     onnx_export._drop_exporter_notes(model)
     assert b"stack_trace" not in model.SerializeToString()
 
