@@ -186,16 +186,24 @@ def check_checkpoint_path(path: str | os.PathLike[str]) -> Path:
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load and validate a checkpoint's dictionary (weights on the CPU)."""
-    return _read_checkpoint(path)[0]
+    return _read_checkpoint(path, digest=False)[0]
 
 
-def _read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
-    """The checkpoint's validated dictionary, and the SHA-256 of the very bytes it was loaded from.
+def read_checkpoint_and_digest(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
+    """The checkpoint's validated dictionary, and the SHA-256 of the very bytes it was loaded from (what an export
+    records as its source, whatever the path holds later)."""
+    payload, sha256 = _read_checkpoint(path, digest=True)
+    return payload, cast(str, sha256)
 
-    One open file serves the three passes (archive checksums, hash, torch.load), so all three
-    see one file even if the path is replaced meanwhile (flare-train saving a new ``best.pt``);
-    the second and third read it from the page cache. The checksums come first: torch.load
-    itself reads past a flipped byte in the weights.
+
+def _read_checkpoint(path: str | os.PathLike[str], digest: bool) -> tuple[dict[str, Any], str | None]:
+    """The checkpoint's validated dictionary, and with ``digest`` the SHA-256 of the bytes it was loaded from.
+
+    One open file serves the passes (archive checksums, hash, torch.load), so all of them see
+    one file even if the path is replaced meanwhile (flare-train saving a new ``best.pt``); the
+    later ones read it from the page cache. The checksums come first: torch.load itself reads
+    past a flipped byte in the weights. The hash (60 ms at full width) is only taken where it is
+    recorded: a runner's activation does without it.
     """
     path = check_checkpoint_path(path)
     try:
@@ -207,7 +215,7 @@ def _read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]
         if problem is not None:
             raise FlareSegError(f"{path}: {problem}")
         try:
-            sha256 = _sha256_of(f)
+            sha256 = _sha256_of(f) if digest else None
         except OSError as exc:
             raise FlareSegError(f"{path}: cannot read the checkpoint: {exc.strerror or exc}") from None
         f.seek(0)
@@ -240,13 +248,22 @@ def _torch_load(path: Path, f: BinaryIO) -> Any:
 
 def load_model(
     path: str | os.PathLike[str], *, expect: NetworkConfig | None = None
-) -> tuple[FlareUNet, ModelInfo, str]:
-    """The training network with the checkpoint's weights (eval mode), its info, and the SHA-256 of the
-    bytes they were loaded from (what an export records as its source, whatever the path holds later).
+) -> tuple[FlareUNet, ModelInfo, dict[str, Any]]:
+    """The training network with the checkpoint's weights (eval mode), its info, and the raw payload.
 
     ``expect`` refuses a checkpoint whose network differs (classes, width, channels).
     """
-    payload, sha256 = _read_checkpoint(path)
+    payload = read_checkpoint(path)
+    return (*network_of(payload, path, expect=expect), payload)
+
+
+def network_of(
+    payload: Mapping[str, Any], path: str | os.PathLike[str], *, expect: NetworkConfig | None = None
+) -> tuple[FlareUNet, ModelInfo]:
+    """The training network (eval mode) with the weights of a checkpoint's payload read from ``path``, and its info.
+
+    ``expect`` refuses a checkpoint whose network differs (classes, width, channels).
+    """
     info = ModelInfo.from_dict(payload, source=str(path))
     if expect is not None and expect != info.network:
         diffs = [
@@ -262,7 +279,7 @@ def load_model(
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
         first = lines[1] if len(lines) > 1 and lines[0].endswith(":") else (lines or [""])[0]
         raise FlareSegError(f"{path}: weights do not fit the recorded network ({first[:200]})") from None
-    return model.eval(), info, sha256
+    return model.eval(), info
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

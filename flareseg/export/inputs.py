@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flareseg.checkpoint import ModelInfo, load_model
+from flareseg.checkpoint import ModelInfo, network_of, read_checkpoint_and_digest
 from flareseg.errors import FlareSegError
 from flareseg.network import FlareUNet, non_finite_weights
 from flareseg.preprocess import NormalizationStats
@@ -45,7 +45,8 @@ def check_finite_weights(net: torch.nn.Module, path: str | os.PathLike[str]) -> 
 def load_checked_model(path: str | os.PathLike[str]) -> tuple[FlareUNet, ModelInfo, str]:
     """The checkpoint's network (eval mode), its ModelInfo and the SHA-256 of the bytes loaded, its weights
     checked finite."""
-    net, info, sha256 = load_model(path)
+    payload, sha256 = read_checkpoint_and_digest(path)
+    net, info = network_of(payload, path)
     check_finite_weights(net, path)
     return net, info, sha256
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -223,10 +222,8 @@ def test_checkpoint_holds_what_inference_needs_and_refuses_mismatches(phantom_da
         == 0
     )
     rng = torch.get_rng_state()
-    net, info, sha256 = load_model(run / "best.pt")
+    net, info, payload = load_model(run / "best.pt")
     assert torch.equal(torch.get_rng_state(), rng)  # the weights were loaded, not initialised first
-    assert sha256 == hashlib.sha256((run / "best.pt").read_bytes()).hexdigest()  # of the bytes loaded
-    payload = read_checkpoint(run / "best.pt")
     assert all(torch.equal(v, payload["state_dict"][k]) for k, v in net.state_dict().items())
     assert info.network.base_width == 4 and info.slice_size == (32, 32)
     assert info.normalization.num_cases == 2 and info.normalization.std > 0  # statistics of the training split
