@@ -234,6 +234,9 @@ def test_a_label_map_takes_the_ct_s_grid_not_what_describes_its_values(tmp_path,
     written = nib.load(write_labels(np.ones((6, 5, 4), np.uint8), vol.geometry, tmp_path / "l.nii.gz")).header
     assert written.get_intent() == ("none", (), "") and written["aux_file"] == b""
     assert len(written.extensions) == 0 and b"DOE" not in gzip.decompress((tmp_path / "l.nii.gz").read_bytes())
+    raw = gzip.decompress((tmp_path / "l.nii.gz").read_bytes())
+    offset = np.frombuffer(raw[108:112], "<f4")[0] if version == 1 else np.frombuffer(raw[168:176], "<i8")[0]
+    assert offset == (352 if version == 1 else 544)  # the voxels follow the header, not the extensions' room
     assert written.get_xyzt_units() == ("mm", "sec")
     np.testing.assert_allclose(written.get_best_affine(), img.affine, atol=1e-6)  # float32 in NIfTI-1
     assert len(vol.geometry.header.extensions) == 1  # the CT's header, as read, is left as it was

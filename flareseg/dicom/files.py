@@ -101,9 +101,9 @@ def dicom_files(folder: str | os.PathLike[str]) -> tuple[list[Path], int]:
 
     Other files are passed over (a text file, a thumbnail, a lock file). A file named
     ``.dcm`` that cannot be read, is empty or is not DICOM is refused, naming it: it is a
-    slice lost, and leaving it out would shorten the volume or misreport a gap; so is any file whose first
-    bytes are all zeros (an interrupted copy of a slice, whatever its name). Another file that cannot be read
-    or is empty is passed over with a warning naming it.
+    slice lost, and leaving it out would shorten the volume or misreport a gap; so is a file named as slices are
+    (no suffix, a number, .dcm, .ima) whose first bytes are all zeros (an interrupted copy of a slice). Another
+    file that cannot be read, is empty or starts with zeros is passed over with a warning naming it.
     """
     found = []
     candidates = _candidates(Path(folder))
@@ -124,9 +124,8 @@ def dicom_files(folder: str | os.PathLike[str]) -> tuple[list[Path], int]:
 
 
 def _lost_slice(path: Path) -> tuple[str, bool] | None:
-    """Why a file that is not DICOM may be a slice lost, and whether it surely is one (named .dcm, or zero bytes
-    where the header would be: an interrupted copy leaves a slice so, and other files rarely start so); None if it
-    is no slice."""
+    """Why a file that is not DICOM may be a slice lost, and whether it surely is one (named .dcm, or named as a slice
+    with zero bytes where the header would be: an interrupted copy leaves a slice so); None if it is no slice."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -137,9 +136,16 @@ def _lost_slice(path: Path) -> tuple[str, bool] | None:
         return "empty file", path.suffix.lower() == ".dcm"
     if path.suffix.lower() == ".dcm":
         return f"named .dcm but not DICOM ({size} bytes)", True
-    if not any(head):
-        return f"zero bytes where a DICOM header would be ({size} bytes; an interrupted copy?)", True
+    if not any(head):  # refused where named as a slice is; said where another format's file may start so
+        return f"zero bytes where a DICOM header would be ({size} bytes; an interrupted copy?)", _slice_name(path)
     return None
+
+
+def _slice_name(path: Path) -> bool:
+    """Whether a file is named as scanners name slices: no suffix (IM0000), a number (1.2.840.113), or a DICOM one
+    (not .img, .raw or .part, whose zero bytes may be their own)."""
+    suffix = path.suffix.lower()
+    return suffix in ("", ".dcm", ".ima", ".dicom") or suffix[1:].isdigit()
 
 
 def is_series_dir(path: str | os.PathLike[str]) -> bool:

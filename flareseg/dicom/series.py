@@ -137,9 +137,11 @@ def _series_uid(ds: Dataset) -> str:
 
 
 def _is_localizer(ds: Dataset) -> bool:
+    """A scout, by ImageType's third value (for CT, AXIAL or LOCALIZER: PS3.3 C.8.2.1.1.1); later values are the
+    vendor's own words."""
     value = ds.get("ImageType", None)
     values = [value] if isinstance(value, str) else list(value or [])
-    return any(str(v).strip().upper() == "LOCALIZER" for v in values)
+    return len(values) > 2 and str(values[2]).strip().upper() == "LOCALIZER"
 
 
 def _both_at(a: float, b: float) -> str:

@@ -622,6 +622,29 @@ def test_a_disc_index_without_its_images_is_said_so_wherever_it_is_given(tmp_pat
     assert read_series(tmp_path / "series").array.shape[0] == SHAPE[2]
 
 
+def test_zero_bytes_refuse_a_series_only_in_a_file_named_as_slices_are(tmp_path: Path, caplog) -> None:
+    # A label mask or raw voxels beside the slices (mask.img, seg.raw) may start with zeros of their own: said and
+    # passed over, not taken for a lost slice; the same bytes under a slice's name (IM0000, 1.2.3) are one.
+    files = write_series(tmp_path / "s", phantom("LPS"))
+    (tmp_path / "s" / "mask.img").write_bytes(bytes(4096))
+    with caplog.at_level(logging.WARNING, logger="flareseg.dicom"):
+        assert read_series(tmp_path / "s").array.shape[0] == len(files)
+    assert any("'mask.img': zero bytes where a DICOM header would be" in m for m in caplog.messages)
+    for name in ("IM0000", "1.2.3", "x.IMA"):
+        (tmp_path / "s" / name).write_bytes(bytes(4096))
+        with pytest.raises(FlareSegError, match=rf"'{name}': zero bytes where a DICOM header would be"):
+            read_series(tmp_path / "s")
+        (tmp_path / "s" / name).unlink()
+
+
+def test_localizer_is_read_from_image_type_s_third_value_only(tmp_path: Path) -> None:
+    # Value 3 is AXIAL or LOCALIZER for CT; a vendor's fourth value saying LOCALIZER is no scout.
+    files = write_series(
+        tmp_path / "s", phantom("LPS"), edit=_set(3, ImageType=["ORIGINAL", "PRIMARY", "AXIAL", "LOCALIZER"])
+    )
+    assert read_series(tmp_path / "s").array.shape[0] == len(files)
+
+
 @pytest.mark.parametrize("kind", BAD_KINDS)
 def test_bad_series_one_line_error(tmp_path: Path, kind: str) -> None:
     folder = tmp_path / f"series-{kind}"
