@@ -194,7 +194,7 @@ def _check_one_series(folder: Path, headers: list[tuple[Path, Dataset]]) -> None
     others = sorted(name for name, value in modality.items() if value != "CT")
     if others:
         found = ", ".join(sorted(set(modality.values())))
-        odd = f" ({first_few(others)}: {modality[others[0]]})" if len(others) < len(modality) else ""
+        odd = f" ({first_few([f'{name}: {modality[name]}' for name in others])})" if len(others) < len(modality) else ""
         raise _fail(folder, f"modality {found}, expected CT{odd}")
 
 

@@ -9,6 +9,7 @@ which cases of a folder run, which are skipped and which are refused.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import stat
@@ -343,7 +344,7 @@ def unfinished_result(output: Path, output_type: str) -> str | None:
         img = nib.load(output)
         if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
             return f"is not a NIfTI image (nibabel read it as {type(img).__name__})"
-        voxels = int(np.prod(img.shape)) * img.get_data_dtype().itemsize
+        voxels = math.prod(int(n) for n in img.shape) * img.get_data_dtype().itemsize  # no int64 wrap (NIfTI-2)
         # The proxy's offset: a header loaded from a .nii.gz may say 0.
         needed = int(getattr(img.dataobj, "offset", img.header.get_data_offset())) + voxels
         if output.name.endswith(".gz"):

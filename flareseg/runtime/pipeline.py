@@ -14,7 +14,6 @@ and every output is written atomically.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -23,7 +22,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,10 +265,7 @@ def _infer_stage(
     t1 = time.perf_counter()
     times = InferenceTimes()
     on_labels = streaming.add if streaming is not None else None
-    with (
-        _naming(timing.input),
-        gpu_memory_errors(timing.input, batch_size, "lower --batch-size, or let --gpu-memory MB choose it"),
-    ):
+    with gpu_memory_errors(timing.input, batch_size, "lower --batch-size, or let --gpu-memory MB choose it"):
         labels = infer_volume(
             volume.array,
             normalizer,
@@ -300,18 +296,6 @@ def _infer_stage(
             timing.slices,
         )
     return labels
-
-
-@contextlib.contextmanager
-def _naming(case: str) -> Iterator[None]:
-    """A project error raised by the runner or the slice loop ("was deactivated", a shape it returned) names the
-    case it failed on, as every case's error does: in a folder's log, the line would not say which."""
-    try:
-        yield
-    except FlareSegError as exc:
-        if str(exc).startswith(f"{case}: "):
-            raise
-        raise type(exc)(f"{case}: {exc}") from exc
 
 
 def _finish_stage(

@@ -1858,11 +1858,11 @@ def test_cases_left_for_a_full_disk_are_not_even_read(tmp_path, monkeypatch, cap
 def test_the_slices_progress_and_the_reader_thread_ends_with_the_run(tmp_path):
     paths = _folder(tmp_path / "in", 2)
     calls: list[int] = []
-    before = {t.name for t in threading.enumerate() if t.name.startswith("flareseg-read")}
+    before = {t for t in threading.enumerate() if t.name.startswith("flareseg-read")}
     with _two_blob_runner() as runner:
         segment_folder(runner, paths, tmp_path / "out", batch_size=4, progress=calls.append)
     assert sum(calls) == 12 and len(calls) >= 4  # 6 slices per case, by batch
-    after = {t.name for t in threading.enumerate() if t.name.startswith("flareseg-read") and t.is_alive()}
+    after = {t for t in threading.enumerate() if t.name.startswith("flareseg-read") and t.is_alive()}
     assert after <= before  # no reader thread left per run (a service would gather them)
 
 
