@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from flareseg.checkpoint import ModelInfo, network_of, read_checkpoint_and_digest
+from flareseg.checkpoint import ModelInfo, network_of, read_checkpoint
 from flareseg.errors import FlareSegError
 from flareseg.network import FlareUNet, non_finite_weights
 from flareseg.preprocess import NormalizationStats
@@ -42,13 +43,17 @@ def check_finite_weights(net: torch.nn.Module, path: str | os.PathLike[str]) -> 
         raise FlareSegError(f"{path}: {bad} weight(s) of {name} are not finite (NaN or infinity)")
 
 
-def load_checked_model(path: str | os.PathLike[str]) -> tuple[FlareUNet, ModelInfo, str]:
-    """The checkpoint's network (eval mode), its ModelInfo and the SHA-256 of the bytes loaded, its weights
-    checked finite."""
-    payload, sha256 = read_checkpoint_and_digest(path)
+def load_checked_model(path: str | os.PathLike[str]) -> tuple[FlareUNet, ModelInfo]:
+    """The checkpoint's network (eval mode) and its ModelInfo, its weights checked finite."""
+    return checked_network(read_checkpoint(path), path)
+
+
+def checked_network(payload: Mapping[str, Any], path: str | os.PathLike[str]) -> tuple[FlareUNet, ModelInfo]:
+    """The network (eval mode) and ModelInfo of a checkpoint's payload read from ``path``, its weights checked
+    finite."""
     net, info = network_of(payload, path)
     check_finite_weights(net, path)
-    return net, info, sha256
+    return net, info
 
 
 def read_ct_normalized(

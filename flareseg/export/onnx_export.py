@@ -34,9 +34,9 @@ from flareseg.atomic import (
     remove_empty_folders,
     written_meanwhile,
 )
-from flareseg.checkpoint import ModelInfo, software_versions
+from flareseg.checkpoint import ModelInfo, read_checkpoint_and_digest, software_versions
 from flareseg.errors import FlareSegError, interrupts_kept
-from flareseg.export.inputs import PHANTOM_DESCRIPTION, load_checked_model, phantom_ct, read_ct_normalized
+from flareseg.export.inputs import PHANTOM_DESCRIPTION, checked_network, phantom_ct, read_ct_normalized
 from flareseg.export.int8 import CalibrationSlices, quiet_logger
 from flareseg.export.metadata import (
     FILE_SHA256_KEY,
@@ -397,7 +397,9 @@ def export_onnx(
         raise FlareSegError("a calibration folder is only used by the INT8 export (add --int8)")
     out = Path(out_dir)
     _check_destination(out, options.name, overwrite)
-    net, info, checkpoint_sha256 = load_checked_model(checkpoint)
+    payload, checkpoint_sha256 = read_checkpoint_and_digest(checkpoint)  # the only reader that records the hash
+    net, info = checked_network(payload, checkpoint)
+    del payload  # its weights, copied into the network: not held through the export
     trained = info.slice_size
     if options.slice_size is not None:
         info = dataclasses.replace(info, slice_size=check_slice_size(options.slice_size))
