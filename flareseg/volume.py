@@ -516,9 +516,13 @@ class _Layout:
 
     @property
     def nbytes(self) -> int:
-        # Python's ints: a damaged NIfTI-2 header's 64-bit dims can multiply past int64, which np.prod wraps to 0
-        # or below without a word (the size checks then passed)
-        return math.prod(int(n) for n in self.shape) * self.dtype.itemsize
+        return grid_nbytes(self.shape, self.dtype.itemsize)
+
+
+def grid_nbytes(shape: Sequence[int], itemsize: int) -> int:
+    """The bytes a header's grid holds, in Python's integers: a damaged NIfTI-2 header's 64-bit dims can multiply
+    past int64, which np.prod wraps to 0 or below without a word (size checks then passed)."""
+    return math.prod(int(n) for n in shape) * itemsize
 
 
 def _check_file_size(path: Path, layout: _Layout) -> None:

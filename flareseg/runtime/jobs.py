@@ -9,7 +9,6 @@ which cases of a folder run, which are skipped and which are refused.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import stat
@@ -23,7 +22,7 @@ import numpy as np
 
 from flareseg.atomic import check_writable, check_writable_folder
 from flareseg.errors import FlareSegError, first_few
-from flareseg.volume import NIFTI_SUFFIXES, IgnoredInput, case_id, find_cases
+from flareseg.volume import NIFTI_SUFFIXES, IgnoredInput, case_id, find_cases, grid_nbytes
 
 OutputType = Literal["nifti", "dicom-seg"]
 OUTPUT_SUFFIXES: dict[str, str] = {"nifti": ".nii.gz", "dicom-seg": ".dcm"}
@@ -344,7 +343,7 @@ def unfinished_result(output: Path, output_type: str) -> str | None:
         img = nib.load(output)
         if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
             return f"is not a NIfTI image (nibabel read it as {type(img).__name__})"
-        voxels = math.prod(int(n) for n in img.shape) * img.get_data_dtype().itemsize  # no int64 wrap (NIfTI-2)
+        voxels = grid_nbytes(img.shape, img.get_data_dtype().itemsize)
         # The proxy's offset: a header loaded from a .nii.gz may say 0.
         needed = int(getattr(img.dataobj, "offset", img.header.get_data_offset())) + voxels
         if output.name.endswith(".gz"):

@@ -523,6 +523,22 @@ def test_an_uncompressed_result_is_done_at_exactly_its_size_and_unfinished_one_b
     assert unfinished_result(out, "nifti") == "holds 471 bytes where its header needs 472 (cut short?)"
 
 
+@pytest.mark.parametrize("dims", [(2**21, 2**21, 2**21), (2**40, 2**40, 8), (4, 4, 4 + 2**62)])
+def test_a_result_whose_nifti2_grid_passes_int64_is_unfinished(tmp_path, dims):
+    # The grid's byte count wrapped in int64 (to 0, negative, or 64): a damaged output was judged finished and kept.
+    import nibabel as nib
+    import numpy as np
+
+    from flareseg.runtime.jobs import unfinished_result
+
+    raw = bytearray(nib.Nifti2Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)).to_bytes())
+    raw[24:48] = np.array(dims, "<i8").tobytes()  # dim[1..3]
+    out = tmp_path / "c.nii"
+    out.write_bytes(bytes(raw))
+    needed = 544 + dims[0] * dims[1] * dims[2]
+    assert unfinished_result(out, "nifti") == f"holds {len(raw):,} bytes where its header needs {needed:,} (cut short?)"
+
+
 def test_a_case_written_onto_its_own_input_is_refused_before_any_work(tmp_path):
     from flareseg.runtime.jobs import file_job
 
