@@ -126,15 +126,16 @@ def dicom_files(folder: str | os.PathLike[str]) -> tuple[list[Path], int]:
 def _lost_slice(path: Path) -> tuple[str, bool] | None:
     """Why a file that is not DICOM may be a slice lost, and whether it surely is one (named .dcm, or named as a slice
     with zero bytes where the header would be: an interrupted copy leaves a slice so); None if it is no slice."""
+    dcm = path.suffix.lower() == ".dcm"
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(132)
     except OSError as exc:
-        return f"cannot read the file ({exc.strerror or exc})", path.suffix.lower() == ".dcm"
+        return f"cannot read the file ({exc.strerror or exc})", dcm
     if size == 0:
-        return "empty file", path.suffix.lower() == ".dcm"
-    if path.suffix.lower() == ".dcm":
+        return "empty file", dcm
+    if dcm:
         return f"named .dcm but not DICOM ({size} bytes)", True
     if not any(head):  # refused where named as a slice is; said where another format's file may start so
         return f"zero bytes where a DICOM header would be ({size} bytes; an interrupted copy?)", _slice_name(path)
